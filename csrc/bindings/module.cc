@@ -1,0 +1,311 @@
+// moetune bindings: the nanobind extension. Argument checks (device, dtype,
+// shape, contiguity — each error names the tensor and what was expected) and
+// conversion to the engine's views; nothing else. Arrays arrive through
+// DLPack (torch tensors, numpy arrays), are never copied here, and must stay
+// alive until the returned Job is waited on (the Python layer holds them).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <sstream>
+#include <string>
+
+#include "engine/context.h"
+#include "engine/moe_experts.h"
+#include "kernels/cpu.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace moetune {
+namespace {
+
+using Array = nb::ndarray<nb::ro>;
+using OutArray = nb::ndarray<>;
+
+template <typename A>
+std::string shape_of(const A& a) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+  os << "]";
+  return os.str();
+}
+std::string shape_str(std::initializer_list<int64_t> s) {
+  std::ostringstream os;
+  os << "[";
+  size_t i = 0;
+  for (int64_t v : s) os << (i++ ? ", " : "") << v;
+  os << "]";
+  return os.str();
+}
+
+template <typename A>
+DType dtype_of(const A& a, const std::string& name) {
+  const nb::dlpack::dtype d = a.dtype();
+  if (d.lanes == 1) {
+    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && d.bits == 16) return DType::kBf16;
+    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && d.bits == 32) return DType::kF32;
+    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && d.bits == 32) return DType::kI32;
+    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && d.bits == 64) return DType::kI64;
+  }
+  throw nb::value_error((name + ": unsupported dtype (code " + std::to_string(d.code) + ", " +
+                         std::to_string(d.bits) + " bits)").c_str());
+}
+
+// Checks device, contiguity, shape and dtype set; returns the dtype.
+template <typename A>
+DType check(const A& a, const std::string& name, std::initializer_list<int64_t> shape,
+            std::initializer_list<DType> dtypes) {
+  if (a.device_type() != nb::device::cpu::value) {
+    throw nb::value_error((name + " must be a CPU array (the Python layer moves tensors)").c_str());
+  }
+  bool shape_ok = a.ndim() == shape.size();
+  size_t i = 0;
+  for (int64_t s : shape) {
+    if (shape_ok && static_cast<int64_t>(a.shape(i)) != s) shape_ok = false;
+    ++i;
+  }
+  if (!shape_ok) {
+    throw nb::value_error((name + " has shape " + shape_of(a) + ", expected " + shape_str(shape)).c_str());
+  }
+  // Row-major contiguity.
+  int64_t expect = 1;
+  for (int64_t d = static_cast<int64_t>(a.ndim()) - 1; d >= 0; --d) {
+    if (a.shape(d) != 1 && a.stride(d) != expect) {
+      throw nb::value_error((name + " must be contiguous (row-major)").c_str());
+    }
+    expect *= a.shape(d);
+  }
+  const DType dt = dtype_of(a, name);
+  for (DType ok : dtypes)
+    if (ok == dt) return dt;
+  std::string allowed;
+  for (DType ok : dtypes) allowed += std::string(allowed.empty() ? "" : " or ") + dtype_name(ok);
+  throw nb::value_error((name + " has dtype " + dtype_name(dt) + ", expected " + allowed).c_str());
+}
+
+const std::initializer_list<DType> kFloat = {DType::kBf16, DType::kF32};
+
+struct LoraArrays {
+  std::optional<Array> A[3], B[3];
+  float scaling = 1.0f;
+};
+
+const char* kProj[3] = {"gate", "up", "down"};
+
+LoraSet lora_set(const MoeExperts& ex, const LoraArrays& l) {
+  LoraSet s;
+  s.scaling = l.scaling;
+  LoraProj* p[3] = {&s.gate, &s.up, &s.down};
+  const int64_t E = ex.E(), H = ex.H(), I = ex.I();
+  const int64_t in[3] = {H, H, I}, out[3] = {I, I, H};
+  for (int w = 0; w < 3; ++w) {
+    const std::string base = std::string("lora.") + kProj[w];
+    if (l.A[w].has_value() != l.B[w].has_value()) {
+      throw nb::value_error((base + ": A and B must both be given or both be None").c_str());
+    }
+    if (!l.A[w]) continue;
+    const Array& A = *l.A[w];
+    const Array& B = *l.B[w];
+    if (A.ndim() != 3) {
+      throw nb::value_error((base + ".A has shape " + shape_of(A) + ", expected [E, r, in] = " +
+                             shape_str({E, -1, in[w]})).c_str());
+    }
+    const int64_t r = A.shape(1);
+    if (r < 1) throw nb::value_error((base + ".A: rank r must be >= 1").c_str());
+    p[w]->a_dtype = check(A, base + ".A", {E, r, in[w]}, kFloat);
+    p[w]->b_dtype = check(B, base + ".B", {E, out[w], r}, kFloat);
+    p[w]->A = A.data();
+    p[w]->B = B.data();
+    p[w]->r = static_cast<int>(r);
+  }
+  return s;
+}
+
+LoraArrays make_lora(std::optional<Array> ag, std::optional<Array> bg, std::optional<Array> au,
+                     std::optional<Array> bu, std::optional<Array> ad, std::optional<Array> bd,
+                     float scaling) {
+  LoraArrays l;
+  l.A[0] = std::move(ag);
+  l.B[0] = std::move(bg);
+  l.A[1] = std::move(au);
+  l.B[1] = std::move(bu);
+  l.A[2] = std::move(ad);
+  l.B[2] = std::move(bd);
+  l.scaling = scaling;
+  return l;
+}
+
+std::optional<kernels::Isa> parse_isa(const std::string& s) {
+  if (s == "auto") return std::nullopt;
+  if (s == "scalar") return kernels::Isa::kScalar;
+  if (s == "avx2") return kernels::Isa::kAvx2;
+  if (s == "avx512_bf16") return kernels::Isa::kAvx512Bf16;
+  if (s == "amx_bf16") return kernels::Isa::kAmxBf16;
+  throw nb::value_error(("isa must be one of auto, scalar, avx2, avx512_bf16, amx_bf16; got '" + s + "'").c_str());
+}
+
+}  // namespace
+}  // namespace moetune
+
+NB_MODULE(_moetune_ext, m) {
+  using namespace moetune;
+  m.doc() = "moetune engine bindings (internal; use the moetune package)";
+  m.def("cpu_summary", &kernels::cpu_summary);
+  m.def("kernels", [] {
+    std::vector<std::tuple<std::string, std::string, bool>> out;
+    for (const auto& k : kernels::all_gemm_kernels())
+      out.emplace_back(k.name, kernels::isa_name(k.isa), kernels::cpu_supports(k.isa));
+    return out;
+  });
+
+  nb::class_<Job>(m, "Job")
+      .def("wait", [](const Job& j) {
+        nb::gil_scoped_release release;
+        j.wait();
+      })
+      .def("ready", &Job::ready);
+
+  nb::class_<Context>(m, "Context")
+      .def("__init__",
+           [](Context* self, int num_threads, std::vector<int> cpus, const std::string& isa) {
+             ContextOptions o;
+             o.num_threads = num_threads;
+             o.cpus = std::move(cpus);
+             o.isa = parse_isa(isa);
+             new (self) Context(std::move(o));
+           },
+           "num_threads"_a, "cpus"_a = std::vector<int>{}, "isa"_a = "auto")
+      .def_prop_ro("num_threads", &Context::num_threads)
+      .def_prop_ro("isa", [](const Context& c) { return std::string(kernels::isa_name(c.gemm().isa)); })
+      .def_prop_ro("kernel", [](const Context& c) { return std::string(c.gemm().name); })
+      .def("info", &Context::info);
+
+  nb::class_<Saved>(m, "Saved").def_prop_ro("nbytes", &Saved::bytes);
+
+  nb::class_<MoeExperts>(m, "Experts")
+      .def("__init__",
+           [](MoeExperts* self, std::shared_ptr<Context> ctx, int E, int H, int I,
+              const std::string& backward_weights, const std::string& activations) {
+             ExpertsOptions o;
+             if (backward_weights == "repack") o.backward_weights = BackwardWeights::kRepack;
+             else if (backward_weights == "transposed_copy") o.backward_weights = BackwardWeights::kTransposedCopy;
+             else throw nb::value_error(("backward_weights must be 'repack' or 'transposed_copy', got '" + backward_weights + "'").c_str());
+             if (activations == "save") o.activations = ActivationPolicy::kSave;
+             else if (activations == "recompute") o.activations = ActivationPolicy::kRecompute;
+             else throw nb::value_error(("activations must be 'save' or 'recompute', got '" + activations + "'").c_str());
+             new (self) MoeExperts(std::move(ctx), E, H, I, o);
+           },
+           "ctx"_a, "num_experts"_a, "hidden_size"_a, "intermediate_size"_a,
+           "backward_weights"_a = "repack", "activations"_a = "save")
+      .def_prop_ro("num_experts", &MoeExperts::E)
+      .def_prop_ro("hidden_size", &MoeExperts::H)
+      .def_prop_ro("intermediate_size", &MoeExperts::I)
+      .def_prop_ro("packed_bytes", &MoeExperts::packed_bytes)
+      .def("load",
+           [](MoeExperts& ex, const Array& gate, const Array& up, const Array& down) {
+             const int64_t E = ex.E(), H = ex.H(), I = ex.I();
+             const DType dt = check(gate, "gate_proj", {E, I, H}, kFloat);
+             if (check(up, "up_proj", {E, I, H}, kFloat) != dt ||
+                 check(down, "down_proj", {E, H, I}, kFloat) != dt) {
+               throw nb::value_error("gate_proj, up_proj and down_proj must share one dtype");
+             }
+             nb::gil_scoped_release release;
+             ex.load(gate.data(), up.data(), down.data(), dt);
+           },
+           "gate_proj"_a, "up_proj"_a, "down_proj"_a)
+      .def("forward",
+           [](MoeExperts& ex, const Array& x, const Array& ids, const Array& w,
+              std::optional<Array> mask, std::optional<Array> ag, std::optional<Array> bg,
+              std::optional<Array> au, std::optional<Array> bu, std::optional<Array> ad,
+              std::optional<Array> bd, float scaling, OutArray out) {
+             const int64_t H = ex.H(), E = ex.E();
+             if (x.ndim() != 2) throw nb::value_error(("x must be 2-D [T, H], got shape " + shape_of(x)).c_str());
+             if (ids.ndim() != 2) throw nb::value_error(("topk_ids must be 2-D [T, k], got shape " + shape_of(ids)).c_str());
+             const int64_t T = x.shape(0), k = ids.shape(1);
+             ForwardArgs a;
+             a.T = T;
+             a.k = static_cast<int>(k);
+             a.x_dtype = check(x, "x", {T, H}, kFloat);
+             a.ids_dtype = check(ids, "topk_ids", {T, k}, {DType::kI32, DType::kI64});
+             if (k < 1 || k > E) throw nb::value_error(("topk_ids: k = " + std::to_string(k) + " must be in [1, E=" + std::to_string(E) + "]").c_str());
+             a.w_dtype = check(w, "topk_weights", {T, k}, kFloat);
+             if (mask) {
+               const nb::dlpack::dtype d = mask->dtype();
+               if (!(d.bits == 8 && (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bool) ||
+                                     d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt)))) {
+                 throw nb::value_error("expert_mask must be a bool tensor of shape [E]");
+               }
+               if (mask->ndim() != 1 || static_cast<int64_t>(mask->shape(0)) != E) {
+                 throw nb::value_error(("expert_mask has shape " + shape_of(*mask) + ", expected [" + std::to_string(E) + "]").c_str());
+               }
+               a.expert_mask = static_cast<const uint8_t*>(mask->data());
+             }
+             a.x = x.data();
+             a.topk_ids = ids.data();
+             a.topk_weights = w.data();
+             a.lora = lora_set(ex, make_lora(ag, bg, au, bu, ad, bd, scaling));
+             a.out_dtype = check(out, "out", {T, H}, kFloat);
+             a.out = out.data();
+             std::shared_ptr<Saved> saved;
+             Job job = ex.forward_async(a, &saved);
+             return std::make_pair(saved, job);
+           },
+           "x"_a, "topk_ids"_a, "topk_weights"_a, "expert_mask"_a.none(), "A_gate"_a.none(),
+           "B_gate"_a.none(), "A_up"_a.none(), "B_up"_a.none(), "A_down"_a.none(),
+           "B_down"_a.none(), "scaling"_a, "out"_a)
+      .def("backward",
+           [](MoeExperts& ex, std::shared_ptr<Saved> saved, const Array& dout,
+              std::optional<Array> ag, std::optional<Array> bg, std::optional<Array> au,
+              std::optional<Array> bu, std::optional<Array> ad, std::optional<Array> bd,
+              float scaling, std::optional<OutArray> dx, std::optional<OutArray> dw,
+              std::optional<OutArray> dAg, std::optional<OutArray> dBg,
+              std::optional<OutArray> dAu, std::optional<OutArray> dBu,
+              std::optional<OutArray> dAd, std::optional<OutArray> dBd) {
+             if (!saved) throw nb::value_error("backward needs the handle from forward");
+             const int64_t T = saved->T, k = saved->k, H = ex.H();
+             BackwardArgs a;
+             a.dout_dtype = check(dout, "grad_out", {T, H}, kFloat);
+             a.dout = dout.data();
+             a.lora = lora_set(ex, make_lora(ag, bg, au, bu, ad, bd, scaling));
+             if (dx) {
+               a.dx_dtype = check(*dx, "grad_x", {T, H}, kFloat);
+               a.dx = dx->data();
+             }
+             if (dw) {
+               a.dw_dtype = check(*dw, "grad_topk_weights", {T, k}, kFloat);
+               a.dtopk_weights = dw->data();
+             }
+             const LoraProj* p[3] = {&a.lora.gate, &a.lora.up, &a.lora.down};
+             std::optional<OutArray>* gA[3] = {&dAg, &dAu, &dAd};
+             std::optional<OutArray>* gB[3] = {&dBg, &dBu, &dBd};
+             float** oA[3] = {&a.grads.dA_gate, &a.grads.dA_up, &a.grads.dA_down};
+             float** oB[3] = {&a.grads.dB_gate, &a.grads.dB_up, &a.grads.dB_down};
+             const int64_t in[3] = {H, H, ex.I()}, outd[3] = {ex.I(), ex.I(), H};
+             for (int w = 0; w < 3; ++w) {
+               const std::string base = std::string("grad lora.") + kProj[w];
+               if (gA[w]->has_value()) {
+                 if (!p[w]->enabled()) throw nb::value_error((base + ".A requested but that LoRA is off").c_str());
+                 check(**gA[w], base + ".A", {ex.E(), p[w]->r, in[w]}, {DType::kF32});
+                 *oA[w] = static_cast<float*>((*gA[w])->data());
+               }
+               if (gB[w]->has_value()) {
+                 if (!p[w]->enabled()) throw nb::value_error((base + ".B requested but that LoRA is off").c_str());
+                 check(**gB[w], base + ".B", {ex.E(), outd[w], p[w]->r}, {DType::kF32});
+                 *oB[w] = static_cast<float*>((*gB[w])->data());
+               }
+             }
+             return ex.backward_async(saved, a);
+           },
+           "saved"_a, "grad_out"_a, "A_gate"_a.none(), "B_gate"_a.none(), "A_up"_a.none(),
+           "B_up"_a.none(), "A_down"_a.none(), "B_down"_a.none(), "scaling"_a,
+           "grad_x"_a.none(), "grad_topk_weights"_a.none(), "grad_A_gate"_a.none(),
+           "grad_B_gate"_a.none(), "grad_A_up"_a.none(), "grad_B_up"_a.none(),
+           "grad_A_down"_a.none(), "grad_B_down"_a.none());
+}

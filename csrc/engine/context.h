@@ -1,0 +1,88 @@
+// moetune engine: the Context, which owns everything stateful the engine
+// needs — options, the worker pool, per-worker scratch, the selected kernel,
+// and the job queue. No globals: two Contexts are fully independent (tests
+// use several with different ISAs and thread counts side by side).
+//
+// Jobs (one layer's forward or backward) are executed one at a time, in
+// submission order, by the Context's dispatcher thread, which drives the pool.
+// submit() returns at once with a Job to wait on, so the caller (GPU work,
+// the next layer's setup) overlaps with the CPU experts. An exception thrown
+// inside a job surfaces from Job::wait() with its message intact.
+//
+// Sharing cores with PyTorch: the engine uses num_threads threads (the
+// dispatcher is worker 0). Give torch the other cores (torch.set_num_threads)
+// or pin the engine with `cpus` to cores torch does not use; never let both
+// claim all cores, or each slows the other down by oversubscription.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/arena.h"
+#include "engine/thread_pool.h"
+#include "kernels/gemm.h"
+
+namespace moetune {
+
+struct ContextOptions {
+  int num_threads = 1;
+  std::vector<int> cpus;                 // optional pinning, worker i -> cpus[i % n]
+  std::optional<kernels::Isa> isa;       // force a kernel (error if the CPU lacks it)
+};
+
+class Job {
+ public:
+  Job() = default;
+  explicit Job(std::shared_future<void> f) : f_(std::move(f)) {}
+  void wait() const;   // rethrows the job's exception, if any
+  bool ready() const;
+  bool valid() const { return f_.valid(); }
+
+ private:
+  std::shared_future<void> f_;
+};
+
+class Context {
+ public:
+  explicit Context(ContextOptions options);
+  ~Context();  // waits for queued jobs
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  const ContextOptions& options() const { return options_; }
+  const kernels::GemmKernel& gemm() const { return *gemm_; }
+  int num_threads() const { return pool_.size(); }
+  std::string info() const;
+
+  // Enqueue work; it runs on the dispatcher thread, which may call
+  // parallel_for. Only code running inside a job may use the pool/arenas.
+  Job submit(std::function<void()> work);
+  void run(std::function<void()> work) { submit(std::move(work)).wait(); }
+
+  // For code running inside a job: parallel loop with a fresh arena per task.
+  void parallel_for(int64_t n, const std::function<void(int64_t task, Arena& scratch)>& fn);
+
+ private:
+  void dispatcher_loop();
+
+  ContextOptions options_;
+  const kernels::GemmKernel* gemm_;
+  ThreadPool pool_;
+  std::vector<Arena> arenas_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::packaged_task<void()>> queue_;
+  bool stop_ = false;
+  std::thread dispatcher_;
+};
+
+}  // namespace moetune

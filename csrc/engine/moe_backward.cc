@@ -1,0 +1,294 @@
+// The backward pass of MoeExperts (math in moe_experts.h). Phases:
+//   1. gather x and dout rows into expert-major order (bf16)
+//   2. per expert: q = s * dout Bd (LoRA down, reduce side)
+//   3. per (expert, I chunk): g, u (saved or recomputed), h;
+//      D = dout Wd + q Ad  (= Wd^T dout + s Ad^T Bd^T dout, fused);
+//      d topk_weights partial = <D, h>; dh = w D; dg, du
+//   4. per expert: LoRA weight gradients (dA, dB for down, gate, up) and the
+//      reduce-side gradients p = s * dg Bg, s * du Bu
+//   5. per (expert, H chunk): dx rows = dg Wg + du Wu + p_g Ag + p_u Au
+//      (one fused four-segment GEMM)
+//   6. per token block: dx[t] = sum_j dx rows, d topk_weights = sum of partials
+#include <algorithm>
+#include <cstring>
+
+#include "engine/activation.h"
+#include "engine/moe_experts.h"
+#include "engine/moe_layout.h"
+
+namespace moetune {
+
+using kernels::bf16;
+using kernels::bf16_to_f32;
+using kernels::f32_to_bf16;
+using kernels::PackedB;
+using kernels::Segment;
+
+namespace {
+
+constexpr int64_t kTokenBlock = 64;
+
+size_t esize(DType d) { return d == DType::kBf16 ? 2 : 4; }
+
+// Rows of expert e as bf16 A-operand rows: from a [T, H] source (token-major).
+void gather_tokens(const Routing& rt, int64_t r0, int64_t r1, const void* src, DType dtype,
+                   int64_t H, bf16* dst, int64_t ld) {
+  for (int64_t row = r0; row < r1; ++row) {
+    const int64_t t = rt.slot_of[row] / rt.k;
+    bf16* d = dst + row * ld;
+    if (dtype == DType::kBf16) {
+      std::memcpy(d, static_cast<const bf16*>(src) + t * H, H * 2);
+    } else {
+      const float* s = static_cast<const float*>(src) + t * H;
+      for (int64_t h = 0; h < H; ++h) d[h] = f32_to_bf16(s[h]);
+    }
+    std::fill(d + H, d + ld, bf16(0));
+  }
+}
+
+// C[n, r] = G_e[n, K] * Bsrc where Bsrc is a LoRA B_e [K, r] row-major (its
+// own layout read as [K, N]); result scaled and rounded into ps rows.
+void lora_back_reduce(const kernels::GemmKernel& k, const LoraProj& p, float s, int e, int64_t K,
+                      const bf16* ge, int64_t ldg, int64_t n, Arena& a, bf16* ps, int64_t ldr) {
+  const int64_t r = p.r;
+  bf16* pb = a.alloc<bf16>(kernels::packed_elems(K, r));
+  kernels::pack_b(static_cast<const char*>(p.B) + e * K * r * esize(p.b_dtype),
+                  src_type(p.b_dtype), r, true, K, 0, r, 1.0f, pb);
+  Segment seg{ge, ldg, PackedB{pb, K, r}};
+  float* c = a.alloc<float>(n * r);
+  k.gemm(n, 0, r, &seg, 1, c, r, false);
+  for (int64_t m = 0; m < n; ++m) {
+    bf16* row = ps + m * ldr;
+    for (int64_t j = 0; j < r; ++j) row[j] = f32_to_bf16(s * c[m * r + j]);
+    for (int64_t j = r; j < ldr; ++j) row[j] = 0;
+  }
+}
+
+// dst[M, N] (fp32, ld N) = L^T R over the n token rows of one expert, where
+// L is [n, M] and R is [n, N] (bf16 rows), L rows optionally scaled per row.
+void token_contract(const kernels::GemmKernel& k, const bf16* L, int64_t ldl, int64_t M,
+                    const float* row_scale, const bf16* R, int64_t ldrr, int64_t N, int64_t n,
+                    Arena& a, float* dst) {
+  const int64_t ldt = layout::ld_tok(n);
+  bf16* lt = a.alloc<bf16>(M * ldt);
+  kernels::transpose_to_a(L, kernels::SrcType::kBf16, ldl, n, M, row_scale, lt, ldt);
+  bf16* rp = a.alloc<bf16>(kernels::packed_elems(n, N));
+  kernels::pack_b(R, kernels::SrcType::kBf16, ldrr, true, n, 0, N, 1.0f, rp);
+  Segment seg{lt, ldt, PackedB{rp, n, N}};
+  k.gemm(M, 0, N, &seg, 1, dst, N, false);
+}
+
+}  // namespace
+
+void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
+  Context& ctx = *ctx_;
+  const kernels::GemmKernel& k = ctx.gemm();
+  const Routing& rt = s.routing;
+  const int64_t T = s.T, H = H_, I = I_, rows = rt.rows();
+  const int kk = s.k;
+  const int64_t ldh = layout::ld_bf16(H), ldi = layout::ld_bf16(I);
+  const LoraSet& lora = args.lora;
+  const float sc = lora.scaling;
+  const bool save_gu = options_.activations == ActivationPolicy::kSave;
+  const int64_t n_active = static_cast<int64_t>(rt.active.size());
+  const int64_t chI = layout::chunks(I), chH = layout::chunks(H);
+  const LoraGrads& gr = args.grads;
+
+  // LoRA grads of experts without rows are zero; active experts overwrite theirs.
+  {
+    std::vector<char> active(E_, 0);
+    for (int e : rt.active) active[e] = 1;
+    auto zero = [&](float* d, const LoraProj& p, int64_t per_e) {
+      if (!d || !p.enabled()) return;
+      for (int e = 0; e < E_; ++e)
+        if (!active[e]) std::fill(d + e * per_e, d + (e + 1) * per_e, 0.0f);
+    };
+    zero(gr.dA_gate, lora.gate, lora.gate.r * H);
+    zero(gr.dB_gate, lora.gate, I * lora.gate.r);
+    zero(gr.dA_up, lora.up, lora.up.r * H);
+    zero(gr.dB_up, lora.up, I * lora.up.r);
+    zero(gr.dA_down, lora.down, lora.down.r * I);
+    zero(gr.dB_down, lora.down, H * lora.down.r);
+  }
+
+  // 1. gathers.
+  Buf<bf16> xg(rows * ldh), dog(rows * ldh);
+  ctx.parallel_for((rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
+    const int64_t r0 = b * kTokenBlock, r1 = std::min(rows, r0 + kTokenBlock);
+    gather_tokens(rt, r0, r1, s.x.data(), DType::kBf16, H, xg.data(), ldh);
+    gather_tokens(rt, r0, r1, args.dout, args.dout_dtype, H, dog.data(), ldh);
+  });
+
+  // 2. q = s * dout Bd.
+  Buf<bf16> qs;
+  const int64_t ldr_d = lora.down.enabled() ? layout::ld_bf16(lora.down.r) : 0;
+  if (lora.down.enabled()) {
+    qs.resize(rows * ldr_d);
+    ctx.parallel_for(n_active, [&](int64_t i, Arena& a) {
+      const int e = rt.active[i];
+      const int64_t off = rt.offsets[e];
+      lora_back_reduce(k, lora.down, sc, e, H, dog.data() + off * ldh, ldh, rt.count(e), a,
+                       qs.data() + off * ldr_d, ldr_d);
+    });
+  }
+
+  // 3. through down and the activation.
+  Buf<bf16> hb(rows * ldi), dgb(rows * ldi), dub(rows * ldi);
+  Buf<float> dwp(rows * chI);
+  ctx.parallel_for(n_active * chI, [&](int64_t task, Arena& a) {
+    const int e = rt.active[task / chI];
+    const int64_t c = task % chI;
+    const int64_t i0 = c * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk), nc = i1 - i0;
+    const int64_t off = rt.offsets[e], n = rt.count(e);
+    const bf16* g;
+    const bf16* u;
+    int64_t ldgu;
+    if (save_gu) {
+      g = s.g.data() + off * ldi + i0;
+      u = s.u.data() + off * ldi + i0;
+      ldgu = ldi;
+    } else {
+      bf16* gt = a.alloc<bf16>(n * nc);
+      bf16* ut = a.alloc<bf16>(n * nc);
+      gate_up_chunk(lora, e, xg.data() + off * ldh, n, s, i0, i1, a, gt, ut, nc);
+      g = gt;
+      u = ut;
+      ldgu = nc;
+    }
+    Segment seg[2];
+    seg[0] = Segment{dog.data() + off * ldh, ldh, bwd_slice(2, e, i0, nc, a)};
+    int nseg = 1;
+    if (lora.down.enabled()) {
+      // Ad_e is [r, I] = [K, N].
+      const int64_t r = lora.down.r;
+      bf16* pa = a.alloc<bf16>(kernels::packed_elems(r, nc));
+      kernels::pack_b(static_cast<const char*>(lora.down.A) + e * r * I * esize(lora.down.a_dtype),
+                      src_type(lora.down.a_dtype), I, true, r, i0, i1, 1.0f, pa);
+      seg[1] = Segment{qs.data() + off * ldr_d, ldr_d, PackedB{pa, r, nc}};
+      nseg = 2;
+    }
+    float* d = a.alloc<float>(n * nc);
+    k.gemm(n, 0, nc, seg, nseg, d, nc, false);
+    for (int64_t m = 0; m < n; ++m) {
+      const int64_t row = off + m;
+      const float wt = s.w.data()[rt.slot_of[row]];
+      float dot = 0.0f;
+      bf16* hr = hb.data() + row * ldi;
+      bf16* dgr = dgb.data() + row * ldi;
+      bf16* dur = dub.data() + row * ldi;
+      for (int64_t i = 0; i < nc; ++i) {
+        const float gv = bf16_to_f32(g[m * ldgu + i]);
+        const float uv = bf16_to_f32(u[m * ldgu + i]);
+        const bf16 h = f32_to_bf16(swiglu(gv, uv));
+        const float dv = d[m * nc + i];
+        dot += dv * bf16_to_f32(h);
+        float dg, du;
+        swiglu_backward(gv, uv, wt * dv, &dg, &du);
+        hr[i0 + i] = h;
+        dgr[i0 + i] = f32_to_bf16(dg);
+        dur[i0 + i] = f32_to_bf16(du);
+      }
+      if (i1 == I) {
+        std::fill(hr + I, hr + ldi, bf16(0));
+        std::fill(dgr + I, dgr + ldi, bf16(0));
+        std::fill(dur + I, dur + ldi, bf16(0));
+      }
+      dwp.data()[row * chI + c] = dot;
+    }
+  });
+
+  // 4. LoRA weight gradients + reduce-side gradients for dx.
+  Buf<bf16> pg, pu;
+  const int64_t ldr_g = lora.gate.enabled() ? layout::ld_bf16(lora.gate.r) : 0;
+  const int64_t ldr_u = lora.up.enabled() ? layout::ld_bf16(lora.up.r) : 0;
+  if (lora.gate.enabled()) pg.resize(rows * ldr_g);
+  if (lora.up.enabled()) pu.resize(rows * ldr_u);
+  if (lora.any()) {
+    ctx.parallel_for(n_active, [&](int64_t i, Arena& a) {
+      const int e = rt.active[i];
+      const int64_t off = rt.offsets[e], n = rt.count(e);
+      float* wrow = a.alloc<float>(n);
+      for (int64_t m = 0; m < n; ++m) wrow[m] = s.w.data()[rt.slot_of[off + m]];
+      if (lora.down.enabled()) {
+        const int64_t r = lora.down.r;
+        // dBd = sum_t (w dout)_t (s z_d)_t^T   -> [H, r]
+        if (gr.dB_down)
+          token_contract(k, dog.data() + off * ldh, ldh, H, wrow, s.zs_down.data() + off * ldr_d,
+                         ldr_d, r, n, a, gr.dB_down + e * H * r);
+        // dAd = sum_t w_t q_t h_t^T            -> [r, I]
+        if (gr.dA_down)
+          token_contract(k, qs.data() + off * ldr_d, ldr_d, r, wrow, hb.data() + off * ldi, ldi,
+                         I, n, a, gr.dA_down + e * r * I);
+      }
+      for (int which = 0; which < 2; ++which) {
+        const LoraProj& p = which == 0 ? lora.gate : lora.up;
+        if (!p.enabled()) continue;
+        const int64_t r = p.r, ldr = which == 0 ? ldr_g : ldr_u;
+        const bf16* dge = (which == 0 ? dgb : dub).data() + off * ldi;
+        const bf16* zs = (which == 0 ? s.zs_gate : s.zs_up).data() + off * ldr;
+        bf16* ps = (which == 0 ? pg : pu).data() + off * ldr;
+        float* dB = which == 0 ? gr.dB_gate : gr.dB_up;
+        float* dA = which == 0 ? gr.dA_gate : gr.dA_up;
+        // p = s * dg B   -> [n, r]
+        lora_back_reduce(k, p, sc, e, I, dge, ldi, n, a, ps, ldr);
+        // dB = sum_t dg_t (s z)_t^T -> [I, r];  dA = sum_t p_t x_t^T -> [r, H]
+        if (dB) token_contract(k, dge, ldi, I, nullptr, zs, ldr, r, n, a, dB + e * I * r);
+        if (dA) token_contract(k, ps, ldr, r, nullptr, xg.data() + off * ldh, ldh, H, n, a, dA + e * r * H);
+      }
+    });
+  }
+
+  // 5. dx rows, fused over gate, up and their LoRA.
+  Buf<float> dxr(rows * H);
+  ctx.parallel_for(n_active * chH, [&](int64_t task, Arena& a) {
+    const int e = rt.active[task / chH];
+    const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
+    const int64_t nc = h1 - h0, off = rt.offsets[e], n = rt.count(e);
+    Segment seg[4];
+    int nseg = 0;
+    seg[nseg++] = Segment{dgb.data() + off * ldi, ldi, bwd_slice(0, e, h0, nc, a)};
+    seg[nseg++] = Segment{dub.data() + off * ldi, ldi, bwd_slice(1, e, h0, nc, a)};
+    for (int which = 0; which < 2; ++which) {
+      const LoraProj& p = which == 0 ? lora.gate : lora.up;
+      if (!p.enabled()) continue;
+      const int64_t r = p.r, ldr = which == 0 ? ldr_g : ldr_u;
+      // A_e is [r, H] = [K, N].
+      bf16* pa = a.alloc<bf16>(kernels::packed_elems(r, nc));
+      kernels::pack_b(static_cast<const char*>(p.A) + e * r * H * esize(p.a_dtype),
+                      src_type(p.a_dtype), H, true, r, h0, h1, 1.0f, pa);
+      seg[nseg++] = Segment{(which == 0 ? pg : pu).data() + off * ldr, ldr, PackedB{pa, r, nc}};
+    }
+    k.gemm(n, 0, nc, seg, nseg, dxr.data() + off * H + h0, H, false);
+  });
+
+  // 6. per-token reductions in slot order.
+  ctx.parallel_for((T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
+    float* acc = a.alloc<float>(H);
+    const int64_t t1 = std::min(T, (b + 1) * kTokenBlock);
+    for (int64_t t = b * kTokenBlock; t < t1; ++t) {
+      std::fill(acc, acc + H, 0.0f);
+      for (int j = 0; j < kk; ++j) {
+        const int64_t slot = t * kk + j, row = rt.row_of[slot];
+        float dw = 0.0f;
+        if (row >= 0) {
+          const float* xr = dxr.data() + row * H;
+          for (int64_t h = 0; h < H; ++h) acc[h] += xr[h];
+          for (int64_t c = 0; c < chI; ++c) dw += dwp.data()[row * chI + c];
+        }
+        if (args.dtopk_weights) {
+          if (args.dw_dtype == DType::kF32) static_cast<float*>(args.dtopk_weights)[slot] = dw;
+          else static_cast<bf16*>(args.dtopk_weights)[slot] = f32_to_bf16(dw);
+        }
+      }
+      if (!args.dx) continue;
+      if (args.dx_dtype == DType::kF32) {
+        std::memcpy(static_cast<float*>(args.dx) + t * H, acc, H * 4);
+      } else {
+        bf16* o = static_cast<bf16*>(args.dx) + t * H;
+        for (int64_t h = 0; h < H; ++h) o[h] = f32_to_bf16(acc[h]);
+      }
+    }
+  });
+}
+
+}  // namespace moetune

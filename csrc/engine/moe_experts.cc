@@ -1,0 +1,156 @@
+#include "engine/moe_experts.h"
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace moetune {
+
+using kernels::bf16;
+using kernels::PackedB;
+
+namespace {
+// Per matrix kind: forward K, N and backward K, N.
+struct Dims {
+  int64_t K, N;
+};
+}  // namespace
+
+size_t Saved::bytes() const {
+  return x.bytes() + w.bytes() + zs_gate.bytes() + zs_up.bytes() + zs_down.bytes() + g.bytes() +
+         u.bytes() + routing.slot_of.size() * 4 + routing.row_of.size() * 4;
+}
+
+MoeExperts::MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, ExpertsOptions options)
+    : ctx_(std::move(ctx)), E_(E), H_(H), I_(I), options_(options) {
+  if (!ctx_) throw std::invalid_argument("moetune: MoeExperts needs a Context");
+  if (E < 1 || H < 1 || I < 1) {
+    throw std::invalid_argument("moetune: experts need E, H, I >= 1, got E=" + std::to_string(E) +
+                                " H=" + std::to_string(H) + " I=" + std::to_string(I));
+  }
+  const Dims f[3] = {{H, I}, {H, I}, {I, H}};
+  for (int w = 0; w < 3; ++w) {
+    fwd_stride_[w] = kernels::packed_elems(f[w].K, f[w].N);
+    fwd_[w].resize(static_cast<size_t>(fwd_stride_[w]) * E);
+    if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
+      bwd_stride_[w] = kernels::packed_elems(f[w].N, f[w].K);
+      bwd_[w].resize(static_cast<size_t>(bwd_stride_[w]) * E);
+    }
+  }
+}
+
+size_t MoeExperts::packed_bytes() const {
+  size_t b = 0;
+  for (int w = 0; w < 3; ++w) b += fwd_[w].bytes() + bwd_[w].bytes();
+  return b;
+}
+
+PackedB MoeExperts::fwd(int which, int e) const {
+  const int64_t K = which == 2 ? I_ : H_;
+  const int64_t N = which == 2 ? H_ : I_;
+  return PackedB{fwd_[which].data() + e * fwd_stride_[which], K, N};
+}
+
+PackedB MoeExperts::bwd(int which, int e) const {
+  const int64_t K = which == 2 ? H_ : I_;
+  const int64_t N = which == 2 ? I_ : H_;
+  return PackedB{bwd_[which].data() + e * bwd_stride_[which], K, N};
+}
+
+PackedB MoeExperts::bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const {
+  if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
+    return kernels::packed_slice(bwd(which, e), n0, n);
+  }
+  const PackedB src = fwd(which, e);
+  bf16* dst = a.alloc<bf16>(kernels::packed_elems(src.N, n));
+  kernels::pack_b_transposed(src, n0, n0 + n, dst);
+  return PackedB{dst, src.N, n};
+}
+
+void MoeExperts::load_expert(int e, const void* gate, const void* up, const void* down,
+                             DType dtype) {
+  if (e < 0 || e >= E_) {
+    throw std::invalid_argument("moetune: expert id " + std::to_string(e) + " outside [0, " +
+                                std::to_string(E_) + ")");
+  }
+  if (dtype != DType::kBf16 && dtype != DType::kF32) {
+    throw std::invalid_argument(std::string("moetune: expert weights must be bfloat16 or float32, got ") +
+                                dtype_name(dtype));
+  }
+  const kernels::SrcType st = src_type(dtype);
+  const void* src[3] = {gate, up, down};
+  // HF layout is [out, in] = [N, K] for the forward product x W^T.
+  for (int w = 0; w < 3; ++w) {
+    const PackedB f = fwd(w, e);
+    kernels::pack_b(src[w], st, f.K, /*kn=*/false, f.K, 0, f.N, 1.0f,
+                    fwd_[w].data() + e * fwd_stride_[w]);
+    if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
+      const PackedB b = bwd(w, e);
+      // Backward multiplies by W itself: [out, in] read as [K = out, N = in].
+      kernels::pack_b(src[w], st, b.N, /*kn=*/true, b.K, 0, b.N, 1.0f,
+                      bwd_[w].data() + e * bwd_stride_[w]);
+    }
+  }
+}
+
+void MoeExperts::load(const void* gate, const void* up, const void* down, DType dtype) {
+  const size_t esz = dtype == DType::kBf16 ? 2 : 4;
+  const size_t per = static_cast<size_t>(I_) * H_ * esz;
+  ctx_->run([&] {
+    ctx_->parallel_for(E_, [&](int64_t e, Arena&) {
+      load_expert(static_cast<int>(e), static_cast<const char*>(gate) + e * per,
+                  static_cast<const char*>(up) + e * per, static_cast<const char*>(down) + e * per,
+                  dtype);
+    });
+  });
+}
+
+Job MoeExperts::forward_async(const ForwardArgs& args, std::shared_ptr<Saved>* saved) {
+  auto s = std::make_shared<Saved>();
+  // Validation happens here, on the caller's thread, before anything is queued.
+  s->routing = build_routing(args.topk_ids, args.ids_dtype, args.T, args.k, E_, args.expert_mask);
+  s->T = args.T;
+  s->k = args.k;
+  s->lora_shape = args.lora;
+  if (saved) *saved = s;
+  ForwardArgs a = args;
+  return ctx_->submit([this, a, s] {
+    run_forward(a, *s);
+    s->complete = true;
+  });
+}
+
+std::shared_ptr<Saved> MoeExperts::forward(const ForwardArgs& args) {
+  std::shared_ptr<Saved> s;
+  forward_async(args, &s).wait();
+  return s;
+}
+
+namespace {
+void check_same_lora(const LoraProj& f, const LoraProj& b, const char* name) {
+  if (f.enabled() != b.enabled() || (f.enabled() && f.r != b.r)) {
+    throw std::invalid_argument(std::string("moetune: backward LoRA '") + name +
+                                "' differs from the forward's (enabled/rank)");
+  }
+}
+}  // namespace
+
+Job MoeExperts::backward_async(std::shared_ptr<Saved> saved, const BackwardArgs& args) {
+  if (!saved) throw std::invalid_argument("moetune: backward needs the handle returned by forward");
+  check_same_lora(saved->lora_shape.gate, args.lora.gate, "gate");
+  check_same_lora(saved->lora_shape.up, args.lora.up, "up");
+  check_same_lora(saved->lora_shape.down, args.lora.down, "down");
+  BackwardArgs a = args;
+  return ctx_->submit([this, a, saved] {
+    // Jobs run in submission order, so the forward has run; if it failed its
+    // error was reported at its own wait and this handle is unusable.
+    if (!saved->complete) throw std::runtime_error("moetune: backward on a forward that did not complete");
+    run_backward(a, *saved);
+  });
+}
+
+void MoeExperts::backward(std::shared_ptr<Saved> saved, const BackwardArgs& args) {
+  backward_async(std::move(saved), args).wait();
+}
+
+}  // namespace moetune

@@ -1,0 +1,98 @@
+// moetune engine: one MoE layer's routed experts — frozen base weights packed
+// once at load, a fused LoRA-aware forward and an exact backward.
+//
+// Forward, per token t and slot j with expert e = topk_ids[t, j]:
+//   g = Wg x + s Bg (Ag x),  u = Wu x + s Bu (Au x),  h = silu(g) * u
+//   y = Wd h + s Bd (Ad h),  out[t] = sum_j topk_weights[t, j] * y   (fp32)
+// Backward gives dx, d topk_weights (= <dout, y>, computed without keeping y:
+// <Wd^T dout + s Ad^T(Bd^T dout), h>) and the six LoRA weight gradients.
+//
+// Numerics: every GEMM operand is bf16 (x, W, LoRA A/B, h, s*(A x), the
+// gradients fed back), every accumulation fp32. g and u are rounded to bf16
+// before the activation in both forward and backward, so the saved and the
+// recomputed activation policies give bit-identical results, and results do
+// not depend on the thread count (each output element has one owner task
+// that sums in a fixed order).
+//
+// Re-entrancy: forward returns a Saved handle holding everything backward
+// needs; handles are independent (no shared stack), so any number of layers,
+// micro-batches and checkpoint recomputes can be in flight in any order.
+// Dropping a handle frees its memory; backward does not consume it, so a
+// retained graph may run backward twice.
+//
+// Thread-safety: forward/backward may be called from any thread; the work is
+// queued on the Context and executed one job at a time. Loading weights while
+// jobs that use them are queued is the caller's error.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "engine/buffer.h"
+#include "engine/context.h"
+#include "engine/moe_types.h"
+#include "engine/routing.h"
+
+namespace moetune {
+
+// What backward needs from forward. Opaque to callers except for its size.
+struct Saved {
+  Routing routing;
+  int64_t T = 0;
+  int k = 0;
+  LoraSet lora_shape;           // enabled flags, ranks and scaling of the forward
+  Buf<kernels::bf16> x;         // [T, ldh] bf16 copy of the input
+  Buf<float> w;                 // [T*k] routing weights, fp32
+  Buf<kernels::bf16> zs_gate;   // [rows, ldr] bf16(s * Ag x) (LoRA only)
+  Buf<kernels::bf16> zs_up;
+  Buf<kernels::bf16> zs_down;   // [rows, ldr] bf16(s * Ad h)
+  Buf<kernels::bf16> g, u;      // [rows, ldi] bf16 pre-activations (ActivationPolicy::kSave)
+  bool complete = false;        // set when the forward job finished
+  size_t bytes() const;
+};
+
+class MoeExperts {
+ public:
+  MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, ExpertsOptions options);
+
+  int E() const { return E_; }
+  int H() const { return H_; }
+  int I() const { return I_; }
+  const ExpertsOptions& options() const { return options_; }
+  Context& context() { return *ctx_; }
+  size_t packed_bytes() const;
+
+  // Packs expert e from HF-layout rows: gate/up [I, H], down [H, I] (bf16
+  // bit-exact, or f32 rounded to bf16). Distinct e may be loaded concurrently.
+  void load_expert(int e, const void* gate, const void* up, const void* down, DType dtype);
+  // All experts at once from [E, I, H], [E, I, H], [E, H, I], in the pool.
+  void load(const void* gate, const void* up, const void* down, DType dtype);
+
+  // Validates topk ids now (throws std::invalid_argument), then queues the
+  // forward; `out` must stay alive until the job is waited on.
+  Job forward_async(const ForwardArgs& args, std::shared_ptr<Saved>* saved);
+  std::shared_ptr<Saved> forward(const ForwardArgs& args);
+  Job backward_async(std::shared_ptr<Saved> saved, const BackwardArgs& args);
+  void backward(std::shared_ptr<Saved> saved, const BackwardArgs& args);
+
+ private:
+  kernels::PackedB fwd(int which, int e) const;   // 0 gate [K=H,N=I], 1 up, 2 down [K=I,N=H]
+  kernels::PackedB bwd(int which, int e) const;   // transposed copies (kTransposedCopy only)
+  // Packs W^T columns [n0, n0+n) for backward: from the second copy or by repacking.
+  kernels::PackedB bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;
+  void run_forward(const ForwardArgs& args, Saved& s);
+  void run_backward(const BackwardArgs& args, Saved& s);
+  void gate_up_chunk(const LoraSet& lora, int e, const kernels::bf16* xe, int64_t n,
+                     const Saved& s, int64_t i0, int64_t i1, Arena& a, kernels::bf16* gb,
+                     kernels::bf16* ub, int64_t ld) const;
+
+  std::shared_ptr<Context> ctx_;
+  int E_, H_, I_;
+  ExpertsOptions options_;
+  Buf<kernels::bf16> fwd_[3];
+  Buf<kernels::bf16> bwd_[3];
+  int64_t fwd_stride_[3] = {0, 0, 0};
+  int64_t bwd_stride_[3] = {0, 0, 0};
+};
+
+}  // namespace moetune

@@ -1,0 +1,234 @@
+// The forward pass of MoeExperts: see moe_experts.h for the math. Phases
+// (each a parallel loop; a phase starts when the previous one is done):
+//   1. gather x rows into expert-major order (bf16)
+//   2. per expert: LoRA reduce z = s * A x for gate and up
+//   3. per (expert, I chunk): g, u = W x + z B^T (one fused two-segment GEMM
+//      each), rounded to bf16, h = silu(g) * u
+//   4. per expert: LoRA reduce z_d = s * Ad h
+//   5. per (expert, H chunk): y = Wd h + z_d Bd^T, fp32, expert-major
+//   6. per token block: out[t] = sum_j w[t, j] y[t, j], in slot order
+#include <algorithm>
+#include <cstring>
+
+#include "engine/activation.h"
+#include "engine/moe_experts.h"
+#include "engine/moe_layout.h"
+
+namespace moetune {
+
+using kernels::bf16;
+using kernels::bf16_to_f32;
+using kernels::f32_to_bf16;
+using kernels::PackedB;
+using kernels::Segment;
+
+namespace {
+
+constexpr int64_t kTokenBlock = 64;
+
+void gather_rows(Context& ctx, const Routing& rt, const void* src, DType dtype, int64_t H,
+                 bf16* dst, int64_t ld) {
+  const int64_t rows = rt.rows();
+  const int64_t blocks = (rows + kTokenBlock - 1) / kTokenBlock;
+  ctx.parallel_for(blocks, [&](int64_t b, Arena&) {
+    const int64_t r1 = std::min(rows, (b + 1) * kTokenBlock);
+    for (int64_t row = b * kTokenBlock; row < r1; ++row) {
+      const int64_t t = rt.slot_of[row] / rt.k;
+      bf16* d = dst + row * ld;
+      if (dtype == DType::kBf16) {
+        std::memcpy(d, static_cast<const bf16*>(src) + t * H, H * sizeof(bf16));
+      } else {
+        const float* s = static_cast<const float*>(src) + t * H;
+        for (int64_t h = 0; h < H; ++h) d[h] = f32_to_bf16(s[h]);
+      }
+      std::memset(d + H, 0, (ld - H) * sizeof(bf16));
+    }
+  });
+}
+
+}  // namespace
+
+// z = bf16(s * (X_e A_e^T)) for rows of expert e -> zs rows (stride ld_r).
+static void lora_reduce(const kernels::GemmKernel& k, const LoraProj& p, float s, int e,
+                        int64_t in, const bf16* xe, int64_t ldx, int64_t n, Arena& a, bf16* zs,
+                        int64_t ldr) {
+  const int64_t r = p.r;
+  bf16* pa = a.alloc<bf16>(kernels::packed_elems(in, r));
+  const size_t esz = p.a_dtype == DType::kBf16 ? 2 : 4;
+  // A_e is [r, in] = [N, K].
+  kernels::pack_b(static_cast<const char*>(p.A) + e * r * in * esz, src_type(p.a_dtype), in,
+                  false, in, 0, r, 1.0f, pa);
+  Segment seg{xe, ldx, PackedB{pa, in, r}};
+  float* c = a.alloc<float>(n * r);
+  k.gemm(n, 0, r, &seg, 1, c, r, false);
+  for (int64_t m = 0; m < n; ++m) {
+    bf16* zrow = zs + m * ldr;
+    for (int64_t j = 0; j < r; ++j) zrow[j] = f32_to_bf16(s * c[m * r + j]);
+    for (int64_t j = r; j < ldr; ++j) zrow[j] = 0;
+  }
+}
+
+// Packs rows [n0, n0 + n) of LoRA B_e ([out, r] = [N, K]) for the expand.
+static PackedB lora_expand_b(const LoraProj& p, int e, int64_t out, int64_t n0, int64_t n,
+                             Arena& a) {
+  const int64_t r = p.r;
+  const size_t esz = p.b_dtype == DType::kBf16 ? 2 : 4;
+  bf16* pb = a.alloc<bf16>(kernels::packed_elems(r, n));
+  kernels::pack_b(static_cast<const char*>(p.B) + e * out * r * esz, src_type(p.b_dtype), r, false,
+                  r, n0, n0 + n, 1.0f, pb);
+  return PackedB{pb, r, n};
+}
+
+void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, const bf16* xe, int64_t n,
+                               const Saved& s, int64_t i0, int64_t i1, Arena& a, bf16* gb,
+                               bf16* ub, int64_t ld) const {
+  const kernels::GemmKernel& k = ctx_->gemm();
+  const int64_t nc = i1 - i0;
+  const int64_t ldh = layout::ld_bf16(H_);
+  const int64_t off = s.routing.offsets[e];
+  float* c = a.alloc<float>(n * nc);
+  for (int which = 0; which < 2; ++which) {
+    const LoraProj& p = which == 0 ? lora.gate : lora.up;
+    const Buf<bf16>& zs = which == 0 ? s.zs_gate : s.zs_up;
+    Segment seg[2];
+    seg[0] = Segment{xe, ldh, kernels::packed_slice(fwd(which, e), i0, nc)};
+    int nseg = 1;
+    if (p.enabled()) {
+      const int64_t ldr = layout::ld_bf16(p.r);
+      seg[1] = Segment{zs.data() + off * ldr, ldr, lora_expand_b(p, e, I_, i0, nc, a)};
+      nseg = 2;
+    }
+    k.gemm(n, 0, nc, seg, nseg, c, nc, false);
+    bf16* dst = which == 0 ? gb : ub;
+    for (int64_t m = 0; m < n; ++m)
+      for (int64_t i = 0; i < nc; ++i) dst[m * ld + i] = f32_to_bf16(c[m * nc + i]);
+  }
+}
+
+void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
+  Context& ctx = *ctx_;
+  const kernels::GemmKernel& k = ctx.gemm();
+  const Routing& rt = s.routing;
+  const int64_t T = args.T, H = H_, I = I_, rows = rt.rows();
+  const int64_t ldh = layout::ld_bf16(H), ldi = layout::ld_bf16(I);
+  const LoraSet& lora = args.lora;
+  const bool save_gu = options_.activations == ActivationPolicy::kSave;
+
+  // Saved inputs: x as bf16 (the GEMM operand) and the weights as fp32.
+  s.x.resize(T * H);
+  s.w.resize(T * args.k);
+  ctx.parallel_for((T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
+    const int64_t t1 = std::min(T, (b + 1) * kTokenBlock);
+    for (int64_t t = b * kTokenBlock; t < t1; ++t) {
+      if (args.x_dtype == DType::kBf16) {
+        std::memcpy(s.x.data() + t * H, static_cast<const bf16*>(args.x) + t * H, H * 2);
+      } else {
+        const float* xs = static_cast<const float*>(args.x) + t * H;
+        for (int64_t h = 0; h < H; ++h) s.x.data()[t * H + h] = f32_to_bf16(xs[h]);
+      }
+      for (int j = 0; j < args.k; ++j) {
+        const int64_t i = t * args.k + j;
+        s.w.data()[i] = args.w_dtype == DType::kF32
+                            ? static_cast<const float*>(args.topk_weights)[i]
+                            : bf16_to_f32(static_cast<const bf16*>(args.topk_weights)[i]);
+      }
+    }
+  });
+
+  Buf<bf16> xg(rows * ldh);
+  gather_rows(ctx, rt, s.x.data(), DType::kBf16, H, xg.data(), ldh);
+
+  const int64_t n_active = static_cast<int64_t>(rt.active.size());
+  // 2. LoRA reduce for gate / up.
+  for (int which = 0; which < 2; ++which) {
+    const LoraProj& p = which == 0 ? lora.gate : lora.up;
+    if (!p.enabled()) continue;
+    Buf<bf16>& zs = which == 0 ? s.zs_gate : s.zs_up;
+    const int64_t ldr = layout::ld_bf16(p.r);
+    zs.resize(rows * ldr);
+    ctx.parallel_for(n_active, [&](int64_t i, Arena& a) {
+      const int e = rt.active[i];
+      const int64_t off = rt.offsets[e];
+      lora_reduce(k, p, lora.scaling, e, H, xg.data() + off * ldh, ldh, rt.count(e), a,
+                  zs.data() + off * ldr, ldr);
+    });
+  }
+
+  // 3. gate/up GEMMs + activation.
+  Buf<bf16> g_tmp, u_tmp;
+  Buf<bf16>& gb = save_gu ? s.g : g_tmp;
+  Buf<bf16>& ub = save_gu ? s.u : u_tmp;
+  gb.resize(rows * ldi);
+  ub.resize(rows * ldi);
+  Buf<bf16> hb(rows * ldi);
+  const int64_t chI = layout::chunks(I);
+  ctx.parallel_for(n_active * chI, [&](int64_t task, Arena& a) {
+    const int e = rt.active[task / chI];
+    const int64_t i0 = (task % chI) * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk);
+    const int64_t off = rt.offsets[e], n = rt.count(e);
+    bf16* g = gb.data() + off * ldi + i0;
+    bf16* u = ub.data() + off * ldi + i0;
+    gate_up_chunk(lora, e, xg.data() + off * ldh, n, s, i0, i1, a, g, u, ldi);
+    for (int64_t m = 0; m < n; ++m) {
+      bf16* hrow = hb.data() + (off + m) * ldi;
+      for (int64_t i = 0; i < i1 - i0; ++i) {
+        hrow[i0 + i] = f32_to_bf16(swiglu(bf16_to_f32(g[m * ldi + i]), bf16_to_f32(u[m * ldi + i])));
+      }
+      if (i1 == I) std::fill(hrow + I, hrow + ldi, bf16(0));
+    }
+  });
+
+  // 4. LoRA reduce for down.
+  if (lora.down.enabled()) {
+    const int64_t ldr = layout::ld_bf16(lora.down.r);
+    s.zs_down.resize(rows * ldr);
+    ctx.parallel_for(n_active, [&](int64_t i, Arena& a) {
+      const int e = rt.active[i];
+      const int64_t off = rt.offsets[e];
+      lora_reduce(k, lora.down, lora.scaling, e, I, hb.data() + off * ldi, ldi, rt.count(e), a,
+                  s.zs_down.data() + off * ldr, ldr);
+    });
+  }
+
+  // 5. down GEMM, fp32 expert-major output.
+  Buf<float> y(rows * H);
+  const int64_t chH = layout::chunks(H);
+  ctx.parallel_for(n_active * chH, [&](int64_t task, Arena& a) {
+    const int e = rt.active[task / chH];
+    const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
+    const int64_t off = rt.offsets[e], n = rt.count(e), nc = h1 - h0;
+    Segment seg[2];
+    seg[0] = Segment{hb.data() + off * ldi, ldi, kernels::packed_slice(fwd(2, e), h0, nc)};
+    int nseg = 1;
+    if (lora.down.enabled()) {
+      const int64_t ldr = layout::ld_bf16(lora.down.r);
+      seg[1] = Segment{s.zs_down.data() + off * ldr, ldr, lora_expand_b(lora.down, e, H, h0, nc, a)};
+      nseg = 2;
+    }
+    k.gemm(n, 0, nc, seg, nseg, y.data() + off * H + h0, H, false);
+  });
+
+  // 6. weighted combine in slot order (deterministic).
+  ctx.parallel_for((T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
+    float* acc = a.alloc<float>(H);
+    const int64_t t1 = std::min(T, (b + 1) * kTokenBlock);
+    for (int64_t t = b * kTokenBlock; t < t1; ++t) {
+      std::fill(acc, acc + H, 0.0f);
+      for (int j = 0; j < args.k; ++j) {
+        const int64_t row = rt.row_of[t * args.k + j];
+        if (row < 0) continue;
+        const float wt = s.w.data()[t * args.k + j];
+        const float* yr = y.data() + row * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] += wt * yr[h];
+      }
+      if (args.out_dtype == DType::kF32) {
+        std::memcpy(static_cast<float*>(args.out) + t * H, acc, H * 4);
+      } else {
+        bf16* o = static_cast<bf16*>(args.out) + t * H;
+        for (int64_t h = 0; h < H; ++h) o[h] = f32_to_bf16(acc[h]);
+      }
+    }
+  });
+}
+
+}  // namespace moetune

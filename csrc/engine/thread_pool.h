@@ -1,0 +1,60 @@
+// moetune engine: a persistent worker pool with dynamic task scheduling.
+//
+// parallel_for(n, fn) runs fn(task, worker) for every task in [0, n) on the
+// calling thread (worker 0) plus size()-1 pool threads, which claim tasks
+// from one atomic counter (work stealing by construction: a fast worker takes
+// more). Workers spin briefly between jobs (phases of one layer follow each
+// other within microseconds), then sleep on a condition variable, so an idle
+// engine costs no CPU. Optional pinning: worker i runs on cpus[i % cpus.size()].
+//
+// Thread-safety: parallel_for may be called by one thread at a time (the
+// Context's dispatcher). An exception thrown by any task stops the claiming of
+// new tasks; the first one is rethrown from parallel_for with its message.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace moetune {
+
+class ThreadPool {
+ public:
+  ThreadPool(int num_threads, std::vector<int> cpus);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return num_threads_; }
+  void parallel_for(int64_t n, const std::function<void(int64_t task, int worker)>& fn);
+  // Pins the calling thread as worker 0 would be (no-op without cpus).
+  void pin_caller() const;
+
+ private:
+  void worker_loop(int worker);
+  void run_tasks(int worker);
+
+  const int num_threads_;
+  const std::vector<int> cpus_;
+  std::vector<std::thread> threads_;
+
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  std::atomic<uint64_t> generation_{0};
+  bool stop_ = false;
+
+  const std::function<void(int64_t, int)>* fn_ = nullptr;
+  int64_t n_tasks_ = 0;
+  std::atomic<int64_t> next_{0};
+  std::atomic<int> busy_workers_{0};
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
+};
+
+}  // namespace moetune

@@ -1,0 +1,43 @@
+#include <stdexcept>
+#include <string>
+
+#include "cpu.h"
+#include "gemm_impl.h"
+
+namespace moetune::kernels {
+
+const std::vector<GemmKernel>& all_gemm_kernels() {
+  static const std::vector<GemmKernel> kernels = {
+      {Isa::kScalar, "scalar", PackFormat::kBf16Pair16, &scalar::gemm},
+      {Isa::kAvx2, "avx2_fma", PackFormat::kBf16Pair16, &avx2::gemm},
+      {Isa::kAvx512Bf16, "avx512_bf16", PackFormat::kBf16Pair16, &avx512bf16::gemm},
+  };
+  return kernels;
+}
+
+const GemmKernel& best_gemm_kernel(Isa max_isa) {
+  const GemmKernel* best = &all_gemm_kernels().front();
+  for (const GemmKernel& k : all_gemm_kernels()) {
+    if (static_cast<int>(k.isa) <= static_cast<int>(max_isa) && cpu_supports(k.isa) &&
+        static_cast<int>(k.isa) >= static_cast<int>(best->isa)) {
+      best = &k;
+    }
+  }
+  return *best;
+}
+
+const GemmKernel& gemm_kernel(Isa isa) {
+  for (const GemmKernel& k : all_gemm_kernels()) {
+    if (k.isa == isa) {
+      if (!cpu_supports(isa)) {
+        throw std::runtime_error(std::string("moetune: kernel '") + k.name +
+                                 "' is built but this CPU/OS cannot run it (" + cpu_summary() +
+                                 ")");
+      }
+      return k;
+    }
+  }
+  throw std::runtime_error(std::string("moetune: no kernel built for ISA ") + isa_name(isa));
+}
+
+}  // namespace moetune::kernels

@@ -1,0 +1,197 @@
+"""The expert engine as a PyTorch op.
+
+`moe_experts` is a torch.autograd.Function rather than a torch.library custom
+op: the engine state it needs (packed weights in a C++ object, the per-call
+handle of saved activations) is not expressible in a custom op schema without
+smuggling pointers through integer tensors, and the op has host side effects
+(queued CPU jobs) that torch.compile could not trace anyway; an
+autograd.Function keeps the handle on the autograd graph node, so it lives
+exactly as long as the graph (dropped with it, reused by a retained graph,
+and never shared between micro-batches or checkpoint recomputes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from moetune import _moetune_ext as _ext
+
+_PROJ = ("gate", "up", "down")
+
+
+class Context:
+    """Owns the engine's worker threads, scratch memory and kernel choice.
+
+    num_threads: engine threads (default: all cores torch is not told to use
+    is NOT guessed; pass it explicitly when torch also runs on the CPU).
+    cpus: optional list of core ids to pin the workers to.
+    isa: "auto" | "scalar" | "avx2" | "avx512_bf16" | "amx_bf16".
+    """
+
+    def __init__(self, num_threads: Optional[int] = None, *, cpus=(), isa: str = "auto"):
+        if num_threads is None:
+            num_threads = len(os.sched_getaffinity(0))
+        self._ctx = _ext.Context(int(num_threads), list(cpus), isa)
+
+    @property
+    def num_threads(self) -> int:
+        return self._ctx.num_threads
+
+    @property
+    def isa(self) -> str:
+        return self._ctx.isa
+
+    def info(self) -> dict:
+        return {
+            "isa": self._ctx.isa,
+            "kernel": self._ctx.kernel,
+            "num_threads": self._ctx.num_threads,
+            "cpu": _ext.cpu_summary(),
+        }
+
+    def __repr__(self) -> str:
+        return f"moetune.Context({self._ctx.info()})"
+
+
+def _host(t: torch.Tensor, dtypes=(torch.bfloat16, torch.float32)) -> torch.Tensor:
+    """A contiguous CPU view/copy of t without autograd history."""
+    t = t.detach()
+    if t.dtype not in dtypes:
+        t = t.to(dtypes[0])
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t.contiguous()
+
+
+class MoEExperts:
+    """One MoE layer's frozen routed experts, packed into the engine.
+
+    gate_proj, up_proj: [E, I, H]; down_proj: [E, H, I] (the HF per-expert
+    nn.Linear layout stacked over experts). bf16 is taken bit-exact; fp32 is
+    rounded to bf16. The tensors are not kept: the engine holds its own packed
+    copy (twice if backward_weights="transposed_copy").
+    """
+
+    def __init__(self, ctx: Context, gate_proj: torch.Tensor, up_proj: torch.Tensor,
+                 down_proj: torch.Tensor, *, backward_weights: str = "repack",
+                 activations: str = "save"):
+        if gate_proj.dim() != 3:
+            raise ValueError(f"gate_proj must be [E, I, H], got shape {list(gate_proj.shape)}")
+        E, I, H = gate_proj.shape
+        self.ctx = ctx
+        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations)
+        dtype = torch.bfloat16 if gate_proj.dtype != torch.float32 else torch.float32
+        self._ex.load(_host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
+
+    num_experts = property(lambda self: self._ex.num_experts)
+    hidden_size = property(lambda self: self._ex.hidden_size)
+    intermediate_size = property(lambda self: self._ex.intermediate_size)
+    packed_bytes = property(lambda self: self._ex.packed_bytes)
+
+
+@dataclasses.dataclass
+class LoraWeights:
+    """LoRA on the experts: out = W x + scaling * B (A x) per projection.
+
+    Each of gate/up/down is None or a pair (A [E, r, in], B [E, out, r]),
+    fp32 or bf16, typically nn.Parameters; an optimizer may update them in
+    place between steps (the engine reads them at every call).
+    """
+
+    gate: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    up: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    down: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    scaling: float = 1.0
+
+    def flat(self):
+        out = []
+        for name in _PROJ:
+            pair = getattr(self, name)
+            if pair is None:
+                out += [None, None]
+            else:
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise ValueError(f"lora.{name} must be a pair (A, B) or None")
+                out += list(pair)
+        return out
+
+
+class _MoEExpertsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, experts, scaling, x, topk_ids, topk_weights, expert_mask, *lora):
+        device = x.device
+        xh = _host(x)
+        ids = topk_ids.detach().to("cpu").contiguous()
+        wh = _host(topk_weights)
+        mask = None if expert_mask is None else expert_mask.detach().to("cpu", torch.bool).contiguous()
+        lora_h = [None if t is None else _host(t) for t in lora]
+        out = torch.empty(xh.shape, dtype=xh.dtype) if xh.dim() == 2 else torch.empty(0)
+        saved, job = experts._ex.forward(xh, ids, wh, mask, *lora_h, float(scaling), out)
+        job.wait()
+        ctx.experts = experts
+        ctx.handle = saved
+        ctx.scaling = float(scaling)
+        ctx.lora_h = lora_h
+        ctx.meta = (device, x.dtype, topk_weights.dtype)
+        ctx.k = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
+        # Saved through autograd so in-place edits before backward are caught.
+        ctx.save_for_backward(*[t for t in lora])
+        return out.to(device)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        device, x_dtype, w_dtype = ctx.meta
+        ex = ctx.experts._ex
+        lora = ctx.saved_tensors  # version check of the originals
+        need = ctx.needs_input_grad  # (experts, scaling, x, ids, w, mask, *lora)
+        g = _host(grad_out)
+        T, H = g.shape
+        dx = torch.empty((T, H), dtype=g.dtype) if need[2] else None
+        dw = torch.empty((T, ctx.k), dtype=torch.float32) if need[4] else None
+        grads = [
+            torch.empty(t.shape, dtype=torch.float32) if (t is not None and need[6 + i]) else None
+            for i, t in enumerate(ctx.lora_h)
+        ]
+        job = ex.backward(ctx.handle, g, *ctx.lora_h, ctx.scaling, dx, dw, *grads)
+        job.wait()
+        out_lora = []
+        for orig, gr in zip(lora, grads):
+            out_lora.append(None if gr is None else gr.to(device=orig.device, dtype=orig.dtype))
+        return (
+            None,
+            None,
+            None if dx is None else dx.to(device=device, dtype=x_dtype),
+            None,
+            None if dw is None else dw.to(device=device, dtype=w_dtype),
+            None,
+            *out_lora,
+        )
+
+
+def moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, lora: Optional[LoraWeights] = None,
+                expert_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[t] = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]), SwiGLU
+    experts with optional LoRA, computed by the CPU engine; differentiable in
+    x, topk_weights and the LoRA tensors. Returns x's dtype on x's device."""
+    if not isinstance(experts, MoEExperts):
+        raise TypeError("experts must be a moetune.MoEExperts")
+    for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids has dtype {topk_ids.dtype}, expected torch.int32 or torch.int64")
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"x has dtype {x.dtype}, expected torch.bfloat16 or torch.float32")
+    if topk_weights.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"topk_weights has dtype {topk_weights.dtype}, expected torch.bfloat16 or torch.float32")
+    lora = lora or LoraWeights()
+    flat = lora.flat()
+    for i, t in enumerate(flat):
+        if t is not None and t.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"lora.{_PROJ[i // 2]}.{'AB'[i % 2]} has dtype {t.dtype}, expected bfloat16 or float32")
+    return _MoEExpertsFn.apply(experts, lora.scaling, x, topk_ids, topk_weights, expert_mask, *flat)
