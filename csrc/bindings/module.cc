@@ -185,7 +185,9 @@ NB_MODULE(_moetune_ext, m) {
       .def_prop_ro("num_threads", &Context::num_threads)
       .def_prop_ro("isa", [](const Context& c) { return std::string(kernels::isa_name(c.gemm().isa)); })
       .def_prop_ro("kernel", [](const Context& c) { return std::string(c.gemm().name); })
-      .def("info", &Context::info);
+      .def("info", &Context::info)
+      .def("phase_profile", &Context::phase_profile)
+      .def("reset_phase_profile", &Context::reset_phase_profile);
 
   nb::class_<Saved>(m, "Saved").def_prop_ro("nbytes", &Saved::bytes);
 

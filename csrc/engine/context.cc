@@ -1,5 +1,6 @@
 #include "engine/context.h"
 
+#include <chrono>
 #include <stdexcept>
 
 #include "kernels/cpu.h"
@@ -29,6 +30,7 @@ int checked_threads(int n) {
 Context::Context(ContextOptions options)
     : options_(std::move(options)),
       gemm_(select_kernel(options_)),
+      eltwise_(&kernels::eltwise_kernel(gemm_->isa)),
       pool_(checked_threads(options_.num_threads), options_.cpus) {
   arenas_.resize(pool_.size());
   dispatcher_ = std::thread([this] { dispatcher_loop(); });
@@ -75,12 +77,36 @@ void Context::dispatcher_loop() {
   }
 }
 
-void Context::parallel_for(int64_t n, const std::function<void(int64_t, Arena&)>& fn) {
+void Context::parallel_for(const char* phase, int64_t n,
+                           const std::function<void(int64_t, Arena&)>& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
   pool_.parallel_for(n, [&](int64_t task, int worker) {
     Arena& a = arenas_[worker];
     a.reset();
     fn(task, a);
   });
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::lock_guard<std::mutex> lock(profile_mu_);
+  for (PhaseStat& p : profile_) {
+    if (p.name == phase) {
+      p.seconds += dt;
+      ++p.calls;
+      return;
+    }
+  }
+  profile_.push_back(PhaseStat{phase, dt, 1});
+}
+
+std::vector<std::tuple<std::string, double, int64_t>> Context::phase_profile() const {
+  std::lock_guard<std::mutex> lock(profile_mu_);
+  std::vector<std::tuple<std::string, double, int64_t>> out;
+  for (const PhaseStat& p : profile_) out.emplace_back(p.name, p.seconds, p.calls);
+  return out;
+}
+
+void Context::reset_phase_profile() {
+  std::lock_guard<std::mutex> lock(profile_mu_);
+  profile_.clear();
 }
 
 }  // namespace moetune

@@ -24,9 +24,12 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "engine/arena.h"
+#include "engine/buffer.h"
+#include "kernels/eltwise.h"
 #include "engine/thread_pool.h"
 #include "kernels/gemm.h"
 
@@ -59,6 +62,21 @@ class Context {
 
   const ContextOptions& options() const { return options_; }
   const kernels::GemmKernel& gemm() const { return *gemm_; }
+  const kernels::EltwiseKernel& eltwise() const { return *eltwise_; }
+
+  // Per-call scratch that outlives one phase but not one job (expert-major
+  // activations of a forward or backward). Grow-only and reused by the next
+  // job, which the serial dispatcher makes safe; only for code inside a job.
+  template <typename T>
+  struct Scratch {
+    T* ptr;
+    T* data() const { return ptr; }
+  };
+  template <typename T>
+  Scratch<T> workspace(int slot, size_t n) {
+    if (slot >= static_cast<int>(workspace_.size())) workspace_.resize(slot + 1);
+    return Scratch<T>{reinterpret_cast<T*>(workspace_[slot].reserve((n * sizeof(T) + 63) / 64 * 64))};
+  }
   int num_threads() const { return pool_.size(); }
   std::string info() const;
 
@@ -68,15 +86,32 @@ class Context {
   void run(std::function<void()> work) { submit(std::move(work)).wait(); }
 
   // For code running inside a job: parallel loop with a fresh arena per task.
-  void parallel_for(int64_t n, const std::function<void(int64_t task, Arena& scratch)>& fn);
+  // `phase` names the loop in the phase profile (a string literal).
+  void parallel_for(const char* phase, int64_t n,
+                    const std::function<void(int64_t task, Arena& scratch)>& fn);
+
+  // Wall time spent in each named phase since the last reset, in seconds,
+  // and the number of calls. Cheap (two clock reads per phase), always on.
+  std::vector<std::tuple<std::string, double, int64_t>> phase_profile() const;
+  void reset_phase_profile();
 
  private:
   void dispatcher_loop();
 
   ContextOptions options_;
   const kernels::GemmKernel* gemm_;
+  const kernels::EltwiseKernel* eltwise_;
+  std::vector<Buf<unsigned char>> workspace_;
   ThreadPool pool_;
   std::vector<Arena> arenas_;
+
+  struct PhaseStat {
+    const char* name;
+    double seconds;
+    int64_t calls;
+  };
+  mutable std::mutex profile_mu_;
+  std::vector<PhaseStat> profile_;
 
   std::mutex mu_;
   std::condition_variable cv_;

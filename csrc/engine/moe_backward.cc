@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "engine/activation.h"
 #include "engine/moe_experts.h"
 #include "engine/moe_layout.h"
 
@@ -48,7 +47,7 @@ void gather_tokens(const Routing& rt, int64_t r0, int64_t r1, const void* src, D
 
 // C[n, r] = G_e[n, K] * Bsrc where Bsrc is a LoRA B_e [K, r] row-major (its
 // own layout read as [K, N]); result scaled and rounded into ps rows.
-void lora_back_reduce(const kernels::GemmKernel& k, const LoraProj& p, float s, int e, int64_t K,
+void lora_back_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew, const LoraProj& p, float s, int e, int64_t K,
                       const bf16* ge, int64_t ldg, int64_t n, Arena& a, bf16* ps, int64_t ldr) {
   const int64_t r = p.r;
   bf16* pb = a.alloc<bf16>(kernels::packed_elems(K, r));
@@ -59,23 +58,36 @@ void lora_back_reduce(const kernels::GemmKernel& k, const LoraProj& p, float s, 
   k.gemm(n, 0, r, &seg, 1, c, r, false);
   for (int64_t m = 0; m < n; ++m) {
     bf16* row = ps + m * ldr;
-    for (int64_t j = 0; j < r; ++j) row[j] = f32_to_bf16(s * c[m * r + j]);
+    ew.to_bf16(c + m * r, s, row, r);
     for (int64_t j = r; j < ldr; ++j) row[j] = 0;
   }
 }
 
-// dst[M, N] (fp32, ld N) = L^T R over the n token rows of one expert, where
-// L is [n, M] and R is [n, N] (bf16 rows), L rows optionally scaled per row.
-void token_contract(const kernels::GemmKernel& k, const bf16* L, int64_t ldl, int64_t M,
-                    const float* row_scale, const bf16* R, int64_t ldrr, int64_t N, int64_t n,
-                    Arena& a, float* dst) {
-  const int64_t ldt = layout::ld_tok(n);
-  bf16* lt = a.alloc<bf16>(M * ldt);
-  kernels::transpose_to_a(L, kernels::SrcType::kBf16, ldl, n, M, row_scale, lt, ldt);
+// Token-axis contractions for the LoRA weight gradients: sum over the n rows
+// of one expert of (small_t)^T (big_t) with small [n, r] and big [n, N]. Only
+// the small side is transposed (r x n); the big side is packed with K = n,
+// which is a cheap interleave of row pairs. Result [r, N], or its transpose.
+PackedB pack_tokens(const bf16* big, int64_t ldb, int64_t N, int64_t n, Arena& a) {
   bf16* rp = a.alloc<bf16>(kernels::packed_elems(n, N));
-  kernels::pack_b(R, kernels::SrcType::kBf16, ldrr, true, n, 0, N, 1.0f, rp);
-  Segment seg{lt, ldt, PackedB{rp, n, N}};
-  k.gemm(M, 0, N, &seg, 1, dst, N, false);
+  kernels::pack_b(big, kernels::SrcType::kBf16, ldb, true, n, 0, N, 1.0f, rp);
+  return PackedB{rp, n, N};
+}
+
+void token_contract(const kernels::GemmKernel& k, const bf16* small, int64_t lds, int64_t r,
+                    const float* row_scale, const PackedB& big, int64_t n, Arena& a,
+                    float* dst, bool transpose_out) {
+  const int64_t N = big.N, ldt = layout::ld_tok(n);
+  bf16* st = a.alloc<bf16>(r * ldt);
+  kernels::transpose_to_a(small, kernels::SrcType::kBf16, lds, n, r, row_scale, st, ldt);
+  Segment seg{st, ldt, big};
+  if (!transpose_out) {
+    k.gemm(r, 0, N, &seg, 1, dst, N, false);
+    return;
+  }
+  float* c = a.alloc<float>(r * N);
+  k.gemm(r, 0, N, &seg, 1, c, N, false);
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t i = 0; i < r; ++i) dst[j * r + i] = c[i * N + j];
 }
 
 }  // namespace
@@ -112,30 +124,32 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   }
 
   // 1. gathers.
-  Buf<bf16> xg(rows * ldh), dog(rows * ldh);
-  ctx.parallel_for((rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
+  auto xg = ctx.workspace<bf16>(layout::kWsX, rows * ldh);
+  auto dog = ctx.workspace<bf16>(layout::kWsDout, rows * ldh);
+  ctx.parallel_for("bwd.gather", (rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
     const int64_t r0 = b * kTokenBlock, r1 = std::min(rows, r0 + kTokenBlock);
     gather_tokens(rt, r0, r1, s.x.data(), DType::kBf16, H, xg.data(), ldh);
     gather_tokens(rt, r0, r1, args.dout, args.dout_dtype, H, dog.data(), ldh);
   });
 
   // 2. q = s * dout Bd.
-  Buf<bf16> qs;
   const int64_t ldr_d = lora.down.enabled() ? layout::ld_bf16(lora.down.r) : 0;
+  auto qs = ctx.workspace<bf16>(layout::kWsQ, rows * ldr_d);
   if (lora.down.enabled()) {
-    qs.resize(rows * ldr_d);
-    ctx.parallel_for(n_active, [&](int64_t i, Arena& a) {
+    ctx.parallel_for("bwd.lora_reduce_down", n_active, [&](int64_t i, Arena& a) {
       const int e = rt.active[i];
       const int64_t off = rt.offsets[e];
-      lora_back_reduce(k, lora.down, sc, e, H, dog.data() + off * ldh, ldh, rt.count(e), a,
+      lora_back_reduce(k, ctx.eltwise(), lora.down, sc, e, H, dog.data() + off * ldh, ldh, rt.count(e), a,
                        qs.data() + off * ldr_d, ldr_d);
     });
   }
 
   // 3. through down and the activation.
-  Buf<bf16> hb(rows * ldi), dgb(rows * ldi), dub(rows * ldi);
-  Buf<float> dwp(rows * chI);
-  ctx.parallel_for(n_active * chI, [&](int64_t task, Arena& a) {
+  auto hb = ctx.workspace<bf16>(layout::kWsH, rows * ldi);
+  auto dgb = ctx.workspace<bf16>(layout::kWsDg, rows * ldi);
+  auto dub = ctx.workspace<bf16>(layout::kWsDu, rows * ldi);
+  auto dwp = ctx.workspace<float>(layout::kWsDwPart, rows * chI);
+  ctx.parallel_for("bwd.down_act", n_active * chI, [&](int64_t task, Arena& a) {
     const int e = rt.active[task / chI];
     const int64_t c = task % chI;
     const int64_t i0 = c * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk), nc = i1 - i0;
@@ -172,22 +186,11 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
     for (int64_t m = 0; m < n; ++m) {
       const int64_t row = off + m;
       const float wt = s.w.data()[rt.slot_of[row]];
-      float dot = 0.0f;
       bf16* hr = hb.data() + row * ldi;
       bf16* dgr = dgb.data() + row * ldi;
       bf16* dur = dub.data() + row * ldi;
-      for (int64_t i = 0; i < nc; ++i) {
-        const float gv = bf16_to_f32(g[m * ldgu + i]);
-        const float uv = bf16_to_f32(u[m * ldgu + i]);
-        const bf16 h = f32_to_bf16(swiglu(gv, uv));
-        const float dv = d[m * nc + i];
-        dot += dv * bf16_to_f32(h);
-        float dg, du;
-        swiglu_backward(gv, uv, wt * dv, &dg, &du);
-        hr[i0 + i] = h;
-        dgr[i0 + i] = f32_to_bf16(dg);
-        dur[i0 + i] = f32_to_bf16(du);
-      }
+      const float dot = ctx.eltwise().swiglu_bwd(g + m * ldgu, u + m * ldgu, d + m * nc, wt,
+                                                 hr + i0, dgr + i0, dur + i0, nc);
       if (i1 == I) {
         std::fill(hr + I, hr + ldi, bf16(0));
         std::fill(dgr + I, dgr + ldi, bf16(0));
@@ -198,28 +201,32 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   });
 
   // 4. LoRA weight gradients + reduce-side gradients for dx.
-  Buf<bf16> pg, pu;
   const int64_t ldr_g = lora.gate.enabled() ? layout::ld_bf16(lora.gate.r) : 0;
   const int64_t ldr_u = lora.up.enabled() ? layout::ld_bf16(lora.up.r) : 0;
-  if (lora.gate.enabled()) pg.resize(rows * ldr_g);
-  if (lora.up.enabled()) pu.resize(rows * ldr_u);
+  auto pg = ctx.workspace<bf16>(layout::kWsPg, rows * ldr_g);
+  auto pu = ctx.workspace<bf16>(layout::kWsPu, rows * ldr_u);
   if (lora.any()) {
-    ctx.parallel_for(n_active, [&](int64_t i, Arena& a) {
+    ctx.parallel_for("bwd.lora_grads", n_active, [&](int64_t i, Arena& a) {
       const int e = rt.active[i];
       const int64_t off = rt.offsets[e], n = rt.count(e);
       float* wrow = a.alloc<float>(n);
       for (int64_t m = 0; m < n; ++m) wrow[m] = s.w.data()[rt.slot_of[off + m]];
       if (lora.down.enabled()) {
         const int64_t r = lora.down.r;
-        // dBd = sum_t (w dout)_t (s z_d)_t^T   -> [H, r]
+        // dBd = sum_t (w dout)_t (s z_d)_t^T  -> [H, r]  (as ((w z_d)^T dout)^T)
         if (gr.dB_down)
-          token_contract(k, dog.data() + off * ldh, ldh, H, wrow, s.zs_down.data() + off * ldr_d,
-                         ldr_d, r, n, a, gr.dB_down + e * H * r);
-        // dAd = sum_t w_t q_t h_t^T            -> [r, I]
+          token_contract(k, s.zs_down.data() + off * ldr_d, ldr_d, r, wrow,
+                         pack_tokens(dog.data() + off * ldh, ldh, H, n, a), n, a,
+                         gr.dB_down + e * H * r, true);
+        // dAd = sum_t w_t q_t h_t^T  -> [r, I]
         if (gr.dA_down)
-          token_contract(k, qs.data() + off * ldr_d, ldr_d, r, wrow, hb.data() + off * ldi, ldi,
-                         I, n, a, gr.dA_down + e * r * I);
+          token_contract(k, qs.data() + off * ldr_d, ldr_d, r, wrow,
+                         pack_tokens(hb.data() + off * ldi, ldi, I, n, a), n, a,
+                         gr.dA_down + e * r * I, false);
       }
+      PackedB xpack{};
+      if ((lora.gate.enabled() && gr.dA_gate) || (lora.up.enabled() && gr.dA_up))
+        xpack = pack_tokens(xg.data() + off * ldh, ldh, H, n, a);
       for (int which = 0; which < 2; ++which) {
         const LoraProj& p = which == 0 ? lora.gate : lora.up;
         if (!p.enabled()) continue;
@@ -230,17 +237,19 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
         float* dB = which == 0 ? gr.dB_gate : gr.dB_up;
         float* dA = which == 0 ? gr.dA_gate : gr.dA_up;
         // p = s * dg B   -> [n, r]
-        lora_back_reduce(k, p, sc, e, I, dge, ldi, n, a, ps, ldr);
+        lora_back_reduce(k, ctx.eltwise(), p, sc, e, I, dge, ldi, n, a, ps, ldr);
         // dB = sum_t dg_t (s z)_t^T -> [I, r];  dA = sum_t p_t x_t^T -> [r, H]
-        if (dB) token_contract(k, dge, ldi, I, nullptr, zs, ldr, r, n, a, dB + e * I * r);
-        if (dA) token_contract(k, ps, ldr, r, nullptr, xg.data() + off * ldh, ldh, H, n, a, dA + e * r * H);
+        if (dB)
+          token_contract(k, zs, ldr, r, nullptr, pack_tokens(dge, ldi, I, n, a), n, a,
+                         dB + e * I * r, true);
+        if (dA) token_contract(k, ps, ldr, r, nullptr, xpack, n, a, dA + e * r * H, false);
       }
     });
   }
 
   // 5. dx rows, fused over gate, up and their LoRA.
-  Buf<float> dxr(rows * H);
-  ctx.parallel_for(n_active * chH, [&](int64_t task, Arena& a) {
+  auto dxr = ctx.workspace<float>(layout::kWsDx, rows * H);
+  ctx.parallel_for("bwd.dx", n_active * chH, [&](int64_t task, Arena& a) {
     const int e = rt.active[task / chH];
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
     const int64_t nc = h1 - h0, off = rt.offsets[e], n = rt.count(e);
@@ -262,7 +271,7 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   });
 
   // 6. per-token reductions in slot order.
-  ctx.parallel_for((T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
+  ctx.parallel_for("bwd.combine", (T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
     float* acc = a.alloc<float>(H);
     const int64_t t1 = std::min(T, (b + 1) * kTokenBlock);
     for (int64_t t = b * kTokenBlock; t < t1; ++t) {

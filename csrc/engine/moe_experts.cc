@@ -63,7 +63,7 @@ PackedB MoeExperts::bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a)
   }
   const PackedB src = fwd(which, e);
   bf16* dst = a.alloc<bf16>(kernels::packed_elems(src.N, n));
-  kernels::pack_b_transposed(src, n0, n0 + n, dst);
+  ctx_->gemm().transpose_packed(src, n0, n0 + n, dst);
   return PackedB{dst, src.N, n};
 }
 
@@ -97,7 +97,7 @@ void MoeExperts::load(const void* gate, const void* up, const void* down, DType 
   const size_t esz = dtype == DType::kBf16 ? 2 : 4;
   const size_t per = static_cast<size_t>(I_) * H_ * esz;
   ctx_->run([&] {
-    ctx_->parallel_for(E_, [&](int64_t e, Arena&) {
+    ctx_->parallel_for("load", E_, [&](int64_t e, Arena&) {
       load_expert(static_cast<int>(e), static_cast<const char*>(gate) + e * per,
                   static_cast<const char*>(up) + e * per, static_cast<const char*>(down) + e * per,
                   dtype);

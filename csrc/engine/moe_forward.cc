@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "engine/activation.h"
 #include "engine/moe_experts.h"
 #include "engine/moe_layout.h"
 
@@ -30,7 +29,7 @@ void gather_rows(Context& ctx, const Routing& rt, const void* src, DType dtype, 
                  bf16* dst, int64_t ld) {
   const int64_t rows = rt.rows();
   const int64_t blocks = (rows + kTokenBlock - 1) / kTokenBlock;
-  ctx.parallel_for(blocks, [&](int64_t b, Arena&) {
+  ctx.parallel_for("fwd.gather", blocks, [&](int64_t b, Arena&) {
     const int64_t r1 = std::min(rows, (b + 1) * kTokenBlock);
     for (int64_t row = b * kTokenBlock; row < r1; ++row) {
       const int64_t t = rt.slot_of[row] / rt.k;
@@ -49,7 +48,7 @@ void gather_rows(Context& ctx, const Routing& rt, const void* src, DType dtype, 
 }  // namespace
 
 // z = bf16(s * (X_e A_e^T)) for rows of expert e -> zs rows (stride ld_r).
-static void lora_reduce(const kernels::GemmKernel& k, const LoraProj& p, float s, int e,
+static void lora_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew, const LoraProj& p, float s, int e,
                         int64_t in, const bf16* xe, int64_t ldx, int64_t n, Arena& a, bf16* zs,
                         int64_t ldr) {
   const int64_t r = p.r;
@@ -63,7 +62,7 @@ static void lora_reduce(const kernels::GemmKernel& k, const LoraProj& p, float s
   k.gemm(n, 0, r, &seg, 1, c, r, false);
   for (int64_t m = 0; m < n; ++m) {
     bf16* zrow = zs + m * ldr;
-    for (int64_t j = 0; j < r; ++j) zrow[j] = f32_to_bf16(s * c[m * r + j]);
+    ew.to_bf16(c + m * r, s, zrow, r);
     for (int64_t j = r; j < ldr; ++j) zrow[j] = 0;
   }
 }
@@ -100,8 +99,7 @@ void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, const bf16* xe, int64
     }
     k.gemm(n, 0, nc, seg, nseg, c, nc, false);
     bf16* dst = which == 0 ? gb : ub;
-    for (int64_t m = 0; m < n; ++m)
-      for (int64_t i = 0; i < nc; ++i) dst[m * ld + i] = f32_to_bf16(c[m * nc + i]);
+    for (int64_t m = 0; m < n; ++m) ctx_->eltwise().to_bf16(c + m * nc, 1.0f, dst + m * ld, nc);
   }
 }
 
@@ -117,7 +115,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   // Saved inputs: x as bf16 (the GEMM operand) and the weights as fp32.
   s.x.resize(T * H);
   s.w.resize(T * args.k);
-  ctx.parallel_for((T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
+  ctx.parallel_for("fwd.save_inputs", (T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
     const int64_t t1 = std::min(T, (b + 1) * kTokenBlock);
     for (int64_t t = b * kTokenBlock; t < t1; ++t) {
       if (args.x_dtype == DType::kBf16) {
@@ -135,7 +133,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
     }
   });
 
-  Buf<bf16> xg(rows * ldh);
+  auto xg = ctx.workspace<bf16>(layout::kWsX, rows * ldh);
   gather_rows(ctx, rt, s.x.data(), DType::kBf16, H, xg.data(), ldh);
 
   const int64_t n_active = static_cast<int64_t>(rt.active.size());
@@ -146,34 +144,38 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
     Buf<bf16>& zs = which == 0 ? s.zs_gate : s.zs_up;
     const int64_t ldr = layout::ld_bf16(p.r);
     zs.resize(rows * ldr);
-    ctx.parallel_for(n_active, [&](int64_t i, Arena& a) {
+    ctx.parallel_for("fwd.lora_reduce_gate_up", n_active, [&](int64_t i, Arena& a) {
       const int e = rt.active[i];
       const int64_t off = rt.offsets[e];
-      lora_reduce(k, p, lora.scaling, e, H, xg.data() + off * ldh, ldh, rt.count(e), a,
+      lora_reduce(k, ctx.eltwise(), p, lora.scaling, e, H, xg.data() + off * ldh, ldh, rt.count(e), a,
                   zs.data() + off * ldr, ldr);
     });
   }
 
   // 3. gate/up GEMMs + activation.
-  Buf<bf16> g_tmp, u_tmp;
-  Buf<bf16>& gb = save_gu ? s.g : g_tmp;
-  Buf<bf16>& ub = save_gu ? s.u : u_tmp;
-  gb.resize(rows * ldi);
-  ub.resize(rows * ldi);
-  Buf<bf16> hb(rows * ldi);
+  bf16* gbuf;
+  bf16* ubuf;
+  if (save_gu) {
+    s.g.resize(rows * ldi);
+    s.u.resize(rows * ldi);
+    gbuf = s.g.data();
+    ubuf = s.u.data();
+  } else {
+    gbuf = ctx.workspace<bf16>(layout::kWsG, rows * ldi).data();
+    ubuf = ctx.workspace<bf16>(layout::kWsU, rows * ldi).data();
+  }
+  auto hb = ctx.workspace<bf16>(layout::kWsH, rows * ldi);
   const int64_t chI = layout::chunks(I);
-  ctx.parallel_for(n_active * chI, [&](int64_t task, Arena& a) {
+  ctx.parallel_for("fwd.gate_up", n_active * chI, [&](int64_t task, Arena& a) {
     const int e = rt.active[task / chI];
     const int64_t i0 = (task % chI) * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk);
     const int64_t off = rt.offsets[e], n = rt.count(e);
-    bf16* g = gb.data() + off * ldi + i0;
-    bf16* u = ub.data() + off * ldi + i0;
+    bf16* g = gbuf + off * ldi + i0;
+    bf16* u = ubuf + off * ldi + i0;
     gate_up_chunk(lora, e, xg.data() + off * ldh, n, s, i0, i1, a, g, u, ldi);
     for (int64_t m = 0; m < n; ++m) {
       bf16* hrow = hb.data() + (off + m) * ldi;
-      for (int64_t i = 0; i < i1 - i0; ++i) {
-        hrow[i0 + i] = f32_to_bf16(swiglu(bf16_to_f32(g[m * ldi + i]), bf16_to_f32(u[m * ldi + i])));
-      }
+      ctx.eltwise().swiglu(g + m * ldi, u + m * ldi, hrow + i0, i1 - i0);
       if (i1 == I) std::fill(hrow + I, hrow + ldi, bf16(0));
     }
   });
@@ -182,18 +184,18 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   if (lora.down.enabled()) {
     const int64_t ldr = layout::ld_bf16(lora.down.r);
     s.zs_down.resize(rows * ldr);
-    ctx.parallel_for(n_active, [&](int64_t i, Arena& a) {
+    ctx.parallel_for("fwd.lora_reduce_down", n_active, [&](int64_t i, Arena& a) {
       const int e = rt.active[i];
       const int64_t off = rt.offsets[e];
-      lora_reduce(k, lora.down, lora.scaling, e, I, hb.data() + off * ldi, ldi, rt.count(e), a,
+      lora_reduce(k, ctx.eltwise(), lora.down, lora.scaling, e, I, hb.data() + off * ldi, ldi, rt.count(e), a,
                   s.zs_down.data() + off * ldr, ldr);
     });
   }
 
   // 5. down GEMM, fp32 expert-major output.
-  Buf<float> y(rows * H);
+  auto y = ctx.workspace<float>(layout::kWsY, rows * H);
   const int64_t chH = layout::chunks(H);
-  ctx.parallel_for(n_active * chH, [&](int64_t task, Arena& a) {
+  ctx.parallel_for("fwd.down", n_active * chH, [&](int64_t task, Arena& a) {
     const int e = rt.active[task / chH];
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
     const int64_t off = rt.offsets[e], n = rt.count(e), nc = h1 - h0;
@@ -209,7 +211,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   });
 
   // 6. weighted combine in slot order (deterministic).
-  ctx.parallel_for((T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
+  ctx.parallel_for("fwd.combine", (T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
     float* acc = a.alloc<float>(H);
     const int64_t t1 = std::min(T, (b + 1) * kTokenBlock);
     for (int64_t t = b * kTokenBlock; t < t1; ++t) {

@@ -18,4 +18,9 @@ inline int64_t chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 inline int64_t ld_bf16(int64_t K) { return kernels::round_up(K, 32); }
 inline int64_t ld_tok(int64_t n) { return kernels::round_up(n, 2); }
 
+// Context workspace slots (each a grow-only buffer reused across jobs).
+enum Slot : int {
+  kWsX = 0, kWsG, kWsU, kWsH, kWsY, kWsDout, kWsQ, kWsDg, kWsDu, kWsDwPart, kWsPg, kWsPu, kWsDx
+};
+
 }  // namespace moetune::layout

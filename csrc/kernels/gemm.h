@@ -88,11 +88,16 @@ const char* isa_name(Isa isa);
 
 enum class PackFormat : int { kBf16Pair16 = 0 };
 
+// Packs columns [n_begin, n_end) of the transpose of a packed operand (see
+// pack_b_transposed below); per ISA because it is on the backward hot path.
+using TransposeFn = void (*)(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
+
 struct GemmKernel {
   Isa isa;
   const char* name;
   PackFormat format;
   GemmFn gemm;
+  TransposeFn transpose_packed;
 };
 
 // Every kernel compiled into this binary, scalar first (the oracle). Whether a

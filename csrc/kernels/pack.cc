@@ -22,6 +22,38 @@ void pack_b(const void* src, SrcType type, int64_t ld, bool kn, int64_t K, int64
   const int64_t kp = packed_kp(K);
   const int64_t panels = packed_panels(N);
   const bool exact = (type == SrcType::kBf16 && scale == 1.0f);
+  if (panels == 0 || kp == 0) return;  // empty destination: dst may be null (memset UB)
+  if (exact && kn) {
+    // Row-major [K, N] bf16: each packed row interleaves two source rows.
+    // Rows outer so the source is read sequentially; every write is one
+    // 64-byte panel row. The inner loop vectorises to unpack instructions.
+    const bf16* s = static_cast<const bf16*>(src);
+    static const bf16 zeros[kPanelN] = {};
+    for (int64_t kk = 0; kk < kp / 2; ++kk) {
+      const bf16* r0 = s + (2 * kk) * ld + n_begin;
+      const bool has1 = 2 * kk + 1 < K;
+      const bf16* r1 = has1 ? r0 + ld : nullptr;
+      for (int64_t p = 0; p < panels; ++p) {
+        bf16* out = dst + p * kp * kPanelN + kk * 2 * kPanelN;
+        const int64_t c0 = p * kPanelN;
+        const int64_t cols = std::min<int64_t>(kPanelN, N - c0);
+        if (cols == kPanelN) {
+          const bf16* a = r0 + c0;
+          const bf16* b = has1 ? r1 + c0 : zeros;
+          for (int c = 0; c < kPanelN; ++c) {
+            out[2 * c] = a[c];
+            out[2 * c + 1] = b[c];
+          }
+        } else {
+          for (int64_t c = 0; c < kPanelN; ++c) {
+            out[2 * c] = c < cols ? r0[c0 + c] : bf16(0);
+            out[2 * c + 1] = (c < cols && has1) ? r1[c0 + c] : bf16(0);
+          }
+        }
+      }
+    }
+    return;
+  }
   std::memset(dst, 0, sizeof(bf16) * panels * kp * kPanelN);
   for (int64_t p = 0; p < panels; ++p) {
     bf16* panel = dst + p * kp * kPanelN;
@@ -72,6 +104,7 @@ void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16*
   const int64_t Nd = n_end - n_begin;
   const int64_t kps = src.kp();
   const int64_t panels_d = packed_panels(Nd);
+  if (panels_d == 0 || kpd == 0) return;  // empty destination: dst may be null (memset UB)
   std::memset(dst, 0, sizeof(bf16) * panels_d * kpd * kPanelN);
   for (int64_t q = 0; q < panels_d; ++q) {
     bf16* dpanel = dst + q * kpd * kPanelN;

@@ -8,9 +8,10 @@ namespace moetune::kernels {
 
 const std::vector<GemmKernel>& all_gemm_kernels() {
   static const std::vector<GemmKernel> kernels = {
-      {Isa::kScalar, "scalar", PackFormat::kBf16Pair16, &scalar::gemm},
-      {Isa::kAvx2, "avx2_fma", PackFormat::kBf16Pair16, &avx2::gemm},
-      {Isa::kAvx512Bf16, "avx512_bf16", PackFormat::kBf16Pair16, &avx512bf16::gemm},
+      {Isa::kScalar, "scalar", PackFormat::kBf16Pair16, &scalar::gemm, &pack_b_transposed},
+      {Isa::kAvx2, "avx2_fma", PackFormat::kBf16Pair16, &avx2::gemm, &pack_b_transposed},
+      {Isa::kAvx512Bf16, "avx512_bf16", PackFormat::kBf16Pair16, &avx512bf16::gemm,
+       &avx512bf16::pack_b_transposed},
   };
   return kernels;
 }
@@ -38,6 +39,23 @@ const GemmKernel& gemm_kernel(Isa isa) {
     }
   }
   throw std::runtime_error(std::string("moetune: no kernel built for ISA ") + isa_name(isa));
+}
+
+}  // namespace moetune::kernels
+
+#include "eltwise_impl.h"
+
+namespace moetune::kernels {
+
+const EltwiseKernel& eltwise_kernel(Isa isa) {
+  static const EltwiseKernel scalar_k{Isa::kScalar, &scalar::to_bf16, &scalar::swiglu,
+                                      &scalar::swiglu_bwd};
+  static const EltwiseKernel avx512_k{Isa::kAvx512Bf16, &avx512bf16::to_bf16,
+                                      &avx512bf16::swiglu, &avx512bf16::swiglu_bwd};
+  if (isa == Isa::kAvx512Bf16 || isa == Isa::kAmxBf16) {
+    if (cpu_supports(Isa::kAvx512Bf16)) return avx512_k;
+  }
+  return scalar_k;
 }
 
 }  // namespace moetune::kernels

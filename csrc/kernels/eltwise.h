@@ -1,0 +1,30 @@
+// moetune kernels: the element-wise epilogues of the expert GEMMs, per ISA.
+// They run over every intermediate element (T*k*I per pass), so on a fast
+// GEMM they would dominate if left scalar. Contracts (n elements, any
+// alignment, no aliasing between inputs and outputs):
+//   to_bf16     dst[i] = bf16(scale * src[i])                   (RNE)
+//   swiglu      h[i] = bf16(silu(g[i]) * u[i])                   g, u bf16
+//   swiglu_bwd  with dh = w * d[i]:  h[i] as above,
+//               dg[i] = bf16(dh * u * silu'(g)), du[i] = bf16(dh * silu(g));
+//               returns sum_i d[i] * float(h[i])  (the routing-weight gradient part)
+// silu'(g) = sig(g) (1 + g (1 - sig(g))). SIMD versions use a polynomial exp
+// accurate to a few fp32 ulp; the scalar one uses std::exp and is the oracle.
+#pragma once
+
+#include "gemm.h"
+
+namespace moetune::kernels {
+
+struct EltwiseKernel {
+  Isa isa;
+  void (*to_bf16)(const float* src, float scale, bf16* dst, int64_t n);
+  void (*swiglu)(const bf16* g, const bf16* u, bf16* h, int64_t n);
+  float (*swiglu_bwd)(const bf16* g, const bf16* u, const float* d, float w, bf16* h, bf16* dg,
+                      bf16* du, int64_t n);
+};
+
+// The element-wise kernels matching a GEMM kernel's ISA (scalar where an ISA
+// has no specialised version).
+const EltwiseKernel& eltwise_kernel(Isa isa);
+
+}  // namespace moetune::kernels

@@ -1,0 +1,85 @@
+// AVX512 element-wise epilogues: vcvtne2ps2bf16 for rounding, a polynomial
+// exp for the sigmoid. Compiled with the AVX512-BF16 flags only.
+#include <immintrin.h>
+
+#include "eltwise_impl.h"
+
+namespace moetune::kernels::avx512bf16 {
+namespace {
+
+inline __m512 widen(const bf16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m512 round_bf16(__m512 v) {  // value after a round trip through bf16
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+inline void store_bf16(bf16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// exp(x) for x in [-88, 88]: 2^n * p(r), r = x - n ln2, degree-6 minimax-ish
+// Taylor; relative error < 2e-7.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+inline __m512 sigmoid_ps(__m512 g) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+inline __mmask16 tail(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+}  // namespace
+
+void to_bf16(const float* src, float scale, bf16* dst, int64_t n) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail(n - i);
+    store_bf16(dst + i, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, src + i)), m);
+  }
+}
+
+void swiglu(const bf16* g, const bf16* u, bf16* h, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail(n - i);
+    const __m512 gv = widen(g + i, m), uv = widen(u + i, m);
+    store_bf16(h + i, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid_ps(gv)), uv), m);
+  }
+}
+
+float swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h, bf16* dg,
+                 bf16* du, int64_t n) {
+  __m512 dot = _mm512_setzero_ps();
+  const __m512 wv = _mm512_set1_ps(w), one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail(n - i);
+    const __m512 gv = widen(g + i, m), uv = widen(u + i, m);
+    const __m512 dv = _mm512_maskz_loadu_ps(m, d + i);
+    const __m512 sg = sigmoid_ps(gv);
+    const __m512 silu = _mm512_mul_ps(gv, sg);
+    const __m512 hv = round_bf16(_mm512_mul_ps(silu, uv));
+    store_bf16(h + i, hv, m);
+    dot = _mm512_fmadd_ps(dv, hv, dot);  // masked lanes are 0
+    const __m512 dh = _mm512_mul_ps(wv, dv);
+    const __m512 dsilu = _mm512_mul_ps(sg, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sg), one));
+    store_bf16(dg + i, _mm512_mul_ps(_mm512_mul_ps(dh, uv), dsilu), m);
+    store_bf16(du + i, _mm512_mul_ps(dh, silu), m);
+  }
+  return _mm512_reduce_add_ps(dot);
+}
+
+}  // namespace moetune::kernels::avx512bf16

@@ -1,0 +1,17 @@
+// Private: per-ISA element-wise entry points behind eltwise_kernel().
+#pragma once
+
+#include "eltwise.h"
+
+#define MOETUNE_DECLARE_ELTWISE(ns)                                                          \
+  namespace moetune::kernels::ns {                                                           \
+  void to_bf16(const float* src, float scale, bf16* dst, int64_t n);                         \
+  void swiglu(const bf16* g, const bf16* u, bf16* h, int64_t n);                             \
+  float swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h, bf16* dg, \
+                   bf16* du, int64_t n);                                                     \
+  }
+
+MOETUNE_DECLARE_ELTWISE(scalar)
+MOETUNE_DECLARE_ELTWISE(avx512bf16)
+
+#undef MOETUNE_DECLARE_ELTWISE

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs moetune and what it needs into the current Python environment:
+# torch (the CPU build, only if no torch is installed yet), the build tools,
+# and the package itself (compiles the C++ engine via scikit-build-core).
+# Idempotent; safe to run again after a code change (it rebuilds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[install] torch not found: installing torch==2.13.0 (CPU build)"
+  "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q "nanobind>=2.0" "scikit-build-core>=0.10" numpy "pytest>=8"
+# No build isolation: build against the nanobind/scikit-build-core above (the
+# GPU test machine has no package index), no dependency resolution (torch is
+# handled above and must not be swapped for a different build).
+"$PY" -m pip install -q --no-build-isolation --no-deps .
+"$PY" -c "import moetune; print('[install] moetune', moetune.__version__, moetune.Context(1).info())"

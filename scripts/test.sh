@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every test suite: the C++ GoogleTest suite (kernels + engine, via
+# ctest) and the Python suite (pytest). Installs what is missing first, so it
+# works on a fresh machine. Fails on the first failing suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! { [ -f /usr/include/gtest/gtest.h ] || [ -f /usr/local/include/gtest/gtest.h ]; }; then
+  echo "[test] installing GoogleTest (Debian libgtest-dev)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq libgtest-dev >/dev/null
+fi
+bash scripts/install.sh
+
+echo "[test] C++ suite"
+cmake -S . -B build/tests -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON >/dev/null
+cmake --build build/tests -j "$(nproc)"
+ctest --test-dir build/tests --output-on-failure -j "$(nproc)"
+
+echo "[test] Python suite"
+"$PY" -m pytest -q tests/python
