@@ -5,7 +5,7 @@ Layers (one direction): C++ kernels -> C++ engine -> nanobind bindings
 (`moetune._moetune_ext`) -> this package (torch autograd op, CLI).
 """
 
-from moetune.engine import Context, LoraWeights, MoEExperts, moe_experts
+from moetune.engine import Context, LoraWeights, MoEExperts, PendingMoE, moe_experts, moe_experts_async
 
-__all__ = ["Context", "LoraWeights", "MoEExperts", "moe_experts"]
+__all__ = ["Context", "LoraWeights", "MoEExperts", "PendingMoE", "moe_experts", "moe_experts_async"]
 __version__ = "0.1.0"

@@ -1,13 +1,15 @@
 """The expert engine as a PyTorch op.
 
-`moe_experts` is a torch.autograd.Function rather than a torch.library custom
-op: the engine state it needs (packed weights in a C++ object, the per-call
+`moe_experts` is built from two torch.autograd.Functions (submit / wait)
+rather than a torch.library custom op: the engine state it needs (packed weights in a C++ object, the per-call
 handle of saved activations) is not expressible in a custom op schema without
 smuggling pointers through integer tensors, and the op has host side effects
 (queued CPU jobs) that torch.compile could not trace anyway; an
 autograd.Function keeps the handle on the autograd graph node, so it lives
 exactly as long as the graph (dropped with it, reused by a retained graph,
-and never shared between micro-batches or checkpoint recomputes).
+and never shared between micro-batches or checkpoint recomputes). Splitting
+the op in two lets the caller's GPU work run between submit and wait, in
+forward and (mirrored by autograd's reverse order) in backward.
 """
 
 from __future__ import annotations
@@ -120,64 +122,108 @@ class LoraWeights:
         return out
 
 
-class _MoEExpertsFn(torch.autograd.Function):
+class _Pending:
+    """State shared by the two halves of one engine call (see moe_experts_async)."""
+
+    __slots__ = ("experts", "scaling", "handle", "job", "out", "device", "x_dtype", "w_dtype",
+                 "k", "lora_h", "lora", "needs", "bwd_job", "grads", "keep")
+
+
+class _Submit(torch.autograd.Function):
+    """Queues the engine forward; its backward waits for the engine backward."""
+
     @staticmethod
-    def forward(ctx, experts, scaling, x, topk_ids, topk_weights, expert_mask, *lora):
-        device = x.device
+    def forward(ctx, state, experts, scaling, x, topk_ids, topk_weights, expert_mask, *lora):
         xh = _host(x)
         ids = topk_ids.detach().to("cpu").contiguous()
         wh = _host(topk_weights)
         mask = None if expert_mask is None else expert_mask.detach().to("cpu", torch.bool).contiguous()
         lora_h = [None if t is None else _host(t) for t in lora]
         out = torch.empty(xh.shape, dtype=xh.dtype) if xh.dim() == 2 else torch.empty(0)
-        saved, job = experts._ex.forward(xh, ids, wh, mask, *lora_h, float(scaling), out)
-        job.wait()
-        ctx.experts = experts
-        ctx.handle = saved
-        ctx.scaling = float(scaling)
-        ctx.lora_h = lora_h
-        ctx.meta = (device, x.dtype, topk_weights.dtype)
-        ctx.k = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
+        state.handle, state.job = experts._ex.forward(xh, ids, wh, mask, *lora_h, float(scaling), out)
+        # The engine reads these while the job runs: keep them alive until wait().
+        state.keep = (xh, ids, wh, mask)
+        state.experts, state.scaling, state.out = experts, float(scaling), out
+        state.device, state.x_dtype, state.w_dtype = x.device, x.dtype, topk_weights.dtype
+        state.k = topk_ids.shape[1]
+        state.lora_h = lora_h
+        state.lora = lora
+        state.needs = ctx.needs_input_grad[3:]  # (x, ids, w, mask, *lora)
+        state.bwd_job = None
+        ctx.state = state
         # Saved through autograd so in-place edits before backward are caught.
-        ctx.save_for_backward(*[t for t in lora])
-        return out.to(device)
+        ctx.save_for_backward(*lora)
+        return torch.empty(0, device=x.device)  # a ticket linking the two halves
+
+    @staticmethod
+    def backward(ctx, _grad_ticket):
+        ctx.saved_tensors  # version check of the LoRA tensors
+        st = ctx.state
+        if st.bwd_job is None:
+            raise RuntimeError("moetune: engine backward was not started (output had no gradient)")
+        st.bwd_job.wait()
+        st.bwd_job = st.keep = None
+        dx, dw, grads = st.grads
+        st.grads = None
+        out_lora = [None if g is None else g.to(device=o.device, dtype=o.dtype) for o, g in zip(st.lora, grads)]
+        return (None, None, None,
+                None if dx is None else dx.to(device=st.device, dtype=st.x_dtype),
+                None,
+                None if dw is None else dw.to(device=st.device, dtype=st.w_dtype),
+                None, *out_lora)
+
+
+class _Wait(torch.autograd.Function):
+    """Waits for the engine forward; its backward queues the engine backward."""
+
+    @staticmethod
+    def forward(ctx, state, ticket):
+        state.job.wait()
+        out = state.out
+        # Drop every reference to the output: it will point back to this node
+        # (grad_fn), and a cycle through autograd's C++ edges is never freed.
+        state.job = state.keep = state.out = None
+        ctx.state = state
+        return out.to(state.device)
 
     @staticmethod
     def backward(ctx, grad_out):
-        device, x_dtype, w_dtype = ctx.meta
-        ex = ctx.experts._ex
-        lora = ctx.saved_tensors  # version check of the originals
-        need = ctx.needs_input_grad  # (experts, scaling, x, ids, w, mask, *lora)
+        st = ctx.state
+        need = st.needs  # (x, ids, w, mask, *lora)
         g = _host(grad_out)
         T, H = g.shape
-        dx = torch.empty((T, H), dtype=g.dtype) if need[2] else None
-        dw = torch.empty((T, ctx.k), dtype=torch.float32) if need[4] else None
-        grads = [
-            torch.empty(t.shape, dtype=torch.float32) if (t is not None and need[6 + i]) else None
-            for i, t in enumerate(ctx.lora_h)
-        ]
-        job = ex.backward(ctx.handle, g, *ctx.lora_h, ctx.scaling, dx, dw, *grads)
-        job.wait()
-        out_lora = []
-        for orig, gr in zip(lora, grads):
-            out_lora.append(None if gr is None else gr.to(device=orig.device, dtype=orig.dtype))
-        return (
-            None,
-            None,
-            None if dx is None else dx.to(device=device, dtype=x_dtype),
-            None,
-            None if dw is None else dw.to(device=device, dtype=w_dtype),
-            None,
-            *out_lora,
-        )
+        dx = torch.empty((T, H), dtype=g.dtype) if need[0] else None
+        dw = torch.empty((T, st.k), dtype=torch.float32) if need[2] else None
+        grads = [torch.empty(t.shape, dtype=torch.float32) if (t is not None and need[4 + i]) else None
+                 for i, t in enumerate(st.lora_h)]
+        st.bwd_job = st.experts._ex.backward(st.handle, g, *st.lora_h, st.scaling, dx, dw, *grads)
+        st.grads = (dx, dw, grads)
+        st.keep = g  # read by the engine until the job is waited on
+        return None, torch.zeros(0, device=grad_out.device)
 
 
-def moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor, lora: Optional[LoraWeights] = None,
-                expert_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """out[t] = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]), SwiGLU
-    experts with optional LoRA, computed by the CPU engine; differentiable in
-    x, topk_weights and the LoRA tensors. Returns x's dtype on x's device."""
+class PendingMoE:
+    """An engine forward in flight. `wait()` returns the output (differentiable).
+
+    Between `moe_experts_async(...)` and `wait()` the caller's own work (e.g.
+    shared experts on the GPU) overlaps with the CPU experts; in backward the
+    engine's backward likewise runs while autograd computes the gradients of
+    whatever was computed in between.
+    """
+
+    def __init__(self, state: _Pending, ticket: torch.Tensor):
+        self._state, self._ticket, self._out = state, ticket, None
+
+    def wait(self) -> torch.Tensor:
+        if self._out is None:
+            self._out = _Wait.apply(self._state, self._ticket)
+        return self._out
+
+
+def moe_experts_async(experts: "MoEExperts", x: torch.Tensor, topk_ids: torch.Tensor,
+                      topk_weights: torch.Tensor, lora: Optional[LoraWeights] = None,
+                      expert_mask: Optional[torch.Tensor] = None) -> PendingMoE:
+    """Like moe_experts, but returns at once; call .wait() for the output."""
     if not isinstance(experts, MoEExperts):
         raise TypeError("experts must be a moetune.MoEExperts")
     for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
@@ -194,4 +240,15 @@ def moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Tensor,
     for i, t in enumerate(flat):
         if t is not None and t.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"lora.{_PROJ[i // 2]}.{'AB'[i % 2]} has dtype {t.dtype}, expected bfloat16 or float32")
-    return _MoEExpertsFn.apply(experts, lora.scaling, x, topk_ids, topk_weights, expert_mask, *flat)
+    state = _Pending()
+    ticket = _Submit.apply(state, experts, lora.scaling, x, topk_ids, topk_weights, expert_mask, *flat)
+    return PendingMoE(state, ticket)
+
+
+def moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Tensor,
+                topk_weights: torch.Tensor, lora: Optional[LoraWeights] = None,
+                expert_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[t] = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]), SwiGLU
+    experts with optional LoRA, computed by the CPU engine; differentiable in
+    x, topk_weights and the LoRA tensors. Returns x's dtype on x's device."""
+    return moe_experts_async(experts, x, topk_ids, topk_weights, lora, expert_mask).wait()
