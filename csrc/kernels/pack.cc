@@ -3,6 +3,7 @@
 // once per expert slice per step; the compiler vectorises the inner copies.
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "gemm.h"
 
@@ -16,60 +17,92 @@ inline float load(const void* src, SrcType type, int64_t i) {
 
 }  // namespace
 
+namespace {
+
+// bf16(scale * src[i]) for a contiguous run, written branch-free so the
+// compiler vectorises it (round to nearest even, NaN kept quiet).
+void cvt_run(const void* src, SrcType type, float scale, int64_t n, bf16* dst) {
+  if (type == SrcType::kBf16) {
+    const bf16* s = static_cast<const bf16*>(src);
+    if (scale == 1.0f) {
+      std::memcpy(dst, s, n * sizeof(bf16));
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(scale * bf16_to_f32(s[i]));
+    return;
+  }
+  const float* s = static_cast<const float*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    float f = scale * s[i];
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = (u >> 16) | 0x40u;
+    dst[i] = static_cast<bf16>(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
+  }
+}
+
+inline size_t elem_size(SrcType t) { return t == SrcType::kBf16 ? 2 : 4; }
+
+}  // namespace
+
 void pack_b(const void* src, SrcType type, int64_t ld, bool kn, int64_t K, int64_t n_begin,
             int64_t n_end, float scale, bf16* dst) {
   const int64_t N = n_end - n_begin;
   const int64_t kp = packed_kp(K);
   const int64_t panels = packed_panels(N);
-  const bool exact = (type == SrcType::kBf16 && scale == 1.0f);
-  if (panels == 0 || kp == 0) return;  // empty destination: dst may be null (memset UB)
-  if (exact && kn) {
-    // Row-major [K, N] bf16: each packed row interleaves two source rows.
-    // Rows outer so the source is read sequentially; every write is one
-    // 64-byte panel row. The inner loop vectorises to unpack instructions.
-    const bf16* s = static_cast<const bf16*>(src);
-    static const bf16 zeros[kPanelN] = {};
+  const char* base = static_cast<const char*>(src);
+  const size_t es = elem_size(type);
+  // One converted source row (plus a zero pad element for odd K).
+  std::vector<bf16> row0(std::max<int64_t>(kn ? N : kp, 1) + kPanelN, 0), row1(row0.size(), 0);
+  if (kn) {
+    // Source [K, N]: packed row kk interleaves source rows 2kk and 2kk+1.
     for (int64_t kk = 0; kk < kp / 2; ++kk) {
-      const bf16* r0 = s + (2 * kk) * ld + n_begin;
-      const bool has1 = 2 * kk + 1 < K;
-      const bf16* r1 = has1 ? r0 + ld : nullptr;
+      cvt_run(base + ((2 * kk) * ld + n_begin) * es, type, scale, N, row0.data());
+      if (2 * kk + 1 < K) {
+        cvt_run(base + ((2 * kk + 1) * ld + n_begin) * es, type, scale, N, row1.data());
+      } else {
+        std::fill(row1.begin(), row1.end(), bf16(0));
+      }
       for (int64_t p = 0; p < panels; ++p) {
         bf16* out = dst + p * kp * kPanelN + kk * 2 * kPanelN;
         const int64_t c0 = p * kPanelN;
         const int64_t cols = std::min<int64_t>(kPanelN, N - c0);
         if (cols == kPanelN) {
-          const bf16* a = r0 + c0;
-          const bf16* b = has1 ? r1 + c0 : zeros;
+          const bf16* a = row0.data() + c0;
+          const bf16* b = row1.data() + c0;
           for (int c = 0; c < kPanelN; ++c) {
             out[2 * c] = a[c];
             out[2 * c + 1] = b[c];
           }
         } else {
           for (int64_t c = 0; c < kPanelN; ++c) {
-            out[2 * c] = c < cols ? r0[c0 + c] : bf16(0);
-            out[2 * c + 1] = (c < cols && has1) ? r1[c0 + c] : bf16(0);
+            out[2 * c] = c < cols ? row0[c0 + c] : bf16(0);
+            out[2 * c + 1] = c < cols ? row1[c0 + c] : bf16(0);
           }
         }
       }
     }
     return;
   }
-  std::memset(dst, 0, sizeof(bf16) * panels * kp * kPanelN);
+  // Source [N, K]: every 32-bit lane of a packed row is one (k, k+1) pair of
+  // one source row, so after conversion each column is a strided 32-bit copy.
   for (int64_t p = 0; p < panels; ++p) {
-    bf16* panel = dst + p * kp * kPanelN;
+    uint32_t* panel = reinterpret_cast<uint32_t*>(dst + p * kp * kPanelN);
     const int64_t c0 = p * kPanelN;
     const int64_t cols = std::min<int64_t>(kPanelN, N - c0);
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t n = n_begin + c0 + c;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t idx = kn ? k * ld + n : n * ld + k;
-        bf16 v;
-        if (exact) {
-          v = static_cast<const bf16*>(src)[idx];
-        } else {
-          v = f32_to_bf16(scale * load(src, type, idx));
-        }
-        panel[(k / 2) * 2 * kPanelN + c * 2 + (k % 2)] = v;
+    for (int64_t c = 0; c < kPanelN; ++c) {
+      if (c >= cols) {
+        for (int64_t kk = 0; kk < kp / 2; ++kk) panel[kk * kPanelN + c] = 0;
+        continue;
+      }
+      cvt_run(base + ((n_begin + c0 + c) * ld) * es, type, scale, K, row0.data());
+      row0[K] = 0;  // pad pair for odd K
+      const uint32_t* pairs = reinterpret_cast<const uint32_t*>(row0.data());
+      for (int64_t kk = 0; kk < kp / 2; ++kk) {
+        uint32_t v;
+        std::memcpy(&v, pairs + kk, 4);
+        panel[kk * kPanelN + c] = v;
       }
     }
   }
