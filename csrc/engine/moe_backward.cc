@@ -149,11 +149,13 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   auto dgb = ctx.workspace<bf16>(layout::kWsDg, rows * ldi);
   auto dub = ctx.workspace<bf16>(layout::kWsDu, rows * ldi);
   auto dwp = ctx.workspace<float>(layout::kWsDwPart, rows * chI);
-  ctx.parallel_for("bwd.down_act", n_active * chI, [&](int64_t task, Arena& a) {
-    const int e = rt.active[task / chI];
+  const int64_t n_blocks = static_cast<int64_t>(rt.blocks.size());
+  ctx.parallel_for("bwd.down_act", n_blocks * chI, [&](int64_t task, Arena& a) {
+    const RowBlock& blk = rt.blocks[task / chI];
+    const int e = blk.e;
     const int64_t c = task % chI;
     const int64_t i0 = c * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk), nc = i1 - i0;
-    const int64_t off = rt.offsets[e], n = rt.count(e);
+    const int64_t off = blk.r0, n = blk.r1 - blk.r0;
     const bf16* g;
     const bf16* u;
     int64_t ldgu;
@@ -164,7 +166,7 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
     } else {
       bf16* gt = a.alloc<bf16>(n * nc);
       bf16* ut = a.alloc<bf16>(n * nc);
-      gate_up_chunk(lora, e, xg.data() + off * ldh, n, s, i0, i1, a, gt, ut, nc);
+      gate_up_chunk(lora, e, off, xg.data() + off * ldh, n, s, i0, i1, a, gt, ut, nc);
       g = gt;
       u = ut;
       ldgu = nc;
@@ -249,10 +251,11 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
 
   // 5. dx rows, fused over gate, up and their LoRA.
   auto dxr = ctx.workspace<float>(layout::kWsDx, rows * H);
-  ctx.parallel_for("bwd.dx", n_active * chH, [&](int64_t task, Arena& a) {
-    const int e = rt.active[task / chH];
+  ctx.parallel_for("bwd.dx", n_blocks * chH, [&](int64_t task, Arena& a) {
+    const RowBlock& blk = rt.blocks[task / chH];
+    const int e = blk.e;
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
-    const int64_t nc = h1 - h0, off = rt.offsets[e], n = rt.count(e);
+    const int64_t nc = h1 - h0, off = blk.r0, n = blk.r1 - blk.r0;
     Segment seg[4];
     int nseg = 0;
     seg[nseg++] = Segment{dgb.data() + off * ldi, ldi, bwd_slice(0, e, h0, nc, a)};

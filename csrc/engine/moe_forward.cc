@@ -78,13 +78,13 @@ static PackedB lora_expand_b(const LoraProj& p, int e, int64_t out, int64_t n0, 
   return PackedB{pb, r, n};
 }
 
-void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, const bf16* xe, int64_t n,
+void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t row0, const bf16* xe, int64_t n,
                                const Saved& s, int64_t i0, int64_t i1, Arena& a, bf16* gb,
                                bf16* ub, int64_t ld) const {
   const kernels::GemmKernel& k = ctx_->gemm();
   const int64_t nc = i1 - i0;
   const int64_t ldh = layout::ld_bf16(H_);
-  const int64_t off = s.routing.offsets[e];
+  const int64_t off = row0;
   float* c = a.alloc<float>(n * nc);
   for (int which = 0; which < 2; ++which) {
     const LoraProj& p = which == 0 ? lora.gate : lora.up;
@@ -166,13 +166,15 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   }
   auto hb = ctx.workspace<bf16>(layout::kWsH, rows * ldi);
   const int64_t chI = layout::chunks(I);
-  ctx.parallel_for("fwd.gate_up", n_active * chI, [&](int64_t task, Arena& a) {
-    const int e = rt.active[task / chI];
+  const int64_t n_blocks = static_cast<int64_t>(rt.blocks.size());
+  ctx.parallel_for("fwd.gate_up", n_blocks * chI, [&](int64_t task, Arena& a) {
+    const RowBlock& blk = rt.blocks[task / chI];
+    const int e = blk.e;
     const int64_t i0 = (task % chI) * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk);
-    const int64_t off = rt.offsets[e], n = rt.count(e);
+    const int64_t off = blk.r0, n = blk.r1 - blk.r0;
     bf16* g = gbuf + off * ldi + i0;
     bf16* u = ubuf + off * ldi + i0;
-    gate_up_chunk(lora, e, xg.data() + off * ldh, n, s, i0, i1, a, g, u, ldi);
+    gate_up_chunk(lora, e, off, xg.data() + off * ldh, n, s, i0, i1, a, g, u, ldi);
     for (int64_t m = 0; m < n; ++m) {
       bf16* hrow = hb.data() + (off + m) * ldi;
       ctx.eltwise().swiglu(g + m * ldi, u + m * ldi, hrow + i0, i1 - i0);
@@ -195,10 +197,11 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   // 5. down GEMM, fp32 expert-major output.
   auto y = ctx.workspace<float>(layout::kWsY, rows * H);
   const int64_t chH = layout::chunks(H);
-  ctx.parallel_for("fwd.down", n_active * chH, [&](int64_t task, Arena& a) {
-    const int e = rt.active[task / chH];
+  ctx.parallel_for("fwd.down", n_blocks * chH, [&](int64_t task, Arena& a) {
+    const RowBlock& blk = rt.blocks[task / chH];
+    const int e = blk.e;
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
-    const int64_t off = rt.offsets[e], n = rt.count(e), nc = h1 - h0;
+    const int64_t off = blk.r0, n = blk.r1 - blk.r0, nc = h1 - h0;
     Segment seg[2];
     seg[0] = Segment{hb.data() + off * ldi, ldi, kernels::packed_slice(fwd(2, e), h0, nc)};
     int nseg = 1;

@@ -48,6 +48,16 @@ Routing build_routing(const void* topk_ids, DType ids_dtype, int64_t T, int k, i
     if (count[e] > 0) r.active.push_back(e);
   std::stable_sort(r.active.begin(), r.active.end(),
                    [&](int a, int b) { return count[a] > count[b]; });
+  for (int e : r.active) {
+    // Equal-sized blocks (not kRowBlock + remainder) keep tasks balanced.
+    const int64_t n = count[e], nb = (n + kRowBlock - 1) / kRowBlock;
+    for (int64_t b = 0; b < nb; ++b) {
+      r.blocks.push_back(RowBlock{e, r.offsets[e] + n * b / nb, r.offsets[e] + n * (b + 1) / nb});
+    }
+  }
+  std::stable_sort(r.blocks.begin(), r.blocks.end(), [](const RowBlock& a, const RowBlock& b) {
+    return a.r1 - a.r0 > b.r1 - b.r0;
+  });
   return r;
 }
 

@@ -15,6 +15,15 @@
 
 namespace moetune {
 
+// A block of at most kRowBlock consecutive rows of one expert: the unit of
+// row-parallel work, so one hot expert (skewed routing, or every token on one
+// expert) still spreads over all workers.
+struct RowBlock {
+  int e;
+  int64_t r0, r1;  // absolute expert-major rows [r0, r1)
+};
+inline constexpr int64_t kRowBlock = 192;
+
 struct Routing {
   int64_t T = 0;
   int k = 0;
@@ -23,6 +32,7 @@ struct Routing {
   std::vector<int32_t> slot_of;   // [rows] flat slot of each expert-major row
   std::vector<int32_t> row_of;    // [T * k] expert-major row of each slot, -1 if not routed
   std::vector<int32_t> active;    // experts with rows, most rows first (load balance)
+  std::vector<RowBlock> blocks;   // rows of the active experts in blocks, largest first
 
   int64_t rows() const { return offsets.empty() ? 0 : offsets.back(); }
   int64_t count(int e) const { return offsets[e + 1] - offsets[e]; }
