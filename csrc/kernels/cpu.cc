@@ -58,6 +58,7 @@ CpuFeatures detect() {
   __cpuid_count(7, 0, a, b, c, d);
   const bool avx2 = b & (1u << 5);
   const bool avx512f = b & (1u << 16);
+  const bool avx512dq = b & (1u << 17);
   const bool avx512bw = b & (1u << 30);
   const bool avx512vl = b & (1u << 31);
   const bool avx512vnni = c & (1u << 11);
@@ -69,7 +70,8 @@ CpuFeatures detect() {
   const bool avx512bf16 = a1 & (1u << 5);
 
   f.avx2_fma = avx2 && fma && f16c && ymm_os;
-  const bool avx512 = avx512f && avx512bw && avx512vl && zmm_os;
+  // The AVX-512 units are compiled with F/BW/VL/DQ: require all four.
+  const bool avx512 = avx512f && avx512bw && avx512vl && avx512dq && zmm_os;
   f.avx512_bf16 = avx512 && avx512bf16;
   f.avx512_vnni = avx512 && avx512vnni;
   if (amx_tile && (amx_bf16 || amx_int8)) {

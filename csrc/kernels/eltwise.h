@@ -7,7 +7,8 @@
 //   swiglu_bwd  with dh = w * d[i]:  h[i] as above,
 //               dg[i] = bf16(dh * u * silu'(g)), du[i] = bf16(dh * silu(g));
 //               returns sum_i d[i] * float(h[i])  (the routing-weight gradient part)
-// silu'(g) = sig(g) (1 + g (1 - sig(g))). SIMD versions use a polynomial exp
+// silu'(g) = sig(g) (1 + g (1 - sig(g))). The AVX-512 to_bf16 uses
+// vcvtneps2bf16, which flushes fp32 denormals (|x| < 1.2e-38) to zero. SIMD versions use a polynomial exp
 // accurate to a few fp32 ulp; the scalar one uses std::exp and is the oracle.
 #pragma once
 

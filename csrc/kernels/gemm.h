@@ -32,24 +32,30 @@ namespace moetune::kernels {
 
 using bf16 = uint16_t;  // raw bfloat16 bits
 
-inline constexpr int kPanelN = 16;
+// Header helpers are force-inlined: the per-ISA translation units include
+// this header with wider -m flags, and an out-of-line (weak) copy emitted
+// there could be the one the linker keeps for baseline code, which would
+// then fault on a CPU without that ISA (e.g. in an -O0 build).
+#define MOETUNE_INLINE inline __attribute__((always_inline))
 
-inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-inline int64_t packed_kp(int64_t K) { return round_up(K, 2); }
-inline int64_t packed_panels(int64_t N) { return (N + kPanelN - 1) / kPanelN; }
+constexpr int kPanelN = 16;
+
+MOETUNE_INLINE int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+MOETUNE_INLINE int64_t packed_kp(int64_t K) { return round_up(K, 2); }
+MOETUNE_INLINE int64_t packed_panels(int64_t N) { return (N + kPanelN - 1) / kPanelN; }
 // Number of bf16 elements of a packed [K, N] operand.
-inline int64_t packed_elems(int64_t K, int64_t N) {
+MOETUNE_INLINE int64_t packed_elems(int64_t K, int64_t N) {
   return packed_panels(N) * packed_kp(K) * kPanelN;
 }
 
 // ---- bf16 <-> fp32 (round to nearest even; NaN stays NaN) ----
-inline float bf16_to_f32(bf16 v) {
+MOETUNE_INLINE float bf16_to_f32(bf16 v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;
   __builtin_memcpy(&f, &u, 4);
   return f;
 }
-inline bf16 f32_to_bf16(float f) {
+MOETUNE_INLINE bf16 f32_to_bf16(float f) {
   uint32_t u;
   __builtin_memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((u >> 16) | 0x40);  // quiet NaN
@@ -62,8 +68,8 @@ struct PackedB {
   const bf16* data = nullptr;
   int64_t K = 0;
   int64_t N = 0;
-  int64_t kp() const { return packed_kp(K); }
-  const bf16* panel(int64_t p) const { return data + p * kp() * kPanelN; }
+  MOETUNE_INLINE int64_t kp() const { return packed_kp(K); }
+  MOETUNE_INLINE const bf16* panel(int64_t p) const { return data + p * kp() * kPanelN; }
 };
 
 // One term of a fused multi-segment GEMM. All segments of a call share M and
@@ -138,7 +144,7 @@ namespace moetune::kernels {
 void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
 // A view of columns [n_begin, n_begin + n) of a packed operand; n_begin must
 // be a multiple of kPanelN (panels are contiguous, so this is pointer math).
-inline PackedB packed_slice(const PackedB& b, int64_t n_begin, int64_t n) {
+MOETUNE_INLINE PackedB packed_slice(const PackedB& b, int64_t n_begin, int64_t n) {
   return PackedB{b.panel(n_begin / kPanelN), b.K, n};
 }
 }  // namespace moetune::kernels

@@ -1,6 +1,9 @@
 // Tests for the kernel layer (csrc/kernels): every registered GEMM kernel
 // against a double-precision oracle over the *unpacked* inputs, cross-ISA
-// agreement, packing, A-operand transposes, bf16 rounding and the registry.
+// agreement, packing (pack_b, per-ISA transpose_packed, packed_slice),
+// A-operand transposes, bf16 rounding, the element-wise epilogues and the
+// registry. Kernels this CPU cannot run are skipped with GTEST_SKIP, never
+// passed silently.
 //
 // Buffers handed to kernels are allocated to exactly the size the contract in
 // gemm.h promises (A: (M-1)*lda + Kp, packed B: packed_elems, C in the "tight"
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "kernels/cpu.h"
+#include "kernels/eltwise.h"
 #include "kernels/gemm.h"
 
 namespace mk = moetune::kernels;
@@ -695,7 +699,8 @@ TEST_P(GemmKernelTest, TransposedActivationsAsA_LoraGradient) {
       SCOPED_TRACE("T=" + std::to_string(T) + " scaled=" + std::to_string(scaled));
       const int64_t H = 21, R = 8, ldx = H + 2, ldg = R + 1;
       Gen g(777 + T, Dist::kUniform);
-      std::vector<bf16> X(static_cast<size_t>((T - 1) * ldx + H)), G(static_cast<size_t>((T - 1) * ldg + R));
+      std::vector<bf16> X(static_cast<size_t>((T - 1) * ldx + H));
+      std::vector<bf16> G(static_cast<size_t>((T - 1) * ldg + R));
       for (auto& v : X) v = g();
       for (auto& v : G) v = g();
       std::vector<float> w(static_cast<size_t>(T));
@@ -748,9 +753,13 @@ TEST_P(GemmKernelTest, TransposePackedMatchesLogicalTranspose) {
       {256, 256, 96, 160}, {33, 31, 0, 33}, {33, 31, 16, 33},  {33, 33, 0, 32},
       {34, 17, 16, 34},  {1, 1, 0, 1},      {2, 40, 0, 2},     {17, 100, 0, 17},
       {40, 16, 5, 37},   {48, 32, 3, 48},   {64, 64, 16, 16},  {255, 7, 32, 255},
-      {31, 64, 16, 31},  {32, 33, 0, 32}};
+      {31, 64, 16, 31},  {32, 33, 0, 32},
+      // Partial last destination panel with source rows past n_end present:
+      // those rows must not leak into the zero pad columns.
+      {64, 32, 16, 40},  {64, 48, 0, 20},   {100, 64, 32, 65}};
   for (const Shape& sh : shapes) {
-    SCOPED_TRACE("B [K=" + std::to_string(sh.K) + ", N=" + std::to_string(sh.N) + "], B^T columns [" +
+    SCOPED_TRACE("B [K=" + std::to_string(sh.K) + ", N=" + std::to_string(sh.N) +
+                 "], B^T columns [" +
                  std::to_string(sh.nb) + "," + std::to_string(sh.ne) + ")");
     Gen g(sh.K * 131 + sh.N * 17 + sh.nb, Dist::kUniform);
     const int64_t ld = sh.N + 1;
@@ -825,8 +834,8 @@ void fake_gemm(int64_t M, int64_t n_begin, int64_t n_end, const mk::Segment* seg
         if (kBug == Bug::kReadsAStridePad && m + 1 < M) K = sg.lda;
         for (int64_t k = 0; k < K; ++k) {
           const int64_t kb = std::min<int64_t>(k, sg.B.kp() - 1);
-          const float b = k < sg.B.kp() ? mk::bf16_to_f32(panel[(kb / 2) * 32 + (n % 16) * 2 + kb % 2])
-                                        : 1.0f;
+          const float b =
+              k < sg.B.kp() ? mk::bf16_to_f32(panel[(kb / 2) * 32 + (n % 16) * 2 + kb % 2]) : 1.0f;
           acc += mk::bf16_to_f32(sg.A[m * sg.lda + k]) * b;
         }
       }
@@ -1140,6 +1149,185 @@ TEST(Bf16Convert, MatchesNearestEvenReferenceOnRandomFloats) {
     }
     want = static_cast<bf16>(want | (sign >> 16));
     ASSERT_EQ(cvt(u), want) << "input bits 0x" << std::hex << u;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Element-wise epilogues (eltwise.h): to_bf16, swiglu, swiglu_bwd
+// ---------------------------------------------------------------------------
+//
+// Oracle: the formulas of eltwise.h evaluated in double on the same bf16/fp32
+// inputs. Every output is one bf16 rounding of an fp32 computation, so it may
+// be off the exactly rounded value only when the fp32 value sits within a few
+// fp32 ulp of a bf16 rounding boundary:
+//   |out - exact| <= 0.5 ulp_bf16(exact) + c * 2^-24 * (magnitude of the terms)
+// where c = 16 covers the handful of fp32 roundings plus the polynomial exp of
+// the SIMD path (documented "a few fp32 ulp", < 2e-7 relative = 3.4 ulp).
+
+double ulp_bf16(double x) {
+  x = std::fabs(x);
+  if (x < std::ldexp(1.0, -126)) return std::ldexp(1.0, -133);  // bf16 denormal spacing
+  int e;
+  std::frexp(x, &e);           // x = f * 2^e, f in [0.5, 1)
+  return std::ldexp(1.0, e - 8);  // 8 significant bits
+}
+
+constexpr double kEltC = 16.0 * kU;
+// vcvtneps2bf16 flushes fp32 denormals to zero; anything below this is
+// compared with an absolute slack of one such value.
+constexpr double kEltAbs = 0x1p-126;
+
+double sigmoid_d(double g) { return 1.0 / (1.0 + std::exp(-g)); }
+
+class Eltwise : public testing::TestWithParam<mk::Isa> {
+ protected:
+  const mk::EltwiseKernel& kernel() const { return mk::eltwise_kernel(GetParam()); }
+  void SetUp() override {
+    if (!mk::cpu_supports(GetParam()))
+      GTEST_SKIP() << "element-wise kernels for " << mk::isa_name(GetParam())
+                   << " cannot run on this CPU: " << mk::cpu_summary();
+    ASSERT_EQ(kernel().isa, GetParam());
+  }
+};
+
+const int64_t kEltLengths[] = {0, 1, 3, 15, 16, 17, 33, 100, 1000};
+constexpr int64_t kGuard = 32;  // outputs carry a guard tail that must stay untouched
+
+TEST_P(Eltwise, ToBf16IsRoundNearestEvenOfScaleTimesX) {
+  for (int64_t n : kEltLengths) {
+    for (float scale : {1.0f, 0.25f, -3.7f}) {
+      SCOPED_TRACE("n=" + std::to_string(n) + " scale=" + std::to_string(scale));
+      Gen g(n * 3 + static_cast<int>(scale * 8), Dist::kUniform);
+      std::vector<float> src(static_cast<size_t>(n));
+      for (auto& v : src) v = g.any_f32(-100.0f, 100.0f);
+      const float specials[] = {1.00390625f, -1.00390625f, 0.0f, -0.0f, INFINITY, -INFINITY,
+                                NAN, FLT_MAX, 3.0e38f, 1e-30f};
+      for (int64_t i = 0; i < n && i < 10; ++i) src[i * n / 10] = specials[i];
+      std::vector<bf16> dst(static_cast<size_t>(n + kGuard), kDstGarbage);
+      kernel().to_bf16(src.data(), scale, dst.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        const bf16 want = mk::f32_to_bf16(scale * src[i]);
+        if (bf16_is_nan(want)) {
+          EXPECT_TRUE(bf16_is_nan(dst[i])) << i;
+        } else {
+          ASSERT_EQ(dst[i], want) << "i=" << i << " x=" << src[i];
+        }
+      }
+      for (int64_t i = n; i < n + kGuard; ++i) ASSERT_EQ(dst[i], kDstGarbage) << "guard " << i;
+    }
+  }
+}
+
+// fp32 denormals: the scalar path rounds them (RNE); vcvtneps2bf16 flushes
+// them to a signed zero. Both are accepted; anything else is not.
+TEST_P(Eltwise, ToBf16DenormalsRoundOrFlush) {
+  const uint32_t bits[] = {0x00000001u, 0x00008000u, 0x00018000u, 0x007fffffu, 0x80400000u,
+                           0x00400001u};
+  std::vector<float> src;
+  for (uint32_t b : bits) src.push_back(float_of(b));
+  std::vector<bf16> dst(src.size(), kDstGarbage);
+  kernel().to_bf16(src.data(), 1.0f, dst.data(), static_cast<int64_t>(src.size()));
+  for (size_t i = 0; i < src.size(); ++i) {
+    const bf16 rne = mk::f32_to_bf16(src[i]);
+    const bf16 flushed = static_cast<bf16>((bits[i] >> 16) & 0x8000);
+    EXPECT_TRUE(dst[i] == rne || dst[i] == flushed)
+        << std::hex << "input 0x" << bits[i] << " -> 0x" << dst[i];
+    if (GetParam() == mk::Isa::kScalar) {
+      EXPECT_EQ(dst[i], rne);
+    }
+  }
+}
+
+struct SwigluInputs {
+  std::vector<bf16> g, u;
+  std::vector<float> d;
+};
+
+SwigluInputs swiglu_inputs(int64_t n, uint64_t seed) {
+  Gen gen(seed, Dist::kUniform);
+  SwigluInputs in;
+  for (int64_t i = 0; i < n; ++i) {
+    in.g.push_back(trunc_bf16(gen.any_f32(-12.0f, 12.0f)));
+    in.u.push_back(gen());
+    in.d.push_back(gen.any_f32(-1.0f, 1.0f));
+  }
+  // Around the zero of silu'(g) (g ~ -1.2785), large |g|, zero.
+  const float gs[] = {-1.2785f, -1.28f, 0.0f, -0.0f, 30.0f, -30.0f, 80.0f, -80.0f};
+  for (int64_t i = 0; i < n && i < 8; ++i) in.g[i * n / 8] = trunc_bf16(gs[i]);
+  return in;
+}
+
+TEST_P(Eltwise, SwigluMatchesOracle) {
+  for (int64_t n : kEltLengths) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    const SwigluInputs in = swiglu_inputs(n, 100 + n);
+    std::vector<bf16> h(static_cast<size_t>(n + kGuard), kDstGarbage);
+    kernel().swiglu(in.g.data(), in.u.data(), h.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double g = as_double(in.g[i]), u = as_double(in.u[i]);
+      const double exact = g * sigmoid_d(g) * u;
+      const double tol = 0.5 * ulp_bf16(exact) + kEltC * std::fabs(exact) + kEltAbs;
+      ASSERT_NEAR(as_double(h[i]), exact, tol) << "i=" << i << " g=" << g << " u=" << u;
+    }
+    for (int64_t i = n; i < n + kGuard; ++i) ASSERT_EQ(h[i], kDstGarbage) << "guard " << i;
+  }
+}
+
+TEST_P(Eltwise, SwigluBwdMatchesOracle) {
+  for (int64_t n : kEltLengths) {
+    for (float w : {1.0f, 0.37f}) {
+      SCOPED_TRACE("n=" + std::to_string(n) + " w=" + std::to_string(w));
+      const SwigluInputs in = swiglu_inputs(n, 200 + n);
+      std::vector<bf16> h(static_cast<size_t>(n + kGuard), kDstGarbage), dg(h), du(h), hf(h);
+      const float dot = kernel().swiglu_bwd(in.g.data(), in.u.data(), in.d.data(), w, h.data(),
+                                            dg.data(), du.data(), n);
+      kernel().swiglu(in.g.data(), in.u.data(), hf.data(), n);
+      double dot_ref = 0.0, dot_abs = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        // The backward recomputes h; it must be the forward's h bit for bit.
+        ASSERT_EQ(h[i], hf[i]) << "h differs from swiglu() at i=" << i;
+        const double g = as_double(in.g[i]), u = as_double(in.u[i]), d = in.d[i];
+        const double s = sigmoid_d(g), dh = static_cast<double>(w) * d;
+        const double dg_exact = dh * u * s * (1.0 + g * (1.0 - s));
+        const double dg_mag = std::fabs(dh * u * s) * (1.0 + std::fabs(g));
+        const double du_exact = dh * g * s;
+        ASSERT_NEAR(as_double(dg[i]), dg_exact,
+                    0.5 * ulp_bf16(dg_exact) + kEltC * dg_mag + kEltAbs)
+            << "dg i=" << i << " g=" << g << " u=" << u << " d=" << d;
+        ASSERT_NEAR(as_double(du[i]), du_exact,
+                    0.5 * ulp_bf16(du_exact) + kEltC * std::fabs(du_exact) + kEltAbs)
+            << "du i=" << i << " g=" << g << " d=" << d;
+        dot_ref += d * as_double(h[i]);
+        dot_abs += std::fabs(d * as_double(h[i]));
+      }
+      // fp32 accumulation of n products (each rounded at most once more).
+      EXPECT_NEAR(dot, dot_ref, 2.0 * (n + 1) * kU * dot_abs + kEltAbs);
+      for (int64_t i = n; i < n + kGuard; ++i) {
+        ASSERT_EQ(h[i], kDstGarbage) << "h guard " << i;
+        ASSERT_EQ(dg[i], kDstGarbage) << "dg guard " << i;
+        ASSERT_EQ(du[i], kDstGarbage) << "du guard " << i;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, Eltwise,
+                         testing::Values(mk::Isa::kScalar, mk::Isa::kAvx512Bf16),
+                         [](const testing::TestParamInfo<mk::Isa>& info) {
+                           return std::string(mk::isa_name(info.param));
+                         });
+
+TEST(Registry, EltwiseKernelSelection) {
+  EXPECT_EQ(mk::eltwise_kernel(mk::Isa::kScalar).isa, mk::Isa::kScalar);
+  for (mk::Isa isa : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16}) {
+    const mk::EltwiseKernel& k = mk::eltwise_kernel(isa);
+    EXPECT_TRUE(mk::cpu_supports(k.isa)) << "eltwise for " << mk::isa_name(isa) << " picked "
+                                         << mk::isa_name(k.isa) << ", which cannot run here";
+    EXPECT_LE(static_cast<int>(k.isa), static_cast<int>(isa));
+    EXPECT_TRUE(k.to_bf16 && k.swiglu && k.swiglu_bwd);
+  }
+  if (mk::cpu_supports(mk::Isa::kAvx512Bf16)) {
+    EXPECT_EQ(mk::eltwise_kernel(mk::Isa::kAvx512Bf16).isa, mk::Isa::kAvx512Bf16);
   }
 }
 
