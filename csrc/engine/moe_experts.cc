@@ -14,6 +14,15 @@ namespace {
 struct Dims {
   int64_t K, N;
 };
+// Counts this object's queued jobs so the destructor can wait for them.
+struct InFlightGuard {
+  std::shared_ptr<MoeExperts::InFlight> f;
+  explicit InFlightGuard(std::shared_ptr<MoeExperts::InFlight> p) : f(std::move(p)) {}
+  ~InFlightGuard() {
+    std::lock_guard<std::mutex> lock(f->mu);
+    if (--f->count == 0) f->cv.notify_all();
+  }
+};
 }  // namespace
 
 size_t Saved::bytes() const {
@@ -37,6 +46,19 @@ MoeExperts::MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, Expert
       bwd_[w].resize(static_cast<size_t>(bwd_stride_[w]) * E);
     }
   }
+}
+
+std::shared_ptr<void> MoeExperts::track() {
+  {
+    std::lock_guard<std::mutex> lock(inflight_->mu);
+    ++inflight_->count;
+  }
+  return std::make_shared<InFlightGuard>(inflight_);
+}
+
+MoeExperts::~MoeExperts() {
+  std::unique_lock<std::mutex> lock(inflight_->mu);
+  inflight_->cv.wait(lock, [&] { return inflight_->count == 0; });
 }
 
 size_t MoeExperts::packed_bytes() const {
@@ -114,7 +136,7 @@ Job MoeExperts::forward_async(const ForwardArgs& args, std::shared_ptr<Saved>* s
   s->lora_shape = args.lora;
   if (saved) *saved = s;
   ForwardArgs a = args;
-  return ctx_->submit([this, a, s] {
+  return ctx_->submit([this, a, s, guard = track()] {
     run_forward(a, *s);
     s->complete = true;
   });
@@ -133,6 +155,7 @@ void check_same_lora(const LoraProj& f, const LoraProj& b, const char* name) {
                                 "' differs from the forward's (enabled/rank)");
   }
 }
+
 }  // namespace
 
 Job MoeExperts::backward_async(std::shared_ptr<Saved> saved, const BackwardArgs& args) {
@@ -140,8 +163,13 @@ Job MoeExperts::backward_async(std::shared_ptr<Saved> saved, const BackwardArgs&
   check_same_lora(saved->lora_shape.gate, args.lora.gate, "gate");
   check_same_lora(saved->lora_shape.up, args.lora.up, "up");
   check_same_lora(saved->lora_shape.down, args.lora.down, "down");
+  if (saved->lora_shape.any() && saved->lora_shape.scaling != args.lora.scaling) {
+    throw std::invalid_argument("moetune: backward LoRA scaling " + std::to_string(args.lora.scaling) +
+                                " differs from the forward's " +
+                                std::to_string(saved->lora_shape.scaling));
+  }
   BackwardArgs a = args;
-  return ctx_->submit([this, a, saved] {
+  return ctx_->submit([this, a, saved, guard = track()] {
     // Jobs run in submission order, so the forward has run; if it failed its
     // error was reported at its own wait and this handle is unusable.
     if (!saved->complete) throw std::runtime_error("moetune: backward on a forward that did not complete");

@@ -22,10 +22,14 @@
 //
 // Thread-safety: forward/backward may be called from any thread; the work is
 // queued on the Context and executed one job at a time. Loading weights while
-// jobs that use them are queued is the caller's error.
+// jobs that use them are queued is the caller's error. Destroying the object
+// waits for its queued jobs. LoRA gradient pointers of disabled projections
+// are ignored.
 #pragma once
 
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "engine/buffer.h"
@@ -54,6 +58,15 @@ struct Saved {
 class MoeExperts {
  public:
   MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, ExpertsOptions options);
+  ~MoeExperts();  // waits for this object's queued jobs
+  MoeExperts(const MoeExperts&) = delete;
+  MoeExperts& operator=(const MoeExperts&) = delete;
+
+  struct InFlight {
+    std::mutex mu;
+    std::condition_variable cv;
+    int64_t count = 0;
+  };
 
   int E() const { return E_; }
   int H() const { return H_; }
@@ -87,7 +100,10 @@ class MoeExperts {
                      const Saved& s, int64_t i0, int64_t i1, Arena& a, kernels::bf16* gb,
                      kernels::bf16* ub, int64_t ld) const;
 
+  std::shared_ptr<void> track();  // held by each queued job
+
   std::shared_ptr<Context> ctx_;
+  std::shared_ptr<InFlight> inflight_ = std::make_shared<InFlight>();
   int E_, H_, I_;
   ExpertsOptions options_;
   Buf<kernels::bf16> fwd_[3];
