@@ -68,9 +68,18 @@ struct PackedB {
   const bf16* data = nullptr;
   int64_t K = 0;
   int64_t N = 0;
+  // Elements between panels; 0 means packed_kp(K) * kPanelN (a whole packed
+  // operand). Set when viewing a K-range of a larger operand (see k_range).
+  int64_t panel_stride = 0;
   MOETUNE_INLINE int64_t kp() const { return packed_kp(K); }
-  MOETUNE_INLINE const bf16* panel(int64_t p) const { return data + p * kp() * kPanelN; }
+  MOETUNE_INLINE int64_t stride() const { return panel_stride ? panel_stride : kp() * kPanelN; }
+  MOETUNE_INLINE const bf16* panel(int64_t p) const { return data + p * stride(); }
 };
+
+// Rows [k0, k0 + kc) of a packed operand as an operand of its own (k0 even).
+MOETUNE_INLINE PackedB k_range(const PackedB& b, int64_t k0, int64_t kc) {
+  return PackedB{b.data + (k0 / 2) * 2 * kPanelN, kc, b.N, b.stride()};
+}
 
 // One term of a fused multi-segment GEMM. All segments of a call share M and
 // the N range; their K may differ (e.g. H for the base weight, r for LoRA).
@@ -145,6 +154,6 @@ void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16*
 // A view of columns [n_begin, n_begin + n) of a packed operand; n_begin must
 // be a multiple of kPanelN (panels are contiguous, so this is pointer math).
 MOETUNE_INLINE PackedB packed_slice(const PackedB& b, int64_t n_begin, int64_t n) {
-  return PackedB{b.panel(n_begin / kPanelN), b.K, n};
+  return PackedB{b.panel(n_begin / kPanelN), b.K, n, b.panel_stride};
 }
 }  // namespace moetune::kernels

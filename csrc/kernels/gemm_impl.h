@@ -14,6 +14,7 @@
 MOETUNE_DECLARE_GEMM(scalar)
 MOETUNE_DECLARE_GEMM(avx2)
 MOETUNE_DECLARE_GEMM(avx512bf16)
+MOETUNE_DECLARE_GEMM(amx)
 
 namespace moetune::kernels::avx512bf16 {
 void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);

@@ -12,6 +12,8 @@ const std::vector<GemmKernel>& all_gemm_kernels() {
       {Isa::kAvx2, "avx2_fma", PackFormat::kBf16Pair16, &avx2::gemm, &pack_b_transposed},
       {Isa::kAvx512Bf16, "avx512_bf16", PackFormat::kBf16Pair16, &avx512bf16::gemm,
        &avx512bf16::pack_b_transposed},
+      {Isa::kAmxBf16, "amx_bf16", PackFormat::kBf16Pair16, &amx::gemm,
+       &avx512bf16::pack_b_transposed},
   };
   return kernels;
 }

@@ -214,6 +214,11 @@ class PendingMoE:
     def __init__(self, state: _Pending, ticket: torch.Tensor):
         self._state, self._ticket, self._out = state, ticket, None
 
+    @property
+    def saved_bytes(self) -> int:
+        """Host memory held for backward by this call (freed with the graph)."""
+        return self._state.handle.nbytes
+
     def wait(self) -> torch.Tensor:
         if self._out is None:
             self._out = _Wait.apply(self._state, self._ticket)

@@ -1,0 +1,96 @@
+"""Memory/time trade-offs of the engine's two options, side by side:
+
+  backward_weights = repack          (1x packed expert memory; W^T slices made per backward task)
+                   | transposed_copy (2x packed expert memory; no per-step transposes)
+  activations      = save            (gate/up pre-activations kept in bf16 for backward)
+                   | recompute       (recomputed in backward: one more pass of the gate/up GEMMs)
+
+Prints, per T: forward ms, backward ms, packed expert bytes, bytes held for
+backward, and the phase profile of the default configuration.
+
+  python benchmarks/bench_engine_options.py [--threads N] [--tokens 128 1024 4096] [--experts E]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+import moetune
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except Exception:
+        return platform.processor()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[128, 1024, 4096])
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--inter", type=int, default=768)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    E, H, I, k, r = args.experts, args.hidden, args.inter, args.topk, args.rank
+    ctx = moetune.Context(args.threads)
+    print(f"machine: {cpu_name()}, engine {ctx.info()}")
+    print(f"shapes: E={E} H={H} I={I} k={k}, LoRA r={r} on gate/up/down, routing uniform random")
+    g = torch.Generator().manual_seed(0)
+    W = [(torch.randn(E, I, H, generator=g) / H ** 0.5).bfloat16(),
+         (torch.randn(E, I, H, generator=g) / H ** 0.5).bfloat16(),
+         (torch.randn(E, H, I, generator=g) / I ** 0.5).bfloat16()]
+    lora = moetune.LoraWeights(
+        **{p: (torch.nn.Parameter(torch.randn(E, r, H if p != "down" else I, generator=g) * 0.01),
+               torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * 0.01))
+           for p in ("gate", "up", "down")}, scaling=2.0)
+    configs = [(bw, act) for bw in ("repack", "transposed_copy") for act in ("save", "recompute")]
+    print(f"{'T':>6} {'backward_weights':>16} {'activations':>11} {'fwd ms':>8} {'bwd ms':>8} "
+          f"{'total ms':>9} {'packed GiB':>10} {'saved MiB':>9}")
+    profiles = {}
+    for T in args.tokens:
+        x = torch.randn(T, H, generator=g).bfloat16().requires_grad_()
+        w, ids = torch.softmax(torch.randn(T, E, generator=g), -1).topk(k, -1)
+        w.requires_grad_()
+        dout = torch.randn(T, H, generator=g).bfloat16()
+        for bw, act in configs:
+            ex = moetune.MoEExperts(ctx, *W, backward_weights=bw, activations=act)
+            fw, bwt = [], []
+            for rep in range(args.reps + 1):
+                t0 = time.perf_counter()
+                p = moetune.moe_experts_async(ex, x, ids, w, lora)
+                out = p.wait()
+                t1 = time.perf_counter()
+                saved = p.saved_bytes
+                out.backward(dout)
+                t2 = time.perf_counter()
+                if rep:  # first is warm-up
+                    fw.append(t1 - t0)
+                    bwt.append(t2 - t1)
+                if rep == args.reps and (bw, act) == configs[0]:
+                    ctx._ctx.reset_phase_profile()
+                    moetune.moe_experts(ex, x, ids, w, lora).backward(dout)
+                    profiles[T] = ctx._ctx.phase_profile()
+            f, b = statistics.median(fw) * 1e3, statistics.median(bwt) * 1e3
+            print(f"{T:>6} {bw:>16} {act:>11} {f:8.1f} {b:8.1f} {f + b:9.1f} "
+                  f"{ex.packed_bytes / 2**30:10.2f} {saved / 2**20:9.1f}")
+            del ex
+    for T, prof in profiles.items():
+        total = sum(s for _, s, _ in prof)
+        print(f"phase profile, T={T} (repack, save): " +
+              ", ".join(f"{n} {s * 1e3:.1f} ms ({100 * s / total:.0f}%)" for n, s, _ in prof))
+
+
+if __name__ == "__main__":
+    main()
