@@ -86,7 +86,12 @@ class MoEExperts:
         E, I, H = gate_proj.shape
         self.ctx = ctx
         self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations)
-        dtype = torch.bfloat16 if gate_proj.dtype != torch.float32 else torch.float32
+        for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32; float16 "
+                                 f"is converted), got {getattr(t, 'dtype', type(t).__name__)}")
+        # bf16 is taken bit-exact; float32 is rounded by the engine; other floats go through bf16.
+        dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load(_host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
 
     num_experts = property(lambda self: self._ex.num_experts)
@@ -127,6 +132,19 @@ class _Pending:
 
     __slots__ = ("experts", "scaling", "handle", "job", "out", "device", "x_dtype", "w_dtype",
                  "k", "lora_h", "lora", "needs", "bwd_job", "grads", "keep")
+
+    def __del__(self):
+        # A queued job writes into buffers this object owns: never free them
+        # under it. This happens when autograd drops a half-run recompute
+        # (non-reentrant checkpointing stops recomputing early) or when an
+        # output is never waited on.
+        for name in ("job", "bwd_job"):
+            job = getattr(self, name, None)
+            if job is not None:
+                try:
+                    job.wait()
+                except Exception:  # its error was (or will be) reported where it was awaited
+                    pass
 
 
 class _Submit(torch.autograd.Function):

@@ -12,8 +12,9 @@ nearest).  fp32 accumulation error (~K * 2^-24 with K <= 128 here) is three
 orders of magnitude smaller and ignored.
 
 To first order the errors of the individual roundings add, each multiplied by
-the condition number of what follows it (products: 1; silu: <= ~2 on the
-O(1) pre-activations used here).  We compare norm-wise,
+the condition number of what follows it (products: 1; silu:
+|1 + g (1 - sigmoid(g))|, <= 2 for g >= -2.5, i.e. for the bulk of the O(1)
+pre-activations used here).  We compare norm-wise,
 
     max_i |engine_i - ref_i|  <=  (c + n_out) * u * scale
 
@@ -40,15 +41,18 @@ so for tiny T*k its max|ref| may suffer accidental cancellation.  Its scale is
 max(max|ref|, max_{t,j} ||dout[t]||_2 ||y[t,j]||_2 / sqrt(H)): the
 RMS-product magnitude that a dot product of H terms has for generic data,
 equal to max|ref| up to O(1) when T*k is not tiny, but immune to
-cancellation.  The error of a dot product with relative operand
-perturbations is ~ ||dout|| ||dy|| / sqrt(H) statistically, so this is the
-right yardstick.
+cancellation.  The error of a dot product whose operand y carries an error
+dy is ~ ||dout|| ||dy|| / sqrt(H) statistically, so this is the right
+yardstick.  (The engine computes it as <Wd^T dout + s Ad^T(Bd^T dout), h>,
+the same value with the same number of roundings.)
 
 test_tolerance_table_is_attainable checks that a bf16 *emulation* of the
 engine (reference.py, emulate_bf16=True, which rounds at all of the points
 above) passes these same tolerances on every sweep case: the table is not too
-tight for a correct implementation.  Do not loosen this table to make a test
-pass: a failure here is a finding.
+tight for a correct implementation.  Over 30 seeds of every sweep, bitwise and
+ISA case, the emulation's worst err/(u*scale) was: out 2.4, dx 2.7,
+d topk_weights 6.4, dA 5.9, dB 4.0 (medians ~1), against c = 8, 14, 10, 14, 12.
+Do not loosen this table to make a test pass: a failure here is a finding.
 """
 
 from __future__ import annotations
@@ -76,7 +80,9 @@ except Exception as _import_error:  # noqa: BLE001
         """Stands in for the module: any use fails the test that uses it (FAILED, not skipped)."""
 
         def __getattr__(self, name):
-            if not name[:1].isupper() and name not in ("moe_experts",):  # leave pytest's own probing alone
+            # Only the API names (Context, MoEExperts, LoraWeights, moe_experts) fail; anything
+            # else (pytest's own probing of module globals at collection) is a plain AttributeError.
+            if not name[:1].isupper() and name != "moe_experts":
                 raise AttributeError(name)
             pytest.fail(f"cannot import moetune: {_IMPORT_ERROR}", pytrace=False)
 
@@ -96,6 +102,7 @@ TOL_C = {
 BF16, F32, I32, I64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
 ALL = ("gate", "up", "down")
 ISAS = ("scalar", "avx2", "avx512_bf16")
+
 
 @functools.lru_cache(maxsize=None)
 def get_ctx(num_threads: int = 2, isa: str = "auto"):
