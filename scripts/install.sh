@@ -11,7 +11,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[install] torch not found: installing torch==2.13.0 (CPU build)"
   "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -m pip install -q "nanobind>=2.0" "scikit-build-core>=0.10" numpy "pytest>=8"
+"$PY" -m pip install -q "nanobind>=2.0" "scikit-build-core>=0.10" numpy "pytest>=8" \
+  "transformers>=5.0" "peft>=0.17" "accelerate>=1.0" safetensors
 # No build isolation: build against the nanobind/scikit-build-core above (the
 # GPU test machine has no package index), no dependency resolution (torch is
 # handled above and must not be swapped for a different build).

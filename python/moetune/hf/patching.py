@@ -1,0 +1,315 @@
+"""Run the routed experts of Hugging Face transformers MoE models on the moetune engine.
+
+Plugs into transformers' own experts-implementation registry
+(`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`): experts classes
+decorated with `@use_experts_implementation` dispatch their forward to the
+function registered under `config._experts_implementation`. `patch()`
+registers "moetune", packs each experts module's weights into the engine,
+replaces the module's `gate_up_proj` / `down_proj` by shape-only placeholders
+(`EngineHeldTensor`) and selects "moetune" on the experts' config. The router,
+attention, norms, shared experts etc. stay the model's own torch code.
+
+LoRA on the experts is PEFT's (`LoraConfig(target_parameters=[...])`), see
+`moetune.hf._peft`; patch() works before or after `peft.get_peft_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from moetune.engine import Context, LoraWeights, MoEExperts, moe_experts
+from moetune.hf import _peft
+from moetune.hf._placeholder import EngineHeldTensor, held_parameter
+
+IMPLEMENTATION = "moetune"
+
+# family -> (module, experts class). All use the fused layout
+# gate_up_proj [E, 2I, H] (gate rows first, then up: the default _apply_gate does
+# `gate, up = gate_up_out.chunk(2, dim=-1)`) and down_proj [E, H, I], SwiGLU (silu).
+SUPPORTED_FAMILIES = {
+    "Qwen3-MoE": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
+    "Mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
+    "OLMoE": ("transformers.models.olmoe.modeling_olmoe", "OlmoeExperts"),
+}
+
+
+def _supported_classes() -> Dict[type, str]:
+    out = {}
+    for family, (mod, cls) in SUPPORTED_FAMILIES.items():
+        try:
+            out[getattr(importlib.import_module(mod), cls)] = family
+        except (ImportError, AttributeError):  # pragma: no cover - older/newer transformers
+            pass
+    return out
+
+
+def _supported_text() -> str:
+    return ", ".join(f"{fam} ({cls})" for fam, (_, cls) in SUPPORTED_FAMILIES.items())
+
+
+@dataclasses.dataclass
+class _ExpertsState:
+    """Per patched experts module (stored as module._moetune_state)."""
+
+    name: str
+    family: str
+    engine: Optional[MoEExperts]
+    parent: "weakref.ref[nn.Module]"
+    attr: str
+    intermediate: int
+    originals: Optional[Dict[str, nn.Parameter]]
+    switched: List[nn.Module] = dataclasses.field(default_factory=list)
+
+    def chain(self, module: nn.Module):
+        parent = self.parent()
+        top = getattr(parent, self.attr) if parent is not None else module
+        return _peft.wrapper_chain(top, module)
+
+    def adopt(self, module: nn.Module):
+        chain = self.chain(module)
+        if chain:
+            self.switched += _peft.adopt(chain)
+        return chain
+
+
+def _lora_for(module: nn.Module, st: _ExpertsState) -> LoraWeights:
+    chain = st.chain(module)
+    if any(type(w) is not _peft.EngineParamWrapper for w in chain):
+        # Only reachable when the experts module is called directly rather than
+        # through its parent (whose pre-hook switches the wrappers).
+        st.switched += _peft.adopt(chain)
+    lora = LoraWeights()
+    scalings = {}
+    for w in chain:
+        f = _peft.lora_factors(w)
+        if f is None:
+            continue
+        A, B, s = f
+        scalings[w.parameter_name] = s
+        if w.parameter_name == "gate_up_proj":
+            I = st.intermediate
+            # One PEFT LoRA on the fused [gate; up] weight = gate and up LoRAs
+            # sharing A (the engine computes A x once per projection).
+            lora.gate = (A, B[:, :I, :])
+            lora.up = (A, B[:, I:, :])
+        else:
+            lora.down = (A, B)
+    if len(set(scalings.values())) > 1:
+        raise NotImplementedError(
+            f"moetune: {st.name}: different LoRA scalings on gate_up_proj and down_proj ({scalings}) are not "
+            "supported (the engine takes one scaling per call)")
+    if scalings:
+        lora.scaling = next(iter(scalings.values()))
+    return lora
+
+
+def moetune_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The "moetune" entry of transformers' ALL_EXPERTS_FUNCTIONS."""
+    st = getattr(self, "_moetune_state", None)
+    if st is None or st.engine is None:
+        raise RuntimeError(
+            f"moetune: {type(self).__name__} dispatches to experts implementation 'moetune' but was not patched "
+            "by moetune.hf.patch (or was undone); patch the model containing it")
+    return moe_experts(st.engine, hidden_states, top_k_index, top_k_weights, _lora_for(self, st))
+
+
+def register() -> None:
+    """Register the "moetune" experts implementation with transformers (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if ALL_EXPERTS_FUNCTIONS.get(IMPLEMENTATION) is not moetune_experts_forward:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, moetune_experts_forward)
+
+
+def _adopt_hook(st_ref, module_ref, parent, args):
+    st, module = st_ref(), module_ref()
+    if st is not None and module is not None and st.engine is not None:
+        st.adopt(module)
+
+
+def _check_module(name: str, m: nn.Module) -> None:
+    problems = []
+    for attr, want in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
+                       ("is_concatenated", True), ("has_post_expert_norm", False), ("_is_expert_parallel", False)):
+        if getattr(m, attr, want) != want:
+            problems.append(f"{attr}={getattr(m, attr)!r}")
+    act = getattr(getattr(m, "config", None), "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        problems.append(f"hidden_act={act!r} (the engine computes SwiGLU)")
+    for pname in _peft.EXPERT_PARAMS:
+        p = getattr(m, pname, None)
+        if isinstance(p, EngineHeldTensor):
+            problems.append(f"{pname} is already held by a moetune engine (patched twice?)")
+        elif not isinstance(p, torch.Tensor) or p.dim() != 3:
+            problems.append(f"{pname} is not a 3-D tensor")
+        elif p.device.type == "meta":
+            problems.append(f"{pname} is on the meta device (load the weights first)")
+    if not problems:
+        E, I2, H = m.gate_up_proj.shape
+        if I2 % 2 or tuple(m.down_proj.shape) != (E, H, I2 // 2):
+            problems.append(f"shapes gate_up_proj {list(m.gate_up_proj.shape)} / down_proj "
+                            f"{list(m.down_proj.shape)} are not [E, 2I, H] / [E, H, I]")
+    if hasattr(m, "parametrizations"):
+        problems.append("parameters are parametrized (a PEFT forward in progress?)")
+    if problems:
+        raise ValueError(f"moetune: cannot patch experts module {name}: " + "; ".join(problems))
+
+
+class PatchHandle:
+    """What patch() did; `undo()` restores the model."""
+
+    def __init__(self, ctx: Context, keep_original: bool):
+        self.ctx = ctx
+        self.keep_original = keep_original
+        self._modules: List[nn.Module] = []
+        self._hooks = []
+        self._configs = []  # (config, previous _experts_implementation)
+        self.undone = False
+
+    @property
+    def module_names(self) -> List[str]:
+        return [m._moetune_state.name for m in self._modules]
+
+    @property
+    def families(self) -> List[str]:
+        return sorted({m._moetune_state.family for m in self._modules})
+
+    @property
+    def packed_bytes(self) -> int:
+        """Host bytes held by the engine for all patched experts."""
+        return sum(m._moetune_state.engine.packed_bytes for m in self._modules)
+
+    @property
+    def original_bytes(self) -> int:
+        """Host bytes held to make undo() possible (0 with keep_original=False)."""
+        return sum(p.numel() * p.element_size() for m in self._modules
+                   for p in (m._moetune_state.originals or {}).values())
+
+    def __repr__(self) -> str:
+        state = "undone" if self.undone else f"{len(self._modules)} experts modules ({', '.join(self.families)})"
+        return f"moetune.hf.PatchHandle({state})"
+
+    def undo(self) -> None:
+        """Restore the original expert weights (the same Parameter objects), the
+        model's experts implementation and PEFT's own wrapper class."""
+        if self.undone:
+            return
+        if not self.keep_original:
+            raise RuntimeError("moetune: patch(..., keep_original=False) dropped the original expert weights; "
+                               "undo() is impossible (reload the model instead)")
+        for h in self._hooks:
+            h.remove()
+        for m in self._modules:
+            st = m._moetune_state
+            _peft.release(st.switched)
+            for pname, p in st.originals.items():
+                setattr(m, pname, p)
+            st.engine = None
+            st.originals = None
+            del m._moetune_state
+        for cfg, prev in self._configs:
+            cfg._experts_implementation = prev
+        self._modules, self._hooks, self._configs = [], [], []
+        self.undone = True
+
+
+def _find_experts(model: nn.Module):
+    supported = _supported_classes()
+    found, unsupported, seen = [], [], set()
+    for pname, parent in model.named_modules():
+        if _peft.is_param_wrapper(parent):
+            continue  # the edge wrapper -> base_layer is inside a chain already walked
+        for attr, child in parent.named_children():
+            base = child
+            while _peft.is_param_wrapper(base):
+                base = base.base_layer
+            if id(base) in seen:
+                continue
+            qual = f"{pname}.{attr}" if pname else attr
+            if type(base) in supported:
+                seen.add(id(base))
+                found.append((qual, parent, attr, base, supported[type(base)]))
+            elif hasattr(base, "has_gate") and hasattr(base, "is_transposed") and hasattr(base, "config"):
+                seen.add(id(base))
+                unsupported.append(f"{qual} ({type(base).__name__})")
+    return found, unsupported
+
+
+def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional[int] = None, *,
+          keep_original: bool = True, backward_weights: str = "repack", activations: str = "save") -> PatchHandle:
+    """Run every routed-experts module of `model` on the moetune engine.
+
+    model: a transformers model (or a PEFT model wrapping one), weights loaded.
+    ctx: an engine Context to share; else one is made with `num_threads`.
+    keep_original: keep the original expert Parameters (moved to CPU, not
+      registered in the model) so that `handle.undo()` can restore them. Costs
+      one extra copy of all expert weights in host RAM on top of the engine's
+      packed copy; pass False to free them (undo() then raises).
+    backward_weights / activations: passed to moetune.MoEExperts.
+
+    After patching, each experts module's gate_up_proj / down_proj are
+    shape-only placeholders (EngineHeldTensor, one element of storage, never
+    moved by model.to(...)). LoRA is PEFT's: call peft.get_peft_model(...,
+    LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj"], lora_dropout=0.0)) before or after patch().
+    """
+    found, unsupported = _find_experts(model)
+    if not found:
+        msg = (f"moetune: no supported MoE experts module found in {type(model).__name__}. "
+               f"Supported families: {_supported_text()}.")
+        if unsupported:
+            msg += f" Found experts modules of unsupported classes: {', '.join(unsupported)}."
+        raise ValueError(msg)
+    if unsupported:
+        raise ValueError(f"moetune: model has experts modules of unsupported classes ({', '.join(unsupported)}); "
+                         f"supported families: {_supported_text()}")
+    for qual, _, _, m, _ in found:
+        _check_module(qual, m)
+    if ctx is None:
+        ctx = Context(num_threads=num_threads)
+    register()
+
+    handle = PatchHandle(ctx, keep_original)
+    try:
+        for qual, parent, attr, m, family in found:
+            gu, down = m.gate_up_proj, m.down_proj
+            I = gu.shape[1] // 2
+            with torch.no_grad():
+                engine = MoEExperts(ctx, gu[:, :I], gu[:, I:], down,
+                                    backward_weights=backward_weights, activations=activations)
+            originals = None
+            if keep_original:
+                originals = {}
+                for pname, p in (("gate_up_proj", gu), ("down_proj", down)):
+                    if p.device.type != "cpu":
+                        p = nn.Parameter(p.detach().to("cpu"), requires_grad=p.requires_grad)
+                    originals[pname] = p
+            st = _ExpertsState(qual, family, engine, weakref.ref(parent), attr, I, originals)
+            m._moetune_state = st
+            handle._modules.append(m)
+            m.gate_up_proj = held_parameter(gu)
+            m.down_proj = held_parameter(down)
+            del gu, down
+            st.adopt(m)  # patch after get_peft_model
+            handle._hooks.append(parent.register_forward_pre_hook(
+                functools.partial(_adopt_hook, weakref.ref(st), weakref.ref(m))))
+        seen = set()
+        for *_, m, _ in found:
+            cfg = m.config
+            if id(cfg) not in seen:
+                seen.add(id(cfg))
+                handle._configs.append((cfg, cfg._experts_implementation))
+                cfg._experts_implementation = IMPLEMENTATION
+    except BaseException:
+        if keep_original:
+            handle.undo()
+        raise
+    return handle

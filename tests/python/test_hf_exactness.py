@@ -1,0 +1,269 @@
+"""moetune.hf.patch on real transformers MoE models (+ PEFT LoRA) against plain
+transformers + PEFT in fp32.
+
+Setup
+=====
+Tiny random models from transformers' own config classes (2 layers, hidden 64,
+8 experts, top-2). Every weight is rounded to a bf16-representable fp32 value,
+and so are the LoRA factors (set to random values so the adapters contribute),
+so the engine's rounding of its *operands* to bf16 is exact and only its
+rounding of intermediates (the experts' input activations, z = A x, h, the
+upstream gradients...) separates it from the fp32 reference (PEFT's own
+W + s B A path). The router logits are scaled up (x20) so that top-k choices
+have margins far above these perturbations: a flipped expert choice in
+layer 2 would be a discontinuity, not an arithmetic error.
+
+Tolerances (u = 2^-8, the bf16 unit roundoff; see test_moe_op.py for the
+per-op rounding count)
+==========
+* logits: max|d| <= 8 u max|ref|. One experts layer's output carries at most
+  c = 8 roundings (test_moe_op's `out` row); the two layers' errors enter the
+  residual stream additively and the model does not amplify them (observed
+  max|d| / (u max|ref|) = 0.09-0.17 for the three families).
+* loss: |d| <= 8 u |ref| (a smooth function of the logits).
+* LoRA gradients (experts and attention): ||g - g_ref||_F <= 14 u ||g_ref||_F,
+  the worst row of test_moe_op's table (dA, dx: c = 14), norm-wise (observed
+  worst tensor 1.2-1.35 u).
+* 20 AdamW steps: |loss_t - ref_t| <= 16 u |ref_t| at every step: the one-step
+  errors above, compounded over 20 steps of an optimizer that normalises
+  updates (observed 1.4-1.6 u).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import moetune  # noqa: E402
+import moetune.hf  # noqa: E402
+import moetune.hf.patching as patch_mod  # noqa: E402
+
+U = 2.0 ** -8
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], lora_dropout=0.0)
+_CTX = None
+
+
+def ctx():
+    global _CTX
+    if _CTX is None:
+        _CTX = moetune.Context(num_threads=1)
+    return _CTX
+
+
+def tiny(family: str):
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=128, num_experts_per_tok=2, max_position_embeddings=64)
+    if family == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                                          head_dim=16, norm_topk_prob=True, **common)
+        return transformers.Qwen3MoeForCausalLM, cfg
+    if family == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=32, num_local_experts=8, head_dim=16, **common)
+        return transformers.MixtralForCausalLM, cfg
+    if family == "olmoe":
+        cfg = transformers.OlmoeConfig(intermediate_size=32, num_experts=8, norm_topk_prob=False, **common)
+        return transformers.OlmoeForCausalLM, cfg
+    raise KeyError(family)
+
+
+def bf16_round_(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.bfloat16().float())
+
+
+def build(family: str, seed: int = 0):
+    cls, cfg = tiny(family)
+    torch.manual_seed(seed)
+    model = cls(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(20.0)
+    bf16_round_(model)
+    return model
+
+
+def lora_init_(model, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.05).bfloat16().float())
+
+
+def pair(family: str, *, patch_first: bool, seed: int = 0):
+    """(reference PEFT model, moetune PEFT model, handle) with identical weights."""
+    base = build(family, seed)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**LORA))
+    lora_init_(ref)
+    if patch_first:
+        handle = moetune.hf.patch(base, ctx=ctx())
+        ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+    else:
+        ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+        handle = moetune.hf.patch(ours, ctx=ctx())
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
+    for (n1, p1), (n2, p2) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert n1 == n2 and p1.requires_grad == p2.requires_grad
+        if "lora_" in n1:
+            assert torch.equal(p1, p2)
+    return ref, ours, handle
+
+
+def batch(seed: int = 2, B: int = 2, T: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (B, T), generator=g)
+
+
+def rel_max(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def rel_fro(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("patch_first", [True, False], ids=["patch_then_peft", "peft_then_patch"])
+def test_forward_and_one_step(family, patch_first):
+    ref, ours, handle = pair(family, patch_first=patch_first)
+    assert handle.families == [{"qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral", "olmoe": "OLMoE"}[family]]
+    ids = batch()
+    # The LoRA matters: disabling it changes the logits far beyond the tolerance.
+    with ref.disable_adapter(), torch.no_grad():
+        no_lora = ref(input_ids=ids).logits
+    out_ref = ref(input_ids=ids, labels=ids)
+    out = ours(input_ids=ids, labels=ids)
+    assert rel_max(no_lora, out_ref.logits) > 50 * U
+    err = rel_max(out.logits, out_ref.logits)
+    print(f"{family} patch_first={patch_first}: logits {err / U:.3f} u, loss "
+          f"{abs(out.loss.item() - out_ref.loss.item()) / abs(out_ref.loss.item()) / U:.3f} u")
+    assert err <= 8 * U, f"logits max err {err / U:.2f} u"
+    assert abs(out.loss.item() - out_ref.loss.item()) <= 8 * U * abs(out_ref.loss.item())
+    out_ref.loss.backward()
+    out.loss.backward()
+    g_ref, g = lora_grads(ref), lora_grads(ours)
+    assert g.keys() == g_ref.keys()
+    assert any("experts" in n for n in g) and any("q_proj" in n for n in g)
+    worst = (0.0, "")
+    for n in g_ref:
+        assert g_ref[n].norm() > 0, n
+        e = rel_fro(g[n], g_ref[n])
+        worst = max(worst, (e, n))
+        assert e <= 14 * U, f"{n}: grad err {e / U:.2f} u"
+    print(f"  worst grad err {worst[0] / U:.3f} u ({worst[1]})")
+    # Adapters disabled through PEFT: the engine runs without LoRA.
+    with ours.disable_adapter(), torch.no_grad():
+        assert rel_max(ours(input_ids=ids).logits, no_lora) <= 8 * U
+    handle.undo()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "ckpt_nonreentrant"])
+def test_training_trajectory(checkpointing, monkeypatch):
+    ref, ours, handle = pair("qwen3_moe", patch_first=True)
+    calls = []
+    real = patch_mod.moe_experts
+    monkeypatch.setattr(patch_mod, "moe_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for m in (ref, ours):
+        m.train()
+        if checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, ours)]
+    losses = ([], [])
+    ids = batch(seed=100)  # one batch, memorised: the loss must go down
+    for step in range(20):
+        for m, opt, rec in zip((ref, ours), opts, losses):
+            opt.zero_grad()
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            rec.append(loss.item())
+        if step == 0:
+            # 2 MoE layers: forward only, or forward + recompute in backward.
+            assert len(calls) == (4 if checkpointing else 2)
+    lr, lo = torch.tensor(losses[0]), torch.tensor(losses[1])
+    assert lr[-1] < lr[0] - 0.05, "the reference did not train; the comparison would be vacuous"
+    err = ((lo - lr).abs() / lr.abs()).max().item()
+    print(f"trajectory: ref {lr[0]:.4f} -> {lr[-1]:.4f}; max rel err {err / U:.3f} u")
+    assert err <= 16 * U, f"loss trajectory max rel err {err / U:.2f} u\nref {lr.tolist()}\nours {lo.tolist()}"
+    handle.undo()
+
+
+_LOAD_SCRIPT = textwrap.dedent("""
+    import sys
+
+    class _NoMoetune:
+        def find_spec(self, name, path=None, target=None):
+            if name == "moetune" or name.startswith("moetune."):
+                raise ImportError("moetune is blocked in this process")
+            return None
+
+    sys.meta_path.insert(0, _NoMoetune())
+    sys.path = [p for p in sys.path if "moetune" not in p and not p.rstrip("/").endswith("/python")]
+    import torch, transformers, peft
+    base_dir, adapter_dir, ids_path, out_path = sys.argv[1:5]
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    assert "moetune" not in sys.modules
+    with torch.no_grad():
+        logits = model(input_ids=torch.load(ids_path)).logits
+    torch.save(logits, out_path)
+""")
+
+
+def test_save_pretrained_is_a_standard_adapter(tmp_path):
+    base = build("qwen3_moe")
+    base.save_pretrained(tmp_path / "base")
+    handle = moetune.hf.patch(base, ctx=ctx())
+    ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+    lora_init_(ours)
+    ours.train()
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(3):
+        ids = batch(seed=200 + step)
+        opt.zero_grad()
+        ours(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    ours.save_pretrained(tmp_path / "adapter")
+    files = sorted(os.listdir(tmp_path / "adapter"))
+    assert "adapter_config.json" in files and "adapter_model.safetensors" in files
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_parameters"]) == sorted(LORA["target_parameters"])
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all("lora_" in k for k in saved) and any("experts" in k for k in saved)
+    assert not any(k.endswith(("gate_up_proj", "down_proj")) for k in saved)
+    ids = batch(seed=7)
+    ours.eval()
+    with torch.no_grad():
+        logits = ours(input_ids=ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"),
+                        str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = torch.load(tmp_path / "out.pt")
+    err = rel_max(logits, plain)
+    print(f"reloaded adapter in plain transformers+peft: logits {err / U:.3f} u")
+    assert err <= 8 * U, f"reloaded-adapter logits err {err / U:.2f} u"
+    handle.undo()
