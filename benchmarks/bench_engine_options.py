@@ -35,6 +35,7 @@ def cpu_name() -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--isa", default="auto", help="auto | scalar | avx2 | avx512_bf16 | amx_bf16")
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 1024, 4096])
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=2048)
@@ -44,7 +45,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     E, H, I, k, r = args.experts, args.hidden, args.inter, args.topk, args.rank
-    ctx = moetune.Context(args.threads)
+    ctx = moetune.Context(args.threads, isa=args.isa)
     print(f"machine: {cpu_name()}, engine {ctx.info()}")
     print(f"shapes: E={E} H={H} I={I} k={k}, LoRA r={r} on gate/up/down, routing uniform random")
     g = torch.Generator().manual_seed(0)

@@ -1,38 +1,55 @@
 #!/usr/bin/env bash
-# Everything the GPU test machine proves, in one command (see BENCHMARKS.md):
-#   bash benchmarks/device_run.sh            (through the device tool: carry .dev)
-# Builds and installs moetune against the machine's own torch/nanobind (no
-# network there), builds the C++ tests against a carried libgtest-dev .deb,
-# runs ctest, pytest (CUDA tests included), and the MoE layer benchmark.
-# Logs go to $OUT (or ./device-out).
+# What the GPU test machine (H100 + 16-core AMX Xeon) proves, rerunnable with
+#   bash benchmarks/device_run.sh tests     # build, ctest (AMX kernels included), pytest (CUDA included)
+#   bash benchmarks/device_run.sh options   # engine options benchmark: AMX vs AVX512-BF16, 16 threads
+#   bash benchmarks/device_run.sh layer     # MoE layer benchmark vs PyTorch baselines, 16 threads
+# Through the device tool, carry .dev (a libgtest-dev .deb from Debian, for
+# the C++ tests: that machine has no package index). Builds against the
+# machine's own torch/nanobind/scikit-build-core. Logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+mode=${1:-tests}
+
 {
-  echo "== machine"; lscpu | grep -E "Model name|^CPU\(s\)"; grep -o 'amx[a-z_0-9]*\|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+  echo "== machine"; lscpu | grep -E "Model name|^CPU\(s\)"
+  grep -o 'amx[a-z_0-9]*\|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-} 2>&1 | tee "$OUT/machine.txt"
+} >"$OUT/machine.txt" 2>&1
 
-echo "== build + install" | tee "$OUT/build.log"
-python3 -m pip install -q --no-build-isolation --no-deps . >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-python3 -c "import moetune; print(moetune.Context(16).info())" 2>&1 | tee -a "$OUT/build.log"
+python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-$mode.log" 2>&1 || { tail -40 "$OUT/build-$mode.log"; exit 1; }
+python3 -c "import moetune; print(moetune.Context(16).info())" | tee -a "$OUT/machine.txt"
 
-echo "== C++ tests"
-if ls .dev/libgtest-dev_*.deb >/dev/null 2>&1; then
-  mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
-  cmake -S . -B /tmp/build-tests -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON \
-    -DCMAKE_PREFIX_PATH=/tmp/gtest/usr -DGTest_DIR=/tmp/gtest/usr/lib/x86_64-linux-gnu/cmake/GTest >/dev/null &&
-  cmake --build /tmp/build-tests -j 16 >/dev/null 2>&1 &&
-  ctest --test-dir /tmp/build-tests -j 16 2>&1 | tail -5 | tee "$OUT/ctest.txt"
-else
-  echo "no .dev/libgtest-dev_*.deb carried: C++ tests not run" | tee "$OUT/ctest.txt"
-fi
-
-echo "== Python tests (CUDA included)"
-python3 -m pytest -q tests/python 2>&1 | tail -15 | tee "$OUT/pytest.txt"
-
-echo "== benchmark"
-python3 benchmarks/bench_moe_layer.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
+case "$mode" in
+tests)
+  if ls .dev/libgtest-dev_*.deb >/dev/null 2>&1; then
+    mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
+    cmake -S . -B /tmp/build-tests -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON \
+      -DGTest_DIR=/tmp/gtest/usr/lib/x86_64-linux-gnu/cmake/GTest >"$OUT/ctest.log" 2>&1 &&
+      cmake --build /tmp/build-tests -j 16 >>"$OUT/ctest.log" 2>&1 &&
+      /tmp/build-tests/moetune_tests --gtest_brief=1 >>"$OUT/ctest.log" 2>&1
+    echo "gtest rc=$?"; grep -E "tests ran|PASSED|FAILED" "$OUT/ctest.log" | tail -5
+    grep -c "amx_bf16" "$OUT/ctest.log" | sed 's/^/lines mentioning amx_bf16: /'
+  else
+    echo "no .dev/libgtest-dev_*.deb carried: C++ tests not run"
+  fi
+  python3 -m pytest -q tests/python -p no:cacheprovider 2>&1 | tail -6 | tee "$OUT/pytest.txt"
+  ;;
+options)
+  python3 benchmarks/bench_engine_options.py --threads 16 --tokens 128 1024 4096 2>&1 | tee "$OUT/options-amx.txt"
+  python3 benchmarks/bench_engine_options.py --threads 16 --isa avx512_bf16 --tokens 1024 4096 2>&1 | tee "$OUT/options-avx512.txt"
+  ;;
+layer)
+  python3 benchmarks/bench_moe_layer.py --threads 16 --configs qwen3 --tokens 128,1024,4096 \
+    --routing uniform,skewed --skip-peft --reps 3 2>&1 | tee "$OUT/layer-qwen3.txt"
+  python3 benchmarks/bench_moe_layer.py --threads 16 --configs deepseek --deepseek-experts 64 \
+    --tokens 1024,4096 --routing uniform --skip-peft --reps 2 2>&1 | tee "$OUT/layer-deepseek.txt"
+  ;;
+peft)
+  python3 benchmarks/bench_moe_layer.py --threads 16 --configs qwen3 --tokens 1024 --routing uniform \
+    --reps 1 --skip-loop 2>&1 | tee "$OUT/layer-peft.txt"
+  ;;
+esac
