@@ -12,7 +12,7 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
-#include <sstream>
+#include <stdexcept>
 #include <string>
 
 #include "engine/context.h"
@@ -28,21 +28,20 @@ namespace {
 using Array = nb::ndarray<nb::ro>;
 using OutArray = nb::ndarray<>;
 
+// Shapes as text, built with std::to_string only: std::ostringstream was
+// seen to crash inside this module on one machine (Ubuntu 24.04, g++ 13.3,
+// torch 2.11 in the process), when building an error message.
 template <typename A>
 std::string shape_of(const A& a) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
-  os << "]";
-  return os.str();
+  std::string s = "[";
+  for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + "]";
 }
-std::string shape_str(std::initializer_list<int64_t> s) {
-  std::ostringstream os;
-  os << "[";
+std::string shape_str(std::initializer_list<int64_t> dims) {
+  std::string s = "[";
   size_t i = 0;
-  for (int64_t v : s) os << (i++ ? ", " : "") << v;
-  os << "]";
-  return os.str();
+  for (int64_t v : dims) s += (i++ ? ", " : "") + std::to_string(v);
+  return s + "]";
 }
 
 template <typename A>
@@ -54,7 +53,7 @@ DType dtype_of(const A& a, const std::string& name) {
     if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && d.bits == 32) return DType::kI32;
     if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && d.bits == 64) return DType::kI64;
   }
-  throw nb::value_error((name + ": unsupported dtype (code " + std::to_string(d.code) + ", " +
+  throw std::invalid_argument((name + ": unsupported dtype (code " + std::to_string(d.code) + ", " +
                          std::to_string(d.bits) + " bits)").c_str());
 }
 
@@ -63,7 +62,7 @@ template <typename A>
 DType check(const A& a, const std::string& name, std::initializer_list<int64_t> shape,
             std::initializer_list<DType> dtypes) {
   if (a.device_type() != nb::device::cpu::value) {
-    throw nb::value_error((name + " must be a CPU array (the Python layer moves tensors)").c_str());
+    throw std::invalid_argument((name + " must be a CPU array (the Python layer moves tensors)"));
   }
   bool shape_ok = a.ndim() == shape.size();
   size_t i = 0;
@@ -72,13 +71,13 @@ DType check(const A& a, const std::string& name, std::initializer_list<int64_t> 
     ++i;
   }
   if (!shape_ok) {
-    throw nb::value_error((name + " has shape " + shape_of(a) + ", expected " + shape_str(shape)).c_str());
+    throw std::invalid_argument((name + " has shape " + shape_of(a) + ", expected " + shape_str(shape)));
   }
   // Row-major contiguity.
   int64_t expect = 1;
   for (int64_t d = static_cast<int64_t>(a.ndim()) - 1; d >= 0; --d) {
     if (a.shape(d) != 1 && a.stride(d) != expect) {
-      throw nb::value_error((name + " must be contiguous (row-major)").c_str());
+      throw std::invalid_argument((name + " must be contiguous (row-major)"));
     }
     expect *= a.shape(d);
   }
@@ -87,7 +86,7 @@ DType check(const A& a, const std::string& name, std::initializer_list<int64_t> 
     if (ok == dt) return dt;
   std::string allowed;
   for (DType ok : dtypes) allowed += std::string(allowed.empty() ? "" : " or ") + dtype_name(ok);
-  throw nb::value_error((name + " has dtype " + dtype_name(dt) + ", expected " + allowed).c_str());
+  throw std::invalid_argument((name + " has dtype " + dtype_name(dt) + ", expected " + allowed));
 }
 
 const std::initializer_list<DType> kFloat = {DType::kBf16, DType::kF32};
@@ -108,17 +107,17 @@ LoraSet lora_set(const MoeExperts& ex, const LoraArrays& l) {
   for (int w = 0; w < 3; ++w) {
     const std::string base = std::string("lora.") + kProj[w];
     if (l.A[w].has_value() != l.B[w].has_value()) {
-      throw nb::value_error((base + ": A and B must both be given or both be None").c_str());
+      throw std::invalid_argument((base + ": A and B must both be given or both be None"));
     }
     if (!l.A[w]) continue;
     const Array& A = *l.A[w];
     const Array& B = *l.B[w];
     if (A.ndim() != 3) {
-      throw nb::value_error((base + ".A has shape " + shape_of(A) + ", expected [E, r, in] = " +
+      throw std::invalid_argument((base + ".A has shape " + shape_of(A) + ", expected [E, r, in] = " +
                              shape_str({E, -1, in[w]})).c_str());
     }
     const int64_t r = A.shape(1);
-    if (r < 1) throw nb::value_error((base + ".A: rank r must be >= 1").c_str());
+    if (r < 1) throw std::invalid_argument((base + ".A: rank r must be >= 1"));
     p[w]->a_dtype = check(A, base + ".A", {E, r, in[w]}, kFloat);
     p[w]->b_dtype = check(B, base + ".B", {E, out[w], r}, kFloat);
     p[w]->A = A.data();
@@ -148,7 +147,7 @@ std::optional<kernels::Isa> parse_isa(const std::string& s) {
   if (s == "avx2") return kernels::Isa::kAvx2;
   if (s == "avx512_bf16") return kernels::Isa::kAvx512Bf16;
   if (s == "amx_bf16") return kernels::Isa::kAmxBf16;
-  throw nb::value_error(("isa must be one of auto, scalar, avx2, avx512_bf16, amx_bf16; got '" + s + "'").c_str());
+  throw std::invalid_argument(("isa must be one of auto, scalar, avx2, avx512_bf16, amx_bf16; got '" + s + "'"));
 }
 
 }  // namespace
@@ -202,10 +201,10 @@ NB_MODULE(_moetune_ext, m) {
              ExpertsOptions o;
              if (backward_weights == "repack") o.backward_weights = BackwardWeights::kRepack;
              else if (backward_weights == "transposed_copy") o.backward_weights = BackwardWeights::kTransposedCopy;
-             else throw nb::value_error(("backward_weights must be 'repack' or 'transposed_copy', got '" + backward_weights + "'").c_str());
+             else throw std::invalid_argument(("backward_weights must be 'repack' or 'transposed_copy', got '" + backward_weights + "'"));
              if (activations == "save") o.activations = ActivationPolicy::kSave;
              else if (activations == "recompute") o.activations = ActivationPolicy::kRecompute;
-             else throw nb::value_error(("activations must be 'save' or 'recompute', got '" + activations + "'").c_str());
+             else throw std::invalid_argument(("activations must be 'save' or 'recompute', got '" + activations + "'"));
              new (self) MoeExperts(std::move(ctx), E, H, I, o);
            },
            "ctx"_a, "num_experts"_a, "hidden_size"_a, "intermediate_size"_a,
@@ -220,7 +219,7 @@ NB_MODULE(_moetune_ext, m) {
              const DType dt = check(gate, "gate_proj", {E, I, H}, kFloat);
              if (check(up, "up_proj", {E, I, H}, kFloat) != dt ||
                  check(down, "down_proj", {E, H, I}, kFloat) != dt) {
-               throw nb::value_error("gate_proj, up_proj and down_proj must share one dtype");
+               throw std::invalid_argument("gate_proj, up_proj and down_proj must share one dtype");
              }
              nb::gil_scoped_release release;
              ex.load(gate.data(), up.data(), down.data(), dt);
@@ -232,24 +231,24 @@ NB_MODULE(_moetune_ext, m) {
               std::optional<Array> au, std::optional<Array> bu, std::optional<Array> ad,
               std::optional<Array> bd, float scaling, OutArray out) {
              const int64_t H = ex.H(), E = ex.E();
-             if (x.ndim() != 2) throw nb::value_error(("x must be 2-D [T, H], got shape " + shape_of(x)).c_str());
-             if (ids.ndim() != 2) throw nb::value_error(("topk_ids must be 2-D [T, k], got shape " + shape_of(ids)).c_str());
+             if (x.ndim() != 2) throw std::invalid_argument(("x must be 2-D [T, H], got shape " + shape_of(x)));
+             if (ids.ndim() != 2) throw std::invalid_argument(("topk_ids must be 2-D [T, k], got shape " + shape_of(ids)));
              const int64_t T = x.shape(0), k = ids.shape(1);
              ForwardArgs a;
              a.T = T;
              a.k = static_cast<int>(k);
              a.x_dtype = check(x, "x", {T, H}, kFloat);
              a.ids_dtype = check(ids, "topk_ids", {T, k}, {DType::kI32, DType::kI64});
-             if (k < 1 || k > E) throw nb::value_error(("topk_ids: k = " + std::to_string(k) + " must be in [1, E=" + std::to_string(E) + "]").c_str());
+             if (k < 1 || k > E) throw std::invalid_argument(("topk_ids: k = " + std::to_string(k) + " must be in [1, E=" + std::to_string(E) + "]"));
              a.w_dtype = check(w, "topk_weights", {T, k}, kFloat);
              if (mask) {
                const nb::dlpack::dtype d = mask->dtype();
                if (!(d.bits == 8 && (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bool) ||
                                      d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt)))) {
-                 throw nb::value_error("expert_mask must be a bool tensor of shape [E]");
+                 throw std::invalid_argument("expert_mask must be a bool tensor of shape [E]");
                }
                if (mask->ndim() != 1 || static_cast<int64_t>(mask->shape(0)) != E) {
-                 throw nb::value_error(("expert_mask has shape " + shape_of(*mask) + ", expected [" + std::to_string(E) + "]").c_str());
+                 throw std::invalid_argument(("expert_mask has shape " + shape_of(*mask) + ", expected [" + std::to_string(E) + "]"));
                }
                a.expert_mask = static_cast<const uint8_t*>(mask->data());
              }
@@ -274,7 +273,7 @@ NB_MODULE(_moetune_ext, m) {
               std::optional<OutArray> dAg, std::optional<OutArray> dBg,
               std::optional<OutArray> dAu, std::optional<OutArray> dBu,
               std::optional<OutArray> dAd, std::optional<OutArray> dBd) {
-             if (!saved) throw nb::value_error("backward needs the handle from forward");
+             if (!saved) throw std::invalid_argument("backward needs the handle from forward");
              const int64_t T = saved->T, k = saved->k, H = ex.H();
              BackwardArgs a;
              a.dout_dtype = check(dout, "grad_out", {T, H}, kFloat);
@@ -297,12 +296,12 @@ NB_MODULE(_moetune_ext, m) {
              for (int w = 0; w < 3; ++w) {
                const std::string base = std::string("grad lora.") + kProj[w];
                if (gA[w]->has_value()) {
-                 if (!p[w]->enabled()) throw nb::value_error((base + ".A requested but that LoRA is off").c_str());
+                 if (!p[w]->enabled()) throw std::invalid_argument((base + ".A requested but that LoRA is off"));
                  check(**gA[w], base + ".A", {ex.E(), p[w]->r, in[w]}, {DType::kF32});
                  *oA[w] = static_cast<float*>((*gA[w])->data());
                }
                if (gB[w]->has_value()) {
-                 if (!p[w]->enabled()) throw nb::value_error((base + ".B requested but that LoRA is off").c_str());
+                 if (!p[w]->enabled()) throw std::invalid_argument((base + ".B requested but that LoRA is off"));
                  check(**gB[w], base + ".B", {ex.E(), outd[w], p[w]->r}, {DType::kF32});
                  *oB[w] = static_cast<float*>((*gB[w])->data());
                }
