@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "engine/moe_common.h"
 #include "engine/moe_experts.h"
 #include "engine/moe_layout.h"
 
@@ -23,44 +24,17 @@ using kernels::f32_to_bf16;
 using kernels::PackedB;
 using kernels::Segment;
 
+using common::esize;
+using common::kTokenBlock;
+
 namespace {
 
-constexpr int64_t kTokenBlock = 64;
-
-size_t esize(DType d) { return d == DType::kBf16 ? 2 : 4; }
-
-// Rows of expert e as bf16 A-operand rows: from a [T, H] source (token-major).
-void gather_tokens(const Routing& rt, int64_t r0, int64_t r1, const void* src, DType dtype,
-                   int64_t H, bf16* dst, int64_t ld) {
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t t = rt.slot_of[row] / rt.k;
-    bf16* d = dst + row * ld;
-    if (dtype == DType::kBf16) {
-      std::memcpy(d, static_cast<const bf16*>(src) + t * H, H * 2);
-    } else {
-      const float* s = static_cast<const float*>(src) + t * H;
-      for (int64_t h = 0; h < H; ++h) d[h] = f32_to_bf16(s[h]);
-    }
-    std::fill(d + H, d + ld, bf16(0));
-  }
-}
-
-// C[n, r] = G_e[n, K] * Bsrc where Bsrc is a LoRA B_e [K, r] row-major (its
-// own layout read as [K, N]); result scaled and rounded into ps rows.
-void lora_back_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew, const LoraProj& p, float s, int e, int64_t K,
-                      const bf16* ge, int64_t ldg, int64_t n, Arena& a, bf16* ps, int64_t ldr) {
-  const int64_t r = p.r;
-  bf16* pb = a.alloc<bf16>(kernels::packed_elems(K, r));
-  kernels::pack_b(static_cast<const char*>(p.B) + e * K * r * esize(p.b_dtype),
-                  src_type(p.b_dtype), r, true, K, 0, r, 1.0f, pb);
-  Segment seg{ge, ldg, PackedB{pb, K, r}};
-  float* c = a.alloc<float>(n * r);
-  k.gemm(n, 0, r, &seg, 1, c, r, false);
-  for (int64_t m = 0; m < n; ++m) {
-    bf16* row = ps + m * ldr;
-    ew.to_bf16(c + m * r, s, row, r);
-    for (int64_t j = r; j < ldr; ++j) row[j] = 0;
-  }
+// p = bf16(s * (G_e B_e)) with LoRA B_e [K, r] (its own layout read as [K, N]).
+void lora_back_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew,
+                      const LoraProj& p, float s, int e, int64_t K, const bf16* ge, int64_t ldg,
+                      int64_t n, Arena& a, bf16* ps, int64_t ldr) {
+  common::reduce_to_rank(k, ew, static_cast<const char*>(p.B) + e * K * p.r * esize(p.b_dtype),
+                         p.b_dtype, /*kn=*/true, K, p.r, ge, ldg, n, s, a, ps, ldr);
 }
 
 // Token-axis contractions for the LoRA weight gradients: sum over the n rows
@@ -128,8 +102,8 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   auto dog = ctx.workspace<bf16>(layout::kWsDout, rows * ldh);
   ctx.parallel_for("bwd.gather", (rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
     const int64_t r0 = b * kTokenBlock, r1 = std::min(rows, r0 + kTokenBlock);
-    gather_tokens(rt, r0, r1, s.x.data(), DType::kBf16, H, xg.data(), ldh);
-    gather_tokens(rt, r0, r1, args.dout, args.dout_dtype, H, dog.data(), ldh);
+    common::gather_token_rows(rt, r0, r1, s.x.data(), DType::kBf16, H, xg.data(), ldh);
+    common::gather_token_rows(rt, r0, r1, args.dout, args.dout_dtype, H, dog.data(), ldh);
   });
 
   // 2. q = s * dout Bd.

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "engine/moe_common.h"
 #include "engine/moe_experts.h"
 #include "engine/moe_layout.h"
 
@@ -21,57 +22,35 @@ using kernels::f32_to_bf16;
 using kernels::PackedB;
 using kernels::Segment;
 
-namespace {
+using common::esize;
+using common::kTokenBlock;
 
-constexpr int64_t kTokenBlock = 64;
+namespace {
 
 void gather_rows(Context& ctx, const Routing& rt, const void* src, DType dtype, int64_t H,
                  bf16* dst, int64_t ld) {
   const int64_t rows = rt.rows();
-  const int64_t blocks = (rows + kTokenBlock - 1) / kTokenBlock;
-  ctx.parallel_for("fwd.gather", blocks, [&](int64_t b, Arena&) {
-    const int64_t r1 = std::min(rows, (b + 1) * kTokenBlock);
-    for (int64_t row = b * kTokenBlock; row < r1; ++row) {
-      const int64_t t = rt.slot_of[row] / rt.k;
-      bf16* d = dst + row * ld;
-      if (dtype == DType::kBf16) {
-        std::memcpy(d, static_cast<const bf16*>(src) + t * H, H * sizeof(bf16));
-      } else {
-        const float* s = static_cast<const float*>(src) + t * H;
-        for (int64_t h = 0; h < H; ++h) d[h] = f32_to_bf16(s[h]);
-      }
-      std::memset(d + H, 0, (ld - H) * sizeof(bf16));
-    }
+  ctx.parallel_for("fwd.gather", (rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
+    common::gather_token_rows(rt, b * kTokenBlock, std::min(rows, (b + 1) * kTokenBlock), src,
+                              dtype, H, dst, ld);
   });
 }
 
-}  // namespace
-
-// z = bf16(s * (X_e A_e^T)) for rows of expert e -> zs rows (stride ld_r).
-static void lora_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew, const LoraProj& p, float s, int e,
-                        int64_t in, const bf16* xe, int64_t ldx, int64_t n, Arena& a, bf16* zs,
-                        int64_t ldr) {
-  const int64_t r = p.r;
-  bf16* pa = a.alloc<bf16>(kernels::packed_elems(in, r));
-  const size_t esz = p.a_dtype == DType::kBf16 ? 2 : 4;
-  // A_e is [r, in] = [N, K].
-  kernels::pack_b(static_cast<const char*>(p.A) + e * r * in * esz, src_type(p.a_dtype), in,
-                  false, in, 0, r, 1.0f, pa);
-  Segment seg{xe, ldx, PackedB{pa, in, r}};
-  float* c = a.alloc<float>(n * r);
-  k.gemm(n, 0, r, &seg, 1, c, r, false);
-  for (int64_t m = 0; m < n; ++m) {
-    bf16* zrow = zs + m * ldr;
-    ew.to_bf16(c + m * r, s, zrow, r);
-    for (int64_t j = r; j < ldr; ++j) zrow[j] = 0;
-  }
+// z = bf16(s * (X_e A_e^T)) for rows of expert e -> zs rows (stride ldr).
+void lora_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew,
+                 const LoraProj& p, float s, int e, int64_t in, const bf16* xe, int64_t ldx,
+                 int64_t n, Arena& a, bf16* zs, int64_t ldr) {
+  common::reduce_to_rank(k, ew, static_cast<const char*>(p.A) + e * p.r * in * esize(p.a_dtype),
+                         p.a_dtype, /*kn=*/false, in, p.r, xe, ldx, n, s, a, zs, ldr);
 }
+
+}  // namespace
 
 // Packs rows [n0, n0 + n) of LoRA B_e ([out, r] = [N, K]) for the expand.
 static PackedB lora_expand_b(const LoraProj& p, int e, int64_t out, int64_t n0, int64_t n,
                              Arena& a) {
   const int64_t r = p.r;
-  const size_t esz = p.b_dtype == DType::kBf16 ? 2 : 4;
+  const size_t esz = esize(p.b_dtype);
   bf16* pb = a.alloc<bf16>(kernels::packed_elems(r, n));
   kernels::pack_b(static_cast<const char*>(p.B) + e * out * r * esz, src_type(p.b_dtype), r, false,
                   r, n0, n0 + n, 1.0f, pb);
