@@ -40,7 +40,11 @@
 namespace moetune {
 
 // What backward needs from forward. Opaque to callers except for its size.
-struct Saved {
+// enable_shared_from_this: a handle that went through Python comes back as
+// the original shared_ptr (nanobind uses it), not one whose deleter needs the
+// Python GIL — a queued job may drop the last reference on the dispatcher
+// thread while the GIL holder waits for that thread.
+struct Saved : std::enable_shared_from_this<Saved> {
   Routing routing;
   int64_t T = 0;
   int k = 0;
