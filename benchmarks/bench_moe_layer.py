@@ -239,6 +239,28 @@ def time_steps(step: Callable[[], None], reps: int, warmup: int, budget_s: float
 # ----------------------------------------------------------------------------- moetune
 
 
+def time_batches(batches: Dict, params, forward, args) -> Dict:
+    """Times fwd+bwd of `forward(x, batch, w)` on every batch: grads of x, w and
+    `params` are reset before each step, so every rep does the same work."""
+    res = {}
+    for key, b in batches.items():
+        x = b.x.clone().requires_grad_(True)
+        w = b.w.clone().requires_grad_(True)
+        last = {}
+
+        def step():
+            x.grad = w.grad = None
+            for q in params:
+                q.grad = None
+            out = forward(x, b, w)
+            out.backward(b.dout)
+            last["out"] = out.detach()
+
+        times, note = time_steps(step, args.reps, args.warmup, args.budget_s)
+        res[key] = (times, note, last["out"])
+    return res
+
+
 def bench_moetune(layer: LayerData, batches: Dict, args, meta: dict):
     """All moetune timings of one layer config. Returns {(T, routing): (times, note, out)}."""
     import moetune  # only here: --only-baselines must work without the extension
@@ -251,22 +273,8 @@ def bench_moetune(layer: LayerData, batches: Dict, args, meta: dict):
     gc.collect()
     params = {p: (nn.Parameter(A.clone()), nn.Parameter(B.clone())) for p, (A, B) in layer.lora.items()}
     lora = moetune.LoraWeights(gate=params["gate"], up=params["up"], down=params["down"], scaling=layer.scaling)
-    res = {}
-    for key, b in batches.items():
-        x = b.x.clone().requires_grad_(True)
-        w = b.w.clone().requires_grad_(True)
-        last = {}
-
-        def step():
-            x.grad = w.grad = None
-            for A, B in params.values():
-                A.grad = B.grad = None
-            out = moetune.moe_experts(experts, x, b.ids, w, lora=lora)
-            out.backward(b.dout)
-            last["out"] = out.detach()
-
-        times, note = time_steps(step, args.reps, args.warmup, args.budget_s)
-        res[key] = (times, note, last["out"])
+    flat = [t for pair in params.values() for t in pair]
+    res = time_batches(batches, flat, lambda x, b, w: moetune.moe_experts(experts, x, b.ids, w, lora=lora), args)
     del experts, ctx
     gc.collect()
     return res
@@ -308,22 +316,8 @@ def per_expert_params(t: torch.Tensor, dtype) -> nn.ParameterList:
 def bench_hf_loop(layer: LayerData, batches: Dict, args, meta: dict):
     params = {p: (per_expert_params(A, BF16), per_expert_params(B, BF16)) for p, (A, B) in layer.lora.items()}
     all_params = [q for A, B in params.values() for q in list(A) + list(B)]
-    res = {}
-    for key, b in batches.items():
-        x = b.x.clone().requires_grad_(True)
-        w = b.w.clone().requires_grad_(True)
-        last = {}
-
-        def step():
-            x.grad = w.grad = None
-            for q in all_params:
-                q.grad = None
-            out = hf_loop_forward(x, b.ids, w, layer.gate, layer.up, layer.down, params, layer.scaling)
-            out.backward(b.dout)
-            last["out"] = out.detach()
-
-        times, note = time_steps(step, args.reps, args.warmup, args.budget_s)
-        res[key] = (times, note, last["out"])
+    res = time_batches(batches, all_params, lambda x, b, w: hf_loop_forward(
+        x, b.ids, w, layer.gate, layer.up, layer.down, params, layer.scaling), args)
     return res
 
 
@@ -401,22 +395,7 @@ def bench_hf_peft(layer: LayerData, batches: Dict, args, meta: dict, config_name
             lora_params.append(p)
     meta.setdefault("peft_trainable", {})[config_name] = {
         n: [list(p.shape), str(p.dtype).replace("torch.", "")] for n, p in model.named_parameters() if p.requires_grad}
-    res = {}
-    for key, b in batches.items():
-        x = b.x.clone().requires_grad_(True)
-        w = b.w.clone().requires_grad_(True)
-        last = {}
-
-        def step():
-            x.grad = w.grad = None
-            for p in lora_params:
-                p.grad = None
-            out = model(x, b.ids, w)
-            out.backward(b.dout)
-            last["out"] = out.detach()
-
-        times, note = time_steps(step, args.reps, args.warmup, args.budget_s)
-        res[key] = (times, note, last["out"])
+    res = time_batches(batches, lora_params, lambda x, b, w: model(x, b.ids, w), args)
     del model, holder, ex
     gc.collect()
     return res
