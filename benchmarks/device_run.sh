@@ -3,6 +3,8 @@
 #   bash benchmarks/device_run.sh tests     # build, ctest (AMX kernels included), pytest (CUDA included)
 #   bash benchmarks/device_run.sh options   # engine options benchmark: AMX vs AVX512-BF16, 16 threads
 #   bash benchmarks/device_run.sh layer     # MoE layer benchmark vs PyTorch baselines, 16 threads
+#   bash benchmarks/device_run.sh peft      # the transformers + PEFT path at T=1024
+#   bash benchmarks/device_run.sh ceiling   # measured AMX / AVX512-BF16 peaks and DRAM read bandwidth
 # Through the device tool, carry .dev (a libgtest-dev .deb from Debian, for
 # the C++ tests: that machine has no package index). Builds against the
 # machine's own torch/nanobind/scikit-build-core. Logs go to $OUT.
@@ -47,6 +49,9 @@ layer)
     --routing uniform,skewed --skip-peft --reps 3 2>&1 | tee "$OUT/layer-qwen3.txt"
   python3 benchmarks/bench_moe_layer.py --threads 16 --configs deepseek --deepseek-experts 64 \
     --tokens 1024,4096 --routing uniform --skip-peft --reps 2 2>&1 | tee "$OUT/layer-deepseek.txt"
+  ;;
+ceiling)
+  g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
   ;;
 peft)
   python3 benchmarks/bench_moe_layer.py --threads 16 --configs qwen3 --tokens 1024 --routing uniform \
