@@ -37,6 +37,10 @@ SUPPORTED_FAMILIES = {
     "Qwen3-MoE": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
     "Mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
     "OLMoE": ("transformers.models.olmoe.modeling_olmoe", "OlmoeExperts"),
+    "Qwen2-MoE": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts"),
+    "DeepSeek-V2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Experts"),
+    "DeepSeek-V3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Experts"),
+    "GLM-4-MoE": ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeExperts"),
 }
 
 
