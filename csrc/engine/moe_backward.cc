@@ -102,8 +102,8 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   auto dog = ctx.workspace<bf16>(layout::kWsDout, rows * ldh);
   ctx.parallel_for("bwd.gather", (rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
     const int64_t r0 = b * kTokenBlock, r1 = std::min(rows, r0 + kTokenBlock);
-    common::gather_token_rows(rt, r0, r1, s.x.data(), DType::kBf16, H, xg.data(), ldh);
-    common::gather_token_rows(rt, r0, r1, args.dout, args.dout_dtype, H, dog.data(), ldh);
+    common::gather_token_rows(ctx.eltwise(), rt, r0, r1, s.x.data(), DType::kBf16, H, xg.data(), ldh);
+    common::gather_token_rows(ctx.eltwise(), rt, r0, r1, args.dout, args.dout_dtype, H, dog.data(), ldh);
   });
 
   // 2. q = s * dout Bd.
@@ -267,12 +267,8 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
         }
       }
       if (!args.dx) continue;
-      if (args.dx_dtype == DType::kF32) {
-        std::memcpy(static_cast<float*>(args.dx) + t * H, acc, H * 4);
-      } else {
-        bf16* o = static_cast<bf16*>(args.dx) + t * H;
-        for (int64_t h = 0; h < H; ++h) o[h] = f32_to_bf16(acc[h]);
-      }
+      common::store_row(ctx.eltwise(), acc, H,
+                        static_cast<char*>(args.dx) + t * H * esize(args.dx_dtype), args.dx_dtype);
     }
   });
 }

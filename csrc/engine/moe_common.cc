@@ -7,17 +7,32 @@ namespace moetune::common {
 
 using kernels::bf16;
 
-void gather_token_rows(const Routing& rt, int64_t r0, int64_t r1, const void* src, DType dtype,
-                       int64_t H, bf16* dst, int64_t ld) {
+void row_to_bf16(const kernels::EltwiseKernel& ew, const void* src, DType dtype, int64_t n,
+                 bf16* dst) {
+  if (dtype == DType::kBf16) {
+    std::memcpy(dst, src, n * sizeof(bf16));
+  } else {
+    ew.to_bf16(static_cast<const float*>(src), 1.0f, dst, n);
+  }
+}
+
+void store_row(const kernels::EltwiseKernel& ew, const float* src, int64_t n, void* dst,
+               DType dtype) {
+  if (dtype == DType::kF32) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    ew.to_bf16(src, 1.0f, static_cast<bf16*>(dst), n);
+  }
+}
+
+void gather_token_rows(const kernels::EltwiseKernel& ew, const Routing& rt, int64_t r0,
+                       int64_t r1, const void* src, DType dtype, int64_t H, bf16* dst,
+                       int64_t ld) {
+  const size_t row_bytes = H * esize(dtype);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t t = rt.slot_of[row] / rt.k;
     bf16* d = dst + row * ld;
-    if (dtype == DType::kBf16) {
-      std::memcpy(d, static_cast<const bf16*>(src) + t * H, H * sizeof(bf16));
-    } else {
-      const float* s = static_cast<const float*>(src) + t * H;
-      for (int64_t h = 0; h < H; ++h) d[h] = kernels::f32_to_bf16(s[h]);
-    }
+    row_to_bf16(ew, static_cast<const char*>(src) + t * row_bytes, dtype, H, d);
     std::fill(d + H, d + ld, bf16(0));
   }
 }

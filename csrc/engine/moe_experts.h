@@ -99,8 +99,8 @@ class MoeExperts {
   kernels::PackedB bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;
   void run_forward(const ForwardArgs& args, Saved& s);
   void run_backward(const BackwardArgs& args, Saved& s);
-  // g, u (bf16) for rows [row0, row0 + n) of expert e, columns [i0, i1).
-  void gate_up_chunk(const LoraSet& lora, int e, int64_t row0, const kernels::bf16* xe, int64_t n,
+  // g, u (bf16) for expert-major rows [off, off + n) of expert e, columns [i0, i1).
+  void gate_up_chunk(const LoraSet& lora, int e, int64_t off, const kernels::bf16* xe, int64_t n,
                      const Saved& s, int64_t i0, int64_t i1, Arena& a, kernels::bf16* gb,
                      kernels::bf16* ub, int64_t ld) const;
 

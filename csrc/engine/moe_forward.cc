@@ -18,7 +18,6 @@ namespace moetune {
 
 using kernels::bf16;
 using kernels::bf16_to_f32;
-using kernels::f32_to_bf16;
 using kernels::PackedB;
 using kernels::Segment;
 
@@ -31,7 +30,7 @@ void gather_rows(Context& ctx, const Routing& rt, const void* src, DType dtype, 
                  bf16* dst, int64_t ld) {
   const int64_t rows = rt.rows();
   ctx.parallel_for("fwd.gather", (rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
-    common::gather_token_rows(rt, b * kTokenBlock, std::min(rows, (b + 1) * kTokenBlock), src,
+    common::gather_token_rows(ctx.eltwise(), rt, b * kTokenBlock, std::min(rows, (b + 1) * kTokenBlock), src,
                               dtype, H, dst, ld);
   });
 }
@@ -57,13 +56,12 @@ static PackedB lora_expand_b(const LoraProj& p, int e, int64_t out, int64_t n0, 
   return PackedB{pb, r, n};
 }
 
-void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t row0, const bf16* xe, int64_t n,
+void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf16* xe, int64_t n,
                                const Saved& s, int64_t i0, int64_t i1, Arena& a, bf16* gb,
                                bf16* ub, int64_t ld) const {
   const kernels::GemmKernel& k = ctx_->gemm();
   const int64_t nc = i1 - i0;
   const int64_t ldh = layout::ld_bf16(H_);
-  const int64_t off = row0;
   float* c = a.alloc<float>(n * nc);
   for (int which = 0; which < 2; ++which) {
     const LoraProj& p = which == 0 ? lora.gate : lora.up;
@@ -97,12 +95,8 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   ctx.parallel_for("fwd.save_inputs", (T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
     const int64_t t1 = std::min(T, (b + 1) * kTokenBlock);
     for (int64_t t = b * kTokenBlock; t < t1; ++t) {
-      if (args.x_dtype == DType::kBf16) {
-        std::memcpy(s.x.data() + t * H, static_cast<const bf16*>(args.x) + t * H, H * 2);
-      } else {
-        const float* xs = static_cast<const float*>(args.x) + t * H;
-        for (int64_t h = 0; h < H; ++h) s.x.data()[t * H + h] = f32_to_bf16(xs[h]);
-      }
+      common::row_to_bf16(ctx.eltwise(), static_cast<const char*>(args.x) + t * H * esize(args.x_dtype),
+                          args.x_dtype, H, s.x.data() + t * H);
       for (int j = 0; j < args.k; ++j) {
         const int64_t i = t * args.k + j;
         s.w.data()[i] = args.w_dtype == DType::kF32
@@ -205,12 +199,8 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
         const float* yr = y.data() + row * H;
         for (int64_t h = 0; h < H; ++h) acc[h] += wt * yr[h];
       }
-      if (args.out_dtype == DType::kF32) {
-        std::memcpy(static_cast<float*>(args.out) + t * H, acc, H * 4);
-      } else {
-        bf16* o = static_cast<bf16*>(args.out) + t * H;
-        for (int64_t h = 0; h < H; ++h) o[h] = f32_to_bf16(acc[h]);
-      }
+      common::store_row(ctx.eltwise(), acc, H,
+                        static_cast<char*>(args.out) + t * H * esize(args.out_dtype), args.out_dtype);
     }
   });
 }

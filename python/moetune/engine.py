@@ -28,8 +28,9 @@ _PROJ = ("gate", "up", "down")
 class Context:
     """Owns the engine's worker threads, scratch memory and kernel choice.
 
-    num_threads: engine threads (default: all cores torch is not told to use
-    is NOT guessed; pass it explicitly when torch also runs on the CPU).
+    num_threads: engine threads (default: every core this process may run on;
+    pass it explicitly when torch also computes on the CPU, and give torch the
+    remaining cores).
     cpus: optional list of core ids to pin the workers to.
     isa: "auto" | "scalar" | "avx2" | "avx512_bf16" | "amx_bf16".
     """
@@ -252,8 +253,6 @@ def moe_experts_async(experts: "MoEExperts", x: torch.Tensor, topk_ids: torch.Te
     for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_ids has dtype {topk_ids.dtype}, expected torch.int32 or torch.int64")
     if x.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"x has dtype {x.dtype}, expected torch.bfloat16 or torch.float32")
     if topk_weights.dtype not in (torch.bfloat16, torch.float32):
