@@ -16,11 +16,6 @@ MOETUNE_DECLARE_GEMM(avx2)
 MOETUNE_DECLARE_GEMM(avx512bf16)
 MOETUNE_DECLARE_GEMM(amx)
 
-namespace moetune::kernels::amx {
-void gemm_direct(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
-                 float* C, int64_t ldc, bool accumulate);
-}
-
 namespace moetune::kernels::avx512bf16 {
 void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
 }
