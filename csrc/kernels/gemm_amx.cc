@@ -7,8 +7,9 @@
 // What AMX does not cover goes to the AVX512-BF16 kernel in accumulate mode:
 // each segment's K tail (K mod 32) and segments shorter than 32 (LoRA
 // expands with small r) — the same arithmetic, fp32 accumulation.
-// Row and column tails use zero-padded scratch tiles, so no read or write
-// ever goes past the caller's buffers.
+// Row tails are zero rows of the packed A block, column tails the zero
+// columns of the last packed panel, and C goes through an fp32 staging block,
+// so no read or write ever goes past the caller's buffers.
 //
 // The tile configuration is loaded on entry and released on exit (RAII), so
 // a worker thread never leaves AMX state configured between calls.
