@@ -209,3 +209,30 @@ def test_save_pretrained_loads_in_stock_transformers_peft(tmp_path):
     print(f"gpt-oss adapter reloaded in plain transformers+peft: logits {err / U:.3f} u")
     assert err <= 8 * U, f"reloaded-adapter logits err {err / U:.2f} u"
     handle.undo()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU test machine)")
+def test_rest_of_model_on_cuda():
+    """Experts (weights and biases) stay in the CPU engine; the rest runs on CUDA; results match the CPU fp32
+    reference within the same tolerances."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref, ours, handle = pair(patch_first=True)
+    ours.to("cuda")
+    held = [p for n, p in ours.named_parameters() if n.endswith(("gate_up_proj", "down_proj", "_proj_bias"))]
+    assert len(held) == 8 and all(isinstance(p, moetune.hf.EngineHeldTensor) and p.device.type == "cpu"
+                                  for p in held)
+    ids = batch()
+    out_ref = ref(input_ids=ids, labels=ids)
+    out = ours(input_ids=ids.cuda(), labels=ids.cuda())
+    assert out.logits.device.type == "cuda"
+    err = rel_max(out.logits.cpu(), out_ref.logits)
+    print(f"gpt-oss cuda: logits {err / U:.3f} u")
+    assert err <= 8 * U
+    out_ref.loss.backward()
+    out.loss.backward()
+    g_ref, g = lora_grads(ref), lora_grads(ours)
+    for n in g_ref:
+        assert g[n].device.type == "cuda"
+        assert rel_fro(g[n].cpu(), g_ref[n]) <= 14 * U, n
+    handle.undo()
