@@ -143,7 +143,8 @@ def test_forward_and_one_step(patch_first):
         assert not isinstance(m.gate_up_proj_bias, moetune.hf.EngineHeldTensor)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["no_ckpt", "ckpt_nonreentrant"])
+@pytest.mark.parametrize("checkpointing", [False, "non_reentrant", "reentrant"],
+                         ids=["no_ckpt", "ckpt_nonreentrant", "ckpt_reentrant"])
 def test_training_trajectory(checkpointing, monkeypatch):
     ref, ours, handle = pair(patch_first=True)
     calls = []
@@ -152,7 +153,10 @@ def test_training_trajectory(checkpointing, monkeypatch):
     for m in (ref, ours):
         m.train()
         if checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+            if checkpointing == "reentrant":
+                m.enable_input_require_grads()  # reentrant checkpoints pass gradients only to inputs that need them
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, ours)]
     losses = ([], [])
     ids = batch(seed=100)
