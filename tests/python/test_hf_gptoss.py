@@ -213,6 +213,14 @@ def test_save_pretrained_loads_in_stock_transformers_peft(tmp_path):
     print(f"gpt-oss adapter reloaded in plain transformers+peft: logits {err / U:.3f} u")
     assert err <= 8 * U, f"reloaded-adapter logits err {err / U:.2f} u"
     handle.undo()
+    # ... and back into moetune (to resume training): the same logits.
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    handle2 = moetune.hf.patch(again, ctx=ctx())
+    again = peft.PeftModel.from_pretrained(again, tmp_path / "adapter", is_trainable=True)
+    with torch.no_grad():
+        resumed = again(input_ids=ids).logits
+    assert torch.equal(resumed, logits), f"resumed logits differ: {rel_max(resumed, logits) / U:.3f} u"
+    handle2.undo()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU test machine)")
