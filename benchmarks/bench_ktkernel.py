@@ -28,9 +28,13 @@ A row is printed as soon as it is measured (a crash in one backend keeps earlier
 kt-kernel's backward needs Wᵀ products. With share_backward_bb (its training default for
 BF16, --kt-share-backward-bb 1) it keeps one layer-sized buffer re-derived from the packed
 weights before each backward ("repack"; in training submitted asynchronously for the next
-layer while the GPU works); without it, a second (transposed) packed copy per layer. Here the
-repack is submitted explicitly and timed on its own (column "repack ms", counted in total;
-"ratio w/o repack" leaves it out). moetune's counterparts: --moetune-backward-weights repack
+layer while the GPU works); without it, a second (transposed) packed copy per layer. Its
+backward does not repack by itself once the buffer holds this layer (measured on the
+development machine: same backward time with and without a prior repack, each repack
+costing its own time), so a one-layer loop without it would skip a cost every real layer
+pays. Here the repack is submitted before every backward, as kt-kernel's training loop
+does for every layer, and timed on its own (column "repack ms", counted in total; "ratio
+w/o" leaves it out: the best case where it is fully hidden). moetune's counterparts: --moetune-backward-weights repack
 (default; 1x packed weights, Wᵀ slices made inside backward, counted in bwd) or
 transposed_copy (2x).
 
