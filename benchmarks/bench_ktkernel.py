@@ -363,7 +363,8 @@ def main(argv=None):
                     help="compare against the fp32 reference for T up to this (the reference is slow)")
     ap.add_argument("--isa", default="auto", help="moetune ISA: auto | avx512_bf16 | amx_bf16 | ...")
     ap.add_argument("--moetune-backward-weights", default="repack", choices=["repack", "transposed_copy"])
-    ap.add_argument("--kt-variant", default="auto", help="kt-kernel extension: auto | amx | avx512_bf16")
+    ap.add_argument("--kt-variant", default="auto", choices=["auto", "amx", "avx512_bf16"],
+                    help="kt-kernel extension variant (sets KT_KERNEL_CPU_VARIANT before the import)")
     ap.add_argument("--kt-share-backward-bb", type=int, default=1, choices=[0, 1],
                     help="kt-kernel's share_backward_bb (1: its training default for BF16)")
     ap.add_argument("--kt-numa-pools", type=int, default=1, help="kt-kernel CPUInfer sub-pools (NUMA nodes)")
