@@ -52,7 +52,7 @@ What kt-kernel needs (found by reading its package, kt-kernel 0.7.2, cp312 wheel
     forced with KT_KERNEL_CPU_VARIANT: --kt-variant sets it before the import);
   - no GPU, no config file, no NUMA setup (one CPUInfer sub-pool, --kt-numa-pools 1).
   benchmarks/make_ktk.sh builds the trimmed importable copy (.ktk, ~21 MB) from the wheels.
-Caveat: CPUInfer is a process-wide singleton, so the first --threads wins for every config.
+Caveat: CPUInfer is a process-wide singleton, so the first thread count wins for every config.
 
 Usage:
   export PYTHONPATH=$PWD/.ktk:$PYTHONPATH
@@ -257,9 +257,9 @@ class KtImpl:
         # qlen only, never checks hidden_size: drop it so a new shape gets a fresh one.
         buffer_cls.clear_cache()
         self.share = bool(args.kt_share_backward_bb)
-        self.info = f"{desc}, AMXBF16_SFT, threads={args.threads}, share_backward_bb={self.share}"
+        self.info = f"{desc}, AMXBF16_SFT, threads={args.kt_threads}, share_backward_bb={self.share}"
         kt = wrapper_cls(layer_idx=0, num_experts=layer.E, num_experts_per_tok=args.k, hidden_size=layer.H,
-                         moe_intermediate_size=layer.I, num_gpu_experts=0, cpuinfer_threads=args.threads,
+                         moe_intermediate_size=layer.I, num_gpu_experts=0, cpuinfer_threads=args.kt_threads,
                          threadpool_count=args.kt_numa_pools, weight_path="", chunked_prefill_size=max_tokens,
                          lora_rank=layer.r, lora_alpha=layer.r * layer.scaling, lora_dropout=0.0,
                          max_cache_depth=1, method="AMXBF16_SFT")
@@ -368,6 +368,8 @@ def main(argv=None):
     ap.add_argument("--kt-share-backward-bb", type=int, default=1, choices=[0, 1],
                     help="kt-kernel's share_backward_bb (1: its training default for BF16)")
     ap.add_argument("--kt-numa-pools", type=int, default=1, help="kt-kernel CPUInfer sub-pools (NUMA nodes)")
+    ap.add_argument("--kt-threads", type=int, default=None,
+                    help="kt-kernel CPUInfer worker threads (default: --threads)")
     ap.add_argument("--skip-kt", action="store_true")
     ap.add_argument("--skip-moetune", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -378,6 +380,7 @@ def main(argv=None):
         if c not in CONFIGS:
             sys.exit(f"unknown config {c!r}; choose from {list(CONFIGS)}")
     tokens = sorted(args.tokens)
+    args.kt_threads = args.kt_threads or args.threads
     torch.set_num_threads(args.threads)
 
     print(f"machine : {cpu_summary()}; load {os.getloadavg()[0]:.2f}")
