@@ -95,6 +95,28 @@ class MoEExperts:
         dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load(_host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
 
+    @classmethod
+    def empty(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int,
+              **options) -> "MoEExperts":
+        """Experts of the given shape with nothing loaded yet; fill every expert
+        with load_expert (streaming loaders: one expert's weights in memory at a
+        time). options: as for the constructor (backward_weights, ...)."""
+        self = cls.__new__(cls)
+        self.ctx = ctx
+        self._ex = _ext.Experts(ctx._ctx, int(num_experts), int(hidden_size), int(intermediate_size), **options)
+        return self
+
+    def load_expert(self, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+        """Packs expert e from gate/up [I, H] and down [H, I] (bf16 bit-exact, fp32
+        rounded, other floats through bf16). Distinct experts may be loaded from
+        several threads at once."""
+        for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"expert {e}: {name} must be a floating-point tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+        dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
+        self._ex.load_expert(int(e), _host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
+
     num_experts = property(lambda self: self._ex.num_experts)
     hidden_size = property(lambda self: self._ex.hidden_size)
     intermediate_size = property(lambda self: self._ex.intermediate_size)
