@@ -91,12 +91,10 @@ def _skeleton(config, dtype: torch.dtype):
         raise ValueError(f"moetune: model_type {config.model_type!r} has no causal-LM class in transformers "
                          f"{transformers.__version__}; supported MoE families: {patching._supported_text()}") from None
     with init_empty_weights(include_buffers=False):
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # what from_pretrained(dtype=...) builds with
         try:
-            model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
-        finally:
-            torch.set_default_dtype(prev)
+            model = cls._from_config(config, dtype=dtype)
+        except TypeError:  # transformers that still call it torch_dtype
+            model = cls._from_config(config, torch_dtype=dtype)
     return model
 
 
@@ -235,13 +233,15 @@ def _plan(model, found, ckpt: Checkpoint, km, block, device) -> _Plan:
     return plan
 
 
-def _packed_estimate(ep: _ExpertsPlan, engine_kwargs) -> int:
-    """Bytes the engine packs one layer into (bf16 panels of 16 columns x K pairs)."""
+def packed_bytes_estimate(E: int, H: int, I: int, engine_kwargs) -> int:
+    """Bytes the engine packs one layer into (bf16 panels of 16 columns x K pairs;
+    a second copy with backward_weights="transposed_copy"). An upper bound for
+    other weight formats."""
     def rup(a, b):
         return -(-a // b) * b
-    per = 2 * rup(ep.I, 16) * rup(ep.H, 2) + rup(ep.H, 16) * rup(ep.I, 2)
+    per = 2 * rup(I, 16) * rup(H, 2) + rup(H, 16) * rup(I, 2)
     copies = 2 if engine_kwargs.get("backward_weights") == "transposed_copy" else 1
-    return 2 * ep.E * per * copies
+    return 2 * E * per * copies
 
 
 def available_host_memory() -> Optional[int]:
@@ -257,7 +257,7 @@ def available_host_memory() -> Optional[int]:
 
 
 def _check_memory(plan: _Plan, engine_kwargs, path) -> None:
-    packed = sum(_packed_estimate(ep, engine_kwargs) for ep in plan.experts)
+    packed = sum(packed_bytes_estimate(ep.E, ep.H, ep.I, engine_kwargs) for ep in plan.experts)
     layer = max((ep.src_bytes for ep in plan.experts), default=0)
     cpu = plan.nonexpert_bytes.get("cpu", 0)
     need = packed + layer + cpu
@@ -362,8 +362,8 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
                         t = fp8_mod.dequantize(t, r.get(sk), block, ck)
                         bar.update(ckpt.entries[sk].nbytes)
                     meta = meta_sd[mk]
-                    t = t.to(_target_dtype(mk, meta, dtype, fp32_pats))
-                    set_module_tensor_to_device(model, mk, _device_of(device, mk), value=t)
+                    want = _target_dtype(mk, meta, dtype, fp32_pats)
+                    set_module_tensor_to_device(model, mk, _device_of(device, mk), value=t.to(want), dtype=want)
                     bar.update(ckpt.entries[ck].nbytes)
                     del t
         # Experts, layer by layer; experts of one layer in parallel (packing releases the GIL).
