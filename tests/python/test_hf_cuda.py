@@ -40,3 +40,104 @@ def test_rest_of_model_on_cuda(patch_first):
         assert rel_fro(g[n].cpu(), g_ref[n]) <= 14 * U, n
     handle.undo()
     assert all(p.device.type == "cpu" for n, p in ours.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))
+
+
+# ---- moetune.load_model(device="cuda"): non-expert parts on the GPU, experts never ----
+
+def _big_experts(family):
+    """The family's tiny test model with experts large enough (32 experts of
+    I = 1024: 25 MiB per layer in fp32) that one expert layer on the GPU would
+    stand out far above the activations of a 2 x 16-token batch."""
+    from test_hf_exactness import FAMILIES, tiny  # noqa: F401
+
+    cls, cfg = tiny(family)
+    for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, 32)
+    if hasattr(cfg, "moe_intermediate_size"):
+        cfg.moe_intermediate_size = 1024
+    else:  # Mixtral, OLMoE: intermediate_size is the experts'
+        cfg.intermediate_size = 1024
+    torch.manual_seed(0)
+    model = cls(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(20.0)
+            p.copy_(p.bfloat16().float())
+    return model
+
+
+def _tensor_bytes(model, device_type):
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == device_type and id(t) not in seen and not isinstance(t, EngineHeldTensor):
+            seen.add(id(t))
+            n += -(-t.numel() * t.element_size() // 512) * 512  # the caching allocator's 512-byte blocks
+    return n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU test machine)")
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3",
+                                    "glm4_moe"])
+def test_load_model_cuda_train_step(family, tmp_path):
+    import moetune
+    import peft
+    from test_hf_exactness import LORA, ctx, lora_init_
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref = _big_experts(family)
+    ref.save_pretrained(tmp_path / "c")
+    expert_layer_bytes = max(m.gate_up_proj.numel() * 4 + m.down_proj.numel() * 4
+                             for m in ref.modules() if hasattr(m, "gate_up_proj"))
+    del ref
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model = moetune.load_model(tmp_path / "c", device="cuda", dtype=torch.float32, ctx=ctx(), progress=False)
+    loaded = torch.cuda.max_memory_allocated() - before
+    nonexpert = _tensor_bytes(model, "cuda")
+    print(f"{family}: GPU peak during load {loaded / 2**20:.2f} MiB, non-expert tensors {nonexpert / 2**20:.2f} MiB, "
+          f"one expert layer {expert_layer_bytes / 2**20:.1f} MiB")
+    assert loaded <= nonexpert  # nothing but the non-expert tensors ever reached the GPU while loading
+    assert all(p.device.type == "cpu" for p in model.parameters() if isinstance(p, EngineHeldTensor))
+    assert all(p.device.type == "cuda" for p in model.parameters() if not isinstance(p, EngineHeldTensor))
+
+    pm = peft.get_peft_model(model, peft.LoraConfig(**LORA))
+    lora_init_(pm)
+    pm.train()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+    ids = batch().cuda()
+
+    def step():
+        opt.zero_grad()
+        out = pm(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        return out
+
+    step()  # warm-up: optimizer state, cuBLAS workspace
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    step_peak = torch.cuda.max_memory_allocated() - base
+    print(f"  train step: GPU peak above steady state {step_peak / 2**20:.2f} MiB")
+    # Activations of 32 tokens (+ gradients of the LoRA) are a few hundred KiB; one expert layer is 25 MiB.
+    assert step_peak < 4 * 2**20 < expert_layer_bytes
+    assert all(p.grad is not None and p.grad.device.type == "cuda" for p in pm.parameters() if p.requires_grad)
+
+    # Same weights and adapter on the CPU path: same logits (8 u as in test_hf_exactness).
+    cpu = peft.get_peft_model(moetune.load_model(tmp_path / "c", dtype=torch.float32, ctx=ctx(), progress=False),
+                              peft.LoraConfig(**LORA))
+    cpu.load_state_dict({k: v.cpu() for k, v in pm.state_dict().items() if "lora_" in k}, strict=False)
+    pm.eval()
+    cpu.eval()
+    with torch.no_grad():
+        a = pm(input_ids=ids).logits.cpu()
+        b = cpu(input_ids=ids.cpu()).logits
+    err = rel_max(a, b)
+    print(f"  logits cuda vs cpu: {err / U:.3f} u")
+    assert err <= 8 * U

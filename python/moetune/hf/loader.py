@@ -383,6 +383,13 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
                 engines.append(engine)
     finally:
         bar.close()
+    # Buffers the checkpoint does not hold (rotary tables) were built on the CPU.
+    persistent = set(meta_sd)
+    for name, b in list(model.named_buffers()):
+        if name not in persistent and b.device.type != "meta":
+            dev = _device_of(device, name)
+            if b.device != dev:
+                set_module_tensor_to_device(model, name, dev, value=b)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
