@@ -141,3 +141,23 @@ def test_load_model_cuda_train_step(family, tmp_path):
     err = rel_max(a, b)
     print(f"  logits cuda vs cpu: {err / U:.3f} u")
     assert err <= 8 * U
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_load_model_device_map_two_gpus(tmp_path):
+    import moetune
+    from test_hf_exactness import build, ctx
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = build("qwen3_moe")
+    ref.save_pretrained(tmp_path / "c")
+    dm = {"": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
+    model = moetune.load_model(tmp_path / "c", device=dm, dtype=torch.float32, ctx=ctx(), progress=False)
+    assert model.model.layers[0].self_attn.q_proj.weight.device == torch.device("cuda", 0)
+    assert model.model.layers[1].self_attn.q_proj.weight.device == torch.device("cuda", 1)
+    assert model.lm_head.weight.device == torch.device("cuda", 1)
+    ids = batch()
+    with torch.no_grad():
+        got = model(input_ids=ids.cuda(0)).logits.cpu()
+        want = ref(input_ids=ids).logits
+    assert rel_max(got, want) <= 8 * U

@@ -280,3 +280,17 @@ def test_bf16_matches_from_pretrained(family, tmp_path):
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     ids = batch()
     assert torch.equal(_logits(ours, ids), _logits(hf, ids))
+
+
+def test_device_map_placement_and_refusals(tmp_path):
+    ref = build("qwen3_moe")
+    ref.save_pretrained(tmp_path / "c")
+    for bad in ({}, {"model.layers.1": "cpu", "": "cuda:0"}):
+        with pytest.raises(ValueError, match="device_map"):
+            moetune.load_model(tmp_path / "c", device=bad, ctx=ctx(), progress=False)
+    with pytest.raises(ValueError, match="places no module prefix over"):
+        moetune.load_model(tmp_path / "c", device={"model.layers": "cpu"}, ctx=ctx(), progress=False)
+    ours = moetune.load_model(tmp_path / "c", device={"model.embed_tokens": "cpu", "": "cpu"}, dtype=torch.float32,
+                              ctx=ctx(), progress=False)
+    ids = batch()
+    assert rel_max(_logits(ours, ids), _logits(ref, ids)) <= 8 * U

@@ -317,6 +317,11 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
     import transformers
 
     path = Path(path)
+    if isinstance(device, dict):
+        kinds = {_device_of(device, k).type for k in device} if device else set()
+        if not device or ("cpu" in kinds and len(kinds) > 1) or "meta" in kinds:
+            raise ValueError(f"moetune: device_map {device} must map module prefixes to GPUs (or all to the CPU); "
+                             "CPU offload of non-expert parts is not supported (the experts are on the CPU already)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"moetune: {path} has no config.json (a local Hugging Face checkpoint folder is needed)")
     config = transformers.AutoConfig.from_pretrained(str(path))
@@ -406,9 +411,11 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
     model.moetune_source = str(path)
     model.eval()
     if isinstance(device, dict) and len({str(_device_of(device, k)) for k in plan.tensors}) > 1:
+        # Several GPUs: accelerate's hooks move activations between them (what
+        # from_pretrained(device_map=...) does); every tensor is in place already.
         from accelerate import dispatch_model
 
-        model = dispatch_model(model, device_map={k: v for k, v in device.items()})
+        model = dispatch_model(model, device_map={k: _device_of(device, k) for k in device})
     if adapter is not None:
         import peft
 
