@@ -161,3 +161,24 @@ def test_per_expert_export_roundtrip(tmp_path):
             assert torch.allclose(deltas[merge_mod._model_name(name)], m.get_delta_weight("default"), rtol=1e-5)
             nl += 1
     assert n == 2 * 8 * 3 and nl == 2 * 2  # layers x experts x projections; layers x (q, v)
+
+
+def test_merge_fp8_source_writes_bf16(tmp_path):
+    """A block-FP8 source (DeepSeek-V3 as published) merges into a bf16 checkpoint
+    in the same per-expert layout, without scales or quantization_config."""
+    from test_load_model import _fp8_pair
+
+    _, _, fp8_dir, _, _ = _fp8_pair(tmp_path)
+    pm = _trained(fp8_dir, steps=1)
+    ids = batch(seed=12)
+    ours = _logits(pm, ids)
+    out = moetune.merge_and_save(pm, tmp_path / "merged", progress=False)
+    t = load_file(str(out / "model.safetensors"))
+    src = load_file(str(fp8_dir / "model.safetensors"))
+    assert set(t) == {k for k in src if not k.endswith("_scale_inv")}
+    assert t["model.layers.0.mlp.experts.1.up_proj.weight"].dtype == torch.bfloat16
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    err = rel_max(_plain_logits(out, ids), ours)
+    print(f"fp8 source merged (bf16 weights): {err / U:.3f} u")
+    # One more rounding per weight (W + dW to bf16) than the engine path.
+    assert err <= 8 * U

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
@@ -99,14 +100,16 @@ class Reader:
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self._files: Dict[str, object] = {}
+        self._lock = threading.Lock()  # loader threads share one reader
 
     def _file(self, key: str):
         e = self.ckpt.entries[key]
-        f = self._files.get(e.file)
-        if f is None:
-            f = safe_open(os.fspath(self.ckpt.path / e.file), framework="pt")
-            f.__enter__()
-            self._files[e.file] = f
+        with self._lock:
+            f = self._files.get(e.file)
+            if f is None:
+                f = safe_open(os.fspath(self.ckpt.path / e.file), framework="pt")
+                f.__enter__()
+                self._files[e.file] = f
         return f
 
     def get(self, key: str) -> torch.Tensor:
@@ -117,7 +120,8 @@ class Reader:
         return self._file(key).get_slice(key)[i]
 
     def close(self) -> None:
-        files, self._files = self._files, {}
+        with self._lock:
+            files, self._files = self._files, {}
         for f in files.values():
             f.__exit__(None, None, None)
 

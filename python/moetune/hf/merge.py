@@ -206,6 +206,7 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
         for k, e in ckpt.entries.items():
             files.setdefault(e.file, []).append(k)
         weight_map = {}
+        total_bytes = 0
         bar = tqdm(total=sum(e.nbytes for e in ckpt.entries.values()), unit="B", unit_scale=True,
                    unit_divisor=1024, desc="moetune merge", disable=not progress)
         with bar:
@@ -240,15 +241,15 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
                             used.add(tag)
                         out_t[ck] = t.contiguous()
                         weight_map[ck] = fname
+                total_bytes += sum(t.numel() * t.element_size() for t in out_t.values())
                 save_file(out_t, str(tmp / fname), metadata={"format": "pt"})
                 del out_t
         wanted = {(q, p) for q, d in terms.experts.items() for p in d} | set(terms.linear)
         if wanted - used:
             raise ValueError(f"moetune: LoRA targets not found in {source}: {sorted(map(str, wanted - used))[:8]}")
         if ckpt.sharded:
-            total = sum(os.path.getsize(tmp / f) for f in files)
             (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+                json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
         _commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
