@@ -294,3 +294,27 @@ def test_device_map_placement_and_refusals(tmp_path):
                               ctx=ctx(), progress=False)
     ids = batch()
     assert rel_max(_logits(ours, ids), _logits(ref, ids)) <= 8 * U
+
+
+def test_engine_load_expert_matches_load_and_checks_arguments():
+    """MoEExperts.empty + load_expert (what the loader uses) packs exactly what
+    the all-at-once constructor packs; bad arguments name the expert and shape."""
+    E, H, I = 4, 64, 32
+    g = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(E, I, H, generator=g).bfloat16(), torch.randn(E, I, H, generator=g).bfloat16()
+    down = torch.randn(E, H, I, generator=g).bfloat16()
+    whole = moetune.MoEExperts(ctx(), gate, up, down)
+    parts = moetune.MoEExperts.empty(ctx(), E, H, I)
+    for e in reversed(range(E)):
+        parts.load_expert(e, gate[e], up[e], down[e])
+    assert parts.packed_bytes == whole.packed_bytes
+    x = torch.randn(8, H, generator=g)
+    ids = torch.randint(0, E, (8, 2), generator=g)
+    w = torch.rand(8, 2, generator=g)
+    assert torch.equal(moetune.moe_experts(parts, x, ids, w), moetune.moe_experts(whole, x, ids, w))
+    with pytest.raises(ValueError, match=r"up_proj \(expert 1\) has shape \[32, 32\], expected \[32, 64\]"):
+        parts.load_expert(1, gate[1], up[1][:, :32].contiguous(), down[1])
+    with pytest.raises(ValueError, match=r"expert id 4 outside \[0, 4\)"):
+        parts.load_expert(4, gate[0], up[0], down[0])
+    with pytest.raises(ValueError, match="expert 2: down_proj must be a floating-point tensor"):
+        parts.load_expert(2, gate[2], up[2], down[2].to(torch.int32))
