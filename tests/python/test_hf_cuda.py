@@ -107,26 +107,35 @@ def test_load_model_cuda_train_step(family, tmp_path):
     pm = peft.get_peft_model(model, peft.LoraConfig(**LORA))
     lora_init_(pm)
     pm.train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+    lora_params = [p for p in pm.parameters() if p.requires_grad]
+    # Not foreach: its temporaries would add the size of all LoRA tensors to the peak.
+    opt = torch.optim.AdamW(lora_params, lr=1e-3, foreach=False)
     ids = batch().cuda()
 
     def step():
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=False)  # gradients stay allocated between steps
         out = pm(input_ids=ids, labels=ids)
         out.loss.backward()
         opt.step()
         return out
 
-    step()  # warm-up: optimizer state, cuBLAS workspace
+    step()  # warm-up: gradients, optimizer state, cuBLAS workspace
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     out = step()
     torch.cuda.synchronize()
     step_peak = torch.cuda.max_memory_allocated() - base
-    print(f"  train step: GPU peak above steady state {step_peak / 2**20:.2f} MiB")
-    # Activations of 32 tokens (+ gradients of the LoRA) are a few hundred KiB; one expert layer is 25 MiB.
-    assert step_peak < 4 * 2**20 < expert_layer_bytes
+    lora_bytes = sum(p.numel() * p.element_size() for p in lora_params)
+    print(f"  train step: GPU peak above steady state {step_peak / 2**20:.2f} MiB (LoRA {lora_bytes / 2**20:.2f} MiB)")
+    # Above the steady state (weights, LoRA, its gradients and Adam state): the activations of
+    # 32 tokens (well under 2 MiB) and transient gradient buffers: the engine's LoRA gradients
+    # copied to the GPU, and the full-size zero-filled buffers autograd makes when the gate and
+    # up halves of PEFT's fused B flow back through their slices — together under 3x the LoRA
+    # bytes. One expert layer (24 MiB) would not fit in that budget.
+    budget = 3 * lora_bytes + 2 * 2**20
+    assert budget < expert_layer_bytes
+    assert step_peak <= budget
     assert all(p.grad is not None and p.grad.device.type == "cuda" for p in pm.parameters() if p.requires_grad)
 
     # Same weights and adapter on the CPU path: same logits (8 u as in test_hf_exactness).
