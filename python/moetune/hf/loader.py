@@ -20,7 +20,6 @@ streaming (`fp8`).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from moetune.hf import _peft
 from moetune.hf import fp8 as fp8_mod
 from moetune.hf.checkpoint import Checkpoint
-from moetune.hf.keymap import PROJ, key_map
+from moetune.hf.keymap import key_map
 
 _PREFIX = "base_model.model."
 
