@@ -53,7 +53,8 @@ class _ExpertsPlan:
     E: int
     H: int
     I: int
-    fused: Optional[Tuple[str, str]] = None                     # (gate_up key, down key)
+    layout: patching.ExpertsLayout = patching.ExpertsLayout()
+    fused: Dict[str, str] = field(default_factory=dict)        # module parameter name -> checkpoint key
     per_expert: Dict[Tuple[int, str], str] = field(default_factory=dict)  # (e, proj) -> key
     scales: Dict[str, str] = field(default_factory=dict)       # weight key -> scale key (FP8)
     src_bytes: int = 0
@@ -118,11 +119,15 @@ def _plan(model, found, ckpt: Checkpoint, km, block, device) -> _Plan:
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     quals = {}
     for qual, parent, attr, m, family in found:
-        E, I2, H = m.gate_up_proj.shape
-        ep = _ExpertsPlan(qual, parent, attr, m, family, E, H, I2 // 2)
+        layout = patching._layout(family)
+        if layout.transposed:
+            E, H, I2 = m.gate_up_proj.shape
+        else:
+            E, I2, H = m.gate_up_proj.shape
+        ep = _ExpertsPlan(qual, parent, attr, m, family, E, H, I2 // 2, layout)
         quals[qual] = ep
         plan.experts.append(ep)
-        for p in ("gate_up_proj", "down_proj"):
+        for p in layout.param_names:
             expected.pop(f"{qual}.{p}", None)
     per_expert_re = km.per_expert_regex()
     renamed: Dict[str, str] = {}  # model-side key -> checkpoint key
@@ -143,10 +148,8 @@ def _plan(model, found, ckpt: Checkpoint, km, block, device) -> _Plan:
                 ep.scales[wkey] = ck
             continue
         head, _, tail = k.rpartition(".")
-        if head in quals and tail in ("gate_up_proj", "down_proj"):
-            ep = quals[head]
-            gu, dn = ep.fused or (None, None)
-            ep.fused = (ck, dn) if tail == "gate_up_proj" else (gu, ck)
+        if head in quals and tail in quals[head].layout.param_names:
+            quals[head].fused[tail] = ck
             continue
         if k.endswith(fp8_mod.SCALE_SUFFIX) and k[: -len(fp8_mod.SCALE_SUFFIX)] in expected:
             plan.scales[ck[: -len(fp8_mod.SCALE_SUFFIX)]] = ck
@@ -174,16 +177,22 @@ def _plan(model, found, ckpt: Checkpoint, km, block, device) -> _Plan:
     unexpected = [k for k in unexpected if not any(p.search(km.rename(k)) for p in ign_unexp)]
     for ep in plan.experts:
         have_per = bool(ep.per_expert)
-        if ep.fused is not None and have_per:
+        if ep.fused and have_per:
             bad.append(f"{ep.qual}: the checkpoint holds both fused and per-expert keys")
             continue
-        if ep.fused is not None:
-            for key, name in zip(ep.fused, ("gate_up_proj", "down_proj")):
-                if key is None:
-                    missing.append(f"{ep.qual}.{name}")
-            if None in ep.fused:
+        if have_per and ep.layout != patching.ExpertsLayout():
+            bad.append(f"{ep.qual}: per-expert keys are not supported for {ep.family} (fused keys only)")
+            continue
+        if ep.fused:
+            lost = [f"{ep.qual}.{p}" for p in ep.layout.param_names if p not in ep.fused]
+            if lost:
+                missing += lost
                 continue
-            want = {ep.fused[0]: (ep.E, 2 * ep.I, ep.H), ep.fused[1]: (ep.E, ep.H, ep.I)}
+            E, H, I = ep.E, ep.H, ep.I
+            shapes = {"gate_up_proj": (E, H, 2 * I) if ep.layout.transposed else (E, 2 * I, H),
+                      "down_proj": (E, I, H) if ep.layout.transposed else (E, H, I),
+                      "gate_up_proj_bias": (E, 2 * I), "down_proj_bias": (E, H)}
+            want = {k: shapes[p] for p, k in ep.fused.items()}
         else:
             names = km.proj_names
             lost = [f"{ep.qual}.{e}.{names[p]}.weight" for e in range(ep.E) for p in PROJ
@@ -202,7 +211,7 @@ def _plan(model, found, ckpt: Checkpoint, km, block, device) -> _Plan:
                 bad.append(f"{k} has dtype {ent.dtype}{why}; expert weights must be float32/bfloat16/float16 or "
                            "block-FP8 e4m3 with scales")
             elif ent.dtype == fp8_mod.E4M3:
-                if ep.fused is not None:
+                if ep.fused:
                     bad.append(f"{k}: FP8 fused expert tensors are not supported (per-expert keys only)")
                 elif block is None:
                     bad.append(f"{k} is FP8 but config.json declares no quantization_config (block size unknown)")
@@ -270,9 +279,12 @@ def _check_memory(plan: _Plan, engine_kwargs, path) -> None:
 
 
 def _read_expert(reader, ep: _ExpertsPlan, e: int, block):
-    if ep.fused is not None:
-        gu = reader.get_row(ep.fused[0], e)
-        return gu[: ep.I], gu[ep.I:], reader.get_row(ep.fused[1], e)
+    if ep.fused:
+        gu, down = reader.get_row(ep.fused["gate_up_proj"], e), reader.get_row(ep.fused["down_proj"], e)
+        if ep.layout.transposed:  # the engine takes the [out, in] (nn.Linear) orientation
+            gu, down = gu.t(), down.t()
+        gate, up = patching._split_gate_up(gu, ep.layout, 0)
+        return gate, up, down
     out = []
     for p in PROJ:
         k = ep.per_expert[(e, p)]
@@ -333,8 +345,8 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
             config.quantization_config = None
     model = _skeleton(config, dtype)
     found = patching.find_experts(model)
-    for qual, _, _, m, _ in found:
-        patching._check_module(qual, m, loaded=False)
+    for qual, _, _, m, family in found:
+        patching._check_module(qual, m, patching._layout(family), loaded=False)
     ckpt = Checkpoint(path)
     km = key_map(model)
     plan = _plan(model, found, ckpt, km, block, device)
@@ -375,8 +387,15 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
         workers = max(1, min(ctx.num_threads, 8))
         with cf.ThreadPoolExecutor(max_workers=workers) as pool:
             for ep in plan.experts:
-                engine = MoEExperts.empty(ctx, ep.E, ep.H, ep.I, **engine_kwargs)
+                kw = dict(engine_kwargs)
+                if ep.layout.activation != "swiglu":
+                    kw.update(activation=ep.layout.activation, alpha=float(ep.module.alpha),
+                              limit=float(ep.module.limit))
+                engine = MoEExperts.empty(ctx, ep.E, ep.H, ep.I, **kw)
                 with ckpt.reader() as r:
+                    if ep.layout.bias:  # [E, 2I] and [E, H]: small, read whole
+                        gate_b, up_b = patching._split_gate_up(r.get(ep.fused["gate_up_proj_bias"]), ep.layout, 1)
+                        engine.load_biases(gate_b, up_b, r.get(ep.fused["down_proj_bias"]))
                     def one(e, ep=ep, r=r, engine=engine):
                         g, u, d = _read_expert(r, ep, e, block)
                         engine.load_expert(e, g, u, d)
@@ -398,7 +417,7 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
         model.tie_weights()
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
             if p.device.type == "meta" and not any(n == f"{ep.qual}.{q}" for ep in plan.experts
-                                                   for q in ("gate_up_proj", "down_proj"))]
+                                                   for q in ep.layout.param_names)]
     if left:
         raise ValueError(f"moetune: tensors not filled by the checkpoint: {_list(left)}")
 
