@@ -48,9 +48,19 @@ def _big_experts(family):
     """The family's tiny test model with experts large enough (32 experts of
     I = 1024: 25 MiB per layer in fp32) that one expert layer on the GPU would
     stand out far above the activations of a 2 x 16-token batch."""
-    from test_hf_exactness import FAMILIES, tiny  # noqa: F401
+    from test_hf_exactness import tiny
 
-    cls, cfg = tiny(family)
+    if family == "gpt_oss":
+        import transformers
+
+        cls = transformers.GptOssForCausalLM
+        cfg = transformers.GptOssConfig(
+            hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64,
+            layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    else:
+        cls, cfg = tiny(family)
     for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
         if hasattr(cfg, attr):
             setattr(cfg, attr, 32)
@@ -62,7 +72,7 @@ def _big_experts(family):
     model = cls(cfg).float()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 p.mul_(20.0)
             p.copy_(p.bfloat16().float())
     return model
@@ -79,7 +89,7 @@ def _tensor_bytes(model, device_type):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU test machine)")
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3",
-                                    "glm4_moe"])
+                                    "glm4_moe", "gpt_oss"])
 def test_load_model_cuda_train_step(family, tmp_path):
     import moetune
     import peft
@@ -91,6 +101,7 @@ def test_load_model_cuda_train_step(family, tmp_path):
     ref.save_pretrained(tmp_path / "c")
     expert_layer_bytes = max(m.gate_up_proj.numel() * 4 + m.down_proj.numel() * 4
                              for m in ref.modules() if hasattr(m, "gate_up_proj"))
+    assert expert_layer_bytes >= 24 * 2**20
     del ref
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -318,3 +318,28 @@ def test_engine_load_expert_matches_load_and_checks_arguments():
         parts.load_expert(4, gate[0], up[0], down[0])
     with pytest.raises(ValueError, match="expert 2: down_proj must be a floating-point tensor"):
         parts.load_expert(2, gate[2], up[2], down[2].to(torch.int32))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_gpt_oss(shards, tmp_path):
+    """gpt-oss's fused layout (transposed, interleaved gate/up, biases, clamped
+    SwiGLU with a quarter of the units clamped) streams into the engine."""
+    from test_hf_gptoss import build as build_gptoss
+
+    ref = build_gptoss()
+    folder = write_checkpoint(tmp_path / "c", state_dict_of(ref), ref.config, shards=shards)
+    ids = batch()
+    ours = moetune.load_model(folder, dtype=torch.float32, ctx=ctx(), progress=False)
+    assert ours.moetune_handle.families == ["gpt-oss"]
+    st = next(m._moetune_state for m in ours.modules() if hasattr(m, "_moetune_state"))
+    assert st.engine.has_biases == (True, True, True) and st.engine.activation == "gpt_oss"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    moetune.hf.patch(hf, ctx=ctx(), keep_original=False)
+    got = _logits(ours, ids)
+    assert torch.equal(got, _logits(hf, ids))
+    assert rel_max(got, _logits(ref, ids)) <= 8 * U
+    rewrite_key = "model.layers.0.mlp.experts.down_proj_bias"
+    if shards == 1:
+        rewrite(folder, lambda t: {k: v for k, v in t.items() if k != rewrite_key})
+        with pytest.raises(ValueError, match=f"missing keys: {rewrite_key}"):
+            moetune.load_model(folder, ctx=ctx(), progress=False)

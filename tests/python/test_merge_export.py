@@ -43,7 +43,12 @@ def _logits(m, ids):
 
 
 def _ckpt(tmp_path, family, layout, shards):
-    ref = build(family)
+    if family == "gpt_oss":
+        from test_hf_gptoss import build as build_gptoss
+
+        ref = build_gptoss()
+    else:
+        ref = build(family)
     return write_checkpoint(tmp_path / f"base-{family}", to_layout(state_dict_of(ref), layout, ref.config.model_type),
                             ref.config, shards=shards)
 
@@ -79,7 +84,7 @@ def _plain_logits(folder, ids):
 
 
 @pytest.mark.parametrize("family,layout,shards", [("qwen3_moe", "per_expert", 3), ("mixtral", "per_expert", 1),
-                                                  ("deepseek_v3", "fused", 2)])
+                                                  ("deepseek_v3", "fused", 2), ("gpt_oss", "fused", 2)])
 def test_merge_and_save(family, layout, shards, tmp_path):
     base = _ckpt(tmp_path, family, layout, shards)
     pm = _trained(base)
@@ -182,3 +187,25 @@ def test_merge_fp8_source_writes_bf16(tmp_path):
     print(f"fp8 source merged (bf16 weights): {err / U:.3f} u")
     # One more rounding per weight (W + dW to bf16) than the engine path.
     assert err <= 8 * U
+
+
+def test_per_expert_export_gpt_oss(tmp_path):
+    """Transposed, interleaved gate/up (gpt-oss): per-expert deltas in nn.Linear
+    orientation [out, in], against PEFT's own delta of the fused parameters."""
+    base = _ckpt(tmp_path, "gpt_oss", "fused", 1)
+    pm = _trained(base, steps=1)
+    deltas = merge_mod.per_expert_adapter_deltas(moetune.export_per_expert_adapter(pm, tmp_path / "pe"))
+    n = 0
+    for name, m in pm.named_modules():
+        if isinstance(m, ParamWrapper):
+            qual = merge_mod._model_name(name)
+            with torch.no_grad():
+                d = m.get_delta_weight("default").float().transpose(1, 2)  # [E, out, in]
+            parts = {"gate_proj": d[:, 0::2], "up_proj": d[:, 1::2]} if m.parameter_name == "gate_up_proj" \
+                else {"down_proj": d}
+            for proj, dd in parts.items():
+                for e in range(dd.shape[0]):
+                    got = deltas[f"{qual}.{e}.{proj}"]
+                    assert torch.allclose(got, dd[e], rtol=1e-5, atol=1e-7 * dd.abs().max().item()), (qual, e, proj)
+                    n += 1
+    assert n == 2 * 8 * 3

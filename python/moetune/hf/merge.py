@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from moetune.hf import _peft
+from moetune.hf import _peft, patching
 from moetune.hf import fp8 as fp8_mod
 from moetune.hf.checkpoint import Checkpoint
 from moetune.hf.keymap import key_map
@@ -52,12 +52,22 @@ class _Terms:
             raise NotImplementedError(f"moetune: adapters with modules_to_save ({cfg.modules_to_save}) are not supported")
         self.config = cfg
         self.experts: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        self.layouts: Dict[str, patching.ExpertsLayout] = {}
+        classes = patching._supported_classes()
         self.linear: Dict[str, Tuple[torch.nn.Module, str]] = {}
         for name, m in peft_model.named_modules():
             if _peft.is_param_wrapper(m):
-                f = _peft.lora_factors(m)
+                base = m
+                while _peft.is_param_wrapper(base):
+                    base = base.base_layer
+                if type(base) not in classes:
+                    raise NotImplementedError(f"moetune: {name}: LoRA on experts of unsupported class "
+                                              f"{type(base).__name__}")
+                layout = patching._layout(classes[type(base)])
+                f = _peft.lora_factors(m, transposed=layout.transposed)
                 if f is not None:
                     A, B, s = f
+                    self.layouts[_model_name(name)] = layout
                     self.experts.setdefault(_model_name(name), {})[m.parameter_name] = (
                         A.detach().float().cpu(), B.detach().float().cpu(), s)
             elif isinstance(m, LoraLayer):
@@ -81,18 +91,20 @@ class _Terms:
             return None
         A, B, s = t[pname]
         if proj != "down":
-            I = B.shape[1] // 2
-            B = B[:, :I] if proj == "gate" else B[:, I:]
+            gate, up = patching._split_gate_up(B, self.layouts[qual], 1)
+            B = gate if proj == "gate" else up
         if e is None:
             return s * torch.bmm(B, A)
         return s * (B[e] @ A[e])
 
     def fused_delta(self, qual: str, pname: str) -> Optional[torch.Tensor]:
+        """s B A of a fused parameter, in its stored layout ([E, in, out] when transposed)."""
         t = self.experts.get(qual, {})
         if pname not in t:
             return None
         A, B, s = t[pname]
-        return s * torch.bmm(B, A)
+        d = s * torch.bmm(B, A)
+        return d.transpose(1, 2) if self.layouts[qual].transposed else d
 
     def linear_delta(self, key: str) -> Optional[torch.Tensor]:
         if key not in self.linear:
@@ -278,8 +290,8 @@ def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Pat
         for pname, (A, B, s) in d.items():
             scalings.add(s)
             E = A.shape[0]
-            parts = [("down", B)] if pname == "down_proj" else [("gate", B[:, : B.shape[1] // 2]),
-                                                                 ("up", B[:, B.shape[1] // 2:])]
+            parts = [("down", B)] if pname == "down_proj" else list(
+                zip(("gate", "up"), patching._split_gate_up(B, terms.layouts[qual], 1)))
             for proj, Bp in parts:
                 for e in range(E):
                     key = f"{_PREFIX}{qual}.{e}.{names[proj]}"
