@@ -399,10 +399,11 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
                     def one(e, ep=ep, r=r, engine=engine):
                         g, u, d = _read_expert(r, ep, e, block)
                         engine.load_expert(e, g, u, d)
-                        return sum(t.numel() * t.element_size() for t in (g, u, d))
+                    per = ep.src_bytes // ep.E
                     for fut in cf.as_completed([pool.submit(one, e) for e in range(ep.E)]):
                         fut.result()
-                    bar.update(ep.src_bytes)
+                        bar.update(per)  # per expert: a live bytes/s
+                    bar.update(ep.src_bytes - per * ep.E)
                 engines.append(engine)
     finally:
         bar.close()
