@@ -5,6 +5,7 @@
 #   bash benchmarks/device_run.sh layer     # MoE layer benchmark vs PyTorch baselines, 16 threads
 #   bash benchmarks/device_run.sh peft      # the transformers + PEFT path at T=1024
 #   bash benchmarks/device_run.sh ceiling   # measured AMX / AVX512-BF16 peaks and DRAM read bandwidth
+#   bash benchmarks/device_run.sh load      # load_model: CUDA family tests + load RSS/throughput (Qwen3-30B-shaped, 8 layers)
 #   bash benchmarks/device_run.sh ktkernel qwen3|deepseek   # vs kt-kernel's SFT backend (carry .ktk:
 #                                           # benchmarks/make_ktk.sh; python 3.12 only)
 # Through the device tool, carry .dev (a libgtest-dev .deb from Debian, for
@@ -54,6 +55,11 @@ layer)
   ;;
 ceiling)
   g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
+  ;;
+load)
+  python3 -m pytest -q -s tests/python/test_hf_cuda.py tests/python/test_load_model.py tests/python/test_merge_export.py \
+    -p no:cacheprovider 2>&1 | tee "$OUT/load-tests.txt" | tail -40
+  python3 benchmarks/bench_load.py --dir /tmp/bench-load-qwen3 --layers 8 --threads 16 --device cuda 2>&1 | tee "$OUT/load-bench.txt"
   ;;
 ktkernel)
   export PYTHONPATH=$PWD/.ktk${PYTHONPATH:+:$PYTHONPATH}
