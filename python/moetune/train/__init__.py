@@ -1,0 +1,1 @@
+"""`moetune train` (see moetune.train.loop.train)."""
