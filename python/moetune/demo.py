@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 # The demo's settings on top of TrainConfig's defaults (flags still override).
 DEMO_DEFAULTS: Dict[str, Any] = dict(
-    dtype="float32", device="cpu", lora_rank=16, lora_alpha=32.0, lr=3e-3, warmup_steps=10, max_steps=150,
+    dtype="float32", device="cpu", lora_rank=16, lora_alpha=32.0, lr=3e-3, warmup_steps=10, max_steps=200,
     micro_batch_size=16, max_length=64, eval_every=25, save_every=50, max_grad_norm=1.0,
     output_dir="runs/demo", max_new_tokens=12,
     sample_prompts=["What does a cow say?", "What is the opposite of hot?", "What colour is the sky?",

@@ -48,6 +48,7 @@ def load_records(path: str):
     """A `datasets.Dataset` of the file's records."""
     import datasets
 
+    datasets.disable_progress_bars()  # tiny local files: the bars would only clutter the run's output
     kind = "parquet" if path.endswith(".parquet") else "json"
     try:
         return datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True)

@@ -65,7 +65,7 @@ def build_model(vocab_size: int, *, seed: int = 0, layers: int = 2, hidden: int 
     cfg = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                          intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_experts=experts,
-                         num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256,
+                         num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256, initializer_range=hidden ** -0.5,
                          tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=None)
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(cfg).float()

@@ -4,6 +4,7 @@ setup (which modules, seeded init) and greedy sample generation."""
 from __future__ import annotations
 
 import re
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -108,7 +109,9 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, handle):
                            target_modules=regex if regex is not None else [], target_parameters=params or None,
                            bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)  # PEFT's LoRA init (A random, B zero) draws from the global generator
-    pm = peft.get_peft_model(model, lcfg)
+    with warnings.catch_warnings():  # transformers 5.2x deprecation noise from inside PEFT
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        pm = peft.get_peft_model(model, lcfg)
     # The engine applies expert LoRA itself, without dropout (see lora_dropout's help).
     from moetune.hf import _peft
 
