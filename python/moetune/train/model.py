@@ -105,20 +105,27 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, handle):
     if regex is None and not params:
         raise ValueError("no LoRA targets found in this model for the selected lora_attention / lora_mlp / "
                          "lora_experts")
-    lcfg = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    # PEFT refuses lora_dropout together with target_parameters (expert LoRA has no
+    # dropout: the engine computes B(A x) fused). So the adapter is created without
+    # dropout and nn.Dropout is put on the ordinary (attention / MLP) LoRA layers
+    # afterwards; the saved adapter_config.json says lora_dropout 0, which is what
+    # PEFT needs to load it (dropout plays no part at inference).
+    lcfg = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                            target_modules=regex if regex is not None else [], target_parameters=params or None,
                            bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(cfg.seed)  # PEFT's LoRA init (A random, B zero) draws from the global generator
     with warnings.catch_warnings():  # transformers 5.2x deprecation noise from inside PEFT
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         pm = peft.get_peft_model(model, lcfg)
-    # The engine applies expert LoRA itself, without dropout (see lora_dropout's help).
-    from moetune.hf import _peft
+    if cfg.lora_dropout > 0:
+        from peft.tuners.lora import LoraLayer
 
-    for m in pm.modules():
-        if _peft.is_param_wrapper(m):
-            for k in list(m.lora_dropout.keys()):
-                m.lora_dropout[k] = nn.Identity()
+        from moetune.hf import _peft
+
+        for m in pm.modules():
+            if isinstance(m, LoraLayer) and not _peft.is_param_wrapper(m):
+                for k in list(m.lora_dropout.keys()):
+                    m.lora_dropout[k] = nn.Dropout(p=cfg.lora_dropout)
     return pm
 
 
