@@ -109,3 +109,8 @@ def test_cli_reports_config_errors_cleanly(tmp_path):
         assert "--" + name.replace("_", "-") in text, name
     assert text.count("(default:") >= len(TrainConfig.fields())
     assert "(default: 0.0002" in text and "(default: 'cosine'" in text
+
+
+def test_example_config_has_only_valid_keys():
+    raw = load_yaml(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "train.yaml"))
+    assert {"model", "data", "lora_rank", "grad_accum"} <= set(raw)
