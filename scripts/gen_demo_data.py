@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the embedded demo dataset, python/moetune/train/data/demo.jsonl.
+"""Writes the embedded demo dataset, python/moetune/train/assets/demo.jsonl.
 
 A few hundred short chat records (`messages`: user / assistant) of simple
 deterministic tasks a tiny randomly initialised MoE model can learn with LoRA
@@ -61,7 +61,7 @@ def records():
 
 
 def main():
-    path = os.path.join(os.path.dirname(__file__), "..", "python", "moetune", "train", "data", "demo.jsonl")
+    path = os.path.join(os.path.dirname(__file__), "..", "python", "moetune", "train", "assets", "demo.jsonl")
     recs = records()
     with open(path, "w") as fh:
         for r in recs:

@@ -3,7 +3,7 @@
 `moetune train` with no model: a tiny Qwen3-MoE (2 layers, 8 experts, top-2,
 seeded random weights) and a word-level tokenizer, both made locally
 (moetune.train.demo_model), LoRA-trained on the dataset shipped in the
-package (train/data/demo.jsonl: short look-up questions, written by
+package (train/assets/demo.jsonl: short look-up questions, written by
 scripts/gen_demo_data.py). The experts' forward and backward run in the CPU
 engine. It prints the loss falling and the model's answers to a few questions
 before and after training. CPU only, about a minute on 2 cores.

@@ -29,7 +29,7 @@ SPECIAL = ["<pad>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>
 
 def demo_data_path() -> str:
     """The dataset shipped in the package (written by scripts/gen_demo_data.py)."""
-    return str(resources.files("moetune.train").joinpath("data").joinpath("demo.jsonl"))
+    return str(resources.files("moetune.train").joinpath("assets").joinpath("demo.jsonl"))
 
 
 def _texts(path: str) -> List[str]:
