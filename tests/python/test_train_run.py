@@ -189,3 +189,40 @@ def test_cli_demo_runs(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "before:" in out.stdout and "after:" in out.stdout and "train loss" in out.stdout
+
+
+def test_packing_and_gradient_checkpointing_runs(tmp_path):
+    """Non-reentrant checkpointing recomputes the same forward (engine included): the
+    loss trajectory is unchanged; packed rows train too."""
+    data = demo_slice(tmp_path)
+    kw = dict(max_steps=3, save_every=0, eval_every=0, tensorboard=False, plot=False, packing=True, lora_dropout=0.0)
+    a = train(cfg_for(tmp_path / "a", data, **kw), say=quiet)["losses"]
+    b = train(cfg_for(tmp_path / "b", data, gradient_checkpointing=True, **kw), say=quiet)["losses"]
+    assert len(a) == 3
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-6 * abs(y), (a, b)
+
+
+def test_merge_export_call_site(tmp_path, monkeypatch):
+    import moetune
+    from moetune.train import loop
+
+    msgs = []
+    monkeypatch.delattr(moetune, "merge_and_save", raising=False)
+    loop.merged_export_call(object(), str(tmp_path / "m"), msgs.append)
+    assert "no merge_and_save yet" in msgs[0] and not os.path.exists(tmp_path / "m")
+    calls = []
+    monkeypatch.setattr(moetune, "merge_and_save", lambda model, path: calls.append((model, path)), raising=False)
+    loop.merged_export_call("MODEL", str(tmp_path / "m"), msgs.append)
+    assert calls == [("MODEL", str(tmp_path / "m"))]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (GPU machine)")
+def test_demo_on_cuda(tmp_path):
+    """GPU machine: the non-expert part on CUDA, the experts on the CPU engine; the loss
+    falls as on the CPU and the summary reports the GPU's peak memory."""
+    s = run_demo({"output_dir": str(tmp_path / "gpu"), "device": "cuda", "max_steps": 60, "eval_every": 0,
+                  "save_every": 0, "progress": False, "sample_prompts": []}, say=quiet)
+    L = s["losses"]
+    assert sum(L[-5:]) / 5 < 0.5 * sum(L[:3]) / 3
+    assert s["peak_gpu_bytes"] is not None and s["peak_gpu_bytes"] > 0
