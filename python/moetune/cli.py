@@ -89,12 +89,12 @@ def main(argv=None) -> int:
                 from moetune.train.config import load_yaml
 
                 cfg_args = {**load_yaml(args.config), **cfg_args}
-            summary = run_demo(cfg_args)
-            return 0 if summary["finished"] or summary["interrupted"] or summary["steps"] else 1
+            run_demo(cfg_args)
+            return 0
         if args.command == "train":
             from moetune.train.loop import train
 
-            summary = train(_config_from_args(args))
+            train(_config_from_args(args))
             return 0
     except (ConfigError, DataError) as e:
         print(f"moetune {args.command}: error: {e}", file=sys.stderr)

@@ -114,3 +114,16 @@ def test_cli_reports_config_errors_cleanly(tmp_path):
 def test_example_config_has_only_valid_keys():
     raw = load_yaml(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "train.yaml"))
     assert {"model", "data", "lora_rank", "grad_accum"} <= set(raw)
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path, no_loading):
+    from moetune.train import checkpoint
+    from moetune.train.config import save_run_config
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    save_run_config(make_config(None, {"output_dir": str(out), "lora_rank": 8}), str(out / "config.yaml"))
+    assert checkpoint.latest_checkpoint(str(out)).endswith("step-00000002")
+    cfg = make_config(None, {"output_dir": str(out), "lora_rank": 16, "seed": 0, "resume": True})
+    with pytest.raises(ConfigError, match=r"resume: these settings differ .*lora_rank: 8 -> 16"):
+        loop.train(cfg, say=lambda *a: None)

@@ -41,14 +41,15 @@ class TrainConfig:
                     choices=("bfloat16", "float32"))
     device: str = _f("auto", "device of the non-expert part: auto (cuda if available, else cpu), cpu, cuda, "
                              "cuda:N", "model")
-    engine_threads: Optional[int] = _f(None, "CPU engine threads (unset: all cores this process may use, "
-                                             "minus torch's when the model is on the CPU)", "model")
+    engine_threads: Optional[int] = _f(None, "CPU engine threads (unset: every core this process may use; "
+                                             "with a GPU, leave a few cores to torch: see torch_threads)", "model")
     torch_threads: Optional[int] = _f(None, "torch CPU threads (unset: torch's default)", "model")
     expert_activations: str = _f("save", "engine activations for backward: save (faster) or recompute "
                                          "(less host RAM)", "model", choices=("save", "recompute"))
     # ---- data
-    data: Optional[str] = _f(None, "training data: a local .jsonl / .json / .parquet file. Unset only with "
-                                   "the embedded demo (model unset)", "data")
+    data: Optional[str] = _f(None, "training data: a local .jsonl / .json / .parquet file. Unset: the "
+                                   "embedded demo dataset (only with the demo model, whose word-level "
+                                   "vocabulary is that dataset's)", "data")
     data_format: str = _f("auto", "record format: chat (`messages` list of {role, content}), alpaca "
                                   "(instruction / input / output), text (`text`), or auto (from the columns)",
                           "data", choices=("auto", "chat", "alpaca", "text"))
@@ -268,6 +269,33 @@ def make_config(file_values: Optional[Dict[str, Any]] = None, overrides: Optiona
                 raise unknown_key_error(k, where)
             values[k] = v
     return TrainConfig(**values).validate()
+
+
+# Fields a resumed run must share with the run that wrote the checkpoint (they
+# decide the model, the adapter's shapes or the data stream).
+RESUME_FIXED = ("model", "dtype", "data", "data_format", "eval_data", "eval_fraction", "max_length", "truncation",
+                "loss_on", "packing", "shuffle", "lora_rank", "lora_alpha", "lora_dropout", "lora_attention",
+                "lora_mlp", "lora_experts", "seed", "micro_batch_size", "grad_accum")
+
+
+def save_run_config(cfg: TrainConfig, path: str) -> None:
+    import yaml
+
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def check_resume_compatible(cfg: TrainConfig, path: str) -> None:
+    """Raise ConfigError if cfg changes a RESUME_FIXED field of the run saved at path."""
+    import yaml
+
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        old = yaml.safe_load(fh) or {}
+    changed = [f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED if k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"resume: these settings differ from the run being resumed ({path}): {'; '.join(changed)}")
 
 
 def flag_name(name: str) -> str:

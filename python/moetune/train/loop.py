@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from moetune.train import checkpoint, data, metrics, report
-from moetune.train.config import ConfigError, TrainConfig, tuple_betas
+from moetune.train.config import ConfigError, TrainConfig, check_resume_compatible, save_run_config, tuple_betas
 from moetune.train.model import apply_lora, generate, load_base, load_tokenizer, resolve_device
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -110,7 +110,9 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
         resume_from = checkpoint.latest_checkpoint(out_dir)
         if resume_from is None:
             raise ConfigError(f"resume: no checkpoint in {os.path.join(out_dir, 'checkpoints')}")
+        check_resume_compatible(cfg, os.path.join(out_dir, "config.yaml"))
     os.makedirs(out_dir, exist_ok=True)
+    save_run_config(cfg, os.path.join(out_dir, "config.yaml"))
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
     device = resolve_device(cfg)
