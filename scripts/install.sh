@@ -17,7 +17,7 @@ fi
 # (trl 1.x supports transformers 5; checked with trl 1.16 + transformers 5.23).
 # Hard failure in CI; elsewhere (e.g. a machine without a package index) a loud warning:
 # the engine and moetune.hf work without them, `moetune train` / `moetune demo` do not.
-if ! "$PY" -m pip install -q "datasets>=3.0" pyyaml tqdm "tensorboardX>=2.6" "matplotlib>=3.7" "trl>=1.0"; then
+if ! "$PY" -m pip install -q "datasets>=3.0" pyyaml tqdm "tensorboardX>=2.6" "matplotlib>=3.7" "trl>=1.16"; then
   if [ "${CI:-}" = "true" ]; then exit 1; fi
   echo "[install] WARNING: could not install moetune train's dependencies (datasets pyyaml tqdm tensorboardX" \
        "matplotlib trl): moetune train / moetune demo need them" >&2

@@ -265,6 +265,7 @@ class Stream:
         self.mbs, self.packing, self.max_length = micro_batch_size, packing, max_length
         self.shuffle, self.seed, self.pad_id = shuffle, seed, pad_id
         self.epoch, self.index = 0, 0
+        self.last_tokens = 0  # real (non-padding) tokens of the last batch
         self._plan_epoch, self._plan = -1, []
 
     def plan(self, epoch: int) -> List[List[int]]:
@@ -293,6 +294,7 @@ class Stream:
                 continue
             rows.append([(self.ids[i], self.labels[i]) for i in plan[self.index]])
             self.index += 1
+        self.last_tokens = sum(len(i) for row in rows for i, _ in row)
         return collate(rows, self.pad_id, self.packing)
 
 

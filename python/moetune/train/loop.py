@@ -90,17 +90,6 @@ def evaluate(model, samples, cfg: TrainConfig, pad_id: int, device: torch.device
     return total / max(count, 1)
 
 
-def _batch_tokens(b: Dict[str, torch.Tensor], pad_id: int) -> int:
-    if "attention_mask" in b:
-        return int(b["attention_mask"].sum())
-    # packed rows: padding is the trailing run of pad ids
-    n = 0
-    for row in b["input_ids"]:
-        nz = (row != pad_id).nonzero()
-        n += int(nz[-1]) + 1 if len(nz) else 0
-    return n
-
-
 def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run `moetune train` for a validated config; returns the summary dict."""
     cfg.validate()
@@ -194,12 +183,14 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
         try:
             while step < stop_at:
                 t0, w0 = time.perf_counter(), ctx.wait_seconds
-                batches = [stream.next_batch() for _ in range(cfg.grad_accum)]
+                batches, step_tokens = [], 0
+                for _ in range(cfg.grad_accum):
+                    batches.append(stream.next_batch())
+                    step_tokens += stream.last_tokens
                 n_items = sum(data.target_count(b) for b in batches)
                 lr = sched.get_last_lr()[0]
-                loss, step_tokens = 0.0, 0
+                loss = 0.0
                 for b in batches:
-                    step_tokens += _batch_tokens(b, pad_id)
                     if n_items == 0:
                         continue
                     out = pm(**_to(b, device), num_items_in_batch=n_items, use_cache=False)

@@ -33,7 +33,9 @@ def load_tokenizer(cfg: TrainConfig):
 
         tok = AutoTokenizer.from_pretrained(cfg.model)
     if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer of {cfg.model} has neither a pad nor an eos token; cannot pad batches")
+        tok.pad_token = tok.eos_token  # padding carries no loss and no attention, so any id will do
     return tok
 
 
