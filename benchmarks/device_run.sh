@@ -5,6 +5,8 @@
 #   bash benchmarks/device_run.sh layer     # MoE layer benchmark vs PyTorch baselines, 16 threads
 #   bash benchmarks/device_run.sh peft      # the transformers + PEFT path at T=1024
 #   bash benchmarks/device_run.sh ceiling   # measured AMX / AVX512-BF16 peaks and DRAM read bandwidth
+#   bash benchmarks/device_run.sh ktkernel qwen3|deepseek   # vs kt-kernel's SFT backend (carry .ktk:
+#                                           # benchmarks/make_ktk.sh; python 3.12 only)
 # Through the device tool, carry .dev (a libgtest-dev .deb from Debian, for
 # the C++ tests: that machine has no package index). Builds against the
 # machine's own torch/nanobind/scikit-build-core. Logs go to $OUT.
@@ -52,6 +54,11 @@ layer)
   ;;
 ceiling)
   g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
+  ;;
+ktkernel)
+  export PYTHONPATH=$PWD/.ktk${PYTHONPATH:+:$PYTHONPATH}
+  python3 benchmarks/bench_ktkernel.py --threads 16 --tokens 256 1024 4096 16384 --configs "${2:-qwen3}" \
+    --json "$OUT/ktkernel-${2:-qwen3}.json" 2>&1 | tee "$OUT/ktkernel-${2:-qwen3}.txt"
   ;;
 peft)
   python3 benchmarks/bench_moe_layer.py --threads 16 --configs qwen3 --tokens 1024 --routing uniform \
