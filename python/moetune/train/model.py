@@ -75,7 +75,7 @@ def lora_targets(model: nn.Module, cfg: TrainConfig, expert_modules: List[str]) 
 
     attention: every nn.Linear inside a module named *self_attn / *attention;
     dense MLP: every nn.Linear inside an `mlp` (dense layers, shared experts)
-    except routers / gates of one output (names `gate`, `*_gate`);
+    except routers / gates (names `gate`, `router`, `*_gate`, `*_router`);
     experts: gate_up_proj / down_proj of every engine-held experts module.
     """
     attn, mlp = [], []
@@ -86,7 +86,8 @@ def lora_targets(model: nn.Module, cfg: TrainConfig, expert_modules: List[str]) 
         leaf = parts[-1]
         if any(p in ("self_attn", "attention", "attn") for p in parts[:-1]):
             attn.append(name)
-        elif "mlp" in parts[:-1] and leaf != "gate" and not leaf.endswith("_gate") and "experts" not in parts:
+        elif ("mlp" in parts[:-1] and leaf not in ("gate", "router") and not leaf.endswith(("_gate", "_router"))
+              and "experts" not in parts):
             mlp.append(name)
     names = (attn if cfg.lora_attention else []) + (mlp if cfg.lora_mlp else [])
     regex = "|".join(f"(?:{p})" for p in _pattern(names)) or None
