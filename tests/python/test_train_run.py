@@ -226,3 +226,34 @@ def test_demo_on_cuda(tmp_path):
     L = s["losses"]
     assert sum(L[-5:]) / 5 < 0.5 * sum(L[:3]) / 3
     assert s["peak_gpu_bytes"] is not None and s["peak_gpu_bytes"] > 0
+
+
+def test_cli_train_from_a_model_folder(tmp_path):
+    """The non-demo path: `moetune train --model FOLDER --data FILE` (from_pretrained +
+    patch); the adapter it writes loads into plain transformers + PEFT."""
+    import peft
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from moetune.train.demo_model import save_demo_base
+
+    base = save_demo_base(str(tmp_path / "base"))
+    data = demo_slice(tmp_path)
+    env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "moetune", "train", "--model", base, "--data", data, "--dtype", "float32",
+                        "--device", "cpu", "--max-steps", "2", "--lr", "1e-2", "--micro-batch-size", "4",
+                        "--output-dir", str(tmp_path / "run"), "--no-progress", "--engine-threads", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "model: " + base in r.stdout
+    adapter = tmp_path / "run" / "adapter"
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(model, str(adapter))
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    state = pm.state_dict()
+    assert saved and any("experts" in k for k in saved)
+    for k, v in saved.items():
+        key = k.replace(".weight", ".default.weight") if k.replace(".weight", ".default.weight") in state else k
+        assert torch.equal(state[key], v), k
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained (B starts at zero)
