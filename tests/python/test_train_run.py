@@ -75,7 +75,7 @@ def test_run_folder_contents(reference):
     summ = json.load(open(out / "summary.json"))
     assert summ["tokens"] > 0 and summ["peak_host_rss_bytes"] > 0 and 0.0 <= summ["expert_share"] <= 1.0
     _, evals = losses_of(out)
-    assert len(evals) == 2  # steps 4 and 8
+    assert len(evals) == 3  # steps 0 (start), 4 and 8
 
 
 def test_resume_gives_the_same_trajectory(reference, tmp_path):

@@ -177,6 +177,8 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
         last_saved = step
         bar.write(f"checkpoint: {path}")
 
+    if eval_s is not None and cfg.eval_every and resume_from is None:
+        log.log("eval", 0, eval_loss=evaluate(pm, eval_s, cfg, pad_id, device))  # the starting point
     bar = metrics.Progress(cfg.progress, total_steps, step, fallback=say)
     interrupted = False
     with _StopFlag(bar.write) as flag:
