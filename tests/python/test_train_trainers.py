@@ -133,15 +133,15 @@ def test_trl_sft_trainer_same_losses(setup):
     # TRL 1.x computes the loss through its own fused LM head + log-softmax: the same loss
     # values, but its backward is different fp32 arithmetic (losses drift 2e-5 relative by
     # step 3, 1e-4 by step 4: early AdamW steps are nearly sign(g) updates and amplify tiny
-    # gradient differences). Give it transformers' standard causal-LM loss (what
-    # `moetune train` and HF Trainer use) so the comparison is exact.
-    from transformers.loss.loss_utils import ForCausalLMLoss
+    # gradient differences). Use the model's own causal-LM loss (what `moetune train` and
+    # HF Trainer use; TRL's advice for a custom loss is to override compute_loss) so the
+    # comparison is exact.
+    class StandardLoss(Rec):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(**inputs, use_cache=False, num_items_in_batch=num_items_in_batch)
+            return (out.loss, out) if return_outputs else out.loss
 
-    def lm_loss(outputs, labels, num_items_in_batch=None):
-        return ForCausalLMLoss(outputs.logits, labels, vocab_size=outputs.logits.shape[-1],
-                               num_items_in_batch=num_items_in_batch)
-
-    t = Rec(model=pm, args=sft, train_dataset=raw, processing_class=tok, compute_loss_func=lm_loss)
+    t = StandardLoss(model=pm, args=sft, train_dataset=raw, processing_class=tok)
     # TRL's tokenisation = moetune's (the mask by rendering = the template's generation mask).
     mine, _, _, _ = data.prepare(cfg, tok, cfg.data)
     assert list(t.train_dataset["input_ids"]) == mine["input_ids"]
