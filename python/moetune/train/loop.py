@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import torch
 
