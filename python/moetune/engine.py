@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Optional, Tuple
 
 import torch
@@ -39,6 +40,10 @@ class Context:
         if num_threads is None:
             num_threads = len(os.sched_getaffinity(0))
         self._ctx = _ext.Context(int(num_threads), list(cpus), isa)
+        # Wall seconds the calling (training) thread spent blocked waiting for this
+        # context's jobs (forward and backward); `moetune train` reports it as the
+        # CPU-expert share of the step time.
+        self.wait_seconds = 0.0
 
     @property
     def num_threads(self) -> int:
@@ -235,7 +240,9 @@ class _Submit(torch.autograd.Function):
         st = ctx.state
         if st.bwd_job is None:
             raise RuntimeError("moetune: engine backward was not started (output had no gradient)")
+        t0 = time.perf_counter()
         st.bwd_job.wait()
+        st.experts.ctx.wait_seconds += time.perf_counter() - t0
         st.bwd_job = st.keep = None
         dx, dw, grads = st.grads
         st.grads = None
@@ -252,7 +259,9 @@ class _Wait(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, state, ticket):
+        t0 = time.perf_counter()
         state.job.wait()
+        state.experts.ctx.wait_seconds += time.perf_counter() - t0
         out = state.out
         # Drop every reference to the output: it will point back to this node
         # (grad_fn), and a cycle through autograd's C++ edges is never freed.

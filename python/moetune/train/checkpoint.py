@@ -1,0 +1,133 @@
+"""Run-folder checkpoints, written atomically.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
+  adapter/            the PEFT adapter (model.save_pretrained: a standard adapter)
+  optimizer.pt        AdamW state
+  scheduler.pt        LR scheduler state
+  rng.pt              torch (CPU + every CUDA device) and Python `random` states
+  state.json          step, data stream position, tokens so far, elapsed time
+It is first written to `checkpoints/.tmp-step-NNNNNNNN-<pid>/`, flushed to disk,
+then renamed into place (rename is atomic on POSIX), so a crash or kill during
+a save leaves the previous checkpoint as the latest; leftovers of an
+interrupted save are removed at the next save or resume. Only folders named
+step-* count as checkpoints; the oldest beyond `keep` are deleted after a
+successful save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any, Dict, List, Optional
+
+import torch
+
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Complete checkpoints, oldest first."""
+    d = checkpoints_dir(output_dir)
+    if not os.path.isdir(d):
+        return []
+    found = sorted((int(m.group(1)), n) for n in os.listdir(d) if (m := _NAME.match(n)))
+    return [os.path.join(d, n) for _, n in found]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    cks = list_checkpoints(output_dir)
+    return cks[-1] if cks else None
+
+
+def clean_partial(output_dir: str) -> List[str]:
+    """Remove leftovers of interrupted saves; returns what was removed."""
+    d = checkpoints_dir(output_dir)
+    removed = []
+    if os.path.isdir(d):
+        for n in os.listdir(d):
+            if n.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+                removed.append(n)
+    return removed
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> Dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save(output_dir: str, step: int, *, model, optimizer, scheduler, state: Dict[str, Any], keep: int) -> str:
+    """Write checkpoint `step` atomically; returns its path."""
+    d = checkpoints_dir(output_dir)
+    os.makedirs(d, exist_ok=True)
+    clean_partial(output_dir)
+    final = os.path.join(d, f"step-{step:08d}")
+    if os.path.isdir(final):  # same step saved already (Ctrl-C right after a periodic save): same state
+        return final
+    tmp = os.path.join(d, f".tmp-step-{step:08d}-{os.getpid()}")
+    os.makedirs(tmp)
+    model.save_pretrained(os.path.join(tmp, "adapter"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as fh:
+        json.dump({"step": step, **state}, fh, indent=1)
+    _fsync_tree(tmp)
+    os.rename(tmp, final)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(path: str, *, model, optimizer, scheduler) -> Dict[str, Any]:
+    """Restore a checkpoint into the (already built, same-config) model, optimizer
+    and scheduler; sets the RNG states; returns state.json."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = os.path.join(path, "adapter", "adapter_model.safetensors")
+    if not os.path.isfile(adapter):
+        raise FileNotFoundError(f"checkpoint {path} has no adapter/adapter_model.safetensors")
+    weights = load_file(adapter)
+    res = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(res, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"checkpoint {path}: adapter keys not in the model: {missing[:5]}")
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
+    with open(os.path.join(path, "state.json")) as fh:
+        return json.load(fh)

@@ -1,0 +1,314 @@
+"""The typed configuration of `moetune train`: one dataclass, every field
+documented with its default (`moetune train --help` is generated from it).
+
+Sources, lowest to highest precedence: the defaults below, a YAML file
+(`--config run.yaml`, flat `key: value` mapping), command-line flags
+(`--lora-rank 16` sets `lora_rank`). Unknown keys are errors that name the key
+and list the valid ones; paths are checked here, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, key or path (raised before any model loading)."""
+
+
+def _f(default, help: str, section: str, choices=None, **kw):
+    meta = {"help": help, "section": section}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+SECTIONS = ("model", "data", "lora", "optimization", "run")
+
+
+@dataclass
+class TrainConfig:
+    # ---- model
+    model: Optional[str] = _f(None, "local HF checkpoint folder (config.json + safetensors + tokenizer). "
+                                    "Unset: the embedded demo model, tokenizer and dataset", "model")
+    dtype: str = _f("bfloat16", "dtype of the non-expert weights (the experts are bf16 in the engine)", "model",
+                    choices=("bfloat16", "float32"))
+    device: str = _f("auto", "device of the non-expert part: auto (cuda if available, else cpu), cpu, cuda, "
+                             "cuda:N", "model")
+    engine_threads: Optional[int] = _f(None, "CPU engine threads (unset: every core this process may use; "
+                                             "with a GPU, leave a few cores to torch: see torch_threads)", "model")
+    torch_threads: Optional[int] = _f(None, "torch CPU threads (unset: torch's default)", "model")
+    expert_activations: str = _f("save", "engine activations for backward: save (faster) or recompute "
+                                         "(less host RAM)", "model", choices=("save", "recompute"))
+    # ---- data
+    data: Optional[str] = _f(None, "training data: a local .jsonl / .json / .parquet file. Unset: the "
+                                   "embedded demo dataset (only with the demo model, whose word-level "
+                                   "vocabulary is that dataset's)", "data")
+    data_format: str = _f("auto", "record format: chat (`messages` list of {role, content}), alpaca "
+                                  "(instruction / input / output), text (`text`), or auto (from the columns)",
+                          "data", choices=("auto", "chat", "alpaca", "text"))
+    eval_data: Optional[str] = _f(None, "held-out eval file (same format); unset: split eval_fraction off "
+                                        "the training data", "data")
+    eval_fraction: float = _f(0.05, "fraction of the training records held out for eval when eval_data is "
+                                    "unset (0: no eval)", "data")
+    max_length: int = _f(1024, "maximum tokens per sample (and per packed row)", "data")
+    truncation: bool = _f(True, "truncate samples longer than max_length (false: drop them)", "data")
+    loss_on: str = _f("assistant", "tokens that carry loss: assistant (assistant turns / alpaca response; "
+                                    "plain text is always all tokens) or all", "data",
+                      choices=("assistant", "all"))
+    packing: bool = _f(False, "pack several short samples into one row; position ids restart per sample "
+                              "and attention is block-diagonal (no cross-sample attention)", "data")
+    shuffle: bool = _f(True, "shuffle the training samples every epoch (seeded)", "data")
+    # ---- LoRA
+    lora_rank: int = _f(8, "LoRA rank r", "lora")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)", "lora")
+    lora_dropout: float = _f(0.0, "LoRA dropout on attention / dense-MLP LoRA (expert LoRA runs in the "
+                                  "engine without dropout)", "lora")
+    lora_attention: bool = _f(True, "LoRA on the attention projections", "lora")
+    lora_mlp: bool = _f(True, "LoRA on dense MLP projections (dense layers and shared experts)", "lora")
+    lora_experts: bool = _f(True, "LoRA on the routed experts (run inside the CPU engine)", "lora")
+    seed: int = _f(0, "seed of the LoRA init, data order, eval split and dropout", "lora")
+    # ---- optimization
+    lr: float = _f(2e-4, "AdamW peak learning rate", "optimization")
+    betas: List[float] = _f([0.9, 0.999], "AdamW betas (two floats)", "optimization")
+    weight_decay: float = _f(0.0, "AdamW weight decay", "optimization")
+    adam_eps: float = _f(1e-8, "AdamW epsilon", "optimization")
+    schedule: str = _f("cosine", "learning-rate schedule after warmup", "optimization",
+                       choices=("cosine", "linear", "constant"))
+    warmup_steps: int = _f(0, "linear warmup steps", "optimization")
+    max_steps: Optional[int] = _f(None, "optimizer steps (unset: `epochs` passes over the data)", "optimization")
+    epochs: float = _f(1.0, "passes over the training data when max_steps is unset", "optimization")
+    micro_batch_size: int = _f(4, "samples (or packed rows) per forward/backward", "optimization")
+    grad_accum: int = _f(1, "micro-batches per optimizer step", "optimization")
+    max_grad_norm: Optional[float] = _f(1.0, "gradient clipping (global L2 norm); unset: no clipping",
+                                        "optimization")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant)", "optimization")
+    # ---- run
+    output_dir: str = _f("runs/moetune-train", "run folder: adapter/, checkpoints/, metrics.jsonl, tensorboard/, "
+                                               "plot, summary", "run")
+    save_every: int = _f(100, "checkpoint every N optimizer steps (0: only at the end / on Ctrl-C)", "run")
+    keep_checkpoints: int = _f(2, "checkpoints kept (oldest removed)", "run")
+    eval_every: int = _f(50, "eval loss every N steps (0: only at the end)", "run")
+    log_every: int = _f(1, "metrics line every N steps", "run")
+    resume: bool = _f(False, "continue from the latest checkpoint in output_dir (same trajectory as an "
+                             "uninterrupted run)", "run")
+    stop_after_steps: Optional[int] = _f(None, "stop (with a checkpoint) after this many steps in this "
+                                               "invocation; resume later with --resume", "run")
+    merge_export: Optional[str] = _f(None, "after training, write the merged full model (base + LoRA) here",
+                                     "run")
+    sample_prompts: List[str] = _f([], "user prompts to generate from before and after training", "run")
+    max_new_tokens: int = _f(24, "tokens generated per sample prompt (greedy)", "run")
+    progress: bool = _f(True, "progress bar on stderr", "run")
+    tensorboard: bool = _f(True, "TensorBoard event files in output_dir/tensorboard", "run")
+    plot: bool = _f(True, "PNG plot of the losses and throughput at the end", "run")
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def fields(cls) -> Dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model is None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        """Types, ranges and paths; raises ConfigError naming the field."""
+        for name, f in self.fields().items():
+            setattr(self, name, _coerce(name, f, getattr(self, name)))
+        pos = ("lora_rank", "max_length", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_new_tokens")
+        for name in pos:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "eval_every", "warmup_steps", "lora_dropout", "weight_decay", "log_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_steps", "engine_threads", "torch_threads", "stop_after_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be >= 1 (or unset), got {v}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lr <= 0 or self.epochs <= 0:
+            raise ConfigError(f"lr and epochs must be > 0, got lr={self.lr}, epochs={self.epochs}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must be two floats in [0, 1), got {self.betas}")
+        if not (self.lora_attention or self.lora_mlp or self.lora_experts):
+            raise ConfigError("nothing to train: lora_attention, lora_mlp and lora_experts are all false")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self._check_paths()
+        return self
+
+    def _check_paths(self) -> None:
+        if self.model is not None:
+            if not os.path.isdir(self.model):
+                raise ConfigError(f"model: {self.model!r} is not a folder (expected a local HF checkpoint "
+                                  "folder with config.json)")
+            if not os.path.isfile(os.path.join(self.model, "config.json")):
+                raise ConfigError(f"model: {self.model!r} has no config.json (not a HF checkpoint folder)")
+            if self.data is None:
+                raise ConfigError("data: a training file is required with a model (the embedded dataset only "
+                                  "fits the embedded demo model)")
+        for name in ("data", "eval_data"):
+            p = getattr(self, name)
+            if p is None:
+                continue
+            if not os.path.isfile(p):
+                raise ConfigError(f"{name}: file {p!r} does not exist")
+            if not p.endswith((".jsonl", ".json", ".parquet")):
+                raise ConfigError(f"{name}: {p!r} must end in .jsonl, .json or .parquet")
+        out = os.path.abspath(self.output_dir)
+        parent = out
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ConfigError(f"output_dir: cannot create {self.output_dir!r} ({parent!r} is not a writable folder)")
+        if self.merge_export is not None and os.path.abspath(self.merge_export) == out:
+            raise ConfigError("merge_export must differ from output_dir")
+
+
+def _coerce(name: str, f: dataclasses.Field, v):
+    """Check/convert one value to the field's type (YAML gives ints for floats etc.)."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    optional = t.startswith("Optional[")
+    base = t[len("Optional["):-1] if optional else t
+    if v is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} may not be empty")
+    try:
+        if base == "bool":
+            if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                return v.lower() in ("true", "yes", "1", "on")
+            if not isinstance(v, bool):
+                raise TypeError
+            return v
+        if base == "int":
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise TypeError
+            return int(v)
+        if base == "float":
+            if isinstance(v, bool):
+                raise TypeError
+            return float(v)
+        if base == "str":
+            if not isinstance(v, str):
+                raise TypeError
+            choices = f.metadata.get("choices")
+            if choices and v not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {v!r}")
+            return v
+        if base == "List[float]":
+            if isinstance(v, str):
+                v = [x for x in v.replace(",", " ").split()]
+            return [float(x) for x in v]
+        if base == "List[str]":
+            if isinstance(v, str):
+                return [v]
+            if not all(isinstance(x, str) for x in v):
+                raise TypeError
+            return list(v)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{name} must be {base}, got {v!r} ({type(v).__name__})") from None
+    raise AssertionError(f"unhandled field type {t} for {name}")
+
+
+def unknown_key_error(key: str, where: str) -> ConfigError:
+    valid = list(TrainConfig.fields())
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path!r} must be a mapping of key: value, got {type(raw).__name__}")
+    valid = TrainConfig.fields()
+    for k in raw:
+        if k not in valid:
+            raise unknown_key_error(str(k), path)
+    # Relative paths in a config file are relative to the file.
+    base = os.path.dirname(os.path.abspath(path))
+    for k in ("model", "data", "eval_data", "output_dir", "merge_export"):
+        if isinstance(raw.get(k), str) and not os.path.isabs(raw[k]):
+            raw[k] = os.path.normpath(os.path.join(base, raw[k]))
+    return raw
+
+
+def make_config(file_values: Optional[Dict[str, Any]] = None, overrides: Optional[Dict[str, Any]] = None,
+                base: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """base (e.g. demo defaults) < file < overrides (flags); validated."""
+    values: Dict[str, Any] = {}
+    for src, where in ((base, "defaults"), (file_values, "config file"), (overrides, "arguments")):
+        for k, v in (src or {}).items():
+            if k not in TrainConfig.fields():
+                raise unknown_key_error(k, where)
+            values[k] = v
+    return TrainConfig(**values).validate()
+
+
+# Fields a resumed run must share with the run that wrote the checkpoint (they
+# decide the model, the adapter's shapes or the data stream).
+RESUME_FIXED = ("model", "dtype", "data", "data_format", "eval_data", "eval_fraction", "max_length", "truncation",
+                "loss_on", "packing", "shuffle", "lora_rank", "lora_alpha", "lora_dropout", "lora_attention",
+                "lora_mlp", "lora_experts", "seed", "micro_batch_size", "grad_accum")
+
+
+def save_run_config(cfg: TrainConfig, path: str) -> None:
+    import yaml
+
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def check_resume_compatible(cfg: TrainConfig, path: str) -> None:
+    """Raise ConfigError if cfg changes a RESUME_FIXED field of the run saved at path."""
+    import yaml
+
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        old = yaml.safe_load(fh) or {}
+    changed = [f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED if k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"resume: these settings differ from the run being resumed ({path}): {'; '.join(changed)}")
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def describe_default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        d = f.default
+    else:
+        d = f.default_factory()
+    return "unset" if d is None else repr(d)
+
+
+def tuple_betas(cfg: TrainConfig) -> Tuple[float, float]:
+    return (float(cfg.betas[0]), float(cfg.betas[1]))

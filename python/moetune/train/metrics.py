@@ -1,0 +1,102 @@
+"""What a run shows and records while it trains: the progress bar (tqdm),
+metrics.jsonl (one JSON object per logged step / eval) and TensorBoard events
+(tensorboardX: a small pure-Python writer, no TensorFlow / tensorboard server
+needed to write). Peak-memory probes for the summary live here too."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+
+def peak_host_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_gpu_bytes(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard). On resume, lines past the checkpoint's
+    step are dropped so the file reads like one uninterrupted run."""
+
+    def __init__(self, output_dir: str, *, tensorboard: bool, resume_step: Optional[int]):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.records: List[Dict[str, Any]] = []
+        if resume_step is not None and os.path.isfile(self.path):
+            with open(self.path) as fh:
+                for line in fh:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if r.get("step", 0) <= resume_step:
+                        self.records.append(r)
+        with open(self.path, "w") as fh:
+            for r in self.records:
+                fh.write(json.dumps(r) + "\n")
+        self._fh = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                print("moetune train: tensorboardX is not installed; no TensorBoard events "
+                      "(pip install tensorboardX)", file=sys.stderr)
+            else:
+                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                        purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def log(self, kind: str, step: int, **values) -> None:
+        rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        self.records.append(rec)
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """A tqdm bar over optimizer steps (ETA from tqdm's rate) or nothing."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, fallback=print):
+        self.bar = None
+        self._fallback = fallback
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            desc="train")
+
+    def update(self, *, loss: float, lr: float, tokens_per_s: float, expert_share: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
+                                     f"experts {100 * expert_share:.0f}%", refresh=False)
+            self.bar.update(1)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            self._fallback(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

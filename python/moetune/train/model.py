@@ -1,0 +1,154 @@
+"""Model side of `moetune train`: loading (ONE function, `load_base`), the LoRA
+setup (which modules, seeded init) and greedy sample generation."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from moetune.train.config import TrainConfig
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={cfg.device!r} but torch sees no CUDA device")
+    return dev
+
+
+def load_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer (loaded before the model so data errors come first)."""
+    from moetune.train import demo_model
+
+    if cfg.is_demo:
+        tok = demo_model.build_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer of {cfg.model} has neither a pad nor an eos token; cannot pad batches")
+        tok.pad_token = tok.eos_token  # padding carries no loss and no attention, so any id will do
+    return tok
+
+
+def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
+    """(model with its experts on the engine, patch handle).
+
+    The single place that loads a model: when `moetune.load_model` (the
+    streaming loader) lands, replace the from_pretrained + patch below with it.
+    """
+    import moetune.hf
+    from moetune.train import demo_model
+
+    if cfg.is_demo:
+        model = demo_model.build_model(vocab_size, seed=0).to(getattr(torch, cfg.dtype))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
+    handle = moetune.hf.patch(model, num_threads=cfg.engine_threads, keep_original=False,
+                              activations=cfg.expert_activations)
+    model.to(device)
+    return model, handle
+
+
+def _pattern(names: List[str]) -> List[str]:
+    """Module names with layer indices generalised, deduplicated, as regexes."""
+    out = []
+    for n in names:
+        p = re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n))
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def lora_targets(model: nn.Module, cfg: TrainConfig, expert_modules: List[str]) -> Tuple[Optional[str], List[str]]:
+    """(target_modules regex or None, target_parameters) for PEFT.
+
+    attention: every nn.Linear inside a module named *self_attn / *attention;
+    dense MLP: every nn.Linear inside an `mlp` (dense layers, shared experts)
+    except routers / gates (names `gate`, `router`, `*_gate`, `*_router`);
+    experts: gate_up_proj / down_proj of every engine-held experts module.
+    """
+    attn, mlp = [], []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        parts = name.split(".")
+        leaf = parts[-1]
+        if any(p in ("self_attn", "attention", "attn") for p in parts[:-1]):
+            attn.append(name)
+        elif ("mlp" in parts[:-1] and leaf not in ("gate", "router") and not leaf.endswith(("_gate", "_router"))
+              and "experts" not in parts):
+            mlp.append(name)
+    names = (attn if cfg.lora_attention else []) + (mlp if cfg.lora_mlp else [])
+    regex = "|".join(f"(?:{p})" for p in _pattern(names)) or None
+    params = []
+    if cfg.lora_experts:
+        for q in expert_modules:
+            suffix = ".".join(q.split(".")[-2:])
+            for pname in ("gate_up_proj", "down_proj"):
+                if f"{suffix}.{pname}" not in params:
+                    params.append(f"{suffix}.{pname}")
+    return regex, params
+
+
+def apply_lora(model: nn.Module, cfg: TrainConfig, handle):
+    import peft
+
+    regex, params = lora_targets(model, cfg, handle.module_names)
+    if regex is None and not params:
+        raise ValueError("no LoRA targets found in this model for the selected lora_attention / lora_mlp / "
+                         "lora_experts")
+    # PEFT refuses lora_dropout together with target_parameters (expert LoRA has no
+    # dropout: the engine computes B(A x) fused). So the adapter is created without
+    # dropout and nn.Dropout is put on the ordinary (attention / MLP) LoRA layers
+    # afterwards; the saved adapter_config.json says lora_dropout 0, which is what
+    # PEFT needs to load it (dropout plays no part at inference).
+    lcfg = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                           target_modules=regex if regex is not None else [], target_parameters=params or None,
+                           bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)  # PEFT's LoRA init (A random, B zero) draws from the global generator
+    with warnings.catch_warnings():  # transformers 5.2x deprecation noise from inside PEFT
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        pm = peft.get_peft_model(model, lcfg)
+    if cfg.lora_dropout > 0:
+        from peft.tuners.lora import LoraLayer
+
+        from moetune.hf import _peft
+
+        for m in pm.modules():
+            if isinstance(m, LoraLayer) and not _peft.is_param_wrapper(m):
+                for k in list(m.lora_dropout.keys()):
+                    m.lora_dropout[k] = nn.Dropout(p=cfg.lora_dropout)
+    return pm
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: List[str], max_new_tokens: int, device: torch.device) -> List[str]:
+    """Greedy answers to user prompts (chat template if the tokenizer has one)."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    try:
+        for p in prompts:
+            if getattr(tok, "chat_template", None):
+                ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"]
+            else:
+                ids = tok(p)["input_ids"]
+            x = torch.tensor([ids], device=device)
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=tok.pad_token_id)
+            outs.append(tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
+    return outs

@@ -1,0 +1,58 @@
+"""End-of-run report: a PNG plot of the losses and throughput (matplotlib,
+Agg backend: no display needed) and the summary (printed and summary.json)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List
+
+
+def plot(records: List[Dict[str, Any]], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [r for r in records if r["kind"] == "train"]
+    ev = [r for r in records if r["kind"] == "eval"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if ev:
+        ax1.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval loss")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.set_title("loss")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], lw=1, color="tab:green")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("tokens / s")
+    ax2.set_title("throughput")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _gib(n):
+    return "n/a" if n is None else f"{n / 2 ** 30:.2f} GiB"
+
+
+def summarize(summary: Dict[str, Any], output_dir: str) -> str:
+    with open(os.path.join(output_dir, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    s = summary
+    lines = [
+        f"steps {s['steps']}  tokens {s['tokens']:,} (loss on {s['target_tokens']:,})  "
+        f"wall {s['wall_seconds']:.1f} s  {s['tokens_per_s']:,.0f} tokens/s  "
+        f"CPU-expert share {100 * s['expert_share']:.0f}%",
+        f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
+        + (f"  eval loss {s['first_eval_loss']:.4f} -> {s['last_eval_loss']:.4f}" if s.get("last_eval_loss") is not None else ""),
+        f"peak GPU memory {_gib(s['peak_gpu_bytes'])}  peak host RAM {_gib(s['peak_host_rss_bytes'])}",
+        f"adapter: {s['adapter_dir']}",
+    ]
+    return "\n".join(lines)

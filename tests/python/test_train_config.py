@@ -1,0 +1,129 @@
+"""`moetune train` configuration: YAML + flags (flags win), typed values,
+unknown keys named with the valid ones listed, bad paths reported before any
+model or tokenizer is loaded, --help documents every field with its default."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("yaml")
+
+from moetune import cli  # noqa: E402
+from moetune.train import loop  # noqa: E402
+from moetune.train.config import ConfigError, TrainConfig, load_yaml, make_config  # noqa: E402
+
+PY = os.path.join(os.path.dirname(__file__), "..", "..", "python")
+
+
+def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lora_rnak: 8\nlr: 1e-4\n")
+    with pytest.raises(ConfigError) as e:
+        load_yaml(str(f))
+    msg = str(e.value)
+    assert "'lora_rnak'" in msg and "did you mean 'lora_rank'" in msg
+    assert "valid keys:" in msg and all(k in msg for k in TrainConfig.fields())
+    with pytest.raises(ConfigError, match="unknown config key 'nope' in arguments"):
+        make_config(None, {"nope": 1})
+
+
+def test_types_and_ranges(tmp_path):
+    out = str(tmp_path / "o")
+    with pytest.raises(ConfigError, match=r"lora_rank must be int, got 'eight'"):
+        make_config(None, {"lora_rank": "eight", "output_dir": out})
+    with pytest.raises(ConfigError, match=r"schedule must be one of cosine, linear, constant; got 'step'"):
+        make_config(None, {"schedule": "step", "output_dir": out})
+    with pytest.raises(ConfigError, match="micro_batch_size must be >= 1"):
+        make_config(None, {"micro_batch_size": 0, "output_dir": out})
+    with pytest.raises(ConfigError, match=r"betas must be two floats in \[0, 1\)"):
+        make_config(None, {"betas": [0.9, 1.5], "output_dir": out})
+    with pytest.raises(ConfigError, match="nothing to train"):
+        make_config(None, {"lora_attention": False, "lora_mlp": False, "lora_experts": False, "output_dir": out})
+    c = make_config({"lr": 1, "packing": "yes", "max_steps": 3.0}, {"output_dir": out})
+    assert c.lr == 1.0 and isinstance(c.lr, float) and c.packing is True and c.max_steps == 3
+
+
+def test_flags_override_the_file_and_file_paths_are_relative_to_it(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d.jsonl\nlr: 0.5\nlora_rank: 4\noutput_dir: out\n")
+    args = _parse(["train", "--config", str(f), "--lr", "0.25", "--no-shuffle"])
+    cfg = cli._config_from_args(args)
+    assert cfg.lr == 0.25 and cfg.lora_rank == 4 and cfg.shuffle is False
+    assert cfg.data == str(tmp_path / "d.jsonl") and cfg.output_dir == str(tmp_path / "out")
+
+
+def _parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    t = sub.add_parser("train")
+    t.add_argument("--config")
+    cli._add_config_flags(t)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a model/tokenizer was loaded before the config error")
+
+    monkeypatch.setattr(loop, "load_base", boom)
+    monkeypatch.setattr(loop, "load_tokenizer", boom)
+
+
+def test_bad_paths_fail_before_loading(tmp_path, no_loading):
+    with pytest.raises(ConfigError, match=r"model: '/nonexistent/model' is not a folder"):
+        make_config(None, {"model": "/nonexistent/model", "data": "x.jsonl"})
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        make_config(None, {"model": str(tmp_path / "m"), "data": "x.jsonl"})
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"data: file '.*missing.jsonl' does not exist"):
+        make_config(None, {"model": str(tmp_path / "m"), "data": str(tmp_path / "missing.jsonl")})
+    (tmp_path / "d.csv").write_text("a\n")
+    with pytest.raises(ConfigError, match=r"must end in .jsonl, .json or .parquet"):
+        make_config(None, {"data": str(tmp_path / "d.csv")})
+    with pytest.raises(ConfigError, match="a training file is required with a model"):
+        make_config(None, {"model": str(tmp_path / "m")})
+    cfg = make_config(None, {"output_dir": str(tmp_path / "empty"), "resume": True})
+    with pytest.raises(ConfigError, match="resume: no checkpoint in"):
+        loop.train(cfg, say=lambda *a: None)
+
+
+def test_cli_reports_config_errors_cleanly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "moetune", "train", "--model", str(tmp_path / "nope"), "--data", "x.jsonl"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "moetune train: error: model:" in r.stderr and "Traceback" not in r.stderr
+    h = subprocess.run([sys.executable, "-m", "moetune", "train", "--help"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert h.returncode == 0
+    text = " ".join(h.stdout.split())
+    for name in TrainConfig.fields():
+        assert "--" + name.replace("_", "-") in text, name
+    assert text.count("(default:") >= len(TrainConfig.fields())
+    assert "(default: 0.0002" in text and "(default: 'cosine'" in text
+
+
+def test_example_config_has_only_valid_keys():
+    raw = load_yaml(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "train.yaml"))
+    assert {"model", "data", "lora_rank", "grad_accum"} <= set(raw)
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path, no_loading):
+    from moetune.train import checkpoint
+    from moetune.train.config import save_run_config
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    save_run_config(make_config(None, {"output_dir": str(out), "lora_rank": 8}), str(out / "config.yaml"))
+    assert checkpoint.latest_checkpoint(str(out)).endswith("step-00000002")
+    cfg = make_config(None, {"output_dir": str(out), "lora_rank": 16, "seed": 0, "resume": True})
+    with pytest.raises(ConfigError, match=r"resume: these settings differ .*lora_rank: 8 -> 16"):
+        loop.train(cfg, say=lambda *a: None)
