@@ -91,6 +91,12 @@ def test_bad_paths_fail_before_loading(tmp_path, no_loading):
         make_config(None, {"data": str(tmp_path / "d.csv")})
     with pytest.raises(ConfigError, match="a training file is required with a model"):
         make_config(None, {"model": str(tmp_path / "m")})
+    with pytest.raises(ConfigError, match="merge_export needs a model folder"):
+        make_config(None, {"merge_export": str(tmp_path / "merged"), "output_dir": str(tmp_path / "o")})
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(ConfigError, match="merge_export: .* exists already"):
+        make_config(None, {"model": str(tmp_path / "m"), "data": str(tmp_path / "d.jsonl"),
+                           "merge_export": str(tmp_path), "output_dir": str(tmp_path / "o")})
     cfg = make_config(None, {"output_dir": str(tmp_path / "empty"), "resume": True})
     with pytest.raises(ConfigError, match="resume: no checkpoint in"):
         loop.train(cfg, say=lambda *a: None)

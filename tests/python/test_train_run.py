@@ -203,20 +203,6 @@ def test_packing_and_gradient_checkpointing_runs(tmp_path):
         assert abs(x - y) <= 1e-6 * abs(y), (a, b)
 
 
-def test_merge_export_call_site(tmp_path, monkeypatch):
-    import moetune
-    from moetune.train import loop
-
-    msgs = []
-    monkeypatch.delattr(moetune, "merge_and_save", raising=False)
-    loop.merged_export_call(object(), str(tmp_path / "m"), msgs.append)
-    assert "no merge_and_save yet" in msgs[0] and not os.path.exists(tmp_path / "m")
-    calls = []
-    monkeypatch.setattr(moetune, "merge_and_save", lambda model, path: calls.append((model, path)), raising=False)
-    loop.merged_export_call("MODEL", str(tmp_path / "m"), msgs.append)
-    assert calls == [("MODEL", str(tmp_path / "m"))]
-
-
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (GPU machine)")
 def test_demo_on_cuda(tmp_path):
     """GPU machine: the non-expert part on CUDA, the experts on the CPU engine; the loss
@@ -229,8 +215,9 @@ def test_demo_on_cuda(tmp_path):
 
 
 def test_cli_train_from_a_model_folder(tmp_path):
-    """The non-demo path: `moetune train --model FOLDER --data FILE` (from_pretrained +
-    patch); the adapter it writes loads into plain transformers + PEFT."""
+    """The non-demo path: `moetune train --model FOLDER --data FILE` (moetune.load_model);
+    the adapter it writes loads into plain transformers + PEFT, and the merged export
+    (--merge-export) is a plain checkpoint with the adapter model's logits."""
     import peft
     import torch
     import transformers
@@ -243,7 +230,8 @@ def test_cli_train_from_a_model_folder(tmp_path):
     env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-m", "moetune", "train", "--model", base, "--data", data, "--dtype", "float32",
                         "--device", "cpu", "--max-steps", "2", "--lr", "1e-2", "--micro-batch-size", "4",
-                        "--output-dir", str(tmp_path / "run"), "--no-progress", "--engine-threads", "1"],
+                        "--output-dir", str(tmp_path / "run"), "--no-progress", "--engine-threads", "1",
+                        "--merge-export", str(tmp_path / "merged")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "model: " + base in r.stdout
@@ -257,3 +245,10 @@ def test_cli_train_from_a_model_folder(tmp_path):
         key = k.replace(".weight", ".default.weight") if k.replace(".weight", ".default.weight") in state else k
         assert torch.equal(state[key], v), k
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained (B starts at zero)
+    # The merged export: plain transformers, no adapter, same logits as base + adapter.
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = pm(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), "merged checkpoint differs from base + adapter"

@@ -176,6 +176,11 @@ class TrainConfig:
             raise ConfigError(f"output_dir: cannot create {self.output_dir!r} ({parent!r} is not a writable folder)")
         if self.merge_export is not None and os.path.abspath(self.merge_export) == out:
             raise ConfigError("merge_export must differ from output_dir")
+        if self.merge_export is not None and self.is_demo:
+            raise ConfigError("merge_export needs a model folder (model=...): the embedded demo model has no "
+                              "checkpoint to merge into")
+        if self.merge_export is not None and os.path.exists(self.merge_export):
+            raise ConfigError(f"merge_export: {self.merge_export!r} exists already (the merged model goes to a new folder)")
 
 
 def _coerce(name: str, f: dataclasses.Field, v):

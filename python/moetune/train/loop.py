@@ -28,17 +28,12 @@ SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_
 
 
 def merged_export_call(model, path: str, say) -> None:
-    """THE call site of the merged-model export (`merge_export`): base + LoRA
-    written as a full HF checkpoint by `moetune.merge_and_save` (the streaming
-    merge/export of the loader work). Until that function exists this says so."""
+    """The merged-model export (`merge_export`): base + LoRA written as a full HF
+    checkpoint, streamed shard by shard from the source folder by
+    moetune.merge_and_save (atomic: a temp folder renamed at the end)."""
     import moetune
 
-    fn = getattr(moetune, "merge_and_save", None)
-    if fn is None:
-        say(f"merge_export: skipped: this moetune has no merge_and_save yet (the adapter in the run folder "
-            f"can be merged with PEFT on a plain transformers model); {path} not written")
-        return
-    fn(model, path)
+    moetune.merge_and_save(model, path)
     say(f"merged model written to {path}")
 
 

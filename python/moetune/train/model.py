@@ -40,20 +40,20 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
-    """(model with its experts on the engine, patch handle).
-
-    The single place that loads a model: when `moetune.load_model` (the
-    streaming loader) lands, replace the from_pretrained + patch below with it.
-    """
+    """(model with its experts on the engine, patch handle): the one place that
+    loads a model. A model folder streams through moetune.load_model (experts
+    straight into the engine, the rest to `device`); the demo model is built in
+    memory and patched."""
+    import moetune
     import moetune.hf
     from moetune.train import demo_model
 
-    if cfg.is_demo:
-        model = demo_model.build_model(vocab_size, seed=0).to(getattr(torch, cfg.dtype))
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
+    dtype = getattr(torch, cfg.dtype)
+    if not cfg.is_demo:
+        model = moetune.load_model(cfg.model, device=device, dtype=dtype, num_threads=cfg.engine_threads,
+                                   activations=cfg.expert_activations)
+        return model, model.moetune_handle
+    model = demo_model.build_model(vocab_size, seed=0).to(dtype)
     handle = moetune.hf.patch(model, num_threads=cfg.engine_threads, keep_original=False,
                               activations=cfg.expert_activations)
     model.to(device)
