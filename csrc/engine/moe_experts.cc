@@ -37,10 +37,21 @@ MoeExperts::MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, Expert
     throw std::invalid_argument("moetune: experts need E, H, I >= 1, got E=" + std::to_string(E) +
                                 " H=" + std::to_string(H) + " I=" + std::to_string(I));
   }
+  spec_ = kernels::QuantSpec{options_.weight_format, options_.group_size};
+  kernels::check_quant_spec(spec_);
+  dequant_ = &kernels::dequant_kernel(ctx_->gemm().isa);
+  const bool quantized = spec_.format != kernels::WeightFormat::kBf16;
   const Dims f[3] = {{H, I}, {H, I}, {I, H}};
   for (int w = 0; w < 3; ++w) {
-    fwd_stride_[w] = kernels::packed_elems(f[w].K, f[w].N);
-    fwd_[w].resize(static_cast<size_t>(fwd_stride_[w]) * E);
+    if (quantized) {
+      q_stride_[w] = kernels::quant_q_bytes(spec_, f[w].K, f[w].N);
+      qscale_stride_[w] = kernels::quant_scale_count(spec_, f[w].K, f[w].N);
+      q_[w].resize(static_cast<size_t>(q_stride_[w]) * E);
+      qscale_[w].resize(static_cast<size_t>(qscale_stride_[w]) * E);
+    } else {
+      fwd_stride_[w] = kernels::packed_elems(f[w].K, f[w].N);
+      fwd_[w].resize(static_cast<size_t>(fwd_stride_[w]) * E);
+    }
     if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
       bwd_stride_[w] = kernels::packed_elems(f[w].N, f[w].K);
       bwd_[w].resize(static_cast<size_t>(bwd_stride_[w]) * E);
@@ -63,8 +74,23 @@ MoeExperts::~MoeExperts() {
 
 size_t MoeExperts::packed_bytes() const {
   size_t b = 0;
-  for (int w = 0; w < 3; ++w) b += fwd_[w].bytes() + bwd_[w].bytes();
+  for (int w = 0; w < 3; ++w) b += fwd_[w].bytes() + bwd_[w].bytes() + q_[w].bytes() + qscale_[w].bytes();
   return b;
+}
+
+kernels::QuantB MoeExperts::quant(int which, int e) const {
+  const int64_t K = which == 2 ? I_ : H_;
+  const int64_t N = which == 2 ? H_ : I_;
+  return kernels::QuantB{spec_, q_[which].data() + e * q_stride_[which],
+                         qscale_[which].data() + e * qscale_stride_[which], K, N};
+}
+
+PackedB MoeExperts::fwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const {
+  if (spec_.format == kernels::WeightFormat::kBf16) return kernels::packed_slice(fwd(which, e), n0, n);
+  const kernels::QuantB src = quant(which, e);
+  bf16* dst = a.alloc<bf16>(kernels::packed_elems(src.K, n));
+  dequant_->dequant(src, n0, n0 + n, 0, src.K, dst);
+  return PackedB{dst, src.K, n};
 }
 
 PackedB MoeExperts::fwd(int which, int e) const {
@@ -82,6 +108,16 @@ PackedB MoeExperts::bwd(int which, int e) const {
 PackedB MoeExperts::bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const {
   if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
     return kernels::packed_slice(bwd(which, e), n0, n);
+  }
+  if (spec_.format != kernels::WeightFormat::kBf16) {
+    // W^T columns [n0, n0+n) are W's K rows [n0, n0+n): dequantize just those
+    // rows (all N columns), then transpose them like the bf16 path does.
+    const kernels::QuantB q = quant(which, e);
+    bf16* rows = a.alloc<bf16>(kernels::packed_elems(n, q.N));
+    dequant_->dequant(q, 0, q.N, n0, n0 + n, rows);
+    bf16* dst = a.alloc<bf16>(kernels::packed_elems(q.N, n));
+    ctx_->gemm().transpose_packed(PackedB{rows, n, q.N}, 0, n, dst);
+    return PackedB{dst, q.N, n};
   }
   const PackedB src = fwd(which, e);
   bf16* dst = a.alloc<bf16>(kernels::packed_elems(src.N, n));
@@ -102,6 +138,23 @@ void MoeExperts::load_expert(int e, const void* gate, const void* up, const void
   const kernels::SrcType st = src_type(dtype);
   const void* src[3] = {gate, up, down};
   // HF layout is [out, in] = [N, K] for the forward product x W^T.
+  if (spec_.format != kernels::WeightFormat::kBf16) {
+    static const char* kName[3] = {"gate_proj", "up_proj", "down_proj"};
+    for (int w = 0; w < 3; ++w) {
+      const kernels::QuantB q = quant(w, e);
+      kernels::quantize_pack(src[w], st, q.K, q.K, q.N, spec_,
+                             q_[w].data() + e * q_stride_[w], qscale_[w].data() + e * qscale_stride_[w],
+                             std::string(kName[w]) + " of expert " + std::to_string(e));
+      if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
+        // bf16 dq(q(W))^T: the same values the repack path would make.
+        Buf<bf16> tmp(static_cast<size_t>(kernels::packed_elems(q.K, q.N)));
+        dequant_->dequant(q, 0, q.N, 0, q.K, tmp.data());
+        kernels::pack_b_transposed(PackedB{tmp.data(), q.K, q.N}, 0, q.K,
+                                   bwd_[w].data() + e * bwd_stride_[w]);
+      }
+    }
+    return;
+  }
   for (int w = 0; w < 3; ++w) {
     const PackedB f = fwd(w, e);
     kernels::pack_b(src[w], st, f.K, /*kn=*/false, f.K, 0, f.N, 1.0f,

@@ -20,6 +20,15 @@
 // Dropping a handle frees its memory; backward does not consume it, so a
 // retained graph may run backward twice.
 //
+// Weight formats (ExpertsOptions::weight_format): bf16 packs the weights as
+// they are; int8 / int4 quantize them in load_expert (kernels/quant.h) and
+// every GEMM task dequantizes the panel slice it needs into its arena, so the
+// GEMMs see exactly dq(q(W)) in bf16, forward and backward alike. Backward
+// weights for quantized formats: kRepack dequantizes the K-rows it needs and
+// transposes them; kTransposedCopy keeps, next to the quantized weights, a
+// bf16 packed copy of dq(q(W))^T made at load (the same values, so the same
+// gradients: it buys backward speed with 2 bytes per weight).
+//
 // Thread-safety: forward/backward may be called from any thread; the work is
 // queued on the Context and executed one job at a time. Loading weights while
 // jobs that use them are queued is the caller's error. Destroying the object
@@ -78,6 +87,7 @@ class MoeExperts {
   const ExpertsOptions& options() const { return options_; }
   Context& context() { return *ctx_; }
   size_t packed_bytes() const;
+  const kernels::QuantSpec& quant_spec() const { return spec_; }
 
   // Packs expert e from HF-layout rows: gate/up [I, H], down [H, I] (bf16
   // bit-exact, or f32 rounded to bf16). Distinct e may be loaded concurrently.
@@ -94,6 +104,10 @@ class MoeExperts {
 
  private:
   kernels::PackedB fwd(int which, int e) const;   // 0 gate [K=H,N=I], 1 up, 2 down [K=I,N=H]
+  kernels::QuantB quant(int which, int e) const;  // the same operands, quantized formats
+  // Columns [n0, n0+n) of the forward operand as bf16 panels: a view (bf16)
+  // or dequantized into the arena (int8 / int4).
+  kernels::PackedB fwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;
   kernels::PackedB bwd(int which, int e) const;   // transposed copies (kTransposedCopy only)
   // Packs W^T columns [n0, n0+n) for backward: from the second copy or by repacking.
   kernels::PackedB bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;
@@ -110,6 +124,12 @@ class MoeExperts {
   std::shared_ptr<InFlight> inflight_ = std::make_shared<InFlight>();
   int E_, H_, I_;
   ExpertsOptions options_;
+  kernels::QuantSpec spec_;
+  const kernels::DequantKernel* dequant_ = nullptr;
+  Buf<uint8_t> q_[3];       // quantized formats: packed q values per matrix kind
+  Buf<float> qscale_[3];    // and their scales (kernels/quant.h layout)
+  int64_t q_stride_[3] = {0, 0, 0};
+  int64_t qscale_stride_[3] = {0, 0, 0};
   Buf<kernels::bf16> fwd_[3];
   Buf<kernels::bf16> bwd_[3];
   int64_t fwd_stride_[3] = {0, 0, 0};

@@ -67,7 +67,7 @@ void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf
     const LoraProj& p = which == 0 ? lora.gate : lora.up;
     const Buf<bf16>& zs = which == 0 ? s.zs_gate : s.zs_up;
     Segment seg[2];
-    seg[0] = Segment{xe, ldh, kernels::packed_slice(fwd(which, e), i0, nc)};
+    seg[0] = Segment{xe, ldh, fwd_slice(which, e, i0, nc, a)};
     int nseg = 1;
     if (p.enabled()) {
       const int64_t ldr = layout::ld_bf16(p.r);
@@ -176,7 +176,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
     const int64_t off = blk.r0, n = blk.r1 - blk.r0, nc = h1 - h0;
     Segment seg[2];
-    seg[0] = Segment{hb.data() + off * ldi, ldi, kernels::packed_slice(fwd(2, e), h0, nc)};
+    seg[0] = Segment{hb.data() + off * ldi, ldi, fwd_slice(2, e, h0, nc, a)};
     int nseg = 1;
     if (lora.down.enabled()) {
       const int64_t ldr = layout::ld_bf16(lora.down.r);

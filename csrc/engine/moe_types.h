@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels/gemm.h"
+#include "kernels/quant.h"
 
 namespace moetune {
 
@@ -89,6 +90,10 @@ enum class ActivationPolicy : int {
 struct ExpertsOptions {
   BackwardWeights backward_weights = BackwardWeights::kRepack;
   ActivationPolicy activations = ActivationPolicy::kSave;
+  // Frozen weight format (kernels/quant.h): bf16, or int8 / int4 quantized at
+  // load and dequantized per GEMM task. group_size: int4 only (32, 64, 128).
+  kernels::WeightFormat weight_format = kernels::WeightFormat::kBf16;
+  int group_size = 0;
 };
 
 }  // namespace moetune
