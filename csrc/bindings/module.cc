@@ -197,8 +197,14 @@ NB_MODULE(_moetune_ext, m) {
   nb::class_<MoeExperts>(m, "Experts")
       .def("__init__",
            [](MoeExperts* self, std::shared_ptr<Context> ctx, int E, int H, int I,
-              const std::string& backward_weights, const std::string& activations) {
+              const std::string& backward_weights, const std::string& activations,
+              const std::string& weight_format, int group_size) {
              ExpertsOptions o;
+             if (weight_format == "bf16") o.weight_format = kernels::WeightFormat::kBf16;
+             else if (weight_format == "int8") o.weight_format = kernels::WeightFormat::kInt8;
+             else if (weight_format == "int4") o.weight_format = kernels::WeightFormat::kInt4;
+             else throw std::invalid_argument(("weight_format must be 'bf16', 'int8' or 'int4', got '" + weight_format + "'"));
+             o.group_size = group_size;
              if (backward_weights == "repack") o.backward_weights = BackwardWeights::kRepack;
              else if (backward_weights == "transposed_copy") o.backward_weights = BackwardWeights::kTransposedCopy;
              else throw std::invalid_argument(("backward_weights must be 'repack' or 'transposed_copy', got '" + backward_weights + "'"));
@@ -208,11 +214,14 @@ NB_MODULE(_moetune_ext, m) {
              new (self) MoeExperts(std::move(ctx), E, H, I, o);
            },
            "ctx"_a, "num_experts"_a, "hidden_size"_a, "intermediate_size"_a,
-           "backward_weights"_a = "repack", "activations"_a = "save")
+           "backward_weights"_a = "repack", "activations"_a = "save", "weight_format"_a = "bf16",
+           "group_size"_a = 0)
       .def_prop_ro("num_experts", &MoeExperts::E)
       .def_prop_ro("hidden_size", &MoeExperts::H)
       .def_prop_ro("intermediate_size", &MoeExperts::I)
       .def_prop_ro("packed_bytes", &MoeExperts::packed_bytes)
+      .def_prop_ro("weight_format", [](const MoeExperts& ex) { return std::string(kernels::weight_format_name(ex.quant_spec().format)); })
+      .def_prop_ro("group_size", [](const MoeExperts& ex) { return ex.quant_spec().group_size; })
       .def("load",
            [](MoeExperts& ex, const Array& gate, const Array& up, const Array& down) {
              const int64_t E = ex.E(), H = ex.H(), I = ex.I();

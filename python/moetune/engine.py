@@ -77,16 +77,28 @@ class MoEExperts:
     nn.Linear layout stacked over experts). bf16 is taken bit-exact; fp32 is
     rounded to bf16. The tensors are not kept: the engine holds its own packed
     copy (twice if backward_weights="transposed_copy").
+
+    weight_format: "bf16" (default), "int8" (per-output-channel symmetric) or
+    "int4" (symmetric, one scale per group_size inputs; group_size 32, 64 or
+    128, default 128): weights are quantized at load and dequantized inside
+    the engine's GEMMs, forward and backward alike (activations, gradients
+    and LoRA stay bf16/fp32). With a quantized format,
+    backward_weights="transposed_copy" adds a bf16 copy of the dequantized
+    weights for a faster backward (same values, same gradients).
     """
 
     def __init__(self, ctx: Context, gate_proj: torch.Tensor, up_proj: torch.Tensor,
                  down_proj: torch.Tensor, *, backward_weights: str = "repack",
-                 activations: str = "save"):
+                 activations: str = "save", weight_format: str = "bf16",
+                 group_size: Optional[int] = None):
         if gate_proj.dim() != 3:
             raise ValueError(f"gate_proj must be [E, I, H], got shape {list(gate_proj.shape)}")
         E, I, H = gate_proj.shape
         self.ctx = ctx
-        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations)
+        if group_size is None:
+            group_size = 128 if weight_format == "int4" else 0
+        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations,
+                                weight_format, int(group_size))
         for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32; float16 "
@@ -99,6 +111,13 @@ class MoEExperts:
     hidden_size = property(lambda self: self._ex.hidden_size)
     intermediate_size = property(lambda self: self._ex.intermediate_size)
     packed_bytes = property(lambda self: self._ex.packed_bytes)
+    weight_format = property(lambda self: self._ex.weight_format)
+    group_size = property(lambda self: self._ex.group_size)
+
+    @property
+    def packed_bytes_per_expert(self) -> int:
+        """Host memory of one expert's frozen weights in the engine (all formats)."""
+        return self._ex.packed_bytes // self._ex.num_experts
 
 
 @dataclasses.dataclass
