@@ -248,7 +248,8 @@ def _find_experts(model: nn.Module):
 
 
 def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional[int] = None, *,
-          keep_original: bool = True, backward_weights: str = "repack", activations: str = "save") -> PatchHandle:
+          keep_original: bool = True, backward_weights: str = "repack", activations: str = "save",
+          weight_format: str = "bf16", group_size: Optional[int] = None) -> PatchHandle:
     """Run every routed-experts module of `model` on the moetune engine.
 
     model: a transformers model (or a PEFT model wrapping one), weights loaded.
@@ -257,7 +258,9 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
       registered in the model) so that `handle.undo()` can restore them. Costs
       one extra copy of all expert weights in host RAM on top of the engine's
       packed copy; pass False to free them (undo() then raises).
-    backward_weights / activations: passed to moetune.MoEExperts.
+    backward_weights / activations / weight_format / group_size: passed to
+      moetune.MoEExperts (weight_format "int8" / "int4" quantizes the frozen
+      experts at patch time).
 
     After patching, each experts module's gate_up_proj / down_proj are
     shape-only placeholders (EngineHeldTensor, one element of storage, never
@@ -288,7 +291,8 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
             I = gu.shape[1] // 2
             with torch.no_grad():
                 engine = MoEExperts(ctx, gu[:, :I], gu[:, I:], down,
-                                    backward_weights=backward_weights, activations=activations)
+                                    backward_weights=backward_weights, activations=activations,
+                                    weight_format=weight_format, group_size=group_size)
             originals = None
             if keep_original:
                 originals = {}
