@@ -161,6 +161,7 @@ NB_MODULE(_moetune_ext, m) {
   // running program (tests check handles are freed with their graphs).
   nb::set_leak_warnings(false);
   m.def("cpu_summary", &kernels::cpu_summary);
+  m.attr("PACKED_LAYOUT_VERSION") = kernels::kPackedLayoutVersion;
   m.def("kernels", [] {
     std::vector<std::tuple<std::string, std::string, bool>> out;
     for (const auto& k : kernels::all_gemm_kernels())
@@ -222,6 +223,19 @@ NB_MODULE(_moetune_ext, m) {
       .def_prop_ro("packed_bytes", &MoeExperts::packed_bytes)
       .def_prop_ro("weight_format", [](const MoeExperts& ex) { return std::string(kernels::weight_format_name(ex.quant_spec().format)); })
       .def_prop_ro("group_size", [](const MoeExperts& ex) { return ex.quant_spec().group_size; })
+      .def("packed_buffers",
+           [](MoeExperts& ex) {
+             // Writable uint8 views of the engine's packed weights; each keeps
+             // the Experts object alive (moetune.cache reads files into them).
+             nb::handle owner = nb::find(&ex);
+             std::vector<std::pair<std::string, nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>>> out;
+             for (const auto& b : ex.packed_buffers()) {
+               const size_t shape[1] = {b.bytes};
+               out.emplace_back(b.name, nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(
+                                            static_cast<uint8_t*>(b.data), 1, shape, owner));
+             }
+             return out;
+           })
       .def("load",
            [](MoeExperts& ex, const Array& gate, const Array& up, const Array& down) {
              const int64_t E = ex.E(), H = ex.H(), I = ex.I();

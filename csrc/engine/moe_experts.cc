@@ -78,6 +78,21 @@ size_t MoeExperts::packed_bytes() const {
   return b;
 }
 
+std::vector<MoeExperts::PackedBuffer> MoeExperts::packed_buffers() {
+  static const char* kName[3] = {"gate", "up", "down"};
+  std::vector<PackedBuffer> out;
+  auto add = [&](const std::string& n, void* d, size_t b) {
+    if (b) out.push_back(PackedBuffer{n, d, b});
+  };
+  for (int w = 0; w < 3; ++w) {
+    add(std::string(kName[w]) + ".bf16", fwd_[w].data(), fwd_[w].bytes());
+    add(std::string(kName[w]) + ".q", q_[w].data(), q_[w].bytes());
+    add(std::string(kName[w]) + ".scales", qscale_[w].data(), qscale_[w].bytes());
+    add(std::string(kName[w]) + ".transposed_bf16", bwd_[w].data(), bwd_[w].bytes());
+  }
+  return out;
+}
+
 kernels::QuantB MoeExperts::quant(int which, int e) const {
   const int64_t K = which == 2 ? I_ : H_;
   const int64_t N = which == 2 ? H_ : I_;

@@ -39,6 +39,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "engine/buffer.h"
@@ -88,6 +89,17 @@ class MoeExperts {
   Context& context() { return *ctx_; }
   size_t packed_bytes() const;
   const kernels::QuantSpec& quant_spec() const { return spec_; }
+
+  // Every non-empty packed weight buffer (for a disk cache to export or
+  // import them byte for byte): a stable name, its memory and size. The
+  // layout is fixed by kernels::kPackedLayoutVersion, E/H/I and the options;
+  // writing them while jobs run is the caller's error.
+  struct PackedBuffer {
+    std::string name;
+    void* data;
+    size_t bytes;
+  };
+  std::vector<PackedBuffer> packed_buffers();
 
   // Packs expert e from HF-layout rows: gate/up [I, H], down [H, I] (bf16
   // bit-exact, or f32 rounded to bf16). Distinct e may be loaded concurrently.

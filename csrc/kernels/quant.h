@@ -43,6 +43,11 @@
 namespace moetune::kernels {
 
 enum class WeightFormat : int { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
+
+// Version of the packed weight layouts (gemm.h panels, the quantized layout
+// below). Bump it whenever either changes: disk caches of packed experts
+// record it and are rebuilt on a mismatch.
+inline constexpr int kPackedLayoutVersion = 1;
 const char* weight_format_name(WeightFormat f);
 
 // The format plus its group size (INT4 only; 0 otherwise).

@@ -94,11 +94,7 @@ class MoEExperts:
         if gate_proj.dim() != 3:
             raise ValueError(f"gate_proj must be [E, I, H], got shape {list(gate_proj.shape)}")
         E, I, H = gate_proj.shape
-        self.ctx = ctx
-        if group_size is None:
-            group_size = 128 if weight_format == "int4" else 0
-        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations,
-                                weight_format, int(group_size))
+        self._allocate(ctx, E, H, I, backward_weights, activations, weight_format, group_size)
         for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32; float16 "
@@ -106,6 +102,25 @@ class MoEExperts:
         # bf16 is taken bit-exact; float32 is rounded by the engine; other floats go through bf16.
         dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load(_host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
+
+    def _allocate(self, ctx, E, H, I, backward_weights, activations, weight_format, group_size):
+        self.ctx = ctx
+        if group_size is None:
+            group_size = 128 if weight_format == "int4" else 0
+        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations,
+                                weight_format, int(group_size))
+        self.options = dict(backward_weights=backward_weights, activations=activations,
+                            weight_format=weight_format, group_size=int(group_size))
+
+    @classmethod
+    def _unloaded(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int, *,
+                  backward_weights: str = "repack", activations: str = "save", weight_format: str = "bf16",
+                  group_size: Optional[int] = None) -> "MoEExperts":
+        """Allocated, weights not loaded: for moetune.cache, which fills the packed buffers."""
+        self = cls.__new__(cls)
+        self._allocate(ctx, num_experts, hidden_size, intermediate_size, backward_weights, activations,
+                       weight_format, group_size)
+        return self
 
     num_experts = property(lambda self: self._ex.num_experts)
     hidden_size = property(lambda self: self._ex.hidden_size)
