@@ -5,6 +5,7 @@
 #   bash benchmarks/device_run.sh layer     # MoE layer benchmark vs PyTorch baselines, 16 threads
 #   bash benchmarks/device_run.sh peft      # the transformers + PEFT path at T=1024
 #   bash benchmarks/device_run.sh ceiling   # measured AMX / AVX512-BF16 peaks and DRAM read bandwidth
+#   bash benchmarks/device_run.sh quant     # bf16 / int8 / int4 fwd+bwd times, Qwen3 + DeepSeek shapes
 # Through the device tool, carry .dev (a libgtest-dev .deb from Debian, for
 # the C++ tests: that machine has no package index). Builds against the
 # machine's own torch/nanobind/scikit-build-core. Logs go to $OUT.
@@ -52,6 +53,12 @@ layer)
   ;;
 ceiling)
   g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
+  ;;
+quant)
+  python3 benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 1024 4096 16384 \
+    --formats bf16 int8 int4 --groups 32 128 --reps 2 2>&1 | tee "$OUT/quant-qwen3.txt"
+  python3 benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 32 \
+    --tokens 256 1024 4096 16384 --formats bf16 int8 int4 --groups 128 --reps 1 2>&1 | tee "$OUT/quant-deepseek.txt"
   ;;
 peft)
   python3 benchmarks/bench_moe_layer.py --threads 16 --configs qwen3 --tokens 1024 --routing uniform \
