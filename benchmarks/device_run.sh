@@ -57,7 +57,7 @@ ceiling)
 quant)
   python3 benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 1024 4096 16384 \
     --formats bf16 int8 int4 --groups 32 128 --reps 2 2>&1 | tee "$OUT/quant-qwen3.txt"
-  python3 benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 32 \
+  python3 benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 64 \
     --tokens 256 1024 4096 16384 --formats bf16 int8 int4 --groups 128 --reps 1 2>&1 | tee "$OUT/quant-deepseek.txt"
   ;;
 peft)
