@@ -100,18 +100,39 @@ kernels::QuantB MoeExperts::quant(int which, int e) const {
                          qscale_[which].data() + e * qscale_stride_[which], K, N};
 }
 
-PackedB MoeExperts::fwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const {
-  if (spec_.format == kernels::WeightFormat::kBf16) return kernels::packed_slice(fwd(which, e), n0, n);
-  const kernels::QuantB src = quant(which, e);
-  bf16* dst = a.alloc<bf16>(kernels::packed_elems(src.K, n));
-  dequant_->dequant(src, n0, n0 + n, 0, src.K, dst);
-  return PackedB{dst, src.K, n};
-}
-
 PackedB MoeExperts::fwd(int which, int e) const {
   const int64_t K = which == 2 ? I_ : H_;
   const int64_t N = which == 2 ? H_ : I_;
   return PackedB{fwd_[which].data() + e * fwd_stride_[which], K, N};
+}
+
+namespace {
+// Columns per dequantized sub-slice: 2 panels (one AMX / AVX-512 register
+// block wide); 32 x K bf16 is 128 KiB at K = 2048, 448 KiB at K = 7168.
+constexpr int64_t kDequantCols = 32;
+}  // namespace
+
+void MoeExperts::weight_gemm(int which, int e, int64_t n0, int64_t nc, const bf16* A, int64_t lda,
+                             int64_t M, const kernels::Segment* extra, float* C, int64_t ldc,
+                             Arena& a) const {
+  const kernels::GemmKernel& k = ctx_->gemm();
+  kernels::Segment seg[2];
+  const int nseg = extra ? 2 : 1;
+  if (spec_.format == kernels::WeightFormat::kBf16) {
+    seg[0] = kernels::Segment{A, lda, kernels::packed_slice(fwd(which, e), n0, nc)};
+    if (extra) seg[1] = *extra;
+    k.gemm(M, 0, nc, seg, nseg, C, ldc, false);
+    return;
+  }
+  const kernels::QuantB q = quant(which, e);
+  bf16* panel = a.alloc<bf16>(kernels::packed_elems(q.K, std::min(nc, kDequantCols)));
+  for (int64_t c0 = 0; c0 < nc; c0 += kDequantCols) {
+    const int64_t w = std::min(kDequantCols, nc - c0);
+    dequant_->dequant(q, n0 + c0, n0 + c0 + w, 0, q.K, panel);
+    seg[0] = kernels::Segment{A, lda, PackedB{panel, q.K, w}};
+    if (extra) seg[1] = kernels::Segment{extra->A, extra->lda, kernels::packed_slice(extra->B, c0, w)};
+    k.gemm(M, 0, w, seg, nseg, C + c0, ldc, false);
+  }
 }
 
 PackedB MoeExperts::bwd(int which, int e) const {

@@ -117,9 +117,13 @@ class MoeExperts {
  private:
   kernels::PackedB fwd(int which, int e) const;   // 0 gate [K=H,N=I], 1 up, 2 down [K=I,N=H]
   kernels::QuantB quant(int which, int e) const;  // the same operands, quantized formats
-  // Columns [n0, n0+n) of the forward operand as bf16 panels: a view (bf16)
-  // or dequantized into the arena (int8 / int4).
-  kernels::PackedB fwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;
+  // C[M, 0:nc] = A * W(which, e)[:, n0:n0+nc] (+ `extra`, a segment whose B
+  // covers the same nc columns, e.g. a LoRA expand), overwriting C. Quantized
+  // formats dequantize and multiply kDequantCols columns at a time, so the
+  // bf16 panel stays L2-resident; every column's sum is the same single
+  // kernel pass as the bf16 path (bit-identical results).
+  void weight_gemm(int which, int e, int64_t n0, int64_t nc, const kernels::bf16* A, int64_t lda,
+                   int64_t M, const kernels::Segment* extra, float* C, int64_t ldc, Arena& a) const;
   kernels::PackedB bwd(int which, int e) const;   // transposed copies (kTransposedCopy only)
   // Packs W^T columns [n0, n0+n) for backward: from the second copy or by repacking.
   kernels::PackedB bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;

@@ -59,22 +59,18 @@ static PackedB lora_expand_b(const LoraProj& p, int e, int64_t out, int64_t n0, 
 void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf16* xe, int64_t n,
                                const Saved& s, int64_t i0, int64_t i1, Arena& a, bf16* gb,
                                bf16* ub, int64_t ld) const {
-  const kernels::GemmKernel& k = ctx_->gemm();
   const int64_t nc = i1 - i0;
   const int64_t ldh = layout::ld_bf16(H_);
   float* c = a.alloc<float>(n * nc);
   for (int which = 0; which < 2; ++which) {
     const LoraProj& p = which == 0 ? lora.gate : lora.up;
     const Buf<bf16>& zs = which == 0 ? s.zs_gate : s.zs_up;
-    Segment seg[2];
-    seg[0] = Segment{xe, ldh, fwd_slice(which, e, i0, nc, a)};
-    int nseg = 1;
+    Segment lora_seg;
     if (p.enabled()) {
       const int64_t ldr = layout::ld_bf16(p.r);
-      seg[1] = Segment{zs.data() + off * ldr, ldr, lora_expand_b(p, e, I_, i0, nc, a)};
-      nseg = 2;
+      lora_seg = Segment{zs.data() + off * ldr, ldr, lora_expand_b(p, e, I_, i0, nc, a)};
     }
-    k.gemm(n, 0, nc, seg, nseg, c, nc, false);
+    weight_gemm(which, e, i0, nc, xe, ldh, n, p.enabled() ? &lora_seg : nullptr, c, nc, a);
     bf16* dst = which == 0 ? gb : ub;
     for (int64_t m = 0; m < n; ++m) ctx_->eltwise().to_bf16(c + m * nc, 1.0f, dst + m * ld, nc);
   }
@@ -175,15 +171,13 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
     const int e = blk.e;
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
     const int64_t off = blk.r0, n = blk.r1 - blk.r0, nc = h1 - h0;
-    Segment seg[2];
-    seg[0] = Segment{hb.data() + off * ldi, ldi, fwd_slice(2, e, h0, nc, a)};
-    int nseg = 1;
+    Segment lora_seg;
     if (lora.down.enabled()) {
       const int64_t ldr = layout::ld_bf16(lora.down.r);
-      seg[1] = Segment{s.zs_down.data() + off * ldr, ldr, lora_expand_b(lora.down, e, H, h0, nc, a)};
-      nseg = 2;
+      lora_seg = Segment{s.zs_down.data() + off * ldr, ldr, lora_expand_b(lora.down, e, H, h0, nc, a)};
     }
-    k.gemm(n, 0, nc, seg, nseg, y.data() + off * H + h0, H, false);
+    weight_gemm(2, e, h0, nc, hb.data() + off * ldi, ldi, n, lora.down.enabled() ? &lora_seg : nullptr,
+                y.data() + off * H + h0, H, a);
   });
 
   // 6. weighted combine in slot order (deterministic).
