@@ -123,9 +123,10 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   auto dgb = ctx.workspace<bf16>(layout::kWsDg, rows * ldi);
   auto dub = ctx.workspace<bf16>(layout::kWsDu, rows * ldi);
   auto dwp = ctx.workspace<float>(layout::kWsDwPart, rows * chI);
-  const int64_t n_blocks = static_cast<int64_t>(rt.blocks.size());
+  const std::vector<RowBlock> blocks = work_blocks(rt);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   ctx.parallel_for("bwd.down_act", n_blocks * chI, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = rt.blocks[task / chI];
+    const RowBlock& blk = blocks[task / chI];
     const int e = blk.e;
     const int64_t c = task % chI;
     const int64_t i0 = c * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk), nc = i1 - i0;
@@ -226,7 +227,7 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   // 5. dx rows, fused over gate, up and their LoRA.
   auto dxr = ctx.workspace<float>(layout::kWsDx, rows * H);
   ctx.parallel_for("bwd.dx", n_blocks * chH, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = rt.blocks[task / chH];
+    const RowBlock& blk = blocks[task / chH];
     const int e = blk.e;
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
     const int64_t nc = h1 - h0, off = blk.r0, n = blk.r1 - blk.r0;

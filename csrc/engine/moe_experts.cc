@@ -1,5 +1,6 @@
 #include "engine/moe_experts.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -111,6 +112,21 @@ namespace {
 // block wide); 32 x K bf16 is 128 KiB at K = 2048, 448 KiB at K = 7168.
 constexpr int64_t kDequantCols = 32;
 }  // namespace
+
+std::vector<RowBlock> MoeExperts::work_blocks(const Routing& rt) const {
+  if (spec_.format == kernels::WeightFormat::kBf16) return rt.blocks;
+  constexpr int64_t kQuantRowGroup = 4 * kRowBlock;
+  std::vector<RowBlock> out;
+  for (int e : rt.active) {
+    const int64_t n = rt.count(e), nb = (n + kQuantRowGroup - 1) / kQuantRowGroup;
+    for (int64_t b = 0; b < nb; ++b)
+      out.push_back(RowBlock{e, rt.offsets[e] + n * b / nb, rt.offsets[e] + n * (b + 1) / nb});
+  }
+  std::stable_sort(out.begin(), out.end(), [](const RowBlock& a, const RowBlock& b) {
+    return a.r1 - a.r0 > b.r1 - b.r0;
+  });
+  return out;
+}
 
 void MoeExperts::weight_gemm(int which, int e, int64_t n0, int64_t nc, const bf16* A, int64_t lda,
                              int64_t M, const kernels::Segment* extra, float* C, int64_t ldc,

@@ -127,6 +127,11 @@ class MoeExperts {
   kernels::PackedB bwd(int which, int e) const;   // transposed copies (kTransposedCopy only)
   // Packs W^T columns [n0, n0+n) for backward: from the second copy or by repacking.
   kernels::PackedB bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;
+  // The row blocks of the GEMM phases: the routing's blocks for bf16; for
+  // quantized formats blocks of up to kQuantRowGroup rows per expert, so the
+  // dequantization of a weight slice is shared by more rows (same results:
+  // every output row is computed independently of the others).
+  std::vector<RowBlock> work_blocks(const Routing& rt) const;
   void run_forward(const ForwardArgs& args, Saved& s);
   void run_backward(const BackwardArgs& args, Saved& s);
   // g, u (bf16) for expert-major rows [off, off + n) of expert e, columns [i0, i1).

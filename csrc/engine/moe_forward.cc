@@ -135,9 +135,10 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   }
   auto hb = ctx.workspace<bf16>(layout::kWsH, rows * ldi);
   const int64_t chI = layout::chunks(I);
-  const int64_t n_blocks = static_cast<int64_t>(rt.blocks.size());
+  const std::vector<RowBlock> blocks = work_blocks(rt);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   ctx.parallel_for("fwd.gate_up", n_blocks * chI, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = rt.blocks[task / chI];
+    const RowBlock& blk = blocks[task / chI];
     const int e = blk.e;
     const int64_t i0 = (task % chI) * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk);
     const int64_t off = blk.r0, n = blk.r1 - blk.r0;
@@ -167,7 +168,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   auto y = ctx.workspace<float>(layout::kWsY, rows * H);
   const int64_t chH = layout::chunks(H);
   ctx.parallel_for("fwd.down", n_blocks * chH, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = rt.blocks[task / chH];
+    const RowBlock& blk = blocks[task / chH];
     const int e = blk.e;
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
     const int64_t off = blk.r0, n = blk.r1 - blk.r0, nc = h1 - h0;

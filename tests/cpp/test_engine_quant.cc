@@ -166,6 +166,28 @@ TEST(EngineQuantOptions, RepackAndTransposedCopyAndThreadsBitIdentical) {
   }
 }
 
+TEST(EngineQuantOptions, HotExpertRowGroupsBitIdenticalToBf16) {
+  // 1700 rows on one expert: the bf16 engine works in 9 row blocks of <= 192,
+  // the quantized one in 3 row groups of <= 768 (MoeExperts::work_blocks).
+  const Layer L = make_layer(3, 40, 24, all_lora(4), 5150);
+  BatchCfg bc;
+  bc.T = 1700;
+  bc.k = 1;
+  bc.pattern = Pattern::kAllOne;
+  bc.one = 2;
+  const Batch b = make_batch(L, bc, 6);
+  for (const QuantSpec spec : {QuantSpec{WeightFormat::kInt8, 0}, QuantSpec{WeightFormat::kInt4, 64}}) {
+    const Layer D = dequantized_layer(L, spec);
+    EngineCfg ec;
+    ec.threads = 2;
+    const Outputs ref = run_engine(D, b, IoCfg{}, ec);
+    ec.opts.weight_format = spec.format;
+    ec.opts.group_size = spec.group_size;
+    expect_bitwise(std::string(mk::weight_format_name(spec.format)) + " hot expert", run_engine(L, b, IoCfg{}, ec),
+                   ref);
+  }
+}
+
 TEST(EngineQuantOptions, PackedBytesPerFormat) {
   // H = 256, I = 128 (multiples of every group size): bytes per expert.
   const int E = 2, H = 256, I = 128;
