@@ -201,8 +201,8 @@ void MoeExperts::load_expert(int e, const void* gate, const void* up, const void
         // bf16 dq(q(W))^T: the same values the repack path would make.
         Buf<bf16> tmp(static_cast<size_t>(kernels::packed_elems(q.K, q.N)));
         dequant_->dequant(q, 0, q.N, 0, q.K, tmp.data());
-        kernels::pack_b_transposed(PackedB{tmp.data(), q.K, q.N}, 0, q.K,
-                                   bwd_[w].data() + e * bwd_stride_[w]);
+        ctx_->gemm().transpose_packed(PackedB{tmp.data(), q.K, q.N}, 0, q.K,
+                                      bwd_[w].data() + e * bwd_stride_[w]);
       }
     }
     return;
