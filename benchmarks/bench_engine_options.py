@@ -58,7 +58,7 @@ def main():
            for p in ("gate", "up", "down")}, scaling=2.0)
     configs = [(bw, act) for bw in ("repack", "transposed_copy") for act in ("save", "recompute")]
     print(f"{'T':>6} {'backward_weights':>16} {'activations':>11} {'fwd ms':>8} {'bwd ms':>8} "
-          f"{'total ms':>9} {'packed GiB':>10} {'saved MiB':>9}")
+          f"{'total ms':>9} {'TFLOPS':>7} {'packed GiB':>10} {'saved MiB':>9}")
     profiles = {}
     for T in args.tokens:
         x = torch.randn(T, H, generator=g).bfloat16().requires_grad_()
@@ -84,7 +84,10 @@ def main():
                     moetune.moe_experts(ex, x, ids, w, lora).backward(dout)
                     profiles[T] = ctx._ctx.phase_profile()
             f, b = statistics.median(fw) * 1e3, statistics.median(bwt) * 1e3
-            print(f"{T:>6} {bw:>16} {act:>11} {f:8.1f} {b:8.1f} {f + b:9.1f} "
+            # Base-weight GEMM flops of forward + backward (3 + 3 products of
+            # 2*T*k*H*I each; the recompute's extra pass and LoRA not counted).
+            tflops = 12 * T * k * H * I / ((f + b) * 1e-3) / 1e12
+            print(f"{T:>6} {bw:>16} {act:>11} {f:8.1f} {b:8.1f} {f + b:9.1f} {tflops:7.2f} "
                   f"{ex.packed_bytes / 2**30:10.2f} {saved / 2**20:9.1f}")
             del ex
     for T, prof in profiles.items():

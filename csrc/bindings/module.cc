@@ -199,8 +199,14 @@ NB_MODULE(_moetune_ext, m) {
       .def("__init__",
            [](MoeExperts* self, std::shared_ptr<Context> ctx, int E, int H, int I,
               const std::string& backward_weights, const std::string& activations,
+              const std::string& activation, float alpha, float limit,
               const std::string& weight_format, int group_size) {
              ExpertsOptions o;
+             if (activation == "swiglu") o.activation = Activation::kSwiGLU;
+             else if (activation == "gpt_oss") o.activation = Activation::kClampedSwiGLU;
+             else throw std::invalid_argument(("activation must be 'swiglu' or 'gpt_oss', got '" + activation + "'"));
+             o.swiglu_alpha = alpha;
+             o.swiglu_limit = limit;
              if (weight_format == "bf16") o.weight_format = kernels::WeightFormat::kBf16;
              else if (weight_format == "int8") o.weight_format = kernels::WeightFormat::kInt8;
              else if (weight_format == "int4") o.weight_format = kernels::WeightFormat::kInt4;
@@ -215,8 +221,8 @@ NB_MODULE(_moetune_ext, m) {
              new (self) MoeExperts(std::move(ctx), E, H, I, o);
            },
            "ctx"_a, "num_experts"_a, "hidden_size"_a, "intermediate_size"_a,
-           "backward_weights"_a = "repack", "activations"_a = "save", "weight_format"_a = "bf16",
-           "group_size"_a = 0)
+           "backward_weights"_a = "repack", "activations"_a = "save", "activation"_a = "swiglu",
+           "alpha"_a = 1.702f, "limit"_a = 7.0f, "weight_format"_a = "bf16", "group_size"_a = 0)
       .def_prop_ro("num_experts", &MoeExperts::E)
       .def_prop_ro("hidden_size", &MoeExperts::H)
       .def_prop_ro("intermediate_size", &MoeExperts::I)
@@ -248,6 +254,28 @@ NB_MODULE(_moetune_ext, m) {
              ex.load(gate.data(), up.data(), down.data(), dt);
            },
            "gate_proj"_a, "up_proj"_a, "down_proj"_a)
+      .def("load_biases",
+           [](MoeExperts& ex, std::optional<Array> gate, std::optional<Array> up,
+              std::optional<Array> down) {
+             const int64_t E = ex.E(), H = ex.H(), I = ex.I();
+             const std::optional<Array>* b[3] = {&gate, &up, &down};
+             const char* names[3] = {"gate_bias", "up_bias", "down_bias"};
+             const int64_t n[3] = {I, I, H};
+             std::optional<DType> dt;
+             const void* ptr[3] = {nullptr, nullptr, nullptr};
+             for (int w = 0; w < 3; ++w) {
+               if (!b[w]->has_value()) continue;
+               const DType d = check(**b[w], names[w], {E, n[w]}, kFloat);
+               if (dt && *dt != d) throw std::invalid_argument("gate_bias, up_bias and down_bias must share one dtype");
+               dt = d;
+               ptr[w] = (*b[w])->data();
+             }
+             ex.load_biases(ptr[0], ptr[1], ptr[2], dt.value_or(DType::kF32));
+           },
+           "gate_bias"_a.none(), "up_bias"_a.none(), "down_bias"_a.none())
+      .def_prop_ro("has_biases", [](const MoeExperts& ex) {
+        return std::make_tuple(ex.has_bias(0), ex.has_bias(1), ex.has_bias(2));
+      })
       .def("forward",
            [](MoeExperts& ex, const Array& x, const Array& ids, const Array& w,
               std::optional<Array> mask, std::optional<Array> ag, std::optional<Array> bg,

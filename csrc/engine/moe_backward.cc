@@ -3,7 +3,7 @@
 //   2. per expert: q = s * dout Bd (LoRA down, reduce side)
 //   3. per (expert, I chunk): g, u (saved or recomputed), h;
 //      D = dout Wd + q Ad  (= Wd^T dout + s Ad^T Bd^T dout, fused);
-//      d topk_weights partial = <D, h>; dh = w D; dg, du
+//      d topk_weights partial = <D, h> (+ <dout, bd> in chunk 0); dh = w D; dg, du
 //   4. per expert: LoRA weight gradients (dA, dB for down, gate, up) and the
 //      reduce-side gradients p = s * dg Bg, s * du Bu
 //   5. per (expert, H chunk): dx rows = dg Wg + du Wu + p_g Ag + p_u Au
@@ -160,14 +160,19 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
     }
     float* d = a.alloc<float>(n * nc);
     k.gemm(n, 0, nc, seg, nseg, d, nc, false);
+    const float* bd = bias(2, e);
     for (int64_t m = 0; m < n; ++m) {
       const int64_t row = off + m;
       const float wt = s.w.data()[rt.slot_of[row]];
       bf16* hr = hb.data() + row * ldi;
       bf16* dgr = dgb.data() + row * ldi;
       bf16* dur = dub.data() + row * ldi;
-      const float dot = ctx.eltwise().swiglu_bwd(g + m * ldgu, u + m * ldgu, d + m * nc, wt,
-                                                 hr + i0, dgr + i0, dur + i0, nc);
+      float dot = activate_bwd(g + m * ldgu, u + m * ldgu, d + m * nc, wt, hr + i0, dgr + i0,
+                               dur + i0, nc);
+      if (bd && c == 0) {  // <dout, bd>: the down bias's share of <dout, y>, once per row
+        const bf16* dr = dog.data() + row * ldh;
+        for (int64_t j = 0; j < H; ++j) dot += bf16_to_f32(dr[j]) * bd[j];
+      }
       if (i1 == I) {
         std::fill(hr + I, hr + ldi, bf16(0));
         std::fill(dgr + I, dgr + ldi, bf16(0));

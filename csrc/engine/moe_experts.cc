@@ -1,6 +1,7 @@
 #include "engine/moe_experts.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -37,6 +38,18 @@ MoeExperts::MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, Expert
   if (E < 1 || H < 1 || I < 1) {
     throw std::invalid_argument("moetune: experts need E, H, I >= 1, got E=" + std::to_string(E) +
                                 " H=" + std::to_string(H) + " I=" + std::to_string(I));
+  }
+  if (options_.activation != Activation::kSwiGLU &&
+      options_.activation != Activation::kClampedSwiGLU) {
+    throw std::invalid_argument("moetune: unknown activation " +
+                                std::to_string(static_cast<int>(options_.activation)));
+  }
+  if (options_.activation == Activation::kClampedSwiGLU &&
+      !(std::isfinite(options_.swiglu_alpha) && std::isfinite(options_.swiglu_limit) &&
+        options_.swiglu_limit > 0.0f)) {
+    throw std::invalid_argument("moetune: clamped SwiGLU needs a finite alpha and a finite limit > 0, got alpha=" +
+                                std::to_string(options_.swiglu_alpha) +
+                                " limit=" + std::to_string(options_.swiglu_limit));
   }
   spec_ = kernels::QuantSpec{options_.weight_format, options_.group_size};
   kernels::check_quant_spec(spec_);
@@ -75,7 +88,8 @@ MoeExperts::~MoeExperts() {
 
 size_t MoeExperts::packed_bytes() const {
   size_t b = 0;
-  for (int w = 0; w < 3; ++w) b += fwd_[w].bytes() + bwd_[w].bytes() + q_[w].bytes() + qscale_[w].bytes();
+  for (int w = 0; w < 3; ++w)
+    b += fwd_[w].bytes() + bwd_[w].bytes() + bias_[w].bytes() + q_[w].bytes() + qscale_[w].bytes();
   return b;
 }
 
@@ -230,6 +244,48 @@ void MoeExperts::load(const void* gate, const void* up, const void* down, DType 
                   dtype);
     });
   });
+}
+
+void MoeExperts::load_biases(const void* gate, const void* up, const void* down, DType dtype) {
+  if (dtype != DType::kBf16 && dtype != DType::kF32) {
+    throw std::invalid_argument(std::string("moetune: expert biases must be bfloat16 or float32, got ") +
+                                dtype_name(dtype));
+  }
+  const void* src[3] = {gate, up, down};
+  for (int w = 0; w < 3; ++w) {
+    if (!src[w]) {
+      bias_[w].clear();
+      continue;
+    }
+    const size_t n = static_cast<size_t>(E_) * (w == 2 ? H_ : I_);
+    bias_[w].resize(n);
+    float* dst = bias_[w].data();
+    if (dtype == DType::kF32) {
+      std::memcpy(dst, src[w], n * sizeof(float));
+    } else {
+      const bf16* b = static_cast<const bf16*>(src[w]);
+      for (size_t i = 0; i < n; ++i) dst[i] = kernels::bf16_to_f32(b[i]);
+    }
+  }
+}
+
+void MoeExperts::activate(const bf16* g, const bf16* u, bf16* h, int64_t n) const {
+  const kernels::EltwiseKernel& ew = ctx_->eltwise();
+  if (options_.activation == Activation::kClampedSwiGLU) {
+    ew.clamped_swiglu(g, u, options_.swiglu_alpha, options_.swiglu_limit, h, n);
+  } else {
+    ew.swiglu(g, u, h, n);
+  }
+}
+
+float MoeExperts::activate_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h,
+                               bf16* dg, bf16* du, int64_t n) const {
+  const kernels::EltwiseKernel& ew = ctx_->eltwise();
+  if (options_.activation == Activation::kClampedSwiGLU) {
+    return ew.clamped_swiglu_bwd(g, u, d, w, options_.swiglu_alpha, options_.swiglu_limit, h, dg,
+                                 du, n);
+  }
+  return ew.swiglu_bwd(g, u, d, w, h, dg, du, n);
 }
 
 Job MoeExperts::forward_async(const ForwardArgs& args, std::shared_ptr<Saved>* saved) {

@@ -2,14 +2,23 @@
 // once at load, a fused LoRA-aware forward and an exact backward.
 //
 // Forward, per token t and slot j with expert e = topk_ids[t, j]:
-//   g = Wg x + s Bg (Ag x),  u = Wu x + s Bu (Au x),  h = silu(g) * u
-//   y = Wd h + s Bd (Ad h),  out[t] = sum_j topk_weights[t, j] * y   (fp32)
+//   g = Wg x + s Bg (Ag x) [+ bg],  u = Wu x + s Bu (Au x) [+ bu],  h = act(g, u)
+//   y = Wd h + s Bd (Ad h) [+ bd],  out[t] = sum_j topk_weights[t, j] * y   (fp32)
+// act (ExpertsOptions::activation):
+//   kSwiGLU         h = silu(g) * u
+//   kClampedSwiGLU  (gpt-oss) gc = min(g, limit), uc = clamp(u, -limit, limit),
+//                   h = (uc + 1) * gc * sigmoid(alpha * gc); its backward uses
+//                   torch.clamp's subgradient (passes at the bounds, 0 outside).
+// The biases bg, bu [E, I] and bd [E, H] are optional frozen base weights
+// (load_biases; each present or not): with none loaded no bias work is done.
 // Backward gives dx, d topk_weights (= <dout, y>, computed without keeping y:
-// <Wd^T dout + s Ad^T(Bd^T dout), h>) and the six LoRA weight gradients.
+// <Wd^T dout + s Ad^T(Bd^T dout), h> + <dout, bd>) and the six LoRA weight
+// gradients (biases, like W, get none).
 //
 // Numerics: every GEMM operand is bf16 (x, W, LoRA A/B, h, s*(A x), the
-// gradients fed back), every accumulation fp32. g and u are rounded to bf16
-// before the activation in both forward and backward, so the saved and the
+// gradients fed back), every accumulation fp32; biases are added in fp32 (g, u
+// before their bf16 rounding; y before the weighted sum). g and u are rounded
+// to bf16 before the activation in both forward and backward, so the saved and the
 // recomputed activation policies give bit-identical results, and results do
 // not depend on the thread count (each output element has one owner task
 // that sums in a fixed order).
@@ -106,6 +115,10 @@ class MoeExperts {
   void load_expert(int e, const void* gate, const void* up, const void* down, DType dtype);
   // All experts at once from [E, I, H], [E, I, H], [E, H, I], in the pool.
   void load(const void* gate, const void* up, const void* down, DType dtype);
+  // Optional frozen biases of all experts: gate, up [E, I], down [E, H], bf16
+  // or f32 (kept as fp32); nullptr = that bias absent (replaces an earlier one).
+  void load_biases(const void* gate, const void* up, const void* down, DType dtype);
+  bool has_bias(int which) const { return bias_[which].size() != 0; }  // 0 gate, 1 up, 2 down
 
   // Validates topk ids now (throws std::invalid_argument), then queues the
   // forward; `out` must stay alive until the job is waited on.
@@ -139,6 +152,15 @@ class MoeExperts {
                      const Saved& s, int64_t i0, int64_t i1, Arena& a, kernels::bf16* gb,
                      kernels::bf16* ub, int64_t ld) const;
 
+  // Bias row of expert e for projection `which`, or nullptr when absent.
+  const float* bias(int which, int e) const {
+    return has_bias(which) ? bias_[which].data() + int64_t(e) * (which == 2 ? H_ : I_) : nullptr;
+  }
+  // The configured activation on n elements (forward) / its backward.
+  void activate(const kernels::bf16* g, const kernels::bf16* u, kernels::bf16* h, int64_t n) const;
+  float activate_bwd(const kernels::bf16* g, const kernels::bf16* u, const float* d, float w,
+                     kernels::bf16* h, kernels::bf16* dg, kernels::bf16* du, int64_t n) const;
+
   std::shared_ptr<void> track();  // held by each queued job
 
   std::shared_ptr<Context> ctx_;
@@ -153,6 +175,7 @@ class MoeExperts {
   int64_t qscale_stride_[3] = {0, 0, 0};
   Buf<kernels::bf16> fwd_[3];
   Buf<kernels::bf16> bwd_[3];
+  Buf<float> bias_[3];  // [E, I], [E, I], [E, H] fp32; empty = absent
   int64_t fwd_stride_[3] = {0, 0, 0};
   int64_t bwd_stride_[3] = {0, 0, 0};
 };

@@ -3,9 +3,9 @@
 //   1. gather x rows into expert-major order (bf16)
 //   2. per expert: LoRA reduce z = s * A x for gate and up
 //   3. per (expert, I chunk): g, u = W x + z B^T (one fused two-segment GEMM
-//      each), rounded to bf16, h = silu(g) * u
+//      each) [+ bias], rounded to bf16, h = act(g, u)
 //   4. per expert: LoRA reduce z_d = s * Ad h
-//   5. per (expert, H chunk): y = Wd h + z_d Bd^T, fp32, expert-major
+//   5. per (expert, H chunk): y = Wd h + z_d Bd^T [+ bd], fp32, expert-major
 //   6. per token block: out[t] = sum_j w[t, j] y[t, j], in slot order
 #include <algorithm>
 #include <cstring>
@@ -71,6 +71,10 @@ void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf
       lora_seg = Segment{zs.data() + off * ldr, ldr, lora_expand_b(p, e, I_, i0, nc, a)};
     }
     weight_gemm(which, e, i0, nc, xe, ldh, n, p.enabled() ? &lora_seg : nullptr, c, nc, a);
+    if (const float* b = bias(which, e)) {
+      for (int64_t m = 0; m < n; ++m)
+        for (int64_t i = 0; i < nc; ++i) c[m * nc + i] += b[i0 + i];
+    }
     bf16* dst = which == 0 ? gb : ub;
     for (int64_t m = 0; m < n; ++m) ctx_->eltwise().to_bf16(c + m * nc, 1.0f, dst + m * ld, nc);
   }
@@ -147,7 +151,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
     gate_up_chunk(lora, e, off, xg.data() + off * ldh, n, s, i0, i1, a, g, u, ldi);
     for (int64_t m = 0; m < n; ++m) {
       bf16* hrow = hb.data() + (off + m) * ldi;
-      ctx.eltwise().swiglu(g + m * ldi, u + m * ldi, hrow + i0, i1 - i0);
+      activate(g + m * ldi, u + m * ldi, hrow + i0, i1 - i0);
       if (i1 == I) std::fill(hrow + I, hrow + ldi, bf16(0));
     }
   });
@@ -179,6 +183,12 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
     }
     weight_gemm(2, e, h0, nc, hb.data() + off * ldi, ldi, n, lora.down.enabled() ? &lora_seg : nullptr,
                 y.data() + off * H + h0, H, a);
+    if (const float* b = bias(2, e)) {
+      for (int64_t m = 0; m < n; ++m) {
+        float* yr = y.data() + (off + m) * H;
+        for (int64_t h = h0; h < h1; ++h) yr[h] += b[h];
+      }
+    }
   });
 
   // 6. weighted combine in slot order (deterministic).

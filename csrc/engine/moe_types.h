@@ -87,9 +87,18 @@ enum class ActivationPolicy : int {
   kRecompute = 1,  // recompute them in backward (less memory, one more pass of gate/up GEMMs)
 };
 
+// The experts' gated activation h(g, u) (see moe_experts.h for the math).
+enum class Activation : int {
+  kSwiGLU = 0,         // silu(g) * u  (Qwen, Mixtral, DeepSeek, GLM, OLMoE)
+  kClampedSwiGLU = 1,  // gpt-oss: (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)
+};
+
 struct ExpertsOptions {
   BackwardWeights backward_weights = BackwardWeights::kRepack;
   ActivationPolicy activations = ActivationPolicy::kSave;
+  Activation activation = Activation::kSwiGLU;
+  float swiglu_alpha = 1.702f;  // kClampedSwiGLU only (gpt-oss config.swiglu_alpha); finite
+  float swiglu_limit = 7.0f;    // kClampedSwiGLU only (gpt-oss config.swiglu_limit); finite, > 0
   // Frozen weight format (kernels/quant.h): bf16, or int8 / int4 quantized at
   // load and dequantized per GEMM task. group_size: int4 only (32, 64, 128).
   kernels::WeightFormat weight_format = kernels::WeightFormat::kBf16;

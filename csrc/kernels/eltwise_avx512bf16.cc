@@ -82,4 +82,48 @@ float swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h,
   return _mm512_reduce_add_ps(dot);
 }
 
+// min/max operand order: vminps/vmaxps return the second operand when either
+// is NaN, so the data goes second and a NaN input propagates (torch.clamp).
+void clamped_swiglu(const bf16* g, const bf16* u, float alpha, float limit, bf16* h, int64_t n) {
+  const __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit);
+  const __m512 av = _mm512_set1_ps(alpha), one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail(n - i);
+    const __m512 gc = _mm512_min_ps(lim, widen(g + i, m));
+    const __m512 uc = _mm512_max_ps(nlim, _mm512_min_ps(lim, widen(u + i, m)));
+    const __m512 glu = _mm512_mul_ps(gc, sigmoid_ps(_mm512_mul_ps(av, gc)));
+    store_bf16(h + i, _mm512_mul_ps(_mm512_add_ps(uc, one), glu), m);
+  }
+}
+
+float clamped_swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, float alpha,
+                         float limit, bf16* h, bf16* dg, bf16* du, int64_t n) {
+  __m512 dot = _mm512_setzero_ps();
+  const __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit);
+  const __m512 av = _mm512_set1_ps(alpha), one = _mm512_set1_ps(1.0f);
+  const __m512 wv = _mm512_set1_ps(w);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail(n - i);
+    const __m512 gv = widen(g + i, m), uv = widen(u + i, m);
+    const __m512 dv = _mm512_maskz_loadu_ps(m, d + i);
+    const __m512 gc = _mm512_min_ps(lim, gv);
+    const __m512 uc = _mm512_max_ps(nlim, _mm512_min_ps(lim, uv));
+    const __m512 sa = sigmoid_ps(_mm512_mul_ps(av, gc));
+    const __m512 glu = _mm512_mul_ps(gc, sa);
+    const __m512 up1 = _mm512_add_ps(uc, one);
+    const __m512 hv = round_bf16(_mm512_mul_ps(up1, glu));
+    store_bf16(h + i, hv, m);
+    dot = _mm512_fmadd_ps(dv, hv, dot);  // masked lanes are 0
+    const __m512 dh = _mm512_mul_ps(wv, dv);
+    // torch.clamp's subgradient: 1 on the closed interval, 0 outside (ordered
+    // compares: 0 for NaN).
+    const __mmask16 g_in = _mm512_cmp_ps_mask(gv, lim, _CMP_LE_OQ);
+    const __mmask16 u_in = _mm512_cmp_ps_mask(uv, lim, _CMP_LE_OQ) & _mm512_cmp_ps_mask(uv, nlim, _CMP_GE_OQ);
+    const __m512 dglu = _mm512_mul_ps(sa, _mm512_fmadd_ps(_mm512_mul_ps(av, gc), _mm512_sub_ps(one, sa), one));
+    store_bf16(dg + i, _mm512_maskz_mov_ps(g_in, _mm512_mul_ps(_mm512_mul_ps(dh, up1), dglu)), m);
+    store_bf16(du + i, _mm512_maskz_mov_ps(u_in, _mm512_mul_ps(dh, glu)), m);
+  }
+  return _mm512_reduce_add_ps(dot);
+}
+
 }  // namespace moetune::kernels::avx512bf16

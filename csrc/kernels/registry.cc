@@ -50,10 +50,12 @@ const GemmKernel& gemm_kernel(Isa isa) {
 namespace moetune::kernels {
 
 const EltwiseKernel& eltwise_kernel(Isa isa) {
-  static const EltwiseKernel scalar_k{Isa::kScalar, &scalar::to_bf16, &scalar::swiglu,
-                                      &scalar::swiglu_bwd};
-  static const EltwiseKernel avx512_k{Isa::kAvx512Bf16, &avx512bf16::to_bf16,
-                                      &avx512bf16::swiglu, &avx512bf16::swiglu_bwd};
+  static const EltwiseKernel scalar_k{Isa::kScalar,           &scalar::to_bf16,
+                                      &scalar::swiglu,         &scalar::swiglu_bwd,
+                                      &scalar::clamped_swiglu, &scalar::clamped_swiglu_bwd};
+  static const EltwiseKernel avx512_k{
+      Isa::kAvx512Bf16,           &avx512bf16::to_bf16,        &avx512bf16::swiglu,
+      &avx512bf16::swiglu_bwd,    &avx512bf16::clamped_swiglu, &avx512bf16::clamped_swiglu_bwd};
   if (isa == Isa::kAvx512Bf16 || isa == Isa::kAmxBf16) {
     if (cpu_supports(Isa::kAvx512Bf16)) return avx512_k;
   }

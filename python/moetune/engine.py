@@ -78,6 +78,13 @@ class MoEExperts:
     rounded to bf16. The tensors are not kept: the engine holds its own packed
     copy (twice if backward_weights="transposed_copy").
 
+    activation: "swiglu" (h = silu(g) * u) or "gpt_oss" (gpt-oss's clamped
+    SwiGLU: h = (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha * gc) with
+    gc = min(g, limit); `alpha`, `limit` are gpt-oss's swiglu_alpha / swiglu_limit).
+    gate_bias, up_bias [E, I] and down_bias [E, H]: optional frozen expert
+    biases (added to g, u before the activation and to each expert's output;
+    kept as fp32, no gradient). Any subset may be given.
+
     weight_format: "bf16" (default), "int8" (per-output-channel symmetric) or
     "int4" (symmetric, one scale per group_size inputs; group_size 32, 64 or
     128, default 128): weights are quantized at load and dequantized inside
@@ -89,12 +96,16 @@ class MoEExperts:
 
     def __init__(self, ctx: Context, gate_proj: torch.Tensor, up_proj: torch.Tensor,
                  down_proj: torch.Tensor, *, backward_weights: str = "repack",
-                 activations: str = "save", weight_format: str = "bf16",
-                 group_size: Optional[int] = None):
+                 activations: str = "save", activation: str = "swiglu", alpha: float = 1.702,
+                 limit: float = 7.0, gate_bias: Optional[torch.Tensor] = None,
+                 up_bias: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None,
+                 weight_format: str = "bf16", group_size: Optional[int] = None):
         if gate_proj.dim() != 3:
             raise ValueError(f"gate_proj must be [E, I, H], got shape {list(gate_proj.shape)}")
         E, I, H = gate_proj.shape
-        self._allocate(ctx, E, H, I, backward_weights, activations, weight_format, group_size)
+        self._allocate(ctx, E, H, I, backward_weights=backward_weights, activations=activations,
+                       activation=activation, alpha=alpha, limit=limit, weight_format=weight_format,
+                       group_size=group_size)
         for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32; float16 "
@@ -102,24 +113,40 @@ class MoEExperts:
         # bf16 is taken bit-exact; float32 is rounded by the engine; other floats go through bf16.
         dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load(_host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
+        biases = {"gate_bias": gate_bias, "up_bias": up_bias, "down_bias": down_bias}
+        if any(b is not None for b in biases.values()):
+            for name, b in biases.items():
+                if b is not None and (not isinstance(b, torch.Tensor) or not b.is_floating_point()):
+                    raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32), got "
+                                     f"{getattr(b, 'dtype', type(b).__name__)}")
+            # One dtype for all: bf16 if every given bias is bf16 (exact), else fp32 (exact for fp16/bf16).
+            given = [b for b in biases.values() if b is not None]
+            bdt = torch.bfloat16 if all(b.dtype == torch.bfloat16 for b in given) else torch.float32
+            self._ex.load_biases(*[None if b is None else _host(b, (bdt,)) for b in biases.values()])
 
-    def _allocate(self, ctx, E, H, I, backward_weights, activations, weight_format, group_size):
+    @property
+    def has_biases(self) -> Tuple[bool, bool, bool]:
+        """Whether the (gate, up, down) biases are loaded."""
+        return tuple(self._ex.has_biases)
+
+    def _allocate(self, ctx, E, H, I, *, backward_weights="repack", activations="save", activation="swiglu",
+                  alpha=1.702, limit=7.0, weight_format="bf16", group_size=None):
         self.ctx = ctx
+        self.activation = activation
         if group_size is None:
             group_size = 128 if weight_format == "int4" else 0
-        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations,
-                                weight_format, int(group_size))
+        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations, activation, float(alpha),
+                                float(limit), weight_format=weight_format, group_size=int(group_size))
         self.options = dict(backward_weights=backward_weights, activations=activations,
                             weight_format=weight_format, group_size=int(group_size))
 
     @classmethod
-    def _unloaded(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int, *,
-                  backward_weights: str = "repack", activations: str = "save", weight_format: str = "bf16",
-                  group_size: Optional[int] = None) -> "MoEExperts":
-        """Allocated, weights not loaded: for moetune.cache, which fills the packed buffers."""
+    def _unloaded(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int,
+                  **options) -> "MoEExperts":
+        """Allocated, weights not loaded: for moetune.cache, which fills the packed buffers.
+        options: the constructor's keyword options (no tensors)."""
         self = cls.__new__(cls)
-        self._allocate(ctx, num_experts, hidden_size, intermediate_size, backward_weights, activations,
-                       weight_format, group_size)
+        self._allocate(ctx, num_experts, hidden_size, intermediate_size, **options)
         return self
 
     num_experts = property(lambda self: self._ex.num_experts)
@@ -304,7 +331,7 @@ def moe_experts_async(experts: "MoEExperts", x: torch.Tensor, topk_ids: torch.Te
 def moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Tensor,
                 topk_weights: torch.Tensor, lora: Optional[LoraWeights] = None,
                 expert_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """out[t] = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]), SwiGLU
-    experts with optional LoRA, computed by the CPU engine; differentiable in
+    """out[t] = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]), gated
+    experts (SwiGLU or gpt-oss's variant, see MoEExperts) with optional LoRA, computed by the CPU engine; differentiable in
     x, topk_weights and the LoRA tensors. Returns x's dtype on x's device."""
     return moe_experts_async(experts, x, topk_ids, topk_weights, lora, expert_mask).wait()

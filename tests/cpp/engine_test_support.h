@@ -131,8 +131,23 @@ struct LoraCfg {
   DType b_dtype = DType::kF32;
 };
 
+// Activation and optional frozen biases of a layer (defaults: today's SwiGLU,
+// no biases; generated from their own seed so that the other weights of a
+// layer do not depend on them).
+struct ActCfg {
+  Activation act = Activation::kSwiGLU;
+  float alpha = 1.702f, limit = 7.0f;
+  bool bias[3] = {false, false, false};  // gate [E, I], up [E, I], down [E, H]
+  DType bias_dtype = DType::kF32;
+  float bias_amp = 0.5f;
+  bool any_bias() const { return bias[0] || bias[1] || bias[2]; }
+};
+
 struct Layer {
   int E = 0, H = 0, I = 0;
+  ActCfg act;
+  std::vector<float> bias[3];     // bf16-representable; empty = absent
+  std::vector<bf16> bias_b[3];
   std::vector<float> W[3];     // gate/up [E, I, H], down [E, H, I]
   std::vector<bf16> Wb[3];
   LoraCfg lora;
@@ -161,13 +176,21 @@ struct Layer {
   }
 };
 
-inline Layer make_layer(int E, int H, int I, const LoraCfg& lc, uint64_t seed) {
+inline Layer make_layer(int E, int H, int I, const LoraCfg& lc, uint64_t seed,
+                        const ActCfg& ac = ActCfg{}) {
   Rng rng(seed);
   Layer L;
   L.E = E;
   L.H = H;
   L.I = I;
   L.lora = lc;
+  L.act = ac;
+  Rng brng(seed ^ 0xb1a5b1a5ull);
+  for (int p = 0; p < 3; ++p) {
+    if (!ac.bias[p]) continue;
+    L.bias[p] = rand_bf(size_t(E) * (p == kDown ? H : I), ac.bias_amp, brng);
+    L.bias_b[p] = bits(L.bias[p]);
+  }
   // Base weights U[-a, a] with a = 3/sqrt(fan_in): pre-activations O(1), so
   // silu is exercised in its non-linear range.
   for (int p = 0; p < 3; ++p) {
@@ -265,9 +288,39 @@ struct Ref {
   std::vector<double> out, dx, dw;
   std::vector<double> dw_scale;  // per slot: ||(D_i h_i)_i||_2, see the header
   std::vector<double> dA[3], dB[3];
+  // Clamped SwiGLU only: routed (row, i) elements whose bf16 g was above the
+  // limit / whose bf16 u was outside [-limit, limit] (tests assert both occur).
+  int64_t clamped_g = 0, clamped_u = 0, elements = 0;
 };
 
 inline double sigm(double g) { return 1.0 / (1.0 + std::exp(-g)); }
+
+// The activation and its partial derivatives, in double. For the clamped
+// SwiGLU the clamp itself is continuous, but its derivative jumps at the
+// limit: a pre-activation that the engine's documented roundings move across
+// the limit would flip a whole element of dg/du, a discontinuity rather than an
+// arithmetic error. So whether g (u) lies inside the clamp is decided, as in
+// the engine, on bf16(g) of the pre-activation computed with the engine's one
+// rounding before it (the LoRA operand bf16(s * A x)): g_r / u_r below; the
+// values themselves stay exact. Inside/outside follows torch.clamp: the
+// gradient passes at the bounds.
+struct ActOut {
+  double h, dh_dg, dh_du;
+};
+inline ActOut activation(const ActCfg& a, double g, double u, double g_r, double u_r) {
+  if (a.act == Activation::kSwiGLU) {
+    const double sg = sigm(g);
+    return {g * sg * u, u * sg * (1.0 + g * (1.0 - sg)), g * sg};
+  }
+  const double lim = a.limit, al = a.alpha;
+  const bool g_in = round_bf(float(g_r)) <= a.limit;
+  const float ub = round_bf(float(u_r));
+  const bool u_in = ub >= -a.limit && ub <= a.limit;
+  const double gc = std::min(g, lim), uc = std::max(std::min(u, lim), -lim);
+  const double sa = sigm(al * gc);
+  return {(uc + 1.0) * gc * sa, g_in ? (uc + 1.0) * sa * (1.0 + al * gc * (1.0 - sa)) : 0.0,
+          u_in ? gc * sa : 0.0};
+}
 
 inline Ref reference(const Layer& L, const Batch& b) {
   const int H = L.H, I = L.I;
@@ -342,11 +395,36 @@ inline Ref reference(const Layer& L, const Batch& b) {
       const int e = int(b.ids[slot]);
       const double w = b.w[slot];
       std::vector<double> zg, zu, zd;
-      const std::vector<double> g = proj(kGate, e, x, zg);
-      const std::vector<double> u = proj(kUp, e, x, zu);
+      std::vector<double> g = proj(kGate, e, x, zg);
+      std::vector<double> u = proj(kUp, e, x, zu);
+      for (int i = 0; i < I && !L.bias[kGate].empty(); ++i) g[i] += L.bias[kGate][size_t(e) * I + i];
+      for (int i = 0; i < I && !L.bias[kUp].empty(); ++i) u[i] += L.bias[kUp][size_t(e) * I + i];
+      // g_r, u_r: g, u with the LoRA operand rounded as the engine rounds it
+      // (only to decide clamp membership, see activation()).
+      std::vector<double> g_r = g, u_r = u;
+      for (int p = kGate; p <= kUp; ++p) {
+        if (!L.on(p)) continue;
+        const int r = L.lora.r[p];
+        const float* B = L.B[p].data() + size_t(e) * I * r;
+        const std::vector<double>& z = p == kGate ? zg : zu;
+        std::vector<double>& vr = p == kGate ? g_r : u_r;
+        for (int o = 0; o < I; ++o)
+          for (int q = 0; q < r; ++q)
+            vr[o] += double(B[size_t(o) * r + q]) * (double(round_bf(float(s * z[q]))) - s * z[q]);
+      }
       std::vector<double> h(I);
-      for (int i = 0; i < I; ++i) h[i] = g[i] * sigm(g[i]) * u[i];
-      const std::vector<double> y = proj(kDown, e, h, zd);
+      std::vector<ActOut> act(I);
+      for (int i = 0; i < I; ++i) {
+        act[i] = activation(L.act, g[i], u[i], g_r[i], u_r[i]);
+        h[i] = act[i].h;
+        ++R.elements;
+        if (L.act.act == Activation::kClampedSwiGLU) {
+          R.clamped_g += round_bf(float(g_r[i])) > L.act.limit;
+          R.clamped_u += std::fabs(round_bf(float(u_r[i]))) > L.act.limit;
+        }
+      }
+      std::vector<double> y = proj(kDown, e, h, zd);
+      for (int i = 0; i < H && !L.bias[kDown].empty(); ++i) y[i] += L.bias[kDown][size_t(e) * H + i];
       for (int i = 0; i < H; ++i) R.out[t * H + i] += w * y[i];
       // backward
       std::vector<double> dy(H);
@@ -360,10 +438,14 @@ inline Ref reference(const Layer& L, const Batch& b) {
       std::vector<double> dg(I), du(I);
       double l2 = 0.0;
       for (int i = 0; i < I; ++i) {
-        const double sg = sigm(g[i]);
-        dg[i] = dh[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
-        du[i] = dh[i] * g[i] * sg;
+        dg[i] = dh[i] * act[i].dh_dg;
+        du[i] = dh[i] * act[i].dh_du;
         const double term = (dh[i] / w) * h[i];  // D_i h_i
+        l2 += term * term;
+      }
+      // The down bias's share of <dout, y> is one more (H-term) part of dw.
+      for (int i = 0; i < H && !L.bias[kDown].empty(); ++i) {
+        const double term = dout[i] * L.bias[kDown][size_t(e) * H + i];
         l2 += term * term;
       }
       R.dw_scale[slot] = std::sqrt(l2);
@@ -561,11 +643,24 @@ inline std::shared_ptr<Context> make_context(const EngineCfg& ec) {
 inline std::unique_ptr<MoeExperts> make_experts(const Layer& L, const EngineCfg& ec,
                                          std::shared_ptr<Context> ctx = nullptr) {
   if (!ctx) ctx = make_context(ec);
-  auto m = std::make_unique<MoeExperts>(ctx, L.E, L.H, L.I, ec.opts);
+  ExpertsOptions opts = ec.opts;
+  opts.activation = L.act.act;
+  opts.swiglu_alpha = L.act.alpha;
+  opts.swiglu_limit = L.act.limit;
+  auto m = std::make_unique<MoeExperts>(ctx, L.E, L.H, L.I, opts);
   if (ec.load_dtype == DType::kBf16) {
     m->load(L.Wb[0].data(), L.Wb[1].data(), L.Wb[2].data(), DType::kBf16);
   } else {
     m->load(L.W[0].data(), L.W[1].data(), L.W[2].data(), DType::kF32);
+  }
+  if (L.act.any_bias()) {
+    const bool b16 = L.act.bias_dtype == DType::kBf16;
+    const void* src[3];
+    for (int p = 0; p < 3; ++p)
+      src[p] = L.bias[p].empty() ? nullptr
+               : b16             ? static_cast<const void*>(L.bias_b[p].data())
+                                 : static_cast<const void*>(L.bias[p].data());
+    m->load_biases(src[0], src[1], src[2], L.act.bias_dtype);
   }
   return m;
 }
@@ -685,6 +780,7 @@ struct Case {
   std::string name;
   int E = 4, H = 40, I = 24;
   LoraCfg lora;
+  ActCfg act;
   BatchCfg batch;
   IoCfg io;
   EngineCfg eng;

@@ -44,6 +44,14 @@ std::vector<GemmCase> gemm_cases() {
   add("KLarge_M16_K2048_N48", 16, {2048}, 48);
   add("KLarge_M5_K2048_N20", 5, {2048}, 20).kn = false;
   add("KLarge_M9_K2047_N33", 9, {2047}, 33);
+  // Blocked kernels (AMX: 32-row x 256-K x 256-column blocks): more than one
+  // block along each axis, each with a partial last block.
+  add("Blocked_M45_K800_N300", 45, {800}, 300);
+  {
+    auto& c = add("Blocked_Seg2_M70_K544x288_N520_16to500", 70, {544, 288}, 520);
+    c.n_begin = 16, c.n_end = 500, c.ldc_pad = 3;
+  }
+  add("Exact_Blocked_M37_K1056_N272", 37, {1056}, 272).dist = Dist::kInteger;
   // Multi-segment (fused base + LoRA): K differs per segment.
   add("Seg2_M9_K64x16_N48", 9, {64, 16}, 48);
   add("Seg2_M13_K2048x8_N70", 13, {2048, 8}, 70).kn = false;

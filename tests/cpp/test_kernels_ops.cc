@@ -448,6 +448,140 @@ TEST_P(Eltwise, SwigluBwdMatchesOracle) {
   }
 }
 
+// gpt-oss's clamped SwiGLU (eltwise.h). Inputs span both sides of both
+// clamps, include the bounds themselves (g = limit, u = +-limit: the gradient
+// passes there, torch.clamp's convention) and values one bf16 ulp outside.
+struct ClampedParams {
+  float alpha, limit;
+};
+const ClampedParams kClamped[] = {{1.702f, 7.0f}, {0.8f, 1.0f}, {2.5f, 0.375f}};
+
+SwigluInputs clamped_inputs(int64_t n, float limit, uint64_t seed) {
+  Gen gen(seed, Dist::kUniform);
+  SwigluInputs in;
+  const float span = 2.0f * limit + 2.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    in.g.push_back(trunc_bf16(gen.any_f32(-span, span)));
+    in.u.push_back(trunc_bf16(gen.any_f32(-span, span)));
+    in.d.push_back(gen.any_f32(-1.0f, 1.0f));
+  }
+  const bf16 lim = trunc_bf16(limit), nlim = trunc_bf16(-limit);
+  const bf16 edges_g[] = {lim, static_cast<bf16>(lim + 1), static_cast<bf16>(lim - 1), nlim,
+                          trunc_bf16(-30.0f), trunc_bf16(0.0f)};
+  const bf16 edges_u[] = {lim, nlim, static_cast<bf16>(lim + 1), static_cast<bf16>(nlim + 1),
+                          static_cast<bf16>(lim - 1), static_cast<bf16>(nlim - 1)};
+  for (int64_t i = 0; i < n && i < 6; ++i) {
+    in.g[i * n / 6] = edges_g[i];
+    in.u[(i * n / 6 + 1) % n] = edges_u[i];
+  }
+  return in;
+}
+
+struct ClampedExact {
+  double h, dg, dg_mag, du;
+};
+ClampedExact clamped_exact(double g, double u, double dh, double alpha, double limit) {
+  const double gc = std::min(g, limit), uc = std::max(std::min(u, limit), -limit);
+  const double s = sigmoid_d(alpha * gc);
+  ClampedExact r;
+  r.h = (uc + 1.0) * gc * s;
+  r.dg = g <= limit ? dh * (uc + 1.0) * s * (1.0 + alpha * gc * (1.0 - s)) : 0.0;
+  r.dg_mag = g <= limit ? std::fabs(dh * (uc + 1.0) * s) * (1.0 + std::fabs(alpha * gc)) : 0.0;
+  r.du = (u >= -limit && u <= limit) ? dh * gc * s : 0.0;
+  return r;
+}
+
+TEST_P(Eltwise, ClampedSwigluMatchesOracle) {
+  for (const ClampedParams& cp : kClamped) {
+    for (int64_t n : kEltLengths) {
+      SCOPED_TRACE("n=" + std::to_string(n) + " limit=" + std::to_string(cp.limit));
+      const SwigluInputs in = clamped_inputs(n, cp.limit, 300 + n);
+      std::vector<bf16> h(static_cast<size_t>(n + kGuard), kDstGarbage);
+      kernel().clamped_swiglu(in.g.data(), in.u.data(), cp.alpha, cp.limit, h.data(), n);
+      for (int64_t i = 0; i < n; ++i) {
+        const double g = as_double(in.g[i]), u = as_double(in.u[i]);
+        const double exact = clamped_exact(g, u, 0.0, cp.alpha, cp.limit).h;
+        const double tol = 0.5 * ulp_bf16(exact) + kEltC * std::fabs(exact) + kEltAbs;
+        ASSERT_NEAR(as_double(h[i]), exact, tol) << "i=" << i << " g=" << g << " u=" << u;
+      }
+      for (int64_t i = n; i < n + kGuard; ++i) ASSERT_EQ(h[i], kDstGarbage) << "guard " << i;
+    }
+  }
+}
+
+TEST_P(Eltwise, ClampedSwigluBwdMatchesOracle) {
+  for (const ClampedParams& cp : kClamped) {
+    for (int64_t n : kEltLengths) {
+      SCOPED_TRACE("n=" + std::to_string(n) + " limit=" + std::to_string(cp.limit));
+      const float w = 0.37f;
+      const SwigluInputs in = clamped_inputs(n, cp.limit, 400 + n);
+      std::vector<bf16> h(static_cast<size_t>(n + kGuard), kDstGarbage), dg(h), du(h), hf(h);
+      const float dot = kernel().clamped_swiglu_bwd(in.g.data(), in.u.data(), in.d.data(), w,
+                                                    cp.alpha, cp.limit, h.data(), dg.data(),
+                                                    du.data(), n);
+      kernel().clamped_swiglu(in.g.data(), in.u.data(), cp.alpha, cp.limit, hf.data(), n);
+      double dot_ref = 0.0, dot_abs = 0.0;
+      int64_t g_out = 0, u_out = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        ASSERT_EQ(h[i], hf[i]) << "h differs from clamped_swiglu() at i=" << i;
+        const double g = as_double(in.g[i]), u = as_double(in.u[i]), d = in.d[i];
+        const ClampedExact ex = clamped_exact(g, u, static_cast<double>(w) * d, cp.alpha, cp.limit);
+        if (ex.dg == 0.0 && g > cp.limit) {
+          ++g_out;
+          ASSERT_EQ(dg[i], 0) << "dg must be exactly 0 above the limit, i=" << i << " g=" << g;
+        } else {
+          ASSERT_NEAR(as_double(dg[i]), ex.dg, 0.5 * ulp_bf16(ex.dg) + kEltC * ex.dg_mag + kEltAbs)
+              << "dg i=" << i << " g=" << g << " u=" << u << " d=" << d;
+        }
+        if (u < -cp.limit || u > cp.limit) {
+          ++u_out;
+          ASSERT_EQ(du[i], 0) << "du must be exactly 0 outside the clamp, i=" << i << " u=" << u;
+        } else {
+          ASSERT_NEAR(as_double(du[i]), ex.du,
+                      0.5 * ulp_bf16(ex.du) + kEltC * std::fabs(ex.du) + kEltAbs)
+              << "du i=" << i << " g=" << g << " u=" << u << " d=" << d;
+        }
+        dot_ref += d * as_double(h[i]);
+        dot_abs += std::fabs(d * as_double(h[i]));
+      }
+      if (n >= 100) EXPECT_TRUE(g_out > 0 && u_out > 0) << "inputs do not exercise the clamps";
+      EXPECT_NEAR(dot, dot_ref, 2.0 * (n + 1) * kU * dot_abs + kEltAbs);
+      for (int64_t i = n; i < n + kGuard; ++i) {
+        ASSERT_EQ(h[i], kDstGarbage) << "h guard " << i;
+        ASSERT_EQ(dg[i], kDstGarbage) << "dg guard " << i;
+        ASSERT_EQ(du[i], kDstGarbage) << "du guard " << i;
+      }
+    }
+  }
+}
+
+// At the bounds themselves the gradient passes (torch.clamp: where(x <= max,
+// grad, 0)); one bf16 ulp outside it is exactly 0; NaN inputs give NaN h and
+// zero gradients (torch.clamp propagates NaN; its mask is false for NaN).
+TEST_P(Eltwise, ClampedSwigluBoundsAndNaN) {
+  const float limit = 7.0f, alpha = 1.702f;
+  const bf16 lim = mk::f32_to_bf16(limit), nlim = mk::f32_to_bf16(-limit);
+  const bf16 nan = 0x7fc0;
+  const std::vector<bf16> g = {lim, static_cast<bf16>(lim + 1), lim, lim, nan, lim};
+  const std::vector<bf16> u = {mk::f32_to_bf16(0.5f), mk::f32_to_bf16(0.5f), lim, nlim,
+                               mk::f32_to_bf16(0.5f), nan};
+  const int64_t n = static_cast<int64_t>(g.size());
+  std::vector<float> d(n, 1.0f);
+  std::vector<bf16> h(n), dg(n), du(n);
+  kernel().clamped_swiglu_bwd(g.data(), u.data(), d.data(), 1.0f, alpha, limit, h.data(),
+                              dg.data(), du.data(), n);
+  EXPECT_NE(as_double(dg[0]), 0.0) << "g == limit: the gradient passes";
+  EXPECT_EQ(dg[1], 0) << "g one ulp above the limit: clamped";
+  EXPECT_EQ(as_double(h[1]), as_double(h[0])) << "clamped g acts as the limit";
+  EXPECT_NE(as_double(du[2]), 0.0) << "u == limit: the gradient passes";
+  EXPECT_NE(as_double(du[3]), 0.0) << "u == -limit: the gradient passes";
+  EXPECT_TRUE(bf16_is_nan(h[4]) && dg[4] == 0) << "NaN g";
+  EXPECT_TRUE(bf16_is_nan(h[5]) && du[5] == 0) << "NaN u";
+  std::vector<bf16> hf(n);
+  kernel().clamped_swiglu(g.data(), u.data(), alpha, limit, hf.data(), n);
+  EXPECT_TRUE(bf16_is_nan(hf[4]) && bf16_is_nan(hf[5]));
+}
+
 INSTANTIATE_TEST_SUITE_P(Kernels, Eltwise,
                          testing::Values(mk::Isa::kScalar, mk::Isa::kAvx512Bf16),
                          [](const testing::TestParamInfo<mk::Isa>& info) {
@@ -461,7 +595,7 @@ TEST(Registry, EltwiseKernelSelection) {
     EXPECT_TRUE(mk::cpu_supports(k.isa)) << "eltwise for " << mk::isa_name(isa) << " picked "
                                          << mk::isa_name(k.isa) << ", which cannot run here";
     EXPECT_LE(static_cast<int>(k.isa), static_cast<int>(isa));
-    EXPECT_TRUE(k.to_bf16 && k.swiglu && k.swiglu_bwd);
+    EXPECT_TRUE(k.to_bf16 && k.swiglu && k.swiglu_bwd && k.clamped_swiglu && k.clamped_swiglu_bwd);
   }
   if (mk::cpu_supports(mk::Isa::kAvx512Bf16)) {
     EXPECT_EQ(mk::eltwise_kernel(mk::Isa::kAvx512Bf16).isa, mk::Isa::kAvx512Bf16);

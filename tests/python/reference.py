@@ -15,6 +15,20 @@ Math, per token t and slot j with expert e = topk_ids[t, j], w = topk_weights[t,
 Shapes: x [T, H]; topk_ids / topk_weights [T, k]; gate_proj, up_proj [E, I, H];
 down_proj [E, H, I]; LoRA A [E, r, in], B [E, out, r]; s = alpha / r.
 
+gpt-oss variant (``activation="gpt_oss"``, optional ``biases``): g and u get
+their biases bg, bu [E, I] before the activation, y gets bd [E, H], and
+
+    gc = min(g, limit),  uc = clamp(u, -limit, limit)
+    h  = (uc + 1) * gc * sigmoid(alpha * gc)
+
+with torch.clamp's gradient (1 inside the closed interval, 0 outside). The
+clamp is continuous but its derivative jumps at the limit, so a pre-activation
+that the engine's documented bf16 roundings move across the limit would flip a
+whole gradient element: a discontinuity, not an arithmetic error. The
+reference therefore decides clamp *membership* on bf16(g_r), g_r being g
+computed with the engine's one rounding before it (the LoRA operand
+bf16(s * A x)); the values themselves stay exact fp32.
+
 ``emulate_bf16=True`` additionally rounds every intermediate the engine is
 documented to round (s*(A x), the pre-activations g and u, h, s*(Ad h)) to
 bf16 in the forward, and rounds the gradients flowing back through those
@@ -71,6 +85,28 @@ def _lora_delta(inp, A, B, scaling, emulate):
     return F.linear(z, B)  # B (s A x)  [n, out]
 
 
+def _rounded_preact(xe, W, pair, scaling, bias):
+    """The pre-activation as the engine rounds its operands (no autograd), for clamp membership."""
+    with torch.no_grad():
+        v = F.linear(xe, W)
+        if pair is not None:
+            A, B = pair
+            v = v + F.linear(bf16_round(scaling * F.linear(xe, A)), B)
+        return v if bias is None else v + bias
+
+
+def _activation(g, u, activation, alpha, limit, g_r, u_r):
+    if activation == "swiglu":
+        return F.silu(g) * u
+    assert activation == "gpt_oss", activation
+    g_in = bf16_round(g_r) <= limit
+    ub = bf16_round(u_r)
+    u_in = (ub >= -limit) & (ub <= limit)
+    gc = torch.where(g_in, g, g.detach().clamp(max=limit))
+    uc = torch.where(u_in, u, u.detach().clamp(-limit, limit))
+    return (uc + 1) * (gc * torch.sigmoid(alpha * gc))
+
+
 def moe_forward_reference(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -82,6 +118,10 @@ def moe_forward_reference(
     scaling: float = 1.0,
     expert_mask: Optional[torch.Tensor] = None,
     emulate_bf16: bool = False,
+    activation: str = "swiglu",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    biases: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
 ):
     """Forward of the routed experts; differentiable by autograd.
 
@@ -94,6 +134,7 @@ def moe_forward_reference(
                     ("up_proj", up_proj), ("down_proj", down_proj)):
         assert t.dtype == torch.float32, f"reference expects fp32 {name}, got {t.dtype}"
     lora = dict(lora or {})
+    biases = {p: (None if b is None else b.to(torch.float32)) for p, b in (biases or {}).items()}
     T, H = x.shape
     k = topk_ids.shape[1]
     E = gate_proj.shape[0]
@@ -116,16 +157,28 @@ def moe_forward_reference(
         if lora.get("up") is not None:
             A, B = lora["up"]
             u = u + _lora_delta(xe, A[e], B[e], scaling, emulate_bf16)
+        bg, bu, bd = (None if biases.get(p) is None else biases[p][e] for p in PROJS)
+        if bg is not None:
+            g = g + bg
+        if bu is not None:
+            u = u + bu
         if emulate_bf16:
             g = _RoundFwdBwd.apply(g)
             u = _RoundFwdBwd.apply(u)
-        h = F.silu(g) * u
+        g_r = u_r = None
+        if activation != "swiglu":
+            pair = lambda p: None if lora.get(p) is None else (lora[p][0][e], lora[p][1][e])  # noqa: E731
+            g_r = g.detach() if emulate_bf16 else _rounded_preact(xe, gate_proj[e], pair("gate"), scaling, bg)
+            u_r = u.detach() if emulate_bf16 else _rounded_preact(xe, up_proj[e], pair("up"), scaling, bu)
+        h = _activation(g, u, activation, alpha, limit, g_r, u_r)
         if emulate_bf16:
             h = _RoundFwdBwd.apply(h)
         y = F.linear(h, down_proj[e])
         if lora.get("down") is not None:
             A, B = lora["down"]
             y = y + _lora_delta(h, A[e], B[e], scaling, emulate_bf16)
+        if bd is not None:
+            y = y + bd
         if emulate_bf16:
             y = _RoundBwd.apply(y)  # dy is a bf16 GEMM operand in backward
         w = topk_weights[tok, slot].unsqueeze(1)
@@ -146,6 +199,7 @@ def reference_forward_backward(
     dout: torch.Tensor,
     expert_mask: Optional[torch.Tensor] = None,
     emulate_bf16: bool = False,
+    **variant,
 ) -> dict:
     """Runs the reference forward and its autograd backward in fp32.
 
@@ -153,7 +207,8 @@ def reference_forward_backward(
     fp32).  ``dout`` is the upstream gradient of ``out``.  Returns a dict with
     fp32 tensors: ``out``, ``ys`` (see moe_forward_reference), ``dx``,
     ``dtopk_weights``, and ``dA`` / ``dB``: dicts proj -> gradient, only for
-    the projections present in ``lora``.
+    the projections present in ``lora``. ``variant``: activation, alpha, limit,
+    biases of moe_forward_reference (the gpt-oss experts).
     """
     f32 = lambda t: t.detach().to(torch.float32)  # noqa: E731
     x32 = f32(x).requires_grad_(True)
@@ -171,7 +226,7 @@ def reference_forward_backward(
     with torch.enable_grad():
         out, ys = moe_forward_reference(
             x32, topk_ids, w32, f32(gate_proj), f32(up_proj), f32(down_proj),
-            lora=lora32, scaling=scaling, expert_mask=expert_mask, emulate_bf16=emulate_bf16)
+            lora=lora32, scaling=scaling, expert_mask=expert_mask, emulate_bf16=emulate_bf16, **variant)
         grads = torch.autograd.grad(out, leaves, grad_outputs=f32(dout), allow_unused=True)
     grads = [torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)]
     res = {"out": out.detach(), "ys": ys.detach(), "dx": grads[0], "dtopk_weights": grads[1],

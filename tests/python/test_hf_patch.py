@@ -56,13 +56,42 @@ def test_model_without_moe_experts_is_refused():
 
 
 def test_unsupported_experts_class_is_refused():
-    # An experts class of the registry that is not SwiGLU/fused [gate; up] (GPT-OSS: biases, transposed, clamp).
+    # An experts class of transformers' registry that the engine does not compute (no gate: up -> act -> down).
+    from transformers.integrations.moe import use_experts_implementation
+
+    @use_experts_implementation(has_gate=False)
+    class UngatedExperts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.up_proj = torch.nn.Parameter(torch.zeros(4, 32, 64))
+            self.down_proj = torch.nn.Parameter(torch.zeros(4, 64, 32))
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return hidden_states
+
+    model = torch.nn.Module()
+    model.mlp = torch.nn.Module()
+    model.mlp.experts = UngatedExperts(transformers.Qwen3MoeConfig())
+    with pytest.raises(ValueError, match="unsupported classes.*UngatedExperts"):
+        moetune.hf.patch(model, ctx=ctx())
+
+
+def test_gpt_oss_with_mismatched_layout_is_refused():
+    # gpt-oss is supported with its own layout descriptor; a GptOssExperts whose flags say otherwise is refused
+    # by name, before anything is moved.
     cfg = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                     vocab_size=128, layer_types=["full_attention"])
     model = transformers.GptOssForCausalLM(cfg)
-    with pytest.raises(ValueError, match="unsupported classes.*GptOssExperts"):
+    experts = model.model.layers[0].mlp.experts
+    experts.is_transposed = False
+    with pytest.raises(ValueError, match="model.layers.0.mlp.experts.*is_transposed=False"):
         moetune.hf.patch(model, ctx=ctx())
+    experts.is_transposed = True
+    experts.limit = float("nan")
+    with pytest.raises(ValueError, match="limit=nan"):
+        moetune.hf.patch(model, ctx=ctx())
+    assert not isinstance(experts.gate_up_proj, EngineHeldTensor)
 
 
 def test_placeholders_and_undo_restore_exactly():

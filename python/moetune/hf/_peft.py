@@ -108,8 +108,14 @@ def release(wrappers) -> None:
             w.__class__ = ParamWrapper
 
 
-def lora_factors(w) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
-    """(A [E, r, in], B [E, out, r], scaling) of w's active adapter, as views; None if inactive."""
+def lora_factors(w, transposed: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A [E, r, in], B [E, out, r], scaling) of w's active adapter, as views; None if inactive.
+
+    transposed: the experts store [E, in, out] (gpt-oss; `is_transposed=True`).
+    PEFT then keeps in/out as they are (no swap) and its delta is
+    einsum("o r e, e r i -> e i o", B, A) = (B_e A_e)^T per expert, which
+    `x @ (W + delta)` applies as B_e (A_e x): the same A / B views as above.
+    """
     if w.merged:
         raise NotImplementedError("moetune: merged adapters on engine-held experts are not supported")
     if w.disable_adapters:
@@ -125,8 +131,10 @@ def lora_factors(w) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
         raise NotImplementedError("moetune: lora_dropout > 0 on experts parameters is not supported")
     if w.lora_bias.get(a, False):
         raise NotImplementedError("moetune: lora_bias on experts parameters is not supported")
-    if not w._did_swap_in_out_features:
-        raise NotImplementedError("moetune: transposed ([E, in, out]) experts layout is not supported")
+    if w._did_swap_in_out_features == transposed:
+        raise NotImplementedError(
+            f"moetune: PEFT's in/out orientation of {w.parameter_name} does not match the experts layout "
+            f"(transposed={transposed}); unsupported PEFT version?")
     E, r = w.num_experts, w.r[a]
     A = w.lora_A[a].weight
     B = w.lora_B[a].weight

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import weakref
 from typing import Dict, List, Optional
 
@@ -30,9 +31,10 @@ from moetune.hf._placeholder import EngineHeldTensor, held_parameter
 
 IMPLEMENTATION = "moetune"
 
-# family -> (module, experts class). All use the fused layout
-# gate_up_proj [E, 2I, H] (gate rows first, then up: the default _apply_gate does
-# `gate, up = gate_up_out.chunk(2, dim=-1)`) and down_proj [E, H, I], SwiGLU (silu).
+# family -> (module, experts class). Unless FAMILY_LAYOUTS says otherwise a family
+# uses the fused layout gate_up_proj [E, 2I, H] (gate rows first, then up: the
+# default _apply_gate does `gate, up = gate_up_out.chunk(2, dim=-1)`) and
+# down_proj [E, H, I], SwiGLU (silu), no biases.
 SUPPORTED_FAMILIES = {
     "Qwen3-MoE": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
     "Mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
@@ -41,7 +43,46 @@ SUPPORTED_FAMILIES = {
     "DeepSeek-V2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Experts"),
     "DeepSeek-V3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Experts"),
     "GLM-4-MoE": ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeExperts"),
+    "gpt-oss": ("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsLayout:
+    """How a family's fused experts module stores its weights (the flags of
+    transformers' `@use_experts_implementation`) and which activation it applies."""
+
+    transposed: bool = False   # gate_up_proj [E, H, 2I], down_proj [E, I, H] (x @ W) instead of [E, 2I, H], [E, H, I]
+    interleaved: bool = False  # gate/up alternate along 2I (gate = [..., ::2], up = [..., 1::2]) instead of halves
+    bias: bool = False         # gate_up_proj_bias [E, 2I] (same gate/up order), down_proj_bias [E, H]
+    activation: str = "swiglu"  # or "gpt_oss": clamped SwiGLU with the module's .alpha / .limit
+
+    @property
+    def param_names(self):
+        return _peft.EXPERT_PARAMS + (("gate_up_proj_bias", "down_proj_bias") if self.bias else ())
+
+
+FAMILY_LAYOUTS = {
+    # GptOssExperts: @use_experts_implementation(is_concatenated=False, is_transposed=True, has_bias=True);
+    # alpha/limit are module attributes (config.swiglu_alpha/limit in transformers >= 5.2x, constants before).
+    "gpt-oss": ExpertsLayout(transposed=True, interleaved=True, bias=True, activation="gpt_oss"),
+}
+
+
+def _layout(family: str) -> ExpertsLayout:
+    return FAMILY_LAYOUTS.get(family, ExpertsLayout())
+
+
+def _split_gate_up(t: torch.Tensor, layout: ExpertsLayout, dim: int):
+    """(gate, up) views of a fused gate/up tensor along `dim` (its 2I axis)."""
+    n = t.shape[dim]
+    if layout.interleaved:
+        idx = [slice(None)] * t.dim()
+        idx[dim] = slice(0, None, 2)
+        gate = t[tuple(idx)]
+        idx[dim] = slice(1, None, 2)
+        return gate, t[tuple(idx)]
+    return t.narrow(dim, 0, n // 2), t.narrow(dim, n // 2, n // 2)
 
 
 def _supported_classes() -> Dict[type, str]:
@@ -64,6 +105,7 @@ class _ExpertsState:
 
     name: str
     family: str
+    layout: ExpertsLayout
     engine: Optional[MoEExperts]
     parent: "weakref.ref[nn.Module]"
     attr: str
@@ -92,17 +134,16 @@ def _lora_for(module: nn.Module, st: _ExpertsState) -> LoraWeights:
     lora = LoraWeights()
     scalings = {}
     for w in chain:
-        f = _peft.lora_factors(w)
+        f = _peft.lora_factors(w, transposed=st.layout.transposed)
         if f is None:
             continue
         A, B, s = f
         scalings[w.parameter_name] = s
         if w.parameter_name == "gate_up_proj":
-            I = st.intermediate
-            # One PEFT LoRA on the fused [gate; up] weight = gate and up LoRAs
-            # sharing A (the engine computes A x once per projection).
-            lora.gate = (A, B[:, :I, :])
-            lora.up = (A, B[:, I:, :])
+            # One PEFT LoRA on the fused gate/up weight = gate and up LoRAs
+            # sharing A (the engine computes A x once per projection); B's
+            # output rows split like the weight's 2I axis.
+            lora.gate, lora.up = ((A, b) for b in _split_gate_up(B, st.layout, 1))
         else:
             lora.down = (A, B)
     if len(set(scalings.values())) > 1:
@@ -139,28 +180,44 @@ def _adopt_hook(st_ref, module_ref, parent, args):
         st.adopt(module)
 
 
-def _check_module(name: str, m: nn.Module) -> None:
+def _check_module(name: str, m: nn.Module, layout: ExpertsLayout) -> None:
     problems = []
-    for attr, want in (("has_gate", True), ("has_bias", False), ("is_transposed", False),
-                       ("is_concatenated", True), ("has_post_expert_norm", False), ("_is_expert_parallel", False)):
+    for attr, want in (("has_gate", True), ("has_bias", layout.bias), ("is_transposed", layout.transposed),
+                       ("is_concatenated", not layout.interleaved), ("has_post_expert_norm", False),
+                       ("_is_expert_parallel", False)):
         if getattr(m, attr, want) != want:
             problems.append(f"{attr}={getattr(m, attr)!r}")
-    act = getattr(getattr(m, "config", None), "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        problems.append(f"hidden_act={act!r} (the engine computes SwiGLU)")
-    for pname in _peft.EXPERT_PARAMS:
+    if layout.activation == "swiglu":
+        act = getattr(getattr(m, "config", None), "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            problems.append(f"hidden_act={act!r} (the engine computes SwiGLU)")
+    else:
+        for attr in ("alpha", "limit"):
+            v = getattr(m, attr, None)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                problems.append(f"{attr}={v!r} (the clamped SwiGLU needs a finite number)")
+    for pname in layout.param_names:
         p = getattr(m, pname, None)
         if isinstance(p, EngineHeldTensor):
             problems.append(f"{pname} is already held by a moetune engine (patched twice?)")
-        elif not isinstance(p, torch.Tensor) or p.dim() != 3:
-            problems.append(f"{pname} is not a 3-D tensor")
+        elif not isinstance(p, torch.Tensor) or p.dim() != (2 if pname.endswith("_bias") else 3):
+            problems.append(f"{pname} is not a {2 if pname.endswith('_bias') else 3}-D tensor")
         elif p.device.type == "meta":
             problems.append(f"{pname} is on the meta device (load the weights first)")
     if not problems:
-        E, I2, H = m.gate_up_proj.shape
-        if I2 % 2 or tuple(m.down_proj.shape) != (E, H, I2 // 2):
+        if layout.transposed:
+            E, H, I2 = m.gate_up_proj.shape
+            want_down, text = (E, I2 // 2, H), "[E, H, 2I] / [E, I, H]"
+        else:
+            E, I2, H = m.gate_up_proj.shape
+            want_down, text = (E, H, I2 // 2), "[E, 2I, H] / [E, H, I]"
+        if I2 % 2 or tuple(m.down_proj.shape) != want_down:
             problems.append(f"shapes gate_up_proj {list(m.gate_up_proj.shape)} / down_proj "
-                            f"{list(m.down_proj.shape)} are not [E, 2I, H] / [E, H, I]")
+                            f"{list(m.down_proj.shape)} are not {text}")
+        elif layout.bias and (tuple(m.gate_up_proj_bias.shape) != (E, I2) or
+                              tuple(m.down_proj_bias.shape) != (E, H)):
+            problems.append(f"shapes gate_up_proj_bias {list(m.gate_up_proj_bias.shape)} / down_proj_bias "
+                            f"{list(m.down_proj_bias.shape)} are not [E, 2I] / [E, H]")
     if hasattr(m, "parametrizations"):
         problems.append("parameters are parametrized (a PEFT forward in progress?)")
     if problems:
@@ -278,8 +335,8 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
     if unsupported:
         raise ValueError(f"moetune: model has experts modules of unsupported classes ({', '.join(unsupported)}); "
                          f"supported families: {_supported_text()}")
-    for qual, _, _, m, _ in found:
-        _check_module(qual, m)
+    for qual, _, _, m, family in found:
+        _check_module(qual, m, _layout(family))
     if ctx is None:
         ctx = Context(num_threads=num_threads)
     register()
@@ -287,25 +344,37 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
     handle = PatchHandle(ctx, keep_original)
     try:
         for qual, parent, attr, m, family in found:
-            gu, down = m.gate_up_proj, m.down_proj
-            I = gu.shape[1] // 2
+            layout = _layout(family)
+            params = {pname: getattr(m, pname) for pname in layout.param_names}
+            gu, down = params["gate_up_proj"], params["down_proj"]
             with torch.no_grad():
-                engine = MoEExperts(ctx, gu[:, :I], gu[:, I:], down,
-                                    backward_weights=backward_weights, activations=activations,
-                                    weight_format=weight_format, group_size=group_size)
+                if layout.transposed:  # the engine takes the [out, in] (nn.Linear) orientation
+                    gu, down = gu.transpose(1, 2), down.transpose(1, 2)
+                I = gu.shape[1] // 2
+                gate, up = _split_gate_up(gu, layout, 1)
+                kw = {}
+                if layout.bias:
+                    kw["gate_bias"], kw["up_bias"] = _split_gate_up(params["gate_up_proj_bias"], layout, 1)
+                    kw["down_bias"] = params["down_proj_bias"]
+                if layout.activation != "swiglu":
+                    kw.update(activation=layout.activation, alpha=float(m.alpha), limit=float(m.limit))
+                engine = MoEExperts(ctx, gate, up, down, backward_weights=backward_weights,
+                                    activations=activations, weight_format=weight_format,
+                                    group_size=group_size, **kw)
+                del gu, down, gate, up, kw
             originals = None
             if keep_original:
                 originals = {}
-                for pname, p in (("gate_up_proj", gu), ("down_proj", down)):
+                for pname, p in params.items():
                     if p.device.type != "cpu":
                         p = nn.Parameter(p.detach().to("cpu"), requires_grad=p.requires_grad)
                     originals[pname] = p
-            st = _ExpertsState(qual, family, engine, weakref.ref(parent), attr, I, originals)
+            st = _ExpertsState(qual, family, layout, engine, weakref.ref(parent), attr, I, originals)
             m._moetune_state = st
             handle._modules.append(m)
-            m.gate_up_proj = held_parameter(gu)
-            m.down_proj = held_parameter(down)
-            del gu, down
+            for pname, p in params.items():
+                setattr(m, pname, held_parameter(p))
+            del params
             st.adopt(m)  # patch after get_peft_model
             handle._hooks.append(parent.register_forward_pre_hook(
                 functools.partial(_adopt_hook, weakref.ref(st), weakref.ref(m))))

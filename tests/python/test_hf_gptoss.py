@@ -1,0 +1,250 @@
+"""gpt-oss through moetune.hf.patch + PEFT `target_parameters` LoRA, against plain
+transformers + PEFT in fp32 (see test_hf_exactness.py for the setup and the
+tolerances, which are the same here), and the adapter round trip into stock
+transformers + PEFT without moetune.
+
+gpt-oss's experts differ from the SwiGLU families: gate_up_proj [E, H, 2I]
+(transposed, gate/up interleaved along 2I), down_proj [E, I, H], biases on both,
+and the clamped SwiGLU (alpha, limit). The tiny model's pre-activations are
+O(0.1), far below limit 7, so a quarter of the gate/up bias entries are set to
++-9: those units sit clamped (g above 7; u above 7 or below -7) with a margin
+of several units, so the clamps act in the forward and in the gradients
+without any pre-activation near a limit (where the engine's bf16 rounding of g,
+u could flip the clamp's derivative: a discontinuity, not an arithmetic error).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import moetune  # noqa: E402
+import moetune.hf  # noqa: E402
+import moetune.hf.patching as patch_mod  # noqa: E402
+from test_hf_exactness import LORA, U, _LOAD_SCRIPT, batch, bf16_round_, ctx, lora_grads, lora_init_, rel_fro, rel_max  # noqa: E402
+
+
+def experts_modules(model):
+    return [m for m in model.modules() if type(m).__name__ == "GptOssExperts"]
+
+
+def build(seed: int = 0):
+    cfg = transformers.GptOssConfig(
+        hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(cfg).float()
+    g = torch.Generator().manual_seed(seed + 10)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.router.weight"):
+                p.mul_(20.0)  # top-k margins far above the engine's rounding (see test_hf_exactness)
+            if name.endswith("gate_up_proj_bias"):
+                pick = torch.rand(p.shape, generator=g)
+                p.copy_(torch.where(pick < 0.125, 9.0, torch.where(pick < 0.25, -9.0, p)))
+            if name.endswith("down_proj_bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # visible in the output and in d topk_weights
+    bf16_round_(model)
+    for m in experts_modules(model):
+        assert (m.alpha, m.limit) == (1.702, 7.0)
+    return model
+
+
+def clamped_fraction(model, ids):
+    """Fraction of routed (g, u) elements beyond the limits in the reference model."""
+    seen = []
+
+    def hook(m, args, out):
+        x, idx = args[0], args[1]
+        for e in idx.unique().tolist():
+            tok = (idx == e).any(-1)
+            gu = x[tok] @ m.gate_up_proj[e] + m.gate_up_proj_bias[e]
+            g, u = gu[..., ::2], gu[..., 1::2]
+            seen.append(((g > m.limit).float().mean().item(), (u.abs() > m.limit).float().mean().item(),
+                         ((g - m.limit).abs().min().item(), ((u.abs() - m.limit).abs().min().item()))))
+
+    hs = [m.register_forward_hook(hook) for m in experts_modules(model)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hs:
+        h.remove()
+    return seen
+
+
+def pair(*, patch_first: bool, seed: int = 0):
+    base = build(seed)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**LORA))
+    lora_init_(ref)
+    if patch_first:
+        handle = moetune.hf.patch(base, ctx=ctx())
+        ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+    else:
+        ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+        handle = moetune.hf.patch(ours, ctx=ctx())
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
+    for (n1, p1), (n2, p2) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert n1 == n2 and p1.requires_grad == p2.requires_grad
+        if "lora_" in n1:
+            assert torch.equal(p1, p2)
+    return ref, ours, handle
+
+
+def test_clamps_act_with_margin():
+    model = build()
+    stats = clamped_fraction(model, batch())
+    assert stats
+    assert max(s[0] for s in stats) > 0.05 and max(s[1] for s in stats) > 0.05, "clamps not exercised"
+    assert min(s[2][0] for s in stats) > 0.5 and min(s[2][1] for s in stats) > 0.5, "a pre-activation near a limit"
+
+
+@pytest.mark.parametrize("patch_first", [True, False], ids=["patch_then_peft", "peft_then_patch"])
+def test_forward_and_one_step(patch_first):
+    ref, ours, handle = pair(patch_first=patch_first)
+    assert handle.families == ["gpt-oss"]
+    for m in experts_modules(ours):
+        for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+            assert isinstance(getattr(m, n), moetune.hf.EngineHeldTensor), n
+    ids = batch()
+    with ref.disable_adapter(), torch.no_grad():
+        no_lora = ref(input_ids=ids).logits
+    out_ref = ref(input_ids=ids, labels=ids)
+    out = ours(input_ids=ids, labels=ids)
+    assert rel_max(no_lora, out_ref.logits) > 50 * U
+    err = rel_max(out.logits, out_ref.logits)
+    print(f"gpt-oss patch_first={patch_first}: logits {err / U:.3f} u")
+    assert err <= 8 * U, f"logits max err {err / U:.2f} u"
+    assert abs(out.loss.item() - out_ref.loss.item()) <= 8 * U * abs(out_ref.loss.item())
+    out_ref.loss.backward()
+    out.loss.backward()
+    g_ref, g = lora_grads(ref), lora_grads(ours)
+    assert g.keys() == g_ref.keys()
+    assert any("experts" in n for n in g) and any("q_proj" in n for n in g)
+    worst = (0.0, "")
+    for n in g_ref:
+        assert g_ref[n].norm() > 0, n
+        e = rel_fro(g[n], g_ref[n])
+        worst = max(worst, (e, n))
+        assert e <= 14 * U, f"{n}: grad err {e / U:.2f} u"
+    print(f"  worst grad err {worst[0] / U:.3f} u ({worst[1]})")
+    with ours.disable_adapter(), torch.no_grad():
+        assert rel_max(ours(input_ids=ids).logits, no_lora) <= 8 * U
+    handle.undo()
+    for m in experts_modules(ours):
+        assert not isinstance(m.gate_up_proj_bias, moetune.hf.EngineHeldTensor)
+
+
+@pytest.mark.parametrize("checkpointing", [False, "non_reentrant", "reentrant"],
+                         ids=["no_ckpt", "ckpt_nonreentrant", "ckpt_reentrant"])
+def test_training_trajectory(checkpointing, monkeypatch):
+    ref, ours, handle = pair(patch_first=True)
+    calls = []
+    real = patch_mod.moe_experts
+    monkeypatch.setattr(patch_mod, "moe_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for m in (ref, ours):
+        m.train()
+        if checkpointing:
+            m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+            if checkpointing == "reentrant":
+                m.enable_input_require_grads()  # reentrant checkpoints pass gradients only to inputs that need them
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, ours)]
+    losses = ([], [])
+    ids = batch(seed=100)
+    for step in range(20):
+        for m, opt, rec in zip((ref, ours), opts, losses):
+            opt.zero_grad()
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            rec.append(loss.item())
+        if step == 0:
+            assert len(calls) == (4 if checkpointing else 2)
+    lr, lo = torch.tensor(losses[0]), torch.tensor(losses[1])
+    assert lr[-1] < lr[0] - 0.05, "the reference did not train; the comparison would be vacuous"
+    err = ((lo - lr).abs() / lr.abs()).max().item()
+    print(f"gpt-oss trajectory: ref {lr[0]:.4f} -> {lr[-1]:.4f}; max rel err {err / U:.3f} u")
+    assert err <= 16 * U, f"loss trajectory max rel err {err / U:.2f} u\nref {lr.tolist()}\nours {lo.tolist()}"
+    handle.undo()
+
+
+def test_save_pretrained_loads_in_stock_transformers_peft(tmp_path):
+    base = build()
+    base.save_pretrained(tmp_path / "base")
+    handle = moetune.hf.patch(base, ctx=ctx())
+    ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+    lora_init_(ours)
+    ours.train()
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=3e-3)
+    for step in range(3):
+        ids = batch(seed=200 + step)
+        opt.zero_grad()
+        ours(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    ours.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all("lora_" in k for k in saved) and any("experts" in k for k in saved)
+    assert not any(k.endswith(("gate_up_proj", "down_proj", "_bias")) for k in saved)
+    ids = batch(seed=7)
+    ours.eval()
+    with torch.no_grad():
+        logits = ours(input_ids=ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"),
+                        str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = torch.load(tmp_path / "out.pt")
+    err = rel_max(logits, plain)
+    print(f"gpt-oss adapter reloaded in plain transformers+peft: logits {err / U:.3f} u")
+    assert err <= 8 * U, f"reloaded-adapter logits err {err / U:.2f} u"
+    handle.undo()
+    # ... and back into moetune (to resume training): the same logits.
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    handle2 = moetune.hf.patch(again, ctx=ctx())
+    again = peft.PeftModel.from_pretrained(again, tmp_path / "adapter", is_trainable=True)
+    with torch.no_grad():
+        resumed = again(input_ids=ids).logits
+    assert torch.equal(resumed, logits), f"resumed logits differ: {rel_max(resumed, logits) / U:.3f} u"
+    handle2.undo()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU test machine)")
+def test_rest_of_model_on_cuda():
+    """Experts (weights and biases) stay in the CPU engine; the rest runs on CUDA; results match the CPU fp32
+    reference within the same tolerances."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref, ours, handle = pair(patch_first=True)
+    ours.to("cuda")
+    held = [p for n, p in ours.named_parameters() if n.endswith(("gate_up_proj", "down_proj", "_proj_bias"))]
+    assert len(held) == 8 and all(isinstance(p, moetune.hf.EngineHeldTensor) and p.device.type == "cpu"
+                                  for p in held)
+    ids = batch()
+    out_ref = ref(input_ids=ids, labels=ids)
+    out = ours(input_ids=ids.cuda(), labels=ids.cuda())
+    assert out.logits.device.type == "cuda"
+    err = rel_max(out.logits.cpu(), out_ref.logits)
+    print(f"gpt-oss cuda: logits {err / U:.3f} u")
+    assert err <= 8 * U
+    out_ref.loss.backward()
+    out.loss.backward()
+    g_ref, g = lora_grads(ref), lora_grads(ours)
+    for n in g_ref:
+        assert g[n].device.type == "cuda"
+        assert rel_fro(g[n].cpu(), g_ref[n]) <= 14 * U, n
+    handle.undo()
