@@ -23,6 +23,11 @@ is the commit point); the previous data file is deleted afterwards. A crash
 leaves either the old entry or the new one, never a mix (one writer per key
 at a time; a later save removes a crashed writer's leftovers).
 
+What is cached: the packed weight buffers. Not cached: options that do not
+shape them (activations, activation / alpha / limit, passed through
+**engine_options) and the optional expert biases (small, unquantized: pass
+them as `biases=(gate, up, down)` to load / load_or_build).
+
 Source identity: any JSON-serialisable value that changes when the weights
 do, e.g. `file_identity(paths)` (path, size, mtime of checkpoint shards: cheap)
 or `tensor_fingerprint(gate, up, down)` (a hash of the bytes: exact, costs a
@@ -171,8 +176,13 @@ def _read_manifest(path: Path):
 
 def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts: int, hidden_size: int,
          intermediate_size: int, weight_format: str = "bf16", group_size: Optional[int] = None,
-         backward_weights: str = "repack", activations: str = "save") -> Tuple[Optional[MoEExperts], str]:
-    """(experts, "hit") from a valid cache entry, else (None, the reason it was not used)."""
+         backward_weights: str = "repack", activations: str = "save", biases=None,
+         **engine_options) -> Tuple[Optional[MoEExperts], str]:
+    """(experts, "hit") from a valid cache entry, else (None, the reason it was not used).
+
+    biases: optional (gate_bias, up_bias, down_bias) loaded into the experts on a hit.
+    engine_options: further MoEExperts keyword options (activation, alpha, limit).
+    """
     d = Path(directory)
     name = _entry_name(key)
     group_size = _norm_group(weight_format, group_size)
@@ -195,7 +205,8 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
     if size != m.get("data_bytes"):
         return None, f"truncated data file {data.name}: {size} bytes, manifest says {m.get('data_bytes')}"
     ex = MoEExperts._unloaded(ctx, num_experts, hidden_size, intermediate_size, backward_weights=backward_weights,
-                              activations=activations, weight_format=weight_format, group_size=group_size)
+                              activations=activations, weight_format=weight_format, group_size=group_size,
+                              **engine_options)
     bufs = ex._ex.packed_buffers()
     layout = [(b["name"], b["nbytes"]) for b in m.get("buffers", [])]
     if layout != [(n, len(memoryview(a))) for n, a in bufs]:
@@ -212,13 +223,15 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
                 got += n
             if _crc(view) != b["crc32"]:
                 return None, f"corrupted data file {data.name}: checksum of buffer {bname} differs"
+    if biases is not None:
+        ex._load_biases(*biases)
     return ex, "hit"
 
 
 def load_or_build(ctx: Context, directory: os.PathLike, key: str, source, build: Callable[[], MoEExperts], *,
                   num_experts: int, hidden_size: int, intermediate_size: int, weight_format: str = "bf16",
                   group_size: Optional[int] = None, backward_weights: str = "repack",
-                  activations: str = "save") -> Tuple[MoEExperts, str]:
+                  activations: str = "save", biases=None, **engine_options) -> Tuple[MoEExperts, str]:
     """The cached experts if valid, else build() (from the source weights) saved to the cache.
 
     Returns (experts, reason): "hit", or why the cache was rebuilt. build() must
@@ -226,7 +239,8 @@ def load_or_build(ctx: Context, directory: os.PathLike, key: str, source, build:
     """
     ex, reason = load(ctx, directory, key, source, num_experts=num_experts, hidden_size=hidden_size,
                       intermediate_size=intermediate_size, weight_format=weight_format, group_size=group_size,
-                      backward_weights=backward_weights, activations=activations)
+                      backward_weights=backward_weights, activations=activations, biases=biases,
+                      **engine_options)
     if ex is not None:
         return ex, reason
     if not reason.startswith("miss"):

@@ -113,6 +113,9 @@ class MoEExperts:
         # bf16 is taken bit-exact; float32 is rounded by the engine; other floats go through bf16.
         dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load(_host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
+        self._load_biases(gate_bias, up_bias, down_bias)
+
+    def _load_biases(self, gate_bias, up_bias, down_bias):
         biases = {"gate_bias": gate_bias, "up_bias": up_bias, "down_bias": down_bias}
         if any(b is not None for b in biases.values()):
             for name, b in biases.items():

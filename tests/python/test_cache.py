@@ -174,3 +174,19 @@ def test_build_with_other_options_is_refused(tmp_path, inp):
     with pytest.raises(ValueError, match="build\\(\\) for 'k' returned experts with"):
         cache.load_or_build(get_ctx(), tmp_path, "k", "src", build_fn(inp, [], weight_format="int8"), **SHAPE,
                             weight_format="int4")
+
+
+def test_hit_with_gpt_oss_options_and_biases(tmp_path, inp):
+    E, I, H = 4, 24, 40
+    g = torch.Generator().manual_seed(4)
+    biases = (torch.randn(E, I, generator=g), torch.randn(E, I, generator=g), torch.randn(E, H, generator=g))
+    opts = dict(weight_format="int4", group_size=32)
+    act = dict(activation="gpt_oss", alpha=1.5, limit=5.0)
+
+    def build():
+        return moetune.MoEExperts(get_ctx(), inp.gate, inp.up, inp.down, gate_bias=biases[0], up_bias=biases[1],
+                                  down_bias=biases[2], **opts, **act)
+    built, _ = cache.load_or_build(get_ctx(), tmp_path, "k", "src", build, **SHAPE, **opts, biases=biases, **act)
+    hit, why = cache.load_or_build(get_ctx(), tmp_path, "k", "src", build, **SHAPE, **opts, biases=biases, **act)
+    assert why == "hit" and hit.has_biases == (True, True, True) and hit.activation == "gpt_oss"
+    assert_results_equal(run_engine(hit, inp), run_engine(built, inp), "cached gpt-oss experts vs built")

@@ -85,3 +85,34 @@ def test_bad_format_and_group_size_errors():
     bad[1, 3, 5] = float("nan")
     with pytest.raises(ValueError, match="up_proj of expert 1 has a non-finite value at row 3, column 5"):
         moetune.MoEExperts(ctx, inp.gate, bad, inp.down, weight_format="int4", group_size=32)
+
+
+def _gptoss_run(ex, x, ids, w, lora, dout):
+    xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    params = {p: (torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())) for p, (a, b) in lora.items()}
+    out = moetune.moe_experts(ex, xl, ids, wl, moetune.LoraWeights(**params, scaling=2.0))
+    out.backward(dout)
+    return [out, xl.grad, wl.grad] + [t.grad for pair in params.values() for t in pair]
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 64)])
+def test_quantized_with_gpt_oss_activation_and_biases(fmt, group):
+    """Quantization composes with the clamped SwiGLU and expert biases: bit-identical to
+    the bf16 engine on dq(q(W)) with the same biases and activation."""
+    g = torch.Generator().manual_seed(11)
+    E, H, I, T, k, r = 4, 72, 40, 10, 2, 4
+    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    W = [(rn(E, I, H) / H ** 0.5).bfloat16(), (rn(E, I, H) / H ** 0.5).bfloat16(), (rn(E, H, I) / I ** 0.5).bfloat16()]
+    biases = dict(gate_bias=rn(E, I) * 0.1, up_bias=rn(E, I) * 0.1, down_bias=rn(E, H) * 0.1)
+    act = dict(activation="gpt_oss", alpha=1.702, limit=7.0)
+    ins, outs = dict(gate=H, up=H, down=I), dict(gate=I, up=I, down=H)
+    lora = {p: (rn(E, r, ins[p]) / ins[p] ** 0.5, rn(E, outs[p], r) * 0.1) for p in ("gate", "up", "down")}
+    x = (rn(T, H) * 3).bfloat16()
+    w, ids = torch.softmax(rn(T, E), -1).topk(k, -1)
+    dout = rn(T, H).bfloat16()
+    ctx = get_ctx()
+    q = moetune.MoEExperts(ctx, *W, weight_format=fmt, group_size=group, **biases, **act)
+    ref = moetune.MoEExperts(ctx, *[dequantized(t, fmt, group or 0) for t in W], **biases, **act)
+    assert q.has_biases == (True, True, True)
+    for a, b in zip(_gptoss_run(q, x, ids, w, lora, dout), _gptoss_run(ref, x, ids, w, lora, dout)):
+        assert torch.equal(a, b)
