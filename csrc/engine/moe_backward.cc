@@ -147,7 +147,7 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
       ldgu = nc;
     }
     Segment seg[2];
-    seg[0] = Segment{dog.data() + off * ldh, ldh, bwd_slice(2, e, i0, nc, a)};
+    seg[0] = Segment{dog.data() + off * ldh, ldh, PackedB{}};  // B: W_d^T slice, set by weight_t_gemm
     int nseg = 1;
     if (lora.down.enabled()) {
       // Ad_e is [r, I] = [K, N].
@@ -159,7 +159,8 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
       nseg = 2;
     }
     float* d = a.alloc<float>(n * nc);
-    k.gemm(n, 0, nc, seg, nseg, d, nc, false);
+    const int wd = 2;
+    weight_t_gemm(&wd, 1, e, i0, nc, seg, nseg, n, d, nc, a);
     const float* bd = bias(2, e);
     for (int64_t m = 0; m < n; ++m) {
       const int64_t row = off + m;
@@ -238,8 +239,9 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
     const int64_t nc = h1 - h0, off = blk.r0, n = blk.r1 - blk.r0;
     Segment seg[4];
     int nseg = 0;
-    seg[nseg++] = Segment{dgb.data() + off * ldi, ldi, bwd_slice(0, e, h0, nc, a)};
-    seg[nseg++] = Segment{dub.data() + off * ldi, ldi, bwd_slice(1, e, h0, nc, a)};
+    // B of the first two: W_g^T, W_u^T slices, set by weight_t_gemm.
+    seg[nseg++] = Segment{dgb.data() + off * ldi, ldi, PackedB{}};
+    seg[nseg++] = Segment{dub.data() + off * ldi, ldi, PackedB{}};
     for (int which = 0; which < 2; ++which) {
       const LoraProj& p = which == 0 ? lora.gate : lora.up;
       if (!p.enabled()) continue;
@@ -250,7 +252,8 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
                       src_type(p.a_dtype), H, true, r, h0, h1, 1.0f, pa);
       seg[nseg++] = Segment{(which == 0 ? pg : pu).data() + off * ldr, ldr, PackedB{pa, r, nc}};
     }
-    k.gemm(n, 0, nc, seg, nseg, dxr.data() + off * H + h0, H, false);
+    const int wgu[2] = {0, 1};
+    weight_t_gemm(wgu, 2, e, h0, nc, seg, nseg, n, dxr.data() + off * H + h0, H, a);
   });
 
   // 6. per-token reductions in slot order.

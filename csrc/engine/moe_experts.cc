@@ -175,20 +175,43 @@ PackedB MoeExperts::bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a)
   if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
     return kernels::packed_slice(bwd(which, e), n0, n);
   }
-  if (spec_.format != kernels::WeightFormat::kBf16) {
-    // W^T columns [n0, n0+n) are W's K rows [n0, n0+n): dequantize just those
-    // rows (all N columns), then transpose them like the bf16 path does.
-    const kernels::QuantB q = quant(which, e);
-    bf16* rows = a.alloc<bf16>(kernels::packed_elems(n, q.N));
-    dequant_->dequant(q, 0, q.N, n0, n0 + n, rows);
-    bf16* dst = a.alloc<bf16>(kernels::packed_elems(q.N, n));
-    ctx_->gemm().transpose_packed(PackedB{rows, n, q.N}, 0, n, dst);
-    return PackedB{dst, q.N, n};
-  }
   const PackedB src = fwd(which, e);
   bf16* dst = a.alloc<bf16>(kernels::packed_elems(src.N, n));
   ctx_->gemm().transpose_packed(src, n0, n0 + n, dst);
   return PackedB{dst, src.N, n};
+}
+
+void MoeExperts::weight_t_gemm(const int* which, int nw, int e, int64_t n0, int64_t nc, kernels::Segment* segs,
+                               int nseg, int64_t M, float* C, int64_t ldc, Arena& a) const {
+  const kernels::GemmKernel& k = ctx_->gemm();
+  if (spec_.format == kernels::WeightFormat::kBf16 ||
+      options_.backward_weights == BackwardWeights::kTransposedCopy) {
+    for (int j = 0; j < nw; ++j) segs[j].B = bwd_slice(which[j], e, n0, nc, a);
+    k.gemm(M, 0, nc, segs, nseg, C, ldc, false);
+    return;
+  }
+  const int64_t wmax = std::min(nc, kDequantCols);
+  bf16* rows[kernels::kMaxSegments];
+  bf16* tr[kernels::kMaxSegments];
+  for (int j = 0; j < nw; ++j) {
+    const int64_t N = quant(which[j], e).N;
+    rows[j] = a.alloc<bf16>(kernels::packed_elems(wmax, N));
+    tr[j] = a.alloc<bf16>(kernels::packed_elems(N, wmax));
+  }
+  kernels::Segment local[kernels::kMaxSegments];
+  for (int64_t c0 = 0; c0 < nc; c0 += kDequantCols) {
+    const int64_t w = std::min(kDequantCols, nc - c0);
+    for (int j = 0; j < nw; ++j) {
+      // W^T columns [n0+c0, +w) are W's K rows: dequantize them, transpose.
+      const kernels::QuantB q = quant(which[j], e);
+      dequant_->dequant(q, 0, q.N, n0 + c0, n0 + c0 + w, rows[j]);
+      k.transpose_packed(PackedB{rows[j], w, q.N}, 0, w, tr[j]);
+      local[j] = kernels::Segment{segs[j].A, segs[j].lda, PackedB{tr[j], q.N, w}};
+    }
+    for (int j = nw; j < nseg; ++j)
+      local[j] = kernels::Segment{segs[j].A, segs[j].lda, kernels::packed_slice(segs[j].B, c0, w)};
+    k.gemm(M, 0, w, local, nseg, C + c0, ldc, false);
+  }
 }
 
 void MoeExperts::load_expert(int e, const void* gate, const void* up, const void* down,

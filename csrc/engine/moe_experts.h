@@ -140,6 +140,13 @@ class MoeExperts {
   kernels::PackedB bwd(int which, int e) const;   // transposed copies (kTransposedCopy only)
   // Packs W^T columns [n0, n0+n) for backward: from the second copy or by repacking.
   kernels::PackedB bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;
+  // C[M, 0:nc] = sum_j segs[j].A * W(which[j], e)^T[:, n0:n0+nc] for j < nw,
+  // plus segs[nw..nseg) whose B cover the same nc columns; overwrites C.
+  // segs[j].B for j < nw is set here. Quantized formats with kRepack work
+  // kDequantCols columns at a time (dequantize those K rows, transpose), so
+  // the bf16 panels stay L2-sized; results are bit-identical to one call.
+  void weight_t_gemm(const int* which, int nw, int e, int64_t n0, int64_t nc, kernels::Segment* segs,
+                     int nseg, int64_t M, float* C, int64_t ldc, Arena& a) const;
   // The row blocks of the GEMM phases: the routing's blocks for bf16; for
   // quantized formats blocks of up to kQuantRowGroup rows per expert, so the
   // dequantization of a weight slice is shared by more rows (same results:
