@@ -6,6 +6,9 @@
 #   bash benchmarks/device_run.sh peft      # the transformers + PEFT path at T=1024
 #   bash benchmarks/device_run.sh ceiling   # measured AMX / AVX512-BF16 peaks and DRAM read bandwidth
 #   bash benchmarks/device_run.sh quant     # bf16 / int8 / int4 fwd+bwd times, Qwen3 + DeepSeek shapes
+#   bash benchmarks/device_run.sh load      # load_model: CUDA family tests + load RSS/throughput (Qwen3-30B-shaped, 8 layers)
+#   bash benchmarks/device_run.sh ktkernel qwen3|deepseek   # vs kt-kernel's SFT backend (carry .ktk:
+#                                           # benchmarks/make_ktk.sh; python 3.12 only)
 # Through the device tool, carry .dev (a libgtest-dev .deb from Debian, for
 # the C++ tests: that machine has no package index). Builds against the
 # machine's own torch/nanobind/scikit-build-core. Logs go to $OUT.
@@ -59,6 +62,16 @@ quant)
     --formats bf16 int8 int4 --groups 32 128 --reps 2 2>&1 | tee "$OUT/quant-qwen3.txt"
   python3 benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 64 \
     --tokens 256 1024 4096 16384 --formats bf16 int8 int4 --groups 128 --reps 1 2>&1 | tee "$OUT/quant-deepseek.txt"
+  ;;
+load)
+  python3 -m pytest -q -s tests/python/test_hf_cuda.py tests/python/test_load_model.py tests/python/test_merge_export.py \
+    -p no:cacheprovider 2>&1 | tee "$OUT/load-tests.txt" | tail -40
+  python3 benchmarks/bench_load.py --dir /tmp/bench-load-qwen3 --layers 8 --threads 16 --device cuda 2>&1 | tee "$OUT/load-bench.txt"
+  ;;
+ktkernel)
+  export PYTHONPATH=$PWD/.ktk${PYTHONPATH:+:$PYTHONPATH}
+  python3 benchmarks/bench_ktkernel.py --threads 16 --tokens 256 1024 4096 16384 --configs "${2:-qwen3}" \
+    --json "$OUT/ktkernel-${2:-qwen3}.json" 2>&1 | tee "$OUT/ktkernel-${2:-qwen3}.txt"
   ;;
 peft)
   python3 benchmarks/bench_moe_layer.py --threads 16 --configs qwen3 --tokens 1024 --routing uniform \

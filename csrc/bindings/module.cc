@@ -254,6 +254,25 @@ NB_MODULE(_moetune_ext, m) {
              ex.load(gate.data(), up.data(), down.data(), dt);
            },
            "gate_proj"_a, "up_proj"_a, "down_proj"_a)
+      // One expert at a time (streaming loaders); distinct experts may be
+      // loaded from several threads at once (the GIL is released).
+      .def("load_expert",
+           [](MoeExperts& ex, int e, const Array& gate, const Array& up, const Array& down) {
+             const int64_t H = ex.H(), I = ex.I();
+             if (e < 0 || e >= ex.E()) {
+               throw std::invalid_argument(("expert id " + std::to_string(e) + " outside [0, " +
+                                            std::to_string(ex.E()) + ")"));
+             }
+             const std::string at = " (expert " + std::to_string(e) + ")";
+             const DType dt = check(gate, "gate_proj" + at, {I, H}, kFloat);
+             if (check(up, "up_proj" + at, {I, H}, kFloat) != dt ||
+                 check(down, "down_proj" + at, {H, I}, kFloat) != dt) {
+               throw std::invalid_argument("gate_proj, up_proj and down_proj must share one dtype" + at);
+             }
+             nb::gil_scoped_release release;
+             ex.load_expert(e, gate.data(), up.data(), down.data(), dt);
+           },
+           "expert"_a, "gate_proj"_a, "up_proj"_a, "down_proj"_a)
       .def("load_biases",
            [](MoeExperts& ex, std::optional<Array> gate, std::optional<Array> up,
               std::optional<Array> down) {

@@ -9,3 +9,15 @@ from moetune.engine import Context, LoraWeights, MoEExperts, PendingMoE, moe_exp
 
 __all__ = ["Context", "LoraWeights", "MoEExperts", "PendingMoE", "moe_experts", "moe_experts_async"]
 __version__ = "0.1.0"
+
+# Hugging Face entry points, imported on first use (transformers is heavy).
+_HF = {"load_model": "moetune.hf.loader", "merge_and_save": "moetune.hf.merge",
+       "export_per_expert_adapter": "moetune.hf.merge"}
+
+
+def __getattr__(name):
+    if name in _HF:
+        import importlib
+
+        return getattr(importlib.import_module(_HF[name]), name)
+    raise AttributeError(f"module 'moetune' has no attribute {name!r}")

@@ -204,7 +204,7 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
         return None, f"missing data file {data.name}"
     if size != m.get("data_bytes"):
         return None, f"truncated data file {data.name}: {size} bytes, manifest says {m.get('data_bytes')}"
-    ex = MoEExperts._unloaded(ctx, num_experts, hidden_size, intermediate_size, backward_weights=backward_weights,
+    ex = MoEExperts.empty(ctx, num_experts, hidden_size, intermediate_size, backward_weights=backward_weights,
                               activations=activations, weight_format=weight_format, group_size=group_size,
                               **engine_options)
     bufs = ex._ex.packed_buffers()
@@ -224,7 +224,7 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
             if _crc(view) != b["crc32"]:
                 return None, f"corrupted data file {data.name}: checksum of buffer {bname} differs"
     if biases is not None:
-        ex._load_biases(*biases)
+        ex.load_biases(*biases)
     return ex, "hit"
 
 

@@ -113,9 +113,12 @@ class MoEExperts:
         # bf16 is taken bit-exact; float32 is rounded by the engine; other floats go through bf16.
         dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load(_host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
-        self._load_biases(gate_bias, up_bias, down_bias)
+        if any(b is not None for b in (gate_bias, up_bias, down_bias)):
+            self.load_biases(gate_bias, up_bias, down_bias)
 
-    def _load_biases(self, gate_bias, up_bias, down_bias):
+    def load_biases(self, gate_bias: Optional[torch.Tensor] = None, up_bias: Optional[torch.Tensor] = None,
+                    down_bias: Optional[torch.Tensor] = None) -> None:
+        """Frozen expert biases: gate_bias, up_bias [E, I], down_bias [E, H] (any subset)."""
         biases = {"gate_bias": gate_bias, "up_bias": up_bias, "down_bias": down_bias}
         if any(b is not None for b in biases.values()):
             for name, b in biases.items():
@@ -144,13 +147,25 @@ class MoEExperts:
                             weight_format=weight_format, group_size=int(group_size))
 
     @classmethod
-    def _unloaded(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int,
-                  **options) -> "MoEExperts":
-        """Allocated, weights not loaded: for moetune.cache, which fills the packed buffers.
-        options: the constructor's keyword options (no tensors)."""
+    def empty(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int,
+              **options) -> "MoEExperts":
+        """Experts of the given shape with nothing loaded yet; fill every expert
+        with load_expert (streaming loaders: one expert's weights in memory at a
+        time). options: as for the constructor (backward_weights, ...)."""
         self = cls.__new__(cls)
-        self._allocate(ctx, num_experts, hidden_size, intermediate_size, **options)
+        self._allocate(ctx, int(num_experts), int(hidden_size), int(intermediate_size), **options)
         return self
+
+    def load_expert(self, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+        """Packs expert e from gate/up [I, H] and down [H, I] (bf16 bit-exact, fp32
+        rounded, other floats through bf16). Distinct experts may be loaded from
+        several threads at once."""
+        for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"expert {e}: {name} must be a floating-point tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+        dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
+        self._ex.load_expert(int(e), _host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
 
     num_experts = property(lambda self: self._ex.num_experts)
     hidden_size = property(lambda self: self._ex.hidden_size)

@@ -180,7 +180,9 @@ def _adopt_hook(st_ref, module_ref, parent, args):
         st.adopt(module)
 
 
-def _check_module(name: str, m: nn.Module, layout: ExpertsLayout) -> None:
+def _check_module(name: str, m: nn.Module, layout: ExpertsLayout, *, loaded: bool = True) -> None:
+    """Refuses experts modules the engine cannot run. loaded=False: the weights
+    are still to come (load_model's meta-device skeleton); only shapes count."""
     problems = []
     for attr, want in (("has_gate", True), ("has_bias", layout.bias), ("is_transposed", layout.transposed),
                        ("is_concatenated", not layout.interleaved), ("has_post_expert_norm", False),
@@ -202,7 +204,7 @@ def _check_module(name: str, m: nn.Module, layout: ExpertsLayout) -> None:
             problems.append(f"{pname} is already held by a moetune engine (patched twice?)")
         elif not isinstance(p, torch.Tensor) or p.dim() != (2 if pname.endswith("_bias") else 3):
             problems.append(f"{pname} is not a {2 if pname.endswith('_bias') else 3}-D tensor")
-        elif p.device.type == "meta":
+        elif loaded and p.device.type == "meta":
             problems.append(f"{pname} is on the meta device (load the weights first)")
     if not problems:
         if layout.transposed:
@@ -304,6 +306,54 @@ def _find_experts(model: nn.Module):
     return found, unsupported
 
 
+def find_experts(model: nn.Module):
+    """[(qualified name, parent, attribute, experts module, family)] of every
+    routed-experts module; a clear error if there is none or if any is of a
+    class the engine does not support (never a silent partial patch)."""
+    found, unsupported = _find_experts(model)
+    if not found:
+        msg = (f"moetune: no supported MoE experts module found in {type(model).__name__}. "
+               f"Supported families: {_supported_text()}.")
+        if unsupported:
+            msg += f" Found experts modules of unsupported classes: {', '.join(unsupported)}."
+        raise ValueError(msg)
+    if unsupported:
+        raise ValueError(f"moetune: model has experts modules of unsupported classes ({', '.join(unsupported)}); "
+                         f"supported families: {_supported_text()}")
+    return found
+
+
+def attach(handle: PatchHandle, qual: str, parent: nn.Module, attr: str, m: nn.Module, family: str,
+           engine: MoEExperts, originals: Optional[Dict[str, nn.Parameter]] = None) -> None:
+    """Hands experts module m to `engine` (already loaded): the one way both
+    patch() and load_model() attach an engine. m's expert parameters become
+    shape-only placeholders; PEFT wrappers around m are adopted now and at
+    every call of its parent."""
+    layout = _layout(family)
+    gu = m.gate_up_proj
+    I = (gu.shape[2] if layout.transposed else gu.shape[1]) // 2
+    st = _ExpertsState(qual, family, layout, engine, weakref.ref(parent), attr, I, originals)
+    m._moetune_state = st
+    handle._modules.append(m)
+    for pname in layout.param_names:
+        setattr(m, pname, held_parameter(getattr(m, pname)))
+    st.adopt(m)  # patch after get_peft_model
+    handle._hooks.append(parent.register_forward_pre_hook(
+        functools.partial(_adopt_hook, weakref.ref(st), weakref.ref(m))))
+
+
+def select_implementation(handle: PatchHandle, modules) -> None:
+    """Switch the experts' configs to the "moetune" implementation (undo restores)."""
+    register()
+    seen = set()
+    for m in modules:
+        cfg = m.config
+        if id(cfg) not in seen:
+            seen.add(id(cfg))
+            handle._configs.append((cfg, cfg._experts_implementation))
+            cfg._experts_implementation = IMPLEMENTATION
+
+
 def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional[int] = None, *,
           keep_original: bool = True, backward_weights: str = "repack", activations: str = "save",
           weight_format: str = "bf16", group_size: Optional[int] = None) -> PatchHandle:
@@ -324,22 +374,14 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
     moved by model.to(...)). LoRA is PEFT's: call peft.get_peft_model(...,
     LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
     "mlp.experts.down_proj"], lora_dropout=0.0)) before or after patch().
+    To build a model with its experts streamed straight into the engine, see
+    moetune.load_model.
     """
-    found, unsupported = _find_experts(model)
-    if not found:
-        msg = (f"moetune: no supported MoE experts module found in {type(model).__name__}. "
-               f"Supported families: {_supported_text()}.")
-        if unsupported:
-            msg += f" Found experts modules of unsupported classes: {', '.join(unsupported)}."
-        raise ValueError(msg)
-    if unsupported:
-        raise ValueError(f"moetune: model has experts modules of unsupported classes ({', '.join(unsupported)}); "
-                         f"supported families: {_supported_text()}")
+    found = find_experts(model)
     for qual, _, _, m, family in found:
         _check_module(qual, m, _layout(family))
     if ctx is None:
         ctx = Context(num_threads=num_threads)
-    register()
 
     handle = PatchHandle(ctx, keep_original)
     try:
@@ -350,7 +392,6 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
             with torch.no_grad():
                 if layout.transposed:  # the engine takes the [out, in] (nn.Linear) orientation
                     gu, down = gu.transpose(1, 2), down.transpose(1, 2)
-                I = gu.shape[1] // 2
                 gate, up = _split_gate_up(gu, layout, 1)
                 kw = {}
                 if layout.bias:
@@ -369,22 +410,9 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
                     if p.device.type != "cpu":
                         p = nn.Parameter(p.detach().to("cpu"), requires_grad=p.requires_grad)
                     originals[pname] = p
-            st = _ExpertsState(qual, family, layout, engine, weakref.ref(parent), attr, I, originals)
-            m._moetune_state = st
-            handle._modules.append(m)
-            for pname, p in params.items():
-                setattr(m, pname, held_parameter(p))
             del params
-            st.adopt(m)  # patch after get_peft_model
-            handle._hooks.append(parent.register_forward_pre_hook(
-                functools.partial(_adopt_hook, weakref.ref(st), weakref.ref(m))))
-        seen = set()
-        for *_, m, _ in found:
-            cfg = m.config
-            if id(cfg) not in seen:
-                seen.add(id(cfg))
-                handle._configs.append((cfg, cfg._experts_implementation))
-                cfg._experts_implementation = IMPLEMENTATION
+            attach(handle, qual, parent, attr, m, family, engine, originals)
+        select_implementation(handle, [f[3] for f in found])
     except BaseException:
         if keep_original:
             handle.undo()

@@ -1,0 +1,348 @@
+"""LoRA out of a moetune model: merged into a full checkpoint, or per expert.
+
+* `merge_and_save(model_or_paths, out_dir)`: W + s B A for every LoRA target
+  (experts' fused gate_up/down LoRA read through the same views the engine
+  uses, `moetune.hf._peft.lora_factors`; ordinary PEFT LoRA modules through
+  PEFT's own `get_delta_weight`), written as a full HF checkpoint in the
+  source checkpoint's key layout and sharding. It streams: one source shard
+  at a time is read, merged and written, so the whole model is never in RAM;
+  the folder appears atomically (written under a temporary name, renamed
+  when complete).
+* `export_per_expert_adapter(model, out_dir)`: a PEFT-format adapter with one
+  LoRA per expert module, ``...mlp.experts.{e}.{gate,up,down}_proj.lora_{A,B}.weight``
+  (the per-expert layout servers such as vLLM read for MoE LoRA).
+  `per_expert_adapter_deltas(folder)` reads one back as per-expert deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors.torch import save_file
+
+from moetune.hf import _peft, patching
+from moetune.hf import fp8 as fp8_mod
+from moetune.hf.checkpoint import Checkpoint
+from moetune.hf.keymap import key_map
+
+_PREFIX = "base_model.model."
+
+
+def _model_name(peft_name: str) -> str:
+    """PEFT module path -> the transformers model's module path."""
+    name = peft_name[len(_PREFIX):] if peft_name.startswith(_PREFIX) else peft_name
+    return re.sub(r"(^|\.)base_layer(?=\.|$)", "", name).lstrip(".")
+
+
+class _Terms:
+    """The active adapter's LoRA of a PEFT model, by model key."""
+
+    def __init__(self, peft_model):
+        from peft.tuners.lora import LoraLayer
+
+        self.base = peft_model.get_base_model()
+        cfg = peft_model.peft_config[peft_model.active_adapter]
+        if getattr(cfg, "modules_to_save", None):
+            raise NotImplementedError(f"moetune: adapters with modules_to_save ({cfg.modules_to_save}) are not supported")
+        self.config = cfg
+        self.experts: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        self.layouts: Dict[str, patching.ExpertsLayout] = {}
+        classes = patching._supported_classes()
+        self.linear: Dict[str, Tuple[torch.nn.Module, str]] = {}
+        for name, m in peft_model.named_modules():
+            if _peft.is_param_wrapper(m):
+                base = m
+                while _peft.is_param_wrapper(base):
+                    base = base.base_layer
+                if type(base) not in classes:
+                    raise NotImplementedError(f"moetune: {name}: LoRA on experts of unsupported class "
+                                              f"{type(base).__name__}")
+                layout = patching._layout(classes[type(base)])
+                f = _peft.lora_factors(m, transposed=layout.transposed)
+                if f is not None:
+                    A, B, s = f
+                    self.layouts[_model_name(name)] = layout
+                    self.experts.setdefault(_model_name(name), {})[m.parameter_name] = (
+                        A.detach().float().cpu(), B.detach().float().cpu(), s)
+            elif isinstance(m, LoraLayer):
+                if m.merged:
+                    raise NotImplementedError(f"moetune: {name} is merged already; unmerge it first")
+                active = [a for a in m.active_adapters if a in m.lora_A]
+                if not active or m.disable_adapters:
+                    continue
+                if len(active) > 1:
+                    raise NotImplementedError(f"moetune: {name}: several active adapters")
+                a = active[0]
+                if getattr(m, "use_dora", {}).get(a, False):
+                    raise NotImplementedError(f"moetune: {name}: DoRA adapters are not supported")
+                self.linear[_model_name(name) + ".weight"] = (m, a)
+
+    def expert_delta(self, qual: str, proj: str, e: Optional[int]) -> Optional[torch.Tensor]:
+        """s B A of one projection ("gate", "up", "down") of expert e (all experts if e is None), fp32."""
+        t = self.experts.get(qual, {})
+        pname = "down_proj" if proj == "down" else "gate_up_proj"
+        if pname not in t:
+            return None
+        A, B, s = t[pname]
+        if proj != "down":
+            gate, up = patching._split_gate_up(B, self.layouts[qual], 1)
+            B = gate if proj == "gate" else up
+        if e is None:
+            return s * torch.bmm(B, A)
+        return s * (B[e] @ A[e])
+
+    def fused_delta(self, qual: str, pname: str) -> Optional[torch.Tensor]:
+        """s B A of a fused parameter, in its stored layout ([E, in, out] when transposed)."""
+        t = self.experts.get(qual, {})
+        if pname not in t:
+            return None
+        A, B, s = t[pname]
+        d = s * torch.bmm(B, A)
+        return d.transpose(1, 2) if self.layouts[qual].transposed else d
+
+    def linear_delta(self, key: str) -> Optional[torch.Tensor]:
+        if key not in self.linear:
+            return None
+        m, a = self.linear[key]
+        with torch.no_grad():
+            return m.get_delta_weight(a).detach().float().cpu()
+
+
+def _adapter_on_skeleton(base, adapter):
+    """A PEFT model on a weightless (meta) skeleton of `base` with `adapter`'s
+    LoRA weights loaded on the CPU: all merge needs, without any base weight."""
+    import peft
+    import transformers
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors.torch import load_file
+
+    from moetune.hf.loader import _skeleton
+
+    config = transformers.AutoConfig.from_pretrained(str(base))
+    if fp8_mod.block_size(config) is not None:
+        del config.quantization_config
+    model = _skeleton(config, torch.float32)
+    pm = peft.get_peft_model(model, peft.PeftConfig.from_pretrained(str(adapter)))
+    for n, p in list(pm.named_parameters()):
+        if "lora_" in n:
+            set_module_tensor_to_device(pm, n, "cpu", value=torch.full(p.shape, float("nan"), dtype=torch.float32))
+    f = Path(adapter) / "adapter_model.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"moetune: {adapter} has no adapter_model.safetensors")
+    res = peft.set_peft_model_state_dict(pm, load_file(str(f)))
+    if res.unexpected_keys:
+        raise ValueError(f"moetune: adapter {adapter} has keys the model does not: {sorted(res.unexpected_keys)[:8]}")
+    lost = [n for n, p in pm.named_parameters() if "lora_" in n and torch.isnan(p).any()]
+    if lost:
+        raise ValueError(f"moetune: adapter {adapter} lacks LoRA weights for {sorted(lost)[:8]}")
+    return pm
+
+
+def _tmp_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.moetune-tmp-{os.getpid()}"
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.moetune-old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Merge the LoRA into the base weights and write a full HF checkpoint.
+
+    model_or_paths: a PEFT model built on moetune (load_model(..., adapter=)
+      or get_peft_model on a load_model/patch model), or a pair (base
+      checkpoint folder, adapter folder) — then no base weight is loaded at
+      all, only the adapter.
+    out_dir: the new folder (refused if it exists, unless overwrite=True).
+    source: the base checkpoint folder the model was loaded from (default:
+      what load_model recorded).
+    The output has the source's key layout (per-expert or fused), shard
+    files, index and non-weight files (config, tokenizer...). Weights keep the
+    source dtype (block-FP8 sources are written dequantized, as bf16).
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(model_or_paths, (tuple, list)):
+        base, adapter = model_or_paths
+        peft_model = _adapter_on_skeleton(base, adapter)
+        source = Path(base)
+    else:
+        peft_model = model_or_paths
+        if not hasattr(peft_model, "peft_config"):
+            raise TypeError("moetune: merge_and_save needs a PEFT model (or a (base, adapter) pair of folders)")
+        if source is None:
+            source = getattr(peft_model.get_base_model(), "moetune_source", None)
+        if source is None:
+            raise ValueError("moetune: pass source= (the base checkpoint folder): this model was not made by load_model")
+        source = Path(source)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"moetune: {out} exists (pass overwrite=True to replace it)")
+    terms = _Terms(peft_model)
+    base_model = terms.base
+    km = key_map(base_model)
+    per_expert_re = km.per_expert_regex()
+    quals = set(terms.experts)
+    ckpt = Checkpoint(source)
+    config = json.loads((source / "config.json").read_text())
+    block = None
+    if config.get("quantization_config"):
+        import transformers
+
+        block = fp8_mod.block_size(transformers.AutoConfig.from_pretrained(str(source)))
+    used = set()
+    tmp = _tmp_dir(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for f in source.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                shutil.copy2(f, tmp / f.name)
+        if block is not None:
+            config.pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        files: Dict[str, list] = {}
+        for k, e in ckpt.entries.items():
+            files.setdefault(e.file, []).append(k)
+        weight_map = {}
+        total_bytes = 0
+        bar = tqdm(total=sum(e.nbytes for e in ckpt.entries.values()), unit="B", unit_scale=True,
+                   unit_divisor=1024, desc="moetune merge", disable=not progress)
+        with bar:
+            for fname in sorted(files):
+                out_t = {}
+                with ckpt.reader() as r:
+                    for ck in sorted(files[fname]):
+                        bar.update(ckpt.entries[ck].nbytes)
+                        if block is not None and ck.endswith(fp8_mod.SCALE_SUFFIX):
+                            continue  # folded into its weight below
+                        t = r.get(ck)
+                        if t.dtype == fp8_mod.E4M3:
+                            t = fp8_mod.dequantize(t, r.get(ck + fp8_mod.SCALE_SUFFIX), block, ck)
+                        k = km.rename(ck)
+                        delta, tag = None, None
+                        m = per_expert_re.match(k)
+                        if m and m.group("qual") in quals and m.group("kind") == "weight":
+                            proj = km.proj_of(m.group("proj"))
+                            delta = terms.expert_delta(m.group("qual"), proj, int(m.group("e")))
+                            tag = (m.group("qual"), "down_proj" if proj == "down" else "gate_up_proj")
+                        else:
+                            head, _, tail = k.rpartition(".")
+                            if head in quals and tail in ("gate_up_proj", "down_proj"):
+                                delta, tag = terms.fused_delta(head, tail), (head, tail)
+                            else:
+                                delta, tag = terms.linear_delta(k), k
+                        if delta is not None:
+                            if tuple(delta.shape) != tuple(t.shape):
+                                raise ValueError(f"moetune: LoRA delta for {ck} has shape {list(delta.shape)}, the "
+                                                 f"checkpoint tensor {list(t.shape)}")
+                            t = (t.float() + delta).to(t.dtype)
+                            used.add(tag)
+                        out_t[ck] = t.contiguous()
+                        weight_map[ck] = fname
+                total_bytes += sum(t.numel() * t.element_size() for t in out_t.values())
+                save_file(out_t, str(tmp / fname), metadata={"format": "pt"})
+                del out_t
+        wanted = {(q, p) for q, d in terms.experts.items() for p in d} | set(terms.linear)
+        if wanted - used:
+            raise ValueError(f"moetune: LoRA targets not found in {source}: {sorted(map(str, wanted - used))[:8]}")
+        if ckpt.sharded:
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
+        _commit(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Path:
+    """Write the active adapter with one LoRA per expert and projection.
+
+    Keys: ``base_model.model.<experts>.{e}.{gate,up,down}_proj.lora_A.weight``
+    [r, in] and ``lora_B.weight`` [out, r] (the family's per-expert
+    projection names, e.g. Mixtral's w1/w3/w2), plus the adapter's ordinary
+    LoRA modules unchanged; adapter_config.json targets those module names.
+    PEFT's fused gate_up LoRA gives gate and up the same A (rows of B split).
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"moetune: {out} exists (pass overwrite=True to replace it)")
+    terms = _Terms(model)
+    km = key_map(terms.base)
+    names = km.proj_names
+    tensors = {}
+    scalings = set()
+    for qual, d in terms.experts.items():
+        for pname, (A, B, s) in d.items():
+            scalings.add(s)
+            E = A.shape[0]
+            parts = [("down", B)] if pname == "down_proj" else list(
+                zip(("gate", "up"), patching._split_gate_up(B, terms.layouts[qual], 1)))
+            for proj, Bp in parts:
+                for e in range(E):
+                    key = f"{_PREFIX}{qual}.{e}.{names[proj]}"
+                    tensors[f"{key}.lora_A.weight"] = A[e].clone()
+                    tensors[f"{key}.lora_B.weight"] = Bp[e].clone()
+    for key, (m, a) in terms.linear.items():
+        base = _PREFIX + key[: -len(".weight")]
+        tensors[f"{base}.lora_A.weight"] = m.lora_A[a].weight.detach().float().cpu().contiguous()
+        tensors[f"{base}.lora_B.weight"] = m.lora_B[a].weight.detach().float().cpu().contiguous()
+        scalings.add(float(m.scaling[a]))
+    cfg = terms.config.to_dict()
+    if len(scalings) > 1:
+        raise NotImplementedError(f"moetune: several LoRA scalings {sorted(scalings)}; a per-expert adapter has one")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        raise NotImplementedError("moetune: a regex target_modules cannot be extended with per-expert modules")
+    cfg["target_modules"] = sorted(set(targets) | set(names.values()))
+    cfg["target_parameters"] = None
+    for k in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(k):
+            raise NotImplementedError(f"moetune: {k} is not supported by the per-expert export")
+    tmp = _tmp_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        cfg["peft_type"] = str(getattr(cfg["peft_type"], "value", cfg["peft_type"]))
+        if cfg.get("task_type") is not None:
+            cfg["task_type"] = str(getattr(cfg["task_type"], "value", cfg["task_type"]))
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=lambda o: sorted(o)
+                                                            if isinstance(o, set) else str(o)))
+        _commit(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def per_expert_adapter_deltas(folder) -> Dict[str, torch.Tensor]:
+    """{module key: s B A} of every LoRA module in a (per-expert) PEFT adapter
+    folder, with s = lora_alpha / r (or / sqrt(r) with use_rslora)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    s = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    out = {}
+    for k in t:
+        if k.endswith(".lora_A.weight"):
+            base = k[: -len(".lora_A.weight")]
+            out[base[len(_PREFIX):] if base.startswith(_PREFIX) else base] = s * (t[base + ".lora_B.weight"] @ t[k])
+    return out
