@@ -5,6 +5,7 @@
 #   bash benchmarks/device_run.sh layer     # MoE layer benchmark vs PyTorch baselines, 16 threads
 #   bash benchmarks/device_run.sh peft      # the transformers + PEFT path at T=1024
 #   bash benchmarks/device_run.sh ceiling   # measured AMX / AVX512-BF16 peaks and DRAM read bandwidth
+#   bash benchmarks/device_run.sh quant     # bf16 / int8 / int4 fwd+bwd times, Qwen3 + DeepSeek shapes
 #   bash benchmarks/device_run.sh load      # load_model: CUDA family tests + load RSS/throughput (Qwen3-30B-shaped, 8 layers)
 #   bash benchmarks/device_run.sh ktkernel qwen3|deepseek   # vs kt-kernel's SFT backend (carry .ktk:
 #                                           # benchmarks/make_ktk.sh; python 3.12 only)
@@ -55,6 +56,12 @@ layer)
   ;;
 ceiling)
   g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
+  ;;
+quant)
+  python3 benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 1024 4096 16384 \
+    --formats bf16 int8 int4 --groups 32 128 --reps 2 2>&1 | tee "$OUT/quant-qwen3.txt"
+  python3 benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 64 \
+    --tokens 256 1024 4096 16384 --formats bf16 int8 int4 --groups 128 --reps 1 2>&1 | tee "$OUT/quant-deepseek.txt"
   ;;
 load)
   python3 -m pytest -q -s tests/python/test_hf_cuda.py tests/python/test_load_model.py tests/python/test_merge_export.py \

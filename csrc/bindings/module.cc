@@ -161,6 +161,7 @@ NB_MODULE(_moetune_ext, m) {
   // running program (tests check handles are freed with their graphs).
   nb::set_leak_warnings(false);
   m.def("cpu_summary", &kernels::cpu_summary);
+  m.attr("PACKED_LAYOUT_VERSION") = kernels::kPackedLayoutVersion;
   m.def("kernels", [] {
     std::vector<std::tuple<std::string, std::string, bool>> out;
     for (const auto& k : kernels::all_gemm_kernels())
@@ -198,13 +199,19 @@ NB_MODULE(_moetune_ext, m) {
       .def("__init__",
            [](MoeExperts* self, std::shared_ptr<Context> ctx, int E, int H, int I,
               const std::string& backward_weights, const std::string& activations,
-              const std::string& activation, float alpha, float limit) {
+              const std::string& activation, float alpha, float limit,
+              const std::string& weight_format, int group_size) {
              ExpertsOptions o;
              if (activation == "swiglu") o.activation = Activation::kSwiGLU;
              else if (activation == "gpt_oss") o.activation = Activation::kClampedSwiGLU;
              else throw std::invalid_argument(("activation must be 'swiglu' or 'gpt_oss', got '" + activation + "'"));
              o.swiglu_alpha = alpha;
              o.swiglu_limit = limit;
+             if (weight_format == "bf16") o.weight_format = kernels::WeightFormat::kBf16;
+             else if (weight_format == "int8") o.weight_format = kernels::WeightFormat::kInt8;
+             else if (weight_format == "int4") o.weight_format = kernels::WeightFormat::kInt4;
+             else throw std::invalid_argument(("weight_format must be 'bf16', 'int8' or 'int4', got '" + weight_format + "'"));
+             o.group_size = group_size;
              if (backward_weights == "repack") o.backward_weights = BackwardWeights::kRepack;
              else if (backward_weights == "transposed_copy") o.backward_weights = BackwardWeights::kTransposedCopy;
              else throw std::invalid_argument(("backward_weights must be 'repack' or 'transposed_copy', got '" + backward_weights + "'"));
@@ -215,11 +222,26 @@ NB_MODULE(_moetune_ext, m) {
            },
            "ctx"_a, "num_experts"_a, "hidden_size"_a, "intermediate_size"_a,
            "backward_weights"_a = "repack", "activations"_a = "save", "activation"_a = "swiglu",
-           "alpha"_a = 1.702f, "limit"_a = 7.0f)
+           "alpha"_a = 1.702f, "limit"_a = 7.0f, "weight_format"_a = "bf16", "group_size"_a = 0)
       .def_prop_ro("num_experts", &MoeExperts::E)
       .def_prop_ro("hidden_size", &MoeExperts::H)
       .def_prop_ro("intermediate_size", &MoeExperts::I)
       .def_prop_ro("packed_bytes", &MoeExperts::packed_bytes)
+      .def_prop_ro("weight_format", [](const MoeExperts& ex) { return std::string(kernels::weight_format_name(ex.quant_spec().format)); })
+      .def_prop_ro("group_size", [](const MoeExperts& ex) { return ex.quant_spec().group_size; })
+      .def("packed_buffers",
+           [](MoeExperts& ex) {
+             // Writable uint8 views of the engine's packed weights; each keeps
+             // the Experts object alive (moetune.cache reads files into them).
+             nb::handle owner = nb::find(&ex);
+             std::vector<std::pair<std::string, nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>>> out;
+             for (const auto& b : ex.packed_buffers()) {
+               const size_t shape[1] = {b.bytes};
+               out.emplace_back(b.name, nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(
+                                            static_cast<uint8_t*>(b.data), 1, shape, owner));
+             }
+             return out;
+           })
       .def("load",
            [](MoeExperts& ex, const Array& gate, const Array& up, const Array& down) {
              const int64_t E = ex.E(), H = ex.H(), I = ex.I();

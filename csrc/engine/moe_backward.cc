@@ -123,9 +123,10 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   auto dgb = ctx.workspace<bf16>(layout::kWsDg, rows * ldi);
   auto dub = ctx.workspace<bf16>(layout::kWsDu, rows * ldi);
   auto dwp = ctx.workspace<float>(layout::kWsDwPart, rows * chI);
-  const int64_t n_blocks = static_cast<int64_t>(rt.blocks.size());
+  const std::vector<RowBlock> blocks = work_blocks(rt);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   ctx.parallel_for("bwd.down_act", n_blocks * chI, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = rt.blocks[task / chI];
+    const RowBlock& blk = blocks[task / chI];
     const int e = blk.e;
     const int64_t c = task % chI;
     const int64_t i0 = c * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk), nc = i1 - i0;
@@ -146,7 +147,7 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
       ldgu = nc;
     }
     Segment seg[2];
-    seg[0] = Segment{dog.data() + off * ldh, ldh, bwd_slice(2, e, i0, nc, a)};
+    seg[0] = Segment{dog.data() + off * ldh, ldh, PackedB{}};  // B: W_d^T slice, set by weight_t_gemm
     int nseg = 1;
     if (lora.down.enabled()) {
       // Ad_e is [r, I] = [K, N].
@@ -158,7 +159,8 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
       nseg = 2;
     }
     float* d = a.alloc<float>(n * nc);
-    k.gemm(n, 0, nc, seg, nseg, d, nc, false);
+    const int wd = 2;
+    weight_t_gemm(&wd, 1, e, i0, nc, seg, nseg, n, d, nc, a);
     const float* bd = bias(2, e);
     for (int64_t m = 0; m < n; ++m) {
       const int64_t row = off + m;
@@ -231,14 +233,15 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   // 5. dx rows, fused over gate, up and their LoRA.
   auto dxr = ctx.workspace<float>(layout::kWsDx, rows * H);
   ctx.parallel_for("bwd.dx", n_blocks * chH, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = rt.blocks[task / chH];
+    const RowBlock& blk = blocks[task / chH];
     const int e = blk.e;
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
     const int64_t nc = h1 - h0, off = blk.r0, n = blk.r1 - blk.r0;
     Segment seg[4];
     int nseg = 0;
-    seg[nseg++] = Segment{dgb.data() + off * ldi, ldi, bwd_slice(0, e, h0, nc, a)};
-    seg[nseg++] = Segment{dub.data() + off * ldi, ldi, bwd_slice(1, e, h0, nc, a)};
+    // B of the first two: W_g^T, W_u^T slices, set by weight_t_gemm.
+    seg[nseg++] = Segment{dgb.data() + off * ldi, ldi, PackedB{}};
+    seg[nseg++] = Segment{dub.data() + off * ldi, ldi, PackedB{}};
     for (int which = 0; which < 2; ++which) {
       const LoraProj& p = which == 0 ? lora.gate : lora.up;
       if (!p.enabled()) continue;
@@ -249,7 +252,8 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
                       src_type(p.a_dtype), H, true, r, h0, h1, 1.0f, pa);
       seg[nseg++] = Segment{(which == 0 ? pg : pu).data() + off * ldr, ldr, PackedB{pa, r, nc}};
     }
-    k.gemm(n, 0, nc, seg, nseg, dxr.data() + off * H + h0, H, false);
+    const int wgu[2] = {0, 1};
+    weight_t_gemm(wgu, 2, e, h0, nc, seg, nseg, n, dxr.data() + off * H + h0, H, a);
   });
 
   // 6. per-token reductions in slot order.

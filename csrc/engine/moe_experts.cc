@@ -1,5 +1,6 @@
 #include "engine/moe_experts.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -50,10 +51,21 @@ MoeExperts::MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, Expert
                                 std::to_string(options_.swiglu_alpha) +
                                 " limit=" + std::to_string(options_.swiglu_limit));
   }
+  spec_ = kernels::QuantSpec{options_.weight_format, options_.group_size};
+  kernels::check_quant_spec(spec_);
+  dequant_ = &kernels::dequant_kernel(ctx_->gemm().isa);
+  const bool quantized = spec_.format != kernels::WeightFormat::kBf16;
   const Dims f[3] = {{H, I}, {H, I}, {I, H}};
   for (int w = 0; w < 3; ++w) {
-    fwd_stride_[w] = kernels::packed_elems(f[w].K, f[w].N);
-    fwd_[w].resize(static_cast<size_t>(fwd_stride_[w]) * E);
+    if (quantized) {
+      q_stride_[w] = kernels::quant_q_bytes(spec_, f[w].K, f[w].N);
+      qscale_stride_[w] = kernels::quant_scale_count(spec_, f[w].K, f[w].N);
+      q_[w].resize(static_cast<size_t>(q_stride_[w]) * E);
+      qscale_[w].resize(static_cast<size_t>(qscale_stride_[w]) * E);
+    } else {
+      fwd_stride_[w] = kernels::packed_elems(f[w].K, f[w].N);
+      fwd_[w].resize(static_cast<size_t>(fwd_stride_[w]) * E);
+    }
     if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
       bwd_stride_[w] = kernels::packed_elems(f[w].N, f[w].K);
       bwd_[w].resize(static_cast<size_t>(bwd_stride_[w]) * E);
@@ -76,14 +88,81 @@ MoeExperts::~MoeExperts() {
 
 size_t MoeExperts::packed_bytes() const {
   size_t b = 0;
-  for (int w = 0; w < 3; ++w) b += fwd_[w].bytes() + bwd_[w].bytes() + bias_[w].bytes();
+  for (int w = 0; w < 3; ++w)
+    b += fwd_[w].bytes() + bwd_[w].bytes() + bias_[w].bytes() + q_[w].bytes() + qscale_[w].bytes();
   return b;
+}
+
+std::vector<MoeExperts::PackedBuffer> MoeExperts::packed_buffers() {
+  static const char* kName[3] = {"gate", "up", "down"};
+  std::vector<PackedBuffer> out;
+  auto add = [&](const std::string& n, void* d, size_t b) {
+    if (b) out.push_back(PackedBuffer{n, d, b});
+  };
+  for (int w = 0; w < 3; ++w) {
+    add(std::string(kName[w]) + ".bf16", fwd_[w].data(), fwd_[w].bytes());
+    add(std::string(kName[w]) + ".q", q_[w].data(), q_[w].bytes());
+    add(std::string(kName[w]) + ".scales", qscale_[w].data(), qscale_[w].bytes());
+    add(std::string(kName[w]) + ".transposed_bf16", bwd_[w].data(), bwd_[w].bytes());
+  }
+  return out;
+}
+
+kernels::QuantB MoeExperts::quant(int which, int e) const {
+  const int64_t K = which == 2 ? I_ : H_;
+  const int64_t N = which == 2 ? H_ : I_;
+  return kernels::QuantB{spec_, q_[which].data() + e * q_stride_[which],
+                         qscale_[which].data() + e * qscale_stride_[which], K, N};
 }
 
 PackedB MoeExperts::fwd(int which, int e) const {
   const int64_t K = which == 2 ? I_ : H_;
   const int64_t N = which == 2 ? H_ : I_;
   return PackedB{fwd_[which].data() + e * fwd_stride_[which], K, N};
+}
+
+namespace {
+// Columns per dequantized sub-slice: 2 panels (one AMX / AVX-512 register
+// block wide); 32 x K bf16 is 128 KiB at K = 2048, 448 KiB at K = 7168.
+constexpr int64_t kDequantCols = 32;
+}  // namespace
+
+std::vector<RowBlock> MoeExperts::work_blocks(const Routing& rt) const {
+  if (spec_.format == kernels::WeightFormat::kBf16) return rt.blocks;
+  constexpr int64_t kQuantRowGroup = 4 * kRowBlock;
+  std::vector<RowBlock> out;
+  for (int e : rt.active) {
+    const int64_t n = rt.count(e), nb = (n + kQuantRowGroup - 1) / kQuantRowGroup;
+    for (int64_t b = 0; b < nb; ++b)
+      out.push_back(RowBlock{e, rt.offsets[e] + n * b / nb, rt.offsets[e] + n * (b + 1) / nb});
+  }
+  std::stable_sort(out.begin(), out.end(), [](const RowBlock& a, const RowBlock& b) {
+    return a.r1 - a.r0 > b.r1 - b.r0;
+  });
+  return out;
+}
+
+void MoeExperts::weight_gemm(int which, int e, int64_t n0, int64_t nc, const bf16* A, int64_t lda,
+                             int64_t M, const kernels::Segment* extra, float* C, int64_t ldc,
+                             Arena& a) const {
+  const kernels::GemmKernel& k = ctx_->gemm();
+  kernels::Segment seg[2];
+  const int nseg = extra ? 2 : 1;
+  if (spec_.format == kernels::WeightFormat::kBf16) {
+    seg[0] = kernels::Segment{A, lda, kernels::packed_slice(fwd(which, e), n0, nc)};
+    if (extra) seg[1] = *extra;
+    k.gemm(M, 0, nc, seg, nseg, C, ldc, false);
+    return;
+  }
+  const kernels::QuantB q = quant(which, e);
+  bf16* panel = a.alloc<bf16>(kernels::packed_elems(q.K, std::min(nc, kDequantCols)));
+  for (int64_t c0 = 0; c0 < nc; c0 += kDequantCols) {
+    const int64_t w = std::min(kDequantCols, nc - c0);
+    dequant_->dequant(q, n0 + c0, n0 + c0 + w, 0, q.K, panel);
+    seg[0] = kernels::Segment{A, lda, PackedB{panel, q.K, w}};
+    if (extra) seg[1] = kernels::Segment{extra->A, extra->lda, kernels::packed_slice(extra->B, c0, w)};
+    k.gemm(M, 0, w, seg, nseg, C + c0, ldc, false);
+  }
 }
 
 PackedB MoeExperts::bwd(int which, int e) const {
@@ -102,6 +181,39 @@ PackedB MoeExperts::bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a)
   return PackedB{dst, src.N, n};
 }
 
+void MoeExperts::weight_t_gemm(const int* which, int nw, int e, int64_t n0, int64_t nc, kernels::Segment* segs,
+                               int nseg, int64_t M, float* C, int64_t ldc, Arena& a) const {
+  const kernels::GemmKernel& k = ctx_->gemm();
+  if (spec_.format == kernels::WeightFormat::kBf16 ||
+      options_.backward_weights == BackwardWeights::kTransposedCopy) {
+    for (int j = 0; j < nw; ++j) segs[j].B = bwd_slice(which[j], e, n0, nc, a);
+    k.gemm(M, 0, nc, segs, nseg, C, ldc, false);
+    return;
+  }
+  const int64_t wmax = std::min(nc, kDequantCols);
+  bf16* rows[kernels::kMaxSegments];
+  bf16* tr[kernels::kMaxSegments];
+  for (int j = 0; j < nw; ++j) {
+    const int64_t N = quant(which[j], e).N;
+    rows[j] = a.alloc<bf16>(kernels::packed_elems(wmax, N));
+    tr[j] = a.alloc<bf16>(kernels::packed_elems(N, wmax));
+  }
+  kernels::Segment local[kernels::kMaxSegments];
+  for (int64_t c0 = 0; c0 < nc; c0 += kDequantCols) {
+    const int64_t w = std::min(kDequantCols, nc - c0);
+    for (int j = 0; j < nw; ++j) {
+      // W^T columns [n0+c0, +w) are W's K rows: dequantize them, transpose.
+      const kernels::QuantB q = quant(which[j], e);
+      dequant_->dequant(q, 0, q.N, n0 + c0, n0 + c0 + w, rows[j]);
+      k.transpose_packed(PackedB{rows[j], w, q.N}, 0, w, tr[j]);
+      local[j] = kernels::Segment{segs[j].A, segs[j].lda, PackedB{tr[j], q.N, w}};
+    }
+    for (int j = nw; j < nseg; ++j)
+      local[j] = kernels::Segment{segs[j].A, segs[j].lda, kernels::packed_slice(segs[j].B, c0, w)};
+    k.gemm(M, 0, w, local, nseg, C + c0, ldc, false);
+  }
+}
+
 void MoeExperts::load_expert(int e, const void* gate, const void* up, const void* down,
                              DType dtype) {
   if (e < 0 || e >= E_) {
@@ -115,6 +227,23 @@ void MoeExperts::load_expert(int e, const void* gate, const void* up, const void
   const kernels::SrcType st = src_type(dtype);
   const void* src[3] = {gate, up, down};
   // HF layout is [out, in] = [N, K] for the forward product x W^T.
+  if (spec_.format != kernels::WeightFormat::kBf16) {
+    static const char* kName[3] = {"gate_proj", "up_proj", "down_proj"};
+    for (int w = 0; w < 3; ++w) {
+      const kernels::QuantB q = quant(w, e);
+      kernels::quantize_pack(src[w], st, q.K, q.K, q.N, spec_,
+                             q_[w].data() + e * q_stride_[w], qscale_[w].data() + e * qscale_stride_[w],
+                             std::string(kName[w]) + " of expert " + std::to_string(e));
+      if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
+        // bf16 dq(q(W))^T: the same values the repack path would make.
+        Buf<bf16> tmp(static_cast<size_t>(kernels::packed_elems(q.K, q.N)));
+        dequant_->dequant(q, 0, q.N, 0, q.K, tmp.data());
+        ctx_->gemm().transpose_packed(PackedB{tmp.data(), q.K, q.N}, 0, q.K,
+                                      bwd_[w].data() + e * bwd_stride_[w]);
+      }
+    }
+    return;
+  }
   for (int w = 0; w < 3; ++w) {
     const PackedB f = fwd(w, e);
     kernels::pack_b(src[w], st, f.K, /*kn=*/false, f.K, 0, f.N, 1.0f,

@@ -29,6 +29,15 @@
 // Dropping a handle frees its memory; backward does not consume it, so a
 // retained graph may run backward twice.
 //
+// Weight formats (ExpertsOptions::weight_format): bf16 packs the weights as
+// they are; int8 / int4 quantize them in load_expert (kernels/quant.h) and
+// every GEMM task dequantizes the panel slice it needs into its arena, so the
+// GEMMs see exactly dq(q(W)) in bf16, forward and backward alike. Backward
+// weights for quantized formats: kRepack dequantizes the K-rows it needs and
+// transposes them; kTransposedCopy keeps, next to the quantized weights, a
+// bf16 packed copy of dq(q(W))^T made at load (the same values, so the same
+// gradients: it buys backward speed with 2 bytes per weight).
+//
 // Thread-safety: forward/backward may be called from any thread; the work is
 // queued on the Context and executed one job at a time. Loading weights while
 // jobs that use them are queued is the caller's error. Destroying the object
@@ -39,6 +48,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "engine/buffer.h"
@@ -87,6 +97,18 @@ class MoeExperts {
   const ExpertsOptions& options() const { return options_; }
   Context& context() { return *ctx_; }
   size_t packed_bytes() const;
+  const kernels::QuantSpec& quant_spec() const { return spec_; }
+
+  // Every non-empty packed weight buffer (for a disk cache to export or
+  // import them byte for byte): a stable name, its memory and size. The
+  // layout is fixed by kernels::kPackedLayoutVersion, E/H/I and the options;
+  // writing them while jobs run is the caller's error.
+  struct PackedBuffer {
+    std::string name;
+    void* data;
+    size_t bytes;
+  };
+  std::vector<PackedBuffer> packed_buffers();
 
   // Packs expert e from HF-layout rows: gate/up [I, H], down [H, I] (bf16
   // bit-exact, or f32 rounded to bf16). Distinct e may be loaded concurrently.
@@ -107,9 +129,29 @@ class MoeExperts {
 
  private:
   kernels::PackedB fwd(int which, int e) const;   // 0 gate [K=H,N=I], 1 up, 2 down [K=I,N=H]
+  kernels::QuantB quant(int which, int e) const;  // the same operands, quantized formats
+  // C[M, 0:nc] = A * W(which, e)[:, n0:n0+nc] (+ `extra`, a segment whose B
+  // covers the same nc columns, e.g. a LoRA expand), overwriting C. Quantized
+  // formats dequantize and multiply kDequantCols columns at a time, so the
+  // bf16 panel stays L2-resident; every column's sum is the same single
+  // kernel pass as the bf16 path (bit-identical results).
+  void weight_gemm(int which, int e, int64_t n0, int64_t nc, const kernels::bf16* A, int64_t lda,
+                   int64_t M, const kernels::Segment* extra, float* C, int64_t ldc, Arena& a) const;
   kernels::PackedB bwd(int which, int e) const;   // transposed copies (kTransposedCopy only)
   // Packs W^T columns [n0, n0+n) for backward: from the second copy or by repacking.
   kernels::PackedB bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;
+  // C[M, 0:nc] = sum_j segs[j].A * W(which[j], e)^T[:, n0:n0+nc] for j < nw,
+  // plus segs[nw..nseg) whose B cover the same nc columns; overwrites C.
+  // segs[j].B for j < nw is set here. Quantized formats with kRepack work
+  // kDequantCols columns at a time (dequantize those K rows, transpose), so
+  // the bf16 panels stay L2-sized; results are bit-identical to one call.
+  void weight_t_gemm(const int* which, int nw, int e, int64_t n0, int64_t nc, kernels::Segment* segs,
+                     int nseg, int64_t M, float* C, int64_t ldc, Arena& a) const;
+  // The row blocks of the GEMM phases: the routing's blocks for bf16; for
+  // quantized formats blocks of up to kQuantRowGroup rows per expert, so the
+  // dequantization of a weight slice is shared by more rows (same results:
+  // every output row is computed independently of the others).
+  std::vector<RowBlock> work_blocks(const Routing& rt) const;
   void run_forward(const ForwardArgs& args, Saved& s);
   void run_backward(const BackwardArgs& args, Saved& s);
   // g, u (bf16) for expert-major rows [off, off + n) of expert e, columns [i0, i1).
@@ -132,6 +174,12 @@ class MoeExperts {
   std::shared_ptr<InFlight> inflight_ = std::make_shared<InFlight>();
   int E_, H_, I_;
   ExpertsOptions options_;
+  kernels::QuantSpec spec_;
+  const kernels::DequantKernel* dequant_ = nullptr;
+  Buf<uint8_t> q_[3];       // quantized formats: packed q values per matrix kind
+  Buf<float> qscale_[3];    // and their scales (kernels/quant.h layout)
+  int64_t q_stride_[3] = {0, 0, 0};
+  int64_t qscale_stride_[3] = {0, 0, 0};
   Buf<kernels::bf16> fwd_[3];
   Buf<kernels::bf16> bwd_[3];
   Buf<float> bias_[3];  // [E, I], [E, I], [E, H] fp32; empty = absent

@@ -59,22 +59,18 @@ static PackedB lora_expand_b(const LoraProj& p, int e, int64_t out, int64_t n0, 
 void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf16* xe, int64_t n,
                                const Saved& s, int64_t i0, int64_t i1, Arena& a, bf16* gb,
                                bf16* ub, int64_t ld) const {
-  const kernels::GemmKernel& k = ctx_->gemm();
   const int64_t nc = i1 - i0;
   const int64_t ldh = layout::ld_bf16(H_);
   float* c = a.alloc<float>(n * nc);
   for (int which = 0; which < 2; ++which) {
     const LoraProj& p = which == 0 ? lora.gate : lora.up;
     const Buf<bf16>& zs = which == 0 ? s.zs_gate : s.zs_up;
-    Segment seg[2];
-    seg[0] = Segment{xe, ldh, kernels::packed_slice(fwd(which, e), i0, nc)};
-    int nseg = 1;
+    Segment lora_seg;
     if (p.enabled()) {
       const int64_t ldr = layout::ld_bf16(p.r);
-      seg[1] = Segment{zs.data() + off * ldr, ldr, lora_expand_b(p, e, I_, i0, nc, a)};
-      nseg = 2;
+      lora_seg = Segment{zs.data() + off * ldr, ldr, lora_expand_b(p, e, I_, i0, nc, a)};
     }
-    k.gemm(n, 0, nc, seg, nseg, c, nc, false);
+    weight_gemm(which, e, i0, nc, xe, ldh, n, p.enabled() ? &lora_seg : nullptr, c, nc, a);
     if (const float* b = bias(which, e)) {
       for (int64_t m = 0; m < n; ++m)
         for (int64_t i = 0; i < nc; ++i) c[m * nc + i] += b[i0 + i];
@@ -143,9 +139,10 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   }
   auto hb = ctx.workspace<bf16>(layout::kWsH, rows * ldi);
   const int64_t chI = layout::chunks(I);
-  const int64_t n_blocks = static_cast<int64_t>(rt.blocks.size());
+  const std::vector<RowBlock> blocks = work_blocks(rt);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   ctx.parallel_for("fwd.gate_up", n_blocks * chI, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = rt.blocks[task / chI];
+    const RowBlock& blk = blocks[task / chI];
     const int e = blk.e;
     const int64_t i0 = (task % chI) * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk);
     const int64_t off = blk.r0, n = blk.r1 - blk.r0;
@@ -175,19 +172,17 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   auto y = ctx.workspace<float>(layout::kWsY, rows * H);
   const int64_t chH = layout::chunks(H);
   ctx.parallel_for("fwd.down", n_blocks * chH, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = rt.blocks[task / chH];
+    const RowBlock& blk = blocks[task / chH];
     const int e = blk.e;
     const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
     const int64_t off = blk.r0, n = blk.r1 - blk.r0, nc = h1 - h0;
-    Segment seg[2];
-    seg[0] = Segment{hb.data() + off * ldi, ldi, kernels::packed_slice(fwd(2, e), h0, nc)};
-    int nseg = 1;
+    Segment lora_seg;
     if (lora.down.enabled()) {
       const int64_t ldr = layout::ld_bf16(lora.down.r);
-      seg[1] = Segment{s.zs_down.data() + off * ldr, ldr, lora_expand_b(lora.down, e, H, h0, nc, a)};
-      nseg = 2;
+      lora_seg = Segment{s.zs_down.data() + off * ldr, ldr, lora_expand_b(lora.down, e, H, h0, nc, a)};
     }
-    k.gemm(n, 0, nc, seg, nseg, y.data() + off * H + h0, H, false);
+    weight_gemm(2, e, h0, nc, hb.data() + off * ldi, ldi, n, lora.down.enabled() ? &lora_seg : nullptr,
+                y.data() + off * H + h0, H, a);
     if (const float* b = bias(2, e)) {
       for (int64_t m = 0; m < n; ++m) {
         float* yr = y.data() + (off + m) * H;

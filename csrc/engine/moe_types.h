@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels/gemm.h"
+#include "kernels/quant.h"
 
 namespace moetune {
 
@@ -98,6 +99,10 @@ struct ExpertsOptions {
   Activation activation = Activation::kSwiGLU;
   float swiglu_alpha = 1.702f;  // kClampedSwiGLU only (gpt-oss config.swiglu_alpha); finite
   float swiglu_limit = 7.0f;    // kClampedSwiGLU only (gpt-oss config.swiglu_limit); finite, > 0
+  // Frozen weight format (kernels/quant.h): bf16, or int8 / int4 quantized at
+  // load and dequantized per GEMM task. group_size: int4 only (32, 64, 128).
+  kernels::WeightFormat weight_format = kernels::WeightFormat::kBf16;
+  int group_size = 0;
 };
 
 }  // namespace moetune

@@ -89,20 +89,28 @@ class MoEExperts:
     gate_bias, up_bias [E, I] and down_bias [E, H]: optional frozen expert
     biases (added to g, u before the activation and to each expert's output;
     kept as fp32, no gradient). Any subset may be given.
+
+    weight_format: "bf16" (default), "int8" (per-output-channel symmetric) or
+    "int4" (symmetric, one scale per group_size inputs; group_size 32, 64 or
+    128, default 128): weights are quantized at load and dequantized inside
+    the engine's GEMMs, forward and backward alike (activations, gradients
+    and LoRA stay bf16/fp32). With a quantized format,
+    backward_weights="transposed_copy" adds a bf16 copy of the dequantized
+    weights for a faster backward (same values, same gradients).
     """
 
     def __init__(self, ctx: Context, gate_proj: torch.Tensor, up_proj: torch.Tensor,
                  down_proj: torch.Tensor, *, backward_weights: str = "repack",
                  activations: str = "save", activation: str = "swiglu", alpha: float = 1.702,
                  limit: float = 7.0, gate_bias: Optional[torch.Tensor] = None,
-                 up_bias: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None):
+                 up_bias: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None,
+                 weight_format: str = "bf16", group_size: Optional[int] = None):
         if gate_proj.dim() != 3:
             raise ValueError(f"gate_proj must be [E, I, H], got shape {list(gate_proj.shape)}")
         E, I, H = gate_proj.shape
-        self.ctx = ctx
-        self.activation = activation
-        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations, activation,
-                                float(alpha), float(limit))
+        self._allocate(ctx, E, H, I, backward_weights=backward_weights, activations=activations,
+                       activation=activation, alpha=alpha, limit=limit, weight_format=weight_format,
+                       group_size=group_size)
         for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32; float16 "
@@ -132,6 +140,17 @@ class MoEExperts:
         """Whether the (gate, up, down) biases are loaded."""
         return tuple(self._ex.has_biases)
 
+    def _allocate(self, ctx, E, H, I, *, backward_weights="repack", activations="save", activation="swiglu",
+                  alpha=1.702, limit=7.0, weight_format="bf16", group_size=None):
+        self.ctx = ctx
+        self.activation = activation
+        if group_size is None:
+            group_size = 128 if weight_format == "int4" else 0
+        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations, activation, float(alpha),
+                                float(limit), weight_format=weight_format, group_size=int(group_size))
+        self.options = dict(backward_weights=backward_weights, activations=activations,
+                            weight_format=weight_format, group_size=int(group_size))
+
     @classmethod
     def empty(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int,
               **options) -> "MoEExperts":
@@ -139,9 +158,7 @@ class MoEExperts:
         with load_expert (streaming loaders: one expert's weights in memory at a
         time). options: as for the constructor (backward_weights, ...)."""
         self = cls.__new__(cls)
-        self.ctx = ctx
-        self.activation = options.get("activation", "swiglu")
-        self._ex = _ext.Experts(ctx._ctx, int(num_experts), int(hidden_size), int(intermediate_size), **options)
+        self._allocate(ctx, int(num_experts), int(hidden_size), int(intermediate_size), **options)
         return self
 
     def load_expert(self, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
@@ -159,6 +176,13 @@ class MoEExperts:
     hidden_size = property(lambda self: self._ex.hidden_size)
     intermediate_size = property(lambda self: self._ex.intermediate_size)
     packed_bytes = property(lambda self: self._ex.packed_bytes)
+    weight_format = property(lambda self: self._ex.weight_format)
+    group_size = property(lambda self: self._ex.group_size)
+
+    @property
+    def packed_bytes_per_expert(self) -> int:
+        """Host memory of one expert's frozen weights in the engine (all formats)."""
+        return self._ex.packed_bytes // self._ex.num_experts
 
 
 @dataclasses.dataclass

@@ -355,7 +355,8 @@ def select_implementation(handle: PatchHandle, modules) -> None:
 
 
 def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional[int] = None, *,
-          keep_original: bool = True, backward_weights: str = "repack", activations: str = "save") -> PatchHandle:
+          keep_original: bool = True, backward_weights: str = "repack", activations: str = "save",
+          weight_format: str = "bf16", group_size: Optional[int] = None) -> PatchHandle:
     """Run every routed-experts module of `model` on the moetune engine.
 
     model: a transformers model (or a PEFT model wrapping one), weights loaded.
@@ -364,7 +365,9 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
       registered in the model) so that `handle.undo()` can restore them. Costs
       one extra copy of all expert weights in host RAM on top of the engine's
       packed copy; pass False to free them (undo() then raises).
-    backward_weights / activations: passed to moetune.MoEExperts.
+    backward_weights / activations / weight_format / group_size: passed to
+      moetune.MoEExperts (weight_format "int8" / "int4" quantizes the frozen
+      experts at patch time).
 
     After patching, each experts module's gate_up_proj / down_proj are
     shape-only placeholders (EngineHeldTensor, one element of storage, never
@@ -397,7 +400,8 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
                 if layout.activation != "swiglu":
                     kw.update(activation=layout.activation, alpha=float(m.alpha), limit=float(m.limit))
                 engine = MoEExperts(ctx, gate, up, down, backward_weights=backward_weights,
-                                    activations=activations, **kw)
+                                    activations=activations, weight_format=weight_format,
+                                    group_size=group_size, **kw)
                 del gu, down, gate, up, kw
             originals = None
             if keep_original:

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Time of one MoE layer's routed experts, forward + backward, per frozen-weight format.
+
+bf16 vs int8 vs int4 (group 32/64/128, --groups), LoRA r=16 on gate/up/down (fp32 params),
+uniform random top-k routing, bf16 x; same data for every format. Prints per (shape, T, format):
+forward / backward / total ms (median of --reps after one warm-up), tokens/s, achieved TFLOPS
+(2*T*k*3*H*I forward + the same backward + 18*T*k*r*(H+I) LoRA, as BENCHMARKS.md), the packed
+weight memory, and the weight bytes streamed per fwd+bwd over the total time (the packed bytes of
+the experts that got tokens, read once in forward and once in backward; twice that with
+--activations recompute).
+
+  python benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 1024 4096 16384
+  python benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 64 --tokens 256 1024 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+import moetune
+
+CONFIGS = {
+    "qwen3": dict(label="Qwen3-30B-A3B", H=2048, I=768, E=128, k=8),
+    "deepseek": dict(label="DeepSeek-V3", H=7168, I=2048, E=256, k=8),
+    "tiny": dict(label="tiny", H=256, I=128, E=16, k=4),
+}
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except Exception:
+        return platform.processor()
+
+
+def weights(E, rows, cols, g):
+    """[E, rows, cols] bf16 ~ N(0, 0.02), generated per expert (no fp32 copy of the whole tensor)."""
+    out = torch.empty(E, rows, cols, dtype=torch.bfloat16)
+    for e in range(E):
+        out[e] = (torch.randn(rows, cols, generator=g) * 0.02).bfloat16()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--isa", default="auto")
+    ap.add_argument("--configs", nargs="+", default=["qwen3"], choices=list(CONFIGS))
+    ap.add_argument("--deepseek-experts", type=int, default=64, help="experts of the DeepSeek layer (memory)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    ap.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
+    ap.add_argument("--groups", type=int, nargs="+", default=[128], help="int4 group sizes")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backward-weights", default="repack")
+    ap.add_argument("--activations", default="save")
+    args = ap.parse_args()
+    ctx = moetune.Context(args.threads, isa=args.isa)
+    print(f"machine: {cpu_name()}, engine {ctx.info()}, torch {torch.__version__}")
+    print(f"options: backward_weights={args.backward_weights} activations={args.activations}, LoRA r={args.rank} "
+          f"on gate/up/down, routing uniform random, reps={args.reps} (median, after 1 warm-up)")
+    fmts = [(f, None) for f in args.formats if f != "int4"]
+    if "int4" in args.formats:
+        fmts += [("int4", gs) for gs in args.groups]
+    for name in args.configs:
+        c = dict(CONFIGS[name])
+        if name == "deepseek":
+            c["E"] = args.deepseek_experts
+        H, I, E, k, r = c["H"], c["I"], c["E"], c["k"], args.rank
+        g = torch.Generator().manual_seed(0)
+        W = (weights(E, I, H, g), weights(E, I, H, g), weights(E, H, I, g))
+        lora = moetune.LoraWeights(
+            **{p: (torch.nn.Parameter(torch.randn(E, r, H if p != "down" else I, generator=g) * 0.01),
+                   torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * 0.01))
+               for p in ("gate", "up", "down")}, scaling=2.0)
+        print(f"\n## {c['label']}: H={H} I={I} E={E} k={k}")
+        print(f"| {'T':>6} | {'format':>9} | {'fwd ms':>8} | {'bwd ms':>8} | {'total ms':>9} | {'tokens/s':>9} | "
+              f"{'TFLOPS':>6} | {'packed GiB':>10} | {'weight GB/s':>11} |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for fmt, gs in fmts:
+            ex = moetune.MoEExperts(ctx, *W, weight_format=fmt, group_size=gs,
+                                    backward_weights=args.backward_weights, activations=args.activations)
+            label = fmt if gs is None else f"int4 g{gs}"
+            for T in args.tokens:
+                gt = torch.Generator().manual_seed(T)
+                x = torch.randn(T, H, generator=gt).bfloat16().requires_grad_()
+                w, ids = torch.softmax(torch.randn(T, E, generator=gt), -1).topk(k, -1)
+                w = w.detach().requires_grad_()
+                dout = torch.randn(T, H, generator=gt).bfloat16()
+                fw, bw = [], []
+                for rep in range(args.reps + 1):
+                    t0 = time.perf_counter()
+                    out = moetune.moe_experts(ex, x, ids, w, lora)
+                    t1 = time.perf_counter()
+                    out.backward(dout)
+                    t2 = time.perf_counter()
+                    if rep:
+                        fw.append(t1 - t0)
+                        bw.append(t2 - t1)
+                f, b = statistics.median(fw), statistics.median(bw)
+                flops = 2 * (2 * T * k * 3 * H * I) + 18 * T * k * r * (H + I)
+                active = torch.unique(ids).numel()
+                passes = 3 if args.activations == "recompute" else 2
+                streamed = ex.packed_bytes_per_expert * active * passes
+                print(f"| {T:>6} | {label:>9} | {f * 1e3:8.1f} | {b * 1e3:8.1f} | {(f + b) * 1e3:9.1f} | "
+                      f"{T / (f + b):9.0f} | {flops / (f + b) / 1e12:6.2f} | {ex.packed_bytes / 2**30:10.2f} | "
+                      f"{streamed / (f + b) / 1e9:11.1f} |", flush=True)
+            del ex
+
+
+if __name__ == "__main__":
+    main()

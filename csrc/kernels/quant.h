@@ -1,0 +1,137 @@
+// moetune kernels: weight-only INT8 / INT4 formats for frozen [K, N] operands.
+//
+// Weights are quantized once at load (scalar code, the oracle) into a packed
+// layout built for the bf16 GEMM: a GEMM task dequantizes the panel slice it
+// is about to use into a bf16 packed operand (gemm.h layout) in its arena and
+// hands it to the ISA's unchanged bf16 GEMM. Activations and gradients stay
+// bf16; only the weights change. Every ISA's dequant gives bit-identical bf16
+// panels (the scalar one is the oracle), so every GEMM kernel sees the same
+// operand values.
+//
+// Quantization (symmetric, no zero point), per logical [K, N] operand whose
+// column n is one output channel (row n of an HF [out, in] weight):
+//   INT8: one scale per column:            s_n    = amax(|w[:, n]|) / 127
+//   INT4: one scale per column and group   s_n,g  = amax(|w[g*G : (g+1)*G, n]|) / 7
+//         of G consecutive K (G = group_size in {32, 64, 128}; the last group
+//         of a K that is not a multiple of G is shorter and uses its own amax).
+//   q = clamp(nearbyint(w / s), -Q, Q)  (Q = 127 or 7; round half to even);
+//   s = 0 (all-zero group, or amax below Q * FLT_MIN) gives q = 0.
+//   dq = bf16(q * s): the product in fp32 (exact IEEE multiply), rounded to
+//   nearest even. Hence |w - q s| <= s/2 (+ 2^-24 |w| from the fp32 w / s)
+//   and |w - dq| <= that + 2^-8 |q s|
+//   (the second term is bf16's unit roundoff; up to s/4 for int8's |q| = 127,
+//   s/73 for int4).
+//
+// Packed layout (per operand; N in panels of 16 columns as in gemm.h, K padded
+// to even Kp, packed row kk = the K pair (2kk, 2kk+1)):
+//   INT8: panel p, row kk is 32 bytes: q(2kk, 16p + c) for c = 0..15, then
+//         q(2kk + 1, 16p + c) for c = 0..15 (int8). Panel stride Kp * 16 bytes.
+//   INT4: panel p, row kk is 16 bytes: byte c = (q(2kk, c) + 8) | (q(2kk+1, c) + 8) << 4.
+//         Panel stride Kp * 8 bytes.
+//   scales (fp32): panel p, group g, column c at (p * groups + g) * 16 + c,
+//         groups = 1 for INT8, ceil(K / G) for INT4. Pad columns/rows hold q = 0
+//         and scale 0 (so they dequantize to +0, as pack_b's zero padding).
+// A column range starting on a panel is pointer math (quant_slice), like
+// packed_slice for bf16.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "gemm.h"
+
+namespace moetune::kernels {
+
+enum class WeightFormat : int { kBf16 = 0, kInt8 = 1, kInt4 = 2 };
+
+// Version of the packed weight layouts (gemm.h panels, the quantized layout
+// below). Bump it whenever either changes: disk caches of packed experts
+// record it and are rebuilt on a mismatch.
+inline constexpr int kPackedLayoutVersion = 1;
+const char* weight_format_name(WeightFormat f);
+
+// The format plus its group size (INT4 only; 0 otherwise).
+struct QuantSpec {
+  WeightFormat format = WeightFormat::kBf16;
+  int group_size = 0;
+};
+// Throws std::invalid_argument naming the problem (group size not in
+// {32, 64, 128} for INT4, or given for a format without groups).
+void check_quant_spec(const QuantSpec& spec);
+
+MOETUNE_INLINE int quant_qmax(WeightFormat f) { return f == WeightFormat::kInt8 ? 127 : 7; }
+MOETUNE_INLINE int64_t quant_groups(const QuantSpec& s, int64_t K) {
+  return s.format == WeightFormat::kInt4 ? (K + s.group_size - 1) / s.group_size : 1;
+}
+// Bytes of packed q values of one [K, N] operand, and its scale count.
+MOETUNE_INLINE int64_t quant_row_bytes(WeightFormat f) { return f == WeightFormat::kInt8 ? 32 : 16; }
+MOETUNE_INLINE int64_t quant_panel_bytes(WeightFormat f, int64_t K) {
+  return packed_kp(K) / 2 * quant_row_bytes(f);
+}
+MOETUNE_INLINE int64_t quant_q_bytes(const QuantSpec& s, int64_t K, int64_t N) {
+  return packed_panels(N) * quant_panel_bytes(s.format, K);
+}
+MOETUNE_INLINE int64_t quant_scale_count(const QuantSpec& s, int64_t K, int64_t N) {
+  return packed_panels(N) * quant_groups(s, K) * kPanelN;
+}
+
+// ---- value-level oracle (what every packed layout and kernel must match) ----
+// Scale of a group with the given amax (see the header comment).
+float quant_scale(float amax, WeightFormat f);
+// q for one weight w with scale s.
+int quantize_value(float w, float s, WeightFormat f);
+MOETUNE_INLINE bf16 dequant_value(int q, float s) { return f32_to_bf16(static_cast<float>(q) * s); }
+
+// A read-only view of one quantized [K, N] operand (or a column range of one).
+struct QuantB {
+  QuantSpec spec;
+  const uint8_t* q = nullptr;
+  const float* scales = nullptr;
+  int64_t K = 0;
+  int64_t N = 0;
+  MOETUNE_INLINE int64_t groups() const { return quant_groups(spec, K); }
+  MOETUNE_INLINE const uint8_t* panel_q(int64_t p) const {
+    return q + p * quant_panel_bytes(spec.format, K);
+  }
+  MOETUNE_INLINE const float* panel_scales(int64_t p) const {
+    return scales + p * groups() * kPanelN;
+  }
+};
+
+// Columns [n_begin, n_begin + n) as an operand of its own (n_begin % 16 == 0).
+MOETUNE_INLINE QuantB quant_slice(const QuantB& b, int64_t n_begin, int64_t n) {
+  QuantB s = b;
+  s.q = b.panel_q(n_begin / kPanelN);
+  s.scales = b.panel_scales(n_begin / kPanelN);
+  s.N = n;
+  return s;
+}
+
+// Quantizes a logical [K, N] operand given as HF rows: source row-major
+// [N, K] (row n = output channel n) with row stride ld, bf16 or fp32, into
+// `q` (quant_q_bytes) and `scales` (quant_scale_count). Scalar, the oracle;
+// runs once per weight at load. Non-finite weights throw std::invalid_argument
+// (`what` names the tensor in the message).
+void quantize_pack(const void* src, SrcType type, int64_t ld, int64_t K, int64_t N,
+                   const QuantSpec& spec, uint8_t* q, float* scales, const std::string& what);
+
+// Dequantizes rows [k0, k1) (k0 even) of columns [n_begin, n_end) (n_begin a
+// multiple of 16) of a quantized operand into a bf16 packed operand
+// [K = k1 - k0, N = n_end - n_begin] (gemm.h layout, packed_elems elements,
+// pads zeroed). Pure function of its arguments.
+using DequantFn = void (*)(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0,
+                           int64_t k1, bf16* dst);
+
+struct DequantKernel {
+  Isa isa;
+  const char* name;
+  DequantFn dequant;
+};
+
+// The dequant kernel for a GEMM kernel's ISA (AMX uses the AVX-512 one, whose
+// bf16 panels are AMX B tiles). dequant_kernels() lists every kernel this
+// binary has (scalar first) for tests; runnable iff cpu_supports(isa).
+const DequantKernel& dequant_kernel(Isa isa);
+const DequantKernel* dequant_kernels(int* count);
+
+}  // namespace moetune::kernels

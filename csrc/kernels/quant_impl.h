@@ -1,0 +1,17 @@
+// Private: the per-ISA dequant entry points behind dequant_kernel(). Each
+// lives in a translation unit compiled with only that ISA's flags.
+#pragma once
+
+#include "quant.h"
+
+#define MOETUNE_DECLARE_DEQUANT(ns)                                                     \
+  namespace moetune::kernels::ns {                                                      \
+  void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, \
+               bf16* dst);                                                              \
+  }
+
+MOETUNE_DECLARE_DEQUANT(scalar)
+MOETUNE_DECLARE_DEQUANT(avx2)
+MOETUNE_DECLARE_DEQUANT(avx512bf16)
+
+#undef MOETUNE_DECLARE_DEQUANT

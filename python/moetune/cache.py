@@ -1,0 +1,257 @@
+"""Disk cache of one layer's packed (e.g. quantized) experts.
+
+Quantizing and packing a large MoE at every start costs minutes; the packed
+bytes depend only on the source weights, the engine options that shape them
+and the packed layout version. So a layer's packed buffers can be saved once
+next to a manifest and read straight back into a fresh engine object.
+
+Files, per cache key in `directory`:
+  <name>.json               the manifest (JSON): cache format, packed layout
+                            version, source identity, shapes, weight_format,
+                            group_size, backward_weights, byte order, and per
+                            buffer its name, offset, size and CRC-32
+  <name>.<token>.bin        the buffers, each at a 4096-byte aligned offset
+
+Validity: a cache entry is used only if every manifest field equals what is
+asked for (source identity included) and the data file has the recorded size
+and checksums; anything else is reported as the reason and, in
+load_or_build, the entry is rebuilt and overwritten - never used.
+
+Writes are atomic: the data goes to a temporary file, is fsynced and renamed
+to a fresh unique name; then the manifest is written the same way (its rename
+is the commit point); the previous data file is deleted afterwards. A crash
+leaves either the old entry or the new one, never a mix (one writer per key
+at a time; a later save removes a crashed writer's leftovers).
+
+What is cached: the packed weight buffers. Not cached: options that do not
+shape them (activations, activation / alpha / limit, passed through
+**engine_options) and the optional expert biases (small, unquantized: pass
+them as `biases=(gate, up, down)` to load / load_or_build).
+
+Source identity: any JSON-serialisable value that changes when the weights
+do, e.g. `file_identity(paths)` (path, size, mtime of checkpoint shards: cheap)
+or `tensor_fingerprint(gate, up, down)` (a hash of the bytes: exact, costs a
+pass over the weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import sys
+import warnings
+import zlib
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Tuple
+
+import torch
+
+from moetune import _moetune_ext as _ext
+from moetune.engine import Context, MoEExperts
+
+CACHE_FORMAT = 1
+_ALIGN = 4096
+_CHUNK = 64 << 20  # CRC / IO granularity
+
+
+def file_identity(paths: Iterable[os.PathLike]) -> dict:
+    """Identity of checkpoint files: resolved path, size and mtime of each."""
+    out = []
+    for p in sorted(Path(p).resolve() for p in paths):
+        st = p.stat()
+        out.append({"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"files": out}
+
+
+def tensor_fingerprint(*tensors: torch.Tensor) -> str:
+    """A BLAKE2b hash of the tensors' dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=20)
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _entry_name(key: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:80]
+    return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _crc(view: memoryview) -> int:
+    c = 0
+    for i in range(0, len(view), _CHUNK):
+        c = zlib.crc32(view[i:i + _CHUNK], c)
+    return c
+
+
+def _expected(key, source, num_experts, hidden_size, intermediate_size, weight_format, group_size,
+              backward_weights) -> dict:
+    return {
+        "cache_format": CACHE_FORMAT,
+        "layout_version": int(_ext.PACKED_LAYOUT_VERSION),
+        "byteorder": sys.byteorder,
+        "key": key,
+        "source": source,
+        "shape": {"num_experts": int(num_experts), "hidden_size": int(hidden_size),
+                  "intermediate_size": int(intermediate_size)},
+        "weight_format": weight_format,
+        "group_size": int(group_size),
+        "backward_weights": backward_weights,
+    }
+
+
+def _norm_group(weight_format: str, group_size: Optional[int]) -> int:
+    if group_size is None:
+        return 128 if weight_format == "int4" else 0
+    return int(group_size)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(experts: MoEExperts, directory: os.PathLike, key: str, source) -> Path:
+    """Writes experts' packed buffers under `key`; returns the manifest path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    name = _entry_name(key)
+    o = experts.options
+    manifest = _expected(key, json.loads(json.dumps(source)), experts.num_experts, experts.hidden_size,
+                         experts.intermediate_size, o["weight_format"], o["group_size"], o["backward_weights"])
+    token = secrets.token_hex(6)
+    data_name = f"{name}.{token}.bin"
+    buffers, offset = [], 0
+    tmp = d / f".{data_name}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            for bname, arr in experts._ex.packed_buffers():
+                view = memoryview(arr)
+                pad = (-offset) % _ALIGN
+                f.write(b"\0" * pad)
+                offset += pad
+                f.write(view)
+                buffers.append({"name": bname, "offset": offset, "nbytes": len(view), "crc32": _crc(view)})
+                offset += len(view)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / data_name)
+        manifest.update(data_file=data_name, data_bytes=offset, buffers=buffers)
+        mpath = d / f"{name}.json"
+        mtmp = d / f".{name}.{token}.json.tmp"
+        with open(mtmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(mtmp, mpath)  # the commit point
+        _fsync_dir(d)
+    except BaseException:
+        for p in (tmp, d / f".{name}.{token}.json.tmp"):
+            p.unlink(missing_ok=True)
+        raise
+    # The replaced data file, and leftovers of crashed writes of this key
+    # (one writer per key at a time).
+    for p in list(d.glob(f"{name}.*.bin")) + list(d.glob(f".{name}.*.tmp")):
+        if p.name != data_name:
+            p.unlink(missing_ok=True)
+    return mpath
+
+
+def _read_manifest(path: Path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest {path.name}: {e}"
+
+
+def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts: int, hidden_size: int,
+         intermediate_size: int, weight_format: str = "bf16", group_size: Optional[int] = None,
+         backward_weights: str = "repack", activations: str = "save", biases=None,
+         **engine_options) -> Tuple[Optional[MoEExperts], str]:
+    """(experts, "hit") from a valid cache entry, else (None, the reason it was not used).
+
+    biases: optional (gate_bias, up_bias, down_bias) loaded into the experts on a hit.
+    engine_options: further MoEExperts keyword options (activation, alpha, limit).
+    """
+    d = Path(directory)
+    name = _entry_name(key)
+    group_size = _norm_group(weight_format, group_size)
+    m = _read_manifest(d / f"{name}.json")
+    if m is None:
+        return None, "miss: no cache entry"
+    if isinstance(m, str):
+        return None, m
+    want = _expected(key, json.loads(json.dumps(source)), num_experts, hidden_size, intermediate_size,
+                     weight_format, group_size, backward_weights)
+    for field, value in want.items():
+        if m.get(field) != value:
+            what = "stale source" if field == "source" else f"mismatched {field}"
+            return None, f"{what}: cache has {m.get(field)!r}, wanted {value!r}"
+    data = d / Path(str(m.get("data_file", ""))).name
+    try:
+        size = data.stat().st_size
+    except OSError:
+        return None, f"missing data file {data.name}"
+    if size != m.get("data_bytes"):
+        return None, f"truncated data file {data.name}: {size} bytes, manifest says {m.get('data_bytes')}"
+    ex = MoEExperts.empty(ctx, num_experts, hidden_size, intermediate_size, backward_weights=backward_weights,
+                              activations=activations, weight_format=weight_format, group_size=group_size,
+                              **engine_options)
+    bufs = ex._ex.packed_buffers()
+    layout = [(b["name"], b["nbytes"]) for b in m.get("buffers", [])]
+    if layout != [(n, len(memoryview(a))) for n, a in bufs]:
+        return None, f"mismatched buffer layout: cache has {layout}"
+    with open(data, "rb", buffering=0) as f:
+        for (bname, arr), b in zip(bufs, m["buffers"]):
+            view = memoryview(arr).cast("B")
+            f.seek(b["offset"])
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:got + _CHUNK])
+                if not n:
+                    return None, f"truncated data file {data.name} in buffer {bname}"
+                got += n
+            if _crc(view) != b["crc32"]:
+                return None, f"corrupted data file {data.name}: checksum of buffer {bname} differs"
+    if biases is not None:
+        ex.load_biases(*biases)
+    return ex, "hit"
+
+
+def load_or_build(ctx: Context, directory: os.PathLike, key: str, source, build: Callable[[], MoEExperts], *,
+                  num_experts: int, hidden_size: int, intermediate_size: int, weight_format: str = "bf16",
+                  group_size: Optional[int] = None, backward_weights: str = "repack",
+                  activations: str = "save", biases=None, **engine_options) -> Tuple[MoEExperts, str]:
+    """The cached experts if valid, else build() (from the source weights) saved to the cache.
+
+    Returns (experts, reason): "hit", or why the cache was rebuilt. build() must
+    return MoEExperts with the same shapes and options (checked).
+    """
+    ex, reason = load(ctx, directory, key, source, num_experts=num_experts, hidden_size=hidden_size,
+                      intermediate_size=intermediate_size, weight_format=weight_format, group_size=group_size,
+                      backward_weights=backward_weights, activations=activations, biases=biases,
+                      **engine_options)
+    if ex is not None:
+        return ex, reason
+    if not reason.startswith("miss"):
+        warnings.warn(f"moetune.cache: rebuilding {key!r}: {reason}", stacklevel=2)
+    ex = build()
+    got = (ex.num_experts, ex.hidden_size, ex.intermediate_size, ex.options["weight_format"],
+           ex.options["group_size"], ex.options["backward_weights"])
+    want = (num_experts, hidden_size, intermediate_size, weight_format, _norm_group(weight_format, group_size),
+            backward_weights)
+    if got != want:
+        raise ValueError(f"moetune.cache: build() for {key!r} returned experts with (E, H, I, weight_format, "
+                         f"group_size, backward_weights) = {got}, expected {want}")
+    save(ex, directory, key, source)
+    return ex, reason

@@ -1,0 +1,239 @@
+// Quantized frozen weights in the engine (ExpertsOptions::weight_format).
+// The exactness test of the quantized path: an engine holding int8 / int4
+// weights must give *bit-identical* forward and backward results to the bf16
+// engine loaded with the dequantized weights dq(q(W)) (same ISA, same
+// options): every GEMM sees the same bf16 panel values, only where they come
+// from differs (dequantized per task vs packed at load). dq(q(W)) is computed
+// here from the value-level oracle (quant_scale / quantize_value /
+// dequant_value, checked against plain loops in test_kernels_quant.cc), not
+// from the engine's packed layout. Both runs are also checked against the
+// double-precision reference on dq(q(W)) with the usual tolerances
+// (engine_test_support.h). Covered: every runnable ISA, repack and
+// transposed_copy, save and recompute, thread counts, H / I not multiples of
+// 16 / 32, K not a multiple of the group size, odd K.
+#include <gtest/gtest.h>
+
+#include "engine_test_support.h"
+#include "kernels/quant.h"
+
+namespace moetune::engine_test {
+namespace {
+
+using mk::QuantSpec;
+using mk::WeightFormat;
+
+// The layer with every base weight replaced by dq(q(W)) (HF rows [out, in];
+// groups run along `in`, the GEMM's K).
+Layer dequantized_layer(const Layer& L, const QuantSpec& spec) {
+  Layer D = L;
+  for (int p = 0; p < 3; ++p) {
+    const int64_t out = L.out(p), in = L.in(p);
+    const int64_t G = spec.format == WeightFormat::kInt4 ? spec.group_size : in;
+    for (int e = 0; e < L.E; ++e) {
+      const float* w = L.W[p].data() + size_t(e) * out * in;
+      float* d = D.W[p].data() + size_t(e) * out * in;
+      for (int64_t n = 0; n < out; ++n) {
+        for (int64_t g0 = 0; g0 < in; g0 += G) {
+          const int64_t g1 = std::min(in, g0 + G);
+          float amax = 0.0f;
+          for (int64_t k = g0; k < g1; ++k) amax = std::max(amax, std::fabs(w[n * in + k]));
+          const float s = mk::quant_scale(amax, spec.format);
+          for (int64_t k = g0; k < g1; ++k)
+            d[n * in + k] = mk::bf16_to_f32(
+                mk::dequant_value(mk::quantize_value(w[n * in + k], s, spec.format), s));
+        }
+      }
+    }
+    D.Wb[p] = bits(D.W[p]);
+  }
+  return D;
+}
+
+struct QCase {
+  std::string name;
+  QuantSpec spec;
+  int E = 4, H = 40, I = 24;
+  std::optional<mk::Isa> isa;
+  int threads = 1;
+  BackwardWeights bw = BackwardWeights::kRepack;
+  ActivationPolicy act = ActivationPolicy::kSave;
+  int64_t T = 13;
+  int k = 2;
+  int r = 4;
+};
+
+std::ostream& operator<<(std::ostream& os, const QCase& c) { return os << c.name; }
+
+std::vector<QCase> cases() {
+  std::vector<QCase> v;
+  const std::pair<const char*, QuantSpec> specs[] = {{"int8", {WeightFormat::kInt8, 0}},
+                                                     {"int4g32", {WeightFormat::kInt4, 32}},
+                                                     {"int4g64", {WeightFormat::kInt4, 64}},
+                                                     {"int4g128", {WeightFormat::kInt4, 128}}};
+  const std::pair<const char*, std::optional<mk::Isa>> isas[] = {
+      {"scalar", mk::Isa::kScalar}, {"avx2", mk::Isa::kAvx2},
+      {"avx512bf16", mk::Isa::kAvx512Bf16}, {"amx", mk::Isa::kAmxBf16}, {"best", std::nullopt}};
+  for (const auto& sp : specs) {
+    for (const auto& is : isas) {
+      // H=40 (K of gate/up: one full group of 32 + a short one), I=24.
+      QCase c;
+      c.spec = sp.second;
+      c.isa = is.second;
+      c.name = std::string(sp.first) + "_" + is.first + "_H40_I24";
+      v.push_back(c);
+      // Odd K both ways, transposed copy + recompute, 2 threads.
+      c.name = std::string(sp.first) + "_" + is.first + "_H33_I17_TransposedCopy_Recompute";
+      c.H = 33;
+      c.I = 17;
+      c.bw = BackwardWeights::kTransposedCopy;
+      c.act = ActivationPolicy::kRecompute;
+      c.threads = 2;
+      v.push_back(c);
+    }
+    // Several chunks along N and K (kChunk = 256), groups past a chunk edge.
+    QCase c;
+    c.spec = sp.second;
+    c.name = std::string(sp.first) + "_best_H301_I270_T40_threads2";
+    c.E = 3;
+    c.H = 301;
+    c.I = 270;
+    c.T = 40;
+    c.threads = 2;
+    c.r = 16;
+    v.push_back(c);
+    c.name = std::string(sp.first) + "_best_H290_I260_TransposedCopy_NoLora";
+    c.H = 290;
+    c.I = 260;
+    c.r = 0;
+    c.bw = BackwardWeights::kTransposedCopy;
+    v.push_back(c);
+  }
+  return v;
+}
+
+class EngineQuant : public ::testing::TestWithParam<QCase> {};
+
+TEST_P(EngineQuant, BitIdenticalToBf16EngineOnDequantizedWeights) {
+  const QCase& c = GetParam();
+  if (!isa_runnable(c.isa)) GTEST_SKIP() << "ISA not supported on this CPU";
+  const Layer L = make_layer(c.E, c.H, c.I, all_lora(c.r), 4242 + c.H);
+  const Layer D = dequantized_layer(L, c.spec);
+  BatchCfg bc;
+  bc.T = c.T;
+  bc.k = c.k;
+  const Batch b = make_batch(L, bc, 77);
+  IoCfg io;
+
+  EngineCfg ec;
+  ec.isa = c.isa;
+  ec.threads = c.threads;
+  ec.opts.backward_weights = c.bw;
+  ec.opts.activations = c.act;
+  const Outputs ref_engine = run_engine(D, b, io, ec);  // bf16 weights = dq(q(W))
+
+  ec.opts.weight_format = c.spec.format;
+  ec.opts.group_size = c.spec.group_size;
+  const Outputs qo = run_engine(L, b, io, ec);  // quantized from the original W
+  expect_bitwise(c.name + " quantized vs bf16(dq(q(W)))", qo, ref_engine);
+  expect_matches_reference(c.name, D, b, io, qo, reference(D, b));
+
+  // The quantized weights really differ from W (the test would be vacuous otherwise).
+  double diff = 0.0;
+  for (size_t i = 0; i < L.W[0].size(); ++i) diff = std::max(diff, double(std::fabs(L.W[0][i] - D.W[0][i])));
+  EXPECT_GT(diff, 0.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, EngineQuant, ::testing::ValuesIn(cases()),
+                         [](const ::testing::TestParamInfo<QCase>& i) { return i.param.name; });
+
+TEST(EngineQuantOptions, RepackAndTransposedCopyAndThreadsBitIdentical) {
+  const Layer L = make_layer(5, 72, 40, all_lora(4), 99);
+  BatchCfg bc;
+  bc.T = 30;
+  bc.k = 3;
+  const Batch b = make_batch(L, bc, 5);
+  for (const QuantSpec spec : {QuantSpec{WeightFormat::kInt8, 0}, QuantSpec{WeightFormat::kInt4, 32}}) {
+    EngineCfg ec;
+    ec.opts.weight_format = spec.format;
+    ec.opts.group_size = spec.group_size;
+    const Outputs base = run_engine(L, b, IoCfg{}, ec);
+    EngineCfg ec2 = ec;
+    ec2.threads = 3;
+    ec2.opts.backward_weights = BackwardWeights::kTransposedCopy;
+    ec2.opts.activations = ActivationPolicy::kRecompute;
+    expect_bitwise(std::string(mk::weight_format_name(spec.format)) + " threads=3 transposed_copy recompute",
+                   run_engine(L, b, IoCfg{}, ec2), base);
+  }
+}
+
+TEST(EngineQuantOptions, HotExpertRowGroupsBitIdenticalToBf16) {
+  // 1700 rows on one expert: the bf16 engine works in 9 row blocks of <= 192,
+  // the quantized one in 3 row groups of <= 768 (MoeExperts::work_blocks).
+  const Layer L = make_layer(3, 40, 24, all_lora(4), 5150);
+  BatchCfg bc;
+  bc.T = 1700;
+  bc.k = 1;
+  bc.pattern = Pattern::kAllOne;
+  bc.one = 2;
+  const Batch b = make_batch(L, bc, 6);
+  for (const QuantSpec spec : {QuantSpec{WeightFormat::kInt8, 0}, QuantSpec{WeightFormat::kInt4, 64}}) {
+    const Layer D = dequantized_layer(L, spec);
+    EngineCfg ec;
+    ec.threads = 2;
+    const Outputs ref = run_engine(D, b, IoCfg{}, ec);
+    ec.opts.weight_format = spec.format;
+    ec.opts.group_size = spec.group_size;
+    expect_bitwise(std::string(mk::weight_format_name(spec.format)) + " hot expert", run_engine(L, b, IoCfg{}, ec),
+                   ref);
+  }
+}
+
+TEST(EngineQuantOptions, PackedBytesPerFormat) {
+  // H = 256, I = 128 (multiples of every group size): bytes per expert.
+  const int E = 2, H = 256, I = 128;
+  const int64_t weights = 3LL * H * I;
+  auto bytes = [&](WeightFormat f, int g, BackwardWeights bw) {
+    ExpertsOptions o;
+    o.weight_format = f;
+    o.group_size = g;
+    o.backward_weights = bw;
+    ContextOptions co;
+    MoeExperts m(std::make_shared<Context>(co), E, H, I, o);
+    return int64_t(m.packed_bytes()) / E;
+  };
+  EXPECT_EQ(bytes(WeightFormat::kBf16, 0, BackwardWeights::kRepack), 2 * weights);
+  // int8: 1 byte per weight + one fp32 scale per output channel (I, I, H).
+  EXPECT_EQ(bytes(WeightFormat::kInt8, 0, BackwardWeights::kRepack), weights + 4 * (I + I + H));
+  // int4: half a byte per weight + one fp32 scale per group of G along K.
+  for (int g : {32, 64, 128})
+    EXPECT_EQ(bytes(WeightFormat::kInt4, g, BackwardWeights::kRepack), weights / 2 + 4 * weights / g);
+  // transposed_copy adds a bf16 copy of dq(q(W))^T.
+  EXPECT_EQ(bytes(WeightFormat::kInt4, 64, BackwardWeights::kTransposedCopy),
+            weights / 2 + 4 * weights / 64 + 2 * weights);
+}
+
+TEST(EngineQuantOptions, BadGroupSizeAndNonFiniteWeightsAreClearErrors) {
+  ContextOptions co;
+  auto ctx = std::make_shared<Context>(co);
+  ExpertsOptions o;
+  o.weight_format = WeightFormat::kInt4;
+  o.group_size = 100;
+  expect_invalid_argument("int4 group 100", [&] { MoeExperts m(ctx, 2, 64, 32, o); },
+                          {"int4 group_size must be 32, 64 or 128, got 100"});
+  o.group_size = 0;
+  expect_invalid_argument("int4 group 0", [&] { MoeExperts m(ctx, 2, 64, 32, o); },
+                          {"group_size must be 32, 64 or 128, got 0"});
+  o.weight_format = WeightFormat::kInt8;
+  o.group_size = 32;
+  expect_invalid_argument("int8 with group", [&] { MoeExperts m(ctx, 2, 64, 32, o); },
+                          {"group_size applies to int4 only", "int8"});
+  o.group_size = 0;
+  MoeExperts m(ctx, 2, 64, 32, o);
+  std::vector<float> gate(2 * 32 * 64, 0.01f), up(gate), down(2 * 64 * 32, 0.01f);
+  up[32 * 64 + 5 * 64 + 7] = INFINITY;  // expert 1, row 5, column 7
+  expect_invalid_argument("inf weight", [&] { m.load(gate.data(), up.data(), down.data(), DType::kF32); },
+                          {"up_proj of expert 1", "non-finite", "row 5, column 7"});
+}
+
+}  // namespace
+}  // namespace moetune::engine_test
