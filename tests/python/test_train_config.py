@@ -16,7 +16,9 @@ from moetune import cli  # noqa: E402
 from moetune.train import loop  # noqa: E402
 from moetune.train.config import ConfigError, TrainConfig, load_yaml, make_config  # noqa: E402
 
-PY = os.path.join(os.path.dirname(__file__), "..", "..", "python")
+# Subprocesses import the moetune this process imported (an installed one, or the
+# source tree with a dev build in it), never another copy.
+PY = os.path.dirname(os.path.dirname(__import__("moetune").__file__))
 
 
 def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):

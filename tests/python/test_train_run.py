@@ -21,7 +21,9 @@ from moetune.train.config import make_config  # noqa: E402
 from moetune.train.loop import train  # noqa: E402
 from moetune.demo import DEMO_DEFAULTS, run_demo  # noqa: E402
 
-PY = os.path.join(os.path.dirname(__file__), "..", "..", "python")
+# Subprocesses import the moetune this process imported (an installed one, or the
+# source tree with a dev build in it), never another copy.
+PY = os.path.dirname(os.path.dirname(__import__("moetune").__file__))
 
 # Small and quick, but with everything that carries state across a resume:
 # shuffled data over an epoch boundary, dropout (RNG), warmup + cosine,

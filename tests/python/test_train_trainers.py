@@ -30,7 +30,9 @@ from moetune.train.model import apply_lora, load_base, load_tokenizer  # noqa: E
 from moetune.demo import DEMO_DEFAULTS  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-PY = os.path.join(ROOT, "python")
+# Subprocesses import the moetune this process imported (an installed one, or the
+# source tree with a dev build in it), never another copy.
+PY = os.path.dirname(os.path.dirname(__import__("moetune").__file__))
 TOL = 1e-6
 SETTINGS = dict(max_steps=5, micro_batch_size=4, grad_accum=2, lora_rank=4, lora_alpha=8.0, lr=3e-3, warmup_steps=1,
                 schedule="cosine", max_grad_norm=1.0, weight_decay=0.0, shuffle=False, eval_fraction=0.0,
