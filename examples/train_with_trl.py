@@ -33,7 +33,8 @@ def main():
 
     path = a.model or save_demo_base(os.path.join(a.output_dir, "base"))
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    on_gpu = torch.cuda.is_available()
+    # `accelerate launch --cpu` means CPU even where a GPU exists (it sets ACCELERATE_USE_CPU).
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
     moetune.hf.patch(model)
     model = peft.get_peft_model(model, peft.LoraConfig(
