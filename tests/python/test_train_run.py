@@ -205,6 +205,20 @@ def test_packing_and_gradient_checkpointing_runs(tmp_path):
         assert abs(x - y) <= 1e-6 * abs(y), (a, b)
 
 
+def test_quantized_expert_formats_train(tmp_path):
+    """expert_format reaches the engine: int8 / int4 runs start from the same LoRA and
+    data, so their losses differ from bf16's (a different frozen model) but only by
+    the quantization error, and they train."""
+    data = demo_slice(tmp_path)
+    kw = dict(max_steps=4, save_every=0, eval_every=0, tensorboard=False, plot=False, lora_dropout=0.0)
+    ref = train(cfg_for(tmp_path / "bf16", data, **kw), say=quiet)["losses"]
+    for fmt in ("int8", "int4"):
+        got = train(cfg_for(tmp_path / fmt, data, expert_format=fmt, int4_group_size=32, **kw), say=quiet)["losses"]
+        assert got != ref, fmt
+        assert abs(got[0] - ref[0]) <= 0.05 * ref[0], (fmt, got, ref)
+        assert got[-1] < got[0], (fmt, got)
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (GPU machine)")
 def test_demo_on_cuda(tmp_path):
     """GPU machine: the non-expert part on CUDA, the experts on the CPU engine; the loss

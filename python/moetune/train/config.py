@@ -46,6 +46,11 @@ class TrainConfig:
     torch_threads: Optional[int] = _f(None, "torch CPU threads (unset: torch's default)", "model")
     expert_activations: str = _f("save", "engine activations for backward: save (faster) or recompute "
                                          "(less host RAM)", "model", choices=("save", "recompute"))
+    expert_format: str = _f("bf16", "frozen expert weights in the engine: bf16, int8 (per output channel) or "
+                                    "int4 (grouped; see int4_group_size), quantized while loading", "model",
+                            choices=("bf16", "int8", "int4"))
+    int4_group_size: int = _f(128, "int4 quantization group along the input dim (32, 64 or 128)", "model",
+                              choices=(32, 64, 128))
     # ---- data
     data: Optional[str] = _f(None, "training data: a local .jsonl / .json / .parquet file. Unset: the "
                                    "embedded demo dataset (only with the demo model, whose word-level "
@@ -280,7 +285,8 @@ def make_config(file_values: Optional[Dict[str, Any]] = None, overrides: Optiona
 # decide the model, the adapter's shapes or the data stream).
 RESUME_FIXED = ("model", "dtype", "data", "data_format", "eval_data", "eval_fraction", "max_length", "truncation",
                 "loss_on", "packing", "shuffle", "lora_rank", "lora_alpha", "lora_dropout", "lora_attention",
-                "lora_mlp", "lora_experts", "seed", "micro_batch_size", "grad_accum")
+                "lora_mlp", "lora_experts", "seed", "micro_batch_size", "grad_accum", "expert_format",
+                "int4_group_size")
 
 
 def save_run_config(cfg: TrainConfig, path: str) -> None:

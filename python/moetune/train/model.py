@@ -49,13 +49,14 @@ def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
     from moetune.train import demo_model
 
     dtype = getattr(torch, cfg.dtype)
+    engine = dict(activations=cfg.expert_activations, weight_format=cfg.expert_format)
+    if cfg.expert_format == "int4":
+        engine["group_size"] = cfg.int4_group_size
     if not cfg.is_demo:
-        model = moetune.load_model(cfg.model, device=device, dtype=dtype, num_threads=cfg.engine_threads,
-                                   activations=cfg.expert_activations)
+        model = moetune.load_model(cfg.model, device=device, dtype=dtype, num_threads=cfg.engine_threads, **engine)
         return model, model.moetune_handle
     model = demo_model.build_model(vocab_size, seed=0).to(dtype)
-    handle = moetune.hf.patch(model, num_threads=cfg.engine_threads, keep_original=False,
-                              activations=cfg.expert_activations)
+    handle = moetune.hf.patch(model, num_threads=cfg.engine_threads, keep_original=False, **engine)
     model.to(device)
     return model, handle
 
