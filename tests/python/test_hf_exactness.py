@@ -168,11 +168,9 @@ FAMILIES = {"qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral", "olmoe": "OLMoE", "q
             "deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "glm4_moe": "GLM-4-MoE"}
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("patch_first", [True, False], ids=["patch_then_peft", "peft_then_patch"])
-def test_forward_and_one_step(family, patch_first):
-    ref, ours, handle = pair(family, patch_first=patch_first)
-    assert handle.families == [FAMILIES[family]]
+def check_one_step(ref, ours, label: str) -> None:
+    """Logits, loss and every LoRA gradient of one step, ours vs the fp32 reference
+    (tolerances in the module docstring); then the adapter disabled through PEFT."""
     ids = batch()
     # The LoRA matters: disabling it changes the logits far beyond the tolerance.
     with ref.disable_adapter(), torch.no_grad():
@@ -181,7 +179,7 @@ def test_forward_and_one_step(family, patch_first):
     out = ours(input_ids=ids, labels=ids)
     assert rel_max(no_lora, out_ref.logits) > 50 * U
     err = rel_max(out.logits, out_ref.logits)
-    print(f"{family} patch_first={patch_first}: logits {err / U:.3f} u, loss "
+    print(f"{label}: logits {err / U:.3f} u, loss "
           f"{abs(out.loss.item() - out_ref.loss.item()) / abs(out_ref.loss.item()) / U:.3f} u")
     assert err <= 8 * U, f"logits max err {err / U:.2f} u"
     assert abs(out.loss.item() - out_ref.loss.item()) <= 8 * U * abs(out_ref.loss.item())
@@ -200,14 +198,11 @@ def test_forward_and_one_step(family, patch_first):
     # Adapters disabled through PEFT: the engine runs without LoRA.
     with ours.disable_adapter(), torch.no_grad():
         assert rel_max(ours(input_ids=ids).logits, no_lora) <= 8 * U
-    handle.undo()
 
 
-@pytest.mark.parametrize("checkpointing", [None, "nonreentrant", "reentrant"],
-                         ids=["no_ckpt", "ckpt_nonreentrant", "ckpt_reentrant"])
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_training_trajectory(family, checkpointing, monkeypatch):
-    ref, ours, handle = pair(family, patch_first=True)
+def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str) -> None:
+    """20 AdamW steps on one batch, ours vs the reference, with gradient checkpointing
+    off (None), "nonreentrant" or "reentrant"."""
     calls = []
     real = patch_mod.moe_experts
     monkeypatch.setattr(patch_mod, "moe_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -238,8 +233,28 @@ def test_training_trajectory(family, checkpointing, monkeypatch):
     lr, lo = torch.tensor(losses[0]), torch.tensor(losses[1])
     assert lr[-1] < lr[0] - 0.05, "the reference did not train; the comparison would be vacuous"
     err = ((lo - lr).abs() / lr.abs()).max().item()
-    print(f"{family} trajectory: ref {lr[0]:.4f} -> {lr[-1]:.4f}; max rel err {err / U:.3f} u")
+    print(f"{label} trajectory: ref {lr[0]:.4f} -> {lr[-1]:.4f}; max rel err {err / U:.3f} u")
     assert err <= 16 * U, f"loss trajectory max rel err {err / U:.2f} u\nref {lr.tolist()}\nours {lo.tolist()}"
+
+
+CHECKPOINTING = dict(argnames="checkpointing", argvalues=[None, "nonreentrant", "reentrant"],
+                     ids=["no_ckpt", "ckpt_nonreentrant", "ckpt_reentrant"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("patch_first", [True, False], ids=["patch_then_peft", "peft_then_patch"])
+def test_forward_and_one_step(family, patch_first):
+    ref, ours, handle = pair(family, patch_first=patch_first)
+    assert handle.families == [FAMILIES[family]]
+    check_one_step(ref, ours, f"{family} patch_first={patch_first}")
+    handle.undo()
+
+
+@pytest.mark.parametrize(**CHECKPOINTING)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_trajectory(family, checkpointing, monkeypatch):
+    ref, ours, handle = pair(family, patch_first=True)
+    check_trajectory(ref, ours, checkpointing, monkeypatch, family)
     handle.undo()
 
 

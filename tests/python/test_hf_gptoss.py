@@ -28,8 +28,8 @@ peft = pytest.importorskip("peft")
 
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
-import moetune.hf.patching as patch_mod  # noqa: E402
-from test_hf_exactness import LORA, U, _LOAD_SCRIPT, batch, bf16_round_, ctx, lora_grads, lora_init_, rel_fro, rel_max  # noqa: E402
+from test_hf_exactness import (CHECKPOINTING, LORA, U, _LOAD_SCRIPT, batch, bf16_round_, check_one_step,  # noqa: E402
+                               check_trajectory, ctx, lora_grads, lora_init_, rel_fro, rel_max)
 
 
 def experts_modules(model):
@@ -114,66 +114,16 @@ def test_forward_and_one_step(patch_first):
     for m in experts_modules(ours):
         for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
             assert isinstance(getattr(m, n), moetune.hf.EngineHeldTensor), n
-    ids = batch()
-    with ref.disable_adapter(), torch.no_grad():
-        no_lora = ref(input_ids=ids).logits
-    out_ref = ref(input_ids=ids, labels=ids)
-    out = ours(input_ids=ids, labels=ids)
-    assert rel_max(no_lora, out_ref.logits) > 50 * U
-    err = rel_max(out.logits, out_ref.logits)
-    print(f"gpt-oss patch_first={patch_first}: logits {err / U:.3f} u")
-    assert err <= 8 * U, f"logits max err {err / U:.2f} u"
-    assert abs(out.loss.item() - out_ref.loss.item()) <= 8 * U * abs(out_ref.loss.item())
-    out_ref.loss.backward()
-    out.loss.backward()
-    g_ref, g = lora_grads(ref), lora_grads(ours)
-    assert g.keys() == g_ref.keys()
-    assert any("experts" in n for n in g) and any("q_proj" in n for n in g)
-    worst = (0.0, "")
-    for n in g_ref:
-        assert g_ref[n].norm() > 0, n
-        e = rel_fro(g[n], g_ref[n])
-        worst = max(worst, (e, n))
-        assert e <= 14 * U, f"{n}: grad err {e / U:.2f} u"
-    print(f"  worst grad err {worst[0] / U:.3f} u ({worst[1]})")
-    with ours.disable_adapter(), torch.no_grad():
-        assert rel_max(ours(input_ids=ids).logits, no_lora) <= 8 * U
+    check_one_step(ref, ours, f"gpt-oss patch_first={patch_first}")
     handle.undo()
     for m in experts_modules(ours):
         assert not isinstance(m.gate_up_proj_bias, moetune.hf.EngineHeldTensor)
 
 
-@pytest.mark.parametrize("checkpointing", [False, "non_reentrant", "reentrant"],
-                         ids=["no_ckpt", "ckpt_nonreentrant", "ckpt_reentrant"])
+@pytest.mark.parametrize(**CHECKPOINTING)
 def test_training_trajectory(checkpointing, monkeypatch):
     ref, ours, handle = pair(patch_first=True)
-    calls = []
-    real = patch_mod.moe_experts
-    monkeypatch.setattr(patch_mod, "moe_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for m in (ref, ours):
-        m.train()
-        if checkpointing:
-            m.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
-            if checkpointing == "reentrant":
-                m.enable_input_require_grads()  # reentrant checkpoints pass gradients only to inputs that need them
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, ours)]
-    losses = ([], [])
-    ids = batch(seed=100)
-    for step in range(20):
-        for m, opt, rec in zip((ref, ours), opts, losses):
-            opt.zero_grad()
-            loss = m(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            rec.append(loss.item())
-        if step == 0:
-            assert len(calls) == (4 if checkpointing else 2)
-    lr, lo = torch.tensor(losses[0]), torch.tensor(losses[1])
-    assert lr[-1] < lr[0] - 0.05, "the reference did not train; the comparison would be vacuous"
-    err = ((lo - lr).abs() / lr.abs()).max().item()
-    print(f"gpt-oss trajectory: ref {lr[0]:.4f} -> {lr[-1]:.4f}; max rel err {err / U:.3f} u")
-    assert err <= 16 * U, f"loss trajectory max rel err {err / U:.2f} u\nref {lr.tolist()}\nours {lo.tolist()}"
+    check_trajectory(ref, ours, checkpointing, monkeypatch, "gpt-oss")
     handle.undo()
 
 
