@@ -135,3 +135,21 @@ def test_resume_with_changed_settings_is_refused(tmp_path, no_loading):
     cfg = make_config(None, {"output_dir": str(out), "lora_rank": 16, "seed": 0, "resume": True})
     with pytest.raises(ConfigError, match=r"resume: these settings differ .*lora_rank: 8 -> 16"):
         loop.train(cfg, say=lambda *a: None)
+
+
+def test_device_lists(tmp_path):
+    """Several GPUs: distinct cuda:N entries, only with a model folder; the layers are
+    split evenly in order, embeddings first, final norm + LM head with the last layer."""
+    import torch
+
+    from moetune.train.model import layer_device_map
+
+    out = str(tmp_path / "o")
+    for bad in ("gpu", "cuda:x", "cuda:0,cpu", "cuda:0,cuda:0"):
+        with pytest.raises(ConfigError, match="device"):
+            make_config(None, {"device": bad, "output_dir": out})
+    with pytest.raises(ConfigError, match="several GPUs need a model folder"):
+        make_config(None, {"device": "cuda:0,cuda:1", "output_dir": out})
+    m = layer_device_map(5, [torch.device("cuda:0"), torch.device("cuda:1")])
+    assert m == {"": "cuda:0", "model.layers.0": "cuda:0", "model.layers.1": "cuda:0", "model.layers.2": "cuda:0",
+                 "model.layers.3": "cuda:1", "model.layers.4": "cuda:1", "model.norm": "cuda:1", "lm_head": "cuda:1"}

@@ -219,6 +219,47 @@ def test_quantized_expert_formats_train(tmp_path):
         assert got[-1] < got[0], (fmt, got)
 
 
+def test_layer_split_over_devices_runs(tmp_path, monkeypatch):
+    """The several-devices path end to end on the CPU: the device list is resolved to
+    [cpu, cpu], so load_base builds a per-layer device map and hands it to load_model;
+    training runs and matches the one-device run."""
+    import torch
+
+    from moetune.train import model as model_mod
+    from moetune.train.demo_model import save_demo_base
+
+    base = save_demo_base(str(tmp_path / "base"))
+    data = demo_slice(tmp_path)
+    maps = []
+    real_load = __import__("moetune").load_model
+    monkeypatch.setattr(__import__("moetune"), "load_model",
+                        lambda path, **kw: maps.append(kw["device"]) or real_load(path, **kw))
+    kw = dict(model=base, max_steps=2, save_every=0, eval_every=0, tensorboard=False, plot=False,
+              lora_dropout=0.0, dtype="float32", device="cpu")
+    one = train(cfg_for(tmp_path / "one", data, **kw), say=quiet)["losses"]
+    monkeypatch.setattr(model_mod, "resolve_devices", lambda cfg: [torch.device("cpu"), torch.device("cpu")])
+    two = train(cfg_for(tmp_path / "two", data, **kw), say=quiet)["losses"]
+    assert isinstance(maps[-1], dict) and maps[-1]["model.layers.0"] == "cpu" and "lm_head" in maps[-1]
+    assert one == two
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+                    reason="needs 2 CUDA devices (nvidia-h200-x2)")
+def test_two_gpus(tmp_path):
+    """Two GPUs: layers split over cuda:0 / cuda:1; trains like the CPU run."""
+    from moetune.train.demo_model import save_demo_base
+
+    base = save_demo_base(str(tmp_path / "base"))
+    data = demo_slice(tmp_path)
+    kw = dict(model=base, max_steps=3, save_every=0, eval_every=0, tensorboard=False, plot=False,
+              lora_dropout=0.0, dtype="float32")
+    s = train(cfg_for(tmp_path / "gpu", data, device="cuda:0,cuda:1", **kw), say=quiet)
+    ref = train(cfg_for(tmp_path / "cpu", data, device="cpu", **kw), say=quiet)
+    assert s["peak_gpu_bytes"] > 0
+    for a, b in zip(s["losses"], ref["losses"]):
+        assert abs(a - b) <= 1e-3 * abs(b), (s["losses"], ref["losses"])
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (GPU machine)")
 def test_demo_on_cuda(tmp_path):
     """GPU machine: the non-expert part on CUDA, the experts on the CPU engine; the loss

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -40,7 +41,8 @@ class TrainConfig:
     dtype: str = _f("bfloat16", "dtype of the non-expert weights (the experts are bf16 in the engine)", "model",
                     choices=("bfloat16", "float32"))
     device: str = _f("auto", "device of the non-expert part: auto (cuda if available, else cpu), cpu, cuda, "
-                             "cuda:N", "model")
+                             "cuda:N, or several GPUs as cuda:0,cuda:1,... (the decoder layers are split evenly "
+                             "over them in order; needs a model folder)", "model")
     engine_threads: Optional[int] = _f(None, "CPU engine threads (unset: every core this process may use; "
                                              "with a GPU, leave a few cores to torch: see torch_threads)", "model")
     torch_threads: Optional[int] = _f(None, "torch CPU threads (unset: torch's default)", "model")
@@ -150,8 +152,14 @@ class TrainConfig:
             raise ConfigError(f"betas must be two floats in [0, 1), got {self.betas}")
         if not (self.lora_attention or self.lora_mlp or self.lora_experts):
             raise ConfigError("nothing to train: lora_attention, lora_mlp and lora_experts are all false")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        devs = self.device.split(",")
+        if len(devs) == 1 and self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or cuda:0,cuda:1,..., got {self.device!r}")
+        if len(devs) > 1:
+            if not all(re.fullmatch(r"cuda:\d+", d) for d in devs) or len(set(devs)) != len(devs):
+                raise ConfigError(f"device: a list of GPUs must be distinct cuda:N entries, got {self.device!r}")
+            if self.is_demo:
+                raise ConfigError("device: several GPUs need a model folder (model=...); the demo model is tiny")
         self._check_paths()
         return self
 

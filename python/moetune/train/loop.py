@@ -22,7 +22,7 @@ import torch
 
 from moetune.train import checkpoint, data, metrics, report
 from moetune.train.config import ConfigError, TrainConfig, check_resume_compatible, save_run_config, tuple_betas
-from moetune.train.model import apply_lora, generate, load_base, load_tokenizer, resolve_device
+from moetune.train.model import apply_lora, generate, load_base, load_tokenizer, resolve_device, resolve_devices
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -158,8 +158,9 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
     last_saved = None
     first_loss = next((r["loss"] for r in log.records if r["kind"] == "train"), None)
     loss = float("nan")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    for d in resolve_devices(cfg):
+        if d.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d)
 
     def save_ckpt():
         nonlocal last_saved
@@ -257,7 +258,7 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
         "first_eval_loss": ev_records[0]["eval_loss"] if ev_records else None,
         "last_eval_loss": ev_records[-1]["eval_loss"] if ev_records else None,
         "losses": [r["loss"] for r in train_recs],
-        "peak_gpu_bytes": metrics.peak_gpu_bytes(device), "peak_host_rss_bytes": metrics.peak_host_rss_bytes(),
+        "peak_gpu_bytes": metrics.peak_gpu_bytes(resolve_devices(cfg)), "peak_host_rss_bytes": metrics.peak_host_rss_bytes(),
         "adapter_dir": adapter_dir if finished else None,
         "checkpoint": checkpoint.latest_checkpoint(out_dir),
         "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(cfg.sample_prompts, before, after)],

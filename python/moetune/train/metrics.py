@@ -20,10 +20,10 @@ def peak_host_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_gpu_bytes(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return None
+def peak_gpu_bytes(devices) -> Optional[int]:
+    """Sum of the peak allocated bytes of the CUDA devices among `devices` (None: none)."""
+    cuda = [d for d in devices if d.type == "cuda"]
+    return sum(int(torch.cuda.max_memory_allocated(d)) for d in cuda) if cuda else None
 
 
 class MetricsLog:

@@ -13,13 +13,35 @@ from torch import nn
 from moetune.train.config import TrainConfig
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
+def resolve_devices(cfg: TrainConfig) -> List[torch.device]:
+    """The devices of the non-expert part, in layer order (inputs go to the first)."""
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(cfg.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={cfg.device!r} but torch sees no CUDA device")
-    return dev
+        return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+    devs = [torch.device(d) for d in cfg.device.split(",")]
+    if devs[0].type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={cfg.device!r} but torch sees no CUDA device")
+        missing = [str(d) for d in devs if d.index is not None and d.index >= torch.cuda.device_count()]
+        if missing:
+            raise RuntimeError(f"device={cfg.device!r}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                               f"not {', '.join(missing)}")
+    return devs
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    return resolve_devices(cfg)[0]
+
+
+def layer_device_map(num_layers: int, devices: List[torch.device]) -> dict:
+    """load_model device map: decoder layers split evenly over `devices` in order
+    (layer i on devices[i * n // num_layers]); embeddings and everything else on the
+    first device, the final norm and LM head on the last (next to the last layer)."""
+    n = len(devices)
+    out = {"": str(devices[0])}
+    for i in range(num_layers):
+        out[f"model.layers.{i}"] = str(devices[i * n // num_layers])
+    out["model.norm"] = out["lm_head"] = str(devices[-1])
+    return out
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -53,6 +75,14 @@ def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
     if cfg.expert_format == "int4":
         engine["group_size"] = cfg.int4_group_size
     if not cfg.is_demo:
+        devices = resolve_devices(cfg)
+        if len(devices) > 1:
+            import json
+            import os
+
+            with open(os.path.join(cfg.model, "config.json")) as f:
+                layers = json.load(f)["num_hidden_layers"]
+            device = layer_device_map(layers, devices)
         model = moetune.load_model(cfg.model, device=device, dtype=dtype, num_threads=cfg.engine_threads, **engine)
         return model, model.moetune_handle
     model = demo_model.build_model(vocab_size, seed=0).to(dtype)
