@@ -20,8 +20,12 @@ load_or_build, the entry is rebuilt and overwritten - never used.
 Writes are atomic: the data goes to a temporary file, is fsynced and renamed
 to a fresh unique name; then the manifest is written the same way (its rename
 is the commit point); the previous data file is deleted afterwards. A crash
-leaves either the old entry or the new one, never a mix (one writer per key
-at a time; a later save removes a crashed writer's leftovers).
+leaves either the old entry or the new one, never a mix (a later save removes
+a crashed writer's leftovers). Writers in `directory` take turns on an
+exclusive flock of the directory (several processes loading one model, e.g.
+the ranks of `accelerate launch`); readers take no lock: a reader that meets
+a half-replaced entry finds a missing file or a checksum mismatch and
+rebuilds.
 
 What is cached: the packed weight buffers. Not cached: options that do not
 shape them (activations, activation / alpha / limit, passed through
@@ -36,6 +40,7 @@ pass over the weights).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -110,6 +115,26 @@ def _norm_group(weight_format: str, group_size: Optional[int]) -> int:
     return int(group_size)
 
 
+def _difference(have, want, path: str = "") -> str:
+    """The first place where two JSON values differ, as one short line."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for k in list(want) + [k for k in have if k not in want]:
+            if have.get(k, _ABSENT) != want.get(k, _ABSENT):
+                return _difference(have.get(k, _ABSENT), want.get(k, _ABSENT), f"{path}.{k}" if path else str(k))
+    if isinstance(have, list) and isinstance(want, list) and len(have) == len(want):
+        for i, (a, b) in enumerate(zip(have, want)):
+            if a != b:
+                return _difference(a, b, f"{path}[{i}]")
+
+    def short(v):
+        r = "absent" if v is _ABSENT else repr(v)
+        return r if len(r) <= 120 else r[:117] + "..."
+    return f"{path + ': ' if path else ''}cache has {short(have)}, wanted {short(want)}"
+
+
+_ABSENT = object()
+
+
 def _fsync_dir(d: Path) -> None:
     fd = os.open(d, os.O_RDONLY)
     try:
@@ -126,6 +151,15 @@ def save(experts: MoEExperts, directory: os.PathLike, key: str, source) -> Path:
     o = experts.options
     manifest = _expected(key, json.loads(json.dumps(source)), experts.num_experts, experts.hidden_size,
                          experts.intermediate_size, o["weight_format"], o["group_size"], o["backward_weights"])
+    lock = os.open(d, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+        return _save_locked(experts, d, name, manifest)
+    finally:
+        os.close(lock)
+
+
+def _save_locked(experts: MoEExperts, d: Path, name: str, manifest: dict) -> Path:
     token = secrets.token_hex(6)
     data_name = f"{name}.{token}.bin"
     buffers, offset = [], 0
@@ -157,7 +191,7 @@ def save(experts: MoEExperts, directory: os.PathLike, key: str, source) -> Path:
             p.unlink(missing_ok=True)
         raise
     # The replaced data file, and leftovers of crashed writes of this key
-    # (one writer per key at a time).
+    # (no other writer runs: the directory lock is held).
     for p in list(d.glob(f"{name}.*.bin")) + list(d.glob(f".{name}.*.tmp")):
         if p.name != data_name:
             p.unlink(missing_ok=True)
@@ -177,10 +211,12 @@ def _read_manifest(path: Path):
 def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts: int, hidden_size: int,
          intermediate_size: int, weight_format: str = "bf16", group_size: Optional[int] = None,
          backward_weights: str = "repack", activations: str = "save", biases=None,
+         progress: Optional[Callable[[int], None]] = None,
          **engine_options) -> Tuple[Optional[MoEExperts], str]:
     """(experts, "hit") from a valid cache entry, else (None, the reason it was not used).
 
     biases: optional (gate_bias, up_bias, down_bias) loaded into the experts on a hit.
+    progress: called with the number of bytes after each chunk read from the data file.
     engine_options: further MoEExperts keyword options (activation, alpha, limit).
     """
     d = Path(directory)
@@ -196,7 +232,7 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
     for field, value in want.items():
         if m.get(field) != value:
             what = "stale source" if field == "source" else f"mismatched {field}"
-            return None, f"{what}: cache has {m.get(field)!r}, wanted {value!r}"
+            return None, f"{what}: {_difference(m.get(field, _ABSENT), value)}"
     data = d / Path(str(m.get("data_file", ""))).name
     try:
         size = data.stat().st_size
@@ -221,6 +257,8 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
                 if not n:
                     return None, f"truncated data file {data.name} in buffer {bname}"
                 got += n
+                if progress is not None:
+                    progress(n)
             if _crc(view) != b["crc32"]:
                 return None, f"corrupted data file {data.name}: checksum of buffer {bname} differs"
     if biases is not None:

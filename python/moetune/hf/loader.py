@@ -13,6 +13,13 @@ routed experts live only in the moetune engine.
    reach a GPU and exist unpacked for at most one layer at a time.
 4. The engines are attached with the same code as `moetune.hf.patch`.
 
+With `cache_dir`, step 3 first looks each layer's packed experts up in the
+disk cache (`moetune.cache`, keyed and identified as `hf/expert_cache.py`
+says): a valid entry is read straight into the engine (no expert tensor is
+read from the checkpoint); a missing one is built as above and written; a
+stale, mismatched or corrupted one is reported (CacheRebuildWarning, one line
+with the reason) and rebuilt, never used.
+
 Block-FP8 checkpoints (DeepSeek-V3 as published) are dequantized to bf16 while
 streaming (`fp8`).
 """
@@ -21,13 +28,16 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from moetune import cache as cache_mod
 from moetune.engine import Context, MoEExperts
+from moetune.hf import expert_cache
 from moetune.hf import fp8 as fp8_mod
 from moetune.hf import patching
 from moetune.hf.checkpoint import Checkpoint
@@ -295,6 +305,17 @@ def _read_expert(reader, ep: _ExpertsPlan, e: int, block):
     return tuple(out)
 
 
+class CacheRebuildWarning(UserWarning):
+    """A cache entry was not used (stale, mismatched, corrupted) and is rebuilt,
+    or a rebuilt entry could not be written."""
+
+
+def _weight_keys(ep: _ExpertsPlan):
+    """Checkpoint keys of a layer's expert weights (and FP8 scales), biases excluded."""
+    keys = [k for p, k in ep.fused.items() if not p.endswith("_bias")]
+    return keys + list(ep.per_expert.values()) + list(ep.scales.values())
+
+
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -305,7 +326,7 @@ def _progress(total: int, enabled: bool):
 def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.bfloat16,
                num_threads: Optional[int] = None, ctx: Optional[Context] = None, adapter=None,
                adapter_trainable: bool = True, progress: bool = True, check_memory: bool = True,
-               **engine_kwargs):
+               cache_dir=None, **engine_kwargs):
     """Load a local HF checkpoint with its routed experts in the moetune engine.
 
     path: a folder with config.json and model.safetensors (or a sharded
@@ -319,6 +340,10 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
     num_threads / ctx: the engine Context (made with num_threads if not given).
     adapter: a PEFT adapter folder to load on top (e.g. to resume training);
       trainable unless adapter_trainable=False. Returns the PeftModel then.
+    cache_dir: a folder for the packed experts (per checkpoint, layer and
+      packed format): read from it when valid, else built from the checkpoint
+      and written (stale / mismatched / corrupted entries are rebuilt with a
+      CacheRebuildWarning). `model.moetune_cache` lists each layer's outcome.
     engine_kwargs: passed to moetune.MoEExperts (backward_weights,
       activations, ...).
 
@@ -383,7 +408,12 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
                     bar.update(ckpt.entries[ck].nbytes)
                     del t
         # Experts, layer by layer; experts of one layer in parallel (packing releases the GIL).
-        engines = []
+        engines, cache_report = [], {}
+        cache_root = None if cache_dir is None else expert_cache.folder(cache_dir, path)
+
+        def cache_read(n):  # bytes read from the cache count as they come
+            bar.total += n
+            bar.update(n)
         workers = max(1, min(ctx.num_threads, 8))
         with cf.ThreadPoolExecutor(max_workers=workers) as pool:
             for ep in plan.experts:
@@ -391,11 +421,30 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
                 if ep.layout.activation != "swiglu":
                     kw.update(activation=ep.layout.activation, alpha=float(ep.module.alpha),
                               limit=float(ep.module.limit))
-                engine = MoEExperts.empty(ctx, ep.E, ep.H, ep.I, **kw)
+                engine = None
+                if cache_root is not None:
+                    key = expert_cache.entry_key(ep.qual, kw)
+                    source = expert_cache.layer_source(ckpt, _weight_keys(ep), ep.family, block)
+                    engine, why = cache_mod.load(ctx, cache_root, key, source, num_experts=ep.E, hidden_size=ep.H,
+                                                 intermediate_size=ep.I, progress=cache_read, **kw)
+                    cache_report[ep.qual] = why
+                    if engine is not None:
+                        bar.total -= ep.src_bytes  # not read from the checkpoint
+                        bar.refresh()
+                    elif not why.startswith("miss"):
+                        warnings.warn(f"moetune: expert cache entry {key!r} in {cache_root} not used, rebuilding: "
+                                      f"{why}", CacheRebuildWarning, stacklevel=2)
+                hit = engine is not None
+                if not hit:
+                    engine = MoEExperts.empty(ctx, ep.E, ep.H, ep.I, **kw)
                 with ckpt.reader() as r:
-                    if ep.layout.bias:  # [E, 2I] and [E, H]: small, read whole
+                    if ep.layout.bias:  # [E, 2I] and [E, H]: small, read whole (never cached)
                         gate_b, up_b = patching._split_gate_up(r.get(ep.fused["gate_up_proj_bias"]), ep.layout, 1)
                         engine.load_biases(gate_b, up_b, r.get(ep.fused["down_proj_bias"]))
+                    if hit:
+                        engines.append(engine)
+                        continue
+
                     def one(e, ep=ep, r=r, engine=engine):
                         g, u, d = _read_expert(r, ep, e, block)
                         engine.load_expert(e, g, u, d)
@@ -404,6 +453,13 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
                         fut.result()
                         bar.update(per)  # per expert: a live bytes/s
                     bar.update(ep.src_bytes - per * ep.E)
+                if cache_root is not None:
+                    try:
+                        cache_mod.save(engine, cache_root, key, source)
+                    except OSError as e:  # the model is loaded all the same
+                        cache_report[ep.qual] = f"{why}; not written: {e}"
+                        warnings.warn(f"moetune: could not write expert cache entry {key!r} in {cache_root}: {e}",
+                                      CacheRebuildWarning, stacklevel=2)
                 engines.append(engine)
     finally:
         bar.close()
@@ -428,6 +484,8 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
     patching.select_implementation(handle, [ep.module for ep in plan.experts])
     model.moetune_handle = handle
     model.moetune_source = str(path)
+    if cache_dir is not None:
+        model.moetune_cache = cache_report
     model.eval()
     if isinstance(device, dict) and len({str(_device_of(device, k)) for k in plan.tensors}) > 1:
         # Several GPUs: accelerate's hooks move activations between them (what
