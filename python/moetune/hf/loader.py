@@ -316,6 +316,10 @@ def _weight_keys(ep: _ExpertsPlan):
     return keys + list(ep.per_expert.values()) + list(ep.scales.values())
 
 
+def _bias_bytes(ckpt: Checkpoint, ep: _ExpertsPlan) -> int:
+    return sum(ckpt.entries[k].nbytes for p, k in ep.fused.items() if p.endswith("_bias"))
+
+
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -428,8 +432,8 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
                     engine, why = cache_mod.load(ctx, cache_root, key, source, num_experts=ep.E, hidden_size=ep.H,
                                                  intermediate_size=ep.I, progress=cache_read, **kw)
                     cache_report[ep.qual] = why
-                    if engine is not None:
-                        bar.total -= ep.src_bytes  # not read from the checkpoint
+                    if engine is not None:  # the expert weights are not read from the checkpoint, the biases are
+                        bar.total -= ep.src_bytes - _bias_bytes(ckpt, ep)
                         bar.refresh()
                     elif not why.startswith("miss"):
                         warnings.warn(f"moetune: expert cache entry {key!r} in {cache_root} not used, rebuilding: "
@@ -442,6 +446,7 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
                         gate_b, up_b = patching._split_gate_up(r.get(ep.fused["gate_up_proj_bias"]), ep.layout, 1)
                         engine.load_biases(gate_b, up_b, r.get(ep.fused["down_proj_bias"]))
                     if hit:
+                        bar.update(_bias_bytes(ckpt, ep))
                         engines.append(engine)
                         continue
 
