@@ -57,6 +57,11 @@ def test_flags_override_the_file_and_file_paths_are_relative_to_it(tmp_path):
     cfg = cli._config_from_args(args)
     assert cfg.lr == 0.25 and cfg.lora_rank == 4 and cfg.shuffle is False
     assert cfg.data == str(tmp_path / "d.jsonl") and cfg.output_dir == str(tmp_path / "out")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    f.write_text("model: m\ndata: d.jsonl\nexpert_cache_dir: cache\n")
+    cfg = cli._config_from_args(_parse(["train", "--config", str(f)]))
+    assert cfg.model == str(tmp_path / "m") and cfg.expert_cache_dir == str(tmp_path / "cache")
 
 
 def _parse(argv):
@@ -99,6 +104,11 @@ def test_bad_paths_fail_before_loading(tmp_path, no_loading):
     with pytest.raises(ConfigError, match="merge_export: .* exists already"):
         make_config(None, {"model": str(tmp_path / "m"), "data": str(tmp_path / "d.jsonl"),
                            "merge_export": str(tmp_path), "output_dir": str(tmp_path / "o")})
+    with pytest.raises(ConfigError, match="expert_cache_dir needs a model folder"):
+        make_config(None, {"expert_cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "o")})
+    with pytest.raises(ConfigError, match="expert_cache_dir: .* exists and is not a folder"):
+        make_config(None, {"model": str(tmp_path / "m"), "data": str(tmp_path / "d.jsonl"),
+                           "expert_cache_dir": str(tmp_path / "d.jsonl"), "output_dir": str(tmp_path / "o")})
     cfg = make_config(None, {"output_dir": str(tmp_path / "empty"), "resume": True})
     with pytest.raises(ConfigError, match="resume: no checkpoint in"):
         loop.train(cfg, say=lambda *a: None)

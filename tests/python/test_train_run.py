@@ -309,3 +309,21 @@ def test_cli_train_from_a_model_folder(tmp_path):
         ref = pm(input_ids=ids).logits
         got = merged(input_ids=ids).logits
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), "merged checkpoint differs from base + adapter"
+
+
+def test_expert_cache_gives_the_same_losses(tmp_path):
+    """expert_cache_dir: the first run builds and writes the int4 experts, the second
+    reads every MoE layer from the cache and starts from the same losses."""
+    from moetune.train.demo_model import save_demo_base
+
+    base = save_demo_base(str(tmp_path / "base"))
+    data = demo_slice(tmp_path)
+    kw = dict(model=base, max_steps=2, save_every=0, eval_every=0, tensorboard=False, plot=False, lora_dropout=0.0,
+              dtype="float32", device="cpu", expert_format="int4", int4_group_size=32,
+              expert_cache_dir=str(tmp_path / "cache"))
+    said = [[], []]
+    first = train(cfg_for(tmp_path / "a", data, **kw), say=said[0].append)["losses"]
+    second = train(cfg_for(tmp_path / "b", data, **kw), say=said[1].append)["losses"]
+    assert any(s.endswith("0 MoE layers read from it, 2 built from the checkpoint") for s in said[0]), said[0]
+    assert any(s.endswith("2 MoE layers read from it, 0 built from the checkpoint") for s in said[1]), said[1]
+    assert len(first) == 2 and second == first

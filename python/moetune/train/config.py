@@ -53,6 +53,10 @@ class TrainConfig:
                             choices=("bf16", "int8", "int4"))
     int4_group_size: int = _f(128, "int4 quantization group along the input dim (32, 64 or 128)", "model",
                               choices=(32, 64, 128))
+    expert_cache_dir: Optional[str] = _f(None, "folder caching the packed (quantized) experts per checkpoint, "
+                                               "layer and format: later runs read them instead of re-quantizing; "
+                                               "a stale or mismatched entry is rebuilt. Unset: no cache (needs a "
+                                               "model folder)", "model")
     # ---- data
     data: Optional[str] = _f(None, "training data: a local .jsonl / .json / .parquet file. Unset: the "
                                    "embedded demo dataset (only with the demo model, whose word-level "
@@ -173,6 +177,12 @@ class TrainConfig:
             if self.data is None:
                 raise ConfigError("data: a training file is required with a model (the embedded dataset only "
                                   "fits the embedded demo model)")
+        if self.expert_cache_dir is not None:
+            if self.is_demo:
+                raise ConfigError("expert_cache_dir needs a model folder (model=...): the embedded demo model is "
+                                  "built in memory, not loaded from a checkpoint")
+            if os.path.exists(self.expert_cache_dir) and not os.path.isdir(self.expert_cache_dir):
+                raise ConfigError(f"expert_cache_dir: {self.expert_cache_dir!r} exists and is not a folder")
         for name in ("data", "eval_data"):
             p = getattr(self, name)
             if p is None:
@@ -271,7 +281,7 @@ def load_yaml(path: str) -> Dict[str, Any]:
             raise unknown_key_error(str(k), path)
     # Relative paths in a config file are relative to the file.
     base = os.path.dirname(os.path.abspath(path))
-    for k in ("model", "data", "eval_data", "output_dir", "merge_export"):
+    for k in ("model", "data", "eval_data", "output_dir", "merge_export", "expert_cache_dir"):
         if isinstance(raw.get(k), str) and not os.path.isabs(raw[k]):
             raw[k] = os.path.normpath(os.path.join(base, raw[k]))
     return raw

@@ -117,6 +117,11 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
         f"{len(handle.module_names)} MoE layers on the CPU engine ({', '.join(handle.families)}), "
         f"{handle.packed_bytes / 2 ** 20:.1f} MiB packed experts; the rest on {device}; "
         f"engine {handle.ctx.info()['kernel']} x{handle.ctx.num_threads} threads")
+    if cfg.expert_cache_dir is not None:
+        outcome = getattr(model, "moetune_cache", {}).values()
+        hits = sum(why == "hit" for why in outcome)
+        say(f"expert cache {cfg.expert_cache_dir}: {hits} MoE layers read from it, {len(outcome) - hits} built from "
+            "the checkpoint")
     pm = apply_lora(model, cfg, handle)
     n_train = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     say(f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on "

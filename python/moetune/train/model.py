@@ -83,7 +83,8 @@ def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
             with open(os.path.join(cfg.model, "config.json")) as f:
                 layers = json.load(f)["num_hidden_layers"]
             device = layer_device_map(layers, devices)
-        model = moetune.load_model(cfg.model, device=device, dtype=dtype, num_threads=cfg.engine_threads, **engine)
+        model = moetune.load_model(cfg.model, device=device, dtype=dtype, num_threads=cfg.engine_threads,
+                                   cache_dir=cfg.expert_cache_dir, **engine)
         return model, model.moetune_handle
     model = demo_model.build_model(vocab_size, seed=0).to(dtype)
     handle = moetune.hf.patch(model, num_threads=cfg.engine_threads, keep_original=False, **engine)
