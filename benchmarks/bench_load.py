@@ -15,6 +15,16 @@ method and reports, from /proc/self/status:
 * with --device cuda: the GPU memory peak during the load and what stays
   allocated (transformers' from_pretrained puts the experts on the GPU
   first; moetune never does). All figures in GiB.
+
+Packed-experts disk cache (load_model's cache_dir):
+
+    python benchmarks/bench_load.py --dir /tmp/qwen3-shaped --layers 2 --weight-format int4 --cache-dir /tmp/qwen3-cache
+
+runs three loads in fresh processes: `moetune` (no cache), `cache-cold` (the
+checkpoint's cache folder emptied first: quantize + pack + write the cache)
+and `cache-warm` (every layer read back from the cache: no quantization).
+Checkpoint and cache files are whatever the OS page cache holds (just written
+or read), so this compares CPU work, not disk speed.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -98,7 +109,7 @@ def write_checkpoint(folder: Path, layers: int) -> None:
     (folder / "config.json").write_text(json.dumps(d, indent=1))
 
 
-def measure(method: str, folder: Path, threads: int, device: str) -> dict:
+def measure(method: str, folder: Path, threads: int, device: str, engine: dict, cache_dir) -> dict:
     """Runs in a fresh process: one load, its memory and time."""
     import torch
 
@@ -115,20 +126,27 @@ def measure(method: str, folder: Path, threads: int, device: str) -> dict:
     ctx = moetune.Context(threads)
     base = status_kib("VmRSS") * 1024
     t0 = time.perf_counter()
-    if method == "moetune":
-        model = moetune.load_model(folder, ctx=ctx, progress=False, device=device)
+    cache = None
+    if method == "moetune" or method.startswith("cache-"):
+        model = moetune.load_model(folder, ctx=ctx, progress=False, device=device,
+                                   cache_dir=cache_dir if method.startswith("cache-") else None, **engine)
         packed = model.moetune_handle.packed_bytes
+        cache = getattr(model, "moetune_cache", None)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=device)
-        handle = moetune.hf.patch(model, ctx=ctx, keep_original=False)
+        handle = moetune.hf.patch(model, ctx=ctx, keep_original=False, **engine)
         packed = handle.packed_bytes
     dt = time.perf_counter() - t0
+    if method == "cache-warm" and set(cache.values()) != {"hit"}:
+        raise RuntimeError(f"cache-warm: not every layer came from the cache: {cache}")
+    if method == "cache-cold" and any(v == "hit" for v in cache.values()):
+        raise RuntimeError(f"cache-cold: a layer came from the cache: {cache}")
     nonexpert = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                     if not isinstance(p, moetune.hf.EngineHeldTensor))
     peak = status_kib("VmHWM") * 1024
     gpu_peak = torch.cuda.max_memory_allocated() if device != "cpu" else 0
     gpu_after = torch.cuda.memory_allocated() if device != "cpu" else 0
-    return dict(gpu_peak=gpu_peak, gpu_after=gpu_after, method=method, seconds=dt, file_bytes=file_bytes, expert_bytes=expert_bytes, packed_bytes=packed,
+    return dict(cache=cache, gpu_peak=gpu_peak, gpu_after=gpu_after, method=method, seconds=dt, file_bytes=file_bytes, expert_bytes=expert_bytes, packed_bytes=packed,
                 layer_bytes=layer_bytes, nonexpert_bytes=nonexpert, rss_before=base, peak_rss=peak,
                 rss_after=status_kib("VmRSS") * 1024)
 
@@ -140,20 +158,40 @@ def main():
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--methods", default="moetune,transformers")
     ap.add_argument("--device", default="cpu", help="where the non-expert parts go (cuda: also GPU memory)")
+    ap.add_argument("--weight-format", default="bf16", choices=("bf16", "int8", "int4"),
+                    help="packed expert format (quantized while loading)")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    ap.add_argument("--cache-dir", type=Path,
+                    help="packed-experts cache folder: methods default to moetune,cache-cold,cache-warm")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    engine = {"weight_format": a.weight_format}
+    if a.weight_format == "int4":
+        engine["group_size"] = a.group_size
     if a.child:
-        print("RESULT " + json.dumps(measure(a.child, a.dir, a.threads, a.device)))
+        print("RESULT " + json.dumps(measure(a.child, a.dir, a.threads, a.device, engine, a.cache_dir)))
         return
+    if a.cache_dir is not None and a.methods == ap.get_default("methods"):
+        a.methods = "moetune,cache-cold,cache-warm"
+    if any(m.startswith("cache-") for m in a.methods.split(",")) and a.cache_dir is None:
+        ap.error("the cache-cold / cache-warm methods need --cache-dir")
     if not (a.dir / "model.safetensors.index.json").is_file():
         write_checkpoint(a.dir, a.layers)
     print(f"checkpoint {a.dir} ({a.layers} layers of Qwen3-30B-A3B shape, bf16); engine threads {a.threads}; "
-          f"non-expert parts on {a.device}")
+          f"non-expert parts on {a.device}; experts {a.weight_format}"
+          + (f" (group {a.group_size})" if a.weight_format == "int4" else ""))
     print(f"{'method':<13} {'load s':>7} {'GB/s':>6} {'peak-base GiB':>13} {'bound GiB':>9} {'peak/bound':>10} "
           f"{'packed':>7} {'1 layer':>7} {'non-exp':>7} {'base':>6} {'GPU peak':>8} {'GPU after':>9}")
     for method in a.methods.split(","):
-        r = subprocess.run([sys.executable, __file__, "--dir", str(a.dir), "--threads", str(a.threads),
-                            "--device", a.device, "--child", method], capture_output=True, text=True)
+        if method == "cache-cold":
+            from moetune.hf.expert_cache import folder as cache_folder
+
+            shutil.rmtree(cache_folder(a.cache_dir, a.dir), ignore_errors=True)
+        cmd = [sys.executable, __file__, "--dir", str(a.dir), "--threads", str(a.threads), "--device", a.device,
+               "--weight-format", a.weight_format, "--group-size", str(a.group_size), "--child", method]
+        if a.cache_dir is not None:
+            cmd += ["--cache-dir", str(a.cache_dir)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
         if r.returncode or not line:
             print(f"{method}: failed\n{r.stderr[-2000:]}")
