@@ -7,6 +7,7 @@
 #   bash benchmarks/device_run.sh ceiling   # measured AMX / AVX512-BF16 peaks and DRAM read bandwidth
 #   bash benchmarks/device_run.sh quant     # bf16 / int8 / int4 fwd+bwd times, Qwen3 + DeepSeek shapes
 #   bash benchmarks/device_run.sh load      # load_model: CUDA family tests + load RSS/throughput (Qwen3-30B-shaped, 8 layers)
+#   bash benchmarks/device_run.sh load-cache  # load_model's packed-experts cache: int4 load without / cold / warm cache (4 layers)
 #   bash benchmarks/device_run.sh ktkernel qwen3|deepseek   # vs kt-kernel's SFT backend (carry .ktk:
 #                                           # benchmarks/make_ktk.sh; python 3.12 only)
 # Through the device tool, carry .dev (a libgtest-dev .deb from Debian, for
@@ -67,6 +68,11 @@ load)
   python3 -m pytest -q -s tests/python/test_hf_cuda.py tests/python/test_load_model.py tests/python/test_merge_export.py \
     -p no:cacheprovider 2>&1 | tee "$OUT/load-tests.txt" | tail -40
   python3 benchmarks/bench_load.py --dir /tmp/bench-load-qwen3 --layers 8 --threads 16 --device cuda 2>&1 | tee "$OUT/load-bench.txt"
+  ;;
+load-cache)
+  python3 -m pytest -q tests/python/test_load_model_cache.py -p no:cacheprovider 2>&1 | tee "$OUT/load-cache-tests.txt" | tail -5
+  python3 benchmarks/bench_load.py --dir /tmp/bench-load-qwen3-4l --layers 4 --threads 16 --weight-format int4 \
+    --cache-dir /tmp/bench-load-cache 2>&1 | tee "$OUT/load-cache-bench.txt"
   ;;
 ktkernel)
   export PYTHONPATH=$PWD/.ktk${PYTHONPATH:+:$PYTHONPATH}
