@@ -235,3 +235,22 @@ def test_unwritable_cache_still_loads_and_memory_check_holds(tmp_path, monkeypat
     monkeypatch.setattr(loader, "available_host_memory", lambda: 100_000)
     with pytest.raises(MemoryError, match="needs about"):
         load(folder, tmp_path / "cache")
+
+
+def test_fp8_checkpoint_hit(tmp_path, monkeypatch):
+    """DeepSeek-V3 block-FP8 experts: the entry holds the converted int8 experts; a hit
+    reads neither the FP8 weights nor their scales, and its identity records the block."""
+    from test_load_model import BLOCK, _fp8_pair
+
+    _, _, a, _, _ = _fp8_pair(tmp_path)
+    cache = tmp_path / "cache"
+    want = logits(load(a, weight_format="int8"))
+    first = load(a, cache, weight_format="int8")
+    assert first.moetune_cache and set(first.moetune_cache.values()) == {"miss: no cache entry"}
+    spy = ReadSpy(monkeypatch)
+    second = load(a, cache, weight_format="int8")
+    assert set(second.moetune_cache.values()) == {"hit"}
+    assert not [k for k in spy.keys if ".experts." in k], "a cache hit read FP8 expert weights or scales"
+    assert torch.equal(logits(second), want)
+    sources = [json.loads(m.read_text())["source"] for m in Path(cache).rglob("*.json")]
+    assert sources and all(s["fp8_block"] == list(BLOCK) for s in sources)
