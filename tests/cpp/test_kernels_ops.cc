@@ -583,23 +583,26 @@ TEST_P(Eltwise, ClampedSwigluBoundsAndNaN) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kernels, Eltwise,
-                         testing::Values(mk::Isa::kScalar, mk::Isa::kAvx512Bf16),
+                         testing::Values(mk::Isa::kScalar, mk::Isa::kAvx512),
                          [](const testing::TestParamInfo<mk::Isa>& info) {
                            return std::string(mk::isa_name(info.param));
                          });
 
 TEST(Registry, EltwiseKernelSelection) {
   EXPECT_EQ(mk::eltwise_kernel(mk::Isa::kScalar).isa, mk::Isa::kScalar);
-  for (mk::Isa isa : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16}) {
+  for (mk::Isa isa : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16}) {
     const mk::EltwiseKernel& k = mk::eltwise_kernel(isa);
     EXPECT_TRUE(mk::cpu_supports(k.isa)) << "eltwise for " << mk::isa_name(isa) << " picked "
                                          << mk::isa_name(k.isa) << ", which cannot run here";
     EXPECT_LE(static_cast<int>(k.isa), static_cast<int>(isa));
     EXPECT_TRUE(k.to_bf16 && k.swiglu && k.swiglu_bwd && k.clamped_swiglu && k.clamped_swiglu_bwd);
   }
-  if (mk::cpu_supports(mk::Isa::kAvx512Bf16)) {
-    EXPECT_EQ(mk::eltwise_kernel(mk::Isa::kAvx512Bf16).isa, mk::Isa::kAvx512Bf16);
+  // One AVX-512 F/BW set serves every AVX-512 ISA (it uses no BF16 instruction).
+  if (mk::cpu_supports(mk::Isa::kAvx512)) {
+    for (mk::Isa isa : {mk::Isa::kAvx512, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16})
+      EXPECT_EQ(mk::eltwise_kernel(isa).isa, mk::Isa::kAvx512) << mk::isa_name(isa);
   }
+  EXPECT_EQ(mk::eltwise_kernel(mk::Isa::kAvx2).isa, mk::Isa::kScalar);
 }
 
 // ---------------------------------------------------------------------------
@@ -613,9 +616,12 @@ TEST(Registry, CpuSummaryAndFeatures) {
   EXPECT_TRUE(mk::cpu_supports(mk::Isa::kScalar));
   const mk::CpuFeatures& f = mk::cpu_features();
   EXPECT_EQ(mk::cpu_supports(mk::Isa::kAvx2), f.avx2_fma);
+  EXPECT_EQ(mk::cpu_supports(mk::Isa::kAvx512), f.avx512);
   EXPECT_EQ(mk::cpu_supports(mk::Isa::kAvx512Bf16), f.avx512_bf16);
+  // AVX512-BF16 (and AMX) imply the F/BW/VL/DQ base the avx512 path needs.
+  if (f.avx512_bf16) EXPECT_TRUE(f.avx512);
   EXPECT_EQ(mk::cpu_supports(mk::Isa::kAmxBf16), f.amx_bf16);
-  for (mk::Isa isa : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16})
+  for (mk::Isa isa : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16})
     EXPECT_STRNE(mk::isa_name(isa), "?");
 }
 
@@ -651,7 +657,7 @@ TEST(Registry, BestKernel) {
         best = k.isa;
     return best;
   };
-  for (mk::Isa cap : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16})
+  for (mk::Isa cap : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16})
     EXPECT_EQ(mk::best_gemm_kernel(cap).isa, expected(cap)) << "cap " << mk::isa_name(cap);
 
   // Spelled out for the machines we develop on.
@@ -661,6 +667,14 @@ TEST(Registry, BestKernel) {
   }
   if (mk::cpu_supports(mk::Isa::kAvx2)) {
     EXPECT_EQ(mk::best_gemm_kernel(mk::Isa::kAvx2).isa, mk::Isa::kAvx2);
+  }
+  if (mk::cpu_supports(mk::Isa::kAvx512)) {
+    EXPECT_EQ(mk::best_gemm_kernel(mk::Isa::kAvx512).isa, mk::Isa::kAvx512);
+    EXPECT_STREQ(mk::best_gemm_kernel(mk::Isa::kAvx512).name, "avx512_fma");
+  }
+  // A CPU with AVX-512 but no BF16 (Skylake-SP, Cascade Lake) gets the avx512 path.
+  if (mk::cpu_supports(mk::Isa::kAvx512) && !mk::cpu_supports(mk::Isa::kAvx512Bf16)) {
+    EXPECT_EQ(mk::best_gemm_kernel().isa, mk::Isa::kAvx512);
   }
   // Never returns a kernel the CPU cannot run.
   EXPECT_TRUE(mk::cpu_supports(mk::best_gemm_kernel().isa));
