@@ -113,6 +113,7 @@ template <int MR, int NB>
 void gemm_blocked(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
                   float* C, int64_t ldc, bool accumulate) {
   static constexpr auto kTable = make_table<MR, NB>(std::make_index_sequence<MR * NB>{});
+  if (M <= 0 || n_end <= n_begin) return;  // nothing to write
   alignas(64) float aw[kKc * MR * 2];
   const int64_t p_begin = n_begin / kPanelN;
   const int64_t p_end = (n_end + kPanelN - 1) / kPanelN;
