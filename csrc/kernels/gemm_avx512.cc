@@ -4,15 +4,20 @@
 //
 // One packed panel row (16 columns x a K pair, 64 bytes) widens into two zmm
 // (even K: shift left 16; odd K: mask the high half). A is widened once per
-// (row block, K chunk) into a small fp32 buffer on the stack, so the FMAs
-// can take their A operand as an embedded {1to16} broadcast from memory: on
-// these cores every 512-bit ALU op competes with the FMAs for ports 0 and 5,
-// so widening A inside the micro-kernel (two ops per row per K pair) would
-// cost as much as a third of the FMA rate; done once per row block it is
-// amortised over all panels of the call.
+// (row block, K chunk) into a small fp32 buffer on the stack, so each A
+// value reaches the FMAs through a broadcast load (vbroadcastss m32: a
+// load-port op only): on these cores every 512-bit ALU op competes with the
+// FMAs for ports 0 and 5, so widening A inside the micro-kernel (two ops per
+// row per K pair) would cost up to a third of the FMA rate; done once per row
+// block it is amortised over all panels of the call. (GCC 12 also emits a
+// register copy per row per K pair here, vfmadd132ps + vmovaps; an asm inner
+// loop could drop those.)
 //
-// Register block: kMr rows x kNb panels of accumulators (kMr * kNb zmm) plus
-// 2 * kNb widened B rows, within the 32 zmm registers. All segments of the
+// Register block: MR rows x NB panels of accumulators (MR * NB zmm) plus
+// 2 * NB widened B rows, within the 32 zmm registers: 8 x 3 (24 + 6). Of
+// the blocks measured side by side (BENCHMARKS.md: 12x2, 8x3, 6x4, 8x2) all
+// were equal with B in cache; 8x3 and 6x4 were ahead with B from DRAM, and
+// 8x3 needs fewer widening ops per FMA than 6x4. All segments of the
 // call are summed in registers within a K chunk (LoRA terms fused for free);
 // K beyond one chunk (kKc pairs) adds into C between chunks.
 // Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
@@ -28,8 +33,8 @@
 namespace moetune::kernels::avx512 {
 namespace {
 
-// K pairs per chunk: the widened A block (MR * kKc * 8 bytes, 24 KiB at
-// MR = 12, rows kKc * 8 bytes apart) stays in L1 while the chunk's B panels stream through.
+// K pairs per chunk: the widened A block (MR * kKc * 8 bytes, 16 KiB at
+// MR = 8, rows kKc * 8 bytes apart) stays in L1 while the chunk's B panels stream through.
 constexpr int64_t kKc = 256;
 constexpr int kMaxPieces = kMaxSegments + 2;
 
@@ -162,7 +167,7 @@ void gemm_blocked(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs
 
 void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg, float* C,
           int64_t ldc, bool accumulate) {
-  gemm_blocked<12, 2>(M, n_begin, n_end, segs, nseg, C, ldc, accumulate);
+  gemm_blocked<8, 3>(M, n_begin, n_end, segs, nseg, C, ldc, accumulate);
 }
 
 GemmFn gemm_variant(int mr, int nb) {

@@ -22,7 +22,7 @@ namespace moetune::kernels::avx512 {
 // avx512, avx512_bf16 and amx kernels.
 void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
 // Other register blocks of the avx512 GEMM, for bench_gemm's comparison
-// (mr x nb in {12x2, 8x3, 6x4, 8x2}); nullptr otherwise.
+// (mr x nb in {8x3 (the registered one), 12x2, 6x4, 8x2}); nullptr otherwise.
 GemmFn gemm_variant(int mr, int nb);
 }
 
