@@ -35,7 +35,7 @@ def cpu_name() -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--isa", default="auto", help="auto | scalar | avx2 | avx512_bf16 | amx_bf16")
+    ap.add_argument("--isa", default="auto", help="auto | scalar | avx2 | avx512 | avx512_bf16 | amx_bf16")
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 1024, 4096])
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=2048)

@@ -427,7 +427,7 @@ def parse_args(argv=None):
     ap.add_argument("--hf-experts-impl", default=None,
                     help="transformers experts implementation for hf_peft (default: what transformers selects for "
                          "the model class, e.g. grouped_mm; 'eager' is the per-expert loop)")
-    ap.add_argument("--isa", default="auto", help="moetune ISA: auto | scalar | avx2 | avx512_bf16")
+    ap.add_argument("--isa", default="auto", help="moetune ISA: auto | scalar | avx2 | avx512 | avx512_bf16 | amx_bf16")
     ap.add_argument("--backward-weights", default="repack", choices=["repack", "transposed_copy"])
     ap.add_argument("--activations", default="save", choices=["save", "recompute"])
     ap.add_argument("--flops", default="exact", choices=["exact", "3pass"],

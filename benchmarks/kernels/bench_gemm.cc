@@ -1,6 +1,8 @@
 // GEMM micro-kernel throughput at the engine's task shapes, every kernel this
 // CPU runs, side by side (one case = one table row per kernel).
 //   bench_gemm [threads]
+// The avx512 (F only) kernel's register block is 8 rows x 3 panels; its
+// other blocks (avx512_12x2, avx512_6x4, avx512_8x2) are timed next to it.
 // Each thread owns its A, C and a set of packed B operands:
 //   hot : the same B every call (it stays in L2) — the kernel's own ceiling;
 //   cold: B cycles through 24 operands (24+ MiB per thread), so it streams
@@ -14,10 +16,12 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu.h"
 #include "kernels/gemm.h"
+#include "kernels/gemm_impl.h"
 
 namespace mk = moetune::kernels;
 
@@ -95,6 +99,11 @@ int main(int argc, char** argv) {
   std::vector<Variant> vs;
   for (const auto& k : mk::all_gemm_kernels())
     if (k.isa != mk::Isa::kScalar && mk::cpu_supports(k.isa)) vs.push_back({k.name, k.gemm});
+  if (mk::cpu_supports(mk::Isa::kAvx512)) {
+    for (auto [mr, nb] : {std::pair{12, 2}, std::pair{6, 4}, std::pair{8, 2}})
+      vs.push_back({"avx512_" + std::to_string(mr) + "x" + std::to_string(nb),
+                    mk::avx512::gemm_variant(mr, nb)});
+  }
   const Shape shapes[] = {
       {"qwen3 gate/up M192 N256 K2048", 192, 256, 2048},
       {"qwen3 down    M192 N256 K768", 192, 256, 768},

@@ -145,9 +145,10 @@ std::optional<kernels::Isa> parse_isa(const std::string& s) {
   if (s == "auto") return std::nullopt;
   if (s == "scalar") return kernels::Isa::kScalar;
   if (s == "avx2") return kernels::Isa::kAvx2;
+  if (s == "avx512") return kernels::Isa::kAvx512;
   if (s == "avx512_bf16") return kernels::Isa::kAvx512Bf16;
   if (s == "amx_bf16") return kernels::Isa::kAmxBf16;
-  throw std::invalid_argument(("isa must be one of auto, scalar, avx2, avx512_bf16, amx_bf16; got '" + s + "'"));
+  throw std::invalid_argument(("isa must be one of auto, scalar, avx2, avx512, avx512_bf16, amx_bf16; got '" + s + "'"));
 }
 
 }  // namespace

@@ -72,6 +72,7 @@ CpuFeatures detect() {
   f.avx2_fma = avx2 && fma && f16c && ymm_os;
   // The AVX-512 units are compiled with F/BW/VL/DQ: require all four.
   const bool avx512 = avx512f && avx512bw && avx512vl && avx512dq && zmm_os;
+  f.avx512 = avx512;
   f.avx512_bf16 = avx512 && avx512bf16;
   f.avx512_vnni = avx512 && avx512vnni;
   if (amx_tile && (amx_bf16 || amx_int8)) {
@@ -98,6 +99,7 @@ bool cpu_supports(Isa isa) {
   switch (isa) {
     case Isa::kScalar: return true;
     case Isa::kAvx2: return f.avx2_fma;
+    case Isa::kAvx512: return f.avx512;
     case Isa::kAvx512Bf16: return f.avx512_bf16;
     case Isa::kAmxBf16: return f.amx_bf16;
   }
@@ -108,6 +110,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kScalar: return "scalar";
     case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
     case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAmxBf16: return "amx_bf16";
   }
@@ -117,6 +120,7 @@ const char* isa_name(Isa isa) {
 std::string cpu_summary() {
   const CpuFeatures& f = cpu_features();
   std::string s = "avx2_fma=" + std::to_string(f.avx2_fma) +
+                  " avx512=" + std::to_string(f.avx512) +
                   " avx512_bf16=" + std::to_string(f.avx512_bf16) +
                   " avx512_vnni=" + std::to_string(f.avx512_vnni) +
                   " amx_bf16=" + std::to_string(f.amx_bf16) +

@@ -16,7 +16,8 @@ namespace moetune::kernels {
 
 struct CpuFeatures {
   bool avx2_fma = false;     // AVX2 + FMA + F16C, YMM state enabled
-  bool avx512_bf16 = false;  // AVX512F/BW/VL + AVX512_BF16, ZMM state enabled
+  bool avx512 = false;       // AVX512F/BW/VL/DQ, ZMM + opmask state enabled
+  bool avx512_bf16 = false;  // the above + AVX512_BF16
   bool avx512_vnni = false;
   bool amx_bf16 = false;     // AMX-TILE + AMX-BF16 and the kernel granted tile data
   bool amx_int8 = false;

@@ -2,23 +2,22 @@
 // (16 columns x a K pair) per step. The even-K and odd-K halves are widened
 // to 16 int32 lanes each (int8: sign-extend; int4: nibbles minus 8), scaled
 // in fp32 by the 16 column scales of the row's group, rounded to bf16
-// (vcvtneps2bf16, RNE; products are never denormal, see quant_scale) and
-// interleaved into the pair layout with one shift + or. Bit-identical to the
-// scalar oracle.
-// Compiled with the AVX512-BF16 flags only.
+// (RNE with integer ops, avx512_round.h: no BF16 instruction, so the avx512,
+// avx512_bf16 and amx ISAs share this one) and interleaved into the pair
+// layout with one shift + or. Bit-identical to the scalar oracle.
+// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
 #include <immintrin.h>
 
 #include <algorithm>
 
+#include "avx512_round.h"
 #include "quant_impl.h"
 
-namespace moetune::kernels::avx512bf16 {
+namespace moetune::kernels::avx512 {
 namespace {
 
 inline __m512i to_pairs(__m512 even, __m512 odd) {
-  const __m512i e = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(even));
-  const __m512i o = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(odd));
-  return _mm512_or_si512(e, _mm512_slli_epi32(o, 16));
+  return _mm512_or_si512(rne_bf16_lo(even), _mm512_slli_epi32(rne_bf16_lo(odd), 16));
 }
 
 }  // namespace
@@ -61,4 +60,4 @@ void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int6
   }
 }
 
-}  // namespace moetune::kernels::avx512bf16
+}  // namespace moetune::kernels::avx512

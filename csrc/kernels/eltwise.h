@@ -17,8 +17,9 @@
 //               The masks are torch.clamp's subgradient convention: the gradient
 //               passes at the bounds themselves (g == limit, u == +-limit) and is 0
 //               for NaN inputs; min/clamp propagate a NaN input to h.
-// silu'(g) = sig(g) (1 + g (1 - sig(g))). The AVX-512 to_bf16 uses
-// vcvtneps2bf16, which flushes fp32 denormals (|x| < 1.2e-38) to zero. SIMD versions use a polynomial exp
+// silu'(g) = sig(g) (1 + g (1 - sig(g))). Every bf16 rounding here is
+// bit-identical to f32_to_bf16 (the AVX-512 one uses integer ops, so fp32
+// denormals are rounded, not flushed). SIMD versions use a polynomial exp
 // accurate to a few fp32 ulp; the scalar one uses std::exp and is the oracle.
 #pragma once
 

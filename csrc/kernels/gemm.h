@@ -98,7 +98,10 @@ inline constexpr int kMaxSegments = 4;
 using GemmFn = void (*)(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs,
                         int nseg, float* C, int64_t ldc, bool accumulate);
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Bf16 = 2, kAmxBf16 = 3 };
+// Ordered slowest to fastest: best_gemm_kernel() and the eltwise / dequant
+// lookups pick the highest one the CPU runs. kAvx512 is AVX-512 F/BW/VL/DQ
+// without BF16 (Skylake-SP, Cascade Lake, Ice Lake server).
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmxBf16 = 4 };
 const char* isa_name(Isa isa);
 
 enum class PackFormat : int { kBf16Pair16 = 0 };

@@ -13,11 +13,17 @@
 
 MOETUNE_DECLARE_GEMM(scalar)
 MOETUNE_DECLARE_GEMM(avx2)
+MOETUNE_DECLARE_GEMM(avx512)
 MOETUNE_DECLARE_GEMM(avx512bf16)
 MOETUNE_DECLARE_GEMM(amx)
 
-namespace moetune::kernels::avx512bf16 {
+namespace moetune::kernels::avx512 {
+// The SIMD W^T repack (vpermw + vpermt2q: AVX-512 F/BW only), shared by the
+// avx512, avx512_bf16 and amx kernels.
 void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
+// Other register blocks of the avx512 GEMM, for bench_gemm's comparison
+// (mr x nb in {8x3 (the registered one), 12x2, 6x4, 8x2}); nullptr otherwise.
+GemmFn gemm_variant(int mr, int nb);
 }
 
 #undef MOETUNE_DECLARE_GEMM

@@ -156,7 +156,7 @@ const DequantKernel* dequant_kernels(int* count) {
   static const DequantKernel kernels[] = {
       {Isa::kScalar, "scalar", &scalar::dequant},
       {Isa::kAvx2, "avx2", &avx2::dequant},
-      {Isa::kAvx512Bf16, "avx512_bf16", &avx512bf16::dequant},
+      {Isa::kAvx512, "avx512", &avx512::dequant},
   };
   *count = 3;
   return kernels;
@@ -165,11 +165,11 @@ const DequantKernel* dequant_kernels(int* count) {
 const DequantKernel& dequant_kernel(Isa isa) {
   int n = 0;
   const DequantKernel* ks = dequant_kernels(&n);
-  // AMX feeds its tiles from the AVX-512 dequant (same bf16 panels).
-  const Isa want = isa == Isa::kAmxBf16 ? Isa::kAvx512Bf16 : isa;
+  // The highest entry at or below the ISA: avx512_bf16 and AMX (whose B tiles
+  // are these bf16 panels) get the AVX-512 F/BW one.
   const DequantKernel* best = &ks[0];
   for (int i = 0; i < n; ++i)
-    if (static_cast<int>(ks[i].isa) <= static_cast<int>(want) && cpu_supports(ks[i].isa)) best = &ks[i];
+    if (static_cast<int>(ks[i].isa) <= static_cast<int>(isa) && cpu_supports(ks[i].isa)) best = &ks[i];
   return *best;
 }
 

@@ -128,8 +128,8 @@ struct DequantKernel {
   DequantFn dequant;
 };
 
-// The dequant kernel for a GEMM kernel's ISA (AMX uses the AVX-512 one, whose
-// bf16 panels are AMX B tiles). dequant_kernels() lists every kernel this
+// The dequant kernel for a GEMM kernel's ISA (avx512, avx512_bf16 and AMX all
+// use the AVX-512 F/BW one; its bf16 panels are AMX B tiles). dequant_kernels() lists every kernel this
 // binary has (scalar first) for tests; runnable iff cpu_supports(isa).
 const DequantKernel& dequant_kernel(Isa isa);
 const DequantKernel* dequant_kernels(int* count);

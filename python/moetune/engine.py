@@ -33,7 +33,8 @@ class Context:
     pass it explicitly when torch also computes on the CPU, and give torch the
     remaining cores).
     cpus: optional list of core ids to pin the workers to.
-    isa: "auto" | "scalar" | "avx2" | "avx512_bf16" | "amx_bf16".
+    isa: "auto" | "scalar" | "avx2" | "avx512" | "avx512_bf16" | "amx_bf16"
+    ("avx512": AVX-512 F/BW/VL/DQ without BF16, e.g. Skylake-SP / Cascade Lake).
     """
 
     def __init__(self, num_threads: Optional[int] = None, *, cpus=(), isa: str = "auto"):

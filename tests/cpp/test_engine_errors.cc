@@ -346,7 +346,7 @@ TEST(ContextTest, PhaseProfileNamesEnginePhases) {
 }
 
 TEST(ContextTest, ForcedIsaIsUsedOrRejected) {
-  for (mk::Isa isa : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16}) {
+  for (mk::Isa isa : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16}) {
     ContextOptions o;
     o.isa = isa;
     if (mk::cpu_supports(isa) && isa != mk::Isa::kAmxBf16) {

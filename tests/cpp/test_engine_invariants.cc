@@ -58,6 +58,12 @@ std::vector<InvCase> invariant_cases() {
     c.batch.k = 2;
     v.push_back(c);
   }
+  {
+    InvCase c{"Avx512_H530_I40_LoraAll", 3, 530, 40, {4, 2, 8}, {}, mk::Isa::kAvx512};
+    c.batch.T = 30;
+    c.batch.k = 2;
+    v.push_back(c);
+  }
   return v;
 }
 

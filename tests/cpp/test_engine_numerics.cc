@@ -136,6 +136,20 @@ std::vector<Case> accuracy_cases() {
   add("IsaAvx2_H290_I260_Chunks", [](Case& c) {
     c.E = 3; c.H = 290; c.I = 260; c.batch.T = 20; c.eng.isa = mk::Isa::kAvx2;
   });
+  // avx512 (F/BW/VL/DQ, no BF16): K beyond one of its K chunks (256 pairs, H = 601),
+  // row blocks with tails (T*k/E rows per expert), odd K, mixed ranks.
+  add("IsaAvx512_H33_I17_LoraAll", [](Case& c) {
+    c.H = 33; c.I = 17; c.eng.isa = mk::Isa::kAvx512;
+  });
+  add("IsaAvx512_MixedRanks_threads3_Recompute_TransposedCopy", [](Case& c) {
+    c.E = 5; c.batch.T = 13; c.lora.r[0] = 16; c.lora.r[1] = 0; c.lora.r[2] = 1;
+    c.eng.isa = mk::Isa::kAvx512; c.eng.threads = 3;
+    c.eng.opts.activations = ActivationPolicy::kRecompute;
+    c.eng.opts.backward_weights = BackwardWeights::kTransposedCopy;
+  });
+  add("IsaAvx512_H601_I260_T40_KChunks", [](Case& c) {
+    c.E = 3; c.H = 601; c.I = 260; c.batch.T = 40; c.eng.isa = mk::Isa::kAvx512;
+  });
   return v;
 }
 
@@ -191,7 +205,7 @@ std::vector<Case> random_cases() {
   std::vector<Case> v;
   Rng rng(20261123);
   const std::optional<mk::Isa> isas[] = {std::nullopt, std::nullopt, mk::Isa::kScalar,
-                                         mk::Isa::kAvx2};
+                                         mk::Isa::kAvx2, mk::Isa::kAvx512};
   const int ranks[] = {0, 1, 2, 4, 16};
   for (int i = 0; i < 40; ++i) {
     Case c;
@@ -214,7 +228,7 @@ std::vector<Case> random_cases() {
     c.io.dout = rng.below(2) ? DType::kBf16 : DType::kF32;
     c.io.dx = rng.below(2) ? DType::kBf16 : DType::kF32;
     c.io.dw = rng.below(2) ? DType::kBf16 : DType::kF32;
-    c.eng.isa = isas[rng.below(4)];
+    c.eng.isa = isas[rng.below(5)];
     c.eng.threads = 1 + rng.below(2);
     c.eng.load_dtype = rng.below(2) ? DType::kBf16 : DType::kF32;
     char name[160];

@@ -71,7 +71,7 @@ std::vector<QCase> cases() {
                                                      {"int4g64", {WeightFormat::kInt4, 64}},
                                                      {"int4g128", {WeightFormat::kInt4, 128}}};
   const std::pair<const char*, std::optional<mk::Isa>> isas[] = {
-      {"scalar", mk::Isa::kScalar}, {"avx2", mk::Isa::kAvx2},
+      {"scalar", mk::Isa::kScalar}, {"avx2", mk::Isa::kAvx2}, {"avx512", mk::Isa::kAvx512},
       {"avx512bf16", mk::Isa::kAvx512Bf16}, {"amx", mk::Isa::kAmxBf16}, {"best", std::nullopt}};
   for (const auto& sp : specs) {
     for (const auto& is : isas) {

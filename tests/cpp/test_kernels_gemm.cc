@@ -35,7 +35,7 @@ std::vector<GemmCase> gemm_cases() {
   }
   // N not a multiple of 16 (masked last panel; 1 or 2 panels per block).
   for (int64_t N : {1, 7, 17, 33, 100}) add("TailN_M5_K24_N" + std::to_string(N), 5, {24}, N);
-  // M below and around the row tiles (AVX2 MR=4, AVX-512 MR=8).
+  // M below and around the row tiles (AVX2 MR=4, AVX512-BF16 and AVX-512 MR=8).
   for (int64_t M : {1, 3, 7, 9, 13}) add("TailM_M" + std::to_string(M) + "_K31_N50", M, {31}, 50);
   // Tokens per expert below one row tile (MoE: few tokens routed to an expert).
   add("TokensLtTile_M2_K64_N64", 2, {64}, 64);
@@ -52,6 +52,11 @@ std::vector<GemmCase> gemm_cases() {
     c.n_begin = 16, c.n_end = 500, c.ldc_pad = 3;
   }
   add("Exact_Blocked_M37_K1056_N272", 37, {1056}, 272).dist = Dist::kInteger;
+  // avx512 (F only) sums the segments' concatenated K in chunks of 256 pairs
+  // with 8-row x 3-panel blocks: chunk edges inside and between segments,
+  // 1-row and 1-panel tails.
+  add("Chunks_Seg3_M25_K600x301x16_N70", 25, {600, 301, 16}, 70).kn = false;
+  add("Exact_Chunks_Seg2_M25_K520x600_N40", 25, {520, 600}, 40).dist = Dist::kInteger;
   // Multi-segment (fused base + LoRA): K differs per segment.
   add("Seg2_M9_K64x16_N48", 9, {64, 16}, 48);
   add("Seg2_M13_K2048x8_N70", 13, {2048, 8}, 70).kn = false;

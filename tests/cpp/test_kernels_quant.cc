@@ -218,10 +218,14 @@ TEST(QuantFormats, EveryIsaDequantBitIdenticalToScalar) {
   if (compared == 0) GTEST_SKIP() << "no SIMD dequant kernel runs on this CPU";
 }
 
-TEST(QuantFormats, AmxUsesTheAvx512Dequant) {
-  EXPECT_EQ(dequant_kernel(Isa::kAmxBf16).isa,
-            cpu_supports(Isa::kAvx512Bf16) ? Isa::kAvx512Bf16
-                                           : dequant_kernel(Isa::kAvx2).isa);
+TEST(QuantFormats, EveryAvx512IsaUsesTheAvx512Dequant) {
+  // avx512, avx512_bf16 and amx share the F/BW dequant (no BF16 instruction).
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAmxBf16}) {
+    EXPECT_EQ(dequant_kernel(isa).isa,
+              cpu_supports(Isa::kAvx512) ? Isa::kAvx512 : dequant_kernel(Isa::kAvx2).isa)
+        << isa_name(isa);
+  }
+  EXPECT_EQ(dequant_kernel(Isa::kAvx2).isa, cpu_supports(Isa::kAvx2) ? Isa::kAvx2 : Isa::kScalar);
 }
 
 TEST(QuantFormats, BadSpecsAndValuesGiveClearErrors) {

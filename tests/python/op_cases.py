@@ -105,7 +105,7 @@ TOL_C = {
 BF16, F32, I32, I64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
 ALL = ("gate", "up", "down")
 # Every ISA is run when the CPU has it; Context(isa=...) raises RuntimeError otherwise (-> skip).
-ISAS = ("scalar", "avx2", "avx512_bf16", "amx_bf16")
+ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16")
 
 
 @functools.lru_cache(maxsize=None)

@@ -216,8 +216,10 @@ def test_auto_isa_is_one_of_the_explicit_ones():
 
 
 def test_unknown_isa_rejected():
-    with pytest.raises(ValueError, match="isa|bogus"):
+    with pytest.raises(ValueError, match="isa|bogus") as e:
         moetune.Context(num_threads=1, isa="bogus")
+    for isa in ISAS:  # the message lists every choice
+        assert f" {isa}," in str(e.value) or f" {isa};" in str(e.value), (isa, str(e.value))
 
 
 

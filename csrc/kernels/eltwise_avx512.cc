@@ -1,21 +1,23 @@
-// AVX512 element-wise epilogues: vcvtne2ps2bf16 for rounding, a polynomial
-// exp for the sigmoid. Compiled with the AVX512-BF16 flags only.
+// AVX-512 element-wise epilogues, one set for the avx512, avx512_bf16 and amx
+// ISAs: bf16 rounding with integer ops (avx512_round.h; bit-identical to the
+// scalar f32_to_bf16, denormals included), a polynomial exp for the sigmoid.
+// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
 #include <immintrin.h>
 
+#include "avx512_round.h"
 #include "eltwise_impl.h"
 
-namespace moetune::kernels::avx512bf16 {
+namespace moetune::kernels::avx512 {
 namespace {
 
 inline __m512 widen(const bf16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 inline __m512 round_bf16(__m512 v) {  // value after a round trip through bf16
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(rne_bf16_lo(v), 16));
 }
 inline void store_bf16(bf16* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+  _mm256_mask_storeu_epi16(p, m, cvt_bf16(v));
 }
 
 // exp(x) for x in [-88, 88]: 2^n * p(r), r = x - n ln2, degree-6 minimax-ish
@@ -126,4 +128,4 @@ float clamped_swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, 
   return _mm512_reduce_add_ps(dot);
 }
 
-}  // namespace moetune::kernels::avx512bf16
+}  // namespace moetune::kernels::avx512
