@@ -79,6 +79,8 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
+from _common import mem_available_bytes
+
 import torch
 import torch.nn.functional as F
 
@@ -107,17 +109,6 @@ def cpu_summary() -> str:
         return f"{kv.get('Model name', '?')}, {kv.get('CPU(s)', '?')} CPUs, NUMA nodes {kv.get('NUMA node(s)', '?')}, {isa}"
     except Exception as e:  # noqa: BLE001
         return f"{platform.processor()} (lscpu failed: {e})"
-
-
-def mem_available_bytes() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def rss_gib() -> float:

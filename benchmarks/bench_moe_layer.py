@@ -59,6 +59,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
+from _common import mem_available_bytes
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -95,17 +97,6 @@ def machine_info() -> Dict[str, str]:
     except Exception as e:  # noqa: BLE001
         info["cpu_model"] = f"? (lscpu failed: {e})"
     return info
-
-
-def mem_available_bytes() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def default_threads() -> int:

@@ -16,28 +16,19 @@ the experts that got tokens, read once in forward and once in backward; twice th
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
 import moetune
+from _common import cpu_name
 
 CONFIGS = {
     "qwen3": dict(label="Qwen3-30B-A3B", H=2048, I=768, E=128, k=8),
     "deepseek": dict(label="DeepSeek-V3", H=7168, I=2048, E=256, k=8),
     "tiny": dict(label="tiny", H=256, I=128, E=16, k=4),
 }
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:
-        return platform.processor()
 
 
 def weights(E, rows, cols, g):

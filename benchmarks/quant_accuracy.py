@@ -18,13 +18,12 @@ of the experts is used (--experts); memory per expert is for the full shapes eit
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
 import moetune
+from _common import cpu_name
 
 CONFIGS = {
     "qwen3": dict(label="Qwen3-30B-A3B", H=2048, I=768, k=8),
@@ -34,14 +33,6 @@ CONFIGS = {
 FORMATS = [("bf16", None), ("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
 PROJ = ("gate", "up", "down")
 COLS = ["out", "dx", "d_topk_w"] + [f"{k}_{p}" for p in PROJ for k in ("dA", "dB")]
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:
-        return platform.processor()
 
 
 def make_data(H, I, E, k, T, r, seed):

@@ -8,6 +8,7 @@ measure does see a wrong result.
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def bench():
+    # As `python benchmarks/bench_ktkernel.py` would, with its folder (benchmarks/_common.py) importable.
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_ktkernel", ROOT / "benchmarks" / "bench_ktkernel.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

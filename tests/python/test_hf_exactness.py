@@ -280,6 +280,20 @@ _LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
+def stock_peft_logits(base_dir, adapter_dir, ids, tmp_path):
+    """Logits of base + adapter in a subprocess with plain transformers + PEFT and
+    moetune blocked from import."""
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, str(script), str(base_dir), str(adapter_dir),
+                        str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
 def test_save_pretrained_is_a_standard_adapter(tmp_path):
     base = build("qwen3_moe")
     base.save_pretrained(tmp_path / "base")
@@ -307,15 +321,7 @@ def test_save_pretrained_is_a_standard_adapter(tmp_path):
     ours.eval()
     with torch.no_grad():
         logits = ours(input_ids=ids).logits
-    torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "load.py"
-    script.write_text(_LOAD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"),
-                        str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-                       env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert r.returncode == 0, r.stderr[-3000:]
-    plain = torch.load(tmp_path / "out.pt")
+    plain = stock_peft_logits(tmp_path / "base", tmp_path / "adapter", ids, tmp_path)
     err = rel_max(logits, plain)
     print(f"reloaded adapter in plain transformers+peft: logits {err / U:.3f} u")
     assert err <= 8 * U, f"reloaded-adapter logits err {err / U:.2f} u"

@@ -16,9 +16,6 @@ u could flip the clamp's derivative: a discontinuity, not an arithmetic error).
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,8 +25,9 @@ peft = pytest.importorskip("peft")
 
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
-from test_hf_exactness import (CHECKPOINTING, LORA, U, _LOAD_SCRIPT, batch, bf16_round_, check_one_step,  # noqa: E402
-                               check_trajectory, ctx, lora_grads, lora_init_, rel_fro, rel_max)
+from test_hf_exactness import (CHECKPOINTING, LORA, U, batch, bf16_round_, check_one_step,  # noqa: E402
+                               check_trajectory, ctx, lora_grads, lora_init_, rel_fro, rel_max,
+                               stock_peft_logits)
 
 
 def experts_modules(model):
@@ -150,15 +148,7 @@ def test_save_pretrained_loads_in_stock_transformers_peft(tmp_path):
     ours.eval()
     with torch.no_grad():
         logits = ours(input_ids=ids).logits
-    torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "load.py"
-    script.write_text(_LOAD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "adapter"),
-                        str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-                       env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert r.returncode == 0, r.stderr[-3000:]
-    plain = torch.load(tmp_path / "out.pt")
+    plain = stock_peft_logits(tmp_path / "base", tmp_path / "adapter", ids, tmp_path)
     err = rel_max(logits, plain)
     print(f"gpt-oss adapter reloaded in plain transformers+peft: logits {err / U:.3f} u")
     assert err <= 8 * U, f"reloaded-adapter logits err {err / U:.2f} u"
