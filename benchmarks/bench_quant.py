@@ -7,7 +7,8 @@ forward / backward / total ms (median of --reps after one warm-up), tokens/s, ac
 (2*T*k*3*H*I forward + the same backward + 18*T*k*r*(H+I) LoRA, as BENCHMARKS.md), the packed
 weight memory, and the weight bytes streamed per fwd+bwd over the total time (the packed bytes of
 the experts that got tokens, read once in forward and once in backward; twice that with
---activations recompute).
+--activations recompute). With --peak-tflops / --peak-gbs (the machine's measured AMX peak and
+DRAM read bandwidth, `benchmarks/ceiling`), also each as a percentage of that ceiling.
 
   python benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 1024 4096 16384
   python benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 64 --tokens 256 1024 4096 16384
@@ -52,6 +53,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backward-weights", default="repack")
     ap.add_argument("--activations", default="save")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="measured compute ceiling, for a %% column")
+    ap.add_argument("--peak-gbs", type=float, default=None, help="measured DRAM read bandwidth, for a %% column")
     args = ap.parse_args()
     ctx = moetune.Context(args.threads, isa=args.isa)
     print(f"machine: {cpu_name()}, engine {ctx.info()}, torch {torch.__version__}")
@@ -72,9 +75,11 @@ def main():
                    torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * 0.01))
                for p in ("gate", "up", "down")}, scaling=2.0)
         print(f"\n## {c['label']}: H={H} I={I} E={E} k={k}")
+        pk = f" {'% peak':>6} |" if args.peak_tflops else ""
+        bw_hdr = f" {'% BW':>5} |" if args.peak_gbs else ""
         print(f"| {'T':>6} | {'format':>9} | {'fwd ms':>8} | {'bwd ms':>8} | {'total ms':>9} | {'tokens/s':>9} | "
-              f"{'TFLOPS':>6} | {'packed GiB':>10} | {'weight GB/s':>11} |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              f"{'TFLOPS':>6} |{pk} {'packed GiB':>10} | {'weight GB/s':>11} |{bw_hdr}")
+        print("|---" * (9 + bool(pk) + bool(bw_hdr)) + "|")
         for fmt, gs in fmts:
             ex = moetune.MoEExperts(ctx, *W, weight_format=fmt, group_size=gs,
                                     backward_weights=args.backward_weights, activations=args.activations)
@@ -100,9 +105,12 @@ def main():
                 active = torch.unique(ids).numel()
                 passes = 3 if args.activations == "recompute" else 2
                 streamed = ex.packed_bytes_per_expert * active * passes
+                tflops, gbs = flops / (f + b) / 1e12, streamed / (f + b) / 1e9
+                pk = f" {100 * tflops / args.peak_tflops:5.1f}% |" if args.peak_tflops else ""
+                bwc = f" {100 * gbs / args.peak_gbs:4.1f}% |" if args.peak_gbs else ""
                 print(f"| {T:>6} | {label:>9} | {f * 1e3:8.1f} | {b * 1e3:8.1f} | {(f + b) * 1e3:9.1f} | "
-                      f"{T / (f + b):9.0f} | {flops / (f + b) / 1e12:6.2f} | {ex.packed_bytes / 2**30:10.2f} | "
-                      f"{streamed / (f + b) / 1e9:11.1f} |", flush=True)
+                      f"{T / (f + b):9.0f} | {tflops:6.2f} |{pk} {ex.packed_bytes / 2**30:10.2f} | "
+                      f"{gbs:11.1f} |{bwc}", flush=True)
             del ex
 
 

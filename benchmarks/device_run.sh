@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # What the GPU test machine (H100 + 16-core AMX Xeon) proves, rerunnable with
 #   bash benchmarks/device_run.sh tests     # build, ctest (AMX kernels included), pytest (CUDA included)
+#   bash benchmarks/device_run.sh kernels   # C++ only: gtest (AMX included) + bench_gemm at 16 and 8 threads
+#   bash benchmarks/device_run.sh engine    # engine options (phase profile), bf16/int8/int4 vs the measured
+#                                           # ceilings (Qwen3), MoE layer vs PyTorch at T=4096
 #   bash benchmarks/device_run.sh options   # engine options benchmark: AMX vs AVX512-BF16, 16 threads
 #   bash benchmarks/device_run.sh layer     # MoE layer benchmark vs PyTorch baselines, 16 threads
 #   bash benchmarks/device_run.sh peft      # the transformers + PEFT path at T=1024
@@ -27,8 +30,10 @@ mode=${1:-tests}
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } >"$OUT/machine.txt" 2>&1
 
-python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-$mode.log" 2>&1 || { tail -40 "$OUT/build-$mode.log"; exit 1; }
-python3 -c "import moetune; print(moetune.Context(16).info())" | tee -a "$OUT/machine.txt"
+if [ "$mode" != kernels ]; then
+  python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-$mode.log" 2>&1 || { tail -40 "$OUT/build-$mode.log"; exit 1; }
+  python3 -c "import moetune; print(moetune.Context(16).info())" | tee -a "$OUT/machine.txt"
+fi
 
 case "$mode" in
 tests)
@@ -44,6 +49,22 @@ tests)
     echo "no .dev/libgtest-dev_*.deb carried: C++ tests not run"
   fi
   python3 -m pytest -q tests/python -p no:cacheprovider 2>&1 | tail -6 | tee "$OUT/pytest.txt"
+  ;;
+kernels)
+  mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
+  cmake -S . -B /tmp/build-k -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON -DMOETUNE_BUILD_BENCHMARKS=ON \
+    -DGTest_DIR=/tmp/gtest/usr/lib/x86_64-linux-gnu/cmake/GTest >"$OUT/kbuild.log" 2>&1 &&
+    cmake --build /tmp/build-k -j 16 >>"$OUT/kbuild.log" 2>&1 || { tail -30 "$OUT/kbuild.log"; exit 1; }
+  /tmp/build-k/moetune_tests --gtest_brief=1 >"$OUT/gtest.log" 2>&1
+  echo "gtest rc=$?"; grep -E "tests ran|PASSED|FAILED" "$OUT/gtest.log" | tail -8
+  /tmp/build-k/bench_gemm ${2:-16 8} 2>&1 | tee "$OUT/bench-gemm.txt"
+  ;;
+engine)
+  python3 benchmarks/bench_engine_options.py --threads 16 --tokens 256 4096 16384 --reps 3 2>&1 | tee "$OUT/options.txt"
+  python3 benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 1024 4096 16384 \
+    --formats bf16 int8 int4 --groups 128 --reps 3 --peak-tflops 14.48 --peak-gbs 87.4 2>&1 | tee "$OUT/quant-qwen3.txt"
+  python3 benchmarks/bench_moe_layer.py --threads 16 --configs qwen3 --tokens 4096 \
+    --routing uniform,skewed --skip-peft --reps 2 2>&1 | tee "$OUT/layer-qwen3.txt"
   ;;
 options)
   python3 benchmarks/bench_engine_options.py --threads 16 --tokens 128 1024 4096 2>&1 | tee "$OUT/options-amx.txt"

@@ -4,8 +4,12 @@
 // calling thread (worker 0) plus size()-1 pool threads, which claim tasks
 // from one atomic counter (work stealing by construction: a fast worker takes
 // more). Workers spin briefly between jobs (phases of one layer follow each
-// other within microseconds), then sleep on a condition variable, so an idle
-// engine costs no CPU. Optional pinning: worker i runs on cpus[i % cpus.size()].
+// other within microseconds), then sleep on a futex, so an idle engine costs
+// no CPU. A new job wakes every sleeper with one FUTEX_WAKE and no mutex: a
+// condition variable + mutex made woken workers queue on the mutex, one
+// wake-up IPI after another (milliseconds per layer on a VM). The caller
+// spins, then sleeps, until the last worker is done.
+// Optional pinning: worker i runs on cpus[i % cpus.size()].
 //
 // Thread-safety: parallel_for may be called by one thread at a time (the
 // Context's dispatcher). An exception thrown by any task stops the claiming of
@@ -13,7 +17,6 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -38,21 +41,20 @@ class ThreadPool {
  private:
   void worker_loop(int worker);
   void run_tasks(int worker);
+  void spin_while_equal_not_zero();  // returns when busy_workers_ == 0
 
   const int num_threads_;
   const std::vector<int> cpus_;
   std::vector<std::thread> threads_;
 
-  std::mutex mu_;
-  std::condition_variable wake_;
-  std::condition_variable done_;
-  std::atomic<uint64_t> generation_{0};
-  bool stop_ = false;
+  std::mutex mu_;                       // guards error_
+  std::atomic<uint32_t> generation_{0};  // futex word: bumped once per job
+  std::atomic<bool> stop_{false};
 
   const std::function<void(int64_t, int)>* fn_ = nullptr;
   int64_t n_tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  std::atomic<int> busy_workers_{0};
+  std::atomic<uint32_t> busy_workers_{0};  // futex word: workers still in the job
   std::atomic<bool> failed_{false};
   std::exception_ptr error_;
 };

@@ -2,13 +2,28 @@
 // layout is the AMX B-tile layout already: 16 consecutive packed rows of one
 // panel (32 values of K x 16 columns) are one B tile with a 64-byte stride,
 // so weights are used in place. Register block: 2 x 2 C tiles (32 x 32 fp32)
-// fed by 2 A tiles and 2 B tiles per K step of 32; blocking below gemm().
+// fed by 2 A tiles and 2 B tiles per K step of 32 (1 x 2 when a row block
+// has at most 16 rows).
+//
+// Cache blocking, K outermost (per block of up to kMc rows x kNc columns):
+//   for each K block of KC (over every segment's main part):
+//     for each 32-row block: copy A (32 x KC, 16 KiB) into contiguous tiles,
+//       so A tiles load from L1 without the 4 KiB aliasing of rows of a
+//       K = 2048 activation matrix;
+//       for each pair of panels: C tiles from / to the fp32 staging block,
+//         B tiles of the K block (KC x kNc, 128 KiB) from L2.
+// So each B byte comes from DRAM once per call and from L2 once per 32 rows,
+// while the next K block's B is software-prefetched into L2 during this one
+// (expert weights are streamed, and a tile load that misses L2 stalls the
+// TMUL for the whole DRAM latency). The staging block (kMc x kNc fp32,
+// 192 KiB, on the stack: callers' threads need the usual >= 1 MiB stacks)
+// lives in L2.
 //
 // What AMX does not cover goes to the AVX512-BF16 kernel in accumulate mode:
 // each segment's K tail (K mod 32) and segments shorter than 32 (LoRA
 // expands with small r) — the same arithmetic, fp32 accumulation.
 // Row tails are zero rows of the packed A block, column tails the zero
-// columns of the last packed panel, and C goes through an fp32 staging block,
+// columns of the last packed panel, and C goes through the staging block,
 // so no read or write ever goes past the caller's buffers.
 //
 // The tile configuration is loaded on entry and released on exit (RAII), so
@@ -48,20 +63,208 @@ class TileScope {
 };
 
 constexpr int64_t kTileK = 32;
+constexpr int64_t kNc = 256;  // columns per block (16 panels)
+constexpr int64_t kMc = 192;  // rows per block (the engine's row blocks)
 
-}  // namespace
+// The K blocks of a call, in order: (segment, k0) over every main part.
+struct KCursor {
+  int s = 0;
+  int64_t k0 = 0;
+};
 
-// A is copied per (32-row block, K block) into a contiguous
-// buffer of 1 KiB tiles (64-byte row stride), so A tiles load from L1 and
-// never alias in the cache the way rows of a 4 KiB-strided activation matrix
-// do; C lives in an fp32 staging block (32 rows x kNc columns) across K
-// blocks; only the B tiles stream from L2.
-namespace {
-constexpr int64_t kKc = 256;  // K block: A block = 32 x 256 bf16 = 16 KiB
-constexpr int64_t kNc = 256;  // columns per staging block: 32 x 256 fp32 = 32 KiB
+// Prefetches the B of one K block (panels [p_begin, p_end)) into L2, a few
+// lines per K step, so it is there when the next K block starts.
+class BPrefetch {
+ public:
+  BPrefetch(const PackedB* b, int64_t k0, int64_t kc, int64_t p_begin, int64_t p_end,
+            int64_t steps)
+      : b_(b), k0_(k0), p_(p_begin), p_end_(p_end), lines_(kc / 2) {
+    const int64_t total = b ? (p_end - p_begin) * lines_ : 0;
+    per_step_ = steps > 0 ? (total + steps - 1) / steps : 0;
+  }
+  MOETUNE_INLINE void step() {
+    for (int64_t i = 0; i < per_step_ && p_ < p_end_; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(b_->panel(p_) + k0_ * kPanelN) + l_ * 64,
+                   _MM_HINT_T1);
+      if (++l_ == lines_) {
+        l_ = 0;
+        ++p_;
+      }
+    }
+  }
+
+ private:
+  const PackedB* b_;
+  int64_t k0_, p_, p_end_, lines_, l_ = 0, per_step_ = 0;
+};
+
+template <int64_t KC, bool kPrefetch>
+void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
+               float* C, int64_t ldc, bool accumulate) {
+  TileScope tiles;
+  // apack[h][ks]: tile of rows 16h..16h+15, K columns 32ks..32ks+31 of the block.
+  alignas(64) bf16 apack[2][KC / kTileK][16 * kTileK];
+  alignas(64) float cst[kMc * kNc];
+
+  auto next = [&](KCursor c) {
+    c.k0 += KC;
+    if (c.k0 >= segs[c.s].B.kp()) {
+      ++c.s;
+      c.k0 = 0;
+    }
+    return c;
+  };
+
+  for (int64_t nb = n_begin; nb < n_end; nb += kNc) {
+    const int64_t ne = std::min(n_end, nb + kNc);
+    const int64_t p_begin = nb / kPanelN;
+    const int64_t p_end = (ne + kPanelN - 1) / kPanelN;
+    const int64_t pairs = (p_end - p_begin + 1) / 2;
+    for (int64_t mb = 0; mb < M; mb += kMc) {
+      const int64_t mrows = std::min(kMc, M - mb);
+      const int64_t mblocks = (mrows + 31) / 32;
+      bool first = true;
+      for (KCursor cur; cur.s < nseg; cur = next(cur)) {
+        const Segment& sg = segs[cur.s];
+        const int64_t k0 = cur.k0;
+        const int64_t kc = std::min(KC, sg.B.kp() - k0);
+        const int64_t ksteps = kc / kTileK;
+        const KCursor nx = next(cur);
+        const bool has_next = kPrefetch && nx.s < nseg;
+        BPrefetch pf(has_next ? &segs[nx.s].B : nullptr, nx.k0,
+                     has_next ? std::min(KC, segs[nx.s].B.kp() - nx.k0) : 0, p_begin, p_end,
+                     mblocks * pairs * ksteps);
+        for (int64_t m0 = 0; m0 < mrows; m0 += 32) {
+          const int64_t rows = std::min<int64_t>(32, mrows - m0);
+          const bool two_rows = rows > 16;
+          for (int64_t r = 0; r < (two_rows ? 32 : 16); ++r) {
+            bf16* dst0 = apack[r / 16][0] + (r % 16) * kTileK;
+            if (r < rows) {
+              const bf16* src = sg.A + (mb + m0 + r) * sg.lda + k0;
+              for (int64_t ks = 0; ks < ksteps; ++ks)
+                std::memcpy(dst0 + ks * 16 * kTileK, src + ks * kTileK, kTileK * sizeof(bf16));
+            } else {
+              for (int64_t ks = 0; ks < ksteps; ++ks)
+                std::memset(dst0 + ks * 16 * kTileK, 0, kTileK * sizeof(bf16));
+            }
+          }
+          for (int64_t p = p_begin; p < p_end; p += 2) {
+            const bool two = p + 1 < p_end;
+            float* c = cst + m0 * kNc + (p - p_begin) * kPanelN;  // row stride kNc
+            if (first) {
+              _tile_zero(0);
+              _tile_zero(1);
+              _tile_zero(2);
+              _tile_zero(3);
+            } else {
+              _tile_loadd(0, c, kNc * 4);
+              if (two) _tile_loadd(1, c + 16, kNc * 4);
+              if (two_rows) {
+                _tile_loadd(2, c + 16 * kNc, kNc * 4);
+                if (two) _tile_loadd(3, c + 16 * kNc + 16, kNc * 4);
+              }
+            }
+            const bf16* b0 = sg.B.panel(p) + k0 * kPanelN;
+            const bf16* b1 = two ? sg.B.panel(p + 1) + k0 * kPanelN : nullptr;
+            if (two_rows && two) {
+              for (int64_t ks = 0; ks < ksteps; ++ks) {
+                _tile_loadd(4, apack[0][ks], 64);
+                _tile_loadd(6, b0 + ks * kTileK * kPanelN, 64);
+                _tile_loadd(5, apack[1][ks], 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_loadd(7, b1 + ks * kTileK * kPanelN, 64);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(3, 5, 7);
+                if (kPrefetch) pf.step();
+              }
+            } else {
+              for (int64_t ks = 0; ks < ksteps; ++ks) {
+                _tile_loadd(4, apack[0][ks], 64);
+                _tile_loadd(6, b0 + ks * kTileK * kPanelN, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two_rows) {
+                  _tile_loadd(5, apack[1][ks], 64);
+                  _tile_dpbf16ps(2, 5, 6);
+                }
+                if (two) {
+                  _tile_loadd(7, b1 + ks * kTileK * kPanelN, 64);
+                  _tile_dpbf16ps(1, 4, 7);
+                }
+                if (kPrefetch) pf.step();
+              }
+            }
+            _tile_stored(0, c, kNc * 4);
+            if (two) _tile_stored(1, c + 16, kNc * 4);
+            if (two_rows) {
+              _tile_stored(2, c + 16 * kNc, kNc * 4);
+              if (two) _tile_stored(3, c + 16 * kNc + 16, kNc * 4);
+            }
+          }
+        }
+        first = false;
+      }
+      const int64_t nc = ne - nb;
+      for (int64_t r = 0; r < mrows; ++r) {
+        float* crow = C + (mb + r) * ldc + nb;
+        const float* srow = cst + r * kNc;
+        if (accumulate) {
+          for (int64_t j = 0; j < nc; ++j) crow[j] += srow[j];
+        } else {
+          std::memcpy(crow, srow, nc * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+// Splits the segments into AMX main parts (K a multiple of 32) and tails.
+template <int64_t KC, bool kPrefetch>
+void gemm_split(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
+                float* C, int64_t ldc, bool accumulate) {
+  Segment main_part[kMaxSegments];
+  Segment tails[kMaxSegments];
+  int nmain = 0, ntail = 0;
+  for (int s = 0; s < nseg; ++s) {
+    const int64_t kp = segs[s].B.kp();
+    const int64_t kmain = kp / kTileK * kTileK;
+    if (kmain > 0) {
+      main_part[nmain++] = Segment{segs[s].A, segs[s].lda, k_range(segs[s].B, 0, kmain)};
+    }
+    if (kp > kmain) {
+      tails[ntail++] = Segment{segs[s].A + kmain, segs[s].lda,
+                               k_range(segs[s].B, kmain, segs[s].B.K - kmain)};
+    }
+  }
+  if (nmain == 0 || M == 0 || n_end <= n_begin) {
+    avx512bf16::gemm(M, n_begin, n_end, segs, nseg, C, ldc, accumulate);
+    return;
+  }
+  gemm_main<KC, kPrefetch>(M, n_begin, n_end, main_part, nmain, C, ldc, accumulate);
+  if (ntail > 0) avx512bf16::gemm(M, n_begin, n_end, tails, ntail, C, ldc, true);
+}
+
 }  // namespace
 
 void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg, float* C,
+          int64_t ldc, bool accumulate) {
+  gemm_split<256, true>(M, n_begin, n_end, segs, nseg, C, ldc, accumulate);
+}
+
+// The previous kernel (M-outer, C staged per 32 rows), kept for bench_gemm's
+// side-by-side comparison only.
+namespace v1 {
+// A is copied per (32-row block, K block) into a contiguous
+// buffer of 1 KiB tiles (64-byte row stride), so A tiles load from L1 and
+// never alias in the cache the way rows of a 4 KiB-strided activation matrix
+// do; C lives in an fp32 staging block (32 rows x kNc1 columns) across K
+// blocks; only the B tiles stream from L2.
+namespace {
+constexpr int64_t kKc1 = 256;  // K block: A block = 32 x 256 bf16 = 16 KiB
+constexpr int64_t kNc1 = 256;  // columns per staging block: 32 x 256 fp32 = 32 KiB
+}  // namespace
+
+void gemm_v1(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg, float* C,
           int64_t ldc, bool accumulate) {
   Segment main_part[kMaxSegments];
   Segment tails[kMaxSegments];
@@ -84,11 +287,11 @@ void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int ns
 
   TileScope tiles;
   // apack[h][ks]: tile of rows 16h..16h+15, K columns 32ks..32ks+31 of the block.
-  alignas(64) bf16 apack[2][kKc / kTileK][16 * kTileK];
-  alignas(64) float cst[32 * kNc];
+  alignas(64) bf16 apack[2][kKc1 / kTileK][16 * kTileK];
+  alignas(64) float cst[32 * kNc1];
 
-  for (int64_t nb = n_begin; nb < n_end; nb += kNc) {
-    const int64_t ne = std::min(n_end, nb + kNc);
+  for (int64_t nb = n_begin; nb < n_end; nb += kNc1) {
+    const int64_t ne = std::min(n_end, nb + kNc1);
     const int64_t p_begin = nb / kPanelN;
     const int64_t p_end = (ne + kPanelN - 1) / kPanelN;
     for (int64_t m0 = 0; m0 < M; m0 += 32) {
@@ -97,8 +300,8 @@ void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int ns
       for (int s = 0; s < nmain; ++s) {
         const Segment& sg = main_part[s];
         const int64_t kp = sg.B.kp();
-        for (int64_t k0 = 0; k0 < kp; k0 += kKc) {
-          const int64_t kc = std::min(kKc, kp - k0);
+        for (int64_t k0 = 0; k0 < kp; k0 += kKc1) {
+          const int64_t kc = std::min(kKc1, kp - k0);
           const int64_t ksteps = kc / kTileK;
           for (int64_t r = 0; r < 32; ++r) {
             bf16* dst0 = apack[r / 16][0] + (r % 16) * kTileK;
@@ -113,18 +316,18 @@ void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int ns
           }
           for (int64_t p = p_begin; p < p_end; p += 2) {
             const bool two = p + 1 < p_end;
-            float* c = cst + (p - p_begin) * kPanelN;  // row stride kNc
+            float* c = cst + (p - p_begin) * kPanelN;  // row stride kNc1
             if (first) {
               _tile_zero(0);
               _tile_zero(1);
               _tile_zero(2);
               _tile_zero(3);
             } else {
-              _tile_loadd(0, c, kNc * 4);
-              _tile_loadd(2, c + 16 * kNc, kNc * 4);
+              _tile_loadd(0, c, kNc1 * 4);
+              _tile_loadd(2, c + 16 * kNc1, kNc1 * 4);
               if (two) {
-                _tile_loadd(1, c + 16, kNc * 4);
-                _tile_loadd(3, c + 16 * kNc + 16, kNc * 4);
+                _tile_loadd(1, c + 16, kNc1 * 4);
+                _tile_loadd(3, c + 16 * kNc1 + 16, kNc1 * 4);
               }
             }
             const bf16* b0 = sg.B.panel(p) + k0 * kPanelN;
@@ -141,11 +344,11 @@ void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int ns
                 _tile_dpbf16ps(3, 5, 7);
               }
             }
-            _tile_stored(0, c, kNc * 4);
-            _tile_stored(2, c + 16 * kNc, kNc * 4);
+            _tile_stored(0, c, kNc1 * 4);
+            _tile_stored(2, c + 16 * kNc1, kNc1 * 4);
             if (two) {
-              _tile_stored(1, c + 16, kNc * 4);
-              _tile_stored(3, c + 16 * kNc + 16, kNc * 4);
+              _tile_stored(1, c + 16, kNc1 * 4);
+              _tile_stored(3, c + 16 * kNc1 + 16, kNc1 * 4);
             }
           }
           first = false;
@@ -154,7 +357,7 @@ void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int ns
       const int64_t nc = ne - nb;
       for (int64_t r = 0; r < rows; ++r) {
         float* crow = C + (m0 + r) * ldc + nb;
-        const float* srow = cst + r * kNc;
+        const float* srow = cst + r * kNc1;
         if (accumulate) {
           for (int64_t j = 0; j < nc; ++j) crow[j] += srow[j];
         } else {
@@ -164,6 +367,16 @@ void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int ns
     }
   }
   if (ntail > 0) avx512bf16::gemm(M, n_begin, n_end, tails, ntail, C, ldc, true);
+}
+
+}  // namespace v1
+
+GemmFn gemm_variant(int kc, bool prefetch) {
+  if (kc == 0) return &v1::gemm_v1;
+  if (kc == 128) return prefetch ? &gemm_split<128, true> : &gemm_split<128, false>;
+  if (kc == 256) return prefetch ? &gemm_split<256, true> : &gemm_split<256, false>;
+  if (kc == 512) return prefetch ? &gemm_split<512, true> : &gemm_split<512, false>;
+  return nullptr;
 }
 
 }  // namespace moetune::kernels::amx

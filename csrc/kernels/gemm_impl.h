@@ -26,4 +26,11 @@ void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16*
 GemmFn gemm_variant(int mr, int nb);
 }
 
+namespace moetune::kernels::amx {
+// Other blockings of the AMX GEMM, for bench_gemm's comparison: K block kc in
+// {128, 256 (registered), 512}, with or without the L2 prefetch of the next
+// K block's B; kc = 0 is the previous (M-outer) kernel. nullptr otherwise.
+GemmFn gemm_variant(int kc, bool prefetch);
+}
+
 #undef MOETUNE_DECLARE_GEMM

@@ -52,6 +52,15 @@ std::vector<GemmCase> gemm_cases() {
     c.n_begin = 16, c.n_end = 500, c.ldc_pad = 3;
   }
   add("Exact_Blocked_M37_K1056_N272", 37, {1056}, 272).dist = Dist::kInteger;
+  // AMX row blocks of 192 (C staged per block): a second, partial row block
+  // whose last 32-row tile has <= 16 rows (the 1 x 2 tile block), K blocks
+  // crossing segment boundaries (the next-K-block prefetch).
+  add("Blocked_M200_K600_N270", 200, {600}, 270);
+  {
+    auto& c = add("Blocked_Seg3_M213_K544x96x300_N300_16to290", 213, {544, 96, 300}, 300);
+    c.n_begin = 16, c.n_end = 290, c.ldc_pad = 5;
+  }
+  add("Exact_Blocked_M390_K1100_N40", 390, {1100}, 40).dist = Dist::kInteger;
   // avx512 (F only) sums the segments' concatenated K in chunks of 256 pairs
   // with 8-row x 3-panel blocks: chunk edges inside and between segments,
   // 1-row and 1-panel tails.
