@@ -34,10 +34,14 @@ def main():
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads while timing (the engine owns the cores)")
     args = ap.parse_args()
     E, H, I, k, r = args.experts, args.hidden, args.inter, args.topk, args.rank
     ctx = moetune.Context(args.threads, isa=args.isa)
-    print(f"machine: {cpu_name()}, engine {ctx.info()}")
+    torch.set_num_threads(args.torch_threads)
+    print(f"machine: {cpu_name()}, engine {ctx.info()}, torch threads {torch.get_num_threads()}, "
+          f"grads set to None before each rep")
     print(f"shapes: E={E} H={H} I={I} k={k}, LoRA r={r} on gate/up/down, routing uniform random")
     g = torch.Generator().manual_seed(0)
     W = [(torch.randn(E, I, H, generator=g) / H ** 0.5).bfloat16(),
@@ -47,6 +51,7 @@ def main():
         **{p: (torch.nn.Parameter(torch.randn(E, r, H if p != "down" else I, generator=g) * 0.01),
                torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * 0.01))
            for p in ("gate", "up", "down")}, scaling=2.0)
+    lora_params = [t for pair in (lora.gate, lora.up, lora.down) for t in pair]
     configs = [(bw, act) for bw in ("repack", "transposed_copy") for act in ("save", "recompute")]
     print(f"{'T':>6} {'backward_weights':>16} {'activations':>11} {'fwd ms':>8} {'bwd ms':>8} "
           f"{'total ms':>9} {'TFLOPS':>7} {'packed GiB':>10} {'saved MiB':>9}")
@@ -60,6 +65,10 @@ def main():
             ex = moetune.MoEExperts(ctx, *W, backward_weights=bw, activations=act)
             fw, bwt = [], []
             for rep in range(args.reps + 1):
+                # As a training step after optimizer.zero_grad(): fresh grads, no accumulation.
+                x.grad = w.grad = None
+                for q in lora_params:
+                    q.grad = None
                 t0 = time.perf_counter()
                 p = moetune.moe_experts_async(ex, x, ids, w, lora)
                 out = p.wait()

@@ -53,13 +53,18 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backward-weights", default="repack")
     ap.add_argument("--activations", default="save")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads while timing (the engine owns the cores; torch's idle "
+                         "OpenMP workers spin on them after each torch op)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="measured compute ceiling, for a %% column")
     ap.add_argument("--peak-gbs", type=float, default=None, help="measured DRAM read bandwidth, for a %% column")
     args = ap.parse_args()
     ctx = moetune.Context(args.threads, isa=args.isa)
+    torch.set_num_threads(args.torch_threads)
     print(f"machine: {cpu_name()}, engine {ctx.info()}, torch {torch.__version__}")
     print(f"options: backward_weights={args.backward_weights} activations={args.activations}, LoRA r={args.rank} "
-          f"on gate/up/down, routing uniform random, reps={args.reps} (median, after 1 warm-up)")
+          f"on gate/up/down, routing uniform random, reps={args.reps} (median, after 1 warm-up), "
+          f"torch threads {torch.get_num_threads()}, grads set to None before each rep")
     fmts = [(f, None) for f in args.formats if f != "int4"]
     if "int4" in args.formats:
         fmts += [("int4", gs) for gs in args.groups]
@@ -74,6 +79,7 @@ def main():
             **{p: (torch.nn.Parameter(torch.randn(E, r, H if p != "down" else I, generator=g) * 0.01),
                    torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * 0.01))
                for p in ("gate", "up", "down")}, scaling=2.0)
+        lora_params = [t for pair in (lora.gate, lora.up, lora.down) for t in pair]
         print(f"\n## {c['label']}: H={H} I={I} E={E} k={k}")
         pk = f" {'% peak':>6} |" if args.peak_tflops else ""
         bw_hdr = f" {'% BW':>5} |" if args.peak_gbs else ""
@@ -92,6 +98,10 @@ def main():
                 dout = torch.randn(T, H, generator=gt).bfloat16()
                 fw, bw = [], []
                 for rep in range(args.reps + 1):
+                    # As a training step after optimizer.zero_grad(): fresh grads, no accumulation.
+                    x.grad = w.grad = None
+                    for q in lora_params:
+                        q.grad = None
                     t0 = time.perf_counter()
                     out = moetune.moe_experts(ex, x, ids, w, lora)
                     t1 = time.perf_counter()

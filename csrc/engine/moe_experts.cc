@@ -128,7 +128,14 @@ constexpr int64_t kDequantCols = 32;
 }  // namespace
 
 std::vector<RowBlock> MoeExperts::work_blocks(const Routing& rt) const {
-  if (spec_.format == kernels::WeightFormat::kBf16) return rt.blocks;
+  // Row groups of up to 4 routing blocks: what a task prepares per weight
+  // chunk (dequantized panels, the W^T repack of backward, the packed LoRA
+  // factors) is then shared by up to 768 rows; the kernels block the rows
+  // themselves (AMX: 192-row blocks with B from L2). Only the transposed copy
+  // of bf16 weights prepares nothing, and keeps the finer routing blocks.
+  if (spec_.format == kernels::WeightFormat::kBf16 &&
+      options_.backward_weights == BackwardWeights::kTransposedCopy)
+    return rt.blocks;
   constexpr int64_t kQuantRowGroup = 4 * kRowBlock;
   std::vector<RowBlock> out;
   for (int e : rt.active) {

@@ -204,17 +204,25 @@ void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16*
   const __m512i hi1 = _mm512_setr_epi64(1, 9, 3, 11, 5, 13, 7, 15);
   bool any_partial = !aligned;
   if (aligned) {
-    for (int64_t q = 0; q < panels_d; ++q) {
-      const int64_t ks0 = n_begin + q * kPanelN;  // first source k of this block column
-      const bool full_cols = (q + 1) * kPanelN <= Nd && ks0 + kPanelN <= kps;
-      bf16* dpanel = dst + q * kpd * kPanelN;
-      for (int64_t P = 0; P * kPanelN < Kd; ++P) {
-        const bool full_rows = (P + 1) * kPanelN <= kpd;
+    // Source panel outermost: the slice of one source panel (rows n_begin..
+    // n_end, contiguous) is read front to back, and the next panel's is
+    // prefetched, instead of 512-byte pieces 64 KiB apart (DRAM latency
+    // bound: source panels of a K = 2048 weight are 64 KiB long).
+    for (int64_t P = 0; P * kPanelN < Kd; ++P) {
+      const bool full_rows = (P + 1) * kPanelN <= kpd;
+      for (int64_t q = 0; q < panels_d; ++q) {
+        const int64_t ks0 = n_begin + q * kPanelN;  // first source k of this block column
+        const bool full_cols = (q + 1) * kPanelN <= Nd && ks0 + kPanelN <= kps;
+        bf16* dpanel = dst + q * kpd * kPanelN;
         if (!(full_cols && full_rows)) {
           any_partial = true;
           continue;
         }
         const bf16* sblk = src.data + P * kps * kPanelN + (ks0 / 2) * 2 * kPanelN;
+        if ((P + 1) * kPanelN < Kd) {
+          const char* nxt = reinterpret_cast<const char*>(sblk + kps * kPanelN);
+          for (int l = 0; l < 8; ++l) _mm_prefetch(nxt + l * 64, _MM_HINT_T0);
+        }
         __m512i r[8];
         for (int i = 0; i < 8; ++i) r[i] = _mm512_permutexvar_epi16(swap, _mm512_loadu_si512(sblk + i * 32));
         __m512i t[8];
