@@ -34,6 +34,9 @@ def main():
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--row-groups", type=int, nargs="+", default=[0],
+                    help="row_group values to compare (0 = auto), each with the default options")
+    ap.add_argument("--only-default", action="store_true", help="only repack/save (with each --row-groups)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads while timing (the engine owns the cores)")
     args = ap.parse_args()
@@ -52,8 +55,11 @@ def main():
                torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * 0.01))
            for p in ("gate", "up", "down")}, scaling=2.0)
     lora_params = [t for pair in (lora.gate, lora.up, lora.down) for t in pair]
-    configs = [(bw, act) for bw in ("repack", "transposed_copy") for act in ("save", "recompute")]
-    print(f"{'T':>6} {'backward_weights':>16} {'activations':>11} {'fwd ms':>8} {'bwd ms':>8} "
+    policies = [(bw, act) for bw in ("repack", "transposed_copy") for act in ("save", "recompute")]
+    if args.only_default:
+        policies = policies[:1]
+    configs = [(bw, act, rg) for rg in args.row_groups for bw, act in policies]
+    print(f"{'T':>6} {'backward_weights':>16} {'activations':>11} {'row_group':>9} {'fwd ms':>8} {'bwd ms':>8} "
           f"{'total ms':>9} {'TFLOPS':>7} {'packed GiB':>10} {'saved MiB':>9}")
     profiles = {}
     for T in args.tokens:
@@ -61,8 +67,8 @@ def main():
         w, ids = torch.softmax(torch.randn(T, E, generator=g), -1).topk(k, -1)
         w.requires_grad_()
         dout = torch.randn(T, H, generator=g).bfloat16()
-        for bw, act in configs:
-            ex = moetune.MoEExperts(ctx, *W, backward_weights=bw, activations=act)
+        for bw, act, rg in configs:
+            ex = moetune.MoEExperts(ctx, *W, backward_weights=bw, activations=act, row_group=rg)
             fw, bwt = [], []
             for rep in range(args.reps + 1):
                 # As a training step after optimizer.zero_grad(): fresh grads, no accumulation.
@@ -79,7 +85,7 @@ def main():
                 if rep:  # first is warm-up
                     fw.append(t1 - t0)
                     bwt.append(t2 - t1)
-                if rep == args.reps and (bw, act) == configs[0]:
+                if rep == args.reps and (bw, act, rg) == configs[0]:
                     ctx._ctx.reset_phase_profile()
                     moetune.moe_experts(ex, x, ids, w, lora).backward(dout)
                     profiles[T] = ctx._ctx.phase_profile()
@@ -87,12 +93,12 @@ def main():
             # Base-weight GEMM flops of forward + backward (3 + 3 products of
             # 2*T*k*H*I each; the recompute's extra pass and LoRA not counted).
             tflops = 12 * T * k * H * I / ((f + b) * 1e-3) / 1e12
-            print(f"{T:>6} {bw:>16} {act:>11} {f:8.1f} {b:8.1f} {f + b:9.1f} {tflops:7.2f} "
+            print(f"{T:>6} {bw:>16} {act:>11} {rg if rg else 'auto':>9} {f:8.1f} {b:8.1f} {f + b:9.1f} {tflops:7.2f} "
                   f"{ex.packed_bytes / 2**30:10.2f} {saved / 2**20:9.1f}")
             del ex
     for T, prof in profiles.items():
         total = sum(s for _, s, _ in prof)
-        print(f"phase profile, T={T} (repack, save): " +
+        print(f"phase profile, T={T} ({'/'.join(str(c) for c in configs[0])}): " +
               ", ".join(f"{n} {s * 1e3:.1f} ms ({100 * s / total:.0f}%)" for n, s, _ in prof))
 
 

@@ -201,8 +201,10 @@ NB_MODULE(_moetune_ext, m) {
            [](MoeExperts* self, std::shared_ptr<Context> ctx, int E, int H, int I,
               const std::string& backward_weights, const std::string& activations,
               const std::string& activation, float alpha, float limit,
-              const std::string& weight_format, int group_size) {
+              const std::string& weight_format, int group_size, int row_group) {
              ExpertsOptions o;
+             if (row_group < 0) throw std::invalid_argument("row_group must be >= 0 (0 = auto), got " + std::to_string(row_group));
+             o.row_group = row_group;
              if (activation == "swiglu") o.activation = Activation::kSwiGLU;
              else if (activation == "gpt_oss") o.activation = Activation::kClampedSwiGLU;
              else throw std::invalid_argument(("activation must be 'swiglu' or 'gpt_oss', got '" + activation + "'"));
@@ -223,7 +225,7 @@ NB_MODULE(_moetune_ext, m) {
            },
            "ctx"_a, "num_experts"_a, "hidden_size"_a, "intermediate_size"_a,
            "backward_weights"_a = "repack", "activations"_a = "save", "activation"_a = "swiglu",
-           "alpha"_a = 1.702f, "limit"_a = 7.0f, "weight_format"_a = "bf16", "group_size"_a = 0)
+           "alpha"_a = 1.702f, "limit"_a = 7.0f, "weight_format"_a = "bf16", "group_size"_a = 0, "row_group"_a = 0)
       .def_prop_ro("num_experts", &MoeExperts::E)
       .def_prop_ro("hidden_size", &MoeExperts::H)
       .def_prop_ro("intermediate_size", &MoeExperts::I)

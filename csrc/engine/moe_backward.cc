@@ -123,7 +123,7 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   auto dgb = ctx.workspace<bf16>(layout::kWsDg, rows * ldi);
   auto dub = ctx.workspace<bf16>(layout::kWsDu, rows * ldi);
   auto dwp = ctx.workspace<float>(layout::kWsDwPart, rows * chI);
-  const std::vector<RowBlock> blocks = work_blocks(rt);
+  const std::vector<RowBlock> blocks = work_blocks(rt, /*backward=*/true);
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   ctx.parallel_for("bwd.down_act", n_blocks * chI, [&](int64_t task, Arena& a) {
     const RowBlock& blk = blocks[task / chI];

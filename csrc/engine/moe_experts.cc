@@ -127,19 +127,14 @@ namespace {
 constexpr int64_t kDequantCols = 32;
 }  // namespace
 
-std::vector<RowBlock> MoeExperts::work_blocks(const Routing& rt) const {
-  // Row groups of up to 4 routing blocks: what a task prepares per weight
-  // chunk (dequantized panels, the W^T repack of backward, the packed LoRA
-  // factors) is then shared by up to 768 rows; the kernels block the rows
-  // themselves (AMX: 192-row blocks with B from L2). Only the transposed copy
-  // of bf16 weights prepares nothing, and keeps the finer routing blocks.
-  if (spec_.format == kernels::WeightFormat::kBf16 &&
-      options_.backward_weights == BackwardWeights::kTransposedCopy)
-    return rt.blocks;
-  constexpr int64_t kQuantRowGroup = 4 * kRowBlock;
+std::vector<RowBlock> MoeExperts::work_blocks(const Routing& rt, bool backward) const {
+  const bool prepares = spec_.format != kernels::WeightFormat::kBf16 ||
+                        (backward && options_.backward_weights == BackwardWeights::kRepack);
+  const int64_t group = options_.row_group > 0 ? options_.row_group : (prepares ? 4 * kRowBlock : 0);
+  if (group == 0) return rt.blocks;
   std::vector<RowBlock> out;
   for (int e : rt.active) {
-    const int64_t n = rt.count(e), nb = (n + kQuantRowGroup - 1) / kQuantRowGroup;
+    const int64_t n = rt.count(e), nb = (n + group - 1) / group;
     for (int64_t b = 0; b < nb; ++b)
       out.push_back(RowBlock{e, rt.offsets[e] + n * b / nb, rt.offsets[e] + n * (b + 1) / nb});
   }

@@ -147,12 +147,11 @@ class MoeExperts {
   // the bf16 panels stay L2-sized; results are bit-identical to one call.
   void weight_t_gemm(const int* which, int nw, int e, int64_t n0, int64_t nc, kernels::Segment* segs,
                      int nseg, int64_t M, float* C, int64_t ldc, Arena& a) const;
-  // The row blocks of the GEMM phases: blocks of up to kQuantRowGroup rows
-  // per expert, so what a task prepares per weight slice (dequantization, the
-  // W^T repack, packed LoRA factors) is shared by more rows; the routing's
-  // finer blocks only for bf16 with the transposed copy (same results either
-  // way: every output row is computed independently of the others).
-  std::vector<RowBlock> work_blocks(const Routing& rt) const;
+  // The row blocks of the GEMM phases of forward or backward (see
+  // ExpertsOptions::row_group): equal-sized blocks of one expert's rows,
+  // largest first (same results for any blocking: every output row is
+  // computed independently of the others).
+  std::vector<RowBlock> work_blocks(const Routing& rt, bool backward) const;
   void run_forward(const ForwardArgs& args, Saved& s);
   void run_backward(const BackwardArgs& args, Saved& s);
   // g, u (bf16) for expert-major rows [off, off + n) of expert e, columns [i0, i1).

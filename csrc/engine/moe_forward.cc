@@ -139,7 +139,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   }
   auto hb = ctx.workspace<bf16>(layout::kWsH, rows * ldi);
   const int64_t chI = layout::chunks(I);
-  const std::vector<RowBlock> blocks = work_blocks(rt);
+  const std::vector<RowBlock> blocks = work_blocks(rt, /*backward=*/false);
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
   ctx.parallel_for("fwd.gate_up", n_blocks * chI, [&](int64_t task, Arena& a) {
     const RowBlock& blk = blocks[task / chI];

@@ -103,6 +103,12 @@ struct ExpertsOptions {
   // load and dequantized per GEMM task. group_size: int4 only (32, 64, 128).
   kernels::WeightFormat weight_format = kernels::WeightFormat::kBf16;
   int group_size = 0;
+  // Rows of one expert per GEMM task (a tuning knob; results do not depend on
+  // it). 0 = auto: up to 768 rows where a task prepares data per weight slice
+  // (dequantization; the W^T repack in backward), else the routing's blocks
+  // of up to 192. Larger groups share that preparation; smaller ones keep the
+  // fp32 task buffers in L2 and give more tasks.
+  int row_group = 0;
 };
 
 }  // namespace moetune

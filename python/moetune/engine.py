@@ -98,6 +98,11 @@ class MoEExperts:
     and LoRA stay bf16/fp32). With a quantized format,
     backward_weights="transposed_copy" adds a bf16 copy of the dequantized
     weights for a faster backward (same values, same gradients).
+
+    row_group: rows of one expert per GEMM task, a speed knob only (results
+    are bit-identical for any value). 0 (default) = auto: up to 768 where a
+    task prepares data per weight slice (dequantization, the backward's W^T
+    repack), else up to 192.
     """
 
     def __init__(self, ctx: Context, gate_proj: torch.Tensor, up_proj: torch.Tensor,
@@ -105,13 +110,13 @@ class MoEExperts:
                  activations: str = "save", activation: str = "swiglu", alpha: float = 1.702,
                  limit: float = 7.0, gate_bias: Optional[torch.Tensor] = None,
                  up_bias: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None,
-                 weight_format: str = "bf16", group_size: Optional[int] = None):
+                 weight_format: str = "bf16", group_size: Optional[int] = None, row_group: int = 0):
         if gate_proj.dim() != 3:
             raise ValueError(f"gate_proj must be [E, I, H], got shape {list(gate_proj.shape)}")
         E, I, H = gate_proj.shape
         self._allocate(ctx, E, H, I, backward_weights=backward_weights, activations=activations,
                        activation=activation, alpha=alpha, limit=limit, weight_format=weight_format,
-                       group_size=group_size)
+                       group_size=group_size, row_group=row_group)
         for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32; float16 "
@@ -142,15 +147,16 @@ class MoEExperts:
         return tuple(self._ex.has_biases)
 
     def _allocate(self, ctx, E, H, I, *, backward_weights="repack", activations="save", activation="swiglu",
-                  alpha=1.702, limit=7.0, weight_format="bf16", group_size=None):
+                  alpha=1.702, limit=7.0, weight_format="bf16", group_size=None, row_group=0):
         self.ctx = ctx
         self.activation = activation
         if group_size is None:
             group_size = 128 if weight_format == "int4" else 0
         self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations, activation, float(alpha),
-                                float(limit), weight_format=weight_format, group_size=int(group_size))
+                                float(limit), weight_format=weight_format, group_size=int(group_size),
+                                row_group=int(row_group))
         self.options = dict(backward_weights=backward_weights, activations=activations,
-                            weight_format=weight_format, group_size=int(group_size))
+                            weight_format=weight_format, group_size=int(group_size), row_group=int(row_group))
 
     @classmethod
     def empty(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int,

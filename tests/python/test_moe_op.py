@@ -188,6 +188,25 @@ def test_thread_count_determinism(case, threads):
     assert_results_equal(r1, rn, f"num_threads=1 vs {threads}")
 
 
+@pytest.mark.parametrize("case", BITWISE_CASES[:2], ids=str)
+@pytest.mark.parametrize("weight_format", ["bf16", "int8"])
+def test_row_group_is_a_speed_knob_only(case, weight_format):
+    # Rows per GEMM task, from one row per task to every row of an expert in one:
+    # same bits as the automatic choice, forward and backward, for either W^T policy.
+    inp = make_inputs(case, 23)
+    for bw in ("repack", "transposed_copy"):
+        base = run_engine(make_experts(inp, backward_weights=bw, weight_format=weight_format), inp)
+        for rg in (1, 5, 192, 1000):
+            r = run_engine(make_experts(inp, backward_weights=bw, weight_format=weight_format, row_group=rg), inp)
+            assert_results_equal(base, r, f"{weight_format} {bw}: row_group=0 vs {rg}")
+
+
+def test_negative_row_group_rejected():
+    inp = make_inputs(BITWISE_CASES[0], 24)
+    with pytest.raises(ValueError, match="row_group must be >= 0"):
+        make_experts(inp, row_group=-1)
+
+
 ISA_CASES = [
     Case("isa_odd", 11, 33, 17, 5, 2, 16, ALL, BF16, I32, BF16),
     Case("isa_mid", 30, 64, 48, 8, 3, 4, ("gate", "down"), F32, I64, F32, "skewed"),
