@@ -4,7 +4,7 @@
 // The avx512 (F only) kernel's register block is 8 rows x 3 panels; its
 // other blocks (avx512_12x2, avx512_6x4, avx512_8x2) are timed next to it on
 // CPUs without AMX. On AMX CPUs the AMX kernel's other cache blockings
-// (amx_kc*, amx_v1: see amx::gemm_variant) are timed next to the registered one.
+// (amx_kc*: see amx::gemm_variant) are timed next to the registered one.
 // Each thread owns its A, C and a set of packed B operands:
 //   hot : the same B every call (it stays in L2) — the kernel's own ceiling;
 //   (all 64-byte aligned, as the engine's buffers are)
@@ -160,7 +160,6 @@ int main(int argc, char** argv) {
         !(amx && k.isa == mk::Isa::kAvx512))
       vs.push_back({k.name, k.gemm});
   if (amx) {
-    vs.push_back({"amx_v1", mk::amx::gemm_variant(0, false)});
     vs.push_back({"amx_kc256_nopf", mk::amx::gemm_variant(256, false)});
     vs.push_back({"amx_kc128_pf", mk::amx::gemm_variant(128, true)});
     vs.push_back({"amx_kc512_pf", mk::amx::gemm_variant(512, true)});
