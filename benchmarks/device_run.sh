@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the GPU test machine (H100 + 16-core AMX Xeon) proves, rerunnable with
 #   bash benchmarks/device_run.sh tests     # build, ctest (AMX kernels included), pytest (CUDA included)
-#   bash benchmarks/device_run.sh kernels   # C++ only: gtest (AMX included) + bench_gemm at 16 and 8 threads
+#   bash benchmarks/device_run.sh kernels   # C++ only: gtest (AMX included), ceilings, bench_gemm at 16 and 8 threads
 #   bash benchmarks/device_run.sh engine    # engine options (phase profile), bf16/int8/int4 vs the measured
 #                                           # ceilings (Qwen3), MoE layer vs PyTorch at T=4096
 #   bash benchmarks/device_run.sh options   # engine options benchmark: AMX vs AVX512-BF16, 16 threads
@@ -57,6 +57,7 @@ kernels)
     cmake --build /tmp/build-k -j 16 >>"$OUT/kbuild.log" 2>&1 || { tail -30 "$OUT/kbuild.log"; exit 1; }
   /tmp/build-k/moetune_tests --gtest_brief=1 >"$OUT/gtest.log" 2>&1
   echo "gtest rc=$?"; grep -E "tests ran|PASSED|FAILED" "$OUT/gtest.log" | tail -8
+  g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
   /tmp/build-k/bench_gemm ${2:-16 8} 2>&1 | tee "$OUT/bench-gemm.txt"
   ;;
 engine)

@@ -160,6 +160,7 @@ int main(int argc, char** argv) {
         !(amx && k.isa == mk::Isa::kAvx512))
       vs.push_back({k.name, k.gemm});
   if (amx) {
+    vs.push_back({"amx_pipelined", mk::amx::gemm_variant(-256, true)});
     vs.push_back({"amx_kc256_nopf", mk::amx::gemm_variant(256, false)});
     vs.push_back({"amx_kc128_pf", mk::amx::gemm_variant(128, true)});
     vs.push_back({"amx_kc512_pf", mk::amx::gemm_variant(512, true)});

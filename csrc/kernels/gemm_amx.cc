@@ -98,7 +98,7 @@ class BPrefetch {
   int64_t k0_, p_, p_end_, lines_, l_ = 0, per_step_ = 0;
 };
 
-template <int64_t KC, bool kPrefetch>
+template <int64_t KC, bool kPrefetch, bool kPipelined = false>
 void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
                float* C, int64_t ldc, bool accumulate) {
   TileScope tiles;
@@ -166,7 +166,29 @@ void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, i
             }
             const bf16* b0 = sg.B.panel(p) + k0 * kPanelN;
             const bf16* b1 = two ? sg.B.panel(p + 1) + k0 * kPanelN : nullptr;
-            if (two_rows && two) {
+            if (two_rows && two && kPipelined) {
+              // Each tile's load for step ks+1 issued right after its last use
+              // in step ks (tile registers are not renamed): the loads overlap
+              // the remaining dot products. Same accumulation order per C tile.
+              _tile_loadd(4, apack[0][0], 64);
+              _tile_loadd(5, apack[1][0], 64);
+              _tile_loadd(6, b0, 64);
+              _tile_loadd(7, b1, 64);
+              for (int64_t ks = 0; ks < ksteps; ++ks) {
+                const bool more = ks + 1 < ksteps;
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                if (more) _tile_loadd(4, apack[0][ks + 1], 64);
+                _tile_dpbf16ps(2, 5, 6);
+                if (more) _tile_loadd(6, b0 + (ks + 1) * kTileK * kPanelN, 64);
+                _tile_dpbf16ps(3, 5, 7);
+                if (more) {
+                  _tile_loadd(5, apack[1][ks + 1], 64);
+                  _tile_loadd(7, b1 + (ks + 1) * kTileK * kPanelN, 64);
+                }
+                if (kPrefetch) pf.step();
+              }
+            } else if (two_rows && two) {
               for (int64_t ks = 0; ks < ksteps; ++ks) {
                 _tile_loadd(4, apack[0][ks], 64);
                 _tile_loadd(6, b0 + ks * kTileK * kPanelN, 64);
@@ -219,7 +241,7 @@ void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, i
 }
 
 // Splits the segments into AMX main parts (K a multiple of 32) and tails.
-template <int64_t KC, bool kPrefetch>
+template <int64_t KC, bool kPrefetch, bool kPipelined = false>
 void gemm_split(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
                 float* C, int64_t ldc, bool accumulate) {
   Segment main_part[kMaxSegments];
@@ -240,7 +262,7 @@ void gemm_split(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, 
     avx512bf16::gemm(M, n_begin, n_end, segs, nseg, C, ldc, accumulate);
     return;
   }
-  gemm_main<KC, kPrefetch>(M, n_begin, n_end, main_part, nmain, C, ldc, accumulate);
+  gemm_main<KC, kPrefetch, kPipelined>(M, n_begin, n_end, main_part, nmain, C, ldc, accumulate);
   if (ntail > 0) avx512bf16::gemm(M, n_begin, n_end, tails, ntail, C, ldc, true);
 }
 
@@ -252,6 +274,7 @@ void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int ns
 }
 
 GemmFn gemm_variant(int kc, bool prefetch) {
+  if (kc == -256) return &gemm_split<256, true, true>;  // software-pipelined tile loads
   if (kc == 128) return prefetch ? &gemm_split<128, true> : &gemm_split<128, false>;
   if (kc == 256) return prefetch ? &gemm_split<256, true> : &gemm_split<256, false>;
   if (kc == 512) return prefetch ? &gemm_split<512, true> : &gemm_split<512, false>;

@@ -5,6 +5,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "gemm.h"
 
 namespace moetune::kernels {
@@ -55,6 +59,40 @@ void pack_b(const void* src, SrcType type, int64_t ld, bool kn, int64_t K, int64
   const size_t es = elem_size(type);
   // One converted source row (plus a zero pad element for odd K).
   std::vector<bf16> row0(std::max<int64_t>(kn ? N : kp, 1) + kPanelN, 0), row1(row0.size(), 0);
+  if (kn && type == SrcType::kBf16 && scale == 1.0f) {
+    // bf16 taken as is (the backward's token packs: K = tokens, per expert
+    // and step): interleave the two source rows straight from the source,
+    // 8 columns per SSE2 unpack (x86-64 baseline, no dispatch needed).
+    const bf16* s = static_cast<const bf16*>(src) + n_begin;
+    for (int64_t kk = 0; kk < kp / 2; ++kk) {
+      const bf16* r0 = s + (2 * kk) * ld;
+      const bf16* r1 = 2 * kk + 1 < K ? s + (2 * kk + 1) * ld : nullptr;
+      for (int64_t p = 0; p < panels; ++p) {
+        bf16* out = dst + p * kp * kPanelN + kk * 2 * kPanelN;
+        const int64_t c0 = p * kPanelN;
+        const int64_t cols = std::min<int64_t>(kPanelN, N - c0);
+#if defined(__SSE2__)
+        if (cols == kPanelN) {
+          const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + c0));
+          const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + c0 + 8));
+          const __m128i b0 = r1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + c0)) : _mm_setzero_si128();
+          const __m128i b1 = r1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + c0 + 8)) : _mm_setzero_si128();
+          __m128i* o = reinterpret_cast<__m128i*>(out);
+          _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(a0, b0));
+          _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(a0, b0));
+          _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(a1, b1));
+          _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(a1, b1));
+          continue;
+        }
+#endif
+        for (int64_t c = 0; c < kPanelN; ++c) {
+          out[2 * c] = c < cols ? r0[c0 + c] : bf16(0);
+          out[2 * c + 1] = (c < cols && r1) ? r1[c0 + c] : bf16(0);
+        }
+      }
+    }
+    return;
+  }
   if (kn) {
     // Source [K, N]: packed row kk interleaves source rows 2kk and 2kk+1.
     for (int64_t kk = 0; kk < kp / 2; ++kk) {

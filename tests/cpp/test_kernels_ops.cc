@@ -33,6 +33,27 @@ TEST(PackB, LayoutMatchesContractAndPaddingIsZero) {
   }
 }
 
+TEST(PackB, ColumnRangeOfBf16RowsIsThePackOfThoseColumns) {
+  // pack_b(kn, bf16, scale 1) with n_begin > 0 (the SIMD row interleave reads
+  // from the source directly): equals the scalar contract on the sub-matrix.
+  for (auto [K, N] : kPackShapes) {
+    for (int64_t nb : {int64_t(1), int64_t(5), N / 2}) {
+      if (nb >= N) continue;
+      SCOPED_TRACE("K=" + std::to_string(K) + " N=" + std::to_string(N) + " n_begin=" + std::to_string(nb));
+      Gen g(K * 31 + N * 7 + nb, Dist::kUniform);
+      const int64_t ld = N + 1, n = N - nb;
+      std::vector<bf16> src(static_cast<size_t>((K - 1) * ld + N));
+      for (auto& v : src) v = g.bits16();
+      std::vector<bf16> pk(static_cast<size_t>(mk::packed_elems(K, n)), kDstGarbage);
+      mk::pack_b(src.data(), mk::SrcType::kBf16, ld, true, K, nb, N, 1.0f, pk.data());
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < n; ++c)
+          ASSERT_EQ(pk[packed_index(K, k, c)], src[k * ld + nb + c]) << "k=" << k << " c=" << c;
+      EXPECT_EQ(nonzero_padding(pk, K, n), 0);
+    }
+  }
+}
+
 TEST(PackB, KnAndNkOfTransposedSourcesAreIdentical) {
   for (auto [K, N] : kPackShapes) {
     SCOPED_TRACE("K=" + std::to_string(K) + " N=" + std::to_string(N));
