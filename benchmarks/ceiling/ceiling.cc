@@ -52,7 +52,8 @@ struct alignas(64) TileCfg {
   uint8_t rows[16];
 };
 
-__attribute__((target("amx-tile,amx-bf16"))) void amx_loop(long iters) {
+// Eight 16 x 64-byte tiles (palette 1), as the GEMM kernel configures them.
+__attribute__((target("amx-tile,amx-bf16"))) void load_tile_config() {
   TileCfg c;
   std::memset(&c, 0, sizeof(c));
   c.palette = 1;
@@ -61,6 +62,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_loop(long iters) {
     c.colsb[t] = 64;
   }
   _tile_loadconfig(&c);
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) void amx_loop(long iters) {
+  load_tile_config();
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
   for (long i = 0; i < iters; ++i) {
@@ -76,17 +81,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_loop(long iters) {
 // operands in L1 (4 KiB): what that register block can reach at best.
 // pipelined: each tile's next load issued right after its last use.
 __attribute__((target("amx-tile,amx-bf16"))) void amx_loads_loop(long iters, bool pipelined) {
-  TileCfg c;
-  std::memset(&c, 0, sizeof(c));
-  c.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
-  }
   alignas(64) static thread_local uint16_t buf[4][512];
   for (auto& t : buf)
     for (auto& v : t) v = 0x3f80;  // 1.0
-  _tile_loadconfig(&c);
+  load_tile_config();
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   if (!pipelined) {
     for (long i = 0; i < iters; ++i) {
