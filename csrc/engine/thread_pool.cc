@@ -30,9 +30,12 @@ void futex_wake(std::atomic<uint32_t>* word, int n) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, n, nullptr, nullptr, 0);
 }
 
-inline void spin_while_equal(const std::atomic<uint32_t>& word, uint32_t value) {
-  for (int spins = 0; word.load(std::memory_order_acquire) == value && spins < kSpinIterations;
-       ++spins) {
+// Spins (with pause) until done() or for kSpinIterations: phases of a layer
+// follow each other within microseconds, a futex sleep costs a wake-up IPI
+// (~0.1 ms on a VM's idle vCPU).
+template <typename Done>
+void spin_until(Done done) {
+  for (int spins = 0; !done() && spins < kSpinIterations; ++spins) {
 #if defined(__x86_64__)
     __builtin_ia32_pause();
 #endif
@@ -52,20 +55,6 @@ ThreadPool::~ThreadPool() {
   generation_.fetch_add(1, std::memory_order_release);
   futex_wake(&generation_, INT_MAX);
   for (std::thread& t : threads_) t.join();
-}
-
-void ThreadPool::spin_while_equal_not_zero() {
-  // The caller finished its own tasks; the others finish theirs within about
-  // one task, so spin before sleeping (a futex sleep costs a wake-up IPI,
-  // ~0.1 ms on a VM's idle vCPU, per phase).
-  for (int spins = 0; busy_workers_.load(std::memory_order_acquire) != 0 && spins < kSpinIterations;
-       ++spins) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
-  uint32_t b;
-  while ((b = busy_workers_.load(std::memory_order_acquire)) != 0) futex_wait(&busy_workers_, b);
 }
 
 void ThreadPool::pin_caller() const {
@@ -91,8 +80,7 @@ void ThreadPool::worker_loop(int worker) {
   if (!cpus_.empty()) pin_to(cpus_[worker % cpus_.size()]);
   uint32_t seen = 0;
   for (;;) {
-    // Spin a little: the next phase of a layer usually starts right away.
-    spin_while_equal(generation_, seen);
+    spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
     uint32_t g;
     while ((g = generation_.load(std::memory_order_acquire)) == seen) futex_wait(&generation_, seen);
     seen = g;
@@ -117,7 +105,9 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int)>
   generation_.fetch_add(1, std::memory_order_release);  // publishes the stores above
   futex_wake(&generation_, INT_MAX);
   run_tasks(0);
-  spin_while_equal_not_zero();
+  // The others finish within about one task of this thread.
+  spin_until([&] { return busy_workers_.load(std::memory_order_acquire) == 0; });
+  for (uint32_t b; (b = busy_workers_.load(std::memory_order_acquire)) != 0;) futex_wait(&busy_workers_, b);
   fn_ = nullptr;
   if (error_) std::rethrow_exception(error_);
 }

@@ -41,7 +41,6 @@ class ThreadPool {
  private:
   void worker_loop(int worker);
   void run_tasks(int worker);
-  void spin_while_equal_not_zero();  // returns when busy_workers_ == 0
 
   const int num_threads_;
   const std::vector<int> cpus_;
