@@ -4,8 +4,10 @@ which puts this folder on sys.path)."""
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
-from typing import Optional
+import time
+from typing import Callable, Iterable, Optional, Tuple
 
 
 def cpu_name() -> str:
@@ -27,3 +29,23 @@ def mem_available_bytes() -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def time_fwd_bwd(forward: Callable, dout, params: Iterable, reps: int) -> Tuple[float, float]:
+    """Median forward and backward seconds over `reps` steps after one warm-up. Each step is
+    a training step after optimizer.zero_grad(): the grads of `params` are set to None (fresh
+    grads, no accumulation), then forward() runs and its output is backpropagated with dout."""
+    params = list(params)
+    fw, bw = [], []
+    for rep in range(reps + 1):
+        for p in params:
+            p.grad = None
+        t0 = time.perf_counter()
+        out = forward()
+        t1 = time.perf_counter()
+        out.backward(dout)
+        t2 = time.perf_counter()
+        if rep:
+            fw.append(t1 - t0)
+            bw.append(t2 - t1)
+    return statistics.median(fw), statistics.median(bw)

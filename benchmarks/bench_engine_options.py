@@ -14,13 +14,11 @@ backward, and the phase profile of the default configuration.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import moetune
-from _common import cpu_name
+from _common import cpu_name, time_fwd_bwd
 
 
 def main():
@@ -69,32 +67,24 @@ def main():
         dout = torch.randn(T, H, generator=g).bfloat16()
         for bw, act, rg in configs:
             ex = moetune.MoEExperts(ctx, *W, backward_weights=bw, activations=act, row_group=rg)
-            fw, bwt = [], []
-            for rep in range(args.reps + 1):
-                # As a training step after optimizer.zero_grad(): fresh grads, no accumulation.
-                x.grad = w.grad = None
-                for q in lora_params:
-                    q.grad = None
-                t0 = time.perf_counter()
+            saved = {}
+
+            def forward(ex=ex):
                 p = moetune.moe_experts_async(ex, x, ids, w, lora)
                 out = p.wait()
-                t1 = time.perf_counter()
-                saved = p.saved_bytes
-                out.backward(dout)
-                t2 = time.perf_counter()
-                if rep:  # first is warm-up
-                    fw.append(t1 - t0)
-                    bwt.append(t2 - t1)
-                if rep == args.reps and (bw, act, rg) == configs[0]:
-                    ctx._ctx.reset_phase_profile()
-                    moetune.moe_experts(ex, x, ids, w, lora).backward(dout)
-                    profiles[T] = ctx._ctx.phase_profile()
-            f, b = statistics.median(fw) * 1e3, statistics.median(bwt) * 1e3
+                saved["bytes"] = p.saved_bytes
+                return out
+
+            f, b = (t * 1e3 for t in time_fwd_bwd(forward, dout, [x, w, *lora_params], args.reps))
+            if (bw, act, rg) == configs[0]:  # one more step, profiled
+                ctx._ctx.reset_phase_profile()
+                moetune.moe_experts(ex, x, ids, w, lora).backward(dout)
+                profiles[T] = ctx._ctx.phase_profile()
             # Base-weight GEMM flops of forward + backward (3 + 3 products of
             # 2*T*k*H*I each; the recompute's extra pass and LoRA not counted).
             tflops = 12 * T * k * H * I / ((f + b) * 1e-3) / 1e12
             print(f"{T:>6} {bw:>16} {act:>11} {rg if rg else 'auto':>9} {f:8.1f} {b:8.1f} {f + b:9.1f} {tflops:7.2f} "
-                  f"{ex.packed_bytes / 2**30:10.2f} {saved / 2**20:9.1f}")
+                  f"{ex.packed_bytes / 2**30:10.2f} {saved['bytes'] / 2**20:9.1f}")
             del ex
     for T, prof in profiles.items():
         total = sum(s for _, s, _ in prof)

@@ -17,13 +17,11 @@ DRAM read bandwidth, `benchmarks/ceiling`), also each as a percentage of that ce
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import moetune
-from _common import cpu_name
+from _common import cpu_name, time_fwd_bwd
 
 CONFIGS = {
     "qwen3": dict(label="Qwen3-30B-A3B", H=2048, I=768, E=128, k=8),
@@ -96,21 +94,8 @@ def main():
                 w, ids = torch.softmax(torch.randn(T, E, generator=gt), -1).topk(k, -1)
                 w = w.detach().requires_grad_()
                 dout = torch.randn(T, H, generator=gt).bfloat16()
-                fw, bw = [], []
-                for rep in range(args.reps + 1):
-                    # As a training step after optimizer.zero_grad(): fresh grads, no accumulation.
-                    x.grad = w.grad = None
-                    for q in lora_params:
-                        q.grad = None
-                    t0 = time.perf_counter()
-                    out = moetune.moe_experts(ex, x, ids, w, lora)
-                    t1 = time.perf_counter()
-                    out.backward(dout)
-                    t2 = time.perf_counter()
-                    if rep:
-                        fw.append(t1 - t0)
-                        bw.append(t2 - t1)
-                f, b = statistics.median(fw), statistics.median(bw)
+                f, b = time_fwd_bwd(lambda ex=ex: moetune.moe_experts(ex, x, ids, w, lora), dout,
+                                    [x, w, *lora_params], args.reps)
                 flops = 2 * (2 * T * k * 3 * H * I) + 18 * T * k * r * (H + I)
                 active = torch.unique(ids).numel()
                 passes = 3 if args.activations == "recompute" else 2

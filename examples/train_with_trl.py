@@ -12,6 +12,7 @@ OUTPUT_DIR/base) and the demo dataset shipped with moetune.
 import argparse
 import os
 
+import accelerate
 import datasets
 import peft
 import torch
@@ -33,8 +34,8 @@ def main():
 
     path = a.model or save_demo_base(os.path.join(a.output_dir, "base"))
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    # `accelerate launch --cpu` means CPU even where a GPU exists (it sets ACCELERATE_USE_CPU).
-    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    # The device accelerate picked (`accelerate launch --cpu` means CPU even where a GPU exists).
+    on_gpu = accelerate.PartialState().device.type == "cuda"
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
     moetune.hf.patch(model)
     model = peft.get_peft_model(model, peft.LoraConfig(

@@ -130,7 +130,12 @@ def lora_init_(model, seed: int = 1):
 
 def pair(family: str, *, patch_first: bool, seed: int = 0):
     """(reference PEFT model, moetune PEFT model, handle) with identical weights."""
-    base = build(family, seed)
+    return peft_pair(build(family, seed), patch_first=patch_first)
+
+
+def peft_pair(base, *, patch_first: bool):
+    """PEFT (LORA) on a deep copy of `base` (the reference) and on `base` patched by moetune,
+    before or after PEFT, with identical LoRA factors: (ref, ours, handle)."""
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**LORA))
     lora_init_(ref)
     if patch_first:
@@ -198,6 +203,26 @@ def check_one_step(ref, ours, label: str) -> None:
     # Adapters disabled through PEFT: the engine runs without LoRA.
     with ours.disable_adapter(), torch.no_grad():
         assert rel_max(ours(input_ids=ids).logits, no_lora) <= 8 * U
+
+
+def check_on_cuda(ref, ours, label: str) -> None:
+    """`ours` moved to CUDA (its experts stay in the CPU engine) against the CPU fp32 reference:
+    logits, loss backward and every LoRA grad (on CUDA) within the check_one_step tolerances."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ids = batch()
+    out_ref = ref(input_ids=ids, labels=ids)
+    out = ours(input_ids=ids.cuda(), labels=ids.cuda())
+    assert out.logits.device.type == "cuda"
+    err = rel_max(out.logits.cpu(), out_ref.logits)
+    print(f"{label}: logits {err / U:.3f} u")
+    assert err <= 8 * U
+    out_ref.loss.backward()
+    out.loss.backward()
+    g_ref, g = lora_grads(ref), lora_grads(ours)
+    for n in g_ref:
+        assert g[n].device.type == "cuda"
+        assert rel_fro(g[n].cpu(), g_ref[n]) <= 14 * U, n
 
 
 def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str) -> None:

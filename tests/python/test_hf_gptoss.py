@@ -15,7 +15,6 @@ u could flip the clamp's derivative: a discontinuity, not an arithmetic error).
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -25,8 +24,8 @@ peft = pytest.importorskip("peft")
 
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
-from test_hf_exactness import (CHECKPOINTING, LORA, U, batch, bf16_round_, check_one_step,  # noqa: E402
-                               check_trajectory, ctx, lora_grads, lora_init_, rel_fro, rel_max,
+from test_hf_exactness import (CHECKPOINTING, LORA, U, batch, bf16_round_, check_on_cuda,  # noqa: E402
+                               check_one_step, check_trajectory, ctx, lora_init_, peft_pair, rel_max,
                                stock_peft_logits)
 
 
@@ -80,21 +79,7 @@ def clamped_fraction(model, ids):
 
 
 def pair(*, patch_first: bool, seed: int = 0):
-    base = build(seed)
-    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**LORA))
-    lora_init_(ref)
-    if patch_first:
-        handle = moetune.hf.patch(base, ctx=ctx())
-        ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
-    else:
-        ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
-        handle = moetune.hf.patch(ours, ctx=ctx())
-    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
-    for (n1, p1), (n2, p2) in zip(ref.named_parameters(), ours.named_parameters()):
-        assert n1 == n2 and p1.requires_grad == p2.requires_grad
-        if "lora_" in n1:
-            assert torch.equal(p1, p2)
-    return ref, ours, handle
+    return peft_pair(build(seed), patch_first=patch_first)
 
 
 def test_clamps_act_with_margin():
@@ -167,24 +152,10 @@ def test_save_pretrained_loads_in_stock_transformers_peft(tmp_path):
 def test_rest_of_model_on_cuda():
     """Experts (weights and biases) stay in the CPU engine; the rest runs on CUDA; results match the CPU fp32
     reference within the same tolerances."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     ref, ours, handle = pair(patch_first=True)
     ours.to("cuda")
     held = [p for n, p in ours.named_parameters() if n.endswith(("gate_up_proj", "down_proj", "_proj_bias"))]
     assert len(held) == 8 and all(isinstance(p, moetune.hf.EngineHeldTensor) and p.device.type == "cpu"
                                   for p in held)
-    ids = batch()
-    out_ref = ref(input_ids=ids, labels=ids)
-    out = ours(input_ids=ids.cuda(), labels=ids.cuda())
-    assert out.logits.device.type == "cuda"
-    err = rel_max(out.logits.cpu(), out_ref.logits)
-    print(f"gpt-oss cuda: logits {err / U:.3f} u")
-    assert err <= 8 * U
-    out_ref.loss.backward()
-    out.loss.backward()
-    g_ref, g = lora_grads(ref), lora_grads(ours)
-    for n in g_ref:
-        assert g[n].device.type == "cuda"
-        assert rel_fro(g[n].cpu(), g_ref[n]) <= 14 * U, n
+    check_on_cuda(ref, ours, "gpt-oss cuda")
     handle.undo()

@@ -15,16 +15,7 @@ import moetune.hf  # noqa: E402
 from moetune.hf import EngineHeldTensor  # noqa: E402
 from peft.tuners.lora.layer import ParamWrapper  # noqa: E402
 
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], lora_dropout=0.0)
-CTX = None
-
-
-def ctx():
-    global CTX
-    if CTX is None:
-        CTX = moetune.Context(num_threads=1)
-    return CTX
+from test_hf_exactness import LORA, ctx  # noqa: E402
 
 
 def qwen3_moe(seed=0):

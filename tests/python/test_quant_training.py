@@ -39,16 +39,9 @@ peft = pytest.importorskip("peft")
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
 from quant_reference import dequantized  # noqa: E402
+from test_hf_exactness import ctx  # noqa: E402
 
 STEPS = 12
-_CTX = None
-
-
-def ctx():
-    global _CTX
-    if _CTX is None:
-        _CTX = moetune.Context(num_threads=1)
-    return _CTX
 
 
 def experts_modules(model):
