@@ -314,8 +314,26 @@ def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Pat
     if out.exists() and not overwrite:
         raise FileExistsError(f"moetune: {out} exists (pass overwrite=True to replace it)")
     terms = _Terms(model)
-    km = key_map(terms.base)
-    names = km.proj_names
+    names = key_map(terms.base).proj_names
+    tensors, scalings = _per_expert_tensors(terms, names)
+    cfg = _per_expert_config(terms, names, scalings)
+    tmp = _tmp_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=lambda o: sorted(o)
+                                                            if isinstance(o, set) else str(o)))
+        _commit(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _per_expert_tensors(terms: _Terms, names: Dict[str, str]):
+    """({adapter key: tensor}, the set of LoRA scalings met): each expert's gate / up /
+    down LoRA under its per-expert module name, the ordinary LoRA modules as they are."""
     tensors = {}
     scalings = set()
     for qual, d in terms.experts.items():
@@ -334,6 +352,11 @@ def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Pat
         tensors[f"{base}.lora_A.weight"] = m.lora_A[a].weight.detach().float().cpu().contiguous()
         tensors[f"{base}.lora_B.weight"] = m.lora_B[a].weight.detach().float().cpu().contiguous()
         scalings.add(float(m.scaling[a]))
+    return tensors, scalings
+
+
+def _per_expert_config(terms: _Terms, names: Dict[str, str], scalings) -> dict:
+    """The adapter's config targeting the per-expert module names (JSON-ready)."""
     cfg = terms.config.to_dict()
     if len(scalings) > 1:
         raise NotImplementedError(f"moetune: several LoRA scalings {sorted(scalings)}; a per-expert adapter has one")
@@ -345,21 +368,10 @@ def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Pat
     for k in ("rank_pattern", "alpha_pattern"):
         if cfg.get(k):
             raise NotImplementedError(f"moetune: {k} is not supported by the per-expert export")
-    tmp = _tmp_dir(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        cfg["peft_type"] = str(getattr(cfg["peft_type"], "value", cfg["peft_type"]))
-        if cfg.get("task_type") is not None:
-            cfg["task_type"] = str(getattr(cfg["task_type"], "value", cfg["task_type"]))
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=lambda o: sorted(o)
-                                                            if isinstance(o, set) else str(o)))
-        _commit(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    cfg["peft_type"] = str(getattr(cfg["peft_type"], "value", cfg["peft_type"]))
+    if cfg.get("task_type") is not None:
+        cfg["task_type"] = str(getattr(cfg["task_type"], "value", cfg["task_type"]))
+    return cfg
 
 
 def per_expert_adapter_deltas(folder) -> Dict[str, torch.Tensor]:
