@@ -229,6 +229,8 @@ def test_unwritable_cache_still_loads_and_memory_check_holds(tmp_path, monkeypat
         m = load(folder, blocker, weight_format="int8")
     said = [str(w.message) for w in rec]
     assert sum("unreadable manifest" in w for w in said) == 2 and sum("could not write" in w for w in said) == 2, said
+    # Both warnings point at load_model's caller (here: load() above), not into moetune.
+    assert {w.filename for w in rec} == {__file__}, [(w.filename, w.lineno) for w in rec]
     assert all("not written" in why for why in m.moetune_cache.values())
     assert torch.equal(logits(m), logits(load(folder, weight_format="int8")))
     load(folder, tmp_path / "cache")

@@ -310,8 +310,11 @@ def _load_experts(ctx: Context, ckpt: Checkpoint, plan: LoadPlan, block, engine_
     """One engine per MoE layer, layer by layer; the experts of one layer are read
     and packed in parallel (packing releases the GIL)."""
     workers = max(1, min(ctx.num_threads, 8))
+    engines = []
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-        return [_load_layer(ctx, ckpt, ep, block, engine_kwargs, cache, bar, pool) for ep in plan.experts]
+        for ep in plan.experts:  # a loop, not a comprehension: _WARN_STACKLEVEL counts the frames
+            engines.append(_load_layer(ctx, ckpt, ep, block, engine_kwargs, cache, bar, pool))
+    return engines
 
 
 def _load_layer(ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block, engine_kwargs,
