@@ -211,7 +211,6 @@ FAMILIES: Tuple[Family, ...] = (
            transposed=True, interleaved=True, bias=True, activation="gpt_oss", constants=("alpha", "limit")),
 )
 
-BY_NAME: Dict[str, Family] = {f.name: f for f in FAMILIES}
 # name -> (module, experts class), the form `moetune.hf.SUPPORTED_FAMILIES` has always had.
 SUPPORTED_FAMILIES: Dict[str, Tuple[str, str]] = {f.name: (f.module, f.class_name) for f in FAMILIES}
 
