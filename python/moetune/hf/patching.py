@@ -91,7 +91,7 @@ def _lora_for(module: nn.Module, st: ExpertsState) -> LoraWeights:
             continue
         A, B, s = f
         scalings[w.parameter_name] = s
-        if w.parameter_name == "gate_up_proj":
+        if w.parameter_name == families.GATE_UP:
             # One PEFT LoRA on the fused gate/up weight = gate and up LoRAs
             # sharing A (the engine computes A x once per projection); B's
             # output rows split like the weight's 2I axis.
