@@ -81,7 +81,8 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _entry_name(key: str) -> str:
+def entry_name(key: str) -> str:
+    """The file name stem of cache key `key` in its directory (readable part + hash)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", key)[:80]
     return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
@@ -109,7 +110,8 @@ def _expected(key, source, num_experts, hidden_size, intermediate_size, weight_f
     }
 
 
-def _norm_group(weight_format: str, group_size: Optional[int]) -> int:
+def normalized_group_size(weight_format: str, group_size: Optional[int]) -> int:
+    """The int4 group size the engine uses for `group_size` (None: its default); 0 for other formats."""
     if group_size is None:
         return 128 if weight_format == "int4" else 0
     return int(group_size)
@@ -147,7 +149,7 @@ def save(experts: MoEExperts, directory: os.PathLike, key: str, source) -> Path:
     """Writes experts' packed buffers under `key`; returns the manifest path."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    name = _entry_name(key)
+    name = entry_name(key)
     o = experts.options
     manifest = _expected(key, json.loads(json.dumps(source)), experts.num_experts, experts.hidden_size,
                          experts.intermediate_size, o["weight_format"], o["group_size"], o["backward_weights"])
@@ -220,8 +222,8 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
     engine_options: further MoEExperts keyword options (activation, alpha, limit).
     """
     d = Path(directory)
-    name = _entry_name(key)
-    group_size = _norm_group(weight_format, group_size)
+    name = entry_name(key)
+    group_size = normalized_group_size(weight_format, group_size)
     m = _read_manifest(d / f"{name}.json")
     if m is None:
         return None, "miss: no cache entry"
@@ -286,7 +288,8 @@ def load_or_build(ctx: Context, directory: os.PathLike, key: str, source, build:
     ex = build()
     got = (ex.num_experts, ex.hidden_size, ex.intermediate_size, ex.options["weight_format"],
            ex.options["group_size"], ex.options["backward_weights"])
-    want = (num_experts, hidden_size, intermediate_size, weight_format, _norm_group(weight_format, group_size),
+    want = (num_experts, hidden_size, intermediate_size, weight_format,
+            normalized_group_size(weight_format, group_size),
             backward_weights)
     if got != want:
         raise ValueError(f"moetune.cache: build() for {key!r} returned experts with (E, H, I, weight_format, "

@@ -14,7 +14,7 @@ def _optional(conv):
     return f
 
 
-def _add_config_flags(p: argparse.ArgumentParser, defaults_note=None) -> None:
+def add_config_flags(p: argparse.ArgumentParser, defaults_note=None) -> None:
     """One flag per TrainConfig field (grouped by section), default=SUPPRESS so
     only flags actually given override the config file."""
     from moetune.train.config import SECTIONS, TrainConfig, describe_default, flag_name
@@ -47,7 +47,7 @@ def _add_config_flags(p: argparse.ArgumentParser, defaults_note=None) -> None:
                            choices=choices, metavar="|".join(choices) if choices else "VALUE", **kw)
 
 
-def _config_from_args(args, base=None):
+def config_from_args(args, base=None):
     from moetune.train.config import TrainConfig, load_yaml, make_config
 
     file_values = load_yaml(args.config) if getattr(args, "config", None) else None
@@ -66,12 +66,12 @@ def main(argv=None) -> int:
                                    "key: value, keys = the option names with _ instead of -) and flags, flags "
                                    "winning. Without --model: the embedded demo (as `moetune demo`).")
     t.add_argument("--config", metavar="FILE.yaml", help="YAML config file (flags override it)")
-    _add_config_flags(t, defaults_note=DEMO_DEFAULTS)
+    add_config_flags(t, defaults_note=DEMO_DEFAULTS)
     d = sub.add_parser("demo", help="the embedded demo: LoRA-train a tiny MoE on CPU (= train without --model)",
                        description="Train LoRA on a tiny Qwen3-MoE made locally, on the dataset shipped in the "
                                    "package, CPU only; prints generations before and after.")
     d.add_argument("--config", metavar="FILE.yaml", help="YAML config file (flags override it)")
-    _add_config_flags(d, defaults_note=DEMO_DEFAULTS)
+    add_config_flags(d, defaults_note=DEMO_DEFAULTS)
     i = sub.add_parser("info", help="print the CPU features and the kernel the engine would use")
     i.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         if args.command == "train":
             from moetune.train.loop import train
 
-            train(_config_from_args(args))
+            train(config_from_args(args))
             return 0
     except (ConfigError, DataError) as e:
         print(f"moetune {args.command}: error: {e}", file=sys.stderr)

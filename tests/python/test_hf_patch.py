@@ -12,6 +12,7 @@ peft = pytest.importorskip("peft")
 
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
+from moetune.hf.patching import experts_state  # noqa: E402
 from moetune.hf import EngineHeldTensor  # noqa: E402
 from peft.tuners.lora.layer import ParamWrapper  # noqa: E402
 
@@ -113,7 +114,7 @@ def test_placeholders_and_undo_restore_exactly():
     handle.undo()
     assert model.config._experts_implementation == impl_before
     for m in experts_modules(model):
-        assert not hasattr(m, "_moetune_state")
+        assert experts_state(m) is None
         for n in ("gate_up_proj", "down_proj"):
             assert getattr(m, n) is originals[(id(m), n)]
     with torch.no_grad():

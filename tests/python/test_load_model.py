@@ -24,9 +24,10 @@ pytest.importorskip("peft")
 
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
+from moetune.hf.patching import experts_state  # noqa: E402
 from ckpt_util import rewrite, state_dict_of, to_layout, write_checkpoint  # noqa: E402
 from moetune.hf import fp8, loader  # noqa: E402
-from moetune.hf.keymap import FALLBACK, _STANDARD, key_map  # noqa: E402
+from moetune.hf.keymap import fallback_rules, key_map  # noqa: E402
 from test_hf_exactness import FAMILIES, U, batch, build, ctx, rel_max  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def test_family_logits(family, layout, shards, tmp_path):
     assert handle.families == [FAMILIES[family]] and len(handle.module_names) == 2
     # Experts live only in the engine: placeholders, no storage.
     for m in ours.modules():
-        if hasattr(m, "_moetune_state"):
+        if experts_state(m) is not None:
             assert isinstance(m.gate_up_proj, moetune.hf.EngineHeldTensor)
             assert isinstance(m.down_proj, moetune.hf.EngineHeldTensor)
     assert not any(p.device.type == "meta" for p in ours.parameters())
@@ -78,7 +79,7 @@ def test_bf16_default_and_engine_options(tmp_path):
     ours = moetune.load_model(tmp_path / "c", ctx=ctx(), progress=False, backward_weights="transposed_copy",
                               activations="recompute")
     assert all(p.dtype == torch.bfloat16 for n, p in ours.named_parameters() if "experts" not in n)
-    st = next(m._moetune_state for m in ours.modules() if hasattr(m, "_moetune_state"))
+    st = next(experts_state(m) for m in ours.modules() if experts_state(m) is not None)
     assert st.engine.ctx is ctx()
     patched = moetune.hf.patch(build("olmoe"), ctx=ctx(), keep_original=False)
     # transposed_copy keeps a second packed copy: twice the bytes of the default layout ...
@@ -110,7 +111,7 @@ def test_key_map_from_transformers_agrees_with_fallback():
         model = build(family)
         km = key_map(model)
         assert km.source == "transformers", family
-        names, pairs = FALLBACK.get(model.config.model_type, (_STANDARD, []))
+        names, pairs = fallback_rules(model.config.model_type)
         assert km.proj_names == names, family
         probe = "model.layers.3.block_sparse_moe.gate.weight"
         want = probe
@@ -331,7 +332,7 @@ def test_gpt_oss(shards, tmp_path):
     ids = batch()
     ours = moetune.load_model(folder, dtype=torch.float32, ctx=ctx(), progress=False)
     assert ours.moetune_handle.families == ["gpt-oss"]
-    st = next(m._moetune_state for m in ours.modules() if hasattr(m, "_moetune_state"))
+    st = next(experts_state(m) for m in ours.modules() if experts_state(m) is not None)
     assert st.engine.has_biases == (True, True, True) and st.engine.activation == "gpt_oss"
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     moetune.hf.patch(hf, ctx=ctx(), keep_original=False)

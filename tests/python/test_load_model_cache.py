@@ -109,7 +109,7 @@ def test_second_load_reads_only_the_cache(tmp_path, monkeypatch, family, layout,
 
     spy = ReadSpy(monkeypatch)
     bars = []
-    monkeypatch.setattr(loader, "_progress", lambda total, enabled: bars.append(tqdm(total=total, file=io.StringIO()))
+    monkeypatch.setattr(loader, "progress_bar", lambda total, enabled: bars.append(tqdm(total=total, file=io.StringIO()))
                         or bars[-1])
     second = load(folder, cache, **opts)
     assert second.moetune_cache == {q: "hit" for q in LAYERS}
@@ -194,9 +194,9 @@ def test_other_format_is_another_entry_and_a_swapped_entry_is_refused(tmp_path):
 
 
 def cache_entry(qual, opts):
-    from moetune.cache import _entry_name
+    from moetune.cache import entry_name
 
-    return _entry_name(expert_cache.entry_key(qual, opts))
+    return entry_name(expert_cache.entry_key(qual, opts))
 
 
 def test_truncated_or_corrupted_entry_is_rebuilt(tmp_path):
@@ -229,6 +229,8 @@ def test_unwritable_cache_still_loads_and_memory_check_holds(tmp_path, monkeypat
         m = load(folder, blocker, weight_format="int8")
     said = [str(w.message) for w in rec]
     assert sum("unreadable manifest" in w for w in said) == 2 and sum("could not write" in w for w in said) == 2, said
+    # Both warnings point at load_model's caller (here: load() above), not into moetune.
+    assert {w.filename for w in rec} == {__file__}, [(w.filename, w.lineno) for w in rec]
     assert all("not written" in why for why in m.moetune_cache.values())
     assert torch.equal(logits(m), logits(load(folder, weight_format="int8")))
     load(folder, tmp_path / "cache")

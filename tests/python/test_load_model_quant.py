@@ -16,6 +16,7 @@ pytest.importorskip("peft")
 
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
+from moetune.hf.patching import experts_state  # noqa: E402
 from ckpt_util import state_dict_of, to_layout, write_checkpoint  # noqa: E402
 from test_hf_exactness import batch, build, ctx  # noqa: E402
 
@@ -28,7 +29,7 @@ def test_load_model_quantized_equals_patch(fmt, group, tmp_path):
     ids = batch()
     kw = {"weight_format": fmt} if group is None else {"weight_format": fmt, "group_size": group}
     ours = moetune.load_model(folder, dtype=torch.float32, ctx=ctx(), progress=False, **kw)
-    engines = [m._moetune_state.engine for m in ours.modules() if hasattr(m, "_moetune_state")]
+    engines = [experts_state(m).engine for m in ours.modules() if experts_state(m) is not None]
     assert engines and all(e.weight_format == fmt for e in engines)
     with torch.no_grad():
         got = ours(input_ids=ids).logits
@@ -37,5 +38,5 @@ def test_load_model_quantized_equals_patch(fmt, group, tmp_path):
         assert torch.equal(got, hf(input_ids=ids).logits), "load_model and from_pretrained+patch differ"
         bf = moetune.load_model(folder, dtype=torch.float32, ctx=ctx(), progress=False)
         assert not torch.equal(got, bf(input_ids=ids).logits), "the weight format did not reach the engine"
-    bf_bytes = [m._moetune_state.engine.packed_bytes for m in bf.modules() if hasattr(m, "_moetune_state")]
+    bf_bytes = [experts_state(m).engine.packed_bytes for m in bf.modules() if experts_state(m) is not None]
     assert all(e.packed_bytes < b * (0.55 if fmt == "int8" else 0.35) for e, b in zip(engines, bf_bytes))

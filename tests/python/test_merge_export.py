@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
+from moetune.hf.patching import experts_state  # noqa: E402
 from ckpt_util import state_dict_of, to_layout, write_checkpoint  # noqa: E402
 from moetune.hf import merge as merge_mod  # noqa: E402
 from peft.tuners.lora.layer import ParamWrapper  # noqa: E402
@@ -79,7 +80,7 @@ def test_resume_from_saved_adapter(tmp_path):
 
 def _plain_logits(folder, ids):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    assert not any(hasattr(m, "_moetune_state") for m in model.modules())
+    assert not any(experts_state(m) is not None for m in model.modules())
     return _logits(model, ids)
 
 
@@ -148,7 +149,7 @@ def test_per_expert_export_roundtrip(tmp_path):
     n = nl = 0
     for name, m in pm.named_modules():
         if isinstance(m, ParamWrapper):
-            qual = merge_mod._model_name(name)
+            qual = merge_mod.model_name(name)
             with torch.no_grad():
                 d = m.get_delta_weight("default").float()
             E = d.shape[0]
@@ -163,7 +164,7 @@ def test_per_expert_export_roundtrip(tmp_path):
                     assert torch.allclose(got, dd[e], rtol=1e-5, atol=1e-7 * dd.abs().max().item()), (qual, e, proj)
                     n += 1
         elif isinstance(m, peft.tuners.lora.Linear):
-            assert torch.allclose(deltas[merge_mod._model_name(name)], m.get_delta_weight("default"), rtol=1e-5)
+            assert torch.allclose(deltas[merge_mod.model_name(name)], m.get_delta_weight("default"), rtol=1e-5)
             nl += 1
     assert n == 2 * 8 * 3 and nl == 2 * 2  # layers x experts x projections; layers x (q, v)
 
@@ -198,7 +199,7 @@ def test_per_expert_export_gpt_oss(tmp_path):
     n = 0
     for name, m in pm.named_modules():
         if isinstance(m, ParamWrapper):
-            qual = merge_mod._model_name(name)
+            qual = merge_mod.model_name(name)
             with torch.no_grad():
                 d = m.get_delta_weight("default").float().transpose(1, 2)  # [E, out, in]
             parts = {"gate_proj": d[:, 0::2], "up_proj": d[:, 1::2]} if m.parameter_name == "gate_up_proj" \

@@ -54,13 +54,13 @@ def test_flags_override_the_file_and_file_paths_are_relative_to_it(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("data: d.jsonl\nlr: 0.5\nlora_rank: 4\noutput_dir: out\n")
     args = _parse(["train", "--config", str(f), "--lr", "0.25", "--no-shuffle"])
-    cfg = cli._config_from_args(args)
+    cfg = cli.config_from_args(args)
     assert cfg.lr == 0.25 and cfg.lora_rank == 4 and cfg.shuffle is False
     assert cfg.data == str(tmp_path / "d.jsonl") and cfg.output_dir == str(tmp_path / "out")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     f.write_text("model: m\ndata: d.jsonl\nexpert_cache_dir: cache\n")
-    cfg = cli._config_from_args(_parse(["train", "--config", str(f)]))
+    cfg = cli.config_from_args(_parse(["train", "--config", str(f)]))
     assert cfg.model == str(tmp_path / "m") and cfg.expert_cache_dir == str(tmp_path / "cache")
 
 
@@ -71,7 +71,7 @@ def _parse(argv):
     sub = parser.add_subparsers(dest="command")
     t = sub.add_parser("train")
     t.add_argument("--config")
-    cli._add_config_flags(t)
+    cli.add_config_flags(t)
     return parser.parse_args(argv)
 
 

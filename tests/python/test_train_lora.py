@@ -11,7 +11,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 import moetune.hf  # noqa: E402
-from moetune.hf import _peft  # noqa: E402
+from moetune.hf import peft_lora  # noqa: E402
 from moetune.train.config import make_config  # noqa: E402
 from moetune.train.model import apply_lora, lora_targets  # noqa: E402
 from test_hf_exactness import tiny  # noqa: E402
@@ -45,7 +45,7 @@ def test_qwen2_moe_targets(tmp_path):
     pm = apply_lora(model, make_config(None, {"output_dir": str(tmp_path), "lora_dropout": 0.1}), handle)
     got = lora_names(pm)
     assert any(n.endswith("self_attn.q_proj") for n in got) and any(n.endswith("shared_expert.up_proj") for n in got)
-    wrappers = [m for m in pm.modules() if _peft.is_param_wrapper(m)]
+    wrappers = [m for m in pm.modules() if peft_lora.is_param_wrapper(m)]
     assert len(wrappers) == 4  # gate_up + down per layer
     # dropout on ordinary LoRA layers only; expert LoRA (engine) has none
     drops = [type(m.lora_dropout["default"]).__name__ for m in pm.modules()
@@ -62,7 +62,7 @@ def test_each_part_switches_off(tmp_path, switch):
     got = lora_names(pm)
     has = {"lora_attention": any("self_attn" in n for n in got),
            "lora_mlp": any("shared_expert" in n for n in got),
-           "lora_experts": any(_peft.is_param_wrapper(m) for m in pm.modules())}
+           "lora_experts": any(peft_lora.is_param_wrapper(m) for m in pm.modules())}
     assert has == {k: k != switch for k in has}, got
 
 

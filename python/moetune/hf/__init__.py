@@ -8,11 +8,13 @@
     ... train ...; model.save_pretrained(dir)            # a standard PEFT adapter
     handle.undo()                                        # original weights back
 
-patch() may also come after get_peft_model. See moetune.hf.patching.
+patch() may also come after get_peft_model. See moetune.hf.patching; the
+supported families and their layouts are moetune.hf.families.
 """
 
 from moetune.hf._placeholder import EngineHeldTensor
-from moetune.hf.patching import IMPLEMENTATION, SUPPORTED_FAMILIES, PatchHandle, moetune_experts_forward, patch, register
+from moetune.hf.families import SUPPORTED_FAMILIES
+from moetune.hf.patching import IMPLEMENTATION, PatchHandle, moetune_experts_forward, patch, register
 
 __all__ = ["patch", "PatchHandle", "register", "SUPPORTED_FAMILIES", "IMPLEMENTATION", "EngineHeldTensor",
            "moetune_experts_forward"]

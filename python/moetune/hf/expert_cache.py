@@ -31,7 +31,7 @@ import os
 import re
 from pathlib import Path
 
-from moetune.cache import _norm_group
+from moetune.cache import normalized_group_size
 from moetune.hf import fp8 as fp8_mod
 from moetune.hf.checkpoint import Checkpoint
 
@@ -50,7 +50,7 @@ def folder(cache_dir: os.PathLike, checkpoint: os.PathLike) -> Path:
 def entry_key(qual: str, engine_options: dict) -> str:
     """Cache key of one MoE layer in one packed format."""
     fmt = engine_options.get("weight_format", "bf16")
-    group = _norm_group(fmt, engine_options.get("group_size"))
+    group = normalized_group_size(fmt, engine_options.get("group_size"))
     tag = f"{fmt}-g{group}" if fmt == "int4" else fmt
     return f"{qual}.{tag}.{engine_options.get('backward_weights', 'repack')}"
 

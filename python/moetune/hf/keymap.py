@@ -9,8 +9,9 @@ transformers converts at load time with per-family rules
 for every key, and the per-expert projection names from the source patterns
 of the converters that build ``gate_up_proj`` (gate, then up) and
 ``down_proj``. Where those rules cannot be read (another transformers
-version's internals), `FALLBACK` gives the same facts by hand; a test checks
-both agree on the installed transformers.
+version's internals), `fallback_rules` gives the same facts from the family
+table (`moetune.hf.families`); a test checks both agree on the installed
+transformers.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
-PROJ = ("gate", "up", "down")
-_STANDARD = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-# model_type -> (per-expert projection names, [(checkpoint substring, model substring)]).
-FALLBACK: Dict[str, Tuple[Dict[str, str], List[Tuple[str, str]]]] = {
-    "mixtral": ({"gate": "w1", "up": "w3", "down": "w2"}, [(".block_sparse_moe.", ".mlp.")]),
-}
+from moetune.hf.families import PROJ, STANDARD_KEY_NAMES, by_model_type
+
+STANDARD = dict(zip(PROJ, STANDARD_KEY_NAMES))
 _EXPERT_SRC = re.compile(r"experts\.\*\.(\w+)\.weight$")
 
 
@@ -72,10 +70,20 @@ def _transformers_rules(model) -> Optional[KeyMap]:
     return KeyMap(names, renames, "transformers")
 
 
+def fallback_rules(model_type: str) -> Tuple[Dict[str, str], List[Tuple[str, str]]]:
+    """(per-expert projection names, [(checkpoint substring, model substring)])
+    of a model_type as the family table has them (the standard names for a
+    model_type that is no family's)."""
+    family = by_model_type(model_type)
+    if family is None:
+        return dict(STANDARD), []
+    return family.proj_names, list(family.key_renames)
+
+
 def key_map(model) -> KeyMap:
     km = _transformers_rules(model)
     if km is not None:
         return km
-    names, pairs = FALLBACK.get(model.config.model_type, (_STANDARD, []))
+    names, pairs = fallback_rules(model.config.model_type)
     renames = [lambda k, a=a, b=b: k.replace(a, b) for a, b in pairs]
     return KeyMap(dict(names), renames, "fallback")

@@ -2,7 +2,7 @@
 
 * `merge_and_save(model_or_paths, out_dir)`: W + s B A for every LoRA target
   (experts' fused gate_up/down LoRA read through the same views the engine
-  uses, `moetune.hf._peft.lora_factors`; ordinary PEFT LoRA modules through
+  uses, `moetune.hf.peft_lora.lora_factors`; ordinary PEFT LoRA modules through
   PEFT's own `get_delta_weight`), written as a full HF checkpoint in the
   source checkpoint's key layout and sharding. It streams: one source shard
   at a time is read, merged and written, so the whole model is never in RAM;
@@ -26,15 +26,16 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from moetune.hf import _peft, patching
+from moetune.hf import families, peft_lora
 from moetune.hf import fp8 as fp8_mod
 from moetune.hf.checkpoint import Checkpoint
+from moetune.hf.families import Family
 from moetune.hf.keymap import key_map
 
 _PREFIX = "base_model.model."
 
 
-def _model_name(peft_name: str) -> str:
+def model_name(peft_name: str) -> str:
     """PEFT module path -> the transformers model's module path."""
     name = peft_name[len(_PREFIX):] if peft_name.startswith(_PREFIX) else peft_name
     return re.sub(r"(^|\.)base_layer(?=\.|$)", "", name).lstrip(".")
@@ -52,23 +53,23 @@ class _Terms:
             raise NotImplementedError(f"moetune: adapters with modules_to_save ({cfg.modules_to_save}) are not supported")
         self.config = cfg
         self.experts: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]] = {}
-        self.layouts: Dict[str, patching.ExpertsLayout] = {}
-        classes = patching._supported_classes()
+        self.families: Dict[str, Family] = {}
+        classes = families.supported_classes()
         self.linear: Dict[str, Tuple[torch.nn.Module, str]] = {}
         for name, m in peft_model.named_modules():
-            if _peft.is_param_wrapper(m):
+            if peft_lora.is_param_wrapper(m):
                 base = m
-                while _peft.is_param_wrapper(base):
+                while peft_lora.is_param_wrapper(base):
                     base = base.base_layer
                 if type(base) not in classes:
                     raise NotImplementedError(f"moetune: {name}: LoRA on experts of unsupported class "
                                               f"{type(base).__name__}")
-                layout = patching._layout(classes[type(base)])
-                f = _peft.lora_factors(m, transposed=layout.transposed)
+                family = classes[type(base)]
+                f = peft_lora.lora_factors(m, transposed=family.transposed)
                 if f is not None:
                     A, B, s = f
-                    self.layouts[_model_name(name)] = layout
-                    self.experts.setdefault(_model_name(name), {})[m.parameter_name] = (
+                    self.families[model_name(name)] = family
+                    self.experts.setdefault(model_name(name), {})[m.parameter_name] = (
                         A.detach().float().cpu(), B.detach().float().cpu(), s)
             elif isinstance(m, LoraLayer):
                 if m.merged:
@@ -81,17 +82,17 @@ class _Terms:
                 a = active[0]
                 if getattr(m, "use_dora", {}).get(a, False):
                     raise NotImplementedError(f"moetune: {name}: DoRA adapters are not supported")
-                self.linear[_model_name(name) + ".weight"] = (m, a)
+                self.linear[model_name(name) + ".weight"] = (m, a)
 
     def expert_delta(self, qual: str, proj: str, e: Optional[int]) -> Optional[torch.Tensor]:
         """s B A of one projection ("gate", "up", "down") of expert e (all experts if e is None), fp32."""
         t = self.experts.get(qual, {})
-        pname = "down_proj" if proj == "down" else "gate_up_proj"
+        pname = families.PARAM_OF[proj]
         if pname not in t:
             return None
         A, B, s = t[pname]
         if proj != "down":
-            gate, up = patching._split_gate_up(B, self.layouts[qual], 1)
+            gate, up = self.families[qual].split_gate_up(B, 1)
             B = gate if proj == "gate" else up
         if e is None:
             return s * torch.bmm(B, A)
@@ -103,8 +104,7 @@ class _Terms:
         if pname not in t:
             return None
         A, B, s = t[pname]
-        d = s * torch.bmm(B, A)
-        return d.transpose(1, 2) if self.layouts[qual].transposed else d
+        return self.families[qual].storage_view(s * torch.bmm(B, A))
 
     def linear_delta(self, key: str) -> Optional[torch.Tensor]:
         if key not in self.linear:
@@ -122,12 +122,12 @@ def _adapter_on_skeleton(base, adapter):
     from accelerate.utils import set_module_tensor_to_device
     from safetensors.torch import load_file
 
-    from moetune.hf.loader import _skeleton
+    from moetune.hf.loader import skeleton
 
     config = transformers.AutoConfig.from_pretrained(str(base))
     if fp8_mod.block_size(config) is not None:
         del config.quantization_config
-    model = _skeleton(config, torch.float32)
+    model = skeleton(config, torch.float32)
     pm = peft.get_peft_model(model, peft.PeftConfig.from_pretrained(str(adapter)))
     for n, p in list(pm.named_parameters()):
         if "lora_" in n:
@@ -172,29 +172,12 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
     files, index and non-weight files (config, tokenizer...). Weights keep the
     source dtype (block-FP8 sources are written dequantized, as bf16).
     """
-    from tqdm.auto import tqdm
-
-    if isinstance(model_or_paths, (tuple, list)):
-        base, adapter = model_or_paths
-        peft_model = _adapter_on_skeleton(base, adapter)
-        source = Path(base)
-    else:
-        peft_model = model_or_paths
-        if not hasattr(peft_model, "peft_config"):
-            raise TypeError("moetune: merge_and_save needs a PEFT model (or a (base, adapter) pair of folders)")
-        if source is None:
-            source = getattr(peft_model.get_base_model(), "moetune_source", None)
-        if source is None:
-            raise ValueError("moetune: pass source= (the base checkpoint folder): this model was not made by load_model")
-        source = Path(source)
+    peft_model, source = _model_and_source(model_or_paths, source)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"moetune: {out} exists (pass overwrite=True to replace it)")
     terms = _Terms(peft_model)
-    base_model = terms.base
-    km = key_map(base_model)
-    per_expert_re = km.per_expert_regex()
-    quals = set(terms.experts)
+    merger = _Merger(terms)
     ckpt = Checkpoint(source)
     config = json.loads((source / "config.json").read_text())
     block = None
@@ -202,63 +185,14 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
         import transformers
 
         block = fp8_mod.block_size(transformers.AutoConfig.from_pretrained(str(source)))
-    used = set()
     tmp = _tmp_dir(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        for f in source.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, tmp / f.name)
-        if block is not None:
-            config.pop("quantization_config", None)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        files: Dict[str, list] = {}
-        for k, e in ckpt.entries.items():
-            files.setdefault(e.file, []).append(k)
-        weight_map = {}
-        total_bytes = 0
-        bar = tqdm(total=sum(e.nbytes for e in ckpt.entries.values()), unit="B", unit_scale=True,
-                   unit_divisor=1024, desc="moetune merge", disable=not progress)
-        with bar:
-            for fname in sorted(files):
-                out_t = {}
-                with ckpt.reader() as r:
-                    for ck in sorted(files[fname]):
-                        bar.update(ckpt.entries[ck].nbytes)
-                        if block is not None and ck.endswith(fp8_mod.SCALE_SUFFIX):
-                            continue  # folded into its weight below
-                        t = r.get(ck)
-                        if t.dtype == fp8_mod.E4M3:
-                            t = fp8_mod.dequantize(t, r.get(ck + fp8_mod.SCALE_SUFFIX), block, ck)
-                        k = km.rename(ck)
-                        delta, tag = None, None
-                        m = per_expert_re.match(k)
-                        if m and m.group("qual") in quals and m.group("kind") == "weight":
-                            proj = km.proj_of(m.group("proj"))
-                            delta = terms.expert_delta(m.group("qual"), proj, int(m.group("e")))
-                            tag = (m.group("qual"), "down_proj" if proj == "down" else "gate_up_proj")
-                        else:
-                            head, _, tail = k.rpartition(".")
-                            if head in quals and tail in ("gate_up_proj", "down_proj"):
-                                delta, tag = terms.fused_delta(head, tail), (head, tail)
-                            else:
-                                delta, tag = terms.linear_delta(k), k
-                        if delta is not None:
-                            if tuple(delta.shape) != tuple(t.shape):
-                                raise ValueError(f"moetune: LoRA delta for {ck} has shape {list(delta.shape)}, the "
-                                                 f"checkpoint tensor {list(t.shape)}")
-                            t = (t.float() + delta).to(t.dtype)
-                            used.add(tag)
-                        out_t[ck] = t.contiguous()
-                        weight_map[ck] = fname
-                total_bytes += sum(t.numel() * t.element_size() for t in out_t.values())
-                save_file(out_t, str(tmp / fname), metadata={"format": "pt"})
-                del out_t
-        wanted = {(q, p) for q, d in terms.experts.items() for p in d} | set(terms.linear)
-        if wanted - used:
-            raise ValueError(f"moetune: LoRA targets not found in {source}: {sorted(map(str, wanted - used))[:8]}")
+        _copy_other_files(source, tmp, config, block)
+        weight_map, total_bytes = _merge_shards(ckpt, merger, block, tmp, progress)
+        merger.check_all_used(source)
         if ckpt.sharded:
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
@@ -267,6 +201,104 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _model_and_source(model_or_paths, source):
+    """(PEFT model, base checkpoint folder) of merge_and_save's arguments."""
+    if isinstance(model_or_paths, (tuple, list)):
+        base, adapter = model_or_paths
+        return _adapter_on_skeleton(base, adapter), Path(base)
+    peft_model = model_or_paths
+    if not hasattr(peft_model, "peft_config"):
+        raise TypeError("moetune: merge_and_save needs a PEFT model (or a (base, adapter) pair of folders)")
+    if source is None:
+        source = getattr(peft_model.get_base_model(), "moetune_source", None)
+    if source is None:
+        raise ValueError("moetune: pass source= (the base checkpoint folder): this model was not made by load_model")
+    return peft_model, Path(source)
+
+
+def _copy_other_files(source: Path, tmp: Path, config: dict, block) -> None:
+    """Everything but the weights (config, tokenizer...); an FP8 source's config
+    loses its quantization_config (the weights are written dequantized)."""
+    for f in source.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, tmp / f.name)
+    if block is not None:
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _merge_shards(ckpt: Checkpoint, merger: "_Merger", block, tmp: Path, progress: bool):
+    """Each source shard read, merged and written under its own name in tmp, one
+    at a time: (weight map, total bytes written)."""
+    from tqdm.auto import tqdm
+
+    files: Dict[str, list] = {}
+    for k, e in ckpt.entries.items():
+        files.setdefault(e.file, []).append(k)
+    weight_map = {}
+    total_bytes = 0
+    bar = tqdm(total=sum(e.nbytes for e in ckpt.entries.values()), unit="B", unit_scale=True,
+               unit_divisor=1024, desc="moetune merge", disable=not progress)
+    with bar:
+        for fname in sorted(files):
+            out_t = {}
+            with ckpt.reader() as r:
+                for ck in sorted(files[fname]):
+                    bar.update(ckpt.entries[ck].nbytes)
+                    if block is not None and ck.endswith(fp8_mod.SCALE_SUFFIX):
+                        continue  # folded into its weight below
+                    t = r.get(ck)
+                    if t.dtype == fp8_mod.E4M3:
+                        t = fp8_mod.dequantize(t, r.get(ck + fp8_mod.SCALE_SUFFIX), block, ck)
+                    out_t[ck] = merger.merged(ck, t).contiguous()
+                    weight_map[ck] = fname
+            total_bytes += sum(t.numel() * t.element_size() for t in out_t.values())
+            save_file(out_t, str(tmp / fname), metadata={"format": "pt"})
+            del out_t
+    return weight_map, total_bytes
+
+
+class _Merger:
+    """W + s B A of one checkpoint tensor at a time; remembers which LoRA targets it met."""
+
+    def __init__(self, terms: _Terms):
+        self.terms = terms
+        self.km = key_map(terms.base)
+        self.per_expert_re = self.km.per_expert_regex()
+        self.quals = set(terms.experts)
+        self.used = set()
+
+    def _delta(self, k: str):
+        """(s B A or None, the LoRA target it belongs to) of model key k."""
+        terms = self.terms
+        m = self.per_expert_re.match(k)
+        if m and m.group("qual") in self.quals and m.group("kind") == "weight":
+            proj = self.km.proj_of(m.group("proj"))
+            return (terms.expert_delta(m.group("qual"), proj, int(m.group("e"))),
+                    (m.group("qual"), families.PARAM_OF[proj]))
+        head, _, tail = k.rpartition(".")
+        if head in self.quals and tail in families.LORA_PARAMS:
+            return terms.fused_delta(head, tail), (head, tail)
+        return terms.linear_delta(k), k
+
+    def merged(self, ck: str, t: torch.Tensor) -> torch.Tensor:
+        """Checkpoint tensor ck (value t) with its LoRA delta added, in t's dtype."""
+        delta, tag = self._delta(self.km.rename(ck))
+        if delta is None:
+            return t
+        if tuple(delta.shape) != tuple(t.shape):
+            raise ValueError(f"moetune: LoRA delta for {ck} has shape {list(delta.shape)}, the "
+                             f"checkpoint tensor {list(t.shape)}")
+        self.used.add(tag)
+        return (t.float() + delta).to(t.dtype)
+
+    def check_all_used(self, source) -> None:
+        terms = self.terms
+        wanted = {(q, p) for q, d in terms.experts.items() for p in d} | set(terms.linear)
+        if wanted - self.used:
+            raise ValueError(f"moetune: LoRA targets not found in {source}: {sorted(map(str, wanted - self.used))[:8]}")
 
 
 def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Path:
@@ -282,16 +314,34 @@ def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Pat
     if out.exists() and not overwrite:
         raise FileExistsError(f"moetune: {out} exists (pass overwrite=True to replace it)")
     terms = _Terms(model)
-    km = key_map(terms.base)
-    names = km.proj_names
+    names = key_map(terms.base).proj_names
+    tensors, scalings = _per_expert_tensors(terms, names)
+    cfg = _per_expert_config(terms, names, scalings)
+    tmp = _tmp_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=lambda o: sorted(o)
+                                                            if isinstance(o, set) else str(o)))
+        _commit(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _per_expert_tensors(terms: _Terms, names: Dict[str, str]):
+    """({adapter key: tensor}, the set of LoRA scalings met): each expert's gate / up /
+    down LoRA under its per-expert module name, the ordinary LoRA modules as they are."""
     tensors = {}
     scalings = set()
     for qual, d in terms.experts.items():
         for pname, (A, B, s) in d.items():
             scalings.add(s)
             E = A.shape[0]
-            parts = [("down", B)] if pname == "down_proj" else list(
-                zip(("gate", "up"), patching._split_gate_up(B, terms.layouts[qual], 1)))
+            parts = [("down", B)] if pname == families.DOWN else list(
+                zip(("gate", "up"), terms.families[qual].split_gate_up(B, 1)))
             for proj, Bp in parts:
                 for e in range(E):
                     key = f"{_PREFIX}{qual}.{e}.{names[proj]}"
@@ -302,6 +352,11 @@ def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Pat
         tensors[f"{base}.lora_A.weight"] = m.lora_A[a].weight.detach().float().cpu().contiguous()
         tensors[f"{base}.lora_B.weight"] = m.lora_B[a].weight.detach().float().cpu().contiguous()
         scalings.add(float(m.scaling[a]))
+    return tensors, scalings
+
+
+def _per_expert_config(terms: _Terms, names: Dict[str, str], scalings) -> dict:
+    """The adapter's config targeting the per-expert module names (JSON-ready)."""
     cfg = terms.config.to_dict()
     if len(scalings) > 1:
         raise NotImplementedError(f"moetune: several LoRA scalings {sorted(scalings)}; a per-expert adapter has one")
@@ -313,21 +368,10 @@ def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Pat
     for k in ("rank_pattern", "alpha_pattern"):
         if cfg.get(k):
             raise NotImplementedError(f"moetune: {k} is not supported by the per-expert export")
-    tmp = _tmp_dir(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        cfg["peft_type"] = str(getattr(cfg["peft_type"], "value", cfg["peft_type"]))
-        if cfg.get("task_type") is not None:
-            cfg["task_type"] = str(getattr(cfg["task_type"], "value", cfg["task_type"]))
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=lambda o: sorted(o)
-                                                            if isinstance(o, set) else str(o)))
-        _commit(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    cfg["peft_type"] = str(getattr(cfg["peft_type"], "value", cfg["peft_type"]))
+    if cfg.get("task_type") is not None:
+        cfg["task_type"] = str(getattr(cfg["task_type"], "value", cfg["task_type"]))
+    return cfg
 
 
 def per_expert_adapter_deltas(folder) -> Dict[str, torch.Tensor]:

@@ -9,141 +9,93 @@ replaces the module's `gate_up_proj` / `down_proj` by shape-only placeholders
 (`EngineHeldTensor`) and selects "moetune" on the experts' config. The router,
 attention, norms, shared experts etc. stay the model's own torch code.
 
-LoRA on the experts is PEFT's (`LoraConfig(target_parameters=[...])`), see
-`moetune.hf._peft`; patch() works before or after `peft.get_peft_model`.
+Which classes are supported, and how each stores its weights, is
+`moetune.hf.families`. LoRA on the experts is PEFT's
+(`LoraConfig(target_parameters=[...])`), see `moetune.hf.peft_lora`; patch()
+works before or after `peft.get_peft_model`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
-import math
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from moetune.engine import Context, LoraWeights, MoEExperts, moe_experts
-from moetune.hf import _peft
+from moetune.hf import families, peft_lora
 from moetune.hf._placeholder import EngineHeldTensor, held_parameter
+from moetune.hf.families import Family
 
 IMPLEMENTATION = "moetune"
-
-# family -> (module, experts class). Unless FAMILY_LAYOUTS says otherwise a family
-# uses the fused layout gate_up_proj [E, 2I, H] (gate rows first, then up: the
-# default _apply_gate does `gate, up = gate_up_out.chunk(2, dim=-1)`) and
-# down_proj [E, H, I], SwiGLU (silu), no biases.
-SUPPORTED_FAMILIES = {
-    "Qwen3-MoE": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts"),
-    "Mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts"),
-    "OLMoE": ("transformers.models.olmoe.modeling_olmoe", "OlmoeExperts"),
-    "Qwen2-MoE": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts"),
-    "DeepSeek-V2": ("transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Experts"),
-    "DeepSeek-V3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Experts"),
-    "GLM-4-MoE": ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeExperts"),
-    "gpt-oss": ("transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts"),
-}
+# Derived from moetune.hf.families (the one table of families): name -> (module, experts class).
+SUPPORTED_FAMILIES = families.SUPPORTED_FAMILIES
 
 
-@dataclasses.dataclass(frozen=True)
-class ExpertsLayout:
-    """How a family's fused experts module stores its weights (the flags of
-    transformers' `@use_experts_implementation`) and which activation it applies."""
+class FoundExperts(NamedTuple):
+    """One routed-experts module of a model, as find_experts reports it."""
 
-    transposed: bool = False   # gate_up_proj [E, H, 2I], down_proj [E, I, H] (x @ W) instead of [E, 2I, H], [E, H, I]
-    interleaved: bool = False  # gate/up alternate along 2I (gate = [..., ::2], up = [..., 1::2]) instead of halves
-    bias: bool = False         # gate_up_proj_bias [E, 2I] (same gate/up order), down_proj_bias [E, H]
-    activation: str = "swiglu"  # or "gpt_oss": clamped SwiGLU with the module's .alpha / .limit
-
-    @property
-    def param_names(self):
-        return _peft.EXPERT_PARAMS + (("gate_up_proj_bias", "down_proj_bias") if self.bias else ())
-
-
-FAMILY_LAYOUTS = {
-    # GptOssExperts: @use_experts_implementation(is_concatenated=False, is_transposed=True, has_bias=True);
-    # alpha/limit are module attributes (config.swiglu_alpha/limit in transformers >= 5.2x, constants before).
-    "gpt-oss": ExpertsLayout(transposed=True, interleaved=True, bias=True, activation="gpt_oss"),
-}
-
-
-def _layout(family: str) -> ExpertsLayout:
-    return FAMILY_LAYOUTS.get(family, ExpertsLayout())
-
-
-def _split_gate_up(t: torch.Tensor, layout: ExpertsLayout, dim: int):
-    """(gate, up) views of a fused gate/up tensor along `dim` (its 2I axis)."""
-    n = t.shape[dim]
-    if layout.interleaved:
-        idx = [slice(None)] * t.dim()
-        idx[dim] = slice(0, None, 2)
-        gate = t[tuple(idx)]
-        idx[dim] = slice(1, None, 2)
-        return gate, t[tuple(idx)]
-    return t.narrow(dim, 0, n // 2), t.narrow(dim, n // 2, n // 2)
-
-
-def _supported_classes() -> Dict[type, str]:
-    out = {}
-    for family, (mod, cls) in SUPPORTED_FAMILIES.items():
-        try:
-            out[getattr(importlib.import_module(mod), cls)] = family
-        except (ImportError, AttributeError):  # pragma: no cover - older/newer transformers
-            pass
-    return out
-
-
-def _supported_text() -> str:
-    return ", ".join(f"{fam} ({cls})" for fam, (_, cls) in SUPPORTED_FAMILIES.items())
+    qual: str            # qualified module name
+    parent: nn.Module
+    attr: str            # parent.<attr> is the experts module (or PEFT's wrapper around it)
+    module: nn.Module
+    family: Family
 
 
 @dataclasses.dataclass
-class _ExpertsState:
-    """Per patched experts module (stored as module._moetune_state)."""
+class ExpertsState:
+    """Per patched experts module (stored on it, see `experts_state`)."""
 
     name: str
-    family: str
-    layout: ExpertsLayout
+    family: Family
     engine: Optional[MoEExperts]
     parent: "weakref.ref[nn.Module]"
     attr: str
-    intermediate: int
     originals: Optional[Dict[str, nn.Parameter]]
     switched: List[nn.Module] = dataclasses.field(default_factory=list)
 
     def chain(self, module: nn.Module):
         parent = self.parent()
         top = getattr(parent, self.attr) if parent is not None else module
-        return _peft.wrapper_chain(top, module)
+        return peft_lora.wrapper_chain(top, module)
 
     def adopt(self, module: nn.Module):
         chain = self.chain(module)
         if chain:
-            self.switched += _peft.adopt(chain)
+            self.switched += peft_lora.adopt(chain)
         return chain
 
 
-def _lora_for(module: nn.Module, st: _ExpertsState) -> LoraWeights:
+_STATE_ATTR = "_moetune_state"
+
+
+def experts_state(module: nn.Module) -> Optional[ExpertsState]:
+    """The state patch() / load_model() keep on a patched experts module (None if not patched)."""
+    return getattr(module, _STATE_ATTR, None)
+
+
+def _lora_for(module: nn.Module, st: ExpertsState) -> LoraWeights:
     chain = st.chain(module)
-    if any(type(w) is not _peft.EngineParamWrapper for w in chain):
+    if any(type(w) is not peft_lora.EngineParamWrapper for w in chain):
         # Only reachable when the experts module is called directly rather than
         # through its parent (whose pre-hook switches the wrappers).
-        st.switched += _peft.adopt(chain)
+        st.switched += peft_lora.adopt(chain)
     lora = LoraWeights()
     scalings = {}
     for w in chain:
-        f = _peft.lora_factors(w, transposed=st.layout.transposed)
+        f = peft_lora.lora_factors(w, transposed=st.family.transposed)
         if f is None:
             continue
         A, B, s = f
         scalings[w.parameter_name] = s
-        if w.parameter_name == "gate_up_proj":
+        if w.parameter_name == families.GATE_UP:
             # One PEFT LoRA on the fused gate/up weight = gate and up LoRAs
             # sharing A (the engine computes A x once per projection); B's
             # output rows split like the weight's 2I axis.
-            lora.gate, lora.up = ((A, b) for b in _split_gate_up(B, st.layout, 1))
+            lora.gate, lora.up = ((A, b) for b in st.family.split_gate_up(B, 1))
         else:
             lora.down = (A, B)
     if len(set(scalings.values())) > 1:
@@ -158,7 +110,7 @@ def _lora_for(module: nn.Module, st: _ExpertsState) -> LoraWeights:
 def moetune_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """The "moetune" entry of transformers' ALL_EXPERTS_FUNCTIONS."""
-    st = getattr(self, "_moetune_state", None)
+    st = experts_state(self)
     if st is None or st.engine is None:
         raise RuntimeError(
             f"moetune: {type(self).__name__} dispatches to experts implementation 'moetune' but was not patched "
@@ -180,25 +132,31 @@ def _adopt_hook(st_ref, module_ref, parent, args):
         st.adopt(module)
 
 
-def _check_module(name: str, m: nn.Module, layout: ExpertsLayout, *, loaded: bool = True) -> None:
+# Decorator attributes the engine needs whatever the family: no post-expert norm, not split by expert parallelism.
+_ENGINE_FLAGS = {"has_post_expert_norm": False, "_is_expert_parallel": False}
+
+
+def check_module(name: str, m: nn.Module, family: Family, *, loaded: bool = True) -> None:
     """Refuses experts modules the engine cannot run. loaded=False: the weights
     are still to come (load_model's meta-device skeleton); only shapes count."""
+    problems = _flag_problems(m, family) + family.activation_problems(m) + _param_problems(m, family, loaded)
+    if not problems:
+        problems = _shape_problems(m, family)
+    if hasattr(m, "parametrizations"):
+        problems.append("parameters are parametrized (a PEFT forward in progress?)")
+    if problems:
+        raise ValueError(f"moetune: cannot patch experts module {name}: " + "; ".join(problems))
+
+
+def _flag_problems(m: nn.Module, family: Family) -> List[str]:
+    """The module's @use_experts_implementation attributes against the family's layout."""
+    return [f"{attr}={getattr(m, attr)!r}" for attr, want in {**family.decorator_flags, **_ENGINE_FLAGS}.items()
+            if getattr(m, attr, want) != want]
+
+
+def _param_problems(m: nn.Module, family: Family, loaded: bool) -> List[str]:
     problems = []
-    for attr, want in (("has_gate", True), ("has_bias", layout.bias), ("is_transposed", layout.transposed),
-                       ("is_concatenated", not layout.interleaved), ("has_post_expert_norm", False),
-                       ("_is_expert_parallel", False)):
-        if getattr(m, attr, want) != want:
-            problems.append(f"{attr}={getattr(m, attr)!r}")
-    if layout.activation == "swiglu":
-        act = getattr(getattr(m, "config", None), "hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            problems.append(f"hidden_act={act!r} (the engine computes SwiGLU)")
-    else:
-        for attr in ("alpha", "limit"):
-            v = getattr(m, attr, None)
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                problems.append(f"{attr}={v!r} (the clamped SwiGLU needs a finite number)")
-    for pname in layout.param_names:
+    for pname in family.param_names:
         p = getattr(m, pname, None)
         if isinstance(p, EngineHeldTensor):
             problems.append(f"{pname} is already held by a moetune engine (patched twice?)")
@@ -206,24 +164,20 @@ def _check_module(name: str, m: nn.Module, layout: ExpertsLayout, *, loaded: boo
             problems.append(f"{pname} is not a {2 if pname.endswith('_bias') else 3}-D tensor")
         elif loaded and p.device.type == "meta":
             problems.append(f"{pname} is on the meta device (load the weights first)")
-    if not problems:
-        if layout.transposed:
-            E, H, I2 = m.gate_up_proj.shape
-            want_down, text = (E, I2 // 2, H), "[E, H, 2I] / [E, I, H]"
-        else:
-            E, I2, H = m.gate_up_proj.shape
-            want_down, text = (E, H, I2 // 2), "[E, 2I, H] / [E, H, I]"
-        if I2 % 2 or tuple(m.down_proj.shape) != want_down:
-            problems.append(f"shapes gate_up_proj {list(m.gate_up_proj.shape)} / down_proj "
-                            f"{list(m.down_proj.shape)} are not {text}")
-        elif layout.bias and (tuple(m.gate_up_proj_bias.shape) != (E, I2) or
-                              tuple(m.down_proj_bias.shape) != (E, H)):
-            problems.append(f"shapes gate_up_proj_bias {list(m.gate_up_proj_bias.shape)} / down_proj_bias "
-                            f"{list(m.down_proj_bias.shape)} are not [E, 2I] / [E, H]")
-    if hasattr(m, "parametrizations"):
-        problems.append("parameters are parametrized (a PEFT forward in progress?)")
-    if problems:
-        raise ValueError(f"moetune: cannot patch experts module {name}: " + "; ".join(problems))
+    return problems
+
+
+def _shape_problems(m: nn.Module, family: Family) -> List[str]:
+    """The parameters' shapes against the family's (E, H, I) layout, E, H, I read off gate_up_proj."""
+    want = family.param_shapes(*family.dims(m.gate_up_proj.shape))
+    have = {pname: tuple(getattr(m, pname).shape) for pname in family.param_names}
+    if have[families.GATE_UP] != want[families.GATE_UP] or have[families.DOWN] != want[families.DOWN]:
+        return [f"shapes gate_up_proj {list(m.gate_up_proj.shape)} / down_proj {list(m.down_proj.shape)} are not "
+                f"{family.shapes_text}"]
+    if family.bias and any(have[b] != want[b] for b in families.BIAS_PARAMS):
+        return [f"shapes gate_up_proj_bias {list(m.gate_up_proj_bias.shape)} / down_proj_bias "
+                f"{list(m.down_proj_bias.shape)} are not [E, 2I] / [E, H]"]
+    return []
 
 
 class PatchHandle:
@@ -239,22 +193,22 @@ class PatchHandle:
 
     @property
     def module_names(self) -> List[str]:
-        return [m._moetune_state.name for m in self._modules]
+        return [experts_state(m).name for m in self._modules]
 
     @property
     def families(self) -> List[str]:
-        return sorted({m._moetune_state.family for m in self._modules})
+        return sorted({experts_state(m).family.name for m in self._modules})
 
     @property
     def packed_bytes(self) -> int:
         """Host bytes held by the engine for all patched experts."""
-        return sum(m._moetune_state.engine.packed_bytes for m in self._modules)
+        return sum(experts_state(m).engine.packed_bytes for m in self._modules)
 
     @property
     def original_bytes(self) -> int:
         """Host bytes held to make undo() possible (0 with keep_original=False)."""
         return sum(p.numel() * p.element_size() for m in self._modules
-                   for p in (m._moetune_state.originals or {}).values())
+                   for p in (experts_state(m).originals or {}).values())
 
     def __repr__(self) -> str:
         state = "undone" if self.undone else f"{len(self._modules)} experts modules ({', '.join(self.families)})"
@@ -271,13 +225,13 @@ class PatchHandle:
         for h in self._hooks:
             h.remove()
         for m in self._modules:
-            st = m._moetune_state
-            _peft.release(st.switched)
+            st = experts_state(m)
+            peft_lora.release(st.switched)
             for pname, p in st.originals.items():
                 setattr(m, pname, p)
             st.engine = None
             st.originals = None
-            del m._moetune_state
+            delattr(m, _STATE_ATTR)
         for cfg, prev in self._configs:
             cfg._experts_implementation = prev
         self._modules, self._hooks, self._configs = [], [], []
@@ -285,60 +239,58 @@ class PatchHandle:
 
 
 def _find_experts(model: nn.Module):
-    supported = _supported_classes()
+    supported = families.supported_classes()
     found, unsupported, seen = [], [], set()
     for pname, parent in model.named_modules():
-        if _peft.is_param_wrapper(parent):
+        if peft_lora.is_param_wrapper(parent):
             continue  # the edge wrapper -> base_layer is inside a chain already walked
         for attr, child in parent.named_children():
             base = child
-            while _peft.is_param_wrapper(base):
+            while peft_lora.is_param_wrapper(base):
                 base = base.base_layer
             if id(base) in seen:
                 continue
             qual = f"{pname}.{attr}" if pname else attr
             if type(base) in supported:
                 seen.add(id(base))
-                found.append((qual, parent, attr, base, supported[type(base)]))
+                found.append(FoundExperts(qual, parent, attr, base, supported[type(base)]))
             elif hasattr(base, "has_gate") and hasattr(base, "is_transposed") and hasattr(base, "config"):
                 seen.add(id(base))
                 unsupported.append(f"{qual} ({type(base).__name__})")
     return found, unsupported
 
 
-def find_experts(model: nn.Module):
-    """[(qualified name, parent, attribute, experts module, family)] of every
-    routed-experts module; a clear error if there is none or if any is of a
+def find_experts(model: nn.Module) -> List[FoundExperts]:
+    """Every routed-experts module of `model` (qualified name, parent, attribute,
+    experts module, family); a clear error if there is none or if any is of a
     class the engine does not support (never a silent partial patch)."""
     found, unsupported = _find_experts(model)
     if not found:
         msg = (f"moetune: no supported MoE experts module found in {type(model).__name__}. "
-               f"Supported families: {_supported_text()}.")
+               f"Supported families: {families.supported_text()}.")
         if unsupported:
             msg += f" Found experts modules of unsupported classes: {', '.join(unsupported)}."
         raise ValueError(msg)
     if unsupported:
         raise ValueError(f"moetune: model has experts modules of unsupported classes ({', '.join(unsupported)}); "
-                         f"supported families: {_supported_text()}")
+                         f"supported families: {families.supported_text()}")
     return found
 
 
-def attach(handle: PatchHandle, qual: str, parent: nn.Module, attr: str, m: nn.Module, family: str,
-           engine: MoEExperts, originals: Optional[Dict[str, nn.Parameter]] = None) -> None:
-    """Hands experts module m to `engine` (already loaded): the one way both
-    patch() and load_model() attach an engine. m's expert parameters become
-    shape-only placeholders; PEFT wrappers around m are adopted now and at
+def attach(handle: PatchHandle, found: FoundExperts, engine: MoEExperts,
+           originals: Optional[Dict[str, nn.Parameter]] = None) -> None:
+    """Hands the experts module `found` to `engine` (already loaded): the one way
+    both patch() and load_model() attach an engine. Its expert parameters become
+    shape-only placeholders; PEFT wrappers around it are adopted now and at
     every call of its parent."""
-    layout = _layout(family)
-    gu = m.gate_up_proj
-    I = (gu.shape[2] if layout.transposed else gu.shape[1]) // 2
-    st = _ExpertsState(qual, family, layout, engine, weakref.ref(parent), attr, I, originals)
-    m._moetune_state = st
+    m = found.module
+    st = ExpertsState(found.qual, found.family, engine, weakref.ref(found.parent), found.attr, originals)
+    setattr(m, _STATE_ATTR, st)
     handle._modules.append(m)
-    for pname in layout.param_names:
+    for pname in found.family.param_names:
         setattr(m, pname, held_parameter(getattr(m, pname)))
     st.adopt(m)  # patch after get_peft_model
-    handle._hooks.append(parent.register_forward_pre_hook(
+    handle._hooks.append(found.parent.register_forward_pre_hook(
         functools.partial(_adopt_hook, weakref.ref(st), weakref.ref(m))))
 
 
@@ -378,43 +330,47 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
     moetune.load_model.
     """
     found = find_experts(model)
-    for qual, _, _, m, family in found:
-        _check_module(qual, m, _layout(family))
+    for f in found:
+        check_module(f.qual, f.module, f.family)
     if ctx is None:
         ctx = Context(num_threads=num_threads)
+    options = dict(backward_weights=backward_weights, activations=activations, weight_format=weight_format,
+                   group_size=group_size)
 
     handle = PatchHandle(ctx, keep_original)
     try:
-        for qual, parent, attr, m, family in found:
-            layout = _layout(family)
-            params = {pname: getattr(m, pname) for pname in layout.param_names}
-            gu, down = params["gate_up_proj"], params["down_proj"]
-            with torch.no_grad():
-                if layout.transposed:  # the engine takes the [out, in] (nn.Linear) orientation
-                    gu, down = gu.transpose(1, 2), down.transpose(1, 2)
-                gate, up = _split_gate_up(gu, layout, 1)
-                kw = {}
-                if layout.bias:
-                    kw["gate_bias"], kw["up_bias"] = _split_gate_up(params["gate_up_proj_bias"], layout, 1)
-                    kw["down_bias"] = params["down_proj_bias"]
-                if layout.activation != "swiglu":
-                    kw.update(activation=layout.activation, alpha=float(m.alpha), limit=float(m.limit))
-                engine = MoEExperts(ctx, gate, up, down, backward_weights=backward_weights,
-                                    activations=activations, weight_format=weight_format,
-                                    group_size=group_size, **kw)
-                del gu, down, gate, up, kw
-            originals = None
-            if keep_original:
-                originals = {}
-                for pname, p in params.items():
-                    if p.device.type != "cpu":
-                        p = nn.Parameter(p.detach().to("cpu"), requires_grad=p.requires_grad)
-                    originals[pname] = p
+        for f in found:
+            params = {pname: getattr(f.module, pname) for pname in f.family.param_names}
+            engine = _engine_of(ctx, f, params, options)
+            originals = _on_cpu(params) if keep_original else None
             del params
-            attach(handle, qual, parent, attr, m, family, engine, originals)
-        select_implementation(handle, [f[3] for f in found])
+            attach(handle, f, engine, originals)
+        select_implementation(handle, [f.module for f in found])
     except BaseException:
         if keep_original:
             handle.undo()
         raise
     return handle
+
+
+def _engine_of(ctx: Context, found: FoundExperts, params: Dict[str, torch.Tensor], options) -> MoEExperts:
+    """A MoEExperts packed from the module's own parameters (mapped onto the
+    engine's [out, in] orientation by its family)."""
+    family = found.family
+    with torch.no_grad():
+        gate, up, down = family.to_engine(params[families.GATE_UP], params[families.DOWN])
+        kw = family.activation_options(found.module)
+        if family.bias:
+            kw["gate_bias"], kw["up_bias"], kw["down_bias"] = family.engine_biases(
+                *(params[b] for b in families.BIAS_PARAMS))
+        return MoEExperts(ctx, gate, up, down, **options, **kw)
+
+
+def _on_cpu(params: Dict[str, nn.Parameter]) -> Dict[str, nn.Parameter]:
+    """The original Parameters kept for undo(): the same objects where on the CPU, else CPU copies."""
+    originals = {}
+    for pname, p in params.items():
+        if p.device.type != "cpu":
+            p = nn.Parameter(p.detach().to("cpu"), requires_grad=p.requires_grad)
+        originals[pname] = p
+    return originals

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -86,6 +86,22 @@ def evaluate(model, samples, cfg: TrainConfig, pad_id: int, device: torch.device
 
 def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run `moetune train` for a validated config; returns the summary dict."""
+    out_dir, resume_from = _start(cfg)
+    device = resolve_device(cfg)
+    # Tokenizer and data first: a bad record fails before the (long) model load.
+    tok, train_s, eval_s, dstats = _load_data(cfg, say)
+    pm, handle = _load_model(cfg, device, len(tok), say)
+    run = _Run(cfg, out_dir, pm, handle.ctx, tok, train_s, eval_s, device, say)
+    run.resume(resume_from)
+    before = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, device) if cfg.sample_prompts else []
+    run.start_clock()
+    interrupted = run.steps()
+    return run.finish(before, interrupted, dstats)
+
+
+def _start(cfg: TrainConfig):
+    """(run folder, checkpoint to resume from or None): the config validated and
+    saved in the run folder (after checking it may resume there)."""
     cfg.validate()
     out_dir = os.path.abspath(cfg.output_dir)
     resume_from = None
@@ -98,12 +114,14 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
     save_run_config(cfg, os.path.join(out_dir, "config.yaml"))
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
-    device = resolve_device(cfg)
+    return out_dir, resume_from
+
+
+def _load_data(cfg: TrainConfig, say):
+    """(tokenizer, train samples, eval samples or None, data statistics)."""
     from moetune.train.demo_model import demo_data_path
 
     data_path = cfg.data or demo_data_path()
-
-    # Tokenizer and data first: a bad record fails before the (long) model load.
     tok = load_tokenizer(cfg)
     train_s, eval_s, dstats, fmt = data.prepare(cfg, tok, data_path)
     say(f"data: {data_path} ({fmt}): {len(train_s['input_ids'])} train / "
@@ -111,8 +129,13 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
         + (f", {dstats['train']['truncated']} truncated" if dstats['train']['truncated'] else "")
         + (f", {dstats['train']['dropped_long'] + dstats['train']['dropped_empty']} dropped"
            if dstats['train']['dropped_long'] + dstats['train']['dropped_empty'] else ""))
+    return tok, train_s, eval_s, dstats
 
-    model, handle = load_base(cfg, device, len(tok))
+
+def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say):
+    """(PEFT model in training mode, patch handle): the base with its experts on the
+    engine, LoRA on top."""
+    model, handle = load_base(cfg, device, vocab_size)
     say(f"model: {'embedded demo (tiny Qwen3-MoE)' if cfg.is_demo else cfg.model}: "
         f"{len(handle.module_names)} MoE layers on the CPU engine ({', '.join(handle.families)}), "
         f"{handle.packed_bytes / 2 ** 20:.1f} MiB packed experts; the rest on {device}; "
@@ -124,156 +147,209 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
             "the checkpoint")
     pm = apply_lora(model, cfg, handle)
     n_train = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    say(f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on "
-        f"{', '.join(n for n, on in (('attention', cfg.lora_attention), ('dense MLP', cfg.lora_mlp), ('experts', cfg.lora_experts)) if on)}: "
+    targets = (("attention", cfg.lora_attention), ("dense MLP", cfg.lora_mlp), ("experts", cfg.lora_experts))
+    say(f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {', '.join(n for n, on in targets if on)}: "
         f"{n_train:,} trainable parameters")
     pm.config.use_cache = False
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
+    return pm, handle
 
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple_betas(cfg), eps=cfg.adam_eps,
-                            weight_decay=cfg.weight_decay)
-    pad_id = tok.pad_token_id
-    stream = data.Stream(train_s, micro_batch_size=cfg.micro_batch_size, packing=cfg.packing,
-                         max_length=cfg.max_length, shuffle=cfg.shuffle, seed=cfg.seed, pad_id=pad_id)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.rows_per_epoch()
-                                                    / (cfg.micro_batch_size * cfg.grad_accum)))
-    from transformers import get_scheduler
 
-    sched = get_scheduler(SCHEDULES[cfg.schedule], opt, num_warmup_steps=cfg.warmup_steps,
-                          num_training_steps=total_steps)
+class _Run:
+    """What the steps of one train() call share once the model is loaded: optimizer,
+    schedule, batch stream, counters, metrics log; the step loop, checkpoints and
+    the end of the run (final eval, adapter, summary)."""
 
-    step, tokens, target_tokens, prior_wall = 0, 0, 0, 0.0
-    if resume_from is not None:
-        st = checkpoint.load(resume_from, model=pm, optimizer=opt, scheduler=sched)
-        stream.load_state(st["data"])
-        step, tokens, target_tokens, prior_wall = st["step"], st["tokens"], st["target_tokens"], st["wall_seconds"]
-        say(f"resumed from {resume_from} (step {step} of {total_steps})")
-    checkpoint.clean_partial(out_dir)
-    log = metrics.MetricsLog(out_dir, tensorboard=cfg.tensorboard,
-                             resume_step=step if resume_from is not None else None)
+    def __init__(self, cfg: TrainConfig, out_dir: str, pm, ctx, tok, train_s, eval_s, device: torch.device, say):
+        self.cfg, self.out_dir, self.pm, self.ctx, self.tok = cfg, out_dir, pm, ctx, tok
+        self.eval_s, self.device, self.say = eval_s, device, say
+        self.params = [p for p in pm.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple_betas(cfg), eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)
+        self.pad_id = tok.pad_token_id
+        self.stream = data.Stream(train_s, micro_batch_size=cfg.micro_batch_size, packing=cfg.packing,
+                                  max_length=cfg.max_length, shuffle=cfg.shuffle, seed=cfg.seed, pad_id=self.pad_id)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.stream.rows_per_epoch()
+                                                             / (cfg.micro_batch_size * cfg.grad_accum)))
+        from transformers import get_scheduler
 
-    before = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, device) if cfg.sample_prompts else []
-    ctx = handle.ctx
-    stop_at = total_steps if cfg.stop_after_steps is None else min(total_steps, step + cfg.stop_after_steps)
-    t_start = time.perf_counter()
-    inv_tokens, inv_wait0 = 0, ctx.wait_seconds
-    last_saved = None
-    first_loss = next((r["loss"] for r in log.records if r["kind"] == "train"), None)
-    loss = float("nan")
-    for d in resolve_devices(cfg):
-        if d.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(d)
+        self.sched = get_scheduler(SCHEDULES[cfg.schedule], self.opt, num_warmup_steps=cfg.warmup_steps,
+                                   num_training_steps=self.total_steps)
+        self.step, self.tokens, self.target_tokens, self.prior_wall = 0, 0, 0, 0.0
+        self.resumed = False
 
-    def save_ckpt():
-        nonlocal last_saved
-        if last_saved == step or step == 0:
+    # ---- before the first step ----
+    def resume(self, resume_from: Optional[str]) -> None:
+        """Restores the state of `resume_from` (if any), then opens the run's metrics log."""
+        if resume_from is not None:
+            st = checkpoint.load(resume_from, model=self.pm, optimizer=self.opt, scheduler=self.sched)
+            self.stream.load_state(st["data"])
+            self.step, self.tokens = st["step"], st["tokens"]
+            self.target_tokens, self.prior_wall = st["target_tokens"], st["wall_seconds"]
+            self.resumed = True
+            self.say(f"resumed from {resume_from} (step {self.step} of {self.total_steps})")
+        checkpoint.clean_partial(self.out_dir)
+        self.log = metrics.MetricsLog(self.out_dir, tensorboard=self.cfg.tensorboard,
+                                      resume_step=self.step if self.resumed else None)
+
+    def start_clock(self) -> None:
+        """This invocation's counters (throughput and expert share count from here)."""
+        cfg = self.cfg
+        self.stop_at = (self.total_steps if cfg.stop_after_steps is None
+                        else min(self.total_steps, self.step + cfg.stop_after_steps))
+        self.t_start = time.perf_counter()
+        self.inv_tokens, self.inv_wait0 = 0, self.ctx.wait_seconds
+        self.last_saved = None
+        self.first_loss = next((r["loss"] for r in self.log.records if r["kind"] == "train"), None)
+        for d in resolve_devices(cfg):
+            if d.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(d)
+
+    # ---- the steps ----
+    def steps(self) -> bool:
+        """Optimizer steps up to stop_at, or until Ctrl-C; then a checkpoint to resume
+        from. Returns whether Ctrl-C stopped it."""
+        cfg = self.cfg
+        if self.eval_s is not None and cfg.eval_every and not self.resumed:
+            self.log.log("eval", 0, eval_loss=self.evaluate())  # the starting point
+        self.bar = metrics.Progress(cfg.progress, self.total_steps, self.step, fallback=self.say)
+        interrupted = False
+        with _StopFlag(self.bar.write) as flag:
+            try:
+                while self.step < self.stop_at:
+                    self._one_step()
+                    self._after_step()
+                    if flag.stop:
+                        interrupted = True
+                        break
+            finally:
+                self.bar.close()
+            # Interrupted (Ctrl-C or stop_after_steps) or done: the state to resume from.
+            if self.step < self.total_steps or cfg.save_every:
+                self.save_checkpoint()
+        return interrupted
+
+    def _one_step(self) -> None:
+        """grad_accum micro-batches, token-weighted (num_items_in_batch), one optimizer step; logged."""
+        cfg, ctx = self.cfg, self.ctx
+        t0, w0 = time.perf_counter(), ctx.wait_seconds
+        batches, step_tokens = [], 0
+        for _ in range(cfg.grad_accum):
+            batches.append(self.stream.next_batch())
+            step_tokens += self.stream.last_tokens
+        n_items = sum(data.target_count(b) for b in batches)
+        lr = self.sched.get_last_lr()[0]
+        loss = 0.0
+        for b in batches:
+            if n_items == 0:
+                continue
+            out = self.pm(**_to(b, self.device), num_items_in_batch=n_items, use_cache=False)
+            out.loss.backward()
+            loss += out.loss.item()
+        if cfg.max_grad_norm is not None:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+        else:
+            gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        if not math.isfinite(loss) or not math.isfinite(gnorm):
+            raise FloatingPointError(f"step {self.step + 1}: loss {loss} / grad norm {gnorm} is not finite; "
+                                     "lower lr or check the data")
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += step_tokens
+        self.target_tokens += n_items
+        self.inv_tokens += step_tokens
+        dt = time.perf_counter() - t0
+        share = (ctx.wait_seconds - w0) / dt if dt > 0 else 0.0
+        elapsed = time.perf_counter() - self.t_start
+        tps = self.inv_tokens / elapsed if elapsed > 0 else 0.0
+        if self.first_loss is None:
+            self.first_loss = loss
+        if self.step % cfg.log_every == 0 or self.step == self.stop_at:
+            self.log.log("train", self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens=self.tokens,
+                         target_tokens=n_items, tokens_per_s=step_tokens / dt, expert_share=share,
+                         step_seconds=dt, epoch=self.stream.epoch)
+        self.bar.update(loss=loss, lr=lr, tokens_per_s=tps, expert_share=share)
+
+    def _after_step(self) -> None:
+        """The periodic eval and checkpoint."""
+        cfg, step = self.cfg, self.step
+        if self.eval_s is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            el = self.evaluate()
+            self.log.log("eval", step, eval_loss=el)
+            self.bar.write(f"step {step}: eval loss {el:.4f}")
+        if cfg.save_every and step % cfg.save_every == 0:
+            self.save_checkpoint()
+
+    def evaluate(self) -> float:
+        return evaluate(self.pm, self.eval_s, self.cfg, self.pad_id, self.device)
+
+    def save_checkpoint(self) -> None:
+        """A checkpoint of the current step (none at step 0, none twice)."""
+        if self.last_saved == self.step or self.step == 0:
             return
-        path = checkpoint.save(out_dir, step, model=pm, optimizer=opt, scheduler=sched, keep=cfg.keep_checkpoints,
-                               state={"data": stream.state(), "tokens": tokens, "target_tokens": target_tokens,
-                                      "wall_seconds": prior_wall + time.perf_counter() - t_start})
-        last_saved = step
-        bar.write(f"checkpoint: {path}")
+        path = checkpoint.save(self.out_dir, self.step, model=self.pm, optimizer=self.opt, scheduler=self.sched,
+                               keep=self.cfg.keep_checkpoints,
+                               state={"data": self.stream.state(), "tokens": self.tokens,
+                                      "target_tokens": self.target_tokens,
+                                      "wall_seconds": self.prior_wall + time.perf_counter() - self.t_start})
+        self.last_saved = self.step
+        self.bar.write(f"checkpoint: {path}")
 
-    if eval_s is not None and cfg.eval_every and resume_from is None:
-        log.log("eval", 0, eval_loss=evaluate(pm, eval_s, cfg, pad_id, device))  # the starting point
-    bar = metrics.Progress(cfg.progress, total_steps, step, fallback=say)
-    interrupted = False
-    with _StopFlag(bar.write) as flag:
-        try:
-            while step < stop_at:
-                t0, w0 = time.perf_counter(), ctx.wait_seconds
-                batches, step_tokens = [], 0
-                for _ in range(cfg.grad_accum):
-                    batches.append(stream.next_batch())
-                    step_tokens += stream.last_tokens
-                n_items = sum(data.target_count(b) for b in batches)
-                lr = sched.get_last_lr()[0]
-                loss = 0.0
-                for b in batches:
-                    if n_items == 0:
-                        continue
-                    out = pm(**_to(b, device), num_items_in_batch=n_items, use_cache=False)
-                    out.loss.backward()
-                    loss += out.loss.item()
-                if cfg.max_grad_norm is not None:
-                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                else:
-                    gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-                if not math.isfinite(loss) or not math.isfinite(gnorm):
-                    raise FloatingPointError(f"step {step + 1}: loss {loss} / grad norm {gnorm} is not finite; "
-                                             "lower lr or check the data")
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                tokens += step_tokens
-                target_tokens += n_items
-                inv_tokens += step_tokens
-                dt = time.perf_counter() - t0
-                share = (ctx.wait_seconds - w0) / dt if dt > 0 else 0.0
-                elapsed = time.perf_counter() - t_start
-                tps = inv_tokens / elapsed if elapsed > 0 else 0.0
-                if first_loss is None:
-                    first_loss = loss
-                if step % cfg.log_every == 0 or step == stop_at:
-                    log.log("train", step, loss=loss, lr=lr, grad_norm=gnorm, tokens=tokens,
-                            target_tokens=n_items, tokens_per_s=step_tokens / dt, expert_share=share,
-                            step_seconds=dt, epoch=stream.epoch)
-                bar.update(loss=loss, lr=lr, tokens_per_s=tps, expert_share=share)
-                if eval_s is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                    el = evaluate(pm, eval_s, cfg, pad_id, device)
-                    log.log("eval", step, eval_loss=el)
-                    bar.write(f"step {step}: eval loss {el:.4f}")
-                if cfg.save_every and step % cfg.save_every == 0:
-                    save_ckpt()
-                if flag.stop:
-                    interrupted = True
-                    break
-        finally:
-            bar.close()
-        # Interrupted (Ctrl-C or stop_after_steps) or done: the state to resume from.
-        if step < total_steps or cfg.save_every:
-            save_ckpt()
-    wall = time.perf_counter() - t_start
-    finished = step >= total_steps
-    ev_records = [r for r in log.records if r["kind"] == "eval"]
-    if finished and eval_s is not None and (not ev_records or ev_records[-1]["step"] != step):
-        el = evaluate(pm, eval_s, cfg, pad_id, device)
-        log.log("eval", step, eval_loss=el)
-        ev_records = [r for r in log.records if r["kind"] == "eval"]
-    adapter_dir = os.path.join(out_dir, "adapter")
-    if finished:
-        pm.save_pretrained(adapter_dir)
-        tok.save_pretrained(adapter_dir)
-        if cfg.merge_export:
-            merged_export_call(pm, cfg.merge_export, say)
-    after = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, device) if cfg.sample_prompts else []
-    log.close()
-    train_recs = [r for r in log.records if r["kind"] == "train"]
-    summary = {
-        "finished": finished, "interrupted": interrupted, "steps": step, "total_steps": total_steps,
-        "tokens": tokens, "target_tokens": target_tokens,
-        "wall_seconds": prior_wall + wall, "tokens_per_s": inv_tokens / wall if wall > 0 else 0.0,
-        "expert_share": (ctx.wait_seconds - inv_wait0) / wall if wall > 0 else 0.0,
-        "first_loss": first_loss if first_loss is not None else float("nan"),
-        "last_loss": train_recs[-1]["loss"] if train_recs else float("nan"),
-        "first_eval_loss": ev_records[0]["eval_loss"] if ev_records else None,
-        "last_eval_loss": ev_records[-1]["eval_loss"] if ev_records else None,
-        "losses": [r["loss"] for r in train_recs],
-        "peak_gpu_bytes": metrics.peak_gpu_bytes(resolve_devices(cfg)), "peak_host_rss_bytes": metrics.peak_host_rss_bytes(),
-        "adapter_dir": adapter_dir if finished else None,
-        "checkpoint": checkpoint.latest_checkpoint(out_dir),
-        "samples": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(cfg.sample_prompts, before, after)],
-        "data": dstats,
-    }
-    if cfg.plot and train_recs:
-        png = os.path.join(out_dir, "loss.png")
-        if report.plot(log.records, png):
-            summary["plot"] = png
-    if not finished:
-        say(f"stopped at step {step}/{total_steps}; continue with --resume (checkpoint {summary['checkpoint']})")
-    say(report.summarize(summary, out_dir))
-    return summary
+    # ---- the end ----
+    def finish(self, before: List[str], interrupted: bool, dstats) -> Dict[str, Any]:
+        """Final eval and the adapter (if finished), samples after, the summary (and plot)."""
+        cfg, pm, tok = self.cfg, self.pm, self.tok
+        wall = time.perf_counter() - self.t_start
+        finished = self.step >= self.total_steps
+        if finished and self.eval_s is not None:
+            ev_records = self._eval_records()
+            if not ev_records or ev_records[-1]["step"] != self.step:
+                self.log.log("eval", self.step, eval_loss=self.evaluate())
+        adapter_dir = os.path.join(self.out_dir, "adapter")
+        if finished:
+            pm.save_pretrained(adapter_dir)
+            tok.save_pretrained(adapter_dir)
+            if cfg.merge_export:
+                merged_export_call(pm, cfg.merge_export, self.say)
+        after = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, self.device) if cfg.sample_prompts else []
+        self.log.close()
+        summary = self._summary(wall, finished, interrupted, adapter_dir if finished else None, before, after, dstats)
+        if cfg.plot and summary["losses"]:
+            png = os.path.join(self.out_dir, "loss.png")
+            if report.plot(self.log.records, png):
+                summary["plot"] = png
+        if not finished:
+            self.say(f"stopped at step {self.step}/{self.total_steps}; continue with --resume "
+                     f"(checkpoint {summary['checkpoint']})")
+        self.say(report.summarize(summary, self.out_dir))
+        return summary
+
+    def _eval_records(self) -> List[Dict[str, Any]]:
+        return [r for r in self.log.records if r["kind"] == "eval"]
+
+    def _summary(self, wall: float, finished: bool, interrupted: bool, adapter_dir: Optional[str],
+                 before: List[str], after: List[str], dstats) -> Dict[str, Any]:
+        train_recs = [r for r in self.log.records if r["kind"] == "train"]
+        ev_records = self._eval_records()
+        return {
+            "finished": finished, "interrupted": interrupted, "steps": self.step, "total_steps": self.total_steps,
+            "tokens": self.tokens, "target_tokens": self.target_tokens,
+            "wall_seconds": self.prior_wall + wall, "tokens_per_s": self.inv_tokens / wall if wall > 0 else 0.0,
+            "expert_share": (self.ctx.wait_seconds - self.inv_wait0) / wall if wall > 0 else 0.0,
+            "first_loss": self.first_loss if self.first_loss is not None else float("nan"),
+            "last_loss": train_recs[-1]["loss"] if train_recs else float("nan"),
+            "first_eval_loss": ev_records[0]["eval_loss"] if ev_records else None,
+            "last_eval_loss": ev_records[-1]["eval_loss"] if ev_records else None,
+            "losses": [r["loss"] for r in train_recs],
+            "peak_gpu_bytes": metrics.peak_gpu_bytes(resolve_devices(self.cfg)),
+            "peak_host_rss_bytes": metrics.peak_host_rss_bytes(),
+            "adapter_dir": adapter_dir,
+            "checkpoint": checkpoint.latest_checkpoint(self.out_dir),
+            "samples": [{"prompt": p, "before": b, "after": a}
+                        for p, b, a in zip(self.cfg.sample_prompts, before, after)],
+            "data": dstats,
+        }

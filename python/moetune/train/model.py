@@ -110,6 +110,8 @@ def lora_targets(model: nn.Module, cfg: TrainConfig, expert_modules: List[str]) 
     except routers / gates (names `gate`, `router`, `*_gate`, `*_router`);
     experts: gate_up_proj / down_proj of every engine-held experts module.
     """
+    from moetune.hf.families import LORA_PARAMS
+
     attn, mlp = [], []
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
@@ -127,7 +129,7 @@ def lora_targets(model: nn.Module, cfg: TrainConfig, expert_modules: List[str]) 
     if cfg.lora_experts:
         for q in expert_modules:
             suffix = ".".join(q.split(".")[-2:])
-            for pname in ("gate_up_proj", "down_proj"):
+            for pname in LORA_PARAMS:
                 if f"{suffix}.{pname}" not in params:
                     params.append(f"{suffix}.{pname}")
     return regex, params
@@ -155,10 +157,10 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, handle):
     if cfg.lora_dropout > 0:
         from peft.tuners.lora import LoraLayer
 
-        from moetune.hf import _peft
+        from moetune.hf import peft_lora
 
         for m in pm.modules():
-            if isinstance(m, LoraLayer) and not _peft.is_param_wrapper(m):
+            if isinstance(m, LoraLayer) and not peft_lora.is_param_wrapper(m):
                 for k in list(m.lora_dropout.keys()):
                     m.lora_dropout[k] = nn.Dropout(p=cfg.lora_dropout)
     return pm

@@ -32,12 +32,12 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from moetune.hf.families import LORA_PARAMS
+
 try:  # peft is optional
     from peft.tuners.lora.layer import ParamWrapper
 except Exception:  # pragma: no cover - peft missing or too old
     ParamWrapper = None
-
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 if ParamWrapper is not None:
 
@@ -81,9 +81,9 @@ def wrapper_chain(top: nn.Module, experts: nn.Module):
             raise RuntimeError(
                 f"moetune: patched experts are wrapped by an unsupported module {type(m).__name__}; "
                 "only PEFT LoRA target_parameters (ParamWrapper) wrappers are supported")
-        if m.parameter_name not in EXPERT_PARAMS:
+        if m.parameter_name not in LORA_PARAMS:
             raise NotImplementedError(
-                f"moetune: PEFT targets experts parameter {m.parameter_name!r}; only {EXPERT_PARAMS} are supported")
+                f"moetune: PEFT targets experts parameter {m.parameter_name!r}; only {LORA_PARAMS} are supported")
         chain.append(m)
         m = m.base_layer
     return chain
