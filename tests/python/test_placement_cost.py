@@ -11,6 +11,7 @@ import torch
 from moetune.placement.cost import (CostCoefficients, CostModel, LayerShape, PhaseCoefficients, ReferenceRates,
                                     cost_phase)
 from moetune.placement.plan import LayerPlan, Where
+from placement_reference import reference_makespan
 
 QWEN = dict(num_experts=128, hidden_size=2048, intermediate_size=768)
 DSV3 = dict(num_experts=256, hidden_size=7168, intermediate_size=2048)
@@ -18,47 +19,6 @@ DSV3 = dict(num_experts=256, hidden_size=7168, intermediate_size=2048)
 
 def bf16_shape(**kw):
     return LayerShape(stored_bytes=3 * kw["hidden_size"] * kw["intermediate_size"] * 2, **kw)
-
-
-def reference_makespan(shape, coeffs, counts, where, phase, *, copies=True, staging=2, scales=None, slowdown=None):
-    """The model written out term by term, with plain Python loops (the obvious way)."""
-    scales = scales or {}
-    p = "backward" if phase == "backward" else "forward"
-    c = getattr(coeffs, p)
-    sc, sg = scales.get(f"cpu/{p}", 1.0), scales.get(f"gpu/{p}", 1.0)
-    s = coeffs.cpu_slowdown if slowdown is None else slowdown
-    X = R = G = 0.0
-    m = 0
-    any_cpu = any_gpu = False
-    dq = c.dequant if shape.weight_format != "bf16" else 0.0
-    res_dq = dq if (shape.weight_format != "bf16" and shape.resident_size < shape.gpu_bytes) else 0.0
-    for n, w in zip(counts, where):
-        if n == 0:
-            continue
-        if w == Where.CPU:
-            X += (c.cpu_expert + c.cpu_token * n) * sc
-            any_cpu = True
-        elif w == Where.GPU_RESIDENT:
-            R += (c.gpu_expert + c.gpu_token * n + res_dq) * sg
-            any_gpu = True
-        else:
-            G += (c.gpu_expert + c.gpu_token * n + dq) * sg
-            m += 1
-            any_gpu = True
-    if any_cpu:
-        X += c.cpu_call * sc
-    cp = (coeffs.copy_latency + shape.stored_bytes / coeffs.copy_bandwidth) * scales.get("copy", 1.0) if copies else 0.0
-    C = m * cp
-    if not any_gpu:
-        Y = 0.0
-    elif m == 0:
-        Y = c.gpu_call * sg + R
-    elif staging >= 2:
-        Y = c.gpu_call * sg + max(C + G / m, max(cp, R) + G)
-    else:
-        Y = c.gpu_call * sg + max(cp, R) + (C - cp) + G
-    Xe = X * s if X * s <= C else X + C * (1 - 1 / s)
-    return max(Xe, Y), Xe, Y, C
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])

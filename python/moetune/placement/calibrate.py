@@ -26,10 +26,14 @@ toward observed/predicted in log space: log f += rate * clamp(log(obs/pred), +-m
 [1/max_factor, max_factor]. An observation whose log-residual is farther than
 max(outlier_mads * MAD, outlier_floor) from the median of the last `window` residuals is ignored
 (it still enters the window, so a lasting change becomes the median and is followed). A wrong
-start-up guess of any size converges (the clamp bounds each step, not the distance). The CPU
-slowdown is learned from calls whose copies overlap the CPU engine substantially (the engine time
-alone is predicted, the slowdown solved from the observed time); the CPU factors from calls with
-little overlap (their observed time de-slowed with the current slowdown).
+start-up guess of any size converges (the clamp bounds each step, not the distance).
+The CPU time observed is the slowed one (cost.py: X_eff = X*s or X + C(1 - 1/s), with the
+predicted copy time C); its log-residual is divided by its sensitivity to log(s) or log(X) and
+credited to the slowdown when copies cover most of the engine's run (sensitivity to s >=
+`overlap`), else to the phase's CPU factor (i.e. de-slowed). Calls without copies (all-CPU
+layers, backwards that reuse their weights) pin the CPU factors; when every call overlaps fully
+the two are confounded and the slowdown absorbs a CPU error (the slowed time, which is what the
+plans need, is still learned).
 """
 
 from __future__ import annotations
@@ -359,13 +363,15 @@ class OnlineCorrection:
     rate: step size in log space (0.25: a constant 2x error shrinks to ~1.1x in ~10 observations);
     max_step: clamp of one observation's log-residual; window / outlier_mads / outlier_floor: the
     outlier filter; max_factor: bound of each factor; max_slowdown: bound of the CPU slowdown;
-    min_seconds: timings shorter than this are noise-dominated and ignored; overlap: a call whose
-    copy time is at least `overlap` x the engine time teaches the slowdown, below it the CPU factor.
+    min_seconds: timings shorter than this are noise-dominated and ignored; overlap: a CPU time
+    whose sensitivity to the slowdown (d log cpu_eff / d log slowdown: 1 when the copies outlast
+    the engine, 0 without copies) is at least `overlap` teaches the slowdown, a smaller one the
+    CPU factor (the residual divided by its sensitivity, i.e. de-slowed).
     """
 
     def __init__(self, model: CostModel, *, rate: float = 0.25, max_step: float = 0.7, window: int = 15,
                  outlier_mads: float = 5.0, outlier_floor: float = 0.25, max_factor: float = 30.0,
-                 max_slowdown: float = 4.0, min_seconds: float = 20e-6, overlap: float = 0.3):
+                 max_slowdown: float = 4.0, min_seconds: float = 20e-6, overlap: float = 0.5):
         if not (0 < rate <= 1):
             raise ValueError(f"rate must be in (0, 1], got {rate}")
         self.model = model
@@ -428,22 +434,26 @@ class OnlineCorrection:
                  + n[res_m | str_m].sum() * t.gpu_token + t.gpu_call)
             self._update_factor(f"gpu/{p}", gpu_obs, float(g))
         cpu_obs = obs("cpu")
-        if cpu_obs is not None and cpu_m.any():
+        if cpu_obs is not None and cpu_m.any() and cpu_obs >= self.min_seconds:
             X = float(cpu_m.sum() * t.cpu_expert + n[cpu_m].sum() * t.cpu_token + t.cpu_call)
-            C = copy_obs if copy_obs is not None else (copy_pred if m > 0 else 0.0)
+            # The predicted copy time (its factor is learned above): a noisy measured one would
+            # bias the nonlinear overlap formula.
+            C = copy_pred
             s = max(1.0, model.slowdown)
-            if C >= self.overlap * X and cpu_obs >= self.min_seconds and X > 0:
-                # Solve the slowdown from cpu_obs = X*s (full overlap) or X + C(1 - 1/s).
-                if cpu_obs <= C:
-                    s_obs = cpu_obs / X
-                else:
-                    frac = (cpu_obs - X) / C
-                    s_obs = self.max_slowdown if frac >= 1.0 else 1.0 / (1.0 - frac)
-                s_obs = min(self.max_slowdown, max(1.0, s_obs))
-                r = math.log(s_obs / s)
-                if self._accept("slowdown", r):
-                    model.slowdown = min(self.max_slowdown, max(1.0, s * math.exp(self._step(r))))
-            else:
-                X_obs = cpu_obs / s if cpu_obs * 1.0 <= C else cpu_obs - C * (1.0 - 1.0 / s)
-                self._update_factor(f"cpu/{p}", X_obs, X)
+            if X > 0:
+                # Residual of the slowed engine time, and how much log(s) and log(X) move it:
+                # X_eff = X*s (full overlap: both 1), X + C(1 - 1/s) (partial: C/(s X_eff) and X/X_eff).
+                full = X * s <= C
+                X_eff = X * s if full else X + C * (1.0 - 1.0 / s)
+                sens_s = 1.0 if full else C / (s * X_eff)
+                sens_x = 1.0 if full else X / X_eff
+                r = math.log(cpu_obs / X_eff)
+                if sens_s >= self.overlap:
+                    # Copies cover most of the engine's run: the residual is the slowdown's.
+                    if self._accept("slowdown", r / sens_s):
+                        s = s * math.exp(self._step(r / sens_s))
+                        model.slowdown = min(self.max_slowdown, max(1.0, s))
+                elif self._accept(f"cpu/{p}", r / sens_x):
+                    f = model.scales[f"cpu/{p}"] * math.exp(self._step(r / sens_x))
+                    model.scales[f"cpu/{p}"] = min(self.max_factor, max(1.0 / self.max_factor, f))
         model.invalidate()
