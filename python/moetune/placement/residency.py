@@ -2,24 +2,34 @@
 
 Counts: `record(layer_key, counts)` after each forward call (the Scheduler does it from observe);
 `end_step()` once per optimizer step folds the step's sums into exponential moving averages per
-(layer, expert): tokens per step (mu) and active calls per step (a, calls in which the expert got
-any pair). Averages are bias-corrected (like Adam's moments), so early refreshes are not
-dragged toward zero.
+(layer, expert): tokens per step (mu) and active calls per step (a: calls in which the expert got
+any pair), and per layer the calls per step (c). Averages are bias-corrected (like Adam's
+moments), so early refreshes are not dragged toward zero.
 
 Refresh: at step `warmup_steps`, then every `refresh_every` steps (a low rate: the GPU path loads
-and evicts between steps, and a copy of the whole set costs about one step), the policy picks the
-set of experts, across ALL layers, with the largest predicted time saved per GPU byte within the
-budget (greedy by benefit / bytes; an item that does not fit is skipped and smaller ones still
-fill the rest). Benefit of one expert per step, from its layer's current cost model
-(online-corrected) and the scheduler's phases:
-    nu = mu / a (pairs per active call),
-    benefit = a * sum_phases w_p * max(0, min(cpu_p(nu), streamed_p(nu)) - resident_p(nu))
-i.e. what it would cost elsewhere (the cheaper of the CPU engine and a streamed copy + compute)
-minus what it costs resident. This ranks experts in isolation (it ignores that CPU and GPU run in
-parallel); the per-step scheduler then balances whatever is resident.
-Hysteresis: an expert already wanted has its score multiplied by (1 + hysteresis) when ranked,
-so it is replaced only by an expert whose benefit per byte is clearly higher (default 25%);
-routing noise between refreshes (a few % on the averages) does not swap experts.
+and evicts between steps, and loading the whole set costs about one step's copies), the policy
+picks the set of experts, across ALL layers, that maximises the predicted time saved per GPU byte
+within the budget:
+1. Within a layer, experts are ranked by their benefit in isolation, per step,
+       nu = mu / a (pairs per active call),
+       benefit = a * sum_phases w_p * max(0, min(cpu_p(nu) - resident_p(nu), streamed_p(nu) - resident_p(nu)))
+   (what the expert costs elsewhere, the cheaper of the CPU engine and a streamed copy + compute,
+   minus what it costs resident), ties (every expert busy enough to be streamed saves exactly one
+   copy) broken by mu: the busiest first.
+2. Per layer, the step's predicted time with the top-r experts resident, f(r) = c * (the
+   scheduler's "auto" makespan of a call with the expected counts mu / c), on a grid of
+   `curve_points` values of r (and the current r); its lower convex hull gives the layer's
+   marginal gains, largest first. (Making experts resident helps a layer only until it is bound
+   by its GPU compute or its CPU share: a layer's gains diminish, so the budget spreads over the
+   layers instead of filling the first ones.)
+3. Across layers, hull segments are taken by gain per byte (greedy; a segment that does not fit
+   is cut to whole experts, and smaller experts of other layers still fill the rest).
+Hysteresis: the current residents' benefit is multiplied by (1 + hysteresis) in step 1 and the
+hull segments that keep a layer's current residents in step 3, so an expert is swapped out only
+for a replacement whose benefit is clearly higher (default 25%); routing noise between refreshes
+(a few % on the averages) does not swap experts.
+Cost: layers x (curve_points + 1) scheduler searches per refresh (about 0.5 s for 48 layers of
+128 experts in Python), every `refresh_every` steps.
 
 Budget: an explicit GiB value, or "auto": measured at every refresh from the CUDA caching
 allocator and the driver (`auto_budget_bytes`):
@@ -38,12 +48,12 @@ goes below 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Hashable, Optional, Union
 
 import numpy as np
 import torch
 
-from moetune.placement.cost import CostModel, _as_numpy, cost_phase
+from moetune.placement.cost import CostModel, _as_numpy
 
 GIB = 1 << 30
 DEFAULT_MARGIN_BYTES = 1 * GIB
@@ -97,33 +107,47 @@ class CudaMemoryProbe:
 
 
 class _Layer:
-    __slots__ = ("E", "tokens", "active", "ema_tokens", "ema_active", "wanted")
+    __slots__ = ("E", "tokens", "active", "calls", "ema_tokens", "ema_active", "ema_calls", "wanted")
 
     def __init__(self, E: int):
         self.E = E
         self.tokens = np.zeros(E)
         self.active = np.zeros(E)
+        self.calls = 0.0
         self.ema_tokens = np.zeros(E)
         self.ema_active = np.zeros(E)
+        self.ema_calls = 0.0
         self.wanted = np.zeros(E, dtype=bool)
+
+
+def _lower_hull(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the lower convex hull of points sorted by x (monotone chain)."""
+    hull = []
+    for i in range(x.size):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # Drop b if it lies on or above the segment a -> i.
+            if (y[b] - y[a]) * (x[i] - x[a]) >= (y[i] - y[a]) * (x[b] - x[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return np.array(hull, dtype=np.int64)
 
 
 class ResidencyPolicy:
     """Decides the resident experts of every layer (module docstring).
 
-    cost_model_for: layer_key -> CostModel (e.g. Scheduler.cost_model); phases: the phases and
-    weights a call is charged for, copies: phase -> whether it copies streamed experts (take both
-    from the Scheduler: `ResidencyPolicy.attach(scheduler, ...)`).
+    scheduler: the Scheduler whose cost models, phases and search the policy weighs plans with
+    (`ResidencyPolicy.attach(scheduler, ...)` also makes its observe() feed the policy).
     budget: "auto" (needs memory_probe, e.g. CudaMemoryProbe(device)) or GiB as a number.
     refresh_every, warmup_steps: refresh cadence in end_step() calls; ema: the averages' decay per
-    step; hysteresis: an incumbent's bonus when ranked.
+    step; hysteresis: the incumbents' bonus; curve_points: grid size of each layer's f(r).
     Not thread-safe (one training thread).
     """
 
-    def __init__(self, cost_model_for: Callable[[Hashable], CostModel], *, budget: Union[str, float] = "auto",
-                 refresh_every: int = 50, warmup_steps: int = 10, ema: float = 0.9, hysteresis: float = 0.25,
-                 phases: Union[Sequence[str], Mapping[str, float]] = ("forward", "backward"),
-                 copies: Callable[[str], bool] = lambda phase: True,
+    def __init__(self, scheduler, *, budget: Union[str, float] = "auto", refresh_every: int = 50,
+                 warmup_steps: int = 10, ema: float = 0.9, hysteresis: float = 0.25, curve_points: int = 12,
                  memory_probe: Optional[Callable[[], GpuMemory]] = None,
                  margin_bytes: int = DEFAULT_MARGIN_BYTES, margin_fraction: float = DEFAULT_MARGIN_FRACTION):
         if isinstance(budget, str):
@@ -143,15 +167,11 @@ class ResidencyPolicy:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         if hysteresis < 0:
             raise ValueError(f"hysteresis must be >= 0, got {hysteresis}")
-        self.cost_model_for = cost_model_for
+        if int(curve_points) < 2:
+            raise ValueError(f"curve_points must be >= 2, got {curve_points}")
+        self.scheduler = scheduler
         self.refresh_every, self.warmup_steps = int(refresh_every), int(warmup_steps)
-        self.ema, self.hysteresis = float(ema), float(hysteresis)
-        items = phases.items() if isinstance(phases, Mapping) else ((p, 1.0) for p in phases)
-        self.phases = {}
-        for p, w in items:
-            cost_phase(p)
-            self.phases[p] = float(w)
-        self.copies = copies
+        self.ema, self.hysteresis, self.curve_points = float(ema), float(hysteresis), int(curve_points)
         self.memory_probe = memory_probe
         self.margin_bytes, self.margin_fraction = int(margin_bytes), float(margin_fraction)
         self.steps = 0
@@ -162,15 +182,18 @@ class ResidencyPolicy:
 
     @classmethod
     def attach(cls, scheduler, **kw) -> "ResidencyPolicy":
-        """A policy using the scheduler's cost models and phases, fed by its observe()."""
-        policy = cls(scheduler.cost_model, phases=scheduler.phases, copies=scheduler.copies, **kw)
+        """A policy for the scheduler, fed by its observe() (forward calls)."""
+        policy = cls(scheduler, **kw)
         scheduler.residency = policy
         return policy
+
+    def _model(self, layer_key: Hashable) -> CostModel:
+        return self.scheduler.cost_model(layer_key)
 
     def _layer(self, layer_key: Hashable) -> _Layer:
         layer = self._layers.get(layer_key)
         if layer is None:
-            layer = self._layers[layer_key] = _Layer(self.cost_model_for(layer_key).shape.num_experts)
+            layer = self._layers[layer_key] = _Layer(self._model(layer_key).shape.num_experts)
         return layer
 
     # inputs -------------------------------------------------------------------------------
@@ -182,6 +205,7 @@ class ResidencyPolicy:
             raise ValueError(f"layer {layer_key!r}: counts has shape {list(n.shape)}, expected [{layer.E}]")
         layer.tokens += n
         layer.active += n > 0
+        layer.calls += 1
 
     def end_step(self) -> bool:
         """Closes one optimizer step; True when the wanted sets were refreshed (the GPU path should
@@ -191,8 +215,10 @@ class ResidencyPolicy:
         for layer in self._layers.values():
             layer.ema_tokens = b * layer.ema_tokens + (1 - b) * layer.tokens
             layer.ema_active = b * layer.ema_active + (1 - b) * layer.active
+            layer.ema_calls = b * layer.ema_calls + (1 - b) * layer.calls
             layer.tokens[:] = 0
             layer.active[:] = 0
+            layer.calls = 0.0
         k = self.steps - self.warmup_steps
         if k >= 0 and k % self.refresh_every == 0:
             self.refresh()
@@ -205,67 +231,98 @@ class ResidencyPolicy:
         return torch.from_numpy(self._layer(layer_key).wanted.copy())
 
     def wanted_bytes(self) -> int:
-        return int(sum(int(layer.wanted.sum()) * self.cost_model_for(key).shape.resident_size
+        return int(sum(int(layer.wanted.sum()) * self._model(key).shape.resident_size
                        for key, layer in self._layers.items()))
 
-    def benefit(self, layer_key: Hashable) -> np.ndarray:
-        """Predicted seconds saved per step by making each expert of the layer resident."""
-        layer = self._layer(layer_key)
+    def _averages(self, layer: _Layer):
         debias = 1.0 - self.ema ** max(1, self.steps)
-        mu = layer.ema_tokens / debias
-        a = layer.ema_active / debias
+        return layer.ema_tokens / debias, layer.ema_active / debias, layer.ema_calls / debias
+
+    def benefit(self, layer_key: Hashable) -> np.ndarray:
+        """Predicted seconds saved per step by making each expert resident, in isolation."""
+        layer = self._layer(layer_key)
+        mu, a, _ = self._averages(layer)
         nu = np.where(a > 0, mu / np.maximum(a, 1e-12), 0.0)
-        model = self.cost_model_for(layer_key)
+        model = self._model(layer_key)
         saved = np.zeros(layer.E)
-        for p, w in self.phases.items():
-            t = model.terms(p, self.copies(p))
-            gpu = t.gpu_expert + t.gpu_token * nu
-            cpu = t.cpu_expert + t.cpu_token * nu
-            streamed = gpu + t.stream_extra + t.copy
-            resident = gpu + t.resident_extra
-            saved += w * np.maximum(0.0, np.minimum(cpu, streamed) - resident)
+        for p, w in self.scheduler.phases.items():
+            t = model.terms(p, self.scheduler.copies(p))
+            # Differences written out so that equal savings (one copy) are exactly equal.
+            vs_cpu = (t.cpu_expert - t.gpu_expert - t.resident_extra) + (t.cpu_token - t.gpu_token) * nu
+            vs_stream = t.copy + t.stream_extra - t.resident_extra
+            saved += w * np.maximum(0.0, np.minimum(vs_cpu, vs_stream))
         return np.where(a > 0, a * saved, 0.0)
 
     def refresh(self) -> None:
         """Recomputes the wanted sets now (end_step calls it at the cadence)."""
-        held = self.wanted_bytes()
         if self._budget_bytes is None:
-            self.budget_bytes = auto_budget_bytes(self.memory_probe(), resident_bytes=held,
+            self.budget_bytes = auto_budget_bytes(self.memory_probe(), resident_bytes=self.wanted_bytes(),
                                                   margin_bytes=self.margin_bytes, margin_fraction=self.margin_fraction)
         budget = int(self.budget_bytes)
+        boost = 1.0 + self.hysteresis
         keys = list(self._layers)
-        scores, sizes, owners, index, incumbent = [], [], [], [], []
+        ranks, segments = {}, []
         for li, key in enumerate(keys):
             layer = self._layers[key]
-            size = self.cost_model_for(key).shape.resident_size
-            ben = self.benefit(key)
-            score = ben / size * np.where(layer.wanted, 1.0 + self.hysteresis, 1.0)
-            scores.append(score)
-            sizes.append(np.full(layer.E, size, dtype=np.int64))
-            owners.append(np.full(layer.E, li, dtype=np.int64))
-            index.append(np.arange(layer.E))
-            incumbent.append(layer.wanted)
-        if not keys:
-            return
-        score, size = np.concatenate(scores), np.concatenate(sizes)
-        owner, idx, inc = np.concatenate(owners), np.concatenate(index), np.concatenate(incumbent)
-        # Highest score first; ties: incumbents, then layer / expert order (deterministic).
-        order = np.lexsort((idx, owner, ~inc, -score))
-        chosen = np.zeros(score.size, dtype=bool)
+            mu, _, calls = self._averages(layer)
+            cand = np.flatnonzero(mu > 0)
+            if calls <= 0 or cand.size == 0:
+                ranks[key] = cand
+                continue
+            score = self.benefit(key) * np.where(layer.wanted, boost, 1.0)
+            rank = cand[np.lexsort((cand, -mu[cand], -score[cand]))]
+            ranks[key] = rank
+            cur = int(layer.wanted[rank].sum())  # incumbents rank first: keeping them = a prefix
+            grid = np.unique(np.concatenate([np.linspace(0, rank.size, self.curve_points).round(), [cur]]))
+            grid = grid.astype(np.int64)
+            per_call = mu / calls
+            f = np.empty(grid.size)
+            for i, r in enumerate(grid):
+                res = np.zeros(layer.E, dtype=bool)
+                res[rank[:r]] = True
+                f[i] = calls * self.scheduler.best_makespan(key, per_call, res)
+            f = np.minimum.accumulate(f)
+            hull = _lower_hull(grid.astype(np.float64), f)
+            size = self._model(key).shape.resident_size
+            for a_, b_ in zip(hull[:-1], hull[1:]):
+                r0, r1, gain = int(grid[a_]), int(grid[b_]), float(f[a_] - f[b_])
+                # Split a segment at the current count: the part keeping incumbents gets the bonus.
+                pieces = [(r0, r1)] if not (r0 < cur < r1) else [(r0, cur), (cur, r1)]
+                for p0, p1 in pieces:
+                    g = gain * (p1 - p0) / (r1 - r0)
+                    if g <= 0:
+                        continue
+                    density = g / ((p1 - p0) * size) * (boost if p1 <= cur else 1.0)
+                    segments.append((density, li, p0, p1, size))
+        # Largest gain per byte first; a layer's segments stay in order (densities decrease along
+        # a hull; ties by r).
+        segments.sort(key=lambda s: (-s[0], s[1], s[2]))
+        take = {li: 0 for li in range(len(keys))}
+        closed = set()
         used = 0
-        for i in order:
-            if score[i] <= 0:
-                break
-            if used + size[i] <= budget:
-                chosen[i] = True
-                used += int(size[i])
-        swaps_in = int((chosen & ~inc).sum())
-        swaps_out = int((~chosen & inc).sum())
+        for density, li, r0, r1, size in segments:
+            if li in closed or take[li] != r0:
+                continue
+            fit = min(r1 - r0, (budget - used) // size)
+            if fit <= 0:
+                closed.add(li)
+                continue
+            take[li] = r0 + fit
+            used += fit * size
+            if fit < r1 - r0:
+                closed.add(li)
+        swaps_in = swaps_out = chosen_n = 0
         for li, key in enumerate(keys):
-            self._layers[key].wanted = chosen[owner == li].copy()
+            layer = self._layers[key]
+            new = np.zeros(layer.E, dtype=bool)
+            new[ranks[key][:take[li]]] = True
+            swaps_in += int((new & ~layer.wanted).sum())
+            swaps_out += int((~new & layer.wanted).sum())
+            chosen_n += int(new.sum())
+            layer.wanted = new
         if swaps_in or swaps_out:
             self.version += 1
-        self.last_refresh = {"step": self.steps, "experts": int(chosen.sum()), "bytes": used, "budget": budget,
+        self.last_refresh = {"step": self.steps, "experts": chosen_n, "bytes": used, "budget": budget,
                              "swaps_in": swaps_in, "swaps_out": swaps_out}
 
     def stats(self) -> Dict[str, float]:

@@ -264,14 +264,40 @@ class Scheduler:
         """The placement of one call. counts: int CPU tensor [E] (pairs per expert); resident_mask:
         bool [E] (experts whose weights the GPU holds now; None: none). phases: override the
         phases this plan is charged for (e.g. ("backward",))."""
+        n, res, prob = self._problem(layer_key, counts, resident_mask, phases)
+        if prob.A == 0:
+            on_gpu = np.zeros(0, dtype=bool)
+        elif self.mode == "cpu":
+            on_gpu = np.zeros(prob.A, dtype=bool)
+        elif self.mode == "gpu":
+            on_gpu = prob.all_gpu()
+        else:
+            on_gpu = self._search(prob)
+        where = np.zeros(n.size, dtype=np.int8)
+        ids = prob.ids[on_gpu]
+        where[ids] = np.where(res[ids], int(Where.GPU_RESIDENT), int(Where.GPU_STREAMED))
+        predicted = self._predicted(prob, on_gpu)
+        return LayerPlan(torch.from_numpy(where), torch.from_numpy(n.astype(np.int64)), predicted)
+
+    def best_makespan(self, layer_key: Hashable, counts, resident_mask=None) -> float:
+        """The predicted seconds of the "auto" plan for these counts (may be fractional, e.g.
+        expected counts) and residents, whatever the mode: what the residency policy weighs."""
+        _, _, prob = self._problem(layer_key, counts, resident_mask, None)
+        if prob.A == 0:
+            return 0.0
+        on_gpu = self._search(prob)
+        return float(prob.objectives(on_gpu[None, :])[0])
+
+    def _problem(self, layer_key, counts, resident_mask, phases):
         model = self.cost_model(layer_key)
         E = model.shape.num_experts
         n = _as_numpy(counts, np.float64, "counts")
         if n.shape != (E,):
             raise ValueError(f"layer {layer_key!r}: counts has shape {list(n.shape)}, expected [{E}]")
-        if not np.all(np.isfinite(n)) or (n < 0).any():
-            raise ValueError(f"layer {layer_key!r}: counts must be finite and >= 0 (expert "
-                             f"{int(np.flatnonzero(~np.isfinite(n) | (n < 0))[0])} is {n[~np.isfinite(n) | (n < 0)][0]})")
+        bad = ~np.isfinite(n) | (n < 0)
+        if bad.any():
+            e = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"layer {layer_key!r}: counts must be finite and >= 0 (expert {e} is {n[e]})")
         if resident_mask is None:
             res = np.zeros(E, dtype=bool)
         else:
@@ -284,22 +310,7 @@ class Scheduler:
         if w is None:
             w = self._weight_cols[key] = (tuple((p, self.copies(p)) for p in weights),
                                           np.array([[v] for v in weights.values()]))
-        prob = _Problem(n, res, model.term_columns(w[0]), w[1], model.staging_buffers, self.max_streamed)
-
-        if prob.A == 0:
-            on_gpu = np.zeros(0, dtype=bool)
-        elif self.mode == "cpu":
-            on_gpu = np.zeros(prob.A, dtype=bool)
-        elif self.mode == "gpu":
-            on_gpu = prob.all_gpu()
-        else:
-            on_gpu = self._search(prob)
-
-        where = np.zeros(E, dtype=np.int8)
-        ids = prob.ids[on_gpu]
-        where[ids] = np.where(res[ids], int(Where.GPU_RESIDENT), int(Where.GPU_STREAMED))
-        predicted = self._predicted(prob, on_gpu)
-        return LayerPlan(torch.from_numpy(where), torch.from_numpy(n.astype(np.int64)), predicted)
+        return n, res, _Problem(n, res, model.term_columns(w[0]), w[1], model.staging_buffers, self.max_streamed)
 
     def _search(self, prob: _Problem) -> np.ndarray:
         n, res = prob.n, prob.res
