@@ -427,13 +427,15 @@ def makespan_parts(X, R, G, m, any_gpu, *, copy, slowdown, gpu_call, staging_buf
     is on the GPU. Returns (X_eff, Y, C): the slowed CPU time, the GPU side's finish time and the
     copy time."""
     C = m * copy
+    RG = np.maximum(copy, R) + G  # compute-bound: the first copy (hidden by resident work), then all
     if staging_buffers >= 2:
-        pipe = np.maximum(C + G / np.maximum(m, 1), np.maximum(copy, R) + G)
+        pipe = np.maximum(C + G / np.maximum(m, 1), RG)
     else:
-        pipe = np.maximum(copy, R) + (C - copy) + G
-    Y = np.where(any_gpu, np.where(m > 0, pipe, R) + gpu_call, 0.0)
-    Xs = X * slowdown
-    Xe = np.where(Xs <= C, Xs, X + C * (1.0 - 1.0 / slowdown))
+        pipe = RG + (C - copy)
+    Y = np.where(m > 0, pipe, R) + gpu_call
+    Y *= any_gpu
+    # X_eff = min(X * s, X + C (1 - 1/s)) is the piecewise formula (the two agree at X*s = C).
+    Xe = np.minimum(X * slowdown, X + C * (1.0 - 1.0 / slowdown))
     return Xe, Y, C
 
 

@@ -108,7 +108,7 @@ class _Problem:
         R = cum(self.gpu_res[:, idx]).reshape(P, -1)
         G = cum(self.gpu_str[:, idx]).reshape(P, -1)
         m = cum(self.str_f[idx]).reshape(-1)
-        n_cpu = np.tile(A - np.arange(A + 1, dtype=np.float64), O)
+        n_cpu = np.broadcast_to(A - np.arange(A + 1, dtype=np.float64), (O, A + 1)).reshape(-1)
         obj, _ = self.evaluate(n_cpu, X, R, G, m)
         k = int(np.argmin(obj))
         o, j = divmod(k, A + 1)
@@ -138,9 +138,10 @@ class _Problem:
             gi, ci = np.flatnonzero(on_gpu), np.flatnonzero(~on_gpu)
             if gi.size == 0 or ci.size == 0 or swap_candidates < 1:
                 break
-            # Finite-first order: a single move the cap forbids is still a fine half of an exchange.
+            # Most promising halves first (inf, a single move the cap forbids, sorts last but is
+            # still a fine half of an exchange).
             gi = gi[np.argsort(cand[gi], kind="stable")[:swap_candidates]]
-            ci = ci[np.argsort(np.nan_to_num(cand[ci], posinf=np.finfo(np.float64).max), kind="stable")[:swap_candidates]]
+            ci = ci[np.argsort(cand[ci], kind="stable")[:swap_candidates]]
 
             def pair(a):  # a[:, i] - a[:, j] for each (i on the GPU, j on the CPU), flattened [P, Ki*Kj]
                 return (a[:, gi, None] - a[:, None, ci]).reshape(a.shape[0], -1)
