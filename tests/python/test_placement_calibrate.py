@@ -84,8 +84,9 @@ def truth_coefficients(shape, *, cpu=3.0, gpu=0.5, bw=0.4, slowdown=1.25):
     d = CostCoefficients.defaults(shape)
 
     def scale(p):
-        return PhaseCoefficients(cpu_call=p.cpu_call * 2, cpu_expert=p.cpu_expert * cpu, cpu_token=p.cpu_token * cpu / 2,
-                                 gpu_call=p.gpu_call * 3, gpu_expert=p.gpu_expert * gpu, gpu_token=p.gpu_token * gpu * 2,
+        return PhaseCoefficients(cpu_call=p.cpu_call * 2, cpu_expert=p.cpu_expert * cpu,
+                                 cpu_token=p.cpu_token * cpu / 2, gpu_call=p.gpu_call * 3,
+                                 gpu_expert=p.gpu_expert * gpu, gpu_token=p.gpu_token * gpu * 2,
                                  dequant=p.dequant * 1.5)
 
     return d.replace(forward=scale(d.forward), backward=scale(d.backward), copy_bandwidth=d.copy_bandwidth * bw,
@@ -139,8 +140,8 @@ def test_engine_timer_calibrates_the_real_cpu_engine():
     E, H, I, k, r = 16, 128, 64, 4, 4
     ctx = moetune.Context(1)
     g = torch.Generator().manual_seed(0)
-    experts = moetune.MoEExperts(ctx, torch.randn(E, I, H, generator=g) * 0.02, torch.randn(E, I, H, generator=g) * 0.02,
-                                 torch.randn(E, H, I, generator=g) * 0.02)
+    experts = moetune.MoEExperts(ctx, torch.randn(E, I, H, generator=g) * 0.02,
+                                 torch.randn(E, I, H, generator=g) * 0.02, torch.randn(E, H, I, generator=g) * 0.02)
     lora = moetune.LoraWeights(gate=(torch.randn(E, r, H) * 0.01, torch.zeros(E, I, r)),
                                up=(torch.randn(E, r, H) * 0.01, torch.zeros(E, I, r)),
                                down=(torch.randn(E, r, I) * 0.01, torch.zeros(E, H, r)), scaling=2.0)
@@ -301,7 +302,7 @@ def test_cuda_copy_timer_and_slowdown_measure():
     for e in range(8):
         experts.load_expert(e, w, w, w.t().contiguous())
     timer = engine_timer(experts, top_k=2)
-    loaded = under_copies(timer, "cuda", chunk_bytes=shape.stored_bytes, bandwidth=got.copy_bandwidth)
+    loaded = under_copies(timer, "cuda", chunk_bytes=shape.stored_bytes)
     counts = synthetic_counts(8, 8, 512, 2)
     alone = min(timer("forward", counts) for _ in range(3))
     with_copies = min(loaded("forward", counts, 3 * alone) for _ in range(3))

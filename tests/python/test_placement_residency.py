@@ -238,12 +238,16 @@ def test_benefit_is_zero_for_idle_and_positive_for_busy_experts():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU machine)")
 def test_cuda_memory_probe():
     probe = CudaMemoryProbe("cuda")
-    x = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    m = probe()
-    assert m.total > 0 and 0 < m.free <= m.total and m.peak_reserved >= x.numel()
+    probe()  # starts a window
+    nbytes = 256 << 20
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    m = probe()  # the window held x
+    assert m.total > 0 and 0 < m.free <= m.total and m.peak_reserved >= nbytes
     del x
-    m2 = probe()
-    assert m2.peak_reserved < m.peak_reserved  # the peak was reset by the first reading
-    assert probe.run_peak_reserved >= m.peak_reserved
+    torch.cuda.empty_cache()
+    probe()  # this window started while x was alive
+    m2 = probe()  # this one did not
+    assert m2.peak_reserved <= m.peak_reserved - nbytes  # the peak counters were reset per reading
+    assert probe.run_peak_reserved >= m.peak_reserved and probe.run_peak_allocated >= nbytes
     budget = auto_budget_bytes(m2, resident_bytes=0)
     assert 0 <= budget < m2.free

@@ -256,17 +256,21 @@ def cuda_copy_timer(device, max_bytes: int) -> Callable[[int], float]:
     return run
 
 
-def under_copies(cpu_time: Callable[[str, np.ndarray], float], device, *, chunk_bytes: int,
-                 bandwidth: float) -> Callable[[str, np.ndarray, float], float]:
+def under_copies(cpu_time: Callable[[str, np.ndarray], float], device, *,
+                 chunk_bytes: int) -> Callable[[str, np.ndarray, float], float]:
     """cpu_time_under_copy: queues pinned host->GPU copies of chunk_bytes on a side stream, enough
-    to last cover_s at `bandwidth`, then runs cpu_time while they proceed."""
+    to last cover_s at the rate of one chunk's copy (timed here once), then runs cpu_time while
+    they proceed, then waits for them."""
     device = torch.device(device)
     host = torch.empty(int(chunk_bytes), dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(int(chunk_bytes), dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device)
+    one = cuda_copy_timer(device, int(chunk_bytes))
+    one(int(chunk_bytes))  # warm-up
+    chunk_s = min(one(int(chunk_bytes)) for _ in range(3))
 
     def run(phase: str, counts, cover_s: float) -> float:
-        n = max(1, math.ceil(cover_s * bandwidth / chunk_bytes))
+        n = max(1, math.ceil(cover_s / max(chunk_s, 1e-7)))
         with torch.cuda.stream(stream):
             for _ in range(n):
                 dev.copy_(host, non_blocking=True)
@@ -345,7 +349,8 @@ class CalibrationCache:
         os.replace(tmp, path)
         return path
 
-    def get_or_measure(self, identity: Mapping, measure: Callable[[], CostCoefficients]) -> Tuple[CostCoefficients, bool]:
+    def get_or_measure(self, identity: Mapping,
+                       measure: Callable[[], CostCoefficients]) -> Tuple[CostCoefficients, bool]:
         """(coefficients, hit): the cached ones, else measure() saved for next time."""
         got = self.load(identity)
         if got is not None:

@@ -41,8 +41,11 @@ Assumptions (and where they break): costs are linear in the pairs per expert (sm
 inefficiency at a few tokens per expert is folded into the fixed part by the calibration's fit);
 experts of one layer have one shape and one stored size; the CPU engine and the GPU start at the
 same time (routing is known before either runs); copies of one call run back to back from its
-start. Online correction (calibrate.OnlineCorrection) scales each resource's coefficients by
-observed/predicted ratios, so a machine unlike the reference one converges.
+start (with >= 2 staging buffers a copy never waits for a buffer: when compute is the bottleneck
+the copies finish early anyway, so this only shifts when the CPU is slowed); the slowdown is one
+factor for any overlap; layers do not overlap each other. Online correction
+(calibrate.OnlineCorrection) scales each resource's coefficients by observed/predicted ratios, so
+a machine unlike the reference one converges.
 
 Coefficients are plain seconds for one layer shape (CostCoefficients, JSON save/load); defaults
 for a shape come from ReferenceRates, the figures measured on the reference GPU machine.
@@ -312,8 +315,8 @@ class Prediction:
     copy_bytes: int
 
 
-#: Keys of CostModel.scales: the online correction's multiplicative factors.
 def scale_keys():
+    """Keys of CostModel.scales: the online correction's multiplicative factors."""
     return [f"{r}/{p}" for r in ("cpu", "gpu") for p in ("forward", "backward")] + ["copy"]
 
 
@@ -405,7 +408,9 @@ class CostModel:
             raise ValueError(f"counts and where must have shape [{E}], got {list(n.shape)} and {list(w.shape)}")
         t = self.terms(phase, copies)
         act = n > 0
-        cpu_m, res_m, str_m = act & (w == int(Where.CPU)), act & (w == int(Where.GPU_RESIDENT)), act & (w == int(Where.GPU_STREAMED))
+        cpu_m = act & (w == int(Where.CPU))
+        res_m = act & (w == int(Where.GPU_RESIDENT))
+        str_m = act & (w == int(Where.GPU_STREAMED))
         X = float(cpu_m.sum() * t.cpu_expert + n[cpu_m].sum() * t.cpu_token) + (t.cpu_call if cpu_m.any() else 0.0)
         R = float(res_m.sum() * (t.gpu_expert + t.resident_extra) + n[res_m].sum() * t.gpu_token)
         m = int(str_m.sum())

@@ -272,7 +272,7 @@ class ResidencyPolicy:
             score = self.benefit(key) * np.where(layer.wanted, boost, 1.0)
             rank = cand[np.lexsort((cand, -mu[cand], -score[cand]))]
             ranks[key] = rank
-            cur = int(layer.wanted[rank].sum())  # incumbents rank first: keeping them = a prefix
+            cur = int(layer.wanted[rank].sum())  # incumbents rank high (bonus): ~ the top `cur`
             grid = np.unique(np.concatenate([np.linspace(0, rank.size, self.curve_points).round(), [cur]]))
             grid = grid.astype(np.int64)
             per_call = mu / calls
