@@ -104,10 +104,10 @@ struct LoraGradArrays {
   std::optional<std::pair<std::optional<OutArray>, std::optional<OutArray>>> proj[3];
 };
 
-// [in, out] of projection p's LoRA: A [E, r, in], B [E, out, r].
+// [in, out] of projection p (its LoRA: A [E, r, in], B [E, out, r]).
 std::pair<int64_t, int64_t> lora_in_out(const MoeExperts& ex, Proj p) {
-  return p == Proj::kDown ? std::make_pair<int64_t, int64_t>(ex.I(), ex.H())
-                          : std::make_pair<int64_t, int64_t>(ex.H(), ex.I());
+  const WeightStore::Dims d = ex.weights().dims(p);
+  return {d.K, d.N};
 }
 
 LoraSet lora_set(const MoeExperts& ex, const LoraArrays& l) {
@@ -408,18 +408,17 @@ void bind_experts(nb::module_& m) {
       .def("load_biases",
            [](MoeExperts& ex, std::optional<Array> gate, std::optional<Array> up,
               std::optional<Array> down) {
-             const int64_t E = ex.E(), H = ex.H(), I = ex.I();
              const std::optional<Array>* b[3] = {&gate, &up, &down};
-             const char* names[3] = {"gate_bias", "up_bias", "down_bias"};
-             const int64_t n[3] = {I, I, H};
              std::optional<DType> dt;
              const void* ptr[3] = {nullptr, nullptr, nullptr};
-             for (int w = 0; w < 3; ++w) {
-               if (!b[w]->has_value()) continue;
-               const DType d = check(**b[w], names[w], {E, n[w]}, kFloat);
+             for (Proj p : kAllProjs) {
+               const std::optional<Array>& bias = *b[idx(p)];
+               if (!bias) continue;
+               // [E, out]: gate, up [E, I], down [E, H].
+               const DType d = check(*bias, std::string(proj_name(p)) + "_bias", {ex.E(), ex.weights().dims(p).N}, kFloat);
                if (dt && *dt != d) throw std::invalid_argument("gate_bias, up_bias and down_bias must share one dtype");
                dt = d;
-               ptr[w] = (*b[w])->data();
+               ptr[idx(p)] = bias->data();
              }
              ex.load_biases(ptr[0], ptr[1], ptr[2], dt.value_or(DType::kF32));
            },
