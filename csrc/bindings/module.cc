@@ -91,54 +91,74 @@ DType check(const A& a, const std::string& name, std::initializer_list<int64_t> 
 
 const std::initializer_list<DType> kFloat = {DType::kBf16, DType::kF32};
 
+// The LoRA tensors of one call, as moetune.LoraWeights holds them: per
+// projection None or (A [E, r, in], B [E, out, r]), and the scaling.
 struct LoraArrays {
-  std::optional<Array> A[3], B[3];
+  std::optional<std::pair<Array, Array>> proj[3];
   float scaling = 1.0f;
 };
 
-const char* kProj[3] = {"gate", "up", "down"};
+// The LoRA gradients a backward call should write (fp32, the shapes of A and
+// B): per projection None or (dA or None, dB or None).
+struct LoraGradArrays {
+  std::optional<std::pair<std::optional<OutArray>, std::optional<OutArray>>> proj[3];
+};
+
+// [in, out] of projection p (its LoRA: A [E, r, in], B [E, out, r]).
+std::pair<int64_t, int64_t> lora_in_out(const MoeExperts& ex, Proj p) {
+  const WeightStore::Dims d = ex.weights().dims(p);
+  return {d.K, d.N};
+}
 
 LoraSet lora_set(const MoeExperts& ex, const LoraArrays& l) {
   LoraSet s;
   s.scaling = l.scaling;
-  LoraProj* p[3] = {&s.gate, &s.up, &s.down};
-  const int64_t E = ex.E(), H = ex.H(), I = ex.I();
-  const int64_t in[3] = {H, H, I}, out[3] = {I, I, H};
-  for (int w = 0; w < 3; ++w) {
-    const std::string base = std::string("lora.") + kProj[w];
-    if (l.A[w].has_value() != l.B[w].has_value()) {
-      throw std::invalid_argument((base + ": A and B must both be given or both be None"));
-    }
-    if (!l.A[w]) continue;
-    const Array& A = *l.A[w];
-    const Array& B = *l.B[w];
+  LoraProj* ps[3] = {&s.gate, &s.up, &s.down};
+  const int64_t E = ex.E();
+  for (Proj p : kAllProjs) {
+    const std::string base = std::string("lora.") + proj_name(p);
+    if (!l.proj[idx(p)]) continue;
+    const auto [in, out] = lora_in_out(ex, p);
+    const Array& A = l.proj[idx(p)]->first;
+    const Array& B = l.proj[idx(p)]->second;
     if (A.ndim() != 3) {
-      throw std::invalid_argument((base + ".A has shape " + shape_of(A) + ", expected [E, r, in] = " +
-                             shape_str({E, -1, in[w]})).c_str());
+      throw std::invalid_argument(base + ".A has shape " + shape_of(A) + ", expected [E, r, in] = " +
+                                  shape_str({E, -1, in}));
     }
     const int64_t r = A.shape(1);
-    if (r < 1) throw std::invalid_argument((base + ".A: rank r must be >= 1"));
-    p[w]->a_dtype = check(A, base + ".A", {E, r, in[w]}, kFloat);
-    p[w]->b_dtype = check(B, base + ".B", {E, out[w], r}, kFloat);
-    p[w]->A = A.data();
-    p[w]->B = B.data();
-    p[w]->r = static_cast<int>(r);
+    if (r < 1) throw std::invalid_argument(base + ".A: rank r must be >= 1");
+    LoraProj& lp = *ps[idx(p)];
+    lp.a_dtype = check(A, base + ".A", {E, r, in}, kFloat);
+    lp.b_dtype = check(B, base + ".B", {E, out, r}, kFloat);
+    lp.A = A.data();
+    lp.B = B.data();
+    lp.r = static_cast<int>(r);
   }
   return s;
 }
 
-LoraArrays make_lora(std::optional<Array> ag, std::optional<Array> bg, std::optional<Array> au,
-                     std::optional<Array> bu, std::optional<Array> ad, std::optional<Array> bd,
-                     float scaling) {
-  LoraArrays l;
-  l.A[0] = std::move(ag);
-  l.B[0] = std::move(bg);
-  l.A[1] = std::move(au);
-  l.B[1] = std::move(bu);
-  l.A[2] = std::move(ad);
-  l.B[2] = std::move(bd);
-  l.scaling = scaling;
-  return l;
+LoraGrads lora_grads(const MoeExperts& ex, const LoraSet& lora, const LoraGradArrays& g) {
+  LoraGrads out;
+  float** dA[3] = {&out.dA_gate, &out.dA_up, &out.dA_down};
+  float** dB[3] = {&out.dB_gate, &out.dB_up, &out.dB_down};
+  for (Proj p : kAllProjs) {
+    if (!g.proj[idx(p)]) continue;
+    const std::string base = std::string("grad lora.") + proj_name(p);
+    const LoraProj& lp = lora[p];
+    const auto [in, out_dim] = lora_in_out(ex, p);
+    const auto& [gA, gB] = *g.proj[idx(p)];
+    if (gA) {
+      if (!lp.enabled()) throw std::invalid_argument(base + ".A requested but that LoRA is off");
+      check(*gA, base + ".A", {ex.E(), lp.r, in}, {DType::kF32});
+      *dA[idx(p)] = static_cast<float*>(gA->data());
+    }
+    if (gB) {
+      if (!lp.enabled()) throw std::invalid_argument(base + ".B requested but that LoRA is off");
+      check(*gB, base + ".B", {ex.E(), out_dim, lp.r}, {DType::kF32});
+      *dB[idx(p)] = static_cast<float*>(gB->data());
+    }
+  }
+  return out;
 }
 
 std::optional<kernels::Isa> parse_isa(const std::string& s) {
@@ -151,16 +171,9 @@ std::optional<kernels::Isa> parse_isa(const std::string& s) {
   throw std::invalid_argument(("isa must be one of auto, scalar, avx2, avx512, avx512_bf16, amx_bf16; got '" + s + "'"));
 }
 
-}  // namespace
-}  // namespace moetune
+// ---- the module, one function per concept ----
 
-NB_MODULE(_moetune_ext, m) {
-  using namespace moetune;
-  m.doc() = "moetune engine bindings (internal; use the moetune package)";
-  // Engine objects held by module globals (or by torch's autograd graph) may
-  // outlive this module at interpreter teardown; that is not a leak of the
-  // running program (tests check handles are freed with their graphs).
-  nb::set_leak_warnings(false);
+void bind_kernels(nb::module_& m) {
   m.def("cpu_summary", &kernels::cpu_summary);
   m.attr("PACKED_LAYOUT_VERSION") = kernels::kPackedLayoutVersion;
   m.def("kernels", [] {
@@ -169,7 +182,9 @@ NB_MODULE(_moetune_ext, m) {
       out.emplace_back(k.name, kernels::isa_name(k.isa), kernels::cpu_supports(k.isa));
     return out;
   });
+}
 
+void bind_context(nb::module_& m) {
   nb::class_<Job>(m, "Job")
       .def("wait", [](const Job& j) {
         nb::gil_scoped_release release;
@@ -193,66 +208,173 @@ NB_MODULE(_moetune_ext, m) {
       .def("info", &Context::info)
       .def("phase_profile", &Context::phase_profile)
       .def("reset_phase_profile", &Context::reset_phase_profile);
+}
 
+// A nanobind enum whose value names are the engine's option names.
+template <typename Enum, size_t N>
+void bind_enum(nb::module_& m, const char* name, const Enum (&all)[N]) {
+  nb::enum_<Enum> e(m, name);
+  for (Enum v : all) e.value(option_name(v), v);
+}
+
+void bind_options(nb::module_& m) {
+  bind_enum(m, "BackwardWeights", kAllBackwardWeights);
+  bind_enum(m, "ActivationPolicy", kAllActivationPolicies);
+  bind_enum(m, "Activation", kAllActivations);
+  bind_enum(m, "WeightFormat", kAllWeightFormats);
+  // Defaults come from the C++ struct (the one place they are written);
+  // moetune.ExpertsOptions (Python) reads them from a default-constructed one.
+  nb::class_<ExpertsOptions>(m, "ExpertsOptions")
+      .def(nb::init<>())
+      .def_rw("backward_weights", &ExpertsOptions::backward_weights)
+      .def_rw("activations", &ExpertsOptions::activations)
+      .def_rw("activation", &ExpertsOptions::activation)
+      .def_rw("swiglu_alpha", &ExpertsOptions::swiglu_alpha)
+      .def_rw("swiglu_limit", &ExpertsOptions::swiglu_limit)
+      .def_rw("weight_format", &ExpertsOptions::weight_format)
+      .def_rw("group_size", &ExpertsOptions::group_size)
+      .def_rw("row_group", &ExpertsOptions::row_group)
+      .def("validate", &ExpertsOptions::validate)
+      .def("__eq__", [](const ExpertsOptions& a, const ExpertsOptions& b) { return a == b; });
+  m.def("default_group_size", &default_group_size, "weight_format"_a);
+  m.def("experts_host_bytes", &MoeExperts::host_bytes, "num_experts"_a, "hidden_size"_a,
+        "intermediate_size"_a, "options"_a);
+  m.def("experts_bias_bytes", &WeightStore::bias_bytes_for, "num_experts"_a, "hidden_size"_a,
+        "intermediate_size"_a);
+}
+
+void bind_lora(nb::module_& m) {
+  nb::class_<LoraArrays>(m, "Lora")
+      .def("__init__",
+           [](LoraArrays* self, std::optional<std::pair<Array, Array>> gate,
+              std::optional<std::pair<Array, Array>> up, std::optional<std::pair<Array, Array>> down,
+              float scaling) {
+             new (self) LoraArrays{{std::move(gate), std::move(up), std::move(down)}, scaling};
+           },
+           nb::kw_only(), "gate"_a.none() = nb::none(), "up"_a.none() = nb::none(),
+           "down"_a.none() = nb::none(), "scaling"_a = 1.0f);
+  using GradPair = std::pair<std::optional<OutArray>, std::optional<OutArray>>;
+  nb::class_<LoraGradArrays>(m, "LoraGrads")
+      .def("__init__",
+           [](LoraGradArrays* self, std::optional<GradPair> gate, std::optional<GradPair> up,
+              std::optional<GradPair> down) {
+             new (self) LoraGradArrays{{std::move(gate), std::move(up), std::move(down)}};
+           },
+           nb::kw_only(), "gate"_a.none() = nb::none(), "up"_a.none() = nb::none(),
+           "down"_a.none() = nb::none());
+}
+
+// Checks gate/up [.., I, H] and down [.., H, I] (lead = {E} or {}) and one dtype.
+DType check_expert_weights(const MoeExperts& ex, const Array& gate, const Array& up, const Array& down,
+                           bool stacked, const std::string& at) {
+  const int64_t E = ex.E(), H = ex.H(), I = ex.I();
+  const DType dt = stacked ? check(gate, "gate_proj" + at, {E, I, H}, kFloat)
+                           : check(gate, "gate_proj" + at, {I, H}, kFloat);
+  const DType du = stacked ? check(up, "up_proj" + at, {E, I, H}, kFloat) : check(up, "up_proj" + at, {I, H}, kFloat);
+  const DType dd = stacked ? check(down, "down_proj" + at, {E, H, I}, kFloat)
+                           : check(down, "down_proj" + at, {H, I}, kFloat);
+  if (du != dt || dd != dt) throw std::invalid_argument("gate_proj, up_proj and down_proj must share one dtype" + at);
+  return dt;
+}
+
+void check_expert_id(const MoeExperts& ex, int e) {
+  if (e < 0 || e >= ex.E()) {
+    throw std::invalid_argument("expert id " + std::to_string(e) + " outside [0, " + std::to_string(ex.E()) + ")");
+  }
+}
+
+ForwardArgs forward_args(const MoeExperts& ex, const Array& x, const Array& ids, const Array& w,
+                         const std::optional<Array>& mask, const LoraArrays& lora, OutArray& out) {
+  const int64_t H = ex.H(), E = ex.E();
+  if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D [T, H], got shape " + shape_of(x));
+  if (ids.ndim() != 2) throw std::invalid_argument("topk_ids must be 2-D [T, k], got shape " + shape_of(ids));
+  const int64_t T = x.shape(0), k = ids.shape(1);
+  ForwardArgs a;
+  a.T = T;
+  a.k = static_cast<int>(k);
+  a.x_dtype = check(x, "x", {T, H}, kFloat);
+  a.ids_dtype = check(ids, "topk_ids", {T, k}, {DType::kI32, DType::kI64});
+  if (k < 1 || k > E) {
+    throw std::invalid_argument("topk_ids: k = " + std::to_string(k) + " must be in [1, E=" + std::to_string(E) + "]");
+  }
+  a.w_dtype = check(w, "topk_weights", {T, k}, kFloat);
+  if (mask) {
+    const nb::dlpack::dtype d = mask->dtype();
+    if (!(d.bits == 8 && (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bool) ||
+                          d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt)))) {
+      throw std::invalid_argument("expert_mask must be a bool tensor of shape [E]");
+    }
+    if (mask->ndim() != 1 || static_cast<int64_t>(mask->shape(0)) != E) {
+      throw std::invalid_argument("expert_mask has shape " + shape_of(*mask) + ", expected [" + std::to_string(E) + "]");
+    }
+    a.expert_mask = static_cast<const uint8_t*>(mask->data());
+  }
+  a.x = x.data();
+  a.topk_ids = ids.data();
+  a.topk_weights = w.data();
+  a.lora = lora_set(ex, lora);
+  a.out_dtype = check(out, "out", {T, H}, kFloat);
+  a.out = out.data();
+  return a;
+}
+
+BackwardArgs backward_args(const MoeExperts& ex, const Saved& saved, const Array& dout, const LoraArrays& lora,
+                           std::optional<OutArray>& dx, std::optional<OutArray>& dw, const LoraGradArrays& grads) {
+  const int64_t T = saved.T, k = saved.k, H = ex.H();
+  BackwardArgs a;
+  a.dout_dtype = check(dout, "grad_out", {T, H}, kFloat);
+  a.dout = dout.data();
+  a.lora = lora_set(ex, lora);
+  if (dx) {
+    a.dx_dtype = check(*dx, "grad_x", {T, H}, kFloat);
+    a.dx = dx->data();
+  }
+  if (dw) {
+    a.dw_dtype = check(*dw, "grad_topk_weights", {T, k}, kFloat);
+    a.dtopk_weights = dw->data();
+  }
+  a.grads = lora_grads(ex, a.lora, grads);
+  return a;
+}
+
+void bind_experts(nb::module_& m) {
   nb::class_<Saved>(m, "Saved").def_prop_ro("nbytes", &Saved::bytes);
 
   nb::class_<MoeExperts>(m, "Experts")
-      .def("__init__",
-           [](MoeExperts* self, std::shared_ptr<Context> ctx, int E, int H, int I,
-              const std::string& backward_weights, const std::string& activations,
-              const std::string& activation, float alpha, float limit,
-              const std::string& weight_format, int group_size, int row_group) {
-             ExpertsOptions o;
-             if (row_group < 0) throw std::invalid_argument("row_group must be >= 0 (0 = auto), got " + std::to_string(row_group));
-             o.row_group = row_group;
-             if (activation == "swiglu") o.activation = Activation::kSwiGLU;
-             else if (activation == "gpt_oss") o.activation = Activation::kClampedSwiGLU;
-             else throw std::invalid_argument(("activation must be 'swiglu' or 'gpt_oss', got '" + activation + "'"));
-             o.swiglu_alpha = alpha;
-             o.swiglu_limit = limit;
-             if (weight_format == "bf16") o.weight_format = kernels::WeightFormat::kBf16;
-             else if (weight_format == "int8") o.weight_format = kernels::WeightFormat::kInt8;
-             else if (weight_format == "int4") o.weight_format = kernels::WeightFormat::kInt4;
-             else throw std::invalid_argument(("weight_format must be 'bf16', 'int8' or 'int4', got '" + weight_format + "'"));
-             o.group_size = group_size;
-             if (backward_weights == "repack") o.backward_weights = BackwardWeights::kRepack;
-             else if (backward_weights == "transposed_copy") o.backward_weights = BackwardWeights::kTransposedCopy;
-             else throw std::invalid_argument(("backward_weights must be 'repack' or 'transposed_copy', got '" + backward_weights + "'"));
-             if (activations == "save") o.activations = ActivationPolicy::kSave;
-             else if (activations == "recompute") o.activations = ActivationPolicy::kRecompute;
-             else throw std::invalid_argument(("activations must be 'save' or 'recompute', got '" + activations + "'"));
-             new (self) MoeExperts(std::move(ctx), E, H, I, o);
-           },
-           "ctx"_a, "num_experts"_a, "hidden_size"_a, "intermediate_size"_a,
-           "backward_weights"_a = "repack", "activations"_a = "save", "activation"_a = "swiglu",
-           "alpha"_a = 1.702f, "limit"_a = 7.0f, "weight_format"_a = "bf16", "group_size"_a = 0, "row_group"_a = 0)
+      .def(nb::init<std::shared_ptr<Context>, int, int, int, ExpertsOptions>(), "ctx"_a, "num_experts"_a,
+           "hidden_size"_a, "intermediate_size"_a, "options"_a)
       .def_prop_ro("num_experts", &MoeExperts::E)
       .def_prop_ro("hidden_size", &MoeExperts::H)
       .def_prop_ro("intermediate_size", &MoeExperts::I)
+      .def_prop_ro("options", [](const MoeExperts& ex) { return ex.options(); })
       .def_prop_ro("packed_bytes", &MoeExperts::packed_bytes)
-      .def_prop_ro("weight_format", [](const MoeExperts& ex) { return std::string(kernels::weight_format_name(ex.quant_spec().format)); })
-      .def_prop_ro("group_size", [](const MoeExperts& ex) { return ex.quant_spec().group_size; })
       .def("packed_buffers",
            [](MoeExperts& ex) {
              // Writable uint8 views of the engine's packed weights; each keeps
              // the Experts object alive (moetune.cache reads files into them).
              nb::handle owner = nb::find(&ex);
              std::vector<std::pair<std::string, nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>>> out;
-             for (const auto& b : ex.packed_buffers()) {
+             for (const auto& b : ex.weights().buffers()) {
                const size_t shape[1] = {b.bytes};
                out.emplace_back(b.name, nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>>(
                                             static_cast<uint8_t*>(b.data), 1, shape, owner));
              }
              return out;
            })
+      // What each packed buffer holds, in packed_buffers() order: (name,
+      // projection, kind, K, N of the packed operand per expert,
+      // per-expert bytes, total bytes); layouts in kernels/gemm.h, kernels/quant.h.
+      .def("packed_layout",
+           [](MoeExperts& ex) {
+             std::vector<std::tuple<std::string, std::string, std::string, int64_t, int64_t, size_t, size_t>> out;
+             for (const auto& b : ex.weights().buffers())
+               out.emplace_back(b.name, proj_name(b.proj), WeightStore::kind_name(b.kind), b.K, b.N,
+                                b.per_expert_bytes, b.bytes);
+             return out;
+           })
       .def("load",
            [](MoeExperts& ex, const Array& gate, const Array& up, const Array& down) {
-             const int64_t E = ex.E(), H = ex.H(), I = ex.I();
-             const DType dt = check(gate, "gate_proj", {E, I, H}, kFloat);
-             if (check(up, "up_proj", {E, I, H}, kFloat) != dt ||
-                 check(down, "down_proj", {E, H, I}, kFloat) != dt) {
-               throw std::invalid_argument("gate_proj, up_proj and down_proj must share one dtype");
-             }
+             const DType dt = check_expert_weights(ex, gate, up, down, /*stacked=*/true, "");
              nb::gil_scoped_release release;
              ex.load(gate.data(), up.data(), down.data(), dt);
            },
@@ -261,129 +383,79 @@ NB_MODULE(_moetune_ext, m) {
       // loaded from several threads at once (the GIL is released).
       .def("load_expert",
            [](MoeExperts& ex, int e, const Array& gate, const Array& up, const Array& down) {
-             const int64_t H = ex.H(), I = ex.I();
-             if (e < 0 || e >= ex.E()) {
-               throw std::invalid_argument(("expert id " + std::to_string(e) + " outside [0, " +
-                                            std::to_string(ex.E()) + ")"));
-             }
-             const std::string at = " (expert " + std::to_string(e) + ")";
-             const DType dt = check(gate, "gate_proj" + at, {I, H}, kFloat);
-             if (check(up, "up_proj" + at, {I, H}, kFloat) != dt ||
-                 check(down, "down_proj" + at, {H, I}, kFloat) != dt) {
-               throw std::invalid_argument("gate_proj, up_proj and down_proj must share one dtype" + at);
-             }
+             check_expert_id(ex, e);
+             const DType dt = check_expert_weights(ex, gate, up, down, /*stacked=*/false,
+                                                   " (expert " + std::to_string(e) + ")");
              nb::gil_scoped_release release;
              ex.load_expert(e, gate.data(), up.data(), down.data(), dt);
            },
            "expert"_a, "gate_proj"_a, "up_proj"_a, "down_proj"_a)
+      // The bf16 values the GEMMs use for expert e (dq(q(W)) for int8 / int4),
+      // written into gate, up [I, H] and down [H, I] bf16 arrays.
+      .def("unpack_expert",
+           [](const MoeExperts& ex, int e, OutArray gate, OutArray up, OutArray down) {
+             check_expert_id(ex, e);
+             const int64_t H = ex.H(), I = ex.I();
+             check(gate, "gate", {I, H}, {DType::kBf16});
+             check(up, "up", {I, H}, {DType::kBf16});
+             check(down, "down", {H, I}, {DType::kBf16});
+             nb::gil_scoped_release release;
+             ex.weights().unpack_expert(e, static_cast<kernels::bf16*>(gate.data()),
+                                        static_cast<kernels::bf16*>(up.data()),
+                                        static_cast<kernels::bf16*>(down.data()));
+           },
+           "expert"_a, "gate"_a, "up"_a, "down"_a)
       .def("load_biases",
            [](MoeExperts& ex, std::optional<Array> gate, std::optional<Array> up,
               std::optional<Array> down) {
-             const int64_t E = ex.E(), H = ex.H(), I = ex.I();
              const std::optional<Array>* b[3] = {&gate, &up, &down};
-             const char* names[3] = {"gate_bias", "up_bias", "down_bias"};
-             const int64_t n[3] = {I, I, H};
              std::optional<DType> dt;
              const void* ptr[3] = {nullptr, nullptr, nullptr};
-             for (int w = 0; w < 3; ++w) {
-               if (!b[w]->has_value()) continue;
-               const DType d = check(**b[w], names[w], {E, n[w]}, kFloat);
+             for (Proj p : kAllProjs) {
+               const std::optional<Array>& bias = *b[idx(p)];
+               if (!bias) continue;
+               // [E, out]: gate, up [E, I], down [E, H].
+               const DType d = check(*bias, std::string(proj_name(p)) + "_bias", {ex.E(), ex.weights().dims(p).N}, kFloat);
                if (dt && *dt != d) throw std::invalid_argument("gate_bias, up_bias and down_bias must share one dtype");
                dt = d;
-               ptr[w] = (*b[w])->data();
+               ptr[idx(p)] = bias->data();
              }
              ex.load_biases(ptr[0], ptr[1], ptr[2], dt.value_or(DType::kF32));
            },
            "gate_bias"_a.none(), "up_bias"_a.none(), "down_bias"_a.none())
       .def_prop_ro("has_biases", [](const MoeExperts& ex) {
-        return std::make_tuple(ex.has_bias(0), ex.has_bias(1), ex.has_bias(2));
+        return std::make_tuple(ex.has_bias(Proj::kGate), ex.has_bias(Proj::kUp), ex.has_bias(Proj::kDown));
       })
       .def("forward",
-           [](MoeExperts& ex, const Array& x, const Array& ids, const Array& w,
-              std::optional<Array> mask, std::optional<Array> ag, std::optional<Array> bg,
-              std::optional<Array> au, std::optional<Array> bu, std::optional<Array> ad,
-              std::optional<Array> bd, float scaling, OutArray out) {
-             const int64_t H = ex.H(), E = ex.E();
-             if (x.ndim() != 2) throw std::invalid_argument(("x must be 2-D [T, H], got shape " + shape_of(x)));
-             if (ids.ndim() != 2) throw std::invalid_argument(("topk_ids must be 2-D [T, k], got shape " + shape_of(ids)));
-             const int64_t T = x.shape(0), k = ids.shape(1);
-             ForwardArgs a;
-             a.T = T;
-             a.k = static_cast<int>(k);
-             a.x_dtype = check(x, "x", {T, H}, kFloat);
-             a.ids_dtype = check(ids, "topk_ids", {T, k}, {DType::kI32, DType::kI64});
-             if (k < 1 || k > E) throw std::invalid_argument(("topk_ids: k = " + std::to_string(k) + " must be in [1, E=" + std::to_string(E) + "]"));
-             a.w_dtype = check(w, "topk_weights", {T, k}, kFloat);
-             if (mask) {
-               const nb::dlpack::dtype d = mask->dtype();
-               if (!(d.bits == 8 && (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bool) ||
-                                     d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt)))) {
-                 throw std::invalid_argument("expert_mask must be a bool tensor of shape [E]");
-               }
-               if (mask->ndim() != 1 || static_cast<int64_t>(mask->shape(0)) != E) {
-                 throw std::invalid_argument(("expert_mask has shape " + shape_of(*mask) + ", expected [" + std::to_string(E) + "]"));
-               }
-               a.expert_mask = static_cast<const uint8_t*>(mask->data());
-             }
-             a.x = x.data();
-             a.topk_ids = ids.data();
-             a.topk_weights = w.data();
-             a.lora = lora_set(ex, make_lora(ag, bg, au, bu, ad, bd, scaling));
-             a.out_dtype = check(out, "out", {T, H}, kFloat);
-             a.out = out.data();
+           [](MoeExperts& ex, const Array& x, const Array& ids, const Array& w, std::optional<Array> mask,
+              const LoraArrays& lora, OutArray out) {
              std::shared_ptr<Saved> saved;
-             Job job = ex.forward_async(a, &saved);
+             Job job = ex.forward_async(forward_args(ex, x, ids, w, mask, lora, out), &saved);
              return std::make_pair(saved, job);
            },
-           "x"_a, "topk_ids"_a, "topk_weights"_a, "expert_mask"_a.none(), "A_gate"_a.none(),
-           "B_gate"_a.none(), "A_up"_a.none(), "B_up"_a.none(), "A_down"_a.none(),
-           "B_down"_a.none(), "scaling"_a, "out"_a)
+           "x"_a, "topk_ids"_a, "topk_weights"_a, "expert_mask"_a.none(), "lora"_a, "out"_a)
       .def("backward",
-           [](MoeExperts& ex, std::shared_ptr<Saved> saved, const Array& dout,
-              std::optional<Array> ag, std::optional<Array> bg, std::optional<Array> au,
-              std::optional<Array> bu, std::optional<Array> ad, std::optional<Array> bd,
-              float scaling, std::optional<OutArray> dx, std::optional<OutArray> dw,
-              std::optional<OutArray> dAg, std::optional<OutArray> dBg,
-              std::optional<OutArray> dAu, std::optional<OutArray> dBu,
-              std::optional<OutArray> dAd, std::optional<OutArray> dBd) {
+           [](MoeExperts& ex, std::shared_ptr<Saved> saved, const Array& dout, const LoraArrays& lora,
+              std::optional<OutArray> dx, std::optional<OutArray> dw, const LoraGradArrays& grads) {
              if (!saved) throw std::invalid_argument("backward needs the handle from forward");
-             const int64_t T = saved->T, k = saved->k, H = ex.H();
-             BackwardArgs a;
-             a.dout_dtype = check(dout, "grad_out", {T, H}, kFloat);
-             a.dout = dout.data();
-             a.lora = lora_set(ex, make_lora(ag, bg, au, bu, ad, bd, scaling));
-             if (dx) {
-               a.dx_dtype = check(*dx, "grad_x", {T, H}, kFloat);
-               a.dx = dx->data();
-             }
-             if (dw) {
-               a.dw_dtype = check(*dw, "grad_topk_weights", {T, k}, kFloat);
-               a.dtopk_weights = dw->data();
-             }
-             const LoraProj* p[3] = {&a.lora.gate, &a.lora.up, &a.lora.down};
-             std::optional<OutArray>* gA[3] = {&dAg, &dAu, &dAd};
-             std::optional<OutArray>* gB[3] = {&dBg, &dBu, &dBd};
-             float** oA[3] = {&a.grads.dA_gate, &a.grads.dA_up, &a.grads.dA_down};
-             float** oB[3] = {&a.grads.dB_gate, &a.grads.dB_up, &a.grads.dB_down};
-             const int64_t in[3] = {H, H, ex.I()}, outd[3] = {ex.I(), ex.I(), H};
-             for (int w = 0; w < 3; ++w) {
-               const std::string base = std::string("grad lora.") + kProj[w];
-               if (gA[w]->has_value()) {
-                 if (!p[w]->enabled()) throw std::invalid_argument((base + ".A requested but that LoRA is off"));
-                 check(**gA[w], base + ".A", {ex.E(), p[w]->r, in[w]}, {DType::kF32});
-                 *oA[w] = static_cast<float*>((*gA[w])->data());
-               }
-               if (gB[w]->has_value()) {
-                 if (!p[w]->enabled()) throw std::invalid_argument((base + ".B requested but that LoRA is off"));
-                 check(**gB[w], base + ".B", {ex.E(), outd[w], p[w]->r}, {DType::kF32});
-                 *oB[w] = static_cast<float*>((*gB[w])->data());
-               }
-             }
-             return ex.backward_async(saved, a);
+             return ex.backward_async(saved, backward_args(ex, *saved, dout, lora, dx, dw, grads));
            },
-           "saved"_a, "grad_out"_a, "A_gate"_a.none(), "B_gate"_a.none(), "A_up"_a.none(),
-           "B_up"_a.none(), "A_down"_a.none(), "B_down"_a.none(), "scaling"_a,
-           "grad_x"_a.none(), "grad_topk_weights"_a.none(), "grad_A_gate"_a.none(),
-           "grad_B_gate"_a.none(), "grad_A_up"_a.none(), "grad_B_up"_a.none(),
-           "grad_A_down"_a.none(), "grad_B_down"_a.none());
+           "saved"_a, "grad_out"_a, "lora"_a, "grad_x"_a.none(), "grad_topk_weights"_a.none(), "grads"_a);
+}
+
+}  // namespace
+}  // namespace moetune
+
+NB_MODULE(_moetune_ext, m) {
+  using namespace moetune;
+  m.doc() = "moetune engine bindings (internal; use the moetune package)";
+  // Engine objects held by module globals (or by torch's autograd graph) may
+  // outlive this module at interpreter teardown; that is not a leak of the
+  // running program (tests check handles are freed with their graphs).
+  nb::set_leak_warnings(false);
+  bind_kernels(m);
+  bind_context(m);
+  bind_options(m);
+  bind_lora(m);
+  bind_experts(m);
 }

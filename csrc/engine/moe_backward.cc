@@ -1,14 +1,17 @@
-// The backward pass of MoeExperts (math in moe_experts.h). Phases:
-//   1. gather x and dout rows into expert-major order (bf16)
-//   2. per expert: q = s * dout Bd (LoRA down, reduce side)
-//   3. per (expert, I chunk): g, u (saved or recomputed), h;
+// The backward pass of MoeExperts (math in moe_experts.h). Phases, one
+// BackwardPass method each:
+//   0. zero_idle_lora_grads: LoRA gradients of experts without rows are 0
+//   1. gather: x and dout rows into expert-major order (bf16)
+//   2. lora_reduce_down: per expert, q = s * dout Bd (LoRA down, reduce side)
+//   3. down_act: per (expert, I chunk), g, u (saved or recomputed), h;
 //      D = dout Wd + q Ad  (= Wd^T dout + s Ad^T Bd^T dout, fused);
 //      d topk_weights partial = <D, h> (+ <dout, bd> in chunk 0); dh = w D; dg, du
-//   4. per expert: LoRA weight gradients (dA, dB for down, gate, up) and the
-//      reduce-side gradients p = s * dg Bg, s * du Bu
-//   5. per (expert, H chunk): dx rows = dg Wg + du Wu + p_g Ag + p_u Au
+//   4. lora_grads: per expert, LoRA weight gradients (dA, dB for down, gate,
+//      up) and the reduce-side gradients p = s * dg Bg, s * du Bu
+//   5. dx_rows: per (expert, H chunk), dx rows = dg Wg + du Wu + p_g Ag + p_u Au
 //      (one fused four-segment GEMM)
-//   6. per token block: dx[t] = sum_j dx rows, d topk_weights = sum of partials
+//   6. combine: per token block, dx[t] = sum_j dx rows, d topk_weights = sum
+//      of partials
 #include <algorithm>
 #include <cstring>
 
@@ -66,220 +69,267 @@ void token_contract(const kernels::GemmKernel& k, const bf16* small, int64_t lds
 
 }  // namespace
 
-void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
-  Context& ctx = *ctx_;
-  const kernels::GemmKernel& k = ctx.gemm();
-  const Routing& rt = s.routing;
-  const int64_t T = s.T, H = H_, I = I_, rows = rt.rows();
-  const int kk = s.k;
-  const int64_t ldh = layout::ld_bf16(H), ldi = layout::ld_bf16(I);
-  const LoraSet& lora = args.lora;
-  const float sc = lora.scaling;
-  const bool save_gu = options_.activations == ActivationPolicy::kSave;
-  const int64_t n_active = static_cast<int64_t>(rt.active.size());
-  const int64_t chI = layout::chunks(I), chH = layout::chunks(H);
-  const LoraGrads& gr = args.grads;
+// One backward call's state: the arguments, the forward's Saved handle and
+// the expert-major buffers the phases hand to each other (workspace slots).
+class BackwardPass {
+ public:
+  BackwardPass(const MoeExperts& ex, const BackwardArgs& args, const Saved& s)
+      : ex_(ex), ctx_(*ex.ctx_), k_(ctx_.gemm()), ew_(ctx_.eltwise()), args_(args), s_(s), rt_(s.routing),
+        lora_(args.lora), gr_(args.grads), sc_(lora_.scaling), T_(s.T), H_(ex.H()), I_(ex.I()),
+        rows_(rt_.rows()), ldh_(layout::ld_bf16(H_)), ldi_(layout::ld_bf16(I_)),
+        chI_(layout::chunks(I_)), chH_(layout::chunks(H_)),
+        n_active_(static_cast<int64_t>(rt_.active.size())),
+        ldr_{lora_.gate.enabled() ? layout::ld_bf16(lora_.gate.r) : 0,
+             lora_.up.enabled() ? layout::ld_bf16(lora_.up.r) : 0,
+             lora_.down.enabled() ? layout::ld_bf16(lora_.down.r) : 0},
+        blocks_(ex.work_blocks(rt_, /*backward=*/true)) {}
 
-  // LoRA grads of experts without rows are zero; active experts overwrite theirs.
-  {
-    std::vector<char> active(E_, 0);
-    for (int e : rt.active) active[e] = 1;
-    auto zero = [&](float* d, const LoraProj& p, int64_t per_e) {
-      if (!d || !p.enabled()) return;
-      for (int e = 0; e < E_; ++e)
-        if (!active[e]) std::fill(d + e * per_e, d + (e + 1) * per_e, 0.0f);
-    };
-    zero(gr.dA_gate, lora.gate, lora.gate.r * H);
-    zero(gr.dB_gate, lora.gate, I * lora.gate.r);
-    zero(gr.dA_up, lora.up, lora.up.r * H);
-    zero(gr.dB_up, lora.up, I * lora.up.r);
-    zero(gr.dA_down, lora.down, lora.down.r * I);
-    zero(gr.dB_down, lora.down, H * lora.down.r);
+  void run() {
+    zero_idle_lora_grads();
+    gather();
+    lora_reduce_down();
+    down_act();
+    lora_grads();
+    dx_rows();
+    combine();
   }
 
-  // 1. gathers.
-  auto xg = ctx.workspace<bf16>(layout::kWsX, rows * ldh);
-  auto dog = ctx.workspace<bf16>(layout::kWsDout, rows * ldh);
-  ctx.parallel_for("bwd.gather", (rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
-    const int64_t r0 = b * kTokenBlock, r1 = std::min(rows, r0 + kTokenBlock);
-    common::gather_token_rows(ctx.eltwise(), rt, r0, r1, s.x.data(), DType::kBf16, H, xg.data(), ldh);
-    common::gather_token_rows(ctx.eltwise(), rt, r0, r1, args.dout, args.dout_dtype, H, dog.data(), ldh);
-  });
+ private:
+  // LoRA grads of experts without rows are zero; active experts overwrite theirs.
+  void zero_idle_lora_grads() {
+    std::vector<char> active(ex_.E(), 0);
+    for (int e : rt_.active) active[e] = 1;
+    for (Proj p : kAllProjs) {
+      const LoraProj& lp = lora_[p];
+      if (!lp.enabled()) continue;
+      const int64_t in = p == Proj::kDown ? I_ : H_, out = p == Proj::kDown ? H_ : I_;
+      for (auto [d, per_e] : {std::pair<float*, int64_t>{gr_.dA(p), lp.r * in}, {gr_.dB(p), out * lp.r}}) {
+        if (!d) continue;
+        for (int e = 0; e < ex_.E(); ++e)
+          if (!active[e]) std::fill(d + e * per_e, d + (e + 1) * per_e, 0.0f);
+      }
+    }
+  }
 
-  // 2. q = s * dout Bd.
-  const int64_t ldr_d = lora.down.enabled() ? layout::ld_bf16(lora.down.r) : 0;
-  auto qs = ctx.workspace<bf16>(layout::kWsQ, rows * ldr_d);
-  if (lora.down.enabled()) {
-    ctx.parallel_for("bwd.lora_reduce_down", n_active, [&](int64_t i, Arena& a) {
-      const int e = rt.active[i];
-      const int64_t off = rt.offsets[e];
-      lora_back_reduce(k, ctx.eltwise(), lora.down, sc, e, H, dog.data() + off * ldh, ldh, rt.count(e), a,
-                       qs.data() + off * ldr_d, ldr_d);
+  void gather() {
+    xg_ = ctx_.workspace<bf16>(layout::kWsX, rows_ * ldh_).data();
+    dog_ = ctx_.workspace<bf16>(layout::kWsDout, rows_ * ldh_).data();
+    ctx_.parallel_for("bwd.gather", (rows_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
+      const int64_t r0 = b * kTokenBlock, r1 = std::min(rows_, r0 + kTokenBlock);
+      common::gather_token_rows(ew_, rt_, r0, r1, s_.x.data(), DType::kBf16, H_, xg_, ldh_);
+      common::gather_token_rows(ew_, rt_, r0, r1, args_.dout, args_.dout_dtype, H_, dog_, ldh_);
     });
   }
 
-  // 3. through down and the activation.
-  auto hb = ctx.workspace<bf16>(layout::kWsH, rows * ldi);
-  auto dgb = ctx.workspace<bf16>(layout::kWsDg, rows * ldi);
-  auto dub = ctx.workspace<bf16>(layout::kWsDu, rows * ldi);
-  auto dwp = ctx.workspace<float>(layout::kWsDwPart, rows * chI);
-  const std::vector<RowBlock> blocks = work_blocks(rt, /*backward=*/true);
-  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
-  ctx.parallel_for("bwd.down_act", n_blocks * chI, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = blocks[task / chI];
+  // q = s * dout Bd.
+  void lora_reduce_down() {
+    const int64_t ldr = ldr_[idx(Proj::kDown)];
+    qs_ = ctx_.workspace<bf16>(layout::kWsQ, rows_ * ldr).data();
+    if (!lora_.down.enabled()) return;
+    ctx_.parallel_for("bwd.lora_reduce_down", n_active_, [&](int64_t i, Arena& a) {
+      const int e = rt_.active[i];
+      const int64_t off = rt_.offsets[e];
+      lora_back_reduce(k_, ew_, lora_.down, sc_, e, H_, dog_ + off * ldh_, ldh_, rt_.count(e), a,
+                       qs_ + off * ldr, ldr);
+    });
+  }
+
+  // Through down and the activation: h, dg, du and the d topk_weights partials.
+  void down_act() {
+    hb_ = ctx_.workspace<bf16>(layout::kWsH, rows_ * ldi_).data();
+    dgb_ = ctx_.workspace<bf16>(layout::kWsDg, rows_ * ldi_).data();
+    dub_ = ctx_.workspace<bf16>(layout::kWsDu, rows_ * ldi_).data();
+    dwp_ = ctx_.workspace<float>(layout::kWsDwPart, rows_ * chI_).data();
+    const int64_t n_blocks = static_cast<int64_t>(blocks_.size());
+    ctx_.parallel_for("bwd.down_act", n_blocks * chI_,
+                      [&](int64_t task, Arena& a) { down_act_task(blocks_[task / chI_], task % chI_, a); });
+  }
+
+  void down_act_task(const RowBlock& blk, int64_t c, Arena& a) const {
     const int e = blk.e;
-    const int64_t c = task % chI;
-    const int64_t i0 = c * layout::kChunk, i1 = std::min(I, i0 + layout::kChunk), nc = i1 - i0;
+    const int64_t i0 = c * layout::kChunk, i1 = std::min(I_, i0 + layout::kChunk), nc = i1 - i0;
     const int64_t off = blk.r0, n = blk.r1 - blk.r0;
     const bf16* g;
     const bf16* u;
     int64_t ldgu;
-    if (save_gu) {
-      g = s.g.data() + off * ldi + i0;
-      u = s.u.data() + off * ldi + i0;
-      ldgu = ldi;
+    if (ex_.options_.activations == ActivationPolicy::kSave) {
+      g = s_.g.data() + off * ldi_ + i0;
+      u = s_.u.data() + off * ldi_ + i0;
+      ldgu = ldi_;
     } else {
       bf16* gt = a.alloc<bf16>(n * nc);
       bf16* ut = a.alloc<bf16>(n * nc);
-      gate_up_chunk(lora, e, off, xg.data() + off * ldh, n, s, i0, i1, a, gt, ut, nc);
+      ex_.gate_up_chunk(lora_, e, off, xg_ + off * ldh_, n, s_, i0, i1, a, gt, ut, nc);
       g = gt;
       u = ut;
       ldgu = nc;
     }
     Segment seg[2];
-    seg[0] = Segment{dog.data() + off * ldh, ldh, PackedB{}};  // B: W_d^T slice, set by weight_t_gemm
+    seg[0] = Segment{dog_ + off * ldh_, ldh_, PackedB{}};  // B: W_d^T slice, set by weight_t_gemm
     int nseg = 1;
-    if (lora.down.enabled()) {
+    if (lora_.down.enabled()) {
       // Ad_e is [r, I] = [K, N].
-      const int64_t r = lora.down.r;
+      const int64_t r = lora_.down.r, ldr = ldr_[idx(Proj::kDown)];
       bf16* pa = a.alloc<bf16>(kernels::packed_elems(r, nc));
-      kernels::pack_b(static_cast<const char*>(lora.down.A) + e * r * I * esize(lora.down.a_dtype),
-                      src_type(lora.down.a_dtype), I, true, r, i0, i1, 1.0f, pa);
-      seg[1] = Segment{qs.data() + off * ldr_d, ldr_d, PackedB{pa, r, nc}};
+      kernels::pack_b(static_cast<const char*>(lora_.down.A) + e * r * I_ * esize(lora_.down.a_dtype),
+                      src_type(lora_.down.a_dtype), I_, true, r, i0, i1, 1.0f, pa);
+      seg[1] = Segment{qs_ + off * ldr, ldr, PackedB{pa, r, nc}};
       nseg = 2;
     }
     float* d = a.alloc<float>(n * nc);
-    const int wd = 2;
-    weight_t_gemm(&wd, 1, e, i0, nc, seg, nseg, n, d, nc, a);
-    const float* bd = bias(2, e);
+    const Proj wd = Proj::kDown;
+    ex_.store_.weight_t_gemm(&wd, 1, e, i0, nc, seg, nseg, n, d, nc, a);
+    const float* bd = ex_.store_.bias(Proj::kDown, e);
     for (int64_t m = 0; m < n; ++m) {
       const int64_t row = off + m;
-      const float wt = s.w.data()[rt.slot_of[row]];
-      bf16* hr = hb.data() + row * ldi;
-      bf16* dgr = dgb.data() + row * ldi;
-      bf16* dur = dub.data() + row * ldi;
-      float dot = activate_bwd(g + m * ldgu, u + m * ldgu, d + m * nc, wt, hr + i0, dgr + i0,
-                               dur + i0, nc);
+      const float wt = s_.w.data()[rt_.slot_of[row]];
+      bf16* hr = hb_ + row * ldi_;
+      bf16* dgr = dgb_ + row * ldi_;
+      bf16* dur = dub_ + row * ldi_;
+      float dot = ex_.activate_bwd(g + m * ldgu, u + m * ldgu, d + m * nc, wt, hr + i0, dgr + i0,
+                                   dur + i0, nc);
       if (bd && c == 0) {  // <dout, bd>: the down bias's share of <dout, y>, once per row
-        const bf16* dr = dog.data() + row * ldh;
-        for (int64_t j = 0; j < H; ++j) dot += bf16_to_f32(dr[j]) * bd[j];
+        const bf16* dr = dog_ + row * ldh_;
+        for (int64_t j = 0; j < H_; ++j) dot += bf16_to_f32(dr[j]) * bd[j];
       }
-      if (i1 == I) {
-        std::fill(hr + I, hr + ldi, bf16(0));
-        std::fill(dgr + I, dgr + ldi, bf16(0));
-        std::fill(dur + I, dur + ldi, bf16(0));
+      if (i1 == I_) {
+        std::fill(hr + I_, hr + ldi_, bf16(0));
+        std::fill(dgr + I_, dgr + ldi_, bf16(0));
+        std::fill(dur + I_, dur + ldi_, bf16(0));
       }
-      dwp.data()[row * chI + c] = dot;
+      dwp_[row * chI_ + c] = dot;
     }
-  });
+  }
 
-  // 4. LoRA weight gradients + reduce-side gradients for dx.
-  const int64_t ldr_g = lora.gate.enabled() ? layout::ld_bf16(lora.gate.r) : 0;
-  const int64_t ldr_u = lora.up.enabled() ? layout::ld_bf16(lora.up.r) : 0;
-  auto pg = ctx.workspace<bf16>(layout::kWsPg, rows * ldr_g);
-  auto pu = ctx.workspace<bf16>(layout::kWsPu, rows * ldr_u);
-  if (lora.any()) {
-    ctx.parallel_for("bwd.lora_grads", n_active, [&](int64_t i, Arena& a) {
-      const int e = rt.active[i];
-      const int64_t off = rt.offsets[e], n = rt.count(e);
-      float* wrow = a.alloc<float>(n);
-      for (int64_t m = 0; m < n; ++m) wrow[m] = s.w.data()[rt.slot_of[off + m]];
-      if (lora.down.enabled()) {
-        const int64_t r = lora.down.r;
-        // dBd = sum_t (w dout)_t (s z_d)_t^T  -> [H, r]  (as ((w z_d)^T dout)^T)
-        if (gr.dB_down)
-          token_contract(k, s.zs_down.data() + off * ldr_d, ldr_d, r, wrow,
-                         pack_tokens(dog.data() + off * ldh, ldh, H, n, a), n, a,
-                         gr.dB_down + e * H * r, true);
-        // dAd = sum_t w_t q_t h_t^T  -> [r, I]
-        if (gr.dA_down)
-          token_contract(k, qs.data() + off * ldr_d, ldr_d, r, wrow,
-                         pack_tokens(hb.data() + off * ldi, ldi, I, n, a), n, a,
-                         gr.dA_down + e * r * I, false);
-      }
+  // LoRA weight gradients + reduce-side gradients p for dx, per active expert.
+  void lora_grads() {
+    pg_ = ctx_.workspace<bf16>(layout::kWsPg, rows_ * ldr_[idx(Proj::kGate)]).data();
+    pu_ = ctx_.workspace<bf16>(layout::kWsPu, rows_ * ldr_[idx(Proj::kUp)]).data();
+    if (!lora_.any()) return;
+    ctx_.parallel_for("bwd.lora_grads", n_active_, [&](int64_t i, Arena& a) {
+      const int e = rt_.active[i];
+      const int64_t off = rt_.offsets[e], n = rt_.count(e);
+      if (lora_.down.enabled()) lora_grads_down(e, off, n, a);
       PackedB xpack{};
-      if ((lora.gate.enabled() && gr.dA_gate) || (lora.up.enabled() && gr.dA_up))
-        xpack = pack_tokens(xg.data() + off * ldh, ldh, H, n, a);
-      for (int which = 0; which < 2; ++which) {
-        const LoraProj& p = which == 0 ? lora.gate : lora.up;
-        if (!p.enabled()) continue;
-        const int64_t r = p.r, ldr = which == 0 ? ldr_g : ldr_u;
-        const bf16* dge = (which == 0 ? dgb : dub).data() + off * ldi;
-        const bf16* zs = (which == 0 ? s.zs_gate : s.zs_up).data() + off * ldr;
-        bf16* ps = (which == 0 ? pg : pu).data() + off * ldr;
-        float* dB = which == 0 ? gr.dB_gate : gr.dB_up;
-        float* dA = which == 0 ? gr.dA_gate : gr.dA_up;
-        // p = s * dg B   -> [n, r]
-        lora_back_reduce(k, ctx.eltwise(), p, sc, e, I, dge, ldi, n, a, ps, ldr);
-        // dB = sum_t dg_t (s z)_t^T -> [I, r];  dA = sum_t p_t x_t^T -> [r, H]
-        if (dB)
-          token_contract(k, zs, ldr, r, nullptr, pack_tokens(dge, ldi, I, n, a), n, a,
-                         dB + e * I * r, true);
-        if (dA) token_contract(k, ps, ldr, r, nullptr, xpack, n, a, dA + e * r * H, false);
+      if ((lora_.gate.enabled() && gr_.dA_gate) || (lora_.up.enabled() && gr_.dA_up))
+        xpack = pack_tokens(xg_ + off * ldh_, ldh_, H_, n, a);
+      for (Proj p : {Proj::kGate, Proj::kUp})
+        if (lora_[p].enabled()) lora_grads_input(p, e, off, n, xpack, a);
+    });
+  }
+
+  void lora_grads_down(int e, int64_t off, int64_t n, Arena& a) const {
+    const int64_t r = lora_.down.r, ldr = ldr_[idx(Proj::kDown)];
+    float* wrow = a.alloc<float>(n);
+    for (int64_t m = 0; m < n; ++m) wrow[m] = s_.w.data()[rt_.slot_of[off + m]];
+    // dBd = sum_t (w dout)_t (s z_d)_t^T  -> [H, r]  (as ((w z_d)^T dout)^T)
+    if (gr_.dB_down)
+      token_contract(k_, s_.zs_down.data() + off * ldr, ldr, r, wrow, pack_tokens(dog_ + off * ldh_, ldh_, H_, n, a),
+                     n, a, gr_.dB_down + e * H_ * r, true);
+    // dAd = sum_t w_t q_t h_t^T  -> [r, I]
+    if (gr_.dA_down)
+      token_contract(k_, qs_ + off * ldr, ldr, r, wrow, pack_tokens(hb_ + off * ldi_, ldi_, I_, n, a), n, a,
+                     gr_.dA_down + e * r * I_, false);
+  }
+
+  // Gate or up: p = s * dg B, dB, dA (xpack: this expert's x rows packed, if a dA is wanted).
+  void lora_grads_input(Proj p, int e, int64_t off, int64_t n, const PackedB& xpack, Arena& a) const {
+    const LoraProj& lp = lora_[p];
+    const int64_t r = lp.r, ldr = ldr_[idx(p)];
+    const bool gate = p == Proj::kGate;
+    const bf16* dge = (gate ? dgb_ : dub_) + off * ldi_;
+    const bf16* zs = (gate ? s_.zs_gate : s_.zs_up).data() + off * ldr;
+    bf16* ps = (gate ? pg_ : pu_) + off * ldr;
+    // p = s * dg B   -> [n, r]
+    lora_back_reduce(k_, ew_, lp, sc_, e, I_, dge, ldi_, n, a, ps, ldr);
+    // dB = sum_t dg_t (s z)_t^T -> [I, r];  dA = sum_t p_t x_t^T -> [r, H]
+    if (float* dB = gr_.dB(p))
+      token_contract(k_, zs, ldr, r, nullptr, pack_tokens(dge, ldi_, I_, n, a), n, a, dB + e * I_ * r, true);
+    if (float* dA = gr_.dA(p)) token_contract(k_, ps, ldr, r, nullptr, xpack, n, a, dA + e * r * H_, false);
+  }
+
+  // dx rows, fused over gate, up and their LoRA.
+  void dx_rows() {
+    dxr_ = ctx_.workspace<float>(layout::kWsDx, rows_ * H_).data();
+    const int64_t n_blocks = static_cast<int64_t>(blocks_.size());
+    ctx_.parallel_for("bwd.dx", n_blocks * chH_, [&](int64_t task, Arena& a) {
+      const RowBlock& blk = blocks_[task / chH_];
+      const int e = blk.e;
+      const int64_t h0 = (task % chH_) * layout::kChunk, h1 = std::min(H_, h0 + layout::kChunk);
+      const int64_t nc = h1 - h0, off = blk.r0, n = blk.r1 - blk.r0;
+      Segment seg[4];
+      int nseg = 0;
+      // B of the first two: W_g^T, W_u^T slices, set by weight_t_gemm.
+      seg[nseg++] = Segment{dgb_ + off * ldi_, ldi_, PackedB{}};
+      seg[nseg++] = Segment{dub_ + off * ldi_, ldi_, PackedB{}};
+      for (Proj p : {Proj::kGate, Proj::kUp}) {
+        const LoraProj& lp = lora_[p];
+        if (!lp.enabled()) continue;
+        const int64_t r = lp.r, ldr = ldr_[idx(p)];
+        // A_e is [r, H] = [K, N].
+        bf16* pa = a.alloc<bf16>(kernels::packed_elems(r, nc));
+        kernels::pack_b(static_cast<const char*>(lp.A) + e * r * H_ * esize(lp.a_dtype), src_type(lp.a_dtype), H_,
+                        true, r, h0, h1, 1.0f, pa);
+        seg[nseg++] = Segment{(p == Proj::kGate ? pg_ : pu_) + off * ldr, ldr, PackedB{pa, r, nc}};
+      }
+      const Proj wgu[2] = {Proj::kGate, Proj::kUp};
+      ex_.store_.weight_t_gemm(wgu, 2, e, h0, nc, seg, nseg, n, dxr_ + off * H_ + h0, H_, a);
+    });
+  }
+
+  // Per-token reductions in slot order.
+  void combine() {
+    const int kk = s_.k;
+    ctx_.parallel_for("bwd.combine", (T_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
+      float* acc = a.alloc<float>(H_);
+      const int64_t t1 = std::min(T_, (b + 1) * kTokenBlock);
+      for (int64_t t = b * kTokenBlock; t < t1; ++t) {
+        std::fill(acc, acc + H_, 0.0f);
+        for (int j = 0; j < kk; ++j) {
+          const int64_t slot = t * kk + j, row = rt_.row_of[slot];
+          float dw = 0.0f;
+          if (row >= 0) {
+            const float* xr = dxr_ + row * H_;
+            for (int64_t h = 0; h < H_; ++h) acc[h] += xr[h];
+            for (int64_t c = 0; c < chI_; ++c) dw += dwp_[row * chI_ + c];
+          }
+          if (args_.dtopk_weights) {
+            if (args_.dw_dtype == DType::kF32) static_cast<float*>(args_.dtopk_weights)[slot] = dw;
+            else static_cast<bf16*>(args_.dtopk_weights)[slot] = f32_to_bf16(dw);
+          }
+        }
+        if (!args_.dx) continue;
+        common::store_row(ew_, acc, H_, static_cast<char*>(args_.dx) + t * H_ * esize(args_.dx_dtype),
+                          args_.dx_dtype);
       }
     });
   }
 
-  // 5. dx rows, fused over gate, up and their LoRA.
-  auto dxr = ctx.workspace<float>(layout::kWsDx, rows * H);
-  ctx.parallel_for("bwd.dx", n_blocks * chH, [&](int64_t task, Arena& a) {
-    const RowBlock& blk = blocks[task / chH];
-    const int e = blk.e;
-    const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H, h0 + layout::kChunk);
-    const int64_t nc = h1 - h0, off = blk.r0, n = blk.r1 - blk.r0;
-    Segment seg[4];
-    int nseg = 0;
-    // B of the first two: W_g^T, W_u^T slices, set by weight_t_gemm.
-    seg[nseg++] = Segment{dgb.data() + off * ldi, ldi, PackedB{}};
-    seg[nseg++] = Segment{dub.data() + off * ldi, ldi, PackedB{}};
-    for (int which = 0; which < 2; ++which) {
-      const LoraProj& p = which == 0 ? lora.gate : lora.up;
-      if (!p.enabled()) continue;
-      const int64_t r = p.r, ldr = which == 0 ? ldr_g : ldr_u;
-      // A_e is [r, H] = [K, N].
-      bf16* pa = a.alloc<bf16>(kernels::packed_elems(r, nc));
-      kernels::pack_b(static_cast<const char*>(p.A) + e * r * H * esize(p.a_dtype),
-                      src_type(p.a_dtype), H, true, r, h0, h1, 1.0f, pa);
-      seg[nseg++] = Segment{(which == 0 ? pg : pu).data() + off * ldr, ldr, PackedB{pa, r, nc}};
-    }
-    const int wgu[2] = {0, 1};
-    weight_t_gemm(wgu, 2, e, h0, nc, seg, nseg, n, dxr.data() + off * H + h0, H, a);
-  });
+  const MoeExperts& ex_;
+  Context& ctx_;
+  const kernels::GemmKernel& k_;
+  const kernels::EltwiseKernel& ew_;
+  const BackwardArgs& args_;
+  const Saved& s_;
+  const Routing& rt_;
+  const LoraSet& lora_;
+  const LoraGrads& gr_;
+  const float sc_;
+  const int64_t T_, H_, I_, rows_, ldh_, ldi_, chI_, chH_, n_active_;
+  const int64_t ldr_[3];  // LoRA rank-side row strides per projection (0 = off)
+  const std::vector<RowBlock> blocks_;
+  bf16* xg_ = nullptr;    // [rows, ldh] gathered x, dout
+  bf16* dog_ = nullptr;
+  bf16* qs_ = nullptr;    // [rows, ldr_down] s * dout Bd
+  bf16* hb_ = nullptr;    // [rows, ldi] h, dg, du
+  bf16* dgb_ = nullptr;
+  bf16* dub_ = nullptr;
+  float* dwp_ = nullptr;  // [rows, chI] d topk_weights partials per I chunk
+  bf16* pg_ = nullptr;    // [rows, ldr] s * dg Bg, s * du Bu
+  bf16* pu_ = nullptr;
+  float* dxr_ = nullptr;  // [rows, H] dx per expert-major row
+};
 
-  // 6. per-token reductions in slot order.
-  ctx.parallel_for("bwd.combine", (T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
-    float* acc = a.alloc<float>(H);
-    const int64_t t1 = std::min(T, (b + 1) * kTokenBlock);
-    for (int64_t t = b * kTokenBlock; t < t1; ++t) {
-      std::fill(acc, acc + H, 0.0f);
-      for (int j = 0; j < kk; ++j) {
-        const int64_t slot = t * kk + j, row = rt.row_of[slot];
-        float dw = 0.0f;
-        if (row >= 0) {
-          const float* xr = dxr.data() + row * H;
-          for (int64_t h = 0; h < H; ++h) acc[h] += xr[h];
-          for (int64_t c = 0; c < chI; ++c) dw += dwp.data()[row * chI + c];
-        }
-        if (args.dtopk_weights) {
-          if (args.dw_dtype == DType::kF32) static_cast<float*>(args.dtopk_weights)[slot] = dw;
-          else static_cast<bf16*>(args.dtopk_weights)[slot] = f32_to_bf16(dw);
-        }
-      }
-      if (!args.dx) continue;
-      common::store_row(ctx.eltwise(), acc, H,
-                        static_cast<char*>(args.dx) + t * H * esize(args.dx_dtype), args.dx_dtype);
-    }
-  });
-}
+void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) { BackwardPass(*this, args, s).run(); }
 
 }  // namespace moetune

@@ -38,6 +38,11 @@
 // bf16 packed copy of dq(q(W))^T made at load (the same values, so the same
 // gradients: it buys backward speed with 2 bytes per weight).
 //
+// Structure: MoeExperts validates calls, queues jobs and owns the Saved
+// handles; its WeightStore (weight_store.h) holds the packed weights, biases
+// and the weight GEMMs. The passes are in moe_forward.cc / moe_backward.cc,
+// one function per phase.
+//
 // Thread-safety: forward/backward may be called from any thread; the work is
 // queued on the Context and executed one job at a time. Loading weights while
 // jobs that use them are queued is the caller's error. Destroying the object
@@ -55,6 +60,7 @@
 #include "engine/context.h"
 #include "engine/moe_types.h"
 #include "engine/routing.h"
+#include "engine/weight_store.h"
 
 namespace moetune {
 
@@ -80,10 +86,19 @@ struct Saved : std::enable_shared_from_this<Saved> {
 
 class MoeExperts {
  public:
+  // Validates E, H, I >= 1 and the options (std::invalid_argument), then
+  // allocates the weights: exactly host_bytes(E, H, I, options) bytes.
   MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, ExpertsOptions options);
   ~MoeExperts();  // waits for this object's queued jobs
   MoeExperts(const MoeExperts&) = delete;
   MoeExperts& operator=(const MoeExperts&) = delete;
+
+  // Host bytes of the packed / quantized weights for these shapes and
+  // options, without allocating (the size a loader plans for). Biases are
+  // not included: WeightStore::bias_bytes_for.
+  static size_t host_bytes(int E, int H, int I, const ExpertsOptions& options) {
+    return WeightStore::bytes_for(E, H, I, options);
+  }
 
   struct InFlight {
     std::mutex mu;
@@ -91,34 +106,29 @@ class MoeExperts {
     int64_t count = 0;
   };
 
-  int E() const { return E_; }
-  int H() const { return H_; }
-  int I() const { return I_; }
+  int E() const { return store_.E(); }
+  int H() const { return store_.H(); }
+  int I() const { return store_.I(); }
   const ExpertsOptions& options() const { return options_; }
   Context& context() { return *ctx_; }
-  size_t packed_bytes() const;
-  const kernels::QuantSpec& quant_spec() const { return spec_; }
-
-  // Every non-empty packed weight buffer (for a disk cache to export or
-  // import them byte for byte): a stable name, its memory and size. The
-  // layout is fixed by kernels::kPackedLayoutVersion, E/H/I and the options;
-  // writing them while jobs run is the caller's error.
-  struct PackedBuffer {
-    std::string name;
-    void* data;
-    size_t bytes;
-  };
-  std::vector<PackedBuffer> packed_buffers();
+  const WeightStore& weights() const { return store_; }
+  WeightStore& weights() { return store_; }
+  // Weight buffers + the biases loaded (= host_bytes(...) + bias bytes).
+  size_t packed_bytes() const { return store_.weight_bytes() + store_.bias_bytes(); }
 
   // Packs expert e from HF-layout rows: gate/up [I, H], down [H, I] (bf16
   // bit-exact, or f32 rounded to bf16). Distinct e may be loaded concurrently.
-  void load_expert(int e, const void* gate, const void* up, const void* down, DType dtype);
+  void load_expert(int e, const void* gate, const void* up, const void* down, DType dtype) {
+    store_.load_expert(e, gate, up, down, dtype);
+  }
   // All experts at once from [E, I, H], [E, I, H], [E, H, I], in the pool.
   void load(const void* gate, const void* up, const void* down, DType dtype);
   // Optional frozen biases of all experts: gate, up [E, I], down [E, H], bf16
   // or f32 (kept as fp32); nullptr = that bias absent (replaces an earlier one).
-  void load_biases(const void* gate, const void* up, const void* down, DType dtype);
-  bool has_bias(int which) const { return bias_[which].size() != 0; }  // 0 gate, 1 up, 2 down
+  void load_biases(const void* gate, const void* up, const void* down, DType dtype) {
+    store_.load_biases(gate, up, down, dtype);
+  }
+  bool has_bias(Proj p) const { return store_.has_bias(p); }
 
   // Validates topk ids now (throws std::invalid_argument), then queues the
   // forward; `out` must stay alive until the job is waited on.
@@ -128,25 +138,9 @@ class MoeExperts {
   void backward(std::shared_ptr<Saved> saved, const BackwardArgs& args);
 
  private:
-  kernels::PackedB fwd(int which, int e) const;   // 0 gate [K=H,N=I], 1 up, 2 down [K=I,N=H]
-  kernels::QuantB quant(int which, int e) const;  // the same operands, quantized formats
-  // C[M, 0:nc] = A * W(which, e)[:, n0:n0+nc] (+ `extra`, a segment whose B
-  // covers the same nc columns, e.g. a LoRA expand), overwriting C. Quantized
-  // formats dequantize and multiply kDequantCols columns at a time, so the
-  // bf16 panel stays L2-resident; every column's sum is the same single
-  // kernel pass as the bf16 path (bit-identical results).
-  void weight_gemm(int which, int e, int64_t n0, int64_t nc, const kernels::bf16* A, int64_t lda,
-                   int64_t M, const kernels::Segment* extra, float* C, int64_t ldc, Arena& a) const;
-  kernels::PackedB bwd(int which, int e) const;   // transposed copies (kTransposedCopy only)
-  // Packs W^T columns [n0, n0+n) for backward: from the second copy or by repacking.
-  kernels::PackedB bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a) const;
-  // C[M, 0:nc] = sum_j segs[j].A * W(which[j], e)^T[:, n0:n0+nc] for j < nw,
-  // plus segs[nw..nseg) whose B cover the same nc columns; overwrites C.
-  // segs[j].B for j < nw is set here. Quantized formats with kRepack work
-  // kDequantCols columns at a time (dequantize those K rows, transpose), so
-  // the bf16 panels stay L2-sized; results are bit-identical to one call.
-  void weight_t_gemm(const int* which, int nw, int e, int64_t n0, int64_t nc, kernels::Segment* segs,
-                     int nseg, int64_t M, float* C, int64_t ldc, Arena& a) const;
+  friend class ForwardPass;   // moe_forward.cc
+  friend class BackwardPass;  // moe_backward.cc
+
   // The row blocks of the GEMM phases of forward or backward (see
   // ExpertsOptions::row_group): equal-sized blocks of one expert's rows,
   // largest first (same results for any blocking: every output row is
@@ -159,10 +153,6 @@ class MoeExperts {
                      const Saved& s, int64_t i0, int64_t i1, Arena& a, kernels::bf16* gb,
                      kernels::bf16* ub, int64_t ld) const;
 
-  // Bias row of expert e for projection `which`, or nullptr when absent.
-  const float* bias(int which, int e) const {
-    return has_bias(which) ? bias_[which].data() + int64_t(e) * (which == 2 ? H_ : I_) : nullptr;
-  }
   // The configured activation on n elements (forward) / its backward.
   void activate(const kernels::bf16* g, const kernels::bf16* u, kernels::bf16* h, int64_t n) const;
   float activate_bwd(const kernels::bf16* g, const kernels::bf16* u, const float* d, float w,
@@ -172,19 +162,8 @@ class MoeExperts {
 
   std::shared_ptr<Context> ctx_;
   std::shared_ptr<InFlight> inflight_ = std::make_shared<InFlight>();
-  int E_, H_, I_;
   ExpertsOptions options_;
-  kernels::QuantSpec spec_;
-  const kernels::DequantKernel* dequant_ = nullptr;
-  Buf<uint8_t> q_[3];       // quantized formats: packed q values per matrix kind
-  Buf<float> qscale_[3];    // and their scales (kernels/quant.h layout)
-  int64_t q_stride_[3] = {0, 0, 0};
-  int64_t qscale_stride_[3] = {0, 0, 0};
-  Buf<kernels::bf16> fwd_[3];
-  Buf<kernels::bf16> bwd_[3];
-  Buf<float> bias_[3];  // [E, I], [E, I], [E, H] fp32; empty = absent
-  int64_t fwd_stride_[3] = {0, 0, 0};
-  int64_t bwd_stride_[3] = {0, 0, 0};
+  WeightStore store_;
 };
 
 }  // namespace moetune

@@ -1,4 +1,5 @@
-// moetune engine: the argument structs of one MoE layer's routed experts.
+// moetune engine: the argument structs of one MoE layer's routed experts
+// (their options: experts_options.h).
 //
 // Dimension names: T tokens, H hidden, I expert intermediate, E experts,
 // k top-k, r LoRA rank. All arrays are dense row-major; ownership stays with
@@ -9,8 +10,8 @@
 
 #include <cstdint>
 
+#include "engine/experts_options.h"
 #include "kernels/gemm.h"
-#include "kernels/quant.h"
 
 namespace moetune {
 
@@ -20,6 +21,13 @@ const char* dtype_name(DType d);
 inline kernels::SrcType src_type(DType d) {
   return d == DType::kBf16 ? kernels::SrcType::kBf16 : kernels::SrcType::kF32;
 }
+
+// The three projections of a gated expert. As forward GEMM operands [K, N]
+// (K = in, N = out): gate, up [H, I]; down [I, H]. HF stores each [out, in].
+enum class Proj : int { kGate = 0, kUp = 1, kDown = 2 };
+inline constexpr Proj kAllProjs[] = {Proj::kGate, Proj::kUp, Proj::kDown};
+inline constexpr int idx(Proj p) { return static_cast<int>(p); }
+const char* proj_name(Proj p);  // "gate" | "up" | "down"
 
 // LoRA of one projection, out = W x + scaling * B (A x).
 //   A [E, r, in], B [E, out, r]; bf16 or fp32 (each may differ).
@@ -38,6 +46,7 @@ struct LoraSet {
   LoraProj gate, up, down;
   float scaling = 1.0f;  // alpha / r
   bool any() const { return gate.enabled() || up.enabled() || down.enabled(); }
+  const LoraProj& operator[](Proj p) const { return p == Proj::kGate ? gate : p == Proj::kUp ? up : down; }
 };
 
 // LoRA weight gradients, fp32, same shapes as the weights; nullptr = not
@@ -49,6 +58,8 @@ struct LoraGrads {
   float* dB_up = nullptr;
   float* dA_down = nullptr;
   float* dB_down = nullptr;
+  float* dA(Proj p) const { return p == Proj::kGate ? dA_gate : p == Proj::kUp ? dA_up : dA_down; }
+  float* dB(Proj p) const { return p == Proj::kGate ? dB_gate : p == Proj::kUp ? dB_up : dB_down; }
 };
 
 struct ForwardArgs {
@@ -75,40 +86,6 @@ struct BackwardArgs {
   void* dtopk_weights = nullptr;      // [T, k] or nullptr
   DType dw_dtype = DType::kF32;
   LoraGrads grads;
-};
-
-enum class BackwardWeights : int {
-  kRepack = 0,          // 1x memory: transpose slices of the packed weights per backward task
-  kTransposedCopy = 1,  // 2x memory: a second packed copy in the transposed orientation
-};
-
-enum class ActivationPolicy : int {
-  kSave = 0,       // keep gate/up pre-activations (bf16) from forward for backward
-  kRecompute = 1,  // recompute them in backward (less memory, one more pass of gate/up GEMMs)
-};
-
-// The experts' gated activation h(g, u) (see moe_experts.h for the math).
-enum class Activation : int {
-  kSwiGLU = 0,         // silu(g) * u  (Qwen, Mixtral, DeepSeek, GLM, OLMoE)
-  kClampedSwiGLU = 1,  // gpt-oss: (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)
-};
-
-struct ExpertsOptions {
-  BackwardWeights backward_weights = BackwardWeights::kRepack;
-  ActivationPolicy activations = ActivationPolicy::kSave;
-  Activation activation = Activation::kSwiGLU;
-  float swiglu_alpha = 1.702f;  // kClampedSwiGLU only (gpt-oss config.swiglu_alpha); finite
-  float swiglu_limit = 7.0f;    // kClampedSwiGLU only (gpt-oss config.swiglu_limit); finite, > 0
-  // Frozen weight format (kernels/quant.h): bf16, or int8 / int4 quantized at
-  // load and dequantized per GEMM task. group_size: int4 only (32, 64, 128).
-  kernels::WeightFormat weight_format = kernels::WeightFormat::kBf16;
-  int group_size = 0;
-  // Rows of one expert per GEMM task (a tuning knob; results do not depend on
-  // it). 0 = auto: up to 768 rows where a task prepares data per weight slice
-  // (dequantization; the W^T repack in backward), else the routing's blocks
-  // of up to 192. Larger groups share that preparation; smaller ones keep the
-  // fp32 task buffers in L2 and give more tasks.
-  int row_group = 0;
 };
 
 }  // namespace moetune

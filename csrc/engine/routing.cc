@@ -61,14 +61,4 @@ Routing build_routing(const void* topk_ids, DType ids_dtype, int64_t T, int k, i
   return r;
 }
 
-const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::kBf16: return "bfloat16";
-    case DType::kF32: return "float32";
-    case DType::kI32: return "int32";
-    case DType::kI64: return "int64";
-  }
-  return "?";
-}
-
 }  // namespace moetune

@@ -5,9 +5,11 @@ Layers (one direction): C++ kernels -> C++ engine -> nanobind bindings
 (`moetune._moetune_ext`) -> this package (torch autograd op, CLI).
 """
 
-from moetune.engine import Context, LoraWeights, MoEExperts, PendingMoE, moe_experts, moe_experts_async
+from moetune.engine import Context, LoraWeights, MoEExperts, PackedBuffer, PendingMoE, moe_experts, moe_experts_async
+from moetune.options import ExpertsOptions
 
-__all__ = ["Context", "LoraWeights", "MoEExperts", "PendingMoE", "moe_experts", "moe_experts_async"]
+__all__ = ["Context", "ExpertsOptions", "LoraWeights", "MoEExperts", "PackedBuffer", "PendingMoE", "moe_experts",
+           "moe_experts_async"]
 __version__ = "0.1.0"
 
 # Hugging Face entry points, imported on first use (transformers is heavy).

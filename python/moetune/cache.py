@@ -152,7 +152,7 @@ def save(experts: MoEExperts, directory: os.PathLike, key: str, source) -> Path:
     name = entry_name(key)
     o = experts.options
     manifest = _expected(key, json.loads(json.dumps(source)), experts.num_experts, experts.hidden_size,
-                         experts.intermediate_size, o["weight_format"], o["group_size"], o["backward_weights"])
+                         experts.intermediate_size, o.weight_format, o.group_size, o.backward_weights)
     lock = os.open(d, os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
@@ -286,8 +286,8 @@ def load_or_build(ctx: Context, directory: os.PathLike, key: str, source, build:
     if not reason.startswith("miss"):
         warnings.warn(f"moetune.cache: rebuilding {key!r}: {reason}", stacklevel=2)
     ex = build()
-    got = (ex.num_experts, ex.hidden_size, ex.intermediate_size, ex.options["weight_format"],
-           ex.options["group_size"], ex.options["backward_weights"])
+    got = (ex.num_experts, ex.hidden_size, ex.intermediate_size, ex.options.weight_format,
+           ex.options.group_size, ex.options.backward_weights)
     want = (num_experts, hidden_size, intermediate_size, weight_format,
             normalized_group_size(weight_format, group_size),
             backward_weights)

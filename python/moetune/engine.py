@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from moetune import _moetune_ext as _ext
+from moetune.options import ExpertsOptions
 
 _PROJ = ("gate", "up", "down")
 
@@ -84,12 +85,14 @@ class MoEExperts:
     rounded to bf16. The tensors are not kept: the engine holds its own packed
     copy (twice if backward_weights="transposed_copy").
 
+    options: a moetune.ExpertsOptions (or a dict of its fields); keyword
+    arguments set or override single options, e.g.
+    MoEExperts(ctx, g, u, d, weight_format="int4", group_size=64). The options
+    (see ExpertsOptions for each):
+
     activation: "swiglu" (h = silu(g) * u) or "gpt_oss" (gpt-oss's clamped
     SwiGLU: h = (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha * gc) with
     gc = min(g, limit); `alpha`, `limit` are gpt-oss's swiglu_alpha / swiglu_limit).
-    gate_bias, up_bias [E, I] and down_bias [E, H]: optional frozen expert
-    biases (added to g, u before the activation and to each expert's output;
-    kept as fp32, no gradient). Any subset may be given.
 
     weight_format: "bf16" (default), "int8" (per-output-channel symmetric) or
     "int4" (symmetric, one scale per group_size inputs; group_size 32, 64 or
@@ -99,24 +102,27 @@ class MoEExperts:
     backward_weights="transposed_copy" adds a bf16 copy of the dequantized
     weights for a faster backward (same values, same gradients).
 
+    backward_weights ("repack" | "transposed_copy"), activations ("save" |
+    "recompute"): memory / time trade-offs with bit-identical results.
+
     row_group: rows of one expert per GEMM task, a speed knob only (results
     are bit-identical for any value). 0 (default) = auto: up to 768 where a
     task prepares data per weight slice (dequantization, the backward's W^T
     repack), else up to 192.
+
+    gate_bias, up_bias [E, I] and down_bias [E, H]: optional frozen expert
+    biases (added to g, u before the activation and to each expert's output;
+    kept as fp32, no gradient). Any subset may be given.
     """
 
     def __init__(self, ctx: Context, gate_proj: torch.Tensor, up_proj: torch.Tensor,
-                 down_proj: torch.Tensor, *, backward_weights: str = "repack",
-                 activations: str = "save", activation: str = "swiglu", alpha: float = 1.702,
-                 limit: float = 7.0, gate_bias: Optional[torch.Tensor] = None,
-                 up_bias: Optional[torch.Tensor] = None, down_bias: Optional[torch.Tensor] = None,
-                 weight_format: str = "bf16", group_size: Optional[int] = None, row_group: int = 0):
+                 down_proj: torch.Tensor, options: Optional[ExpertsOptions] = None, *,
+                 gate_bias: Optional[torch.Tensor] = None, up_bias: Optional[torch.Tensor] = None,
+                 down_bias: Optional[torch.Tensor] = None, **option_kwargs):
         if gate_proj.dim() != 3:
             raise ValueError(f"gate_proj must be [E, I, H], got shape {list(gate_proj.shape)}")
         E, I, H = gate_proj.shape
-        self._allocate(ctx, E, H, I, backward_weights=backward_weights, activations=activations,
-                       activation=activation, alpha=alpha, limit=limit, weight_format=weight_format,
-                       group_size=group_size, row_group=row_group)
+        self._allocate(ctx, E, H, I, ExpertsOptions.resolve(options, **option_kwargs))
         for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32; float16 "
@@ -146,27 +152,30 @@ class MoEExperts:
         """Whether the (gate, up, down) biases are loaded."""
         return tuple(self._ex.has_biases)
 
-    def _allocate(self, ctx, E, H, I, *, backward_weights="repack", activations="save", activation="swiglu",
-                  alpha=1.702, limit=7.0, weight_format="bf16", group_size=None, row_group=0):
+    def _allocate(self, ctx: Context, E: int, H: int, I: int, options: ExpertsOptions) -> None:
         self.ctx = ctx
-        self.activation = activation
-        if group_size is None:
-            group_size = 128 if weight_format == "int4" else 0
-        self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations, activation, float(alpha),
-                                float(limit), weight_format=weight_format, group_size=int(group_size),
-                                row_group=int(row_group))
-        self.options = dict(backward_weights=backward_weights, activations=activations,
-                            weight_format=weight_format, group_size=int(group_size), row_group=int(row_group))
+        self._ex = _ext.Experts(ctx._ctx, int(E), int(H), int(I), options._to_ext())
+        # Read back from the engine: what it actually holds.
+        self._options = ExpertsOptions._from_ext(self._ex.options)
 
     @classmethod
     def empty(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int,
-              **options) -> "MoEExperts":
+              options: Optional[ExpertsOptions] = None, **option_kwargs) -> "MoEExperts":
         """Experts of the given shape with nothing loaded yet; fill every expert
         with load_expert (streaming loaders: one expert's weights in memory at a
-        time). options: as for the constructor (backward_weights, ...)."""
+        time). options / option_kwargs: as for the constructor."""
         self = cls.__new__(cls)
-        self._allocate(ctx, int(num_experts), int(hidden_size), int(intermediate_size), **options)
+        self._allocate(ctx, num_experts, hidden_size, intermediate_size,
+                       ExpertsOptions.resolve(options, **option_kwargs))
         return self
+
+    @staticmethod
+    def host_bytes(num_experts: int, hidden_size: int, intermediate_size: int,
+                   options: Optional[ExpertsOptions] = None, *, biases: bool = False, **option_kwargs) -> int:
+        """Host bytes of such a layer's experts, computed by the engine without
+        allocating (= packed_bytes once built; see ExpertsOptions.host_bytes)."""
+        return ExpertsOptions.resolve(options, **option_kwargs).host_bytes(
+            num_experts, hidden_size, intermediate_size, biases=biases)
 
     def load_expert(self, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
         """Packs expert e from gate/up [I, H] and down [H, I] (bf16 bit-exact, fp32
@@ -179,17 +188,62 @@ class MoEExperts:
         dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load_expert(int(e), _host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
 
+    def unpack_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [I, H], up [I, H], down [H, I]) bf16: the values the engine's
+        GEMMs use for expert e (the loaded weights for bf16, dq(q(W)) for int8 /
+        int4), unpacked by the engine's scalar code (an oracle; not fast)."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        if not 0 <= int(e) < E:
+            raise ValueError(f"expert id {e} outside [0, {E})")
+        gate, up = torch.empty(I, H, dtype=torch.bfloat16), torch.empty(I, H, dtype=torch.bfloat16)
+        down = torch.empty(H, I, dtype=torch.bfloat16)
+        self._ex.unpack_expert(int(e), gate, up, down)
+        return gate, up, down
+
+    def packed_buffers(self) -> List["PackedBuffer"]:
+        """The engine's packed weight buffers (biases excluded), e.g. for
+        streaming one expert's bytes to another device: expert e's bytes of
+        buffer b are b.array[e * b.per_expert_bytes:(e + 1) * b.per_expert_bytes].
+        Layouts: csrc/kernels/gemm.h (bf16 panels), csrc/kernels/quant.h (q,
+        scales), versioned by moetune._moetune_ext.PACKED_LAYOUT_VERSION. The
+        arrays are views of the engine's memory: read-only by contract."""
+        arrays = dict(self._ex.packed_buffers())
+        return [PackedBuffer(name, proj, kind, K, N, per_expert, arrays[name])
+                for name, proj, kind, K, N, per_expert, _ in self._ex.packed_layout()]
+
     num_experts = property(lambda self: self._ex.num_experts)
     hidden_size = property(lambda self: self._ex.hidden_size)
     intermediate_size = property(lambda self: self._ex.intermediate_size)
     packed_bytes = property(lambda self: self._ex.packed_bytes)
-    weight_format = property(lambda self: self._ex.weight_format)
-    group_size = property(lambda self: self._ex.group_size)
+    options = property(lambda self: self._options, doc="The typed options (moetune.ExpertsOptions).")
+    weight_format = property(lambda self: self._options.weight_format)
+    group_size = property(lambda self: self._options.group_size)
+    activation = property(lambda self: self._options.activation)
 
     @property
     def packed_bytes_per_expert(self) -> int:
         """Host memory of one expert's frozen weights in the engine (all formats)."""
         return self._ex.packed_bytes // self._ex.num_experts
+
+
+class PackedBuffer(NamedTuple):
+    """One packed weight buffer of a MoEExperts (see MoEExperts.packed_buffers).
+
+    name: "<projection>.<kind>"; projection: "gate" | "up" | "down"; kind:
+    "bf16" (the forward operand [K = in, N = out] in bf16 panels), "q" /
+    "scales" (that operand int8 / int4 quantized), "transposed_bf16" (the
+    backward operand [K = out, N = in], backward_weights="transposed_copy");
+    K, N: the packed operand's logical shape per expert; array: uint8 [E *
+    per_expert_bytes], expert e at [e * per_expert_bytes, (e + 1) * per_expert_bytes).
+    """
+
+    name: str
+    projection: str
+    kind: str
+    K: int
+    N: int
+    per_expert_bytes: int
+    array: Any
 
 
 @dataclasses.dataclass
@@ -207,6 +261,7 @@ class LoraWeights:
     scaling: float = 1.0
 
     def flat(self):
+        """[A_gate, B_gate, A_up, B_up, A_down, B_down] (None where off)."""
         out = []
         for name in _PROJ:
             pair = getattr(self, name)
@@ -215,8 +270,23 @@ class LoraWeights:
             else:
                 if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                     raise ValueError(f"lora.{name} must be a pair (A, B) or None")
+                if pair[0] is None or pair[1] is None:
+                    raise ValueError(f"lora.{name}: A and B must both be given or both be None")
                 out += list(pair)
         return out
+
+
+def _ext_lora(flat, scaling: float):
+    """The engine's Lora struct from flat [A_gate, B_gate, ..., B_down] (host tensors)."""
+    pairs = {p: None if flat[2 * i] is None else (flat[2 * i], flat[2 * i + 1]) for i, p in enumerate(_PROJ)}
+    return _ext.Lora(**pairs, scaling=float(scaling))
+
+
+def _ext_lora_grads(flat):
+    """The engine's LoraGrads struct from flat [dA_gate, dB_gate, ...] (None = not wanted)."""
+    pairs = {p: None if flat[2 * i] is None and flat[2 * i + 1] is None else (flat[2 * i], flat[2 * i + 1])
+             for i, p in enumerate(_PROJ)}
+    return _ext.LoraGrads(**pairs)
 
 
 class _Pending:
@@ -250,7 +320,7 @@ class _Submit(torch.autograd.Function):
         mask = None if expert_mask is None else expert_mask.detach().to("cpu", torch.bool).contiguous()
         lora_h = [None if t is None else _host(t) for t in lora]
         out = torch.empty(xh.shape, dtype=xh.dtype) if xh.dim() == 2 else torch.empty(0)
-        state.handle, state.job = experts._ex.forward(xh, ids, wh, mask, *lora_h, float(scaling), out)
+        state.handle, state.job = experts._ex.forward(xh, ids, wh, mask, _ext_lora(lora_h, scaling), out)
         # The engine reads these while the job runs: keep them alive until wait().
         state.keep = (xh, ids, wh, mask)
         state.experts, state.scaling, state.out = experts, float(scaling), out
@@ -310,7 +380,8 @@ class _Wait(torch.autograd.Function):
         dw = torch.empty((T, st.k), dtype=torch.float32) if need[2] else None
         grads = [torch.empty(t.shape, dtype=torch.float32) if (t is not None and need[4 + i]) else None
                  for i, t in enumerate(st.lora_h)]
-        st.bwd_job = st.experts._ex.backward(st.handle, g, *st.lora_h, st.scaling, dx, dw, *grads)
+        st.bwd_job = st.experts._ex.backward(st.handle, g, _ext_lora(st.lora_h, st.scaling), dx, dw,
+                                             _ext_lora_grads(grads))
         st.grads = (dx, dw, grads)
         st.keep = g  # read by the engine until the job is waited on
         return None, torch.zeros(0, device=grad_out.device)

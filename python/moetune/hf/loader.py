@@ -158,14 +158,11 @@ def skeleton(config, dtype: torch.dtype):
 # ---- host memory ----
 
 def packed_bytes_estimate(E: int, H: int, I: int, engine_kwargs) -> int:
-    """Bytes the engine packs one layer into (bf16 panels of 16 columns x K pairs;
-    a second copy with backward_weights="transposed_copy"). An upper bound for
-    other weight formats."""
-    def rup(a, b):
-        return -(-a // b) * b
-    per = 2 * rup(I, 16) * rup(H, 2) + rup(H, 16) * rup(I, 2)
-    copies = 2 if engine_kwargs.get("backward_weights") == "transposed_copy" else 1
-    return 2 * E * per * copies
+    """Bytes the engine packs one layer's expert weights into, for the options
+    in engine_kwargs (weight format, group size, backward_weights, ...):
+    computed by the engine itself (MoEExperts.host_bytes), exact for every
+    format. Biases (gpt-oss; small) are not counted."""
+    return MoEExperts.host_bytes(E, H, I, **engine_kwargs)
 
 
 def available_host_memory() -> Optional[int]:

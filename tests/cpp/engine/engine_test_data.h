@@ -49,7 +49,8 @@ inline float round_bf(float v) { return mk::bf16_to_f32(mk::f32_to_bf16(v)); }
 // Problem: weights of one layer (fixed) and batches (per forward call).
 // ---------------------------------------------------------------------------
 
-enum Proj { kGate = 0, kUp = 1, kDown = 2 };
+// Projection indices of the arrays below (the engine itself uses moetune::Proj).
+enum ProjIndex { kGate = 0, kUp = 1, kDown = 2 };
 const char* const kProjName[3] = {"gate", "up", "down"};
 
 struct Rng {

@@ -117,7 +117,9 @@ INSTANTIATE_TEST_SUITE_P(Cases, EngineInvariants, ::testing::ValuesIn(invariant_
 // Re-entrancy and async.
 // ---------------------------------------------------------------------------
 
-TEST(EngineReentrancy, ThreeForwardsThenBackwardsInOrder231) {
+class EngineReentrancy : public EngineFixture {};
+
+TEST(EngineInterleaved, ThreeForwardsThenBackwardsInOrder231) {
   const Layer L = make_layer(5, 33, 40, all_lora(4), 501);
   BatchCfg bc[3];
   bc[0].T = 5;
@@ -154,21 +156,14 @@ TEST(EngineReentrancy, ThreeForwardsThenBackwardsInOrder231) {
   }
 }
 
-TEST(EngineReentrancy, BackwardTwiceOnSameSavedIsIdentical) {
-  const Layer L = make_layer(4, 40, 24, all_lora(4), 511);
-  BatchCfg bcfg;
-  bcfg.T = 10;
-  const Batch b = make_batch(L, bcfg, 512);
-  const Batch other = make_batch(L, bcfg, 513);
-  IoCfg io;
-  EngineCfg ec;
-  ec.threads = 2;
-  auto m = make_experts(L, ec);
+TEST_F(EngineReentrancy, BackwardTwiceOnSameSavedIsIdentical) {
+  build(511, tokens(10), threads(2));
+  const Batch other = make_batch(L, tokens(10), 513);
   Call c(L, b, io);
   auto saved = m->forward(c.fwd());
   m->backward(saved, c.bwd());
   const Outputs first = c.collect();
-  expect_matches_reference("first backward", L, b, io, first, reference(L, b));
+  expect_reference("first backward", first);
   // Something else in between, reusing the context's workspaces.
   run_engine(*m, L, other, io);
   c.poison_grads();
@@ -176,18 +171,11 @@ TEST(EngineReentrancy, BackwardTwiceOnSameSavedIsIdentical) {
   expect_bitwise("second backward on the same Saved", c.collect(), first);
 }
 
-TEST(EngineReentrancy, AsyncForwardBackwardChainedWithoutWaiting) {
-  const Layer L = make_layer(4, 33, 17, all_lora(4), 521);
-  BatchCfg bc1, bc2;
-  bc1.T = 9;
-  bc2.T = 21;
-  bc2.k = 3;
-  const Batch b1 = make_batch(L, bc1, 522), b2 = make_batch(L, bc2, 523);
-  IoCfg io;
+TEST_F(EngineReentrancy, AsyncForwardBackwardChainedWithoutWaiting) {
+  build(521, tokens(9), threads(3), {4, 33, 17});
   io.out = DType::kBf16;
-  EngineCfg ec;
-  ec.threads = 3;
-  auto m = make_experts(L, ec);
+  const Batch& b1 = b;
+  const Batch b2 = make_batch(L, tokens(21, 3), 523);
   Call c1(L, b1, io), c2(L, b2, io);
   std::shared_ptr<Saved> s1, s2;
   Job f1 = m->forward_async(c1.fwd(), &s1);
@@ -209,7 +197,7 @@ TEST(EngineReentrancy, AsyncForwardBackwardChainedWithoutWaiting) {
   expect_bitwise("async 2 vs sync", c2.collect(), run_engine(*m, L, b2, io));
 }
 
-TEST(EngineReentrancy, ConcurrentCallersOnOneEngine) {
+TEST(EngineInterleaved, ConcurrentCallersOnOneEngine) {
   // forward/backward may be called from any thread: four caller threads share
   // one MoeExperts; each result equals its isolated run bit for bit.
   const Layer L = make_layer(5, 33, 40, all_lora(4), 541);
@@ -252,17 +240,12 @@ TEST(EngineReentrancy, ConcurrentCallersOnOneEngine) {
   }
 }
 
-TEST(EngineReentrancy, TwoContextsSideBySide) {
+TEST_F(EngineReentrancy, TwoContextsSideBySide) {
   // Two engines with different ISAs/threads in flight at once are independent.
-  const Layer L = make_layer(4, 40, 24, all_lora(4), 531);
-  BatchCfg bc;
-  bc.T = 17;
-  const Batch b = make_batch(L, bc, 532);
-  IoCfg io;
-  EngineCfg e1, e2;
-  e1.threads = 2;
+  build(531, tokens(17), threads(2));
+  EngineCfg e2;
   e2.isa = mk::Isa::kScalar;
-  auto m1 = make_experts(L, e1);
+  MoeExperts* m1 = m.get();
   auto m2 = make_experts(L, e2);
   Call c1(L, b, io), c2(L, b, io);
   std::shared_ptr<Saved> s1, s2;

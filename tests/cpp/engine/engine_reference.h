@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "engine_test_data.h"
+#include "kernels/quant.h"
 
 namespace moetune::engine_test {
 
@@ -185,6 +186,39 @@ inline Ref reference(const Layer& L, const Batch& b) {
     }
   }
   return R;
+}
+
+// ---------------------------------------------------------------------------
+// Quantized weights: dq(q(W)) from the value-level oracle (kernels/quant.h:
+// quant_scale / quantize_value / dequant_value, themselves checked against
+// plain loops in the kernel tests), never from a packed layout.
+// ---------------------------------------------------------------------------
+
+// The layer with every base weight replaced by dq(q(W)) (HF rows [out, in];
+// groups run along `in`, the GEMM's K).
+inline Layer dequantized_layer(const Layer& L, const mk::QuantSpec& spec) {
+  Layer D = L;
+  for (int p = 0; p < 3; ++p) {
+    const int64_t out = L.out(p), in = L.in(p);
+    const int64_t G = spec.format == mk::WeightFormat::kInt4 ? spec.group_size : in;
+    for (int e = 0; e < L.E; ++e) {
+      const float* w = L.W[p].data() + size_t(e) * out * in;
+      float* d = D.W[p].data() + size_t(e) * out * in;
+      for (int64_t n = 0; n < out; ++n) {
+        for (int64_t g0 = 0; g0 < in; g0 += G) {
+          const int64_t g1 = std::min(in, g0 + G);
+          float amax = 0.0f;
+          for (int64_t k = g0; k < g1; ++k) amax = std::max(amax, std::fabs(w[n * in + k]));
+          const float s = mk::quant_scale(amax, spec.format);
+          for (int64_t k = g0; k < g1; ++k)
+            d[n * in + k] = mk::bf16_to_f32(
+                mk::dequant_value(mk::quantize_value(w[n * in + k], s, spec.format), s));
+        }
+      }
+    }
+    D.Wb[p] = bits(D.W[p]);
+  }
+  return D;
 }
 
 }  // namespace moetune::engine_test

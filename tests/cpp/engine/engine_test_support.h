@@ -431,6 +431,51 @@ inline LoraCfg all_lora(int r) {
 }
 
 // ---------------------------------------------------------------------------
+// Fixture of the single-scenario tests: one layer, one batch on it (seeded
+// seed + 1), default I/O dtypes and an engine holding the layer.
+// ---------------------------------------------------------------------------
+
+// E, H, I of a test layer.
+struct LayerShape {
+  int E = 4, H = 40, I = 24;
+};
+
+class EngineFixture : public ::testing::Test {
+ protected:
+  void build(uint64_t seed, const BatchCfg& batch = BatchCfg{}, const EngineCfg& eng = EngineCfg{},
+             LayerShape shape = LayerShape{}, const LoraCfg& lora = all_lora(4)) {
+    L = make_layer(shape.E, shape.H, shape.I, lora, seed);
+    b = make_batch(L, batch, seed + 1);
+    ec = eng;
+    m = make_experts(L, ec);
+  }
+  // Forward + backward of the batch on the engine (fresh buffers).
+  Outputs run() { return run_engine(*m, L, b, io); }
+  void expect_reference(const std::string& tag, const Outputs& o) const {
+    expect_matches_reference(tag, L, b, io, o, reference(L, b));
+  }
+
+  Layer L;
+  Batch b;
+  IoCfg io;
+  EngineCfg ec;
+  std::unique_ptr<MoeExperts> m;
+};
+
+inline BatchCfg tokens(int64_t T, int k = 2) {
+  BatchCfg c;
+  c.T = T;
+  c.k = k;
+  return c;
+}
+
+inline EngineCfg threads(int n) {
+  EngineCfg c;
+  c.threads = n;
+  return c;
+}
+
+// ---------------------------------------------------------------------------
 // Error helpers.
 // ---------------------------------------------------------------------------
 

@@ -176,7 +176,7 @@ TEST(EngineGptOss, BadOptionsAndBiasDtype) {
   std::vector<int32_t> b(16, 0);
   expect_invalid_argument("int bias", [&] { m.load_biases(b.data(), nullptr, nullptr, DType::kI32); },
                           {"biases", "int32"});
-  EXPECT_FALSE(m.has_bias(0) || m.has_bias(1) || m.has_bias(2));
+  EXPECT_FALSE(m.has_bias(Proj::kGate) || m.has_bias(Proj::kUp) || m.has_bias(Proj::kDown));
 }
 
 }  // namespace

@@ -14,40 +14,12 @@
 #include <gtest/gtest.h>
 
 #include "engine_test_support.h"
-#include "kernels/quant.h"
 
 namespace moetune::engine_test {
 namespace {
 
 using mk::QuantSpec;
 using mk::WeightFormat;
-
-// The layer with every base weight replaced by dq(q(W)) (HF rows [out, in];
-// groups run along `in`, the GEMM's K).
-Layer dequantized_layer(const Layer& L, const QuantSpec& spec) {
-  Layer D = L;
-  for (int p = 0; p < 3; ++p) {
-    const int64_t out = L.out(p), in = L.in(p);
-    const int64_t G = spec.format == WeightFormat::kInt4 ? spec.group_size : in;
-    for (int e = 0; e < L.E; ++e) {
-      const float* w = L.W[p].data() + size_t(e) * out * in;
-      float* d = D.W[p].data() + size_t(e) * out * in;
-      for (int64_t n = 0; n < out; ++n) {
-        for (int64_t g0 = 0; g0 < in; g0 += G) {
-          const int64_t g1 = std::min(in, g0 + G);
-          float amax = 0.0f;
-          for (int64_t k = g0; k < g1; ++k) amax = std::max(amax, std::fabs(w[n * in + k]));
-          const float s = mk::quant_scale(amax, spec.format);
-          for (int64_t k = g0; k < g1; ++k)
-            d[n * in + k] = mk::bf16_to_f32(
-                mk::dequant_value(mk::quantize_value(w[n * in + k], s, spec.format), s));
-        }
-      }
-    }
-    D.Wb[p] = bits(D.W[p]);
-  }
-  return D;
-}
 
 struct QCase {
   std::string name;
@@ -197,8 +169,7 @@ TEST(EngineQuantOptions, PackedBytesPerFormat) {
     o.weight_format = f;
     o.group_size = g;
     o.backward_weights = bw;
-    ContextOptions co;
-    MoeExperts m(std::make_shared<Context>(co), E, H, I, o);
+    MoeExperts m(make_context(EngineCfg{}), E, H, I, o);
     return int64_t(m.packed_bytes()) / E;
   };
   EXPECT_EQ(bytes(WeightFormat::kBf16, 0, BackwardWeights::kRepack), 2 * weights);
@@ -213,8 +184,7 @@ TEST(EngineQuantOptions, PackedBytesPerFormat) {
 }
 
 TEST(EngineQuantOptions, BadGroupSizeAndNonFiniteWeightsAreClearErrors) {
-  ContextOptions co;
-  auto ctx = std::make_shared<Context>(co);
+  auto ctx = make_context(EngineCfg{});
   ExpertsOptions o;
   o.weight_format = WeightFormat::kInt4;
   o.group_size = 100;

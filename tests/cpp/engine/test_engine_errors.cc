@@ -7,6 +7,10 @@
 namespace moetune::engine_test {
 namespace {
 
+class EngineErrors : public EngineFixture {};
+class EngineEdge : public EngineFixture {};
+class ContextJobs : public EngineFixture {};
+
 // ---------------------------------------------------------------------------
 // Errors.
 // ---------------------------------------------------------------------------
@@ -116,17 +120,11 @@ TEST(RoutingTest, RowBlocksCoverEveryActiveExpertsRows) {
   EXPECT_GE(per[3].size(), size_t((T + kRowBlock - 1) / kRowBlock));
 }
 
-TEST(EngineErrors, ForwardAsyncRejectsBadIdsAndEngineStillWorks) {
-  const Layer L = make_layer(4, 40, 24, all_lora(4), 541);
-  BatchCfg bc;
-  bc.T = 6;
-  IoCfg io;
-  EngineCfg ec;
-  ec.threads = 2;
-  auto m = make_experts(L, ec);
+TEST_F(EngineErrors, ForwardAsyncRejectsBadIdsAndEngineStillWorks) {
+  build(541, tokens(6), threads(2));
   for (DType idt : {DType::kI64, DType::kI32}) {
     for (int64_t badv : {int64_t(L.E), int64_t(-1)}) {
-      Batch bad = make_batch(L, bc, 542);
+      Batch bad = b;
       bad.ids[7] = badv;  // token 3, slot 1
       IoCfg bio = io;
       bio.ids = idt;
@@ -142,7 +140,7 @@ TEST(EngineErrors, ForwardAsyncRejectsBadIdsAndEngineStillWorks) {
     }
   }
   // The same MoeExperts still works, sync and async.
-  const Batch good = make_batch(L, bc, 543);
+  const Batch good = make_batch(L, tokens(6), 543);
   expect_matches_reference("after error", L, good, io, run_engine(*m, L, good, io),
                            reference(L, good));
   Call c(L, good, io);
@@ -153,20 +151,14 @@ TEST(EngineErrors, ForwardAsyncRejectsBadIdsAndEngineStillWorks) {
   expect_matches_reference("after error (async)", L, good, io, c.collect(), reference(L, good));
 }
 
-TEST(EngineErrors, BackwardWithDifferentLoraConfigThrows) {
-  const Layer L = make_layer(4, 40, 24, all_lora(4), 551);
+TEST_F(EngineErrors, BackwardWithDifferentLoraConfigThrows) {
+  build(551, tokens(8));
   LoraCfg gate_only;
   gate_only.r[1] = gate_only.r[2] = 0;
   const Layer Lg = make_layer(4, 40, 24, gate_only, 551);
   LoraCfg rank2 = all_lora(2);
   const Layer L2 = make_layer(4, 40, 24, rank2, 551);
   const Layer L0 = make_layer(4, 40, 24, all_lora(0), 551);
-  BatchCfg bc;
-  bc.T = 8;
-  const Batch b = make_batch(L, bc, 552);
-  IoCfg io;
-  EngineCfg ec;
-  auto m = make_experts(L, ec);
   Call c(L, b, io);
   auto saved = m->forward(c.fwd());
   // Backward args whose LoRA differs from the forward's.
@@ -211,13 +203,9 @@ TEST(EngineErrors, BackwardWithDifferentLoraConfigThrows) {
 // a backward whose LoraSet::scaling differs from the forward's is accepted and
 // silently mixes the two: dB uses the saved bf16(s_fwd * A x) while
 // p = s_bwd * B^T dg and q = s_bwd * Bd^T dout use the new one.
-TEST(EngineErrors, BackwardWithDifferentScalingThrows) {
-  const Layer L = make_layer(4, 40, 24, all_lora(4), 556);
-  BatchCfg bc;
-  const Batch b = make_batch(L, bc, 557);
-  EngineCfg ec;
-  auto m = make_experts(L, ec);
-  Call c(L, b, IoCfg{});
+TEST_F(EngineErrors, BackwardWithDifferentScalingThrows) {
+  build(556);
+  Call c(L, b, io);
   auto saved = m->forward(c.fwd());
   BackwardArgs a = c.bwd();
   a.lora.scaling = 2.0f * L.lora.s;
@@ -281,17 +269,10 @@ TEST(ContextTest, JobsRunInSubmissionOrder) {
   EXPECT_FALSE(Job().valid());
 }
 
-TEST(ContextTest, FailingJobBetweenForwardAndBackwardDisturbsNeither) {
+TEST_F(ContextJobs, FailingJobBetweenForwardAndBackwardDisturbsNeither) {
   // A job that throws, queued on the engine's own context between a forward
   // and its backward, fails alone: both engine jobs complete correctly.
-  const Layer L = make_layer(4, 40, 24, all_lora(4), 561);
-  BatchCfg bc;
-  bc.T = 6;
-  const Batch b = make_batch(L, bc, 562);
-  IoCfg io;
-  EngineCfg ec;
-  ec.threads = 2;
-  auto m = make_experts(L, ec);
+  build(561, tokens(6), threads(2));
   Call c(L, b, io);
   std::shared_ptr<Saved> s;
   Job f = m->forward_async(c.fwd(), &s);
@@ -305,7 +286,7 @@ TEST(ContextTest, FailingJobBetweenForwardAndBackwardDisturbsNeither) {
   } catch (const std::runtime_error& e) {
     EXPECT_STREQ(e.what(), "boom");
   }
-  expect_matches_reference("around a failing job", L, b, io, c.collect(), reference(L, b));
+  expect_reference("around a failing job", c.collect());
 }
 
 TEST(ContextTest, DestructorDrainsQueuedJobs) {
@@ -324,15 +305,10 @@ TEST(ContextTest, DestructorDrainsQueuedJobs) {
   EXPECT_EQ(ran.load(), 10);
 }
 
-TEST(ContextTest, PhaseProfileNamesEnginePhases) {
-  const Layer L = make_layer(3, 40, 24, all_lora(4), 591);
-  BatchCfg bc;
-  const Batch b = make_batch(L, bc, 592);
-  EngineCfg ec;
-  ec.threads = 2;
-  auto m = make_experts(L, ec);
+TEST_F(ContextJobs, PhaseProfileNamesEnginePhases) {
+  build(591, BatchCfg{}, threads(2), {3, 40, 24});
   m->context().reset_phase_profile();
-  run_engine(*m, L, b, IoCfg{});
+  run();
   bool fwd = false, bwd = false;
   for (const auto& [name, seconds, calls] : m->context().phase_profile()) {
     EXPECT_GE(seconds, 0.0) << name;
@@ -361,16 +337,9 @@ TEST(ContextTest, ForcedIsaIsUsedOrRejected) {
   EXPECT_THROW(Context ctx(bad), std::invalid_argument);
 }
 
-TEST(EngineEdge, ZeroTokens) {
-  const Layer L = make_layer(3, 40, 24, all_lora(4), 571);
-  BatchCfg bc;
-  bc.T = 0;
-  const Batch b = make_batch(L, bc, 572);
-  IoCfg io;
-  EngineCfg ec;
-  ec.threads = 2;
-  auto m = make_experts(L, ec);
-  const Outputs o = run_engine(*m, L, b, io);
+TEST_F(EngineEdge, ZeroTokens) {
+  build(571, tokens(0), threads(2), {3, 40, 24});
+  const Outputs o = run();
   for (int p = 0; p < 3; ++p) {
     for (float v : o.dA[p]) ASSERT_EQ(v, 0.0f) << "dA_" << kProjName[p];
     for (float v : o.dB[p]) ASSERT_EQ(v, 0.0f) << "dB_" << kProjName[p];
@@ -381,24 +350,18 @@ TEST(EngineEdge, ZeroTokens) {
   expect_matches_reference("after T=0", L, b2, io, run_engine(*m, L, b2, io), reference(L, b2));
 }
 
-TEST(EngineEdge, LoadExpertOneByOneEqualsLoad) {
-  const Layer L = make_layer(3, 33, 17, all_lora(4), 581);
-  BatchCfg bc;
-  bc.T = 9;
-  const Batch b = make_batch(L, bc, 582);
-  IoCfg io;
-  EngineCfg ec;
+TEST_F(EngineEdge, LoadExpertOneByOneEqualsLoad) {
+  build(581, tokens(9), EngineCfg{}, {3, 33, 17});
   for (BackwardWeights bw : {BackwardWeights::kRepack, BackwardWeights::kTransposedCopy}) {
     ec.opts.backward_weights = bw;
     const Outputs whole = run_engine(L, b, io, ec);
-    auto m = std::make_unique<MoeExperts>(make_context(ec), L.E, L.H, L.I, ec.opts);
+    MoeExperts one(make_context(ec), L.E, L.H, L.I, ec.opts);
     const size_t per = size_t(L.I) * L.H;
     for (int e = L.E - 1; e >= 0; --e)
-      m->load_expert(e, L.W[0].data() + e * per, L.W[1].data() + e * per, L.W[2].data() + e * per,
-                     DType::kF32);
-    expect_bitwise("load_expert(f32) vs load(bf16)", run_engine(*m, L, b, io), whole);
+      one.load_expert(e, L.W[0].data() + e * per, L.W[1].data() + e * per, L.W[2].data() + e * per,
+                      DType::kF32);
+    expect_bitwise("load_expert(f32) vs load(bf16)", run_engine(one, L, b, io), whole);
   }
-  auto m = make_experts(L, ec);
   EXPECT_THROW(m->load_expert(L.E, L.Wb[0].data(), L.Wb[1].data(), L.Wb[2].data(), DType::kBf16),
                std::invalid_argument);
   EXPECT_THROW(m->load_expert(-1, L.Wb[0].data(), L.Wb[1].data(), L.Wb[2].data(), DType::kBf16),
