@@ -140,6 +140,10 @@ class MoEExperts:
             given = [b for b in biases.values() if b is not None]
             bdt = torch.bfloat16 if all(b.dtype == torch.bfloat16 for b in given) else torch.float32
             self._ex.load_biases(*[None if b is None else _host(b, (bdt,)) for b in biases.values()])
+            # The values the engine holds (it keeps them as fp32, exact for every input dtype), for
+            # code that computes these experts elsewhere (moetune.placement's GPU path).
+            self.biases = tuple(None if b is None else b.detach().to("cpu", torch.float32, copy=True)
+                                for b in biases.values())
 
     @property
     def has_biases(self) -> Tuple[bool, bool, bool]:
@@ -150,6 +154,8 @@ class MoEExperts:
                   alpha=1.702, limit=7.0, weight_format="bf16", group_size=None, row_group=0):
         self.ctx = ctx
         self.activation = activation
+        self.alpha, self.limit = float(alpha), float(limit)  # gpt_oss only
+        self.biases = (None, None, None)  # (gate [E, I], up [E, I], down [E, H]) fp32 CPU, see load_biases
         if group_size is None:
             group_size = 128 if weight_format == "int4" else 0
         self._ex = _ext.Experts(ctx._ctx, E, H, I, backward_weights, activations, activation, float(alpha),
