@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from op_cases import ALL, BF16, F32, I32, I64, SWEEP, Case, make_inputs, sweep_seed
-from placement_cases import (TOL_C_GPU, U, compare, gptoss_reference, gptoss_setup, make_setup, placement,
+from placement_cases import (U, compare, gptoss_reference, gptoss_setup, make_setup,
                              reference, resident_set, run_placed)
 
 ALIGNED = [
@@ -27,7 +27,6 @@ ALIGNED = [
 
 
 def _check(case, seed, plan, **setup_kw):
-    P = placement()
     inp = make_inputs(case, seed)
     st = make_setup(inp, resident=resident_set(plan, case.E), **setup_kw)
     res = run_placed(st, inp, plan)
@@ -52,7 +51,6 @@ def test_per_expert_path_matches_reference(case):
 def test_grouped_and_per_expert_agree():
     case = ALIGNED[0]
     inp = make_inputs(case, 7)
-    P = placement()
     got = {}
     for mode in ("grouped", "per_expert"):
         st = make_setup(inp, gemm=mode)

@@ -17,7 +17,7 @@ import torch
 
 import reference as R
 
-from op_cases import ALL, BF16, F32, I32, I64, TOL_C, Case, Result, fresh_lora, get_ctx, make_inputs, moetune
+from op_cases import ALL, BF16, F32, I32, I64, TOL_C, Case, fresh_lora, get_ctx, make_inputs, moetune
 from placement_cases import (FORMATS, assert_equal, compare, dq_inputs, gptoss_reference, gptoss_setup, make_setup,
                              placement, plan_fn, reference, resident_set, run_moe_experts, run_placed)
 

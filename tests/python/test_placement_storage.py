@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from op_cases import ALL, Case, get_ctx, make_inputs, moetune
+from op_cases import get_ctx, moetune
 from placement_cases import placement
 from quant_reference import dequantized
 

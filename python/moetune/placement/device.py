@@ -23,7 +23,7 @@ import os
 import time
 import warnings
 import weakref
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Tuple
 
 import torch
 

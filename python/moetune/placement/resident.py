@@ -19,7 +19,7 @@ milliseconds per expert at most.
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, Iterable, List, Optional
+from typing import Dict, Hashable, List, Optional
 
 import torch
 
