@@ -150,6 +150,8 @@ class HostRegistration:
                 else:
                     self.failed.append((lo, hi - lo, err))
         if self.failed:
+            _drain_cuda_error(device.torch)
+        if self.failed:
             warnings.warn(f"moetune.placement: could not page-lock {len(self.failed)} range(s) of {what} "
                           f"(cudaHostRegister errors {sorted({e for _, _, e in self.failed})}): streaming from "
                           "them uses pageable copies (correct, slower)", RuntimeWarning, stacklevel=3)
@@ -164,6 +166,16 @@ class HostRegistration:
         if self._finalizer is not None:
             self._finalizer()
             self._finalizer = None
+
+
+def _drain_cuda_error(device: torch.device) -> None:
+    """A failed cudaHostRegister leaves its error as the runtime's last error; torch's next kernel
+    launch check would report it against an unrelated op. A trivial launch consumes it here."""
+    try:
+        torch.ones(1, dtype=torch.uint8, device=device).add_(1)
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        pass
 
 
 def _unregister(device: torch.device, ranges: List[Tuple[int, int]]) -> None:

@@ -76,34 +76,43 @@ class Gemm:
         self.device = torch.device(device)
         self.mode = mode
         self._fn = _grouped_fn()
-        self._usable = None  # decided on first use (the probe)
+        self._usable = None  # {"mm": bool, "tn": bool}, decided on first use (the probe)
         self.calls = {"grouped": 0, "per_expert": 0}
 
     @property
     def grouped_available(self) -> bool:
-        if self._usable is None:
-            self._usable = self._decide()
+        """Whether grouped_mm is used for mm (x W shapes); `grouped_tn_available` for mm_tn."""
+        return self._decide()["mm"]
+
+    @property
+    def grouped_tn_available(self) -> bool:
+        return self._decide()["tn"]
+
+    def _decide(self) -> dict:
+        if self._usable is not None:
+            return self._usable
+        if self.mode == "per_expert":
+            self._usable = {"mm": False, "tn": False}
+            return self._usable
+        reasons = {}
+        if self._fn is None:
+            reasons = dict.fromkeys(("mm", "tn"), "this torch has no grouped_mm")
+        elif self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (9, 0):
+            reasons = dict.fromkeys(("mm", "tn"), "grouped_mm's fast path needs compute capability 9.0+ "
+                                                  "(below it torch loops with a host sync)")
+        else:
+            reasons = self._probe()
+        if reasons and self.mode == "grouped":
+            raise RuntimeError(f"moetune.placement: gemm mode 'grouped' requested but {reasons}")
+        for kind, why in reasons.items():
+            warnings.warn(f"moetune.placement: per-expert GEMMs for the {kind} shapes: {why}", RuntimeWarning,
+                          stacklevel=4)
+        self._usable = {"mm": "mm" not in reasons, "tn": "tn" not in reasons}
         return self._usable
 
-    def _decide(self) -> bool:
-        if self.mode == "per_expert":
-            return False
-        reason = None
-        if self._fn is None:
-            reason = "this torch has no grouped_mm"
-        elif self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (9, 0):
-            reason = "grouped_mm's fast path needs compute capability 9.0+ (it syncs with the host below)"
-        else:
-            reason = self._probe()
-        if reason is None:
-            return True
-        if self.mode == "grouped":
-            raise RuntimeError(f"moetune.placement: gemm mode 'grouped' requested but {reason}")
-        warnings.warn(f"moetune.placement: using per-expert GEMMs: {reason}", RuntimeWarning, stacklevel=4)
-        return False
-
-    def _probe(self):
-        """None if grouped_mm agrees with the per-expert loop on the layouts used here, else why not."""
+    def _probe(self) -> dict:
+        """{kind: why not} for the kinds ("mm", "tn") where grouped_mm fails or disagrees with the
+        per-expert loop on small cases of exactly the layouts used here."""
         g = torch.Generator().manual_seed(0)
         dev = self.device
 
@@ -114,25 +123,32 @@ class Gemm:
         offs = offsets(sizes, dev)
         a, w = rnd(sum(sizes), 32), rnd(len(sizes), 24, 32)  # w [G, out, in]
         tn_sizes = [7, 1, 16]
+        tn_offs = offsets(tn_sizes, dev)
         ta, tb = rnd(sum(tn_sizes), 16), rnd(sum(tn_sizes), 24)
-        cases = [("x W^T (column-major weights)", lambda f: f(a, w.transpose(1, 2), offs, sizes)),
-                 ("d W (row-major weights)", lambda f: f(a[:, :24], w, offs, sizes)),
-                 ("token contraction", lambda f: f(ta, tb, offsets(tn_sizes, dev), tn_sizes, tn=True))]
-        for what, run in cases:
+        cases = [("mm", "x W^T (column-major weights)", lambda f, l: f(a, w.transpose(1, 2), offs, sizes)),
+                 ("mm", "d W (row-major weights)", lambda f, l: f(a[:, :24].contiguous(), w, offs, sizes)),
+                 ("tn", "token contraction", lambda f, l: l(ta, tb, tn_offs, tn_sizes))]
+        reasons = {}
+        for kind, what, run in cases:
+            if kind in reasons:
+                continue
             try:
-                got = run(lambda *args, tn=False: (self._tn_grouped if tn else self._mm_grouped)(*args))
-                ref = run(lambda *args, tn=False: (self._tn_loop if tn else self._mm_loop)(*args))
-            except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-                return f"grouped_mm failed on the probe ({what}): {type(e).__name__}: {e}"
+                if kind == "mm":
+                    got, ref = run(self._mm_grouped, None), run(self._mm_loop, None)
+                else:
+                    got, ref = run(None, self._tn_grouped), run(None, self._tn_loop)
+            except Exception as e:  # noqa: BLE001 - any failure means: do not use it for this kind
+                reasons[kind] = f"grouped_mm failed on the probe ({what}): {type(e).__name__}: {e}"
+                continue
             ref32 = ref.float()
-            err = (got.float() - ref32).abs().max().item() if ref.numel() else 0.0
-            if not (err <= 2.0 ** -7 * max(ref32.abs().max().item(), 1e-30)):  # a bf16 ulp either way
-                return f"grouped_mm disagrees with per-expert GEMMs on the probe ({what}: max|diff| {err:.3g})"
-        return None
+            err = (got.float() - ref32).abs().max().item()
+            if not err <= 2.0 ** -7 * max(ref32.abs().max().item(), 1e-30):  # a bf16 ulp either way
+                reasons[kind] = f"grouped_mm disagrees with per-expert GEMMs on the probe ({what}: max|diff| {err:.3g})"
+        return reasons
 
     # ---- public entry points ----
     def mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-        if self.grouped_available and _aligned_2d(a) and _aligned_2d(b) and b.shape[-1] % 8 == 0:
+        if _aligned_2d(a) and _aligned_2d(b) and b.shape[-1] % 8 == 0 and self.grouped_available:
             self.calls["grouped"] += 1
             return self._mm_grouped(a, b, offs, sizes)
         self.calls["per_expert"] += 1
@@ -141,8 +157,7 @@ class Gemm:
     def mm_tn(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         if any(s <= 0 for s in sizes):
             raise ValueError(f"mm_tn needs non-empty groups, got sizes {list(sizes)}")
-        at = a.t()
-        if self.grouped_available and _aligned_2d(at) and _aligned_2d(b):
+        if _aligned_2d(a.t()) and _aligned_2d(b) and self.grouped_tn_available:
             self.calls["grouped"] += 1
             return self._tn_grouped(a, b, offs, sizes)
         self.calls["per_expert"] += 1
