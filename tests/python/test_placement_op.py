@@ -17,7 +17,7 @@ import torch
 
 import reference as R
 
-from op_cases import ALL, BF16, F32, I32, I64, TOL_C, Case, fresh_lora, get_ctx, make_inputs, moetune
+from op_cases import ALL, BF16, F32, I32, I64, TOL_C, Case, Result, fresh_lora, get_ctx, make_inputs, moetune
 from placement_cases import (FORMATS, assert_equal, compare, dq_inputs, gptoss_reference, gptoss_setup, make_setup,
                              placement, plan_fn, reference, resident_set, run_moe_experts, run_placed)
 
@@ -296,3 +296,40 @@ def test_bad_input():
         call(planner=P.FixedPlanner(lambda k, c, r: torch.full((CASE.E,), 7, dtype=torch.int8)))
     # Still works afterwards.
     assert_equal(run_placed(st, inp, "mixed"), run_placed(st, inp, "mixed"), "after errors")
+
+
+def test_residency_change_between_forward_and_backward():
+    """A residency refresh while a backward is still to come: the backward streams the experts
+    that left the pool (and finds moved ones in their new slots); results as without the change."""
+    inp, st = _setup(CASE, 91, "resident")
+    P = placement()
+    want = run_placed(st, inp, "resident")
+    x = inp.x.clone().requires_grad_(True)
+    w = inp.w.clone().requires_grad_(True)
+    params, lw = fresh_lora(inp, ALL)
+    planner = P.FixedPlanner(plan_fn("resident"))
+    out = P.placed_moe_experts(st.experts, x, inp.ids, w, lw, planner=planner, gpu=st.gpu)
+    copied = st.gpu.streamer.bytes_copied
+    st.gpu.set_resident(torch.arange(CASE.E) % 2 == 0)  # half leave; the rest move to new slots
+    (out.float() * inp.dout.float()).sum().backward()
+    got = Result(out.detach(), x.grad, w.grad, {p: params[p][0].grad for p in ALL}, {p: params[p][1].grad for p in ALL})
+    compare(got, reference(inp), inp)
+    assert torch.equal(got.out, want.out)
+    for name in ("dx", "dtopk_weights"):
+        a, b = getattr(got, name).float(), getattr(want, name).float()
+        assert (a - b).abs().max() <= 2 * 2.0 ** -8 * b.abs().max(), name
+    assert st.gpu.streamer.bytes_copied > copied + CASE.E // 2 * st.gpu.fmt.stored_bytes_per_expert  # loads + streams
+
+
+def test_apply_residency_shrinks_first():
+    P = placement()
+    inA = make_inputs(CASE, 92)
+    stA = make_setup(inA)
+    per = stA.gpu.fmt.decoded_bytes_per_expert
+    rt = P.GpuRuntime("cpu", P.GpuOptions(resident_budget_bytes=6 * per))
+    gA = P.GpuExperts(rt, stA.experts, layer_key="A")
+    gB = P.GpuExperts(rt, moetune.MoEExperts(get_ctx(), inA.gate, inA.up, inA.down), layer_key="B")
+    gA.set_resident([0, 1, 2, 3, 4])
+    wanted = {"A": torch.arange(CASE.E) < 1, "B": torch.arange(CASE.E) < 5}
+    rt.apply_residency([gB, gA], lambda key: wanted[key])  # B first would exceed the budget
+    assert gA.pool.experts() == [0] and gB.pool.experts() == [0, 1, 2, 3, 4] and rt.store.used_bytes == 6 * per

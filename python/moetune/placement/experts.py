@@ -89,6 +89,16 @@ class GpuRuntime:
     def staging_bytes(self) -> int:
         return sum(s.staging_bytes for s in self._streamers.values())
 
+    def apply_residency(self, layers, wanted: Callable) -> None:
+        """Makes each GpuExperts of `layers` hold wanted(layer_key) (bool [E]: a ResidencyPolicy's
+        `wanted`), shrinking layers first so that the budget holds at every step. Between steps:
+        a call whose backward is still to come recomputes with streamed weights for the experts
+        that stopped being resident meanwhile (same results)."""
+        todo = [(g, wanted(g.layer_key)) for g in layers]
+        todo.sort(key=lambda gw: int(torch.as_tensor(gw[1]).sum()) - gw[0].pool.capacity)
+        for g, w in todo:
+            g.set_resident(w)
+
 
 class GpuExperts:
     """One MoE layer's experts as the GPU path sees them (see the module docstring)."""

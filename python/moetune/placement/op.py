@@ -118,6 +118,7 @@ class _Call:
     plan: LayerPlan
     memo_key: tuple
     layout: GpuLayout
+    pool_version: int
     scaling: float
     phase: str
     has_cpu: bool
@@ -136,6 +137,19 @@ def _routing_counts(topk_ids: torch.Tensor, E: int) -> torch.Tensor:
         bad = flat[(flat < 0) | (flat >= E)][:5].tolist()
         raise ValueError(f"topk_ids: {int(counts[E])} expert id(s) outside [0, {E}), e.g. {bad}")
     return counts[:E]
+
+
+def _relayout(call: _Call) -> None:
+    """The resident pool changed since this call's forward (residency refreshed with a backward
+    still to come): experts planned resident that are not any more are streamed instead; the
+    others find their (possibly moved) slots. Same math, so the same results."""
+    gpu = call.gpu
+    where = call.plan.where.clone()
+    gone = (where == int(Where.GPU_RESIDENT)) & ~gpu.resident_mask()
+    where[gone] = int(Where.GPU_STREAMED)
+    plan = LayerPlan(where, call.plan.counts, call.plan.predicted)
+    call.layout = GpuLayout.build(plan, gpu.pool.slot_expert, gpu.streamer.chunk_experts)
+    call.pool_version = gpu.pool.version
 
 
 def _in_backward() -> bool:
@@ -184,7 +198,8 @@ def placed_moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Ten
             raise ValueError(f"lora.{_PROJ[i // 2]}.{'AB'[i % 2]} must be a bfloat16 or float32 tensor")
     layout = GpuLayout.build(plan, gpu.pool.slot_expert, gpu.streamer.chunk_experts)
     has_cpu = bool(((plan.where == int(Where.CPU)) & (counts > 0)).any())
-    call = _Call(gpu, planner, layer_key, plan, memo_key, layout, float(lora.scaling), phase, has_cpu)
+    call = _Call(gpu, planner, layer_key, plan, memo_key, layout, gpu.pool.version, float(lora.scaling), phase,
+                 has_cpu)
     return _Placed.apply(call, x, topk_ids, topk_weights, *flat)
 
 
@@ -213,6 +228,8 @@ class _Placed(torch.autograd.Function):
         x, topk_ids, topk_weights, *lora = ctx.saved_tensors
         call: _Call = ctx.call
         call.gpu.forget_plan(call.memo_key)  # its forward and recompute are done
+        if call.gpu.pool.version != call.pool_version:
+            _relayout(call)
         need_x, _, need_w, *need_l = call.needs
         need_l = [bool(n) and t is not None for n, t in zip(need_l, lora)]
         runtime = call.gpu.runtime

@@ -69,6 +69,7 @@ class ResidentPool:
         self.slot_expert: List[int] = []           # expert per slot, -1 = free
         self.weights: Optional[tuple] = None       # (gate, up, down) [S, out, in] bf16
         self.loads = 0                             # experts loaded from the host (all time)
+        self.version = 0                           # bumped by every change of slots or contents
 
     @property
     def capacity(self) -> int:
@@ -112,6 +113,7 @@ class ResidentPool:
         `apply()` releases it)."""
         drop = set(self._ids(experts))
         self.slot_expert = [-1 if e in drop else e for e in self.slot_expert]
+        self.version += 1
 
     def compact(self, host: Dict[str, torch.Tensor], streamer: Streamer) -> None:
         """Shrinks the pool to the experts it holds."""
@@ -120,6 +122,7 @@ class ResidentPool:
 
     def clear(self) -> None:
         self.slot_expert, self.weights = [], None
+        self.version += 1
 
     # ---- internals ----
     def _ids(self, experts) -> List[int]:
@@ -157,6 +160,7 @@ class ResidentPool:
         old_w = self.weights
         self.weights = new_w
         self.slot_expert = [e for _, e in keep] + [-1] * (len(want) - len(keep))
+        self.version += 1
         del old_w
         todo = [e for e in want if e not in kept]
         self._fill(list(zip(range(len(keep), len(want)), todo)), host, streamer)
@@ -175,3 +179,4 @@ class ResidentPool:
             for s, e in chunk:
                 self.slot_expert[s] = e
             self.loads += len(chunk)
+            self.version += 1
