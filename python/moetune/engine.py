@@ -55,6 +55,11 @@ class Context:
     def isa(self) -> str:
         return self._ctx.isa
 
+    def busy_seconds(self) -> float:
+        """Seconds this context's engine has spent inside its phases so far (jobs run one
+        at a time, so the difference around one job is that job's busy time)."""
+        return float(sum(sec for _name, sec, _calls in self._ctx.phase_profile()))
+
     def info(self) -> dict:
         return {
             "isa": self._ctx.isa,
@@ -146,6 +151,10 @@ class MoEExperts:
             given = [b for b in biases.values() if b is not None]
             bdt = torch.bfloat16 if all(b.dtype == torch.bfloat16 for b in given) else torch.float32
             self._ex.load_biases(*[None if b is None else _host(b, (bdt,)) for b in biases.values()])
+            # The values the engine holds (it keeps them as fp32, exact for every input dtype), for
+            # code that computes these experts elsewhere (moetune.placement's GPU path).
+            self.biases = tuple(None if b is None else b.detach().to("cpu", torch.float32, copy=True)
+                                for b in biases.values())
 
     @property
     def has_biases(self) -> Tuple[bool, bool, bool]:
@@ -157,6 +166,7 @@ class MoEExperts:
         self._ex = _ext.Experts(ctx._ctx, int(E), int(H), int(I), options._to_ext())
         # Read back from the engine: what it actually holds.
         self._options = ExpertsOptions._from_ext(self._ex.options)
+        self.biases = (None, None, None)  # (gate [E, I], up [E, I], down [E, H]) fp32 CPU, see load_biases
 
     @classmethod
     def empty(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int,
@@ -289,17 +299,83 @@ def _ext_lora_grads(flat):
     return _ext.LoraGrads(**pairs)
 
 
-class _Pending:
-    """State shared by the two halves of one engine call (see moe_experts_async)."""
+class EngineCall:
+    """One engine forward, then optionally its backward, in flight: the one way Python drives
+    the engine (moe_experts here, the CPU share of moetune.placement's split layers).
 
-    __slots__ = ("experts", "scaling", "handle", "job", "out", "device", "x_dtype", "w_dtype",
-                 "k", "lora_h", "lora", "needs", "bwd_job", "grads", "keep")
+    It holds what the queued jobs read and write (host copies of the inputs, the output and
+    gradient buffers, the saved-activation handle) until they are waited on, so nothing is
+    freed under a running job: that happens when autograd drops a half-run recompute
+    (non-reentrant checkpointing stops recomputing early) or an output is never waited on.
+    Thread-compatible: one caller drives it. lora: the six flat LoRA tensors (None where
+    absent; any device). out_dtype: the host output's dtype (default x's, bf16 or fp32);
+    grads are fp32 but dx, which follows grad_dtype (default the incoming gradient's).
+    pinned: page-locked host outputs (fast uploads to a GPU). busy_seconds: the engine time
+    of the last job waited on.
+    """
+
+    def __init__(self, experts: "MoEExperts", x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, expert_mask: Optional[torch.Tensor], lora, scaling: float, *,
+                 out_dtype: Optional[torch.dtype] = None, pinned: bool = False):
+        self.experts, self.scaling, self.pinned = experts, float(scaling), pinned
+        self.job = self.bwd_job = self.grads = None
+        self.busy_seconds = 0.0
+        xh = _host(x)
+        ids = topk_ids.detach().to("cpu").contiguous()
+        wh = _host(topk_weights)
+        mask = None if expert_mask is None else expert_mask.detach().to("cpu", torch.bool).contiguous()
+        self.lora_h = [None if t is None else _host(t) for t in lora]
+        self.k = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
+        self.out = (torch.empty(xh.shape, dtype=out_dtype or xh.dtype, pin_memory=pinned) if xh.dim() == 2
+                    else torch.empty(0))
+        self._busy0 = experts.ctx.busy_seconds()
+        self.handle, self.job = experts._ex.forward(xh, ids, wh, mask, _ext_lora(self.lora_h, scaling), self.out)
+        self.keep = (xh, ids, wh, mask)  # read by the engine until the job is waited on
+
+    def _wait(self, job) -> None:
+        t0 = time.perf_counter()
+        job.wait()
+        ctx = self.experts.ctx
+        ctx.wait_seconds += time.perf_counter() - t0
+        self.busy_seconds = ctx.busy_seconds() - self._busy0
+
+    def wait_forward(self) -> torch.Tensor:
+        """The output [T, H] on the host (rows of masked experts contribute 0)."""
+        self._wait(self.job)
+        out, self.out = self.out, None
+        self.job = self.keep = None
+        return out
+
+    def submit_backward(self, grad_out: torch.Tensor, need_dx: bool, need_dw: bool, need_lora,
+                        grad_dtype: Optional[torch.dtype] = None) -> None:
+        if self.bwd_job is not None:
+            raise RuntimeError("moetune: a backward of this engine call is already running")
+        g = _host(grad_out)
+        T, H = g.shape
+        pin = self.pinned
+        dx = torch.empty((T, H), dtype=grad_dtype or g.dtype, pin_memory=pin) if need_dx else None
+        dw = torch.empty((T, self.k), dtype=torch.float32, pin_memory=pin) if need_dw else None
+        grads = [torch.empty(t.shape, dtype=torch.float32, pin_memory=pin) if (t is not None and n) else None
+                 for t, n in zip(self.lora_h, need_lora)]
+        self._busy0 = self.experts.ctx.busy_seconds()
+        self.bwd_job = self.experts._ex.backward(self.handle, g, _ext_lora(self.lora_h, self.scaling), dx, dw,
+                                                 _ext_lora_grads(grads))
+        self.grads = (dx, dw, grads)
+        self.keep = g  # read by the engine until the job is waited on
+
+    @property
+    def backward_started(self) -> bool:
+        return self.bwd_job is not None
+
+    def wait_backward(self):
+        """(dx [T, H] | None, dw fp32 [T, k] | None, [six LoRA grads fp32 | None]) on the host;
+        the LoRA grads of experts without rows here (masked or unrouted) are exact zeros."""
+        self._wait(self.bwd_job)
+        self.bwd_job = self.keep = None
+        grads, self.grads = self.grads, None
+        return grads
 
     def __del__(self):
-        # A queued job writes into buffers this object owns: never free them
-        # under it. This happens when autograd drops a half-run recompute
-        # (non-reentrant checkpointing stops recomputing early) or when an
-        # output is never waited on.
         for name in ("job", "bwd_job"):
             job = getattr(self, name, None)
             if job is not None:
@@ -309,27 +385,21 @@ class _Pending:
                     pass
 
 
+class _Pending:
+    """The autograd side of one moe_experts_async call (shared by its two halves)."""
+
+    __slots__ = ("call", "device", "x_dtype", "w_dtype", "lora", "needs")
+
+
 class _Submit(torch.autograd.Function):
     """Queues the engine forward; its backward waits for the engine backward."""
 
     @staticmethod
     def forward(ctx, state, experts, scaling, x, topk_ids, topk_weights, expert_mask, *lora):
-        xh = _host(x)
-        ids = topk_ids.detach().to("cpu").contiguous()
-        wh = _host(topk_weights)
-        mask = None if expert_mask is None else expert_mask.detach().to("cpu", torch.bool).contiguous()
-        lora_h = [None if t is None else _host(t) for t in lora]
-        out = torch.empty(xh.shape, dtype=xh.dtype) if xh.dim() == 2 else torch.empty(0)
-        state.handle, state.job = experts._ex.forward(xh, ids, wh, mask, _ext_lora(lora_h, scaling), out)
-        # The engine reads these while the job runs: keep them alive until wait().
-        state.keep = (xh, ids, wh, mask)
-        state.experts, state.scaling, state.out = experts, float(scaling), out
+        state.call = EngineCall(experts, x, topk_ids, topk_weights, expert_mask, lora, scaling)
         state.device, state.x_dtype, state.w_dtype = x.device, x.dtype, topk_weights.dtype
-        state.k = topk_ids.shape[1]
-        state.lora_h = lora_h
         state.lora = lora
         state.needs = ctx.needs_input_grad[3:]  # (x, ids, w, mask, *lora)
-        state.bwd_job = None
         ctx.state = state
         # Saved through autograd so in-place edits before backward are caught.
         ctx.save_for_backward(*lora)
@@ -337,16 +407,11 @@ class _Submit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_ticket):
-        ctx.saved_tensors  # version check of the LoRA tensors
+        ctx.saved_tensors  # noqa: B018 - the version check of the LoRA tensors
         st = ctx.state
-        if st.bwd_job is None:
+        if not st.call.backward_started:
             raise RuntimeError("moetune: engine backward was not started (output had no gradient)")
-        t0 = time.perf_counter()
-        st.bwd_job.wait()
-        st.experts.ctx.wait_seconds += time.perf_counter() - t0
-        st.bwd_job = st.keep = None
-        dx, dw, grads = st.grads
-        st.grads = None
+        dx, dw, grads = st.call.wait_backward()
         out_lora = [None if g is None else g.to(device=o.device, dtype=o.dtype) for o, g in zip(st.lora, grads)]
         return (None, None, None,
                 None if dx is None else dx.to(device=st.device, dtype=st.x_dtype),
@@ -360,13 +425,9 @@ class _Wait(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, state, ticket):
-        t0 = time.perf_counter()
-        state.job.wait()
-        state.experts.ctx.wait_seconds += time.perf_counter() - t0
-        out = state.out
-        # Drop every reference to the output: it will point back to this node
-        # (grad_fn), and a cycle through autograd's C++ edges is never freed.
-        state.job = state.keep = state.out = None
+        # The call drops every reference to the output: it will point back to this
+        # node (grad_fn), and a cycle through autograd's C++ edges is never freed.
+        out = state.call.wait_forward()
         ctx.state = state
         return out.to(state.device)
 
@@ -374,16 +435,7 @@ class _Wait(torch.autograd.Function):
     def backward(ctx, grad_out):
         st = ctx.state
         need = st.needs  # (x, ids, w, mask, *lora)
-        g = _host(grad_out)
-        T, H = g.shape
-        dx = torch.empty((T, H), dtype=g.dtype) if need[0] else None
-        dw = torch.empty((T, st.k), dtype=torch.float32) if need[2] else None
-        grads = [torch.empty(t.shape, dtype=torch.float32) if (t is not None and need[4 + i]) else None
-                 for i, t in enumerate(st.lora_h)]
-        st.bwd_job = st.experts._ex.backward(st.handle, g, _ext_lora(st.lora_h, st.scaling), dx, dw,
-                                             _ext_lora_grads(grads))
-        st.grads = (dx, dw, grads)
-        st.keep = g  # read by the engine until the job is waited on
+        st.call.submit_backward(grad_out, need[0], need[2], need[4:])
         return None, torch.zeros(0, device=grad_out.device)
 
 
@@ -402,7 +454,7 @@ class PendingMoE:
     @property
     def saved_bytes(self) -> int:
         """Host memory held for backward by this call (freed with the graph)."""
-        return self._state.handle.nbytes
+        return self._state.call.handle.nbytes
 
     def wait(self) -> torch.Tensor:
         if self._out is None:

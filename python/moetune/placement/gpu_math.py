@@ -1,0 +1,198 @@
+"""The routed experts' math on the GPU for one segment of rows (experts sharing one weight set).
+
+Per row (token t, slot j, expert e, routing weight w), as csrc/engine/moe_experts.h:
+  g = Wg x + s Bg (Ag x) [+ bg],  u = Wu x + s Bu (Au x) [+ bu],  h = act(bf16(g), bf16(u))
+  y = Wd h + s Bd (Ad h) [+ bd],  out[t] = sum_j w y   (the sum: routing.combine, fp32)
+with act = SwiGLU (silu(g) u) or gpt-oss's clamped SwiGLU (alpha, limit, torch.clamp's
+subgradient), and the manual backward: dx, d topk_weights (<dout, y> computed as <D, h> +
+<dout, bd> with D = Wd^T dout + s Ad^T (Bd^T dout)), and the six LoRA gradients.
+
+Numerics. Operands bf16, accumulation fp32, g and u rounded to bf16 before the activation (also
+when recomputed in backward: results do not depend on whether the forward was a checkpoint
+recompute), the per-token sums in fp32. Unlike the CPU engine, every GEMM result is rounded to
+bf16 (grouped_mm writes bf16, see gemm.py), and the LoRA scale s is applied in fp32 after the
+expand GEMM rather than before it (z = bf16(A x), then s * bf16(z B^T)): the bf16-rounded points
+on the longest dependency chain of each result are
+
+  out            z, bf16(z Bg^T), g, h, zd, bf16(zd Bd^T)                                  6
+  d topk_weights those of y, dout                                                            7
+  dB (gate)      z, bf16(z B^T), g, dout, q = bf16(dout Bd), bf16(q Ad), dg, bf16(dB)        8
+  dA (gate)      ... dg (as dB), p = bf16(dg Bg), bf16(dA)                                  9
+  dx             ... dg, p, bf16(p Ag)                                                      9
+
+(the CPU engine: 4, 5, 6, 7, 7; tests/python/test_placement_gpu_math.py derives its tolerances
+from this table). Routing weights multiply fp32 values except in the two down-LoRA gradient
+operands bf16(w zd) and bf16(w q), which the engine rounds the same way.
+
+Nothing here keeps the weights: backward gets them again from the caller (resident pool, staging
+buffers, or a keep slot) and recomputes g, u, h from x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from moetune.placement.gemm import Gemm
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    kind: str = "swiglu"  # "swiglu" | "gpt_oss"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self):
+        if self.kind not in ("swiglu", "gpt_oss"):
+            raise ValueError(f"activation must be 'swiglu' or 'gpt_oss', got {self.kind!r}")
+
+    def forward(self, gb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+        """h = bf16(act(g, u)) from bf16 g, u (fp32 math)."""
+        g, u = gb.float(), ub.float()
+        if self.kind == "swiglu":
+            return (g * torch.sigmoid(g) * u).to(BF16)
+        gc = g.clamp(max=self.limit)
+        uc = u.clamp(-self.limit, self.limit)
+        return ((uc + 1.0) * (gc * torch.sigmoid(self.alpha * gc))).to(BF16)
+
+    def backward(self, gb: torch.Tensor, ub: torch.Tensor, dh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(dg, du) in bf16 for the fp32 gradient dh of h."""
+        g, u = gb.float(), ub.float()
+        if self.kind == "swiglu":
+            sg = torch.sigmoid(g)
+            silu = g * sg
+            dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+            return dg.to(BF16), (dh * silu).to(BF16)
+        gc = g.clamp(max=self.limit)
+        uc = u.clamp(-self.limit, self.limit)
+        sa = torch.sigmoid(self.alpha * gc)
+        dg = dh * (uc + 1.0) * sa * (1.0 + self.alpha * gc * (1.0 - sa))
+        du = dh * (gc * sa)
+        zero = torch.zeros((), dtype=F32, device=g.device)
+        # torch.clamp's subgradient: passes on the closed interval, 0 outside (and for NaN).
+        dg = torch.where(g <= self.limit, dg, zero)
+        du = torch.where((u >= -self.limit) & (u <= self.limit), du, zero)
+        return dg.to(BF16), du.to(BF16)
+
+
+@dataclasses.dataclass
+class SegmentOperands:
+    """The operands of one segment's GEMMs, all on the device.
+
+    W: (gate [G, I, H], up [G, I, H], down [G, H, I]) bf16, one group per weight set member;
+    offs/sizes: its row groups (device int32 cumulative ends / host counts, zeros allowed);
+    coffs/csizes: the non-empty groups only (the LoRA groups: one per active expert);
+    lora: proj -> (A [n_active, r8, in], B [n_active, out, r8]) bf16 (r padded to r8 with zeros)
+    or None; biases: per-row (gate [n, I], up [n, I], down [n, H]) fp32 or None each."""
+
+    W: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    offs: torch.Tensor
+    sizes: list
+    coffs: torch.Tensor
+    csizes: list
+    lora: Dict[str, Optional[Tuple[torch.Tensor, torch.Tensor]]]
+    scaling: float
+    biases: Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None, None)
+
+
+def _proj_in(gemm: Gemm, ops: SegmentOperands, which: int, x: torch.Tensor):
+    """fp32 W x + s B (A x) for gate (0) / up (1), and z = bf16(A x) (None without LoRA)."""
+    name = ("gate", "up")[which]
+    acc = gemm.mm(x, ops.W[which].transpose(1, 2), ops.offs, ops.sizes).float()
+    z = None
+    pair = ops.lora.get(name)
+    if pair is not None:
+        A, B = pair
+        z = gemm.mm(x, A.transpose(1, 2), ops.coffs, ops.csizes)
+        acc.add_(gemm.mm(z, B.transpose(1, 2), ops.coffs, ops.csizes).float(), alpha=ops.scaling)
+    if ops.biases[which] is not None:
+        acc.add_(ops.biases[which])
+    return acc, z
+
+
+def _gate_up(gemm, act, ops, x):
+    g, zg = _proj_in(gemm, ops, 0, x)
+    u, zu = _proj_in(gemm, ops, 1, x)
+    gb, ub = g.to(BF16), u.to(BF16)
+    del g, u
+    return gb, ub, act.forward(gb, ub), zg, zu
+
+
+def forward_segment(gemm: Gemm, act: Activation, ops: SegmentOperands, x: torch.Tensor) -> torch.Tensor:
+    """y fp32 [n, H] for the segment's rows x bf16 [n, H]."""
+    _, _, h, _, _ = _gate_up(gemm, act, ops, x)
+    y = gemm.mm(h, ops.W[2].transpose(1, 2), ops.offs, ops.sizes).float()
+    pair = ops.lora.get("down")
+    if pair is not None:
+        A, B = pair
+        zd = gemm.mm(h, A.transpose(1, 2), ops.coffs, ops.csizes)
+        y.add_(gemm.mm(zd, B.transpose(1, 2), ops.coffs, ops.csizes).float(), alpha=ops.scaling)
+    if ops.biases[2] is not None:
+        y.add_(ops.biases[2])
+    return y
+
+
+@dataclasses.dataclass
+class SegmentGrads:
+    dx: Optional[torch.Tensor]          # fp32 [n, H] per row (summed per token by the caller)
+    dw: Optional[torch.Tensor]          # fp32 [n] per row: d topk_weights of its slot
+    lora: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]  # fp32 [n_active, ...] (r8)
+
+
+def backward_segment(gemm: Gemm, act: Activation, ops: SegmentOperands, x: torch.Tensor, dout: torch.Tensor,
+                     w: torch.Tensor, *, need_dx: bool, need_dw: bool,
+                     need_lora: Dict[str, Tuple[bool, bool]]) -> SegmentGrads:
+    """Gradients for the segment's rows: x, dout bf16 [n, H] (dout of each row's token), w fp32 [n]
+    (each row's routing weight). need_lora: proj -> (need dA, need dB)."""
+    s = ops.scaling
+    lo = ops.lora
+    gb, ub, h, zg, zu = _gate_up(gemm, act, ops, x)
+    grads: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+    # Through down: D = Wd^T dout + s Ad^T q with q = bf16(Bd^T dout).
+    D = gemm.mm(dout, ops.W[2], ops.offs, ops.sizes).float()
+    q = None
+    if lo.get("down") is not None:
+        A, B = lo["down"]
+        q = gemm.mm(dout, B, ops.coffs, ops.csizes)
+        D.add_(gemm.mm(q, A, ops.coffs, ops.csizes).float(), alpha=s)
+    dw = None
+    if need_dw:
+        dw = (D * h.float()).sum(1)
+        if ops.biases[2] is not None:
+            dw.add_((dout.float() * ops.biases[2]).sum(1))
+    if lo.get("down") is not None:
+        nA, nB = need_lora.get("down", (False, False))
+        wc = w[:, None]
+        dA = dB = None
+        if nB:  # dBd = s sum_t dout_t (w_t zd_t)^T, zd = bf16(Ad h)
+            zd = gemm.mm(h, lo["down"][0].transpose(1, 2), ops.coffs, ops.csizes)
+            dB = gemm.mm_tn(dout, (zd.float() * wc).to(BF16), ops.coffs, ops.csizes).float().mul_(s)
+        if nA:  # dAd = s sum_t (w_t q_t) h_t^T
+            dA = gemm.mm_tn((q.float() * wc).to(BF16), h, ops.coffs, ops.csizes).float().mul_(s)
+        grads["down"] = (dA, dB)
+    del h, q
+    need_gu = need_dx or any(any(need_lora.get(p, (False, False))) for p in ("gate", "up") if lo.get(p) is not None)
+    dx = None
+    if need_gu:
+        D.mul_(w[:, None])  # dh = w D
+        dg, du = act.backward(gb, ub, D)
+        del D, gb, ub
+        if need_dx:
+            dx = gemm.mm(dg, ops.W[0], ops.offs, ops.sizes).float()
+            dx.add_(gemm.mm(du, ops.W[1], ops.offs, ops.sizes).float())
+        for name, d, z in (("gate", dg, zg), ("up", du, zu)):
+            if lo.get(name) is None:
+                continue
+            A, B = lo[name]
+            nA, nB = need_lora.get(name, (False, False))
+            p = gemm.mm(d, B, ops.coffs, ops.csizes) if (nA or need_dx) else None  # bf16(B^T dg)
+            gA = gemm.mm_tn(p, x, ops.coffs, ops.csizes).float().mul_(s) if nA else None
+            gB = gemm.mm_tn(d, z, ops.coffs, ops.csizes).float().mul_(s) if nB else None
+            grads[name] = (gA, gB)
+            if need_dx:
+                dx.add_(gemm.mm(p, A, ops.coffs, ops.csizes).float(), alpha=s)
+    return SegmentGrads(dx, dw, grads)

@@ -1,0 +1,429 @@
+"""The placed op: one MoE layer's routed experts split between the CPU engine and the GPU.
+
+    out = placed_moe_experts(experts, x, topk_ids, topk_weights, lora, planner=..., gpu=..., layer_key=...)
+
+Same contract as moetune.moe_experts (x [T, H] bf16/fp32 on any device, topk_ids/topk_weights
+[T, k]; returns x's dtype on x's device; differentiable in x, topk_weights and the LoRA tensors).
+Per call:
+ 1. counts per expert from topk_ids on its device; fetching them is the call's one host sync
+    (ids outside [0, E) are counted apart and reported, never indexed with);
+ 2. the plan: GpuExperts.plan asks planner.plan(layer_key, counts, resident_mask), memoized by
+    (counts, residency) so a checkpoint recompute sees its forward's plan;
+ 3. a plan without GPU rows takes exactly today's path: moetune.moe_experts (bit-identical);
+ 4. otherwise one autograd.Function: the CPU engine's forward restricted to plan.cpu_mask (fp32
+    output) is queued first, the GPU experts (resident pool, then streamed chunks) are launched
+    meanwhile, then the CPU part is waited for and the two fp32 parts are added and cast.
+    Backward mirrors it: the engine backward on the forward's handle and the GPU backward run at
+    once; dx = dx_cpu + dx_gpu in fp32; d topk_weights and the LoRA gradients of an expert come
+    from the one side that ran it (the other side's are exact zeros), so the parts add exactly.
+The LoRA parameters stay one set of tensors (where the caller keeps them): the CPU engine reads
+them host-side as today, the GPU gets bf16 copies of the active experts' rows per call (forward
+and again in backward: nothing but the op's inputs is kept for backward), and their gradients are
+returned in fp32 summed over both sides, in the parameter's dtype and device.
+
+Saved for backward: x, topk_ids, topk_weights and the LoRA tensors (ctx.save_for_backward, so
+checkpointing frees and restores them), the CPU engine's handle (as moe_experts), the plan.
+The GPU's g, u, h are recomputed in backward and weights are fetched again (resident pool, the
+layer's keep slot filled by a checkpoint recompute when the keep budget allows, else streamed).
+
+Timings: after each forward, recompute and backward, planner.observe(layer_key, plan, timings)
+with seconds "cpu" (the engine's busy time for the job), "gpu" (compute-stream span of the GPU
+part), "copy" (sum of the streamed chunks' copy times), "wall" (the call: host time, or the GPU's
+end when later) and "phase" ("forward" | "recompute" | "backward"). On CUDA the GPU figures
+are read from events once they completed (no sync): a call's observation is delivered at a later
+call's start or by `flush_timings(runtime)`. Plans without GPU rows report their forward only
+(their backward is moe_experts' own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from moetune.engine import LoraWeights, MoEExperts, moe_experts
+from moetune.engine import EngineCall
+from moetune.placement._engine import cpu_call
+from moetune.placement.experts import GpuExperts, GpuRuntime
+from moetune.placement.gpu_math import SegmentOperands, backward_segment, forward_segment
+from moetune.placement.plan import LayerPlan, Where
+from moetune.placement.routing import DeviceRows, GpuLayout, combine, segment_offsets
+
+BF16, F32 = torch.bfloat16, torch.float32
+_PROJ = ("gate", "up", "down")
+
+
+# ---------------------------------------------------------------------------- timings
+
+class _Timing:
+    """One call's measurements; GPU parts are events read once complete."""
+
+    def __init__(self, runtime: GpuRuntime, planner, layer_key, plan: LayerPlan, phase: str):
+        self.runtime, self.planner, self.layer_key, self.plan, self.phase = runtime, planner, layer_key, plan, phase
+        dev = runtime.device
+        self.t0 = time.perf_counter()
+        self.gpu_start, self.gpu_end = dev.event(True), dev.event(True)
+        self.copies: list = []
+        self.cpu = 0.0
+        self.host_wall = 0.0
+        self.launch = 0.0
+
+    def start_gpu(self):
+        self.runtime.device.record(self.gpu_start)
+        self.launch = time.perf_counter() - self.t0
+
+    def end_gpu(self):
+        self.runtime.device.record(self.gpu_end)
+
+    def finish(self, cpu_seconds: float):
+        self.cpu = cpu_seconds
+        self.host_wall = time.perf_counter() - self.t0
+        self.runtime.pending.append(self)
+        poll_timings(self.runtime)
+
+    def ready(self) -> bool:
+        return self.gpu_end.query()
+
+    def timings(self) -> dict:
+        gpu = self.gpu_start.elapsed_time(self.gpu_end) / 1e3
+        copy = sum(a.elapsed_time(b) for a, b in self.copies) / 1e3
+        wall = max(self.host_wall, self.launch + gpu) if self.runtime.device.is_cuda else self.host_wall
+        return {"cpu": self.cpu, "gpu": gpu, "copy": copy, "wall": wall, "phase": self.phase}
+
+
+def poll_timings(runtime: GpuRuntime) -> None:
+    """Delivers the observations whose GPU work has completed, in call order (no host sync)."""
+    q = runtime.pending
+    while q and q[0].ready():
+        t = q.popleft()
+        t.planner.observe(t.layer_key, t.plan, t.timings())
+
+
+def flush_timings(runtime: GpuRuntime) -> None:
+    """Waits for the pending calls' GPU work and delivers every observation (end of a step, tests)."""
+    q = runtime.pending
+    while q:
+        q[0].gpu_end.synchronize()
+        poll_timings(runtime)
+
+
+# ---------------------------------------------------------------------------- the call
+
+@dataclasses.dataclass
+class _Call:
+    gpu: GpuExperts
+    planner: object
+    layer_key: object
+    plan: LayerPlan
+    memo_key: tuple
+    layout: GpuLayout
+    pool_version: int
+    scaling: float
+    phase: str
+    has_cpu: bool
+    needs: tuple = ()
+    cpu: Optional[EngineCall] = None
+
+
+def _routing_counts(topk_ids: torch.Tensor, E: int) -> torch.Tensor:
+    """int64 [E] host counts; the call's one host sync. Raises on ids outside [0, E)."""
+    flat = topk_ids.detach().reshape(-1).to(torch.int64)
+    idx = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E))
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device)
+    counts.index_add_(0, idx, torch.ones_like(idx))
+    counts = counts.cpu()
+    if counts[E]:
+        bad = flat[(flat < 0) | (flat >= E)][:5].tolist()
+        raise ValueError(f"topk_ids: {int(counts[E])} expert id(s) outside [0, {E}), e.g. {bad}")
+    return counts[:E]
+
+
+def _relayout(call: _Call) -> None:
+    """The resident pool changed since this call's forward (residency refreshed with a backward
+    still to come): experts planned resident that are not any more are streamed instead; the
+    others find their (possibly moved) slots. Same math, so the same results."""
+    gpu = call.gpu
+    where = call.plan.where.clone()
+    gone = (where == int(Where.GPU_RESIDENT)) & ~gpu.resident_mask()
+    where[gone] = int(Where.GPU_STREAMED)
+    plan = LayerPlan(where, call.plan.counts, call.plan.predicted)
+    call.layout = GpuLayout.build(plan, gpu.pool.slot_expert, gpu.streamer.chunk_experts)
+    call.pool_version = gpu.pool.version
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def placed_moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       lora: Optional[LoraWeights] = None, *, planner, gpu: GpuExperts,
+                       layer_key=None) -> torch.Tensor:
+    """moetune.moe_experts with each expert computed where `planner` puts it (see the module doc).
+    gpu: the layer's GpuExperts (built for these experts); layer_key: the planner's id of the layer
+    (default gpu.layer_key)."""
+    if not isinstance(gpu, GpuExperts):
+        raise TypeError(f"gpu must be a moetune.placement.GpuExperts, got {type(gpu).__name__}")
+    if experts is not gpu.experts:
+        raise ValueError("gpu (GpuExperts) was built for other experts than the ones passed")
+    for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    E, H = experts.num_experts, experts.hidden_size
+    if x.dim() != 2 or x.shape[1] != H:
+        raise ValueError(f"x must be [T, H={H}], got shape {list(x.shape)}")
+    if x.dtype not in (BF16, F32) or topk_weights.dtype not in (BF16, F32):
+        raise ValueError(f"x and topk_weights must be bfloat16 or float32, got {x.dtype} and {topk_weights.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32/int64 [T={x.shape[0]}, k], got {topk_ids.dtype} {list(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights has shape {list(topk_weights.shape)}, expected {list(topk_ids.shape)}")
+    layer_key = gpu.layer_key if layer_key is None else layer_key
+    runtime = gpu.runtime
+    poll_timings(runtime)
+    counts = _routing_counts(topk_ids, E)
+    plan, memo_key = gpu.plan(planner, layer_key, counts)
+    phase = "recompute" if _in_backward() else "forward"
+    on_gpu = (plan.where != int(Where.CPU)) & (counts > 0)
+    if not bool(on_gpu.any()):
+        t0 = time.perf_counter()
+        out = moe_experts(experts, x, topk_ids, topk_weights, lora)
+        wall = time.perf_counter() - t0
+        planner.observe(layer_key, plan, {"cpu": wall, "gpu": 0.0, "copy": 0.0, "wall": wall, "phase": phase})
+        return out
+    lora = lora or LoraWeights()
+    flat = lora.flat()
+    for i, t in enumerate(flat):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype not in (BF16, F32)):
+            raise ValueError(f"lora.{_PROJ[i // 2]}.{'AB'[i % 2]} must be a bfloat16 or float32 tensor")
+    layout = GpuLayout.build(plan, gpu.pool.slot_expert, gpu.streamer.chunk_experts)
+    has_cpu = bool(((plan.where == int(Where.CPU)) & (counts > 0)).any())
+    call = _Call(gpu, planner, layer_key, plan, memo_key, layout, gpu.pool.version, float(lora.scaling), phase,
+                 has_cpu)
+    return _Placed.apply(call, x, topk_ids, topk_weights, *flat)
+
+
+class _Placed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call: _Call, x, topk_ids, topk_weights, *lora):
+        ctx.save_for_backward(x, topk_ids, topk_weights, *lora)
+        ctx.call = call
+        call.needs = ctx.needs_input_grad[1:]
+        runtime = call.gpu.runtime
+        dev = runtime.device
+        tm = _Timing(runtime, call.planner, call.layer_key, call.plan, call.phase)
+        if call.has_cpu:  # queued first: the CPU works while the GPU part is launched and runs
+            call.cpu = cpu_call(call.gpu.experts, x, topk_ids, topk_weights, call.plan.cpu_mask, lora, call.scaling,
+                                pinned=dev.is_cuda)
+        out = _gpu_forward(call, x, topk_ids, topk_weights, lora, tm)
+        busy = 0.0
+        if call.cpu is not None:
+            out_cpu = call.cpu.wait_forward()
+            busy = call.cpu.busy_seconds
+            out.add_(dev.upload(out_cpu))
+        tm.finish(busy)
+        return out.to(device=x.device, dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, topk_ids, topk_weights, *lora = ctx.saved_tensors
+        call: _Call = ctx.call
+        call.gpu.forget_plan(call.memo_key)  # its forward and recompute are done
+        if call.gpu.pool.version != call.pool_version:
+            _relayout(call)
+        need_x, _, need_w, *need_l = call.needs
+        need_l = [bool(n) and t is not None for n, t in zip(need_l, lora)]
+        runtime = call.gpu.runtime
+        dev = runtime.device
+        tm = _Timing(runtime, call.planner, call.layer_key, call.plan, "backward")
+        if call.cpu is not None:
+            call.cpu.submit_backward(grad_out, need_x, need_w, need_l, grad_dtype=F32)
+        dx, dw, lgrads = _gpu_backward(call, x, topk_ids, topk_weights, lora, grad_out, need_x, need_w, need_l, tm)
+        busy = 0.0
+        cpu_lora = [None] * 6
+        if call.cpu is not None:
+            dx_c, dw_c, cpu_lora = call.cpu.wait_backward()
+            busy = call.cpu.busy_seconds
+            if dx is not None:
+                dx.add_(dev.upload(dx_c))
+            if dw is not None:
+                dw.add_(dev.upload(dw_c))
+        out_lora = []
+        for i, t in enumerate(lora):
+            if not need_l[i]:
+                out_lora.append(None)
+                continue
+            out_lora.append(_merge_lora_grad(t, cpu_lora[i], lgrads.get(i), call.layout.active))
+        tm.finish(busy)
+        return (None,
+                None if dx is None else dx.to(device=x.device, dtype=x.dtype),
+                None,
+                None if dw is None else dw.to(device=topk_weights.device, dtype=topk_weights.dtype),
+                *out_lora)
+
+
+# ---------------------------------------------------------------------------- GPU part
+
+def _pad8(r: int) -> int:
+    return -(-r // 8) * 8
+
+
+def _lora_rows(lora, active: List[int], device) -> Dict[str, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    """proj -> (A [n, r8, in], B [n, out, r8]) bf16 on the GPU device: the active experts' rows,
+    rank zero-padded to a multiple of 8 (exact: zero rows/columns add nothing) so that every LoRA
+    GEMM meets grouped_mm's 16-byte stride rule."""
+    out = {}
+    idx_host = torch.tensor(active, dtype=torch.int64)
+    for i, name in enumerate(_PROJ):
+        A, B = lora[2 * i], lora[2 * i + 1]
+        if A is None:
+            out[name] = None
+            continue
+        r = A.shape[1]
+        r8 = _pad8(r)
+        pieces = []
+        for t, dim in ((A, 1), (B, 2)):
+            idx = idx_host.pin_memory().to(t.device, non_blocking=True) if t.device.type == "cuda" else idx_host
+            rows = t.detach().index_select(0, idx).to(BF16)
+            if r8 != r:
+                shape = list(rows.shape)
+                shape[dim] = r8
+                padded = torch.zeros(shape, dtype=BF16, device=rows.device)
+                padded.narrow(dim, 0, r).copy_(rows)
+                rows = padded
+            pieces.append(rows.to(device.torch) if rows.device.type == "cuda" else device.upload(rows.contiguous()))
+        out[name] = (pieces[0], pieces[1])
+    return out
+
+
+def _segments(call: _Call, phase: str, tm: _Timing):
+    """(segment, (gate, up, down) weights) in row order: the resident pool, then the streamed
+    chunks (from the keep slot, or streamed; a recompute keeps them when the budget allows)."""
+    gpu, layout = call.gpu, call.layout
+    runtime = gpu.runtime
+    streamed = [s for s in layout.segments if s.kind == Where.GPU_STREAMED]
+    for seg in layout.segments:
+        if seg.kind == Where.GPU_RESIDENT:
+            yield seg, gpu.pool.weights
+    if not streamed:
+        return
+    chunks = [s.experts for s in streamed]
+    if phase == "backward":
+        kept = gpu.take_keep(chunks)
+        if kept is not None:
+            yield from zip(streamed, kept)
+            return
+    nbytes = sum(len(c) for c in chunks) * gpu.fmt.decoded_bytes_per_expert
+    keep = phase == "recompute" and runtime.keep.used_bytes + nbytes <= runtime.keep.budget_bytes + gpu.kept_bytes
+    weights = []
+    for seg, W in zip(streamed, gpu.streamer.stream(gpu.host, chunks, keep=keep, copy_events=tm.copies,
+                                                     timing=runtime.device.is_cuda)):
+        if keep:
+            weights.append(W)
+        yield seg, W
+    if keep:
+        gpu.keep(chunks, weights)
+
+
+def _operands(call: _Call, seg, W, lora_d, rows: DeviceRows, dev) -> SegmentOperands:
+    offs, coffs = segment_offsets(seg, dev)
+    a0, a1 = seg.active0, seg.active1
+    lo = {p: (None if v is None else (v[0][a0:a1], v[1][a0:a1])) for p, v in lora_d.items()}
+    G = len(seg.group_sizes)
+    W = tuple(t[:G] for t in W)
+    erow = rows.expert[seg.row0:seg.row1]
+    biases = tuple(None if b is None else b.index_select(0, erow) for b in call.gpu.biases)
+    return SegmentOperands(W, offs, seg.group_sizes, coffs, seg.active_sizes, lo, call.scaling, biases)
+
+
+def _prepare(call: _Call, x, topk_ids, topk_weights, lora):
+    dev = call.gpu.runtime.device
+    D = dev.torch
+    xb = x.detach().to(D).to(BF16)  # fp32 x is rounded to bf16 as the engine does
+    ids = topk_ids.detach().to(D)
+    w32 = topk_weights.detach().to(D).to(F32)
+    rows = DeviceRows.build(call.layout, ids, dev.upload(call.layout.position))
+    return xb, w32, rows, _lora_rows(lora, call.layout.active, dev)
+
+
+def _gpu_forward(call: _Call, x, topk_ids, topk_weights, lora, tm: _Timing) -> torch.Tensor:
+    gpu = call.gpu
+    runtime = gpu.runtime
+    dev = runtime.device
+    tm.start_gpu()
+    xb, w32, rows, lora_d = _prepare(call, x, topk_ids, topk_weights, lora)
+    n = call.layout.n_rows
+    Y = torch.empty((n + 1, xb.shape[1]), dtype=F32, device=dev.torch)
+    Y[n].zero_()
+    for seg, W in _segments(call, call.phase, tm):
+        ops = _operands(call, seg, W, lora_d, rows, dev.torch)
+        xs = xb.index_select(0, rows.tok[seg.row0:seg.row1])
+        Y[seg.row0:seg.row1] = forward_segment(runtime.gemm, gpu.activation, ops, xs)
+    out = combine(Y, rows.row_of, w32)
+    tm.end_gpu()
+    return out
+
+
+def _gpu_backward(call: _Call, x, topk_ids, topk_weights, lora, grad_out, need_x, need_w, need_l, tm):
+    gpu = call.gpu
+    runtime = gpu.runtime
+    dev = runtime.device
+    D = dev.torch
+    tm.start_gpu()
+    xb, w32, rows, lora_d = _prepare(call, x, topk_ids, topk_weights, lora)
+    dob = grad_out.detach().to(D).to(BF16)  # the engine's rounding of dout
+    n, H = call.layout.n_rows, xb.shape[1]
+    n_act = len(call.layout.active)
+    w_rows = w32.reshape(-1).index_select(0, rows.rows)
+    DX = torch.empty((n + 1, H), dtype=F32, device=D) if need_x else None
+    DW = torch.empty((n + 1,), dtype=F32, device=D) if need_w else None
+    if DX is not None:
+        DX[n].zero_()
+    if DW is not None:
+        DW[n].zero_()
+    need_lora = {p: (need_l[2 * i], need_l[2 * i + 1]) for i, p in enumerate(_PROJ)}
+    acc: Dict[int, torch.Tensor] = {}  # index into the flat LoRA list -> fp32 [n_act, ...] (r8-padded)
+    for i, p in enumerate(_PROJ):
+        if lora_d[p] is None:
+            continue
+        for j in range(2):
+            if need_l[2 * i + j]:
+                acc[2 * i + j] = torch.empty((n_act, *lora_d[p][j].shape[1:]), dtype=F32, device=D)
+    for seg, W in _segments(call, "backward", tm):
+        ops = _operands(call, seg, W, lora_d, rows, D)
+        tok = rows.tok[seg.row0:seg.row1]
+        g = backward_segment(runtime.gemm, gpu.activation, ops, xb.index_select(0, tok), dob.index_select(0, tok),
+                             w_rows[seg.row0:seg.row1], need_dx=need_x, need_dw=need_w, need_lora=need_lora)
+        if DX is not None:
+            DX[seg.row0:seg.row1] = g.dx
+        if DW is not None:
+            DW[seg.row0:seg.row1] = g.dw
+        for i, p in enumerate(_PROJ):
+            for j in range(2):
+                if 2 * i + j in acc:
+                    acc[2 * i + j][seg.active0:seg.active1] = g.lora[p][j]
+    dx = combine(DX, rows.row_of) if DX is not None else None
+    dw = DW.index_select(0, rows.row_of.reshape(-1)).view(rows.row_of.shape) if DW is not None else None
+    lgrads = {}
+    for idx, t in acc.items():  # drop the rank padding
+        r = lora[idx].shape[1] if idx % 2 == 0 else lora[idx].shape[2]
+        lgrads[idx] = t[:, :r] if idx % 2 == 0 else t[:, :, :r]
+    tm.end_gpu()
+    return dx, dw, lgrads
+
+
+def _merge_lora_grad(param: torch.Tensor, cpu_grad: Optional[torch.Tensor], gpu_grad: Optional[torch.Tensor],
+                     active: List[int]) -> torch.Tensor:
+    """fp32 sum of the CPU engine's full gradient (zeros for experts it did not run) and the GPU's
+    rows of the active experts, in the parameter's dtype on its device."""
+    dev = param.device
+    if cpu_grad is None:
+        full = torch.zeros(param.shape, dtype=F32, device=dev)
+    else:
+        full = cpu_grad.to(dev, non_blocking=True) if dev.type == "cuda" else cpu_grad
+    if gpu_grad is not None and active:
+        idx = torch.tensor(active, dtype=torch.int64)
+        idx = idx.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else idx
+        full.index_add_(0, idx, gpu_grad.to(dev))
+    return full if param.dtype == F32 else full.to(param.dtype)
