@@ -30,7 +30,7 @@ using common::kTokenBlock;
 namespace {
 
 // p = bf16(s * (G_e B_e)) with LoRA B_e [K, r] (its own layout read as [K, N]).
-void lora_back_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew,
+void lora_back_reduce(const kernels::KernelBundle& k, const kernels::EltwiseKernel& ew,
                       const LoraProj& p, float s, int e, int64_t K, const bf16* ge, int64_t ldg,
                       int64_t n, Arena& a, bf16* ps, int64_t ldr) {
   common::reduce_to_rank(k, ew, static_cast<const char*>(p.B) + e * K * p.r * esize(p.b_dtype),
@@ -47,7 +47,7 @@ PackedB pack_tokens(const bf16* big, int64_t ldb, int64_t N, int64_t n, Arena& a
   return PackedB{rp, n, N};
 }
 
-void token_contract(const kernels::GemmKernel& k, const bf16* small, int64_t lds, int64_t r,
+void token_contract(const kernels::KernelBundle& k, const bf16* small, int64_t lds, int64_t r,
                     const float* row_scale, const PackedB& big, int64_t n, Arena& a,
                     float* dst, bool transpose_out) {
   const int64_t N = big.N, ldt = layout::ld_tok(n);
@@ -68,7 +68,7 @@ void token_contract(const kernels::GemmKernel& k, const bf16* small, int64_t lds
 
 void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   Context& ctx = *ctx_;
-  const kernels::GemmKernel& k = ctx.gemm();
+  const kernels::KernelBundle& k = ctx.kernels();
   const Routing& rt = s.routing;
   const int64_t T = s.T, H = H_, I = I_, rows = rt.rows();
   const int kk = s.k;
@@ -102,8 +102,8 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
   auto dog = ctx.workspace<bf16>(layout::kWsDout, rows * ldh);
   ctx.parallel_for("bwd.gather", (rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
     const int64_t r0 = b * kTokenBlock, r1 = std::min(rows, r0 + kTokenBlock);
-    common::gather_token_rows(ctx.eltwise(), rt, r0, r1, s.x.data(), DType::kBf16, H, xg.data(), ldh);
-    common::gather_token_rows(ctx.eltwise(), rt, r0, r1, args.dout, args.dout_dtype, H, dog.data(), ldh);
+    common::gather_token_rows(ctx.kernels().eltwise, rt, r0, r1, s.x.data(), DType::kBf16, H, xg.data(), ldh);
+    common::gather_token_rows(ctx.kernels().eltwise, rt, r0, r1, args.dout, args.dout_dtype, H, dog.data(), ldh);
   });
 
   // 2. q = s * dout Bd.
@@ -113,7 +113,7 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
     ctx.parallel_for("bwd.lora_reduce_down", n_active, [&](int64_t i, Arena& a) {
       const int e = rt.active[i];
       const int64_t off = rt.offsets[e];
-      lora_back_reduce(k, ctx.eltwise(), lora.down, sc, e, H, dog.data() + off * ldh, ldh, rt.count(e), a,
+      lora_back_reduce(k, ctx.kernels().eltwise, lora.down, sc, e, H, dog.data() + off * ldh, ldh, rt.count(e), a,
                        qs.data() + off * ldr_d, ldr_d);
     });
   }
@@ -220,7 +220,7 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
         float* dB = which == 0 ? gr.dB_gate : gr.dB_up;
         float* dA = which == 0 ? gr.dA_gate : gr.dA_up;
         // p = s * dg B   -> [n, r]
-        lora_back_reduce(k, ctx.eltwise(), p, sc, e, I, dge, ldi, n, a, ps, ldr);
+        lora_back_reduce(k, ctx.kernels().eltwise, p, sc, e, I, dge, ldi, n, a, ps, ldr);
         // dB = sum_t dg_t (s z)_t^T -> [I, r];  dA = sum_t p_t x_t^T -> [r, H]
         if (dB)
           token_contract(k, zs, ldr, r, nullptr, pack_tokens(dge, ldi, I, n, a), n, a,
@@ -276,7 +276,7 @@ void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
         }
       }
       if (!args.dx) continue;
-      common::store_row(ctx.eltwise(), acc, H,
+      common::store_row(ctx.kernels().eltwise, acc, H,
                         static_cast<char*>(args.dx) + t * H * esize(args.dx_dtype), args.dx_dtype);
     }
   });

@@ -53,7 +53,6 @@ MoeExperts::MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, Expert
   }
   spec_ = kernels::QuantSpec{options_.weight_format, options_.group_size};
   kernels::check_quant_spec(spec_);
-  dequant_ = &kernels::dequant_kernel(ctx_->gemm().isa);
   const bool quantized = spec_.format != kernels::WeightFormat::kBf16;
   const Dims f[3] = {{H, I}, {H, I}, {I, H}};
   for (int w = 0; w < 3; ++w) {
@@ -147,7 +146,7 @@ std::vector<RowBlock> MoeExperts::work_blocks(const Routing& rt, bool backward) 
 void MoeExperts::weight_gemm(int which, int e, int64_t n0, int64_t nc, const bf16* A, int64_t lda,
                              int64_t M, const kernels::Segment* extra, float* C, int64_t ldc,
                              Arena& a) const {
-  const kernels::GemmKernel& k = ctx_->gemm();
+  const kernels::KernelBundle& k = ctx_->kernels();
   kernels::Segment seg[2];
   const int nseg = extra ? 2 : 1;
   if (spec_.format == kernels::WeightFormat::kBf16) {
@@ -160,7 +159,7 @@ void MoeExperts::weight_gemm(int which, int e, int64_t n0, int64_t nc, const bf1
   bf16* panel = a.alloc<bf16>(kernels::packed_elems(q.K, std::min(nc, kDequantCols)));
   for (int64_t c0 = 0; c0 < nc; c0 += kDequantCols) {
     const int64_t w = std::min(kDequantCols, nc - c0);
-    dequant_->dequant(q, n0 + c0, n0 + c0 + w, 0, q.K, panel);
+    ctx_->kernels().dequant(q, n0 + c0, n0 + c0 + w, 0, q.K, panel);
     seg[0] = kernels::Segment{A, lda, PackedB{panel, q.K, w}};
     if (extra) seg[1] = kernels::Segment{extra->A, extra->lda, kernels::packed_slice(extra->B, c0, w)};
     k.gemm(M, 0, w, seg, nseg, C + c0, ldc, false);
@@ -179,13 +178,13 @@ PackedB MoeExperts::bwd_slice(int which, int e, int64_t n0, int64_t n, Arena& a)
   }
   const PackedB src = fwd(which, e);
   bf16* dst = a.alloc<bf16>(kernels::packed_elems(src.N, n));
-  ctx_->gemm().transpose_packed(src, n0, n0 + n, dst);
+  ctx_->kernels().transpose_packed(src, n0, n0 + n, dst);
   return PackedB{dst, src.N, n};
 }
 
 void MoeExperts::weight_t_gemm(const int* which, int nw, int e, int64_t n0, int64_t nc, kernels::Segment* segs,
                                int nseg, int64_t M, float* C, int64_t ldc, Arena& a) const {
-  const kernels::GemmKernel& k = ctx_->gemm();
+  const kernels::KernelBundle& k = ctx_->kernels();
   if (spec_.format == kernels::WeightFormat::kBf16 ||
       options_.backward_weights == BackwardWeights::kTransposedCopy) {
     for (int j = 0; j < nw; ++j) segs[j].B = bwd_slice(which[j], e, n0, nc, a);
@@ -206,7 +205,7 @@ void MoeExperts::weight_t_gemm(const int* which, int nw, int e, int64_t n0, int6
     for (int j = 0; j < nw; ++j) {
       // W^T columns [n0+c0, +w) are W's K rows: dequantize them, transpose.
       const kernels::QuantB q = quant(which[j], e);
-      dequant_->dequant(q, 0, q.N, n0 + c0, n0 + c0 + w, rows[j]);
+      ctx_->kernels().dequant(q, 0, q.N, n0 + c0, n0 + c0 + w, rows[j]);
       k.transpose_packed(PackedB{rows[j], w, q.N}, 0, w, tr[j]);
       local[j] = kernels::Segment{segs[j].A, segs[j].lda, PackedB{tr[j], q.N, w}};
     }
@@ -239,8 +238,8 @@ void MoeExperts::load_expert(int e, const void* gate, const void* up, const void
       if (options_.backward_weights == BackwardWeights::kTransposedCopy) {
         // bf16 dq(q(W))^T: the same values the repack path would make.
         Buf<bf16> tmp(static_cast<size_t>(kernels::packed_elems(q.K, q.N)));
-        dequant_->dequant(q, 0, q.N, 0, q.K, tmp.data());
-        ctx_->gemm().transpose_packed(PackedB{tmp.data(), q.K, q.N}, 0, q.K,
+        ctx_->kernels().dequant(q, 0, q.N, 0, q.K, tmp.data());
+        ctx_->kernels().transpose_packed(PackedB{tmp.data(), q.K, q.N}, 0, q.K,
                                       bwd_[w].data() + e * bwd_stride_[w]);
       }
     }
@@ -295,7 +294,7 @@ void MoeExperts::load_biases(const void* gate, const void* up, const void* down,
 }
 
 void MoeExperts::activate(const bf16* g, const bf16* u, bf16* h, int64_t n) const {
-  const kernels::EltwiseKernel& ew = ctx_->eltwise();
+  const kernels::EltwiseKernel& ew = ctx_->kernels().eltwise;
   if (options_.activation == Activation::kClampedSwiGLU) {
     ew.clamped_swiglu(g, u, options_.swiglu_alpha, options_.swiglu_limit, h, n);
   } else {
@@ -305,7 +304,7 @@ void MoeExperts::activate(const bf16* g, const bf16* u, bf16* h, int64_t n) cons
 
 float MoeExperts::activate_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h,
                                bf16* dg, bf16* du, int64_t n) const {
-  const kernels::EltwiseKernel& ew = ctx_->eltwise();
+  const kernels::EltwiseKernel& ew = ctx_->kernels().eltwise;
   if (options_.activation == Activation::kClampedSwiGLU) {
     return ew.clamped_swiglu_bwd(g, u, d, w, options_.swiglu_alpha, options_.swiglu_limit, h, dg,
                                  du, n);

@@ -175,7 +175,6 @@ class MoeExperts {
   int E_, H_, I_;
   ExpertsOptions options_;
   kernels::QuantSpec spec_;
-  const kernels::DequantKernel* dequant_ = nullptr;
   Buf<uint8_t> q_[3];       // quantized formats: packed q values per matrix kind
   Buf<float> qscale_[3];    // and their scales (kernels/quant.h layout)
   int64_t q_stride_[3] = {0, 0, 0};

@@ -30,13 +30,13 @@ void gather_rows(Context& ctx, const Routing& rt, const void* src, DType dtype, 
                  bf16* dst, int64_t ld) {
   const int64_t rows = rt.rows();
   ctx.parallel_for("fwd.gather", (rows + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
-    common::gather_token_rows(ctx.eltwise(), rt, b * kTokenBlock, std::min(rows, (b + 1) * kTokenBlock), src,
+    common::gather_token_rows(ctx.kernels().eltwise, rt, b * kTokenBlock, std::min(rows, (b + 1) * kTokenBlock), src,
                               dtype, H, dst, ld);
   });
 }
 
 // z = bf16(s * (X_e A_e^T)) for rows of expert e -> zs rows (stride ldr).
-void lora_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew,
+void lora_reduce(const kernels::KernelBundle& k, const kernels::EltwiseKernel& ew,
                  const LoraProj& p, float s, int e, int64_t in, const bf16* xe, int64_t ldx,
                  int64_t n, Arena& a, bf16* zs, int64_t ldr) {
   common::reduce_to_rank(k, ew, static_cast<const char*>(p.A) + e * p.r * in * esize(p.a_dtype),
@@ -76,13 +76,13 @@ void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf
         for (int64_t i = 0; i < nc; ++i) c[m * nc + i] += b[i0 + i];
     }
     bf16* dst = which == 0 ? gb : ub;
-    for (int64_t m = 0; m < n; ++m) ctx_->eltwise().to_bf16(c + m * nc, 1.0f, dst + m * ld, nc);
+    for (int64_t m = 0; m < n; ++m) ctx_->kernels().eltwise.to_bf16(c + m * nc, 1.0f, dst + m * ld, nc);
   }
 }
 
 void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   Context& ctx = *ctx_;
-  const kernels::GemmKernel& k = ctx.gemm();
+  const kernels::KernelBundle& k = ctx.kernels();
   const Routing& rt = s.routing;
   const int64_t T = args.T, H = H_, I = I_, rows = rt.rows();
   const int64_t ldh = layout::ld_bf16(H), ldi = layout::ld_bf16(I);
@@ -95,7 +95,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
   ctx.parallel_for("fwd.save_inputs", (T + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
     const int64_t t1 = std::min(T, (b + 1) * kTokenBlock);
     for (int64_t t = b * kTokenBlock; t < t1; ++t) {
-      common::row_to_bf16(ctx.eltwise(), static_cast<const char*>(args.x) + t * H * esize(args.x_dtype),
+      common::row_to_bf16(ctx.kernels().eltwise, static_cast<const char*>(args.x) + t * H * esize(args.x_dtype),
                           args.x_dtype, H, s.x.data() + t * H);
       for (int j = 0; j < args.k; ++j) {
         const int64_t i = t * args.k + j;
@@ -120,7 +120,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
     ctx.parallel_for("fwd.lora_reduce_gate_up", n_active, [&](int64_t i, Arena& a) {
       const int e = rt.active[i];
       const int64_t off = rt.offsets[e];
-      lora_reduce(k, ctx.eltwise(), p, lora.scaling, e, H, xg.data() + off * ldh, ldh, rt.count(e), a,
+      lora_reduce(k, ctx.kernels().eltwise, p, lora.scaling, e, H, xg.data() + off * ldh, ldh, rt.count(e), a,
                   zs.data() + off * ldr, ldr);
     });
   }
@@ -163,7 +163,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
     ctx.parallel_for("fwd.lora_reduce_down", n_active, [&](int64_t i, Arena& a) {
       const int e = rt.active[i];
       const int64_t off = rt.offsets[e];
-      lora_reduce(k, ctx.eltwise(), lora.down, lora.scaling, e, I, hb.data() + off * ldi, ldi, rt.count(e), a,
+      lora_reduce(k, ctx.kernels().eltwise, lora.down, lora.scaling, e, I, hb.data() + off * ldi, ldi, rt.count(e), a,
                   s.zs_down.data() + off * ldr, ldr);
     });
   }
@@ -204,7 +204,7 @@ void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
         const float* yr = y.data() + row * H;
         for (int64_t h = 0; h < H; ++h) acc[h] += wt * yr[h];
       }
-      common::store_row(ctx.eltwise(), acc, H,
+      common::store_row(ctx.kernels().eltwise, acc, H,
                         static_cast<char*>(args.out) + t * H * esize(args.out_dtype), args.out_dtype);
     }
   });

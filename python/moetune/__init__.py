@@ -6,8 +6,10 @@ Layers (one direction): C++ kernels -> C++ engine -> nanobind bindings
 """
 
 from moetune.engine import Context, LoraWeights, MoEExperts, PendingMoE, moe_experts, moe_experts_async
+from moetune.isa import IsaInfo, cpu_features, isas
 
-__all__ = ["Context", "LoraWeights", "MoEExperts", "PendingMoE", "moe_experts", "moe_experts_async"]
+__all__ = ["Context", "IsaInfo", "LoraWeights", "MoEExperts", "PendingMoE", "cpu_features", "isas",
+           "moe_experts", "moe_experts_async"]
 __version__ = "0.1.0"
 
 # Hugging Face entry points, imported on first use (transformers is heavy).
