@@ -142,13 +142,6 @@ LoraArrays make_lora(std::optional<Array> ag, std::optional<Array> bg, std::opti
   return l;
 }
 
-std::vector<std::string> feature_list(kernels::FeatureSet s) {
-  std::vector<std::string> out;
-  for (const kernels::FeatureInfo& f : kernels::kFeatures)
-    if (s.has(f.id)) out.emplace_back(f.name);
-  return out;
-}
-
 // One dict per ISA of the table, in its order (moetune.isas() wraps them).
 nb::list isa_records() {
   const kernels::FeatureSet have = kernels::cpu_features();
@@ -162,8 +155,8 @@ nb::list isa_records() {
     nb::dict d;
     d["name"] = std::string(i.name);
     d["runnable"] = kernels::isa_runnable(i.id, have);
-    d["required_features"] = feature_list(i.required);
-    d["missing_features"] = feature_list(i.required.minus(have));
+    d["required_features"] = kernels::feature_list(i.required);
+    d["missing_features"] = kernels::feature_list(i.required.minus(have));
     d["compile_flags"] = kernels::isa_compile_flags(i.id);
     d["kernels"] = k;
     out.append(d);
@@ -184,7 +177,7 @@ NB_MODULE(_moetune_ext, m) {
   m.def("cpu_summary", &kernels::cpu_summary);
   m.attr("PACKED_LAYOUT_VERSION") = kernels::kPackedLayoutVersion;
   m.def("isas", &isa_records);
-  m.def("cpu_features", [] { return feature_list(kernels::cpu_features()); });
+  m.def("cpu_features", [] { return kernels::feature_list(kernels::cpu_features()); });
 
   nb::class_<Job>(m, "Job")
       .def("wait", [](const Job& j) {

@@ -2,10 +2,16 @@
 
 namespace moetune::kernels {
 
+std::vector<std::string> feature_list(FeatureSet s) {
+  std::vector<std::string> out;
+  for (const FeatureInfo& f : kFeatures)
+    if (s.has(f.id)) out.emplace_back(f.name);
+  return out;
+}
+
 std::string feature_names(FeatureSet s) {
   std::string out;
-  for (const FeatureInfo& f : kFeatures)
-    if (s.has(f.id)) out += (out.empty() ? "" : " ") + std::string(f.name);
+  for (const std::string& name : feature_list(s)) out += (out.empty() ? "" : " ") + name;
   return out;
 }
 

@@ -10,6 +10,7 @@
 // isa_unit.h checks at compile time that each unit is compiled with no CPU
 // feature outside its ISA's requirement, so a runnable ISA never executes an
 // instruction the CPU check did not ask for.
+// Thread-safety: constant data and pure functions only.
 #pragma once
 
 #include <array>
@@ -237,7 +238,9 @@ constexpr FeatureSet decode_features(const RawCpu& raw) {
   return s;
 }
 
-// Every feature in the set, in table order, space separated ("" if none).
+// The names of the features in the set, in table order; and the same space
+// separated ("" if none).
+std::vector<std::string> feature_list(FeatureSet s);
 std::string feature_names(FeatureSet s);
 // The compiler flags of an ISA's own units (from its features' flags).
 std::vector<std::string> isa_compile_flags(Isa isa);

@@ -5,6 +5,9 @@
 // own unit's GEMM and the units its row names for the W^T repack, the
 // element-wise set and the dequant. A bundle may run only where its ISA is
 // runnable (isa.h: the requirement covers every unit it uses).
+// Thread-safety: bundles are immutable constants with static storage, and
+// every function in them is pure (see each contract), so any thread may use
+// them concurrently.
 #pragma once
 
 #include <optional>

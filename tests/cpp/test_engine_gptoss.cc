@@ -1,6 +1,6 @@
 // Engine accuracy of the gpt-oss expert variant: the clamped SwiGLU
 // activation (alpha, limit) and the optional frozen expert biases, for every
-// GEMM kernel in the registry (kernels this CPU cannot run are skipped), each
+// ISA of the table (those this CPU cannot run are skipped), each
 // against the plain double reference of engine_test_support.h with its
 // dtype-derived tolerances. Clamping is made to happen (limit ~ the size of
 // the pre-activations, or biases pushing past limit 7) and the tests assert
