@@ -4,8 +4,8 @@
 // reads the CPU (cpu.h does), so every rule can be tested on made-up CPUs.
 //
 // An ISA's *required* features are the closure over the table: its own
-// "features" (what its translation units are compiled for, plus the OS state
-// they need), the requirements of the ISAs it "includes", and those of every
+// "features" (what its translation units are compiled for) and the OS state
+// they need, the requirements of the ISAs it "includes", and those of every
 // unit whose code its kernel bundle uses (transpose, element-wise, dequant).
 // isa_unit.h checks at compile time that each unit is compiled with no CPU
 // feature outside its ISA's requirement, so a runnable ISA never executes an
@@ -43,7 +43,7 @@ struct RawCpu {
 };
 
 #define MOETUNE_ISA(...)
-#define MOETUNE_FEATURE(id, name, flag, macro, source, mask) id,
+#define MOETUNE_FEATURE(id, ...) id,
 enum class Feature : int {
 #include "isa_table.def"
 };
@@ -85,11 +85,12 @@ struct FeatureInfo {
   const char* flag;  // compiler flag; "" for OS state
   FeatureSource source;
   uint64_t mask;     // present iff (word & mask) == mask
+  const char* needs; // OS-state feature names its instructions need
 };
 
 #define MOETUNE_ISA(...)
-#define MOETUNE_FEATURE(id, name, flag, macro, source, mask) \
-  FeatureInfo{Feature::id, name, flag, FeatureSource::source, mask},
+#define MOETUNE_FEATURE(id, name, flag, macro, source, mask, needs) \
+  FeatureInfo{Feature::id, name, flag, FeatureSource::source, mask, needs},
 inline constexpr FeatureInfo kFeatures[] = {
 #include "isa_table.def"
 };
@@ -107,7 +108,7 @@ struct IsaInfo {
   const char* eltwise_unit;
   const char* dequant_unit;
   const char* includes;        // ISA names, space separated
-  FeatureSet features;         // its own: compiled for (flags) + OS state
+  FeatureSet features;         // its own: what its units are compiled for (flags)
   FeatureSet required;         // the closure (see the top of this file)
 };
 
@@ -176,6 +177,8 @@ constexpr std::array<IsaInfo, kRowCount> close_requirements() {
         if (sp == std::string_view::npos) break;
         inc.remove_prefix(sp + 1);
       }
+      for (const FeatureInfo& f : kFeatures)
+        if (r.has(f.id)) r = r | parse_features(f.needs);
       t[i].required = r;
     }
   }

@@ -26,7 +26,7 @@ namespace {  // internal linkage: the value differs per translation unit
 constexpr FeatureSet unit_compiled_features() {
   FeatureSet s;
 #define MOETUNE_ISA(...)
-#define MOETUNE_FEATURE(id, name, flag, macro, source, mask) \
+#define MOETUNE_FEATURE(id, name, flag, macro, ...) \
   if (std::string_view(MOETUNE_ISA_UNIT_XSTR_(macro)) == "1") s = s.with(Feature::id);
 #include "isa_table.def"
 #undef MOETUNE_FEATURE

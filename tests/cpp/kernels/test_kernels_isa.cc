@@ -61,13 +61,16 @@ TEST(IsaTable, RequirementsSpelledOut) {
     EXPECT_EQ(mk::isa_info(isa).required, req) << mk::isa_name(isa);
 }
 
-// The closure rule itself, for every row: an ISA requires its own features,
-// what the ISAs it includes require, and what the units its bundle borrows
-// code from require.
+// The closure rule itself, for every row: an ISA requires its own features
+// and the OS state they need, what the ISAs it includes require, and what the
+// units its bundle borrows code from require.
 TEST(IsaTable, RequirementCoversOwnIncludedAndBorrowedCode) {
   for (const mk::IsaInfo& i : mk::kIsas) {
     SCOPED_TRACE(i.name);
     EXPECT_TRUE(i.required.contains(i.features));
+    for (const mk::FeatureInfo& f : mk::kFeatures)
+      if (i.required.has(f.id))
+        EXPECT_TRUE(i.required.contains(mk::isa_detail::parse_features(f.needs))) << f.name;
     for (const char* unit : {i.unit, i.transpose_unit, i.eltwise_unit, i.dequant_unit})
       EXPECT_TRUE(i.required.contains(mk::isa_with_unit(unit).required)) << "unit " << unit;
     std::string inc = i.includes;
