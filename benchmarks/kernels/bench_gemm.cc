@@ -1,10 +1,10 @@
-// GEMM micro-kernel throughput at the engine's task shapes, every kernel this
-// CPU runs, side by side (one case = one table row per kernel).
+// GEMM micro-kernel throughput at the engine's task shapes, the GEMM of every
+// ISA bundle this CPU runs, side by side (one case = one table row per
+// kernel): on AMX CPUs amx_bf16 and avx512_bf16; elsewhere every runnable
+// ISA's but the scalar one.
 //   bench_gemm [threads...]      (default: 1)
-// The avx512 (F only) kernel's register block is 8 rows x 3 panels; its
-// other blocks (avx512_12x2, avx512_6x4, avx512_8x2) are timed next to it on
-// CPUs without AMX. On AMX CPUs the AMX kernel's other cache blockings
-// (amx_kc*: see amx::gemm_variant) are timed next to the registered one.
+// (The register blocks and cache blockings compared in BENCHMARKS.md were
+// bench-only variants, removed once measured; git history has them.)
 // Each thread owns its A, C and a set of packed B operands:
 //   hot : the same B every call (it stays in L2) — the kernel's own ceiling;
 //   (all 64-byte aligned, as the engine's buffers are)
@@ -28,7 +28,7 @@
 
 #include "kernels/cpu.h"
 #include "kernels/gemm.h"
-#include "kernels/gemm_impl.h"
+#include "kernels/kernel_bundle.h"
 
 namespace mk = moetune::kernels;
 
@@ -136,7 +136,7 @@ double check(const Variant& v, const Shape& s) {
   mk::pack_b(src.data(), mk::SrcType::kBf16, s.N, true, s.K, 0, s.N, 1.0f, B.data());
   std::vector<float> C(s.M * s.N, 1.0f), R(s.M * s.N, 1.0f);
   mk::Segment seg{A.data(), s.K, mk::PackedB{B.data(), s.K, s.N}};
-  mk::all_gemm_kernels().front().gemm(s.M, 0, s.N, &seg, 1, R.data(), s.N, true);
+  mk::kernels_for(mk::Isa::kScalar).gemm(s.M, 0, s.N, &seg, 1, R.data(), s.N, true);
   v.fn(s.M, 0, s.N, &seg, 1, C.data(), s.N, true);
   double err = 0, mx = 0;
   for (size_t i = 0; i < C.size(); ++i) {
@@ -155,20 +155,10 @@ int main(int argc, char** argv) {
   std::printf("cpu: %s\n", mk::cpu_summary().c_str());
   std::vector<Variant> vs;
   const bool amx = mk::cpu_supports(mk::Isa::kAmxBf16);
-  for (const auto& k : mk::all_gemm_kernels())
-    if (k.isa != mk::Isa::kScalar && k.isa != mk::Isa::kAvx2 && mk::cpu_supports(k.isa) &&
-        !(amx && k.isa == mk::Isa::kAvx512))
-      vs.push_back({k.name, k.gemm});
-  if (amx) {
-    vs.push_back({"amx_pipelined", mk::amx::gemm_variant(-256, true)});
-    vs.push_back({"amx_kc256_nopf", mk::amx::gemm_variant(256, false)});
-    vs.push_back({"amx_kc128_pf", mk::amx::gemm_variant(128, true)});
-    vs.push_back({"amx_kc512_pf", mk::amx::gemm_variant(512, true)});
-  } else if (mk::cpu_supports(mk::Isa::kAvx512)) {
-    vs.insert(vs.begin(), {"avx2_fma", mk::gemm_kernel(mk::Isa::kAvx2).gemm});
-    for (auto [mr, nb] : {std::pair{12, 2}, std::pair{6, 4}, std::pair{8, 2}})
-      vs.push_back({"avx512_" + std::to_string(mr) + "x" + std::to_string(nb),
-                    mk::avx512::gemm_variant(mr, nb)});
+  for (const mk::IsaInfo& i : mk::kIsas) {
+    const bool skip = i.id == mk::Isa::kScalar ||
+                      (amx && i.id != mk::Isa::kAmxBf16 && i.id != mk::Isa::kAvx512Bf16);
+    if (!skip && mk::cpu_supports(i.id)) vs.push_back({i.gemm_name, mk::kernels_for(i.id).gemm});
   }
   const Shape shapes[] = {
       {"qwen3 gate/up M192 N256 K2048", 192, 256, 2048},

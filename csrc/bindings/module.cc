@@ -18,6 +18,7 @@
 #include "engine/context.h"
 #include "engine/moe_experts.h"
 #include "kernels/cpu.h"
+#include "kernels/isa.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -161,14 +162,26 @@ LoraGrads lora_grads(const MoeExperts& ex, const LoraSet& lora, const LoraGradAr
   return out;
 }
 
-std::optional<kernels::Isa> parse_isa(const std::string& s) {
-  if (s == "auto") return std::nullopt;
-  if (s == "scalar") return kernels::Isa::kScalar;
-  if (s == "avx2") return kernels::Isa::kAvx2;
-  if (s == "avx512") return kernels::Isa::kAvx512;
-  if (s == "avx512_bf16") return kernels::Isa::kAvx512Bf16;
-  if (s == "amx_bf16") return kernels::Isa::kAmxBf16;
-  throw std::invalid_argument(("isa must be one of auto, scalar, avx2, avx512, avx512_bf16, amx_bf16; got '" + s + "'"));
+// One dict per ISA of the table, in its order (moetune.isas() wraps them).
+nb::list isa_records() {
+  const kernels::FeatureSet have = kernels::cpu_features();
+  nb::list out;
+  for (const kernels::IsaInfo& i : kernels::kIsas) {
+    nb::dict k;
+    k["gemm"] = std::string(i.gemm_name);
+    k["transpose"] = std::string(kernels::isa_with_unit(i.transpose_unit).name);
+    k["eltwise"] = std::string(kernels::isa_with_unit(i.eltwise_unit).name);
+    k["dequant"] = std::string(kernels::isa_with_unit(i.dequant_unit).name);
+    nb::dict d;
+    d["name"] = std::string(i.name);
+    d["runnable"] = kernels::isa_runnable(i.id, have);
+    d["required_features"] = kernels::feature_list(i.required);
+    d["missing_features"] = kernels::feature_list(i.required.minus(have));
+    d["compile_flags"] = kernels::isa_compile_flags(i.id);
+    d["kernels"] = k;
+    out.append(d);
+  }
+  return out;
 }
 
 // ---- the module, one function per concept ----
@@ -176,12 +189,8 @@ std::optional<kernels::Isa> parse_isa(const std::string& s) {
 void bind_kernels(nb::module_& m) {
   m.def("cpu_summary", &kernels::cpu_summary);
   m.attr("PACKED_LAYOUT_VERSION") = kernels::kPackedLayoutVersion;
-  m.def("kernels", [] {
-    std::vector<std::tuple<std::string, std::string, bool>> out;
-    for (const auto& k : kernels::all_gemm_kernels())
-      out.emplace_back(k.name, kernels::isa_name(k.isa), kernels::cpu_supports(k.isa));
-    return out;
-  });
+  m.def("isas", &isa_records);
+  m.def("cpu_features", [] { return kernels::feature_list(kernels::cpu_features()); });
 }
 
 void bind_context(nb::module_& m) {
@@ -198,13 +207,13 @@ void bind_context(nb::module_& m) {
              ContextOptions o;
              o.num_threads = num_threads;
              o.cpus = std::move(cpus);
-             o.isa = parse_isa(isa);
+             o.isa = kernels::parse_isa(isa);
              new (self) Context(std::move(o));
            },
            "num_threads"_a, "cpus"_a = std::vector<int>{}, "isa"_a = "auto")
       .def_prop_ro("num_threads", &Context::num_threads)
-      .def_prop_ro("isa", [](const Context& c) { return std::string(kernels::isa_name(c.gemm().isa)); })
-      .def_prop_ro("kernel", [](const Context& c) { return std::string(c.gemm().name); })
+      .def_prop_ro("isa", [](const Context& c) { return std::string(kernels::isa_name(c.kernels().isa)); })
+      .def_prop_ro("kernel", [](const Context& c) { return std::string(c.kernels().name); })
       .def("info", &Context::info)
       .def("phase_profile", &Context::phase_profile)
       .def("reset_phase_profile", &Context::reset_phase_profile);

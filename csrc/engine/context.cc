@@ -17,10 +17,6 @@ bool Job::ready() const {
 }
 
 namespace {
-const kernels::GemmKernel* select_kernel(const ContextOptions& o) {
-  if (o.isa) return &kernels::gemm_kernel(*o.isa);
-  return &kernels::best_gemm_kernel();
-}
 int checked_threads(int n) {
   if (n < 1) throw std::invalid_argument("moetune: num_threads must be >= 1, got " + std::to_string(n));
   return n;
@@ -29,8 +25,7 @@ int checked_threads(int n) {
 
 Context::Context(ContextOptions options)
     : options_(std::move(options)),
-      gemm_(select_kernel(options_)),
-      eltwise_(&kernels::eltwise_kernel(gemm_->isa)),
+      kernels_(&kernels::select_kernels(options_.isa)),
       pool_(checked_threads(options_.num_threads), options_.cpus) {
   arenas_.resize(pool_.size());
   dispatcher_ = std::thread([this] { dispatcher_loop(); });
@@ -46,7 +41,7 @@ Context::~Context() {
 }
 
 std::string Context::info() const {
-  return std::string("isa=") + kernels::isa_name(gemm_->isa) + " kernel=" + gemm_->name +
+  return std::string("isa=") + kernels::isa_name(kernels_->isa) + " kernel=" + kernels_->name +
          " threads=" + std::to_string(pool_.size()) + " cpu: " + kernels::cpu_summary();
 }
 

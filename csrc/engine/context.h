@@ -1,6 +1,6 @@
 // moetune engine: the Context, which owns everything stateful the engine
-// needs — options, the worker pool, per-worker scratch, the selected kernel,
-// and the job queue. No globals: two Contexts are fully independent (tests
+// needs — options, the worker pool, per-worker scratch, the selected kernel
+// bundle, and the job queue. No globals: two Contexts are fully independent (tests
 // use several with different ISAs and thread counts side by side).
 //
 // Jobs (one layer's forward or backward) are executed one at a time, in
@@ -29,16 +29,15 @@
 
 #include "engine/arena.h"
 #include "engine/buffer.h"
-#include "kernels/eltwise.h"
 #include "engine/thread_pool.h"
-#include "kernels/gemm.h"
+#include "kernels/kernel_bundle.h"
 
 namespace moetune {
 
 struct ContextOptions {
   int num_threads = 1;
   std::vector<int> cpus;                 // optional pinning, worker i -> cpus[i % n]
-  std::optional<kernels::Isa> isa;       // force a kernel (error if the CPU lacks it)
+  std::optional<kernels::Isa> isa;       // force an ISA (error if the CPU lacks it); else the fastest
 };
 
 class Job {
@@ -61,8 +60,8 @@ class Context {
   Context& operator=(const Context&) = delete;
 
   const ContextOptions& options() const { return options_; }
-  const kernels::GemmKernel& gemm() const { return *gemm_; }
-  const kernels::EltwiseKernel& eltwise() const { return *eltwise_; }
+  // The kernels of the ISA chosen at construction, for code running jobs.
+  const kernels::KernelBundle& kernels() const { return *kernels_; }
 
   // Per-call scratch that outlives one phase but not one job (expert-major
   // activations of a forward or backward). Grow-only and reused by the next
@@ -99,8 +98,7 @@ class Context {
   void dispatcher_loop();
 
   ContextOptions options_;
-  const kernels::GemmKernel* gemm_;
-  const kernels::EltwiseKernel* eltwise_;
+  const kernels::KernelBundle* kernels_;
   std::vector<Buf<unsigned char>> workspace_;
   ThreadPool pool_;
   std::vector<Arena> arenas_;

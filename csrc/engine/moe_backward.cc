@@ -33,7 +33,7 @@ using common::kTokenBlock;
 namespace {
 
 // p = bf16(s * (G_e B_e)) with LoRA B_e [K, r] (its own layout read as [K, N]).
-void lora_back_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew,
+void lora_back_reduce(const kernels::KernelBundle& k, const kernels::EltwiseKernel& ew,
                       const LoraProj& p, float s, int e, int64_t K, const bf16* ge, int64_t ldg,
                       int64_t n, Arena& a, bf16* ps, int64_t ldr) {
   common::reduce_to_rank(k, ew, static_cast<const char*>(p.B) + e * K * p.r * esize(p.b_dtype),
@@ -50,7 +50,7 @@ PackedB pack_tokens(const bf16* big, int64_t ldb, int64_t N, int64_t n, Arena& a
   return PackedB{rp, n, N};
 }
 
-void token_contract(const kernels::GemmKernel& k, const bf16* small, int64_t lds, int64_t r,
+void token_contract(const kernels::KernelBundle& k, const bf16* small, int64_t lds, int64_t r,
                     const float* row_scale, const PackedB& big, int64_t n, Arena& a,
                     float* dst, bool transpose_out) {
   const int64_t N = big.N, ldt = layout::ld_tok(n);
@@ -74,7 +74,7 @@ void token_contract(const kernels::GemmKernel& k, const bf16* small, int64_t lds
 class BackwardPass {
  public:
   BackwardPass(const MoeExperts& ex, const BackwardArgs& args, const Saved& s)
-      : ex_(ex), ctx_(*ex.ctx_), k_(ctx_.gemm()), ew_(ctx_.eltwise()), args_(args), s_(s), rt_(s.routing),
+      : ex_(ex), ctx_(*ex.ctx_), k_(ctx_.kernels()), ew_(ctx_.kernels().eltwise), args_(args), s_(s), rt_(s.routing),
         lora_(args.lora), gr_(args.grads), sc_(lora_.scaling), T_(s.T), H_(ex.H()), I_(ex.I()),
         rows_(rt_.rows()), ldh_(layout::ld_bf16(H_)), ldi_(layout::ld_bf16(I_)),
         chI_(layout::chunks(I_)), chH_(layout::chunks(H_)),
@@ -307,7 +307,7 @@ class BackwardPass {
 
   const MoeExperts& ex_;
   Context& ctx_;
-  const kernels::GemmKernel& k_;
+  const kernels::KernelBundle& k_;
   const kernels::EltwiseKernel& ew_;
   const BackwardArgs& args_;
   const Saved& s_;

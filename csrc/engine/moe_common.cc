@@ -37,7 +37,7 @@ void gather_token_rows(const kernels::EltwiseKernel& ew, const Routing& rt, int6
   }
 }
 
-void reduce_to_rank(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew,
+void reduce_to_rank(const kernels::KernelBundle& k, const kernels::EltwiseKernel& ew,
                     const void* w, DType w_dtype, bool kn, int64_t K, int64_t r, const bf16* a,
                     int64_t lda, int64_t n, float s, Arena& arena, bf16* out, int64_t ldr) {
   bf16* packed = arena.alloc<bf16>(kernels::packed_elems(K, r));

@@ -8,6 +8,7 @@
 #include "engine/routing.h"
 #include "kernels/eltwise.h"
 #include "kernels/gemm.h"
+#include "kernels/kernel_bundle.h"
 
 namespace moetune::common {
 
@@ -34,7 +35,7 @@ void gather_token_rows(const kernels::EltwiseKernel& ew, const Routing& rt, int6
 // rank-side LoRA factor used as a [K, r] operand: stored [r, K] (kn = false,
 // LoRA A in the reduce x -> A x) or [K, r] (kn = true, LoRA B in the
 // backward reduce g -> B^T g). Rows of out are zero-padded to ldr.
-void reduce_to_rank(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew,
+void reduce_to_rank(const kernels::KernelBundle& k, const kernels::EltwiseKernel& ew,
                     const void* w, DType w_dtype, bool kn, int64_t K, int64_t r,
                     const kernels::bf16* a, int64_t lda, int64_t n, float s, Arena& arena,
                     kernels::bf16* out, int64_t ldr);

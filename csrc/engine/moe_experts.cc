@@ -40,7 +40,7 @@ size_t Saved::bytes() const {
 MoeExperts::MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, ExpertsOptions options)
     : ctx_(non_null(std::move(ctx))),
       options_(options),
-      store_(E, H, I, options_, ctx_->gemm(), kernels::dequant_kernel(ctx_->gemm().isa)) {}
+      store_(E, H, I, options_, ctx_->kernels()) {}
 
 std::shared_ptr<void> MoeExperts::track() {
   {
@@ -84,7 +84,7 @@ void MoeExperts::load(const void* gate, const void* up, const void* down, DType 
 }
 
 void MoeExperts::activate(const bf16* g, const bf16* u, bf16* h, int64_t n) const {
-  const kernels::EltwiseKernel& ew = ctx_->eltwise();
+  const kernels::EltwiseKernel& ew = ctx_->kernels().eltwise;
   if (options_.activation == Activation::kClampedSwiGLU) {
     ew.clamped_swiglu(g, u, options_.swiglu_alpha, options_.swiglu_limit, h, n);
   } else {
@@ -94,7 +94,7 @@ void MoeExperts::activate(const bf16* g, const bf16* u, bf16* h, int64_t n) cons
 
 float MoeExperts::activate_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h,
                                bf16* dg, bf16* du, int64_t n) const {
-  const kernels::EltwiseKernel& ew = ctx_->eltwise();
+  const kernels::EltwiseKernel& ew = ctx_->kernels().eltwise;
   if (options_.activation == Activation::kClampedSwiGLU) {
     return ew.clamped_swiglu_bwd(g, u, d, w, options_.swiglu_alpha, options_.swiglu_limit, h, dg,
                                  du, n);

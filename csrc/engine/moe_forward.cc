@@ -29,7 +29,7 @@ using common::kTokenBlock;
 namespace {
 
 // z = bf16(s * (X_e A_e^T)) for rows of expert e -> zs rows (stride ldr).
-void lora_reduce(const kernels::GemmKernel& k, const kernels::EltwiseKernel& ew,
+void lora_reduce(const kernels::KernelBundle& k, const kernels::EltwiseKernel& ew,
                  const LoraProj& p, float s, int e, int64_t in, const bf16* xe, int64_t ldx,
                  int64_t n, Arena& a, bf16* zs, int64_t ldr) {
   common::reduce_to_rank(k, ew, static_cast<const char*>(p.A) + e * p.r * in * esize(p.a_dtype),
@@ -72,7 +72,7 @@ void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf
         for (int64_t i = 0; i < nc; ++i) c[m * nc + i] += b[i0 + i];
     }
     bf16* dst = p == Proj::kGate ? gb : ub;
-    for (int64_t m = 0; m < n; ++m) ctx_->eltwise().to_bf16(c + m * nc, 1.0f, dst + m * ld, nc);
+    for (int64_t m = 0; m < n; ++m) ctx_->kernels().eltwise.to_bf16(c + m * nc, 1.0f, dst + m * ld, nc);
   }
 }
 
@@ -81,7 +81,7 @@ void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf
 class ForwardPass {
  public:
   ForwardPass(const MoeExperts& ex, const ForwardArgs& args, Saved& s)
-      : ex_(ex), ctx_(*ex.ctx_), k_(ctx_.gemm()), ew_(ctx_.eltwise()), args_(args), s_(s), rt_(s.routing),
+      : ex_(ex), ctx_(*ex.ctx_), k_(ctx_.kernels()), ew_(ctx_.kernels().eltwise), args_(args), s_(s), rt_(s.routing),
         lora_(args.lora), T_(args.T), H_(ex.H()), I_(ex.I()), rows_(rt_.rows()),
         ldh_(layout::ld_bf16(H_)), ldi_(layout::ld_bf16(I_)),
         n_active_(static_cast<int64_t>(rt_.active.size())),
@@ -231,7 +231,7 @@ class ForwardPass {
 
   const MoeExperts& ex_;
   Context& ctx_;
-  const kernels::GemmKernel& k_;
+  const kernels::KernelBundle& k_;
   const kernels::EltwiseKernel& ew_;
   const ForwardArgs& args_;
   Saved& s_;

@@ -77,10 +77,10 @@ size_t WeightStore::bias_bytes_for(int E, int H, int I) {
 }
 
 WeightStore::WeightStore(int E, int H, int I, const ExpertsOptions& options,
-                         const kernels::GemmKernel& gemm, const kernels::DequantKernel& dequant)
+                         const kernels::KernelBundle& kernels)
     : E_(E), H_(H), I_(I), spec_(options.quant_spec()),
-      transposed_copy_(options.backward_weights == BackwardWeights::kTransposedCopy), gemm_(&gemm),
-      dequant_(&dequant), layout_(layout_for(E, H, I, options)) {
+      transposed_copy_(options.backward_weights == BackwardWeights::kTransposedCopy), kernels_(&kernels),
+      layout_(layout_for(E, H, I, options)) {
   for (int p = 0; p < 3; ++p)
     for (int k = 0; k < kKinds; ++k) buf_[p][k].resize(layout_.stride[p][k] * size_t(E));
 }
@@ -150,8 +150,8 @@ void WeightStore::load_expert(int e, const void* gate, const void* up, const voi
       if (transposed_copy_) {
         // bf16 dq(q(W))^T: the same values the repack path would make.
         Buf<bf16> tmp(static_cast<size_t>(kernels::packed_elems(d.K, d.N)));
-        dequant_->dequant(quant(p, e), 0, d.N, 0, d.K, tmp.data());
-        gemm_->transpose_packed(PackedB{tmp.data(), d.K, d.N}, 0, d.K, at<bf16>(p, Kind::kTransposedBf16, e));
+        kernels_->dequant(quant(p, e), 0, d.N, 0, d.K, tmp.data());
+        kernels_->transpose_packed(PackedB{tmp.data(), d.K, d.N}, 0, d.K, at<bf16>(p, Kind::kTransposedBf16, e));
       }
       continue;
     }
@@ -195,7 +195,7 @@ void WeightStore::unpack_expert(int e, bf16* gate, bf16* up, bf16* down) const {
     PackedB src;
     if (quantized()) {
       tmp.resize(static_cast<size_t>(kernels::packed_elems(d.K, d.N)));
-      kernels::dequant_kernel(kernels::Isa::kScalar).dequant(quant(p, e), 0, d.N, 0, d.K, tmp.data());
+      kernels::kernels_for(kernels::Isa::kScalar).dequant(quant(p, e), 0, d.N, 0, d.K, tmp.data());
       src = PackedB{tmp.data(), d.K, d.N};
     } else {
       src = fwd(p, e);
@@ -214,17 +214,17 @@ void WeightStore::weight_gemm(Proj p, int e, int64_t n0, int64_t nc, const bf16*
   if (!quantized()) {
     seg[0] = kernels::Segment{A, lda, kernels::packed_slice(fwd(p, e), n0, nc)};
     if (extra) seg[1] = *extra;
-    gemm_->gemm(M, 0, nc, seg, nseg, C, ldc, false);
+    kernels_->gemm(M, 0, nc, seg, nseg, C, ldc, false);
     return;
   }
   const QuantB q = quant(p, e);
   bf16* panel = a.alloc<bf16>(kernels::packed_elems(q.K, std::min(nc, kDequantCols)));
   for (int64_t c0 = 0; c0 < nc; c0 += kDequantCols) {
     const int64_t w = std::min(kDequantCols, nc - c0);
-    dequant_->dequant(q, n0 + c0, n0 + c0 + w, 0, q.K, panel);
+    kernels_->dequant(q, n0 + c0, n0 + c0 + w, 0, q.K, panel);
     seg[0] = kernels::Segment{A, lda, PackedB{panel, q.K, w}};
     if (extra) seg[1] = kernels::Segment{extra->A, extra->lda, kernels::packed_slice(extra->B, c0, w)};
-    gemm_->gemm(M, 0, w, seg, nseg, C + c0, ldc, false);
+    kernels_->gemm(M, 0, w, seg, nseg, C + c0, ldc, false);
   }
 }
 
@@ -232,7 +232,7 @@ PackedB WeightStore::bwd_slice(Proj p, int e, int64_t n0, int64_t n, Arena& a) c
   if (transposed_copy_) return kernels::packed_slice(bwd(p, e), n0, n);
   const PackedB src = fwd(p, e);
   bf16* dst = a.alloc<bf16>(kernels::packed_elems(src.N, n));
-  gemm_->transpose_packed(src, n0, n0 + n, dst);
+  kernels_->transpose_packed(src, n0, n0 + n, dst);
   return PackedB{dst, src.N, n};
 }
 
@@ -241,7 +241,7 @@ void WeightStore::weight_t_gemm(const Proj* which, int nw, int e, int64_t n0, in
                                 Arena& a) const {
   if (!quantized() || transposed_copy_) {
     for (int j = 0; j < nw; ++j) segs[j].B = bwd_slice(which[j], e, n0, nc, a);
-    gemm_->gemm(M, 0, nc, segs, nseg, C, ldc, false);
+    kernels_->gemm(M, 0, nc, segs, nseg, C, ldc, false);
     return;
   }
   const int64_t wmax = std::min(nc, kDequantCols);
@@ -258,13 +258,13 @@ void WeightStore::weight_t_gemm(const Proj* which, int nw, int e, int64_t n0, in
     for (int j = 0; j < nw; ++j) {
       // W^T columns [n0+c0, +w) are W's K rows: dequantize them, transpose.
       const QuantB q = quant(which[j], e);
-      dequant_->dequant(q, 0, q.N, n0 + c0, n0 + c0 + w, rows[j]);
-      gemm_->transpose_packed(PackedB{rows[j], w, q.N}, 0, w, tr[j]);
+      kernels_->dequant(q, 0, q.N, n0 + c0, n0 + c0 + w, rows[j]);
+      kernels_->transpose_packed(PackedB{rows[j], w, q.N}, 0, w, tr[j]);
       local[j] = kernels::Segment{segs[j].A, segs[j].lda, PackedB{tr[j], q.N, w}};
     }
     for (int j = nw; j < nseg; ++j)
       local[j] = kernels::Segment{segs[j].A, segs[j].lda, kernels::packed_slice(segs[j].B, c0, w)};
-    gemm_->gemm(M, 0, w, local, nseg, C + c0, ldc, false);
+    kernels_->gemm(M, 0, w, local, nseg, C + c0, ldc, false);
   }
 }
 

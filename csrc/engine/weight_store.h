@@ -36,6 +36,7 @@
 #include "engine/buffer.h"
 #include "engine/moe_types.h"
 #include "kernels/gemm.h"
+#include "kernels/kernel_bundle.h"
 #include "kernels/quant.h"
 
 namespace moetune {
@@ -49,10 +50,9 @@ class WeightStore {
 
   // Validates the shape (E, H, I >= 1) and options (ExpertsOptions::validate;
   // std::invalid_argument), then allocates every buffer (uninitialised: load
-  // every expert before use). gemm / dequant: the kernels of the Context this
-  // store serves (static registry entries; the store keeps pointers).
-  WeightStore(int E, int H, int I, const ExpertsOptions& options, const kernels::GemmKernel& gemm,
-              const kernels::DequantKernel& dequant);
+  // every expert before use). kernels: the bundle of the Context this store
+  // serves (a static constant; the store keeps a pointer).
+  WeightStore(int E, int H, int I, const ExpertsOptions& options, const kernels::KernelBundle& kernels);
   WeightStore(const WeightStore&) = delete;
   WeightStore& operator=(const WeightStore&) = delete;
 
@@ -155,8 +155,7 @@ class WeightStore {
   int E_, H_, I_;
   kernels::QuantSpec spec_;
   bool transposed_copy_;
-  const kernels::GemmKernel* gemm_;
-  const kernels::DequantKernel* dequant_;
+  const kernels::KernelBundle* kernels_;  // the Context's choice (weight GEMMs, repack, dequant)
   Layout layout_;
   Buf<uint8_t> buf_[3][kKinds];
   Buf<float> bias_[3];  // [E, I], [E, I], [E, H] fp32; empty = absent

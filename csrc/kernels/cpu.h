@@ -1,32 +1,32 @@
 // moetune kernels: what this CPU and OS let us run, decided once.
 //
-// Detection reads CPUID leaves 1/7, XCR0 (the OS must save the wider register
-// state: YMM for AVX2, ZMM+opmask for AVX-512, XTILECFG/XTILEDATA for AMX)
-// and, for AMX, asks Linux for permission to use tile data
-// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)). A feature the CPU
-// has but the OS refuses is reported as absent, with the reason, so no kernel
-// can ever SIGILL.
+// Detection reads CPUID leaves 1 and 7 (sub-leaves 0 and 1) and XCR0 (the OS
+// must save the wider register state: YMM for AVX2, opmask + ZMM for AVX-512,
+// tile config + data for AMX) into a RawCpu, and for AMX asks Linux for
+// permission to use tile data (arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA)); decode_features (isa.h) turns those bits into
+// features. An ISA runs iff every feature it requires is present
+// (isa_runnable), so a feature the CPU has but the OS refuses makes the ISAs
+// needing it unrunnable, and no kernel can SIGILL.
 #pragma once
 
 #include <string>
 
-#include "gemm.h"
+#include "isa.h"
 
 namespace moetune::kernels {
 
-struct CpuFeatures {
-  bool avx2_fma = false;     // AVX2 + FMA + F16C, YMM state enabled
-  bool avx512 = false;       // AVX512F/BW/VL/DQ, ZMM + opmask state enabled
-  bool avx512_bf16 = false;  // the above + AVX512_BF16
-  bool avx512_vnni = false;
-  bool amx_bf16 = false;     // AMX-TILE + AMX-BF16 and the kernel granted tile data
-  bool amx_int8 = false;
-  std::string notes;         // why something present was turned off
+struct DetectedCpu {
+  RawCpu raw;           // the words read (see FeatureSource)
+  FeatureSet features;  // decode_features(raw)
+  std::string notes;    // why something the CPU has was turned off, if anything
 };
 
 // Computed on first use (thread-safe static init), then constant.
-const CpuFeatures& cpu_features();
-bool cpu_supports(Isa isa);
+const DetectedCpu& detected_cpu();
+inline FeatureSet cpu_features() { return detected_cpu().features; }
+inline bool cpu_supports(Isa isa) { return isa_runnable(isa, cpu_features()); }
+// "features: ...; runs: scalar avx2 ..." plus the notes, for logs and `moetune info`.
 std::string cpu_summary();
 
 }  // namespace moetune::kernels

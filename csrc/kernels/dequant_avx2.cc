@@ -1,12 +1,15 @@
 // AVX2 dequant: as the AVX-512 one (dequant_avx512.cc) in two 8-column
 // halves; fp32 -> bf16 by the integer round-to-nearest-even of f32_to_bf16
 // (no NaN can occur: weights are checked finite at quantization).
-// Compiled with -mavx2 -mfma only.
+// Compiled with its ISA's flags only (isa_table.def).
 #include <immintrin.h>
 
 #include <algorithm>
 
 #include "quant_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(avx2);
 
 namespace moetune::kernels::avx2 {
 namespace {

@@ -5,13 +5,16 @@
 // (RNE with integer ops, avx512_round.h: no BF16 instruction, so the avx512,
 // avx512_bf16 and amx ISAs share this one) and interleaved into the pair
 // layout with one shift + or. Bit-identical to the scalar oracle.
-// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
+// Compiled with its ISA's flags only (isa_table.def).
 #include <immintrin.h>
 
 #include <algorithm>
 
 #include "avx512_round.h"
 #include "quant_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(avx512);
 
 namespace moetune::kernels::avx512 {
 namespace {

@@ -27,8 +27,8 @@
 
 namespace moetune::kernels {
 
+// One ISA's element-wise set (a member of its kernel bundle, kernel_bundle.h).
 struct EltwiseKernel {
-  Isa isa;
   void (*to_bf16)(const float* src, float scale, bf16* dst, int64_t n);
   void (*swiglu)(const bf16* g, const bf16* u, bf16* h, int64_t n);
   float (*swiglu_bwd)(const bf16* g, const bf16* u, const float* d, float w, bf16* h, bf16* dg,
@@ -38,9 +38,5 @@ struct EltwiseKernel {
   float (*clamped_swiglu_bwd)(const bf16* g, const bf16* u, const float* d, float w, float alpha,
                               float limit, bf16* h, bf16* dg, bf16* du, int64_t n);
 };
-
-// The element-wise kernels matching a GEMM kernel's ISA (scalar where an ISA
-// has no specialised version).
-const EltwiseKernel& eltwise_kernel(Isa isa);
 
 }  // namespace moetune::kernels

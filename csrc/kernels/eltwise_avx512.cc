@@ -1,11 +1,14 @@
 // AVX-512 element-wise epilogues, one set for the avx512, avx512_bf16 and amx
 // ISAs: bf16 rounding with integer ops (avx512_round.h; bit-identical to the
 // scalar f32_to_bf16, denormals included), a polynomial exp for the sigmoid.
-// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
+// Compiled with its ISA's flags only (isa_table.def).
 #include <immintrin.h>
 
 #include "avx512_round.h"
 #include "eltwise_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(avx512);
 
 namespace moetune::kernels::avx512 {
 namespace {

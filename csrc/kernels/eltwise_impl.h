@@ -1,4 +1,4 @@
-// Private: per-ISA element-wise entry points behind eltwise_kernel().
+// Private: the per-unit element-wise entry points behind the kernel bundles (registry.cc).
 #pragma once
 
 #include "eltwise.h"

@@ -2,6 +2,9 @@
 #include <cmath>
 
 #include "eltwise_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(scalar);
 
 namespace moetune::kernels::scalar {
 

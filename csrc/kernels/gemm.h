@@ -1,4 +1,4 @@
-// moetune kernels: bf16 GEMM micro-kernel interface, packed-B layout, registry.
+// moetune kernels: bf16 GEMM micro-kernel interface and the packed-B layout.
 //
 // Kernels know nothing about MoE. They compute
 //
@@ -7,13 +7,13 @@
 // with bf16 inputs and fp32 accumulation, where every B_s is in the *packed
 // panel layout* below. The engine expresses every product of a MoE layer's
 // forward and backward (base weights, transposed base weights, LoRA reduce /
-// expand, LoRA gradients) as such a call, so a new ISA only has to provide
-// this one entry point (and may declare a different packed layout later, e.g.
-// AMX or INT8/INT4 weights, through PackFormat).
+// expand, LoRA gradients) as such a call, so a new ISA provides this one entry
+// point (plus a W^T repack, or shares one) in its kernel bundle
+// (kernel_bundle.h). Quantized weights are dequantized into this layout
+// first (quant.h), so there is one packed layout for every ISA.
 //
-// Packed panel layout (PackFormat::kBf16Pair16): N is cut into panels of
-// kPanelN = 16 columns; K is padded with zeros to an even Kp. Panel p holds
-// Kp/2 rows of 16 column-pairs:
+// Packed panel layout: N is cut into panels of kPanelN = 16 columns; K is
+// padded with zeros to an even Kp. Panel p holds Kp/2 rows of 16 column-pairs:
 //     element (k, n) lives at  p*Kp*16 + (k/2)*32 + (n%16)*2 + (k%2)
 // i.e. each 32-bit lane carries the two K-neighbours of one column, the
 // operand order of vdpbf16ps, of AMX B tiles, and cheap to widen on AVX2.
@@ -25,8 +25,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <string>
-#include <vector>
 
 namespace moetune::kernels {
 
@@ -98,33 +96,12 @@ inline constexpr int kMaxSegments = 4;
 using GemmFn = void (*)(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs,
                         int nseg, float* C, int64_t ldc, bool accumulate);
 
-// Ordered slowest to fastest: best_gemm_kernel() and the eltwise / dequant
-// lookups pick the highest one the CPU runs. kAvx512 is AVX-512 F/BW/VL/DQ
-// without BF16 (Skylake-SP, Cascade Lake, Ice Lake server).
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmxBf16 = 4 };
-const char* isa_name(Isa isa);
-
-enum class PackFormat : int { kBf16Pair16 = 0 };
-
-// Packs columns [n_begin, n_end) of the transpose of a packed operand (see
-// pack_b_transposed below); per ISA because it is on the backward hot path.
+// Packs columns [n_begin, n_end) of the transpose of a packed operand:
+// src is packed [K, N]; dst becomes packed [K' = N, n_end - n_begin] holding
+// src^T's columns n_begin.. (= src's K rows n_begin..). This is how backward
+// gets W^T slices from the forward-packed W without a second copy. Per ISA
+// (a bundle member) because it is on the backward hot path.
 using TransposeFn = void (*)(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
-
-struct GemmKernel {
-  Isa isa;
-  const char* name;
-  PackFormat format;
-  GemmFn gemm;
-  TransposeFn transpose_packed;
-};
-
-// Every kernel compiled into this binary, scalar first (the oracle). Whether a
-// kernel may run on this CPU is cpu_supports(kernel.isa).
-const std::vector<GemmKernel>& all_gemm_kernels();
-// The fastest kernel this CPU runs, never above `max_isa` (to force a lower
-// path for tests or comparisons).
-const GemmKernel& best_gemm_kernel(Isa max_isa = Isa::kAmxBf16);
-const GemmKernel& gemm_kernel(Isa isa);  // throws if not built or not runnable
 
 // ---- packing (layout-only, ISA-independent; memory bound) ----
 // Source element types accepted when packing.
@@ -146,17 +123,10 @@ void pack_b(const void* src, SrcType type, int64_t ld, bool kn, int64_t K, int64
 void transpose_to_a(const void* src, SrcType type, int64_t ld_src, int64_t rows, int64_t cols,
                     const float* row_scale, bf16* dst, int64_t ld_dst);
 
-}  // namespace moetune::kernels
-
-namespace moetune::kernels {
-// Packs columns [n_begin, n_end) of the transpose of a packed operand:
-// src is packed [K, N]; dst becomes packed [K' = N, n_end - n_begin] holding
-// src^T's columns n_begin.. (= src's K rows n_begin..). This is how backward
-// gets W^T slices from the forward-packed W without a second copy.
-void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
 // A view of columns [n_begin, n_begin + n) of a packed operand; n_begin must
 // be a multiple of kPanelN (panels are contiguous, so this is pointer math).
 MOETUNE_INLINE PackedB packed_slice(const PackedB& b, int64_t n_begin, int64_t n) {
   return PackedB{b.panel(n_begin / kPanelN), b.K, n, b.panel_stride};
 }
+
 }  // namespace moetune::kernels

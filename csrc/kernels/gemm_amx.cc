@@ -6,12 +6,12 @@
 // has at most 16 rows).
 //
 // Cache blocking, K outermost (per block of up to kMc rows x kNc columns):
-//   for each K block of KC (over every segment's main part):
-//     for each 32-row block: copy A (32 x KC, 16 KiB) into contiguous tiles,
+//   for each K block of kKc (over every segment's main part):
+//     for each 32-row block: copy A (32 x kKc, 16 KiB) into contiguous tiles,
 //       so A tiles load from L1 without the 4 KiB aliasing of rows of a
 //       K = 2048 activation matrix;
 //       for each pair of panels: C tiles from / to the fp32 staging block,
-//         B tiles of the K block (KC x kNc, 128 KiB) from L2.
+//         B tiles of the K block (kKc x kNc, 128 KiB) from L2.
 // So each B byte comes from DRAM once per call and from L2 once per 32 rows,
 // while the next K block's B is software-prefetched into L2 during this one
 // (expert weights are streamed, and a tile load that misses L2 stalls the
@@ -19,22 +19,26 @@
 // 192 KiB, on the stack: callers' threads need the usual >= 1 MiB stacks)
 // lives in L2.
 //
-// What AMX does not cover goes to the AVX512-BF16 kernel in accumulate mode:
-// each segment's K tail (K mod 32) and segments shorter than 32 (LoRA
-// expands with small r) — the same arithmetic, fp32 accumulation.
+// What AMX does not cover goes to the AVX512-BF16 kernel in accumulate mode
+// (so the amx_bf16 row of isa_table.def includes avx512_bf16): each
+// segment's K tail (K mod 32) and segments shorter than 32 (LoRA expands with
+// small r) — the same arithmetic, fp32 accumulation.
 // Row tails are zero rows of the packed A block, column tails the zero
 // columns of the last packed panel, and C goes through the staging block,
 // so no read or write ever goes past the caller's buffers.
 //
 // The tile configuration is loaded on entry and released on exit (RAII), so
 // a worker thread never leaves AMX state configured between calls.
-// Compiled with -mamx-tile -mamx-bf16 plus the AVX-512 flags.
+// Compiled with its ISA's flags only (isa_table.def).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "gemm_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(amx);
 
 namespace moetune::kernels::amx {
 namespace {
@@ -98,16 +102,20 @@ class BPrefetch {
   int64_t k0_, p_, p_end_, lines_, l_ = 0, per_step_ = 0;
 };
 
-template <int64_t KC, bool kPrefetch, bool kPipelined = false>
+// K rows per block (a multiple of kTileK): of 128, 256 and 512, with and
+// without the next block's prefetch, 256 + prefetch was the best overall
+// (BENCHMARKS.md, "GEMM micro-kernel at the engine's task shapes").
+constexpr int64_t kKc = 256;
+
 void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
                float* C, int64_t ldc, bool accumulate) {
   TileScope tiles;
   // apack[h][ks]: tile of rows 16h..16h+15, K columns 32ks..32ks+31 of the block.
-  alignas(64) bf16 apack[2][KC / kTileK][16 * kTileK];
+  alignas(64) bf16 apack[2][kKc / kTileK][16 * kTileK];
   alignas(64) float cst[kMc * kNc];
 
   auto next = [&](KCursor c) {
-    c.k0 += KC;
+    c.k0 += kKc;
     if (c.k0 >= segs[c.s].B.kp()) {
       ++c.s;
       c.k0 = 0;
@@ -127,12 +135,12 @@ void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, i
       for (KCursor cur; cur.s < nseg; cur = next(cur)) {
         const Segment& sg = segs[cur.s];
         const int64_t k0 = cur.k0;
-        const int64_t kc = std::min(KC, sg.B.kp() - k0);
+        const int64_t kc = std::min(kKc, sg.B.kp() - k0);
         const int64_t ksteps = kc / kTileK;
         const KCursor nx = next(cur);
-        const bool has_next = kPrefetch && nx.s < nseg;
+        const bool has_next = nx.s < nseg;
         BPrefetch pf(has_next ? &segs[nx.s].B : nullptr, nx.k0,
-                     has_next ? std::min(KC, segs[nx.s].B.kp() - nx.k0) : 0, p_begin, p_end,
+                     has_next ? std::min(kKc, segs[nx.s].B.kp() - nx.k0) : 0, p_begin, p_end,
                      mblocks * pairs * ksteps);
         for (int64_t m0 = 0; m0 < mrows; m0 += 32) {
           const int64_t rows = std::min<int64_t>(32, mrows - m0);
@@ -166,29 +174,7 @@ void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, i
             }
             const bf16* b0 = sg.B.panel(p) + k0 * kPanelN;
             const bf16* b1 = two ? sg.B.panel(p + 1) + k0 * kPanelN : nullptr;
-            if (two_rows && two && kPipelined) {
-              // Each tile's load for step ks+1 issued right after its last use
-              // in step ks (tile registers are not renamed): the loads overlap
-              // the remaining dot products. Same accumulation order per C tile.
-              _tile_loadd(4, apack[0][0], 64);
-              _tile_loadd(5, apack[1][0], 64);
-              _tile_loadd(6, b0, 64);
-              _tile_loadd(7, b1, 64);
-              for (int64_t ks = 0; ks < ksteps; ++ks) {
-                const bool more = ks + 1 < ksteps;
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                if (more) _tile_loadd(4, apack[0][ks + 1], 64);
-                _tile_dpbf16ps(2, 5, 6);
-                if (more) _tile_loadd(6, b0 + (ks + 1) * kTileK * kPanelN, 64);
-                _tile_dpbf16ps(3, 5, 7);
-                if (more) {
-                  _tile_loadd(5, apack[1][ks + 1], 64);
-                  _tile_loadd(7, b1 + (ks + 1) * kTileK * kPanelN, 64);
-                }
-                if (kPrefetch) pf.step();
-              }
-            } else if (two_rows && two) {
+            if (two_rows && two) {
               for (int64_t ks = 0; ks < ksteps; ++ks) {
                 _tile_loadd(4, apack[0][ks], 64);
                 _tile_loadd(6, b0 + ks * kTileK * kPanelN, 64);
@@ -198,7 +184,7 @@ void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, i
                 _tile_dpbf16ps(2, 5, 6);
                 _tile_dpbf16ps(1, 4, 7);
                 _tile_dpbf16ps(3, 5, 7);
-                if (kPrefetch) pf.step();
+                pf.step();
               }
             } else {
               for (int64_t ks = 0; ks < ksteps; ++ks) {
@@ -213,7 +199,7 @@ void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, i
                   _tile_loadd(7, b1 + ks * kTileK * kPanelN, 64);
                   _tile_dpbf16ps(1, 4, 7);
                 }
-                if (kPrefetch) pf.step();
+                pf.step();
               }
             }
             _tile_stored(0, c, kNc * 4);
@@ -240,10 +226,11 @@ void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, i
   }
 }
 
+}  // namespace
+
 // Splits the segments into AMX main parts (K a multiple of 32) and tails.
-template <int64_t KC, bool kPrefetch, bool kPipelined = false>
-void gemm_split(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
-                float* C, int64_t ldc, bool accumulate) {
+void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg, float* C,
+          int64_t ldc, bool accumulate) {
   Segment main_part[kMaxSegments];
   Segment tails[kMaxSegments];
   int nmain = 0, ntail = 0;
@@ -262,23 +249,8 @@ void gemm_split(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, 
     avx512bf16::gemm(M, n_begin, n_end, segs, nseg, C, ldc, accumulate);
     return;
   }
-  gemm_main<KC, kPrefetch, kPipelined>(M, n_begin, n_end, main_part, nmain, C, ldc, accumulate);
+  gemm_main(M, n_begin, n_end, main_part, nmain, C, ldc, accumulate);
   if (ntail > 0) avx512bf16::gemm(M, n_begin, n_end, tails, ntail, C, ldc, true);
-}
-
-}  // namespace
-
-void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg, float* C,
-          int64_t ldc, bool accumulate) {
-  gemm_split<256, true>(M, n_begin, n_end, segs, nseg, C, ldc, accumulate);
-}
-
-GemmFn gemm_variant(int kc, bool prefetch) {
-  if (kc == -256) return &gemm_split<256, true, true>;  // software-pipelined tile loads
-  if (kc == 128) return prefetch ? &gemm_split<128, true> : &gemm_split<128, false>;
-  if (kc == 256) return prefetch ? &gemm_split<256, true> : &gemm_split<256, false>;
-  if (kc == 512) return prefetch ? &gemm_split<512, true> : &gemm_split<512, false>;
-  return nullptr;
 }
 
 }  // namespace moetune::kernels::amx

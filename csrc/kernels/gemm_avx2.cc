@@ -2,13 +2,16 @@
 // parts): bf16 is widened to fp32 by shifts (a bf16 is the top half of an
 // fp32), then FMA. One packed panel row (16 columns x a K pair) is two 256-bit
 // loads giving 8 columns of the even and odd K each.
-// Compiled with -mavx2 -mfma only.
+// Compiled with its ISA's flags only (isa_table.def).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "gemm_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(avx2);
 
 namespace moetune::kernels::avx2 {
 namespace {

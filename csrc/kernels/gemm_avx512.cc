@@ -20,7 +20,7 @@
 // 8x3 needs fewer widening ops per FMA than 6x4. All segments of the
 // call are summed in registers within a K chunk (LoRA terms fused for free);
 // K beyond one chunk (kKc pairs) adds into C between chunks.
-// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq only.
+// Compiled with its ISA's flags only (isa_table.def).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -29,6 +29,9 @@
 #include <utility>
 
 #include "gemm_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(avx512);
 
 namespace moetune::kernels::avx512 {
 namespace {
@@ -168,14 +171,6 @@ void gemm_blocked(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs
 void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg, float* C,
           int64_t ldc, bool accumulate) {
   gemm_blocked<8, 3>(M, n_begin, n_end, segs, nseg, C, ldc, accumulate);
-}
-
-GemmFn gemm_variant(int mr, int nb) {
-  if (mr == 12 && nb == 2) return &gemm_blocked<12, 2>;
-  if (mr == 8 && nb == 3) return &gemm_blocked<8, 3>;
-  if (mr == 6 && nb == 4) return &gemm_blocked<6, 4>;
-  if (mr == 8 && nb == 2) return &gemm_blocked<8, 2>;
-  return nullptr;
 }
 
 }  // namespace moetune::kernels::avx512

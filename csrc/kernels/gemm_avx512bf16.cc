@@ -3,13 +3,16 @@
 // kMr rows x kNb panels of fp32 accumulators, all segments of the call summed
 // in registers before one (masked) store, so a LoRA expand fused as a second
 // segment costs no extra pass over C.
-// Compiled with -mavx512f -mavx512bw -mavx512vl -mavx512bf16 only.
+// Compiled with its ISA's flags only (isa_table.def).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "gemm_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(avx512bf16);
 
 namespace moetune::kernels::avx512bf16 {
 namespace {

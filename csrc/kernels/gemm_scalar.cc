@@ -2,6 +2,9 @@
 // K order. Always built, runs anywhere, and is the oracle the SIMD kernels are
 // tested against. Not meant to be fast.
 #include "gemm_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(scalar);
 
 namespace moetune::kernels::scalar {
 

@@ -10,6 +10,9 @@
 #endif
 
 #include "gemm.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(scalar);
 
 namespace moetune::kernels {
 namespace {
@@ -164,7 +167,9 @@ void transpose_to_a(const void* src, SrcType type, int64_t ld_src, int64_t rows,
 
 }  // namespace moetune::kernels
 
-namespace moetune::kernels {
+// The scalar unit's W^T repack (the avx2 bundle uses it too; the AVX-512 one
+// is in gemm_avx512.cc).
+namespace moetune::kernels::scalar {
 
 void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst) {
   // dst(k', c) = src(k = n_begin + c, n = k'). Walk 16x16 blocks: one src
@@ -195,4 +200,4 @@ void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16*
   }
 }
 
-}  // namespace moetune::kernels
+}  // namespace moetune::kernels::scalar

@@ -1,5 +1,5 @@
-// Quantization at load (the scalar oracle for every format), the scalar
-// dequant kernel and the dequant registry. See quant.h for the formats.
+// Quantization at load (the scalar oracle for every format) and the scalar
+// dequant kernel. See quant.h for the formats.
 #include "quant.h"
 
 #include <algorithm>
@@ -9,8 +9,10 @@
 #include <stdexcept>
 #include <vector>
 
-#include "cpu.h"
 #include "quant_impl.h"
+#include "isa_unit.h"
+
+MOETUNE_ISA_UNIT(scalar);
 
 namespace moetune::kernels {
 
@@ -151,26 +153,5 @@ void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int6
 }
 
 }  // namespace scalar
-
-const DequantKernel* dequant_kernels(int* count) {
-  static const DequantKernel kernels[] = {
-      {Isa::kScalar, "scalar", &scalar::dequant},
-      {Isa::kAvx2, "avx2", &avx2::dequant},
-      {Isa::kAvx512, "avx512", &avx512::dequant},
-  };
-  *count = 3;
-  return kernels;
-}
-
-const DequantKernel& dequant_kernel(Isa isa) {
-  int n = 0;
-  const DequantKernel* ks = dequant_kernels(&n);
-  // The highest entry at or below the ISA: avx512_bf16 and AMX (whose B tiles
-  // are these bf16 panels) get the AVX-512 F/BW one.
-  const DequantKernel* best = &ks[0];
-  for (int i = 0; i < n; ++i)
-    if (static_cast<int>(ks[i].isa) <= static_cast<int>(isa) && cpu_supports(ks[i].isa)) best = &ks[i];
-  return *best;
-}
 
 }  // namespace moetune::kernels

@@ -118,20 +118,10 @@ void quantize_pack(const void* src, SrcType type, int64_t ld, int64_t K, int64_t
 // Dequantizes rows [k0, k1) (k0 even) of columns [n_begin, n_end) (n_begin a
 // multiple of 16) of a quantized operand into a bf16 packed operand
 // [K = k1 - k0, N = n_end - n_begin] (gemm.h layout, packed_elems elements,
-// pads zeroed). Pure function of its arguments.
+// pads zeroed). Pure function of its arguments. Per ISA: a member of the
+// kernel bundle (kernel_bundle.h); every ISA's is bit-identical to the
+// scalar one.
 using DequantFn = void (*)(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0,
                            int64_t k1, bf16* dst);
-
-struct DequantKernel {
-  Isa isa;
-  const char* name;
-  DequantFn dequant;
-};
-
-// The dequant kernel for a GEMM kernel's ISA (avx512, avx512_bf16 and AMX all
-// use the AVX-512 F/BW one; its bf16 panels are AMX B tiles). dequant_kernels() lists every kernel this
-// binary has (scalar first) for tests; runnable iff cpu_supports(isa).
-const DequantKernel& dequant_kernel(Isa isa);
-const DequantKernel* dequant_kernels(int* count);
 
 }  // namespace moetune::kernels

@@ -1,4 +1,4 @@
-// Private: the per-ISA dequant entry points behind dequant_kernel(). Each
+// Private: the per-unit dequant entry points behind the kernel bundles (registry.cc). Each
 // lives in a translation unit compiled with only that ISA's flags.
 #pragma once
 

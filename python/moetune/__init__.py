@@ -6,10 +6,11 @@ Layers (one direction): C++ kernels -> C++ engine -> nanobind bindings
 """
 
 from moetune.engine import Context, LoraWeights, MoEExperts, PackedBuffer, PendingMoE, moe_experts, moe_experts_async
+from moetune.isa import IsaInfo, cpu_features, isas
 from moetune.options import ExpertsOptions
 
-__all__ = ["Context", "ExpertsOptions", "LoraWeights", "MoEExperts", "PackedBuffer", "PendingMoE", "moe_experts",
-           "moe_experts_async"]
+__all__ = ["Context", "ExpertsOptions", "IsaInfo", "LoraWeights", "MoEExperts", "PackedBuffer", "PendingMoE",
+           "cpu_features", "isas", "moe_experts", "moe_experts_async"]
 __version__ = "0.1.0"
 
 # Hugging Face entry points, imported on first use (transformers is heavy).

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                                    "package, CPU only; prints generations before and after.")
     d.add_argument("--config", metavar="FILE.yaml", help="YAML config file (flags override it)")
     add_config_flags(d, defaults_note=DEMO_DEFAULTS)
-    i = sub.add_parser("info", help="print the CPU features and the kernel the engine would use")
+    i = sub.add_parser("info", help="print the CPU features, the kernel the engine would use and every ISA")
     i.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -100,8 +100,15 @@ def main(argv=None) -> int:
         return 2
     if args.command == "info":
         from moetune.engine import Context
+        from moetune.isa import isas
 
         print(Context(args.threads).info())
+        print("ISAs (slowest first; auto = the last that runs here):")
+        for isa in isas():
+            k = isa.kernels
+            status = "runs here" if isa.runnable else "not here: lacks " + " ".join(isa.missing_features)
+            print(f"  {isa.name:12} gemm={k['gemm']} transpose={k['transpose']} eltwise={k['eltwise']} "
+                  f"dequant={k['dequant']}  {status}")
         return 0
     return 2
 

@@ -22,6 +22,7 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 import torch
 
 from moetune import _moetune_ext as _ext
+from moetune.isa import isas
 from moetune.options import ExpertsOptions
 
 _PROJ = ("gate", "up", "down")
@@ -34,8 +35,10 @@ class Context:
     pass it explicitly when torch also computes on the CPU, and give torch the
     remaining cores).
     cpus: optional list of core ids to pin the workers to.
-    isa: "auto" | "scalar" | "avx2" | "avx512" | "avx512_bf16" | "amx_bf16"
-    ("avx512": AVX-512 F/BW/VL/DQ without BF16, e.g. Skylake-SP / Cascade Lake).
+    isa: "auto" (the fastest this CPU runs) or the name of one of `moetune.isas()`
+    (e.g. "avx512": AVX-512 F/BW/VL/DQ without BF16, for Skylake-SP / Cascade
+    Lake); one this CPU/OS cannot run raises RuntimeError naming the missing
+    features, an unknown name ValueError listing the choices.
     """
 
     def __init__(self, num_threads: Optional[int] = None, *, cpus=(), isa: str = "auto"):
@@ -61,9 +64,13 @@ class Context:
         return float(sum(sec for _name, sec, _calls in self._ctx.phase_profile()))
 
     def info(self) -> dict:
+        """The chosen ISA, its GEMM kernel and the code it shares (as in
+        `moetune.isas()`), the thread count and what the CPU offers."""
+        isa = self._ctx.isa
         return {
-            "isa": self._ctx.isa,
+            "isa": isa,
             "kernel": self._ctx.kernel,
+            "kernels": next(i.kernels for i in isas() if i.name == isa),
             "num_threads": self._ctx.num_threads,
             "cpu": _ext.cpu_summary(),
         }

@@ -104,13 +104,22 @@ TOL_C = {
 
 BF16, F32, I32, I64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
 ALL = ("gate", "up", "down")
-# Every ISA is run when the CPU has it; Context(isa=...) raises RuntimeError otherwise (-> skip).
-ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx_bf16")
+# Every ISA of the engine's table (moetune.isas()); each runs where the CPU has it, else skips.
+ISAS = tuple(isa.name for isa in moetune.isas())
 
 
 @functools.lru_cache(maxsize=None)
 def get_ctx(num_threads: int = 2, isa: str = "auto"):
     return moetune.Context(num_threads=num_threads, isa=isa)
+
+
+def isa_ctx_or_skip(isa: str, num_threads: int = 2):
+    """The (cached) Context of `isa`, or a skip naming what this CPU lacks. A
+    runnable ISA whose Context fails is a failure, not a skip."""
+    info = next(i for i in moetune.isas() if i.name == isa)
+    if not info.runnable:
+        pytest.skip(f"ISA {isa} not available on this CPU (lacks {' '.join(info.missing_features)})")
+    return get_ctx(num_threads, isa)
 
 
 # ----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from op_cases import (
     dw_scale,
     fresh_lora,
     get_ctx,
+    isa_ctx_or_skip,
     make_experts,
     make_inputs,
     moetune,
@@ -216,10 +217,7 @@ ISA_CASES = [
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_isa_matches_reference(isa):
-    try:
-        ctx = moetune.Context(num_threads=2, isa=isa)
-    except RuntimeError as e:
-        pytest.skip(f"ISA {isa} not available on this CPU: {e}")
+    ctx = isa_ctx_or_skip(isa)
     assert ctx.info()["isa"] == isa
     for case in ISA_CASES:
         inp = make_inputs(case, 31)

@@ -27,6 +27,7 @@ from op_cases import (
     assert_results_equal,
     compare,
     get_ctx,
+    isa_ctx_or_skip,
     make_inputs,
     moetune,
     run_engine,
@@ -121,10 +122,7 @@ def test_gpt_oss_tolerance_table_is_attainable():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_gpt_oss_every_isa(isa):
-    try:
-        ctx = moetune.Context(num_threads=2, isa=isa)
-    except RuntimeError as e:
-        pytest.skip(f"ISA {isa} not available on this CPU: {e}")
+    ctx = isa_ctx_or_skip(isa)
     spec = GPT_OSS_CASES[0]
     inp, biases, experts = run_case(spec, 3000, ctx=ctx)
     compare(run_engine(experts, inp), reference(inp, spec, biases), inp)

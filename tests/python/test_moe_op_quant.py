@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from op_cases import ALL, BF16, F32, I64, ISAS, SWEEP, Case, assert_results_equal, compare, get_ctx, \
-    make_experts, make_inputs, moetune, reference, run_engine, sweep_seed
+    isa_ctx_or_skip, make_experts, make_inputs, moetune, reference, run_engine, sweep_seed
 from quant_reference import dequantized
 
 FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
@@ -44,10 +44,7 @@ def test_quantized_equals_bf16_on_dequantized_weights(case, fmt, group):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bw", ["repack", "transposed_copy"])
 def test_every_isa_and_backward_weights(isa, bw):
-    try:
-        ctx = get_ctx(2, isa)
-    except RuntimeError:
-        pytest.skip(f"{isa} not supported on this CPU")
+    ctx = isa_ctx_or_skip(isa)
     case = Case("q_isa", 12, 40, 24, 5, 2, 4, ALL, F32, I64, BF16)
     inp = make_inputs(case, 7)
     for fmt, g in (("int8", None), ("int4", 32)):

@@ -322,12 +322,13 @@ TEST_F(ContextJobs, PhaseProfileNamesEnginePhases) {
 }
 
 TEST(ContextTest, ForcedIsaIsUsedOrRejected) {
-  for (mk::Isa isa : {mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512, mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16}) {
+  for (const mk::IsaInfo& info : mk::kIsas) {
+    const mk::Isa isa = info.id;
     ContextOptions o;
     o.isa = isa;
     if (mk::cpu_supports(isa) && isa != mk::Isa::kAmxBf16) {
       Context ctx(o);
-      EXPECT_EQ(ctx.gemm().isa, isa);
+      EXPECT_EQ(ctx.kernels().isa, isa);
     } else if (!mk::cpu_supports(isa)) {
       EXPECT_ANY_THROW(Context ctx(o)) << mk::isa_name(isa);
     }

@@ -1,6 +1,6 @@
 // Engine accuracy of the gpt-oss expert variant: the clamped SwiGLU
 // activation (alpha, limit) and the optional frozen expert biases, for every
-// GEMM kernel in the registry (kernels this CPU cannot run are skipped), each
+// ISA of the table (those this CPU cannot run are skipped), each
 // against the plain double reference of engine_test_support.h with its
 // dtype-derived tolerances. Clamping is made to happen (limit ~ the size of
 // the pre-activations, or biases pushing past limit 7) and the tests assert
@@ -31,13 +31,13 @@ ActCfg with_bias(ActCfg a, bool g, bool u, bool d, DType dt = DType::kF32) {
 
 std::vector<Case> gptoss_cases() {
   std::vector<Case> v;
-  for (const mk::GemmKernel& k : mk::all_gemm_kernels()) {
-    const std::string isa = mk::isa_name(k.isa);
+  for (const mk::IsaInfo& info : mk::kIsas) {
+    const std::string isa = info.name;
     auto add = [&](const std::string& name, auto&& edit) {
       Case c;
       c.name = isa + "_" + name;
       c.seed = 7000 + v.size();
-      c.eng.isa = k.isa;
+      c.eng.isa = info.id;
       // Pre-activations are O(1): limit 1 clamps a good share of g (above)
       // and of u (both sides).
       c.act = clamped(1.702f, 1.0f);

@@ -42,9 +42,9 @@ std::vector<QCase> cases() {
                                                      {"int4g32", {WeightFormat::kInt4, 32}},
                                                      {"int4g64", {WeightFormat::kInt4, 64}},
                                                      {"int4g128", {WeightFormat::kInt4, 128}}};
-  const std::pair<const char*, std::optional<mk::Isa>> isas[] = {
-      {"scalar", mk::Isa::kScalar}, {"avx2", mk::Isa::kAvx2}, {"avx512", mk::Isa::kAvx512},
-      {"avx512bf16", mk::Isa::kAvx512Bf16}, {"amx", mk::Isa::kAmxBf16}, {"best", std::nullopt}};
+  std::vector<std::pair<std::string, std::optional<mk::Isa>>> isas;
+  for (const mk::IsaInfo& info : mk::kIsas) isas.emplace_back(info.name, info.id);
+  isas.emplace_back("best", std::nullopt);
   for (const auto& sp : specs) {
     for (const auto& is : isas) {
       // H=40 (K of gate/up: one full group of 32 + a short one), I=24.

@@ -1,13 +1,12 @@
-// Shared helpers for the kernel-layer tests (csrc/kernels): input generation,
-// poison cells, the double-precision GEMM oracle and its checks. Used by
-// test_kernels_gemm.cc and test_kernels_ops.cc.
+// Shared helpers for the kernel-layer tests (csrc/kernels, tests/cpp/kernels):
+// the per-ISA fixture (every row of the ISA table; rows this CPU cannot run
+// are skipped with GTEST_SKIP, never passed silently), input generation,
+// poison cells, the double-precision GEMM oracle and its checks.
 //
-// Tests for the kernel layer (csrc/kernels): every registered GEMM kernel
-// against a double-precision oracle over the *unpacked* inputs, cross-ISA
-// agreement, packing (pack_b, per-ISA transpose_packed, packed_slice),
-// A-operand transposes, bf16 rounding, the element-wise epilogues and the
-// registry. Kernels this CPU cannot run are skipped with GTEST_SKIP, never
-// passed silently.
+// The GEMM tests run every ISA's kernel bundle against a double-precision
+// oracle over the *unpacked* inputs, check cross-ISA agreement, packing
+// (pack_b, each bundle's transpose_packed, packed_slice) and A-operand
+// transposes.
 //
 // Buffers handed to kernels are allocated to exactly the size the contract in
 // gemm.h promises (A: (M-1)*lda + Kp, packed B: packed_elems, C in the "tight"
@@ -33,8 +32,15 @@
 #include <vector>
 
 #include "kernels/cpu.h"
-#include "kernels/eltwise.h"
 #include "kernels/gemm.h"
+#include "kernels/isa.h"
+#include "kernels/kernel_bundle.h"
+
+// gtest prints these by name (found by ADL in their namespace).
+namespace moetune::kernels {
+inline void PrintTo(Isa isa, std::ostream* os) { *os << isa_name(isa); }
+inline void PrintTo(FeatureSet s, std::ostream* os) { *os << "{" << feature_names(s) << "}"; }
+}  // namespace moetune::kernels
 
 namespace moetune::kernel_test {
 
@@ -42,8 +48,48 @@ namespace mk = moetune::kernels;
 using mk::bf16;
 
 // ---------------------------------------------------------------------------
+// Per-ISA parametrization
+// ---------------------------------------------------------------------------
+
+// Every ISA of the table, in its order (scalar, the oracle, first).
+inline std::vector<mk::Isa> all_isas() {
+  std::vector<mk::Isa> v;
+  for (const mk::IsaInfo& i : mk::kIsas) v.push_back(i.id);
+  return v;
+}
+
+// "" if this CPU runs the ISA, else why not (for GTEST_SKIP).
+inline std::string why_not_runnable(mk::Isa isa) {
+  if (mk::cpu_supports(isa)) return "";
+  return std::string("ISA ") + mk::isa_name(isa) + " cannot run on this CPU/OS (it lacks " +
+         mk::feature_names(mk::isa_info(isa).required.minus(mk::cpu_features())) + ")";
+}
+
+// Base fixture of the tests run once per ISA: skips where the CPU lacks it.
+class PerIsa : public testing::TestWithParam<mk::Isa> {
+ protected:
+  void SetUp() override {
+    const std::string why = why_not_runnable(GetParam());
+    if (!why.empty()) GTEST_SKIP() << why;
+  }
+  mk::Isa isa() const { return GetParam(); }
+  const mk::KernelBundle& kernels() const { return mk::kernels_for(GetParam()); }
+};
+
+inline std::string isa_param_name(const testing::TestParamInfo<mk::Isa>& info) {
+  return mk::isa_name(info.param);
+}
+
+// Instantiates a PerIsa suite over the whole table.
+#define MOETUNE_INSTANTIATE_PER_ISA(Suite) \
+  INSTANTIATE_TEST_SUITE_P(Isas, Suite, testing::ValuesIn(::moetune::kernel_test::all_isas()), \
+                           ::moetune::kernel_test::isa_param_name)
+
+// ---------------------------------------------------------------------------
 // Small helpers
 // ---------------------------------------------------------------------------
+
+inline bool bf16_is_nan(bf16 b) { return (b & 0x7f80) == 0x7f80 && (b & 0x7f) != 0; }
 
 inline uint32_t bits_of(float f) {
   uint32_t u;

@@ -1,6 +1,7 @@
-// GEMM kernel tests: every registered kernel against the double-precision
-// oracle (kernel_test_support.h), cross-ISA agreement, splitting/accumulate
-// composition, and a harness self-test with deliberately broken kernels.
+// GEMM kernel tests: every ISA's GEMM against the double-precision oracle
+// (kernel_test_support.h), cross-ISA agreement, splitting/accumulate
+// composition, each bundle's W^T repack, and a harness self-test with
+// deliberately broken kernels.
 
 #include <gtest/gtest.h>
 
@@ -148,30 +149,26 @@ const std::vector<GemmCase>& all_cases() {
   return cases;
 }
 
-std::string kernel_label(size_t i) { return mk::all_gemm_kernels()[i].name; }
-
 // ---------------------------------------------------------------------------
 // Every kernel x every shape against the oracle
 // ---------------------------------------------------------------------------
 
-class GemmVsOracle : public testing::TestWithParam<std::tuple<size_t, GemmCase>> {};
+class GemmVsOracle : public testing::TestWithParam<std::tuple<mk::Isa, GemmCase>> {};
 
 TEST_P(GemmVsOracle, MatchesDoubleOracle) {
-  const mk::GemmKernel& k = mk::all_gemm_kernels()[std::get<0>(GetParam())];
+  const mk::KernelBundle& k = mk::kernels_for(std::get<0>(GetParam()));
   const GemmCase& c = std::get<1>(GetParam());
-  if (!mk::cpu_supports(k.isa))
-    GTEST_SKIP() << "kernel " << k.name << " (" << mk::isa_name(k.isa)
-                 << ") cannot run on this CPU: " << mk::cpu_summary();
+  const std::string why = why_not_runnable(k.isa);
+  if (!why.empty()) GTEST_SKIP() << why;
   const Report r = run_and_check(k.gemm, c);
   EXPECT_EQ(r.bad, 0) << k.name << " on " << testing::PrintToString(c) << "\n" << r.str();
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Kernels, GemmVsOracle,
-    testing::Combine(testing::Range<size_t>(0, mk::all_gemm_kernels().size()),
-                     testing::ValuesIn(all_cases())),
+    testing::Combine(testing::ValuesIn(all_isas()), testing::ValuesIn(all_cases())),
     [](const testing::TestParamInfo<GemmVsOracle::ParamType>& info) {
-      return kernel_label(std::get<0>(info.param)) + "_" + std::get<1>(info.param).name;
+      return std::string(mk::isa_name(std::get<0>(info.param))) + "_" + std::get<1>(info.param).name;
     });
 
 // ---------------------------------------------------------------------------
@@ -182,9 +179,9 @@ class GemmCrossIsa : public testing::TestWithParam<GemmCase> {};
 
 TEST_P(GemmCrossIsa, SupportedKernelsAgree) {
   const GemmCase& c = GetParam();
-  std::vector<const mk::GemmKernel*> ks;
-  for (const auto& k : mk::all_gemm_kernels())
-    if (mk::cpu_supports(k.isa)) ks.push_back(&k);
+  std::vector<const mk::KernelBundle*> ks;
+  for (mk::Isa isa : all_isas())
+    if (mk::cpu_supports(isa)) ks.push_back(&mk::kernels_for(isa));
   if (ks.size() < 2)
     GTEST_SKIP() << "fewer than two kernels can run here: " << mk::cpu_summary();
 
@@ -236,14 +233,9 @@ INSTANTIATE_TEST_SUITE_P(Kernels, GemmCrossIsa, testing::ValuesIn(all_cases()),
 // Per-kernel properties beyond one call
 // ---------------------------------------------------------------------------
 
-class GemmKernelTest : public testing::TestWithParam<size_t> {
+class GemmKernelTest : public PerIsa {
  protected:
-  const mk::GemmKernel& kernel() const { return mk::all_gemm_kernels()[GetParam()]; }
-  void SetUp() override {
-    if (!mk::cpu_supports(kernel().isa))
-      GTEST_SKIP() << "kernel " << kernel().name << " (" << mk::isa_name(kernel().isa)
-                   << ") cannot run on this CPU: " << mk::cpu_summary();
-  }
+  const mk::KernelBundle& kernel() const { return kernels(); }
 };
 
 // Callers split N (at panel boundaries) or M across threads; the result must
@@ -420,11 +412,7 @@ TEST_P(GemmKernelTest, PackedSliceEqualsColumnsOfFullOperand) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kernels, GemmKernelTest,
-                         testing::Range<size_t>(0, mk::all_gemm_kernels().size()),
-                         [](const testing::TestParamInfo<size_t>& info) {
-                           return kernel_label(info.param);
-                         });
+MOETUNE_INSTANTIATE_PER_ISA(GemmKernelTest);
 
 // ---------------------------------------------------------------------------
 // The harness itself must catch broken kernels (guards against a vacuous

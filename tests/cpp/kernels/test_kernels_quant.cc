@@ -1,7 +1,8 @@
 // INT8 / INT4 weight formats (csrc/kernels/quant.h): quantize_pack against a
 // value-level reference computed here with plain loops (group amax, scale,
 // q, dq), the error bound of every element, layout agreement with pack_b,
-// and every runnable ISA's dequant bit-identical to the scalar oracle.
+// and every runnable ISA's dequant (its kernel bundle's) bit-identical to the
+// scalar oracle.
 #include <gtest/gtest.h>
 
 #include <cfloat>
@@ -12,8 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "kernel_test_support.h"
 #include "kernels/cpu.h"
 #include "kernels/gemm.h"
+#include "kernels/kernel_bundle.h"
 #include "kernels/quant.h"
 
 namespace moetune::kernels {
@@ -123,8 +126,7 @@ TEST(QuantFormats, RoundTripMatchesValueReferenceAndErrorBound) {
         const RefQ ref = reference(rows, K, N, sp.q);
         const QuantB qb{sp.q, qz.q.data(), qz.s.data(), K, N};
         std::vector<bf16> dq(packed_elems(K, N), 0xFFFF);
-        dequant_kernel(Isa::kScalar).dequant(qb, 0, N, 0, K, dq.data());
-        ASSERT_EQ(std::string(dequant_kernel(Isa::kScalar).name), "scalar");
+        kernels_for(Isa::kScalar).dequant(qb, 0, N, 0, K, dq.data());
         for (int64_t n = 0; n < packed_panels(N) * kPanelN; ++n) {
           for (int64_t k = 0; k < packed_kp(K); ++k) {
             const bf16 got = packed_at(dq, K, k, n);
@@ -178,55 +180,40 @@ TEST(QuantFormats, ScalesAreAmaxOverQmax) {
   }
 }
 
-TEST(QuantFormats, EveryIsaDequantBitIdenticalToScalar) {
-  int n = 0;
-  const DequantKernel* ks = dequant_kernels(&n);
-  ASSERT_EQ(ks[0].isa, Isa::kScalar);
-  int compared = 0;
-  for (int i = 1; i < n; ++i) {
-    if (!cpu_supports(ks[i].isa)) {
-      std::printf("  [skip] dequant %s: not supported on this CPU\n", ks[i].name);
-      continue;
-    }
-    for (const Spec& sp : kSpecs) {
-      for (const auto& sh : kShapes) {
-        const int64_t K = sh[0], N = sh[1];
-        const std::vector<float> rows = make_rows(K, N, 99 + K + N, true);
-        const Quantized qz = quantize(rows, true, K, N, sp.q);
-        const QuantB qb{sp.q, qz.q.data(), qz.s.data(), K, N};
-        // Column ranges (full, from the second panel, a ragged end) x row
-        // ranges (full, even start, odd length), as the engine's slices use.
-        const int64_t nr[][2] = {{0, N}, {N > 16 ? 16 : 0, N}, {0, std::max<int64_t>(1, N - 3)}};
-        const int64_t kr[][2] = {{0, K}, {K > 2 ? 2 : 0, K}, {0, K > 1 ? K - 1 : K}};
-        for (const auto& c : nr) {
-          for (const auto& r : kr) {
-            const size_t elems = packed_elems(r[1] - r[0], c[1] - c[0]);
-            std::vector<bf16> want(elems, 0xFFFF), got(elems, 0xFFFF);
-            ks[0].dequant(qb, c[0], c[1], r[0], r[1], want.data());
-            ks[i].dequant(qb, c[0], c[1], r[0], r[1], got.data());
-            for (size_t e = 0; e < elems; ++e) {
-              ASSERT_EQ(got[e], want[e]) << ks[i].name << " " << sp.name << " K=" << K << " N=" << N
-                                         << " cols [" << c[0] << "," << c[1] << ") rows [" << r[0]
-                                         << "," << r[1] << ") element " << e;
-            }
-            ++compared;
+class DequantPerIsa : public kernel_test::PerIsa {};
+
+TEST_P(DequantPerIsa, BitIdenticalToScalar) {
+  const DequantFn oracle = kernels_for(Isa::kScalar).dequant;
+  const DequantFn dequant = kernels().dequant;
+  ASSERT_NE(dequant, nullptr);
+  for (const Spec& sp : kSpecs) {
+    for (const auto& sh : kShapes) {
+      const int64_t K = sh[0], N = sh[1];
+      const std::vector<float> rows = make_rows(K, N, 99 + K + N, true);
+      const Quantized qz = quantize(rows, true, K, N, sp.q);
+      const QuantB qb{sp.q, qz.q.data(), qz.s.data(), K, N};
+      // Column ranges (full, from the second panel, a ragged end) x row
+      // ranges (full, even start, odd length), as the engine's slices use.
+      const int64_t nr[][2] = {{0, N}, {N > 16 ? 16 : 0, N}, {0, std::max<int64_t>(1, N - 3)}};
+      const int64_t kr[][2] = {{0, K}, {K > 2 ? 2 : 0, K}, {0, K > 1 ? K - 1 : K}};
+      for (const auto& c : nr) {
+        for (const auto& r : kr) {
+          const size_t elems = packed_elems(r[1] - r[0], c[1] - c[0]);
+          std::vector<bf16> want(elems, 0xFFFF), got(elems, 0xFFFF);
+          oracle(qb, c[0], c[1], r[0], r[1], want.data());
+          dequant(qb, c[0], c[1], r[0], r[1], got.data());
+          for (size_t e = 0; e < elems; ++e) {
+            ASSERT_EQ(got[e], want[e]) << isa_name(isa()) << " " << sp.name << " K=" << K << " N=" << N
+                                       << " cols [" << c[0] << "," << c[1] << ") rows [" << r[0]
+                                       << "," << r[1] << ") element " << e;
           }
         }
       }
     }
   }
-  if (compared == 0) GTEST_SKIP() << "no SIMD dequant kernel runs on this CPU";
 }
 
-TEST(QuantFormats, EveryAvx512IsaUsesTheAvx512Dequant) {
-  // avx512, avx512_bf16 and amx share the F/BW dequant (no BF16 instruction).
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAmxBf16}) {
-    EXPECT_EQ(dequant_kernel(isa).isa,
-              cpu_supports(Isa::kAvx512) ? Isa::kAvx512 : dequant_kernel(Isa::kAvx2).isa)
-        << isa_name(isa);
-  }
-  EXPECT_EQ(dequant_kernel(Isa::kAvx2).isa, cpu_supports(Isa::kAvx2) ? Isa::kAvx2 : Isa::kScalar);
-}
+MOETUNE_INSTANTIATE_PER_ISA(DequantPerIsa);
 
 TEST(QuantFormats, BadSpecsAndValuesGiveClearErrors) {
   for (int g : {0, 16, 48, 96, 256, -32}) {
