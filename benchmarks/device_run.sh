@@ -11,6 +11,10 @@
 #   bash benchmarks/device_run.sh quant     # bf16 / int8 / int4 fwd+bwd times, Qwen3 + DeepSeek shapes
 #   bash benchmarks/device_run.sh load      # load_model: CUDA family tests + load RSS/throughput (Qwen3-30B-shaped, 8 layers)
 #   bash benchmarks/device_run.sh load-cache  # load_model's packed-experts cache: int4 load without / cold / warm cache (4 layers)
+#   bash benchmarks/device_run.sh gtest     # C++ suite only (AMX included)
+#   bash benchmarks/device_run.sh placement-tests  # CUDA tests of the placement layer (GPU path, scheduler, wiring)
+#   bash benchmarks/device_run.sh placement-layer qwen3|deepseek  # one layer placed 4 ways + scheduler timing
+#   bash benchmarks/device_run.sh train-step qwen3|deepseek       # end-to-end training steps: cpu / auto / peft
 #   bash benchmarks/device_run.sh ktkernel qwen3|deepseek   # vs kt-kernel's SFT backend (carry .ktk:
 #                                           # benchmarks/make_ktk.sh; python 3.12 only)
 # Through the device tool, carry .dev (a libgtest-dev .deb from Debian, for
@@ -35,8 +39,7 @@ if [ "$mode" != kernels ]; then
   python3 -c "import moetune; print(moetune.Context(16).info())" | tee -a "$OUT/machine.txt"
 fi
 
-case "$mode" in
-tests)
+run_gtest() {
   if ls .dev/libgtest-dev_*.deb >/dev/null 2>&1; then
     mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
     cmake -S . -B /tmp/build-tests -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON \
@@ -48,7 +51,28 @@ tests)
   else
     echo "no .dev/libgtest-dev_*.deb carried: C++ tests not run"
   fi
+}
+
+case "$mode" in
+tests)
+  run_gtest
   python3 -m pytest -q tests/python -p no:cacheprovider 2>&1 | tail -6 | tee "$OUT/pytest.txt"
+  ;;
+gtest)
+  run_gtest
+  ;;
+placement-tests)
+  python3 -m pytest -q -rs tests/python -p no:cacheprovider -k "cuda or placement" 2>&1 | tee "$OUT/placement-tests.txt" | tail -30
+  ;;
+placement-layer)
+  python3 benchmarks/bench_scheduler.py 2>&1 | tee "$OUT/scheduler.txt"
+  python3 benchmarks/bench_placement.py --shapes "${2:-qwen3}" --tokens 1024,4096,16384 --reps 3 \
+    --json "$OUT/placement-${2:-qwen3}.json" 2>&1 | tee "$OUT/placement-${2:-qwen3}.txt"
+  ;;
+train-step)
+  if [ "${2:-qwen3}" = deepseek ]; then args="--shape deepseek --layers 2 --seq 4096,16384"; else args="--shape qwen3 --layers 8 --seq 1024,4096,16384"; fi
+  python3 benchmarks/bench_train_step.py $args --threads 14 --torch-threads 2 --trace "$OUT" \
+    --json "$OUT/train-step-${2:-qwen3}.json" 2>&1 | tee "$OUT/train-step-${2:-qwen3}.txt"
   ;;
 kernels)
   mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
