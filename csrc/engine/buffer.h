@@ -17,7 +17,10 @@ class Buf {
  public:
   Buf() = default;
   explicit Buf(size_t n) { resize(n); }
-  void resize(size_t n) {
+  // min_align (a power of two >= 64): the allocation starts on a multiple of
+  // it and spans a whole number of such units, so it never shares one with
+  // another allocation (page-aligned buffers can be page-locked in place).
+  void resize(size_t n, size_t min_align = 64) {
     n_ = n;
     if (n == 0) {
       p_.reset();
@@ -26,7 +29,8 @@ class Buf {
     // Large buffers: 2 MiB aligned and advised as huge pages, so first touch
     // costs one fault per 2 MiB instead of per 4 KiB (activations of a layer
     // are hundreds of MB and are allocated every step).
-    const size_t align = n * sizeof(T) >= (size_t(4) << 20) ? (size_t(2) << 20) : 64;
+    size_t align = n * sizeof(T) >= (size_t(4) << 20) ? (size_t(2) << 20) : 64;
+    if (min_align > align) align = min_align;
     const size_t bytes = (n * sizeof(T) + align - 1) / align * align;
     void* mem = std::aligned_alloc(align, bytes);
     if (!mem) throw std::bad_alloc();

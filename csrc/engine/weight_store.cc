@@ -82,7 +82,7 @@ WeightStore::WeightStore(int E, int H, int I, const ExpertsOptions& options,
       transposed_copy_(options.backward_weights == BackwardWeights::kTransposedCopy), kernels_(&kernels),
       layout_(layout_for(E, H, I, options)) {
   for (int p = 0; p < 3; ++p)
-    for (int k = 0; k < kKinds; ++k) buf_[p][k].resize(layout_.stride[p][k] * size_t(E));
+    for (int k = 0; k < kKinds; ++k) buf_[p][k].resize(layout_.stride[p][k] * size_t(E), kBufferAlign);
 }
 
 size_t WeightStore::weight_bytes() const {

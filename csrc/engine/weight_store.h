@@ -14,6 +14,10 @@
 //   "<p>.transposed_bf16"  BackwardWeights::kTransposedCopy: the backward
 //                          operand W itself, [K = out, N = in], packed bf16
 //                          (for int8 / int4 the dequantized dq(q(W)))
+// Every buffer starts on a page (kBufferAlign) and spans whole pages, so a GPU
+// runtime can page-lock exactly these buffers in place (cudaHostRegister)
+// without also locking a neighbouring allocation (a copy from memory that is
+// only partly registered fails); bytes() and the strides stay exact.
 // The layout version is kernels::kPackedLayoutVersion. bytes_for() computes
 // the total from the same per-buffer strides the constructor allocates, so
 // weight_bytes() == bytes_for(E, H, I, options) by construction, without
@@ -46,6 +50,7 @@ class WeightStore {
   // What one buffer of a projection holds (see the header comment).
   enum class Kind : int { kBf16 = 0, kQ = 1, kScales = 2, kTransposedBf16 = 3 };
   static constexpr int kKinds = 4;
+  static constexpr size_t kBufferAlign = 4096;  // weight buffers start on, and fill, whole pages
   static const char* kind_name(Kind k);  // "bf16" | "q" | "scales" | "transposed_bf16"
 
   // Validates the shape (E, H, I >= 1) and options (ExpertsOptions::validate;

@@ -90,3 +90,16 @@ def test_packed_buffers_are_views_of_the_engine():
     vals = torch.frombuffer(bytearray(bytes(b.array)), dtype=torch.int16)
     per = b.per_expert_bytes // 2
     assert torch.all(vals[:per] == 0x3F80) and torch.all(vals[per:] == 0x4000)
+
+
+def test_packed_buffers_start_on_and_fill_whole_pages():
+    """A GPU runtime page-locks exactly these buffers (moetune.placement): each must start on a page
+    and own the rest of its last page, or locking it would also lock a neighbouring allocation."""
+    import mmap
+
+    for fmt, group in (("bf16", None), ("int8", None), ("int4", 32)):
+        g = torch.Generator().manual_seed(3)
+        W = [torch.randn(3, 40, 24, generator=g), torch.randn(3, 40, 24, generator=g), torch.randn(3, 24, 40, generator=g)]
+        ex = moetune.MoEExperts(moetune.Context(1), *W, weight_format=fmt, group_size=group)
+        for b in ex.packed_buffers():
+            assert b.array.ctypes.data % mmap.PAGESIZE == 0, f"{fmt} {b.name} is not page aligned"

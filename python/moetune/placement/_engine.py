@@ -40,6 +40,11 @@ def packed_buffers(experts: MoEExperts) -> Dict[str, torch.Tensor]:
     return {b.name: torch.from_numpy(b.array) for b in experts.packed_buffers()}
 
 
+def memory_owner(experts: MoEExperts):
+    """The object whose lifetime bounds the packed buffers' memory (the C++ experts)."""
+    return experts._ex
+
+
 def activation(experts: MoEExperts) -> Tuple[str, float, float]:
     """(kind, alpha, limit): kind "swiglu" or "gpt_oss" (alpha, limit used by gpt_oss only)."""
     o = experts.options

@@ -27,7 +27,7 @@ from typing import Iterable, List, Tuple
 
 import torch
 
-_ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
+_NOT_PAGE_ALIGNED = -1  # our own code in HostRegistration.failed: the range does not start on a page
 
 
 class HostEvent:
@@ -108,23 +108,31 @@ class Device:
         if self.is_cuda:
             torch.cuda.synchronize(self.torch)
 
-    def register_host(self, owner, ranges: Iterable[Tuple[int, int]], what: str = "host memory") -> "HostRegistration":
+    def register_host(self, owner, ranges: Iterable[Tuple[int, int]], what: str = "host memory",
+                      keepalive=None) -> "HostRegistration":
         """Page-locks [ptr, ptr + nbytes) ranges in place for the lifetime of `owner` (CUDA only;
         a no-op registration on the CPU stand-in). On failure: a warning, and copies from that
         memory stay correct but pageable (slower). One registration per owner: a second call for
         the same owner returns the first (its memory is page-locked already)."""
         reg = self._registrations.get(owner)
         if reg is None:
-            reg = self._registrations[owner] = HostRegistration(self, owner, list(ranges), what)
+            reg = self._registrations[owner] = HostRegistration(self, owner, list(ranges), what, keepalive)
         return reg
 
 
 class HostRegistration:
-    """cudaHostRegister'ed ranges of memory owned by `owner`. Overlapping and adjacent ranges
-    are merged and rounded out to whole pages (a page can be registered only once); a range
-    whose boundary pages some other registration already holds is retried without them."""
+    """cudaHostRegister'ed ranges of memory owned by `owner`.
 
-    def __init__(self, device: Device, owner, ranges: List[Tuple[int, int]], what: str):
+    Only whole pages that the given ranges own are locked: each range must start on a page and
+    its allocation must fill its last page (the engine's weight buffers are allocated so,
+    WeightStore::kBufferAlign). Rounding out to pages instead would also lock the neighbouring
+    allocations that share those pages, and a copy from memory that is only partly registered
+    fails (cudaErrorInvalidValue) — an unrelated tensor's copy, later. A range that is not page
+    aligned is left pageable (a warning; copies stay correct, slower). `keepalive` (the object
+    owning the memory) is held until the ranges are unregistered, so the memory cannot be freed
+    while it is still registered."""
+
+    def __init__(self, device: Device, owner, ranges: List[Tuple[int, int]], what: str, keepalive=None):
         self.registered: List[Tuple[int, int]] = []
         self.failed: List[Tuple[int, int, int]] = []
         self._finalizer = None
@@ -134,7 +142,10 @@ class HostRegistration:
         page = os.sysconf("SC_PAGE_SIZE")
         merged: List[List[int]] = []
         for ptr, nbytes in sorted((p, n) for p, n in ranges if n > 0):
-            lo, hi = ptr // page * page, -(-(ptr + nbytes) // page) * page
+            if ptr % page:
+                self.failed.append((ptr, nbytes, _NOT_PAGE_ALIGNED))
+                continue
+            lo, hi = ptr, ptr + -(-nbytes // page) * page
             if merged and lo <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], hi)
             else:
@@ -142,21 +153,19 @@ class HostRegistration:
         with torch.cuda.device(device.torch):
             for lo, hi in merged:
                 err = int(cudart.cudaHostRegister(lo, hi - lo, 0))
-                if err == _ALREADY_REGISTERED and hi - lo > 2 * page:  # a neighbour owns a boundary page
-                    lo, hi = lo + page, hi - page
-                    err = int(cudart.cudaHostRegister(lo, hi - lo, 0))
                 if err == 0:
                     self.registered.append((lo, hi - lo))
                 else:
                     self.failed.append((lo, hi - lo, err))
-        if self.failed:
+        if any(e != _NOT_PAGE_ALIGNED for _, _, e in self.failed):
             _drain_cuda_error(device.torch)
         if self.failed:
             warnings.warn(f"moetune.placement: could not page-lock {len(self.failed)} range(s) of {what} "
-                          f"(cudaHostRegister errors {sorted({e for _, _, e in self.failed})}): streaming from "
-                          "them uses pageable copies (correct, slower)", RuntimeWarning, stacklevel=3)
+                          f"(errors {sorted({e for _, _, e in self.failed})}; {_NOT_PAGE_ALIGNED} = not page "
+                          "aligned): streaming from them uses pageable copies (correct, slower)", RuntimeWarning,
+                          stacklevel=3)
         if self.registered:
-            self._finalizer = weakref.finalize(owner, _unregister, device.torch, list(self.registered))
+            self._finalizer = weakref.finalize(owner, _unregister, device.torch, list(self.registered), keepalive)
 
     @property
     def nbytes(self) -> int:
@@ -178,11 +187,13 @@ def _drain_cuda_error(device: torch.device) -> None:
         pass
 
 
-def _unregister(device: torch.device, ranges: List[Tuple[int, int]]) -> None:
+def _unregister(device: torch.device, ranges: List[Tuple[int, int]], keepalive=None) -> None:
+    """Unregisters `ranges` (keepalive, the memory's owner, is released only after this)."""
     try:
         cudart = torch.cuda.cudart()
         with torch.cuda.device(device):
-            for ptr, _ in ranges:
-                cudart.cudaHostUnregister(ptr)
+            errors = [int(cudart.cudaHostUnregister(ptr)) for ptr, _ in ranges]
+        if any(errors):
+            _drain_cuda_error(device)
     except Exception:  # interpreter shutdown after CUDA teardown: the process is going away anyway
         pass

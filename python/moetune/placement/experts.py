@@ -114,7 +114,7 @@ class GpuExperts:
         dev = runtime.device
         self.registration = dev.register_host(
             experts, [(t.data_ptr(), t.numel()) for t in self.host.values()],
-            what=f"layer {self.layer_key!r}'s packed experts")
+            what=f"layer {self.layer_key!r}'s packed experts", keepalive=_engine.memory_owner(experts))
         kind, alpha, limit = _engine.activation(experts)
         self.activation = Activation(kind, alpha, limit)
         self.biases = tuple(None if b is None else b.to(dev.torch) for b in _engine.biases(experts))
