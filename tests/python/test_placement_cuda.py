@@ -159,18 +159,23 @@ def _segment_timeline(monkeypatch, st, dinp, plan):
 
 def test_copies_overlap_compute(monkeypatch):
     """Streamed chunk i + 1 is copied (copy stream) while chunk i is computed (compute stream)."""
-    # 4096 rows per expert: each chunk's compute (~1 ms) outlasts the host's launches for the next
-    # chunk, so the GPU, not Python, sets the pace and overlap can show.
-    case = Case("ovl", 16384, 2048, 768, 16, 4, 16, (), BF16, I64, F32, "uniform")
+    # 4 experts of 4096 rows per chunk: each chunk's copy and compute (~1 ms each) outlast the host's
+    # launches for a chunk (~0.5 ms of Python), so the GPU, not the host, sets the pace.
+    case = Case("ovl", 16384, 2048, 768, 32, 8, 16, (), BF16, I64, F32, "uniform")
     inp = make_inputs(case, 51)
-    st = make_setup(inp, "cuda", chunk_experts=1)  # one expert per chunk, triple buffering (the default)
+    st = make_setup(inp, "cuda", chunk_experts=4)  # 8 chunks, triple buffering (the default)
     dinp = to_device(inp, "cuda")
     _segment_timeline(monkeypatch, st, dinp, "streamed")  # warm-up (allocator, probe)
     copies, compute, planner = _segment_timeline(monkeypatch, st, dinp, "streamed")
-    assert len(copies) == len(compute) == case.E
-    overlapped = sum(1 for i in range(len(compute) - 1)
-                     if copies[i + 1][0] < compute[i][1] and copies[i + 1][1] > compute[i][0])
-    assert overlapped >= (case.E - 1) // 2, f"copies do not overlap compute: copies {copies} compute {compute}"
+    chunks = case.E // 4
+    assert len(copies) == len(compute) == chunks
+    busy = lambda spans: sum(b - a for a, b in spans)  # noqa: E731
+    # Overlap: the GPU part of the call (first copy to last compute) takes clearly less than its
+    # copies and computes one after the other would.
+    span = max(b for _, b in compute) - min(a for a, _ in copies)
+    assert span < 0.85 * (busy(copies) + busy(compute)), (
+        f"copies do not overlap compute: span {span:.2f} ms, copies {busy(copies):.2f} ms, compute "
+        f"{busy(compute):.2f} ms; copies {copies} compute {compute}")
     t = planner.observed[-1][2]
     gbps = st.gpu.fmt.stored_bytes_per_expert * case.E / t["copy"] / 1e9
     print(f"copy {t['copy'] * 1e3:.2f} ms for {case.E} experts: {gbps:.1f} GB/s; gpu {t['gpu'] * 1e3:.2f} ms")
@@ -199,7 +204,10 @@ def test_no_host_sync_but_the_counts():
             out.backward(dinp.dout)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]
+    # torch's own "sync debug mode is a prototype feature" notice also says "synchroniz": only the
+    # reports of a synchronizing operation count.
+    syncs = [(w.filename, w.lineno) for w in caught
+             if "synchroniz" in str(w.message) and "prototype feature" not in str(w.message)]
     assert syncs, "sync debug mode reported nothing: the check would be vacuous"
     others = [s for s in syncs if not (s[0].endswith("placement/op.py") and s[1] in counts_lines)]
     assert not others, f"host syncs besides the routing counts: {others}"
