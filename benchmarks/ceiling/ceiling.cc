@@ -66,8 +66,14 @@ __attribute__((target("amx-tile,amx-bf16"))) void load_tile_config() {
 
 __attribute__((target("amx-tile,amx-bf16"))) void amx_loop(long iters) {
   load_tile_config();
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
   for (long i = 0; i < iters; ++i) {
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
@@ -85,7 +91,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_loads_loop(long iters, boo
   for (auto& t : buf)
     for (auto& v : t) v = 0x3f80;  // 1.0
   load_tile_config();
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
   if (!pipelined) {
     for (long i = 0; i < iters; ++i) {
       _tile_loadd(4, buf[0], 64);

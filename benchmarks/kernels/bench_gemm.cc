@@ -92,7 +92,8 @@ std::vector<double> run(const std::vector<Variant>& vs, const Shape& s, int thre
       pool.emplace_back([&, t] { ops[t] = std::make_unique<Operands>(s, nb, t); });
     for (auto& th : pool) th.join();
   }
-  const int64_t reps = std::max<int64_t>(nb, (int64_t)(2e11 / (2.0 * s.M * s.N * s.K)) / threads + 1);
+  const int64_t reps =
+      std::max<int64_t>(nb, (int64_t)(2e11 / (2.0 * s.M * s.N * s.K)) / threads + 1);
   std::vector<std::vector<double>> tf(vs.size());
   for (int round = 0; round < rounds; ++round) {
     for (size_t vi = 0; vi < vs.size(); ++vi) {
@@ -184,7 +185,8 @@ int main(int argc, char** argv) {
   }
   for (int t : thread_counts) {
     for (bool cold : {false, true}) {
-      std::printf("\n== %d thread(s), B %s (TFLOPS, median of 5 interleaved rounds)\n%-32s", t, cold ? "cold (DRAM)" : "hot (cache)", "shape");
+      std::printf("\n== %d thread(s), B %s (TFLOPS, median of 5 interleaved rounds)\n%-32s", t,
+                  cold ? "cold (DRAM)" : "hot (cache)", "shape");
       for (const auto& v : vs) std::printf(" %16s", v.name.c_str());
       std::printf("\n");
       for (const Shape& s : shapes) {

@@ -49,13 +49,18 @@ template <typename A>
 DType dtype_of(const A& a, const std::string& name) {
   const nb::dlpack::dtype d = a.dtype();
   if (d.lanes == 1) {
-    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && d.bits == 16) return DType::kBf16;
-    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && d.bits == 32) return DType::kF32;
-    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && d.bits == 32) return DType::kI32;
-    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && d.bits == 64) return DType::kI64;
+    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) && d.bits == 16)
+      return DType::kBf16;
+    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float) && d.bits == 32)
+      return DType::kF32;
+    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && d.bits == 32)
+      return DType::kI32;
+    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && d.bits == 64)
+      return DType::kI64;
   }
   throw std::invalid_argument((name + ": unsupported dtype (code " + std::to_string(d.code) + ", " +
-                         std::to_string(d.bits) + " bits)").c_str());
+                               std::to_string(d.bits) + " bits)")
+                                  .c_str());
 }
 
 // Checks device, contiguity, shape and dtype set; returns the dtype.
@@ -72,7 +77,8 @@ DType check(const A& a, const std::string& name, std::initializer_list<int64_t> 
     ++i;
   }
   if (!shape_ok) {
-    throw std::invalid_argument((name + " has shape " + shape_of(a) + ", expected " + shape_str(shape)));
+    throw std::invalid_argument(
+        (name + " has shape " + shape_of(a) + ", expected " + shape_str(shape)));
   }
   // Row-major contiguity.
   int64_t expect = 1;
@@ -123,8 +129,8 @@ LoraSet lora_set(const MoeExperts& ex, const LoraArrays& l) {
     const Array& A = l.proj[idx(p)]->first;
     const Array& B = l.proj[idx(p)]->second;
     if (A.ndim() != 3) {
-      throw std::invalid_argument(base + ".A has shape " + shape_of(A) + ", expected [E, r, in] = " +
-                                  shape_str({E, -1, in}));
+      throw std::invalid_argument(base + ".A has shape " + shape_of(A) +
+                                  ", expected [E, r, in] = " + shape_str({E, -1, in}));
     }
     const int64_t r = A.shape(1);
     if (r < 1) throw std::invalid_argument(base + ".A: rank r must be >= 1");
@@ -195,24 +201,27 @@ void bind_kernels(nb::module_& m) {
 
 void bind_context(nb::module_& m) {
   nb::class_<Job>(m, "Job")
-      .def("wait", [](const Job& j) {
-        nb::gil_scoped_release release;
-        j.wait();
-      })
+      .def("wait",
+           [](const Job& j) {
+             nb::gil_scoped_release release;
+             j.wait();
+           })
       .def("ready", &Job::ready);
 
   nb::class_<Context>(m, "Context")
-      .def("__init__",
-           [](Context* self, int num_threads, std::vector<int> cpus, const std::string& isa) {
-             ContextOptions o;
-             o.num_threads = num_threads;
-             o.cpus = std::move(cpus);
-             o.isa = kernels::parse_isa(isa);
-             new (self) Context(std::move(o));
-           },
-           "num_threads"_a, "cpus"_a = std::vector<int>{}, "isa"_a = "auto")
+      .def(
+          "__init__",
+          [](Context* self, int num_threads, std::vector<int> cpus, const std::string& isa) {
+            ContextOptions o;
+            o.num_threads = num_threads;
+            o.cpus = std::move(cpus);
+            o.isa = kernels::parse_isa(isa);
+            new (self) Context(std::move(o));
+          },
+          "num_threads"_a, "cpus"_a = std::vector<int>{}, "isa"_a = "auto")
       .def_prop_ro("num_threads", &Context::num_threads)
-      .def_prop_ro("isa", [](const Context& c) { return std::string(kernels::isa_name(c.kernels().isa)); })
+      .def_prop_ro("isa",
+                   [](const Context& c) { return std::string(kernels::isa_name(c.kernels().isa)); })
       .def_prop_ro("kernel", [](const Context& c) { return std::string(c.kernels().name); })
       .def("info", &Context::info)
       .def("phase_profile", &Context::phase_profile)
@@ -253,42 +262,46 @@ void bind_options(nb::module_& m) {
 }
 
 void bind_lora(nb::module_& m) {
-  nb::class_<LoraArrays>(m, "Lora")
-      .def("__init__",
-           [](LoraArrays* self, std::optional<std::pair<Array, Array>> gate,
-              std::optional<std::pair<Array, Array>> up, std::optional<std::pair<Array, Array>> down,
-              float scaling) {
-             new (self) LoraArrays{{std::move(gate), std::move(up), std::move(down)}, scaling};
-           },
-           nb::kw_only(), "gate"_a.none() = nb::none(), "up"_a.none() = nb::none(),
-           "down"_a.none() = nb::none(), "scaling"_a = 1.0f);
+  nb::class_<LoraArrays>(m, "Lora").def(
+      "__init__",
+      [](LoraArrays* self, std::optional<std::pair<Array, Array>> gate,
+         std::optional<std::pair<Array, Array>> up, std::optional<std::pair<Array, Array>> down,
+         float scaling) {
+        new (self) LoraArrays{{std::move(gate), std::move(up), std::move(down)}, scaling};
+      },
+      nb::kw_only(), "gate"_a.none() = nb::none(), "up"_a.none() = nb::none(),
+      "down"_a.none() = nb::none(), "scaling"_a = 1.0f);
   using GradPair = std::pair<std::optional<OutArray>, std::optional<OutArray>>;
   nb::class_<LoraGradArrays>(m, "LoraGrads")
-      .def("__init__",
-           [](LoraGradArrays* self, std::optional<GradPair> gate, std::optional<GradPair> up,
-              std::optional<GradPair> down) {
-             new (self) LoraGradArrays{{std::move(gate), std::move(up), std::move(down)}};
-           },
-           nb::kw_only(), "gate"_a.none() = nb::none(), "up"_a.none() = nb::none(),
-           "down"_a.none() = nb::none());
+      .def(
+          "__init__",
+          [](LoraGradArrays* self, std::optional<GradPair> gate, std::optional<GradPair> up,
+             std::optional<GradPair> down) {
+            new (self) LoraGradArrays{{std::move(gate), std::move(up), std::move(down)}};
+          },
+          nb::kw_only(), "gate"_a.none() = nb::none(), "up"_a.none() = nb::none(),
+          "down"_a.none() = nb::none());
 }
 
 // Checks gate/up [.., I, H] and down [.., H, I] (lead = {E} or {}) and one dtype.
-DType check_expert_weights(const MoeExperts& ex, const Array& gate, const Array& up, const Array& down,
-                           bool stacked, const std::string& at) {
+DType check_expert_weights(const MoeExperts& ex, const Array& gate, const Array& up,
+                           const Array& down, bool stacked, const std::string& at) {
   const int64_t E = ex.E(), H = ex.H(), I = ex.I();
   const DType dt = stacked ? check(gate, "gate_proj" + at, {E, I, H}, kFloat)
                            : check(gate, "gate_proj" + at, {I, H}, kFloat);
-  const DType du = stacked ? check(up, "up_proj" + at, {E, I, H}, kFloat) : check(up, "up_proj" + at, {I, H}, kFloat);
+  const DType du = stacked ? check(up, "up_proj" + at, {E, I, H}, kFloat)
+                           : check(up, "up_proj" + at, {I, H}, kFloat);
   const DType dd = stacked ? check(down, "down_proj" + at, {E, H, I}, kFloat)
                            : check(down, "down_proj" + at, {H, I}, kFloat);
-  if (du != dt || dd != dt) throw std::invalid_argument("gate_proj, up_proj and down_proj must share one dtype" + at);
+  if (du != dt || dd != dt)
+    throw std::invalid_argument("gate_proj, up_proj and down_proj must share one dtype" + at);
   return dt;
 }
 
 void check_expert_id(const MoeExperts& ex, int e) {
   if (e < 0 || e >= ex.E()) {
-    throw std::invalid_argument("expert id " + std::to_string(e) + " outside [0, " + std::to_string(ex.E()) + ")");
+    throw std::invalid_argument("expert id " + std::to_string(e) + " outside [0, " +
+                                std::to_string(ex.E()) + ")");
   }
 }
 
@@ -296,7 +309,8 @@ ForwardArgs forward_args(const MoeExperts& ex, const Array& x, const Array& ids,
                          const std::optional<Array>& mask, const LoraArrays& lora, OutArray& out) {
   const int64_t H = ex.H(), E = ex.E();
   if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D [T, H], got shape " + shape_of(x));
-  if (ids.ndim() != 2) throw std::invalid_argument("topk_ids must be 2-D [T, k], got shape " + shape_of(ids));
+  if (ids.ndim() != 2)
+    throw std::invalid_argument("topk_ids must be 2-D [T, k], got shape " + shape_of(ids));
   const int64_t T = x.shape(0), k = ids.shape(1);
   ForwardArgs a;
   a.T = T;
@@ -304,7 +318,8 @@ ForwardArgs forward_args(const MoeExperts& ex, const Array& x, const Array& ids,
   a.x_dtype = check(x, "x", {T, H}, kFloat);
   a.ids_dtype = check(ids, "topk_ids", {T, k}, {DType::kI32, DType::kI64});
   if (k < 1 || k > E) {
-    throw std::invalid_argument("topk_ids: k = " + std::to_string(k) + " must be in [1, E=" + std::to_string(E) + "]");
+    throw std::invalid_argument("topk_ids: k = " + std::to_string(k) +
+                                " must be in [1, E=" + std::to_string(E) + "]");
   }
   a.w_dtype = check(w, "topk_weights", {T, k}, kFloat);
   if (mask) {
@@ -314,7 +329,8 @@ ForwardArgs forward_args(const MoeExperts& ex, const Array& x, const Array& ids,
       throw std::invalid_argument("expert_mask must be a bool tensor of shape [E]");
     }
     if (mask->ndim() != 1 || static_cast<int64_t>(mask->shape(0)) != E) {
-      throw std::invalid_argument("expert_mask has shape " + shape_of(*mask) + ", expected [" + std::to_string(E) + "]");
+      throw std::invalid_argument("expert_mask has shape " + shape_of(*mask) + ", expected [" +
+                                  std::to_string(E) + "]");
     }
     a.expert_mask = static_cast<const uint8_t*>(mask->data());
   }
@@ -327,8 +343,9 @@ ForwardArgs forward_args(const MoeExperts& ex, const Array& x, const Array& ids,
   return a;
 }
 
-BackwardArgs backward_args(const MoeExperts& ex, const Saved& saved, const Array& dout, const LoraArrays& lora,
-                           std::optional<OutArray>& dx, std::optional<OutArray>& dw, const LoraGradArrays& grads) {
+BackwardArgs backward_args(const MoeExperts& ex, const Saved& saved, const Array& dout,
+                           const LoraArrays& lora, std::optional<OutArray>& dx,
+                           std::optional<OutArray>& dw, const LoraGradArrays& grads) {
   const int64_t T = saved.T, k = saved.k, H = ex.H();
   BackwardArgs a;
   a.dout_dtype = check(dout, "grad_out", {T, H}, kFloat);
@@ -350,8 +367,8 @@ void bind_experts(nb::module_& m) {
   nb::class_<Saved>(m, "Saved").def_prop_ro("nbytes", &Saved::bytes);
 
   nb::class_<MoeExperts>(m, "Experts")
-      .def(nb::init<std::shared_ptr<Context>, int, int, int, ExpertsOptions>(), "ctx"_a, "num_experts"_a,
-           "hidden_size"_a, "intermediate_size"_a, "options"_a)
+      .def(nb::init<std::shared_ptr<Context>, int, int, int, ExpertsOptions>(), "ctx"_a,
+           "num_experts"_a, "hidden_size"_a, "intermediate_size"_a, "options"_a)
       .def_prop_ro("num_experts", &MoeExperts::E)
       .def_prop_ro("hidden_size", &MoeExperts::H)
       .def_prop_ro("intermediate_size", &MoeExperts::I)
@@ -373,83 +390,99 @@ void bind_experts(nb::module_& m) {
       // What each packed buffer holds, in packed_buffers() order: (name,
       // projection, kind, K, N of the packed operand per expert,
       // per-expert bytes, total bytes); layouts in kernels/gemm.h, kernels/quant.h.
-      .def("packed_layout",
-           [](MoeExperts& ex) {
-             std::vector<std::tuple<std::string, std::string, std::string, int64_t, int64_t, size_t, size_t>> out;
-             for (const auto& b : ex.weights().buffers())
-               out.emplace_back(b.name, proj_name(b.proj), WeightStore::kind_name(b.kind), b.K, b.N,
-                                b.per_expert_bytes, b.bytes);
-             return out;
-           })
-      .def("load",
-           [](MoeExperts& ex, const Array& gate, const Array& up, const Array& down) {
-             const DType dt = check_expert_weights(ex, gate, up, down, /*stacked=*/true, "");
-             nb::gil_scoped_release release;
-             ex.load(gate.data(), up.data(), down.data(), dt);
-           },
-           "gate_proj"_a, "up_proj"_a, "down_proj"_a)
+      .def(
+          "packed_layout",
+          [](MoeExperts& ex) {
+            std::vector<
+                std::tuple<std::string, std::string, std::string, int64_t, int64_t, size_t, size_t>>
+                out;
+            for (const auto& b : ex.weights().buffers())
+              out.emplace_back(b.name, proj_name(b.proj), WeightStore::kind_name(b.kind), b.K, b.N,
+                               b.per_expert_bytes, b.bytes);
+            return out;
+          })
+      .def(
+          "load",
+          [](MoeExperts& ex, const Array& gate, const Array& up, const Array& down) {
+            const DType dt = check_expert_weights(ex, gate, up, down, /*stacked=*/true, "");
+            nb::gil_scoped_release release;
+            ex.load(gate.data(), up.data(), down.data(), dt);
+          },
+          "gate_proj"_a, "up_proj"_a, "down_proj"_a)
       // One expert at a time (streaming loaders); distinct experts may be
       // loaded from several threads at once (the GIL is released).
-      .def("load_expert",
-           [](MoeExperts& ex, int e, const Array& gate, const Array& up, const Array& down) {
-             check_expert_id(ex, e);
-             const DType dt = check_expert_weights(ex, gate, up, down, /*stacked=*/false,
-                                                   " (expert " + std::to_string(e) + ")");
-             nb::gil_scoped_release release;
-             ex.load_expert(e, gate.data(), up.data(), down.data(), dt);
-           },
-           "expert"_a, "gate_proj"_a, "up_proj"_a, "down_proj"_a)
+      .def(
+          "load_expert",
+          [](MoeExperts& ex, int e, const Array& gate, const Array& up, const Array& down) {
+            check_expert_id(ex, e);
+            const DType dt = check_expert_weights(ex, gate, up, down, /*stacked=*/false,
+                                                  " (expert " + std::to_string(e) + ")");
+            nb::gil_scoped_release release;
+            ex.load_expert(e, gate.data(), up.data(), down.data(), dt);
+          },
+          "expert"_a, "gate_proj"_a, "up_proj"_a, "down_proj"_a)
       // The bf16 values the GEMMs use for expert e (dq(q(W)) for int8 / int4),
       // written into gate, up [I, H] and down [H, I] bf16 arrays.
-      .def("unpack_expert",
-           [](const MoeExperts& ex, int e, OutArray gate, OutArray up, OutArray down) {
-             check_expert_id(ex, e);
-             const int64_t H = ex.H(), I = ex.I();
-             check(gate, "gate", {I, H}, {DType::kBf16});
-             check(up, "up", {I, H}, {DType::kBf16});
-             check(down, "down", {H, I}, {DType::kBf16});
-             nb::gil_scoped_release release;
-             ex.weights().unpack_expert(e, static_cast<kernels::bf16*>(gate.data()),
-                                        static_cast<kernels::bf16*>(up.data()),
-                                        static_cast<kernels::bf16*>(down.data()));
-           },
-           "expert"_a, "gate"_a, "up"_a, "down"_a)
-      .def("load_biases",
-           [](MoeExperts& ex, std::optional<Array> gate, std::optional<Array> up,
-              std::optional<Array> down) {
-             const std::optional<Array>* b[3] = {&gate, &up, &down};
-             std::optional<DType> dt;
-             const void* ptr[3] = {nullptr, nullptr, nullptr};
-             for (Proj p : kAllProjs) {
-               const std::optional<Array>& bias = *b[idx(p)];
-               if (!bias) continue;
-               // [E, out]: gate, up [E, I], down [E, H].
-               const DType d = check(*bias, std::string(proj_name(p)) + "_bias", {ex.E(), ex.weights().dims(p).N}, kFloat);
-               if (dt && *dt != d) throw std::invalid_argument("gate_bias, up_bias and down_bias must share one dtype");
-               dt = d;
-               ptr[idx(p)] = bias->data();
-             }
-             ex.load_biases(ptr[0], ptr[1], ptr[2], dt.value_or(DType::kF32));
-           },
-           "gate_bias"_a.none(), "up_bias"_a.none(), "down_bias"_a.none())
-      .def_prop_ro("has_biases", [](const MoeExperts& ex) {
-        return std::make_tuple(ex.has_bias(Proj::kGate), ex.has_bias(Proj::kUp), ex.has_bias(Proj::kDown));
-      })
-      .def("forward",
-           [](MoeExperts& ex, const Array& x, const Array& ids, const Array& w, std::optional<Array> mask,
-              const LoraArrays& lora, OutArray out) {
-             std::shared_ptr<Saved> saved;
-             Job job = ex.forward_async(forward_args(ex, x, ids, w, mask, lora, out), &saved);
-             return std::make_pair(saved, job);
-           },
-           "x"_a, "topk_ids"_a, "topk_weights"_a, "expert_mask"_a.none(), "lora"_a, "out"_a)
-      .def("backward",
-           [](MoeExperts& ex, std::shared_ptr<Saved> saved, const Array& dout, const LoraArrays& lora,
-              std::optional<OutArray> dx, std::optional<OutArray> dw, const LoraGradArrays& grads) {
-             if (!saved) throw std::invalid_argument("backward needs the handle from forward");
-             return ex.backward_async(saved, backward_args(ex, *saved, dout, lora, dx, dw, grads));
-           },
-           "saved"_a, "grad_out"_a, "lora"_a, "grad_x"_a.none(), "grad_topk_weights"_a.none(), "grads"_a);
+      .def(
+          "unpack_expert",
+          [](const MoeExperts& ex, int e, OutArray gate, OutArray up, OutArray down) {
+            check_expert_id(ex, e);
+            const int64_t H = ex.H(), I = ex.I();
+            check(gate, "gate", {I, H}, {DType::kBf16});
+            check(up, "up", {I, H}, {DType::kBf16});
+            check(down, "down", {H, I}, {DType::kBf16});
+            nb::gil_scoped_release release;
+            ex.weights().unpack_expert(e, static_cast<kernels::bf16*>(gate.data()),
+                                       static_cast<kernels::bf16*>(up.data()),
+                                       static_cast<kernels::bf16*>(down.data()));
+          },
+          "expert"_a, "gate"_a, "up"_a, "down"_a)
+      .def(
+          "load_biases",
+          [](MoeExperts& ex, std::optional<Array> gate, std::optional<Array> up,
+             std::optional<Array> down) {
+            const std::optional<Array>* b[3] = {&gate, &up, &down};
+            std::optional<DType> dt;
+            const void* ptr[3] = {nullptr, nullptr, nullptr};
+            for (Proj p : kAllProjs) {
+              const std::optional<Array>& bias = *b[idx(p)];
+              if (!bias) continue;
+              // [E, out]: gate, up [E, I], down [E, H].
+              const DType d = check(*bias, std::string(proj_name(p)) + "_bias",
+                                    {ex.E(), ex.weights().dims(p).N}, kFloat);
+              if (dt && *dt != d)
+                throw std::invalid_argument(
+                    "gate_bias, up_bias and down_bias must share one dtype");
+              dt = d;
+              ptr[idx(p)] = bias->data();
+            }
+            ex.load_biases(ptr[0], ptr[1], ptr[2], dt.value_or(DType::kF32));
+          },
+          "gate_bias"_a.none(), "up_bias"_a.none(), "down_bias"_a.none())
+      .def_prop_ro("has_biases",
+                   [](const MoeExperts& ex) {
+                     return std::make_tuple(ex.has_bias(Proj::kGate), ex.has_bias(Proj::kUp),
+                                            ex.has_bias(Proj::kDown));
+                   })
+      .def(
+          "forward",
+          [](MoeExperts& ex, const Array& x, const Array& ids, const Array& w,
+             std::optional<Array> mask, const LoraArrays& lora, OutArray out) {
+            std::shared_ptr<Saved> saved;
+            Job job = ex.forward_async(forward_args(ex, x, ids, w, mask, lora, out), &saved);
+            return std::make_pair(saved, job);
+          },
+          "x"_a, "topk_ids"_a, "topk_weights"_a, "expert_mask"_a.none(), "lora"_a, "out"_a)
+      .def(
+          "backward",
+          [](MoeExperts& ex, std::shared_ptr<Saved> saved, const Array& dout,
+             const LoraArrays& lora, std::optional<OutArray> dx, std::optional<OutArray> dw,
+             const LoraGradArrays& grads) {
+            if (!saved) throw std::invalid_argument("backward needs the handle from forward");
+            return ex.backward_async(saved, backward_args(ex, *saved, dout, lora, dx, dw, grads));
+          },
+          "saved"_a, "grad_out"_a, "lora"_a, "grad_x"_a.none(), "grad_topk_weights"_a.none(),
+          "grads"_a);
 }
 
 }  // namespace

@@ -3,12 +3,12 @@
 // being read, so zero-filling them would be a wasted pass over memory).
 #pragma once
 
+#include <sys/mman.h>
+
 #include <cstddef>
 #include <cstdlib>
 #include <memory>
 #include <new>
-
-#include <sys/mman.h>
 
 namespace moetune {
 

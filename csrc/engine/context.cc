@@ -18,7 +18,8 @@ bool Job::ready() const {
 
 namespace {
 int checked_threads(int n) {
-  if (n < 1) throw std::invalid_argument("moetune: num_threads must be >= 1, got " + std::to_string(n));
+  if (n < 1)
+    throw std::invalid_argument("moetune: num_threads must be >= 1, got " + std::to_string(n));
   return n;
 }
 }  // namespace

@@ -36,15 +36,15 @@ namespace moetune {
 
 struct ContextOptions {
   int num_threads = 1;
-  std::vector<int> cpus;                 // optional pinning, worker i -> cpus[i % n]
-  std::optional<kernels::Isa> isa;       // force an ISA (error if the CPU lacks it); else the fastest
+  std::vector<int> cpus;            // optional pinning, worker i -> cpus[i % n]
+  std::optional<kernels::Isa> isa;  // force an ISA (error if the CPU lacks it); else the fastest
 };
 
 class Job {
  public:
   Job() = default;
   explicit Job(std::shared_future<void> f) : f_(std::move(f)) {}
-  void wait() const;   // rethrows the job's exception, if any
+  void wait() const;  // rethrows the job's exception, if any
   bool ready() const;
   bool valid() const { return f_.valid(); }
 
@@ -74,7 +74,8 @@ class Context {
   template <typename T>
   Scratch<T> workspace(int slot, size_t n) {
     if (slot >= static_cast<int>(workspace_.size())) workspace_.resize(slot + 1);
-    return Scratch<T>{reinterpret_cast<T*>(workspace_[slot].reserve((n * sizeof(T) + 63) / 64 * 64))};
+    return Scratch<T>{
+        reinterpret_cast<T*>(workspace_[slot].reserve((n * sizeof(T) + 63) / 64 * 64))};
   }
   int num_threads() const { return pool_.size(); }
   std::string info() const;

@@ -8,24 +8,30 @@ namespace moetune {
 
 const char* option_name(BackwardWeights v) {
   switch (v) {
-    case BackwardWeights::kRepack: return "repack";
-    case BackwardWeights::kTransposedCopy: return "transposed_copy";
+    case BackwardWeights::kRepack:
+      return "repack";
+    case BackwardWeights::kTransposedCopy:
+      return "transposed_copy";
   }
   return "?";
 }
 
 const char* option_name(ActivationPolicy v) {
   switch (v) {
-    case ActivationPolicy::kSave: return "save";
-    case ActivationPolicy::kRecompute: return "recompute";
+    case ActivationPolicy::kSave:
+      return "save";
+    case ActivationPolicy::kRecompute:
+      return "recompute";
   }
   return "?";
 }
 
 const char* option_name(Activation v) {
   switch (v) {
-    case Activation::kSwiGLU: return "swiglu";
-    case Activation::kClampedSwiGLU: return "gpt_oss";
+    case Activation::kSwiGLU:
+      return "swiglu";
+    case Activation::kClampedSwiGLU:
+      return "gpt_oss";
   }
   return "?";
 }
@@ -46,7 +52,8 @@ void ExpertsOptions::validate() const {
   check_known(activation, kAllActivations, "activation");
   if (!(std::isfinite(swiglu_alpha) && std::isfinite(swiglu_limit) && swiglu_limit > 0.0f)) {
     throw std::invalid_argument(
-        "moetune: the clamped SwiGLU constants need a finite alpha and a finite limit > 0, got alpha=" +
+        "moetune: the clamped SwiGLU constants need a finite alpha and a finite limit > 0, got "
+        "alpha=" +
         std::to_string(swiglu_alpha) + " limit=" + std::to_string(swiglu_limit));
   }
   kernels::check_quant_spec(quant_spec());  // also rejects an unknown weight format

@@ -27,8 +27,9 @@ enum class ActivationPolicy : int {
 
 // The experts' gated activation h(g, u) (see moe_experts.h for the math).
 enum class Activation : int {
-  kSwiGLU = 0,         // silu(g) * u  (Qwen, Mixtral, DeepSeek, GLM, OLMoE)
-  kClampedSwiGLU = 1,  // gpt-oss: (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)
+  kSwiGLU = 0,  // silu(g) * u  (Qwen, Mixtral, DeepSeek, GLM, OLMoE)
+  kClampedSwiGLU =
+      1,  // gpt-oss: (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)
 };
 
 using kernels::WeightFormat;  // bf16 | int8 | int4 (kernels/quant.h)

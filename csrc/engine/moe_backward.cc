@@ -51,8 +51,8 @@ PackedB pack_tokens(const bf16* big, int64_t ldb, int64_t N, int64_t n, Arena& a
 }
 
 void token_contract(const kernels::KernelBundle& k, const bf16* small, int64_t lds, int64_t r,
-                    const float* row_scale, const PackedB& big, int64_t n, Arena& a,
-                    float* dst, bool transpose_out) {
+                    const float* row_scale, const PackedB& big, int64_t n, Arena& a, float* dst,
+                    bool transpose_out) {
   const int64_t N = big.N, ldt = layout::ld_tok(n);
   bf16* st = a.alloc<bf16>(r * ldt);
   kernels::transpose_to_a(small, kernels::SrcType::kBf16, lds, n, r, row_scale, st, ldt);
@@ -74,10 +74,24 @@ void token_contract(const kernels::KernelBundle& k, const bf16* small, int64_t l
 class BackwardPass {
  public:
   BackwardPass(const MoeExperts& ex, const BackwardArgs& args, const Saved& s)
-      : ex_(ex), ctx_(*ex.ctx_), k_(ctx_.kernels()), ew_(ctx_.kernels().eltwise), args_(args), s_(s), rt_(s.routing),
-        lora_(args.lora), gr_(args.grads), sc_(lora_.scaling), T_(s.T), H_(ex.H()), I_(ex.I()),
-        rows_(rt_.rows()), ldh_(layout::ld_bf16(H_)), ldi_(layout::ld_bf16(I_)),
-        chI_(layout::chunks(I_)), chH_(layout::chunks(H_)),
+      : ex_(ex),
+        ctx_(*ex.ctx_),
+        k_(ctx_.kernels()),
+        ew_(ctx_.kernels().eltwise),
+        args_(args),
+        s_(s),
+        rt_(s.routing),
+        lora_(args.lora),
+        gr_(args.grads),
+        sc_(lora_.scaling),
+        T_(s.T),
+        H_(ex.H()),
+        I_(ex.I()),
+        rows_(rt_.rows()),
+        ldh_(layout::ld_bf16(H_)),
+        ldi_(layout::ld_bf16(I_)),
+        chI_(layout::chunks(I_)),
+        chH_(layout::chunks(H_)),
         n_active_(static_cast<int64_t>(rt_.active.size())),
         ldr_{lora_.gate.enabled() ? layout::ld_bf16(lora_.gate.r) : 0,
              lora_.up.enabled() ? layout::ld_bf16(lora_.up.r) : 0,
@@ -103,7 +117,8 @@ class BackwardPass {
       const LoraProj& lp = lora_[p];
       if (!lp.enabled()) continue;
       const int64_t in = p == Proj::kDown ? I_ : H_, out = p == Proj::kDown ? H_ : I_;
-      for (auto [d, per_e] : {std::pair<float*, int64_t>{gr_.dA(p), lp.r * in}, {gr_.dB(p), out * lp.r}}) {
+      for (auto [d, per_e] :
+           {std::pair<float*, int64_t>{gr_.dA(p), lp.r * in}, {gr_.dB(p), out * lp.r}}) {
         if (!d) continue;
         for (int e = 0; e < ex_.E(); ++e)
           if (!active[e]) std::fill(d + e * per_e, d + (e + 1) * per_e, 0.0f);
@@ -114,11 +129,12 @@ class BackwardPass {
   void gather() {
     xg_ = ctx_.workspace<bf16>(layout::kWsX, rows_ * ldh_).data();
     dog_ = ctx_.workspace<bf16>(layout::kWsDout, rows_ * ldh_).data();
-    ctx_.parallel_for("bwd.gather", (rows_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
-      const int64_t r0 = b * kTokenBlock, r1 = std::min(rows_, r0 + kTokenBlock);
-      common::gather_token_rows(ew_, rt_, r0, r1, s_.x.data(), DType::kBf16, H_, xg_, ldh_);
-      common::gather_token_rows(ew_, rt_, r0, r1, args_.dout, args_.dout_dtype, H_, dog_, ldh_);
-    });
+    ctx_.parallel_for(
+        "bwd.gather", (rows_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
+          const int64_t r0 = b * kTokenBlock, r1 = std::min(rows_, r0 + kTokenBlock);
+          common::gather_token_rows(ew_, rt_, r0, r1, s_.x.data(), DType::kBf16, H_, xg_, ldh_);
+          common::gather_token_rows(ew_, rt_, r0, r1, args_.dout, args_.dout_dtype, H_, dog_, ldh_);
+        });
   }
 
   // q = s * dout Bd.
@@ -141,8 +157,9 @@ class BackwardPass {
     dub_ = ctx_.workspace<bf16>(layout::kWsDu, rows_ * ldi_).data();
     dwp_ = ctx_.workspace<float>(layout::kWsDwPart, rows_ * chI_).data();
     const int64_t n_blocks = static_cast<int64_t>(blocks_.size());
-    ctx_.parallel_for("bwd.down_act", n_blocks * chI_,
-                      [&](int64_t task, Arena& a) { down_act_task(blocks_[task / chI_], task % chI_, a); });
+    ctx_.parallel_for("bwd.down_act", n_blocks * chI_, [&](int64_t task, Arena& a) {
+      down_act_task(blocks_[task / chI_], task % chI_, a);
+    });
   }
 
   void down_act_task(const RowBlock& blk, int64_t c, Arena& a) const {
@@ -171,8 +188,9 @@ class BackwardPass {
       // Ad_e is [r, I] = [K, N].
       const int64_t r = lora_.down.r, ldr = ldr_[idx(Proj::kDown)];
       bf16* pa = a.alloc<bf16>(kernels::packed_elems(r, nc));
-      kernels::pack_b(static_cast<const char*>(lora_.down.A) + e * r * I_ * esize(lora_.down.a_dtype),
-                      src_type(lora_.down.a_dtype), I_, true, r, i0, i1, 1.0f, pa);
+      kernels::pack_b(
+          static_cast<const char*>(lora_.down.A) + e * r * I_ * esize(lora_.down.a_dtype),
+          src_type(lora_.down.a_dtype), I_, true, r, i0, i1, 1.0f, pa);
       seg[1] = Segment{qs_ + off * ldr, ldr, PackedB{pa, r, nc}};
       nseg = 2;
     }
@@ -224,16 +242,19 @@ class BackwardPass {
     for (int64_t m = 0; m < n; ++m) wrow[m] = s_.w.data()[rt_.slot_of[off + m]];
     // dBd = sum_t (w dout)_t (s z_d)_t^T  -> [H, r]  (as ((w z_d)^T dout)^T)
     if (gr_.dB_down)
-      token_contract(k_, s_.zs_down.data() + off * ldr, ldr, r, wrow, pack_tokens(dog_ + off * ldh_, ldh_, H_, n, a),
-                     n, a, gr_.dB_down + e * H_ * r, true);
+      token_contract(k_, s_.zs_down.data() + off * ldr, ldr, r, wrow,
+                     pack_tokens(dog_ + off * ldh_, ldh_, H_, n, a), n, a, gr_.dB_down + e * H_ * r,
+                     true);
     // dAd = sum_t w_t q_t h_t^T  -> [r, I]
     if (gr_.dA_down)
-      token_contract(k_, qs_ + off * ldr, ldr, r, wrow, pack_tokens(hb_ + off * ldi_, ldi_, I_, n, a), n, a,
-                     gr_.dA_down + e * r * I_, false);
+      token_contract(k_, qs_ + off * ldr, ldr, r, wrow,
+                     pack_tokens(hb_ + off * ldi_, ldi_, I_, n, a), n, a, gr_.dA_down + e * r * I_,
+                     false);
   }
 
   // Gate or up: p = s * dg B, dB, dA (xpack: this expert's x rows packed, if a dA is wanted).
-  void lora_grads_input(Proj p, int e, int64_t off, int64_t n, const PackedB& xpack, Arena& a) const {
+  void lora_grads_input(Proj p, int e, int64_t off, int64_t n, const PackedB& xpack,
+                        Arena& a) const {
     const LoraProj& lp = lora_[p];
     const int64_t r = lp.r, ldr = ldr_[idx(p)];
     const bool gate = p == Proj::kGate;
@@ -244,8 +265,10 @@ class BackwardPass {
     lora_back_reduce(k_, ew_, lp, sc_, e, I_, dge, ldi_, n, a, ps, ldr);
     // dB = sum_t dg_t (s z)_t^T -> [I, r];  dA = sum_t p_t x_t^T -> [r, H]
     if (float* dB = gr_.dB(p))
-      token_contract(k_, zs, ldr, r, nullptr, pack_tokens(dge, ldi_, I_, n, a), n, a, dB + e * I_ * r, true);
-    if (float* dA = gr_.dA(p)) token_contract(k_, ps, ldr, r, nullptr, xpack, n, a, dA + e * r * H_, false);
+      token_contract(k_, zs, ldr, r, nullptr, pack_tokens(dge, ldi_, I_, n, a), n, a,
+                     dB + e * I_ * r, true);
+    if (float* dA = gr_.dA(p))
+      token_contract(k_, ps, ldr, r, nullptr, xpack, n, a, dA + e * r * H_, false);
   }
 
   // dx rows, fused over gate, up and their LoRA.
@@ -268,8 +291,8 @@ class BackwardPass {
         const int64_t r = lp.r, ldr = ldr_[idx(p)];
         // A_e is [r, H] = [K, N].
         bf16* pa = a.alloc<bf16>(kernels::packed_elems(r, nc));
-        kernels::pack_b(static_cast<const char*>(lp.A) + e * r * H_ * esize(lp.a_dtype), src_type(lp.a_dtype), H_,
-                        true, r, h0, h1, 1.0f, pa);
+        kernels::pack_b(static_cast<const char*>(lp.A) + e * r * H_ * esize(lp.a_dtype),
+                        src_type(lp.a_dtype), H_, true, r, h0, h1, 1.0f, pa);
         seg[nseg++] = Segment{(p == Proj::kGate ? pg_ : pu_) + off * ldr, ldr, PackedB{pa, r, nc}};
       }
       const Proj wgu[2] = {Proj::kGate, Proj::kUp};
@@ -280,29 +303,33 @@ class BackwardPass {
   // Per-token reductions in slot order.
   void combine() {
     const int kk = s_.k;
-    ctx_.parallel_for("bwd.combine", (T_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
-      float* acc = a.alloc<float>(H_);
-      const int64_t t1 = std::min(T_, (b + 1) * kTokenBlock);
-      for (int64_t t = b * kTokenBlock; t < t1; ++t) {
-        std::fill(acc, acc + H_, 0.0f);
-        for (int j = 0; j < kk; ++j) {
-          const int64_t slot = t * kk + j, row = rt_.row_of[slot];
-          float dw = 0.0f;
-          if (row >= 0) {
-            const float* xr = dxr_ + row * H_;
-            for (int64_t h = 0; h < H_; ++h) acc[h] += xr[h];
-            for (int64_t c = 0; c < chI_; ++c) dw += dwp_[row * chI_ + c];
+    ctx_.parallel_for(
+        "bwd.combine", (T_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
+          float* acc = a.alloc<float>(H_);
+          const int64_t t1 = std::min(T_, (b + 1) * kTokenBlock);
+          for (int64_t t = b * kTokenBlock; t < t1; ++t) {
+            std::fill(acc, acc + H_, 0.0f);
+            for (int j = 0; j < kk; ++j) {
+              const int64_t slot = t * kk + j, row = rt_.row_of[slot];
+              float dw = 0.0f;
+              if (row >= 0) {
+                const float* xr = dxr_ + row * H_;
+                for (int64_t h = 0; h < H_; ++h) acc[h] += xr[h];
+                for (int64_t c = 0; c < chI_; ++c) dw += dwp_[row * chI_ + c];
+              }
+              if (args_.dtopk_weights) {
+                if (args_.dw_dtype == DType::kF32)
+                  static_cast<float*>(args_.dtopk_weights)[slot] = dw;
+                else
+                  static_cast<bf16*>(args_.dtopk_weights)[slot] = f32_to_bf16(dw);
+              }
+            }
+            if (!args_.dx) continue;
+            common::store_row(ew_, acc, H_,
+                              static_cast<char*>(args_.dx) + t * H_ * esize(args_.dx_dtype),
+                              args_.dx_dtype);
           }
-          if (args_.dtopk_weights) {
-            if (args_.dw_dtype == DType::kF32) static_cast<float*>(args_.dtopk_weights)[slot] = dw;
-            else static_cast<bf16*>(args_.dtopk_weights)[slot] = f32_to_bf16(dw);
-          }
-        }
-        if (!args_.dx) continue;
-        common::store_row(ew_, acc, H_, static_cast<char*>(args_.dx) + t * H_ * esize(args_.dx_dtype),
-                          args_.dx_dtype);
-      }
-    });
+        });
   }
 
   const MoeExperts& ex_;
@@ -318,10 +345,10 @@ class BackwardPass {
   const int64_t T_, H_, I_, rows_, ldh_, ldi_, chI_, chH_, n_active_;
   const int64_t ldr_[3];  // LoRA rank-side row strides per projection (0 = off)
   const std::vector<RowBlock> blocks_;
-  bf16* xg_ = nullptr;    // [rows, ldh] gathered x, dout
+  bf16* xg_ = nullptr;  // [rows, ldh] gathered x, dout
   bf16* dog_ = nullptr;
-  bf16* qs_ = nullptr;    // [rows, ldr_down] s * dout Bd
-  bf16* hb_ = nullptr;    // [rows, ldi] h, dg, du
+  bf16* qs_ = nullptr;  // [rows, ldr_down] s * dout Bd
+  bf16* hb_ = nullptr;  // [rows, ldi] h, dg, du
   bf16* dgb_ = nullptr;
   bf16* dub_ = nullptr;
   float* dwp_ = nullptr;  // [rows, chI] d topk_weights partials per I chunk
@@ -330,6 +357,8 @@ class BackwardPass {
   float* dxr_ = nullptr;  // [rows, H] dx per expert-major row
 };
 
-void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) { BackwardPass(*this, args, s).run(); }
+void MoeExperts::run_backward(const BackwardArgs& args, Saved& s) {
+  BackwardPass(*this, args, s).run();
+}
 
 }  // namespace moetune

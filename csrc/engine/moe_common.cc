@@ -25,9 +25,8 @@ void store_row(const kernels::EltwiseKernel& ew, const float* src, int64_t n, vo
   }
 }
 
-void gather_token_rows(const kernels::EltwiseKernel& ew, const Routing& rt, int64_t r0,
-                       int64_t r1, const void* src, DType dtype, int64_t H, bf16* dst,
-                       int64_t ld) {
+void gather_token_rows(const kernels::EltwiseKernel& ew, const Routing& rt, int64_t r0, int64_t r1,
+                       const void* src, DType dtype, int64_t H, bf16* dst, int64_t ld) {
   const size_t row_bytes = H * esize(dtype);
   for (int64_t row = r0; row < r1; ++row) {
     const int64_t t = rt.slot_of[row] / rt.k;
@@ -37,9 +36,9 @@ void gather_token_rows(const kernels::EltwiseKernel& ew, const Routing& rt, int6
   }
 }
 
-void reduce_to_rank(const kernels::KernelBundle& k, const kernels::EltwiseKernel& ew,
-                    const void* w, DType w_dtype, bool kn, int64_t K, int64_t r, const bf16* a,
-                    int64_t lda, int64_t n, float s, Arena& arena, bf16* out, int64_t ldr) {
+void reduce_to_rank(const kernels::KernelBundle& k, const kernels::EltwiseKernel& ew, const void* w,
+                    DType w_dtype, bool kn, int64_t K, int64_t r, const bf16* a, int64_t lda,
+                    int64_t n, float s, Arena& arena, bf16* out, int64_t ldr) {
   bf16* packed = arena.alloc<bf16>(kernels::packed_elems(K, r));
   kernels::pack_b(w, src_type(w_dtype), kn ? r : K, kn, K, 0, r, 1.0f, packed);
   kernels::Segment seg{a, lda, kernels::PackedB{packed, K, r}};

@@ -56,8 +56,9 @@ MoeExperts::~MoeExperts() {
 }
 
 std::vector<RowBlock> MoeExperts::work_blocks(const Routing& rt, bool backward) const {
-  const int64_t group = options_.row_group > 0 ? options_.row_group
-                                               : (store_.prepares_slices(backward) ? 4 * kRowBlock : 0);
+  const int64_t group = options_.row_group > 0
+                            ? options_.row_group
+                            : (store_.prepares_slices(backward) ? 4 * kRowBlock : 0);
   if (group == 0) return rt.blocks;
   std::vector<RowBlock> out;
   for (int e : rt.active) {
@@ -65,9 +66,8 @@ std::vector<RowBlock> MoeExperts::work_blocks(const Routing& rt, bool backward) 
     for (int64_t b = 0; b < nb; ++b)
       out.push_back(RowBlock{e, rt.offsets[e] + n * b / nb, rt.offsets[e] + n * (b + 1) / nb});
   }
-  std::stable_sort(out.begin(), out.end(), [](const RowBlock& a, const RowBlock& b) {
-    return a.r1 - a.r0 > b.r1 - b.r0;
-  });
+  std::stable_sort(out.begin(), out.end(),
+                   [](const RowBlock& a, const RowBlock& b) { return a.r1 - a.r0 > b.r1 - b.r0; });
   return out;
 }
 
@@ -77,8 +77,8 @@ void MoeExperts::load(const void* gate, const void* up, const void* down, DType 
   ctx_->run([&] {
     ctx_->parallel_for("load", E(), [&](int64_t e, Arena&) {
       store_.load_expert(static_cast<int>(e), static_cast<const char*>(gate) + e * per,
-                         static_cast<const char*>(up) + e * per, static_cast<const char*>(down) + e * per,
-                         dtype);
+                         static_cast<const char*>(up) + e * per,
+                         static_cast<const char*>(down) + e * per, dtype);
     });
   });
 }
@@ -127,15 +127,16 @@ Job MoeExperts::backward_async(std::shared_ptr<Saved> saved, const BackwardArgs&
   if (!saved) throw std::invalid_argument("moetune: backward needs the handle returned by forward");
   for (Proj p : kAllProjs) check_same_lora(saved->lora_shape[p], args.lora[p], p);
   if (saved->lora_shape.any() && saved->lora_shape.scaling != args.lora.scaling) {
-    throw std::invalid_argument("moetune: backward LoRA scaling " + std::to_string(args.lora.scaling) +
-                                " differs from the forward's " +
+    throw std::invalid_argument("moetune: backward LoRA scaling " +
+                                std::to_string(args.lora.scaling) + " differs from the forward's " +
                                 std::to_string(saved->lora_shape.scaling));
   }
   BackwardArgs a = args;
   return ctx_->submit([this, a, saved, guard = track()] {
     // Jobs run in submission order, so the forward has run; if it failed its
     // error was reported at its own wait and this handle is unusable.
-    if (!saved->complete) throw std::runtime_error("moetune: backward on a forward that did not complete");
+    if (!saved->complete)
+      throw std::runtime_error("moetune: backward on a forward that did not complete");
     run_backward(a, *saved);
   });
 }

@@ -73,14 +73,14 @@ struct Saved : std::enable_shared_from_this<Saved> {
   Routing routing;
   int64_t T = 0;
   int k = 0;
-  LoraSet lora_shape;           // enabled flags, ranks and scaling of the forward
-  Buf<kernels::bf16> x;         // [T, ldh] bf16 copy of the input
-  Buf<float> w;                 // [T*k] routing weights, fp32
-  Buf<kernels::bf16> zs_gate;   // [rows, ldr] bf16(s * Ag x) (LoRA only)
+  LoraSet lora_shape;          // enabled flags, ranks and scaling of the forward
+  Buf<kernels::bf16> x;        // [T, ldh] bf16 copy of the input
+  Buf<float> w;                // [T*k] routing weights, fp32
+  Buf<kernels::bf16> zs_gate;  // [rows, ldr] bf16(s * Ag x) (LoRA only)
   Buf<kernels::bf16> zs_up;
-  Buf<kernels::bf16> zs_down;   // [rows, ldr] bf16(s * Ad h)
-  Buf<kernels::bf16> g, u;      // [rows, ldi] bf16 pre-activations (ActivationPolicy::kSave)
-  bool complete = false;        // set when the forward job finished
+  Buf<kernels::bf16> zs_down;  // [rows, ldr] bf16(s * Ad h)
+  Buf<kernels::bf16> g, u;     // [rows, ldi] bf16 pre-activations (ActivationPolicy::kSave)
+  bool complete = false;       // set when the forward job finished
   size_t bytes() const;
 };
 

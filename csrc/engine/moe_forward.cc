@@ -53,8 +53,8 @@ Buf<bf16>& saved_z(Saved& s, Proj p) {
 }  // namespace
 
 void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf16* xe, int64_t n,
-                               const Saved& s, int64_t i0, int64_t i1, Arena& a, bf16* gb,
-                               bf16* ub, int64_t ld) const {
+                               const Saved& s, int64_t i0, int64_t i1, Arena& a, bf16* gb, bf16* ub,
+                               int64_t ld) const {
   const int64_t nc = i1 - i0;
   const int64_t ldh = layout::ld_bf16(H());
   float* c = a.alloc<float>(n * nc);
@@ -72,7 +72,8 @@ void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf
         for (int64_t i = 0; i < nc; ++i) c[m * nc + i] += b[i0 + i];
     }
     bf16* dst = p == Proj::kGate ? gb : ub;
-    for (int64_t m = 0; m < n; ++m) ctx_->kernels().eltwise.to_bf16(c + m * nc, 1.0f, dst + m * ld, nc);
+    for (int64_t m = 0; m < n; ++m)
+      ctx_->kernels().eltwise.to_bf16(c + m * nc, 1.0f, dst + m * ld, nc);
   }
 }
 
@@ -81,9 +82,20 @@ void MoeExperts::gate_up_chunk(const LoraSet& lora, int e, int64_t off, const bf
 class ForwardPass {
  public:
   ForwardPass(const MoeExperts& ex, const ForwardArgs& args, Saved& s)
-      : ex_(ex), ctx_(*ex.ctx_), k_(ctx_.kernels()), ew_(ctx_.kernels().eltwise), args_(args), s_(s), rt_(s.routing),
-        lora_(args.lora), T_(args.T), H_(ex.H()), I_(ex.I()), rows_(rt_.rows()),
-        ldh_(layout::ld_bf16(H_)), ldi_(layout::ld_bf16(I_)),
+      : ex_(ex),
+        ctx_(*ex.ctx_),
+        k_(ctx_.kernels()),
+        ew_(ctx_.kernels().eltwise),
+        args_(args),
+        s_(s),
+        rt_(s.routing),
+        lora_(args.lora),
+        T_(args.T),
+        H_(ex.H()),
+        I_(ex.I()),
+        rows_(rt_.rows()),
+        ldh_(layout::ld_bf16(H_)),
+        ldi_(layout::ld_bf16(I_)),
         n_active_(static_cast<int64_t>(rt_.active.size())),
         blocks_(ex.work_blocks(rt_, /*backward=*/false)) {}
 
@@ -102,27 +114,31 @@ class ForwardPass {
   void save_inputs() {
     s_.x.resize(T_ * H_);
     s_.w.resize(T_ * args_.k);
-    ctx_.parallel_for("fwd.save_inputs", (T_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
-      const int64_t t1 = std::min(T_, (b + 1) * kTokenBlock);
-      for (int64_t t = b * kTokenBlock; t < t1; ++t) {
-        common::row_to_bf16(ew_, static_cast<const char*>(args_.x) + t * H_ * esize(args_.x_dtype),
-                            args_.x_dtype, H_, s_.x.data() + t * H_);
-        for (int j = 0; j < args_.k; ++j) {
-          const int64_t i = t * args_.k + j;
-          s_.w.data()[i] = args_.w_dtype == DType::kF32
-                               ? static_cast<const float*>(args_.topk_weights)[i]
-                               : bf16_to_f32(static_cast<const bf16*>(args_.topk_weights)[i]);
-        }
-      }
-    });
+    ctx_.parallel_for(
+        "fwd.save_inputs", (T_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
+          const int64_t t1 = std::min(T_, (b + 1) * kTokenBlock);
+          for (int64_t t = b * kTokenBlock; t < t1; ++t) {
+            common::row_to_bf16(ew_,
+                                static_cast<const char*>(args_.x) + t * H_ * esize(args_.x_dtype),
+                                args_.x_dtype, H_, s_.x.data() + t * H_);
+            for (int j = 0; j < args_.k; ++j) {
+              const int64_t i = t * args_.k + j;
+              s_.w.data()[i] = args_.w_dtype == DType::kF32
+                                   ? static_cast<const float*>(args_.topk_weights)[i]
+                                   : bf16_to_f32(static_cast<const bf16*>(args_.topk_weights)[i]);
+            }
+          }
+        });
   }
 
   void gather_x() {
     xg_ = ctx_.workspace<bf16>(layout::kWsX, rows_ * ldh_).data();
-    ctx_.parallel_for("fwd.gather", (rows_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena&) {
-      common::gather_token_rows(ew_, rt_, b * kTokenBlock, std::min(rows_, (b + 1) * kTokenBlock),
-                                s_.x.data(), DType::kBf16, H_, xg_, ldh_);
-    });
+    ctx_.parallel_for("fwd.gather", (rows_ + kTokenBlock - 1) / kTokenBlock,
+                      [&](int64_t b, Arena&) {
+                        common::gather_token_rows(ew_, rt_, b * kTokenBlock,
+                                                  std::min(rows_, (b + 1) * kTokenBlock),
+                                                  s_.x.data(), DType::kBf16, H_, xg_, ldh_);
+                      });
   }
 
   // z = s * A x of gate or up, per active expert, into Saved.
@@ -211,22 +227,24 @@ class ForwardPass {
 
   // out[t] = sum_j w[t, j] y[row(t, j)], in slot order (deterministic).
   void combine() {
-    ctx_.parallel_for("fwd.combine", (T_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
-      float* acc = a.alloc<float>(H_);
-      const int64_t t1 = std::min(T_, (b + 1) * kTokenBlock);
-      for (int64_t t = b * kTokenBlock; t < t1; ++t) {
-        std::fill(acc, acc + H_, 0.0f);
-        for (int j = 0; j < args_.k; ++j) {
-          const int64_t row = rt_.row_of[t * args_.k + j];
-          if (row < 0) continue;
-          const float wt = s_.w.data()[t * args_.k + j];
-          const float* yr = y_ + row * H_;
-          for (int64_t h = 0; h < H_; ++h) acc[h] += wt * yr[h];
-        }
-        common::store_row(ew_, acc, H_, static_cast<char*>(args_.out) + t * H_ * esize(args_.out_dtype),
-                          args_.out_dtype);
-      }
-    });
+    ctx_.parallel_for(
+        "fwd.combine", (T_ + kTokenBlock - 1) / kTokenBlock, [&](int64_t b, Arena& a) {
+          float* acc = a.alloc<float>(H_);
+          const int64_t t1 = std::min(T_, (b + 1) * kTokenBlock);
+          for (int64_t t = b * kTokenBlock; t < t1; ++t) {
+            std::fill(acc, acc + H_, 0.0f);
+            for (int j = 0; j < args_.k; ++j) {
+              const int64_t row = rt_.row_of[t * args_.k + j];
+              if (row < 0) continue;
+              const float wt = s_.w.data()[t * args_.k + j];
+              const float* yr = y_ + row * H_;
+              for (int64_t h = 0; h < H_; ++h) acc[h] += wt * yr[h];
+            }
+            common::store_row(ew_, acc, H_,
+                              static_cast<char*>(args_.out) + t * H_ * esize(args_.out_dtype),
+                              args_.out_dtype);
+          }
+        });
   }
 
   const MoeExperts& ex_;
@@ -242,10 +260,12 @@ class ForwardPass {
   bf16* xg_ = nullptr;    // [rows, ldh] gathered x
   bf16* gbuf_ = nullptr;  // [rows, ldi] g, u (Saved with kSave, else workspace)
   bf16* ubuf_ = nullptr;
-  bf16* hb_ = nullptr;    // [rows, ldi] h
-  float* y_ = nullptr;    // [rows, H] expert outputs
+  bf16* hb_ = nullptr;  // [rows, ldi] h
+  float* y_ = nullptr;  // [rows, H] expert outputs
 };
 
-void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) { ForwardPass(*this, args, s).run(); }
+void MoeExperts::run_forward(const ForwardArgs& args, Saved& s) {
+  ForwardPass(*this, args, s).run();
+}
 
 }  // namespace moetune

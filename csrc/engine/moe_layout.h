@@ -20,7 +20,19 @@ inline int64_t ld_tok(int64_t n) { return kernels::round_up(n, 2); }
 
 // Context workspace slots (each a grow-only buffer reused across jobs).
 enum Slot : int {
-  kWsX = 0, kWsG, kWsU, kWsH, kWsY, kWsDout, kWsQ, kWsDg, kWsDu, kWsDwPart, kWsPg, kWsPu, kWsDx
+  kWsX = 0,
+  kWsG,
+  kWsU,
+  kWsH,
+  kWsY,
+  kWsDout,
+  kWsQ,
+  kWsDg,
+  kWsDu,
+  kWsDwPart,
+  kWsPg,
+  kWsPu,
+  kWsDx
 };
 
 }  // namespace moetune::layout

@@ -46,7 +46,9 @@ struct LoraSet {
   LoraProj gate, up, down;
   float scaling = 1.0f;  // alpha / r
   bool any() const { return gate.enabled() || up.enabled() || down.enabled(); }
-  const LoraProj& operator[](Proj p) const { return p == Proj::kGate ? gate : p == Proj::kUp ? up : down; }
+  const LoraProj& operator[](Proj p) const {
+    return p == Proj::kGate ? gate : p == Proj::kUp ? up : down;
+  }
 };
 
 // LoRA weight gradients, fp32, same shapes as the weights; nullptr = not
@@ -65,25 +67,25 @@ struct LoraGrads {
 struct ForwardArgs {
   int64_t T = 0;
   int k = 0;
-  const void* x = nullptr;            // [T, H]
-  DType x_dtype = DType::kBf16;       // bf16 | f32
-  const void* topk_ids = nullptr;     // [T, k]
-  DType ids_dtype = DType::kI64;      // i32 | i64
-  const void* topk_weights = nullptr; // [T, k]
-  DType w_dtype = DType::kF32;        // bf16 | f32
+  const void* x = nullptr;               // [T, H]
+  DType x_dtype = DType::kBf16;          // bf16 | f32
+  const void* topk_ids = nullptr;        // [T, k]
+  DType ids_dtype = DType::kI64;         // i32 | i64
+  const void* topk_weights = nullptr;    // [T, k]
+  DType w_dtype = DType::kF32;           // bf16 | f32
   const uint8_t* expert_mask = nullptr;  // [E] bool, optional: false = expert contributes 0
   LoraSet lora;
-  void* out = nullptr;                // [T, H], dtype out_dtype
+  void* out = nullptr;  // [T, H], dtype out_dtype
   DType out_dtype = DType::kBf16;
 };
 
 struct BackwardArgs {
-  const void* dout = nullptr;         // [T, H]
+  const void* dout = nullptr;  // [T, H]
   DType dout_dtype = DType::kBf16;
-  LoraSet lora;                       // the same weights as the forward (unchanged)
-  void* dx = nullptr;                 // [T, H] or nullptr
+  LoraSet lora;        // the same weights as the forward (unchanged)
+  void* dx = nullptr;  // [T, H] or nullptr
   DType dx_dtype = DType::kBf16;
-  void* dtopk_weights = nullptr;      // [T, k] or nullptr
+  void* dtopk_weights = nullptr;  // [T, k] or nullptr
   DType dw_dtype = DType::kF32;
   LoraGrads grads;
 };

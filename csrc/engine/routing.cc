@@ -55,9 +55,8 @@ Routing build_routing(const void* topk_ids, DType ids_dtype, int64_t T, int k, i
       r.blocks.push_back(RowBlock{e, r.offsets[e] + n * b / nb, r.offsets[e] + n * (b + 1) / nb});
     }
   }
-  std::stable_sort(r.blocks.begin(), r.blocks.end(), [](const RowBlock& a, const RowBlock& b) {
-    return a.r1 - a.r0 > b.r1 - b.r0;
-  });
+  std::stable_sort(r.blocks.begin(), r.blocks.end(),
+                   [](const RowBlock& a, const RowBlock& b) { return a.r1 - a.r0 > b.r1 - b.r0; });
   return r;
 }
 

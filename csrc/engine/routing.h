@@ -28,11 +28,11 @@ struct Routing {
   int64_t T = 0;
   int k = 0;
   int E = 0;
-  std::vector<int64_t> offsets;   // [E + 1]
-  std::vector<int32_t> slot_of;   // [rows] flat slot of each expert-major row
-  std::vector<int32_t> row_of;    // [T * k] expert-major row of each slot, -1 if not routed
-  std::vector<int32_t> active;    // experts with rows, most rows first (load balance)
-  std::vector<RowBlock> blocks;   // rows of the active experts in blocks, largest first
+  std::vector<int64_t> offsets;  // [E + 1]
+  std::vector<int32_t> slot_of;  // [rows] flat slot of each expert-major row
+  std::vector<int32_t> row_of;   // [T * k] expert-major row of each slot, -1 if not routed
+  std::vector<int32_t> active;   // experts with rows, most rows first (load balance)
+  std::vector<RowBlock> blocks;  // rows of the active experts in blocks, largest first
 
   int64_t rows() const { return offsets.empty() ? 0 : offsets.back(); }
   int64_t count(int e) const { return offsets[e + 1] - offsets[e]; }

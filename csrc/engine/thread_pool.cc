@@ -82,7 +82,8 @@ void ThreadPool::worker_loop(int worker) {
   for (;;) {
     spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
     uint32_t g;
-    while ((g = generation_.load(std::memory_order_acquire)) == seen) futex_wait(&generation_, seen);
+    while ((g = generation_.load(std::memory_order_acquire)) == seen)
+      futex_wait(&generation_, seen);
     seen = g;
     if (stop_.load(std::memory_order_relaxed)) return;
     run_tasks(worker);
@@ -107,7 +108,8 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int)>
   run_tasks(0);
   // The others finish within about one task of this thread.
   spin_until([&] { return busy_workers_.load(std::memory_order_acquire) == 0; });
-  for (uint32_t b; (b = busy_workers_.load(std::memory_order_acquire)) != 0;) futex_wait(&busy_workers_, b);
+  for (uint32_t b; (b = busy_workers_.load(std::memory_order_acquire)) != 0;)
+    futex_wait(&busy_workers_, b);
   fn_ = nullptr;
   if (error_) std::rethrow_exception(error_);
 }

@@ -46,7 +46,7 @@ class ThreadPool {
   const std::vector<int> cpus_;
   std::vector<std::thread> threads_;
 
-  std::mutex mu_;                       // guards error_
+  std::mutex mu_;                        // guards error_
   std::atomic<uint32_t> generation_{0};  // futex word: bumped once per job
   std::atomic<bool> stop_{false};
 

@@ -19,13 +19,14 @@ constexpr int64_t kDequantCols = 32;
 
 // Element (k, n) of a packed operand (the kernels/gemm.h panel layout).
 bf16 packed_at(const PackedB& b, int64_t k, int64_t n) {
-  return b.panel(n / kernels::kPanelN)[(k / 2) * 2 * kernels::kPanelN + (n % kernels::kPanelN) * 2 + (k % 2)];
+  return b.panel(
+      n / kernels::kPanelN)[(k / 2) * 2 * kernels::kPanelN + (n % kernels::kPanelN) * 2 + (k % 2)];
 }
 
 void check_dtype(DType dtype, const char* what) {
   if (dtype != DType::kBf16 && dtype != DType::kF32) {
-    throw std::invalid_argument(std::string("moetune: ") + what + " must be bfloat16 or float32, got " +
-                                dtype_name(dtype));
+    throw std::invalid_argument(std::string("moetune: ") + what +
+                                " must be bfloat16 or float32, got " + dtype_name(dtype));
   }
 }
 
@@ -33,10 +34,14 @@ void check_dtype(DType dtype, const char* what) {
 
 const char* WeightStore::kind_name(Kind k) {
   switch (k) {
-    case Kind::kBf16: return "bf16";
-    case Kind::kQ: return "q";
-    case Kind::kScales: return "scales";
-    case Kind::kTransposedBf16: return "transposed_bf16";
+    case Kind::kBf16:
+      return "bf16";
+    case Kind::kQ:
+      return "q";
+    case Kind::kScales:
+      return "scales";
+    case Kind::kTransposedBf16:
+      return "transposed_bf16";
   }
   return "?";
 }
@@ -78,11 +83,16 @@ size_t WeightStore::bias_bytes_for(int E, int H, int I) {
 
 WeightStore::WeightStore(int E, int H, int I, const ExpertsOptions& options,
                          const kernels::KernelBundle& kernels)
-    : E_(E), H_(H), I_(I), spec_(options.quant_spec()),
-      transposed_copy_(options.backward_weights == BackwardWeights::kTransposedCopy), kernels_(&kernels),
+    : E_(E),
+      H_(H),
+      I_(I),
+      spec_(options.quant_spec()),
+      transposed_copy_(options.backward_weights == BackwardWeights::kTransposedCopy),
+      kernels_(&kernels),
       layout_(layout_for(E, H, I, options)) {
   for (int p = 0; p < 3; ++p)
-    for (int k = 0; k < kKinds; ++k) buf_[p][k].resize(layout_.stride[p][k] * size_t(E), kBufferAlign);
+    for (int k = 0; k < kKinds; ++k)
+      buf_[p][k].resize(layout_.stride[p][k] * size_t(E), kBufferAlign);
 }
 
 size_t WeightStore::weight_bytes() const {
@@ -105,8 +115,8 @@ std::vector<WeightStore::Buffer> WeightStore::buffers() {
       const Kind kind = static_cast<Kind>(k);
       const Dims d = dims(p);
       const bool t = kind == Kind::kTransposedBf16;
-      out.push_back(Buffer{std::string(proj_name(p)) + "." + kind_name(kind), p, kind, b.data(), b.bytes(),
-                           layout_.stride[idx(p)][k], t ? d.N : d.K, t ? d.K : d.N});
+      out.push_back(Buffer{std::string(proj_name(p)) + "." + kind_name(kind), p, kind, b.data(),
+                           b.bytes(), layout_.stride[idx(p)][k], t ? d.N : d.K, t ? d.K : d.N});
     }
   }
   return out;
@@ -131,7 +141,8 @@ bool WeightStore::prepares_slices(bool backward) const {
   return quantized() || (backward && !transposed_copy_);
 }
 
-void WeightStore::load_expert(int e, const void* gate, const void* up, const void* down, DType dtype) {
+void WeightStore::load_expert(int e, const void* gate, const void* up, const void* down,
+                              DType dtype) {
   if (e < 0 || e >= E_) {
     throw std::invalid_argument("moetune: expert id " + std::to_string(e) + " outside [0, " +
                                 std::to_string(E_) + ")");
@@ -151,14 +162,16 @@ void WeightStore::load_expert(int e, const void* gate, const void* up, const voi
         // bf16 dq(q(W))^T: the same values the repack path would make.
         Buf<bf16> tmp(static_cast<size_t>(kernels::packed_elems(d.K, d.N)));
         kernels_->dequant(quant(p, e), 0, d.N, 0, d.K, tmp.data());
-        kernels_->transpose_packed(PackedB{tmp.data(), d.K, d.N}, 0, d.K, at<bf16>(p, Kind::kTransposedBf16, e));
+        kernels_->transpose_packed(PackedB{tmp.data(), d.K, d.N}, 0, d.K,
+                                   at<bf16>(p, Kind::kTransposedBf16, e));
       }
       continue;
     }
     kernels::pack_b(w, st, d.K, /*kn=*/false, d.K, 0, d.N, 1.0f, at<bf16>(p, Kind::kBf16, e));
     if (transposed_copy_) {
       // Backward multiplies by W itself: [out, in] read as [K = out, N = in].
-      kernels::pack_b(w, st, d.K, /*kn=*/true, d.N, 0, d.K, 1.0f, at<bf16>(p, Kind::kTransposedBf16, e));
+      kernels::pack_b(w, st, d.K, /*kn=*/true, d.N, 0, d.K, 1.0f,
+                      at<bf16>(p, Kind::kTransposedBf16, e));
     }
   }
 }
@@ -223,7 +236,8 @@ void WeightStore::weight_gemm(Proj p, int e, int64_t n0, int64_t nc, const bf16*
     const int64_t w = std::min(kDequantCols, nc - c0);
     kernels_->dequant(q, n0 + c0, n0 + c0 + w, 0, q.K, panel);
     seg[0] = kernels::Segment{A, lda, PackedB{panel, q.K, w}};
-    if (extra) seg[1] = kernels::Segment{extra->A, extra->lda, kernels::packed_slice(extra->B, c0, w)};
+    if (extra)
+      seg[1] = kernels::Segment{extra->A, extra->lda, kernels::packed_slice(extra->B, c0, w)};
     kernels_->gemm(M, 0, w, seg, nseg, C + c0, ldc, false);
   }
 }

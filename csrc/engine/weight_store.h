@@ -51,13 +51,14 @@ class WeightStore {
   enum class Kind : int { kBf16 = 0, kQ = 1, kScales = 2, kTransposedBf16 = 3 };
   static constexpr int kKinds = 4;
   static constexpr size_t kBufferAlign = 4096;  // weight buffers start on, and fill, whole pages
-  static const char* kind_name(Kind k);  // "bf16" | "q" | "scales" | "transposed_bf16"
+  static const char* kind_name(Kind k);         // "bf16" | "q" | "scales" | "transposed_bf16"
 
   // Validates the shape (E, H, I >= 1) and options (ExpertsOptions::validate;
   // std::invalid_argument), then allocates every buffer (uninitialised: load
   // every expert before use). kernels: the bundle of the Context this store
   // serves (a static constant; the store keeps a pointer).
-  WeightStore(int E, int H, int I, const ExpertsOptions& options, const kernels::KernelBundle& kernels);
+  WeightStore(int E, int H, int I, const ExpertsOptions& options,
+              const kernels::KernelBundle& kernels);
   WeightStore(const WeightStore&) = delete;
   WeightStore& operator=(const WeightStore&) = delete;
 
@@ -123,8 +124,9 @@ class WeightStore {
   // segs[j].B for j < nw is set here. Quantized formats with kRepack work
   // kDequantCols columns at a time (dequantize those K rows, transpose), so
   // the bf16 panels stay L2-sized; results are bit-identical to one call.
-  void weight_t_gemm(const Proj* which, int nw, int e, int64_t n0, int64_t nc, kernels::Segment* segs,
-                     int nseg, int64_t M, float* C, int64_t ldc, Arena& a) const;
+  void weight_t_gemm(const Proj* which, int nw, int e, int64_t n0, int64_t nc,
+                     kernels::Segment* segs, int nseg, int64_t M, float* C, int64_t ldc,
+                     Arena& a) const;
 
   // The forward operand [K = in, N = out] of projection p.
   struct Dims {
@@ -144,15 +146,17 @@ class WeightStore {
   // Expert e's part of buffer (p, k), typed.
   template <typename T>
   const T* at(Proj p, Kind k, int e) const {
-    return reinterpret_cast<const T*>(buf_[idx(p)][int(k)].data() + size_t(e) * layout_.stride[idx(p)][int(k)]);
+    return reinterpret_cast<const T*>(buf_[idx(p)][int(k)].data() +
+                                      size_t(e) * layout_.stride[idx(p)][int(k)]);
   }
   template <typename T>
   T* at(Proj p, Kind k, int e) {
-    return reinterpret_cast<T*>(buf_[idx(p)][int(k)].data() + size_t(e) * layout_.stride[idx(p)][int(k)]);
+    return reinterpret_cast<T*>(buf_[idx(p)][int(k)].data() +
+                                size_t(e) * layout_.stride[idx(p)][int(k)]);
   }
-  kernels::PackedB fwd(Proj p, int e) const;    // bf16 format
-  kernels::QuantB quant(Proj p, int e) const;   // int8 / int4
-  kernels::PackedB bwd(Proj p, int e) const;    // kTransposedCopy
+  kernels::PackedB fwd(Proj p, int e) const;   // bf16 format
+  kernels::QuantB quant(Proj p, int e) const;  // int8 / int4
+  kernels::PackedB bwd(Proj p, int e) const;   // kTransposedCopy
   // W(p, e)^T columns [n0, n0+n) for backward: a view of the transposed copy
   // or, with kRepack (bf16 format), a repack into the arena.
   kernels::PackedB bwd_slice(Proj p, int e, int64_t n0, int64_t n, Arena& a) const;

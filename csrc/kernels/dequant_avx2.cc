@@ -6,8 +6,8 @@
 
 #include <algorithm>
 
-#include "quant_impl.h"
 #include "isa_unit.h"
+#include "quant_impl.h"
 
 MOETUNE_ISA_UNIT(avx2);
 
@@ -17,13 +17,13 @@ namespace {
 inline __m256i rne_bf16(__m256 f) {  // bf16 bits in the low half of each lane
   const __m256i u = _mm256_castps_si256(f);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb),
+                           16);
 }
 
 }  // namespace
 
-void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1,
-             bf16* dst) {
+void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, bf16* dst) {
   const int64_t Nd = n_end - n_begin, Kd = k1 - k0, kpd = packed_kp(Kd);
   const bool int8 = src.spec.format == WeightFormat::kInt8;
   const int64_t G = int8 ? 0 : src.spec.group_size;
@@ -51,9 +51,11 @@ void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int6
         __m256i e, o;
         if (int8) {
           e = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * h)));
-          o = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 16 + 8 * h)));
+          o = _mm256_cvtepi8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 16 + 8 * h)));
         } else {
-          const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * h)));
+          const __m256i v =
+              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * h)));
           e = _mm256_sub_epi32(_mm256_and_si256(v, nib), eight);
           o = _mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight);
         }
@@ -63,7 +65,8 @@ void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int6
         if (odd_pad) bo = _mm256_setzero_si256();
         __m256i pairs = _mm256_or_si256(be, _mm256_slli_epi32(bo, 16));
         // Columns past n_end / N: zero.
-        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid - 8 * h)), lane);
+        const __m256i keep =
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid - 8 * h)), lane);
         pairs = _mm256_and_si256(pairs, keep);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * h), pairs);
       }

@@ -12,11 +12,10 @@
 //               h[i] = bf16((uc + 1) * gc * sa)
 //   clamped_swiglu_bwd  with dh = w * d[i]:  h[i] as above,
 //               dg[i] = bf16(dh (uc + 1) sa (1 + alpha gc (1 - sa)))  if g <= limit, else 0
-//               du[i] = bf16(dh gc sa)                                if -limit <= u <= limit, else 0
-//               returns sum_i d[i] * float(h[i])
-//               The masks are torch.clamp's subgradient convention: the gradient
-//               passes at the bounds themselves (g == limit, u == +-limit) and is 0
-//               for NaN inputs; min/clamp propagate a NaN input to h.
+//               du[i] = bf16(dh gc sa)                                if -limit <= u <= limit, else
+//               0 returns sum_i d[i] * float(h[i]) The masks are torch.clamp's subgradient
+//               convention: the gradient passes at the bounds themselves (g == limit, u == +-limit)
+//               and is 0 for NaN inputs; min/clamp propagate a NaN input to h.
 // silu'(g) = sig(g) (1 + g (1 - sig(g))). Every bf16 rounding here is
 // bit-identical to f32_to_bf16 (the AVX-512 one uses integer ops, so fp32
 // denormals are rounded, not flushed). SIMD versions use a polynomial exp

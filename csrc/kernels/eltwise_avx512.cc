@@ -14,7 +14,8 @@ namespace moetune::kernels::avx512 {
 namespace {
 
 inline __m512 widen(const bf16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 inline __m512 round_bf16(__m512 v) {  // value after a round trip through bf16
   return _mm512_castsi512_ps(_mm512_slli_epi32(rne_bf16_lo(v), 16));
@@ -66,8 +67,8 @@ void swiglu(const bf16* g, const bf16* u, bf16* h, int64_t n) {
   }
 }
 
-float swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h, bf16* dg,
-                 bf16* du, int64_t n) {
+float swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h, bf16* dg, bf16* du,
+                 int64_t n) {
   __m512 dot = _mm512_setzero_ps();
   const __m512 wv = _mm512_set1_ps(w), one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
@@ -123,8 +124,10 @@ float clamped_swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, 
     // torch.clamp's subgradient: 1 on the closed interval, 0 outside (ordered
     // compares: 0 for NaN).
     const __mmask16 g_in = _mm512_cmp_ps_mask(gv, lim, _CMP_LE_OQ);
-    const __mmask16 u_in = _mm512_cmp_ps_mask(uv, lim, _CMP_LE_OQ) & _mm512_cmp_ps_mask(uv, nlim, _CMP_GE_OQ);
-    const __m512 dglu = _mm512_mul_ps(sa, _mm512_fmadd_ps(_mm512_mul_ps(av, gc), _mm512_sub_ps(one, sa), one));
+    const __mmask16 u_in =
+        _mm512_cmp_ps_mask(uv, lim, _CMP_LE_OQ) & _mm512_cmp_ps_mask(uv, nlim, _CMP_GE_OQ);
+    const __m512 dglu =
+        _mm512_mul_ps(sa, _mm512_fmadd_ps(_mm512_mul_ps(av, gc), _mm512_sub_ps(one, sa), one));
     store_bf16(dg + i, _mm512_maskz_mov_ps(g_in, _mm512_mul_ps(_mm512_mul_ps(dh, up1), dglu)), m);
     store_bf16(du + i, _mm512_maskz_mov_ps(u_in, _mm512_mul_ps(dh, glu)), m);
   }

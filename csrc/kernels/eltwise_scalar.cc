@@ -23,8 +23,8 @@ void swiglu(const bf16* g, const bf16* u, bf16* h, int64_t n) {
   }
 }
 
-float swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h, bf16* dg,
-                 bf16* du, int64_t n) {
+float swiglu_bwd(const bf16* g, const bf16* u, const float* d, float w, bf16* h, bf16* dg, bf16* du,
+                 int64_t n) {
   float dot = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float gv = bf16_to_f32(g[i]), uv = bf16_to_f32(u[i]);

@@ -93,8 +93,8 @@ inline constexpr int kMaxSegments = 4;
 // M rows; n_begin must be a multiple of kPanelN. If accumulate, adds to C,
 // else overwrites it (C is never read then, so it may hold NaN poison).
 // Thread-safety: pure function of its arguments; callers split N or M.
-using GemmFn = void (*)(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs,
-                        int nseg, float* C, int64_t ldc, bool accumulate);
+using GemmFn = void (*)(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
+                        float* C, int64_t ldc, bool accumulate);
 
 // Packs columns [n_begin, n_end) of the transpose of a packed operand:
 // src is packed [K, N]; dst becomes packed [K' = N, n_end - n_begin] holding

@@ -80,8 +80,7 @@ struct KCursor {
 // lines per K step, so it is there when the next K block starts.
 class BPrefetch {
  public:
-  BPrefetch(const PackedB* b, int64_t k0, int64_t kc, int64_t p_begin, int64_t p_end,
-            int64_t steps)
+  BPrefetch(const PackedB* b, int64_t k0, int64_t kc, int64_t p_begin, int64_t p_end, int64_t steps)
       : b_(b), k0_(k0), p_(p_begin), p_end_(p_end), lines_(kc / 2) {
     const int64_t total = b ? (p_end - p_begin) * lines_ : 0;
     per_step_ = steps > 0 ? (total + steps - 1) / steps : 0;
@@ -107,8 +106,8 @@ class BPrefetch {
 // (BENCHMARKS.md, "GEMM micro-kernel at the engine's task shapes").
 constexpr int64_t kKc = 256;
 
-void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,
-               float* C, int64_t ldc, bool accumulate) {
+void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg, float* C,
+               int64_t ldc, bool accumulate) {
   TileScope tiles;
   // apack[h][ks]: tile of rows 16h..16h+15, K columns 32ks..32ks+31 of the block.
   alignas(64) bf16 apack[2][kKc / kTileK][16 * kTileK];
@@ -241,8 +240,8 @@ void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int ns
       main_part[nmain++] = Segment{segs[s].A, segs[s].lda, k_range(segs[s].B, 0, kmain)};
     }
     if (kp > kmain) {
-      tails[ntail++] = Segment{segs[s].A + kmain, segs[s].lda,
-                               k_range(segs[s].B, kmain, segs[s].B.K - kmain)};
+      tails[ntail++] =
+          Segment{segs[s].A + kmain, segs[s].lda, k_range(segs[s].B, kmain, segs[s].B.K - kmain)};
     }
   }
   if (nmain == 0 || M == 0 || n_end <= n_begin) {

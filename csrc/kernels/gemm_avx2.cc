@@ -19,8 +19,8 @@ namespace {
 constexpr int kMr = 4;
 
 template <int MR>
-void micro(const Segment* segs, int nseg, int64_t m0, int64_t p, float* C, int64_t ldc,
-           int64_t c0, int valid, bool accumulate) {
+void micro(const Segment* segs, int nseg, int64_t m0, int64_t p, float* C, int64_t ldc, int64_t c0,
+           int valid, bool accumulate) {
   __m256 acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   const __m256i hi_mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));

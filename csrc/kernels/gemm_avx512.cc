@@ -110,7 +110,8 @@ inline void widen_a(const bf16* A, int64_t lda, int rows, int64_t kk0, int64_t n
     float* dst = aw + i * kKc * 2 + off * 2;
     for (int64_t e = 0; e < 2 * n; e += 16) {
       const int64_t left = 2 * n - e;
-      const __mmask16 m = left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+      const __mmask16 m =
+          left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
       const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, ar + e));
       _mm512_mask_storeu_ps(dst + e, m, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
     }
@@ -219,7 +220,8 @@ void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16*
           for (int l = 0; l < 8; ++l) _mm_prefetch(nxt + l * 64, _MM_HINT_T0);
         }
         __m512i r[8];
-        for (int i = 0; i < 8; ++i) r[i] = _mm512_permutexvar_epi16(swap, _mm512_loadu_si512(sblk + i * 32));
+        for (int i = 0; i < 8; ++i)
+          r[i] = _mm512_permutexvar_epi16(swap, _mm512_loadu_si512(sblk + i * 32));
         __m512i t[8];
         for (int i = 0; i < 4; ++i) {
           t[i] = _mm512_permutex2var_epi64(r[i], lo4, r[i + 4]);
@@ -254,7 +256,8 @@ void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16*
           const int64_t ks = ks0 + c;
           bf16 v = 0;
           if (c < Nd - q * kPanelN && kd < Kd && ks < src.K)
-            v = src.data[P * kps * kPanelN + (ks / 2) * 2 * kPanelN + (kd % kPanelN) * 2 + (ks % 2)];
+            v = src.data[P * kps * kPanelN + (ks / 2) * 2 * kPanelN + (kd % kPanelN) * 2 +
+                         (ks % 2)];
           dpanel[(kd / 2) * 2 * kPanelN + c * 2 + (kd % 2)] = v;
         }
       }

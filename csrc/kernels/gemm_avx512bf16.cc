@@ -27,8 +27,8 @@ inline __m512i bcast_pair(const bf16* p) {
 }
 
 template <int MR, int NB>
-void micro(const Segment* segs, int nseg, int64_t m0, int64_t p0, float* C, int64_t ldc,
-           int64_t c0, int valid_last, bool accumulate) {
+void micro(const Segment* segs, int nseg, int64_t m0, int64_t p0, float* C, int64_t ldc, int64_t c0,
+           int valid_last, bool accumulate) {
   __m512 acc[MR][NB];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -71,14 +71,22 @@ constexpr MicroFn pick(int nb) {
 
 MicroFn table(int mr, int nb) {
   switch (mr) {
-    case 1: return pick<1>(nb);
-    case 2: return pick<2>(nb);
-    case 3: return pick<3>(nb);
-    case 4: return pick<4>(nb);
-    case 5: return pick<5>(nb);
-    case 6: return pick<6>(nb);
-    case 7: return pick<7>(nb);
-    default: return pick<8>(nb);
+    case 1:
+      return pick<1>(nb);
+    case 2:
+      return pick<2>(nb);
+    case 3:
+      return pick<3>(nb);
+    case 4:
+      return pick<4>(nb);
+    case 5:
+      return pick<5>(nb);
+    case 6:
+      return pick<6>(nb);
+    case 7:
+      return pick<7>(nb);
+    default:
+      return pick<8>(nb);
   }
 }
 

@@ -9,10 +9,10 @@
 
 // Every unit of the table has a GEMM.
 #define MOETUNE_FEATURE(...)
-#define MOETUNE_ISA(id, name, unit, ...)                                                  \
-  namespace moetune::kernels::unit {                                                      \
-  void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg,      \
-            float* C, int64_t ldc, bool accumulate);                                       \
+#define MOETUNE_ISA(id, name, unit, ...)                                                        \
+  namespace moetune::kernels::unit {                                                            \
+  void gemm(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, int nseg, float* C, \
+            int64_t ldc, bool accumulate);                                                      \
   }
 #include "isa_table.def"
 #undef MOETUNE_ISA

@@ -32,7 +32,8 @@ std::optional<Isa> parse_isa(std::string_view s) {
   if (s == "auto") return std::nullopt;
   for (const IsaInfo& i : kIsas)
     if (s == i.name) return i.id;
-  throw std::invalid_argument("isa must be one of " + isa_choices() + "; got '" + std::string(s) + "'");
+  throw std::invalid_argument("isa must be one of " + isa_choices() + "; got '" + std::string(s) +
+                              "'");
 }
 
 }  // namespace moetune::kernels

@@ -84,8 +84,8 @@ struct FeatureInfo {
   const char* name;
   const char* flag;  // compiler flag; "" for OS state
   FeatureSource source;
-  uint64_t mask;     // present iff (word & mask) == mask
-  const char* needs; // OS-state feature names its instructions need
+  uint64_t mask;      // present iff (word & mask) == mask
+  const char* needs;  // OS-state feature names its instructions need
 };
 
 #define MOETUNE_ISA(...)
@@ -107,9 +107,9 @@ struct IsaInfo {
   const char* transpose_unit;  // units whose shared code the bundle uses
   const char* eltwise_unit;
   const char* dequant_unit;
-  const char* includes;        // ISA names, space separated
-  FeatureSet features;         // its own: what its units are compiled for (flags)
-  FeatureSet required;         // the closure (see the top of this file)
+  const char* includes;  // ISA names, space separated
+  FeatureSet features;   // its own: what its units are compiled for (flags)
+  FeatureSet required;   // the closure (see the top of this file)
 };
 
 namespace isa_detail {
@@ -187,7 +187,7 @@ constexpr std::array<IsaInfo, kRowCount> close_requirements() {
 
 constexpr bool table_is_well_formed() {
   for (size_t i = 0; i < kRowCount; ++i) {
-    if (static_cast<size_t>(kRows[i].id) != i) return false;  // enum order = row order
+    if (static_cast<size_t>(kRows[i].id) != i) return false;      // enum order = row order
     if (std::string_view(kRows[i].name) == "auto") return false;  // reserved by Context
     for (size_t j = 0; j < i; ++j) {
       if (std::string_view(kRows[i].name) == kRows[j].name) return false;
@@ -207,7 +207,8 @@ static_assert(table_is_well_formed(),
 }  // namespace isa_detail
 
 // The table, requirements closed. Indexed by static_cast<int>(Isa).
-inline constexpr std::array<IsaInfo, isa_detail::kRowCount> kIsas = isa_detail::close_requirements();
+inline constexpr std::array<IsaInfo, isa_detail::kRowCount> kIsas =
+    isa_detail::close_requirements();
 inline constexpr int kIsaCount = static_cast<int>(isa_detail::kRowCount);
 
 constexpr const IsaInfo& isa_info(Isa isa) { return kIsas[static_cast<size_t>(isa)]; }

@@ -44,12 +44,12 @@ constexpr FeatureSet compiler_features_of(FeatureSet s) {
 }  // namespace
 }  // namespace moetune::kernels
 
-#define MOETUNE_ISA_UNIT(unit)                                                                 \
-  static_assert(::moetune::kernels::unit_compiled_features().contains(                        \
-                    ::moetune::kernels::compiler_features_of(                                  \
-                        ::moetune::kernels::isa_with_unit(#unit).features)),                     \
+#define MOETUNE_ISA_UNIT(unit)                                                                     \
+  static_assert(::moetune::kernels::unit_compiled_features().contains(                             \
+                    ::moetune::kernels::compiler_features_of(                                      \
+                        ::moetune::kernels::isa_with_unit(#unit).features)),                       \
                 "this file is not compiled with its ISA's flags (isa_table.def, CMakeLists.txt)"); \
-  static_assert(::moetune::kernels::isa_with_unit(#unit).required.contains(                     \
-                    ::moetune::kernels::unit_compiled_features()),                             \
-                "this file is compiled for CPU features its ISA does not require: a global "  \
+  static_assert(::moetune::kernels::isa_with_unit(#unit).required.contains(                        \
+                    ::moetune::kernels::unit_compiled_features()),                                 \
+                "this file is compiled for CPU features its ISA does not require: a global "       \
                 "-m/-march flag, or a flag implication missing from isa_table.def")

@@ -78,8 +78,10 @@ void pack_b(const void* src, SrcType type, int64_t ld, bool kn, int64_t K, int64
         if (cols == kPanelN) {
           const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + c0));
           const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + c0 + 8));
-          const __m128i b0 = r1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + c0)) : _mm_setzero_si128();
-          const __m128i b1 = r1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + c0 + 8)) : _mm_setzero_si128();
+          const __m128i b0 =
+              r1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + c0)) : _mm_setzero_si128();
+          const __m128i b1 = r1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + c0 + 8))
+                                : _mm_setzero_si128();
           __m128i* o = reinterpret_cast<__m128i*>(out);
           _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(a0, b0));
           _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(a0, b0));

@@ -9,8 +9,8 @@
 #include <stdexcept>
 #include <vector>
 
-#include "quant_impl.h"
 #include "isa_unit.h"
+#include "quant_impl.h"
 
 MOETUNE_ISA_UNIT(scalar);
 
@@ -18,9 +18,12 @@ namespace moetune::kernels {
 
 const char* weight_format_name(WeightFormat f) {
   switch (f) {
-    case WeightFormat::kBf16: return "bf16";
-    case WeightFormat::kInt8: return "int8";
-    case WeightFormat::kInt4: return "int4";
+    case WeightFormat::kBf16:
+      return "bf16";
+    case WeightFormat::kInt8:
+      return "int8";
+    case WeightFormat::kInt4:
+      return "int4";
   }
   return "?";
 }
@@ -38,9 +41,9 @@ void check_quant_spec(const QuantSpec& spec) {
                                 std::to_string(static_cast<int>(spec.format)));
   }
   if (spec.group_size != 0) {
-    throw std::invalid_argument(std::string("moetune: group_size applies to int4 only; weight format ") +
-                                weight_format_name(spec.format) + " got group_size " +
-                                std::to_string(spec.group_size));
+    throw std::invalid_argument(
+        std::string("moetune: group_size applies to int4 only; weight format ") +
+        weight_format_name(spec.format) + " got group_size " + std::to_string(spec.group_size));
   }
 }
 
@@ -76,9 +79,8 @@ void quantize_pack(const void* src, SrcType type, int64_t ld, int64_t K, int64_t
   std::vector<float> row(K > 0 ? K : 1);
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t k = 0; k < K; ++k) {
-      row[k] = type == SrcType::kBf16
-                   ? bf16_to_f32(static_cast<const bf16*>(src)[n * ld + k])
-                   : static_cast<const float*>(src)[n * ld + k];
+      row[k] = type == SrcType::kBf16 ? bf16_to_f32(static_cast<const bf16*>(src)[n * ld + k])
+                                      : static_cast<const float*>(src)[n * ld + k];
       if (!std::isfinite(row[k])) {
         throw std::invalid_argument("moetune: " + what + " has a non-finite value at row " +
                                     std::to_string(n) + ", column " + std::to_string(k) +
@@ -123,8 +125,7 @@ void quantize_pack(const void* src, SrcType type, int64_t ld, int64_t K, int64_t
 namespace scalar {
 
 // The oracle: element by element from the quant.h layout formulas.
-void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1,
-             bf16* dst) {
+void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, bf16* dst) {
   const int64_t Nd = n_end - n_begin, Kd = k1 - k0, kpd = packed_kp(Kd);
   const int64_t G = src.spec.format == WeightFormat::kInt4 ? src.spec.group_size : 0;
   const int64_t rb = quant_row_bytes(src.spec.format);

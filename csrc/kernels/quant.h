@@ -64,7 +64,9 @@ MOETUNE_INLINE int64_t quant_groups(const QuantSpec& s, int64_t K) {
   return s.format == WeightFormat::kInt4 ? (K + s.group_size - 1) / s.group_size : 1;
 }
 // Bytes of packed q values of one [K, N] operand, and its scale count.
-MOETUNE_INLINE int64_t quant_row_bytes(WeightFormat f) { return f == WeightFormat::kInt8 ? 32 : 16; }
+MOETUNE_INLINE int64_t quant_row_bytes(WeightFormat f) {
+  return f == WeightFormat::kInt8 ? 32 : 16;
+}
 MOETUNE_INLINE int64_t quant_panel_bytes(WeightFormat f, int64_t K) {
   return packed_kp(K) / 2 * quant_row_bytes(f);
 }

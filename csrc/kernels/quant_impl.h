@@ -4,10 +4,10 @@
 
 #include "quant.h"
 
-#define MOETUNE_DECLARE_DEQUANT(ns)                                                     \
-  namespace moetune::kernels::ns {                                                      \
+#define MOETUNE_DECLARE_DEQUANT(ns)                                                       \
+  namespace moetune::kernels::ns {                                                        \
   void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, \
-               bf16* dst);                                                              \
+               bf16* dst);                                                                \
   }
 
 MOETUNE_DECLARE_DEQUANT(scalar)

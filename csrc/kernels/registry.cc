@@ -11,11 +11,14 @@
 namespace moetune::kernels {
 namespace {
 
-#define MOETUNE_ELTWISE_OF(u) \
-  EltwiseKernel { &u::to_bf16, &u::swiglu, &u::swiglu_bwd, &u::clamped_swiglu, &u::clamped_swiglu_bwd }
+#define MOETUNE_ELTWISE_OF(u)                                                           \
+  EltwiseKernel {                                                                       \
+    &u::to_bf16, &u::swiglu, &u::swiglu_bwd, &u::clamped_swiglu, &u::clamped_swiglu_bwd \
+  }
 #define MOETUNE_FEATURE(...)
-#define MOETUNE_ISA(id, name, unit, gemm_name, t, e, d, includes, features) \
-  KernelBundle{Isa::id, gemm_name, &unit::gemm, &t::pack_b_transposed, MOETUNE_ELTWISE_OF(e), &d::dequant},
+#define MOETUNE_ISA(id, name, unit, gemm_name, t, e, d, includes, features)                      \
+  KernelBundle{Isa::id,    gemm_name, &unit::gemm, &t::pack_b_transposed, MOETUNE_ELTWISE_OF(e), \
+               &d::dequant},
 constexpr KernelBundle kBundles[] = {
 #include "isa_table.def"
 };

@@ -128,7 +128,8 @@ inline Ref reference(const Layer& L, const Batch& b) {
       std::vector<double> zg, zu, zd;
       std::vector<double> g = proj(kGate, e, x, zg);
       std::vector<double> u = proj(kUp, e, x, zu);
-      for (int i = 0; i < I && !L.bias[kGate].empty(); ++i) g[i] += L.bias[kGate][size_t(e) * I + i];
+      for (int i = 0; i < I && !L.bias[kGate].empty(); ++i)
+        g[i] += L.bias[kGate][size_t(e) * I + i];
       for (int i = 0; i < I && !L.bias[kUp].empty(); ++i) u[i] += L.bias[kUp][size_t(e) * I + i];
       // g_r, u_r: g, u with the LoRA operand rounded as the engine rounds it
       // (only to decide clamp membership, see activation()).
@@ -155,7 +156,8 @@ inline Ref reference(const Layer& L, const Batch& b) {
         }
       }
       std::vector<double> y = proj(kDown, e, h, zd);
-      for (int i = 0; i < H && !L.bias[kDown].empty(); ++i) y[i] += L.bias[kDown][size_t(e) * H + i];
+      for (int i = 0; i < H && !L.bias[kDown].empty(); ++i)
+        y[i] += L.bias[kDown][size_t(e) * H + i];
       for (int i = 0; i < H; ++i) R.out[t * H + i] += w * y[i];
       // backward
       std::vector<double> dy(H);

@@ -95,9 +95,9 @@ struct ActCfg {
 struct Layer {
   int E = 0, H = 0, I = 0;
   ActCfg act;
-  std::vector<float> bias[3];     // bf16-representable; empty = absent
+  std::vector<float> bias[3];  // bf16-representable; empty = absent
   std::vector<bf16> bias_b[3];
-  std::vector<float> W[3];     // gate/up [E, I, H], down [E, H, I]
+  std::vector<float> W[3];  // gate/up [E, I, H], down [E, H, I]
   std::vector<bf16> Wb[3];
   LoraCfg lora;
   std::vector<float> A[3], B[3];  // A [E, r, in], B [E, out, r]
@@ -170,7 +170,7 @@ struct BatchCfg {
   Pattern pattern = Pattern::kDistinct;
   std::vector<int> allowed;  // empty = all experts
   int one = 0;
-  std::vector<int> masked;   // experts with expert_mask = 0 (mask passed iff non-empty)
+  std::vector<int> masked;  // experts with expert_mask = 0 (mask passed iff non-empty)
 };
 
 struct Batch {
@@ -199,8 +199,12 @@ inline Batch make_batch(const Layer& L, const BatchCfg& c, uint64_t seed) {
     for (int j = 0; j < c.k; ++j) {
       int e;
       switch (c.pattern) {
-        case Pattern::kAllOne: e = c.one; break;
-        case Pattern::kDuplicates: e = allowed[rng.below(int(allowed.size()))]; break;
+        case Pattern::kAllOne:
+          e = c.one;
+          break;
+        case Pattern::kDuplicates:
+          e = allowed[rng.below(int(allowed.size()))];
+          break;
         case Pattern::kHot:
           if (j == 0) {
             e = c.one;
@@ -228,6 +232,5 @@ inline Batch make_batch(const Layer& L, const BatchCfg& c, uint64_t seed) {
 inline bool routed(const Batch& b, int64_t slot) {
   return b.mask.empty() || b.mask[b.ids[slot]] != 0;
 }
-
 
 }  // namespace moetune::engine_test

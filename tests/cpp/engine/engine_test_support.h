@@ -55,9 +55,6 @@
 
 #pragma once
 
-#include "engine_reference.h"
-#include "engine_test_data.h"
-
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -82,9 +79,10 @@
 #include "engine/moe_experts.h"
 #include "engine/moe_types.h"
 #include "engine/routing.h"
+#include "engine_reference.h"
+#include "engine_test_data.h"
 #include "kernels/cpu.h"
 #include "kernels/gemm.h"
-
 
 namespace moetune::engine_test {
 
@@ -104,7 +102,9 @@ struct IoCfg {
   bool want_dA = true, want_dB = true;
 };
 
-inline size_t dsize(DType d) { return d == DType::kBf16 ? 2 : d == DType::kI32 ? 4 : d == DType::kF32 ? 4 : 8; }
+inline size_t dsize(DType d) {
+  return d == DType::kBf16 ? 2 : d == DType::kI32 ? 4 : d == DType::kF32 ? 4 : 8;
+}
 
 // A typed buffer initialised from float values (or poisoned, for outputs).
 struct TBuf {
@@ -272,7 +272,7 @@ inline std::shared_ptr<Context> make_context(const EngineCfg& ec) {
 }
 
 inline std::unique_ptr<MoeExperts> make_experts(const Layer& L, const EngineCfg& ec,
-                                         std::shared_ptr<Context> ctx = nullptr) {
+                                                std::shared_ptr<Context> ctx = nullptr) {
   if (!ctx) ctx = make_context(ec);
   ExpertsOptions opts = ec.opts;
   opts.activation = L.act.act;
@@ -315,7 +315,7 @@ inline Outputs run_engine(const Layer& L, const Batch& b, const IoCfg& io, const
 // Checks max|got - ref| <= c * u * scale (scale = max|ref| unless given) and
 // exact zeros where ref is exactly zero. NaN fails.
 inline void expect_close(const std::string& what, const std::vector<float>& got,
-                  const std::vector<double>& ref, double c, double scale = -1.0) {
+                         const std::vector<double>& ref, double c, double scale = -1.0) {
   ASSERT_EQ(got.size(), ref.size()) << what;
   if (scale < 0) {
     scale = 0.0;
@@ -348,16 +348,16 @@ inline void expect_close(const std::string& what, const std::vector<float>& got,
               << ", scale = " << scale << ")\n";
   }
   EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size()
-                     << " elements outside c*u*scale = " << c << "*2^-8*" << scale
-                     << "; first at " << first_bad << " got " << got[first_bad] << " ref "
-                     << ref[first_bad] << "; worst at " << worst_i << " err/(u*scale) = " << ratio;
+                     << " elements outside c*u*scale = " << c << "*2^-8*" << scale << "; first at "
+                     << first_bad << " got " << got[first_bad] << " ref " << ref[first_bad]
+                     << "; worst at " << worst_i << " err/(u*scale) = " << ratio;
   EXPECT_EQ(bad_zero, 0u) << what << ": " << bad_zero
                           << " elements must be exactly 0 (structural zero); first at "
                           << first_bad_zero << " got " << got[first_bad_zero];
 }
 
 inline void expect_matches_reference(const std::string& tag, const Layer& L, const Batch& b,
-                              const IoCfg& io, const Outputs& o, const Ref& R) {
+                                     const IoCfg& io, const Outputs& o, const Ref& R) {
   expect_close(tag + " out", o.out, R.out, kCOut);
   if (io.want_dx) expect_close(tag + " dx", o.dx, R.dx, kCGrad);
   if (io.want_dw) {
@@ -383,17 +383,17 @@ inline void expect_bitwise(const std::string& what, const Outputs& a, const Outp
     return -1;
   };
   std::string where;
-  const std::vector<float>* xs[] = {&a.out, &a.dx, &a.dw, &a.dA[0], &a.dB[0], &a.dA[1],
-                                    &a.dB[1], &a.dA[2], &a.dB[2]};
-  const std::vector<float>* ys[] = {&b.out, &b.dx, &b.dw, &b.dA[0], &b.dB[0], &b.dA[1],
-                                    &b.dB[1], &b.dA[2], &b.dB[2]};
-  const char* names[] = {"out", "dx", "dw", "dA_gate", "dB_gate", "dA_up", "dB_up", "dA_down",
-                         "dB_down"};
+  const std::vector<float>* xs[] = {&a.out,   &a.dx,    &a.dw,    &a.dA[0], &a.dB[0],
+                                    &a.dA[1], &a.dB[1], &a.dA[2], &a.dB[2]};
+  const std::vector<float>* ys[] = {&b.out,   &b.dx,    &b.dw,    &b.dA[0], &b.dB[0],
+                                    &b.dA[1], &b.dB[1], &b.dA[2], &b.dB[2]};
+  const char* names[] = {"out",   "dx",    "dw",      "dA_gate", "dB_gate",
+                         "dA_up", "dB_up", "dA_down", "dB_down"};
   for (int i = 0; i < 9; ++i) {
     const long d = first_diff(*xs[i], *ys[i]);
     if (d >= 0) {
-      where += std::string(" ") + names[i] + "[" + std::to_string(d) + "]: " +
-               std::to_string((*xs[i])[d]) + " vs " + std::to_string((*ys[i])[d]) + ";";
+      where += std::string(" ") + names[i] + "[" + std::to_string(d) +
+               "]: " + std::to_string((*xs[i])[d]) + " vs " + std::to_string((*ys[i])[d]) + ";";
     }
   }
   ADD_FAILURE() << what << ": results not bitwise identical:" << where;
@@ -482,7 +482,7 @@ inline EngineCfg threads(int n) {
 // Expects fn() to throw std::invalid_argument whose what() contains every needle.
 template <typename Fn>
 inline void expect_invalid_argument(const std::string& what, Fn&& fn,
-                             const std::vector<std::string>& needles) {
+                                    const std::vector<std::string>& needles) {
   try {
     fn();
   } catch (const std::invalid_argument& e) {

@@ -37,7 +37,8 @@ TEST(RoutingErrors, OutOfRangeIdsThrowNamingTopkIdsAndValue) {
                             {"topk_ids", v});
   }
   // int64 ids that would alias a valid id if truncated to 32 bits.
-  for (int64_t v : {(int64_t(1) << 32) + 1, -(int64_t(1) << 32), std::numeric_limits<int64_t>::min()}) {
+  for (int64_t v :
+       {(int64_t(1) << 32) + 1, -(int64_t(1) << 32), std::numeric_limits<int64_t>::min()}) {
     std::vector<int64_t> ids64 = {0, 1, 2, v, 4, 0};
     expect_invalid_argument("int64 id " + std::to_string(v),
                             [&] { build_routing(ids64.data(), DType::kI64, T, k, E, nullptr); },
@@ -72,7 +73,7 @@ TEST(RoutingTest, CountingSortIsStableAndMaskedExpertsGetNoRows) {
   std::vector<int32_t> row_of(T * k, -1);
   for (size_t row = 0; row < r.slot_of.size(); ++row) row_of[r.slot_of[row]] = int32_t(row);
   EXPECT_EQ(r.row_of, row_of);
-  EXPECT_EQ(r.row_of[6], -1);  // the masked slot
+  EXPECT_EQ(r.row_of[6], -1);                            // the masked slot
   EXPECT_EQ(r.active, (std::vector<int32_t>{2, 0, 3}));  // most rows first, stable
   // int64 ids, no mask.
   const std::vector<int64_t> ids64(ids.begin(), ids.end());
@@ -130,10 +131,9 @@ TEST_F(EngineErrors, ForwardAsyncRejectsBadIdsAndEngineStillWorks) {
       bio.ids = idt;
       Call c(L, bad, bio);
       std::shared_ptr<Saved> s;
-      expect_invalid_argument(std::string("forward_async ") + dtype_name(idt) + " id " +
-                                  std::to_string(badv),
-                              [&] { m->forward_async(c.fwd(), &s); },
-                              {"topk_ids", std::to_string(badv)});
+      expect_invalid_argument(
+          std::string("forward_async ") + dtype_name(idt) + " id " + std::to_string(badv),
+          [&] { m->forward_async(c.fwd(), &s); }, {"topk_ids", std::to_string(badv)});
       EXPECT_EQ(s, nullptr) << "no handle for a rejected forward";
       expect_invalid_argument("forward (sync) id " + std::to_string(badv),
                               [&] { m->forward(c.fwd()); }, {"topk_ids", std::to_string(badv)});
@@ -170,8 +170,8 @@ TEST_F(EngineErrors, BackwardWithDifferentLoraConfigThrows) {
                              Mismatch{"no LoRA", &L0}}) {
     Call cb(*mm.layer, b, io);
     BackwardArgs a = cb.bwd();
-    expect_invalid_argument(std::string("backward with ") + mm.name,
-                            [&] { m->backward(saved, a); }, {"LoRA"});
+    expect_invalid_argument(std::string("backward with ") + mm.name, [&] { m->backward(saved, a); },
+                            {"LoRA"});
     expect_invalid_argument(std::string("backward_async with ") + mm.name,
                             [&] { m->backward_async(saved, a); }, {"LoRA"});
   }

@@ -54,17 +54,24 @@ std::vector<Case> gptoss_cases() {
     add("Clamped_NoBias_NoLora", [&](Case& c) { lora(c, 0, 0, 0); });
     add("Clamped_Bias_LoraAll", [](Case& c) { c.act = with_bias(c.act, true, true, true); });
     add("Clamped_Bias_NoLora_H33_I17", [&](Case& c) {
-      c.H = 33; c.I = 17; lora(c, 0, 0, 0); c.act = with_bias(c.act, true, true, true);
+      c.H = 33;
+      c.I = 17;
+      lora(c, 0, 0, 0);
+      c.act = with_bias(c.act, true, true, true);
     });
     add("Clamped_Bias_bf16_GateOnly_r1_H33_I17", [&](Case& c) {
-      c.H = 33; c.I = 17; lora(c, 1, 0, 0);
+      c.H = 33;
+      c.I = 17;
+      lora(c, 1, 0, 0);
       c.act = with_bias(c.act, true, true, true, DType::kBf16);
     });
     add("Clamped_Bias_UpDown_r16_alpha08", [&](Case& c) {
-      lora(c, 0, 16, 16); c.act = with_bias(clamped(0.8f, 1.25f), true, true, true);
+      lora(c, 0, 16, 16);
+      c.act = with_bias(clamped(0.8f, 1.25f), true, true, true);
     });
     add("Clamped_DownBiasOnly_DownLora", [&](Case& c) {
-      lora(c, 0, 0, 4); c.act = with_bias(c.act, false, false, true);
+      lora(c, 0, 0, 4);
+      c.act = with_bias(c.act, false, false, true);
     });
     add("Clamped_GateUpBiasOnly_LoraAll_bf16", [](Case& c) {
       c.act = with_bias(c.act, true, true, false, DType::kBf16);
@@ -75,28 +82,40 @@ std::vector<Case> gptoss_cases() {
       c.act = with_bias(clamped(1.702f, 7.0f), true, true, true);
       c.act.bias_amp = 9.0f;
     });
-    add("SwiGLU_Bias_LoraAll", [](Case& c) {
-      c.act = with_bias(ActCfg{}, true, true, true);
-    });
+    add("SwiGLU_Bias_LoraAll", [](Case& c) { c.act = with_bias(ActCfg{}, true, true, true); });
     add("SwiGLU_Bias_NoLora_H33_I17_bf16", [&](Case& c) {
-      c.H = 33; c.I = 17; lora(c, 0, 0, 0);
+      c.H = 33;
+      c.I = 17;
+      lora(c, 0, 0, 0);
       c.act = with_bias(ActCfg{}, true, true, true, DType::kBf16);
     });
     // Routing shapes, masks, dtypes, chunked sizes, threads.
     add("Clamped_Bias_T1_kE", [](Case& c) {
-      c.batch.T = 1; c.batch.k = c.E; c.act = with_bias(c.act, true, true, true);
+      c.batch.T = 1;
+      c.batch.k = c.E;
+      c.act = with_bias(c.act, true, true, true);
     });
     add("Clamped_Bias_ExpertsWithoutTokens_Mask", [](Case& c) {
-      c.E = 8; c.batch.T = 15; c.batch.k = 2; c.batch.allowed = {1, 4, 6, 7};
-      c.batch.masked = {7}; c.act = with_bias(c.act, true, true, true);
+      c.E = 8;
+      c.batch.T = 15;
+      c.batch.k = 2;
+      c.batch.allowed = {1, 4, 6, 7};
+      c.batch.masked = {7};
+      c.act = with_bias(c.act, true, true, true);
     });
     add("Clamped_Bias_AllBf16_io", [](Case& c) {
       c.io.w = c.io.out = c.io.dout = c.io.dx = c.io.dw = DType::kBf16;
-      c.io.x = DType::kF32; c.eng.load_dtype = DType::kF32;
+      c.io.x = DType::kF32;
+      c.eng.load_dtype = DType::kF32;
       c.act = with_bias(c.act, true, true, true);
     });
     add("Clamped_Bias_H290_I270_Chunks_threads2", [&](Case& c) {
-      c.E = 3; c.H = 290; c.I = 270; c.batch.T = 24; c.eng.threads = 2; lora(c, 4, 1, 16);
+      c.E = 3;
+      c.H = 290;
+      c.I = 270;
+      c.batch.T = 24;
+      c.eng.threads = 2;
+      lora(c, 4, 1, 16);
       c.act = with_bias(c.act, true, true, true);
     });
   }
@@ -153,7 +172,8 @@ TEST(EngineGptOss, BiasAndActivationMatter) {
       scale = std::max(scale, std::fabs(R.out[i]));
       diff = std::max(diff, std::fabs(R.out[i] - Rv.out[i]));
     }
-    EXPECT_GT(diff, 5 * kCOut * kU * scale) << "variant too close to the full layer (diff " << diff << ", scale " << scale << ")";
+    EXPECT_GT(diff, 5 * kCOut * kU * scale)
+        << "variant too close to the full layer (diff " << diff << ", scale " << scale << ")";
   }
   expect_close("out", o.out, R.out, kCOut);
 }
@@ -174,7 +194,8 @@ TEST(EngineGptOss, BadOptionsAndBiasDtype) {
   expect_invalid_argument("alpha NaN", [&] { MoeExperts m(ctx, 2, 8, 8, o); }, {"alpha"});
   MoeExperts m(ctx, 2, 8, 8, ExpertsOptions{});
   std::vector<int32_t> b(16, 0);
-  expect_invalid_argument("int bias", [&] { m.load_biases(b.data(), nullptr, nullptr, DType::kI32); },
+  expect_invalid_argument("int bias",
+                          [&] { m.load_biases(b.data(), nullptr, nullptr, DType::kI32); },
                           {"biases", "int32"});
   EXPECT_FALSE(m.has_bias(Proj::kGate) || m.has_bias(Proj::kUp) || m.has_bias(Proj::kDown));
 }

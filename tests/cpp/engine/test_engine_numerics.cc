@@ -24,131 +24,255 @@ std::vector<Case> accuracy_cases() {
   add("H40_I24_NoLora", [&](Case& c) { no_lora(c); });
   add("H40_I24_LoraAll_r4", [](Case&) {});
   add("H33_I17_LoraAll_r1", [](Case& c) {
-    c.H = 33; c.I = 17; c.lora.r[0] = c.lora.r[1] = c.lora.r[2] = 1;
+    c.H = 33;
+    c.I = 17;
+    c.lora.r[0] = c.lora.r[1] = c.lora.r[2] = 1;
   });
   add("H33_I17_LoraAll_r16", [](Case& c) {
-    c.H = 33; c.I = 17; c.lora.r[0] = c.lora.r[1] = c.lora.r[2] = 16;
+    c.H = 33;
+    c.I = 17;
+    c.lora.r[0] = c.lora.r[1] = c.lora.r[2] = 16;
   });
-  add("H33_I17_NoLora", [&](Case& c) { c.H = 33; c.I = 17; no_lora(c); });
+  add("H33_I17_NoLora", [&](Case& c) {
+    c.H = 33;
+    c.I = 17;
+    no_lora(c);
+  });
   add("H40_I24_GateOnly_r4", [](Case& c) { c.lora.r[1] = c.lora.r[2] = 0; });
-  add("H40_I24_UpOnly_r16", [](Case& c) { c.lora.r[0] = c.lora.r[2] = 0; c.lora.r[1] = 16; });
+  add("H40_I24_UpOnly_r16", [](Case& c) {
+    c.lora.r[0] = c.lora.r[2] = 0;
+    c.lora.r[1] = 16;
+  });
   add("H40_I24_DownOnly_r4", [](Case& c) { c.lora.r[0] = c.lora.r[1] = 0; });
   add("H33_I17_DownOnly_r1", [](Case& c) {
-    c.H = 33; c.I = 17; c.lora.r[0] = c.lora.r[1] = 0; c.lora.r[2] = 1;
+    c.H = 33;
+    c.I = 17;
+    c.lora.r[0] = c.lora.r[1] = 0;
+    c.lora.r[2] = 1;
   });
   add("H40_I24_MixedRanks_g1_u16_d4", [](Case& c) {
-    c.lora.r[0] = 1; c.lora.r[1] = 16; c.lora.r[2] = 4; c.lora.s = 0.3f;
+    c.lora.r[0] = 1;
+    c.lora.r[1] = 16;
+    c.lora.r[2] = 4;
+    c.lora.s = 0.3f;
   });
   add("H40_I24_LoraAll_r40", [](Case& c) { c.lora.r[0] = c.lora.r[1] = c.lora.r[2] = 40; });
   add("H17_I9_LoraAll_r16_RankAboveDims", [](Case& c) {
-    c.H = 17; c.I = 9; c.lora.r[0] = c.lora.r[1] = c.lora.r[2] = 16;
+    c.H = 17;
+    c.I = 9;
+    c.lora.r[0] = c.lora.r[1] = c.lora.r[2] = 16;
   });
   // Routing shapes.
-  add("T1_k1", [](Case& c) { c.batch.T = 1; c.batch.k = 1; });
-  add("T1_kE", [](Case& c) { c.batch.T = 1; c.batch.k = c.E; });
-  add("T7_kE", [](Case& c) { c.H = 33; c.I = 17; c.batch.T = 7; c.batch.k = c.E; });
+  add("T1_k1", [](Case& c) {
+    c.batch.T = 1;
+    c.batch.k = 1;
+  });
+  add("T1_kE", [](Case& c) {
+    c.batch.T = 1;
+    c.batch.k = c.E;
+  });
+  add("T7_kE", [](Case& c) {
+    c.H = 33;
+    c.I = 17;
+    c.batch.T = 7;
+    c.batch.k = c.E;
+  });
   add("AllTokensOneExpert_k1", [](Case& c) {
-    c.E = 5; c.batch.T = 20; c.batch.k = 1; c.batch.pattern = Pattern::kAllOne; c.batch.one = 3;
+    c.E = 5;
+    c.batch.T = 20;
+    c.batch.k = 1;
+    c.batch.pattern = Pattern::kAllOne;
+    c.batch.one = 3;
   });
   add("AllTokensOneExpert_k3_SameExpertThrice", [](Case& c) {
-    c.batch.T = 6; c.batch.k = 3; c.batch.pattern = Pattern::kAllOne; c.batch.one = 0;
+    c.batch.T = 6;
+    c.batch.k = 3;
+    c.batch.pattern = Pattern::kAllOne;
+    c.batch.one = 0;
   });
   add("ExpertsWithoutTokens", [](Case& c) {
-    c.E = 8; c.batch.T = 15; c.batch.k = 2; c.batch.allowed = {1, 4, 6};
+    c.E = 8;
+    c.batch.T = 15;
+    c.batch.k = 2;
+    c.batch.allowed = {1, 4, 6};
   });
   add("ExpertsWithoutTokens_r1_ids32", [](Case& c) {
-    c.E = 7; c.H = 33; c.I = 17; c.lora.r[0] = c.lora.r[1] = c.lora.r[2] = 1;
-    c.batch.T = 11; c.batch.k = 2; c.batch.allowed = {0, 5}; c.io.ids = DType::kI32;
+    c.E = 7;
+    c.H = 33;
+    c.I = 17;
+    c.lora.r[0] = c.lora.r[1] = c.lora.r[2] = 1;
+    c.batch.T = 11;
+    c.batch.k = 2;
+    c.batch.allowed = {0, 5};
+    c.io.ids = DType::kI32;
   });
   add("DuplicateIdsInToken", [](Case& c) {
-    c.E = 3; c.batch.T = 12; c.batch.k = 3; c.batch.pattern = Pattern::kDuplicates;
+    c.E = 3;
+    c.batch.T = 12;
+    c.batch.k = 3;
+    c.batch.pattern = Pattern::kDuplicates;
   });
-  add("SingleExpertLayer_E1", [](Case& c) { c.E = 1; c.batch.k = 1; c.batch.T = 5; });
+  add("SingleExpertLayer_E1", [](Case& c) {
+    c.E = 1;
+    c.batch.k = 1;
+    c.batch.T = 5;
+  });
   // Input / output dtypes.
   add("X_f32", [](Case& c) { c.io.x = DType::kF32; });
   add("X_f32_Lora_bf16", [](Case& c) {
-    c.io.x = DType::kF32; c.lora.a_dtype = c.lora.b_dtype = DType::kBf16;
+    c.io.x = DType::kF32;
+    c.lora.a_dtype = c.lora.b_dtype = DType::kBf16;
   });
   add("Lora_bf16", [](Case& c) { c.lora.a_dtype = c.lora.b_dtype = DType::kBf16; });
   add("LoraA_bf16_B_f32", [](Case& c) { c.lora.a_dtype = DType::kBf16; });
   add("LoraA_f32_B_bf16_H33", [](Case& c) {
-    c.H = 33; c.I = 17; c.lora.b_dtype = DType::kBf16;
+    c.H = 33;
+    c.I = 17;
+    c.lora.b_dtype = DType::kBf16;
   });
   add("Ids_i32", [](Case& c) { c.io.ids = DType::kI32; });
-  add("Ids_i64_T65_TwoTokenBlocks", [](Case& c) { c.batch.T = 65; c.io.ids = DType::kI64; });
+  add("Ids_i64_T65_TwoTokenBlocks", [](Case& c) {
+    c.batch.T = 65;
+    c.io.ids = DType::kI64;
+  });
   add("Weights_loaded_f32", [](Case& c) { c.eng.load_dtype = DType::kF32; });
-  add("AllBf16_io", [](Case& c) {
-    c.io.w = c.io.out = c.io.dout = c.io.dx = c.io.dw = DType::kBf16;
-  });
-  add("AllF32_io", [](Case& c) {
-    c.io.x = c.io.w = c.io.out = c.io.dout = c.io.dx = c.io.dw = DType::kF32;
-  });
+  add("AllBf16_io",
+      [](Case& c) { c.io.w = c.io.out = c.io.dout = c.io.dx = c.io.dw = DType::kBf16; });
+  add("AllF32_io",
+      [](Case& c) { c.io.x = c.io.w = c.io.out = c.io.dout = c.io.dx = c.io.dw = DType::kF32; });
   add("OnlyLoraGrads_NoDxNoDw", [](Case& c) { c.io.want_dx = c.io.want_dw = false; });
-  add("Only_dA_and_dx", [](Case& c) { c.io.want_dB = false; c.io.want_dw = false; });
-  add("Only_dB_and_dw", [](Case& c) { c.io.want_dA = false; c.io.want_dx = false; });
+  add("Only_dA_and_dx", [](Case& c) {
+    c.io.want_dB = false;
+    c.io.want_dw = false;
+  });
+  add("Only_dB_and_dw", [](Case& c) {
+    c.io.want_dA = false;
+    c.io.want_dx = false;
+  });
   // expert_mask.
   add("ExpertMask", [](Case& c) {
-    c.E = 6; c.batch.T = 16; c.batch.k = 2; c.batch.masked = {1, 3};
+    c.E = 6;
+    c.batch.T = 16;
+    c.batch.k = 2;
+    c.batch.masked = {1, 3};
   });
   add("ExpertMask_NoLora_ids32", [&](Case& c) {
-    no_lora(c); c.E = 6; c.batch.T = 16; c.batch.k = 3; c.batch.masked = {0, 4, 5};
+    no_lora(c);
+    c.E = 6;
+    c.batch.T = 16;
+    c.batch.k = 3;
+    c.batch.masked = {0, 4, 5};
     c.io.ids = DType::kI32;
   });
   add("ExpertMask_AllMasked", [](Case& c) {
-    c.E = 3; c.batch.T = 4; c.batch.k = 2; c.batch.masked = {0, 1, 2};
+    c.E = 3;
+    c.batch.T = 4;
+    c.batch.k = 2;
+    c.batch.masked = {0, 1, 2};
   });
   // Multi-chunk shapes (kChunk = 256), several threads.
   add("H301_I270_Chunks_T70_threads2", [](Case& c) {
-    c.E = 5; c.H = 301; c.I = 270; c.batch.T = 70; c.batch.k = 2; c.eng.threads = 2;
-    c.lora.r[0] = 4; c.lora.r[1] = 1; c.lora.r[2] = 16;
+    c.E = 5;
+    c.H = 301;
+    c.I = 270;
+    c.batch.T = 70;
+    c.batch.k = 2;
+    c.eng.threads = 2;
+    c.lora.r[0] = 4;
+    c.lora.r[1] = 1;
+    c.lora.r[2] = 16;
   });
   // Hot experts with more rows than one row block (routing.h kRowBlock = 192).
   add("HotExpert_T400_AllOnOne_threads2", [](Case& c) {
-    c.E = 3; c.H = 33; c.I = 17; c.batch.T = 400; c.batch.k = 1;
-    c.batch.pattern = Pattern::kAllOne; c.batch.one = 1; c.eng.threads = 2;
+    c.E = 3;
+    c.H = 33;
+    c.I = 17;
+    c.batch.T = 400;
+    c.batch.k = 1;
+    c.batch.pattern = Pattern::kAllOne;
+    c.batch.one = 1;
+    c.eng.threads = 2;
   });
   add("HotExpert_T300_k3_Skewed_threads3", [](Case& c) {
-    c.E = 6; c.batch.T = 300; c.batch.k = 3; c.batch.pattern = Pattern::kHot; c.batch.one = 4;
-    c.eng.threads = 3; c.lora.r[1] = 1; c.lora.r[2] = 16;
+    c.E = 6;
+    c.batch.T = 300;
+    c.batch.k = 3;
+    c.batch.pattern = Pattern::kHot;
+    c.batch.one = 4;
+    c.eng.threads = 3;
+    c.lora.r[1] = 1;
+    c.lora.r[2] = 16;
   });
   add("HotExpert_T193_Recompute_TransposedCopy", [](Case& c) {
-    c.E = 2; c.batch.T = 193; c.batch.k = 1; c.batch.pattern = Pattern::kAllOne; c.batch.one = 0;
-    c.eng.threads = 2; c.eng.opts.activations = ActivationPolicy::kRecompute;
+    c.E = 2;
+    c.batch.T = 193;
+    c.batch.k = 1;
+    c.batch.pattern = Pattern::kAllOne;
+    c.batch.one = 0;
+    c.eng.threads = 2;
+    c.eng.opts.activations = ActivationPolicy::kRecompute;
     c.eng.opts.backward_weights = BackwardWeights::kTransposedCopy;
   });
   // Forced ISAs.
   add("IsaScalar_H33_I17_LoraAll", [](Case& c) {
-    c.H = 33; c.I = 17; c.eng.isa = mk::Isa::kScalar;
+    c.H = 33;
+    c.I = 17;
+    c.eng.isa = mk::Isa::kScalar;
   });
   add("IsaScalar_ExpertMask_Lora_bf16", [](Case& c) {
-    c.E = 6; c.batch.T = 16; c.batch.masked = {2}; c.eng.isa = mk::Isa::kScalar;
+    c.E = 6;
+    c.batch.T = 16;
+    c.batch.masked = {2};
+    c.eng.isa = mk::Isa::kScalar;
     c.lora.a_dtype = c.lora.b_dtype = DType::kBf16;
   });
   add("IsaAvx2_H33_I17_LoraAll", [](Case& c) {
-    c.H = 33; c.I = 17; c.eng.isa = mk::Isa::kAvx2;
+    c.H = 33;
+    c.I = 17;
+    c.eng.isa = mk::Isa::kAvx2;
   });
   add("IsaAvx2_MixedRanks_threads3_Recompute_TransposedCopy", [](Case& c) {
-    c.E = 5; c.batch.T = 13; c.lora.r[0] = 16; c.lora.r[1] = 0; c.lora.r[2] = 1;
-    c.eng.isa = mk::Isa::kAvx2; c.eng.threads = 3;
+    c.E = 5;
+    c.batch.T = 13;
+    c.lora.r[0] = 16;
+    c.lora.r[1] = 0;
+    c.lora.r[2] = 1;
+    c.eng.isa = mk::Isa::kAvx2;
+    c.eng.threads = 3;
     c.eng.opts.activations = ActivationPolicy::kRecompute;
     c.eng.opts.backward_weights = BackwardWeights::kTransposedCopy;
   });
   add("IsaAvx2_H290_I260_Chunks", [](Case& c) {
-    c.E = 3; c.H = 290; c.I = 260; c.batch.T = 20; c.eng.isa = mk::Isa::kAvx2;
+    c.E = 3;
+    c.H = 290;
+    c.I = 260;
+    c.batch.T = 20;
+    c.eng.isa = mk::Isa::kAvx2;
   });
   // avx512 (F/BW/VL/DQ, no BF16): K beyond one of its K chunks (256 pairs, H = 601),
   // row blocks with tails (T*k/E rows per expert), odd K, mixed ranks.
   add("IsaAvx512_H33_I17_LoraAll", [](Case& c) {
-    c.H = 33; c.I = 17; c.eng.isa = mk::Isa::kAvx512;
+    c.H = 33;
+    c.I = 17;
+    c.eng.isa = mk::Isa::kAvx512;
   });
   add("IsaAvx512_MixedRanks_threads3_Recompute_TransposedCopy", [](Case& c) {
-    c.E = 5; c.batch.T = 13; c.lora.r[0] = 16; c.lora.r[1] = 0; c.lora.r[2] = 1;
-    c.eng.isa = mk::Isa::kAvx512; c.eng.threads = 3;
+    c.E = 5;
+    c.batch.T = 13;
+    c.lora.r[0] = 16;
+    c.lora.r[1] = 0;
+    c.lora.r[2] = 1;
+    c.eng.isa = mk::Isa::kAvx512;
+    c.eng.threads = 3;
     c.eng.opts.activations = ActivationPolicy::kRecompute;
     c.eng.opts.backward_weights = BackwardWeights::kTransposedCopy;
   });
   add("IsaAvx512_H601_I260_T40_KChunks", [](Case& c) {
-    c.E = 3; c.H = 601; c.I = 260; c.batch.T = 40; c.eng.isa = mk::Isa::kAvx512;
+    c.E = 3;
+    c.H = 601;
+    c.I = 260;
+    c.batch.T = 40;
+    c.eng.isa = mk::Isa::kAvx512;
   });
   return v;
 }

@@ -54,22 +54,37 @@ TEST(ExpertsOptions, ValidateNamesTheBadOptionAndValue) {
     std::vector<std::string> needles;
   };
   const Bad bads[] = {
-      {"backward_weights 7", [](ExpertsOptions& o) { o.backward_weights = static_cast<BackwardWeights>(7); },
+      {"backward_weights 7",
+       [](ExpertsOptions& o) { o.backward_weights = static_cast<BackwardWeights>(7); },
        {"backward_weights", "7"}},
-      {"activations 5", [](ExpertsOptions& o) { o.activations = static_cast<ActivationPolicy>(5); },
+      {"activations 5",
+       [](ExpertsOptions& o) { o.activations = static_cast<ActivationPolicy>(5); },
        {"activations", "5"}},
-      {"activation 9", [](ExpertsOptions& o) { o.activation = static_cast<Activation>(9); }, {"activation", "9"}},
-      {"weight_format 3", [](ExpertsOptions& o) { o.weight_format = static_cast<WeightFormat>(3); },
+      {"activation 9",
+       [](ExpertsOptions& o) { o.activation = static_cast<Activation>(9); },
+       {"activation", "9"}},
+      {"weight_format 3",
+       [](ExpertsOptions& o) { o.weight_format = static_cast<WeightFormat>(3); },
        {"weight format", "3"}},
-      {"alpha nan", [](ExpertsOptions& o) { o.swiglu_alpha = std::numeric_limits<float>::quiet_NaN(); },
+      {"alpha nan",
+       [](ExpertsOptions& o) { o.swiglu_alpha = std::numeric_limits<float>::quiet_NaN(); },
        {"alpha=nan"}},
       {"limit 0", [](ExpertsOptions& o) { o.swiglu_limit = 0.0f; }, {"limit=0"}},
-      {"limit inf", [](ExpertsOptions& o) { o.swiglu_limit = std::numeric_limits<float>::infinity(); },
+      {"limit inf",
+       [](ExpertsOptions& o) { o.swiglu_limit = std::numeric_limits<float>::infinity(); },
        {"limit=inf"}},
-      {"int4 group 48", [](ExpertsOptions& o) { o.weight_format = WeightFormat::kInt4; o.group_size = 48; },
+      {"int4 group 48",
+       [](ExpertsOptions& o) {
+         o.weight_format = WeightFormat::kInt4;
+         o.group_size = 48;
+       },
        {"int4 group_size must be 32, 64 or 128, got 48"}},
-      {"bf16 group 32", [](ExpertsOptions& o) { o.group_size = 32; }, {"group_size applies to int4 only", "bf16"}},
-      {"row_group -1", [](ExpertsOptions& o) { o.row_group = -1; }, {"row_group must be >= 0", "-1"}},
+      {"bf16 group 32",
+       [](ExpertsOptions& o) { o.group_size = 32; },
+       {"group_size applies to int4 only", "bf16"}},
+      {"row_group -1",
+       [](ExpertsOptions& o) { o.row_group = -1; },
+       {"row_group must be >= 0", "-1"}},
   };
   auto ctx = make_context(EngineCfg{});
   for (const Bad& b : bads) {
@@ -77,10 +92,11 @@ TEST(ExpertsOptions, ValidateNamesTheBadOptionAndValue) {
     b.edit(o);
     expect_invalid_argument(std::string("validate: ") + b.what, [&] { o.validate(); }, b.needles);
     // The engine and the size function refuse the same options with the same message.
-    expect_invalid_argument(std::string("MoeExperts: ") + b.what, [&] { MoeExperts m(ctx, 2, 8, 8, o); },
-                            b.needles);
-    expect_invalid_argument(std::string("host_bytes: ") + b.what, [&] { MoeExperts::host_bytes(2, 8, 8, o); },
-                            b.needles);
+    expect_invalid_argument(
+        std::string("MoeExperts: ") + b.what, [&] { MoeExperts m(ctx, 2, 8, 8, o); }, b.needles);
+    expect_invalid_argument(
+        std::string("host_bytes: ") + b.what, [&] { MoeExperts::host_bytes(2, 8, 8, o); },
+        b.needles);
   }
 }
 

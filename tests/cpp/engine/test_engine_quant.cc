@@ -111,7 +111,8 @@ TEST_P(EngineQuant, BitIdenticalToBf16EngineOnDequantizedWeights) {
 
   // The quantized weights really differ from W (the test would be vacuous otherwise).
   double diff = 0.0;
-  for (size_t i = 0; i < L.W[0].size(); ++i) diff = std::max(diff, double(std::fabs(L.W[0][i] - D.W[0][i])));
+  for (size_t i = 0; i < L.W[0].size(); ++i)
+    diff = std::max(diff, double(std::fabs(L.W[0][i] - D.W[0][i])));
   EXPECT_GT(diff, 0.0);
 }
 
@@ -124,7 +125,8 @@ TEST(EngineQuantOptions, RepackAndTransposedCopyAndThreadsBitIdentical) {
   bc.T = 30;
   bc.k = 3;
   const Batch b = make_batch(L, bc, 5);
-  for (const QuantSpec spec : {QuantSpec{WeightFormat::kInt8, 0}, QuantSpec{WeightFormat::kInt4, 32}}) {
+  for (const QuantSpec spec :
+       {QuantSpec{WeightFormat::kInt8, 0}, QuantSpec{WeightFormat::kInt4, 32}}) {
     EngineCfg ec;
     ec.opts.weight_format = spec.format;
     ec.opts.group_size = spec.group_size;
@@ -133,8 +135,9 @@ TEST(EngineQuantOptions, RepackAndTransposedCopyAndThreadsBitIdentical) {
     ec2.threads = 3;
     ec2.opts.backward_weights = BackwardWeights::kTransposedCopy;
     ec2.opts.activations = ActivationPolicy::kRecompute;
-    expect_bitwise(std::string(mk::weight_format_name(spec.format)) + " threads=3 transposed_copy recompute",
-                   run_engine(L, b, IoCfg{}, ec2), base);
+    expect_bitwise(
+        std::string(mk::weight_format_name(spec.format)) + " threads=3 transposed_copy recompute",
+        run_engine(L, b, IoCfg{}, ec2), base);
   }
 }
 
@@ -148,15 +151,16 @@ TEST(EngineQuantOptions, HotExpertRowGroupsBitIdenticalToBf16) {
   bc.pattern = Pattern::kAllOne;
   bc.one = 2;
   const Batch b = make_batch(L, bc, 6);
-  for (const QuantSpec spec : {QuantSpec{WeightFormat::kInt8, 0}, QuantSpec{WeightFormat::kInt4, 64}}) {
+  for (const QuantSpec spec :
+       {QuantSpec{WeightFormat::kInt8, 0}, QuantSpec{WeightFormat::kInt4, 64}}) {
     const Layer D = dequantized_layer(L, spec);
     EngineCfg ec;
     ec.threads = 2;
     const Outputs ref = run_engine(D, b, IoCfg{}, ec);
     ec.opts.weight_format = spec.format;
     ec.opts.group_size = spec.group_size;
-    expect_bitwise(std::string(mk::weight_format_name(spec.format)) + " hot expert", run_engine(L, b, IoCfg{}, ec),
-                   ref);
+    expect_bitwise(std::string(mk::weight_format_name(spec.format)) + " hot expert",
+                   run_engine(L, b, IoCfg{}, ec), ref);
   }
 }
 
@@ -177,7 +181,8 @@ TEST(EngineQuantOptions, PackedBytesPerFormat) {
   EXPECT_EQ(bytes(WeightFormat::kInt8, 0, BackwardWeights::kRepack), weights + 4 * (I + I + H));
   // int4: half a byte per weight + one fp32 scale per group of G along K.
   for (int g : {32, 64, 128})
-    EXPECT_EQ(bytes(WeightFormat::kInt4, g, BackwardWeights::kRepack), weights / 2 + 4 * weights / g);
+    EXPECT_EQ(bytes(WeightFormat::kInt4, g, BackwardWeights::kRepack),
+              weights / 2 + 4 * weights / g);
   // transposed_copy adds a bf16 copy of dq(q(W))^T.
   EXPECT_EQ(bytes(WeightFormat::kInt4, 64, BackwardWeights::kTransposedCopy),
             weights / 2 + 4 * weights / 64 + 2 * weights);
@@ -201,7 +206,8 @@ TEST(EngineQuantOptions, BadGroupSizeAndNonFiniteWeightsAreClearErrors) {
   MoeExperts m(ctx, 2, 64, 32, o);
   std::vector<float> gate(2 * 32 * 64, 0.01f), up(gate), down(2 * 64 * 32, 0.01f);
   up[32 * 64 + 5 * 64 + 7] = INFINITY;  // expert 1, row 5, column 7
-  expect_invalid_argument("inf weight", [&] { m.load(gate.data(), up.data(), down.data(), DType::kF32); },
+  expect_invalid_argument("inf weight",
+                          [&] { m.load(gate.data(), up.data(), down.data(), DType::kF32); },
                           {"up_proj of expert 1", "non-finite", "row 5, column 7"});
 }
 

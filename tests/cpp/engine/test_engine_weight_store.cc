@@ -20,7 +20,8 @@ std::vector<ExpertsOptions> all_weight_options() {
   std::vector<ExpertsOptions> v;
   for (BackwardWeights bw : kAllBackwardWeights) {
     for (WeightFormat f : kAllWeightFormats) {
-      const std::vector<int> groups = f == WeightFormat::kInt4 ? std::vector<int>{32, 64, 128} : std::vector<int>{0};
+      const std::vector<int> groups =
+          f == WeightFormat::kInt4 ? std::vector<int>{32, 64, 128} : std::vector<int>{0};
       for (int g : groups) {
         ExpertsOptions o;
         o.backward_weights = bw;
@@ -35,8 +36,8 @@ std::vector<ExpertsOptions> all_weight_options() {
 
 std::string tag(const ExpertsOptions& o, const Shape& s) {
   return std::string(option_name(o.weight_format)) + "/g" + std::to_string(o.group_size) + "/" +
-         option_name(o.backward_weights) + " E=" + std::to_string(s.E) + " H=" + std::to_string(s.H) +
-         " I=" + std::to_string(s.I);
+         option_name(o.backward_weights) + " E=" + std::to_string(s.E) +
+         " H=" + std::to_string(s.H) + " I=" + std::to_string(s.I);
 }
 
 TEST(WeightStore, HostBytesIsWhatTheEngineAllocates) {
@@ -82,10 +83,13 @@ TEST(WeightStore, HostBytesPerFormatRatios) {
 TEST(WeightStore, BadShapeIsAClearErrorForSizeAndConstructor) {
   auto ctx = make_context(EngineCfg{});
   for (const Shape& s : {Shape{0, 8, 8}, Shape{2, 0, 8}, Shape{2, 8, -1}}) {
-    const std::string what = "E=" + std::to_string(s.E) + " H=" + std::to_string(s.H) + " I=" + std::to_string(s.I);
-    expect_invalid_argument("host_bytes " + what, [&] { MoeExperts::host_bytes(s.E, s.H, s.I, ExpertsOptions{}); },
+    const std::string what =
+        "E=" + std::to_string(s.E) + " H=" + std::to_string(s.H) + " I=" + std::to_string(s.I);
+    expect_invalid_argument("host_bytes " + what,
+                            [&] { MoeExperts::host_bytes(s.E, s.H, s.I, ExpertsOptions{}); },
                             {"E, H, I >= 1", what});
-    expect_invalid_argument("MoeExperts " + what, [&] { MoeExperts m(ctx, s.E, s.H, s.I, ExpertsOptions{}); },
+    expect_invalid_argument("MoeExperts " + what,
+                            [&] { MoeExperts m(ctx, s.E, s.H, s.I, ExpertsOptions{}); },
                             {"E, H, I >= 1", what});
   }
 }
@@ -106,8 +110,9 @@ TEST(WeightStore, BuffersAreNamedAndShapedPerProjection) {
     EXPECT_EQ(b.K, t ? out : in) << b.name;
     EXPECT_EQ(b.N, t ? in : out) << b.name;
   }
-  EXPECT_EQ(names, (std::vector<std::string>{"gate.q", "gate.scales", "gate.transposed_bf16", "up.q", "up.scales",
-                                             "up.transposed_bf16", "down.q", "down.scales", "down.transposed_bf16"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"gate.q", "gate.scales", "gate.transposed_bf16",
+                                             "up.q", "up.scales", "up.transposed_bf16", "down.q",
+                                             "down.scales", "down.transposed_bf16"}));
 }
 
 // Reloading expert e with other weights changes bytes [e * stride, (e + 1) *
@@ -134,15 +139,19 @@ TEST(WeightStore, ExpertSlicesHoldExactlyOneExpert) {
     const auto before = snapshot(a), other = snapshot(b);
     const int e = 1;
     const size_t per = size_t(L.I) * L.H;
-    a.load_expert(e, L2.Wb[0].data() + e * per, L2.Wb[1].data() + e * per, L2.Wb[2].data() + e * per, DType::kBf16);
+    a.load_expert(e, L2.Wb[0].data() + e * per, L2.Wb[1].data() + e * per,
+                  L2.Wb[2].data() + e * per, DType::kBf16);
     const auto after = snapshot(a);
     const auto bufs = a.weights().buffers();
     for (size_t i = 0; i < bufs.size(); ++i) {
       const size_t s = bufs[i].per_expert_bytes, lo = e * s, hi = (e + 1) * s;
-      EXPECT_TRUE(std::equal(after[i].begin(), after[i].begin() + lo, before[i].begin())) << t << " " << bufs[i].name;
-      EXPECT_TRUE(std::equal(after[i].begin() + hi, after[i].end(), before[i].begin() + hi)) << t << " " << bufs[i].name;
+      EXPECT_TRUE(std::equal(after[i].begin(), after[i].begin() + lo, before[i].begin()))
+          << t << " " << bufs[i].name;
+      EXPECT_TRUE(std::equal(after[i].begin() + hi, after[i].end(), before[i].begin() + hi))
+          << t << " " << bufs[i].name;
       EXPECT_TRUE(std::equal(after[i].begin() + lo, after[i].begin() + hi, other[i].begin() + lo))
-          << t << " " << bufs[i].name << ": expert " << e << "'s bytes differ from the other store's";
+          << t << " " << bufs[i].name << ": expert " << e
+          << "'s bytes differ from the other store's";
       EXPECT_FALSE(std::equal(after[i].begin() + lo, after[i].begin() + hi, before[i].begin() + lo))
           << t << " " << bufs[i].name << ": reloading expert " << e << " changed nothing (vacuous)";
     }
@@ -155,11 +164,13 @@ TEST(WeightStore, UnpackExpertGivesTheValuesTheGemmsUse) {
   for (const ExpertsOptions& o : all_weight_options()) {
     const std::string t = tag(o, Shape{L.E, L.H, L.I});
     // bf16: the loaded weights bit for bit; int8 / int4: dq(q(W)) from the oracle.
-    const Layer want = o.weight_format == WeightFormat::kBf16 ? L : dequantized_layer(L, o.quant_spec());
+    const Layer want =
+        o.weight_format == WeightFormat::kBf16 ? L : dequantized_layer(L, o.quant_spec());
     MoeExperts m(ctx, L.E, L.H, L.I, o);
     m.load(L.W[0].data(), L.W[1].data(), L.W[2].data(), DType::kF32);
     for (int e = 0; e < L.E; ++e) {
-      std::vector<bf16> got[3] = {std::vector<bf16>(size_t(L.I) * L.H), std::vector<bf16>(size_t(L.I) * L.H),
+      std::vector<bf16> got[3] = {std::vector<bf16>(size_t(L.I) * L.H),
+                                  std::vector<bf16>(size_t(L.I) * L.H),
                                   std::vector<bf16>(size_t(L.H) * L.I)};
       m.weights().unpack_expert(e, got[0].data(), got[1].data(), got[2].data());
       for (int p = 0; p < 3; ++p) {
@@ -171,8 +182,9 @@ TEST(WeightStore, UnpackExpertGivesTheValuesTheGemmsUse) {
   }
   MoeExperts m(ctx, L.E, L.H, L.I, ExpertsOptions{});
   std::vector<bf16> buf(size_t(L.I) * L.H);
-  expect_invalid_argument("unpack expert E", [&] { m.weights().unpack_expert(L.E, buf.data(), buf.data(), buf.data()); },
-                          {"expert id 3"});
+  expect_invalid_argument(
+      "unpack expert E",
+      [&] { m.weights().unpack_expert(L.E, buf.data(), buf.data(), buf.data()); }, {"expert id 3"});
 }
 
 }  // namespace

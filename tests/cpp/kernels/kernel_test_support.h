@@ -81,7 +81,7 @@ inline std::string isa_param_name(const testing::TestParamInfo<mk::Isa>& info) {
 }
 
 // Instantiates a PerIsa suite over the whole table.
-#define MOETUNE_INSTANTIATE_PER_ISA(Suite) \
+#define MOETUNE_INSTANTIATE_PER_ISA(Suite)                                                     \
   INSTANTIATE_TEST_SUITE_P(Isas, Suite, testing::ValuesIn(::moetune::kernel_test::all_isas()), \
                            ::moetune::kernel_test::isa_param_name)
 
@@ -139,9 +139,12 @@ enum class Dist {
 
 inline const char* dist_name(Dist d) {
   switch (d) {
-    case Dist::kUniform: return "uniform";
-    case Dist::kMixed: return "mixed";
-    case Dist::kInteger: return "integer";
+    case Dist::kUniform:
+      return "uniform";
+    case Dist::kMixed:
+      return "mixed";
+    case Dist::kInteger:
+      return "integer";
   }
   return "?";
 }
@@ -211,8 +214,8 @@ inline double tolerance(double abs_sum, int64_t nterms) {
 
 // Where the contract puts element (k, n) of a packed [K, N] operand.
 inline int64_t packed_index(int64_t K, int64_t k, int64_t n) {
-  return (n / mk::kPanelN) * mk::packed_kp(K) * mk::kPanelN + (k / 2) * 32 +
-         (n % mk::kPanelN) * 2 + (k % 2);
+  return (n / mk::kPanelN) * mk::packed_kp(K) * mk::kPanelN + (k / 2) * 32 + (n % mk::kPanelN) * 2 +
+         (k % 2);
 }
 
 // Every element of a packed [K, N] buffer that is not a real (k < K, n < N)
@@ -236,10 +239,10 @@ struct GemmCase {
   std::vector<int64_t> Ks = {1};  // one entry per segment
   int64_t N = 1;
   int64_t n_begin = 0;
-  int64_t n_end = -1;    // -1: N
-  int64_t lda_pad = 0;   // lda = Kp + lda_pad
-  int64_t ldc_pad = 0;   // ldc = N + ldc_pad
-  bool kn = true;        // B source row-major [K, N] (true) or [N, K] (false)
+  int64_t n_end = -1;   // -1: N
+  int64_t lda_pad = 0;  // lda = Kp + lda_pad
+  int64_t ldc_pad = 0;  // ldc = N + ldc_pad
+  bool kn = true;       // B source row-major [K, N] (true) or [N, K] (false)
   bool accumulate = false;
   Dist dist = Dist::kUniform;
 
@@ -256,8 +259,8 @@ inline void PrintTo(const GemmCase& c, std::ostream* os) {
   *os << c.name << "{M=" << c.M << " K=[";
   for (size_t i = 0; i < c.Ks.size(); ++i) *os << (i ? "," : "") << c.Ks[i];
   *os << "] N=" << c.N << " n=[" << c.n_begin << "," << c.ne() << ") lda_pad=" << c.lda_pad
-      << " ldc=" << c.ldc() << " B=" << (c.kn ? "[K,N]" : "[N,K]")
-      << " accumulate=" << c.accumulate << " dist=" << dist_name(c.dist) << "}";
+      << " ldc=" << c.ldc() << " B=" << (c.kn ? "[K,N]" : "[N,K]") << " accumulate=" << c.accumulate
+      << " dist=" << dist_name(c.dist) << "}";
 }
 
 // Inputs of one call: the logical operands (what the oracle reads) and the
@@ -269,9 +272,9 @@ struct Problem {
   std::vector<std::vector<bf16>> a;     // A_s logical [M, K_s], tight row-major
   std::vector<std::vector<bf16>> bsrc;  // B_s unpacked: [K_s, ldb] if kn, else [N, ldb]
   std::vector<int64_t> ldb;
-  std::vector<std::vector<bf16>> aop;   // A_s operand: stride lda, contract size
+  std::vector<std::vector<bf16>> aop;  // A_s operand: stride lda, contract size
   std::vector<int64_t> lda;
-  std::vector<std::vector<bf16>> bpk;   // packed B_s, exactly packed_elems(K_s, N)
+  std::vector<std::vector<bf16>> bpk;  // packed B_s, exactly packed_elems(K_s, N)
 
   double A(size_t s, int64_t m, int64_t k) const { return as_double(a[s][m * Ks[s] + k]); }
   double B(size_t s, int64_t k, int64_t n) const {
@@ -293,7 +296,8 @@ struct Problem {
 // Builds the A operand for a logical [M, K] matrix: row stride lda, the pad
 // element A[m, K] (K odd) zero as the contract demands, the stride padding
 // [Kp, lda) NaN, and exactly (M-1)*lda + Kp elements.
-inline std::vector<bf16> make_a_operand(const std::vector<bf16>& a, int64_t M, int64_t K, int64_t lda) {
+inline std::vector<bf16> make_a_operand(const std::vector<bf16>& a, int64_t M, int64_t K,
+                                        int64_t lda) {
   const int64_t kp = mk::packed_kp(K);
   std::vector<bf16> op(M > 0 ? static_cast<size_t>((M - 1) * lda + kp) : 0);
   for (int64_t m = 0; m < M; ++m) {

@@ -25,7 +25,7 @@ double ulp_bf16(double x) {
   x = std::fabs(x);
   if (x < std::ldexp(1.0, -126)) return std::ldexp(1.0, -133);  // bf16 denormal spacing
   int e;
-  std::frexp(x, &e);           // x = f * 2^e, f in [0.5, 1)
+  std::frexp(x, &e);              // x = f * 2^e, f in [0.5, 1)
   return std::ldexp(1.0, e - 8);  // 8 significant bits
 }
 
@@ -52,8 +52,8 @@ TEST_P(Eltwise, ToBf16IsRoundNearestEvenOfScaleTimesX) {
       Gen g(n * 3 + static_cast<int>(scale * 8), Dist::kUniform);
       std::vector<float> src(static_cast<size_t>(n));
       for (auto& v : src) v = g.any_f32(-100.0f, 100.0f);
-      const float specials[] = {1.00390625f, -1.00390625f, 0.0f, -0.0f, INFINITY, -INFINITY,
-                                NAN, FLT_MAX, 3.0e38f, 1e-30f};
+      const float specials[] = {1.00390625f, -1.00390625f, 0.0f,    -0.0f,   INFINITY,
+                                -INFINITY,   NAN,          FLT_MAX, 3.0e38f, 1e-30f};
       for (int64_t i = 0; i < n && i < 10; ++i) src[i * n / 10] = specials[i];
       std::vector<bf16> dst(static_cast<size_t>(n + kGuard), kDstGarbage);
       kernel().to_bf16(src.data(), scale, dst.data(), n);
@@ -71,14 +71,15 @@ TEST_P(Eltwise, ToBf16IsRoundNearestEvenOfScaleTimesX) {
 // fp32 denormals are rounded (RNE), never flushed to zero, on every ISA (the
 // AVX-512 code avoids vcvtneps2bf16, which would flush them).
 TEST_P(Eltwise, ToBf16DenormalsRoundNearestEven) {
-  const uint32_t bits[] = {0x00000001u, 0x00008000u, 0x00018000u, 0x007fffffu, 0x80400000u,
-                           0x00400001u};
+  const uint32_t bits[] = {0x00000001u, 0x00008000u, 0x00018000u,
+                           0x007fffffu, 0x80400000u, 0x00400001u};
   std::vector<float> src;
   for (uint32_t b : bits) src.push_back(float_of(b));
   std::vector<bf16> dst(src.size(), kDstGarbage);
   kernel().to_bf16(src.data(), 1.0f, dst.data(), static_cast<int64_t>(src.size()));
   for (size_t i = 0; i < src.size(); ++i) {
-    EXPECT_EQ(dst[i], mk::f32_to_bf16(src[i])) << std::hex << "input 0x" << bits[i] << " -> 0x" << dst[i];
+    EXPECT_EQ(dst[i], mk::f32_to_bf16(src[i]))
+        << std::hex << "input 0x" << bits[i] << " -> 0x" << dst[i];
   }
 }
 
@@ -135,8 +136,7 @@ TEST_P(Eltwise, SwigluBwdMatchesOracle) {
         const double dg_exact = dh * u * s * (1.0 + g * (1.0 - s));
         const double dg_mag = std::fabs(dh * u * s) * (1.0 + std::fabs(g));
         const double du_exact = dh * g * s;
-        ASSERT_NEAR(as_double(dg[i]), dg_exact,
-                    0.5 * ulp_bf16(dg_exact) + kEltC * dg_mag + kEltAbs)
+        ASSERT_NEAR(as_double(dg[i]), dg_exact, 0.5 * ulp_bf16(dg_exact) + kEltC * dg_mag + kEltAbs)
             << "dg i=" << i << " g=" << g << " u=" << u << " d=" << d;
         ASSERT_NEAR(as_double(du[i]), du_exact,
                     0.5 * ulp_bf16(du_exact) + kEltC * std::fabs(du_exact) + kEltAbs)
@@ -173,10 +173,14 @@ SwigluInputs clamped_inputs(int64_t n, float limit, uint64_t seed) {
     in.d.push_back(gen.any_f32(-1.0f, 1.0f));
   }
   const bf16 lim = trunc_bf16(limit), nlim = trunc_bf16(-limit);
-  const bf16 edges_g[] = {lim, static_cast<bf16>(lim + 1), static_cast<bf16>(lim - 1), nlim,
-                          trunc_bf16(-30.0f), trunc_bf16(0.0f)};
-  const bf16 edges_u[] = {lim, nlim, static_cast<bf16>(lim + 1), static_cast<bf16>(nlim + 1),
-                          static_cast<bf16>(lim - 1), static_cast<bf16>(nlim - 1)};
+  const bf16 edges_g[] = {lim,  static_cast<bf16>(lim + 1), static_cast<bf16>(lim - 1),
+                          nlim, trunc_bf16(-30.0f),         trunc_bf16(0.0f)};
+  const bf16 edges_u[] = {lim,
+                          nlim,
+                          static_cast<bf16>(lim + 1),
+                          static_cast<bf16>(nlim + 1),
+                          static_cast<bf16>(lim - 1),
+                          static_cast<bf16>(nlim - 1)};
   for (int64_t i = 0; i < n && i < 6; ++i) {
     in.g[i * n / 6] = edges_g[i];
     in.u[(i * n / 6 + 1) % n] = edges_u[i];
@@ -223,9 +227,9 @@ TEST_P(Eltwise, ClampedSwigluBwdMatchesOracle) {
       const float w = 0.37f;
       const SwigluInputs in = clamped_inputs(n, cp.limit, 400 + n);
       std::vector<bf16> h(static_cast<size_t>(n + kGuard), kDstGarbage), dg(h), du(h), hf(h);
-      const float dot = kernel().clamped_swiglu_bwd(in.g.data(), in.u.data(), in.d.data(), w,
-                                                    cp.alpha, cp.limit, h.data(), dg.data(),
-                                                    du.data(), n);
+      const float dot =
+          kernel().clamped_swiglu_bwd(in.g.data(), in.u.data(), in.d.data(), w, cp.alpha, cp.limit,
+                                      h.data(), dg.data(), du.data(), n);
       kernel().clamped_swiglu(in.g.data(), in.u.data(), cp.alpha, cp.limit, hf.data(), n);
       double dot_ref = 0.0, dot_abs = 0.0;
       int64_t g_out = 0, u_out = 0;
@@ -270,13 +274,13 @@ TEST_P(Eltwise, ClampedSwigluBoundsAndNaN) {
   const bf16 lim = mk::f32_to_bf16(limit), nlim = mk::f32_to_bf16(-limit);
   const bf16 nan = 0x7fc0;
   const std::vector<bf16> g = {lim, static_cast<bf16>(lim + 1), lim, lim, nan, lim};
-  const std::vector<bf16> u = {mk::f32_to_bf16(0.5f), mk::f32_to_bf16(0.5f), lim, nlim,
-                               mk::f32_to_bf16(0.5f), nan};
+  const std::vector<bf16> u = {
+      mk::f32_to_bf16(0.5f), mk::f32_to_bf16(0.5f), lim, nlim, mk::f32_to_bf16(0.5f), nan};
   const int64_t n = static_cast<int64_t>(g.size());
   std::vector<float> d(n, 1.0f);
   std::vector<bf16> h(n), dg(n), du(n);
-  kernel().clamped_swiglu_bwd(g.data(), u.data(), d.data(), 1.0f, alpha, limit, h.data(),
-                              dg.data(), du.data(), n);
+  kernel().clamped_swiglu_bwd(g.data(), u.data(), d.data(), 1.0f, alpha, limit, h.data(), dg.data(),
+                              du.data(), n);
   EXPECT_NE(as_double(dg[0]), 0.0) << "g == limit: the gradient passes";
   EXPECT_EQ(dg[1], 0) << "g one ulp above the limit: clamped";
   EXPECT_EQ(as_double(h[1]), as_double(h[0])) << "clamped g acts as the limit";

@@ -164,12 +164,13 @@ TEST_P(GemmVsOracle, MatchesDoubleOracle) {
   EXPECT_EQ(r.bad, 0) << k.name << " on " << testing::PrintToString(c) << "\n" << r.str();
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Kernels, GemmVsOracle,
-    testing::Combine(testing::ValuesIn(all_isas()), testing::ValuesIn(all_cases())),
-    [](const testing::TestParamInfo<GemmVsOracle::ParamType>& info) {
-      return std::string(mk::isa_name(std::get<0>(info.param))) + "_" + std::get<1>(info.param).name;
-    });
+INSTANTIATE_TEST_SUITE_P(Kernels, GemmVsOracle,
+                         testing::Combine(testing::ValuesIn(all_isas()),
+                                          testing::ValuesIn(all_cases())),
+                         [](const testing::TestParamInfo<GemmVsOracle::ParamType>& info) {
+                           return std::string(mk::isa_name(std::get<0>(info.param))) + "_" +
+                                  std::get<1>(info.param).name;
+                         });
 
 // ---------------------------------------------------------------------------
 // Cross-ISA agreement on the same inputs
@@ -182,8 +183,7 @@ TEST_P(GemmCrossIsa, SupportedKernelsAgree) {
   std::vector<const mk::KernelBundle*> ks;
   for (mk::Isa isa : all_isas())
     if (mk::cpu_supports(isa)) ks.push_back(&mk::kernels_for(isa));
-  if (ks.size() < 2)
-    GTEST_SKIP() << "fewer than two kernels can run here: " << mk::cpu_summary();
+  if (ks.size() < 2) GTEST_SKIP() << "fewer than two kernels can run here: " << mk::cpu_summary();
 
   const uint64_t seed = case_seed(c);
   const Problem p = make_problem(c, seed);
@@ -193,8 +193,8 @@ TEST_P(GemmCrossIsa, SupportedKernelsAgree) {
   std::vector<std::vector<float>> out;
   for (const auto* k : ks) {
     std::vector<float> C = make_c(c, c0, false);
-    k->gemm(c.M, c.n_begin, c.ne(), segs.data(), static_cast<int>(segs.size()), C.data(),
-            c.ldc(), c.accumulate);
+    k->gemm(c.M, c.n_begin, c.ne(), segs.data(), static_cast<int>(segs.size()), C.data(), c.ldc(),
+            c.accumulate);
     out.push_back(std::move(C));
   }
   for (size_t i = 0; i < ks.size(); ++i) {
@@ -212,14 +212,15 @@ TEST_P(GemmCrossIsa, SupportedKernelsAgree) {
           if (!std::isfinite(a) || !std::isfinite(b) || std::fabs(a - b) > tol) {
             std::ostringstream s;
             s.precision(10);
-            s << "C[" << m << "," << n << "]: " << ks[i]->name << "=" << a << " "
-              << ks[j]->name << "=" << b << " diff " << std::fabs(a - b) << " > " << tol;
+            s << "C[" << m << "," << n << "]: " << ks[i]->name << "=" << a << " " << ks[j]->name
+              << "=" << b << " diff " << std::fabs(a - b) << " > " << tol;
             r.add(s.str());
           }
         }
       }
       EXPECT_EQ(r.bad, 0) << ks[i]->name << " vs " << ks[j]->name << " on "
-                          << testing::PrintToString(c) << "\n" << r.str();
+                          << testing::PrintToString(c) << "\n"
+                          << r.str();
     }
   }
 }
@@ -268,8 +269,8 @@ TEST_P(GemmKernelTest, SplittingNOrMIsBitwiseIdentical) {
   for (int i = 0; i < 3; ++i) {
     std::vector<mk::Segment> sub = segs;
     for (auto& s : sub) s.A += rows[i] * s.lda;
-    kernel().gemm(rows[i + 1] - rows[i], 0, c.N, sub.data(), nseg, by_m.data() + rows[i] * ldc,
-                  ldc, false);
+    kernel().gemm(rows[i + 1] - rows[i], 0, c.N, sub.data(), nseg, by_m.data() + rows[i] * ldc, ldc,
+                  false);
   }
   for (size_t i = 0; i < full.size(); ++i) {
     ASSERT_EQ(bits_of(full[i]), bits_of(by_n[i])) << "N split differs at flat index " << i;
@@ -333,8 +334,8 @@ TEST_P(GemmKernelTest, TransposedActivationsAsA_LoraGradient) {
           for (int64_t t = 0; t < T; ++t) {
             // The A operand holds bf16(w_t * x): that rounding is part of the
             // definition of transpose_to_a, checked on its own below.
-            const bf16 xa = scaled ? mk::f32_to_bf16(w[t] * mk::bf16_to_f32(X[t * ldx + h]))
-                                   : X[t * ldx + h];
+            const bf16 xa =
+                scaled ? mk::f32_to_bf16(w[t] * mk::bf16_to_f32(X[t * ldx + h])) : X[t * ldx + h];
             const double term = as_double(xa) * as_double(G[t * ldg + r]);
             want += term;
             abs_sum += std::fabs(term);
@@ -356,19 +357,32 @@ TEST_P(GemmKernelTest, TransposePackedMatchesLogicalTranspose) {
   struct Shape {
     int64_t K, N, nb, ne;
   };
-  const Shape shapes[] = {
-      {64, 48, 0, 64},   {64, 48, 16, 48},  {64, 48, 32, 64},  {256, 256, 0, 256},
-      {256, 256, 96, 160}, {33, 31, 0, 33}, {33, 31, 16, 33},  {33, 33, 0, 32},
-      {34, 17, 16, 34},  {1, 1, 0, 1},      {2, 40, 0, 2},     {17, 100, 0, 17},
-      {40, 16, 5, 37},   {48, 32, 3, 48},   {64, 64, 16, 16},  {255, 7, 32, 255},
-      {31, 64, 16, 31},  {32, 33, 0, 32},
-      // Partial last destination panel with source rows past n_end present:
-      // those rows must not leak into the zero pad columns.
-      {64, 32, 16, 40},  {64, 48, 0, 20},   {100, 64, 32, 65}};
+  const Shape shapes[] = {{64, 48, 0, 64},
+                          {64, 48, 16, 48},
+                          {64, 48, 32, 64},
+                          {256, 256, 0, 256},
+                          {256, 256, 96, 160},
+                          {33, 31, 0, 33},
+                          {33, 31, 16, 33},
+                          {33, 33, 0, 32},
+                          {34, 17, 16, 34},
+                          {1, 1, 0, 1},
+                          {2, 40, 0, 2},
+                          {17, 100, 0, 17},
+                          {40, 16, 5, 37},
+                          {48, 32, 3, 48},
+                          {64, 64, 16, 16},
+                          {255, 7, 32, 255},
+                          {31, 64, 16, 31},
+                          {32, 33, 0, 32},
+                          // Partial last destination panel with source rows past n_end present:
+                          // those rows must not leak into the zero pad columns.
+                          {64, 32, 16, 40},
+                          {64, 48, 0, 20},
+                          {100, 64, 32, 65}};
   for (const Shape& sh : shapes) {
     SCOPED_TRACE("B [K=" + std::to_string(sh.K) + ", N=" + std::to_string(sh.N) +
-                 "], B^T columns [" +
-                 std::to_string(sh.nb) + "," + std::to_string(sh.ne) + ")");
+                 "], B^T columns [" + std::to_string(sh.nb) + "," + std::to_string(sh.ne) + ")");
     Gen g(sh.K * 131 + sh.N * 17 + sh.nb, Dist::kUniform);
     const int64_t ld = sh.N + 1;
     std::vector<bf16> B(static_cast<size_t>((sh.K - 1) * ld + sh.N));
@@ -419,8 +433,15 @@ MOETUNE_INSTANTIATE_PER_ISA(GemmKernelTest);
 // oracle, a loose tolerance or a poison check that looks at nothing).
 // ---------------------------------------------------------------------------
 
-enum class Bug { kNone, kOutputRoundedToBf16, kDropsLastOddK, kWritesPastNEnd, kReadsCOnOverwrite,
-                 kIgnoresLastSegment, kReadsAStridePad };
+enum class Bug {
+  kNone,
+  kOutputRoundedToBf16,
+  kDropsLastOddK,
+  kWritesPastNEnd,
+  kReadsCOnOverwrite,
+  kIgnoresLastSegment,
+  kReadsAStridePad
+};
 
 template <Bug kBug>
 void fake_gemm(int64_t M, int64_t n_begin, int64_t n_end, const mk::Segment* segs, int nseg,

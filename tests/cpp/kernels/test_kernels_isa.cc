@@ -35,8 +35,8 @@ const FeatureSet kAvx2Cpu =
 const FeatureSet kSkylakeSp =
     set_of({F::kAvx512F, F::kAvx512Dq, F::kAvx512Bw, F::kAvx512Vl, F::kOsZmmState}, kAvx2Cpu);
 const FeatureSet kCooperLake = set_of({F::kAvx512Bf16, F::kAvx512Vnni}, kSkylakeSp);
-const FeatureSet kSapphireRapids =
-    set_of({F::kAmxTile, F::kAmxBf16, F::kAmxInt8, F::kOsTileState, F::kAmxPermission}, kCooperLake);
+const FeatureSet kSapphireRapids = set_of(
+    {F::kAmxTile, F::kAmxBf16, F::kAmxInt8, F::kOsTileState, F::kAmxPermission}, kCooperLake);
 
 // ---------------------------------------------------------------------------
 // What each ISA requires
@@ -46,8 +46,9 @@ const FeatureSet kSapphireRapids =
 // instructions its bundle can execute, and the OS state behind them.
 TEST(IsaTable, RequirementsSpelledOut) {
   const FeatureSet avx2 = kAvx2Cpu;
-  const FeatureSet avx512 = set_of({F::kAvx512F, F::kAvx512Bw, F::kAvx512Vl, F::kAvx512Dq,
-                                    F::kOsZmmState}, avx2);  // -mavx512f implies AVX2 code
+  const FeatureSet avx512 =
+      set_of({F::kAvx512F, F::kAvx512Bw, F::kAvx512Vl, F::kAvx512Dq, F::kOsZmmState},
+             avx2);  // -mavx512f implies AVX2 code
   const FeatureSet avx512_bf16 = set_of({F::kAvx512Bf16}, avx512);
   const FeatureSet amx =
       set_of({F::kAmxTile, F::kAmxBf16, F::kOsTileState, F::kAmxPermission}, avx512_bf16);
@@ -103,13 +104,17 @@ TEST(IsaTable, RowsInOrderAndNamesUnique) {
 // would change their rounding).
 TEST(IsaTable, CompileFlags) {
   using V = std::set<std::string>;
-  EXPECT_EQ(V(), [] { auto f = mk::isa_compile_flags(Isa::kScalar); return V(f.begin(), f.end()); }());
+  EXPECT_EQ(V(), [] {
+    auto f = mk::isa_compile_flags(Isa::kScalar);
+    return V(f.begin(), f.end());
+  }());
   const std::pair<Isa, V> want[] = {
       {Isa::kAvx2, {"-mavx", "-mavx2", "-mfma", "-mf16c", "-mpopcnt"}},
       {Isa::kAvx512, {"-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"}},
       {Isa::kAvx512Bf16, {"-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"}},
-      {Isa::kAmxBf16, {"-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                       "-mavx512dq", "-mavx512bf16"}}};
+      {Isa::kAmxBf16,
+       {"-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+        "-mavx512bf16"}}};
   for (const auto& [isa, flags] : want) {
     const std::vector<std::string> got = mk::isa_compile_flags(isa);
     EXPECT_EQ(V(got.begin(), got.end()), flags) << mk::isa_name(isa);
@@ -127,7 +132,8 @@ TEST(IsaRunnable, BestIsaOfTypicalCpus) {
   EXPECT_EQ(mk::best_runnable_isa(kSkylakeSp), Isa::kAvx512);
   EXPECT_EQ(mk::best_runnable_isa(kCooperLake), Isa::kAvx512Bf16);
   EXPECT_EQ(mk::best_runnable_isa(kSapphireRapids), Isa::kAmxBf16);
-  for (const mk::IsaInfo& i : mk::kIsas) EXPECT_TRUE(mk::isa_runnable(i.id, kSapphireRapids)) << i.name;
+  for (const mk::IsaInfo& i : mk::kIsas)
+    EXPECT_TRUE(mk::isa_runnable(i.id, kSapphireRapids)) << i.name;
   EXPECT_TRUE(mk::isa_runnable(Isa::kScalar, kNoSimd));
 }
 
@@ -172,7 +178,8 @@ TEST(IsaRunnable, EveryRequiredFeatureIsNeeded) {
     EXPECT_TRUE(mk::isa_runnable(i.id, i.required)) << i.name;
     for (const mk::FeatureInfo& f : mk::kFeatures) {
       if (i.required.has(f.id))
-        EXPECT_FALSE(mk::isa_runnable(i.id, i.required.without(f.id))) << i.name << " without " << f.name;
+        EXPECT_FALSE(mk::isa_runnable(i.id, i.required.without(f.id)))
+            << i.name << " without " << f.name;
     }
   }
 }
@@ -185,11 +192,13 @@ TEST(IsaRunnable, EveryRequiredFeatureIsNeeded) {
 mk::RawCpu sapphire_rapids_registers() {
   mk::RawCpu r;
   using S = mk::FeatureSource;
-  r[S::kCpuid1Ecx] = (1u << 12) | (1u << 23) | (1u << 27) | (1u << 28) | (1u << 29);  // fma popcnt osxsave avx f16c
-  r[S::kCpuid7Ebx] = (1u << 5) | (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);   // avx2 avx512 f dq bw vl
-  r[S::kCpuid7Ecx] = 1u << 11;                                       // avx512_vnni
-  r[S::kCpuid7Edx] = (1u << 22) | (1u << 24) | (1u << 25);           // amx bf16 tile int8
-  r[S::kCpuid7s1Eax] = 1u << 5;                                      // avx512_bf16
+  r[S::kCpuid1Ecx] = (1u << 12) | (1u << 23) | (1u << 27) | (1u << 28) |
+                     (1u << 29);  // fma popcnt osxsave avx f16c
+  r[S::kCpuid7Ebx] =
+      (1u << 5) | (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);  // avx2 avx512 f dq bw vl
+  r[S::kCpuid7Ecx] = 1u << 11;                                        // avx512_vnni
+  r[S::kCpuid7Edx] = (1u << 22) | (1u << 24) | (1u << 25);            // amx bf16 tile int8
+  r[S::kCpuid7s1Eax] = 1u << 5;                                       // avx512_bf16
   r[S::kXcr0] = 0x602e7;  // x87 SSE AVX opmask ZMM_Hi256 Hi16_ZMM PKRU XTILECFG XTILEDATA
   r[S::kOsGrant] = 1;
   return r;
@@ -325,7 +334,8 @@ TEST(KernelBundles, SharedCodeFollowsTheTable) {
       const mk::KernelBundle &ka = mk::kernels_for(a.id), &kb = mk::kernels_for(b.id);
       const auto same = [](const char* x, const char* y) { return std::string(x) == y; };
       EXPECT_EQ(ka.gemm == kb.gemm, same(a.unit, b.unit));
-      EXPECT_EQ(ka.transpose_packed == kb.transpose_packed, same(a.transpose_unit, b.transpose_unit));
+      EXPECT_EQ(ka.transpose_packed == kb.transpose_packed,
+                same(a.transpose_unit, b.transpose_unit));
       EXPECT_EQ(ka.eltwise.swiglu == kb.eltwise.swiglu, same(a.eltwise_unit, b.eltwise_unit));
       EXPECT_EQ(ka.dequant == kb.dequant, same(a.dequant_unit, b.dequant_unit));
     }

@@ -39,7 +39,8 @@ TEST(PackB, ColumnRangeOfBf16RowsIsThePackOfThoseColumns) {
   for (auto [K, N] : kPackShapes) {
     for (int64_t nb : {int64_t(1), int64_t(5), N / 2}) {
       if (nb >= N) continue;
-      SCOPED_TRACE("K=" + std::to_string(K) + " N=" + std::to_string(N) + " n_begin=" + std::to_string(nb));
+      SCOPED_TRACE("K=" + std::to_string(K) + " N=" + std::to_string(N) +
+                   " n_begin=" + std::to_string(nb));
       Gen g(K * 31 + N * 7 + nb, Dist::kUniform);
       const int64_t ld = N + 1, n = N - nb;
       std::vector<bf16> src(static_cast<size_t>((K - 1) * ld + N));
@@ -117,8 +118,8 @@ TEST(PackB, F32AndScaledSourcesRoundToBf16OfScaleTimesX) {
 
 TEST(PackB, ColumnSubRangeEqualsColumnsOfFullPack) {
   const int64_t K = 19, N = 100;
-  const std::pair<int64_t, int64_t> ranges[] = {{0, 100}, {16, 64}, {5, 37}, {99, 100},
-                                                {32, 33}, {48, 100}, {0, 1}, {3, 19}};
+  const std::pair<int64_t, int64_t> ranges[] = {{0, 100}, {16, 64},  {5, 37}, {99, 100},
+                                                {32, 33}, {48, 100}, {0, 1},  {3, 19}};
   for (bool kn : {true, false}) {
     Gen g(kn ? 11 : 12, Dist::kUniform);
     const int64_t ld = kn ? N + 2 : K + 3;
@@ -187,8 +188,8 @@ TEST(TransposeToA, ValuesRowScaleAndZeroPadColumn) {
                 want = mk::f32_to_bf16((scaled ? rs[r] : 1.0f) * x);
               }
               const bf16 got = dst[c * ld_dst + r];
-              const bool both_nan = std::isnan(mk::bf16_to_f32(want)) &&
-                                    std::isnan(mk::bf16_to_f32(got));
+              const bool both_nan =
+                  std::isnan(mk::bf16_to_f32(want)) && std::isnan(mk::bf16_to_f32(got));
               if (!(f32 || scaled) || !both_nan) {
                 ASSERT_EQ(got, want) << "dst[" << c << "," << r << "]";
               }
@@ -215,8 +216,7 @@ TEST(TransposeToA, ExactlySizedDestination) {
   std::vector<bf16> src(static_cast<size_t>(rows * cols));
   for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<bf16>(0x3f80 + i);
   std::vector<bf16> dst(static_cast<size_t>((cols - 1) * ld_dst + ld_dst), kDstGarbage);
-  mk::transpose_to_a(src.data(), mk::SrcType::kBf16, cols, rows, cols, nullptr, dst.data(),
-                     ld_dst);
+  mk::transpose_to_a(src.data(), mk::SrcType::kBf16, cols, rows, cols, nullptr, dst.data(), ld_dst);
   for (int64_t c = 0; c < cols; ++c) {
     for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(dst[c * ld_dst + r], src[r * cols + c]);
     EXPECT_EQ(dst[c * ld_dst + rows], 0);
@@ -257,8 +257,8 @@ TEST(Bf16Convert, RoundToNearestEvenEdgeCases) {
   // NaN stays NaN, including a signalling NaN whose payload sits only in the
   // low 16 bits (truncation would turn it into inf) and NaNs whose rounding
   // increment would carry.
-  for (uint32_t nan : {0x7fc00000u, 0x7f800001u, 0xff800001u, 0x7fffffffu, 0xffffffffu,
-                       0x7f808000u, 0x7fbfffffu}) {
+  for (uint32_t nan : {0x7fc00000u, 0x7f800001u, 0xff800001u, 0x7fffffffu, 0xffffffffu, 0x7f808000u,
+                       0x7fbfffffu}) {
     const bf16 b = cvt(nan);
     EXPECT_TRUE(bf16_is_nan(b)) << std::hex << "0x" << nan << " -> 0x" << b;
     EXPECT_EQ(b & 0x8000, (nan >> 16) & 0x8000) << "sign of NaN 0x" << std::hex << nan;
@@ -290,7 +290,7 @@ TEST(Bf16Convert, MatchesNearestEvenReferenceOnRandomFloats) {
   std::mt19937 rng(2024);
   for (int i = 0; i < 1000000; ++i) {
     uint32_t u = rng();
-    if ((u & 0x7fffffffu) > 0x7f800000u) continue;  // NaN covered above
+    if ((u & 0x7fffffffu) > 0x7f800000u) continue;    // NaN covered above
     if (i % 4 == 0) u = (u & 0xffff0000u) | 0x8000u;  // many exact ties
     const uint32_t mag = u & 0x7fffffffu, sign = u & 0x80000000u;
     const uint32_t lo = mag >> 16, hi = lo + 1;

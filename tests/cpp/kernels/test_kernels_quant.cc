@@ -33,8 +33,8 @@ const Spec kSpecs[] = {{"int8", {WeightFormat::kInt8, 0}},
 
 // (K, N): aligned, K odd, K not a multiple of any group size, N not a
 // multiple of 16, single element, K < group size.
-const int64_t kShapes[][2] = {{128, 32}, {33, 17}, {200, 40}, {1, 1}, {130, 5},
-                              {64, 16}, {258, 33}, {7, 48}};
+const int64_t kShapes[][2] = {{128, 32}, {33, 17}, {200, 40}, {1, 1},
+                              {130, 5},  {64, 16}, {258, 33}, {7, 48}};
 
 // HF rows [N, K]: N(0, 0.02) like real checkpoints, one column with an
 // outlier, one all-zero row (an output channel that is exactly zero).
@@ -74,7 +74,7 @@ Quantized quantize(const std::vector<float>& rows, bool bf16_src, int64_t K, int
 
 // The obvious reference: for element (k, n) of the [K, N] operand (= rows[n, k]).
 struct RefQ {
-  std::vector<float> s;   // per element: its group's scale
+  std::vector<float> s;  // per element: its group's scale
   std::vector<int> q;
   std::vector<bf16> dq;
 };
@@ -95,7 +95,8 @@ RefQ reference(const std::vector<float>& rows, int64_t K, int64_t N, const Quant
       for (int64_t k = g0; k < g1; ++k) {
         const float w = rows[n * K + k];
         int q = 0;
-        if (s != 0.0f) q = int(std::max(-float(qmax), std::min(float(qmax), std::nearbyint(w / s))));
+        if (s != 0.0f)
+          q = int(std::max(-float(qmax), std::min(float(qmax), std::nearbyint(w / s))));
         r.s[k * N + n] = s;
         r.q[k * N + n] = q;
         r.dq[k * N + n] = f32_to_bf16(float(q) * s);
@@ -106,7 +107,8 @@ RefQ reference(const std::vector<float>& rows, int64_t K, int64_t N, const Quant
 }
 
 bf16 packed_at(const std::vector<bf16>& p, int64_t K, int64_t k, int64_t n) {
-  return p[(n / kPanelN) * packed_kp(K) * kPanelN + (k / 2) * 2 * kPanelN + (n % kPanelN) * 2 + k % 2];
+  return p[(n / kPanelN) * packed_kp(K) * kPanelN + (k / 2) * 2 * kPanelN + (n % kPanelN) * 2 +
+           k % 2];
 }
 
 std::string tag(const Spec& sp, int64_t K, int64_t N, bool bf) {
@@ -135,8 +137,8 @@ TEST(QuantFormats, RoundTripMatchesValueReferenceAndErrorBound) {
               continue;
             }
             const size_t i = k * N + n;
-            ASSERT_EQ(got, ref.dq[i]) << t << ": dq(k=" << k << ", n=" << n << ") q=" << ref.q[i]
-                                      << " s=" << ref.s[i];
+            ASSERT_EQ(got, ref.dq[i])
+                << t << ": dq(k=" << k << ", n=" << n << ") q=" << ref.q[i] << " s=" << ref.s[i];
             // Error bounds: integer step within s/2 (plus the fp32 rounding of
             // w/s before nearbyint: 2^-24 |w|); the bf16 rounding of q*s adds at
             // most u |q s|, u = 2^-8 (8-bit significand, round to nearest).
@@ -203,9 +205,9 @@ TEST_P(DequantPerIsa, BitIdenticalToScalar) {
           oracle(qb, c[0], c[1], r[0], r[1], want.data());
           dequant(qb, c[0], c[1], r[0], r[1], got.data());
           for (size_t e = 0; e < elems; ++e) {
-            ASSERT_EQ(got[e], want[e]) << isa_name(isa()) << " " << sp.name << " K=" << K << " N=" << N
-                                       << " cols [" << c[0] << "," << c[1] << ") rows [" << r[0]
-                                       << "," << r[1] << ") element " << e;
+            ASSERT_EQ(got[e], want[e])
+                << isa_name(isa()) << " " << sp.name << " K=" << K << " N=" << N << " cols ["
+                << c[0] << "," << c[1] << ") rows [" << r[0] << "," << r[1] << ") element " << e;
           }
         }
       }
@@ -221,15 +223,18 @@ TEST(QuantFormats, BadSpecsAndValuesGiveClearErrors) {
       check_quant_spec({WeightFormat::kInt4, g});
       ADD_FAILURE() << "int4 group_size " << g << " accepted";
     } catch (const std::invalid_argument& e) {
-      EXPECT_NE(std::string(e.what()).find("group_size must be 32, 64 or 128, got " + std::to_string(g)),
-                std::string::npos) << e.what();
+      EXPECT_NE(
+          std::string(e.what()).find("group_size must be 32, 64 or 128, got " + std::to_string(g)),
+          std::string::npos)
+          << e.what();
     }
   }
   try {
     check_quant_spec({WeightFormat::kInt8, 64});
     ADD_FAILURE() << "int8 with a group size accepted";
   } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("group_size applies to int4 only"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("group_size applies to int4 only"), std::string::npos)
+        << e.what();
   }
   EXPECT_NO_THROW(check_quant_spec({WeightFormat::kInt8, 0}));
   EXPECT_NO_THROW(check_quant_spec({WeightFormat::kBf16, 0}));
@@ -238,12 +243,14 @@ TEST(QuantFormats, BadSpecsAndValuesGiveClearErrors) {
   std::vector<uint8_t> q(quant_q_bytes({WeightFormat::kInt8, 0}, 8, 16));
   std::vector<float> s(quant_scale_count({WeightFormat::kInt8, 0}, 8, 16));
   try {
-    quantize_pack(rows.data(), SrcType::kF32, 8, 8, 16, {WeightFormat::kInt8, 0}, q.data(), s.data(),
-                  "down_proj of expert 3");
+    quantize_pack(rows.data(), SrcType::kF32, 8, 8, 16, {WeightFormat::kInt8, 0}, q.data(),
+                  s.data(), "down_proj of expert 3");
     ADD_FAILURE() << "NaN weight accepted";
   } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("down_proj of expert 3 has a non-finite value at row 5, column 3"),
-              std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(
+                  "down_proj of expert 3 has a non-finite value at row 5, column 3"),
+              std::string::npos)
+        << e.what();
   }
 }
 
