@@ -7,9 +7,10 @@ Layers (one direction): C++ kernels -> C++ engine -> nanobind bindings
 
 from moetune.engine import Context, LoraWeights, MoEExperts, PackedBuffer, PendingMoE, moe_experts, moe_experts_async
 from moetune.options import ExpertsOptions
+from moetune.placement.options import PlacementOptions
 
-__all__ = ["Context", "ExpertsOptions", "LoraWeights", "MoEExperts", "PackedBuffer", "PendingMoE", "moe_experts",
-           "moe_experts_async"]
+__all__ = ["Context", "ExpertsOptions", "LoraWeights", "MoEExperts", "PackedBuffer", "PendingMoE", "PlacementOptions",
+           "moe_experts", "moe_experts_async"]
 __version__ = "0.1.0"
 
 # Hugging Face entry points, imported on first use (transformers is heavy).

@@ -50,6 +50,7 @@ from moetune.placement.experts import GpuExperts, GpuRuntime
 from moetune.placement.gpu_math import SegmentOperands, backward_segment, forward_segment
 from moetune.placement.plan import LayerPlan, Where
 from moetune.placement.routing import DeviceRows, GpuLayout, combine, segment_offsets
+from moetune.placement.trace import Lane
 
 BF16, F32 = torch.bfloat16, torch.float32
 _PROJ = ("gate", "up", "down")
@@ -93,12 +94,31 @@ class _Timing:
         return {"cpu": self.cpu, "gpu": gpu, "copy": copy, "wall": wall, "phase": self.phase}
 
 
+    def trace(self, tr) -> None:
+        """This call's spans: the Python thread (the call on the host), the CPU engine job (from
+        its submission at the call's start, for its busy time: the engine runs one job at a
+        time), the GPU compute stream and each streamed chunk's copy (CUDA events, resolved when
+        the trace is flushed)."""
+        name = f"layer {self.layer_key} {self.phase}"
+        args = {"gpu_experts": int((self.plan.where != int(Where.CPU)).sum()),
+                "streamed": int((self.plan.where == int(Where.GPU_STREAMED)).sum())}
+        tr.add(Lane.PYTHON, name, self.t0, self.host_wall, args)
+        if self.cpu > 0:
+            tr.add(Lane.CPU_ENGINE, name, self.t0, self.cpu)
+        tr.add_cuda(Lane.GPU_COMPUTE, name, self.gpu_start, self.gpu_end, args)
+        for i, (a, b) in enumerate(self.copies):
+            tr.add_cuda(Lane.GPU_COPY, f"{name} copy {i}", a, b)
+
+
 def poll_timings(runtime: GpuRuntime) -> None:
-    """Delivers the observations whose GPU work has completed, in call order (no host sync)."""
+    """Delivers the observations whose GPU work has completed, in call order (no host sync);
+    records their spans into runtime.trace when tracing."""
     q = runtime.pending
     while q and q[0].ready():
         t = q.popleft()
         t.planner.observe(t.layer_key, t.plan, t.timings())
+        if runtime.trace is not None:
+            t.trace(runtime.trace)
 
 
 def flush_timings(runtime: GpuRuntime) -> None:
@@ -191,6 +211,10 @@ def placed_moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Ten
         out = moe_experts(experts, x, topk_ids, topk_weights, lora)
         wall = time.perf_counter() - t0
         planner.observe(layer_key, plan, {"cpu": wall, "gpu": 0.0, "copy": 0.0, "wall": wall, "phase": phase})
+        if runtime.trace is not None:
+            name = f"layer {layer_key} {phase} (all CPU)"
+            runtime.trace.add(Lane.PYTHON, name, t0, wall)
+            runtime.trace.add(Lane.CPU_ENGINE, name, t0, wall)
         return out
     lora = lora or LoraWeights()
     flat = lora.flat()
