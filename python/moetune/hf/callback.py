@@ -54,9 +54,15 @@ class PlacementCallback(TrainerCallback):
                     fh.write(json.dumps(row) + "\n")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.history:
-            last = self.history[-1]
-            logs.update({k: last[k] for k in LOG_KEYS if k in last})
+        """Adds LOG_KEYS of the last step to the log line (the callbacks after this one see them)
+        and to its entry in the Trainer's log_history (trainer_state.json)."""
+        if logs is None or not self.history:
+            return
+        last = self.history[-1]
+        extra = {k: last[k] for k in LOG_KEYS if k in last}
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         placement = self._placement(model)
