@@ -353,7 +353,7 @@ def test_scheduler_auto_mode_trains_on_the_stand_in():
         opt.step()
         losses.append(loss.item())
         n = handle.placement.end_step()
-        assert n["placement_calls"] == 4 and n["placement_predicted_s"] > 0
+        assert n["placement_calls"] >= 2 and n["placement_predicted_s"] > 0  # all-CPU plans: forward only
     assert handle.placement.planner is handle.placement.scheduler
     assert losses[-1] < losses[0]
     handle.undo()
@@ -499,9 +499,10 @@ def test_cuda_one_step_matches_reference(family, mode):
     assert all(p.device.type == "cuda" for n, p in ours.named_parameters() if "lora_" in n)
     check_on_cuda(ref, ours, f"{family} {mode} on cuda", tol_logits=GPU_LOGITS, tol_grad=GPU_GRAD)
     n = handle.placement.end_step()
-    assert handle.placement.device.is_cuda and n["placement_calls"] == 4
+    # 2 layers: forward + backward each; an all-CPU plan reports its forward only (moe_experts).
+    assert handle.placement.device.is_cuda and n["placement_calls"] >= 2
     if mode == "gpu":
-        assert n["placement_tokens_cpu"] == 0
+        assert n["placement_tokens_cpu"] == 0 and n["placement_calls"] == 4
     assert n["placement_gpu_peak_bytes"] > 0
     handle.undo()
 
