@@ -325,6 +325,7 @@ def test_end_step_metrics_trace_and_residency(tmp_path):
         assert n["placement_cpu_s"] > 0 and n["placement_gpu_s"] > 0 and n["placement_wall_s"] > 0
         assert n["placement_resident_held_bytes"] <= n["placement_resident_budget"] == int(BUDGET_GIB * 2 ** 30)
         assert 0 < n["placement_gpu_token_share"] < 1
+        assert n["placement_bytes_copied"] > 0 and n["placement_bytes_copied"] % EXPERT_BYTES == 0  # bf16: stored = decoded
     assert rows[-1]["placement_resident_experts"] > 0  # the policy picked residents (refresh every step)
     assert handle.placement.last_progress.startswith("gpu ")
     assert handle.placement.write_trace() == str(path)
@@ -605,3 +606,13 @@ def test_two_gpus_device_map_with_placement(tmp_path):
         want = ref(input_ids=ids).logits
     assert model.moetune_handle.placement.device.torch == torch.device("cuda", 0)
     assert rel_max(got, want) <= GPU_LOGITS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_moetune_train_refuses_gpu_placement_without_cuda(tmp_path):
+    from moetune.train.config import ConfigError
+    from moetune.train.loop import train
+
+    with pytest.raises(ConfigError, match="expert_placement='gpu': .*needs the model on a CUDA device"):
+        train(_train_cfg(tmp_path, output_dir=str(tmp_path / "r"), expert_placement="gpu", device="cpu"),
+              say=lambda *a: None)

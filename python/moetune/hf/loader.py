@@ -75,7 +75,9 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
       is the model's own). The host-RAM check counts exactly what the engine
       allocates for them.
     placement: where the experts compute (moetune.PlacementOptions, a mode
-      string "auto" | "cpu" | "gpu", or None = "auto"), see moetune.hf.patch.
+      string "auto" | "cpu" | "gpu", or None = "auto"), see moetune.hf.patch:
+      `model.moetune_handle.placement.adopt_lora(peft_model)` after adding
+      LoRA (get_peft_model, or `adapter`), `.end_step()` per optimizer step.
 
     Returns the transformers model (eval mode, like from_pretrained) with
     `model.moetune_handle` (a moetune.hf.PatchHandle) attached.

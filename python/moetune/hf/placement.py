@@ -142,8 +142,11 @@ class ModelPlacement:
         self.device = Device(dev)
         explicit = o.gpu_budget_gib is not None
         budget_bytes = int(o.gpu_budget_gib * GIB) if explicit else 0
-        keep = max(l.engine.num_experts * format_of(l.engine).decoded_bytes_per_expert for l in self.layers) \
-            if o.keep_for_backward else 0
+        keep = 0
+        if o.keep_for_backward:  # one layer's decoded experts at most (the recompute right before its backward)
+            keep = max(l.engine.num_experts * format_of(l.engine).decoded_bytes_per_expert for l in self.layers)
+            if self.device.is_cuda:  # and never more than a quarter of what is free now (a large layer streams again)
+                keep = min(keep, torch.cuda.mem_get_info(dev)[0] // 4)
         self.runtime = GpuRuntime(self.device, GpuOptions(resident_budget_bytes=budget_bytes, keep_budget_bytes=keep,
                                                           stream_buffers=o.staging_buffers))
         for layer in self.layers:

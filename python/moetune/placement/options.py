@@ -51,7 +51,8 @@ class PlacementOptions:
       of the GPU path (the same code on CPU tensors: tests, CI).
     staging_buffers: staging buffers of the streamer (2 = double, 3 = triple buffering).
     keep_for_backward: a checkpoint recompute keeps its streamed experts on the GPU for the
-      backward that follows (one layer's experts at most), instead of copying them again.
+      backward that follows (one layer's experts at most, and at most a quarter of the GPU
+      memory free at start), instead of copying them again.
     refresh_every, warmup_steps: the residency refresh cadence, in optimizer steps.
     calibrate: measure the cost model on this machine at start-up (a few seconds); False uses
       the reference machine's rates (the online correction still adapts them).

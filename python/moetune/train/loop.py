@@ -89,7 +89,10 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
     """Run `moetune train` for a validated config; returns the summary dict."""
     out_dir, resume_from = _start(cfg)
     device = resolve_device(cfg)
-    model_mod.placement_options(cfg).resolve_mode(device)  # a placement this machine cannot do fails before loading
+    try:  # a placement this machine cannot do fails before anything is loaded
+        model_mod.placement_options(cfg).resolve_mode(device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"expert_placement={cfg.expert_placement!r}: {e}") from None
     # Tokenizer and data first: a bad record fails before the (long) model load.
     tok, train_s, eval_s, dstats = _load_data(cfg, say)
     pm, handle = _load_model(cfg, device, len(tok), say)
