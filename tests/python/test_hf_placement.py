@@ -32,8 +32,8 @@ import moetune.hf  # noqa: E402
 import moetune.hf.placement as hf_placement  # noqa: E402
 from moetune.hf.patching import experts_state  # noqa: E402
 from moetune.placement import FixedPlanner, Where  # noqa: E402
-from test_hf_exactness import (CHECKPOINTING, LORA, U, batch, build, check_one_step, check_trajectory, ctx,  # noqa: E402
-                               lora_grads, lora_init_, peft_pair, rel_fro, rel_max)
+from test_hf_exactness import (CHECKPOINTING, LORA, U, batch, build, check_one_step,  # noqa: E402
+                               check_trajectory, ctx, lora_grads, lora_init_, peft_pair, rel_fro, rel_max)
 from test_hf_gptoss import build as build_gptoss  # noqa: E402
 
 GPU_LOGITS, GPU_GRAD, GPU_TRAJ = 12 * U, 18 * U, 20 * U
@@ -325,7 +325,8 @@ def test_end_step_metrics_trace_and_residency(tmp_path):
         assert n["placement_cpu_s"] > 0 and n["placement_gpu_s"] > 0 and n["placement_wall_s"] > 0
         assert n["placement_resident_held_bytes"] <= n["placement_resident_budget"] == int(BUDGET_GIB * 2 ** 30)
         assert 0 < n["placement_gpu_token_share"] < 1
-        assert n["placement_bytes_copied"] > 0 and n["placement_bytes_copied"] % EXPERT_BYTES == 0  # bf16: stored = decoded
+        # bf16: an expert's stored bytes are its decoded bytes
+        assert n["placement_bytes_copied"] > 0 and n["placement_bytes_copied"] % EXPERT_BYTES == 0
     assert rows[-1]["placement_resident_experts"] > 0  # the policy picked residents (refresh every step)
     assert handle.placement.last_progress.startswith("gpu ")
     assert handle.placement.write_trace() == str(path)

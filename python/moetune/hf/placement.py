@@ -13,9 +13,7 @@ Start: at the first experts call (or an explicit `start(device)` / `adopt_lora(m
 options' mode is resolved with the environment (PlacementOptions.resolve_mode): "cpu" keeps
 moetune's CPU path exactly (moetune.moe_experts); otherwise the parts above are built on the
 experts' device and, with calibrate=True, each layer shape's cost model is measured (a few
-seconds; cached per machine / shape / format in calibration_cache_dir). The calibration runs in a
-helper thread: its own forward and backward must not inherit the calling thread's autograd state
-(no_grad, a checkpoint's saved-tensor hooks) when the start happens inside a model forward.
+seconds; cached per machine / shape / format in calibration_cache_dir; moetune.hf.calibration).
 
 Per optimizer step: `end_step()` (moetune train calls it; HF Trainer: moetune.hf.PlacementCallback)
 delivers the step's timings, closes the metrics step, refreshes residency at its cadence (loading
@@ -31,43 +29,23 @@ get_peft_model and before training (moetune train and PlacementCallback do).
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from moetune.engine import LoraWeights, MoEExperts
-from moetune.placement import calibrate as calib
+from moetune.hf import calibration
 from moetune.placement.cost import CostCoefficients, CostModel, LayerShape
 from moetune.placement.device import Device, HostEvent
-from moetune.placement.experts import FixedPlanner, GpuExperts, GpuOptions, GpuRuntime
+from moetune.placement.experts import GpuExperts, GpuOptions, GpuRuntime
 from moetune.placement.formats import format_of
 from moetune.placement.metrics import PREFIX, PlacementMetrics
 from moetune.placement.op import flush_timings, placed_moe_experts
 from moetune.placement.options import PlacementOptions
-from moetune.placement.plan import Where
 from moetune.placement.residency import GIB, CudaMemoryProbe, ResidencyPolicy
 from moetune.placement.scheduler import Scheduler
 from moetune.placement.trace import Trace
-
-
-def _in_thread(fn: Callable):
-    """fn() in a fresh thread (default autograd state: grad on, no saved-tensor hooks), its
-    result or exception returned / raised here."""
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # re-raised in the caller
-            box["error"] = e
-    t = threading.Thread(target=run, name="moetune-placement-calibration")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 class _Layer:
@@ -174,79 +152,10 @@ class ModelPlacement:
     # ---- calibration ----
     def _coefficients(self, layer: _Layer) -> CostCoefficients:
         """The layer shape's coefficients: calibrated (or read from the cache), or the defaults."""
-        shape = layer.shape
-        if not self.options.calibrate:
-            self.calibration[shape] = "defaults"
-            return CostCoefficients.defaults(shape)
-        lora = self._lora(layer)
-        top_k = self._top_k(layer)
-        identity = None
-        cache = None
-        if self.options.calibration_cache_dir is not None:
-            cache = calib.CalibrationCache(self.options.calibration_cache_dir)
-            ctx = layer.engine.ctx
-            machine = calib.machine_fingerprint(engine_threads=ctx.num_threads, isa=ctx.isa,
-                                                device=self.device.torch)
-            ranks = {p: None if getattr(lora, p) is None else int(getattr(lora, p)[0].shape[-2])
-                     for p in ("gate", "up", "down")}
-            identity = calib.CalibrationCache.identity(
-                shape, machine, {"experts": layer.engine.options.to_dict(), "top_k": top_k, "lora_ranks": ranks,
-                                 "staging_buffers": self.options.staging_buffers, "device": self.device.torch.type})
-            got = cache.load(identity)
-            if got is not None:
-                self.calibration[shape] = "cached"
-                return got
-        coefficients = _in_thread(lambda: self._measure(layer, top_k, lora))
-        if cache is not None:
-            cache.save(identity, coefficients)
-        self.calibration[shape] = "measured"
-        if self.device.is_cuda:  # the calibration's buffers are not the run's memory
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device.torch)
+        coefficients, how = calibration.coefficients(layer.shape, layer.engine, self.device, self.options,
+                                                     lora=self._lora(layer), top_k=self._top_k(layer))
+        self.calibration[layer.shape] = how
         return coefficients
-
-    def _measure(self, layer: _Layer, top_k: int, lora: Optional[LoraWeights]) -> CostCoefficients:
-        shape, engine, dev = layer.shape, layer.engine, self.device
-        cpu_time = calib.engine_timer(engine, top_k=top_k, lora=lora)
-        kw = {}
-        if dev.is_cuda:
-            chunk = 4 * shape.stored_bytes
-            kw.update(copy_time=calib.cuda_copy_timer(dev.torch, chunk),
-                      cpu_time_under_copy=calib.under_copies(cpu_time, dev.torch, chunk_bytes=chunk))
-        gpu_time = self._gpu_timer(layer, top_k, lora)
-        return calib.calibrate(shape, top_k=top_k, cpu_time=cpu_time, gpu_time=gpu_time, **kw)
-
-    def _gpu_timer(self, layer: _Layer, top_k: int, lora: Optional[LoraWeights]):
-        """gpu_time(phase, counts): the GPU experts on resident weights, the compute stream's busy
-        time as the placed op measures it; None (the defaults stay) when the layer's decoded
-        experts would take more than a quarter of the free GPU memory."""
-        engine, dev = layer.engine, self.device
-        E, H = engine.num_experts, engine.hidden_size
-        nbytes = E * format_of(engine).decoded_bytes_per_expert
-        if dev.is_cuda and nbytes > torch.cuda.mem_get_info(dev.torch)[0] // 4:
-            return None
-        runtime = GpuRuntime(dev, GpuOptions(resident_budget_bytes=nbytes))
-        gpu = GpuExperts(runtime, engine, layer_key=("calibration", layer.key))
-        gpu.set_resident(torch.ones(E, dtype=torch.bool))
-        planner = FixedPlanner(lambda key, counts, resident: Where.GPU_RESIDENT)
-        lora = _clone_lora(lora, dev.torch)
-        gen = torch.Generator().manual_seed(1)
-
-        def run(phase: str, counts) -> float:
-            ids = calib.routing_from_counts(counts, top_k)
-            T = ids.shape[0]
-            x = torch.randn(T, H, generator=gen).to(torch.bfloat16).to(dev.torch).requires_grad_(True)
-            w = torch.softmax(torch.randn(T, top_k, generator=gen), dim=-1).to(dev.torch)
-            planner.observed.clear()
-            out = placed_moe_experts(engine, x, ids.to(dev.torch), w, lora, planner=planner, gpu=gpu)
-            if phase == "backward":
-                out.backward(torch.ones_like(out))
-            flush_timings(runtime)
-            want = "backward" if phase == "backward" else "forward"
-            return [t["gpu"] for _, _, t in planner.observed if t["phase"] == want][-1]
-
-        run.keep_alive = (runtime, gpu)  # the pool lives as long as the timer
-        return run
 
     def _lora(self, layer: _Layer) -> Optional[LoraWeights]:
         module, state = layer.module_ref(), layer.state_ref()
@@ -383,16 +292,6 @@ class ModelPlacement:
         where = "not started" if self.mode is None else self.mode
         dev = "" if self.device is None else f" on {self.device.torch}"
         return f"moetune.hf.ModelPlacement({len(self.layers)} layers, {self.options.mode} -> {where}{dev})"
-
-
-def _clone_lora(lora: Optional[LoraWeights], device: torch.device) -> Optional[LoraWeights]:
-    """Detached copies of the LoRA factors on `device` (timings must not touch the real ones)."""
-    if lora is None:
-        return None
-
-    def c(pair):
-        return None if pair is None else tuple(t.detach().to(device).clone().requires_grad_(True) for t in pair)
-    return LoraWeights(gate=c(lora.gate), up=c(lora.up), down=c(lora.down), scaling=lora.scaling)
 
 
 def _model_device(model) -> torch.device:

@@ -56,9 +56,9 @@ class TrainConfig:
     torch_threads: Optional[int] = _f(None, "torch CPU threads (unset: torch's default)", "model")
     expert_activations: str = _f(_EXPERTS.activations, "engine activations for backward: save (faster) or recompute "
                                          "(less host RAM)", "model", choices=("save", "recompute"))
-    expert_format: str = _f(_EXPERTS.weight_format, "frozen expert weights in the engine: bf16, int8 (per output channel) or "
-                                    "int4 (grouped; see int4_group_size), quantized while loading", "model",
-                            choices=("bf16", "int8", "int4"))
+    expert_format: str = _f(_EXPERTS.weight_format, "frozen expert weights in the engine: bf16, int8 (per output "
+                                                     "channel) or int4 (grouped; see int4_group_size), quantized "
+                                                     "while loading", "model", choices=("bf16", "int8", "int4"))
     int4_group_size: int = _f(_INT4.group_size, "int4 quantization group along the input dim (32, 64 or 128)", "model",
                               choices=(32, 64, 128))
     expert_cache_dir: Optional[str] = _f(None, "folder caching the packed (quantized) experts per checkpoint, "
