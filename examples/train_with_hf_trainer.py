@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """LoRA on a MoE model with the plain Hugging Face `Trainer`; the routed experts'
-forward and backward run in the moetune CPU engine.
+forward and backward run in the moetune CPU engine and, on a CUDA machine, are
+split per step between it and the GPU (moetune.PlacementOptions, default "auto").
 
     python examples/train_with_hf_trainer.py --model /path/to/qwen3-moe --data chat.jsonl
     accelerate launch --num_processes 1 examples/train_with_hf_trainer.py ...
@@ -18,6 +19,7 @@ import peft
 import torch
 import transformers
 
+import moetune
 import moetune.hf
 from moetune.train import data as mdata
 from moetune.train.demo_model import demo_data_path, save_demo_base
@@ -36,7 +38,8 @@ def main():
     tok = transformers.AutoTokenizer.from_pretrained(path)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    moetune.hf.patch(model)  # experts -> CPU engine; the rest goes wherever Trainer puts it
+    # Experts -> the engine (and, with CUDA, the GPU too); the rest goes wherever Trainer puts it.
+    handle = moetune.hf.patch(model, placement=moetune.PlacementOptions(mode="auto"))
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM"))
@@ -53,7 +56,9 @@ def main():
         output_dir=a.output_dir, per_device_train_batch_size=16, gradient_accumulation_steps=1, learning_rate=a.lr,
         lr_scheduler_type="cosine", warmup_steps=10, max_steps=a.max_steps, logging_steps=10, report_to=[],
         save_strategy="no", remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
-    transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collate).train()
+    # The placement's step boundary (residency, metrics) and its expert LoRA on the GPU.
+    placement = moetune.hf.PlacementCallback(handle)
+    transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[placement]).train()
     model.save_pretrained(os.path.join(a.output_dir, "adapter"))  # a standard PEFT adapter
     print(f"adapter written to {os.path.join(a.output_dir, 'adapter')}")
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """LoRA on a MoE model with TRL's `SFTTrainer`; the routed experts' forward and
-backward run in the moetune CPU engine. TRL does the chat templating and the
+backward run in the moetune CPU engine and, on a CUDA machine, the GPU too
+(moetune.hf.PlacementCallback closes each step of the placement). TRL does the chat templating and the
 assistant-only loss itself (the template needs `{% generation %}` marks).
 
     accelerate launch --num_processes 1 examples/train_with_trl.py --model /path/to/qwen3-moe --data chat.jsonl
@@ -37,7 +38,7 @@ def main():
     # The device accelerate picked (`accelerate launch --cpu` means CPU even where a GPU exists).
     on_gpu = accelerate.PartialState().device.type == "cuda"
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
-    moetune.hf.patch(model)
+    handle = moetune.hf.patch(model)  # placement "auto": the CPU engine, plus the GPU where the model runs on CUDA
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM"))
@@ -48,7 +49,8 @@ def main():
         warmup_steps=10, max_steps=a.max_steps, logging_steps=10, report_to=[], save_strategy="no",
         assistant_only_loss=True, max_length=256, bf16=on_gpu, use_cpu=not on_gpu,
         gradient_checkpointing=False)
-    trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok).train()
+    trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
+                   callbacks=[moetune.hf.PlacementCallback(handle)]).train()
     model.save_pretrained(os.path.join(a.output_dir, "adapter"))
     print(f"adapter written to {os.path.join(a.output_dir, 'adapter')}")
 

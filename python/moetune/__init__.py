@@ -8,9 +8,10 @@ Layers (one direction): C++ kernels -> C++ engine -> nanobind bindings
 from moetune.engine import Context, LoraWeights, MoEExperts, PackedBuffer, PendingMoE, moe_experts, moe_experts_async
 from moetune.isa import IsaInfo, cpu_features, isas
 from moetune.options import ExpertsOptions
+from moetune.placement.options import PlacementOptions
 
 __all__ = ["Context", "ExpertsOptions", "IsaInfo", "LoraWeights", "MoEExperts", "PackedBuffer", "PendingMoE",
-           "cpu_features", "isas", "moe_experts", "moe_experts_async"]
+           "PlacementOptions", "cpu_features", "isas", "moe_experts", "moe_experts_async"]
 __version__ = "0.1.0"
 
 # Hugging Face entry points, imported on first use (transformers is heavy).

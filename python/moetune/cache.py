@@ -27,10 +27,15 @@ the ranks of `accelerate launch`); readers take no lock: a reader that meets
 a half-replaced entry finds a missing file or a checksum mismatch and
 rebuilds.
 
-What is cached: the packed weight buffers. Not cached: options that do not
-shape them (activations, activation / alpha / limit, passed through
-**engine_options) and the optional expert biases (small, unquantized: pass
-them as `biases=(gate, up, down)` to load / load_or_build).
+What is cached: the packed weight buffers, which depend on the options in
+PACKED_OPTIONS (weight_format, group_size, backward_weights; the manifest
+records them). Not cached: options that do not shape them (activations,
+activation / alpha / limit: they only configure the engine object built on a
+hit) and the optional expert biases (small, unquantized: pass them as
+`biases=(gate, up, down)` to load / load_or_build).
+
+Options are a moetune.ExpertsOptions (`options=`) and / or its fields as
+keywords (`weight_format="int4"`), exactly as MoEExperts takes them.
 
 Source identity: any JSON-serialisable value that changes when the weights
 do, e.g. `file_identity(paths)` (path, size, mtime of checkpoint shards: cheap)
@@ -56,8 +61,12 @@ import torch
 
 from moetune import _moetune_ext as _ext
 from moetune.engine import Context, MoEExperts
+from moetune.options import ExpertsOptions
 
 CACHE_FORMAT = 1
+#: The ExpertsOptions fields that shape the packed bytes (recorded in the manifest, part of
+#: load_model's cache keys); the other options only configure the engine object.
+PACKED_OPTIONS = ("weight_format", "group_size", "backward_weights")
 _ALIGN = 4096
 _CHUNK = 64 << 20  # CRC / IO granularity
 
@@ -94,8 +103,7 @@ def _crc(view: memoryview) -> int:
     return c
 
 
-def _expected(key, source, num_experts, hidden_size, intermediate_size, weight_format, group_size,
-              backward_weights) -> dict:
+def _expected(key, source, num_experts, hidden_size, intermediate_size, options: ExpertsOptions) -> dict:
     return {
         "cache_format": CACHE_FORMAT,
         "layout_version": int(_ext.PACKED_LAYOUT_VERSION),
@@ -104,17 +112,8 @@ def _expected(key, source, num_experts, hidden_size, intermediate_size, weight_f
         "source": source,
         "shape": {"num_experts": int(num_experts), "hidden_size": int(hidden_size),
                   "intermediate_size": int(intermediate_size)},
-        "weight_format": weight_format,
-        "group_size": int(group_size),
-        "backward_weights": backward_weights,
+        **{name: getattr(options, name) for name in PACKED_OPTIONS},
     }
-
-
-def normalized_group_size(weight_format: str, group_size: Optional[int]) -> int:
-    """The int4 group size the engine uses for `group_size` (None: its default); 0 for other formats."""
-    if group_size is None:
-        return 128 if weight_format == "int4" else 0
-    return int(group_size)
 
 
 def _difference(have, want, path: str = "") -> str:
@@ -150,9 +149,8 @@ def save(experts: MoEExperts, directory: os.PathLike, key: str, source) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     name = entry_name(key)
-    o = experts.options
     manifest = _expected(key, json.loads(json.dumps(source)), experts.num_experts, experts.hidden_size,
-                         experts.intermediate_size, o.weight_format, o.group_size, o.backward_weights)
+                         experts.intermediate_size, experts.options)
     lock = os.open(d, os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
@@ -168,13 +166,13 @@ def _save_locked(experts: MoEExperts, d: Path, name: str, manifest: dict) -> Pat
     tmp = d / f".{data_name}.tmp"
     try:
         with open(tmp, "wb") as f:
-            for bname, arr in experts._ex.packed_buffers():
-                view = memoryview(arr)
+            for b in experts.packed_buffers():
+                view = memoryview(b.array)
                 pad = (-offset) % _ALIGN
                 f.write(b"\0" * pad)
                 offset += pad
                 f.write(view)
-                buffers.append({"name": bname, "offset": offset, "nbytes": len(view), "crc32": _crc(view)})
+                buffers.append({"name": b.name, "offset": offset, "nbytes": len(view), "crc32": _crc(view)})
                 offset += len(view)
             f.flush()
             os.fsync(f.fileno())
@@ -211,26 +209,23 @@ def _read_manifest(path: Path):
 
 
 def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts: int, hidden_size: int,
-         intermediate_size: int, weight_format: str = "bf16", group_size: Optional[int] = None,
-         backward_weights: str = "repack", activations: str = "save", biases=None,
-         progress: Optional[Callable[[int], None]] = None,
-         **engine_options) -> Tuple[Optional[MoEExperts], str]:
+         intermediate_size: int, options: Optional[ExpertsOptions] = None, biases=None,
+         progress: Optional[Callable[[int], None]] = None, **option_kwargs) -> Tuple[Optional[MoEExperts], str]:
     """(experts, "hit") from a valid cache entry, else (None, the reason it was not used).
 
+    options / option_kwargs: the experts' moetune.ExpertsOptions, as MoEExperts takes them.
     biases: optional (gate_bias, up_bias, down_bias) loaded into the experts on a hit.
     progress: called with the number of bytes after each chunk read from the data file.
-    engine_options: further MoEExperts keyword options (activation, alpha, limit).
     """
+    options = ExpertsOptions.resolve(options, **option_kwargs)
     d = Path(directory)
     name = entry_name(key)
-    group_size = normalized_group_size(weight_format, group_size)
     m = _read_manifest(d / f"{name}.json")
     if m is None:
         return None, "miss: no cache entry"
     if isinstance(m, str):
         return None, m
-    want = _expected(key, json.loads(json.dumps(source)), num_experts, hidden_size, intermediate_size,
-                     weight_format, group_size, backward_weights)
+    want = _expected(key, json.loads(json.dumps(source)), num_experts, hidden_size, intermediate_size, options)
     for field, value in want.items():
         if m.get(field) != value:
             what = "stale source" if field == "source" else f"mismatched {field}"
@@ -242,57 +237,52 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
         return None, f"missing data file {data.name}"
     if size != m.get("data_bytes"):
         return None, f"truncated data file {data.name}: {size} bytes, manifest says {m.get('data_bytes')}"
-    ex = MoEExperts.empty(ctx, num_experts, hidden_size, intermediate_size, backward_weights=backward_weights,
-                              activations=activations, weight_format=weight_format, group_size=group_size,
-                              **engine_options)
-    bufs = ex._ex.packed_buffers()
+    ex = MoEExperts.empty(ctx, num_experts, hidden_size, intermediate_size, options)
+    bufs = ex.packed_buffers()
     layout = [(b["name"], b["nbytes"]) for b in m.get("buffers", [])]
-    if layout != [(n, len(memoryview(a))) for n, a in bufs]:
+    if layout != [(b.name, len(memoryview(b.array))) for b in bufs]:
         return None, f"mismatched buffer layout: cache has {layout}"
     with open(data, "rb", buffering=0) as f:
-        for (bname, arr), b in zip(bufs, m["buffers"]):
-            view = memoryview(arr).cast("B")
+        for buf, b in zip(bufs, m["buffers"]):
+            view = memoryview(buf.array).cast("B")  # the engine's own memory, filled in place
             f.seek(b["offset"])
             got = 0
             while got < len(view):
                 n = f.readinto(view[got:got + _CHUNK])
                 if not n:
-                    return None, f"truncated data file {data.name} in buffer {bname}"
+                    return None, f"truncated data file {data.name} in buffer {buf.name}"
                 got += n
                 if progress is not None:
                     progress(n)
             if _crc(view) != b["crc32"]:
-                return None, f"corrupted data file {data.name}: checksum of buffer {bname} differs"
+                return None, f"corrupted data file {data.name}: checksum of buffer {buf.name} differs"
     if biases is not None:
         ex.load_biases(*biases)
     return ex, "hit"
 
 
 def load_or_build(ctx: Context, directory: os.PathLike, key: str, source, build: Callable[[], MoEExperts], *,
-                  num_experts: int, hidden_size: int, intermediate_size: int, weight_format: str = "bf16",
-                  group_size: Optional[int] = None, backward_weights: str = "repack",
-                  activations: str = "save", biases=None, **engine_options) -> Tuple[MoEExperts, str]:
+                  num_experts: int, hidden_size: int, intermediate_size: int,
+                  options: Optional[ExpertsOptions] = None, biases=None,
+                  **option_kwargs) -> Tuple[MoEExperts, str]:
     """The cached experts if valid, else build() (from the source weights) saved to the cache.
 
     Returns (experts, reason): "hit", or why the cache was rebuilt. build() must
-    return MoEExperts with the same shapes and options (checked).
+    return MoEExperts with the same shapes and packed options (checked).
     """
+    options = ExpertsOptions.resolve(options, **option_kwargs)
     ex, reason = load(ctx, directory, key, source, num_experts=num_experts, hidden_size=hidden_size,
-                      intermediate_size=intermediate_size, weight_format=weight_format, group_size=group_size,
-                      backward_weights=backward_weights, activations=activations, biases=biases,
-                      **engine_options)
+                      intermediate_size=intermediate_size, options=options, biases=biases)
     if ex is not None:
         return ex, reason
     if not reason.startswith("miss"):
         warnings.warn(f"moetune.cache: rebuilding {key!r}: {reason}", stacklevel=2)
     ex = build()
-    got = (ex.num_experts, ex.hidden_size, ex.intermediate_size, ex.options.weight_format,
-           ex.options.group_size, ex.options.backward_weights)
-    want = (num_experts, hidden_size, intermediate_size, weight_format,
-            normalized_group_size(weight_format, group_size),
-            backward_weights)
+    names = ("num_experts", "hidden_size", "intermediate_size") + PACKED_OPTIONS
+    got = (ex.num_experts, ex.hidden_size, ex.intermediate_size) + tuple(getattr(ex.options, n) for n in PACKED_OPTIONS)
+    want = (num_experts, hidden_size, intermediate_size) + tuple(getattr(options, n) for n in PACKED_OPTIONS)
     if got != want:
-        raise ValueError(f"moetune.cache: build() for {key!r} returned experts with (E, H, I, weight_format, "
-                         f"group_size, backward_weights) = {got}, expected {want}")
+        raise ValueError(f"moetune.cache: build() for {key!r} returned experts with ({', '.join(names)}) = {got}, "
+                         f"expected {want}")
     save(ex, directory, key, source)
     return ex, reason

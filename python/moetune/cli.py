@@ -60,9 +60,10 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="moetune", description="LoRA fine-tuning of MoE models with CPU experts")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="LoRA-train a MoE model (experts on the CPU engine) on a dataset",
+    t = sub.add_parser("train", help="LoRA-train a MoE model (experts on the CPU engine and the GPU) on a dataset",
                        description="LoRA-train a local HF MoE checkpoint on a local dataset; the routed experts run "
-                                   "in the moetune CPU engine. Settings come from --config FILE (YAML, flat "
+                                   "in the moetune CPU engine and, with CUDA, on the GPU too (--expert-placement). "
+                                   "Settings come from --config FILE (YAML, flat "
                                    "key: value, keys = the option names with _ instead of -) and flags, flags "
                                    "winning. Without --model: the embedded demo (as `moetune demo`).")
     t.add_argument("--config", metavar="FILE.yaml", help="YAML config file (flags override it)")

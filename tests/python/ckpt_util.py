@@ -93,3 +93,27 @@ def rewrite(folder, edit):
     f = os.path.join(folder, "model.safetensors")
     t = edit(load_file(f))
     save_file(t, f, metadata={"format": "pt"})
+
+
+def host_need_besides_packed(folder, model) -> int:
+    """What moetune.load_model needs in host RAM besides the packed experts, counted the obvious
+    way: the largest layer's expert tensors as the checkpoint stores them (one layer is read
+    unpacked at a time) plus `model`'s non-expert tensors (as loaded, all on the CPU)."""
+    from safetensors import safe_open
+
+    per_layer: Dict[str, int] = {}
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as r:
+            for k in r.keys():
+                if ".mlp.experts." in k:
+                    t = r.get_slice(k)
+                    n = torch.empty(0, dtype=_DTYPES[t.get_dtype()]).element_size()
+                    for d in t.get_shape():
+                        n *= d
+                    layer = k.split(".mlp.experts.")[0]
+                    per_layer[layer] = per_layer.get(layer, 0) + n
+    nonexpert = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if ".mlp.experts." not in k)
+    return max(per_layer.values()) + nonexpert
+
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -36,7 +36,7 @@ def build_fn(inp, calls, **opts):
 
 
 def packed(ex):
-    return {n: bytes(memoryview(a)) for n, a in ex._ex.packed_buffers()}
+    return {b.name: bytes(memoryview(b.array)) for b in ex.packed_buffers()}
 
 
 @pytest.mark.parametrize("opts", [dict(weight_format="int4", group_size=32),

@@ -1,7 +1,10 @@
 """moetune.hf with the rest of the model on a GPU: the experts stay in the CPU
 engine (their placeholders never move), everything else runs on CUDA, and the
 results match plain transformers + PEFT in fp32 on the CPU within the same
-bf16-derived tolerances as test_hf_exactness.py. Skipped without CUDA."""
+bf16-derived tolerances as test_hf_exactness.py. Skipped without CUDA.
+
+These are the CPU engine's tests with the model on CUDA: they ask for placement "cpu" (the
+default "auto" would also compute experts on the GPU there; test_hf_placement.py covers that)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from test_hf_exactness import U, batch, check_on_cuda, pair, rel_max  # noqa: E4
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU test machine)")
 @pytest.mark.parametrize("patch_first", [True, False], ids=["patch_then_peft", "peft_then_patch"])
 def test_rest_of_model_on_cuda(patch_first):
-    ref, ours, handle = pair("qwen3_moe", patch_first=patch_first)
+    ref, ours, handle = pair("qwen3_moe", patch_first=patch_first, placement="cpu")
     ours.to("cuda")
     held = [p for n, p in ours.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
     assert held and all(isinstance(p, EngineHeldTensor) and p.device.type == "cpu" for p in held)
@@ -92,7 +95,8 @@ def test_load_model_cuda_train_step(family, tmp_path):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    model = moetune.load_model(tmp_path / "c", device="cuda", dtype=torch.float32, ctx=ctx(), progress=False)
+    model = moetune.load_model(tmp_path / "c", device="cuda", dtype=torch.float32, ctx=ctx(), progress=False,
+                               placement="cpu")
     loaded = torch.cuda.max_memory_allocated() - before
     nonexpert = _tensor_bytes(model, "cuda")
     print(f"{family}: GPU peak during load {loaded / 2**20:.2f} MiB, non-expert tensors {nonexpert / 2**20:.2f} MiB, "
@@ -165,7 +169,8 @@ def test_load_model_device_map_two_gpus(tmp_path):
     ref = build("qwen3_moe")
     ref.save_pretrained(tmp_path / "c")
     dm = {"": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
-    model = moetune.load_model(tmp_path / "c", device=dm, dtype=torch.float32, ctx=ctx(), progress=False)
+    model = moetune.load_model(tmp_path / "c", device=dm, dtype=torch.float32, ctx=ctx(), progress=False,
+                               placement="cpu")
     assert model.model.layers[0].self_attn.q_proj.weight.device == torch.device("cuda", 0)
     assert model.model.layers[1].self_attn.q_proj.weight.device == torch.device("cuda", 1)
     assert model.lm_head.weight.device == torch.device("cuda", 1)

@@ -128,22 +128,23 @@ def lora_init_(model, seed: int = 1):
                 p.copy_((torch.randn(p.shape, generator=g) * 0.05).bfloat16().float())
 
 
-def pair(family: str, *, patch_first: bool, seed: int = 0):
+def pair(family: str, *, patch_first: bool, seed: int = 0, **patch_kw):
     """(reference PEFT model, moetune PEFT model, handle) with identical weights."""
-    return peft_pair(build(family, seed), patch_first=patch_first)
+    return peft_pair(build(family, seed), patch_first=patch_first, **patch_kw)
 
 
-def peft_pair(base, *, patch_first: bool):
-    """PEFT (LORA) on a deep copy of `base` (the reference) and on `base` patched by moetune,
-    before or after PEFT, with identical LoRA factors: (ref, ours, handle)."""
+def peft_pair(base, *, patch_first: bool, **patch_kw):
+    """PEFT (LORA) on a deep copy of `base` (the reference) and on `base` patched by moetune
+    (patch_kw: moetune.hf.patch's options, e.g. placement=...), before or after PEFT, with
+    identical LoRA factors: (ref, ours, handle)."""
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**LORA))
     lora_init_(ref)
     if patch_first:
-        handle = moetune.hf.patch(base, ctx=ctx())
+        handle = moetune.hf.patch(base, ctx=ctx(), **patch_kw)
         ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
     else:
         ours = peft.get_peft_model(base, peft.LoraConfig(**LORA))
-        handle = moetune.hf.patch(ours, ctx=ctx())
+        handle = moetune.hf.patch(ours, ctx=ctx(), **patch_kw)
     ours.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" in k}, strict=False)
     for (n1, p1), (n2, p2) in zip(ref.named_parameters(), ours.named_parameters()):
         assert n1 == n2 and p1.requires_grad == p2.requires_grad
@@ -173,9 +174,10 @@ FAMILIES = {"qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral", "olmoe": "OLMoE", "q
             "deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "glm4_moe": "GLM-4-MoE"}
 
 
-def check_one_step(ref, ours, label: str) -> None:
+def check_one_step(ref, ours, label: str, *, tol_logits: float = 8 * U, tol_grad: float = 14 * U) -> dict:
     """Logits, loss and every LoRA gradient of one step, ours vs the fp32 reference
-    (tolerances in the module docstring); then the adapter disabled through PEFT."""
+    (tolerances in the module docstring; tol_*: other tables, e.g. the GPU path's); then the
+    adapter disabled through PEFT. Returns ours' logits and LoRA grads."""
     ids = batch()
     # The LoRA matters: disabling it changes the logits far beyond the tolerance.
     with ref.disable_adapter(), torch.no_grad():
@@ -186,8 +188,8 @@ def check_one_step(ref, ours, label: str) -> None:
     err = rel_max(out.logits, out_ref.logits)
     print(f"{label}: logits {err / U:.3f} u, loss "
           f"{abs(out.loss.item() - out_ref.loss.item()) / abs(out_ref.loss.item()) / U:.3f} u")
-    assert err <= 8 * U, f"logits max err {err / U:.2f} u"
-    assert abs(out.loss.item() - out_ref.loss.item()) <= 8 * U * abs(out_ref.loss.item())
+    assert err <= tol_logits, f"logits max err {err / U:.2f} u"
+    assert abs(out.loss.item() - out_ref.loss.item()) <= tol_logits * abs(out_ref.loss.item())
     out_ref.loss.backward()
     out.loss.backward()
     g_ref, g = lora_grads(ref), lora_grads(ours)
@@ -198,16 +200,18 @@ def check_one_step(ref, ours, label: str) -> None:
         assert g_ref[n].norm() > 0, n
         e = rel_fro(g[n], g_ref[n])
         worst = max(worst, (e, n))
-        assert e <= 14 * U, f"{n}: grad err {e / U:.2f} u"
+        assert e <= tol_grad, f"{n}: grad err {e / U:.2f} u"
     print(f"  worst grad err {worst[0] / U:.3f} u ({worst[1]})")
     # Adapters disabled through PEFT: the engine runs without LoRA.
     with ours.disable_adapter(), torch.no_grad():
-        assert rel_max(ours(input_ids=ids).logits, no_lora) <= 8 * U
+        assert rel_max(ours(input_ids=ids).logits, no_lora) <= tol_logits
+    return {"logits": out.logits.detach(), "grads": g}
 
 
-def check_on_cuda(ref, ours, label: str) -> None:
-    """`ours` moved to CUDA (its experts stay in the CPU engine) against the CPU fp32 reference:
-    logits, loss backward and every LoRA grad (on CUDA) within the check_one_step tolerances."""
+def check_on_cuda(ref, ours, label: str, *, tol_logits: float = 8 * U, tol_grad: float = 14 * U,
+                  grads_on: str = "cuda") -> None:
+    """`ours` moved to CUDA against the CPU fp32 reference: logits, loss backward and every LoRA
+    grad (on `grads_on`) within the check_one_step tolerances (or the given ones)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ids = batch()
@@ -216,21 +220,24 @@ def check_on_cuda(ref, ours, label: str) -> None:
     assert out.logits.device.type == "cuda"
     err = rel_max(out.logits.cpu(), out_ref.logits)
     print(f"{label}: logits {err / U:.3f} u")
-    assert err <= 8 * U
+    assert err <= tol_logits
     out_ref.loss.backward()
     out.loss.backward()
     g_ref, g = lora_grads(ref), lora_grads(ours)
     for n in g_ref:
-        assert g[n].device.type == "cuda"
-        assert rel_fro(g[n].cpu(), g_ref[n]) <= 14 * U, n
+        assert g[n].device.type == grads_on
+        assert rel_fro(g[n].cpu(), g_ref[n]) <= tol_grad, n
 
 
-def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str) -> None:
+def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str, *, counted=(patch_mod, "moe_experts"),
+                     tol: float = 16 * U, after_step=None) -> None:
     """20 AdamW steps on one batch, ours vs the reference, with gradient checkpointing
-    off (None), "nonreentrant" or "reentrant"."""
+    off (None), "nonreentrant" or "reentrant". counted: the (module, function) every experts
+    call of ours goes through (counted in the first step); after_step: called after each of
+    ours' optimizer steps (e.g. the placement's end_step)."""
     calls = []
-    real = patch_mod.moe_experts
-    monkeypatch.setattr(patch_mod, "moe_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(*counted)
+    monkeypatch.setattr(*counted, lambda *a, **k: calls.append(1) or real(*a, **k))
     for m in (ref, ours):
         m.train()
         if checkpointing:
@@ -246,6 +253,8 @@ def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str) -> None:
             loss.backward()
             opt.step()
             rec.append(loss.item())
+        if after_step is not None:
+            after_step()
         if step == 0:
             # 2 MoE layers: forward only, or forward + recompute in backward.
             assert len(calls) == (4 if checkpointing else 2)
@@ -259,7 +268,7 @@ def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str) -> None:
     assert lr[-1] < lr[0] - 0.05, "the reference did not train; the comparison would be vacuous"
     err = ((lo - lr).abs() / lr.abs()).max().item()
     print(f"{label} trajectory: ref {lr[0]:.4f} -> {lr[-1]:.4f}; max rel err {err / U:.3f} u")
-    assert err <= 16 * U, f"loss trajectory max rel err {err / U:.2f} u\nref {lr.tolist()}\nours {lo.tolist()}"
+    assert err <= tol, f"loss trajectory max rel err {err / U:.2f} u\nref {lr.tolist()}\nours {lo.tolist()}"
 
 
 CHECKPOINTING = dict(argnames="checkpointing", argvalues=[None, "nonreentrant", "reentrant"],

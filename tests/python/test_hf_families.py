@@ -86,9 +86,9 @@ def engine_reference(family: Family, m: torch.nn.Module, x, ids, w) -> torch.Ten
     biases = None
     if family.bias:
         biases = dict(zip(("gate", "up", "down"), family.engine_biases(*(params[b] for b in families.BIAS_PARAMS))))
-    opts = family.activation_options(m)
+    o = family.engine_options(moetune.ExpertsOptions(), m)  # what patch / load_model give the engine
     out, _ = moe_forward_reference(x, ids, w, gate.contiguous(), up.contiguous(), down.contiguous(), biases=biases,
-                                   **opts)
+                                   activation=o.activation, alpha=o.alpha, limit=o.limit)
     return out
 
 
@@ -123,8 +123,12 @@ def test_entry_is_complete_and_agrees_with_its_class(family):
     assert set(families.LORA_PARAMS) <= set(have)
     # The activation: SwiGLU with silu, or finite constants on the module that the engine gets.
     assert family.activation_problems(m) == []
-    opts = family.activation_options(m)
-    assert set(opts) == (set() if family.activation == "swiglu" else {"activation", *family.constants})
+    user = moetune.ExpertsOptions(weight_format="int8", activation="gpt_oss" if family.activation == "swiglu"
+                                  else "swiglu")
+    o = family.engine_options(user, m)  # the family's activation wins over the caller's; other options stay
+    assert o.activation == family.activation and o.weight_format == "int8"
+    for c in family.constants:
+        assert getattr(o, c) == pytest.approx(float(getattr(m, c)), rel=1e-7), c
     patching.check_module("experts", m, family, loaded=False)  # what patch / load_model require
 
 

@@ -78,8 +78,8 @@ def clamped_fraction(model, ids):
     return seen
 
 
-def pair(*, patch_first: bool, seed: int = 0):
-    return peft_pair(build(seed), patch_first=patch_first)
+def pair(*, patch_first: bool, seed: int = 0, **patch_kw):
+    return peft_pair(build(seed), patch_first=patch_first, **patch_kw)
 
 
 def test_clamps_act_with_margin():
@@ -150,9 +150,9 @@ def test_save_pretrained_loads_in_stock_transformers_peft(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU test machine)")
 def test_rest_of_model_on_cuda():
-    """Experts (weights and biases) stay in the CPU engine; the rest runs on CUDA; results match the CPU fp32
-    reference within the same tolerances."""
-    ref, ours, handle = pair(patch_first=True)
+    """Experts (weights and biases) stay in the CPU engine (placement "cpu"); the rest runs on CUDA; results
+    match the CPU fp32 reference within the same tolerances."""
+    ref, ours, handle = pair(patch_first=True, placement="cpu")
     ours.to("cuda")
     held = [p for n, p in ours.named_parameters() if n.endswith(("gate_up_proj", "down_proj", "_proj_bias"))]
     assert len(held) == 8 and all(isinstance(p, moetune.hf.EngineHeldTensor) and p.device.type == "cpu"

@@ -25,7 +25,7 @@ pytest.importorskip("peft")
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
 from moetune.hf.patching import experts_state  # noqa: E402
-from ckpt_util import rewrite, state_dict_of, to_layout, write_checkpoint  # noqa: E402
+from ckpt_util import host_need_besides_packed, rewrite, state_dict_of, to_layout, write_checkpoint  # noqa: E402
 from moetune.hf import fp8, loader  # noqa: E402
 from moetune.hf.keymap import fallback_rules, key_map  # noqa: E402
 from test_hf_exactness import FAMILIES, U, batch, build, ctx, rel_max  # noqa: E402
@@ -87,8 +87,9 @@ def test_bf16_default_and_engine_options(tmp_path):
     assert st.engine.packed_bytes == 2 * one
     # ... and the host-RAM check's estimate is exact for both.
     E, I2, H = build("olmoe").model.layers[0].mlp.experts.gate_up_proj.shape
-    assert loader.packed_bytes_estimate(E, H, I2 // 2, {}) == one
-    assert loader.packed_bytes_estimate(E, H, I2 // 2, {"backward_weights": "transposed_copy"}) == 2 * one
+    O = moetune.ExpertsOptions
+    assert loader.packed_bytes_estimate(E, H, I2 // 2, O()) == one
+    assert loader.packed_bytes_estimate(E, H, I2 // 2, O(backward_weights="transposed_copy")) == 2 * one
     ids = batch()
     assert rel_max(_logits(ours, ids).float(), _logits(ref, ids)) <= 32 * U  # bf16 attention too
 
@@ -249,8 +250,40 @@ def test_unsupported_model_lists_families(tmp_path):
 def test_not_enough_host_ram(qwen_ckpt, monkeypatch):
     monkeypatch.setattr(loader, "available_host_memory", lambda: 100_000)
     _no_engine(monkeypatch)
-    with pytest.raises(MemoryError, match=r"needs about .* GiB of host RAM \(packed experts .* but only 0\.00 GiB"):
+    with pytest.raises(MemoryError, match=r"needs about .* MiB of host RAM \(packed experts .* but only 0\.10 MiB"):
         moetune.load_model(qwen_ckpt, ctx=ctx(), progress=False)
+
+
+@pytest.mark.parametrize("family,fmt", [("qwen3_moe", "int4"), ("gpt_oss", "int8")])
+def test_host_ram_check_counts_the_real_format(family, fmt, tmp_path, monkeypatch):
+    """Defect 1 (issue 10), loader half: the check asks exactly what the engine allocates for the
+    options given (biases included where the family has them): a quantized load that fits the
+    available memory succeeds where the bf16 packing would not, and one byte less refuses it,
+    naming the sizes."""
+    if family == "gpt_oss":
+        from test_hf_gptoss import build as build_gptoss
+        ref = build_gptoss()
+        folder = write_checkpoint(tmp_path / "c", state_dict_of(ref), ref.config)
+    else:
+        ref = build(family)
+        folder = write_checkpoint(tmp_path / "c", to_layout(state_dict_of(ref), "per_expert", family), ref.config)
+    kw = dict(dtype=torch.float32, ctx=ctx(), progress=False, placement="cpu")
+    packed = {f: moetune.load_model(folder, weight_format=f, check_memory=False, **kw).moetune_handle.packed_bytes
+              for f in ("bf16", fmt)}
+    model = moetune.load_model(folder, check_memory=False, **kw)
+    common = host_need_besides_packed(folder, model)
+    need = packed[fmt] + common
+    assert packed[fmt] < packed["bf16"]
+    monkeypatch.setattr(loader, "available_host_memory", lambda: need)
+    got = moetune.load_model(folder, weight_format=fmt, **kw)  # fits exactly
+    assert got.moetune_handle.packed_bytes == packed[fmt]
+    monkeypatch.setattr(loader, "available_host_memory", lambda: need - 1)
+    with pytest.raises(MemoryError, match=f"packed experts {packed[fmt] / 2**20:.2f} MiB as {fmt}"):
+        moetune.load_model(folder, weight_format=fmt, **kw)
+    monkeypatch.setattr(loader, "available_host_memory", lambda: need)
+    with pytest.raises(MemoryError, match=rf"needs about {(packed['bf16'] + common) / 2**20:.2f} MiB of host RAM "
+                                          rf"\(packed experts {packed['bf16'] / 2**20:.2f} MiB as bf16 \+ one layer's"):
+        moetune.load_model(folder, **kw)
 
 
 def test_not_a_checkpoint(tmp_path):

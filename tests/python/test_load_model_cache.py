@@ -196,7 +196,7 @@ def test_other_format_is_another_entry_and_a_swapped_entry_is_refused(tmp_path):
 def cache_entry(qual, opts):
     from moetune.cache import entry_name
 
-    return entry_name(expert_cache.entry_key(qual, opts))
+    return entry_name(expert_cache.entry_key(qual, moetune.ExpertsOptions(**opts)))
 
 
 def test_truncated_or_corrupted_entry_is_rebuilt(tmp_path):

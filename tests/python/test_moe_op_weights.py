@@ -59,7 +59,6 @@ def test_packed_buffers_hold_one_expert_per_stride(fmt, group, bw):
     a = moetune.MoEExperts(get_ctx(), *Wa, **opts)
     bufs = a.packed_buffers()
     names = [b.name for b in bufs]
-    assert names == [n for n, _ in a._ex.packed_buffers()], "not the order the disk cache writes"
     kinds = {"bf16": ["bf16"], "int8": ["q", "scales"], "int4": ["q", "scales"]}[fmt]
     kinds = kinds + (["transposed_bf16"] if bw == "transposed_copy" else [])
     assert names == [f"{p}.{k}" for p in ("gate", "up", "down") for k in kinds]

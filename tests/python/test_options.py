@@ -136,8 +136,8 @@ def test_experts_take_options_as_object_dict_or_keywords():
     empty = moetune.MoEExperts.empty(get_ctx(), 6, 40, 24, opts, backward_weights="transposed_copy")
     assert empty.options == opts.replace(backward_weights="transposed_copy")
     # The options read back from the engine are what it runs: same packed bytes.
-    assert [bytes(memoryview(a)) for _, a in by_obj._ex.packed_buffers()] == \
-        [bytes(memoryview(a)) for _, a in by_kw._ex.packed_buffers()]
+    assert [bytes(memoryview(b.array)) for b in by_obj.packed_buffers()] == \
+        [bytes(memoryview(b.array)) for b in by_kw.packed_buffers()]
 
 
 @pytest.mark.parametrize("bw", ["repack", "transposed_copy"])
@@ -150,7 +150,7 @@ def test_host_bytes_is_what_the_engine_allocates(shape, fmt, group, bw):
     assert ex.packed_bytes == opts.host_bytes(E, H, I) == moetune.MoEExperts.host_bytes(E, H, I, opts)
     assert moetune.MoEExperts.host_bytes(E, H, I, weight_format=fmt, group_size=group, backward_weights=bw) == \
         ex.packed_bytes
-    assert sum(len(memoryview(a)) for _, a in ex._ex.packed_buffers()) == ex.packed_bytes
+    assert sum(len(memoryview(b.array)) for b in ex.packed_buffers()) == ex.packed_bytes
     ex.load_biases(torch.zeros(E, I), torch.zeros(E, I), torch.zeros(E, H))
     assert ex.packed_bytes == opts.host_bytes(E, H, I, biases=True)
 
@@ -167,17 +167,17 @@ QWEN3_30B = dict(E=128, H=2048, I=768, layers=48)
 def test_loader_estimate_follows_the_weight_format():
     """Defect 1 (issue 10): the host-RAM check asked ~54 GiB for int4 Qwen3-30B-A3B, which packs into ~14."""
     E, H, I, n = QWEN3_30B["E"], QWEN3_30B["H"], QWEN3_30B["I"], QWEN3_30B["layers"]
-    est = {fmt: n * loader.packed_bytes_estimate(E, H, I, {"weight_format": fmt}) for fmt in ("bf16", "int8", "int4")}
+    O = moetune.ExpertsOptions
+    est = {fmt: n * loader.packed_bytes_estimate(E, H, I, O(weight_format=fmt)) for fmt in ("bf16", "int8", "int4")}
     gib = 2.0 ** 30
     assert est["bf16"] / gib == pytest.approx(54.0)
     assert 0.50 <= est["int8"] / est["bf16"] <= 0.51  # 1 byte per weight + an fp32 scale per row
     assert 0.25 <= est["int4"] / est["bf16"] <= 0.27  # half a byte + an fp32 scale per 128 weights
     assert est["int4"] / gib == pytest.approx(14.34, abs=0.01)
     # Group size and the transposed copy count too.
-    g32 = n * loader.packed_bytes_estimate(E, H, I, {"weight_format": "int4", "group_size": 32})
+    g32 = n * loader.packed_bytes_estimate(E, H, I, O(weight_format="int4", group_size=32))
     assert g32 > est["int4"]
-    tc = n * loader.packed_bytes_estimate(E, H, I, {"weight_format": "int4", "backward_weights": "transposed_copy"})
+    tc = n * loader.packed_bytes_estimate(E, H, I, O(weight_format="int4", backward_weights="transposed_copy"))
     assert tc == est["int4"] + est["bf16"]
-    # Options given as an object are read the same way.
-    assert loader.packed_bytes_estimate(E, H, I, {"options": moetune.ExpertsOptions(weight_format="int4")}) * n == \
-        est["int4"]
+    # Biases (gpt-oss) are counted when the family has them: three fp32 tensors per layer.
+    assert loader.packed_bytes_estimate(E, H, I, O(), biases=True) * n == est["bf16"] + n * 4 * E * (2 * I + H)

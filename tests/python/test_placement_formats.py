@@ -62,7 +62,7 @@ def test_buffer_sizes_match_the_engine(fmt, group):
     bufs = _engine.packed_buffers(ex)
     assert set(pf.names) <= set(bufs)
     # The views are the engine's memory, not a copy.
-    arrs = dict(ex._ex.packed_buffers())
+    arrs = {b.name: b.array for b in ex.packed_buffers()}
     for n in pf.names:
         assert bufs[n].data_ptr() == torch.from_numpy(arrs[n]).data_ptr()
 

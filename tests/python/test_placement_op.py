@@ -263,12 +263,15 @@ def test_observed_timings():
     (k1, plan, fwd), (_, _, bwd) = planner.observed
     assert k1 == "layer" and isinstance(plan, P.LayerPlan)
     for t, phase in ((fwd, "forward"), (bwd, "backward")):
-        assert set(t) == {"cpu", "gpu", "copy", "wall", "phase"} and t["phase"] == phase
+        assert set(t) == {"cpu", "gpu", "copy", "wall", "phase", "copy_bytes"} and t["phase"] == phase
         assert t["cpu"] > 0 and t["gpu"] > 0 and t["copy"] > 0 and t["wall"] >= t["gpu"]
+        # The streamed experts' stored bytes, copied again in backward (no keep slot here).
+        n_streamed = int(((plan.where == int(P.Where.GPU_STREAMED)) & (plan.counts > 0)).sum())
+        assert t["copy_bytes"] == n_streamed * st.gpu.fmt.stored_bytes_per_expert > 0
     resident_only = P.FixedPlanner(lambda k, c, r: torch.where(r, int(P.Where.GPU_RESIDENT), int(P.Where.CPU)))
     run_placed(st, inp, "mixed", planner=resident_only)
     t = resident_only.observed[0][2]
-    assert t["copy"] == 0.0 and t["gpu"] > 0 and t["cpu"] > 0
+    assert t["copy"] == 0.0 and t["copy_bytes"] == 0 and t["gpu"] > 0 and t["cpu"] > 0
 
 
 def test_bad_input():

@@ -163,3 +163,47 @@ def test_device_lists(tmp_path):
     m = layer_device_map(5, [torch.device("cuda:0"), torch.device("cuda:1")])
     assert m == {"": "cuda:0", "model.layers.0": "cuda:0", "model.layers.1": "cuda:0", "model.layers.2": "cuda:0",
                  "model.layers.3": "cuda:1", "model.layers.4": "cuda:1", "model.norm": "cuda:1", "lm_head": "cuda:1"}
+
+
+def test_expert_and_placement_fields_follow_the_typed_options(tmp_path):
+    """The config's expert / placement fields map onto ONE moetune.ExpertsOptions and one
+    moetune.PlacementOptions: their defaults are those options' defaults, their choices the
+    engine's value names / the placement modes, and the mapping keeps every value."""
+    import moetune
+    from moetune import _moetune_ext as _ext
+    from moetune.placement.options import MODES
+    from moetune.train.model import experts_options, placement_options
+
+    f = TrainConfig.fields()
+    o, p = moetune.ExpertsOptions(), moetune.PlacementOptions()
+    assert (f["expert_format"].default, f["expert_activations"].default) == (o.weight_format, o.activations)
+    assert f["int4_group_size"].default == moetune.ExpertsOptions(weight_format="int4").group_size
+    assert set(f["expert_format"].metadata["choices"]) == set(_ext.WeightFormat.__members__)
+    assert set(f["expert_activations"].metadata["choices"]) == set(_ext.ActivationPolicy.__members__)
+    for g in f["int4_group_size"].metadata["choices"]:
+        assert moetune.ExpertsOptions(weight_format="int4", group_size=g).group_size == g
+    assert (f["expert_placement"].default, f["expert_gpu_budget_gib"].default, f["placement_trace"].default) == \
+        (p.mode, p.gpu_budget_gib, p.trace)
+    assert tuple(f["expert_placement"].metadata["choices"]) == MODES
+    out = str(tmp_path / "o")
+    assert experts_options(make_config(None, {"output_dir": out})) == o
+    cfg = make_config(None, {"output_dir": out, "expert_format": "int4", "int4_group_size": 32,
+                             "expert_activations": "recompute", "expert_placement": "gpu",
+                             "expert_gpu_budget_gib": 1.5, "placement_trace": str(tmp_path / "t.json")})
+    assert experts_options(cfg) == moetune.ExpertsOptions(weight_format="int4", group_size=32, activations="recompute")
+    assert experts_options(make_config(None, {"output_dir": out, "expert_format": "int8"})).group_size == 0
+    pl = placement_options(cfg)
+    assert (pl.mode, pl.gpu_budget_gib, pl.trace) == ("gpu", 1.5, str(tmp_path / "t.json"))
+    with pytest.raises(ConfigError, match="expert_placement must be one of auto, cpu, gpu"):
+        make_config(None, {"output_dir": out, "expert_placement": "tpu"})
+    with pytest.raises(ConfigError, match="expert_gpu_budget_gib must be >= 0"):
+        make_config(None, {"output_dir": out, "expert_gpu_budget_gib": -1})
+    with pytest.raises(ConfigError, match="placement_trace"):
+        make_config(None, {"output_dir": out, "placement_trace": str(tmp_path)})
+    # As flags, with the file's values overridden.
+    import argparse
+
+    args = argparse.ArgumentParser()
+    cli.add_config_flags(args)
+    ns = args.parse_args(["--expert-placement", "cpu", "--expert-gpu-budget-gib", "2", "--placement-trace", "x.json"])
+    assert (ns.expert_placement, ns.expert_gpu_budget_gib, ns.placement_trace) == ("cpu", 2.0, "x.json")

@@ -252,7 +252,7 @@ def test_two_gpus(tmp_path):
     base = save_demo_base(str(tmp_path / "base"))
     data = demo_slice(tmp_path)
     kw = dict(model=base, max_steps=3, save_every=0, eval_every=0, tensorboard=False, plot=False,
-              lora_dropout=0.0, dtype="float32")
+              lora_dropout=0.0, dtype="float32", expert_placement="cpu")
     s = train(cfg_for(tmp_path / "gpu", data, device="cuda:0,cuda:1", **kw), say=quiet)
     ref = train(cfg_for(tmp_path / "cpu", data, device="cpu", **kw), say=quiet)
     assert s["peak_gpu_bytes"] > 0
@@ -262,9 +262,10 @@ def test_two_gpus(tmp_path):
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (GPU machine)")
 def test_demo_on_cuda(tmp_path):
-    """GPU machine: the non-expert part on CUDA, the experts on the CPU engine; the loss
-    falls as on the CPU and the summary reports the GPU's peak memory."""
-    s = run_demo({"output_dir": str(tmp_path / "gpu"), "device": "cuda", "max_steps": 60, "eval_every": 0,
+    """GPU machine: the non-expert part on CUDA, the experts on the CPU engine (placement cpu); the
+    loss falls as on the CPU and the summary reports the GPU's peak memory."""
+    s = run_demo({"output_dir": str(tmp_path / "gpu"), "device": "cuda", "expert_placement": "cpu",
+                  "max_steps": 60, "eval_every": 0,
                   "save_every": 0, "progress": False, "sample_prompts": []}, say=quiet)
     L = s["losses"]
     assert sum(L[-5:]) / 5 < 0.5 * sum(L[:3]) / 3
@@ -309,6 +310,31 @@ def test_cli_train_from_a_model_folder(tmp_path):
         ref = pm(input_ids=ids).logits
         got = merged(input_ids=ids).logits
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), "merged checkpoint differs from base + adapter"
+
+
+def test_cli_int4_fits_where_bf16_would_not(tmp_path, monkeypatch):
+    """Defect 1 (issue 10) through `moetune train --expert-format int4`: with exactly the host RAM
+    the int4 experts need, the run trains; the bf16 default is refused before loading."""
+    import torch
+
+    import moetune
+    from ckpt_util import host_need_besides_packed
+    from moetune import cli
+    from moetune.hf import loader
+    from moetune.train.demo_model import save_demo_base
+
+    base = save_demo_base(str(tmp_path / "base"))
+    data = demo_slice(tmp_path)
+    kw = dict(dtype=torch.float32, num_threads=1, progress=False, placement="cpu", check_memory=False)
+    packed = moetune.load_model(base, weight_format="int4", **kw).moetune_handle.packed_bytes
+    need = packed + host_need_besides_packed(base, moetune.load_model(base, **kw))
+    monkeypatch.setattr(loader, "available_host_memory", lambda: need)
+    argv = ["train", "--model", base, "--data", data, "--dtype", "float32", "--device", "cpu", "--max-steps", "1",
+            "--no-progress", "--engine-threads", "1", "--no-tensorboard", "--no-plot", "--eval-fraction", "0"]
+    assert cli.main(argv + ["--expert-format", "int4", "--output-dir", str(tmp_path / "int4")]) == 0
+    assert os.path.isfile(tmp_path / "int4" / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(MemoryError, match="as bf16"):
+        cli.main(argv + ["--output-dir", str(tmp_path / "bf16")])
 
 
 def test_expert_cache_gives_the_same_losses(tmp_path):

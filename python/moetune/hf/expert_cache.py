@@ -4,8 +4,8 @@ identity of the checkpoint data it was built from.
 
 Layout: `cache_dir/<checkpoint folder name>-<hash of its resolved path>/`
 holds one entry per (MoE layer, packed format): the key names the layer and
-the options that shape the packed bytes (weight_format, int4 group size,
-backward_weights), so int4 / int8 / bf16 entries of one checkpoint live side
+the options that shape the packed bytes (`moetune.cache.PACKED_OPTIONS`:
+weight_format, int4 group size, backward_weights), so int4 / int8 / bf16 entries of one checkpoint live side
 by side and switching formats never overwrites another format's entry.
 
 Source identity of a layer (checked on every load; any difference = stale,
@@ -31,9 +31,9 @@ import os
 import re
 from pathlib import Path
 
-from moetune.cache import normalized_group_size
 from moetune.hf import fp8 as fp8_mod
 from moetune.hf.checkpoint import Checkpoint
+from moetune.options import ExpertsOptions
 
 # Bump when the loader's mapping of checkpoint tensors onto engine experts
 # changes (key renames, gate/up split, dequantization): older entries then go stale.
@@ -47,12 +47,12 @@ def folder(cache_dir: os.PathLike, checkpoint: os.PathLike) -> Path:
     return Path(cache_dir) / f"{name}-{hashlib.sha1(resolved.encode()).hexdigest()[:10]}"
 
 
-def entry_key(qual: str, engine_options: dict) -> str:
-    """Cache key of one MoE layer in one packed format."""
-    fmt = engine_options.get("weight_format", "bf16")
-    group = normalized_group_size(fmt, engine_options.get("group_size"))
-    tag = f"{fmt}-g{group}" if fmt == "int4" else fmt
-    return f"{qual}.{tag}.{engine_options.get('backward_weights', 'repack')}"
+def entry_key(qual: str, options: ExpertsOptions) -> str:
+    """Cache key of one MoE layer in one packed format (the options' packed fields:
+    weight_format, group_size where it applies, backward_weights)."""
+    fmt = options.weight_format
+    tag = f"{fmt}-g{options.group_size}" if options.group_size else fmt
+    return f"{qual}.{tag}.{options.backward_weights}"
 
 
 def layer_source(ckpt: Checkpoint, keys, family: str, block) -> dict:

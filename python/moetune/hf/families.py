@@ -45,6 +45,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from moetune.options import ExpertsOptions
+
 PROJ = ("gate", "up", "down")
 # The experts' parameters as transformers' experts interface names them (every family).
 GATE_UP, DOWN = "gate_up_proj", "down_proj"
@@ -161,12 +163,10 @@ class Family:
         return (*self.split_gate_up(gate_up_bias, -1), down_bias)
 
     # ---- activation ----
-    def activation_options(self, module) -> dict:
-        """The engine's keywords for this family's activation, constants read off `module`
-        (none for SwiGLU, the engine's default)."""
-        if self.activation == "swiglu":
-            return {}
-        return {"activation": self.activation, **{c: float(getattr(module, c)) for c in self.constants}}
+    def engine_options(self, options: ExpertsOptions, module) -> ExpertsOptions:
+        """`options` (the user's) with this family's activation and its constants read off
+        `module`: the activation is a fact of the model, never the caller's choice."""
+        return options.replace(activation=self.activation, **{c: float(getattr(module, c)) for c in self.constants})
 
     def activation_problems(self, module) -> List[str]:
         """Why the engine's activation would not be `module`'s ([] if it is)."""

@@ -44,12 +44,14 @@ from moetune.hf.checkpoint import Checkpoint
 from moetune.hf.families import PROJ
 from moetune.hf.keymap import key_map
 from moetune.hf.load_plan import DeviceLike, ExpertsPlan, LoadPlan, device_of, name_list, plan_keys
+from moetune.options import ExpertsOptions
+from moetune.placement.options import PlacementOptions
 
 
 def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.bfloat16,
                num_threads: Optional[int] = None, ctx: Optional[Context] = None, adapter=None,
                adapter_trainable: bool = True, progress: bool = True, check_memory: bool = True,
-               cache_dir=None, **engine_kwargs):
+               cache_dir=None, options: Optional[ExpertsOptions] = None, placement=None, **option_kwargs):
     """Load a local HF checkpoint with its routed experts in the moetune engine.
 
     path: a folder with config.json and model.safetensors (or a sharded
@@ -59,7 +61,7 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
     device: where everything but the routed experts goes: "cpu", "cuda",
       "cuda:N", an int, or a device map {module prefix: device} ("" = rest).
     dtype: dtype of the non-expert weights (experts are packed as bf16 or
-      as engine_kwargs' weight format says).
+      as the options' weight format says).
     num_threads / ctx: the engine Context (made with num_threads if not given).
     adapter: a PEFT adapter folder to load on top (e.g. to resume training);
       trainable unless adapter_trainable=False. Returns the PeftModel then.
@@ -67,13 +69,22 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
       packed format): read from it when valid, else built from the checkpoint
       and written (stale / mismatched / corrupted entries are rebuilt with a
       CacheRebuildWarning). `model.moetune_cache` lists each layer's outcome.
-    engine_kwargs: passed to moetune.MoEExperts (backward_weights,
-      activations, ...).
+    options / option_kwargs: the experts' moetune.ExpertsOptions (an object, a
+      dict, and / or its fields as keywords: weight_format="int4",
+      backward_weights=..., as moetune.MoEExperts takes them; the activation
+      is the model's own). The host-RAM check counts exactly what the engine
+      allocates for them.
+    placement: where the experts compute (moetune.PlacementOptions, a mode
+      string "auto" | "cpu" | "gpu", or None = "auto"), see moetune.hf.patch:
+      `model.moetune_handle.placement.adopt_lora(peft_model)` after adding
+      LoRA (get_peft_model, or `adapter`), `.end_step()` per optimizer step.
 
     Returns the transformers model (eval mode, like from_pretrained) with
     `model.moetune_handle` (a moetune.hf.PatchHandle) attached.
     """
     path = Path(path)
+    options = ExpertsOptions.resolve(options, **option_kwargs)
+    placement = PlacementOptions.resolve(placement)
     _check_device_map(device)
     config, block = _read_config(path)
     model = skeleton(config, dtype)
@@ -83,7 +94,7 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
     ckpt = Checkpoint(path)
     plan = plan_keys(model, found, ckpt, key_map(model), block, device)
     if check_memory:
-        _check_memory(plan, engine_kwargs, path)
+        _check_memory(plan, options, path)
     if ctx is None:
         ctx = Context(num_threads=num_threads)
 
@@ -92,12 +103,12 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
     cache = None if cache_dir is None else _LayerCache(expert_cache.folder(cache_dir, path), bar)
     try:
         _stream_nonexpert(model, meta_sd, ckpt, plan, device, dtype, block, bar)
-        engines = _load_experts(ctx, ckpt, plan, block, engine_kwargs, cache, bar)
+        engines = _load_experts(ctx, ckpt, plan, block, options, cache, bar)
     finally:
         bar.close()
     _finish_tensors(model, set(meta_sd), plan, device)
 
-    _attach_engines(model, ctx, plan, engines)
+    _attach_engines(model, ctx, plan, engines, placement)
     model.moetune_source = str(path)
     if cache is not None:
         model.moetune_cache = cache.report
@@ -157,12 +168,12 @@ def skeleton(config, dtype: torch.dtype):
 
 # ---- host memory ----
 
-def packed_bytes_estimate(E: int, H: int, I: int, engine_kwargs) -> int:
-    """Bytes the engine packs one layer's expert weights into, for the options
-    in engine_kwargs (weight format, group size, backward_weights, ...):
-    computed by the engine itself (MoEExperts.host_bytes), exact for every
-    format. Biases (gpt-oss; small) are not counted."""
-    return MoEExperts.host_bytes(E, H, I, **engine_kwargs)
+def packed_bytes_estimate(E: int, H: int, I: int, options: ExpertsOptions, *, biases: bool = False) -> int:
+    """Host bytes the engine allocates for one layer's experts with `options`
+    (weight format, group size, backward_weights, ...), plus its fp32 biases if
+    `biases`: computed by the engine itself (ExpertsOptions.host_bytes), exact
+    for every format."""
+    return options.host_bytes(E, H, I, biases=biases)
 
 
 def available_host_memory() -> Optional[int]:
@@ -177,18 +188,22 @@ def available_host_memory() -> Optional[int]:
     return None
 
 
-def _check_memory(plan: LoadPlan, engine_kwargs, path) -> None:
-    packed = sum(packed_bytes_estimate(ep.E, ep.H, ep.I, engine_kwargs) for ep in plan.experts)
+def _size(n: int) -> str:
+    """Bytes as GiB, or MiB below 1 GiB (small models still show their sizes)."""
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.2f} MiB"
+
+
+def _check_memory(plan: LoadPlan, options: ExpertsOptions, path) -> None:
+    packed = sum(packed_bytes_estimate(ep.E, ep.H, ep.I, options, biases=ep.family.bias) for ep in plan.experts)
     layer = max((ep.src_bytes for ep in plan.experts), default=0)
     cpu = plan.nonexpert_bytes.get("cpu", 0)
     need = packed + layer + cpu
     avail = available_host_memory()
-    gib = 2.0 ** 30
     if avail is not None and need > avail:
         raise MemoryError(
-            f"moetune: loading {path} needs about {need / gib:.2f} GiB of host RAM (packed experts "
-            f"{packed / gib:.2f} GiB + one layer's unpacked experts {layer / gib:.2f} GiB + non-expert parts on the "
-            f"CPU {cpu / gib:.2f} GiB) but only {avail / gib:.2f} GiB are available; nothing was loaded")
+            f"moetune: loading {path} needs about {_size(need)} of host RAM (packed experts "
+            f"{_size(packed)} as {options.weight_format} + one layer's unpacked experts {_size(layer)} + non-expert "
+            f"parts on the CPU {_size(cpu)}) but only {_size(avail)} are available; nothing was loaded")
 
 
 # ---- streaming ----
@@ -269,14 +284,15 @@ class _LayerCache:
         self.bar.total += n
         self.bar.update(n)
 
-    def lookup(self, ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block, engine_options) -> Optional[MoEExperts]:
+    def lookup(self, ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block,
+               options: ExpertsOptions) -> Optional[MoEExperts]:
         """The layer's engine read from its cache entry, or None (a miss; a stale,
         mismatched or corrupted entry is reported with a CacheRebuildWarning)."""
-        key = expert_cache.entry_key(ep.qual, engine_options)
+        key = expert_cache.entry_key(ep.qual, options)
         source = expert_cache.layer_source(ckpt, ep.weight_keys(), ep.family.name, block)
         self._entry[ep.qual] = key, source
         engine, why = cache_mod.load(ctx, self.root, key, source, num_experts=ep.E, hidden_size=ep.H,
-                                     intermediate_size=ep.I, progress=self._read, **engine_options)
+                                     intermediate_size=ep.I, options=options, progress=self._read)
         self.report[ep.qual] = why
         if engine is not None:  # the expert weights are not read from the checkpoint, the biases are
             self.bar.total -= ep.src_bytes - _bias_bytes(ckpt, ep)
@@ -302,7 +318,7 @@ def _bias_bytes(ckpt: Checkpoint, ep: ExpertsPlan) -> int:
     return sum(ckpt.entries[k].nbytes for p, k in ep.fused.items() if p.endswith("_bias"))
 
 
-def _load_experts(ctx: Context, ckpt: Checkpoint, plan: LoadPlan, block, engine_kwargs,
+def _load_experts(ctx: Context, ckpt: Checkpoint, plan: LoadPlan, block, options: ExpertsOptions,
                   cache: Optional[_LayerCache], bar) -> List[MoEExperts]:
     """One engine per MoE layer, layer by layer; the experts of one layer are read
     and packed in parallel (packing releases the GIL)."""
@@ -310,17 +326,17 @@ def _load_experts(ctx: Context, ckpt: Checkpoint, plan: LoadPlan, block, engine_
     engines = []
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
         for ep in plan.experts:  # a loop, not a comprehension: _WARN_STACKLEVEL counts the frames
-            engines.append(_load_layer(ctx, ckpt, ep, block, engine_kwargs, cache, bar, pool))
+            engines.append(_load_layer(ctx, ckpt, ep, block, options, cache, bar, pool))
     return engines
 
 
-def _load_layer(ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block, engine_kwargs,
+def _load_layer(ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block, options: ExpertsOptions,
                 cache: Optional[_LayerCache], bar, pool) -> MoEExperts:
-    kw = {**engine_kwargs, **ep.family.activation_options(ep.module)}
-    engine = None if cache is None else cache.lookup(ctx, ckpt, ep, block, kw)
+    layer_options = ep.family.engine_options(options, ep.module)
+    engine = None if cache is None else cache.lookup(ctx, ckpt, ep, block, layer_options)
     hit = engine is not None
     if not hit:
-        engine = MoEExperts.empty(ctx, ep.E, ep.H, ep.I, **kw)
+        engine = MoEExperts.empty(ctx, ep.E, ep.H, ep.I, layer_options)
     with ckpt.reader() as r:
         if ep.family.bias:  # [E, 2I] and [E, H]: small, read whole (never cached)
             gate_up_bias, down_bias = (r.get(ep.fused[b]) for b in families.BIAS_PARAMS)
@@ -378,12 +394,14 @@ def _finish_tensors(model, persistent: Set[str], plan: LoadPlan, device: DeviceL
         raise ValueError(f"moetune: tensors not filled by the checkpoint: {name_list(left)}")
 
 
-def _attach_engines(model, ctx: Context, plan: LoadPlan, engines: List[MoEExperts]) -> None:
-    """The engines attached with the same code as moetune.hf.patch (model.moetune_handle)."""
+def _attach_engines(model, ctx: Context, plan: LoadPlan, engines: List[MoEExperts], placement) -> None:
+    """The engines attached with the same code as moetune.hf.patch (model.moetune_handle),
+    then the model's placement runtime."""
     handle = patching.PatchHandle(ctx, keep_original=False)
     for ep, engine in zip(plan.experts, engines):
         patching.attach(handle, ep.found, engine)
     patching.select_implementation(handle, [ep.module for ep in plan.experts])
+    patching.attach_placement(handle, placement, model)
     model.moetune_handle = handle
 
 

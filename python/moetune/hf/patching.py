@@ -13,6 +13,12 @@ Which classes are supported, and how each stores its weights, is
 `moetune.hf.families`. LoRA on the experts is PEFT's
 (`LoraConfig(target_parameters=[...])`), see `moetune.hf.peft_lora`; patch()
 works before or after `peft.get_peft_model`.
+
+Where the experts compute is the model's placement (moetune.PlacementOptions, "auto" by default):
+patch() attaches one `moetune.hf.placement.ModelPlacement` per model (`handle.placement`), and
+the "moetune" experts function hands every call to it once it has started on a device where
+experts may run on the GPU; otherwise (mode "cpu", or "auto" without CUDA) calls go to
+moetune.moe_experts exactly as without placement.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from moetune.engine import Context, LoraWeights, MoEExperts, moe_experts
 from moetune.hf import families, peft_lora
 from moetune.hf._placeholder import EngineHeldTensor, held_parameter
 from moetune.hf.families import Family
+from moetune.hf.placement import ModelPlacement
+from moetune.options import ExpertsOptions
+from moetune.placement.options import PlacementOptions
 
 IMPLEMENTATION = "moetune"
 # Derived from moetune.hf.families (the one table of families): name -> (module, experts class).
@@ -56,6 +65,8 @@ class ExpertsState:
     attr: str
     originals: Optional[Dict[str, nn.Parameter]]
     switched: List[nn.Module] = dataclasses.field(default_factory=list)
+    placement: Optional[object] = None  # the model's moetune.hf.placement.ModelPlacement
+    layer_key: Optional[int] = None     # this layer's key in it
 
     def chain(self, module: nn.Module):
         parent = self.parent()
@@ -115,7 +126,11 @@ def moetune_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
         raise RuntimeError(
             f"moetune: {type(self).__name__} dispatches to experts implementation 'moetune' but was not patched "
             "by moetune.hf.patch (or was undone); patch the model containing it")
-    return moe_experts(st.engine, hidden_states, top_k_index, top_k_weights, _lora_for(self, st))
+    lora = _lora_for(self, st)
+    placement = st.placement
+    if placement is not None and placement.start(hidden_states.device) != "cpu":
+        return placement.forward(st.layer_key, hidden_states, top_k_index, top_k_weights, lora)
+    return moe_experts(st.engine, hidden_states, top_k_index, top_k_weights, lora)
 
 
 def register() -> None:
@@ -181,7 +196,9 @@ def _shape_problems(m: nn.Module, family: Family) -> List[str]:
 
 
 class PatchHandle:
-    """What patch() did; `undo()` restores the model."""
+    """What patch() did; `undo()` restores the model. `placement`: the model's
+    moetune.hf.placement.ModelPlacement (end_step() once per optimizer step, adopt_lora(model)
+    after get_peft_model; see moetune.hf.placement)."""
 
     def __init__(self, ctx: Context, keep_original: bool):
         self.ctx = ctx
@@ -189,6 +206,7 @@ class PatchHandle:
         self._modules: List[nn.Module] = []
         self._hooks = []
         self._configs = []  # (config, previous _experts_implementation)
+        self.placement = None
         self.undone = False
 
     @property
@@ -224,8 +242,10 @@ class PatchHandle:
                                "undo() is impossible (reload the model instead)")
         for h in self._hooks:
             h.remove()
+        self.placement = None
         for m in self._modules:
             st = experts_state(m)
+            st.placement = None
             peft_lora.release(st.switched)
             for pname, p in st.originals.items():
                 setattr(m, pname, p)
@@ -306,9 +326,19 @@ def select_implementation(handle: PatchHandle, modules) -> None:
             cfg._experts_implementation = IMPLEMENTATION
 
 
+def attach_placement(handle: PatchHandle, placement, model: Optional[nn.Module] = None) -> None:
+    """The model's placement runtime (one per model) for the modules attached to `handle`:
+    `handle.placement`, and each module's state points to it (its layer key = its index)."""
+    options = PlacementOptions.resolve(placement)
+    layers = [(m, experts_state(m)) for m in handle._modules]
+    handle.placement = ModelPlacement(options, layers, model=model, ctx=handle.ctx, lora_of=_lora_for)
+    for i, (_, st) in enumerate(layers):
+        st.placement, st.layer_key = handle.placement, i
+
+
 def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional[int] = None, *,
-          keep_original: bool = True, backward_weights: str = "repack", activations: str = "save",
-          weight_format: str = "bf16", group_size: Optional[int] = None) -> PatchHandle:
+          keep_original: bool = True, options: Optional[ExpertsOptions] = None, placement=None,
+          **option_kwargs) -> PatchHandle:
     """Run every routed-experts module of `model` on the moetune engine.
 
     model: a transformers model (or a PEFT model wrapping one), weights loaded.
@@ -317,9 +347,17 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
       registered in the model) so that `handle.undo()` can restore them. Costs
       one extra copy of all expert weights in host RAM on top of the engine's
       packed copy; pass False to free them (undo() then raises).
-    backward_weights / activations / weight_format / group_size: passed to
-      moetune.MoEExperts (weight_format "int8" / "int4" quantizes the frozen
-      experts at patch time).
+    options / option_kwargs: the experts' moetune.ExpertsOptions (an object, a
+      dict, and / or its fields as keywords: backward_weights, activations,
+      weight_format, group_size, row_group), as moetune.MoEExperts takes them;
+      weight_format "int8" / "int4" quantizes the frozen experts at patch time.
+      The activation (and its constants) is the model's own.
+    placement: where the experts compute: a moetune.PlacementOptions, a mode
+      string ("auto" | "cpu" | "gpu") or None (= "auto": split between the CPU
+      engine and the GPU when the model runs on CUDA, else the CPU engine
+      only). See moetune.hf.placement: `handle.placement.adopt_lora(peft_model)`
+      after get_peft_model, `handle.placement.end_step()` once per optimizer
+      step (moetune.hf.PlacementCallback does both for HF Trainer).
 
     After patching, each experts module's gate_up_proj / down_proj are
     shape-only placeholders (EngineHeldTensor, one element of storage, never
@@ -329,13 +367,13 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
     To build a model with its experts streamed straight into the engine, see
     moetune.load_model.
     """
+    options = ExpertsOptions.resolve(options, **option_kwargs)
+    placement = PlacementOptions.resolve(placement)
     found = find_experts(model)
     for f in found:
         check_module(f.qual, f.module, f.family)
     if ctx is None:
         ctx = Context(num_threads=num_threads)
-    options = dict(backward_weights=backward_weights, activations=activations, weight_format=weight_format,
-                   group_size=group_size)
 
     handle = PatchHandle(ctx, keep_original)
     try:
@@ -346,6 +384,7 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
             del params
             attach(handle, f, engine, originals)
         select_implementation(handle, [f.module for f in found])
+        attach_placement(handle, placement, model)
     except BaseException:
         if keep_original:
             handle.undo()
@@ -353,17 +392,18 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
     return handle
 
 
-def _engine_of(ctx: Context, found: FoundExperts, params: Dict[str, torch.Tensor], options) -> MoEExperts:
+def _engine_of(ctx: Context, found: FoundExperts, params: Dict[str, torch.Tensor],
+               options: ExpertsOptions) -> MoEExperts:
     """A MoEExperts packed from the module's own parameters (mapped onto the
     engine's [out, in] orientation by its family)."""
     family = found.family
     with torch.no_grad():
         gate, up, down = family.to_engine(params[families.GATE_UP], params[families.DOWN])
-        kw = family.activation_options(found.module)
+        kw = {}
         if family.bias:
             kw["gate_bias"], kw["up_bias"], kw["down_bias"] = family.engine_biases(
                 *(params[b] for b in families.BIAS_PARAMS))
-        return MoEExperts(ctx, gate, up, down, **options, **kw)
+        return MoEExperts(ctx, gate, up, down, family.engine_options(options, found.module), **kw)
 
 
 def _on_cpu(params: Dict[str, nn.Parameter]) -> Dict[str, nn.Parameter]:

@@ -76,6 +76,7 @@ class GpuRuntime:
         self.keep = KeepBudget(options.keep_budget_bytes)
         self._streamers: Dict[PackedFormat, Streamer] = {}
         self.pending: "collections.deque" = collections.deque()  # timing records (op.py)
+        self.trace = None  # a trace.Trace the op records its calls into (None: not tracing)
 
     def streamer(self, fmt: PackedFormat) -> Streamer:
         s = self._streamers.get(fmt)

@@ -29,7 +29,8 @@ layer's keep slot filled by a checkpoint recompute when the keep budget allows, 
 Timings: after each forward, recompute and backward, planner.observe(layer_key, plan, timings)
 with seconds "cpu" (the engine's busy time for the job), "gpu" (compute-stream span of the GPU
 part), "copy" (sum of the streamed chunks' copy times), "wall" (the call: host time, or the GPU's
-end when later) and "phase" ("forward" | "recompute" | "backward"). On CUDA the GPU figures
+end when later), "phase" ("forward" | "recompute" | "backward") and "copy_bytes" (the stored-format
+bytes the call streamed; 0 when a backward reused its recompute's kept weights). On CUDA the GPU figures
 are read from events once they completed (no sync): a call's observation is delivered at a later
 call's start or by `flush_timings(runtime)`. Plans without GPU rows report their forward only
 (their backward is moe_experts' own).
@@ -50,6 +51,7 @@ from moetune.placement.experts import GpuExperts, GpuRuntime
 from moetune.placement.gpu_math import SegmentOperands, backward_segment, forward_segment
 from moetune.placement.plan import LayerPlan, Where
 from moetune.placement.routing import DeviceRows, GpuLayout, combine, segment_offsets
+from moetune.placement.trace import Lane
 
 BF16, F32 = torch.bfloat16, torch.float32
 _PROJ = ("gate", "up", "down")
@@ -69,6 +71,7 @@ class _Timing:
         self.cpu = 0.0
         self.host_wall = 0.0
         self.launch = 0.0
+        self.copy_bytes = 0  # stored-format bytes this call streamed (host -> device)
 
     def start_gpu(self):
         self.runtime.device.record(self.gpu_start)
@@ -90,15 +93,35 @@ class _Timing:
         gpu = self.gpu_start.elapsed_time(self.gpu_end) / 1e3
         copy = sum(a.elapsed_time(b) for a, b in self.copies) / 1e3
         wall = max(self.host_wall, self.launch + gpu) if self.runtime.device.is_cuda else self.host_wall
-        return {"cpu": self.cpu, "gpu": gpu, "copy": copy, "wall": wall, "phase": self.phase}
+        return {"cpu": self.cpu, "gpu": gpu, "copy": copy, "wall": wall, "phase": self.phase,
+                "copy_bytes": self.copy_bytes}
+
+
+    def trace(self, tr) -> None:
+        """This call's spans: the Python thread (the call on the host), the CPU engine job (from
+        its submission at the call's start, for its busy time: the engine runs one job at a
+        time), the GPU compute stream and each streamed chunk's copy (CUDA events, resolved when
+        the trace is flushed)."""
+        name = f"layer {self.layer_key} {self.phase}"
+        args = {"gpu_experts": int((self.plan.where != int(Where.CPU)).sum()),
+                "streamed": int((self.plan.where == int(Where.GPU_STREAMED)).sum())}
+        tr.add(Lane.PYTHON, name, self.t0, self.host_wall, args)
+        if self.cpu > 0:
+            tr.add(Lane.CPU_ENGINE, name, self.t0, self.cpu)
+        tr.add_cuda(Lane.GPU_COMPUTE, name, self.gpu_start, self.gpu_end, args)
+        for i, (a, b) in enumerate(self.copies):
+            tr.add_cuda(Lane.GPU_COPY, f"{name} copy {i}", a, b)
 
 
 def poll_timings(runtime: GpuRuntime) -> None:
-    """Delivers the observations whose GPU work has completed, in call order (no host sync)."""
+    """Delivers the observations whose GPU work has completed, in call order (no host sync);
+    records their spans into runtime.trace when tracing."""
     q = runtime.pending
     while q and q[0].ready():
         t = q.popleft()
         t.planner.observe(t.layer_key, t.plan, t.timings())
+        if runtime.trace is not None:
+            t.trace(runtime.trace)
 
 
 def flush_timings(runtime: GpuRuntime) -> None:
@@ -190,7 +213,12 @@ def placed_moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Ten
         t0 = time.perf_counter()
         out = moe_experts(experts, x, topk_ids, topk_weights, lora)
         wall = time.perf_counter() - t0
-        planner.observe(layer_key, plan, {"cpu": wall, "gpu": 0.0, "copy": 0.0, "wall": wall, "phase": phase})
+        planner.observe(layer_key, plan, {"cpu": wall, "gpu": 0.0, "copy": 0.0, "wall": wall, "phase": phase,
+                                          "copy_bytes": 0})
+        if runtime.trace is not None:
+            name = f"layer {layer_key} {phase} (all CPU)"
+            runtime.trace.add(Lane.PYTHON, name, t0, wall)
+            runtime.trace.add(Lane.CPU_ENGINE, name, t0, wall)
         return out
     lora = lora or LoraWeights()
     flat = lora.flat()
@@ -216,7 +244,9 @@ class _Placed(torch.autograd.Function):
         if call.has_cpu:  # queued first: the CPU works while the GPU part is launched and runs
             call.cpu = cpu_call(call.gpu.experts, x, topk_ids, topk_weights, call.plan.cpu_mask, lora, call.scaling,
                                 pinned=dev.is_cuda)
+        copied0 = call.gpu.streamer.bytes_copied
         out = _gpu_forward(call, x, topk_ids, topk_weights, lora, tm)
+        tm.copy_bytes = call.gpu.streamer.bytes_copied - copied0
         busy = 0.0
         if call.cpu is not None:
             out_cpu = call.cpu.wait_forward()
@@ -239,7 +269,9 @@ class _Placed(torch.autograd.Function):
         tm = _Timing(runtime, call.planner, call.layer_key, call.plan, "backward")
         if call.cpu is not None:
             call.cpu.submit_backward(grad_out, need_x, need_w, need_l, grad_dtype=F32)
+        copied0 = call.gpu.streamer.bytes_copied
         dx, dw, lgrads = _gpu_backward(call, x, topk_ids, topk_weights, lora, grad_out, need_x, need_w, need_l, tm)
+        tm.copy_bytes = call.gpu.streamer.bytes_copied - copied0
         busy = 0.0
         cpu_lora = [None] * 6
         if call.cpu is not None:

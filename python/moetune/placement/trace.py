@@ -143,6 +143,12 @@ class Trace:
         os.replace(tmp, path)
         return path
 
+    def drop_before(self, t_s: float) -> None:
+        """Forgets the recorded spans that start before t_s (this trace's clock, seconds): keeps a
+        long run's trace to its last steps."""
+        cut = (t_s - self.origin) * 1e6
+        self._events = [e for e in self._events if e["ts"] >= cut]
+
     def clear(self) -> None:
         self._events.clear()
         self._pending_cuda.clear()

@@ -16,6 +16,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from moetune.options import ExpertsOptions
+from moetune.placement.options import MODES as PLACEMENT_MODES
+from moetune.placement.options import PlacementOptions
+
 
 class ConfigError(ValueError):
     """A bad configuration value, key or path (raised before any model loading)."""
@@ -31,6 +35,10 @@ def _f(default, help: str, section: str, choices=None, **kw):
 
 
 SECTIONS = ("model", "data", "lora", "optimization", "run")
+# Defaults of the fields that map onto typed options come from those options (one source).
+_EXPERTS = ExpertsOptions()
+_INT4 = ExpertsOptions(weight_format="int4")
+_PLACEMENT = PlacementOptions()
 
 
 @dataclass
@@ -46,17 +54,26 @@ class TrainConfig:
     engine_threads: Optional[int] = _f(None, "CPU engine threads (unset: every core this process may use; "
                                              "with a GPU, leave a few cores to torch: see torch_threads)", "model")
     torch_threads: Optional[int] = _f(None, "torch CPU threads (unset: torch's default)", "model")
-    expert_activations: str = _f("save", "engine activations for backward: save (faster) or recompute "
+    expert_activations: str = _f(_EXPERTS.activations, "engine activations for backward: save (faster) or recompute "
                                          "(less host RAM)", "model", choices=("save", "recompute"))
-    expert_format: str = _f("bf16", "frozen expert weights in the engine: bf16, int8 (per output channel) or "
-                                    "int4 (grouped; see int4_group_size), quantized while loading", "model",
-                            choices=("bf16", "int8", "int4"))
-    int4_group_size: int = _f(128, "int4 quantization group along the input dim (32, 64 or 128)", "model",
+    expert_format: str = _f(_EXPERTS.weight_format, "frozen expert weights in the engine: bf16, int8 (per output "
+                                                     "channel) or int4 (grouped; see int4_group_size), quantized "
+                                                     "while loading", "model", choices=("bf16", "int8", "int4"))
+    int4_group_size: int = _f(_INT4.group_size, "int4 quantization group along the input dim (32, 64 or 128)", "model",
                               choices=(32, 64, 128))
     expert_cache_dir: Optional[str] = _f(None, "folder caching the packed (quantized) experts per checkpoint, "
                                                "layer and format: later runs read them instead of re-quantizing; "
                                                "a stale or mismatched entry is rebuilt. Unset: no cache (needs a "
                                                "model folder)", "model")
+    expert_placement: str = _f(_PLACEMENT.mode, "where the routed experts compute, decided per step from the "
+                                                "routing: auto (split between the CPU engine and the GPU, "
+                                                "resident or streamed experts, when the model runs on CUDA; "
+                                                "else the CPU engine), cpu (the CPU engine only) or gpu (every "
+                                                "expert on the GPU)", "model", choices=PLACEMENT_MODES)
+    expert_gpu_budget_gib: Optional[float] = _f(_PLACEMENT.gpu_budget_gib, "GPU memory for resident experts "
+                                                "(GiB, all layers); unset: measured after the first steps (what "
+                                                "is free after the model and its activations, with a margin)",
+                                                "model")
     # ---- data
     data: Optional[str] = _f(None, "training data: a local .jsonl / .json / .parquet file. Unset: the "
                                    "embedded demo dataset (only with the demo model, whose word-level "
@@ -118,6 +135,9 @@ class TrainConfig:
     progress: bool = _f(True, "progress bar on stderr", "run")
     tensorboard: bool = _f(True, "TensorBoard event files in output_dir/tensorboard", "run")
     plot: bool = _f(True, "PNG plot of the losses and throughput at the end", "run")
+    placement_trace: Optional[str] = _f(_PLACEMENT.trace, "write a Perfetto / chrome://tracing JSON trace of the "
+                                                          "run's last steps here (CPU engine jobs, GPU compute and "
+                                                          "copy streams on one timeline)", "run")
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -142,6 +162,8 @@ class TrainConfig:
         for name in ("save_every", "eval_every", "warmup_steps", "lora_dropout", "weight_decay", "log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.expert_gpu_budget_gib is not None and self.expert_gpu_budget_gib < 0:
+            raise ConfigError(f"expert_gpu_budget_gib must be >= 0 (or unset), got {self.expert_gpu_budget_gib}")
         for name in ("max_steps", "engine_threads", "torch_threads", "stop_after_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -197,6 +219,12 @@ class TrainConfig:
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             raise ConfigError(f"output_dir: cannot create {self.output_dir!r} ({parent!r} is not a writable folder)")
+        if self.placement_trace is not None:
+            d = os.path.dirname(os.path.abspath(self.placement_trace))
+            while not os.path.exists(d):
+                d = os.path.dirname(d)
+            if os.path.isdir(self.placement_trace) or not os.access(d, os.W_OK):
+                raise ConfigError(f"placement_trace: cannot write {self.placement_trace!r} (a folder, or not writable)")
         if self.merge_export is not None and os.path.abspath(self.merge_export) == out:
             raise ConfigError("merge_export must differ from output_dir")
         if self.merge_export is not None and self.is_demo:
@@ -281,7 +309,7 @@ def load_yaml(path: str) -> Dict[str, Any]:
             raise unknown_key_error(str(k), path)
     # Relative paths in a config file are relative to the file.
     base = os.path.dirname(os.path.abspath(path))
-    for k in ("model", "data", "eval_data", "output_dir", "merge_export", "expert_cache_dir"):
+    for k in ("model", "data", "eval_data", "output_dir", "merge_export", "expert_cache_dir", "placement_trace"):
         if isinstance(raw.get(k), str) and not os.path.isabs(raw[k]):
             raw[k] = os.path.normpath(os.path.join(base, raw[k]))
     return raw

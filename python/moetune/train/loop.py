@@ -22,6 +22,7 @@ import torch
 
 from moetune.train import checkpoint, data, metrics, report
 from moetune.train.config import ConfigError, TrainConfig, check_resume_compatible, save_run_config, tuple_betas
+from moetune.train import model as model_mod
 from moetune.train.model import apply_lora, generate, load_base, load_tokenizer, resolve_device, resolve_devices
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -88,10 +89,14 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, 
     """Run `moetune train` for a validated config; returns the summary dict."""
     out_dir, resume_from = _start(cfg)
     device = resolve_device(cfg)
+    try:  # a placement this machine cannot do fails before anything is loaded
+        model_mod.placement_options(cfg).resolve_mode(device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"expert_placement={cfg.expert_placement!r}: {e}") from None
     # Tokenizer and data first: a bad record fails before the (long) model load.
     tok, train_s, eval_s, dstats = _load_data(cfg, say)
     pm, handle = _load_model(cfg, device, len(tok), say)
-    run = _Run(cfg, out_dir, pm, handle.ctx, tok, train_s, eval_s, device, say)
+    run = _Run(cfg, out_dir, pm, handle.ctx, tok, train_s, eval_s, device, say, handle.placement)
     run.resume(resume_from)
     before = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, device) if cfg.sample_prompts else []
     run.start_clock()
@@ -154,7 +159,23 @@ def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say):
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
+    _start_placement(handle.placement, pm, device, say)
     return pm, handle
+
+
+def _start_placement(placement, pm, device: torch.device, say) -> None:
+    """Resolves the expert placement on the model's device (calibrating its cost model) and puts
+    the expert LoRA parameters where the experts compute (before the optimizer exists)."""
+    mode = placement.start(device)
+    if mode == "cpu":
+        say("experts: computed by the CPU engine")
+        return
+    moved = placement.adopt_lora(pm)
+    cal = ", ".join(sorted(set(placement.calibration.values()))) or "none"
+    budget = placement.options.gpu_budget_gib
+    say(f"experts: placement {mode} between the CPU engine and {placement.device.torch} (GPU budget for resident "
+        f"experts: {'auto' if budget is None else f'{budget:g} GiB'}; cost model: {cal}; {moved} expert LoRA "
+        f"tensors on {placement.device.torch})")
 
 
 class _Run:
@@ -162,9 +183,11 @@ class _Run:
     schedule, batch stream, counters, metrics log; the step loop, checkpoints and
     the end of the run (final eval, adapter, summary)."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str, pm, ctx, tok, train_s, eval_s, device: torch.device, say):
+    def __init__(self, cfg: TrainConfig, out_dir: str, pm, ctx, tok, train_s, eval_s, device: torch.device, say,
+                 placement=None):
         self.cfg, self.out_dir, self.pm, self.ctx, self.tok = cfg, out_dir, pm, ctx, tok
         self.eval_s, self.device, self.say = eval_s, device, say
+        self.placement = placement  # moetune.hf.placement.ModelPlacement (end_step once per step)
         self.params = [p for p in pm.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple_betas(cfg), eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay)
@@ -258,6 +281,7 @@ class _Run:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        placed = self.placement.end_step() if self.placement is not None else {}
         self.step += 1
         self.tokens += step_tokens
         self.target_tokens += n_items
@@ -271,8 +295,9 @@ class _Run:
         if self.step % cfg.log_every == 0 or self.step == self.stop_at:
             self.log.log("train", self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens=self.tokens,
                          target_tokens=n_items, tokens_per_s=step_tokens / dt, expert_share=share,
-                         step_seconds=dt, epoch=self.stream.epoch)
-        self.bar.update(loss=loss, lr=lr, tokens_per_s=tps, expert_share=share)
+                         step_seconds=dt, epoch=self.stream.epoch, **placed)
+        self.bar.update(loss=loss, lr=lr, tokens_per_s=tps, expert_share=share,
+                        placement=self.placement.last_progress if placed else "")
 
     def _after_step(self) -> None:
         """The periodic eval and checkpoint."""
@@ -317,7 +342,9 @@ class _Run:
                 merged_export_call(pm, cfg.merge_export, self.say)
         after = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, self.device) if cfg.sample_prompts else []
         self.log.close()
+        trace = self.placement.write_trace() if self.placement is not None else None
         summary = self._summary(wall, finished, interrupted, adapter_dir if finished else None, before, after, dstats)
+        summary["placement_trace"] = trace
         if cfg.plot and summary["losses"]:
             png = os.path.join(self.out_dir, "loss.png")
             if report.plot(self.log.records, png):
@@ -327,6 +354,19 @@ class _Run:
                      f"(checkpoint {summary['checkpoint']})")
         self.say(report.summarize(summary, self.out_dir))
         return summary
+
+    def _placement_summary(self) -> Optional[Dict[str, Any]]:
+        """Where the experts computed: the resolved mode and device, and the run's totals of the
+        per-step placement numbers (None when the CPU engine computed them all)."""
+        p = self.placement
+        if p is None or not p.active:
+            return None
+        recs = [r for r in self.log.records if r["kind"] == "train"]
+        keys = ("tokens_cpu", "tokens_resident", "tokens_streamed", "bytes_copied", "cpu_s", "gpu_s", "copy_s")
+        totals = {k: sum(r.get(f"placement_{k}", 0.0) for r in recs) for k in keys}
+        tokens = totals["tokens_cpu"] + totals["tokens_resident"] + totals["tokens_streamed"]
+        totals["gpu_token_share"] = (totals["tokens_resident"] + totals["tokens_streamed"]) / tokens if tokens else 0.0
+        return {"mode": p.mode, "device": str(p.device.torch), "logged_steps": len(recs), **totals}
 
     def _eval_records(self) -> List[Dict[str, Any]]:
         return [r for r in self.log.records if r["kind"] == "eval"]
@@ -345,7 +385,8 @@ class _Run:
             "first_eval_loss": ev_records[0]["eval_loss"] if ev_records else None,
             "last_eval_loss": ev_records[-1]["eval_loss"] if ev_records else None,
             "losses": [r["loss"] for r in train_recs],
-            "peak_gpu_bytes": metrics.peak_gpu_bytes(resolve_devices(self.cfg)),
+            "peak_gpu_bytes": metrics.peak_gpu_bytes(resolve_devices(self.cfg), self.placement),
+            "placement": self._placement_summary(),
             "peak_host_rss_bytes": metrics.peak_host_rss_bytes(),
             "adapter_dir": adapter_dir,
             "checkpoint": checkpoint.latest_checkpoint(self.out_dir),

@@ -20,10 +20,22 @@ def peak_host_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_gpu_bytes(devices) -> Optional[int]:
-    """Sum of the peak allocated bytes of the CUDA devices among `devices` (None: none)."""
+def peak_gpu_bytes(devices, placement=None) -> Optional[int]:
+    """Sum of the peak allocated bytes of the CUDA devices among `devices` (None: none). The
+    placement's device reports its run-wide peak from the placement's memory probe (which resets
+    the CUDA peak counters at each residency refresh)."""
     cuda = [d for d in devices if d.type == "cuda"]
-    return sum(int(torch.cuda.max_memory_allocated(d)) for d in cuda) if cuda else None
+    if not cuda:
+        return None
+    own = placement.peak_gpu_bytes() if placement is not None else None
+    total = 0
+    for d in cuda:
+        peak = int(torch.cuda.max_memory_allocated(d))
+        if own is not None and torch.device(d.type, torch.cuda.current_device() if d.index is None else d.index) \
+                == placement.device.torch:
+            peak = max(peak, own)
+        total += peak
+    return total
 
 
 class MetricsLog:
@@ -85,10 +97,13 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
                             desc="train")
 
-    def update(self, *, loss: float, lr: float, tokens_per_s: float, expert_share: float) -> None:
+    def update(self, *, loss: float, lr: float, tokens_per_s: float, expert_share: float,
+               placement: str = "") -> None:
+        """placement: the expert placement's short step text (PlacementMetrics.progress), if any."""
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
-                                     f"experts {100 * expert_share:.0f}%", refresh=False)
+                                     f"experts {100 * expert_share:.0f}%" + (f"  {placement}" if placement else ""),
+                                     refresh=False)
             self.bar.update(1)
 
     def write(self, msg: str) -> None:

@@ -3,6 +3,7 @@ setup (which modules, seeded init) and greedy sample generation."""
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from typing import List, Optional, Tuple
@@ -10,6 +11,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from moetune.options import ExpertsOptions
+from moetune.placement.options import PlacementOptions
 from moetune.train.config import TrainConfig
 
 
@@ -61,6 +64,20 @@ def load_tokenizer(cfg: TrainConfig):
     return tok
 
 
+def experts_options(cfg: TrainConfig) -> ExpertsOptions:
+    """The run's ONE moetune.ExpertsOptions (every MoE layer; the activation is the model's)."""
+    return ExpertsOptions(activations=cfg.expert_activations, weight_format=cfg.expert_format,
+                          group_size=cfg.int4_group_size if cfg.expert_format == "int4" else None)
+
+
+def placement_options(cfg: TrainConfig) -> PlacementOptions:
+    """The run's moetune.PlacementOptions. The calibration of the placement cost model is cached
+    next to the packed experts when expert_cache_dir is set."""
+    cal = None if cfg.expert_cache_dir is None else os.path.join(cfg.expert_cache_dir, "placement-calibration")
+    return PlacementOptions(mode=cfg.expert_placement, gpu_budget_gib=cfg.expert_gpu_budget_gib,
+                            trace=cfg.placement_trace, calibration_cache_dir=cal)
+
+
 def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
     """(model with its experts on the engine, patch handle): the one place that
     loads a model. A model folder streams through moetune.load_model (experts
@@ -71,23 +88,21 @@ def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
     from moetune.train import demo_model
 
     dtype = getattr(torch, cfg.dtype)
-    engine = dict(activations=cfg.expert_activations, weight_format=cfg.expert_format)
-    if cfg.expert_format == "int4":
-        engine["group_size"] = cfg.int4_group_size
+    options, placement = experts_options(cfg), placement_options(cfg)
     if not cfg.is_demo:
         devices = resolve_devices(cfg)
         if len(devices) > 1:
             import json
-            import os
 
             with open(os.path.join(cfg.model, "config.json")) as f:
                 layers = json.load(f)["num_hidden_layers"]
             device = layer_device_map(layers, devices)
         model = moetune.load_model(cfg.model, device=device, dtype=dtype, num_threads=cfg.engine_threads,
-                                   cache_dir=cfg.expert_cache_dir, **engine)
+                                   cache_dir=cfg.expert_cache_dir, options=options, placement=placement)
         return model, model.moetune_handle
     model = demo_model.build_model(vocab_size, seed=0).to(dtype)
-    handle = moetune.hf.patch(model, num_threads=cfg.engine_threads, keep_original=False, **engine)
+    handle = moetune.hf.patch(model, num_threads=cfg.engine_threads, keep_original=False, options=options,
+                              placement=placement)
     model.to(device)
     return model, handle
 

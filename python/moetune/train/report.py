@@ -53,6 +53,15 @@ def summarize(summary: Dict[str, Any], output_dir: str) -> str:
         f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
         + (f"  eval loss {s['first_eval_loss']:.4f} -> {s['last_eval_loss']:.4f}" if s.get("last_eval_loss") is not None else ""),
         f"peak GPU memory {_gib(s['peak_gpu_bytes'])}  peak host RAM {_gib(s['peak_host_rss_bytes'])}",
+    ]
+    p = s.get("placement")
+    if p:
+        lines.append(f"experts placement {p['mode']} on {p['device']}: {100 * p['gpu_token_share']:.0f}% of routed "
+                     f"tokens on the GPU, {p['bytes_copied'] / 1e9:.2f} GB copied; busy CPU {p['cpu_s']:.1f} s, "
+                     f"GPU {p['gpu_s']:.1f} s (logged steps)")
+    if s.get("placement_trace"):
+        lines.append(f"placement trace: {s['placement_trace']}")
+    lines += [
         f"adapter: {s['adapter_dir']}",
     ]
     return "\n".join(lines)
