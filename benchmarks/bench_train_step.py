@@ -42,12 +42,10 @@ GiB = 2.0 ** 30
 def shape_config(shape: str, layers: int):
     import transformers
 
-    if shape == "qwen3":  # Qwen3-30B-A3B's config.json values
-        return transformers.Qwen3MoeConfig(
-            vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-            num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4,
-            head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, norm_topk_prob=True,
-            tie_word_embeddings=False, rms_norm_eps=1e-6, decoder_sparse_step=1, mlp_only_layers=[])
+    if shape == "qwen3":
+        from bench_load import qwen3_30b_config
+
+        return qwen3_30b_config(layers)
     if shape == "deepseek":  # DeepSeek-V3's config.json values, every layer a MoE layer
         return transformers.DeepseekV3Config(
             vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
@@ -142,9 +140,10 @@ def run_method(method: str, a) -> list:
             placement = PlacementOptions(mode="cpu")
         else:
             budget = expert_bytes / 3 / GiB if method == "auto-third" else None
+            trace = os.path.join(a.trace, f"trace-{a.shape}-{method}.json") if a.trace else None
             placement = PlacementOptions(mode="gpu" if a.smoke else "auto", gpu_budget_gib=budget,
                                          device=a.device, warmup_steps=1, refresh_every=a.refresh_every,
-                                         calibrate=not a.smoke)
+                                         calibrate=not a.smoke, trace=trace)
         ctx = moetune.Context(a.threads)
         handle = moetune.hf.patch(model, ctx=ctx, keep_original=False, placement=placement)
         model.to(device)
@@ -187,14 +186,14 @@ def run_method(method: str, a) -> list:
         if device.type == "cuda":
             gpu_peak = torch.cuda.max_memory_allocated() / GiB
             if handle is not None and handle.placement is not None:
-                gpu_peak = max(gpu_peak, handle.placement.run_peak_gpu_bytes() / GiB)
+                gpu_peak = max(gpu_peak, (handle.placement.peak_gpu_bytes() or 0) / GiB)
         s = statistics.median(times)
         rows.append(dict(method=method, seq=seq, step_s=s, tokens_per_s=seq / s, gpu_peak_gib=gpu_peak,
                          rss_peak_gib=status_kib("VmHWM") * 1024 / GiB, build_s=build_s, loss=float(loss),
                          split={k: v for k, v in split.items() if isinstance(v, (int, float))}))
         print("ROW " + json.dumps(rows[-1]), flush=True)
     if handle is not None and handle.placement is not None and a.trace:
-        handle.placement.write_trace(os.path.join(a.trace, f"trace-{a.shape}-{method}.json"))
+        handle.placement.write_trace()
     return rows
 
 
@@ -243,20 +242,18 @@ def main():
             json.dump(rows, f, indent=1)
     base = {r["seq"]: r for r in rows if r["method"] == "cpu"}
     peft_rows = {r["seq"]: r for r in rows if r["method"] == "peft"}
-    print(f"\n| method | seq | s/step | tokens/s | vs cpu | vs peft | GPU peak GiB | RSS peak GiB | split |")
+
+    def ratio(ref, r):
+        return f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
+
+    print("\n| method | seq | s/step | tokens/s | vs cpu | vs peft | GPU peak GiB | RSS peak GiB | split (last step) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        b, p = base.get(r["seq"]), peft_rows.get(r["seq"])
-        sp = r["split"]
-        split = ""
-        if sp:
-            split = " ".join(f"{k.replace('placement_', '')}={v:.3g}" for k, v in sorted(sp.items())
-                             if any(w in k for w in ("experts", "tokens", "bytes", "busy")))
+        split = " ".join(f"{k.replace('placement_', '')}={v:.3g}" for k, v in sorted(r["split"].items())
+                         if any(w in k for w in ("experts", "tokens", "bytes_copied", "_s", "share")))
         print(f"| {r['method']} | {r['seq']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{b['step_s'] / r['step_s']:.2f}x | " if b else f"| {r['method']} | {r['seq']} | {r['step_s']:.3f} | "
-              f"{r['tokens_per_s']:.0f} | - | ", end="")
-        print(f"{p['step_s'] / r['step_s']:.2f}x | " if p else "- | ", end="")
-        print(f"{r['gpu_peak_gib']:.2f} | {r['rss_peak_gib']:.2f} | {split} |")
+              f"{ratio(base.get(r['seq']), r)} | {ratio(peft_rows.get(r['seq']), r)} | {r['gpu_peak_gib']:.2f} | "
+              f"{r['rss_peak_gib']:.2f} | {split} |")
 
 
 if __name__ == "__main__":
