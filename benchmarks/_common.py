@@ -7,7 +7,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Iterable, Optional, Tuple
+from collections.abc import Callable, Iterable
 
 
 def cpu_name() -> str:
@@ -19,7 +19,7 @@ def cpu_name() -> str:
         return platform.processor()
 
 
-def mem_available_bytes() -> Optional[int]:
+def mem_available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (bytes); None where unknown."""
     try:
         with open("/proc/meminfo") as f:
@@ -31,7 +31,7 @@ def mem_available_bytes() -> Optional[int]:
     return None
 
 
-def time_fwd_bwd(forward: Callable, dout, params: Iterable, reps: int) -> Tuple[float, float]:
+def time_fwd_bwd(forward: Callable, dout, params: Iterable, reps: int) -> tuple[float, float]:
     """Median forward and backward seconds over `reps` steps after one warm-up. Each step is
     a training step after optimizer.zero_grad(): the grads of `params` are set to None (fresh
     grads, no accumulation), then forward() runs and its output is backpropagated with dout."""

@@ -77,12 +77,10 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Dict, List, Optional
-
-from _common import mem_available_bytes
 
 import torch
 import torch.nn.functional as F
+from _common import mem_available_bytes
 
 BF16 = torch.bfloat16
 
@@ -137,7 +135,9 @@ class Layer:
         self.lora = {}
         for p, (din, dout) in (("gate", (H, I)), ("up", (H, I)), ("down", (I, H))):
             self.lora[p + "_A"] = (torch.randn(E, r, din, generator=g) / math.sqrt(din)).to(BF16)
-            self.lora[p + "_B"] = (torch.randn(E, dout, r, generator=g) * (0.1 / (math.sqrt(r) * self.scaling))).to(BF16)
+            self.lora[p + "_B"] = (torch.randn(E, dout, r, generator=g) * (0.1 / (math.sqrt(r) * self.scaling))).to(
+                BF16
+            )
 
 
 class Batch:
@@ -153,7 +153,7 @@ class Batch:
 # ----------------------------------------------------------------------------- reference
 
 
-def reference(layer: Layer, b: Batch) -> Dict[str, torch.Tensor]:
+def reference(layer: Layer, b: Batch) -> dict[str, torch.Tensor]:
     """fp32 PyTorch: per-expert loop with autograd, on the bf16 values of weights and data."""
     s = layer.scaling
     x = b.x.float().requires_grad_()
@@ -185,7 +185,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def errors(res: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
+def errors(res: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
     e = {k: rel_err(res[k], ref[k]) for k in ("out", "dx", "dw")}
     lora = {n: rel_err(res[n], ref[n]) for n in LORA_NAMES}
     worst = max(lora, key=lora.get)
@@ -204,12 +204,17 @@ class MoetuneImpl:
 
         self.ctx = moetune.Context(args.threads, isa=args.isa)
         self.info = f"moetune {self.ctx.info()}, backward_weights={args.moetune_backward_weights}"
-        self.experts = moetune.MoEExperts(self.ctx, layer.gate, layer.up, layer.down,
-                                          backward_weights=args.moetune_backward_weights)
+        self.experts = moetune.MoEExperts(
+            self.ctx, layer.gate, layer.up, layer.down, backward_weights=args.moetune_backward_weights
+        )
         self.params = {n: torch.nn.Parameter(t.float()) for n, t in layer.lora.items()}
         P = self.params
-        self.lora = moetune.LoraWeights(gate=(P["gate_A"], P["gate_B"]), up=(P["up_A"], P["up_B"]),
-                                        down=(P["down_A"], P["down_B"]), scaling=layer.scaling)
+        self.lora = moetune.LoraWeights(
+            gate=(P["gate_A"], P["gate_B"]),
+            up=(P["up_A"], P["up_B"]),
+            down=(P["down_A"], P["down_B"]),
+            scaling=layer.scaling,
+        )
         self._moe = moetune.moe_experts
 
     def step(self, b: Batch):
@@ -238,8 +243,10 @@ def import_ktkernel(variant: str):
     from kt_kernel.sft.amx import AMXSFTMoEWrapper
     from kt_kernel.sft.base import KExpertsSFTBuffer
 
-    desc = (f"kt-kernel {kt_kernel.__version__} variant={kt_kernel.__cpu_variant__} "
-            f"from {os.path.dirname(kt_kernel.__file__)}")
+    desc = (
+        f"kt-kernel {kt_kernel.__version__} variant={kt_kernel.__cpu_variant__} "
+        f"from {os.path.dirname(kt_kernel.__file__)}"
+    )
     return AMXSFTMoEWrapper, KExpertsSFTBuffer, desc
 
 
@@ -253,11 +260,23 @@ class KtImpl:
         buffer_cls.clear_cache()
         self.share = bool(args.kt_share_backward_bb)
         self.info = f"{desc}, AMXBF16_SFT, threads={args.kt_threads}, share_backward_bb={self.share}"
-        kt = wrapper_cls(layer_idx=0, num_experts=layer.E, num_experts_per_tok=args.k, hidden_size=layer.H,
-                         moe_intermediate_size=layer.I, num_gpu_experts=0, cpuinfer_threads=args.kt_threads,
-                         threadpool_count=args.kt_numa_pools, weight_path="", chunked_prefill_size=max_tokens,
-                         lora_rank=layer.r, lora_alpha=layer.r * layer.scaling, lora_dropout=0.0,
-                         max_cache_depth=1, method="AMXBF16_SFT")
+        kt = wrapper_cls(
+            layer_idx=0,
+            num_experts=layer.E,
+            num_experts_per_tok=args.k,
+            hidden_size=layer.H,
+            moe_intermediate_size=layer.I,
+            num_gpu_experts=0,
+            cpuinfer_threads=args.kt_threads,
+            threadpool_count=args.kt_numa_pools,
+            weight_path="",
+            chunked_prefill_size=max_tokens,
+            lora_rank=layer.r,
+            lora_alpha=layer.r * layer.scaling,
+            lora_dropout=0.0,
+            max_cache_depth=1,
+            method="AMXBF16_SFT",
+        )
         kt.share_backward_bb = self.share  # attribute read by load_weights (set so by kt's own wrapper.py)
         kt.load_weights_from_tensors(layer.gate, layer.up, layer.down, torch.arange(layer.E, dtype=torch.int64))
         # Plain tensors (not nn.Parameters): kt-kernel then overwrites the gradient buffers at
@@ -300,14 +319,16 @@ def run_impl(impl, b: Batch, reps: int, warmup: int):
     return med, res
 
 
-def fmt_err(e: Optional[dict]) -> str:
+def fmt_err(e: dict | None) -> str:
     if not e:
         return f"{'-':>9} {'-':>9} {'-':>9} {'-':>9}"
     return f"{e['out']:9.2e} {e['dx']:9.2e} {e['dw']:9.2e} {e['lora']:9.2e}"
 
 
-HEADER = (f"{'shape':20s} {'T':>6s} {'impl':10s} {'fwd ms':>9s} {'bwd ms':>9s} {'repack ms':>9s} {'total ms':>9s} "
-          f"{'TFLOPS':>7s} {'ratio':>6s} {'ratio w/o':>9s} {'err out':>9s} {'err dx':>9s} {'err dw':>9s} {'err LoRA':>9s}")
+HEADER = (
+    f"{'shape':20s} {'T':>6s} {'impl':10s} {'fwd ms':>9s} {'bwd ms':>9s} {'repack ms':>9s} {'total ms':>9s} "
+    f"{'TFLOPS':>7s} {'ratio':>6s} {'ratio w/o':>9s} {'err out':>9s} {'err dx':>9s} {'err dw':>9s} {'err LoRA':>9s}"
+)
 
 
 def print_row(row: dict):
@@ -316,12 +337,15 @@ def print_row(row: dict):
         return
     ratio = f"{row['ratio']:6.2f}" if row.get("ratio") else f"{'-':>6s}"
     ratio2 = f"{row['ratio_no_repack']:9.2f}" if row.get("ratio_no_repack") else f"{'-':>9s}"
-    print(f"{row['shape']:20s} {row['T']:6d} {row['impl']:10s} {row['fwd_ms']:9.1f} {row['bwd_ms']:9.1f} "
-          f"{row['repack_ms']:9.1f} {row['total_ms']:9.1f} {row['tflops']:7.2f} {ratio} {ratio2} "
-          f"{fmt_err(row.get('err'))}", flush=True)
+    print(
+        f"{row['shape']:20s} {row['T']:6d} {row['impl']:10s} {row['fwd_ms']:9.1f} {row['bwd_ms']:9.1f} "
+        f"{row['repack_ms']:9.1f} {row['total_ms']:9.1f} {row['tflops']:7.2f} {ratio} {ratio2} "
+        f"{fmt_err(row.get('err'))}",
+        flush=True,
+    )
 
 
-def fit_deepseek_experts(c: dict, tokens: List[int], args) -> (int, str):
+def fit_deepseek_experts(c: dict, tokens: list[int], args) -> (int, str):
     """Experts to use for DeepSeek-V3 shapes so that the run fits in memory (power of two)."""
     if args.deepseek_experts:
         return args.deepseek_experts, "--deepseek-experts"
@@ -343,28 +367,50 @@ def fit_deepseek_experts(c: dict, tokens: List[int], args) -> (int, str):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                    help="threads for moetune's Context, kt-kernel's CPUInfer and the torch reference")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="threads for moetune's Context, kt-kernel's CPUInfer and the torch reference",
+    )
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
     ap.add_argument("--configs", default="qwen3,deepseek", help=f"comma list of {list(CONFIGS)}")
     ap.add_argument("--experts", type=int, default=None, help="override E for every config (smoke tests)")
-    ap.add_argument("--deepseek-experts", type=int, default=None,
-                    help="E for DeepSeek-V3 shapes (default: 256, halved until the run fits in memory)")
+    ap.add_argument(
+        "--deepseek-experts",
+        type=int,
+        default=None,
+        help="E for DeepSeek-V3 shapes (default: 256, halved until the run fits in memory)",
+    )
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--check-max-tokens", type=int, default=4096,
-                    help="compare against the fp32 reference for T up to this (the reference is slow)")
+    ap.add_argument(
+        "--check-max-tokens",
+        type=int,
+        default=4096,
+        help="compare against the fp32 reference for T up to this (the reference is slow)",
+    )
     ap.add_argument("--isa", default="auto", help="moetune ISA: auto | avx512_bf16 | amx_bf16 | ...")
     ap.add_argument("--moetune-backward-weights", default="repack", choices=["repack", "transposed_copy"])
-    ap.add_argument("--kt-variant", default="auto", choices=["auto", "amx", "avx512_bf16"],
-                    help="kt-kernel extension variant (sets KT_KERNEL_CPU_VARIANT before the import)")
-    ap.add_argument("--kt-share-backward-bb", type=int, default=1, choices=[0, 1],
-                    help="kt-kernel's share_backward_bb (1: its training default for BF16)")
+    ap.add_argument(
+        "--kt-variant",
+        default="auto",
+        choices=["auto", "amx", "avx512_bf16"],
+        help="kt-kernel extension variant (sets KT_KERNEL_CPU_VARIANT before the import)",
+    )
+    ap.add_argument(
+        "--kt-share-backward-bb",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="kt-kernel's share_backward_bb (1: its training default for BF16)",
+    )
     ap.add_argument("--kt-numa-pools", type=int, default=1, help="kt-kernel CPUInfer sub-pools (NUMA nodes)")
-    ap.add_argument("--kt-threads", type=int, default=None,
-                    help="kt-kernel CPUInfer worker threads (default: --threads)")
+    ap.add_argument(
+        "--kt-threads", type=int, default=None, help="kt-kernel CPUInfer worker threads (default: --threads)"
+    )
     ap.add_argument("--skip-kt", action="store_true")
     ap.add_argument("--skip-moetune", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -380,8 +426,10 @@ def main(argv=None):
 
     print(f"machine : {cpu_summary()}; load {os.getloadavg()[0]:.2f}")
     print(f"software: python {platform.python_version()}, torch {torch.__version__}")
-    print(f"LoRA r={args.rank} alpha={args.alpha} on gate/up/down; routing uniform random, k distinct experts; "
-          f"median of {args.reps} reps after {args.warmup} warm-up; threads {args.threads}")
+    print(
+        f"LoRA r={args.rank} alpha={args.alpha} on gate/up/down; routing uniform random, k distinct experts; "
+        f"median of {args.reps} reps after {args.warmup} warm-up; threads {args.threads}"
+    )
 
     kt_classes, kt_failure = None, None
     if not args.skip_kt:
@@ -392,7 +440,7 @@ def main(argv=None):
             kt_failure = f"import failed: {type(e).__name__}: {e}"
             print(f"kt-kernel: {kt_failure}\n{traceback.format_exc()}")
 
-    rows: List[dict] = []
+    rows: list[dict] = []
     for cname in configs:
         c = dict(CONFIGS[cname])
         E = args.experts or c["E"]
@@ -400,16 +448,21 @@ def main(argv=None):
         if cname == "deepseek" and not args.experts:
             E, why = fit_deepseek_experts(c, tokens, args)
             if E != c["E"]:
-                print(f"NOTE: DeepSeek-V3 shapes with {E} of its {c['E']} experts ({why}): "
-                      f"tokens per expert are {c['E'] // E}x the real model's at the same T")
+                print(
+                    f"NOTE: DeepSeek-V3 shapes with {E} of its {c['E']} experts ({why}): "
+                    f"tokens per expert are {c['E'] // E}x the real model's at the same T"
+                )
         if E != c["E"]:
             label = f"{label}[E={E}]"
         H, I, k = c["H"], c["I"], c["k"]
         args.k = k
         t0 = time.perf_counter()
         layer = Layer(E, H, I, args.rank, args.alpha, args.seed)
-        print(f"\n== {label}: E={E} H={H} I={I} k={k}, weights {3 * E * H * I * 2 / 2**30:.2f} GiB bf16 "
-              f"(made in {time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"\n== {label}: E={E} H={H} I={I} k={k}, weights {3 * E * H * I * 2 / 2**30:.2f} GiB bf16 "
+            f"(made in {time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
 
         impls = []
         if not args.skip_moetune:
@@ -445,8 +498,14 @@ def main(argv=None):
                     print_row(row)
                     continue
                 total = f + bw + rp
-                row.update(fwd_ms=f * 1e3, bwd_ms=bw * 1e3, repack_ms=rp * 1e3, total_ms=total * 1e3,
-                           tflops=flops / total / 1e12, tokens_per_s=T / total)
+                row.update(
+                    fwd_ms=f * 1e3,
+                    bwd_ms=bw * 1e3,
+                    repack_ms=rp * 1e3,
+                    total_ms=total * 1e3,
+                    tflops=flops / total / 1e12,
+                    tokens_per_s=T / total,
+                )
                 if base is None:
                     base = total
                 else:
@@ -457,8 +516,11 @@ def main(argv=None):
                 rows.append(row)
                 print_row(row)
             if ref is not None:
-                print(f"{'':20s} {T:6d} {'(fp32 ref':10s} {ref_s * 1e3:9.0f} ms; bf16 rounding of the reference "
-                      f"output alone: err {rel_err(ref['out'].to(BF16), ref['out']):.2e})", flush=True)
+                print(
+                    f"{'':20s} {T:6d} {'(fp32 ref':10s} {ref_s * 1e3:9.0f} ms; bf16 rounding of the reference "
+                    f"output alone: err {rel_err(ref['out'].to(BF16), ref['out']):.2e})",
+                    flush=True,
+                )
             del b, ref
             gc.collect()
         print(f"   peak RSS so far: {peak_rss_gib():.1f} GiB")
@@ -467,10 +529,14 @@ def main(argv=None):
         del impls, layer
         gc.collect()
 
-    print("\nratio = kt-kernel total time / moetune total time (> 1: moetune faster); 'ratio w/o' leaves out "
-          "kt-kernel's backward repack (overlapped with other work in kt-kernel's training loop).")
-    print("err = ||impl - ref||_F / ||ref||_F vs the fp32 reference on the same bf16 values; 'err LoRA' is the "
-          "worst of the six LoRA gradients (kt-kernel returns them in bf16, moetune in fp32).")
+    print(
+        "\nratio = kt-kernel total time / moetune total time (> 1: moetune faster); 'ratio w/o' leaves out "
+        "kt-kernel's backward repack (overlapped with other work in kt-kernel's training loop)."
+    )
+    print(
+        "err = ||impl - ref||_F / ||ref||_F vs the fp32 reference on the same bf16 values; 'err LoRA' is the "
+        "worst of the six LoRA gradients (kt-kernel returns them in bf16, moetune in fp32)."
+    )
     if kt_failure:
         print(f"kt-kernel: {kt_failure}")
     if args.json:

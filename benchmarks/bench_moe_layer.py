@@ -57,13 +57,12 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
-
-from _common import mem_available_bytes
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _common import mem_available_bytes
 
 BF16 = torch.bfloat16
 
@@ -78,7 +77,7 @@ CONFIGS = {
 # ----------------------------------------------------------------------------- machine / misc
 
 
-def machine_info() -> Dict[str, str]:
+def machine_info() -> dict[str, str]:
     info = {"platform": platform.platform(), "python": platform.python_version()}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -160,8 +159,11 @@ class BatchData:
         self.w = torch.softmax(logits, dim=1).to(BF16)  # like the HF router: topk values in bf16
         self.dout = torch.randn(T, H, generator=g).to(BF16)
         counts = torch.bincount(self.ids.flatten(), minlength=E)
-        self.load = dict(experts_hit=int((counts > 0).sum()), max_per_expert=int(counts.max()),
-                         mean_per_hit_expert=float(counts[counts > 0].float().mean()))
+        self.load = dict(
+            experts_hit=int((counts > 0).sum()),
+            max_per_expert=int(counts.max()),
+            mean_per_hit_expert=float(counts[counts > 0].float().mean()),
+        )
 
 
 # ----------------------------------------------------------------------------- timing
@@ -170,7 +172,7 @@ class BatchData:
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _system_busy_s() -> Optional[float]:
+def _system_busy_s() -> float | None:
     """CPU seconds all processes have been busy (user+nice+system+irq+softirq+steal), from /proc/stat."""
     try:
         with open("/proc/stat") as f:
@@ -185,8 +187,14 @@ def _own_cpu_s() -> float:
     return t.user + t.system
 
 
-def time_steps(step: Callable[[], None], reps: int, warmup: int, budget_s: float, contention_cores: float = 0.25,
-               max_extra: Optional[int] = None):
+def time_steps(
+    step: Callable[[], None],
+    reps: int,
+    warmup: int,
+    budget_s: float,
+    contention_cores: float = 0.25,
+    max_extra: int | None = None,
+):
     """Times fwd+bwd steps after `warmup`; returns (times of the reps used for the median, note).
 
     A rep (>= 0.2 s) during which other processes used more than `contention_cores` cores (measured
@@ -223,14 +231,16 @@ def time_steps(step: Callable[[], None], reps: int, warmup: int, budget_s: float
     if contended:
         note = (note + "; " if note else "") + (
             f"{len(contended)} contended rep(s) dropped (other processes used up to {worst_other:.1f} cores)"
-            if clean else f"ALL {len(contended)} reps contended (others used up to {worst_other:.1f} cores)")
+            if clean
+            else f"ALL {len(contended)} reps contended (others used up to {worst_other:.1f} cores)"
+        )
     return times, note
 
 
 # ----------------------------------------------------------------------------- moetune
 
 
-def time_batches(batches: Dict, params, forward, args) -> Dict:
+def time_batches(batches: dict, params, forward, args) -> dict:
     """Times fwd+bwd of `forward(x, batch, w)` on every batch: grads of x, w and
     `params` are reset before each step, so every rep does the same work."""
     res = {}
@@ -252,20 +262,27 @@ def time_batches(batches: Dict, params, forward, args) -> Dict:
     return res
 
 
-def bench_moetune(layer: LayerData, batches: Dict, args, meta: dict):
+def bench_moetune(layer: LayerData, batches: dict, args, meta: dict):
     """All moetune timings of one layer config. Returns {(T, routing): (times, note, out)}."""
     import moetune  # only here: --only-baselines must work without the extension
 
     ctx = moetune.Context(num_threads=args.threads, isa=args.isa)
-    meta["moetune_info"] = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                            for k, v in dict(ctx.info()).items()}
-    experts = moetune.MoEExperts(ctx, layer.gate.contiguous(), layer.up.contiguous(), layer.down,
-                                 backward_weights=args.backward_weights, activations=args.activations)
+    meta["moetune_info"] = {
+        k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dict(ctx.info()).items()
+    }
+    experts = moetune.MoEExperts(
+        ctx,
+        layer.gate.contiguous(),
+        layer.up.contiguous(),
+        layer.down,
+        backward_weights=args.backward_weights,
+        activations=args.activations,
+    )
     gc.collect()
     params = {p: (nn.Parameter(A.clone()), nn.Parameter(B.clone())) for p, (A, B) in layer.lora.items()}
     lora = moetune.LoraWeights(gate=params["gate"], up=params["up"], down=params["down"], scaling=layer.scaling)
     flat = [t for pair in params.values() for t in pair]
-    res = time_batches(batches, flat, lambda x, b, w: moetune.moe_experts(experts, x, b.ids, w, lora=lora), args)
+    res = time_batches(batches, flat, lambda x, b, w: moetune.moe_experts(experts, x, b.ids, w, lora=lora), args)  # noqa: F821 (del below)
     del experts, ctx
     gc.collect()
     return res
@@ -304,11 +321,15 @@ def per_expert_params(t: torch.Tensor, dtype) -> nn.ParameterList:
     return nn.ParameterList([nn.Parameter(t[e].to(dtype).clone()) for e in range(t.shape[0])])
 
 
-def bench_hf_loop(layer: LayerData, batches: Dict, args, meta: dict):
+def bench_hf_loop(layer: LayerData, batches: dict, args, meta: dict):
     params = {p: (per_expert_params(A, BF16), per_expert_params(B, BF16)) for p, (A, B) in layer.lora.items()}
     all_params = [q for A, B in params.values() for q in list(A) + list(B)]
-    res = time_batches(batches, all_params, lambda x, b, w: hf_loop_forward(
-        x, b.ids, w, layer.gate, layer.up, layer.down, params, layer.scaling), args)
+    res = time_batches(
+        batches,
+        all_params,
+        lambda x, b, w: hf_loop_forward(x, b.ids, w, layer.gate, layer.up, layer.down, params, layer.scaling),
+        args,
+    )
     return res
 
 
@@ -329,13 +350,32 @@ def _hf_classes(config_name: str):
 
 def _hf_config(config_name, H, I, E, k):
     cfg_cls, _, _ = _hf_classes(config_name)
-    common = dict(hidden_size=H, moe_intermediate_size=I, num_experts_per_tok=k, hidden_act="silu",
-                  num_hidden_layers=1, vocab_size=128, torch_dtype="bfloat16")
+    common = dict(
+        hidden_size=H,
+        moe_intermediate_size=I,
+        num_experts_per_tok=k,
+        hidden_act="silu",
+        num_hidden_layers=1,
+        vocab_size=128,
+        torch_dtype="bfloat16",
+    )
     if config_name in ("qwen3", "tiny"):
-        return cfg_cls(num_experts=E, intermediate_size=4 * I, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=H // 4, **common)
-    return cfg_cls(n_routed_experts=E, intermediate_size=4 * I, num_attention_heads=4, num_key_value_heads=4,
-                   first_k_dense_replace=0, **common)
+        return cfg_cls(
+            num_experts=E,
+            intermediate_size=4 * I,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=H // 4,
+            **common,
+        )
+    return cfg_cls(
+        n_routed_experts=E,
+        intermediate_size=4 * I,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        first_k_dense_replace=0,
+        **common,
+    )
 
 
 def default_experts_implementation(config_name: str) -> str:
@@ -358,7 +398,7 @@ class _ExpertsHolder(nn.Module):
         return self.experts(x, ids, w)
 
 
-def bench_hf_peft(layer: LayerData, batches: Dict, args, meta: dict, config_name: str):
+def bench_hf_peft(layer: LayerData, batches: dict, args, meta: dict, config_name: str):
     from peft import LoraConfig, get_peft_model
 
     _, experts_cls, _ = _hf_classes(config_name)
@@ -372,8 +412,12 @@ def bench_hf_peft(layer: LayerData, batches: Dict, args, meta: dict, config_name
     ex.down_proj = nn.Parameter(layer.down, requires_grad=False)
     ex.config._experts_implementation = impl
     holder = _ExpertsHolder(ex)
-    lcfg = LoraConfig(r=layer.r, lora_alpha=layer.r * layer.scaling, target_modules=[],
-                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    lcfg = LoraConfig(
+        r=layer.r,
+        lora_alpha=layer.r * layer.scaling,
+        target_modules=[],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+    )
     model = get_peft_model(holder, lcfg)
     # Non-zero LoRA weights (PEFT inits B = 0).
     g = torch.Generator().manual_seed(1234)
@@ -385,8 +429,9 @@ def bench_hf_peft(layer: LayerData, batches: Dict, args, meta: dict, config_name
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan) * (0.1 if "lora_B" in n else 1.0))
             lora_params.append(p)
     meta.setdefault("peft_trainable", {})[config_name] = {
-        n: [list(p.shape), str(p.dtype).replace("torch.", "")] for n, p in model.named_parameters() if p.requires_grad}
-    res = time_batches(batches, lora_params, lambda x, b, w: model(x, b.ids, w), args)
+        n: [list(p.shape), str(p.dtype).replace("torch.", "")] for n, p in model.named_parameters() if p.requires_grad
+    }
+    res = time_batches(batches, lora_params, lambda x, b, w: model(x, b.ids, w), args)  # noqa: F821 (del below)
     del model, holder, ex
     gc.collect()
     return res
@@ -403,26 +448,45 @@ def parse_args(argv=None):
     ap.add_argument("--zipf", type=float, default=1.2, help="Zipf exponent of expert popularity for --routing skewed")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--threads", type=int, default=default_threads(),
-                    help="threads for torch (baselines) and moetune (default: all usable cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=default_threads(),
+        help="threads for torch (baselines) and moetune (default: all usable cores)",
+    )
     ap.add_argument("--reps", type=int, default=5, help="timed reps (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--budget-s", type=float, default=60.0,
-                    help="per-baseline time budget: if one rep takes longer, report it with the reps done so far")
-    ap.add_argument("--deepseek-experts", type=int, default=None,
-                    help="use only N of DeepSeek-V3's 256 experts (default: 256, reduced automatically if memory "
-                         "is short; the output says so)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=60.0,
+        help="per-baseline time budget: if one rep takes longer, report it with the reps done so far",
+    )
+    ap.add_argument(
+        "--deepseek-experts",
+        type=int,
+        default=None,
+        help="use only N of DeepSeek-V3's 256 experts (default: 256, reduced automatically if memory "
+        "is short; the output says so)",
+    )
     ap.add_argument("--only-baselines", action="store_true", help="do not import or run moetune")
     ap.add_argument("--skip-loop", action="store_true", help="skip the HF-style loop baseline")
     ap.add_argument("--skip-peft", action="store_true", help="skip the transformers + PEFT baseline")
-    ap.add_argument("--hf-experts-impl", default=None,
-                    help="transformers experts implementation for hf_peft (default: what transformers selects for "
-                         "the model class, e.g. grouped_mm; 'eager' is the per-expert loop)")
+    ap.add_argument(
+        "--hf-experts-impl",
+        default=None,
+        help="transformers experts implementation for hf_peft (default: what transformers selects for "
+        "the model class, e.g. grouped_mm; 'eager' is the per-expert loop)",
+    )
     ap.add_argument("--isa", default="auto", help="moetune ISA: auto | scalar | avx2 | avx512 | avx512_bf16 | amx_bf16")
     ap.add_argument("--backward-weights", default="repack", choices=["repack", "transposed_copy"])
     ap.add_argument("--activations", default="save", choices=["save", "recompute"])
-    ap.add_argument("--flops", default="exact", choices=["exact", "3pass"],
-                    help="FLOP convention for the base backward (see the module docstring)")
+    ap.add_argument(
+        "--flops",
+        default="exact",
+        choices=["exact", "3pass"],
+        help="FLOP convention for the base backward (see the module docstring)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     return ap.parse_args(argv)
@@ -451,24 +515,40 @@ def main(argv=None):
             args.skip_peft = True
 
     mach = machine_info()
-    meta = dict(machine=mach, torch=torch.__version__, transformers=transformers.__version__, peft=peft_version,
-                torch_threads=torch.get_num_threads(), moetune_threads=args.threads, args=vars(args),
-                flops_convention=args.flops, notes=[])
-    print(f"machine : {mach.get('cpu_model')} | {mach.get('sockets')} socket(s) x {mach.get('cores_per_socket')} "
-          f"core(s) x {mach.get('threads_per_core')} thread(s) = {mach.get('cpus')} CPUs | {mach.get('isa_flags')}")
-    print(f"software: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft_version}, "
-          f"python {mach['python']}")
+    meta = dict(
+        machine=mach,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        peft=peft_version,
+        torch_threads=torch.get_num_threads(),
+        moetune_threads=args.threads,
+        args=vars(args),
+        flops_convention=args.flops,
+        notes=[],
+    )
+    print(
+        f"machine : {mach.get('cpu_model')} | {mach.get('sockets')} socket(s) x {mach.get('cores_per_socket')} "
+        f"core(s) x {mach.get('threads_per_core')} thread(s) = {mach.get('cpus')} CPUs | {mach.get('isa_flags')}"
+    )
+    print(
+        f"software: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft_version}, "
+        f"python {mach['python']}"
+    )
     load = os.getloadavg()
     meta["loadavg_at_start"] = load
-    print(f"load    : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min)"
-          + ("  WARNING: the machine is busy, timings will be noisy" if load[0] > 0.5 else ""))
+    print(
+        f"load    : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1/5/15 min)"
+        + ("  WARNING: the machine is busy, timings will be noisy" if load[0] > 0.5 else "")
+    )
     print(f"threads : torch.get_num_threads() = {torch.get_num_threads()}, moetune num_threads = {args.threads}")
-    print(f"LoRA    : r = {args.rank}, alpha = {args.alpha}, on gate, up and down; reps = {args.reps} (median), "
-          f"warmup = {args.warmup}, per-rep budget = {args.budget_s:.0f}s")
+    print(
+        f"LoRA    : r = {args.rank}, alpha = {args.alpha}, on gate, up and down; reps = {args.reps} (median), "
+        f"warmup = {args.warmup}, per-rep budget = {args.budget_s:.0f}s"
+    )
     bwd = "2*T*k*3*H*I (dh, dx; frozen W)" if args.flops == "exact" else "2*(2*T*k*3*H*I) (3-pass convention)"
     print(f"FLOPs   : fwd+bwd = 2*T*k*3*H*I (fwd) + {bwd} + 3 LoRA projections x 3 x 2*T*k*r*(H+I)")
 
-    rows: List[dict] = []
+    rows: list[dict] = []
     moetune_ok = not args.only_baselines
     for cname in configs:
         c = dict(CONFIGS[cname])
@@ -485,9 +565,11 @@ def main(argv=None):
             elif fit < E:
                 E = max(k, fit)
             if E != c["E"]:
-                msg = (f"NOTE: DeepSeek-V3 run with {E} of its {c['E']} experts "
-                       f"({'--deepseek-experts' if args.deepseek_experts is not None else 'memory: ' + f'{avail / 2**30:.0f} GiB available'}); "
-                       f"tokens per expert are {c['E'] / E:.1f}x the real model's")
+                msg = (
+                    f"NOTE: DeepSeek-V3 run with {E} of its {c['E']} experts "
+                    f"({'--deepseek-experts' if args.deepseek_experts is not None else 'memory: ' + f'{avail / 2**30:.0f} GiB available'}); "
+                    f"tokens per expert are {c['E'] / E:.1f}x the real model's"
+                )
                 print(msg)
                 meta["notes"].append(msg)
                 label = f"{label}[E={E}]"
@@ -501,10 +583,12 @@ def main(argv=None):
             for r in routings:
                 b = BatchData(T, H, E, k, r, args.zipf, seed=args.seed + 7919 * T + (0 if r == "uniform" else 1))
                 batches[(T, r)] = b
-                print(f"   T={T:5d} {r:8s}: experts hit {b.load['experts_hit']}/{E}, max tokens/expert "
-                      f"{b.load['max_per_expert']}, mean per hit expert {b.load['mean_per_hit_expert']:.1f}")
+                print(
+                    f"   T={T:5d} {r:8s}: experts hit {b.load['experts_hit']}/{E}, max tokens/expert "
+                    f"{b.load['max_per_expert']}, mean per hit expert {b.load['mean_per_hit_expert']:.1f}"
+                )
 
-        results: Dict[str, Dict] = {}
+        results: dict[str, dict] = {}
         if moetune_ok:
             try:
                 results["moetune"] = bench_moetune(layer, batches, args, meta)
@@ -519,17 +603,31 @@ def main(argv=None):
             results["hf_peft"] = bench_hf_peft(layer, batches, args, meta, cname)
             print(f"   hf_peft experts implementation: {meta['hf_experts_implementation'][cname]}")
 
-        for (T, r), b in batches.items():
+        for (T, r), _b in batches.items():
             fl = flops_fwd_bwd(T, k, H, I, args.rank, args.flops)
             mt = results.get("moetune", {}).get((T, r))
             mt_med = statistics.median(mt[0]) if mt else None
             for impl, res in results.items():
                 times, note, out = res[(T, r)]
                 med = statistics.median(times)
-                row = dict(config=label, H=H, I=I, E=E, k=k, T=T, routing=r, impl=impl, time_ms=med * 1e3,
-                           reps=len(times), times_ms=[t * 1e3 for t in times], tokens_per_s=T / med,
-                           tflops=fl / med / 1e12, flops=fl, note=note,
-                           speedup_moetune=(med / mt_med) if (mt_med and impl != "moetune") else None)
+                row = dict(
+                    config=label,
+                    H=H,
+                    I=I,
+                    E=E,
+                    k=k,
+                    T=T,
+                    routing=r,
+                    impl=impl,
+                    time_ms=med * 1e3,
+                    reps=len(times),
+                    times_ms=[t * 1e3 for t in times],
+                    tokens_per_s=T / med,
+                    tflops=fl / med / 1e12,
+                    flops=fl,
+                    note=note,
+                    speedup_moetune=(med / mt_med) if (mt_med and impl != "moetune") else None,
+                )
                 if impl != "moetune" and mt is not None and impl == "hf_loop":
                     # same math (separate gate/up LoRA) -> outputs must agree to bf16 accuracy
                     ref = out.float()
@@ -539,24 +637,36 @@ def main(argv=None):
         gc.collect()
 
     # ------------------------------------------------------------------ table
-    hdr = (f"{'config':22s} {'T':>5s} {'routing':8s} {'impl':8s} {'time (ms)':>11s} {'min (ms)':>10s} {'tokens/s':>10s} "
-           f"{'TFLOPS':>7s} {'moetune speedup':>15s}  note")
+    hdr = (
+        f"{'config':22s} {'T':>5s} {'routing':8s} {'impl':8s} {'time (ms)':>11s} {'min (ms)':>10s} {'tokens/s':>10s} "
+        f"{'TFLOPS':>7s} {'moetune speedup':>15s}  note"
+    )
     print("\n" + hdr)
     print("-" * len(hdr))
     for row in rows:
-        sp = f"{row['speedup_moetune']:.2f}x" if row["speedup_moetune"] else ("-" if row["impl"] == "moetune" else "n/a")
+        sp = (
+            f"{row['speedup_moetune']:.2f}x" if row["speedup_moetune"] else ("-" if row["impl"] == "moetune" else "n/a")
+        )
         extra = row["note"]
         if "moetune_vs_loop_rel_maxdiff" in row:
-            extra = (extra + "; " if extra else "") + f"max|moetune-loop|/max|loop| = {row['moetune_vs_loop_rel_maxdiff']:.2e}"
-        print(f"{row['config']:22s} {row['T']:5d} {row['routing']:8s} {row['impl']:8s} {row['time_ms']:11.1f} "
-              f"{min(row['times_ms']):10.1f} "
-              f"{row['tokens_per_s']:10.1f} {row['tflops']:7.3f} {sp:>15s}  {extra}")
-    print("time = median over the timed reps (fwd+bwd), min = fastest rep; tokens/s and TFLOPS use the median;"
-          " speedup = baseline median / moetune median.")
+            extra = (
+                extra + "; " if extra else ""
+            ) + f"max|moetune-loop|/max|loop| = {row['moetune_vs_loop_rel_maxdiff']:.2e}"
+        print(
+            f"{row['config']:22s} {row['T']:5d} {row['routing']:8s} {row['impl']:8s} {row['time_ms']:11.1f} "
+            f"{min(row['times_ms']):10.1f} "
+            f"{row['tokens_per_s']:10.1f} {row['tflops']:7.3f} {sp:>15s}  {extra}"
+        )
+    print(
+        "time = median over the timed reps (fwd+bwd), min = fastest rep; tokens/s and TFLOPS use the median;"
+        " speedup = baseline median / moetune median."
+    )
     n_cont = sum(1 for row in rows if "contended" in row["note"])
     if n_cont:
-        print(f"WARNING: {n_cont} row(s) had reps during which other processes competed for the cores "
-              "(see note); those reps were repeated/dropped where possible.")
+        print(
+            f"WARNING: {n_cont} row(s) had reps during which other processes competed for the cores "
+            "(see note); those reps were repeated/dropped where possible."
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=2, default=str)

@@ -31,7 +31,6 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List
 
 import torch
 
@@ -51,8 +50,14 @@ def build_experts(ctx, E, H, I, fmt, group, distinct=4, seed=0):
     `distinct` random experts are cycled (timing does not depend on the values)."""
     ex = moetune.MoEExperts.empty(ctx, E, H, I, weight_format=fmt, group_size=group)
     g = torch.Generator().manual_seed(seed)
-    pool = [((torch.randn(I, H, generator=g) / H ** 0.5).bfloat16(), (torch.randn(I, H, generator=g) / H ** 0.5).bfloat16(),
-             (torch.randn(H, I, generator=g) / I ** 0.5).bfloat16()) for _ in range(min(distinct, E))]
+    pool = [
+        (
+            (torch.randn(I, H, generator=g) / H**0.5).bfloat16(),
+            (torch.randn(I, H, generator=g) / H**0.5).bfloat16(),
+            (torch.randn(H, I, generator=g) / I**0.5).bfloat16(),
+        )
+        for _ in range(min(distinct, E))
+    ]
     for e in range(E):
         ex.load_expert(e, *pool[e % len(pool)])
     return ex
@@ -70,8 +75,10 @@ def lora_params(E, H, I, r, device, seed):
     g = torch.Generator().manual_seed(seed)
     out = {}
     for p, (din, dout) in (("gate", (H, I)), ("up", (H, I)), ("down", (I, H))):
-        out[p] = (torch.nn.Parameter((torch.randn(E, r, din, generator=g) / din ** 0.5).to(device)),
-                  torch.nn.Parameter((torch.randn(E, dout, r, generator=g) * 0.01).to(device)))
+        out[p] = (
+            torch.nn.Parameter((torch.randn(E, r, din, generator=g) / din**0.5).to(device)),
+            torch.nn.Parameter((torch.randn(E, dout, r, generator=g) * 0.01).to(device)),
+        )
     return out
 
 
@@ -84,8 +91,10 @@ def plan_for(mode, threshold):
         if mode == "gpu_streamed":
             return Where.GPU_STREAMED
         hot = counts >= threshold
-        return torch.where(hot, torch.where(resident, int(Where.GPU_RESIDENT), int(Where.GPU_STREAMED)),
-                           int(Where.CPU)).to(torch.int8)
+        return torch.where(
+            hot, torch.where(resident, int(Where.GPU_RESIDENT), int(Where.GPU_STREAMED)), int(Where.CPU)
+        ).to(torch.int8)
+
     return fn
 
 
@@ -129,13 +138,18 @@ def run_mode(mode, ex, gpu, runtime, x, ids, w, params, dout, scaling, reps, thr
     copied = gpu.streamer.bytes_copied - copied0
     plan = planner.observed[0][1] if planner.observed else None
     on_gpu = (plan.where != int(Where.CPU)) & (plan.counts > 0) if plan is not None else None
-    return dict(mode=mode, ms=1e3 * statistics.median(times), fwd_ms=1e3 * statistics.median(fw),
-                bwd_ms=1e3 * statistics.median(bw), copied_per_step=copied / reps,
-                copy_gbps=(copied / copy_s / 1e9) if copy_s > 0 else 0.0,
-                gpu_experts=int(on_gpu.sum()) if on_gpu is not None else 0,
-                gpu_rows=int(plan.counts[on_gpu].sum()) if on_gpu is not None else 0,
-                peak_gib=(torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else 0.0,
-                out=out.detach().float())
+    return dict(
+        mode=mode,
+        ms=1e3 * statistics.median(times),
+        fwd_ms=1e3 * statistics.median(fw),
+        bwd_ms=1e3 * statistics.median(bw),
+        copied_per_step=copied / reps,
+        copy_gbps=(copied / copy_s / 1e9) if copy_s > 0 else 0.0,
+        gpu_experts=int(on_gpu.sum()) if on_gpu is not None else 0,
+        gpu_rows=int(plan.counts[on_gpu].sum()) if on_gpu is not None else 0,
+        peak_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else 0.0,
+        out=out.detach().float(),
+    )
 
 
 def main(argv=None):
@@ -151,8 +165,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="engine threads (default: cores - torch threads)")
     ap.add_argument("--torch-threads", type=int, default=2)
     ap.add_argument("--deepseek-experts", type=int, default=None, help="default: as many as host RAM allows")
-    ap.add_argument("--mixed-threshold", type=int, default=None, help="rows for an expert to go to the GPU "
-                    "in the mixed plan (default T*k/E)")
+    ap.add_argument(
+        "--mixed-threshold",
+        type=int,
+        default=None,
+        help="rows for an expert to go to the GPU in the mixed plan (default T*k/E)",
+    )
     ap.add_argument("--chunk-mib", type=int, default=64, help="stored MiB per streamed chunk")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
@@ -169,10 +187,12 @@ def main(argv=None):
     torch.set_num_threads(args.torch_threads)
     threads = args.threads or max(1, len(os.sched_getaffinity(0)) - args.torch_threads)
     ctx = moetune.Context(threads)
-    print(f"# bench_placement: {cpu_name()}, engine {ctx.info()['kernel']} x {threads} threads, "
-          f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (stand-in)'}, "
-          f"torch {torch.__version__}, format {args.format}, LoRA r{args.rank}")
-    rows: List[Dict] = []
+    print(
+        f"# bench_placement: {cpu_name()}, engine {ctx.info()['kernel']} x {threads} threads, "
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu (stand-in)'}, "
+        f"torch {torch.__version__}, format {args.format}, LoRA r{args.rank}"
+    )
+    rows: list[dict] = []
     for name, sh in shapes.items():
         E, H, I, k = sh["E"], sh["H"], sh["I"], sh["k"]
         per_expert = 2 * 3 * H * I  # bf16 packed bytes (the largest format)
@@ -183,8 +203,10 @@ def main(argv=None):
             E_use = min(E, args.deepseek_experts or fit)
         else:
             E_use = E
-        print(f"## {name}: E={E_use}{f' of {E} (host RAM: {(avail or 0) / 2**30:.0f} GiB available)' if E_use < E else ''}"
-              f", H={H}, I={I}, k={k}")
+        print(
+            f"## {name}: E={E_use}{f' of {E} (host RAM: {(avail or 0) / 2**30:.0f} GiB available)' if E_use < E else ''}"
+            f", H={H}, I={I}, k={k}"
+        )
         ex = build_experts(ctx, E_use, H, I, args.format, args.group_size)
         fmt_bytes = ex.packed_bytes_per_expert
         chunk = max(1, (args.chunk_mib << 20) // fmt_bytes) * fmt_bytes
@@ -198,8 +220,11 @@ def main(argv=None):
             threshold = args.mixed_threshold or max(1, T * k // E_use)
             base = None
             for mode in modes:
-                gpu.set_resident(torch.ones(E_use, dtype=torch.bool) if mode == "gpu_resident"
-                                 else torch.zeros(E_use, dtype=torch.bool))
+                gpu.set_resident(
+                    torch.ones(E_use, dtype=torch.bool)
+                    if mode == "gpu_resident"
+                    else torch.zeros(E_use, dtype=torch.bool)
+                )
                 r = run_mode(mode, ex, gpu, runtime, x, ids, w, params, dout, 2.0, reps, threshold, device)
                 out = r.pop("out")
                 if mode == "cpu":
@@ -208,10 +233,13 @@ def main(argv=None):
                 speed = base[0] / r["ms"] if base is not None else float("nan")
                 r.update(shape=name, E=E_use, T=T, speedup_vs_cpu=speed, rel_err_vs_cpu=err)
                 rows.append(r)
-                print(f"{name:8s} T={T:6d} {mode:13s} {r['ms']:9.1f} ms (fwd {r['fwd_ms']:8.1f} / bwd {r['bwd_ms']:8.1f})"
-                      f"  x{speed:5.2f} vs cpu  gpu: {r['gpu_experts']:3d} experts {r['gpu_rows']:7d} rows"
-                      f"  copied {r['copied_per_step'] / 2**30:6.2f} GiB/step at {r['copy_gbps']:5.1f} GB/s"
-                      f"  peak {r['peak_gib']:5.1f} GiB  err {err:.1e}", flush=True)
+                print(
+                    f"{name:8s} T={T:6d} {mode:13s} {r['ms']:9.1f} ms (fwd {r['fwd_ms']:8.1f} / bwd {r['bwd_ms']:8.1f})"
+                    f"  x{speed:5.2f} vs cpu  gpu: {r['gpu_experts']:3d} experts {r['gpu_rows']:7d} rows"
+                    f"  copied {r['copied_per_step'] / 2**30:6.2f} GiB/step at {r['copy_gbps']:5.1f} GB/s"
+                    f"  peak {r['peak_gib']:5.1f} GiB  err {err:.1e}",
+                    flush=True,
+                )
             gpu.set_resident(torch.zeros(E_use, dtype=torch.bool))
             del params, x, dout
         del gpu, runtime, ex

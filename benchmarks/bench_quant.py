@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _common import cpu_name, time_fwd_bwd
 
 import moetune
-from _common import cpu_name, time_fwd_bwd
 
 CONFIGS = {
     "qwen3": dict(label="Qwen3-30B-A3B", H=2048, I=768, E=128, k=8),
@@ -51,18 +51,24 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backward-weights", default="repack")
     ap.add_argument("--activations", default="save")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="torch intra-op threads while timing (the engine owns the cores; torch's idle "
-                         "OpenMP workers spin on them after each torch op)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads while timing (the engine owns the cores; torch's idle "
+        "OpenMP workers spin on them after each torch op)",
+    )
     ap.add_argument("--peak-tflops", type=float, default=None, help="measured compute ceiling, for a %% column")
     ap.add_argument("--peak-gbs", type=float, default=None, help="measured DRAM read bandwidth, for a %% column")
     args = ap.parse_args()
     ctx = moetune.Context(args.threads, isa=args.isa)
     torch.set_num_threads(args.torch_threads)
     print(f"machine: {cpu_name()}, engine {ctx.info()}, torch {torch.__version__}")
-    print(f"options: backward_weights={args.backward_weights} activations={args.activations}, LoRA r={args.rank} "
-          f"on gate/up/down, routing uniform random, reps={args.reps} (median, after 1 warm-up), "
-          f"torch threads {torch.get_num_threads()}, grads set to None before each rep")
+    print(
+        f"options: backward_weights={args.backward_weights} activations={args.activations}, LoRA r={args.rank} "
+        f"on gate/up/down, routing uniform random, reps={args.reps} (median, after 1 warm-up), "
+        f"torch threads {torch.get_num_threads()}, grads set to None before each rep"
+    )
     fmts = [(f, None) for f in args.formats if f != "int4"]
     if "int4" in args.formats:
         fmts += [("int4", gs) for gs in args.groups]
@@ -74,19 +80,33 @@ def main():
         g = torch.Generator().manual_seed(0)
         W = (weights(E, I, H, g), weights(E, I, H, g), weights(E, H, I, g))
         lora = moetune.LoraWeights(
-            **{p: (torch.nn.Parameter(torch.randn(E, r, H if p != "down" else I, generator=g) * 0.01),
-                   torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * 0.01))
-               for p in ("gate", "up", "down")}, scaling=2.0)
+            **{
+                p: (
+                    torch.nn.Parameter(torch.randn(E, r, H if p != "down" else I, generator=g) * 0.01),
+                    torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * 0.01),
+                )
+                for p in ("gate", "up", "down")
+            },
+            scaling=2.0,
+        )
         lora_params = [t for pair in (lora.gate, lora.up, lora.down) for t in pair]
         print(f"\n## {c['label']}: H={H} I={I} E={E} k={k}")
         pk = f" {'% peak':>6} |" if args.peak_tflops else ""
         bw_hdr = f" {'% BW':>5} |" if args.peak_gbs else ""
-        print(f"| {'T':>6} | {'format':>9} | {'fwd ms':>8} | {'bwd ms':>8} | {'total ms':>9} | {'tokens/s':>9} | "
-              f"{'TFLOPS':>6} |{pk} {'packed GiB':>10} | {'weight GB/s':>11} |{bw_hdr}")
+        print(
+            f"| {'T':>6} | {'format':>9} | {'fwd ms':>8} | {'bwd ms':>8} | {'total ms':>9} | {'tokens/s':>9} | "
+            f"{'TFLOPS':>6} |{pk} {'packed GiB':>10} | {'weight GB/s':>11} |{bw_hdr}"
+        )
         print("|---" * (9 + bool(pk) + bool(bw_hdr)) + "|")
         for fmt, gs in fmts:
-            ex = moetune.MoEExperts(ctx, *W, weight_format=fmt, group_size=gs,
-                                    backward_weights=args.backward_weights, activations=args.activations)
+            ex = moetune.MoEExperts(
+                ctx,
+                *W,
+                weight_format=fmt,
+                group_size=gs,
+                backward_weights=args.backward_weights,
+                activations=args.activations,
+            )
             label = fmt if gs is None else f"int4 g{gs}"
             for T in args.tokens:
                 gt = torch.Generator().manual_seed(T)
@@ -94,8 +114,9 @@ def main():
                 w, ids = torch.softmax(torch.randn(T, E, generator=gt), -1).topk(k, -1)
                 w = w.detach().requires_grad_()
                 dout = torch.randn(T, H, generator=gt).bfloat16()
-                f, b = time_fwd_bwd(lambda ex=ex: moetune.moe_experts(ex, x, ids, w, lora), dout,
-                                    [x, w, *lora_params], args.reps)
+                f, b = time_fwd_bwd(
+                    lambda ex=ex: moetune.moe_experts(ex, x, ids, w, lora), dout, [x, w, *lora_params], args.reps
+                )
                 flops = 2 * (2 * T * k * 3 * H * I) + 18 * T * k * r * (H + I)
                 active = torch.unique(ids).numel()
                 passes = 3 if args.activations == "recompute" else 2
@@ -103,9 +124,12 @@ def main():
                 tflops, gbs = flops / (f + b) / 1e12, streamed / (f + b) / 1e9
                 pk = f" {100 * tflops / args.peak_tflops:5.1f}% |" if args.peak_tflops else ""
                 bwc = f" {100 * gbs / args.peak_gbs:4.1f}% |" if args.peak_gbs else ""
-                print(f"| {T:>6} | {label:>9} | {f * 1e3:8.1f} | {b * 1e3:8.1f} | {(f + b) * 1e3:9.1f} | "
-                      f"{T / (f + b):9.0f} | {tflops:6.2f} |{pk} {ex.packed_bytes / 2**30:10.2f} | "
-                      f"{gbs:11.1f} |{bwc}", flush=True)
+                print(
+                    f"| {T:>6} | {label:>9} | {f * 1e3:8.1f} | {b * 1e3:8.1f} | {(f + b) * 1e3:9.1f} | "
+                    f"{T / (f + b):9.0f} | {tflops:6.2f} |{pk} {ex.packed_bytes / 2**30:10.2f} | "
+                    f"{gbs:11.1f} |{bwc}",
+                    flush=True,
+                )
             del ex
 
 

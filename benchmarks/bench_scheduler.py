@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 import torch
-
 from _common import cpu_name
+
 from moetune.placement.cost import CostModel, LayerShape
 from moetune.placement.residency import ResidencyPolicy
 from moetune.placement.scheduler import Scheduler
@@ -60,10 +60,12 @@ def main():
             med, p90 = cpu_us(lambda: sched.plan(0, counts, resident), args.reps)
             w = plan.where.numpy()
             p = plan.predicted
-            print(f"E={E:4d} T={T:6d}: plan {med:7.0f} us (p90 {p90:.0f})  streamed {int((w == 2).sum()):3d} "
-                  f"resident {int((w == 1).sum()):3d} cpu {int(((w == 0) & (counts.numpy() > 0)).sum()):3d}  "
-                  f"predicted fwd+bwd {1e3 * p['makespan']:.1f} ms (all-CPU {1e3 * p['all_cpu']:.1f}, "
-                  f"all-GPU {1e3 * p['all_gpu']:.1f})")
+            print(
+                f"E={E:4d} T={T:6d}: plan {med:7.0f} us (p90 {p90:.0f})  streamed {int((w == 2).sum()):3d} "
+                f"resident {int((w == 1).sum()):3d} cpu {int(((w == 0) & (counts.numpy() > 0)).sum()):3d}  "
+                f"predicted fwd+bwd {1e3 * p['makespan']:.1f} ms (all-CPU {1e3 * p['all_cpu']:.1f}, "
+                f"all-GPU {1e3 * p['all_gpu']:.1f})"
+            )
     E = args.experts[0]
     shape = LayerShape(E, 2048, 768, 3 * 2048 * 768 * 2)
     sched = Scheduler(CostModel(shape), correction=False)
@@ -73,8 +75,10 @@ def main():
     t0 = time.process_time()
     policy.end_step()
     dt = time.process_time() - t0
-    print(f"residency refresh, {args.layers} layers x {E} experts, budget 1/3 of the expert bytes: "
-          f"{dt * 1e3:.0f} ms ({policy.last_refresh['experts']} experts resident)")
+    print(
+        f"residency refresh, {args.layers} layers x {E} experts, budget 1/3 of the expert bytes: "
+        f"{dt * 1e3:.0f} ms ({policy.last_refresh['experts']} experts resident)"
+    )
 
 
 if __name__ == "__main__":

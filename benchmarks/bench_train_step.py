@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-GiB = 2.0 ** 30
+GiB = 2.0**30
 
 
 def shape_config(shape: str, layers: int):
@@ -48,17 +48,46 @@ def shape_config(shape: str, layers: int):
         return qwen3_30b_config(layers)
     if shape == "deepseek":  # DeepSeek-V3's config.json values, every layer a MoE layer
         return transformers.DeepseekV3Config(
-            vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-            n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
-            routed_scaling_factor=2.5, norm_topk_prob=True, num_hidden_layers=layers, first_k_dense_replace=0,
-            num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-            qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=163840,
-            rms_norm_eps=1e-6, tie_word_embeddings=False)
+            vocab_size=129280,
+            hidden_size=7168,
+            intermediate_size=18432,
+            moe_intermediate_size=2048,
+            n_routed_experts=256,
+            n_shared_experts=1,
+            num_experts_per_tok=8,
+            n_group=8,
+            topk_group=4,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            num_hidden_layers=layers,
+            first_k_dense_replace=0,
+            num_attention_heads=128,
+            num_key_value_heads=128,
+            q_lora_rank=1536,
+            kv_lora_rank=512,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=128,
+            v_head_dim=128,
+            max_position_embeddings=163840,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        )
     if shape == "tiny":
         return transformers.Qwen3MoeConfig(
-            vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-            num_experts_per_tok=2, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, norm_topk_prob=True, tie_word_embeddings=False, mlp_only_layers=[])
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            norm_topk_prob=True,
+            tie_word_embeddings=False,
+            mlp_only_layers=[],
+        )
     raise ValueError(shape)
 
 
@@ -119,11 +148,11 @@ def reset_rss_peak() -> None:
 
 
 def run_method(method: str, a) -> list:
+    import peft
     import torch
 
     import moetune
     import moetune.hf
-    import peft
 
     device = torch.device(a.device)
     cfg = shape_config(a.shape, a.layers)
@@ -141,18 +170,37 @@ def run_method(method: str, a) -> list:
         else:
             budget = expert_bytes / 3 / GiB if method == "auto-third" else None
             trace = os.path.join(a.trace, f"trace-{a.shape}-{method}.json") if a.trace else None
-            placement = PlacementOptions(mode="gpu" if a.smoke else "auto", gpu_budget_gib=budget,
-                                         device=a.device, warmup_steps=1, refresh_every=a.refresh_every,
-                                         calibrate=not a.smoke, trace=trace)
+            placement = PlacementOptions(
+                mode="gpu" if a.smoke else "auto",
+                gpu_budget_gib=budget,
+                device=a.device,
+                warmup_steps=1,
+                refresh_every=a.refresh_every,
+                calibrate=not a.smoke,
+                trace=trace,
+            )
         ctx = moetune.Context(a.threads)
         handle = moetune.hf.patch(model, ctx=ctx, keep_original=False, placement=placement)
         model.to(device)
     build_s = time.perf_counter() - t0
-    lcfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj",
-                                           "kv_a_proj_with_mqa", "kv_b_proj"],
-                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-                           bias="none", task_type="CAUSAL_LM")
+    lcfg = peft.LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "q_a_proj",
+            "q_b_proj",
+            "kv_a_proj_with_mqa",
+            "kv_b_proj",
+        ],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = peft.get_peft_model(model, lcfg)
     if handle is not None and handle.placement is not None:
         handle.placement.adopt_lora(model)
@@ -188,9 +236,19 @@ def run_method(method: str, a) -> list:
             if handle is not None and handle.placement is not None:
                 gpu_peak = max(gpu_peak, (handle.placement.peak_gpu_bytes() or 0) / GiB)
         s = statistics.median(times)
-        rows.append(dict(method=method, seq=seq, step_s=s, tokens_per_s=seq / s, gpu_peak_gib=gpu_peak,
-                         rss_peak_gib=status_kib("VmHWM") * 1024 / GiB, build_s=build_s, loss=float(loss),
-                         split={k: v for k, v in split.items() if isinstance(v, (int, float))}))
+        rows.append(
+            dict(
+                method=method,
+                seq=seq,
+                step_s=s,
+                tokens_per_s=seq / s,
+                gpu_peak_gib=gpu_peak,
+                rss_peak_gib=status_kib("VmHWM") * 1024 / GiB,
+                build_s=build_s,
+                loss=float(loss),
+                split={k: v for k, v in split.items() if isinstance(v, (int, float))},
+            )
+        )
         print("ROW " + json.dumps(rows[-1]), flush=True)
     if handle is not None and handle.placement is not None and a.trace:
         handle.placement.write_trace()
@@ -223,9 +281,11 @@ def main():
         return
     import torch
 
-    print(f"shape {a.shape}, {a.layers} decoder layers, seq {a.seq}, engine threads {a.threads}, torch threads "
-          f"{a.torch_threads}, device {a.device}"
-          + (f" ({torch.cuda.get_device_name()})" if a.device.startswith("cuda") and torch.cuda.is_available() else ""))
+    print(
+        f"shape {a.shape}, {a.layers} decoder layers, seq {a.seq}, engine threads {a.threads}, torch threads "
+        f"{a.torch_threads}, device {a.device}"
+        + (f" ({torch.cuda.get_device_name()})" if a.device.startswith("cuda") and torch.cuda.is_available() else "")
+    )
     rows = []
     for method in a.methods.split(","):
         cmd = [sys.executable, __file__, "--child", method] + [x for x in sys.argv[1:]]
@@ -235,8 +295,11 @@ def main():
             print(f"{method}: failed (rc {r.returncode})\n{r.stderr[-3000:]}", flush=True)
         rows += got
         for row in got:
-            print(f"  {method:<11} seq {row['seq']:>6}: {row['step_s']:7.3f} s/step {row['tokens_per_s']:9.1f} tok/s "
-                  f"GPU peak {row['gpu_peak_gib']:6.2f} GiB  RSS peak {row['rss_peak_gib']:6.2f} GiB", flush=True)
+            print(
+                f"  {method:<11} seq {row['seq']:>6}: {row['step_s']:7.3f} s/step {row['tokens_per_s']:9.1f} tok/s "
+                f"GPU peak {row['gpu_peak_gib']:6.2f} GiB  RSS peak {row['rss_peak_gib']:6.2f} GiB",
+                flush=True,
+            )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -249,11 +312,16 @@ def main():
     print("\n| method | seq | s/step | tokens/s | vs cpu | vs peft | GPU peak GiB | RSS peak GiB | split (last step) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        split = " ".join(f"{k.replace('placement_', '')}={v:.3g}" for k, v in sorted(r["split"].items())
-                         if any(w in k for w in ("experts", "tokens", "bytes_copied", "_s", "share")))
-        print(f"| {r['method']} | {r['seq']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{ratio(base.get(r['seq']), r)} | {ratio(peft_rows.get(r['seq']), r)} | {r['gpu_peak_gib']:.2f} | "
-              f"{r['rss_peak_gib']:.2f} | {split} |")
+        split = " ".join(
+            f"{k.replace('placement_', '')}={v:.3g}"
+            for k, v in sorted(r["split"].items())
+            if any(w in k for w in ("experts", "tokens", "bytes_copied", "_s", "share"))
+        )
+        print(
+            f"| {r['method']} | {r['seq']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+            f"{ratio(base.get(r['seq']), r)} | {ratio(peft_rows.get(r['seq']), r)} | {r['gpu_peak_gib']:.2f} | "
+            f"{r['rss_peak_gib']:.2f} | {split} |"
+        )
 
 
 if __name__ == "__main__":

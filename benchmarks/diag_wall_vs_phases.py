@@ -8,6 +8,7 @@ op and can take the engine's cores). Qwen3-30B-A3B shapes, LoRA r=16 on gate/up/
 
   python benchmarks/diag_wall_vs_phases.py --threads 16 --torch-threads 16 1 --tokens 256 4096
 """
+
 import argparse
 import statistics
 import time
@@ -28,15 +29,27 @@ def main():
     E, H, I, k, r = 128, 2048, 768, 8, 16
     g = torch.Generator().manual_seed(0)
     ctx = moetune.Context(a.threads)
-    W = [(torch.randn(E, I, H, generator=g) / H ** .5).bfloat16(), (torch.randn(E, I, H, generator=g) / H ** .5).bfloat16(),
-         (torch.randn(E, H, I, generator=g) / I ** .5).bfloat16()]
-    lora = moetune.LoraWeights(**{p: (torch.nn.Parameter(torch.randn(E, r, H if p != "down" else I, generator=g) * .01),
-                                      torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * .01))
-                                  for p in ("gate", "up", "down")}, scaling=2.0)
+    W = [
+        (torch.randn(E, I, H, generator=g) / H**0.5).bfloat16(),
+        (torch.randn(E, I, H, generator=g) / H**0.5).bfloat16(),
+        (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16(),
+    ]
+    lora = moetune.LoraWeights(
+        **{
+            p: (
+                torch.nn.Parameter(torch.randn(E, r, H if p != "down" else I, generator=g) * 0.01),
+                torch.nn.Parameter(torch.randn(E, I if p != "down" else H, r, generator=g) * 0.01),
+            )
+            for p in ("gate", "up", "down")
+        },
+        scaling=2.0,
+    )
     ex = moetune.MoEExperts(ctx, *W, backward_weights=a.backward_weights)
     print(f"engine {ctx.info()}; backward_weights={a.backward_weights}")
-    print(f"{'T':>6} {'torch thr':>9} {'fwd wall':>9} {'fwd phases':>10} {'bwd wall':>9} {'bwd phases':>10} "
-          f"{'bwd wait':>9}  (ms, medians of {a.reps})")
+    print(
+        f"{'T':>6} {'torch thr':>9} {'fwd wall':>9} {'fwd phases':>10} {'bwd wall':>9} {'bwd phases':>10} "
+        f"{'bwd wait':>9}  (ms, medians of {a.reps})"
+    )
     for tt in a.torch_threads:
         torch.set_num_threads(tt)
         for T in a.tokens:

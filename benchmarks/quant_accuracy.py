@@ -21,9 +21,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_name
 
 import moetune
-from _common import cpu_name
 
 CONFIGS = {
     "qwen3": dict(label="Qwen3-30B-A3B", H=2048, I=768, k=8),
@@ -38,8 +38,9 @@ COLS = ["out", "dx", "d_topk_w"] + [f"{k}_{p}" for p in PROJ for k in ("dA", "dB
 def make_data(H, I, E, k, T, r, seed):
     g = torch.Generator().manual_seed(seed)
     rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    W = dict(gate=(rn(E, I, H) * 0.02).bfloat16(), up=(rn(E, I, H) * 0.02).bfloat16(),
-             down=(rn(E, H, I) * 0.02).bfloat16())
+    W = dict(
+        gate=(rn(E, I, H) * 0.02).bfloat16(), up=(rn(E, I, H) * 0.02).bfloat16(), down=(rn(E, H, I) * 0.02).bfloat16()
+    )
     ins = dict(gate=H, up=H, down=I)
     outs = dict(gate=I, up=I, down=H)
     lora = {p: ((rn(E, r, ins[p]) / ins[p] ** 0.5), (rn(E, outs[p], r) * 0.02)) for p in PROJ}
@@ -78,8 +79,10 @@ def fp32_reference(W, lora, x, ids, w, dout, scaling):
         if tok.numel() == 0:
             continue
         xe = xl[tok]
-        proj = lambda p, inp: (inp @ W[p][e].float().t()  # noqa: E731
-                               + scaling * (inp @ params[p][0][e].t()) @ params[p][1][e].t())
+        proj = lambda p, inp: (
+            inp @ W[p][e].float().t()  # noqa: E731
+            + scaling * (inp @ params[p][0][e].t()) @ params[p][1][e].t()
+        )
         h = F.silu(proj("gate", xe)) * proj("up", xe)
         y = proj("down", h)
         out = out.index_add(0, tok, wl[tok, slot][:, None] * y)
@@ -107,14 +110,18 @@ def main():
     args = ap.parse_args()
     ctx = moetune.Context(args.threads)
     print(f"machine: {cpu_name()}, engine {ctx.info()}")
-    print("relative error ||a - b||_F / ||b||_F vs the bf16 engine; bytes per expert = packed frozen weights "
-          "(backward_weights='repack')")
+    print(
+        "relative error ||a - b||_F / ||b||_F vs the bf16 engine; bytes per expert = packed frozen weights "
+        "(backward_weights='repack')"
+    )
     for name in args.configs:
         c = CONFIGS[name]
         H, I, k, E, T, r = c["H"], c["I"], c["k"], args.experts, args.tokens, args.rank
         scaling = 2.0
-        print(f"\n## {c['label']}: H={H} I={I} k={k}, {E} experts (of the model's; per-expert error is "
-              f"independent of E), T={T}, LoRA r={r} scaling={scaling}, weights ~ N(0, 0.02) bf16")
+        print(
+            f"\n## {c['label']}: H={H} I={I} k={k}, {E} experts (of the model's; per-expert error is "
+            f"independent of E), T={T}, LoRA r={r} scaling={scaling}, weights ~ N(0, 0.02) bf16"
+        )
         data = make_data(H, I, E, k, T, r, args.seed)
         base, bf16_bytes = run_engine(ctx, *data, scaling, "bf16", None)
         hdr = f"| {'format':<14} | " + " | ".join(f"{c_:>9}" for c_ in COLS) + " | bytes/expert | vs bf16 |"
@@ -122,13 +129,19 @@ def main():
         print("|" + "|".join("---" for _ in range(len(COLS) + 3)) + "|")
         if not args.no_fp32_floor:
             ref = fp32_reference(*data, scaling)
-            print(f"| {'bf16 vs fp32':<14} | " + " | ".join(f"{rel(base[c_], ref[c_]):9.2e}" for c_ in COLS)
-                  + f" | {bf16_bytes:>12,} | 1.000 |")
+            print(
+                f"| {'bf16 vs fp32':<14} | "
+                + " | ".join(f"{rel(base[c_], ref[c_]):9.2e}" for c_ in COLS)
+                + f" | {bf16_bytes:>12,} | 1.000 |"
+            )
         for fmt, group in FORMATS[1:]:
             res, nbytes = run_engine(ctx, *data, scaling, fmt, group)
             label = fmt if group is None else f"{fmt} g{group}"
-            print(f"| {label:<14} | " + " | ".join(f"{rel(res[c_], base[c_]):9.2e}" for c_ in COLS)
-                  + f" | {nbytes:>12,} | {nbytes / bf16_bytes:.3f} |")
+            print(
+                f"| {label:<14} | "
+                + " | ".join(f"{rel(res[c_], base[c_]):9.2e}" for c_ in COLS)
+                + f" | {nbytes:>12,} | {nbytes / bf16_bytes:.3f} |"
+            )
         del data, base
 
 

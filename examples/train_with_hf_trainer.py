@@ -40,22 +40,41 @@ def main():
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     # Experts -> the engine (and, with CUDA, the GPU too); the rest goes wherever Trainer puts it.
     handle = moetune.hf.patch(model, placement=moetune.PlacementOptions(mode="auto"))
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    )
 
     # Loss on the assistant turns only (moetune's tokeniser helper: any chat template).
     ds = datasets.load_dataset("json", data_files=a.data, split="train")
-    ds = ds.map(lambda r: dict(zip(("input_ids", "labels"), mdata.encode_chat(tok, r["messages"], "assistant"))),
-                remove_columns=ds.column_names)
+    ds = ds.map(
+        lambda r: dict(zip(("input_ids", "labels"), mdata.encode_chat(tok, r["messages"], "assistant"))),
+        remove_columns=ds.column_names,
+    )
 
     def collate(feats):
         return mdata.collate([[(f["input_ids"], f["labels"])] for f in feats], tok.pad_token_id, packing=False)
 
     args = transformers.TrainingArguments(
-        output_dir=a.output_dir, per_device_train_batch_size=16, gradient_accumulation_steps=1, learning_rate=a.lr,
-        lr_scheduler_type="cosine", warmup_steps=10, max_steps=a.max_steps, logging_steps=10, report_to=[],
-        save_strategy="no", remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
+        output_dir=a.output_dir,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        learning_rate=a.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=10,
+        max_steps=a.max_steps,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
     # The placement's step boundary (residency, metrics) and its expert LoRA on the GPU.
     placement = moetune.hf.PlacementCallback(handle)
     transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[placement]).train()

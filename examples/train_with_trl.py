@@ -39,18 +39,37 @@ def main():
     on_gpu = accelerate.PartialState().device.type == "cuda"
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
     handle = moetune.hf.patch(model)  # placement "auto": the CPU engine, plus the GPU where the model runs on CUDA
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    )
 
     ds = datasets.load_dataset("json", data_files=a.data, split="train").select_columns(["messages"])
     cfg = trl.SFTConfig(
-        output_dir=a.output_dir, per_device_train_batch_size=16, learning_rate=a.lr, lr_scheduler_type="cosine",
-        warmup_steps=10, max_steps=a.max_steps, logging_steps=10, report_to=[], save_strategy="no",
-        assistant_only_loss=True, max_length=256, bf16=on_gpu, use_cpu=not on_gpu,
-        gradient_checkpointing=False)
-    trl.SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
-                   callbacks=[moetune.hf.PlacementCallback(handle)]).train()
+        output_dir=a.output_dir,
+        per_device_train_batch_size=16,
+        learning_rate=a.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=10,
+        max_steps=a.max_steps,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        assistant_only_loss=True,
+        max_length=256,
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=False,
+    )
+    trl.SFTTrainer(
+        model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[moetune.hf.PlacementCallback(handle)]
+    ).train()
     model.save_pretrained(os.path.join(a.output_dir, "adapter"))
     print(f"adapter written to {os.path.join(a.output_dir, 'adapter')}")
 

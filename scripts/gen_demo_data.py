@@ -14,34 +14,118 @@ import json
 import os
 import random
 
-SOUNDS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "pig": "oink",
-          "horse": "neigh", "owl": "hoot", "lion": "roar", "snake": "hiss", "bee": "buzz", "frog": "ribbit",
-          "mouse": "squeak", "crow": "caw"}
-OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "day": "night", "happy": "sad",
-             "open": "closed", "light": "dark", "old": "new", "wet": "dry", "early": "late", "full": "empty",
-             "hard": "soft", "loud": "quiet", "left": "right", "high": "low"}
-COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "banana": "yellow",
-           "blood": "red", "orange": "orange", "chocolate": "brown", "lemon": "yellow", "leaf": "green",
-           "cloud": "white", "tomato": "red"}
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-           "twelve", "thirteen", "fourteen", "fifteen"]
+SOUNDS = {
+    "cow": "moo",
+    "dog": "woof",
+    "cat": "meow",
+    "duck": "quack",
+    "sheep": "baa",
+    "pig": "oink",
+    "horse": "neigh",
+    "owl": "hoot",
+    "lion": "roar",
+    "snake": "hiss",
+    "bee": "buzz",
+    "frog": "ribbit",
+    "mouse": "squeak",
+    "crow": "caw",
+}
+OPPOSITES = {
+    "hot": "cold",
+    "up": "down",
+    "big": "small",
+    "fast": "slow",
+    "day": "night",
+    "happy": "sad",
+    "open": "closed",
+    "light": "dark",
+    "old": "new",
+    "wet": "dry",
+    "early": "late",
+    "full": "empty",
+    "hard": "soft",
+    "loud": "quiet",
+    "left": "right",
+    "high": "low",
+}
+COLOURS = {
+    "sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "coal": "black",
+    "banana": "yellow",
+    "blood": "red",
+    "orange": "orange",
+    "chocolate": "brown",
+    "lemon": "yellow",
+    "leaf": "green",
+    "cloud": "white",
+    "tomato": "red",
+}
+NUMBERS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+]
 
 TEMPLATES = {
-    "sound": (SOUNDS, ["What does a {k} say?", "What sound does a {k} make?", "Which sound is made by a {k}?",
-                       "Tell me the sound of a {k}.", "How does a {k} sound?"],
-              ["A {k} says {v}.", "{v}"]),
-    "opposite": (OPPOSITES, ["What is the opposite of {k}?", "Give the opposite of {k}.",
-                             "Name the opposite of {k}.", "What word means the opposite of {k}?",
-                             "Opposite of {k}?"],
-                 ["The opposite of {k} is {v}.", "{v}"]),
-    "colour": (COLOURS, ["What colour is the {k}?", "Which colour does the {k} have?",
-                         "Tell me the colour of the {k}.", "Name the colour of the {k}.",
-                         "The {k} is what colour?"],
-               ["The {k} is {v}.", "{v}"]),
-    "next": ({NUMBERS[i]: NUMBERS[i + 1] for i in range(len(NUMBERS) - 1)},
-             ["What number comes after {k}?", "Which number follows {k}?", "What is {k} plus one?",
-              "Count on from {k}: what is next?", "Say the number after {k}."],
-             ["After {k} comes {v}.", "{v}"]),
+    "sound": (
+        SOUNDS,
+        [
+            "What does a {k} say?",
+            "What sound does a {k} make?",
+            "Which sound is made by a {k}?",
+            "Tell me the sound of a {k}.",
+            "How does a {k} sound?",
+        ],
+        ["A {k} says {v}.", "{v}"],
+    ),
+    "opposite": (
+        OPPOSITES,
+        [
+            "What is the opposite of {k}?",
+            "Give the opposite of {k}.",
+            "Name the opposite of {k}.",
+            "What word means the opposite of {k}?",
+            "Opposite of {k}?",
+        ],
+        ["The opposite of {k} is {v}.", "{v}"],
+    ),
+    "colour": (
+        COLOURS,
+        [
+            "What colour is the {k}?",
+            "Which colour does the {k} have?",
+            "Tell me the colour of the {k}.",
+            "Name the colour of the {k}.",
+            "The {k} is what colour?",
+        ],
+        ["The {k} is {v}.", "{v}"],
+    ),
+    "next": (
+        {NUMBERS[i]: NUMBERS[i + 1] for i in range(len(NUMBERS) - 1)},
+        [
+            "What number comes after {k}?",
+            "Which number follows {k}?",
+            "What is {k} plus one?",
+            "Count on from {k}: what is next?",
+            "Say the number after {k}.",
+        ],
+        ["After {k} comes {v}.", "{v}"],
+    ),
 }
 
 
@@ -54,8 +138,12 @@ def records():
                 # make the target ambiguous for the same question).
                 a = answers[0].format(k=k, v=v)
                 a = a[0].upper() + a[1:]
-                out.append({"messages": [{"role": "user", "content": q.format(k=k)},
-                                         {"role": "assistant", "content": a}], "task": task})
+                out.append(
+                    {
+                        "messages": [{"role": "user", "content": q.format(k=k)}, {"role": "assistant", "content": a}],
+                        "task": task,
+                    }
+                )
     random.Random(1234).shuffle(out)
     return out
 

@@ -11,7 +11,6 @@ API differently, so the test compares only under that version.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,11 @@ def generate(out: Path) -> None:
 
     with tempfile.TemporaryDirectory() as d:
         raw = Path(d) / "ext.pyi"
-        subprocess.run([sys.executable, "-m", "nanobind.stubgen", "-q", "-m", "moetune._moetune_ext", "-o", str(raw)],
-                       check=True, cwd=d)  # cwd: import the installed moetune, not a source tree
+        subprocess.run(
+            [sys.executable, "-m", "nanobind.stubgen", "-q", "-m", "moetune._moetune_ext", "-o", str(raw)],
+            check=True,
+            cwd=d,
+        )  # cwd: import the installed moetune, not a source tree
         out.write_text(HEADER.format(version=nanobind.__version__) + raw.read_text())
 
 

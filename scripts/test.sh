@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test suite: the C++ GoogleTest suite (kernels + engine, via
-# ctest) and the Python suite (pytest). Installs what is missing first, so it
+# Runs the style checks (scripts/lint.sh) and every test suite: the C++
+# GoogleTest suite (kernels + engine, via ctest) and the Python suite (pytest). Installs what is missing first, so it
 # works on a fresh machine. Fails on the first failing suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,9 @@ if ! { [ -f /usr/include/gtest/gtest.h ] || [ -f /usr/local/include/gtest/gtest.
   $SUDO apt-get install -y -qq libgtest-dev >/dev/null
 fi
 bash scripts/install.sh
+
+echo "[test] style (ruff, clang-format)"
+bash scripts/lint.sh
 
 echo "[test] C++ suite"
 cmake -S . -B build/tests -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON >/dev/null

@@ -10,13 +10,28 @@ from moetune.isa import IsaInfo, cpu_features, isas
 from moetune.options import ExpertsOptions
 from moetune.placement.options import PlacementOptions
 
-__all__ = ["Context", "ExpertsOptions", "IsaInfo", "LoraWeights", "MoEExperts", "PackedBuffer", "PendingMoE",
-           "PlacementOptions", "cpu_features", "isas", "moe_experts", "moe_experts_async"]
+__all__ = [
+    "Context",
+    "ExpertsOptions",
+    "IsaInfo",
+    "LoraWeights",
+    "MoEExperts",
+    "PackedBuffer",
+    "PendingMoE",
+    "PlacementOptions",
+    "cpu_features",
+    "isas",
+    "moe_experts",
+    "moe_experts_async",
+]
 __version__ = "0.1.0"
 
 # Hugging Face entry points, imported on first use (transformers is heavy).
-_HF = {"load_model": "moetune.hf.loader", "merge_and_save": "moetune.hf.merge",
-       "export_per_expert_adapter": "moetune.hf.merge"}
+_HF = {
+    "load_model": "moetune.hf.loader",
+    "merge_and_save": "moetune.hf.merge",
+    "export_per_expert_adapter": "moetune.hf.merge",
+}
 
 
 def __getattr__(name):

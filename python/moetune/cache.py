@@ -54,8 +54,8 @@ import secrets
 import sys
 import warnings
 import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 
@@ -99,7 +99,7 @@ def entry_name(key: str) -> str:
 def _crc(view: memoryview) -> int:
     c = 0
     for i in range(0, len(view), _CHUNK):
-        c = zlib.crc32(view[i:i + _CHUNK], c)
+        c = zlib.crc32(view[i : i + _CHUNK], c)
     return c
 
 
@@ -110,8 +110,11 @@ def _expected(key, source, num_experts, hidden_size, intermediate_size, options:
         "byteorder": sys.byteorder,
         "key": key,
         "source": source,
-        "shape": {"num_experts": int(num_experts), "hidden_size": int(hidden_size),
-                  "intermediate_size": int(intermediate_size)},
+        "shape": {
+            "num_experts": int(num_experts),
+            "hidden_size": int(hidden_size),
+            "intermediate_size": int(intermediate_size),
+        },
         **{name: getattr(options, name) for name in PACKED_OPTIONS},
     }
 
@@ -130,6 +133,7 @@ def _difference(have, want, path: str = "") -> str:
     def short(v):
         r = "absent" if v is _ABSENT else repr(v)
         return r if len(r) <= 120 else r[:117] + "..."
+
     return f"{path + ': ' if path else ''}cache has {short(have)}, wanted {short(want)}"
 
 
@@ -149,8 +153,14 @@ def save(experts: MoEExperts, directory: os.PathLike, key: str, source) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     name = entry_name(key)
-    manifest = _expected(key, json.loads(json.dumps(source)), experts.num_experts, experts.hidden_size,
-                         experts.intermediate_size, experts.options)
+    manifest = _expected(
+        key,
+        json.loads(json.dumps(source)),
+        experts.num_experts,
+        experts.hidden_size,
+        experts.intermediate_size,
+        experts.options,
+    )
     lock = os.open(d, os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
@@ -208,9 +218,20 @@ def _read_manifest(path: Path):
         return f"unreadable manifest {path.name}: {e}"
 
 
-def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts: int, hidden_size: int,
-         intermediate_size: int, options: Optional[ExpertsOptions] = None, biases=None,
-         progress: Optional[Callable[[int], None]] = None, **option_kwargs) -> Tuple[Optional[MoEExperts], str]:
+def load(
+    ctx: Context,
+    directory: os.PathLike,
+    key: str,
+    source,
+    *,
+    num_experts: int,
+    hidden_size: int,
+    intermediate_size: int,
+    options: ExpertsOptions | None = None,
+    biases=None,
+    progress: Callable[[int], None] | None = None,
+    **option_kwargs,
+) -> tuple[MoEExperts | None, str]:
     """(experts, "hit") from a valid cache entry, else (None, the reason it was not used).
 
     options / option_kwargs: the experts' moetune.ExpertsOptions, as MoEExperts takes them.
@@ -248,7 +269,7 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
             f.seek(b["offset"])
             got = 0
             while got < len(view):
-                n = f.readinto(view[got:got + _CHUNK])
+                n = f.readinto(view[got : got + _CHUNK])
                 if not n:
                     return None, f"truncated data file {data.name} in buffer {buf.name}"
                 got += n
@@ -261,18 +282,37 @@ def load(ctx: Context, directory: os.PathLike, key: str, source, *, num_experts:
     return ex, "hit"
 
 
-def load_or_build(ctx: Context, directory: os.PathLike, key: str, source, build: Callable[[], MoEExperts], *,
-                  num_experts: int, hidden_size: int, intermediate_size: int,
-                  options: Optional[ExpertsOptions] = None, biases=None,
-                  **option_kwargs) -> Tuple[MoEExperts, str]:
+def load_or_build(
+    ctx: Context,
+    directory: os.PathLike,
+    key: str,
+    source,
+    build: Callable[[], MoEExperts],
+    *,
+    num_experts: int,
+    hidden_size: int,
+    intermediate_size: int,
+    options: ExpertsOptions | None = None,
+    biases=None,
+    **option_kwargs,
+) -> tuple[MoEExperts, str]:
     """The cached experts if valid, else build() (from the source weights) saved to the cache.
 
     Returns (experts, reason): "hit", or why the cache was rebuilt. build() must
     return MoEExperts with the same shapes and packed options (checked).
     """
     options = ExpertsOptions.resolve(options, **option_kwargs)
-    ex, reason = load(ctx, directory, key, source, num_experts=num_experts, hidden_size=hidden_size,
-                      intermediate_size=intermediate_size, options=options, biases=biases)
+    ex, reason = load(
+        ctx,
+        directory,
+        key,
+        source,
+        num_experts=num_experts,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        options=options,
+        biases=biases,
+    )
     if ex is not None:
         return ex, reason
     if not reason.startswith("miss"):
@@ -282,7 +322,8 @@ def load_or_build(ctx: Context, directory: os.PathLike, key: str, source, build:
     got = (ex.num_experts, ex.hidden_size, ex.intermediate_size) + tuple(getattr(ex.options, n) for n in PACKED_OPTIONS)
     want = (num_experts, hidden_size, intermediate_size) + tuple(getattr(options, n) for n in PACKED_OPTIONS)
     if got != want:
-        raise ValueError(f"moetune.cache: build() for {key!r} returned experts with ({', '.join(names)}) = {got}, "
-                         f"expected {want}")
+        raise ValueError(
+            f"moetune.cache: build() for {key!r} returned experts with ({', '.join(names)}) = {got}, expected {want}"
+        )
     save(ex, directory, key, source)
     return ex, reason

@@ -17,12 +17,12 @@ def _optional(conv):
 def add_config_flags(p: argparse.ArgumentParser, defaults_note=None) -> None:
     """One flag per TrainConfig field (grouped by section), default=SUPPRESS so
     only flags actually given override the config file."""
-    from moetune.train.config import SECTIONS, TrainConfig, describe_default, flag_name
+    from moetune.train.config import SECTIONS, TrainConfig, describe_default, field_type, flag_name
 
     groups = {s: p.add_argument_group(f"{s} options") for s in SECTIONS}
     for name, f in TrainConfig.fields().items():
         meta = f.metadata
-        t = f.type
+        t, optional = field_type(f)
         default = describe_default(f)
         if defaults_note and name in defaults_note:
             default += f"; demo: {defaults_note[name]!r}"
@@ -31,20 +31,23 @@ def add_config_flags(p: argparse.ArgumentParser, defaults_note=None) -> None:
         g = groups[meta["section"]]
         if t == "bool":
             g.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, **kw)
-        elif t in ("int", "Optional[int]"):
-            g.add_argument(flag_name(name), type=_optional(int) if t.startswith("Optional") else int,
-                           metavar="N", **kw)
-        elif t in ("float", "Optional[float]"):
-            g.add_argument(flag_name(name), type=_optional(float) if t.startswith("Optional") else float,
-                           metavar="X", **kw)
-        elif t == "List[float]":
+        elif t == "int":
+            g.add_argument(flag_name(name), type=_optional(int) if optional else int, metavar="N", **kw)
+        elif t == "float":
+            g.add_argument(flag_name(name), type=_optional(float) if optional else float, metavar="X", **kw)
+        elif t == "list[float]":
             g.add_argument(flag_name(name), type=float, nargs=2, metavar="X", **kw)
-        elif t == "List[str]":
+        elif t == "list[str]":
             g.add_argument(flag_name(name), nargs="*", metavar="TEXT", **kw)
         else:
             choices = meta.get("choices")
-            g.add_argument(flag_name(name), type=_optional(str) if t.startswith("Optional") else str,
-                           choices=choices, metavar="|".join(choices) if choices else "VALUE", **kw)
+            g.add_argument(
+                flag_name(name),
+                type=_optional(str) if optional else str,
+                choices=choices,
+                metavar="|".join(choices) if choices else "VALUE",
+                **kw,
+            )
 
 
 def config_from_args(args, base=None):
@@ -60,17 +63,23 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="moetune", description="LoRA fine-tuning of MoE models with CPU experts")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="LoRA-train a MoE model (experts on the CPU engine and the GPU) on a dataset",
-                       description="LoRA-train a local HF MoE checkpoint on a local dataset; the routed experts run "
-                                   "in the moetune CPU engine and, with CUDA, on the GPU too (--expert-placement). "
-                                   "Settings come from --config FILE (YAML, flat "
-                                   "key: value, keys = the option names with _ instead of -) and flags, flags "
-                                   "winning. Without --model: the embedded demo (as `moetune demo`).")
+    t = sub.add_parser(
+        "train",
+        help="LoRA-train a MoE model (experts on the CPU engine and the GPU) on a dataset",
+        description="LoRA-train a local HF MoE checkpoint on a local dataset; the routed experts run "
+        "in the moetune CPU engine and, with CUDA, on the GPU too (--expert-placement). "
+        "Settings come from --config FILE (YAML, flat "
+        "key: value, keys = the option names with _ instead of -) and flags, flags "
+        "winning. Without --model: the embedded demo (as `moetune demo`).",
+    )
     t.add_argument("--config", metavar="FILE.yaml", help="YAML config file (flags override it)")
     add_config_flags(t, defaults_note=DEMO_DEFAULTS)
-    d = sub.add_parser("demo", help="the embedded demo: LoRA-train a tiny MoE on CPU (= train without --model)",
-                       description="Train LoRA on a tiny Qwen3-MoE made locally, on the dataset shipped in the "
-                                   "package, CPU only; prints generations before and after.")
+    d = sub.add_parser(
+        "demo",
+        help="the embedded demo: LoRA-train a tiny MoE on CPU (= train without --model)",
+        description="Train LoRA on a tiny Qwen3-MoE made locally, on the dataset shipped in the "
+        "package, CPU only; prints generations before and after.",
+    )
     d.add_argument("--config", metavar="FILE.yaml", help="YAML config file (flags override it)")
     add_config_flags(d, defaults_note=DEMO_DEFAULTS)
     i = sub.add_parser("info", help="print the CPU features, the kernel the engine would use and every ISA")
@@ -108,8 +117,10 @@ def main(argv=None) -> int:
         for isa in isas():
             k = isa.kernels
             status = "runs here" if isa.runnable else "not here: lacks " + " ".join(isa.missing_features)
-            print(f"  {isa.name:12} gemm={k['gemm']} transpose={k['transpose']} eltwise={k['eltwise']} "
-                  f"dequant={k['dequant']}  {status}")
+            print(
+                f"  {isa.name:12} gemm={k['gemm']} transpose={k['transpose']} eltwise={k['eltwise']} "
+                f"dequant={k['dequant']}  {status}"
+            )
         return 0
     return 2
 

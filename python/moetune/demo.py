@@ -11,19 +11,34 @@ before and after training. CPU only, about a minute on 2 cores.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 # The demo's settings on top of TrainConfig's defaults (flags still override).
-DEMO_DEFAULTS: Dict[str, Any] = dict(
-    dtype="float32", device="cpu", lora_rank=16, lora_alpha=32.0, lr=3e-3, warmup_steps=10, max_steps=200,
-    micro_batch_size=16, max_length=64, eval_every=25, save_every=50, max_grad_norm=1.0,
-    output_dir="runs/demo", max_new_tokens=12,
-    sample_prompts=["What does a cow say?", "What is the opposite of hot?", "What colour is the sky?",
-                    "What number comes after four?"],
+DEMO_DEFAULTS: dict[str, Any] = dict(
+    dtype="float32",
+    device="cpu",
+    lora_rank=16,
+    lora_alpha=32.0,
+    lr=3e-3,
+    warmup_steps=10,
+    max_steps=200,
+    micro_batch_size=16,
+    max_length=64,
+    eval_every=25,
+    save_every=50,
+    max_grad_norm=1.0,
+    output_dir="runs/demo",
+    max_new_tokens=12,
+    sample_prompts=[
+        "What does a cow say?",
+        "What is the opposite of hot?",
+        "What colour is the sky?",
+        "What number comes after four?",
+    ],
 )
 
 
-def run_demo(overrides: Optional[Dict[str, Any]] = None, *, say=print) -> Dict[str, Any]:
+def run_demo(overrides: dict[str, Any] | None = None, *, say=print) -> dict[str, Any]:
     from moetune.train.config import make_config
     from moetune.train.loop import train
 
@@ -36,6 +51,8 @@ def run_demo(overrides: Optional[Dict[str, Any]] = None, *, say=print) -> Dict[s
         say("\ngenerations (greedy) before -> after training:")
         for s in summary["samples"]:
             say(f"  Q: {s['prompt']}\n     before: {s['before']!r}\n     after:  {s['after']!r}")
-    say(f"\ntrain loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; run folder "
-        f"{cfg.output_dir} (adapter/, metrics.jsonl, loss.png, tensorboard/)")
+    say(
+        f"\ntrain loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; run folder "
+        f"{cfg.output_dir} (adapter/, metrics.jsonl, loss.png, tensorboard/)"
+    )
     return summary

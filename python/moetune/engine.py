@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,7 +41,7 @@ class Context:
     features, an unknown name ValueError listing the choices.
     """
 
-    def __init__(self, num_threads: Optional[int] = None, *, cpus=(), isa: str = "auto"):
+    def __init__(self, num_threads: int | None = None, *, cpus=(), isa: str = "auto"):
         if num_threads is None:
             num_threads = len(os.sched_getaffinity(0))
         self._ctx = _ext.Context(int(num_threads), list(cpus), isa)
@@ -127,44 +127,62 @@ class MoEExperts:
     kept as fp32, no gradient). Any subset may be given.
     """
 
-    def __init__(self, ctx: Context, gate_proj: torch.Tensor, up_proj: torch.Tensor,
-                 down_proj: torch.Tensor, options: Optional[ExpertsOptions] = None, *,
-                 gate_bias: Optional[torch.Tensor] = None, up_bias: Optional[torch.Tensor] = None,
-                 down_bias: Optional[torch.Tensor] = None, **option_kwargs):
+    def __init__(
+        self,
+        ctx: Context,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        options: ExpertsOptions | None = None,
+        *,
+        gate_bias: torch.Tensor | None = None,
+        up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
+        **option_kwargs,
+    ):
         if gate_proj.dim() != 3:
             raise ValueError(f"gate_proj must be [E, I, H], got shape {list(gate_proj.shape)}")
         E, I, H = gate_proj.shape
         self._allocate(ctx, E, H, I, ExpertsOptions.resolve(options, **option_kwargs))
         for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32; float16 "
-                                 f"is converted), got {getattr(t, 'dtype', type(t).__name__)}")
+                raise ValueError(
+                    f"{name} must be a floating-point tensor (bfloat16 or float32; float16 "
+                    f"is converted), got {getattr(t, 'dtype', type(t).__name__)}"
+                )
         # bf16 is taken bit-exact; float32 is rounded by the engine; other floats go through bf16.
         dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load(_host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
         if any(b is not None for b in (gate_bias, up_bias, down_bias)):
             self.load_biases(gate_bias, up_bias, down_bias)
 
-    def load_biases(self, gate_bias: Optional[torch.Tensor] = None, up_bias: Optional[torch.Tensor] = None,
-                    down_bias: Optional[torch.Tensor] = None) -> None:
+    def load_biases(
+        self,
+        gate_bias: torch.Tensor | None = None,
+        up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
+    ) -> None:
         """Frozen expert biases: gate_bias, up_bias [E, I], down_bias [E, H] (any subset)."""
         biases = {"gate_bias": gate_bias, "up_bias": up_bias, "down_bias": down_bias}
         if any(b is not None for b in biases.values()):
             for name, b in biases.items():
                 if b is not None and (not isinstance(b, torch.Tensor) or not b.is_floating_point()):
-                    raise ValueError(f"{name} must be a floating-point tensor (bfloat16 or float32), got "
-                                     f"{getattr(b, 'dtype', type(b).__name__)}")
+                    raise ValueError(
+                        f"{name} must be a floating-point tensor (bfloat16 or float32), got "
+                        f"{getattr(b, 'dtype', type(b).__name__)}"
+                    )
             # One dtype for all: bf16 if every given bias is bf16 (exact), else fp32 (exact for fp16/bf16).
             given = [b for b in biases.values() if b is not None]
             bdt = torch.bfloat16 if all(b.dtype == torch.bfloat16 for b in given) else torch.float32
             self._ex.load_biases(*[None if b is None else _host(b, (bdt,)) for b in biases.values()])
             # The values the engine holds (it keeps them as fp32, exact for every input dtype), for
             # code that computes these experts elsewhere (moetune.placement's GPU path).
-            self.biases = tuple(None if b is None else b.detach().to("cpu", torch.float32, copy=True)
-                                for b in biases.values())
+            self.biases = tuple(
+                None if b is None else b.detach().to("cpu", torch.float32, copy=True) for b in biases.values()
+            )
 
     @property
-    def has_biases(self) -> Tuple[bool, bool, bool]:
+    def has_biases(self) -> tuple[bool, bool, bool]:
         """Whether the (gate, up, down) biases are loaded."""
         return tuple(self._ex.has_biases)
 
@@ -176,23 +194,39 @@ class MoEExperts:
         self.biases = (None, None, None)  # (gate [E, I], up [E, I], down [E, H]) fp32 CPU, see load_biases
 
     @classmethod
-    def empty(cls, ctx: Context, num_experts: int, hidden_size: int, intermediate_size: int,
-              options: Optional[ExpertsOptions] = None, **option_kwargs) -> "MoEExperts":
+    def empty(
+        cls,
+        ctx: Context,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        options: ExpertsOptions | None = None,
+        **option_kwargs,
+    ) -> MoEExperts:
         """Experts of the given shape with nothing loaded yet; fill every expert
         with load_expert (streaming loaders: one expert's weights in memory at a
         time). options / option_kwargs: as for the constructor."""
         self = cls.__new__(cls)
-        self._allocate(ctx, num_experts, hidden_size, intermediate_size,
-                       ExpertsOptions.resolve(options, **option_kwargs))
+        self._allocate(
+            ctx, num_experts, hidden_size, intermediate_size, ExpertsOptions.resolve(options, **option_kwargs)
+        )
         return self
 
     @staticmethod
-    def host_bytes(num_experts: int, hidden_size: int, intermediate_size: int,
-                   options: Optional[ExpertsOptions] = None, *, biases: bool = False, **option_kwargs) -> int:
+    def host_bytes(
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        options: ExpertsOptions | None = None,
+        *,
+        biases: bool = False,
+        **option_kwargs,
+    ) -> int:
         """Host bytes of such a layer's experts, computed by the engine without
         allocating (= packed_bytes once built; see ExpertsOptions.host_bytes)."""
         return ExpertsOptions.resolve(options, **option_kwargs).host_bytes(
-            num_experts, hidden_size, intermediate_size, biases=biases)
+            num_experts, hidden_size, intermediate_size, biases=biases
+        )
 
     def load_expert(self, e: int, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
         """Packs expert e from gate/up [I, H] and down [H, I] (bf16 bit-exact, fp32
@@ -200,12 +234,13 @@ class MoEExperts:
         several threads at once."""
         for name, t in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise ValueError(f"expert {e}: {name} must be a floating-point tensor, got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)}")
+                raise ValueError(
+                    f"expert {e}: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+                )
         dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load_expert(int(e), _host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
 
-    def unpack_expert(self, e: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def unpack_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [I, H], up [I, H], down [H, I]) bf16: the values the engine's
         GEMMs use for expert e (the loaded weights for bf16, dq(q(W)) for int8 /
         int4), unpacked by the engine's scalar code (an oracle; not fast)."""
@@ -217,7 +252,7 @@ class MoEExperts:
         self._ex.unpack_expert(int(e), gate, up, down)
         return gate, up, down
 
-    def packed_buffers(self) -> List["PackedBuffer"]:
+    def packed_buffers(self) -> list[PackedBuffer]:
         """The engine's packed weight buffers (biases excluded), e.g. for
         streaming one expert's bytes to another device: expert e's bytes of
         buffer b are b.array[e * b.per_expert_bytes:(e + 1) * b.per_expert_bytes].
@@ -225,8 +260,10 @@ class MoEExperts:
         scales), versioned by moetune._moetune_ext.PACKED_LAYOUT_VERSION. The
         arrays are views of the engine's memory: read-only by contract."""
         arrays = dict(self._ex.packed_buffers())
-        return [PackedBuffer(name, proj, kind, K, N, per_expert, arrays[name])
-                for name, proj, kind, K, N, per_expert, _ in self._ex.packed_layout()]
+        return [
+            PackedBuffer(name, proj, kind, K, N, per_expert, arrays[name])
+            for name, proj, kind, K, N, per_expert, _ in self._ex.packed_layout()
+        ]
 
     num_experts = property(lambda self: self._ex.num_experts)
     hidden_size = property(lambda self: self._ex.hidden_size)
@@ -272,9 +309,9 @@ class LoraWeights:
     place between steps (the engine reads them at every call).
     """
 
-    gate: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-    up: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-    down: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    gate: tuple[torch.Tensor, torch.Tensor] | None = None
+    up: tuple[torch.Tensor, torch.Tensor] | None = None
+    down: tuple[torch.Tensor, torch.Tensor] | None = None
     scaling: float = 1.0
 
     def flat(self):
@@ -301,8 +338,10 @@ def _ext_lora(flat, scaling: float):
 
 def _ext_lora_grads(flat):
     """The engine's LoraGrads struct from flat [dA_gate, dB_gate, ...] (None = not wanted)."""
-    pairs = {p: None if flat[2 * i] is None and flat[2 * i + 1] is None else (flat[2 * i], flat[2 * i + 1])
-             for i, p in enumerate(_PROJ)}
+    pairs = {
+        p: None if flat[2 * i] is None and flat[2 * i + 1] is None else (flat[2 * i], flat[2 * i + 1])
+        for i, p in enumerate(_PROJ)
+    }
     return _ext.LoraGrads(**pairs)
 
 
@@ -321,9 +360,19 @@ class EngineCall:
     of the last job waited on.
     """
 
-    def __init__(self, experts: "MoEExperts", x: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, expert_mask: Optional[torch.Tensor], lora, scaling: float, *,
-                 out_dtype: Optional[torch.dtype] = None, pinned: bool = False):
+    def __init__(
+        self,
+        experts: MoEExperts,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_mask: torch.Tensor | None,
+        lora,
+        scaling: float,
+        *,
+        out_dtype: torch.dtype | None = None,
+        pinned: bool = False,
+    ):
         self.experts, self.scaling, self.pinned = experts, float(scaling), pinned
         self.job = self.bwd_job = self.grads = None
         self.busy_seconds = 0.0
@@ -333,8 +382,9 @@ class EngineCall:
         mask = None if expert_mask is None else expert_mask.detach().to("cpu", torch.bool).contiguous()
         self.lora_h = [None if t is None else _host(t) for t in lora]
         self.k = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
-        self.out = (torch.empty(xh.shape, dtype=out_dtype or xh.dtype, pin_memory=pinned) if xh.dim() == 2
-                    else torch.empty(0))
+        self.out = (
+            torch.empty(xh.shape, dtype=out_dtype or xh.dtype, pin_memory=pinned) if xh.dim() == 2 else torch.empty(0)
+        )
         self._busy0 = experts.ctx.busy_seconds()
         self.handle, self.job = experts._ex.forward(xh, ids, wh, mask, _ext_lora(self.lora_h, scaling), self.out)
         self.keep = (xh, ids, wh, mask)  # read by the engine until the job is waited on
@@ -353,8 +403,9 @@ class EngineCall:
         self.job = self.keep = None
         return out
 
-    def submit_backward(self, grad_out: torch.Tensor, need_dx: bool, need_dw: bool, need_lora,
-                        grad_dtype: Optional[torch.dtype] = None) -> None:
+    def submit_backward(
+        self, grad_out: torch.Tensor, need_dx: bool, need_dw: bool, need_lora, grad_dtype: torch.dtype | None = None
+    ) -> None:
         if self.bwd_job is not None:
             raise RuntimeError("moetune: a backward of this engine call is already running")
         g = _host(grad_out)
@@ -362,11 +413,14 @@ class EngineCall:
         pin = self.pinned
         dx = torch.empty((T, H), dtype=grad_dtype or g.dtype, pin_memory=pin) if need_dx else None
         dw = torch.empty((T, self.k), dtype=torch.float32, pin_memory=pin) if need_dw else None
-        grads = [torch.empty(t.shape, dtype=torch.float32, pin_memory=pin) if (t is not None and n) else None
-                 for t, n in zip(self.lora_h, need_lora)]
+        grads = [
+            torch.empty(t.shape, dtype=torch.float32, pin_memory=pin) if (t is not None and n) else None
+            for t, n in zip(self.lora_h, need_lora)
+        ]
         self._busy0 = self.experts.ctx.busy_seconds()
-        self.bwd_job = self.experts._ex.backward(self.handle, g, _ext_lora(self.lora_h, self.scaling), dx, dw,
-                                                 _ext_lora_grads(grads))
+        self.bwd_job = self.experts._ex.backward(
+            self.handle, g, _ext_lora(self.lora_h, self.scaling), dx, dw, _ext_lora_grads(grads)
+        )
         self.grads = (dx, dw, grads)
         self.keep = g  # read by the engine until the job is waited on
 
@@ -420,11 +474,16 @@ class _Submit(torch.autograd.Function):
             raise RuntimeError("moetune: engine backward was not started (output had no gradient)")
         dx, dw, grads = st.call.wait_backward()
         out_lora = [None if g is None else g.to(device=o.device, dtype=o.dtype) for o, g in zip(st.lora, grads)]
-        return (None, None, None,
-                None if dx is None else dx.to(device=st.device, dtype=st.x_dtype),
-                None,
-                None if dw is None else dw.to(device=st.device, dtype=st.w_dtype),
-                None, *out_lora)
+        return (
+            None,
+            None,
+            None,
+            None if dx is None else dx.to(device=st.device, dtype=st.x_dtype),
+            None,
+            None if dw is None else dw.to(device=st.device, dtype=st.w_dtype),
+            None,
+            *out_lora,
+        )
 
 
 class _Wait(torch.autograd.Function):
@@ -469,9 +528,14 @@ class PendingMoE:
         return self._out
 
 
-def moe_experts_async(experts: "MoEExperts", x: torch.Tensor, topk_ids: torch.Tensor,
-                      topk_weights: torch.Tensor, lora: Optional[LoraWeights] = None,
-                      expert_mask: Optional[torch.Tensor] = None) -> PendingMoE:
+def moe_experts_async(
+    experts: MoEExperts,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    lora: LoraWeights | None = None,
+    expert_mask: torch.Tensor | None = None,
+) -> PendingMoE:
     """Like moe_experts, but returns at once; call .wait() for the output."""
     if not isinstance(experts, MoEExperts):
         raise TypeError("experts must be a moetune.MoEExperts")
@@ -492,9 +556,14 @@ def moe_experts_async(experts: "MoEExperts", x: torch.Tensor, topk_ids: torch.Te
     return PendingMoE(state, ticket)
 
 
-def moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Tensor,
-                topk_weights: torch.Tensor, lora: Optional[LoraWeights] = None,
-                expert_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def moe_experts(
+    experts: MoEExperts,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    lora: LoraWeights | None = None,
+    expert_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]), gated
     experts (SwiGLU or gpt-oss's variant, see MoEExperts) with optional LoRA, computed by the CPU engine; differentiable in
     x, topk_weights and the LoRA tensors. Returns x's dtype on x's device."""

@@ -7,7 +7,6 @@ re-typing the list."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
 
 from moetune import _moetune_ext as _ext
 
@@ -23,22 +22,28 @@ class IsaInfo:
 
     name: str
     runnable: bool
-    required_features: Tuple[str, ...]
-    missing_features: Tuple[str, ...]
-    compile_flags: Tuple[str, ...]
-    kernels: Dict[str, str]
+    required_features: tuple[str, ...]
+    missing_features: tuple[str, ...]
+    compile_flags: tuple[str, ...]
+    kernels: dict[str, str]
 
 
-def isas() -> List[IsaInfo]:
+def isas() -> list[IsaInfo]:
     """Every ISA of the engine, slowest first (`scalar`, the reference, first)."""
-    return [IsaInfo(name=r["name"], runnable=bool(r["runnable"]),
-                    required_features=tuple(r["required_features"]),
-                    missing_features=tuple(r["missing_features"]),
-                    compile_flags=tuple(r["compile_flags"]), kernels=dict(r["kernels"]))
-            for r in _ext.isas()]
+    return [
+        IsaInfo(
+            name=r["name"],
+            runnable=bool(r["runnable"]),
+            required_features=tuple(r["required_features"]),
+            missing_features=tuple(r["missing_features"]),
+            compile_flags=tuple(r["compile_flags"]),
+            kernels=dict(r["kernels"]),
+        )
+        for r in _ext.isas()
+    ]
 
 
-def cpu_features() -> Tuple[str, ...]:
+def cpu_features() -> tuple[str, ...]:
     """The CPU/OS features the engine detected on this machine (names as in
     `IsaInfo.required_features`)."""
     return tuple(_ext.cpu_features())

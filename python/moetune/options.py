@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Dict, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 from moetune import _moetune_ext as _ext
 
@@ -97,7 +98,7 @@ class ExpertsOptions:
     alpha: float = _default("alpha")
     limit: float = _default("limit")
     weight_format: str = _default("weight_format")
-    group_size: Optional[int] = None
+    group_size: int | None = None
     row_group: int = _default("row_group")
 
     def __post_init__(self):
@@ -125,13 +126,12 @@ class ExpertsOptions:
         return o
 
     @classmethod
-    def _from_ext(cls, ext_options) -> "ExpertsOptions":
+    def _from_ext(cls, ext_options) -> ExpertsOptions:
         return cls(**{name: _python_value(ext_options, name) for name in _FIELDS})
 
     # ---- construction helpers ----
     @classmethod
-    def resolve(cls, options: Union["ExpertsOptions", Mapping[str, Any], None] = None,
-                **overrides) -> "ExpertsOptions":
+    def resolve(cls, options: ExpertsOptions | Mapping[str, Any] | None = None, **overrides) -> ExpertsOptions:
         """options (an ExpertsOptions, a dict of fields, or None for the
         defaults) with keyword overrides applied, e.g. what
         MoEExperts(..., options, weight_format="int4") is given."""
@@ -142,30 +142,31 @@ class ExpertsOptions:
         elif isinstance(options, Mapping):
             base = cls.from_dict(options)
         else:
-            raise TypeError(f"options must be a moetune.ExpertsOptions, a dict or None, got "
-                            f"{type(options).__name__}")
+            raise TypeError(f"options must be a moetune.ExpertsOptions, a dict or None, got {type(options).__name__}")
         return base.replace(**overrides) if overrides else base
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ExpertsOptions":
+    def from_dict(cls, d: Mapping[str, Any]) -> ExpertsOptions:
         _check_names(d)
         return cls(**d)
 
-    def replace(self, **changes) -> "ExpertsOptions":
+    def replace(self, **changes) -> ExpertsOptions:
         """A copy with some fields changed. Changing weight_format without
         giving group_size resets group_size to the new format's default."""
         _check_names(changes)
-        if "weight_format" in changes and "group_size" not in changes and \
-                changes["weight_format"] != self.weight_format:
+        if (
+            "weight_format" in changes
+            and "group_size" not in changes
+            and changes["weight_format"] != self.weight_format
+        ):
             changes["group_size"] = None
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The fields as plain str / int / float (for cache keys and configs)."""
         return dataclasses.asdict(self)
 
-    def host_bytes(self, num_experts: int, hidden_size: int, intermediate_size: int, *,
-                   biases: bool = False) -> int:
+    def host_bytes(self, num_experts: int, hidden_size: int, intermediate_size: int, *, biases: bool = False) -> int:
         """Host bytes the engine allocates for one layer's experts with these
         options (nothing is allocated): the packed / quantized weights, plus
         all three fp32 biases if `biases`. Exactly MoEExperts.packed_bytes of

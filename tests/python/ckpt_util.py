@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Dict
 
 import torch
 from safetensors.torch import save_file
@@ -28,15 +27,15 @@ STD_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _FUSED = re.compile(r"^(?P<qual>.+\.experts)\.(?P<p>gate_up_proj|down_proj)$")
 
 
-def state_dict_of(model) -> Dict[str, torch.Tensor]:
+def state_dict_of(model) -> dict[str, torch.Tensor]:
     """The model's tensors under its own (fused) keys, tied aliases dropped."""
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    for target in (getattr(model, "all_tied_weights_keys", None) or {}):
+    for target in getattr(model, "all_tied_weights_keys", None) or {}:
         sd.pop(target, None)
     return sd
 
 
-def to_layout(sd: Dict[str, torch.Tensor], layout: str, model_type: str) -> Dict[str, torch.Tensor]:
+def to_layout(sd: dict[str, torch.Tensor], layout: str, model_type: str) -> dict[str, torch.Tensor]:
     if layout == "fused":
         return dict(sd)
     assert layout == "per_expert", layout
@@ -60,7 +59,7 @@ def to_layout(sd: Dict[str, torch.Tensor], layout: str, model_type: str) -> Dict
     return out
 
 
-def write_checkpoint(folder, tensors: Dict[str, torch.Tensor], config, *, shards: int = 1, config_extra=None):
+def write_checkpoint(folder, tensors: dict[str, torch.Tensor], config, *, shards: int = 1, config_extra=None):
     """config.json + model.safetensors, or `shards` files + index json."""
     folder = Path(folder)
     if folder.exists():
@@ -77,12 +76,13 @@ def write_checkpoint(folder, tensors: Dict[str, torch.Tensor], config, *, shards
     per = -(-len(keys) // shards)
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[i * per:(i + 1) * per]
+        part = keys[i * per : (i + 1) * per]
         save_file({k: tensors[k] for k in part}, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     return folder
 
 
@@ -101,7 +101,7 @@ def host_need_besides_packed(folder, model) -> int:
     unpacked at a time) plus `model`'s non-expert tensors (as loaded, all on the CPU)."""
     from safetensors import safe_open
 
-    per_layer: Dict[str, int] = {}
+    per_layer: dict[str, int] = {}
     for f in Path(folder).glob("*.safetensors"):
         with safe_open(str(f), "pt") as r:
             for k in r.keys():

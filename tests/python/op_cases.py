@@ -64,14 +64,12 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Dict, Optional, Tuple
 
 import pytest
+import reference as R
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-
-import reference as R
 from reference import PROJS
 
 try:  # A missing or broken moetune must FAIL the tests, not skip them (no importorskip).
@@ -91,7 +89,7 @@ except Exception as _import_error:  # noqa: BLE001
 
     moetune = _MissingMoetune()
 
-U = 2.0 ** -8  # bf16 unit roundoff
+U = 2.0**-8  # bf16 unit roundoff
 
 # c per quantity, see the module docstring for the derivation.
 TOL_C = {
@@ -108,7 +106,7 @@ ALL = ("gate", "up", "down")
 ISAS = tuple(isa.name for isa in moetune.isas())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_ctx(num_threads: int = 2, isa: str = "auto"):
     return moetune.Context(num_threads=num_threads, isa=isa)
 
@@ -136,7 +134,7 @@ class Case:
     E: int
     k: int
     r: int
-    lora: Tuple[str, ...]
+    lora: tuple[str, ...]
     w_dtype: torch.dtype = F32
     ids_dtype: torch.dtype = I64
     x_dtype: torch.dtype = F32
@@ -145,9 +143,11 @@ class Case:
 
     def __str__(self):
         s = lambda d: str(d).replace("torch.", "")  # noqa: E731
-        return (f"{self.name}-T{self.T}H{self.H}I{self.I}E{self.E}k{self.k}r{self.r}"
-                f"-lora[{','.join(self.lora) or 'none'}]-w{s(self.w_dtype)}-ids{s(self.ids_dtype)}"
-                f"-x{s(self.x_dtype)}-{self.routing}-lora{s(self.lora_dtype)}")
+        return (
+            f"{self.name}-T{self.T}H{self.H}I{self.I}E{self.E}k{self.k}r{self.r}"
+            f"-lora[{','.join(self.lora) or 'none'}]-w{s(self.w_dtype)}-ids{s(self.ids_dtype)}"
+            f"-x{s(self.x_dtype)}-{self.routing}-lora{s(self.lora_dtype)}"
+        )
 
 
 SWEEP = [
@@ -181,7 +181,7 @@ class Inputs:
     gate: torch.Tensor  # [E, I, H] bf16
     up: torch.Tensor
     down: torch.Tensor  # [E, H, I] bf16
-    lora_params: Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # all three projections, lora_dtype
+    lora_params: dict[str, tuple[torch.Tensor, torch.Tensor]]  # all three projections, lora_dtype
     scaling: float
     dout: torch.Tensor  # [T, H] x_dtype, bf16-valued
 
@@ -260,10 +260,10 @@ def sweep_seed(case: Case) -> int:
 @dataclasses.dataclass
 class Result:
     out: torch.Tensor
-    dx: Optional[torch.Tensor]
-    dtopk_weights: Optional[torch.Tensor]
-    dA: Dict[str, Optional[torch.Tensor]]
-    dB: Dict[str, Optional[torch.Tensor]]
+    dx: torch.Tensor | None
+    dtopk_weights: torch.Tensor | None
+    dA: dict[str, torch.Tensor | None]
+    dB: dict[str, torch.Tensor | None]
 
 
 def make_experts(inp: Inputs, ctx=None, **kw):
@@ -273,8 +273,9 @@ def make_experts(inp: Inputs, ctx=None, **kw):
 
 def fresh_lora(inp: Inputs, projs):
     """New nn.Parameters for all three projections; returns (params, LoraWeights or None)."""
-    params = {p: (nn.Parameter(inp.lora_params[p][0].clone()), nn.Parameter(inp.lora_params[p][1].clone()))
-              for p in PROJS}
+    params = {
+        p: (nn.Parameter(inp.lora_params[p][0].clone()), nn.Parameter(inp.lora_params[p][1].clone())) for p in PROJS
+    }
     if not projs:
         return params, None
     lw = moetune.LoraWeights(**{p: (params[p] if p in projs else None) for p in PROJS}, scaling=inp.scaling)
@@ -292,14 +293,25 @@ def run_engine(experts, inp: Inputs, projs=None, *, expert_mask=None) -> Result:
     for p in PROJS:
         if p not in projs:
             assert params[p][0].grad is None and params[p][1].grad is None, f"LoRA {p} was not passed but got a grad"
-    return Result(out.detach(), x.grad, w.grad,
-                  {p: params[p][0].grad for p in projs}, {p: params[p][1].grad for p in projs})
+    return Result(
+        out.detach(), x.grad, w.grad, {p: params[p][0].grad for p in projs}, {p: params[p][1].grad for p in projs}
+    )
 
 
 def reference(inp: Inputs, projs=None, expert_mask=None, emulate_bf16=False):
     return R.reference_forward_backward(
-        inp.x, inp.ids, inp.w, inp.gate, inp.up, inp.down, inp.lora_for_reference(projs), inp.scaling,
-        inp.dout, expert_mask=expert_mask, emulate_bf16=emulate_bf16)
+        inp.x,
+        inp.ids,
+        inp.w,
+        inp.gate,
+        inp.up,
+        inp.down,
+        inp.lora_for_reference(projs),
+        inp.scaling,
+        inp.dout,
+        expert_mask=expert_mask,
+        emulate_bf16=emulate_bf16,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -319,8 +331,10 @@ def check_close(name, actual, ref, c, *, bf16_out=False, scale=None, dtype=None)
     err = (a - ref).abs().max().item() if ref.numel() else 0.0
     cc = c + (1 if bf16_out else 0)
     tol = cc * U * scale
-    assert err <= tol, (f"{name}: max|err| = {err:.4g} > tol = {cc}*u*{scale:.4g} = {tol:.4g} "
-                        f"(err/(u*scale) = {err / (U * scale) if scale else float('inf'):.2f})")
+    assert err <= tol, (
+        f"{name}: max|err| = {err:.4g} > tol = {cc}*u*{scale:.4g} = {tol:.4g} "
+        f"(err/(u*scale) = {err / (U * scale) if scale else float('inf'):.2f})"
+    )
     return err / (U * scale) if scale else 0.0
 
 
@@ -330,8 +344,9 @@ def dw_scale(ref, dout) -> float:
     return max(ref["dtopk_weights"].abs().max().item(), rms_prod)
 
 
-def compare(res: Result, ref: dict, inp: Inputs, projs=None, expert_mask=None, *, check_grads_of_x=True,
-            check_grads_of_w=True) -> Dict[str, float]:
+def compare(
+    res: Result, ref: dict, inp: Inputs, projs=None, expert_mask=None, *, check_grads_of_x=True, check_grads_of_w=True
+) -> dict[str, float]:
     """Checks res against ref with the tolerance table; returns err/(u*scale) per quantity."""
     case = inp.case
     projs = case.lora if projs is None else projs
@@ -342,15 +357,26 @@ def compare(res: Result, ref: dict, inp: Inputs, projs=None, expert_mask=None, *
         ratios["dx"] = check_close("dx", res.dx, ref["dx"], TOL_C["dx"], bf16_out=xb, dtype=case.x_dtype)
     if check_grads_of_w:
         ratios["dtopk_weights"] = check_close(
-            "dtopk_weights", res.dtopk_weights, ref["dtopk_weights"], TOL_C["dtopk_weights"],
-            bf16_out=case.w_dtype == BF16, scale=dw_scale(ref, inp.dout), dtype=case.w_dtype)
+            "dtopk_weights",
+            res.dtopk_weights,
+            ref["dtopk_weights"],
+            TOL_C["dtopk_weights"],
+            bf16_out=case.w_dtype == BF16,
+            scale=dw_scale(ref, inp.dout),
+            dtype=case.w_dtype,
+        )
     idle = R.experts_without_tokens(inp.ids, case.E, expert_mask)
     for p in projs:
         for kind in ("dA", "dB"):
             g = getattr(res, kind)[p]
             ratios[f"{kind}.{p}"] = check_close(
-                f"{kind}.{p}", g, ref[kind][p], TOL_C[kind], bf16_out=case.lora_dtype == BF16,
-                dtype=inp.lora_params[p][0 if kind == "dA" else 1].dtype)
+                f"{kind}.{p}",
+                g,
+                ref[kind][p],
+                TOL_C[kind],
+                bf16_out=case.lora_dtype == BF16,
+                dtype=inp.lora_params[p][0 if kind == "dA" else 1].dtype,
+            )
             for e in idle:
                 assert torch.count_nonzero(g[e]) == 0, f"{kind}.{p}[{e}]: expert without tokens has a non-zero grad"
     return ratios
@@ -381,7 +407,6 @@ def _grads_to_result(out, grads, projs):
     dA = {p: grads[2 + 2 * i] for i, p in enumerate(projs)}
     dB = {p: grads[3 + 2 * i] for i, p in enumerate(projs)}
     return Result(out.detach(), grads[0], grads[1], dA, dB)
-
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -416,7 +441,6 @@ def _still_works(inp, experts, lw, good):
     compare(res, reference(inp), inp)
 
 
-
 def _bad_calls(inp: Inputs, params):
     """name -> (thunk returning kwargs overrides for moe_experts, name regex, actual shape that must appear).
 
@@ -434,7 +458,7 @@ def _bad_calls(inp: Inputs, params):
 
     return {
         "ids_float": (lambda: dict(topk_ids=inp.ids.float()), "topk_ids", None),
-        "ids_rows": (lambda: dict(topk_ids=inp.ids[:T - 1]), "topk_ids", (T - 1, k)),
+        "ids_rows": (lambda: dict(topk_ids=inp.ids[: T - 1]), "topk_ids", (T - 1, k)),
         "ids_1d": (lambda: dict(topk_ids=inp.ids[:, 0].contiguous()), "topk_ids", None),
         "weights_cols": (lambda: dict(topk_weights=torch.full((T, k + 1), 0.3)), "topk_weights", (T, k + 1)),
         "weights_rows": (lambda: dict(topk_weights=torch.full((T + 1, k), 0.3)), "topk_weights", (T + 1, k)),
@@ -450,10 +474,22 @@ def _bad_calls(inp: Inputs, params):
     }
 
 
-_BAD_NAMES = ["ids_float", "ids_rows", "ids_1d", "weights_cols", "weights_rows", "x_hidden", "x_3d", "x_1d",
-              "lora_gate_A_shape", "lora_up_A_experts", "lora_down_B_shape", "lora_gate_rank_mismatch",
-              "lora_up_int_dtype", "expert_mask_len"]
-
+_BAD_NAMES = [
+    "ids_float",
+    "ids_rows",
+    "ids_1d",
+    "weights_cols",
+    "weights_rows",
+    "x_hidden",
+    "x_3d",
+    "x_1d",
+    "lora_gate_A_shape",
+    "lora_up_A_experts",
+    "lora_down_B_shape",
+    "lora_gate_rank_mismatch",
+    "lora_up_int_dtype",
+    "expert_mask_len",
+]
 
 
 def _noncontig(t: torch.Tensor, how: str) -> torch.Tensor:

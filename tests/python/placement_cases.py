@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Dict, Optional
-
-import torch
-import torch.nn.functional as F
 
 import reference as R
+import torch
+import torch.nn.functional as F
 from op_cases import ALL, BF16, F32, Case, Inputs, Result, check_close, dw_scale, fresh_lora, make_inputs, moetune
 from quant_reference import dequantized
 
-U = 2.0 ** -8
+U = 2.0**-8
 TOL_C_GPU = {"out": 12, "dtopk_weights": 14, "dB": 16, "dA": 18, "dx": 18}
 PLANS = ("cpu", "streamed", "resident", "mixed")
 FORMATS = [("bf16", None), ("int8", None), ("int4", 32), ("int4", 128)]
@@ -34,10 +32,12 @@ FORMATS = [("bf16", None), ("int8", None), ("int4", 32), ("int4", 128)]
 
 def placement():
     import moetune.placement as P  # imported late: a broken package fails the tests that use it
+
     return P
 
 
 # ---------------------------------------------------------------------------- plans
+
 
 def plan_fn(name: str):
     """where_fn(layer_key, counts, resident_mask) of a named plan."""
@@ -52,9 +52,15 @@ def plan_fn(name: str):
         if name == "resident":
             return W.GPU_RESIDENT
         if name == "mixed":  # every third expert on each side; resident where held, else streamed
-            return torch.tensor([int(W.CPU) if e % 3 == 0 else int(W.GPU_RESIDENT) if bool(resident[e])
-                                 else int(W.GPU_STREAMED) for e in range(E)], dtype=torch.int8)
+            return torch.tensor(
+                [
+                    int(W.CPU) if e % 3 == 0 else int(W.GPU_RESIDENT) if bool(resident[e]) else int(W.GPU_STREAMED)
+                    for e in range(E)
+                ],
+                dtype=torch.int8,
+            )
         raise AssertionError(name)
+
     return fn
 
 
@@ -69,6 +75,7 @@ def resident_set(name: str, E: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- setups
 
+
 @dataclasses.dataclass
 class Setup:
     experts: object
@@ -76,15 +83,28 @@ class Setup:
     gpu: object
 
 
-def make_setup(inp: Inputs, device="cpu", *, resident: Optional[torch.Tensor] = None, chunk_experts: int = 2,
-               keep_bytes: int = 0, gemm: str = "auto", ctx=None, **experts_kw) -> Setup:
+def make_setup(
+    inp: Inputs,
+    device="cpu",
+    *,
+    resident: torch.Tensor | None = None,
+    chunk_experts: int = 2,
+    keep_bytes: int = 0,
+    gemm: str = "auto",
+    ctx=None,
+    **experts_kw,
+) -> Setup:
     P = placement()
     from op_cases import get_ctx
+
     experts = moetune.MoEExperts(ctx or get_ctx(), inp.gate, inp.up, inp.down, **experts_kw)
     fmt = P.format_of(experts)
-    opts = P.GpuOptions(resident_budget_bytes=fmt.num_experts * fmt.decoded_bytes_per_expert,
-                        keep_budget_bytes=keep_bytes, stream_chunk_bytes=chunk_experts * fmt.stored_bytes_per_expert,
-                        gemm=gemm)
+    opts = P.GpuOptions(
+        resident_budget_bytes=fmt.num_experts * fmt.decoded_bytes_per_expert,
+        keep_budget_bytes=keep_bytes,
+        stream_chunk_bytes=chunk_experts * fmt.stored_bytes_per_expert,
+        gemm=gemm,
+    )
     runtime = P.GpuRuntime(device, opts)
     gpu = P.GpuExperts(runtime, experts, layer_key="layer")
     if resident is not None:
@@ -94,12 +114,19 @@ def make_setup(inp: Inputs, device="cpu", *, resident: Optional[torch.Tensor] = 
 
 def to_device(inp: Inputs, device) -> Inputs:
     mv = lambda t: t.to(device)  # noqa: E731
-    return dataclasses.replace(inp, x=mv(inp.x), ids=mv(inp.ids), w=mv(inp.w), dout=mv(inp.dout),
-                               lora_params={p: (mv(a), mv(b)) for p, (a, b) in inp.lora_params.items()})
+    return dataclasses.replace(
+        inp,
+        x=mv(inp.x),
+        ids=mv(inp.ids),
+        w=mv(inp.w),
+        dout=mv(inp.dout),
+        lora_params={p: (mv(a), mv(b)) for p, (a, b) in inp.lora_params.items()},
+    )
 
 
-def run_placed(st: Setup, inp: Inputs, plan: str, projs=None, *, ckpt: Optional[bool] = None, planner=None,
-               params=None) -> Result:
+def run_placed(
+    st: Setup, inp: Inputs, plan: str, projs=None, *, ckpt: bool | None = None, planner=None, params=None
+) -> Result:
     """Forward + out.backward(dout) through placed_moe_experts (optionally inside
     torch.utils.checkpoint, ckpt = use_reentrant) with fresh leaves; returns their grads."""
     P = placement()
@@ -108,8 +135,11 @@ def run_placed(st: Setup, inp: Inputs, plan: str, projs=None, *, ckpt: Optional[
     w = inp.w.detach().clone().requires_grad_(True)
     if params is None:
         params, _ = fresh_lora(inp, projs)
-    lw = moetune.LoraWeights(**{p: (params[p] if p in projs else None) for p in ALL}, scaling=inp.scaling) \
-        if projs else None
+    lw = (
+        moetune.LoraWeights(**{p: (params[p] if p in projs else None) for p in ALL}, scaling=inp.scaling)
+        if projs
+        else None
+    )
     planner = planner or P.FixedPlanner(plan_fn(plan))
 
     def fn(x_, w_):
@@ -121,8 +151,9 @@ def run_placed(st: Setup, inp: Inputs, plan: str, projs=None, *, ckpt: Optional[
         out = torch.utils.checkpoint.checkpoint(fn, x, w, use_reentrant=ckpt)
     (out.float() * inp.dout.float()).sum().backward()
     P.flush_timings(st.runtime)
-    return Result(out.detach(), x.grad, w.grad, {p: params[p][0].grad for p in projs},
-                  {p: params[p][1].grad for p in projs})
+    return Result(
+        out.detach(), x.grad, w.grad, {p: params[p][0].grad for p in projs}, {p: params[p][1].grad for p in projs}
+    )
 
 
 def run_moe_experts(experts, inp: Inputs, projs=None) -> Result:
@@ -133,29 +164,36 @@ def run_moe_experts(experts, inp: Inputs, projs=None) -> Result:
     params, lw = fresh_lora(inp, projs)
     out = moetune.moe_experts(experts, x, inp.ids, w, lora=lw)
     (out.float() * inp.dout.float()).sum().backward()
-    return Result(out.detach(), x.grad, w.grad, {p: params[p][0].grad for p in projs},
-                  {p: params[p][1].grad for p in projs})
+    return Result(
+        out.detach(), x.grad, w.grad, {p: params[p][0].grad for p in projs}, {p: params[p][1].grad for p in projs}
+    )
 
 
 # ---------------------------------------------------------------------------- references and comparison
+
 
 def dq_inputs(inp: Inputs, fmt: str, group) -> Inputs:
     """The inputs with the weights the engine computes with (dq(q(W)) for int8/int4)."""
     if fmt == "bf16":
         return inp
-    return dataclasses.replace(inp, gate=dequantized(inp.gate, fmt, group or 0), up=dequantized(inp.up, fmt, group or 0),
-                               down=dequantized(inp.down, fmt, group or 0))
+    return dataclasses.replace(
+        inp,
+        gate=dequantized(inp.gate, fmt, group or 0),
+        up=dequantized(inp.up, fmt, group or 0),
+        down=dequantized(inp.down, fmt, group or 0),
+    )
 
 
 def reference(inp: Inputs, projs=None, **variant) -> dict:
     projs = inp.case.lora if projs is None else projs
     cpu = lambda t: t.detach().cpu()  # noqa: E731
     lora = {p: (cpu(inp.lora_params[p][0]), cpu(inp.lora_params[p][1])) for p in projs}
-    return R.reference_forward_backward(cpu(inp.x), cpu(inp.ids), cpu(inp.w), inp.gate, inp.up, inp.down, lora,
-                                        inp.scaling, cpu(inp.dout), **variant)
+    return R.reference_forward_backward(
+        cpu(inp.x), cpu(inp.ids), cpu(inp.w), inp.gate, inp.up, inp.down, lora, inp.scaling, cpu(inp.dout), **variant
+    )
 
 
-def compare(res: Result, ref: dict, inp: Inputs, projs=None, table=None) -> Dict[str, float]:
+def compare(res: Result, ref: dict, inp: Inputs, projs=None, table=None) -> dict[str, float]:
     """res against the fp32 reference with `table` (default TOL_C_GPU); err/(u*scale) per quantity.
     Also: experts without tokens have exactly zero LoRA gradients."""
     table = TOL_C_GPU if table is None else table
@@ -163,18 +201,31 @@ def compare(res: Result, ref: dict, inp: Inputs, projs=None, table=None) -> Dict
     projs = case.lora if projs is None else projs
     cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
     xb = case.x_dtype == BF16
-    ratios = {"out": check_close("out", cpu(res.out), ref["out"], table["out"], bf16_out=xb, dtype=case.x_dtype),
-              "dx": check_close("dx", cpu(res.dx), ref["dx"], table["dx"], bf16_out=xb, dtype=case.x_dtype),
-              "dtopk_weights": check_close("dtopk_weights", cpu(res.dtopk_weights), ref["dtopk_weights"],
-                                           table["dtopk_weights"], bf16_out=case.w_dtype == BF16,
-                                           scale=dw_scale(ref, inp.dout.cpu()), dtype=case.w_dtype)}
+    ratios = {
+        "out": check_close("out", cpu(res.out), ref["out"], table["out"], bf16_out=xb, dtype=case.x_dtype),
+        "dx": check_close("dx", cpu(res.dx), ref["dx"], table["dx"], bf16_out=xb, dtype=case.x_dtype),
+        "dtopk_weights": check_close(
+            "dtopk_weights",
+            cpu(res.dtopk_weights),
+            ref["dtopk_weights"],
+            table["dtopk_weights"],
+            bf16_out=case.w_dtype == BF16,
+            scale=dw_scale(ref, inp.dout.cpu()),
+            dtype=case.w_dtype,
+        ),
+    }
     idle = R.experts_without_tokens(inp.ids.cpu(), case.E)
     for p in projs:
         for kind in ("dA", "dB"):
             g = cpu(getattr(res, kind)[p])
-            ratios[f"{kind}.{p}"] = check_close(f"{kind}.{p}", g, ref[kind][p], table[kind],
-                                                bf16_out=case.lora_dtype == BF16,
-                                                dtype=inp.lora_params[p][0 if kind == "dA" else 1].dtype)
+            ratios[f"{kind}.{p}"] = check_close(
+                f"{kind}.{p}",
+                g,
+                ref[kind][p],
+                table[kind],
+                bf16_out=case.lora_dtype == BF16,
+                dtype=inp.lora_params[p][0 if kind == "dA" else 1].dtype,
+            )
             for e in idle:
                 assert torch.count_nonzero(g[e]) == 0, f"{kind}.{p}[{e}]: expert without tokens has a non-zero grad"
     return ratios
@@ -196,10 +247,13 @@ def assert_equal(a: Result, b: Result, what: str) -> None:
 
 # ---------------------------------------------------------------------------- gpt-oss
 
-def make_biases(case: Case, amp: float, seed: int, dtype=F32) -> Dict[str, torch.Tensor]:
+
+def make_biases(case: Case, amp: float, seed: int, dtype=F32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {p: ((torch.rand(case.E, n, generator=g) * 2 - 1) * amp).to(BF16).to(dtype)
-            for p, n in (("gate", case.I), ("up", case.I), ("down", case.H))}
+    return {
+        p: ((torch.rand(case.E, n, generator=g) * 2 - 1) * amp).to(BF16).to(dtype)
+        for p, n in (("gate", case.I), ("up", case.I), ("down", case.H))
+    }
 
 
 def _gpu_preact(xe, W, pair, scaling, bias):
@@ -260,8 +314,14 @@ def gptoss_setup(case: Case, seed: int, device="cpu", fmt=("bf16", None), amp=0.
     biases = make_biases(case, amp, seed + 1)
     ng, nu = clamp_hits(dq_inputs(inp, *fmt), biases, limit)
     assert ng > 0 and nu > 0, f"the clamps are not exercised (g above: {ng}, u outside: {nu})"
-    kw = dict(activation="gpt_oss", alpha=1.702, limit=limit, weight_format=fmt[0], group_size=fmt[1],
-              **{f"{p}_bias": b for p, b in biases.items()})
+    kw = dict(
+        activation="gpt_oss",
+        alpha=1.702,
+        limit=limit,
+        weight_format=fmt[0],
+        group_size=fmt[1],
+        **{f"{p}_bias": b for p, b in biases.items()},
+    )
     kw.update(setup_kw)
     return inp, biases, limit, make_setup(inp, device, **kw)
 

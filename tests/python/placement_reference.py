@@ -51,12 +51,16 @@ def reference_makespan(shape, coeffs, counts, where, phase, *, copies=True, stag
 
 def reference_objective(shape, coeffs, counts, where, phases, *, copies, staging=2, scales=None, slowdown=None):
     """Sum over the charged phases (phase -> weight) of the reference makespan."""
-    return sum(w * reference_makespan(shape, coeffs, counts, where, p, copies=copies(p), staging=staging,
-                                      scales=scales, slowdown=slowdown)[0] for p, w in phases.items())
+    return sum(
+        w
+        * reference_makespan(
+            shape, coeffs, counts, where, p, copies=copies(p), staging=staging, scales=scales, slowdown=slowdown
+        )[0]
+        for p, w in phases.items()
+    )
 
 
-def brute_force(shape, coeffs, counts, resident, phases, *, copies, staging=2, cap=None, scales=None,
-                slowdown=None):
+def brute_force(shape, coeffs, counts, resident, phases, *, copies, staging=2, cap=None, scales=None, slowdown=None):
     """(best objective, its placement) over every CPU/GPU choice of the experts with pairs (a GPU
     expert is GPU_RESIDENT if resident, else GPU_STREAMED; at most `cap` streamed)."""
     counts = np.asarray(counts)
@@ -70,8 +74,9 @@ def brute_force(shape, coeffs, counts, resident, phases, *, copies, staging=2, c
                 where[e] = Where.GPU_RESIDENT if resident[e] else Where.GPU_STREAMED
         if cap is not None and int((where == Where.GPU_STREAMED).sum()) > cap:
             continue
-        obj = reference_objective(shape, coeffs, counts, where, phases, copies=copies, staging=staging,
-                                  scales=scales, slowdown=slowdown)
+        obj = reference_objective(
+            shape, coeffs, counts, where, phases, copies=copies, staging=staging, scales=scales, slowdown=slowdown
+        )
         if obj < best:
             best, best_where = obj, where
     return best, best_where

@@ -39,14 +39,14 @@ correct bf16 implementation (i.e. that the table is not too tight).
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-PROJS: Tuple[str, str, str] = ("gate", "up", "down")
+PROJS: tuple[str, str, str] = ("gate", "up", "down")
 
-LoraDict = Mapping[str, Optional[Tuple[torch.Tensor, torch.Tensor]]]
+LoraDict = Mapping[str, tuple[torch.Tensor, torch.Tensor] | None]
 
 
 def bf16_round(t: torch.Tensor) -> torch.Tensor:
@@ -114,14 +114,14 @@ def moe_forward_reference(
     gate_proj: torch.Tensor,
     up_proj: torch.Tensor,
     down_proj: torch.Tensor,
-    lora: Optional[LoraDict] = None,
+    lora: LoraDict | None = None,
     scaling: float = 1.0,
-    expert_mask: Optional[torch.Tensor] = None,
+    expert_mask: torch.Tensor | None = None,
     emulate_bf16: bool = False,
     activation: str = "swiglu",
     alpha: float = 1.702,
     limit: float = 7.0,
-    biases: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
+    biases: Mapping[str, torch.Tensor | None] | None = None,
 ):
     """Forward of the routed experts; differentiable by autograd.
 
@@ -130,8 +130,13 @@ def moe_forward_reference(
     *unweighted* output y of the expert in slot j of token t (zero for masked
     experts); ``ys`` is what d(topk_weights) is a dot product with.
     """
-    for name, t in (("x", x), ("topk_weights", topk_weights), ("gate_proj", gate_proj),
-                    ("up_proj", up_proj), ("down_proj", down_proj)):
+    for name, t in (
+        ("x", x),
+        ("topk_weights", topk_weights),
+        ("gate_proj", gate_proj),
+        ("up_proj", up_proj),
+        ("down_proj", down_proj),
+    ):
         assert t.dtype == torch.float32, f"reference expects fp32 {name}, got {t.dtype}"
     lora = dict(lora or {})
     biases = {p: (None if b is None else b.to(torch.float32)) for p, b in (biases or {}).items()}
@@ -194,10 +199,10 @@ def reference_forward_backward(
     gate_proj: torch.Tensor,
     up_proj: torch.Tensor,
     down_proj: torch.Tensor,
-    lora: Optional[LoraDict],
+    lora: LoraDict | None,
     scaling: float,
     dout: torch.Tensor,
-    expert_mask: Optional[torch.Tensor] = None,
+    expert_mask: torch.Tensor | None = None,
     emulate_bf16: bool = False,
     **variant,
 ) -> dict:
@@ -225,12 +230,21 @@ def reference_forward_backward(
         leaves += [A32, B32]
     with torch.enable_grad():
         out, ys = moe_forward_reference(
-            x32, topk_ids, w32, f32(gate_proj), f32(up_proj), f32(down_proj),
-            lora=lora32, scaling=scaling, expert_mask=expert_mask, emulate_bf16=emulate_bf16, **variant)
+            x32,
+            topk_ids,
+            w32,
+            f32(gate_proj),
+            f32(up_proj),
+            f32(down_proj),
+            lora=lora32,
+            scaling=scaling,
+            expert_mask=expert_mask,
+            emulate_bf16=emulate_bf16,
+            **variant,
+        )
         grads = torch.autograd.grad(out, leaves, grad_outputs=f32(dout), allow_unused=True)
     grads = [torch.zeros_like(l) if g is None else g for l, g in zip(leaves, grads)]
-    res = {"out": out.detach(), "ys": ys.detach(), "dx": grads[0], "dtopk_weights": grads[1],
-           "dA": {}, "dB": {}}
+    res = {"out": out.detach(), "ys": ys.detach(), "dx": grads[0], "dtopk_weights": grads[1], "dA": {}, "dB": {}}
     i = 2
     for p in PROJS:
         if p in lora32:
@@ -240,8 +254,9 @@ def reference_forward_backward(
     return res
 
 
-def experts_without_tokens(topk_ids: torch.Tensor, num_experts: int,
-                           expert_mask: Optional[torch.Tensor] = None) -> Sequence[int]:
+def experts_without_tokens(
+    topk_ids: torch.Tensor, num_experts: int, expert_mask: torch.Tensor | None = None
+) -> Sequence[int]:
     """Experts that receive no (unmasked) token: their LoRA gradients must be exactly zero."""
     used = torch.zeros(num_experts, dtype=torch.bool)
     used[topk_ids.long().flatten()] = True

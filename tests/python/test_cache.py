@@ -9,15 +9,14 @@ detected (with its reason), never used, and load_or_build rebuilds.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from op_cases import ALL, F32, I64, Case, assert_results_equal, get_ctx, make_inputs, run_engine
 
 import moetune
 import moetune.cache as cache
-from op_cases import ALL, F32, I64, Case, assert_results_equal, get_ctx, make_inputs, run_engine
 
 CASE = Case("cache", 9, 40, 24, 4, 2, 4, ALL, F32, I64, F32)
 SHAPE = dict(num_experts=4, hidden_size=40, intermediate_size=24)
@@ -32,6 +31,7 @@ def build_fn(inp, calls, **opts):
     def build():
         calls.append(opts)
         return moetune.MoEExperts(get_ctx(), inp.gate, inp.up, inp.down, **opts)
+
     return build
 
 
@@ -39,17 +39,25 @@ def packed(ex):
     return {b.name: bytes(memoryview(b.array)) for b in ex.packed_buffers()}
 
 
-@pytest.mark.parametrize("opts", [dict(weight_format="int4", group_size=32),
-                                  dict(weight_format="int8", backward_weights="transposed_copy"),
-                                  dict(weight_format="bf16")], ids=["int4g32", "int8_tcopy", "bf16"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(weight_format="int4", group_size=32),
+        dict(weight_format="int8", backward_weights="transposed_copy"),
+        dict(weight_format="bf16"),
+    ],
+    ids=["int4g32", "int8_tcopy", "bf16"],
+)
 def test_hit_is_bit_identical_and_skips_build(tmp_path, inp, opts):
     src = cache.tensor_fingerprint(inp.gate, inp.up, inp.down)
     calls = []
-    ex1, why1 = cache.load_or_build(get_ctx(), tmp_path, "layers.0.experts", src, build_fn(inp, calls, **opts),
-                                    **SHAPE, **opts)
+    ex1, why1 = cache.load_or_build(
+        get_ctx(), tmp_path, "layers.0.experts", src, build_fn(inp, calls, **opts), **SHAPE, **opts
+    )
     assert why1.startswith("miss") and len(calls) == 1
-    ex2, why2 = cache.load_or_build(get_ctx(), tmp_path, "layers.0.experts", src, build_fn(inp, calls, **opts),
-                                    **SHAPE, **opts)
+    ex2, why2 = cache.load_or_build(
+        get_ctx(), tmp_path, "layers.0.experts", src, build_fn(inp, calls, **opts), **SHAPE, **opts
+    )
     assert why2 == "hit" and len(calls) == 1, "a valid cache entry must not rebuild"
     assert packed(ex2) == packed(ex1) and ex2.packed_bytes == ex1.packed_bytes
     assert ex2.options == ex1.options
@@ -84,11 +92,14 @@ def test_file_identity_changes_with_the_file(tmp_path):
     assert cache.file_identity([f]) != a
 
 
-@pytest.mark.parametrize("asked,field", [
-    (dict(weight_format="int4", group_size=64), "weight_format"),
-    (dict(weight_format="int8", backward_weights="transposed_copy"), "backward_weights"),
-    (dict(weight_format="bf16"), "weight_format"),
-])
+@pytest.mark.parametrize(
+    "asked,field",
+    [
+        (dict(weight_format="int4", group_size=64), "weight_format"),
+        (dict(weight_format="int8", backward_weights="transposed_copy"), "backward_weights"),
+        (dict(weight_format="bf16"), "weight_format"),
+    ],
+)
 def test_mismatched_options_are_not_used(tmp_path, inp, asked, field):
     opts = dict(weight_format="int8")
     cache.save(moetune.MoEExperts(get_ctx(), inp.gate, inp.up, inp.down, **opts), tmp_path, "k", "src")
@@ -162,6 +173,7 @@ def test_failed_write_leaves_the_old_entry(tmp_path, inp, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(cache.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         cache.save(ex, tmp_path, "k", "v2")
@@ -172,8 +184,9 @@ def test_failed_write_leaves_the_old_entry(tmp_path, inp, monkeypatch):
 
 def test_build_with_other_options_is_refused(tmp_path, inp):
     with pytest.raises(ValueError, match="build\\(\\) for 'k' returned experts with"):
-        cache.load_or_build(get_ctx(), tmp_path, "k", "src", build_fn(inp, [], weight_format="int8"), **SHAPE,
-                            weight_format="int4")
+        cache.load_or_build(
+            get_ctx(), tmp_path, "k", "src", build_fn(inp, [], weight_format="int8"), **SHAPE, weight_format="int4"
+        )
 
 
 def test_hit_with_gpt_oss_options_and_biases(tmp_path, inp):
@@ -184,8 +197,18 @@ def test_hit_with_gpt_oss_options_and_biases(tmp_path, inp):
     act = dict(activation="gpt_oss", alpha=1.5, limit=5.0)
 
     def build():
-        return moetune.MoEExperts(get_ctx(), inp.gate, inp.up, inp.down, gate_bias=biases[0], up_bias=biases[1],
-                                  down_bias=biases[2], **opts, **act)
+        return moetune.MoEExperts(
+            get_ctx(),
+            inp.gate,
+            inp.up,
+            inp.down,
+            gate_bias=biases[0],
+            up_bias=biases[1],
+            down_bias=biases[2],
+            **opts,
+            **act,
+        )
+
     built, _ = cache.load_or_build(get_ctx(), tmp_path, "k", "src", build, **SHAPE, **opts, biases=biases, **act)
     hit, why = cache.load_or_build(get_ctx(), tmp_path, "k", "src", build, **SHAPE, **opts, biases=biases, **act)
     assert why == "hit" and hit.has_biases == (True, True, True) and hit.activation == "gpt_oss"

@@ -13,16 +13,30 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 def _case(device, seed=0, E=8, H=64, I=48, T=33, k=2, r=4, lora_dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    W = [(torch.randn(E, I, H, generator=g) / H ** 0.5).bfloat16(),
-         (torch.randn(E, I, H, generator=g) / H ** 0.5).bfloat16(),
-         (torch.randn(E, H, I, generator=g) / I ** 0.5).bfloat16()]
+    W = [
+        (torch.randn(E, I, H, generator=g) / H**0.5).bfloat16(),
+        (torch.randn(E, I, H, generator=g) / H**0.5).bfloat16(),
+        (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16(),
+    ]
     x = torch.randn(T, H, generator=g).bfloat16()
     w, ids = torch.softmax(torch.randn(T, E, generator=g), -1).topk(k, -1)
-    lora = {p: (torch.randn(E, r, H if p != "down" else I, generator=g) * 0.1,
-                torch.randn(E, I if p != "down" else H, r, generator=g) * 0.1) for p in ("gate", "up", "down")}
+    lora = {
+        p: (
+            torch.randn(E, r, H if p != "down" else I, generator=g) * 0.1,
+            torch.randn(E, I if p != "down" else H, r, generator=g) * 0.1,
+        )
+        for p in ("gate", "up", "down")
+    }
     dout = torch.randn(T, H, generator=g).bfloat16()
     mv = lambda t: t.to(device).requires_grad_() if t.is_floating_point() else t.to(device)
-    return W, mv(x), mv(ids), mv(w), {p: (mv(a.to(lora_dtype)), mv(b.to(lora_dtype))) for p, (a, b) in lora.items()}, dout.to(device)
+    return (
+        W,
+        mv(x),
+        mv(ids),
+        mv(w),
+        {p: (mv(a.to(lora_dtype)), mv(b.to(lora_dtype))) for p, (a, b) in lora.items()},
+        dout.to(device),
+    )
 
 
 def _run(ctx, W, x, ids, w, lora, dout):

@@ -14,8 +14,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from moetune.hf import EngineHeldTensor  # noqa: E402
 from test_hf_exactness import U, batch, check_on_cuda, pair, rel_max  # noqa: E402
+
+from moetune.hf import EngineHeldTensor  # noqa: E402
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU test machine)")
@@ -33,6 +34,7 @@ def test_rest_of_model_on_cuda(patch_first):
 
 # ---- moetune.load_model(device="cuda"): non-expert parts on the GPU, experts never ----
 
+
 def _big_experts(family):
     """The family's tiny test model with experts large enough (32 experts of
     I = 1024: 25 MiB per layer in fp32) that one expert layer on the GPU would
@@ -44,10 +46,20 @@ def _big_experts(family):
 
         cls = transformers.GptOssForCausalLM
         cfg = transformers.GptOssConfig(
-            hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64,
-            layer_types=["sliding_attention", "full_attention"], sliding_window=8,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+            hidden_size=64,
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=128,
+            max_position_embeddings=64,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
     else:
         cls, cfg = tiny(family)
     for attr in ("num_experts", "num_local_experts", "n_routed_experts"):
@@ -77,30 +89,36 @@ def _tensor_bytes(model, device_type):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU test machine)")
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3",
-                                    "glm4_moe", "gpt_oss"])
+@pytest.mark.parametrize(
+    "family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss"]
+)
 def test_load_model_cuda_train_step(family, tmp_path):
-    import moetune
     import peft
     from test_hf_exactness import LORA, ctx, lora_init_
+
+    import moetune
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ref = _big_experts(family)
     ref.save_pretrained(tmp_path / "c")
-    expert_layer_bytes = max(m.gate_up_proj.numel() * 4 + m.down_proj.numel() * 4
-                             for m in ref.modules() if hasattr(m, "gate_up_proj"))
+    expert_layer_bytes = max(
+        m.gate_up_proj.numel() * 4 + m.down_proj.numel() * 4 for m in ref.modules() if hasattr(m, "gate_up_proj")
+    )
     assert expert_layer_bytes >= 24 * 2**20
     del ref
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    model = moetune.load_model(tmp_path / "c", device="cuda", dtype=torch.float32, ctx=ctx(), progress=False,
-                               placement="cpu")
+    model = moetune.load_model(
+        tmp_path / "c", device="cuda", dtype=torch.float32, ctx=ctx(), progress=False, placement="cpu"
+    )
     loaded = torch.cuda.max_memory_allocated() - before
     nonexpert = _tensor_bytes(model, "cuda")
-    print(f"{family}: GPU peak during load {loaded / 2**20:.2f} MiB, non-expert tensors {nonexpert / 2**20:.2f} MiB, "
-          f"one expert layer {expert_layer_bytes / 2**20:.1f} MiB")
+    print(
+        f"{family}: GPU peak during load {loaded / 2**20:.2f} MiB, non-expert tensors {nonexpert / 2**20:.2f} MiB, "
+        f"one expert layer {expert_layer_bytes / 2**20:.1f} MiB"
+    )
     assert loaded <= nonexpert  # nothing but the non-expert tensors ever reached the GPU while loading
     assert all(p.device.type == "cpu" for p in model.parameters() if isinstance(p, EngineHeldTensor))
     assert all(p.device.type == "cuda" for p in model.parameters() if not isinstance(p, EngineHeldTensor))
@@ -124,7 +142,7 @@ def test_load_model_cuda_train_step(family, tmp_path):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out = step()
+    step()
     torch.cuda.synchronize()
     step_peak = torch.cuda.max_memory_allocated() - base
     lora_bytes = sum(p.numel() * p.element_size() for p in lora_params)
@@ -138,8 +156,11 @@ def test_load_model_cuda_train_step(family, tmp_path):
     # The experts' LoRA factors live with their base weights, on the CPU where the engine
     # reads them and writes their gradients (no PCIe round trip per step); every other
     # LoRA factor is on the GPU. Each gets a gradient on its own device.
-    placed = {n: (p.device.type, p.grad.device.type if p.grad is not None else None)
-              for n, p in pm.named_parameters() if p.requires_grad}
+    placed = {
+        n: (p.device.type, p.grad.device.type if p.grad is not None else None)
+        for n, p in pm.named_parameters()
+        if p.requires_grad
+    }
     expert_lora = {n for n in placed if ".experts." in n}
     assert expert_lora and len(expert_lora) < len(placed), sorted(placed)
     for n, (dev, gdev) in placed.items():
@@ -147,8 +168,9 @@ def test_load_model_cuda_train_step(family, tmp_path):
         assert dev == want and gdev == want, (n, dev, gdev)
 
     # Same weights and adapter on the CPU path: same logits (8 u as in test_hf_exactness).
-    cpu = peft.get_peft_model(moetune.load_model(tmp_path / "c", dtype=torch.float32, ctx=ctx(), progress=False),
-                              peft.LoraConfig(**LORA))
+    cpu = peft.get_peft_model(
+        moetune.load_model(tmp_path / "c", dtype=torch.float32, ctx=ctx(), progress=False), peft.LoraConfig(**LORA)
+    )
     cpu.load_state_dict({k: v.cpu() for k, v in pm.state_dict().items() if "lora_" in k}, strict=False)
     pm.eval()
     cpu.eval()
@@ -162,15 +184,17 @@ def test_load_model_cuda_train_step(family, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_load_model_device_map_two_gpus(tmp_path):
-    import moetune
     from test_hf_exactness import build, ctx
+
+    import moetune
 
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = build("qwen3_moe")
     ref.save_pretrained(tmp_path / "c")
     dm = {"": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
-    model = moetune.load_model(tmp_path / "c", device=dm, dtype=torch.float32, ctx=ctx(), progress=False,
-                               placement="cpu")
+    model = moetune.load_model(
+        tmp_path / "c", device=dm, dtype=torch.float32, ctx=ctx(), progress=False, placement="cpu"
+    )
     assert model.model.layers[0].self_attn.q_proj.weight.device == torch.device("cuda", 0)
     assert model.model.layers[1].self_attn.q_proj.weight.device == torch.device("cuda", 1)
     assert model.lm_head.weight.device == torch.device("cuda", 1)

@@ -49,9 +49,14 @@ import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
 import moetune.hf.patching as patch_mod  # noqa: E402
 
-U = 2.0 ** -8
-LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], lora_dropout=0.0)
+U = 2.0**-8
+LORA = dict(
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "v_proj"],
+    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    lora_dropout=0.0,
+)
 _CTX = None
 
 
@@ -63,11 +68,19 @@ def ctx():
 
 
 def tiny(family: str):
-    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=128, num_experts_per_tok=2, max_position_embeddings=64)
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-                                          head_dim=16, norm_topk_prob=True, **common)
+        cfg = transformers.Qwen3MoeConfig(
+            intermediate_size=128, moe_intermediate_size=32, num_experts=8, head_dim=16, norm_topk_prob=True, **common
+        )
         return transformers.Qwen3MoeForCausalLM, cfg
     if family == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=32, num_local_experts=8, head_dim=16, **common)
@@ -76,28 +89,59 @@ def tiny(family: str):
         cfg = transformers.OlmoeConfig(intermediate_size=32, num_experts=8, norm_topk_prob=False, **common)
         return transformers.OlmoeForCausalLM, cfg
     # Multi-head latent attention (q_lora_rank=None: a plain q_proj, which LORA targets).
-    mla = dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-               v_head_dim=16)
+    mla = dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16
+    )
     if family == "deepseek_v3":
         # Group-limited sigmoid routing (2 groups of 4, 1 group kept), one shared expert, no dense layers.
-        cfg = transformers.DeepseekV3Config(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
-                                            n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0,
-                                            **{**common, **mla})
+        cfg = transformers.DeepseekV3Config(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            **{**common, **mla},
+        )
         return transformers.DeepseekV3ForCausalLM, cfg
     if family == "deepseek_v2":
         # Softmax routing, not renormalised; routed_scaling_factor 2.5 (V3's) so the expert LoRA visibly matters.
-        cfg = transformers.DeepseekV2Config(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
-                                            n_shared_experts=1, topk_method="group_limited_greedy", n_group=2,
-                                            topk_group=1, first_k_dense_replace=0, routed_scaling_factor=2.5, **{**common, **mla})
+        cfg = transformers.DeepseekV2Config(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            routed_scaling_factor=2.5,
+            **{**common, **mla},
+        )
         return transformers.DeepseekV2ForCausalLM, cfg
     if family == "glm4_moe":
-        cfg = transformers.Glm4MoeConfig(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
-                                         n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0,
-                                         head_dim=16, **common)
+        cfg = transformers.Glm4MoeConfig(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            head_dim=16,
+            **common,
+        )
         return transformers.Glm4MoeForCausalLM, cfg
     if family == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-                                          shared_expert_intermediate_size=64, norm_topk_prob=False, **common)
+        cfg = transformers.Qwen2MoeConfig(
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_experts=8,
+            shared_expert_intermediate_size=64,
+            norm_topk_prob=False,
+            **common,
+        )
         return transformers.Qwen2MoeForCausalLM, cfg
     raise KeyError(family)
 
@@ -170,8 +214,15 @@ def lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-FAMILIES = {"qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral", "olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE",
-            "deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3", "glm4_moe": "GLM-4-MoE"}
+FAMILIES = {
+    "qwen3_moe": "Qwen3-MoE",
+    "mixtral": "Mixtral",
+    "olmoe": "OLMoE",
+    "qwen2_moe": "Qwen2-MoE",
+    "deepseek_v2": "DeepSeek-V2",
+    "deepseek_v3": "DeepSeek-V3",
+    "glm4_moe": "GLM-4-MoE",
+}
 
 
 def check_one_step(ref, ours, label: str, *, tol_logits: float = 8 * U, tol_grad: float = 14 * U) -> dict:
@@ -186,8 +237,10 @@ def check_one_step(ref, ours, label: str, *, tol_logits: float = 8 * U, tol_grad
     out = ours(input_ids=ids, labels=ids)
     assert rel_max(no_lora, out_ref.logits) > 50 * U
     err = rel_max(out.logits, out_ref.logits)
-    print(f"{label}: logits {err / U:.3f} u, loss "
-          f"{abs(out.loss.item() - out_ref.loss.item()) / abs(out_ref.loss.item()) / U:.3f} u")
+    print(
+        f"{label}: logits {err / U:.3f} u, loss "
+        f"{abs(out.loss.item() - out_ref.loss.item()) / abs(out_ref.loss.item()) / U:.3f} u"
+    )
     assert err <= tol_logits, f"logits max err {err / U:.2f} u"
     assert abs(out.loss.item() - out_ref.loss.item()) <= tol_logits * abs(out_ref.loss.item())
     out_ref.loss.backward()
@@ -208,8 +261,9 @@ def check_one_step(ref, ours, label: str, *, tol_logits: float = 8 * U, tol_grad
     return {"logits": out.logits.detach(), "grads": g}
 
 
-def check_on_cuda(ref, ours, label: str, *, tol_logits: float = 8 * U, tol_grad: float = 14 * U,
-                  grads_on: str = "cuda") -> None:
+def check_on_cuda(
+    ref, ours, label: str, *, tol_logits: float = 8 * U, tol_grad: float = 14 * U, grads_on: str = "cuda"
+) -> None:
     """`ours` moved to CUDA against the CPU fp32 reference: logits, loss backward and every LoRA
     grad (on `grads_on`) within the check_one_step tolerances (or the given ones)."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -229,8 +283,17 @@ def check_on_cuda(ref, ours, label: str, *, tol_logits: float = 8 * U, tol_grad:
         assert rel_fro(g[n].cpu(), g_ref[n]) <= tol_grad, n
 
 
-def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str, *, counted=(patch_mod, "moe_experts"),
-                     tol: float = 16 * U, after_step=None) -> None:
+def check_trajectory(
+    ref,
+    ours,
+    checkpointing,
+    monkeypatch,
+    label: str,
+    *,
+    counted=(patch_mod, "moe_experts"),
+    tol: float = 16 * U,
+    after_step=None,
+) -> None:
     """20 AdamW steps on one batch, ours vs the reference, with gradient checkpointing
     off (None), "nonreentrant" or "reentrant". counted: the (module, function) every experts
     call of ours goes through (counted in the first step); after_step: called after each of
@@ -242,7 +305,8 @@ def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str, *, count
         m.train()
         if checkpointing:
             m.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+            )
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, ours)]
     losses = ([], [])
     ids = batch(seed=100)  # one batch, memorised: the loss must go down
@@ -261,8 +325,9 @@ def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str, *, count
             # Every LoRA factor got a gradient through the (checkpointed) layers in
             # both models, so matching trajectories are not matching no-ops.
             for m in (ref, ours):
-                dead = [n for n, p in m.named_parameters()
-                        if p.requires_grad and (p.grad is None or p.grad.norm() == 0)]
+                dead = [
+                    n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or p.grad.norm() == 0)
+                ]
                 assert not dead, f"no gradient reached {dead}"
     lr, lo = torch.tensor(losses[0]), torch.tensor(losses[1])
     assert lr[-1] < lr[0] - 0.05, "the reference did not train; the comparison would be vacuous"
@@ -271,8 +336,11 @@ def check_trajectory(ref, ours, checkpointing, monkeypatch, label: str, *, count
     assert err <= tol, f"loss trajectory max rel err {err / U:.2f} u\nref {lr.tolist()}\nours {lo.tolist()}"
 
 
-CHECKPOINTING = dict(argnames="checkpointing", argvalues=[None, "nonreentrant", "reentrant"],
-                     ids=["no_ckpt", "ckpt_nonreentrant", "ckpt_reentrant"])
+CHECKPOINTING = dict(
+    argnames="checkpointing",
+    argvalues=[None, "nonreentrant", "reentrant"],
+    ids=["no_ckpt", "ckpt_nonreentrant", "ckpt_reentrant"],
+)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -321,9 +389,21 @@ def stock_peft_logits(base_dir, adapter_dir, ids, tmp_path):
     script = tmp_path / "load.py"
     script.write_text(_LOAD_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, str(script), str(base_dir), str(adapter_dir),
-                        str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-                       env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(base_dir),
+            str(adapter_dir),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(tmp_path / "out.pt")
 

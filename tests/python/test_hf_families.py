@@ -32,16 +32,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from reference import moe_forward_reference  # noqa: E402
+from transformers.integrations.moe import use_experts_implementation  # noqa: E402
+
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
 from moetune.hf import families, patching  # noqa: E402
 from moetune.hf.families import FAMILIES, Family  # noqa: E402
 from moetune.hf.keymap import key_map  # noqa: E402
-from reference import moe_forward_reference  # noqa: E402
 
-from transformers.integrations.moe import use_experts_implementation  # noqa: E402
-
-U = 2.0 ** -8
+U = 2.0**-8
 # Distinct sizes, so that any swapped axis changes a shape: E, H, I with H != I, H != 2I.
 E, H, I = 4, 24, 10
 IDS = [f.name for f in FAMILIES]
@@ -87,8 +87,18 @@ def engine_reference(family: Family, m: torch.nn.Module, x, ids, w) -> torch.Ten
     if family.bias:
         biases = dict(zip(("gate", "up", "down"), family.engine_biases(*(params[b] for b in families.BIAS_PARAMS))))
     o = family.engine_options(moetune.ExpertsOptions(), m)  # what patch / load_model give the engine
-    out, _ = moe_forward_reference(x, ids, w, gate.contiguous(), up.contiguous(), down.contiguous(), biases=biases,
-                                   activation=o.activation, alpha=o.alpha, limit=o.limit)
+    out, _ = moe_forward_reference(
+        x,
+        ids,
+        w,
+        gate.contiguous(),
+        up.contiguous(),
+        down.contiguous(),
+        biases=biases,
+        activation=o.activation,
+        alpha=o.alpha,
+        limit=o.limit,
+    )
     return out
 
 
@@ -123,8 +133,9 @@ def test_entry_is_complete_and_agrees_with_its_class(family):
     assert set(families.LORA_PARAMS) <= set(have)
     # The activation: SwiGLU with silu, or finite constants on the module that the engine gets.
     assert family.activation_problems(m) == []
-    user = moetune.ExpertsOptions(weight_format="int8", activation="gpt_oss" if family.activation == "swiglu"
-                                  else "swiglu")
+    user = moetune.ExpertsOptions(
+        weight_format="int8", activation="gpt_oss" if family.activation == "swiglu" else "swiglu"
+    )
     o = family.engine_options(user, m)  # the family's activation wins over the caller's; other options stay
     assert o.activation == family.activation and o.weight_format == "int8"
     for c in family.constants:
@@ -203,6 +214,7 @@ def test_conversion_is_the_class_math(family):
 
 # ---- adding a family ----
 
+
 @use_experts_implementation(is_transposed=True)
 class TransposedExperts(torch.nn.Module):
     """A made-up family: x @ W storage (gate_up_proj [E, H, 2I], down_proj [E, I, H]),
@@ -211,10 +223,12 @@ class TransposedExperts(torch.nn.Module):
     def __init__(self, config):
         super().__init__()
         self.num_experts = config.num_experts
-        self.gate_up_proj = torch.nn.Parameter(torch.empty(config.num_experts, config.hidden_size,
-                                                           2 * config.moe_intermediate_size))
-        self.down_proj = torch.nn.Parameter(torch.empty(config.num_experts, config.moe_intermediate_size,
-                                                        config.hidden_size))
+        self.gate_up_proj = torch.nn.Parameter(
+            torch.empty(config.num_experts, config.hidden_size, 2 * config.moe_intermediate_size)
+        )
+        self.down_proj = torch.nn.Parameter(
+            torch.empty(config.num_experts, config.moe_intermediate_size, config.hidden_size)
+        )
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
@@ -226,8 +240,14 @@ class TransposedExperts(torch.nn.Module):
         return out
 
 
-NEW = Family("Transposed-MoE", __name__, "TransposedExperts", "qwen3_moe",
-             ("num_experts", "hidden_size", "moe_intermediate_size"), transposed=True)
+NEW = Family(
+    "Transposed-MoE",
+    __name__,
+    "TransposedExperts",
+    "qwen3_moe",
+    ("num_experts", "hidden_size", "moe_intermediate_size"),
+    transposed=True,
+)
 
 
 def test_a_new_family_is_one_entry(monkeypatch):

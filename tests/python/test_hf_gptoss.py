@@ -15,18 +15,30 @@ u could flip the clamp's derivative: a discontinuity, not an arithmetic error).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from test_hf_exactness import (  # noqa: E402
+    CHECKPOINTING,
+    LORA,
+    U,
+    batch,
+    bf16_round_,
+    check_on_cuda,
+    check_one_step,
+    check_trajectory,
+    ctx,
+    lora_init_,
+    peft_pair,
+    rel_max,
+    stock_peft_logits,
+)
+
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
-from test_hf_exactness import (CHECKPOINTING, LORA, U, batch, bf16_round_, check_on_cuda,  # noqa: E402
-                               check_one_step, check_trajectory, ctx, lora_init_, peft_pair, rel_max,
-                               stock_peft_logits)
 
 
 def experts_modules(model):
@@ -35,10 +47,20 @@ def experts_modules(model):
 
 def build(seed: int = 0):
     cfg = transformers.GptOssConfig(
-        hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64,
-        layer_types=["sliding_attention", "full_attention"], sliding_window=8,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        hidden_size=64,
+        intermediate_size=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     torch.manual_seed(seed)
     model = transformers.GptOssForCausalLM(cfg).float()
     g = torch.Generator().manual_seed(seed + 10)
@@ -67,8 +89,13 @@ def clamped_fraction(model, ids):
             tok = (idx == e).any(-1)
             gu = x[tok] @ m.gate_up_proj[e] + m.gate_up_proj_bias[e]
             g, u = gu[..., ::2], gu[..., 1::2]
-            seen.append(((g > m.limit).float().mean().item(), (u.abs() > m.limit).float().mean().item(),
-                         ((g - m.limit).abs().min().item(), ((u.abs() - m.limit).abs().min().item()))))
+            seen.append(
+                (
+                    (g > m.limit).float().mean().item(),
+                    (u.abs() > m.limit).float().mean().item(),
+                    ((g - m.limit).abs().min().item(), ((u.abs() - m.limit).abs().min().item())),
+                )
+            )
 
     hs = [m.register_forward_hook(hook) for m in experts_modules(model)]
     with torch.no_grad():
@@ -155,7 +182,6 @@ def test_rest_of_model_on_cuda():
     ref, ours, handle = pair(patch_first=True, placement="cpu")
     ours.to("cuda")
     held = [p for n, p in ours.named_parameters() if n.endswith(("gate_up_proj", "down_proj", "_proj_bias"))]
-    assert len(held) == 8 and all(isinstance(p, moetune.hf.EngineHeldTensor) and p.device.type == "cpu"
-                                  for p in held)
+    assert len(held) == 8 and all(isinstance(p, moetune.hf.EngineHeldTensor) and p.device.type == "cpu" for p in held)
     check_on_cuda(ref, ours, "gpt-oss cuda")
     handle.undo()

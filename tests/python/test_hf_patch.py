@@ -10,19 +10,29 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from peft.tuners.lora.layer import ParamWrapper  # noqa: E402
+from test_hf_exactness import LORA, ctx  # noqa: E402
+
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
-from moetune.hf.patching import experts_state  # noqa: E402
 from moetune.hf import EngineHeldTensor  # noqa: E402
-from peft.tuners.lora.layer import ParamWrapper  # noqa: E402
-
-from test_hf_exactness import LORA, ctx  # noqa: E402
+from moetune.hf.patching import experts_state  # noqa: E402
 
 
 def qwen3_moe(seed=0):
-    cfg = transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-                                      num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=16, vocab_size=128, norm_topk_prob=True)
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        norm_topk_prob=True,
+    )
     torch.manual_seed(seed)
     m = transformers.Qwen3MoeForCausalLM(cfg).float()
     with torch.no_grad():
@@ -36,8 +46,15 @@ def experts_modules(model):
 
 
 def test_model_without_moe_experts_is_refused():
-    cfg = transformers.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=16, vocab_size=128)
+    cfg = transformers.Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+    )
     dense = transformers.Qwen3ForCausalLM(cfg)
     with pytest.raises(ValueError) as e:
         moetune.hf.patch(dense, ctx=ctx())
@@ -71,9 +88,18 @@ def test_unsupported_experts_class_is_refused():
 def test_gpt_oss_with_mismatched_layout_is_refused():
     # gpt-oss is supported with its own layout descriptor; a GptOssExperts whose flags say otherwise is refused
     # by name, before anything is moved.
-    cfg = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
-                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                    vocab_size=128, layer_types=["full_attention"])
+    cfg = transformers.GptOssConfig(
+        hidden_size=64,
+        intermediate_size=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        layer_types=["full_attention"],
+    )
     model = transformers.GptOssForCausalLM(cfg)
     experts = model.model.layers[0].mlp.experts
     experts.is_transposed = False
@@ -110,7 +136,7 @@ def test_placeholders_and_undo_restore_exactly():
     with torch.no_grad():
         got = model(input_ids=ids).logits
         want = ref(input_ids=ids).logits
-    assert ((got - want).abs().max() / want.abs().max()) < 8 * 2.0 ** -8
+    assert ((got - want).abs().max() / want.abs().max()) < 8 * 2.0**-8
     handle.undo()
     assert model.config._experts_implementation == impl_before
     for m in experts_modules(model):

@@ -27,19 +27,33 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from test_hf_exactness import (  # noqa: E402
+    CHECKPOINTING,
+    LORA,
+    U,
+    batch,
+    build,
+    check_one_step,
+    check_trajectory,
+    ctx,
+    lora_grads,
+    lora_init_,
+    peft_pair,
+    rel_fro,
+    rel_max,
+)
+from test_hf_gptoss import build as build_gptoss  # noqa: E402
+
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
 import moetune.hf.placement as hf_placement  # noqa: E402
 from moetune.hf.patching import experts_state  # noqa: E402
 from moetune.placement import FixedPlanner, Where  # noqa: E402
-from test_hf_exactness import (CHECKPOINTING, LORA, U, batch, build, check_one_step,  # noqa: E402
-                               check_trajectory, ctx, lora_grads, lora_init_, peft_pair, rel_fro, rel_max)
-from test_hf_gptoss import build as build_gptoss  # noqa: E402
 
 GPU_LOGITS, GPU_GRAD, GPU_TRAJ = 12 * U, 18 * U, 20 * U
 VS_CPU_LOGITS, VS_CPU_GRAD = (8 + 12) * U, (14 + 18) * U
 EXPERT_BYTES = 3 * 64 * 32 * 2  # one decoded expert of the tiny models (H = 64, I = 32, bf16)
-BUDGET_GIB = 6 * EXPERT_BYTES / 2 ** 30
+BUDGET_GIB = 6 * EXPERT_BYTES / 2**30
 FAMILIES = ["qwen3_moe", "gpt_oss"]
 PLANS = ["gpu", "mixed"]
 
@@ -75,8 +89,17 @@ class MixedPlanner:
 
     @staticmethod
     def where(_key, counts, resident):
-        return torch.tensor([int(Where.CPU) if e % 3 == 0 else int(Where.GPU_RESIDENT) if bool(resident[e])
-                             else int(Where.GPU_STREAMED) for e in range(counts.numel())], dtype=torch.int8)
+        return torch.tensor(
+            [
+                int(Where.CPU)
+                if e % 3 == 0
+                else int(Where.GPU_RESIDENT)
+                if bool(resident[e])
+                else int(Where.GPU_STREAMED)
+                for e in range(counts.numel())
+            ],
+            dtype=torch.int8,
+        )
 
     def plan(self, key, counts, resident):
         return self.fixed.plan(key, counts, resident)
@@ -110,6 +133,7 @@ def step_numbers(handle):
 
 # ---------------------------------------------------------------------------- options
 
+
 def test_placement_options_defaults_validation_and_resolution():
     from moetune.placement.experts import GpuOptions
     from moetune.placement.residency import ResidencyPolicy
@@ -124,12 +148,16 @@ def test_placement_options_defaults_validation_and_resolution():
     assert moetune.PlacementOptions.resolve(None) == o
     assert moetune.PlacementOptions.resolve(o, mode="cpu").mode == "cpu"
     assert moetune.PlacementOptions(device=torch.device("cpu")).device == "cpu"
-    for bad, match in [(dict(mode="tpu"), "mode must be one of auto, cpu, gpu"),
-                       (dict(gpu_budget_gib=-1), "gpu_budget_gib must be a number >= 0"),
-                       (dict(gpu_budget_gib=float("nan")), "gpu_budget_gib"),
-                       (dict(device="meta"), "device must be"), (dict(device="nonsense"), "device must be"),
-                       (dict(staging_buffers=0), "staging_buffers must be an integer >= 1"),
-                       (dict(refresh_every=0), "refresh_every"), (dict(calibrate="yes"), "calibrate must be")]:
+    for bad, match in [
+        (dict(mode="tpu"), "mode must be one of auto, cpu, gpu"),
+        (dict(gpu_budget_gib=-1), "gpu_budget_gib must be a number >= 0"),
+        (dict(gpu_budget_gib=float("nan")), "gpu_budget_gib"),
+        (dict(device="meta"), "device must be"),
+        (dict(device="nonsense"), "device must be"),
+        (dict(staging_buffers=0), "staging_buffers must be an integer >= 1"),
+        (dict(refresh_every=0), "refresh_every"),
+        (dict(calibrate="yes"), "calibrate must be"),
+    ]:
         with pytest.raises(ValueError, match=match):
             moetune.PlacementOptions(**bad)
     with pytest.raises(TypeError, match="unknown placement option"):
@@ -157,12 +185,15 @@ def test_bad_placement_is_refused_before_patching():
 
 # ---------------------------------------------------------------------------- the CPU path
 
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cpu_placement_is_the_cpu_path_bit_for_bit(family, monkeypatch):
     """placement "cpu" (and "auto" without CUDA) runs moetune.moe_experts exactly as a model
     without any placement: identical logits and LoRA gradients, the placed op never called."""
+
     def no_placed(*a, **k):
         raise AssertionError("the placed op ran for a CPU placement")
+
     monkeypatch.setattr(hf_placement, "placed_moe_experts", no_placed)
     modes = ["cpu"] + ([] if torch.cuda.is_available() else ["auto"])
     runs = {}
@@ -188,6 +219,7 @@ def test_cpu_placement_is_the_cpu_path_bit_for_bit(family, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- exactness
+
 
 @pytest.mark.parametrize("patch_first", [True, False], ids=["patch_then_peft", "peft_then_patch"])
 @pytest.mark.parametrize("plan", PLANS)
@@ -217,14 +249,21 @@ def test_training_trajectory(family, plan, checkpointing, monkeypatch):
     experts move between resident and streamed while training), checkpointing off / on."""
     ref, ours, handle = placed_pair(family, plan)
     steps = []
-    check_trajectory(ref, ours, checkpointing, monkeypatch, f"{family} {plan}",
-                     counted=(hf_placement, "placed_moe_experts"), tol=GPU_TRAJ,
-                     after_step=lambda: steps.append(handle.placement.end_step()))
+    check_trajectory(
+        ref,
+        ours,
+        checkpointing,
+        monkeypatch,
+        f"{family} {plan}",
+        counted=(hf_placement, "placed_moe_experts"),
+        tol=GPU_TRAJ,
+        after_step=lambda: steps.append(handle.placement.end_step()),
+    )
     assert len(steps) == 20
     total = {k: sum(s[k] for s in steps) for k in steps[0] if k.startswith("placement_tokens")}
     assert total["placement_tokens_resident"] > 0 and total["placement_tokens_streamed"] > 0
     assert (total["placement_tokens_cpu"] > 0) == (plan == "mixed")
-    assert max(s["placement_resident_held_bytes"] for s in steps) <= BUDGET_GIB * 2 ** 30
+    assert max(s["placement_resident_held_bytes"] for s in steps) <= BUDGET_GIB * 2**30
     handle.undo()
 
 
@@ -251,8 +290,9 @@ def test_quantized_experts_match_the_cpu_engine(fmt, group):
     what the CPU engine computes from the same dq(q(W)), within the two tables."""
     got, want = {}, {}
     for name, placement in (("placed", stand_in()), ("cpu", "cpu")):
-        _, ours, handle = peft_pair(base_model("qwen3_moe"), patch_first=True, placement=placement,
-                                    weight_format=fmt, group_size=group)
+        _, ours, handle = peft_pair(
+            base_model("qwen3_moe"), patch_first=True, placement=placement, weight_format=fmt, group_size=group
+        )
         if name == "placed":
             use_plan(handle, "mixed")
         lora_init_(ours)
@@ -267,6 +307,7 @@ def test_quantized_experts_match_the_cpu_engine(fmt, group):
 
 
 # ---------------------------------------------------------------------------- load_model, undo, LoRA
+
 
 def test_load_model_with_placement(tmp_path):
     from ckpt_util import state_dict_of, to_layout, write_checkpoint
@@ -311,8 +352,9 @@ def test_end_step_metrics_trace_and_residency(tmp_path):
     """end_step's numbers (per placement, busy times, residency within the budget), the progress
     text, and a trace of the last `trace_steps` steps with the CPU engine and the GPU lanes."""
     path = tmp_path / "trace.json"
-    ref, ours, handle = peft_pair(base_model("qwen3_moe"), patch_first=True,
-                                  placement=stand_in(trace=str(path), trace_steps=2))
+    ref, ours, handle = peft_pair(
+        base_model("qwen3_moe"), patch_first=True, placement=stand_in(trace=str(path), trace_steps=2)
+    )
     use_plan(handle, "mixed")
     ours.train()
     rows = []
@@ -323,7 +365,7 @@ def test_end_step_metrics_trace_and_residency(tmp_path):
     for n in rows:
         assert n["placement_calls"] == 4 and n["placement_experts_cpu"] > 0
         assert n["placement_cpu_s"] > 0 and n["placement_gpu_s"] > 0 and n["placement_wall_s"] > 0
-        assert n["placement_resident_held_bytes"] <= n["placement_resident_budget"] == int(BUDGET_GIB * 2 ** 30)
+        assert n["placement_resident_held_bytes"] <= n["placement_resident_budget"] == int(BUDGET_GIB * 2**30)
         assert 0 < n["placement_gpu_token_share"] < 1
         # bf16: an expert's stored bytes are its decoded bytes
         assert n["placement_bytes_copied"] > 0 and n["placement_bytes_copied"] % EXPERT_BYTES == 0
@@ -366,13 +408,16 @@ def test_calibration_is_measured_then_cached(tmp_path):
     model of the same shape on this machine reads the calibration cache instead."""
     got = []
     for _ in range(2):
-        _, ours, handle = peft_pair(base_model("qwen3_moe"), patch_first=True,
-                                    placement=stand_in(calibrate=True, calibration_cache_dir=str(tmp_path)))
+        _, ours, handle = peft_pair(
+            base_model("qwen3_moe"),
+            patch_first=True,
+            placement=stand_in(calibrate=True, calibration_cache_dir=str(tmp_path)),
+        )
         handle.placement.start("cpu")
         got.append((list(handle.placement.calibration.values()), dict(handle.placement.cost_models)))
         handle.undo()
     assert got[0][0] == ["measured"] and got[1][0] == ["cached"]
-    (shape, model), = got[0][1].items()
+    ((shape, model),) = got[0][1].items()
     assert got[1][1][shape].coefficients == model.coefficients
     c = model.coefficients
     assert c.forward.cpu_token > 0 and c.backward.cpu_token > 0
@@ -382,6 +427,7 @@ def test_calibration_is_measured_then_cached(tmp_path):
 
 # ---------------------------------------------------------------------------- moetune train, Trainer
 
+
 def _train_cfg(tmp_path, **kw):
     from moetune.demo import DEMO_DEFAULTS
     from moetune.train.config import make_config
@@ -390,9 +436,25 @@ def _train_cfg(tmp_path, **kw):
     lines = open(demo_data_path()).read().splitlines()[:32]
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    settings = dict(max_steps=3, micro_batch_size=4, grad_accum=2, lora_rank=4, lora_alpha=8.0, lr=3e-3,
-                    shuffle=False, eval_fraction=0.0, save_every=0, eval_every=0, progress=False, tensorboard=False,
-                    plot=False, sample_prompts=[], engine_threads=1, max_length=48, dtype="float32")
+    settings = dict(
+        max_steps=3,
+        micro_batch_size=4,
+        grad_accum=2,
+        lora_rank=4,
+        lora_alpha=8.0,
+        lr=3e-3,
+        shuffle=False,
+        eval_fraction=0.0,
+        save_every=0,
+        eval_every=0,
+        progress=False,
+        tensorboard=False,
+        plot=False,
+        sample_prompts=[],
+        engine_threads=1,
+        max_length=48,
+        dtype="float32",
+    )
     return make_config(None, {**settings, "data": str(data), **kw}, base=DEMO_DEFAULTS)
 
 
@@ -403,8 +465,7 @@ def stand_in_train(monkeypatch):
     from moetune.train import model as model_mod
 
     real = model_mod.placement_options
-    monkeypatch.setattr(model_mod, "placement_options",
-                        lambda cfg: real(cfg).replace(device="cpu", calibrate=False))
+    monkeypatch.setattr(model_mod, "placement_options", lambda cfg: real(cfg).replace(device="cpu", calibrate=False))
 
 
 def test_moetune_train_with_gpu_placement(tmp_path, stand_in_train):
@@ -412,8 +473,10 @@ def test_moetune_train_with_gpu_placement(tmp_path, stand_in_train):
 
     trace = tmp_path / "trace.json"
     said = []
-    s = train(_train_cfg(tmp_path, output_dir=str(tmp_path / "gpu"), expert_placement="gpu",
-                         placement_trace=str(trace)), say=said.append)
+    s = train(
+        _train_cfg(tmp_path, output_dir=str(tmp_path / "gpu"), expert_placement="gpu", placement_trace=str(trace)),
+        say=said.append,
+    )
     cpu = train(_train_cfg(tmp_path, output_dir=str(tmp_path / "cpu"), expert_placement="cpu"), say=lambda *a: None)
     assert any(x.startswith("experts: placement gpu between the CPU engine and cpu") for x in said), said
     recs = [json.loads(l) for l in open(tmp_path / "gpu" / "metrics.jsonl")]
@@ -427,8 +490,7 @@ def test_moetune_train_with_gpu_placement(tmp_path, stand_in_train):
     events = json.loads(trace.read_text())["traceEvents"]
     assert {(e["pid"], e["tid"]) for e in events if e["ph"] == "X"} >= {(1, 1), (2, 1), (2, 2)}
     assert cpu["placement"] is None
-    assert not any(k.startswith("placement_") for r in open(tmp_path / "cpu" / "metrics.jsonl")
-                   for k in json.loads(r))
+    assert not any(k.startswith("placement_") for r in open(tmp_path / "cpu" / "metrics.jsonl") for k in json.loads(r))
     # The first step's loss (before any update) within the GPU path's logits tolerance of the CPU run's.
     assert abs(s["losses"][0] - cpu["losses"][0]) <= VS_CPU_LOGITS * abs(cpu["losses"][0])
     assert s["losses"][-1] < s["losses"][0] and os.path.isdir(tmp_path / "gpu" / "adapter")
@@ -439,11 +501,11 @@ def test_hf_trainer_with_placement_callback(tmp_path, stand_in_train):
     `moetune train` with that placement (same arithmetic in the same order), one end_step per
     optimizer step (after gradient accumulation), the numbers in the callback's history / file."""
     import datasets
+    from test_train_trainers import args_kw, recording, step_losses
 
     from moetune.train import data
     from moetune.train.loop import train
     from moetune.train.model import apply_lora, load_base, load_tokenizer
-    from test_train_trainers import args_kw, recording, step_losses
 
     cfg = _train_cfg(tmp_path, output_dir=str(tmp_path / "moetune"), expert_placement="gpu", dtype="bfloat16")
     want = train(cfg, say=lambda *a: None)["losses"]
@@ -459,9 +521,13 @@ def test_hf_trainer_with_placement_callback(tmp_path, stand_in_train):
     cb = moetune.hf.PlacementCallback(handle, metrics_path=str(tmp_path / "placement.jsonl"))
     Rec = recording(transformers.Trainer)
     Rec.micro = []
-    t = Rec(model=pm, args=transformers.TrainingArguments(**args_kw(cfg, tmp_path / "hf"),
-                                                          remove_unused_columns=False),
-            train_dataset=ds, data_collator=collator, callbacks=[cb])
+    t = Rec(
+        model=pm,
+        args=transformers.TrainingArguments(**args_kw(cfg, tmp_path / "hf"), remove_unused_columns=False),
+        train_dataset=ds,
+        data_collator=collator,
+        callbacks=[cb],
+    )
     t.train()
     got = step_losses(Rec.micro, cfg.grad_accum)
     assert handle.placement.mode == "gpu"
@@ -494,8 +560,9 @@ def test_cuda_one_step_matches_reference(family, mode):
     from test_hf_exactness import check_on_cuda
 
     _no_tf32()
-    ref, ours, handle = peft_pair(base_model(family), patch_first=True,
-                                  placement=moetune.PlacementOptions(mode=mode, gpu_budget_gib=BUDGET_GIB))
+    ref, ours, handle = peft_pair(
+        base_model(family), patch_first=True, placement=moetune.PlacementOptions(mode=mode, gpu_budget_gib=BUDGET_GIB)
+    )
     ours.to("cuda")
     assert handle.placement.adopt_lora(ours) > 0
     assert all(p.device.type == "cuda" for n, p in ours.named_parameters() if "lora_" in n)
@@ -515,10 +582,13 @@ def test_cuda_trajectory_with_checkpointing(use_reentrant):
     """20 AdamW steps on CUDA (mixed plan, residency refreshed every step, checkpointing: the
     recompute's streamed experts kept for the backward) against the fp32 CPU reference."""
     _no_tf32()
-    ref, ours, handle = peft_pair(base_model("qwen3_moe"), patch_first=True,
-                                  placement=moetune.PlacementOptions(mode="gpu", gpu_budget_gib=BUDGET_GIB,
-                                                                     warmup_steps=1, refresh_every=1,
-                                                                     calibrate=False))
+    ref, ours, handle = peft_pair(
+        base_model("qwen3_moe"),
+        patch_first=True,
+        placement=moetune.PlacementOptions(
+            mode="gpu", gpu_budget_gib=BUDGET_GIB, warmup_steps=1, refresh_every=1, calibrate=False
+        ),
+    )
     ours.to("cuda")
     for m in (ref, ours):
         m.train()
@@ -551,8 +621,18 @@ def test_cuda_moetune_train_auto_placement(tmp_path):
     from moetune.train.loop import train
 
     trace = tmp_path / "trace.json"
-    s = train(_train_cfg(tmp_path, output_dir=str(tmp_path / "run"), device="cuda", max_steps=30, dtype="bfloat16",
-                         placement_trace=str(trace), expert_cache_dir=None), say=lambda *a: None)
+    s = train(
+        _train_cfg(
+            tmp_path,
+            output_dir=str(tmp_path / "run"),
+            device="cuda",
+            max_steps=30,
+            dtype="bfloat16",
+            placement_trace=str(trace),
+            expert_cache_dir=None,
+        ),
+        say=lambda *a: None,
+    )
     L = s["losses"]
     assert sum(L[-5:]) / 5 < sum(L[:3]) / 3
     assert s["placement"]["mode"] == "auto" and s["placement"]["device"].startswith("cuda")
@@ -570,13 +650,21 @@ def test_cuda_load_model_gpu_placement(tmp_path):
     _no_tf32()
     ref = build("qwen3_moe")
     folder = write_checkpoint(tmp_path / "c", to_layout(state_dict_of(ref), "per_expert", "qwen3_moe"), ref.config)
-    model = moetune.load_model(folder, device="cuda", dtype=torch.float32, ctx=ctx(), progress=False,
-                               placement=moetune.PlacementOptions(mode="gpu", calibrate=False))
+    model = moetune.load_model(
+        folder,
+        device="cuda",
+        dtype=torch.float32,
+        ctx=ctx(),
+        progress=False,
+        placement=moetune.PlacementOptions(mode="gpu", calibrate=False),
+    )
     pm = peft.get_peft_model(model, peft.LoraConfig(**LORA))
     lora_init_(pm)
     assert model.moetune_handle.placement.adopt_lora(pm) > 0
-    cpu = peft.get_peft_model(moetune.load_model(folder, dtype=torch.float32, ctx=ctx(), progress=False,
-                                                 placement="cpu"), peft.LoraConfig(**LORA))
+    cpu = peft.get_peft_model(
+        moetune.load_model(folder, dtype=torch.float32, ctx=ctx(), progress=False, placement="cpu"),
+        peft.LoraConfig(**LORA),
+    )
     cpu.load_state_dict({k: v.cpu() for k, v in pm.state_dict().items() if "lora_" in k}, strict=False)
     ids = batch()
     a = pm(input_ids=ids.cuda(), labels=ids.cuda())
@@ -599,8 +687,14 @@ def test_two_gpus_device_map_with_placement(tmp_path):
     ref = build("qwen3_moe")
     folder = write_checkpoint(tmp_path / "c", to_layout(state_dict_of(ref), "per_expert", "qwen3_moe"), ref.config)
     dm = {"": 0, "model.layers.1": 1, "model.norm": 1, "lm_head": 1}
-    model = moetune.load_model(folder, device=dm, dtype=torch.float32, ctx=ctx(), progress=False,
-                               placement=moetune.PlacementOptions(mode="gpu", calibrate=False))
+    model = moetune.load_model(
+        folder,
+        device=dm,
+        dtype=torch.float32,
+        ctx=ctx(),
+        progress=False,
+        placement=moetune.PlacementOptions(mode="gpu", calibrate=False),
+    )
     ids = batch()
     with torch.no_grad():
         got = model(input_ids=ids.cuda(0)).logits.cpu()
@@ -615,5 +709,7 @@ def test_moetune_train_refuses_gpu_placement_without_cuda(tmp_path):
     from moetune.train.loop import train
 
     with pytest.raises(ConfigError, match="expert_placement='gpu': .*needs the model on a CUDA device"):
-        train(_train_cfg(tmp_path, output_dir=str(tmp_path / "r"), expert_placement="gpu", device="cpu"),
-              say=lambda *a: None)
+        train(
+            _train_cfg(tmp_path, output_dir=str(tmp_path / "r"), expert_placement="gpu", device="cpu"),
+            say=lambda *a: None,
+        )

@@ -4,7 +4,6 @@ with (Context construction, auto selection, Context.info(), `moetune info`)."""
 from __future__ import annotations
 
 import pytest
-
 from op_cases import moetune
 
 
@@ -38,8 +37,16 @@ def test_requirements_cover_the_code_each_isa_runs():
             assert set(by_name[i.kernels[part]].required_features) <= set(i.required_features), (i.name, part)
     # Issue 10, defect 2: AMX runs AVX512-BF16 (K tails, small-r LoRA) and AVX-512 BW code.
     amx = set(by_name["amx_bf16"].required_features)
-    assert {"amx_tile", "amx_bf16", "os_tile_state", "amx_permission", "avx512_bf16", "avx512bw",
-            "avx512f", "os_zmm_state"} <= amx
+    assert {
+        "amx_tile",
+        "amx_bf16",
+        "os_tile_state",
+        "amx_permission",
+        "avx512_bf16",
+        "avx512bw",
+        "avx512f",
+        "os_zmm_state",
+    } <= amx
     assert set(by_name["avx512_bf16"].required_features) <= amx
 
 

@@ -22,13 +22,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from ckpt_util import host_need_besides_packed, rewrite, state_dict_of, to_layout, write_checkpoint  # noqa: E402
+from test_hf_exactness import FAMILIES, U, batch, build, ctx, rel_max  # noqa: E402
+
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
-from moetune.hf.patching import experts_state  # noqa: E402
-from ckpt_util import host_need_besides_packed, rewrite, state_dict_of, to_layout, write_checkpoint  # noqa: E402
 from moetune.hf import fp8, loader  # noqa: E402
 from moetune.hf.keymap import fallback_rules, key_map  # noqa: E402
-from test_hf_exactness import FAMILIES, U, batch, build, ctx, rel_max  # noqa: E402
+from moetune.hf.patching import experts_state  # noqa: E402
 
 
 def _logits(model, ids):
@@ -40,8 +41,9 @@ def _logits(model, ids):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_logits(family, layout, shards, tmp_path):
     ref = build(family)
-    folder = write_checkpoint(tmp_path / "ckpt", to_layout(state_dict_of(ref), layout, ref.config.model_type),
-                              ref.config, shards=shards)
+    folder = write_checkpoint(
+        tmp_path / "ckpt", to_layout(state_dict_of(ref), layout, ref.config.model_type), ref.config, shards=shards
+    )
     ids = batch()
     want = _logits(ref, ids)
     ours = moetune.load_model(folder, dtype=torch.float32, ctx=ctx(), progress=False)
@@ -76,8 +78,9 @@ def test_transformers_saved_checkpoint(tmp_path):
 def test_bf16_default_and_engine_options(tmp_path):
     ref = build("olmoe")
     ref.save_pretrained(tmp_path / "c")
-    ours = moetune.load_model(tmp_path / "c", ctx=ctx(), progress=False, backward_weights="transposed_copy",
-                              activations="recompute")
+    ours = moetune.load_model(
+        tmp_path / "c", ctx=ctx(), progress=False, backward_weights="transposed_copy", activations="recompute"
+    )
     assert all(p.dtype == torch.bfloat16 for n, p in ours.named_parameters() if "experts" not in n)
     st = next(experts_state(m) for m in ours.modules() if experts_state(m) is not None)
     assert st.engine.ctx is ctx()
@@ -131,7 +134,7 @@ def _dequant_reference(q, s, block):
     out = torch.empty(q.shape)
     for r in range(q.shape[0]):
         for c0 in range(0, q.shape[1], block[1]):
-            out[r, c0:c0 + block[1]] = q[r, c0:c0 + block[1]].float() * s[r // block[0], c0 // block[1]]
+            out[r, c0 : c0 + block[1]] = q[r, c0 : c0 + block[1]].float() * s[r // block[0], c0 // block[1]]
     return out.bfloat16()
 
 
@@ -147,8 +150,14 @@ def _fp8_pair(tmp_path):
             deq[k] = _dequant_reference(q, s, BLOCK)
         else:
             q8[k] = deq[k] = v
-    extra = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(BLOCK)}}
+    extra = {
+        "quantization_config": {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(BLOCK),
+        }
+    }
     a = write_checkpoint(tmp_path / "fp8", q8, ref.config, config_extra=extra)
     b = write_checkpoint(tmp_path / "deq", deq, ref.config)
     return ref, sd, a, b, deq
@@ -159,7 +168,7 @@ def test_fp8_checkpoint_matches_dequantized(tmp_path):
     k = "model.layers.0.mlp.experts.3.gate_proj.weight"
     # The quantization is real (not the identity) and correct to e4m3's precision (3 mantissa bits).
     assert not torch.equal(deq[k].float(), sd[k])
-    assert ((deq[k].float() - sd[k]).abs().max() / sd[k].abs().max()) < 2.0 ** -3
+    assert ((deq[k].float() - sd[k]).abs().max() / sd[k].abs().max()) < 2.0**-3
     m8 = moetune.load_model(a, dtype=torch.float32, ctx=ctx(), progress=False)
     mb = moetune.load_model(b, dtype=torch.float32, ctx=ctx(), progress=False)
     assert getattr(m8.config, "quantization_config", None) is None
@@ -175,12 +184,16 @@ def test_fp8_checkpoint_matches_dequantized(tmp_path):
 def test_fp8_without_scale_is_refused(tmp_path):
     _, _, a, _, _ = _fp8_pair(tmp_path)
     rewrite(a, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.experts.5.down_proj.weight_scale_inv"})
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.5\.down_proj\.weight has dtype "
-                                         r"torch\.float8_e4m3fn without a weight_scale_inv"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.1\.mlp\.experts\.5\.down_proj\.weight has dtype "
+        r"torch\.float8_e4m3fn without a weight_scale_inv",
+    ):
         moetune.load_model(a, ctx=ctx(), progress=False)
 
 
 # ---- bad checkpoints: clear errors before any weight is read ----
+
 
 @pytest.fixture
 def qwen_ckpt(tmp_path):
@@ -191,6 +204,7 @@ def qwen_ckpt(tmp_path):
 def _no_engine(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("an engine was created before the checkpoint was validated")
+
     monkeypatch.setattr(moetune.MoEExperts, "empty", classmethod(boom))
 
 
@@ -205,10 +219,14 @@ def test_wrong_expert_shape(qwen_ckpt, monkeypatch):
     def edit(t):
         t["model.layers.0.mlp.experts.2.down_proj.weight"] = torch.zeros(64, 16)
         return t
+
     rewrite(qwen_ckpt, edit)
     _no_engine(monkeypatch)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.2\.down_proj\.weight has shape \[64, 16\], "
-                                         r"expected \[64, 32\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.0\.mlp\.experts\.2\.down_proj\.weight has shape \[64, 16\], "
+        r"expected \[64, 32\]",
+    ):
         moetune.load_model(qwen_ckpt, ctx=ctx(), progress=False)
 
 
@@ -218,6 +236,7 @@ def test_wrong_dense_shape_and_unexpected_and_missing(qwen_ckpt, monkeypatch):
         t["model.layers.0.mlp.mystery.weight"] = torch.zeros(2)
         del t["model.norm.weight"]
         return t
+
     rewrite(qwen_ckpt, edit)
     _no_engine(monkeypatch)
     with pytest.raises(ValueError) as e:
@@ -232,14 +251,22 @@ def test_non_float_expert_dtype(qwen_ckpt):
     def edit(t):
         t["model.layers.0.mlp.experts.0.gate_proj.weight"] = torch.zeros(32, 64, dtype=torch.int8)
         return t
+
     rewrite(qwen_ckpt, edit)
     with pytest.raises(ValueError, match=r"experts\.0\.gate_proj\.weight has dtype torch\.int8"):
         moetune.load_model(qwen_ckpt, ctx=ctx(), progress=False)
 
 
 def test_unsupported_model_lists_families(tmp_path):
-    cfg = transformers.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=16, vocab_size=128)
+    cfg = transformers.Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+    )
     transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="no supported MoE experts module") as e:
         moetune.load_model(tmp_path / "dense", ctx=ctx(), progress=False)
@@ -262,14 +289,17 @@ def test_host_ram_check_counts_the_real_format(family, fmt, tmp_path, monkeypatc
     naming the sizes."""
     if family == "gpt_oss":
         from test_hf_gptoss import build as build_gptoss
+
         ref = build_gptoss()
         folder = write_checkpoint(tmp_path / "c", state_dict_of(ref), ref.config)
     else:
         ref = build(family)
         folder = write_checkpoint(tmp_path / "c", to_layout(state_dict_of(ref), "per_expert", family), ref.config)
     kw = dict(dtype=torch.float32, ctx=ctx(), progress=False, placement="cpu")
-    packed = {f: moetune.load_model(folder, weight_format=f, check_memory=False, **kw).moetune_handle.packed_bytes
-              for f in ("bf16", fmt)}
+    packed = {
+        f: moetune.load_model(folder, weight_format=f, check_memory=False, **kw).moetune_handle.packed_bytes
+        for f in ("bf16", fmt)
+    }
     model = moetune.load_model(folder, check_memory=False, **kw)
     common = host_need_besides_packed(folder, model)
     need = packed[fmt] + common
@@ -281,8 +311,11 @@ def test_host_ram_check_counts_the_real_format(family, fmt, tmp_path, monkeypatc
     with pytest.raises(MemoryError, match=f"packed experts {packed[fmt] / 2**20:.2f} MiB as {fmt}"):
         moetune.load_model(folder, weight_format=fmt, **kw)
     monkeypatch.setattr(loader, "available_host_memory", lambda: need)
-    with pytest.raises(MemoryError, match=rf"needs about {(packed['bf16'] + common) / 2**20:.2f} MiB of host RAM "
-                                          rf"\(packed experts {packed['bf16'] / 2**20:.2f} MiB as bf16 \+ one layer's"):
+    with pytest.raises(
+        MemoryError,
+        match=rf"needs about {(packed['bf16'] + common) / 2**20:.2f} MiB of host RAM "
+        rf"\(packed experts {packed['bf16'] / 2**20:.2f} MiB as bf16 \+ one layer's",
+    ):
         moetune.load_model(folder, **kw)
 
 
@@ -324,8 +357,9 @@ def test_device_map_placement_and_refusals(tmp_path):
             moetune.load_model(tmp_path / "c", device=bad, ctx=ctx(), progress=False)
     with pytest.raises(ValueError, match="places no module prefix over"):
         moetune.load_model(tmp_path / "c", device={"model.layers": "cpu"}, ctx=ctx(), progress=False)
-    ours = moetune.load_model(tmp_path / "c", device={"model.embed_tokens": "cpu", "": "cpu"}, dtype=torch.float32,
-                              ctx=ctx(), progress=False)
+    ours = moetune.load_model(
+        tmp_path / "c", device={"model.embed_tokens": "cpu", "": "cpu"}, dtype=torch.float32, ctx=ctx(), progress=False
+    )
     ids = batch()
     assert rel_max(_logits(ours, ids), _logits(ref, ids)) <= 8 * U
 

@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-import moetune  # noqa: E402
 from ckpt_util import rewrite, state_dict_of, to_layout, write_checkpoint  # noqa: E402
+from test_hf_exactness import batch, build, ctx  # noqa: E402
+
+import moetune  # noqa: E402
 from moetune.hf import checkpoint as ckpt_mod  # noqa: E402
 from moetune.hf import expert_cache, loader  # noqa: E402
 from moetune.hf.loader import CacheRebuildWarning  # noqa: E402
-from test_hf_exactness import batch, build, ctx  # noqa: E402
 
 LAYERS = ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
 
@@ -43,8 +44,9 @@ def make_ckpt(tmp_path, family, layout="per_expert", shards=2):
         ref = build_gptoss()
     else:
         ref = build(family)
-    return write_checkpoint(tmp_path / "ckpt", to_layout(state_dict_of(ref), layout, ref.config.model_type),
-                            ref.config, shards=shards)
+    return write_checkpoint(
+        tmp_path / "ckpt", to_layout(state_dict_of(ref), layout, ref.config.model_type), ref.config, shards=shards
+    )
 
 
 def load(folder, cache=None, **kw):
@@ -91,11 +93,15 @@ def entries(cache):
     return sorted(p.name for p in Path(cache).rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("family,layout,opts", [
-    ("qwen3_moe", "per_expert", dict(weight_format="int4", group_size=32)),
-    ("mixtral", "per_expert", dict(weight_format="int8")),
-    ("gpt_oss", "fused", dict(weight_format="bf16")),
-], ids=["qwen3-int4", "mixtral-int8", "gptoss-bf16"])
+@pytest.mark.parametrize(
+    "family,layout,opts",
+    [
+        ("qwen3_moe", "per_expert", dict(weight_format="int4", group_size=32)),
+        ("mixtral", "per_expert", dict(weight_format="int8")),
+        ("gpt_oss", "fused", dict(weight_format="bf16")),
+    ],
+    ids=["qwen3-int4", "mixtral-int8", "gptoss-bf16"],
+)
 def test_second_load_reads_only_the_cache(tmp_path, monkeypatch, family, layout, opts):
     folder = make_ckpt(tmp_path, family, layout)
     cache = tmp_path / "cache"
@@ -109,8 +115,9 @@ def test_second_load_reads_only_the_cache(tmp_path, monkeypatch, family, layout,
 
     spy = ReadSpy(monkeypatch)
     bars = []
-    monkeypatch.setattr(loader, "progress_bar", lambda total, enabled: bars.append(tqdm(total=total, file=io.StringIO()))
-                        or bars[-1])
+    monkeypatch.setattr(
+        loader, "progress_bar", lambda total, enabled: bars.append(tqdm(total=total, file=io.StringIO())) or bars[-1]
+    )
     second = load(folder, cache, **opts)
     assert second.moetune_cache == {q: "hit" for q in LAYERS}
     assert spy.keys and not [k for k in spy.keys if is_expert_weight(k)], "a cache hit read expert weights"
@@ -140,10 +147,13 @@ def test_touched_or_changed_checkpoint_is_rebuilt(tmp_path):
     shard_of = {q: {e.file for k, e in ck.entries.items() if k.startswith(q + ".")} for q in LAYERS}
     touched = sorted(shard_of[LAYERS[1]])[0]
     st = (folder / touched).stat()
-    os.utime(folder / touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    os.utime(folder / touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     stale = [q for q in LAYERS if touched in shard_of[q]]
-    with pytest.warns(CacheRebuildWarning, match=r"not used, rebuilding: stale source: files\[\d\]\.mtime_ns: "
-                                                 r"cache has \d+, wanted \d+$") as rec:
+    with pytest.warns(
+        CacheRebuildWarning,
+        match=r"not used, rebuilding: stale source: files\[\d\]\.mtime_ns: "
+        r"cache has \d+, wanted \d+$",
+    ) as rec:
         m = load(folder, cache, **opts)
     assert len(rec) == len(stale) and all("\n" not in str(w.message) for w in rec)
     assert {q for q, why in m.moetune_cache.items() if why != "hit"} == set(stale)
@@ -164,9 +174,13 @@ def test_touched_or_changed_checkpoint_is_rebuilt(tmp_path):
 def test_other_format_is_another_entry_and_a_swapped_entry_is_refused(tmp_path):
     folder = make_ckpt(tmp_path, "qwen3_moe")
     cache = tmp_path / "cache"
-    formats = [dict(weight_format="int4", group_size=32), dict(weight_format="int4", group_size=64),
-               dict(weight_format="int8"), dict(weight_format="int8", backward_weights="transposed_copy"),
-               dict(weight_format="bf16")]
+    formats = [
+        dict(weight_format="int4", group_size=32),
+        dict(weight_format="int4", group_size=64),
+        dict(weight_format="int8"),
+        dict(weight_format="int8", backward_weights="transposed_copy"),
+        dict(weight_format="bf16"),
+    ]
     want = [logits(load(folder, **f)) for f in formats]
     for f in formats:  # each format its own entries: all misses
         assert set(load(folder, cache, **f).moetune_cache.values()) == {"miss: no cache entry"}, f

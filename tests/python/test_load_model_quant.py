@@ -14,18 +14,20 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from ckpt_util import state_dict_of, to_layout, write_checkpoint  # noqa: E402
+from test_hf_exactness import batch, build, ctx  # noqa: E402
+
 import moetune  # noqa: E402
 import moetune.hf  # noqa: E402
 from moetune.hf.patching import experts_state  # noqa: E402
-from ckpt_util import state_dict_of, to_layout, write_checkpoint  # noqa: E402
-from test_hf_exactness import batch, build, ctx  # noqa: E402
 
 
 @pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 32)], ids=["int8", "int4g32"])
 def test_load_model_quantized_equals_patch(fmt, group, tmp_path):
     ref = build("qwen3_moe")
-    folder = write_checkpoint(tmp_path / "ckpt", to_layout(state_dict_of(ref), "per_expert", "qwen3_moe"),
-                              ref.config, shards=2)
+    folder = write_checkpoint(
+        tmp_path / "ckpt", to_layout(state_dict_of(ref), "per_expert", "qwen3_moe"), ref.config, shards=2
+    )
     ids = batch()
     kw = {"weight_format": fmt} if group is None else {"weight_format": fmt, "group_size": group}
     ours = moetune.load_model(folder, dtype=torch.float32, ctx=ctx(), progress=False, **kw)

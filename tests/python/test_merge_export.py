@@ -12,14 +12,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import moetune  # noqa: E402
-import moetune.hf  # noqa: E402
-from moetune.hf.patching import experts_state  # noqa: E402
 from ckpt_util import state_dict_of, to_layout, write_checkpoint  # noqa: E402
-from moetune.hf import merge as merge_mod  # noqa: E402
 from peft.tuners.lora.layer import ParamWrapper  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from test_hf_exactness import LORA, U, batch, build, ctx, lora_init_, rel_max  # noqa: E402
+
+import moetune  # noqa: E402
+import moetune.hf  # noqa: E402
+from moetune.hf import merge as merge_mod  # noqa: E402
+from moetune.hf.patching import experts_state  # noqa: E402
 
 
 def _trained(folder, steps=2):
@@ -50,8 +51,12 @@ def _ckpt(tmp_path, family, layout, shards):
         ref = build_gptoss()
     else:
         ref = build(family)
-    return write_checkpoint(tmp_path / f"base-{family}", to_layout(state_dict_of(ref), layout, ref.config.model_type),
-                            ref.config, shards=shards)
+    return write_checkpoint(
+        tmp_path / f"base-{family}",
+        to_layout(state_dict_of(ref), layout, ref.config.model_type),
+        ref.config,
+        shards=shards,
+    )
 
 
 def test_resume_from_saved_adapter(tmp_path):
@@ -84,8 +89,15 @@ def _plain_logits(folder, ids):
     return _logits(model, ids)
 
 
-@pytest.mark.parametrize("family,layout,shards", [("qwen3_moe", "per_expert", 3), ("mixtral", "per_expert", 1),
-                                                  ("deepseek_v3", "fused", 2), ("gpt_oss", "fused", 2)])
+@pytest.mark.parametrize(
+    "family,layout,shards",
+    [
+        ("qwen3_moe", "per_expert", 3),
+        ("mixtral", "per_expert", 1),
+        ("deepseek_v3", "fused", 2),
+        ("gpt_oss", "fused", 2),
+    ],
+)
 def test_merge_and_save(family, layout, shards, tmp_path):
     base = _ckpt(tmp_path, family, layout, shards)
     pm = _trained(base)
@@ -202,8 +214,11 @@ def test_per_expert_export_gpt_oss(tmp_path):
             qual = merge_mod.model_name(name)
             with torch.no_grad():
                 d = m.get_delta_weight("default").float().transpose(1, 2)  # [E, out, in]
-            parts = {"gate_proj": d[:, 0::2], "up_proj": d[:, 1::2]} if m.parameter_name == "gate_up_proj" \
+            parts = (
+                {"gate_proj": d[:, 0::2], "up_proj": d[:, 1::2]}
+                if m.parameter_name == "gate_up_proj"
                 else {"down_proj": d}
+            )
             for proj, dd in parts.items():
                 for e in range(dd.shape[0]):
                     got = deltas[f"{qual}.{e}.{proj}"]

@@ -10,18 +10,17 @@ import dataclasses
 import pytest
 import torch
 import torch.utils.checkpoint
-
 from op_cases import (
     ALL,
     BF16,
-    Case,
     F32,
     I32,
     I64,
     ISAS,
-    Result,
     SWEEP,
     TOL_C,
+    Case,
+    Result,
     _grads_to_result,
     _graph_inputs,
     assert_results_equal,
@@ -63,15 +62,18 @@ def test_sweep_matches_reference(case):
 
 def test_tolerance_table_is_attainable():
     """A bf16 emulation of the engine's roundings passes the table on every sweep case (needs no engine)."""
-    worst: Dict[str, float] = {}
+    worst: dict[str, float] = {}
     for case in SWEEP:
         inp = make_inputs(case, sweep_seed(case))
         ref = reference(inp)
         emu = reference(inp, emulate_bf16=True)
         res = Result(
-            emu["out"].to(case.x_dtype), emu["dx"].to(case.x_dtype), emu["dtopk_weights"].to(case.w_dtype),
+            emu["out"].to(case.x_dtype),
+            emu["dx"].to(case.x_dtype),
+            emu["dtopk_weights"].to(case.w_dtype),
             {p: emu["dA"][p].to(case.lora_dtype) for p in case.lora},
-            {p: emu["dB"][p].to(case.lora_dtype) for p in case.lora})
+            {p: emu["dB"][p].to(case.lora_dtype) for p in case.lora},
+        )
         for q, v in compare(res, ref, inp).items():
             q = q.split(".")[0]
             worst[q] = max(worst.get(q, 0.0), v)
@@ -228,8 +230,11 @@ def test_auto_isa_is_one_of_the_explicit_ones():
     auto = get_ctx(2, "auto").info()["isa"]
     ctx = moetune.Context(num_threads=2, isa=auto)  # whatever auto picked must be constructible explicitly
     inp = make_inputs(ISA_CASES[0], 32)
-    assert_results_equal(run_engine(make_experts(inp, get_ctx(2, "auto")), inp),
-                         run_engine(make_experts(inp, ctx), inp), f"auto vs {auto}")
+    assert_results_equal(
+        run_engine(make_experts(inp, get_ctx(2, "auto")), inp),
+        run_engine(make_experts(inp, ctx), inp),
+        f"auto vs {auto}",
+    )
 
 
 def test_unknown_isa_rejected():
@@ -239,7 +244,6 @@ def test_unknown_isa_rejected():
         assert f" {isa}," in str(e.value) or f" {isa};" in str(e.value), (isa, str(e.value))
 
 
-
 def test_interleaved_handles():
     """forward A, B, C (B on a second layer), then backward B, C, A; each must match its reference."""
     caseA = Case("A", 12, 40, 24, 6, 2, 4, ALL)
@@ -247,8 +251,9 @@ def test_interleaved_handles():
     caseC = Case("C", 20, 40, 24, 6, 1, 4, ALL, F32, I64, F32, "skewed")
     inA, inB, inC = make_inputs(caseA, 41), make_inputs(caseB, 42), make_inputs(caseC, 43)
     # A and C are micro-batches of layer 1 (same weights and LoRA), B is layer 2.
-    inC = dataclasses.replace(inC, gate=inA.gate, up=inA.up, down=inA.down, lora_params=inA.lora_params,
-                              scaling=inA.scaling)
+    inC = dataclasses.replace(
+        inC, gate=inA.gate, up=inA.up, down=inA.down, lora_params=inA.lora_params, scaling=inA.scaling
+    )
     layer1, layer2 = make_experts(inA), make_experts(inB)
     xA, wA, pA, lwA, leavesA = _graph_inputs(inA, ALL)
     xB, wB, pB, lwB, leavesB = _graph_inputs(inB, caseB.lora)
@@ -260,8 +265,11 @@ def test_interleaved_handles():
     gB = torch.autograd.grad(outB, leavesB, inB.dout)
     gC = torch.autograd.grad(outC, leavesC, inC.dout)
     gA = torch.autograd.grad(outA, leavesA, inA.dout)
-    for name, out, g, inp, projs in (("B", outB, gB, inB, caseB.lora), ("C", outC, gC, inC, ALL),
-                                     ("A", outA, gA, inA, ALL)):
+    for _name, out, g, inp, projs in (
+        ("B", outB, gB, inB, caseB.lora),
+        ("C", outC, gC, inC, ALL),
+        ("A", outA, gA, inA, ALL),
+    ):
         compare(_grads_to_result(out, g, projs), reference(inp), inp)
 
     # Same three forwards, one backward of the sum with different upstream grads.
@@ -272,10 +280,13 @@ def test_interleaved_handles():
     oA = moetune.moe_experts(layer1, x2[0], inA.ids, w2[0], lora=lwA2)
     oB = moetune.moe_experts(layer2, x2[1], inB.ids, w2[1], lora=lwB2)
     oC = moetune.moe_experts(layer1, x2[2], inC.ids, w2[2], lora=lwA2)
-    loss = (oA.float() * inA.dout.float()).sum() + (oB.float() * inB.dout.float()).sum() \
+    loss = (
+        (oA.float() * inA.dout.float()).sum()
+        + (oB.float() * inB.dout.float()).sum()
         + (oC.float() * inC.dout.float()).sum()
+    )
     loss.backward()
-    for i, (out, inp, ga) in enumerate(((oA, inA, gA), (oB, inB, gB), (oC, inC, gC))):
+    for i, ga in enumerate((gA, gB, gC)):
         assert torch.equal(x2[i].grad, ga[0]), f"{'ABC'[i]}: dx differs from the separate backward"
         assert torch.equal(w2[i].grad, ga[1]), f"{'ABC'[i]}: dtopk_weights differs from the separate backward"
     # Layer-1 LoRA grads accumulate A's and C's contributions.
@@ -326,8 +337,9 @@ def test_gradient_checkpointing(use_reentrant, activations):
         else:
             out = fn(x, w)
         (out * inp.dout).sum().backward()
-        return Result(out.detach(), x.grad, w.grad, {p: params[p][0].grad for p in ALL},
-                      {p: params[p][1].grad for p in ALL})
+        return Result(
+            out.detach(), x.grad, w.grad, {p: params[p][0].grad for p in ALL}, {p: params[p][1].grad for p in ALL}
+        )
 
     plain, ck = run(False), run(True)
     assert_results_equal(plain, ck, f"checkpoint(use_reentrant={use_reentrant})")
@@ -349,8 +361,11 @@ def test_expert_mask():
         for e in (1, 4, 6):
             assert torch.count_nonzero(res.dA[p][e]) == 0 and torch.count_nonzero(res.dB[p][e]) == 0
     # All-True mask == no mask; all-False mask == zero output and zero grads.
-    assert_results_equal(run_engine(experts, inp, expert_mask=torch.ones(8, dtype=torch.bool)),
-                         run_engine(experts, inp), "all-True mask vs no mask")
+    assert_results_equal(
+        run_engine(experts, inp, expert_mask=torch.ones(8, dtype=torch.bool)),
+        run_engine(experts, inp),
+        "all-True mask vs no mask",
+    )
     none = run_engine(experts, inp, expert_mask=torch.zeros(8, dtype=torch.bool))
     assert torch.count_nonzero(none.out) == 0 and torch.count_nonzero(none.dx) == 0
     assert torch.count_nonzero(none.dtopk_weights) == 0

@@ -7,17 +7,16 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-
 from op_cases import (
+    _BAD_NAMES,
     ALL,
     BAD_CASE,
     BF16,
-    Case,
     F32,
     I32,
     I64,
+    Case,
     Result,
-    _BAD_NAMES,
     _bad_calls,
     _bad_setup,
     _contains_number,
@@ -58,7 +57,6 @@ def test_bad_expert_id_with_grad():
     _still_works(inp, experts, lw, good)
 
 
-
 @pytest.mark.parametrize("which", _BAD_NAMES)
 def test_bad_input_rejected(which):
     inp, experts, params, lw, good = _bad_setup()
@@ -66,21 +64,30 @@ def test_bad_input_rejected(which):
     kw = dict(x=inp.x, topk_ids=inp.ids, topk_weights=inp.w, lora=lw, expert_mask=None)
     with pytest.raises(ValueError, match=name_re) as ei:
         kw.update(thunk())
-        moetune.moe_experts(experts, kw["x"], kw["topk_ids"], kw["topk_weights"], lora=kw["lora"],
-                            expert_mask=kw["expert_mask"])
+        moetune.moe_experts(
+            experts, kw["x"], kw["topk_ids"], kw["topk_weights"], lora=kw["lora"], expert_mask=kw["expert_mask"]
+        )
     if shape is not None:
         assert _contains_shape(str(ei.value), shape), f"message lacks the actual shape {shape}: {ei.value}"
     _still_works(inp, experts, lw, good)
 
 
-@pytest.mark.parametrize("which", ["gate_2d", "up_shape", "down_shape", "down_experts", "int_dtype",
-                                   "backward_weights", "activations"])
+@pytest.mark.parametrize(
+    "which", ["gate_2d", "up_shape", "down_shape", "down_experts", "int_dtype", "backward_weights", "activations"]
+)
 def test_bad_experts_rejected(which):
     inp = make_inputs(BAD_CASE, 72)
     E, I, H = BAD_CASE.E, BAD_CASE.I, BAD_CASE.H
     g, u, d, kw = inp.gate, inp.up, inp.down, {}
-    name = {"gate_2d": "gate_proj", "up_shape": "up_proj", "down_shape": "down_proj", "down_experts": "down_proj",
-            "int_dtype": "up_proj", "backward_weights": "backward_weights", "activations": "activations"}[which]
+    name = {
+        "gate_2d": "gate_proj",
+        "up_shape": "up_proj",
+        "down_shape": "down_proj",
+        "down_experts": "down_proj",
+        "int_dtype": "up_proj",
+        "backward_weights": "backward_weights",
+        "activations": "activations",
+    }[which]
     if which == "gate_2d":
         g = g[0]
     elif which == "up_shape":
@@ -97,15 +104,20 @@ def test_bad_experts_rejected(which):
         moetune.MoEExperts(get_ctx(), g, u, d, **kw)
 
 
-
 @pytest.mark.parametrize("which", ["x", "topk_ids", "topk_weights", "lora.gate.A", "lora.down.B", "gate_proj"])
 def test_non_contiguous_inputs(which):
     """Either accepted (and then correct) or rejected with a ValueError naming the tensor."""
     case = Case("nc", 10, 40, 24, 6, 3, 4, ALL, F32, I64, F32)
     inp = make_inputs(case, 81)
     ref = reference(inp)
-    name_re = {"x": r"\bx\b", "topk_ids": "topk_ids", "topk_weights": "topk_weights", "lora.gate.A": "gate",
-               "lora.down.B": "down", "gate_proj": "gate_proj"}[which]
+    name_re = {
+        "x": r"\bx\b",
+        "topk_ids": "topk_ids",
+        "topk_weights": "topk_weights",
+        "lora.gate.A": "gate",
+        "lora.down.B": "down",
+        "gate_proj": "gate_proj",
+    }[which]
     x = inp.x.clone().requires_grad_(True)
     w = inp.w.clone().requires_grad_(True)
     ids = inp.ids
@@ -136,6 +148,5 @@ def test_non_contiguous_inputs(which):
         assert re.search(name_re, str(e)), f"rejected non-contiguous {which} without naming it: {e}"
         return
     out.backward(inp.dout)
-    res = Result(out.detach(), x.grad, w.grad, {p: leaves[p][0].grad for p in ALL},
-                 {p: leaves[p][1].grad for p in ALL})
+    res = Result(out.detach(), x.grad, w.grad, {p: leaves[p][0].grad for p in ALL}, {p: leaves[p][1].grad for p in ALL})
     compare(res, ref, inp)

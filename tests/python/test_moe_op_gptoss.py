@@ -12,9 +12,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import reference as R
+import torch
 from op_cases import (
     ALL,
     BF16,
@@ -39,8 +38,14 @@ GPT_OSS_CASES = [
     (Case("g_nolora", 12, 40, 24, 6, 2, 4, (), BF16, I32, BF16), 1.0, 1.702, "gud", BF16, 0.5),
     (Case("g_nobias", 10, 40, 24, 4, 2, 16, ALL, F32, I64, F32), 1.25, 0.8, "", F32, 0.0),
     (Case("g_down_bias_only", 7, 33, 17, 5, 3, 1, ("down",), F32, I32, F32), 1.0, 1.702, "d", F32, 0.5),
-    (Case("g_gate_up_bias", 8, 48, 32, 6, 2, 4, ("gate", "up"), F32, I64, BF16, "uniform", BF16), 1.0, 1.702,
-     "gu", BF16, 0.5),
+    (
+        Case("g_gate_up_bias", 8, 48, 32, 6, 2, 4, ("gate", "up"), F32, I64, BF16, "uniform", BF16),
+        1.0,
+        1.702,
+        "gu",
+        BF16,
+        0.5,
+    ),
     (Case("g_limit7_big_bias", 16, 40, 24, 4, 2, 4, ALL, F32, I64, F32, "skewed"), 7.0, 1.702, "gud", F32, 9.0),
     (Case("g_T1_kE", 1, 40, 24, 4, 4, 4, ALL, BF16, I64, F32), 1.0, 1.702, "gud", F32, 0.5),
     (Case("g_empty_experts", 6, 48, 32, 16, 2, 4, ALL, F32, I64, F32, "subset"), 1.0, 1.702, "gud", F32, 0.5),
@@ -83,8 +88,17 @@ def run_case(spec, seed, ctx=None, **engine_kw):
     case, limit, alpha, which, bdt, amp = spec
     inp = make_inputs(case, seed)
     biases = make_biases(case, which, bdt, amp, seed + 1)
-    experts = moetune.MoEExperts(ctx or get_ctx(), inp.gate, inp.up, inp.down, activation="gpt_oss", alpha=alpha,
-                                 limit=limit, **{f"{p}_bias": b for p, b in biases.items()}, **engine_kw)
+    experts = moetune.MoEExperts(
+        ctx or get_ctx(),
+        inp.gate,
+        inp.up,
+        inp.down,
+        activation="gpt_oss",
+        alpha=alpha,
+        limit=limit,
+        **{f"{p}_bias": b for p, b in biases.items()},
+        **engine_kw,
+    )
     assert experts.has_biases == tuple(b is not None for b in biases.values())
     return inp, biases, experts
 
@@ -92,8 +106,21 @@ def run_case(spec, seed, ctx=None, **engine_kw):
 def reference(inp, spec, biases, emulate_bf16=False):
     _, limit, alpha, *_ = spec
     return R.reference_forward_backward(
-        inp.x, inp.ids, inp.w, inp.gate, inp.up, inp.down, inp.lora_for_reference(), inp.scaling, inp.dout,
-        emulate_bf16=emulate_bf16, activation="gpt_oss", alpha=alpha, limit=limit, biases=biases)
+        inp.x,
+        inp.ids,
+        inp.w,
+        inp.gate,
+        inp.up,
+        inp.down,
+        inp.lora_for_reference(),
+        inp.scaling,
+        inp.dout,
+        emulate_bf16=emulate_bf16,
+        activation="gpt_oss",
+        alpha=alpha,
+        limit=limit,
+        biases=biases,
+    )
 
 
 @pytest.mark.parametrize("spec", GPT_OSS_CASES, ids=lambda s: s[0].name)
@@ -113,9 +140,13 @@ def test_gpt_oss_tolerance_table_is_attainable():
         inp = make_inputs(case, 3000 + i)
         biases = make_biases(case, spec[3], spec[4], spec[5], 3001 + i)
         emu = reference(inp, spec, biases, emulate_bf16=True)
-        res = Result(emu["out"].to(case.x_dtype), emu["dx"].to(case.x_dtype), emu["dtopk_weights"].to(case.w_dtype),
-                     {p: emu["dA"][p].to(case.lora_dtype) for p in case.lora},
-                     {p: emu["dB"][p].to(case.lora_dtype) for p in case.lora})
+        res = Result(
+            emu["out"].to(case.x_dtype),
+            emu["dx"].to(case.x_dtype),
+            emu["dtopk_weights"].to(case.w_dtype),
+            {p: emu["dA"][p].to(case.lora_dtype) for p in case.lora},
+            {p: emu["dB"][p].to(case.lora_dtype) for p in case.lora},
+        )
         worst = max([worst, *compare(res, reference(inp, spec, biases), inp).values()])
     assert worst > 0
 
@@ -143,23 +174,28 @@ def test_biases_and_activation_matter():
     inp, biases, experts = run_case(spec, 3000)
     got = run_engine(experts, inp).out
     scale = got.abs().max().item()
-    for kw in (dict(activation="gpt_oss", limit=spec[1]), dict(activation="swiglu", **{
-            f"{p}_bias": b for p, b in biases.items()})):
+    for kw in (
+        dict(activation="gpt_oss", limit=spec[1]),
+        dict(activation="swiglu", **{f"{p}_bias": b for p, b in biases.items()}),
+    ):
         other = run_engine(moetune.MoEExperts(get_ctx(), inp.gate, inp.up, inp.down, **kw), inp).out
-        assert (other - got).abs().max().item() > 40 * 2.0 ** -8 * scale, kw
+        assert (other - got).abs().max().item() > 40 * 2.0**-8 * scale, kw
 
 
-@pytest.mark.parametrize("which,kw,match", [
-    ("gate_shape", dict(gate_bias=torch.zeros(4, 25)), r"gate_bias.*\[4, 25\].*\[4, 24\]"),
-    ("up_experts", dict(up_bias=torch.zeros(3, 24)), r"up_bias.*\[3, 24\]"),
-    ("down_shape", dict(down_bias=torch.zeros(4, 24)), r"down_bias.*\[4, 24\].*\[4, 40\]"),
-    ("down_3d", dict(down_bias=torch.zeros(4, 40, 1)), r"down_bias"),
-    ("gate_int", dict(gate_bias=torch.zeros(4, 24, dtype=torch.int32)), r"gate_bias.*floating"),
-    ("up_list", dict(up_bias=[0.0] * 24), r"up_bias.*floating"),
-    ("activation", dict(activation="gelu"), r"activation.*swiglu.*gpt_oss"),
-    ("limit", dict(activation="gpt_oss", limit=0.0), r"limit"),
-    ("alpha", dict(activation="gpt_oss", alpha=math.nan), r"alpha"),
-])
+@pytest.mark.parametrize(
+    "which,kw,match",
+    [
+        ("gate_shape", dict(gate_bias=torch.zeros(4, 25)), r"gate_bias.*\[4, 25\].*\[4, 24\]"),
+        ("up_experts", dict(up_bias=torch.zeros(3, 24)), r"up_bias.*\[3, 24\]"),
+        ("down_shape", dict(down_bias=torch.zeros(4, 24)), r"down_bias.*\[4, 24\].*\[4, 40\]"),
+        ("down_3d", dict(down_bias=torch.zeros(4, 40, 1)), r"down_bias"),
+        ("gate_int", dict(gate_bias=torch.zeros(4, 24, dtype=torch.int32)), r"gate_bias.*floating"),
+        ("up_list", dict(up_bias=[0.0] * 24), r"up_bias.*floating"),
+        ("activation", dict(activation="gelu"), r"activation.*swiglu.*gpt_oss"),
+        ("limit", dict(activation="gpt_oss", limit=0.0), r"limit"),
+        ("alpha", dict(activation="gpt_oss", alpha=math.nan), r"alpha"),
+    ],
+)
 def test_bad_gpt_oss_arguments(which, kw, match):
     inp = make_inputs(Case("b", 2, 40, 24, 4, 2, 4, ALL), 1)
     with pytest.raises(ValueError, match=match):

@@ -13,9 +13,25 @@ import dataclasses
 
 import pytest
 import torch
-
-from op_cases import ALL, BF16, F32, I64, ISAS, SWEEP, Case, assert_results_equal, compare, get_ctx, \
-    isa_ctx_or_skip, make_experts, make_inputs, moetune, reference, run_engine, sweep_seed
+from op_cases import (
+    ALL,
+    BF16,
+    F32,
+    I64,
+    ISAS,
+    SWEEP,
+    Case,
+    assert_results_equal,
+    compare,
+    get_ctx,
+    isa_ctx_or_skip,
+    make_experts,
+    make_inputs,
+    moetune,
+    reference,
+    run_engine,
+    sweep_seed,
+)
 from quant_reference import dequantized
 
 FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
@@ -23,8 +39,12 @@ CASES = [c for c in SWEEP if c.name in ("odd_all_r16", "H40_I24_down", "no_lora"
 
 
 def dq_inputs(inp, fmt, g):
-    return dataclasses.replace(inp, gate=dequantized(inp.gate, fmt, g or 0), up=dequantized(inp.up, fmt, g or 0),
-                               down=dequantized(inp.down, fmt, g or 0))
+    return dataclasses.replace(
+        inp,
+        gate=dequantized(inp.gate, fmt, g or 0),
+        up=dequantized(inp.up, fmt, g or 0),
+        down=dequantized(inp.down, fmt, g or 0),
+    )
 
 
 @pytest.mark.parametrize("fmt,group", FORMATS, ids=[f"{f}{g or ''}" for f, g in FORMATS])
@@ -49,8 +69,7 @@ def test_every_isa_and_backward_weights(isa, bw):
     inp = make_inputs(case, 7)
     for fmt, g in (("int8", None), ("int4", 32)):
         dq = dq_inputs(inp, fmt, g)
-        ex = moetune.MoEExperts(ctx, inp.gate, inp.up, inp.down, weight_format=fmt, group_size=g,
-                                backward_weights=bw)
+        ex = moetune.MoEExperts(ctx, inp.gate, inp.up, inp.down, weight_format=fmt, group_size=g, backward_weights=bw)
         ref_ex = moetune.MoEExperts(ctx, dq.gate, dq.up, dq.down, backward_weights=bw)
         assert_results_equal(run_engine(ex, inp), run_engine(ref_ex, dq), f"{isa} {bw} {fmt}")
 
@@ -99,7 +118,7 @@ def test_quantized_with_gpt_oss_activation_and_biases(fmt, group):
     g = torch.Generator().manual_seed(11)
     E, H, I, T, k, r = 4, 72, 40, 10, 2, 4
     rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    W = [(rn(E, I, H) / H ** 0.5).bfloat16(), (rn(E, I, H) / H ** 0.5).bfloat16(), (rn(E, H, I) / I ** 0.5).bfloat16()]
+    W = [(rn(E, I, H) / H**0.5).bfloat16(), (rn(E, I, H) / H**0.5).bfloat16(), (rn(E, H, I) / I**0.5).bfloat16()]
     biases = dict(gate_bias=rn(E, I) * 0.1, up_bias=rn(E, I) * 0.1, down_bias=rn(E, H) * 0.1)
     act = dict(activation="gpt_oss", alpha=1.702, limit=7.0)
     ins, outs = dict(gate=H, up=H, down=I), dict(gate=I, up=I, down=H)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from op_cases import ALL, BF16, Case, assert_results_equal, get_ctx, make_inputs, moetune, run_engine
 from quant_reference import dequantized
 
@@ -25,8 +24,10 @@ CASE = Case("w", 10, 40, 24, 4, 2, 4, ALL)
 def test_unpack_expert_gives_the_values_the_gemms_use(fmt, group, bw):
     inp = make_inputs(CASE, 11)
     # fp32 weights that are not bf16 values: the engine rounds (bf16) or quantizes them (int8/int4) itself.
-    W = [t.float() + 1e-3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(i))
-         for i, t in enumerate((inp.gate, inp.up, inp.down))]
+    W = [
+        t.float() + 1e-3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(i))
+        for i, t in enumerate((inp.gate, inp.up, inp.down))
+    ]
     ex = moetune.MoEExperts(get_ctx(), *W, weight_format=fmt, group_size=group, backward_weights=bw)
     want = [dequantized(w, fmt, group or 0) for w in W]  # bf16 -> plain rounding
     assert not torch.equal(want[0], W[0].to(BF16)) or fmt == "bf16"
@@ -98,7 +99,11 @@ def test_packed_buffers_start_on_and_fill_whole_pages():
 
     for fmt, group in (("bf16", None), ("int8", None), ("int4", 32)):
         g = torch.Generator().manual_seed(3)
-        W = [torch.randn(3, 40, 24, generator=g), torch.randn(3, 40, 24, generator=g), torch.randn(3, 24, 40, generator=g)]
+        W = [
+            torch.randn(3, 40, 24, generator=g),
+            torch.randn(3, 40, 24, generator=g),
+            torch.randn(3, 24, 40, generator=g),
+        ]
         ex = moetune.MoEExperts(moetune.Context(1), *W, weight_format=fmt, group_size=group)
         for b in ex.packed_buffers():
             assert b.array.ctypes.data % mmap.PAGESIZE == 0, f"{fmt} {b.name} is not page aligned"

@@ -17,15 +17,19 @@ import math
 
 import pytest
 import torch
-
 from op_cases import ALL, BAD_CASE, Case, get_ctx, make_inputs, moetune
+
 from moetune import _moetune_ext as _ext
 from moetune.hf import loader
 from moetune.options import _FIELDS
 
 FORMATS = [("bf16", None), ("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
-ENUMS = {"backward_weights": _ext.BackwardWeights, "activations": _ext.ActivationPolicy,
-         "activation": _ext.Activation, "weight_format": _ext.WeightFormat}
+ENUMS = {
+    "backward_weights": _ext.BackwardWeights,
+    "activations": _ext.ActivationPolicy,
+    "activation": _ext.Activation,
+    "weight_format": _ext.WeightFormat,
+}
 
 
 def test_every_engine_field_is_mirrored_once():
@@ -41,8 +45,14 @@ def test_defaults_are_the_engines():
         want = getattr(cpp, cpp_name)
         assert getattr(o, name) == (want.name if enum is not None else want), name
     # The documented defaults, as the engine has them.
-    assert (o.backward_weights, o.activations, o.activation, o.weight_format, o.group_size, o.row_group) == \
-        ("repack", "save", "swiglu", "bf16", 0, 0)
+    assert (o.backward_weights, o.activations, o.activation, o.weight_format, o.group_size, o.row_group) == (
+        "repack",
+        "save",
+        "swiglu",
+        "bf16",
+        0,
+        0,
+    )
     assert o.alpha == pytest.approx(1.702) and o.limit == 7.0
 
 
@@ -63,8 +73,12 @@ def test_group_size_defaults_per_format_from_the_engine():
         assert o == moetune.ExpertsOptions(weight_format=fmt, group_size=want)
         assert hash(o) == hash(moetune.ExpertsOptions(weight_format=fmt, group_size=want))
     assert moetune.ExpertsOptions(weight_format="int4").group_size == 128
-    assert len({moetune.ExpertsOptions(weight_format="int4"), moetune.ExpertsOptions(weight_format="int4",
-                                                                                     group_size=128)}) == 1
+    assert (
+        len(
+            {moetune.ExpertsOptions(weight_format="int4"), moetune.ExpertsOptions(weight_format="int4", group_size=128)}
+        )
+        == 1
+    )
 
 
 def test_replace_and_to_dict():
@@ -75,8 +89,16 @@ def test_replace_and_to_dict():
     with pytest.raises(TypeError, match="unknown expert option.*gruop_size"):
         o.replace(gruop_size=64)
     d = o.to_dict()
-    assert d == {"backward_weights": "transposed_copy", "activations": "save", "activation": "swiglu",
-                 "alpha": o.alpha, "limit": 7.0, "weight_format": "int4", "group_size": 32, "row_group": 0}
+    assert d == {
+        "backward_weights": "transposed_copy",
+        "activations": "save",
+        "activation": "swiglu",
+        "alpha": o.alpha,
+        "limit": 7.0,
+        "weight_format": "int4",
+        "group_size": 32,
+        "row_group": 0,
+    }
     assert moetune.ExpertsOptions.from_dict(json.loads(json.dumps(d))) == o
     assert o != o.replace(row_group=64)
     # Frozen.
@@ -90,20 +112,23 @@ def test_float_constants_are_the_engines_float32():
     assert o == moetune.ExpertsOptions(activation="gpt_oss", alpha=o.alpha)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(weight_format="fp8"), r"weight_format must be 'bf16', 'int8' or 'int4', got 'fp8'"),
-    (dict(backward_weights="bogus"), r"backward_weights must be 'repack' or 'transposed_copy', got 'bogus'"),
-    (dict(activations="keep"), r"activations must be 'save' or 'recompute', got 'keep'"),
-    (dict(activation="gelu"), r"activation must be 'swiglu' or 'gpt_oss', got 'gelu'"),
-    (dict(weight_format="int4", group_size=48), r"int4 group_size must be 32, 64 or 128, got 48"),
-    (dict(weight_format="int8", group_size=64), r"group_size applies to int4 only; weight format int8"),
-    (dict(alpha=math.nan), r"alpha=nan"),
-    (dict(limit=0.0), r"limit=0"),
-    (dict(alpha="big"), r"alpha must be a number, got 'big'"),
-    (dict(row_group=-1), r"row_group must be >= 0"),
-    (dict(row_group=1.5), r"row_group must be an integer"),
-    (dict(group_size=2 ** 40), r"group_size out of range"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(weight_format="fp8"), r"weight_format must be 'bf16', 'int8' or 'int4', got 'fp8'"),
+        (dict(backward_weights="bogus"), r"backward_weights must be 'repack' or 'transposed_copy', got 'bogus'"),
+        (dict(activations="keep"), r"activations must be 'save' or 'recompute', got 'keep'"),
+        (dict(activation="gelu"), r"activation must be 'swiglu' or 'gpt_oss', got 'gelu'"),
+        (dict(weight_format="int4", group_size=48), r"int4 group_size must be 32, 64 or 128, got 48"),
+        (dict(weight_format="int8", group_size=64), r"group_size applies to int4 only; weight format int8"),
+        (dict(alpha=math.nan), r"alpha=nan"),
+        (dict(limit=0.0), r"limit=0"),
+        (dict(alpha="big"), r"alpha must be a number, got 'big'"),
+        (dict(row_group=-1), r"row_group must be >= 0"),
+        (dict(row_group=1.5), r"row_group must be an integer"),
+        (dict(group_size=2**40), r"group_size out of range"),
+    ],
+)
 def test_bad_options_name_the_option(kw, match):
     with pytest.raises(ValueError, match=match):
         moetune.ExpertsOptions(**kw)
@@ -124,8 +149,9 @@ def test_experts_take_options_as_object_dict_or_keywords():
     inp = make_inputs(Case("o", 6, 40, 24, 4, 2, 4, ALL), 5)
     opts = moetune.ExpertsOptions(weight_format="int4", group_size=64, activations="recompute")
     by_obj = moetune.MoEExperts(get_ctx(), inp.gate, inp.up, inp.down, opts)
-    by_kw = moetune.MoEExperts(get_ctx(), inp.gate, inp.up, inp.down, weight_format="int4", group_size=64,
-                               activations="recompute")
+    by_kw = moetune.MoEExperts(
+        get_ctx(), inp.gate, inp.up, inp.down, weight_format="int4", group_size=64, activations="recompute"
+    )
     by_dict = moetune.MoEExperts(get_ctx(), inp.gate, inp.up, inp.down, options=opts.to_dict())
     assert isinstance(by_obj.options, moetune.ExpertsOptions)
     assert by_obj.options == by_kw.options == by_dict.options == opts
@@ -136,8 +162,9 @@ def test_experts_take_options_as_object_dict_or_keywords():
     empty = moetune.MoEExperts.empty(get_ctx(), 6, 40, 24, opts, backward_weights="transposed_copy")
     assert empty.options == opts.replace(backward_weights="transposed_copy")
     # The options read back from the engine are what it runs: same packed bytes.
-    assert [bytes(memoryview(b.array)) for b in by_obj.packed_buffers()] == \
-        [bytes(memoryview(b.array)) for b in by_kw.packed_buffers()]
+    assert [bytes(memoryview(b.array)) for b in by_obj.packed_buffers()] == [
+        bytes(memoryview(b.array)) for b in by_kw.packed_buffers()
+    ]
 
 
 @pytest.mark.parametrize("bw", ["repack", "transposed_copy"])
@@ -148,8 +175,10 @@ def test_host_bytes_is_what_the_engine_allocates(shape, fmt, group, bw):
     opts = moetune.ExpertsOptions(weight_format=fmt, group_size=group, backward_weights=bw)
     ex = moetune.MoEExperts.empty(get_ctx(), E, H, I, opts)
     assert ex.packed_bytes == opts.host_bytes(E, H, I) == moetune.MoEExperts.host_bytes(E, H, I, opts)
-    assert moetune.MoEExperts.host_bytes(E, H, I, weight_format=fmt, group_size=group, backward_weights=bw) == \
-        ex.packed_bytes
+    assert (
+        moetune.MoEExperts.host_bytes(E, H, I, weight_format=fmt, group_size=group, backward_weights=bw)
+        == ex.packed_bytes
+    )
     assert sum(len(memoryview(b.array)) for b in ex.packed_buffers()) == ex.packed_bytes
     ex.load_biases(torch.zeros(E, I), torch.zeros(E, I), torch.zeros(E, H))
     assert ex.packed_bytes == opts.host_bytes(E, H, I, biases=True)
@@ -169,7 +198,7 @@ def test_loader_estimate_follows_the_weight_format():
     E, H, I, n = QWEN3_30B["E"], QWEN3_30B["H"], QWEN3_30B["I"], QWEN3_30B["layers"]
     O = moetune.ExpertsOptions
     est = {fmt: n * loader.packed_bytes_estimate(E, H, I, O(weight_format=fmt)) for fmt in ("bf16", "int8", "int4")}
-    gib = 2.0 ** 30
+    gib = 2.0**30
     assert est["bf16"] / gib == pytest.approx(54.0)
     assert 0.50 <= est["int8"] / est["bf16"] <= 0.51  # 1 byte per weight + an fp32 scale per row
     assert 0.25 <= est["int4"] / est["bf16"] <= 0.27  # half a byte + an fp32 scale per 128 weights

@@ -17,7 +17,7 @@ def test_bench_placement_smoke(capsys):
     rows = mod.main(["--smoke"])
     assert [(r["T"], r["mode"]) for r in rows] == [(T, m) for T in (32, 64) for m in mod.MODES]
     for r in rows:
-        assert r["ms"] > 0 and r["rel_err_vs_cpu"] <= 13 * 2.0 ** -8, r
+        assert r["ms"] > 0 and r["rel_err_vs_cpu"] <= 13 * 2.0**-8, r
         if r["mode"] == "cpu":
             assert r["gpu_experts"] == 0 and r["rel_err_vs_cpu"] == 0
         elif r["mode"] == "mixed":

@@ -12,11 +12,19 @@ import pytest
 import torch
 
 import moetune
-from moetune.placement.calibrate import (CalibrationCache, OnlineCorrection, calibrate, cuda_copy_timer,
-                                         engine_timer, fit_nonneg, machine_fingerprint, routing_from_counts,
-                                         synthetic_counts, under_copies)
+from moetune.placement.calibrate import (
+    CalibrationCache,
+    OnlineCorrection,
+    calibrate,
+    cuda_copy_timer,
+    engine_timer,
+    fit_nonneg,
+    machine_fingerprint,
+    routing_from_counts,
+    synthetic_counts,
+    under_copies,
+)
 from moetune.placement.cost import CostCoefficients, CostModel, LayerShape, PhaseCoefficients
-from moetune.placement.plan import Where
 from moetune.placement.scheduler import Scheduler
 
 SHAPE = LayerShape(64, 1024, 512, 3 * 1024 * 512 * 2)
@@ -62,8 +70,12 @@ def fake_timers(truth: CostCoefficients, shape: LayerShape, rng, noise=0.02):
         def run(phase, counts):
             c = truth.phase(phase)
             m, pairs = int((np.asarray(counts) > 0).sum()), int(np.asarray(counts).sum())
-            return (getattr(c, f"{prefix}_call") + getattr(c, f"{prefix}_expert") * m
-                    + getattr(c, f"{prefix}_token") * pairs) * jitter()
+            return (
+                getattr(c, f"{prefix}_call")
+                + getattr(c, f"{prefix}_expert") * m
+                + getattr(c, f"{prefix}_token") * pairs
+            ) * jitter()
+
         return run
 
     cpu = resource("cpu")
@@ -84,13 +96,23 @@ def truth_coefficients(shape, *, cpu=3.0, gpu=0.5, bw=0.4, slowdown=1.25):
     d = CostCoefficients.defaults(shape)
 
     def scale(p):
-        return PhaseCoefficients(cpu_call=p.cpu_call * 2, cpu_expert=p.cpu_expert * cpu,
-                                 cpu_token=p.cpu_token * cpu / 2, gpu_call=p.gpu_call * 3,
-                                 gpu_expert=p.gpu_expert * gpu, gpu_token=p.gpu_token * gpu * 2,
-                                 dequant=p.dequant * 1.5)
+        return PhaseCoefficients(
+            cpu_call=p.cpu_call * 2,
+            cpu_expert=p.cpu_expert * cpu,
+            cpu_token=p.cpu_token * cpu / 2,
+            gpu_call=p.gpu_call * 3,
+            gpu_expert=p.gpu_expert * gpu,
+            gpu_token=p.gpu_token * gpu * 2,
+            dequant=p.dequant * 1.5,
+        )
 
-    return d.replace(forward=scale(d.forward), backward=scale(d.backward), copy_bandwidth=d.copy_bandwidth * bw,
-                     copy_latency=7e-6, cpu_slowdown=slowdown)
+    return d.replace(
+        forward=scale(d.forward),
+        backward=scale(d.backward),
+        copy_bandwidth=d.copy_bandwidth * bw,
+        copy_latency=7e-6,
+        cpu_slowdown=slowdown,
+    )
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8"])
@@ -99,8 +121,9 @@ def test_calibration_recovers_known_coefficients(fmt):
     truth = truth_coefficients(shape)
     rng = np.random.default_rng(1)
     cpu, gpu, copy, under, dequant = fake_timers(truth, shape, rng, noise=0.0)
-    got = calibrate(shape, top_k=8, cpu_time=cpu, gpu_time=gpu, copy_time=copy, cpu_time_under_copy=under,
-                    dequant_time=dequant)
+    got = calibrate(
+        shape, top_k=8, cpu_time=cpu, gpu_time=gpu, copy_time=copy, cpu_time_under_copy=under, dequant_time=dequant
+    )
     for phase in ("forward", "backward"):
         for f in ("cpu_call", "cpu_expert", "cpu_token", "gpu_call", "gpu_expert", "gpu_token", "dequant"):
             assert getattr(got.phase(phase), f) == pytest.approx(getattr(truth.phase(phase), f), rel=1e-6), (phase, f)
@@ -109,15 +132,15 @@ def test_calibration_recovers_known_coefficients(fmt):
     assert got.cpu_slowdown == pytest.approx(truth.cpu_slowdown, rel=1e-9)
     # With 2% timing noise, a few repeats: the coefficients that matter within a few %.
     cpu, gpu, copy, under, dequant = fake_timers(truth, shape, rng, noise=0.02)
-    got = calibrate(shape, top_k=8, cpu_time=cpu, gpu_time=gpu, copy_time=copy, cpu_time_under_copy=under,
-                    repeats=3)
+    got = calibrate(shape, top_k=8, cpu_time=cpu, gpu_time=gpu, copy_time=copy, cpu_time_under_copy=under, repeats=3)
     model, ref = CostModel(shape, got), CostModel(shape, truth)
     for T in (64, 512, 4096):
         counts = np.bincount(rng.integers(0, 64, T * 8), minlength=64)
         where = rng.integers(0, 3, 64).astype(np.int8)
         for phase in ("forward", "backward"):
             assert model.predict(counts, where, phase).makespan == pytest.approx(
-                ref.predict(counts, where, phase).makespan, rel=0.06)
+                ref.predict(counts, where, phase).makespan, rel=0.06
+            )
 
 
 def test_calibration_without_callables_keeps_the_base():
@@ -140,11 +163,18 @@ def test_engine_timer_calibrates_the_real_cpu_engine():
     E, H, I, k, r = 16, 128, 64, 4, 4
     ctx = moetune.Context(1)
     g = torch.Generator().manual_seed(0)
-    experts = moetune.MoEExperts(ctx, torch.randn(E, I, H, generator=g) * 0.02,
-                                 torch.randn(E, I, H, generator=g) * 0.02, torch.randn(E, H, I, generator=g) * 0.02)
-    lora = moetune.LoraWeights(gate=(torch.randn(E, r, H) * 0.01, torch.zeros(E, I, r)),
-                               up=(torch.randn(E, r, H) * 0.01, torch.zeros(E, I, r)),
-                               down=(torch.randn(E, r, I) * 0.01, torch.zeros(E, H, r)), scaling=2.0)
+    experts = moetune.MoEExperts(
+        ctx,
+        torch.randn(E, I, H, generator=g) * 0.02,
+        torch.randn(E, I, H, generator=g) * 0.02,
+        torch.randn(E, H, I, generator=g) * 0.02,
+    )
+    lora = moetune.LoraWeights(
+        gate=(torch.randn(E, r, H) * 0.01, torch.zeros(E, I, r)),
+        up=(torch.randn(E, r, H) * 0.01, torch.zeros(E, I, r)),
+        down=(torch.randn(E, r, I) * 0.01, torch.zeros(E, H, r)),
+        scaling=2.0,
+    )
     before = [t.clone() for t in lora.flat()]
     timer = engine_timer(experts, top_k=k, lora=lora)
     shape = LayerShape.of(experts)
@@ -177,8 +207,9 @@ def test_cache_hit_miss_mismatch_and_corruption(tmp_path):
     again, hit = cache.get_or_measure(ident, measure)
     assert hit and again == got and len(calls) == 1
     # Another shape, format or machine: another key, measured again.
-    other = CalibrationCache.identity(LayerShape(64, 1024, 512, 3 * 1024 * 512, weight_format="int8"), machine,
-                                      {"top_k": 8})
+    other = CalibrationCache.identity(
+        LayerShape(64, 1024, 512, 3 * 1024 * 512, weight_format="int8"), machine, {"top_k": 8}
+    )
     assert CalibrationCache.key(other) != CalibrationCache.key(ident)
     _, hit = cache.get_or_measure(other, measure)
     assert not hit and len(calls) == 2
@@ -224,8 +255,12 @@ def simulate(truth: CostModel, sched: Scheduler, rng, E, noise, outliers):
         v *= math.exp(rng.normal(0, noise))
         return v * (8.0 if rng.random() < outliers else 1.0)
 
-    return counts, where, phase, {"cpu": meas(p.cpu_eff), "gpu": meas(p.gpu), "copy": meas(p.copy),
-                                  "wall": p.makespan, "phase": phase}
+    return (
+        counts,
+        where,
+        phase,
+        {"cpu": meas(p.cpu_eff), "gpu": meas(p.gpu), "copy": meas(p.copy), "wall": p.makespan, "phase": phase},
+    )
 
 
 def test_online_correction_converges_from_a_wrong_start():
@@ -235,8 +270,7 @@ def test_online_correction_converges_from_a_wrong_start():
     the predictions with them."""
     E = 64
     truth = CostModel(SHAPE, CostCoefficients.defaults(SHAPE))
-    truth.scales.update({"cpu/forward": 3.0, "cpu/backward": 2.5, "gpu/forward": 0.5, "gpu/backward": 0.6,
-                         "copy": 2.5})
+    truth.scales.update({"cpu/forward": 3.0, "cpu/backward": 2.5, "gpu/forward": 0.5, "gpu/backward": 0.6, "copy": 2.5})
     truth.slowdown = 1.25
     truth.invalidate()
     model = CostModel(SHAPE)
@@ -261,7 +295,8 @@ def test_online_correction_converges_from_a_wrong_start():
     for _ in range(20):
         counts, where, phase, _ = simulate(truth, sched, rng, E, 0, 0)
         assert model.predict(counts, where, phase).makespan == pytest.approx(
-            truth.predict(counts, where, phase).makespan, rel=0.1)
+            truth.predict(counts, where, phase).makespan, rel=0.1
+        )
 
 
 def test_online_correction_is_robust_and_bounded():

@@ -7,11 +7,17 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from moetune.placement.cost import (CostCoefficients, CostModel, LayerShape, PhaseCoefficients, ReferenceRates,
-                                    cost_phase)
-from moetune.placement.plan import LayerPlan, Where
 from placement_reference import reference_makespan
+
+from moetune.placement.cost import (
+    CostCoefficients,
+    CostModel,
+    LayerShape,
+    PhaseCoefficients,
+    ReferenceRates,
+    cost_phase,
+)
+from moetune.placement.plan import LayerPlan, Where
 
 QWEN = dict(num_experts=128, hidden_size=2048, intermediate_size=768)
 DSV3 = dict(num_experts=256, hidden_size=7168, intermediate_size=2048)
@@ -38,8 +44,9 @@ def test_predict_matches_reference_formulas(fmt, staging):
         phase = ["forward", "backward", "recompute"][trial % 3]
         copies = trial % 4 != 0
         pred = model.predict(torch.from_numpy(counts), torch.from_numpy(where), phase, copies=copies)
-        ref, Xe, Y, C = reference_makespan(shape, coeffs, counts, where, phase, copies=copies, staging=staging,
-                                           scales=model.scales)
+        ref, Xe, Y, C = reference_makespan(
+            shape, coeffs, counts, where, phase, copies=copies, staging=staging, scales=model.scales
+        )
         assert pred.makespan == pytest.approx(ref, rel=1e-12, abs=1e-15)
         assert pred.cpu_eff == pytest.approx(Xe, rel=1e-12, abs=1e-15)
         assert pred.gpu_side == pytest.approx(Y, rel=1e-12, abs=1e-15)
@@ -88,12 +95,24 @@ def test_defaults_reproduce_the_measured_figures():
         return model.predict(c, w, "forward").makespan + model.predict(c, w, "backward").makespan
 
     # CPU engine fwd+bwd, 16 threads (BENCHMARKS.md; reference-system.md).
-    for name, T, ms in (("qwen", 128, 92.2), ("qwen", 1024, 129.4), ("qwen", 4096, 211.1),
-                        ("dsv3", 1024, 702), ("dsv3", 4096, 1074), ("dsv3", 16384, 3350)):
+    for name, T, ms in (
+        ("qwen", 128, 92.2),
+        ("qwen", 1024, 129.4),
+        ("qwen", 4096, 211.1),
+        ("dsv3", 1024, 702),
+        ("dsv3", 4096, 1074),
+        ("dsv3", 16384, 3350),
+    ):
         assert fwd_bwd(models[name], T, Where.CPU) == pytest.approx(ms * 1e-3, rel=0.15), (name, T)
     # GPU fwd+bwd of one layer (weights resident).
-    for name, T, ms in (("qwen", 1024, 3.2), ("qwen", 4096, 6.0), ("qwen", 16384, 19.3),
-                        ("dsv3", 1024, 24), ("dsv3", 4096, 38), ("dsv3", 16384, 87)):
+    for name, T, ms in (
+        ("qwen", 1024, 3.2),
+        ("qwen", 4096, 6.0),
+        ("qwen", 16384, 19.3),
+        ("dsv3", 1024, 24),
+        ("dsv3", 4096, 38),
+        ("dsv3", 16384, 87),
+    ):
         assert fwd_bwd(models[name], T, Where.GPU_RESIDENT) == pytest.approx(ms * 1e-3, rel=0.35), (name, T)
     # The forward / backward split of the CPU engine at T = 4096: 84.1 / 127.0 ms.
     c = np.bincount(rng.integers(0, 128, 4096 * 8), minlength=128)
@@ -141,8 +160,9 @@ def test_coefficients_json_round_trip(tmp_path):
     for phase in ("forward", "backward"):
         counts = rng.poisson(30, 256)
         where = rng.integers(0, 3, 256).astype(np.int8)
-        assert folded.predict(counts, where, phase).makespan == pytest.approx(m.predict(counts, where, phase).makespan,
-                                                                              rel=1e-12)
+        assert folded.predict(counts, where, phase).makespan == pytest.approx(
+            m.predict(counts, where, phase).makespan, rel=1e-12
+        )
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         CostCoefficients.load(str(tmp_path / "bad.json"))

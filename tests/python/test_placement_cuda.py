@@ -13,10 +13,23 @@ import warnings
 
 import pytest
 import torch
-
 from op_cases import ALL, BF16, F32, I64, TOL_C, Case, get_ctx, make_inputs, moetune
-from placement_cases import (FORMATS, assert_equal, compare, dq_inputs, gptoss_reference, gptoss_setup, make_setup,
-                             placement, plan_fn, reference, resident_set, run_moe_experts, run_placed, to_device)
+from placement_cases import (
+    FORMATS,
+    assert_equal,
+    compare,
+    dq_inputs,
+    gptoss_reference,
+    gptoss_setup,
+    make_setup,
+    placement,
+    plan_fn,
+    reference,
+    resident_set,
+    run_moe_experts,
+    run_placed,
+    to_device,
+)
 from quant_reference import dequantized
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU test machine)")
@@ -35,9 +48,13 @@ def _setup(case, seed, plan, **kw):
 def test_decode_on_cuda_is_exact(fmt, group):
     P = placement()
     from moetune.placement import _engine
+
     g = torch.Generator().manual_seed(1)
-    W = [torch.randn(5, 96, 128, generator=g).bfloat16(), torch.randn(5, 96, 128, generator=g).bfloat16(),
-         torch.randn(5, 128, 96, generator=g).bfloat16()]
+    W = [
+        torch.randn(5, 96, 128, generator=g).bfloat16(),
+        torch.randn(5, 96, 128, generator=g).bfloat16(),
+        torch.randn(5, 128, 96, generator=g).bfloat16(),
+    ]
     ex = moetune.MoEExperts(get_ctx(), *W, weight_format=fmt, group_size=group)
     pf = P.format_of(ex)
     host = pf.host_views(_engine.packed_buffers(ex))
@@ -77,7 +94,7 @@ def test_cuda_matches_cpu_stand_in():
     cu = run_placed(make_setup(inp, "cuda", resident=resident_set("mixed", CASE.E)), to_device(inp, "cuda"), "mixed")
     for name in ("out", "dx", "dtopk_weights"):
         a, b = getattr(cu, name).cpu().float(), getattr(cpu, name).float()
-        assert (a - b).abs().max() <= 4 * 2.0 ** -8 * b.abs().max(), name
+        assert (a - b).abs().max() <= 4 * 2.0**-8 * b.abs().max(), name
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -94,6 +111,7 @@ def test_checkpointing_and_keep_slot_on_cuda(use_reentrant):
 def test_engine_buffers_page_locked_in_place_and_released():
     P = placement()
     from moetune.placement import _engine
+
     inp = make_inputs(CASE, 31)
     ex = moetune.MoEExperts(get_ctx(), inp.gate, inp.up, inp.down)
     rt = P.GpuRuntime("cuda", P.GpuOptions())
@@ -125,6 +143,7 @@ def test_grouped_mm_fast_path_is_used():
 def _segment_timeline(monkeypatch, st, dinp, plan):
     """(copy intervals, compute intervals) in ms from a common start, for one forward."""
     from moetune.placement import op as OP
+
     compute, records = [], []
     orig_fwd, orig_finish = OP.forward_segment, OP._Timing.finish
 
@@ -175,7 +194,8 @@ def test_copies_overlap_compute(monkeypatch):
     span = max(b for _, b in compute) - min(a for a, _ in copies)
     assert span < 0.85 * (busy(copies) + busy(compute)), (
         f"copies do not overlap compute: span {span:.2f} ms, copies {busy(copies):.2f} ms, compute "
-        f"{busy(compute):.2f} ms; copies {copies} compute {compute}")
+        f"{busy(compute):.2f} ms; copies {copies} compute {compute}"
+    )
     t = planner.observed[-1][2]
     gbps = st.gpu.fmt.stored_bytes_per_expert * case.E / t["copy"] / 1e9
     print(f"copy {t['copy'] * 1e3:.2f} ms for {case.E} experts: {gbps:.1f} GB/s; gpu {t['gpu'] * 1e3:.2f} ms")
@@ -185,6 +205,7 @@ def test_copies_overlap_compute(monkeypatch):
 def test_no_host_sync_but_the_counts():
     P = placement()
     from moetune.placement import op as OP
+
     inp, dinp, st = _setup(CASE, 61, "mixed")
     planner = P.FixedPlanner(lambda k, c, r: torch.where(r, int(P.Where.GPU_RESIDENT), int(P.Where.GPU_STREAMED)))
     for _ in range(2):  # warm-up: the GEMM probe, allocator pools
@@ -192,6 +213,7 @@ def test_no_host_sync_but_the_counts():
     src, first = inspect.getsourcelines(OP._routing_counts)
     counts_lines = {first + i for i, line in enumerate(src) if ".cpu()" in line}
     from op_cases import fresh_lora
+
     params, _ = fresh_lora(dinp, ALL)
     lw = moetune.LoraWeights(**params, scaling=dinp.scaling)
     x = dinp.x.clone().requires_grad_(True)
@@ -206,8 +228,11 @@ def test_no_host_sync_but_the_counts():
             torch.cuda.set_sync_debug_mode("default")
     # torch's own "sync debug mode is a prototype feature" notice also says "synchroniz": only the
     # reports of a synchronizing operation count.
-    syncs = [(w.filename, w.lineno) for w in caught
-             if "synchroniz" in str(w.message) and "prototype feature" not in str(w.message)]
+    syncs = [
+        (w.filename, w.lineno)
+        for w in caught
+        if "synchroniz" in str(w.message) and "prototype feature" not in str(w.message)
+    ]
     assert syncs, "sync debug mode reported nothing: the check would be vacuous"
     others = [s for s in syncs if not (s[0].endswith("placement/op.py") and s[1] in counts_lines)]
     assert not others, f"host syncs besides the routing counts: {others}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from op_cases import get_ctx, moetune
 from placement_cases import placement
 from quant_reference import dequantized
@@ -27,7 +26,7 @@ def _weights(E, H, I, seed):
 
 
 @pytest.mark.parametrize("fmt,group", FORMATS, ids=[f"{f}{g or ''}" for f, g in FORMATS])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "E%dH%dI%d" % s)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "E{}H{}I{}".format(*s))
 def test_decode_is_exact(fmt, group, shape):
     P = placement()
     E, H, I = shape
@@ -35,6 +34,7 @@ def test_decode_is_exact(fmt, group, shape):
     ex = moetune.MoEExperts(get_ctx(), *W, weight_format=fmt, group_size=group or None)
     pf = P.format_of(ex)
     from moetune.placement import _engine
+
     host = pf.host_views(_engine.packed_buffers(ex))
     subsets = [list(range(E)), [E - 1], [E - 1, 0]]
     for sub in subsets:
@@ -59,6 +59,7 @@ def test_buffer_sizes_match_the_engine(fmt, group):
     assert pf.stored_bytes_per_expert == ex.packed_bytes_per_expert
     assert pf.decoded_bytes_per_expert == 2 * 3 * H * I
     from moetune.placement import _engine
+
     bufs = _engine.packed_buffers(ex)
     assert set(pf.names) <= set(bufs)
     # The views are the engine's memory, not a copy.
@@ -72,6 +73,7 @@ def test_transposed_copy_buffers_do_not_disturb_decoding():
     W = _weights(3, 40, 24, 5)
     ex = moetune.MoEExperts(get_ctx(), *W, weight_format="int8", backward_weights="transposed_copy")
     from moetune.placement import _engine
+
     pf = P.format_of(ex)
     bufs = _engine.packed_buffers(ex)
     assert any(n.endswith("transposed_bf16") for n in bufs)
@@ -99,6 +101,7 @@ def test_mismatched_buffers_are_rejected():
 def test_layout_version_is_checked(monkeypatch):
     from moetune import _moetune_ext
     from moetune.placement import _engine
+
     ex = moetune.MoEExperts(get_ctx(), *_weights(2, 32, 16, 2))
     monkeypatch.setattr(_moetune_ext, "PACKED_LAYOUT_VERSION", _engine.DECODED_LAYOUT_VERSION + 1)
     with pytest.raises(NotImplementedError, match="layout version"):

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from op_cases import ALL, BF16, F32, I32, I64, SWEEP, Case, make_inputs, sweep_seed
-from placement_cases import (U, compare, gptoss_reference, gptoss_setup, make_setup,
-                             reference, resident_set, run_placed)
+from placement_cases import U, compare, gptoss_reference, gptoss_setup, make_setup, reference, resident_set, run_placed
 
 ALIGNED = [
     Case("al_all_r16", 24, 64, 48, 8, 2, 16, ALL, BF16, I64, F32, "skewed"),
-    Case("al_r4_f32", 17, 64, 32, 6, 3, 4, ALL, F32, I32, F32),          # rank padded 4 -> 8
+    Case("al_r4_f32", 17, 64, 32, 6, 3, 4, ALL, F32, I32, F32),  # rank padded 4 -> 8
     Case("al_r1_down", 9, 48, 40, 5, 2, 1, ("down",), BF16, I64, BF16),  # rank 1, bf16 weights
     Case("al_gate_up_lbf16", 20, 32, 64, 7, 2, 8, ("gate", "up"), F32, I64, F32, "uniform", BF16),
     Case("al_subset", 12, 64, 48, 16, 2, 16, ALL, F32, I64, F32, "subset"),
@@ -84,6 +82,7 @@ def test_gpt_oss_with_biases_matches_reference(fmt):
 def test_gpt_oss_activation_at_the_bounds():
     """torch.clamp's subgradient at the limits (passes at the bounds, 0 outside, 0 for NaN), as the engine."""
     from moetune.placement.gpu_math import Activation
+
     act = Activation("gpt_oss", 1.702, 2.0)
     g = torch.tensor([2.0, 2.015625, 0.5, float("nan"), -3.0], dtype=BF16)  # at, above, inside, NaN, inside
     u = torch.tensor([0.5, 0.5, 2.015625, 0.0, -2.0], dtype=BF16)  # inside, inside, above, inside, at -limit
@@ -101,6 +100,7 @@ def test_gpt_oss_activation_at_the_bounds():
 
 def test_swiglu_activation_matches_autograd():
     from moetune.placement.gpu_math import Activation
+
     g = torch.randn(64, generator=torch.Generator().manual_seed(1)).to(BF16)
     u = torch.randn(64, generator=torch.Generator().manual_seed(2)).to(BF16)
     dh = torch.randn(64, generator=torch.Generator().manual_seed(3))

@@ -9,7 +9,7 @@ import torch
 
 from moetune.placement.cost import CostModel, LayerShape
 from moetune.placement.metrics import PlacementMetrics
-from moetune.placement.plan import LayerPlan, Where
+from moetune.placement.plan import LayerPlan
 from moetune.placement.trace import LANE_IDS, Lane, Trace
 
 SHAPE = LayerShape(8, 256, 128, 3 * 256 * 128 * 2)
@@ -88,8 +88,12 @@ def test_trace_written_and_loaded_back(tmp_path):
     assert by_name["copy e3"]["ts"] == pytest.approx(2.010e6) and by_name["copy e3"]["dur"] == pytest.approx(2500)
     assert by_name["gemm"]["ts"] == pytest.approx(2.011e6) and by_name["gemm"]["dur"] == pytest.approx(3000)
     # One (pid, tid) per lane, named by metadata; host and GPU lanes in separate processes.
-    for lane, name in ((Lane.CPU_ENGINE, "fwd L0"), (Lane.PYTHON, "step"), (Lane.GPU_COPY, "copy e3"),
-                       (Lane.GPU_COMPUTE, "gemm")):
+    for lane, name in (
+        (Lane.CPU_ENGINE, "fwd L0"),
+        (Lane.PYTHON, "step"),
+        (Lane.GPU_COPY, "copy e3"),
+        (Lane.GPU_COMPUTE, "gemm"),
+    ):
         assert (by_name[name]["pid"], by_name[name]["tid"]) == LANE_IDS[lane]
     assert len(set(LANE_IDS.values())) == 4
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e["name"] == "thread_name"}

@@ -13,13 +13,24 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
-
 import reference as R
-
+import torch
 from op_cases import ALL, BF16, F32, I32, I64, TOL_C, Case, Result, fresh_lora, get_ctx, make_inputs, moetune
-from placement_cases import (FORMATS, assert_equal, compare, dq_inputs, gptoss_reference, gptoss_setup, make_setup,
-                             placement, plan_fn, reference, resident_set, run_moe_experts, run_placed)
+from placement_cases import (
+    FORMATS,
+    assert_equal,
+    compare,
+    dq_inputs,
+    gptoss_reference,
+    gptoss_setup,
+    make_setup,
+    placement,
+    plan_fn,
+    reference,
+    resident_set,
+    run_moe_experts,
+    run_placed,
+)
 
 CASE = Case("op", 24, 64, 48, 8, 2, 8, ALL, BF16, I64, F32, "skewed")
 CASE_F32 = Case("op32", 19, 64, 32, 6, 3, 4, ALL, F32, I32, BF16)
@@ -130,8 +141,14 @@ def test_keep_budget_too_small_streams_again():
 @pytest.mark.parametrize("plan", ["streamed", "mixed"])
 def test_gradient_accumulation(plan):
     inp1, st = _setup(CASE, 31, plan)
-    inp2 = dataclasses.replace(make_inputs(CASE, 32), gate=inp1.gate, up=inp1.up, down=inp1.down,
-                               lora_params=inp1.lora_params, scaling=inp1.scaling)
+    inp2 = dataclasses.replace(
+        make_inputs(CASE, 32),
+        gate=inp1.gate,
+        up=inp1.up,
+        down=inp1.down,
+        lora_params=inp1.lora_params,
+        scaling=inp1.scaling,
+    )
     params, _ = fresh_lora(inp1, ALL)
     r1 = run_placed(st, inp1, plan)
     r2 = run_placed(st, inp2, plan)
@@ -160,9 +177,17 @@ def test_adamw_steps_agree_across_placements():
         return torch.cat([t.detach().flatten() for p in ALL for t in params[p]]), params
 
     def ref_grads(params):
-        r = R.reference_forward_backward(inp.x, inp.ids, inp.w, inp.gate, inp.up, inp.down,
-                                         {p: (params[p][0].detach(), params[p][1].detach()) for p in ALL},
-                                         inp.scaling, inp.dout)
+        r = R.reference_forward_backward(
+            inp.x,
+            inp.ids,
+            inp.w,
+            inp.gate,
+            inp.up,
+            inp.down,
+            {p: (params[p][0].detach(), params[p][1].detach()) for p in ALL},
+            inp.scaling,
+            inp.dout,
+        )
         for p in ALL:
             params[p][0].grad, params[p][1].grad = r["dA"][p].clone(), r["dB"][p].clone()
 
@@ -175,13 +200,28 @@ def test_adamw_steps_agree_across_placements():
         final, params = train(lambda params: run_placed(st, inp, plan, params=params))
         dist[plan] = ((final - ref).norm() / moved).item()
         with torch.no_grad():
-            out = P.placed_moe_experts(st.experts, inp.x, inp.ids, inp.w, moetune.LoraWeights(**params, scaling=inp.scaling),
-                                       planner=P.FixedPlanner(plan_fn(plan)), gpu=st.gpu)
-        ref_out = R.reference_forward_backward(inp.x, inp.ids, inp.w, inp.gate, inp.up, inp.down,
-                                               {p: (params[p][0].detach(), params[p][1].detach()) for p in ALL},
-                                               inp.scaling, inp.dout)["out"]
+            out = P.placed_moe_experts(
+                st.experts,
+                inp.x,
+                inp.ids,
+                inp.w,
+                moetune.LoraWeights(**params, scaling=inp.scaling),
+                planner=P.FixedPlanner(plan_fn(plan)),
+                gpu=st.gpu,
+            )
+        ref_out = R.reference_forward_backward(
+            inp.x,
+            inp.ids,
+            inp.w,
+            inp.gate,
+            inp.up,
+            inp.down,
+            {p: (params[p][0].detach(), params[p][1].detach()) for p in ALL},
+            inp.scaling,
+            inp.dout,
+        )["out"]
         compare_out = (out.float() - ref_out).abs().max() / ref_out.abs().max()
-        assert compare_out <= 13 * 2.0 ** -8, f"{plan}: output after training off by {compare_out:.3g}"
+        assert compare_out <= 13 * 2.0**-8, f"{plan}: output after training off by {compare_out:.3g}"
     assert 0 < dist["cpu"] <= 0.05, dist
     for plan in ("streamed", "mixed"):
         assert dist[plan] <= 2 * dist["cpu"], f"{plan} drifts from the fp32 trajectory more than the CPU engine: {dist}"
@@ -193,8 +233,7 @@ def test_retained_graph_backward_twice():
     x = inp.x.clone().requires_grad_(True)
     params, lw = fresh_lora(inp, ALL)
     leaves = [x] + [t for p in ALL for t in params[p]]
-    out = P.placed_moe_experts(st.experts, x, inp.ids, inp.w, lw, planner=P.FixedPlanner(plan_fn("mixed")),
-                               gpu=st.gpu)
+    out = P.placed_moe_experts(st.experts, x, inp.ids, inp.w, lw, planner=P.FixedPlanner(plan_fn("mixed")), gpu=st.gpu)
     g1 = torch.autograd.grad(out, leaves, inp.dout, retain_graph=True)
     g2 = torch.autograd.grad(out, leaves, inp.dout)
     for a, b in zip(g1, g2):
@@ -238,6 +277,7 @@ def test_several_layers_in_flight():
     gB = P.GpuExperts(stA.runtime, exB, layer_key="B")  # same runtime: shared store and streamer
     gB.set_resident(resident_set("mixed", CASE_F32.E))
     from placement_cases import Setup
+
     stB = Setup(exB, stA.runtime, gB)
     sepA, sepB = run_placed(stA, inA, "mixed"), run_placed(stB, inB, "mixed")
     xs = [i.x.clone().requires_grad_(True) for i in (inA, inB)]
@@ -278,8 +318,19 @@ def test_bad_input():
     inp, st = _setup(CASE, 81, "mixed")
     P = placement()
     fp = P.FixedPlanner(plan_fn("mixed"))
-    call = lambda **kw: P.placed_moe_experts(**{**dict(experts=st.experts, x=inp.x, topk_ids=inp.ids,  # noqa: E731
-                                                        topk_weights=inp.w, planner=fp, gpu=st.gpu), **kw})
+    call = lambda **kw: P.placed_moe_experts(
+        **{
+            **dict(
+                experts=st.experts,
+                x=inp.x,
+                topk_ids=inp.ids,  # noqa: E731
+                topk_weights=inp.w,
+                planner=fp,
+                gpu=st.gpu,
+            ),
+            **kw,
+        }
+    )
     bad = inp.ids.clone()
     bad[3, 1] = CASE.E
     with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
@@ -320,7 +371,7 @@ def test_residency_change_between_forward_and_backward():
     assert torch.equal(got.out, want.out)
     for name in ("dx", "dtopk_weights"):
         a, b = getattr(got, name).float(), getattr(want, name).float()
-        assert (a - b).abs().max() <= 2 * 2.0 ** -8 * b.abs().max(), name
+        assert (a - b).abs().max() <= 2 * 2.0**-8 * b.abs().max(), name
     assert st.gpu.streamer.bytes_copied > copied + CASE.E // 2 * st.gpu.fmt.stored_bytes_per_expert  # loads + streams
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from moetune.placement.cost import CostModel, LayerShape
-from moetune.placement.residency import (GIB, CudaMemoryProbe, GpuMemory, ResidencyPolicy, auto_budget_bytes)
+from moetune.placement.residency import GIB, CudaMemoryProbe, GpuMemory, ResidencyPolicy, auto_budget_bytes
 from moetune.placement.scheduler import Scheduler
 
-QWEN = LayerShape(128, 2048, 768, 3 * 2048 * 768 * 2)          # 9.4 MB per expert
+QWEN = LayerShape(128, 2048, 768, 3 * 2048 * 768 * 2)  # 9.4 MB per expert
 QWEN_INT8 = LayerShape(128, 2048, 768, 4_732_928, weight_format="int8")
 
 
@@ -111,8 +111,9 @@ def test_no_thrashing_under_routing_noise():
     def swaps(hysteresis):
         rng = np.random.default_rng(3)
         probs = {key: zipf_probs(128, rng, a=0.6) for key in layers}
-        policy = ResidencyPolicy(Scheduler(model), budget=1.5, warmup_steps=5, refresh_every=5, ema=0.8,
-                                 hysteresis=hysteresis)
+        policy = ResidencyPolicy(
+            Scheduler(model), budget=1.5, warmup_steps=5, refresh_every=5, ema=0.8, hysteresis=hysteresis
+        )
         run_steps(policy, layers, probs, rng, 5, tokens=512)
         first = wanted_set(policy, layers)
         moved = 0
@@ -166,8 +167,10 @@ def test_auto_budget_computation():
     # Never negative; explicit margins.
     full = GpuMemory(total=total, free=GIB, reserved=70 * GIB, peak_reserved=79 * GIB)
     assert auto_budget_bytes(full, resident_bytes=0) == 0
-    assert auto_budget_bytes(mem, resident_bytes=4 * GIB, margin_bytes=0, margin_fraction=0.0) == \
-        total - GIB // 2 - 26 * GIB
+    assert (
+        auto_budget_bytes(mem, resident_bytes=4 * GIB, margin_bytes=0, margin_fraction=0.0)
+        == total - GIB // 2 - 26 * GIB
+    )
     with pytest.raises(ValueError, match="total"):
         auto_budget_bytes(GpuMemory(0, 0, 0, 0), resident_bytes=0)
 
@@ -183,11 +186,22 @@ def test_auto_budget_policy_measures_at_each_refresh():
     def probe():
         residents = held[-1] if held else 0
         reserved = 4 * GIB + residents
-        return GpuMemory(total=total, free=total - reserved - GIB // 4, reserved=reserved,
-                         peak_reserved=int(state["peak"]) + residents)
+        return GpuMemory(
+            total=total,
+            free=total - reserved - GIB // 4,
+            reserved=reserved,
+            peak_reserved=int(state["peak"]) + residents,
+        )
 
-    policy = ResidencyPolicy(Scheduler(model), budget="auto", memory_probe=probe, warmup_steps=2, refresh_every=3,
-                             margin_bytes=GIB // 2, margin_fraction=0.0)
+    policy = ResidencyPolicy(
+        Scheduler(model),
+        budget="auto",
+        memory_probe=probe,
+        warmup_steps=2,
+        refresh_every=3,
+        margin_bytes=GIB // 2,
+        margin_fraction=0.0,
+    )
     rng = np.random.default_rng(5)
     probs = {"L": np.full(128, 1 / 128)}
     run_steps(policy, ["L"], probs, rng, 2)

@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from placement_reference import brute_force, reference_objective
 
-from moetune.placement.cost import CostCoefficients, CostModel, LayerShape, PhaseCoefficients
+from moetune.placement.cost import CostCoefficients, CostModel, LayerShape
 from moetune.placement.metrics import PlacementMetrics
 from moetune.placement.plan import LayerPlan, Where
 from moetune.placement.residency import ResidencyPolicy
 from moetune.placement.scheduler import Scheduler
-from placement_reference import brute_force, reference_objective
 
 SHAPES = [(2048, 768), (7168, 2048), (1024, 512)]  # Qwen3-30B-A3B, DeepSeek-V3, small
 
@@ -25,11 +25,21 @@ def random_machine(rng, shape):
     a, b, bw = np.exp(rng.normal(0, 1, 3))
 
     def scale(p):
-        return dataclasses.replace(p, cpu_expert=p.cpu_expert * a, cpu_token=p.cpu_token * a,
-                                   gpu_expert=p.gpu_expert * b, gpu_token=p.gpu_token * b, dequant=p.dequant * b)
+        return dataclasses.replace(
+            p,
+            cpu_expert=p.cpu_expert * a,
+            cpu_token=p.cpu_token * a,
+            gpu_expert=p.gpu_expert * b,
+            gpu_token=p.gpu_token * b,
+            dequant=p.dequant * b,
+        )
 
-    return c.replace(forward=scale(c.forward), backward=scale(c.backward), copy_bandwidth=c.copy_bandwidth * bw,
-                     cpu_slowdown=1.0 + abs(rng.normal(0.7, 0.5)))
+    return c.replace(
+        forward=scale(c.forward),
+        backward=scale(c.backward),
+        copy_bandwidth=c.copy_bandwidth * bw,
+        cpu_slowdown=1.0 + abs(rng.normal(0.7, 0.5)),
+    )
 
 
 def random_case(rng, E):
@@ -54,11 +64,20 @@ def test_plans_are_near_optimal_against_exhaustive_search():
         E = int(rng.integers(2, 11))
         shape, coeffs, staging, counts, resident = random_case(rng, E)
         cap = None if rng.random() < 0.6 else int(rng.integers(0, E))
-        phases = [{"forward": 1.0, "backward": 1.0}, {"forward": 1.0}, {"backward": 1.0},
-                  {"forward": 1.0, "recompute": 1.0, "backward": 1.0}][trial % 4]
+        phases = [
+            {"forward": 1.0, "backward": 1.0},
+            {"forward": 1.0},
+            {"backward": 1.0},
+            {"forward": 1.0, "recompute": 1.0, "backward": 1.0},
+        ][trial % 4]
         backward_copies = bool(trial % 3)
-        sched = Scheduler(CostModel(shape, coeffs, staging_buffers=staging), max_streamed=cap, phases=phases,
-                          backward_copies=backward_copies, correction=False)
+        sched = Scheduler(
+            CostModel(shape, coeffs, staging_buffers=staging),
+            max_streamed=cap,
+            phases=phases,
+            backward_copies=backward_copies,
+            correction=False,
+        )
         plan = sched.plan("L", torch.from_numpy(counts), torch.from_numpy(resident))
         where = plan.where.numpy()
         got = reference_objective(shape, coeffs, counts, where, phases, copies=sched.copies, staging=staging)
@@ -85,14 +104,16 @@ def test_never_worse_than_all_cpu_or_all_gpu():
         sched = Scheduler(model, max_streamed=cap, correction=False)
         plan = sched.plan(0, torch.from_numpy(counts), torch.from_numpy(resident))
         phases = sched.phases
-        all_cpu = reference_objective(shape, coeffs, counts, np.zeros(E, np.int8), phases, copies=sched.copies,
-                                      staging=staging)
+        all_cpu = reference_objective(
+            shape, coeffs, counts, np.zeros(E, np.int8), phases, copies=sched.copies, staging=staging
+        )
         gpu_sched = Scheduler(model, mode="gpu", max_streamed=cap, correction=False)
         gpu_where = gpu_sched.plan(0, torch.from_numpy(counts), torch.from_numpy(resident)).where.numpy()
         all_gpu = reference_objective(shape, coeffs, counts, gpu_where, phases, copies=sched.copies, staging=staging)
         res_only = np.where(resident & (counts > 0), int(Where.GPU_RESIDENT), int(Where.CPU)).astype(np.int8)
-        resident_only = reference_objective(shape, coeffs, counts, res_only, phases, copies=sched.copies,
-                                            staging=staging)
+        resident_only = reference_objective(
+            shape, coeffs, counts, res_only, phases, copies=sched.copies, staging=staging
+        )
         got = plan.predicted["makespan"]
         assert got <= min(all_cpu, all_gpu, resident_only) * (1 + 1e-9)
         assert plan.predicted["all_cpu"] == pytest.approx(all_cpu, rel=1e-9)
@@ -115,7 +136,7 @@ def test_more_tokens_never_move_an_expert_from_gpu_to_cpu():
     for model in realistic_models():
         E = model.shape.num_experts
         sched = Scheduler(model, correction=False)
-        for trial in range(12):
+        for _trial in range(12):
             T = int(rng.choice([16, 128, 1024, 4096]))
             counts = rng.multinomial(T * 8, rng.dirichlet(np.full(E, 0.3)))
             resident = rng.random(E) < rng.choice([0.0, 0.2, 0.6])
@@ -233,8 +254,9 @@ def test_observe_feeds_correction_metrics_and_residency():
         sched.observe("L0", cpu_only, {"cpu": 2 * p_cpu.cpu, "wall": 2 * p_cpu.cpu, "phase": "forward"})
     assert model.scales["cpu/forward"] == pytest.approx(2.0, rel=0.05)
     assert model.scales["cpu/backward"] == 1.0  # per phase
-    sched.observe("L0", plan, {"cpu": pred.cpu, "gpu": pred.gpu, "copy": pred.copy, "wall": pred.makespan,
-                               "phase": "backward"})
+    sched.observe(
+        "L0", plan, {"cpu": pred.cpu, "gpu": pred.gpu, "copy": pred.copy, "wall": pred.makespan, "phase": "backward"}
+    )
     numbers = metrics.end_step()
     assert numbers["placement_calls"] == 21
     assert numbers["placement_tokens_cpu"] == 20 * int(counts.sum())  # forward calls only

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from op_cases import get_ctx, moetune
 from placement_cases import placement
 from quant_reference import dequantized
@@ -16,13 +15,22 @@ from quant_reference import dequantized
 def _layer(E=6, H=32, I=16, fmt="bf16", group=None, seed=0, budget_experts=None, chunk=2, buffers=2, key="L"):
     P = placement()
     g = torch.Generator().manual_seed(seed)
-    W = [torch.randn(E, I, H, generator=g).bfloat16(), torch.randn(E, I, H, generator=g).bfloat16(),
-         torch.randn(E, H, I, generator=g).bfloat16()]
+    W = [
+        torch.randn(E, I, H, generator=g).bfloat16(),
+        torch.randn(E, I, H, generator=g).bfloat16(),
+        torch.randn(E, H, I, generator=g).bfloat16(),
+    ]
     ex = moetune.MoEExperts(get_ctx(), *W, weight_format=fmt, group_size=group)
     fmt_ = P.format_of(ex)
     budget = (E if budget_experts is None else budget_experts) * fmt_.decoded_bytes_per_expert
-    rt = P.GpuRuntime("cpu", P.GpuOptions(resident_budget_bytes=budget, stream_buffers=buffers,
-                                          stream_chunk_bytes=chunk * fmt_.stored_bytes_per_expert))
+    rt = P.GpuRuntime(
+        "cpu",
+        P.GpuOptions(
+            resident_budget_bytes=budget,
+            stream_buffers=buffers,
+            stream_chunk_bytes=chunk * fmt_.stored_bytes_per_expert,
+        ),
+    )
     return W, ex, rt, P.GpuExperts(rt, ex, layer_key=key)
 
 
@@ -125,6 +133,7 @@ def test_streamer_chunks_staging_and_copies():
 
 def test_copy_runs_merge_consecutive_experts():
     from moetune.placement.streamer import _runs
+
     assert _runs([0, 1, 2]) == [(0, 3, 0)]
     assert _runs([4, 6, 7, 9]) == [(0, 1, 4), (1, 3, 6), (3, 4, 9)]
     assert _runs([3, 2]) == [(0, 1, 3), (1, 2, 2)]
@@ -133,13 +142,15 @@ def test_copy_runs_merge_consecutive_experts():
 def test_layout_and_device_rows():
     P = placement()
     from moetune.placement.routing import DeviceRows, GpuLayout, combine
+
     E, T, k = 7, 9, 2
     g = torch.Generator().manual_seed(3)
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     counts = torch.bincount(ids.flatten(), minlength=E)
     W = P.Where
-    where = torch.tensor([W.CPU, W.GPU_RESIDENT, W.GPU_STREAMED, W.GPU_STREAMED, W.GPU_RESIDENT, W.GPU_STREAMED,
-                          W.CPU], dtype=torch.int8)
+    where = torch.tensor(
+        [W.CPU, W.GPU_RESIDENT, W.GPU_STREAMED, W.GPU_STREAMED, W.GPU_RESIDENT, W.GPU_STREAMED, W.CPU], dtype=torch.int8
+    )
     plan = P.LayerPlan(where, counts)
     slot_expert = [4, -1, 1, 6]  # expert 6 is resident but planned on the CPU
     lay = GpuLayout.build(plan, slot_expert, chunk_experts=2)
@@ -148,14 +159,14 @@ def test_layout_and_device_rows():
     assert lay.active == res + streamed
     seg0 = lay.segments[0]
     assert seg0.kind == W.GPU_RESIDENT and seg0.group_sizes == [int(counts[4]), 0, int(counts[1]), 0]
-    assert [s.experts for s in lay.segments[1:]] == [streamed[i:i + 2] for i in range(0, len(streamed), 2)]
+    assert [s.experts for s in lay.segments[1:]] == [streamed[i : i + 2] for i in range(0, len(streamed), 2)]
     assert lay.n_rows == int(counts[res + streamed].sum())
     rows = DeviceRows.build(lay, ids, lay.position)
     flat = ids.flatten()
     assert rows.expert.tolist() == [e for e in lay.active for _ in range(int(counts[e]))]
     assert torch.equal(flat[rows.rows], rows.expert) and torch.equal(rows.tok, rows.rows // k)
     for seg in lay.segments:  # within an expert, (token, slot) order
-        r = rows.rows[seg.row0:seg.row1]
+        r = rows.rows[seg.row0 : seg.row1]
         for e in seg.experts:
             re = r[flat[r] == e]
             assert torch.equal(re, torch.sort(re).values)
@@ -190,6 +201,7 @@ def test_cpu_stand_in_device():
 
 def test_gemm_mode_and_errors():
     from moetune.placement.gemm import Gemm
+
     with pytest.raises(ValueError, match="gemm mode"):
         Gemm(torch.device("cpu"), "fast")
     gm = Gemm(torch.device("cpu"), "per_expert")

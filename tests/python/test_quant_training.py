@@ -36,10 +36,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import moetune  # noqa: E402
-import moetune.hf  # noqa: E402
 from quant_reference import dequantized  # noqa: E402
 from test_hf_exactness import ctx  # noqa: E402
+
+import moetune  # noqa: E402
+import moetune.hf  # noqa: E402
 
 STEPS = 12
 
@@ -49,9 +50,19 @@ def experts_modules(model):
 
 
 def build(dq_format=None, dq_group=None):
-    cfg = transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-                                      num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=16, vocab_size=128, norm_topk_prob=True)
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        norm_topk_prob=True,
+    )
     torch.manual_seed(0)
     m = transformers.Qwen3MoeForCausalLM(cfg).float()
     g = torch.Generator().manual_seed(1)
@@ -72,9 +83,16 @@ def run(weight_format="bf16", group_size=None, *, dq_format=None, dq_group=None)
     weights = [w.detach().clone() for ex in experts_modules(m) for w in (ex.gate_up_proj, ex.down_proj)]
     moetune.hf.patch(m, ctx(), weight_format=weight_format, group_size=group_size)
     torch.manual_seed(3)  # same LoRA init in every run
-    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[],
-                                                target_parameters=["mlp.experts.gate_up_proj",
-                                                                   "mlp.experts.down_proj"]))
+    pm = peft.get_peft_model(
+        m,
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=[],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    )
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(100))
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
     losses, logits0 = [], None
@@ -108,8 +126,10 @@ def test_loss_trajectory_close_to_bf16_and_exact_for_quantized_model(bf16_run, f
     d0 = 2 * (z_q - z_bf).abs().amax(-1)[:, :-1].mean().item()  # the loss uses T-1 positions
     lb, lq = torch.tensor(l_bf), torch.tensor(l_q)
     gap = (lq - lb).abs()
-    print(f"{fmt}{'g' + str(group) if group else ''}: weight err {werr:.4f}, D0 {d0:.4g}, max|dL| {gap.max():.4g}, "
-          f"loss {l_bf[0]:.4f}->{l_bf[-1]:.4f} (bf16) vs {l_q[0]:.4f}->{l_q[-1]:.4f}")
+    print(
+        f"{fmt}{'g' + str(group) if group else ''}: weight err {werr:.4f}, D0 {d0:.4g}, max|dL| {gap.max():.4g}, "
+        f"loss {l_bf[0]:.4f}->{l_bf[-1]:.4f} (bf16) vs {l_q[0]:.4f}->{l_q[-1]:.4f}"
+    )
     assert abs(l_q[0] - l_bf[0]) <= d0, "step-0 loss gap above the Lipschitz bound"
     assert (gap <= 2 * d0).all(), f"loss gap {gap.tolist()} > 2*D0 = {2 * d0:.4g}\nbf16 {l_bf}\n{fmt} {l_q}"
     assert l_bf[-1] <= 0.85 * l_bf[0] and l_q[-1] <= 0.85 * l_q[0], "the run did not train"

@@ -102,13 +102,27 @@ def test_bad_paths_fail_before_loading(tmp_path, no_loading):
         make_config(None, {"merge_export": str(tmp_path / "merged"), "output_dir": str(tmp_path / "o")})
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(ConfigError, match="merge_export: .* exists already"):
-        make_config(None, {"model": str(tmp_path / "m"), "data": str(tmp_path / "d.jsonl"),
-                           "merge_export": str(tmp_path), "output_dir": str(tmp_path / "o")})
+        make_config(
+            None,
+            {
+                "model": str(tmp_path / "m"),
+                "data": str(tmp_path / "d.jsonl"),
+                "merge_export": str(tmp_path),
+                "output_dir": str(tmp_path / "o"),
+            },
+        )
     with pytest.raises(ConfigError, match="expert_cache_dir needs a model folder"):
         make_config(None, {"expert_cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "o")})
     with pytest.raises(ConfigError, match="expert_cache_dir: .* exists and is not a folder"):
-        make_config(None, {"model": str(tmp_path / "m"), "data": str(tmp_path / "d.jsonl"),
-                           "expert_cache_dir": str(tmp_path / "d.jsonl"), "output_dir": str(tmp_path / "o")})
+        make_config(
+            None,
+            {
+                "model": str(tmp_path / "m"),
+                "data": str(tmp_path / "d.jsonl"),
+                "expert_cache_dir": str(tmp_path / "d.jsonl"),
+                "output_dir": str(tmp_path / "o"),
+            },
+        )
     cfg = make_config(None, {"output_dir": str(tmp_path / "empty"), "resume": True})
     with pytest.raises(ConfigError, match="resume: no checkpoint in"):
         loop.train(cfg, say=lambda *a: None)
@@ -116,11 +130,17 @@ def test_bad_paths_fail_before_loading(tmp_path, no_loading):
 
 def test_cli_reports_config_errors_cleanly(tmp_path):
     env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "moetune", "train", "--model", str(tmp_path / "nope"), "--data", "x.jsonl"],
-                       capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "moetune", "train", "--model", str(tmp_path / "nope"), "--data", "x.jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 2 and "moetune train: error: model:" in r.stderr and "Traceback" not in r.stderr
-    h = subprocess.run([sys.executable, "-m", "moetune", "train", "--help"], capture_output=True, text=True,
-                       timeout=120, env=env)
+    h = subprocess.run(
+        [sys.executable, "-m", "moetune", "train", "--help"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert h.returncode == 0
     text = " ".join(h.stdout.split())
     for name in TrainConfig.fields():
@@ -161,8 +181,16 @@ def test_device_lists(tmp_path):
     with pytest.raises(ConfigError, match="several GPUs need a model folder"):
         make_config(None, {"device": "cuda:0,cuda:1", "output_dir": out})
     m = layer_device_map(5, [torch.device("cuda:0"), torch.device("cuda:1")])
-    assert m == {"": "cuda:0", "model.layers.0": "cuda:0", "model.layers.1": "cuda:0", "model.layers.2": "cuda:0",
-                 "model.layers.3": "cuda:1", "model.layers.4": "cuda:1", "model.norm": "cuda:1", "lm_head": "cuda:1"}
+    assert m == {
+        "": "cuda:0",
+        "model.layers.0": "cuda:0",
+        "model.layers.1": "cuda:0",
+        "model.layers.2": "cuda:0",
+        "model.layers.3": "cuda:1",
+        "model.layers.4": "cuda:1",
+        "model.norm": "cuda:1",
+        "lm_head": "cuda:1",
+    }
 
 
 def test_expert_and_placement_fields_follow_the_typed_options(tmp_path):
@@ -182,14 +210,26 @@ def test_expert_and_placement_fields_follow_the_typed_options(tmp_path):
     assert set(f["expert_activations"].metadata["choices"]) == set(_ext.ActivationPolicy.__members__)
     for g in f["int4_group_size"].metadata["choices"]:
         assert moetune.ExpertsOptions(weight_format="int4", group_size=g).group_size == g
-    assert (f["expert_placement"].default, f["expert_gpu_budget_gib"].default, f["placement_trace"].default) == \
-        (p.mode, p.gpu_budget_gib, p.trace)
+    assert (f["expert_placement"].default, f["expert_gpu_budget_gib"].default, f["placement_trace"].default) == (
+        p.mode,
+        p.gpu_budget_gib,
+        p.trace,
+    )
     assert tuple(f["expert_placement"].metadata["choices"]) == MODES
     out = str(tmp_path / "o")
     assert experts_options(make_config(None, {"output_dir": out})) == o
-    cfg = make_config(None, {"output_dir": out, "expert_format": "int4", "int4_group_size": 32,
-                             "expert_activations": "recompute", "expert_placement": "gpu",
-                             "expert_gpu_budget_gib": 1.5, "placement_trace": str(tmp_path / "t.json")})
+    cfg = make_config(
+        None,
+        {
+            "output_dir": out,
+            "expert_format": "int4",
+            "int4_group_size": 32,
+            "expert_activations": "recompute",
+            "expert_placement": "gpu",
+            "expert_gpu_budget_gib": 1.5,
+            "placement_trace": str(tmp_path / "t.json"),
+        },
+    )
     assert experts_options(cfg) == moetune.ExpertsOptions(weight_format="int4", group_size=32, activations="recompute")
     assert experts_options(make_config(None, {"output_dir": out, "expert_format": "int8"})).group_size == 0
     pl = placement_options(cfg)

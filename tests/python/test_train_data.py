@@ -39,8 +39,12 @@ def words(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-CHAT = [{"role": "user", "content": "What does a cow say?"}, {"role": "assistant", "content": "A cow says moo."},
-        {"role": "user", "content": "Opposite of hot?"}, {"role": "assistant", "content": "The opposite of hot is cold."}]
+CHAT = [
+    {"role": "user", "content": "What does a cow say?"},
+    {"role": "assistant", "content": "A cow says moo."},
+    {"role": "user", "content": "Opposite of hot?"},
+    {"role": "assistant", "content": "The opposite of hot is cold."},
+]
 
 
 def test_chat_mask_is_exactly_the_assistant_turns(tok):
@@ -48,7 +52,9 @@ def test_chat_mask_is_exactly_the_assistant_turns(tok):
     end = tok.convert_tokens_to_ids("<|end|>")
     expect = words(tok, "A cow says moo.") + [end] + words(tok, "The opposite of hot is cold.") + [end]
     assert trained(tok, ids, labels) == expect
-    assert len(ids) - len(expect) == 4 + len(words(tok, "What does a cow say?")) + len(words(tok, "Opposite of hot?")) + 2
+    assert (
+        len(ids) - len(expect) == 4 + len(words(tok, "What does a cow say?")) + len(words(tok, "Opposite of hot?")) + 2
+    )
     # The template's own {% generation %} mask (a different method) agrees token by token.
     out = tok.apply_chat_template(CHAT, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert out["input_ids"] == ids
@@ -67,11 +73,19 @@ def test_chat_mask_with_a_bpe_chatml_tokenizer():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = [m["content"] for m in CHAT] * 20 + ["user\nassistant\nsystem\n"] * 20
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     t = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    t.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    t.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     ids, labels = data.encode_chat(t, CHAT, "assistant")
     kept = trained(t, ids, labels)
     assert t.decode(kept) == "A cow says moo.<|im_end|>\nThe opposite of hot is cold.<|im_end|>\n"
@@ -80,12 +94,16 @@ def test_chat_mask_with_a_bpe_chatml_tokenizer():
 def test_formats_auto_detected_and_masked(tmp_path, tok):
     cfg = make_config(None, {"output_dir": str(tmp_path / "o"), "eval_fraction": 0.0, "max_length": 64})
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT[:2]}] * 3)
-    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Opposite of", "input": "hot", "output": "cold"}] * 3)
+    alpaca = write_jsonl(
+        tmp_path / "alpaca.jsonl", [{"instruction": "Opposite of", "input": "hot", "output": "cold"}] * 3
+    )
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "A cow says moo."}] * 3)
     end = tok.convert_tokens_to_ids("<|end|>")
-    for path, fmt, expect in ((chat, "chat", words(tok, "A cow says moo.") + [end]),
-                              (alpaca, "alpaca", words(tok, "cold") + [end]),
-                              (text, "text", words(tok, "A cow says moo.") + [end])):
+    for path, fmt, expect in (
+        (chat, "chat", words(tok, "A cow says moo.") + [end]),
+        (alpaca, "alpaca", words(tok, "cold") + [end]),
+        (text, "text", words(tok, "A cow says moo.") + [end]),
+    ):
         cfg.data = path
         train, ev, stats, got = data.prepare(cfg, tok, path)
         assert got == fmt and ev is None and len(train["input_ids"]) == 3
@@ -93,8 +111,9 @@ def test_formats_auto_detected_and_masked(tmp_path, tok):
         assert trained(tok, ids, labels) == expect, fmt
     # alpaca went through the chat template: user turn = instruction, blank line, input
     msgs = [{"role": "user", "content": "Opposite of\n\nhot"}, {"role": "assistant", "content": "cold"}]
-    assert data.encode_alpaca(tok, {"instruction": "Opposite of", "input": "hot", "output": "cold"}, "assistant") == \
-        data.encode_chat(tok, msgs, "assistant")
+    assert data.encode_alpaca(
+        tok, {"instruction": "Opposite of", "input": "hot", "output": "cold"}, "assistant"
+    ) == data.encode_chat(tok, msgs, "assistant")
 
 
 def test_alpaca_without_chat_template(tok):
@@ -102,12 +121,15 @@ def test_alpaca_without_chat_template(tok):
 
     t = copy.deepcopy(tok)
     t.chat_template = None
-    ids, labels = data.encode_alpaca(t, {"instruction": "Opposite of hot?", "output": "The opposite of hot is cold."},
-                                     "assistant")
+    ids, labels = data.encode_alpaca(
+        t, {"instruction": "Opposite of hot?", "output": "The opposite of hot is cold."}, "assistant"
+    )
     expect = words(t, "The opposite of hot is cold.") + [t.eos_token_id]
     assert trained(t, ids, labels) == expect
-    assert ids[-len(expect):] == expect
-    assert len(ids) == len(t(data.ALPACA_PROMPT.format(instruction="Opposite of hot?", input_block=""))["input_ids"]) + len(expect)
+    assert ids[-len(expect) :] == expect
+    assert len(ids) == len(
+        t(data.ALPACA_PROMPT.format(instruction="Opposite of hot?", input_block=""))["input_ids"]
+    ) + len(expect)
 
 
 def test_format_errors_name_the_problem(tmp_path, tok):
@@ -169,7 +191,7 @@ def test_packing_equals_separate_samples(tok):
         start, total_sum, total_n = 0, 0.0, 0
         for ids, labels in samples:
             alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
-            seg = out.logits[0, start:start + len(ids)]
+            seg = out.logits[0, start : start + len(ids)]
             assert (seg - alone).abs().max() <= 1e-4 * alone.abs().max(), "packed logits differ from the sample alone"
             b = data.collate([[(ids, labels)]], tok.pad_token_id, packing=False)
             n = data.target_count(b)
@@ -188,12 +210,15 @@ def test_padding_masks_and_counts(tok):
     b = data.collate([[s1], [s2]], tok.pad_token_id, packing=False)
     assert b["input_ids"].shape == (2, len(s2[0]))
     assert int(b["attention_mask"][0].sum()) == len(s1[0]) and int(b["attention_mask"][1].sum()) == len(s2[0])
-    assert (b["labels"][0, len(s1[0]):] == IGNORE).all()
+    assert (b["labels"][0, len(s1[0]) :] == IGNORE).all()
     assert data.target_count(b) == sum(l != IGNORE for l in s1[1][1:]) + sum(l != IGNORE for l in s2[1][1:])
 
 
 def test_stream_resumes_at_the_same_batch(tok):
-    samples = {"input_ids": [[5 + i] * (2 + i % 3) for i in range(10)], "labels": [[5 + i] * (2 + i % 3) for i in range(10)]}
+    samples = {
+        "input_ids": [[5 + i] * (2 + i % 3) for i in range(10)],
+        "labels": [[5 + i] * (2 + i % 3) for i in range(10)],
+    }
     kw = dict(micro_batch_size=3, packing=False, max_length=8, shuffle=True, seed=1, pad_id=0)
     a = data.Stream(samples, **kw)
     seq = [a.next_batch()["input_ids"] for _ in range(7)]  # crosses two epoch boundaries

@@ -16,10 +16,10 @@ import pytest
 
 pytest.importorskip("datasets")
 
+from moetune.demo import DEMO_DEFAULTS, run_demo  # noqa: E402
 from moetune.train import checkpoint  # noqa: E402
 from moetune.train.config import make_config  # noqa: E402
 from moetune.train.loop import train  # noqa: E402
-from moetune.demo import DEMO_DEFAULTS, run_demo  # noqa: E402
 
 # Subprocesses import the moetune this process imported (an installed one, or the
 # source tree with a dev build in it), never another copy.
@@ -28,9 +28,25 @@ PY = os.path.dirname(os.path.dirname(__import__("moetune").__file__))
 # Small and quick, but with everything that carries state across a resume:
 # shuffled data over an epoch boundary, dropout (RNG), warmup + cosine,
 # grad accumulation, clipping, AdamW moments.
-FAST = dict(max_steps=8, micro_batch_size=4, grad_accum=2, lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
-            warmup_steps=2, lr=3e-3, save_every=2, keep_checkpoints=2, eval_every=4, engine_threads=1,
-            progress=False, tensorboard=True, plot=True, sample_prompts=[], max_length=48)
+FAST = dict(
+    max_steps=8,
+    micro_batch_size=4,
+    grad_accum=2,
+    lora_rank=4,
+    lora_alpha=8.0,
+    lora_dropout=0.1,
+    warmup_steps=2,
+    lr=3e-3,
+    save_every=2,
+    keep_checkpoints=2,
+    eval_every=4,
+    engine_threads=1,
+    progress=False,
+    tensorboard=True,
+    plot=True,
+    sample_prompts=[],
+    max_length=48,
+)
 # One epoch of the eval-split demo data is ~270 samples: use a 40-record slice so 8 steps x 8 samples wrap it.
 
 
@@ -67,8 +83,13 @@ def reference(tmp_path_factory):
 def test_run_folder_contents(reference):
     _, s, out = reference
     assert s["finished"] and s["steps"] == 8 and len(s["losses"]) == 8
-    for f in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "summary.json",
-              "loss.png"):
+    for f in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "metrics.jsonl",
+        "summary.json",
+        "loss.png",
+    ):
         assert os.path.isfile(out / f), f
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "tensorboard"))
     assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["step-00000006", "step-00000008"]
@@ -123,8 +144,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(reference, tmp_path):
     data, _, ref_out = reference
     out = tmp_path / "killed"
     fast = {**FAST, "output_dir": str(out), "data": data}
-    r = subprocess.run([sys.executable, "-c", _KILL, PY, json.dumps(fast)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", _KILL, PY, json.dumps(fast)], capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     ck = out / "checkpoints"
     names = sorted(os.listdir(ck))
@@ -172,9 +192,19 @@ def test_sigint_stops_with_a_checkpoint(tmp_path):
 
 def test_demo_loss_falls(tmp_path):
     """The README's first command, with fewer steps: training must clearly work."""
-    s = run_demo({"output_dir": str(tmp_path / "demo"), "max_steps": 60, "eval_every": 30, "save_every": 0,
-                  "progress": False, "engine_threads": 2, "max_new_tokens": 4,
-                  "sample_prompts": ["What does a cow say?"]}, say=quiet)
+    s = run_demo(
+        {
+            "output_dir": str(tmp_path / "demo"),
+            "max_steps": 60,
+            "eval_every": 30,
+            "save_every": 0,
+            "progress": False,
+            "engine_threads": 2,
+            "max_new_tokens": 4,
+            "sample_prompts": ["What does a cow say?"],
+        },
+        say=quiet,
+    )
     L = s["losses"]
     assert len(L) == 60 and all(l == l for l in L)
     head, tail = sum(L[:3]) / 3, sum(L[-5:]) / 5
@@ -186,9 +216,27 @@ def test_demo_loss_falls(tmp_path):
 
 def test_cli_demo_runs(tmp_path):
     env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-m", "moetune", "demo", "--max-steps", "3", "--no-progress",
-                          "--output-dir", str(tmp_path / "d"), "--engine-threads", "2", "--max-new-tokens", "3"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moetune",
+            "demo",
+            "--max-steps",
+            "3",
+            "--no-progress",
+            "--output-dir",
+            str(tmp_path / "d"),
+            "--engine-threads",
+            "2",
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "before:" in out.stdout and "after:" in out.stdout and "train loss" in out.stdout
 
@@ -232,10 +280,20 @@ def test_layer_split_over_devices_runs(tmp_path, monkeypatch):
     data = demo_slice(tmp_path)
     maps = []
     real_load = __import__("moetune").load_model
-    monkeypatch.setattr(__import__("moetune"), "load_model",
-                        lambda path, **kw: maps.append(kw["device"]) or real_load(path, **kw))
-    kw = dict(model=base, max_steps=2, save_every=0, eval_every=0, tensorboard=False, plot=False,
-              lora_dropout=0.0, dtype="float32", device="cpu")
+    monkeypatch.setattr(
+        __import__("moetune"), "load_model", lambda path, **kw: maps.append(kw["device"]) or real_load(path, **kw)
+    )
+    kw = dict(
+        model=base,
+        max_steps=2,
+        save_every=0,
+        eval_every=0,
+        tensorboard=False,
+        plot=False,
+        lora_dropout=0.0,
+        dtype="float32",
+        device="cpu",
+    )
     one = train(cfg_for(tmp_path / "one", data, **kw), say=quiet)["losses"]
     monkeypatch.setattr(model_mod, "resolve_devices", lambda cfg: [torch.device("cpu"), torch.device("cpu")])
     two = train(cfg_for(tmp_path / "two", data, **kw), say=quiet)["losses"]
@@ -243,16 +301,27 @@ def test_layer_split_over_devices_runs(tmp_path, monkeypatch):
     assert one == two
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
-                    reason="needs 2 CUDA devices (nvidia-h200-x2)")
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+    reason="needs 2 CUDA devices (nvidia-h200-x2)",
+)
 def test_two_gpus(tmp_path):
     """Two GPUs: layers split over cuda:0 / cuda:1; trains like the CPU run."""
     from moetune.train.demo_model import save_demo_base
 
     base = save_demo_base(str(tmp_path / "base"))
     data = demo_slice(tmp_path)
-    kw = dict(model=base, max_steps=3, save_every=0, eval_every=0, tensorboard=False, plot=False,
-              lora_dropout=0.0, dtype="float32", expert_placement="cpu")
+    kw = dict(
+        model=base,
+        max_steps=3,
+        save_every=0,
+        eval_every=0,
+        tensorboard=False,
+        plot=False,
+        lora_dropout=0.0,
+        dtype="float32",
+        expert_placement="cpu",
+    )
     s = train(cfg_for(tmp_path / "gpu", data, device="cuda:0,cuda:1", **kw), say=quiet)
     ref = train(cfg_for(tmp_path / "cpu", data, device="cpu", **kw), say=quiet)
     assert s["peak_gpu_bytes"] > 0
@@ -264,9 +333,19 @@ def test_two_gpus(tmp_path):
 def test_demo_on_cuda(tmp_path):
     """GPU machine: the non-expert part on CUDA, the experts on the CPU engine (placement cpu); the
     loss falls as on the CPU and the summary reports the GPU's peak memory."""
-    s = run_demo({"output_dir": str(tmp_path / "gpu"), "device": "cuda", "expert_placement": "cpu",
-                  "max_steps": 60, "eval_every": 0,
-                  "save_every": 0, "progress": False, "sample_prompts": []}, say=quiet)
+    s = run_demo(
+        {
+            "output_dir": str(tmp_path / "gpu"),
+            "device": "cuda",
+            "expert_placement": "cpu",
+            "max_steps": 60,
+            "eval_every": 0,
+            "save_every": 0,
+            "progress": False,
+            "sample_prompts": [],
+        },
+        say=quiet,
+    )
     L = s["losses"]
     assert sum(L[-5:]) / 5 < 0.5 * sum(L[:3]) / 3
     assert s["peak_gpu_bytes"] is not None and s["peak_gpu_bytes"] > 0
@@ -286,11 +365,39 @@ def test_cli_train_from_a_model_folder(tmp_path):
     base = save_demo_base(str(tmp_path / "base"))
     data = demo_slice(tmp_path)
     env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "moetune", "train", "--model", base, "--data", data, "--dtype", "float32",
-                        "--device", "cpu", "--max-steps", "2", "--lr", "1e-2", "--micro-batch-size", "4",
-                        "--output-dir", str(tmp_path / "run"), "--no-progress", "--engine-threads", "1",
-                        "--merge-export", str(tmp_path / "merged")],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moetune",
+            "train",
+            "--model",
+            base,
+            "--data",
+            data,
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--micro-batch-size",
+            "4",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--engine-threads",
+            "1",
+            "--merge-export",
+            str(tmp_path / "merged"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "model: " + base in r.stdout
     adapter = tmp_path / "run" / "adapter"
@@ -316,9 +423,9 @@ def test_cli_int4_fits_where_bf16_would_not(tmp_path, monkeypatch):
     """Defect 1 (issue 10) through `moetune train --expert-format int4`: with exactly the host RAM
     the int4 experts need, the run trains; the bf16 default is refused before loading."""
     import torch
+    from ckpt_util import host_need_besides_packed
 
     import moetune
-    from ckpt_util import host_need_besides_packed
     from moetune import cli
     from moetune.hf import loader
     from moetune.train.demo_model import save_demo_base
@@ -329,8 +436,26 @@ def test_cli_int4_fits_where_bf16_would_not(tmp_path, monkeypatch):
     packed = moetune.load_model(base, weight_format="int4", **kw).moetune_handle.packed_bytes
     need = packed + host_need_besides_packed(base, moetune.load_model(base, **kw))
     monkeypatch.setattr(loader, "available_host_memory", lambda: need)
-    argv = ["train", "--model", base, "--data", data, "--dtype", "float32", "--device", "cpu", "--max-steps", "1",
-            "--no-progress", "--engine-threads", "1", "--no-tensorboard", "--no-plot", "--eval-fraction", "0"]
+    argv = [
+        "train",
+        "--model",
+        base,
+        "--data",
+        data,
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--max-steps",
+        "1",
+        "--no-progress",
+        "--engine-threads",
+        "1",
+        "--no-tensorboard",
+        "--no-plot",
+        "--eval-fraction",
+        "0",
+    ]
     assert cli.main(argv + ["--expert-format", "int4", "--output-dir", str(tmp_path / "int4")]) == 0
     assert os.path.isfile(tmp_path / "int4" / "adapter" / "adapter_model.safetensors")
     with pytest.raises(MemoryError, match="as bf16"):
@@ -344,9 +469,20 @@ def test_expert_cache_gives_the_same_losses(tmp_path):
 
     base = save_demo_base(str(tmp_path / "base"))
     data = demo_slice(tmp_path)
-    kw = dict(model=base, max_steps=2, save_every=0, eval_every=0, tensorboard=False, plot=False, lora_dropout=0.0,
-              dtype="float32", device="cpu", expert_format="int4", int4_group_size=32,
-              expert_cache_dir=str(tmp_path / "cache"))
+    kw = dict(
+        model=base,
+        max_steps=2,
+        save_every=0,
+        eval_every=0,
+        tensorboard=False,
+        plot=False,
+        lora_dropout=0.0,
+        dtype="float32",
+        device="cpu",
+        expert_format="int4",
+        int4_group_size=32,
+        expert_cache_dir=str(tmp_path / "cache"),
+    )
     said = [[], []]
     first = train(cfg_for(tmp_path / "a", data, **kw), say=said[0].append)["losses"]
     second = train(cfg_for(tmp_path / "b", data, **kw), say=said[1].append)["losses"]

@@ -23,21 +23,39 @@ import torch
 pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
+from moetune.demo import DEMO_DEFAULTS  # noqa: E402
 from moetune.train import data  # noqa: E402
 from moetune.train.config import make_config  # noqa: E402
 from moetune.train.loop import train  # noqa: E402
 from moetune.train.model import apply_lora, load_base, load_tokenizer  # noqa: E402
-from moetune.demo import DEMO_DEFAULTS  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 # Subprocesses import the moetune this process imported (an installed one, or the
 # source tree with a dev build in it), never another copy.
 PY = os.path.dirname(os.path.dirname(__import__("moetune").__file__))
 TOL = 1e-6
-SETTINGS = dict(max_steps=5, micro_batch_size=4, grad_accum=2, lora_rank=4, lora_alpha=8.0, lr=3e-3, warmup_steps=1,
-                schedule="cosine", max_grad_norm=1.0, weight_decay=0.0, shuffle=False, eval_fraction=0.0,
-                save_every=0, eval_every=0, progress=False, tensorboard=False, plot=False, sample_prompts=[],
-                engine_threads=1, max_length=48)
+SETTINGS = dict(
+    max_steps=5,
+    micro_batch_size=4,
+    grad_accum=2,
+    lora_rank=4,
+    lora_alpha=8.0,
+    lr=3e-3,
+    warmup_steps=1,
+    schedule="cosine",
+    max_grad_norm=1.0,
+    weight_decay=0.0,
+    shuffle=False,
+    eval_fraction=0.0,
+    save_every=0,
+    eval_every=0,
+    progress=False,
+    tensorboard=False,
+    plot=False,
+    sample_prompts=[],
+    engine_threads=1,
+    max_length=48,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +78,29 @@ def moetune_model(cfg):
 
 
 def args_kw(cfg, out):
-    return dict(output_dir=str(out), per_device_train_batch_size=cfg.micro_batch_size,
-                gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule,
-                warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, max_grad_norm=cfg.max_grad_norm,
-                weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1],
-                adam_epsilon=cfg.adam_eps, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                seed=cfg.seed, dataloader_num_workers=0, optim="adamw_torch",
-                bf16=False, gradient_checkpointing=cfg.gradient_checkpointing)  # TRL defaults: bf16 autocast, checkpointing
+    return dict(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.schedule,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.betas[0],
+        adam_beta2=cfg.betas[1],
+        adam_epsilon=cfg.adam_eps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+        bf16=False,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )  # TRL defaults: bf16 autocast, checkpointing
 
 
 def recording(base):
@@ -88,7 +122,7 @@ def recording(base):
 
 
 def step_losses(micro, accum):
-    return [sum(micro[i:i + accum]) for i in range(0, len(micro), accum)]
+    return [sum(micro[i : i + accum]) for i in range(0, len(micro), accum)]
 
 
 def check(ref, got):
@@ -111,8 +145,12 @@ def test_hf_trainer_same_losses(setup):
         return data.collate([[(f["input_ids"], f["labels"])] for f in feats], pad, packing=False)
 
     Rec = recording(transformers.Trainer)
-    t = Rec(model=pm, args=transformers.TrainingArguments(**args_kw(cfg, tmp / "hf"), remove_unused_columns=False),
-            train_dataset=ds, data_collator=collator)
+    t = Rec(
+        model=pm,
+        args=transformers.TrainingArguments(**args_kw(cfg, tmp / "hf"), remove_unused_columns=False),
+        train_dataset=ds,
+        data_collator=collator,
+    )
     t.train()
     check(ref, step_losses(Rec.micro, cfg.grad_accum))
 
@@ -130,8 +168,14 @@ def test_trl_sft_trainer_same_losses(setup):
     # TRL adds the MoE router load-balancing loss by default (the architecture's coefficient);
     # `moetune train` optimises the LM loss only (the router is frozen), so turn it off to
     # compare the same objective.
-    sft = trl.SFTConfig(**args_kw(cfg, tmp / "trl"), assistant_only_loss=True, max_length=cfg.max_length,
-                        packing=False, router_aux_loss_coef=0.0)
+    sft = trl.SFTConfig(
+        **args_kw(cfg, tmp / "trl"),
+        assistant_only_loss=True,
+        max_length=cfg.max_length,
+        packing=False,
+        router_aux_loss_coef=0.0,
+    )
+
     # TRL 1.x computes the loss through its own fused LM head + log-softmax: the same loss
     # values, but its backward is different fp32 arithmetic (losses drift 2e-5 relative by
     # step 3, 1e-4 by step 4: early AdamW steps are nearly sign(g) updates and amplify tiny
@@ -157,16 +201,47 @@ def _env():
 
 def test_examples_run(tmp_path):
     """examples/: HF Trainer script directly, the TRL script under `accelerate launch` (1 process)."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_with_hf_trainer.py"),
-                        "--max-steps", "2", "--output-dir", str(tmp_path / "hf")],
-                       capture_output=True, text=True, timeout=300, env=_env())
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "train_with_hf_trainer.py"),
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.isfile(tmp_path / "hf" / "adapter" / "adapter_model.safetensors")
     pytest.importorskip("trl")
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        os.path.join(ROOT, "examples", "train_with_trl.py"),
-                        "--max-steps", "2", "--output-dir", str(tmp_path / "trl")],
-                       capture_output=True, text=True, timeout=300, env=_env())
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--cpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            os.path.join(ROOT, "examples", "train_with_trl.py"),
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(tmp_path / "trl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.isfile(tmp_path / "trl" / "adapter" / "adapter_model.safetensors")

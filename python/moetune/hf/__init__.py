@@ -22,8 +22,17 @@ from moetune.hf.families import SUPPORTED_FAMILIES
 from moetune.hf.patching import IMPLEMENTATION, PatchHandle, moetune_experts_forward, patch, register
 from moetune.hf.placement import ModelPlacement
 
-__all__ = ["patch", "PatchHandle", "register", "SUPPORTED_FAMILIES", "IMPLEMENTATION", "EngineHeldTensor",
-           "ModelPlacement", "PlacementCallback", "moetune_experts_forward"]
+__all__ = [
+    "patch",
+    "PatchHandle",
+    "register",
+    "SUPPORTED_FAMILIES",
+    "IMPLEMENTATION",
+    "EngineHeldTensor",
+    "ModelPlacement",
+    "PlacementCallback",
+    "moetune_experts_forward",
+]
 
 
 def __getattr__(name):

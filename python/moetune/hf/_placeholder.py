@@ -19,14 +19,64 @@ from __future__ import annotations
 import torch
 
 # Conversions that Module._apply / user code may apply to every parameter.
-_KEEP = {"to", "cuda", "cpu", "half", "float", "double", "bfloat16", "type", "xpu", "mps", "pin_memory",
-         "share_memory_", "contiguous"}
+_KEEP = {
+    "to",
+    "cuda",
+    "cpu",
+    "half",
+    "float",
+    "double",
+    "bfloat16",
+    "type",
+    "xpu",
+    "mps",
+    "pin_memory",
+    "share_memory_",
+    "contiguous",
+}
 # Reads of the values as weights: these would compute with the zero placeholder.
 _REFUSE = {
-    "__getitem__", "baddbmm", "bmm", "matmul", "__matmul__", "mm", "linear", "einsum", "add", "add_", "__add__",
-    "__radd__", "__iadd__", "sub", "__sub__", "mul", "__mul__", "__rmul__", "copy_", "clone", "chunk", "split",
-    "index_select", "transpose", "permute", "reshape", "view", "grouped_mm", "_grouped_mm", "numpy", "tolist",
-    "sum", "mean", "norm", "abs", "__iter__", "unbind", "flatten", "addmm", "data_ptr", "untyped_storage",
+    "__getitem__",
+    "baddbmm",
+    "bmm",
+    "matmul",
+    "__matmul__",
+    "mm",
+    "linear",
+    "einsum",
+    "add",
+    "add_",
+    "__add__",
+    "__radd__",
+    "__iadd__",
+    "sub",
+    "__sub__",
+    "mul",
+    "__mul__",
+    "__rmul__",
+    "copy_",
+    "clone",
+    "chunk",
+    "split",
+    "index_select",
+    "transpose",
+    "permute",
+    "reshape",
+    "view",
+    "grouped_mm",
+    "_grouped_mm",
+    "numpy",
+    "tolist",
+    "sum",
+    "mean",
+    "norm",
+    "abs",
+    "__iter__",
+    "unbind",
+    "flatten",
+    "addmm",
+    "data_ptr",
+    "untyped_storage",
 }
 
 
@@ -41,7 +91,7 @@ class EngineHeldTensor(torch.Tensor):
     """See module docstring. Build with `EngineHeldTensor.like(t)`."""
 
     @staticmethod
-    def like(t: torch.Tensor) -> "EngineHeldTensor":
+    def like(t: torch.Tensor) -> EngineHeldTensor:
         one = torch.zeros(1, dtype=t.dtype, device="cpu")
         base = one.as_strided(tuple(t.shape), (0,) * t.dim())
         held = base.as_subclass(EngineHeldTensor)
@@ -57,7 +107,8 @@ class EngineHeldTensor(torch.Tensor):
             raise RuntimeError(
                 f"moetune: this expert weight is held by the moetune engine (patched by moetune.hf.patch); "
                 f"its module parameter is a shape-only placeholder and cannot be used by `{name}`. "
-                "Run the experts through the module's forward, or call handle.undo() first.")
+                "Run the experts through the module's forward, or call handle.undo() first."
+            )
         return super().__torch_function__(func, types, args, kwargs)
 
     def __repr__(self, *, tensor_contents=None):  # noqa: D105

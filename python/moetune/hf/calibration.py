@@ -17,7 +17,7 @@ placement starts inside a model's forward.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 
@@ -32,8 +32,15 @@ from moetune.placement.options import PlacementOptions
 from moetune.placement.plan import Where
 
 
-def coefficients(shape: LayerShape, engine: MoEExperts, device: Device, options: PlacementOptions, *,
-                 lora: Optional[LoraWeights], top_k: int) -> Tuple[CostCoefficients, str]:
+def coefficients(
+    shape: LayerShape,
+    engine: MoEExperts,
+    device: Device,
+    options: PlacementOptions,
+    *,
+    lora: LoraWeights | None,
+    top_k: int,
+) -> tuple[CostCoefficients, str]:
     """(coefficients, "defaults" | "cached" | "measured") for layers of `shape` (module docstring)."""
     if not options.calibrate:
         return CostCoefficients.defaults(shape), "defaults"
@@ -42,11 +49,21 @@ def coefficients(shape: LayerShape, engine: MoEExperts, device: Device, options:
         cache = calib.CalibrationCache(options.calibration_cache_dir)
         ctx = engine.ctx
         machine = calib.machine_fingerprint(engine_threads=ctx.num_threads, isa=ctx.isa, device=device.torch)
-        ranks = {p: None if getattr(lora, p, None) is None else int(getattr(lora, p)[0].shape[-2])
-                 for p in ("gate", "up", "down")}
+        ranks = {
+            p: None if getattr(lora, p, None) is None else int(getattr(lora, p)[0].shape[-2])
+            for p in ("gate", "up", "down")
+        }
         identity = calib.CalibrationCache.identity(
-            shape, machine, {"experts": engine.options.to_dict(), "top_k": top_k, "lora_ranks": ranks,
-                             "staging_buffers": options.staging_buffers, "device": device.torch.type})
+            shape,
+            machine,
+            {
+                "experts": engine.options.to_dict(),
+                "top_k": top_k,
+                "lora_ranks": ranks,
+                "staging_buffers": options.staging_buffers,
+                "device": device.torch.type,
+            },
+        )
         got = cache.load(identity)
         if got is not None:
             return got, "cached"
@@ -59,19 +76,21 @@ def coefficients(shape: LayerShape, engine: MoEExperts, device: Device, options:
     return measured, "measured"
 
 
-def _measure(shape: LayerShape, engine: MoEExperts, device: Device, top_k: int,
-             lora: Optional[LoraWeights]) -> CostCoefficients:
+def _measure(
+    shape: LayerShape, engine: MoEExperts, device: Device, top_k: int, lora: LoraWeights | None
+) -> CostCoefficients:
     cpu_time = calib.engine_timer(engine, top_k=top_k, lora=lora)
     kw = {}
     if device.is_cuda:
         chunk = 4 * shape.stored_bytes
-        kw.update(copy_time=calib.cuda_copy_timer(device.torch, chunk),
-                  cpu_time_under_copy=calib.under_copies(cpu_time, device.torch, chunk_bytes=chunk))
-    return calib.calibrate(shape, top_k=top_k, cpu_time=cpu_time, gpu_time=gpu_timer(engine, device, top_k, lora),
-                           **kw)
+        kw.update(
+            copy_time=calib.cuda_copy_timer(device.torch, chunk),
+            cpu_time_under_copy=calib.under_copies(cpu_time, device.torch, chunk_bytes=chunk),
+        )
+    return calib.calibrate(shape, top_k=top_k, cpu_time=cpu_time, gpu_time=gpu_timer(engine, device, top_k, lora), **kw)
 
 
-def gpu_timer(engine: MoEExperts, device: Device, top_k: int, lora: Optional[LoraWeights]):
+def gpu_timer(engine: MoEExperts, device: Device, top_k: int, lora: LoraWeights | None):
     """gpu_time(phase, counts): the GPU experts of `engine` on resident weights, the compute
     stream's busy time as the placed op measures it; None (the defaults stay) when the layer's
     decoded experts would take more than a quarter of the free GPU memory."""
@@ -103,13 +122,14 @@ def gpu_timer(engine: MoEExperts, device: Device, top_k: int, lora: Optional[Lor
     return run
 
 
-def _clone_lora(lora: Optional[LoraWeights], device: torch.device) -> Optional[LoraWeights]:
+def _clone_lora(lora: LoraWeights | None, device: torch.device) -> LoraWeights | None:
     """Detached copies of the LoRA factors on `device` (timings must not touch the real ones)."""
     if lora is None:
         return None
 
     def c(pair):
         return None if pair is None else tuple(t.detach().to(device).clone().requires_grad_(True) for t in pair)
+
     return LoraWeights(gate=c(lora.gate), up=c(lora.up), down=c(lora.down), scaling=lora.scaling)
 
 
@@ -123,6 +143,7 @@ def _in_thread(fn: Callable):
             box["value"] = fn()
         except BaseException as e:  # re-raised in the caller
             box["error"] = e
+
     t = threading.Thread(target=run, name="moetune-placement-calibration")
     t.start()
     t.join()

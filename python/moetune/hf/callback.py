@@ -14,7 +14,6 @@ Trainer's logs; on_train_end: the placement trace written (PlacementOptions.trac
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional
 
 from transformers import TrainerCallback
 
@@ -26,16 +25,18 @@ class PlacementCallback(TrainerCallback):
     """handle: the moetune.hf.PatchHandle (None: the trained model's `moetune_handle`, which
     load_model sets). metrics_path: optional JSON-lines file of the per-step numbers."""
 
-    def __init__(self, handle=None, metrics_path: Optional[str] = None):
+    def __init__(self, handle=None, metrics_path: str | None = None):
         self.handle = handle
         self.metrics_path = metrics_path
-        self.history: List[Dict[str, float]] = []
+        self.history: list[dict[str, float]] = []
 
     def _placement(self, model):
         handle = self.handle if self.handle is not None else getattr(model, "moetune_handle", None)
         if handle is None:
-            raise ValueError("moetune.hf.PlacementCallback: no patch handle (pass PlacementCallback(handle), or "
-                             "train a model from moetune.load_model)")
+            raise ValueError(
+                "moetune.hf.PlacementCallback: no patch handle (pass PlacementCallback(handle), or "
+                "train a model from moetune.load_model)"
+            )
         return handle.placement
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -16,15 +16,21 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple
 
 import torch
 from safetensors import safe_open
 
 # safetensors dtype names -> torch dtypes (what a transformers checkpoint may hold).
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 if hasattr(torch, "float8_e4m3fn"):
@@ -36,7 +42,7 @@ if hasattr(torch, "float8_e5m2"):
 @dataclass(frozen=True)
 class Entry:
     file: str
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: torch.dtype
 
     @property
@@ -61,10 +67,11 @@ class Checkpoint:
         else:
             raise FileNotFoundError(
                 f"moetune: {self.path} has neither model.safetensors nor model.safetensors.index.json "
-                "(only safetensors checkpoints are supported)")
+                "(only safetensors checkpoints are supported)"
+            )
         self.sharded = weight_map is not None
-        self.entries: Dict[str, Entry] = {}
-        self.metadata: Dict[str, Dict[str, str]] = {}
+        self.entries: dict[str, Entry] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
         for fname in files:
             fpath = self.path / fname
             if not fpath.is_file():
@@ -75,7 +82,9 @@ class Checkpoint:
                     sl = f.get_slice(key)
                     dt = sl.get_dtype()
                     if dt not in _DTYPES:
-                        raise ValueError(f"moetune: {fname}: tensor {key} has dtype {dt}, which this loader does not read")
+                        raise ValueError(
+                            f"moetune: {fname}: tensor {key} has dtype {dt}, which this loader does not read"
+                        )
                     self.entries[key] = Entry(fname, tuple(sl.get_shape()), _DTYPES[dt])
         if weight_map is not None:
             for key, fname in weight_map.items():
@@ -89,7 +98,7 @@ class Checkpoint:
     def keys(self):
         return self.entries.keys()
 
-    def reader(self) -> "Reader":
+    def reader(self) -> Reader:
         return Reader(self)
 
 
@@ -99,7 +108,7 @@ class Reader:
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
-        self._files: Dict[str, object] = {}
+        self._files: dict[str, object] = {}
         self._lock = threading.Lock()  # loader threads share one reader
 
     def _file(self, key: str):

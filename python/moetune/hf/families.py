@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -64,18 +63,18 @@ STANDARD_KEY_NAMES = ("gate_proj", "up_proj", "down_proj")
 class Family:
     """One MoE family: see the module docstring for what each field means."""
 
-    name: str                              # what users read ("Qwen3-MoE")
-    module: str                            # transformers module holding the experts class
-    class_name: str                        # the experts class
-    model_type: str                        # config.model_type of its models
-    config_dims: Tuple[str, str, str]      # config attributes the class takes E, H, I from
+    name: str  # what users read ("Qwen3-MoE")
+    module: str  # transformers module holding the experts class
+    class_name: str  # the experts class
+    model_type: str  # config.model_type of its models
+    config_dims: tuple[str, str, str]  # config attributes the class takes E, H, I from
     transposed: bool = False
     interleaved: bool = False
     bias: bool = False
-    activation: str = "swiglu"             # the engine's activation name
-    constants: Tuple[str, ...] = ()        # module attributes = the engine's keywords for the activation's constants
-    key_names: Tuple[str, str, str] = STANDARD_KEY_NAMES   # per-expert checkpoint names of gate, up, down
-    key_renames: Tuple[Tuple[str, str], ...] = ()          # (checkpoint substring, model substring)
+    activation: str = "swiglu"  # the engine's activation name
+    constants: tuple[str, ...] = ()  # module attributes = the engine's keywords for the activation's constants
+    key_names: tuple[str, str, str] = STANDARD_KEY_NAMES  # per-expert checkpoint names of gate, up, down
+    key_renames: tuple[tuple[str, str], ...] = ()  # (checkpoint substring, model substring)
 
     # ---- the class ----
     def experts_class(self) -> type:
@@ -83,18 +82,22 @@ class Family:
         return getattr(importlib.import_module(self.module), self.class_name)
 
     @property
-    def decorator_flags(self) -> Dict[str, bool]:
+    def decorator_flags(self) -> dict[str, bool]:
         """The `@use_experts_implementation` attributes an instance of the class must carry."""
-        return {"has_gate": True, "has_bias": self.bias, "is_transposed": self.transposed,
-                "is_concatenated": not self.interleaved}
+        return {
+            "has_gate": True,
+            "has_bias": self.bias,
+            "is_transposed": self.transposed,
+            "is_concatenated": not self.interleaved,
+        }
 
     # ---- parameters and shapes ----
     @property
-    def param_names(self) -> Tuple[str, ...]:
+    def param_names(self) -> tuple[str, ...]:
         """The module's expert parameters that the engine takes over."""
         return WEIGHT_PARAMS + (BIAS_PARAMS if self.bias else ())
 
-    def dims(self, gate_up_shape) -> Tuple[int, int, int]:
+    def dims(self, gate_up_shape) -> tuple[int, int, int]:
         """(E, H, I) read off a gate_up_proj shape (I rounded down where 2I is odd:
         `param_shapes` then disagrees with the module)."""
         if self.transposed:
@@ -103,10 +106,12 @@ class Family:
             E, I2, H = gate_up_shape
         return E, H, I2 // 2
 
-    def param_shapes(self, E: int, H: int, I: int) -> Dict[str, Tuple[int, ...]]:
+    def param_shapes(self, E: int, H: int, I: int) -> dict[str, tuple[int, ...]]:
         """The shape of each of `param_names` for E experts, hidden H, intermediate I."""
-        out = {GATE_UP: (E, H, 2 * I) if self.transposed else (E, 2 * I, H),
-               DOWN: (E, I, H) if self.transposed else (E, H, I)}
+        out = {
+            GATE_UP: (E, H, 2 * I) if self.transposed else (E, 2 * I, H),
+            DOWN: (E, I, H) if self.transposed else (E, H, I),
+        }
         if self.bias:
             out.update({BIAS_PARAMS[0]: (E, 2 * I), BIAS_PARAMS[1]: (E, H)})
         return out
@@ -130,7 +135,7 @@ class Family:
         """The inverse of engine_view: an [..., out, in] weight in the family's orientation."""
         return t.transpose(-1, -2) if self.transposed else t
 
-    def split_gate_up(self, t: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def split_gate_up(self, t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate, up) views of a fused gate/up tensor along `dim` (its 2I axis)."""
         dim = dim % t.dim()
         n = t.shape[dim]
@@ -168,7 +173,7 @@ class Family:
         `module`: the activation is a fact of the model, never the caller's choice."""
         return options.replace(activation=self.activation, **{c: float(getattr(module, c)) for c in self.constants})
 
-    def activation_problems(self, module) -> List[str]:
+    def activation_problems(self, module) -> list[str]:
         """Why the engine's activation would not be `module`'s ([] if it is)."""
         if self.activation == "swiglu":
             act = getattr(getattr(module, "config", None), "hidden_act", "silu")
@@ -182,40 +187,85 @@ class Family:
 
     # ---- checkpoints ----
     @property
-    def proj_names(self) -> Dict[str, str]:
-        """"gate" / "up" / "down" -> the per-expert checkpoint name of that projection."""
+    def proj_names(self) -> dict[str, str]:
+        """ "gate" / "up" / "down" -> the per-expert checkpoint name of that projection."""
         return dict(zip(PROJ, self.key_names))
 
 
-FAMILIES: Tuple[Family, ...] = (
-    Family("Qwen3-MoE", "transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts", "qwen3_moe",
-           ("num_experts", "hidden_size", "moe_intermediate_size")),
-    Family("Mixtral", "transformers.models.mixtral.modeling_mixtral", "MixtralExperts", "mixtral",
-           ("num_local_experts", "hidden_size", "intermediate_size"),
-           key_names=("w1", "w3", "w2"), key_renames=((".block_sparse_moe.", ".mlp."),)),
-    Family("OLMoE", "transformers.models.olmoe.modeling_olmoe", "OlmoeExperts", "olmoe",
-           ("num_local_experts", "hidden_size", "intermediate_size")),
-    Family("Qwen2-MoE", "transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeExperts", "qwen2_moe",
-           ("num_experts", "hidden_size", "moe_intermediate_size")),
-    Family("DeepSeek-V2", "transformers.models.deepseek_v2.modeling_deepseek_v2", "DeepseekV2Experts", "deepseek_v2",
-           ("num_experts", "hidden_size", "moe_intermediate_size")),
-    Family("DeepSeek-V3", "transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3Experts", "deepseek_v3",
-           ("num_local_experts", "hidden_size", "moe_intermediate_size")),
-    Family("GLM-4-MoE", "transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeExperts", "glm4_moe",
-           ("num_local_experts", "hidden_size", "moe_intermediate_size")),
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "Qwen3-MoE",
+        "transformers.models.qwen3_moe.modeling_qwen3_moe",
+        "Qwen3MoeExperts",
+        "qwen3_moe",
+        ("num_experts", "hidden_size", "moe_intermediate_size"),
+    ),
+    Family(
+        "Mixtral",
+        "transformers.models.mixtral.modeling_mixtral",
+        "MixtralExperts",
+        "mixtral",
+        ("num_local_experts", "hidden_size", "intermediate_size"),
+        key_names=("w1", "w3", "w2"),
+        key_renames=((".block_sparse_moe.", ".mlp."),),
+    ),
+    Family(
+        "OLMoE",
+        "transformers.models.olmoe.modeling_olmoe",
+        "OlmoeExperts",
+        "olmoe",
+        ("num_local_experts", "hidden_size", "intermediate_size"),
+    ),
+    Family(
+        "Qwen2-MoE",
+        "transformers.models.qwen2_moe.modeling_qwen2_moe",
+        "Qwen2MoeExperts",
+        "qwen2_moe",
+        ("num_experts", "hidden_size", "moe_intermediate_size"),
+    ),
+    Family(
+        "DeepSeek-V2",
+        "transformers.models.deepseek_v2.modeling_deepseek_v2",
+        "DeepseekV2Experts",
+        "deepseek_v2",
+        ("num_experts", "hidden_size", "moe_intermediate_size"),
+    ),
+    Family(
+        "DeepSeek-V3",
+        "transformers.models.deepseek_v3.modeling_deepseek_v3",
+        "DeepseekV3Experts",
+        "deepseek_v3",
+        ("num_local_experts", "hidden_size", "moe_intermediate_size"),
+    ),
+    Family(
+        "GLM-4-MoE",
+        "transformers.models.glm4_moe.modeling_glm4_moe",
+        "Glm4MoeExperts",
+        "glm4_moe",
+        ("num_local_experts", "hidden_size", "moe_intermediate_size"),
+    ),
     # @use_experts_implementation(is_concatenated=False, is_transposed=True, has_bias=True); alpha / limit
     # are module attributes (set from config.swiglu_alpha / swiglu_limit in transformers >= 5.2x,
     # constants before).
-    Family("gpt-oss", "transformers.models.gpt_oss.modeling_gpt_oss", "GptOssExperts", "gpt_oss",
-           ("num_local_experts", "hidden_size", "intermediate_size"),
-           transposed=True, interleaved=True, bias=True, activation="gpt_oss", constants=("alpha", "limit")),
+    Family(
+        "gpt-oss",
+        "transformers.models.gpt_oss.modeling_gpt_oss",
+        "GptOssExperts",
+        "gpt_oss",
+        ("num_local_experts", "hidden_size", "intermediate_size"),
+        transposed=True,
+        interleaved=True,
+        bias=True,
+        activation="gpt_oss",
+        constants=("alpha", "limit"),
+    ),
 )
 
 # name -> (module, experts class), the form `moetune.hf.SUPPORTED_FAMILIES` has always had.
-SUPPORTED_FAMILIES: Dict[str, Tuple[str, str]] = {f.name: (f.module, f.class_name) for f in FAMILIES}
+SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {f.name: (f.module, f.class_name) for f in FAMILIES}
 
 
-def supported_classes() -> Dict[type, Family]:
+def supported_classes() -> dict[type, Family]:
     """{experts class: family} for the families this transformers has."""
     out = {}
     for f in FAMILIES:
@@ -231,10 +281,10 @@ def supported_text() -> str:
     return ", ".join(f"{f.name} ({f.class_name})" for f in FAMILIES)
 
 
-def by_model_type(model_type: str) -> Optional[Family]:
+def by_model_type(model_type: str) -> Family | None:
     return next((f for f in FAMILIES if f.model_type == model_type), None)
 
 
-def per_expert_shapes(H: int, I: int) -> Dict[str, Tuple[int, int]]:
+def per_expert_shapes(H: int, I: int) -> dict[str, tuple[int, int]]:
     """Shapes of one expert's per-expert checkpoint tensors ([out, in], every family)."""
     return {"gate": (I, H), "up": (I, H), "down": (H, I)}

@@ -11,15 +11,13 @@ tests and benchmarks) picks each block's scale so its max maps to e4m3's max.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 SCALE_SUFFIX = "_scale_inv"
 E4M3 = getattr(torch, "float8_e4m3fn", None)
 
 
-def block_size(config) -> Optional[Tuple[int, int]]:
+def block_size(config) -> tuple[int, int] | None:
     """(bo, bi) if config declares DeepSeek-style block FP8 weights, else None.
     Other quantization methods are refused (the engine needs real weights)."""
     q = getattr(config, "quantization_config", None)
@@ -29,8 +27,10 @@ def block_size(config) -> Optional[Tuple[int, int]]:
         q = q.to_dict() if hasattr(q, "to_dict") else vars(q)
     method = q.get("quant_method")
     if method != "fp8":
-        raise ValueError(f"moetune: checkpoint quantization {method!r} is not supported (block FP8 'fp8' as in "
-                         "DeepSeek-V3, or unquantized bf16/fp16/fp32 checkpoints)")
+        raise ValueError(
+            f"moetune: checkpoint quantization {method!r} is not supported (block FP8 'fp8' as in "
+            "DeepSeek-V3, or unquantized bf16/fp16/fp32 checkpoints)"
+        )
     fmt = q.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise ValueError(f"moetune: FP8 format {fmt!r} is not supported (e4m3)")
@@ -38,25 +38,27 @@ def block_size(config) -> Optional[Tuple[int, int]]:
     return int(bo), int(bi)
 
 
-def scale_shape(shape, block) -> Tuple[int, int]:
+def scale_shape(shape, block) -> tuple[int, int]:
     out, inn = shape
     return (-(-out // block[0]), -(-inn // block[1]))
 
 
-def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: Tuple[int, int], name: str = "weight") -> torch.Tensor:
+def dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str = "weight") -> torch.Tensor:
     """bf16 W from e4m3 `w` [out, in] and fp32 block scales."""
     if w.dim() != 2:
         raise ValueError(f"moetune: FP8 tensor {name} has shape {list(w.shape)}; block scales need a 2-D weight")
     want = scale_shape(w.shape, block)
     if tuple(scale_inv.shape) != want:
-        raise ValueError(f"moetune: {name}{SCALE_SUFFIX} has shape {list(scale_inv.shape)}, expected {list(want)} "
-                         f"for weight {list(w.shape)} with block {list(block)}")
+        raise ValueError(
+            f"moetune: {name}{SCALE_SUFFIX} has shape {list(scale_inv.shape)}, expected {list(want)} "
+            f"for weight {list(w.shape)} with block {list(block)}"
+        )
     out, inn = w.shape
     s = scale_inv.float().repeat_interleave(block[0], 0)[:out].repeat_interleave(block[1], 1)[:, :inn]
     return (w.float() * s).to(torch.bfloat16)
 
 
-def quantize(w: torch.Tensor, block: Tuple[int, int] = (128, 128)) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, fp32 scale_inv) of a 2-D weight, one scale per block."""
     out, inn = w.shape
     so, si = scale_shape(w.shape, block)

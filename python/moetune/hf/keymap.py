@@ -17,8 +17,8 @@ transformers.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
 
 from moetune.hf.families import PROJ, STANDARD_KEY_NAMES, by_model_type
 
@@ -28,16 +28,16 @@ _EXPERT_SRC = re.compile(r"experts\.\*\.(\w+)\.weight$")
 
 @dataclass
 class KeyMap:
-    proj_names: Dict[str, str]                  # "gate" -> checkpoint name of that projection
-    renames: List[Callable[[str], str]] = field(default_factory=list)
-    source: str = "fallback"                    # "transformers" when read from its conversion mapping
+    proj_names: dict[str, str]  # "gate" -> checkpoint name of that projection
+    renames: list[Callable[[str], str]] = field(default_factory=list)
+    source: str = "fallback"  # "transformers" when read from its conversion mapping
 
     def rename(self, key: str) -> str:
         for f in self.renames:
             key = f(key)
         return key
 
-    def per_expert_regex(self) -> "re.Pattern":
+    def per_expert_regex(self) -> re.Pattern:
         names = "|".join(re.escape(n) for n in self.proj_names.values())
         return re.compile(rf"^(?P<qual>.+\.experts)\.(?P<e>\d+)\.(?P<proj>{names})\.(?P<kind>weight(?:_scale_inv)?)$")
 
@@ -45,14 +45,15 @@ class KeyMap:
         return next(p for p, n in self.proj_names.items() if n == name)
 
 
-def _transformers_rules(model) -> Optional[KeyMap]:
+def _transformers_rules(model) -> KeyMap | None:
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
+
         transforms = get_model_conversion_mapping(model)
     except Exception:  # another transformers version: use FALLBACK
         return None
-    names: Dict[str, str] = {}
-    renames: List[Callable[[str], str]] = []
+    names: dict[str, str] = {}
+    renames: list[Callable[[str], str]] = []
     for t in transforms or []:
         srcs, tgts = list(getattr(t, "source_patterns", [])), list(getattr(t, "target_patterns", []))
         if hasattr(t, "operations") and type(t).__name__ == "WeightConverter":
@@ -70,7 +71,7 @@ def _transformers_rules(model) -> Optional[KeyMap]:
     return KeyMap(names, renames, "transformers")
 
 
-def fallback_rules(model_type: str) -> Tuple[Dict[str, str], List[Tuple[str, str]]]:
+def fallback_rules(model_type: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """(per-expert projection names, [(checkpoint substring, model substring)])
     of a model_type as the family table has them (the standard names for a
     model_type that is no family's)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Union
 
 import torch
 
@@ -22,7 +22,7 @@ from moetune.hf.families import PROJ, per_expert_shapes
 from moetune.hf.keymap import KeyMap
 from moetune.hf.patching import FoundExperts
 
-DeviceLike = Union[str, int, torch.device, Dict[str, Union[str, int, torch.device]]]
+DeviceLike = Union[str, int, torch.device, dict[str, Union[str, int, torch.device]]]  # noqa: UP007 (a runtime alias)
 _FLOAT_SRC = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -55,16 +55,16 @@ class ExpertsPlan:
     E: int
     H: int
     I: int
-    fused: Dict[str, str] = field(default_factory=dict)        # module parameter name -> checkpoint key
-    per_expert: Dict[Tuple[int, str], str] = field(default_factory=dict)  # (e, proj) -> key
-    scales: Dict[str, str] = field(default_factory=dict)       # weight key -> scale key (FP8)
+    fused: dict[str, str] = field(default_factory=dict)  # module parameter name -> checkpoint key
+    per_expert: dict[tuple[int, str], str] = field(default_factory=dict)  # (e, proj) -> key
+    scales: dict[str, str] = field(default_factory=dict)  # weight key -> scale key (FP8)
     src_bytes: int = 0
 
     qual = property(lambda self: self.found.qual)
     module = property(lambda self: self.found.module)
     family = property(lambda self: self.found.family)  # Family
 
-    def weight_keys(self) -> List[str]:
+    def weight_keys(self) -> list[str]:
         """Checkpoint keys of the expert weights (and FP8 scales), biases excluded."""
         keys = [k for p, k in self.fused.items() if not p.endswith("_bias")]
         return keys + list(self.per_expert.values()) + list(self.scales.values())
@@ -72,13 +72,13 @@ class ExpertsPlan:
 
 @dataclass
 class LoadPlan:
-    tensors: Dict[str, str] = field(default_factory=dict)       # model key -> checkpoint key (non-expert)
-    scales: Dict[str, str] = field(default_factory=dict)        # checkpoint weight key -> scale key
-    experts: List[ExpertsPlan] = field(default_factory=list)
-    nonexpert_bytes: Dict[str, int] = field(default_factory=dict)  # device -> bytes (target dtype)
+    tensors: dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key (non-expert)
+    scales: dict[str, str] = field(default_factory=dict)  # checkpoint weight key -> scale key
+    experts: list[ExpertsPlan] = field(default_factory=list)
+    nonexpert_bytes: dict[str, int] = field(default_factory=dict)  # device -> bytes (target dtype)
 
 
-def plan_keys(model, found: List[FoundExperts], ckpt: Checkpoint, km: KeyMap, block, device: DeviceLike) -> LoadPlan:
+def plan_keys(model, found: list[FoundExperts], ckpt: Checkpoint, km: KeyMap, block, device: DeviceLike) -> LoadPlan:
     """The plan for loading `ckpt` into `model` (a meta-device skeleton whose
     experts modules are `found`); a ValueError naming every problem otherwise.
     block: the FP8 block size from config.json (None: not an FP8 checkpoint)."""
@@ -92,12 +92,12 @@ class _Planner:
         self.model, self.ckpt, self.km, self.block, self.device = model, ckpt, km, block, device
         self.plan = LoadPlan()
         self.expected = dict(model.state_dict(keep_vars=True))  # model key -> meta tensor (non-expert once planned)
-        self.renamed: Dict[str, str] = {}  # model-side key -> checkpoint key
-        self.missing: List[str] = []
-        self.unexpected: List[str] = []
-        self.bad: List[str] = []
+        self.renamed: dict[str, str] = {}  # model-side key -> checkpoint key
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.bad: list[str] = []
 
-    def run(self, found: List[FoundExperts]) -> LoadPlan:
+    def run(self, found: list[FoundExperts]) -> LoadPlan:
         quals = self._experts(found)
         self._sort_keys(quals)
         self._tie()
@@ -109,7 +109,7 @@ class _Planner:
         self.plan.tensors = self.renamed
         return self.plan
 
-    def _experts(self, found: List[FoundExperts]) -> Dict[str, ExpertsPlan]:
+    def _experts(self, found: list[FoundExperts]) -> dict[str, ExpertsPlan]:
         """One ExpertsPlan per experts module; their parameters leave the expected non-expert keys."""
         quals = {}
         for f in found:
@@ -120,7 +120,7 @@ class _Planner:
                 self.expected.pop(f"{f.qual}.{p}", None)
         return quals
 
-    def _sort_keys(self, quals: Dict[str, ExpertsPlan]) -> None:
+    def _sort_keys(self, quals: dict[str, ExpertsPlan]) -> None:
         """Each checkpoint key: one expert's projection or its FP8 scale, a fused experts
         parameter, a non-expert FP8 scale, a non-expert tensor, or unexpected."""
         per_expert_re = self.km.per_expert_regex()
@@ -156,9 +156,11 @@ class _Planner:
         renamed = self.renamed
         for target, source in dict(getattr(self.model, "all_tied_weights_keys", None) or {}).items():
             if target in renamed and source in renamed:
-                raise ValueError(f"moetune: the checkpoint holds both {renamed[target]} and {renamed[source]}, which "
-                                 f"the config ties (tie_word_embeddings); set tie_word_embeddings=False in config.json "
-                                 "if they differ, or drop one of them")
+                raise ValueError(
+                    f"moetune: the checkpoint holds both {renamed[target]} and {renamed[source]}, which "
+                    f"the config ties (tie_word_embeddings); set tie_word_embeddings=False in config.json "
+                    "if they differ, or drop one of them"
+                )
             if target in renamed:  # only the target was saved: it feeds the source
                 renamed[source] = renamed.pop(target)
             self.expected.pop(target, None)
@@ -179,12 +181,15 @@ class _Planner:
         for k, shape in want.items():
             ent = self.ckpt.entries[k]
             if ent.shape != shape:
-                self.bad.append(f"{k} has shape {list(ent.shape)}, expected {list(shape)} "
-                                f"(E={ep.E}, H={ep.H}, I={ep.I})")
+                self.bad.append(
+                    f"{k} has shape {list(ent.shape)}, expected {list(shape)} (E={ep.E}, H={ep.H}, I={ep.I})"
+                )
             elif ent.dtype not in _FLOAT_SRC and not (ent.dtype == fp8_mod.E4M3 and k in ep.scales):
                 why = " without a weight_scale_inv" if ent.dtype == fp8_mod.E4M3 else ""
-                self.bad.append(f"{k} has dtype {ent.dtype}{why}; expert weights must be float32/bfloat16/float16 "
-                                "or block-FP8 e4m3 with scales")
+                self.bad.append(
+                    f"{k} has dtype {ent.dtype}{why}; expert weights must be float32/bfloat16/float16 "
+                    "or block-FP8 e4m3 with scales"
+                )
             elif ent.dtype == fp8_mod.E4M3:
                 if ep.fused:
                     self.bad.append(f"{k}: FP8 fused expert tensors are not supported (per-expert keys only)")
@@ -192,7 +197,7 @@ class _Planner:
                     self.bad.append(f"{k} is FP8 but config.json declares no quantization_config (block size unknown)")
             ep.src_bytes += ent.nbytes
 
-    def _expert_shapes(self, ep: ExpertsPlan) -> Optional[Dict[str, Tuple[int, ...]]]:
+    def _expert_shapes(self, ep: ExpertsPlan) -> dict[str, tuple[int, ...]] | None:
         """{checkpoint key: expected shape} of a layer's expert tensors; None (the
         problem recorded) where its keys are incomplete or mixed."""
         have_per = bool(ep.per_expert)
@@ -242,5 +247,7 @@ class _Planner:
         if bad:
             problems.append("; ".join(bad[:8]) + (f" ... (+{len(bad) - 8} more)" if len(bad) > 8 else ""))
         if problems:
-            raise ValueError(f"moetune: checkpoint {self.ckpt.path} does not match the model built from its "
-                             f"config.json ({type(self.model).__name__}): " + "; ".join(problems))
+            raise ValueError(
+                f"moetune: checkpoint {self.ckpt.path} does not match the model built from its "
+                f"config.json ({type(self.model).__name__}): " + "; ".join(problems)
+            )

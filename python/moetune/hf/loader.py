@@ -31,15 +31,13 @@ import concurrent.futures as cf
 import re
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Set
 
 import torch
 
 from moetune import cache as cache_mod
 from moetune.engine import Context, MoEExperts
-from moetune.hf import expert_cache
+from moetune.hf import expert_cache, families, patching
 from moetune.hf import fp8 as fp8_mod
-from moetune.hf import families, patching
 from moetune.hf.checkpoint import Checkpoint
 from moetune.hf.families import PROJ
 from moetune.hf.keymap import key_map
@@ -48,10 +46,22 @@ from moetune.options import ExpertsOptions
 from moetune.placement.options import PlacementOptions
 
 
-def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.bfloat16,
-               num_threads: Optional[int] = None, ctx: Optional[Context] = None, adapter=None,
-               adapter_trainable: bool = True, progress: bool = True, check_memory: bool = True,
-               cache_dir=None, options: Optional[ExpertsOptions] = None, placement=None, **option_kwargs):
+def load_model(
+    path,
+    *,
+    device: DeviceLike = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    num_threads: int | None = None,
+    ctx: Context | None = None,
+    adapter=None,
+    adapter_trainable: bool = True,
+    progress: bool = True,
+    check_memory: bool = True,
+    cache_dir=None,
+    options: ExpertsOptions | None = None,
+    placement=None,
+    **option_kwargs,
+):
     """Load a local HF checkpoint with its routed experts in the moetune engine.
 
     path: a folder with config.json and model.safetensors (or a sharded
@@ -123,12 +133,15 @@ def load_model(path, *, device: DeviceLike = "cpu", dtype: torch.dtype = torch.b
 
 # ---- config and skeleton ----
 
+
 def _check_device_map(device: DeviceLike) -> None:
     if isinstance(device, dict):
         kinds = {device_of(device, k).type for k in device} if device else set()
         if not device or ("cpu" in kinds and len(kinds) > 1) or "meta" in kinds:
-            raise ValueError(f"moetune: device_map {device} must map module prefixes to GPUs (or all to the CPU); "
-                             "CPU offload of non-expert parts is not supported (the experts are on the CPU already)")
+            raise ValueError(
+                f"moetune: device_map {device} must map module prefixes to GPUs (or all to the CPU); "
+                "CPU offload of non-expert parts is not supported (the experts are on the CPU already)"
+            )
 
 
 def _read_config(path: Path):
@@ -136,7 +149,9 @@ def _read_config(path: Path):
     import transformers
 
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"moetune: {path} has no config.json (a local Hugging Face checkpoint folder is needed)")
+        raise FileNotFoundError(
+            f"moetune: {path} has no config.json (a local Hugging Face checkpoint folder is needed)"
+        )
     config = transformers.AutoConfig.from_pretrained(str(path))
     block = fp8_mod.block_size(config)
     if block is not None:
@@ -156,8 +171,10 @@ def skeleton(config, dtype: torch.dtype):
     try:
         cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
-        raise ValueError(f"moetune: model_type {config.model_type!r} has no causal-LM class in transformers "
-                         f"{transformers.__version__}; supported MoE families: {families.supported_text()}") from None
+        raise ValueError(
+            f"moetune: model_type {config.model_type!r} has no causal-LM class in transformers "
+            f"{transformers.__version__}; supported MoE families: {families.supported_text()}"
+        ) from None
     with init_empty_weights(include_buffers=False):
         try:
             model = cls._from_config(config, dtype=dtype)
@@ -168,6 +185,7 @@ def skeleton(config, dtype: torch.dtype):
 
 # ---- host memory ----
 
+
 def packed_bytes_estimate(E: int, H: int, I: int, options: ExpertsOptions, *, biases: bool = False) -> int:
     """Host bytes the engine allocates for one layer's experts with `options`
     (weight format, group size, backward_weights, ...), plus its fp32 biases if
@@ -176,7 +194,7 @@ def packed_bytes_estimate(E: int, H: int, I: int, options: ExpertsOptions, *, bi
     return options.host_bytes(E, H, I, biases=biases)
 
 
-def available_host_memory() -> Optional[int]:
+def available_host_memory() -> int | None:
     """MemAvailable from /proc/meminfo (bytes), None where unknown."""
     try:
         with open("/proc/meminfo") as f:
@@ -190,7 +208,7 @@ def available_host_memory() -> Optional[int]:
 
 def _size(n: int) -> str:
     """Bytes as GiB, or MiB below 1 GiB (small models still show their sizes)."""
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.2f} MiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def _check_memory(plan: LoadPlan, options: ExpertsOptions, path) -> None:
@@ -203,17 +221,26 @@ def _check_memory(plan: LoadPlan, options: ExpertsOptions, path) -> None:
         raise MemoryError(
             f"moetune: loading {path} needs about {_size(need)} of host RAM (packed experts "
             f"{_size(packed)} as {options.weight_format} + one layer's unpacked experts {_size(layer)} + non-expert "
-            f"parts on the CPU {_size(cpu)}) but only {_size(avail)} are available; nothing was loaded")
+            f"parts on the CPU {_size(cpu)}) but only {_size(avail)} are available; nothing was loaded"
+        )
 
 
 # ---- streaming ----
+
 
 def progress_bar(total: int, enabled: bool):
     """load_model's bytes bar (tqdm)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="moetune load", disable=not enabled,
-                smoothing=0.1)
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="moetune load",
+        disable=not enabled,
+        smoothing=0.1,
+    )
 
 
 def _source_bytes(ckpt: Checkpoint, plan: LoadPlan) -> int:
@@ -222,7 +249,7 @@ def _source_bytes(ckpt: Checkpoint, plan: LoadPlan) -> int:
     return total + sum(ep.src_bytes for ep in plan.experts)
 
 
-def _fp32_strict(model) -> List[str]:
+def _fp32_strict(model) -> list[str]:
     pats = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     return sorted(pats)
 
@@ -237,13 +264,14 @@ def _target_dtype(key: str, meta: torch.Tensor, dtype: torch.dtype, fp32_pats) -
     return dtype if isinstance(meta, torch.nn.Parameter) else meta.dtype
 
 
-def _stream_nonexpert(model, meta_sd, ckpt: Checkpoint, plan: LoadPlan, device: DeviceLike, dtype: torch.dtype,
-                      block, bar) -> None:
+def _stream_nonexpert(
+    model, meta_sd, ckpt: Checkpoint, plan: LoadPlan, device: DeviceLike, dtype: torch.dtype, block, bar
+) -> None:
     """Non-expert tensors to their devices, shard by shard (one mapping open at a time)."""
     from accelerate.utils import set_module_tensor_to_device
 
     fp32_pats = _fp32_strict(model)
-    by_file: Dict[str, List[str]] = {}
+    by_file: dict[str, list[str]] = {}
     for mk, ck in plan.tensors.items():
         by_file.setdefault(ckpt.entries[ck].file, []).append(mk)
     for fname in sorted(by_file):
@@ -277,29 +305,42 @@ class _LayerCache:
 
     def __init__(self, root: Path, bar):
         self.root, self.bar = root, bar
-        self.report: Dict[str, str] = {}
+        self.report: dict[str, str] = {}
         self._entry = {}  # qual -> (key, source) of its lookup
 
     def _read(self, n: int) -> None:  # bytes read from the cache count as they come
         self.bar.total += n
         self.bar.update(n)
 
-    def lookup(self, ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block,
-               options: ExpertsOptions) -> Optional[MoEExperts]:
+    def lookup(
+        self, ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block, options: ExpertsOptions
+    ) -> MoEExperts | None:
         """The layer's engine read from its cache entry, or None (a miss; a stale,
         mismatched or corrupted entry is reported with a CacheRebuildWarning)."""
         key = expert_cache.entry_key(ep.qual, options)
         source = expert_cache.layer_source(ckpt, ep.weight_keys(), ep.family.name, block)
         self._entry[ep.qual] = key, source
-        engine, why = cache_mod.load(ctx, self.root, key, source, num_experts=ep.E, hidden_size=ep.H,
-                                     intermediate_size=ep.I, options=options, progress=self._read)
+        engine, why = cache_mod.load(
+            ctx,
+            self.root,
+            key,
+            source,
+            num_experts=ep.E,
+            hidden_size=ep.H,
+            intermediate_size=ep.I,
+            options=options,
+            progress=self._read,
+        )
         self.report[ep.qual] = why
         if engine is not None:  # the expert weights are not read from the checkpoint, the biases are
             self.bar.total -= ep.src_bytes - _bias_bytes(ckpt, ep)
             self.bar.refresh()
         elif not why.startswith("miss"):
-            warnings.warn(f"moetune: expert cache entry {key!r} in {self.root} not used, rebuilding: {why}",
-                          CacheRebuildWarning, stacklevel=_WARN_STACKLEVEL)
+            warnings.warn(
+                f"moetune: expert cache entry {key!r} in {self.root} not used, rebuilding: {why}",
+                CacheRebuildWarning,
+                stacklevel=_WARN_STACKLEVEL,
+            )
         return engine
 
     def store(self, engine: MoEExperts, ep: ExpertsPlan) -> None:
@@ -310,16 +351,20 @@ class _LayerCache:
             cache_mod.save(engine, self.root, key, source)
         except OSError as e:
             self.report[ep.qual] = f"{self.report[ep.qual]}; not written: {e}"
-            warnings.warn(f"moetune: could not write expert cache entry {key!r} in {self.root}: {e}",
-                          CacheRebuildWarning, stacklevel=_WARN_STACKLEVEL)
+            warnings.warn(
+                f"moetune: could not write expert cache entry {key!r} in {self.root}: {e}",
+                CacheRebuildWarning,
+                stacklevel=_WARN_STACKLEVEL,
+            )
 
 
 def _bias_bytes(ckpt: Checkpoint, ep: ExpertsPlan) -> int:
     return sum(ckpt.entries[k].nbytes for p, k in ep.fused.items() if p.endswith("_bias"))
 
 
-def _load_experts(ctx: Context, ckpt: Checkpoint, plan: LoadPlan, block, options: ExpertsOptions,
-                  cache: Optional[_LayerCache], bar) -> List[MoEExperts]:
+def _load_experts(
+    ctx: Context, ckpt: Checkpoint, plan: LoadPlan, block, options: ExpertsOptions, cache: _LayerCache | None, bar
+) -> list[MoEExperts]:
     """One engine per MoE layer, layer by layer; the experts of one layer are read
     and packed in parallel (packing releases the GIL)."""
     workers = max(1, min(ctx.num_threads, 8))
@@ -330,8 +375,16 @@ def _load_experts(ctx: Context, ckpt: Checkpoint, plan: LoadPlan, block, options
     return engines
 
 
-def _load_layer(ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block, options: ExpertsOptions,
-                cache: Optional[_LayerCache], bar, pool) -> MoEExperts:
+def _load_layer(
+    ctx: Context,
+    ckpt: Checkpoint,
+    ep: ExpertsPlan,
+    block,
+    options: ExpertsOptions,
+    cache: _LayerCache | None,
+    bar,
+    pool,
+) -> MoEExperts:
     layer_options = ep.family.engine_options(options, ep.module)
     engine = None if cache is None else cache.lookup(ctx, ckpt, ep, block, layer_options)
     hit = engine is not None
@@ -348,6 +401,7 @@ def _load_layer(ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block, options:
         def one(e):
             g, u, d = _read_expert(r, ep, e, block)
             engine.load_expert(e, g, u, d)
+
         per = ep.src_bytes // ep.E
         for fut in cf.as_completed([pool.submit(one, e) for e in range(ep.E)]):
             fut.result()
@@ -361,8 +415,9 @@ def _load_layer(ctx: Context, ckpt: Checkpoint, ep: ExpertsPlan, block, options:
 def _read_expert(reader, ep: ExpertsPlan, e: int, block):
     """Expert e's (gate [I, H], up [I, H], down [H, I]) in the engine's [out, in] orientation."""
     if ep.fused:
-        return ep.family.to_engine(reader.get_row(ep.fused[families.GATE_UP], e),
-                                   reader.get_row(ep.fused[families.DOWN], e))
+        return ep.family.to_engine(
+            reader.get_row(ep.fused[families.GATE_UP], e), reader.get_row(ep.fused[families.DOWN], e)
+        )
     out = []
     for p in PROJ:
         k = ep.per_expert[(e, p)]
@@ -375,7 +430,8 @@ def _read_expert(reader, ep: ExpertsPlan, e: int, block):
 
 # ---- finishing ----
 
-def _finish_tensors(model, persistent: Set[str], plan: LoadPlan, device: DeviceLike) -> None:
+
+def _finish_tensors(model, persistent: set[str], plan: LoadPlan, device: DeviceLike) -> None:
     """Buffers the checkpoint does not hold (rotary tables, built on the CPU) moved
     to their device, tied weights tied; nothing but the experts may be left on meta."""
     from accelerate.utils import set_module_tensor_to_device
@@ -387,14 +443,17 @@ def _finish_tensors(model, persistent: Set[str], plan: LoadPlan, device: DeviceL
                 set_module_tensor_to_device(model, name, dev, value=b)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
-            if p.device.type == "meta" and not any(n == f"{ep.qual}.{q}" for ep in plan.experts
-                                                   for q in ep.family.param_names)]
+    left = [
+        n
+        for n, p in list(model.named_parameters()) + list(model.named_buffers())
+        if p.device.type == "meta"
+        and not any(n == f"{ep.qual}.{q}" for ep in plan.experts for q in ep.family.param_names)
+    ]
     if left:
         raise ValueError(f"moetune: tensors not filled by the checkpoint: {name_list(left)}")
 
 
-def _attach_engines(model, ctx: Context, plan: LoadPlan, engines: List[MoEExperts], placement) -> None:
+def _attach_engines(model, ctx: Context, plan: LoadPlan, engines: list[MoEExperts], placement) -> None:
     """The engines attached with the same code as moetune.hf.patch (model.moetune_handle),
     then the model's placement runtime."""
     handle = patching.PatchHandle(ctx, keep_original=False)

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -37,7 +36,7 @@ _PREFIX = "base_model.model."
 
 def model_name(peft_name: str) -> str:
     """PEFT module path -> the transformers model's module path."""
-    name = peft_name[len(_PREFIX):] if peft_name.startswith(_PREFIX) else peft_name
+    name = peft_name[len(_PREFIX) :] if peft_name.startswith(_PREFIX) else peft_name
     return re.sub(r"(^|\.)base_layer(?=\.|$)", "", name).lstrip(".")
 
 
@@ -50,27 +49,33 @@ class _Terms:
         self.base = peft_model.get_base_model()
         cfg = peft_model.peft_config[peft_model.active_adapter]
         if getattr(cfg, "modules_to_save", None):
-            raise NotImplementedError(f"moetune: adapters with modules_to_save ({cfg.modules_to_save}) are not supported")
+            raise NotImplementedError(
+                f"moetune: adapters with modules_to_save ({cfg.modules_to_save}) are not supported"
+            )
         self.config = cfg
-        self.experts: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]] = {}
-        self.families: Dict[str, Family] = {}
+        self.experts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        self.families: dict[str, Family] = {}
         classes = families.supported_classes()
-        self.linear: Dict[str, Tuple[torch.nn.Module, str]] = {}
+        self.linear: dict[str, tuple[torch.nn.Module, str]] = {}
         for name, m in peft_model.named_modules():
             if peft_lora.is_param_wrapper(m):
                 base = m
                 while peft_lora.is_param_wrapper(base):
                     base = base.base_layer
                 if type(base) not in classes:
-                    raise NotImplementedError(f"moetune: {name}: LoRA on experts of unsupported class "
-                                              f"{type(base).__name__}")
+                    raise NotImplementedError(
+                        f"moetune: {name}: LoRA on experts of unsupported class {type(base).__name__}"
+                    )
                 family = classes[type(base)]
                 f = peft_lora.lora_factors(m, transposed=family.transposed)
                 if f is not None:
                     A, B, s = f
                     self.families[model_name(name)] = family
                     self.experts.setdefault(model_name(name), {})[m.parameter_name] = (
-                        A.detach().float().cpu(), B.detach().float().cpu(), s)
+                        A.detach().float().cpu(),
+                        B.detach().float().cpu(),
+                        s,
+                    )
             elif isinstance(m, LoraLayer):
                 if m.merged:
                     raise NotImplementedError(f"moetune: {name} is merged already; unmerge it first")
@@ -84,7 +89,7 @@ class _Terms:
                     raise NotImplementedError(f"moetune: {name}: DoRA adapters are not supported")
                 self.linear[model_name(name) + ".weight"] = (m, a)
 
-    def expert_delta(self, qual: str, proj: str, e: Optional[int]) -> Optional[torch.Tensor]:
+    def expert_delta(self, qual: str, proj: str, e: int | None) -> torch.Tensor | None:
         """s B A of one projection ("gate", "up", "down") of expert e (all experts if e is None), fp32."""
         t = self.experts.get(qual, {})
         pname = families.PARAM_OF[proj]
@@ -98,7 +103,7 @@ class _Terms:
             return s * torch.bmm(B, A)
         return s * (B[e] @ A[e])
 
-    def fused_delta(self, qual: str, pname: str) -> Optional[torch.Tensor]:
+    def fused_delta(self, qual: str, pname: str) -> torch.Tensor | None:
         """s B A of a fused parameter, in its stored layout ([E, in, out] when transposed)."""
         t = self.experts.get(qual, {})
         if pname not in t:
@@ -106,7 +111,7 @@ class _Terms:
         A, B, s = t[pname]
         return self.families[qual].storage_view(s * torch.bmm(B, A))
 
-    def linear_delta(self, key: str) -> Optional[torch.Tensor]:
+    def linear_delta(self, key: str) -> torch.Tensor | None:
         if key not in self.linear:
             return None
         m, a = self.linear[key]
@@ -195,7 +200,8 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
         merger.check_all_used(source)
         if ckpt.sharded:
             (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
+                json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2)
+            )
         _commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,18 +235,24 @@ def _copy_other_files(source: Path, tmp: Path, config: dict, block) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _merge_shards(ckpt: Checkpoint, merger: "_Merger", block, tmp: Path, progress: bool):
+def _merge_shards(ckpt: Checkpoint, merger: _Merger, block, tmp: Path, progress: bool):
     """Each source shard read, merged and written under its own name in tmp, one
     at a time: (weight map, total bytes written)."""
     from tqdm.auto import tqdm
 
-    files: Dict[str, list] = {}
+    files: dict[str, list] = {}
     for k, e in ckpt.entries.items():
         files.setdefault(e.file, []).append(k)
     weight_map = {}
     total_bytes = 0
-    bar = tqdm(total=sum(e.nbytes for e in ckpt.entries.values()), unit="B", unit_scale=True,
-               unit_divisor=1024, desc="moetune merge", disable=not progress)
+    bar = tqdm(
+        total=sum(e.nbytes for e in ckpt.entries.values()),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="moetune merge",
+        disable=not progress,
+    )
     with bar:
         for fname in sorted(files):
             out_t = {}
@@ -276,8 +288,10 @@ class _Merger:
         m = self.per_expert_re.match(k)
         if m and m.group("qual") in self.quals and m.group("kind") == "weight":
             proj = self.km.proj_of(m.group("proj"))
-            return (terms.expert_delta(m.group("qual"), proj, int(m.group("e"))),
-                    (m.group("qual"), families.PARAM_OF[proj]))
+            return (
+                terms.expert_delta(m.group("qual"), proj, int(m.group("e"))),
+                (m.group("qual"), families.PARAM_OF[proj]),
+            )
         head, _, tail = k.rpartition(".")
         if head in self.quals and tail in families.LORA_PARAMS:
             return terms.fused_delta(head, tail), (head, tail)
@@ -289,8 +303,9 @@ class _Merger:
         if delta is None:
             return t
         if tuple(delta.shape) != tuple(t.shape):
-            raise ValueError(f"moetune: LoRA delta for {ck} has shape {list(delta.shape)}, the "
-                             f"checkpoint tensor {list(t.shape)}")
+            raise ValueError(
+                f"moetune: LoRA delta for {ck} has shape {list(delta.shape)}, the checkpoint tensor {list(t.shape)}"
+            )
         self.used.add(tag)
         return (t.float() + delta).to(t.dtype)
 
@@ -322,8 +337,9 @@ def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Pat
     tmp.mkdir(parents=True)
     try:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=lambda o: sorted(o)
-                                                            if isinstance(o, set) else str(o)))
+        (tmp / "adapter_config.json").write_text(
+            json.dumps(cfg, indent=2, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
+        )
         _commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,7 +347,7 @@ def export_per_expert_adapter(model, out_dir, *, overwrite: bool = False) -> Pat
     return out
 
 
-def _per_expert_tensors(terms: _Terms, names: Dict[str, str]):
+def _per_expert_tensors(terms: _Terms, names: dict[str, str]):
     """({adapter key: tensor}, the set of LoRA scalings met): each expert's gate / up /
     down LoRA under its per-expert module name, the ordinary LoRA modules as they are."""
     tensors = {}
@@ -340,8 +356,11 @@ def _per_expert_tensors(terms: _Terms, names: Dict[str, str]):
         for pname, (A, B, s) in d.items():
             scalings.add(s)
             E = A.shape[0]
-            parts = [("down", B)] if pname == families.DOWN else list(
-                zip(("gate", "up"), terms.families[qual].split_gate_up(B, 1)))
+            parts = (
+                [("down", B)]
+                if pname == families.DOWN
+                else list(zip(("gate", "up"), terms.families[qual].split_gate_up(B, 1)))
+            )
             for proj, Bp in parts:
                 for e in range(E):
                     key = f"{_PREFIX}{qual}.{e}.{names[proj]}"
@@ -355,7 +374,7 @@ def _per_expert_tensors(terms: _Terms, names: Dict[str, str]):
     return tensors, scalings
 
 
-def _per_expert_config(terms: _Terms, names: Dict[str, str], scalings) -> dict:
+def _per_expert_config(terms: _Terms, names: dict[str, str], scalings) -> dict:
     """The adapter's config targeting the per-expert module names (JSON-ready)."""
     cfg = terms.config.to_dict()
     if len(scalings) > 1:
@@ -374,7 +393,7 @@ def _per_expert_config(terms: _Terms, names: Dict[str, str], scalings) -> dict:
     return cfg
 
 
-def per_expert_adapter_deltas(folder) -> Dict[str, torch.Tensor]:
+def per_expert_adapter_deltas(folder) -> dict[str, torch.Tensor]:
     """{module key: s B A} of every LoRA module in a (per-expert) PEFT adapter
     folder, with s = lora_alpha / r (or / sqrt(r) with use_rslora)."""
     from safetensors.torch import load_file
@@ -382,11 +401,11 @@ def per_expert_adapter_deltas(folder) -> Dict[str, torch.Tensor]:
     folder = Path(folder)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     r, alpha = cfg["r"], cfg["lora_alpha"]
-    s = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    s = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
     t = load_file(str(folder / "adapter_model.safetensors"))
     out = {}
     for k in t:
         if k.endswith(".lora_A.weight"):
             base = k[: -len(".lora_A.weight")]
-            out[base[len(_PREFIX):] if base.startswith(_PREFIX) else base] = s * (t[base + ".lora_B.weight"] @ t[k])
+            out[base[len(_PREFIX) :] if base.startswith(_PREFIX) else base] = s * (t[base + ".lora_B.weight"] @ t[k])
     return out

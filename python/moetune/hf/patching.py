@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import weakref
-from typing import Dict, List, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -47,9 +47,9 @@ SUPPORTED_FAMILIES = families.SUPPORTED_FAMILIES
 class FoundExperts(NamedTuple):
     """One routed-experts module of a model, as find_experts reports it."""
 
-    qual: str            # qualified module name
+    qual: str  # qualified module name
     parent: nn.Module
-    attr: str            # parent.<attr> is the experts module (or PEFT's wrapper around it)
+    attr: str  # parent.<attr> is the experts module (or PEFT's wrapper around it)
     module: nn.Module
     family: Family
 
@@ -60,13 +60,13 @@ class ExpertsState:
 
     name: str
     family: Family
-    engine: Optional[MoEExperts]
-    parent: "weakref.ref[nn.Module]"
+    engine: MoEExperts | None
+    parent: weakref.ref[nn.Module]
     attr: str
-    originals: Optional[Dict[str, nn.Parameter]]
-    switched: List[nn.Module] = dataclasses.field(default_factory=list)
-    placement: Optional[object] = None  # the model's moetune.hf.placement.ModelPlacement
-    layer_key: Optional[int] = None     # this layer's key in it
+    originals: dict[str, nn.Parameter] | None
+    switched: list[nn.Module] = dataclasses.field(default_factory=list)
+    placement: object | None = None  # the model's moetune.hf.placement.ModelPlacement
+    layer_key: int | None = None  # this layer's key in it
 
     def chain(self, module: nn.Module):
         parent = self.parent()
@@ -83,7 +83,7 @@ class ExpertsState:
 _STATE_ATTR = "_moetune_state"
 
 
-def experts_state(module: nn.Module) -> Optional[ExpertsState]:
+def experts_state(module: nn.Module) -> ExpertsState | None:
     """The state patch() / load_model() keep on a patched experts module (None if not patched)."""
     return getattr(module, _STATE_ATTR, None)
 
@@ -112,20 +112,23 @@ def _lora_for(module: nn.Module, st: ExpertsState) -> LoraWeights:
     if len(set(scalings.values())) > 1:
         raise NotImplementedError(
             f"moetune: {st.name}: different LoRA scalings on gate_up_proj and down_proj ({scalings}) are not "
-            "supported (the engine takes one scaling per call)")
+            "supported (the engine takes one scaling per call)"
+        )
     if scalings:
         lora.scaling = next(iter(scalings.values()))
     return lora
 
 
-def moetune_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                            top_k_weights: torch.Tensor) -> torch.Tensor:
+def moetune_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The "moetune" entry of transformers' ALL_EXPERTS_FUNCTIONS."""
     st = experts_state(self)
     if st is None or st.engine is None:
         raise RuntimeError(
             f"moetune: {type(self).__name__} dispatches to experts implementation 'moetune' but was not patched "
-            "by moetune.hf.patch (or was undone); patch the model containing it")
+            "by moetune.hf.patch (or was undone); patch the model containing it"
+        )
     lora = _lora_for(self, st)
     placement = st.placement
     if placement is not None and placement.start(hidden_states.device) != "cpu":
@@ -163,13 +166,16 @@ def check_module(name: str, m: nn.Module, family: Family, *, loaded: bool = True
         raise ValueError(f"moetune: cannot patch experts module {name}: " + "; ".join(problems))
 
 
-def _flag_problems(m: nn.Module, family: Family) -> List[str]:
+def _flag_problems(m: nn.Module, family: Family) -> list[str]:
     """The module's @use_experts_implementation attributes against the family's layout."""
-    return [f"{attr}={getattr(m, attr)!r}" for attr, want in {**family.decorator_flags, **_ENGINE_FLAGS}.items()
-            if getattr(m, attr, want) != want]
+    return [
+        f"{attr}={getattr(m, attr)!r}"
+        for attr, want in {**family.decorator_flags, **_ENGINE_FLAGS}.items()
+        if getattr(m, attr, want) != want
+    ]
 
 
-def _param_problems(m: nn.Module, family: Family, loaded: bool) -> List[str]:
+def _param_problems(m: nn.Module, family: Family, loaded: bool) -> list[str]:
     problems = []
     for pname in family.param_names:
         p = getattr(m, pname, None)
@@ -182,16 +188,20 @@ def _param_problems(m: nn.Module, family: Family, loaded: bool) -> List[str]:
     return problems
 
 
-def _shape_problems(m: nn.Module, family: Family) -> List[str]:
+def _shape_problems(m: nn.Module, family: Family) -> list[str]:
     """The parameters' shapes against the family's (E, H, I) layout, E, H, I read off gate_up_proj."""
     want = family.param_shapes(*family.dims(m.gate_up_proj.shape))
     have = {pname: tuple(getattr(m, pname).shape) for pname in family.param_names}
     if have[families.GATE_UP] != want[families.GATE_UP] or have[families.DOWN] != want[families.DOWN]:
-        return [f"shapes gate_up_proj {list(m.gate_up_proj.shape)} / down_proj {list(m.down_proj.shape)} are not "
-                f"{family.shapes_text}"]
+        return [
+            f"shapes gate_up_proj {list(m.gate_up_proj.shape)} / down_proj {list(m.down_proj.shape)} are not "
+            f"{family.shapes_text}"
+        ]
     if family.bias and any(have[b] != want[b] for b in families.BIAS_PARAMS):
-        return [f"shapes gate_up_proj_bias {list(m.gate_up_proj_bias.shape)} / down_proj_bias "
-                f"{list(m.down_proj_bias.shape)} are not [E, 2I] / [E, H]"]
+        return [
+            f"shapes gate_up_proj_bias {list(m.gate_up_proj_bias.shape)} / down_proj_bias "
+            f"{list(m.down_proj_bias.shape)} are not [E, 2I] / [E, H]"
+        ]
     return []
 
 
@@ -203,18 +213,18 @@ class PatchHandle:
     def __init__(self, ctx: Context, keep_original: bool):
         self.ctx = ctx
         self.keep_original = keep_original
-        self._modules: List[nn.Module] = []
+        self._modules: list[nn.Module] = []
         self._hooks = []
         self._configs = []  # (config, previous _experts_implementation)
         self.placement = None
         self.undone = False
 
     @property
-    def module_names(self) -> List[str]:
+    def module_names(self) -> list[str]:
         return [experts_state(m).name for m in self._modules]
 
     @property
-    def families(self) -> List[str]:
+    def families(self) -> list[str]:
         return sorted({experts_state(m).family.name for m in self._modules})
 
     @property
@@ -225,8 +235,9 @@ class PatchHandle:
     @property
     def original_bytes(self) -> int:
         """Host bytes held to make undo() possible (0 with keep_original=False)."""
-        return sum(p.numel() * p.element_size() for m in self._modules
-                   for p in (experts_state(m).originals or {}).values())
+        return sum(
+            p.numel() * p.element_size() for m in self._modules for p in (experts_state(m).originals or {}).values()
+        )
 
     def __repr__(self) -> str:
         state = "undone" if self.undone else f"{len(self._modules)} experts modules ({', '.join(self.families)})"
@@ -238,8 +249,10 @@ class PatchHandle:
         if self.undone:
             return
         if not self.keep_original:
-            raise RuntimeError("moetune: patch(..., keep_original=False) dropped the original expert weights; "
-                               "undo() is impossible (reload the model instead)")
+            raise RuntimeError(
+                "moetune: patch(..., keep_original=False) dropped the original expert weights; "
+                "undo() is impossible (reload the model instead)"
+            )
         for h in self._hooks:
             h.remove()
         self.placement = None
@@ -280,25 +293,30 @@ def _find_experts(model: nn.Module):
     return found, unsupported
 
 
-def find_experts(model: nn.Module) -> List[FoundExperts]:
+def find_experts(model: nn.Module) -> list[FoundExperts]:
     """Every routed-experts module of `model` (qualified name, parent, attribute,
     experts module, family); a clear error if there is none or if any is of a
     class the engine does not support (never a silent partial patch)."""
     found, unsupported = _find_experts(model)
     if not found:
-        msg = (f"moetune: no supported MoE experts module found in {type(model).__name__}. "
-               f"Supported families: {families.supported_text()}.")
+        msg = (
+            f"moetune: no supported MoE experts module found in {type(model).__name__}. "
+            f"Supported families: {families.supported_text()}."
+        )
         if unsupported:
             msg += f" Found experts modules of unsupported classes: {', '.join(unsupported)}."
         raise ValueError(msg)
     if unsupported:
-        raise ValueError(f"moetune: model has experts modules of unsupported classes ({', '.join(unsupported)}); "
-                         f"supported families: {families.supported_text()}")
+        raise ValueError(
+            f"moetune: model has experts modules of unsupported classes ({', '.join(unsupported)}); "
+            f"supported families: {families.supported_text()}"
+        )
     return found
 
 
-def attach(handle: PatchHandle, found: FoundExperts, engine: MoEExperts,
-           originals: Optional[Dict[str, nn.Parameter]] = None) -> None:
+def attach(
+    handle: PatchHandle, found: FoundExperts, engine: MoEExperts, originals: dict[str, nn.Parameter] | None = None
+) -> None:
     """Hands the experts module `found` to `engine` (already loaded): the one way
     both patch() and load_model() attach an engine. Its expert parameters become
     shape-only placeholders; PEFT wrappers around it are adopted now and at
@@ -310,8 +328,9 @@ def attach(handle: PatchHandle, found: FoundExperts, engine: MoEExperts,
     for pname in found.family.param_names:
         setattr(m, pname, held_parameter(getattr(m, pname)))
     st.adopt(m)  # patch after get_peft_model
-    handle._hooks.append(found.parent.register_forward_pre_hook(
-        functools.partial(_adopt_hook, weakref.ref(st), weakref.ref(m))))
+    handle._hooks.append(
+        found.parent.register_forward_pre_hook(functools.partial(_adopt_hook, weakref.ref(st), weakref.ref(m)))
+    )
 
 
 def select_implementation(handle: PatchHandle, modules) -> None:
@@ -326,7 +345,7 @@ def select_implementation(handle: PatchHandle, modules) -> None:
             cfg._experts_implementation = IMPLEMENTATION
 
 
-def attach_placement(handle: PatchHandle, placement, model: Optional[nn.Module] = None) -> None:
+def attach_placement(handle: PatchHandle, placement, model: nn.Module | None = None) -> None:
     """The model's placement runtime (one per model) for the modules attached to `handle`:
     `handle.placement`, and each module's state points to it (its layer key = its index)."""
     options = PlacementOptions.resolve(placement)
@@ -336,9 +355,16 @@ def attach_placement(handle: PatchHandle, placement, model: Optional[nn.Module] 
         st.placement, st.layer_key = handle.placement, i
 
 
-def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional[int] = None, *,
-          keep_original: bool = True, options: Optional[ExpertsOptions] = None, placement=None,
-          **option_kwargs) -> PatchHandle:
+def patch(
+    model: nn.Module,
+    ctx: Context | None = None,
+    num_threads: int | None = None,
+    *,
+    keep_original: bool = True,
+    options: ExpertsOptions | None = None,
+    placement=None,
+    **option_kwargs,
+) -> PatchHandle:
     """Run every routed-experts module of `model` on the moetune engine.
 
     model: a transformers model (or a PEFT model wrapping one), weights loaded.
@@ -392,8 +418,9 @@ def patch(model: nn.Module, ctx: Optional[Context] = None, num_threads: Optional
     return handle
 
 
-def _engine_of(ctx: Context, found: FoundExperts, params: Dict[str, torch.Tensor],
-               options: ExpertsOptions) -> MoEExperts:
+def _engine_of(
+    ctx: Context, found: FoundExperts, params: dict[str, torch.Tensor], options: ExpertsOptions
+) -> MoEExperts:
     """A MoEExperts packed from the module's own parameters (mapped onto the
     engine's [out, in] orientation by its family)."""
     family = found.family
@@ -402,11 +429,12 @@ def _engine_of(ctx: Context, found: FoundExperts, params: Dict[str, torch.Tensor
         kw = {}
         if family.bias:
             kw["gate_bias"], kw["up_bias"], kw["down_bias"] = family.engine_biases(
-                *(params[b] for b in families.BIAS_PARAMS))
+                *(params[b] for b in families.BIAS_PARAMS)
+            )
         return MoEExperts(ctx, gate, up, down, family.engine_options(options, found.module), **kw)
 
 
-def _on_cpu(params: Dict[str, nn.Parameter]) -> Dict[str, nn.Parameter]:
+def _on_cpu(params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
     """The original Parameters kept for undo(): the same objects where on the CPU, else CPU copies."""
     originals = {}
     for pname, p in params.items():

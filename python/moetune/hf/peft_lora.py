@@ -27,8 +27,6 @@ so autograd sends the engine's gradients straight to PEFT's own parameters
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import nn
 
@@ -63,7 +61,8 @@ if ParamWrapper is not None:
         def merge(self, *args, **kwargs):
             raise NotImplementedError(
                 "moetune: cannot merge a LoRA into expert weights held by the moetune engine; "
-                "call handle.undo() first (with keep_original=True), then merge with PEFT.")
+                "call handle.undo() first (with keep_original=True), then merge with PEFT."
+            )
 else:
     EngineParamWrapper = None
 
@@ -80,10 +79,12 @@ def wrapper_chain(top: nn.Module, experts: nn.Module):
         if not is_param_wrapper(m):
             raise RuntimeError(
                 f"moetune: patched experts are wrapped by an unsupported module {type(m).__name__}; "
-                "only PEFT LoRA target_parameters (ParamWrapper) wrappers are supported")
+                "only PEFT LoRA target_parameters (ParamWrapper) wrappers are supported"
+            )
         if m.parameter_name not in LORA_PARAMS:
             raise NotImplementedError(
-                f"moetune: PEFT targets experts parameter {m.parameter_name!r}; only {LORA_PARAMS} are supported")
+                f"moetune: PEFT targets experts parameter {m.parameter_name!r}; only {LORA_PARAMS} are supported"
+            )
         chain.append(m)
         m = m.base_layer
     return chain
@@ -98,7 +99,8 @@ def adopt(chain) -> list:
             switched.append(w)
         elif not isinstance(w, EngineParamWrapper):
             raise NotImplementedError(
-                f"moetune: unsupported ParamWrapper subclass {type(w).__name__} around engine-held experts")
+                f"moetune: unsupported ParamWrapper subclass {type(w).__name__} around engine-held experts"
+            )
     return switched
 
 
@@ -108,7 +110,7 @@ def release(wrappers) -> None:
             w.__class__ = ParamWrapper
 
 
-def lora_factors(w, transposed: bool = False) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
+def lora_factors(w, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(A [E, r, in], B [E, out, r], scaling) of w's active adapter, as views; None if inactive.
 
     transposed: the experts store [E, in, out] (gpt-oss; `is_transposed=True`).
@@ -125,7 +127,8 @@ def lora_factors(w, transposed: bool = False) -> Optional[Tuple[torch.Tensor, to
         return None
     if len(active) > 1:
         raise NotImplementedError(
-            f"moetune: {len(active)} active LoRA adapters on {w.parameter_name}; only one active adapter is supported")
+            f"moetune: {len(active)} active LoRA adapters on {w.parameter_name}; only one active adapter is supported"
+        )
     a = active[0]
     if not isinstance(w.lora_dropout[a], nn.Identity):
         raise NotImplementedError("moetune: lora_dropout > 0 on experts parameters is not supported")
@@ -134,7 +137,8 @@ def lora_factors(w, transposed: bool = False) -> Optional[Tuple[torch.Tensor, to
     if w._did_swap_in_out_features == transposed:
         raise NotImplementedError(
             f"moetune: PEFT's in/out orientation of {w.parameter_name} does not match the experts layout "
-            f"(transposed={transposed}); unsupported PEFT version?")
+            f"(transposed={transposed}); unsupported PEFT version?"
+        )
     E, r = w.num_experts, w.r[a]
     A = w.lora_A[a].weight
     B = w.lora_B[a].weight

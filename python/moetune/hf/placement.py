@@ -30,7 +30,7 @@ get_peft_model and before training (moetune train and PlacementCallback do).
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -57,15 +57,16 @@ class _Layer:
         self.key, self.engine = key, engine
         self.module_ref, self.state_ref = weakref.ref(module), weakref.ref(state)
         self.shape = LayerShape.of(engine, resident_bytes=format_of(engine).decoded_bytes_per_expert)
-        self.gpu: Optional[GpuExperts] = None
+        self.gpu: GpuExperts | None = None
 
 
 class ModelPlacement:
     """The placement runtime of one patched model (module docstring). Not thread-safe: the
     training thread and autograd's device thread call it, never at the same time."""
 
-    def __init__(self, options: PlacementOptions, layers: List[tuple], *, model=None, ctx=None,
-                 lora_of: Optional[Callable] = None):
+    def __init__(
+        self, options: PlacementOptions, layers: list[tuple], *, model=None, ctx=None, lora_of: Callable | None = None
+    ):
         """layers: (experts module, its ExpertsState) per MoE layer, in model order (the layer
         key is the index); lora_of(module, state) -> LoraWeights (the module's current LoRA)."""
         self.options = options
@@ -73,20 +74,20 @@ class ModelPlacement:
         self._model_ref = weakref.ref(model) if model is not None else None
         self._lora_of = lora_of
         self.layers = [_Layer(i, st.engine, m, st) for i, (m, st) in enumerate(layers)]
-        self.mode: Optional[str] = None   # resolved: "cpu" | "auto" | "gpu"; None until started
-        self.device: Optional[Device] = None
-        self.runtime: Optional[GpuRuntime] = None
-        self.scheduler: Optional[Scheduler] = None
+        self.mode: str | None = None  # resolved: "cpu" | "auto" | "gpu"; None until started
+        self.device: Device | None = None
+        self.runtime: GpuRuntime | None = None
+        self.scheduler: Scheduler | None = None
         self.planner = None  # what plans each call: the scheduler (anything with plan / observe may stand in)
-        self.policy: Optional[ResidencyPolicy] = None
-        self.metrics: Optional[PlacementMetrics] = None
-        self.probe: Optional[CudaMemoryProbe] = None
-        self.trace: Optional[Trace] = None
-        self.cost_models: Dict[LayerShape, CostModel] = {}
-        self.calibration: Dict[LayerShape, str] = {}  # shape -> "measured" | "cached" | "defaults"
-        self.last_numbers: Dict[str, float] = {}
+        self.policy: ResidencyPolicy | None = None
+        self.metrics: PlacementMetrics | None = None
+        self.probe: CudaMemoryProbe | None = None
+        self.trace: Trace | None = None
+        self.cost_models: dict[LayerShape, CostModel] = {}
+        self.calibration: dict[LayerShape, str] = {}  # shape -> "measured" | "cached" | "defaults"
+        self.last_numbers: dict[str, float] = {}
         self.last_progress = ""
-        self._step_starts: List[float] = []
+        self._step_starts: list[float] = []
 
     # ---- start ----
     @property
@@ -125,26 +126,38 @@ class ModelPlacement:
             keep = max(l.engine.num_experts * format_of(l.engine).decoded_bytes_per_expert for l in self.layers)
             if self.device.is_cuda:  # and never more than a quarter of what is free now (a large layer streams again)
                 keep = min(keep, torch.cuda.mem_get_info(dev)[0] // 4)
-        self.runtime = GpuRuntime(self.device, GpuOptions(resident_budget_bytes=budget_bytes, keep_budget_bytes=keep,
-                                                          stream_buffers=o.staging_buffers))
+        self.runtime = GpuRuntime(
+            self.device,
+            GpuOptions(resident_budget_bytes=budget_bytes, keep_budget_bytes=keep, stream_buffers=o.staging_buffers),
+        )
         for layer in self.layers:
             layer.gpu = GpuExperts(self.runtime, layer.engine, layer_key=layer.key)
         for layer in self.layers:
             if layer.shape not in self.cost_models:
-                self.cost_models[layer.shape] = CostModel(layer.shape, self._coefficients(layer),
-                                                          staging_buffers=o.staging_buffers)
+                self.cost_models[layer.shape] = CostModel(
+                    layer.shape, self._coefficients(layer), staging_buffers=o.staging_buffers
+                )
         self.metrics = PlacementMetrics()
         # A backward copies its streamed experts again unless the checkpoint recompute before it
         # kept them (keep slot): only with gradient checkpointing on (known when training starts).
         backward_copies = not (o.keep_for_backward and self._checkpointing())
-        self.scheduler = Scheduler(lambda key: self.cost_models[self.layers[key].shape], mode=mode,
-                                   backward_copies=backward_copies, metrics=self.metrics)
+        self.scheduler = Scheduler(
+            lambda key: self.cost_models[self.layers[key].shape],
+            mode=mode,
+            backward_copies=backward_copies,
+            metrics=self.metrics,
+        )
         self.planner = self.scheduler
         if self.device.is_cuda:
             self.probe = CudaMemoryProbe(dev)
         budget = o.gpu_budget_gib if explicit else ("auto" if self.probe is not None else 0.0)
-        self.policy = ResidencyPolicy.attach(self.scheduler, budget=budget, memory_probe=self.probe,
-                                             refresh_every=o.refresh_every, warmup_steps=o.warmup_steps)
+        self.policy = ResidencyPolicy.attach(
+            self.scheduler,
+            budget=budget,
+            memory_probe=self.probe,
+            refresh_every=o.refresh_every,
+            warmup_steps=o.warmup_steps,
+        )
         self.trace = Trace(enabled=o.trace is not None)
         self.runtime.trace = self.trace if self.trace.enabled else None
         self._anchor()
@@ -152,12 +165,13 @@ class ModelPlacement:
     # ---- calibration ----
     def _coefficients(self, layer: _Layer) -> CostCoefficients:
         """The layer shape's coefficients: calibrated (or read from the cache), or the defaults."""
-        coefficients, how = calibration.coefficients(layer.shape, layer.engine, self.device, self.options,
-                                                     lora=self._lora(layer), top_k=self._top_k(layer))
+        coefficients, how = calibration.coefficients(
+            layer.shape, layer.engine, self.device, self.options, lora=self._lora(layer), top_k=self._top_k(layer)
+        )
         self.calibration[layer.shape] = how
         return coefficients
 
-    def _lora(self, layer: _Layer) -> Optional[LoraWeights]:
+    def _lora(self, layer: _Layer) -> LoraWeights | None:
         module, state = layer.module_ref(), layer.state_ref()
         if self._lora_of is None or module is None or state is None:
             return None
@@ -172,15 +186,22 @@ class ModelPlacement:
         return int(min(max(1, k), E)) if isinstance(k, int) else min(8, E)
 
     # ---- calls ----
-    def forward(self, layer_key: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor, lora: Optional[LoraWeights]) -> torch.Tensor:
+    def forward(
+        self,
+        layer_key: int,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        lora: LoraWeights | None,
+    ) -> torch.Tensor:
         """One experts call of layer `layer_key` through the placed op (after start())."""
         layer = self.layers[layer_key]
-        return placed_moe_experts(layer.engine, hidden_states, top_k_index, top_k_weights, lora,
-                                  planner=self.planner, gpu=layer.gpu)
+        return placed_moe_experts(
+            layer.engine, hidden_states, top_k_index, top_k_weights, lora, planner=self.planner, gpu=layer.gpu
+        )
 
     # ---- step boundaries ----
-    def end_step(self) -> Dict[str, float]:
+    def end_step(self) -> dict[str, float]:
         """Once per optimizer step: the step's observations delivered, its metrics closed, the
         residency refreshed at its cadence; returns the step's numbers ("placement_*": experts
         and tokens per placement, bytes copied, CPU / GPU / copy busy seconds, resident experts
@@ -212,7 +233,7 @@ class ModelPlacement:
         finally:
             store.budget_bytes = new
 
-    def peak_gpu_bytes(self) -> Optional[int]:
+    def peak_gpu_bytes(self) -> int | None:
         """The run's peak allocated GPU memory on the experts' device (the probe resets the CUDA
         peak counters at each residency refresh and keeps the run-wide peak); None off CUDA."""
         if not self.active or not self.device.is_cuda:
@@ -246,7 +267,7 @@ class ModelPlacement:
             tr.drop_before(self._step_starts[0])
         self._anchor()
 
-    def write_trace(self, path: Optional[str] = None) -> Optional[str]:
+    def write_trace(self, path: str | None = None) -> str | None:
         """Writes the trace (to `path`, default the options' trace path); None when not tracing."""
         path = path if path is not None else self.options.trace
         if path is None or self.trace is None or not self.trace.enabled:

@@ -25,6 +25,20 @@ from moetune.placement.plan import LayerPlan, Where
 from moetune.placement.resident import ResidentBudgetError, ResidentStore
 from moetune.placement.streamer import Streamer
 
-__all__ = ["Device", "FixedPlanner", "GpuExperts", "GpuOptions", "GpuRuntime", "LayerPlan", "PackedFormat",
-           "ResidentBudgetError", "ResidentStore", "Streamer", "Where", "flush_timings", "format_of",
-           "placed_moe_experts", "poll_timings"]
+__all__ = [
+    "Device",
+    "FixedPlanner",
+    "GpuExperts",
+    "GpuOptions",
+    "GpuRuntime",
+    "LayerPlan",
+    "PackedFormat",
+    "ResidentBudgetError",
+    "ResidentStore",
+    "Streamer",
+    "Where",
+    "flush_timings",
+    "format_of",
+    "placed_moe_experts",
+    "poll_timings",
+]

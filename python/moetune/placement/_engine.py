@@ -15,7 +15,7 @@ re-pointed in one file:
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -30,10 +30,11 @@ def check_layout() -> None:
     if _ext.PACKED_LAYOUT_VERSION != DECODED_LAYOUT_VERSION:
         raise NotImplementedError(
             f"moetune.placement decodes packed layout version {DECODED_LAYOUT_VERSION}, the engine packs "
-            f"version {_ext.PACKED_LAYOUT_VERSION}: update placement/formats.py")
+            f"version {_ext.PACKED_LAYOUT_VERSION}: update placement/formats.py"
+        )
 
 
-def packed_buffers(experts: MoEExperts) -> Dict[str, torch.Tensor]:
+def packed_buffers(experts: MoEExperts) -> dict[str, torch.Tensor]:
     """name -> uint8 CPU tensor over the engine's own memory (no copy). Each view keeps the
     engine object alive; the memory moves only if the experts are re-created."""
     check_layout()
@@ -45,21 +46,30 @@ def memory_owner(experts: MoEExperts):
     return experts._ex
 
 
-def activation(experts: MoEExperts) -> Tuple[str, float, float]:
+def activation(experts: MoEExperts) -> tuple[str, float, float]:
     """(kind, alpha, limit): kind "swiglu" or "gpt_oss" (alpha, limit used by gpt_oss only)."""
     o = experts.options
     return o.activation, float(o.alpha), float(o.limit)
 
 
-def biases(experts: MoEExperts) -> Tuple[Optional[torch.Tensor], ...]:
+def biases(experts: MoEExperts) -> tuple[torch.Tensor | None, ...]:
     """(gate [E, I], up [E, I], down [E, H]) fp32 CPU tensors or None: the engine's frozen biases."""
     return tuple(experts.biases)
 
 
-def cpu_call(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-             expert_mask: torch.Tensor, lora: Sequence[Optional[torch.Tensor]], scaling: float, *,
-             pinned: bool = False) -> EngineCall:
+def cpu_call(
+    experts: MoEExperts,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert_mask: torch.Tensor,
+    lora: Sequence[torch.Tensor | None],
+    scaling: float,
+    *,
+    pinned: bool = False,
+) -> EngineCall:
     """The CPU share of a split layer: one engine forward restricted to `expert_mask`, fp32
     output on the host (pinned for fast uploads when `pinned`); its backward gives fp32 dx."""
-    return EngineCall(experts, x, topk_ids, topk_weights, expert_mask, lora, scaling, out_dtype=torch.float32,
-                      pinned=pinned)
+    return EngineCall(
+        experts, x, topk_ids, topk_weights, expert_mask, lora, scaling, out_dtype=torch.float32, pinned=pinned
+    )

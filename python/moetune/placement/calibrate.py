@@ -48,13 +48,12 @@ import os
 import platform
 import time
 import warnings
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from moetune.placement.cost import (CostCoefficients, CostModel, LayerShape, PhaseCoefficients, _as_numpy,
-                                    cost_phase)
+from moetune.placement.cost import CostCoefficients, CostModel, LayerShape, PhaseCoefficients, _as_numpy, cost_phase
 from moetune.placement.plan import Where
 
 CALIBRATION_FORMAT_VERSION = 1
@@ -117,7 +116,7 @@ def fit_nonneg(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best
 
 
-def _fit_resource(points: Sequence[Tuple[int, int, float]]) -> Tuple[float, float, float]:
+def _fit_resource(points: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
     """(call, expert, token) seconds from (active experts, pairs, seconds) points. Rows are weighted
     by 1/t so the fit is in relative error (small calls matter as much as large ones)."""
     A = np.array([[1.0, m, p] for m, p, _ in points])
@@ -129,17 +128,21 @@ def _fit_resource(points: Sequence[Tuple[int, int, float]]) -> Tuple[float, floa
 
 # ---------------------------------------------------------------------------------------------
 # start-up calibration
-def calibrate(shape: LayerShape, *, top_k: int,
-              cpu_time: Optional[Callable[[str, np.ndarray], float]] = None,
-              gpu_time: Optional[Callable[[str, np.ndarray], float]] = None,
-              copy_time: Optional[Callable[[int], float]] = None,
-              cpu_time_under_copy: Optional[Callable[[str, np.ndarray, float], float]] = None,
-              dequant_time: Optional[Callable[[int], float]] = None,
-              token_counts: Sequence[int] = (256, 1024, 4096),
-              active_fractions: Sequence[float] = (0.25, 1.0),
-              copy_experts: Sequence[int] = (1, 4),
-              repeats: int = 1,
-              base: Optional[CostCoefficients] = None) -> CostCoefficients:
+def calibrate(
+    shape: LayerShape,
+    *,
+    top_k: int,
+    cpu_time: Callable[[str, np.ndarray], float] | None = None,
+    gpu_time: Callable[[str, np.ndarray], float] | None = None,
+    copy_time: Callable[[int], float] | None = None,
+    cpu_time_under_copy: Callable[[str, np.ndarray, float], float] | None = None,
+    dequant_time: Callable[[int], float] | None = None,
+    token_counts: Sequence[int] = (256, 1024, 4096),
+    active_fractions: Sequence[float] = (0.25, 1.0),
+    copy_experts: Sequence[int] = (1, 4),
+    repeats: int = 1,
+    base: CostCoefficients | None = None,
+) -> CostCoefficients:
     """Measured coefficients for `shape` (module docstring). Every callable is optional; what is
     not measured keeps `base` (default: CostCoefficients.defaults(shape)). repeats: each point is
     timed this many times and the minimum kept (after one untimed warm-up call per resource)."""
@@ -155,8 +158,10 @@ def calibrate(shape: LayerShape, *, top_k: int,
             m = min(E, max(top_k, int(round(f * E))))
             design.append(synthetic_counts(E, m, T, top_k))
     if len({(int((c > 0).sum()), int(c.sum())) for c in design}) < 3:
-        raise ValueError("calibration needs at least 3 distinct (active experts, pairs) points: give more "
-                         "token_counts / active_fractions")
+        raise ValueError(
+            "calibration needs at least 3 distinct (active experts, pairs) points: give more "
+            "token_counts / active_fractions"
+        )
 
     def timed(fn, *args):
         return min(float(fn(*args)) for _ in range(repeats))
@@ -195,8 +200,13 @@ def calibrate(shape: LayerShape, *, top_k: int,
         loaded = timed(cpu_time_under_copy, "forward", big, 3.0 * alone)
         slowdown = max(1.0, loaded / alone) if alone > 0 else slowdown
 
-    return CostCoefficients(forward=phases["forward"], backward=phases["backward"], copy_bandwidth=float(bandwidth),
-                            copy_latency=float(latency), cpu_slowdown=float(slowdown))
+    return CostCoefficients(
+        forward=phases["forward"],
+        backward=phases["backward"],
+        copy_bandwidth=float(bandwidth),
+        copy_latency=float(latency),
+        cpu_slowdown=float(slowdown),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +221,7 @@ def engine_timer(experts, *, top_k: int, lora=None, seed: int = 0) -> Callable[[
     H = int(experts.hidden_size)
     gen = torch.Generator().manual_seed(seed)
     if lora is not None:
+
         def clone(pair):
             return None if pair is None else tuple(t.detach().clone().requires_grad_(True) for t in pair)
 
@@ -256,8 +267,9 @@ def cuda_copy_timer(device, max_bytes: int) -> Callable[[int], float]:
     return run
 
 
-def under_copies(cpu_time: Callable[[str, np.ndarray], float], device, *,
-                 chunk_bytes: int) -> Callable[[str, np.ndarray, float], float]:
+def under_copies(
+    cpu_time: Callable[[str, np.ndarray], float], device, *, chunk_bytes: int
+) -> Callable[[str, np.ndarray, float], float]:
     """cpu_time_under_copy: queues pinned host->GPU copies of chunk_bytes on a side stream, enough
     to last cover_s at the rate of one chunk's copy (timed here once), then runs cpu_time while
     they proceed, then waits for them."""
@@ -284,8 +296,7 @@ def under_copies(cpu_time: Callable[[str, np.ndarray], float], device, *,
 
 # ---------------------------------------------------------------------------------------------
 # cache
-def machine_fingerprint(*, engine_threads: Optional[int] = None, isa: Optional[str] = None,
-                        device=None) -> Dict[str, object]:
+def machine_fingerprint(*, engine_threads: int | None = None, isa: str | None = None, device=None) -> dict[str, object]:
     """What makes timings of one machine differ from another's: CPU model, cores usable, the
     engine's threads and ISA, torch version, and the CUDA device's name and memory."""
     cpu = platform.processor() or platform.machine()
@@ -297,8 +308,13 @@ def machine_fingerprint(*, engine_threads: Optional[int] = None, isa: Optional[s
                     break
     except OSError:
         pass
-    fp: Dict[str, object] = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "engine_threads": engine_threads,
-                             "isa": isa, "torch": torch.__version__}
+    fp: dict[str, object] = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "engine_threads": engine_threads,
+        "isa": isa,
+        "torch": torch.__version__,
+    }
     if device is not None and torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))
         fp["gpu"] = props.name
@@ -313,9 +329,13 @@ class CalibrationCache:
         self.directory = os.fspath(directory)
 
     @staticmethod
-    def identity(shape: LayerShape, machine: Mapping[str, object], options: Optional[Mapping] = None) -> dict:
-        return {"version": CALIBRATION_FORMAT_VERSION, "shape": shape.to_dict(), "machine": dict(machine),
-                "options": dict(options or {})}
+    def identity(shape: LayerShape, machine: Mapping[str, object], options: Mapping | None = None) -> dict:
+        return {
+            "version": CALIBRATION_FORMAT_VERSION,
+            "shape": shape.to_dict(),
+            "machine": dict(machine),
+            "options": dict(options or {}),
+        }
 
     @staticmethod
     def key(identity: Mapping) -> str:
@@ -324,7 +344,7 @@ class CalibrationCache:
     def path(self, key: str) -> str:
         return os.path.join(self.directory, f"calibration-{key}.json")
 
-    def load(self, identity: Mapping) -> Optional[CostCoefficients]:
+    def load(self, identity: Mapping) -> CostCoefficients | None:
         """The cached coefficients for this identity, or None (absent, or unusable: reported)."""
         path = self.path(self.key(identity))
         if not os.path.isfile(path):
@@ -336,7 +356,7 @@ class CalibrationCache:
                 raise ValueError("its identity (machine / shape / options) differs")
             return CostCoefficients.from_dict(d["coefficients"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            warnings.warn(f"moetune: ignoring calibration cache {path}: {e}; measuring again")
+            warnings.warn(f"moetune: ignoring calibration cache {path}: {e}; measuring again", stacklevel=3)
             return None
 
     def save(self, identity: Mapping, coefficients: CostCoefficients) -> str:
@@ -344,13 +364,22 @@ class CalibrationCache:
         path = self.path(self.key(identity))
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as fh:
-            json.dump({"identity": json.loads(json.dumps(identity, sort_keys=True, default=str)),
-                       "coefficients": coefficients.to_dict(), "created": time.time()}, fh, indent=1, sort_keys=True)
+            json.dump(
+                {
+                    "identity": json.loads(json.dumps(identity, sort_keys=True, default=str)),
+                    "coefficients": coefficients.to_dict(),
+                    "created": time.time(),
+                },
+                fh,
+                indent=1,
+                sort_keys=True,
+            )
         os.replace(tmp, path)
         return path
 
-    def get_or_measure(self, identity: Mapping,
-                       measure: Callable[[], CostCoefficients]) -> Tuple[CostCoefficients, bool]:
+    def get_or_measure(
+        self, identity: Mapping, measure: Callable[[], CostCoefficients]
+    ) -> tuple[CostCoefficients, bool]:
         """(coefficients, hit): the cached ones, else measure() saved for next time."""
         got = self.load(identity)
         if got is not None:
@@ -374,9 +403,20 @@ class OnlineCorrection:
     CPU factor (the residual divided by its sensitivity, i.e. de-slowed).
     """
 
-    def __init__(self, model: CostModel, *, rate: float = 0.25, max_step: float = 0.7, window: int = 15,
-                 outlier_mads: float = 5.0, outlier_floor: float = 0.25, max_factor: float = 30.0,
-                 max_slowdown: float = 4.0, min_seconds: float = 20e-6, overlap: float = 0.5):
+    def __init__(
+        self,
+        model: CostModel,
+        *,
+        rate: float = 0.25,
+        max_step: float = 0.7,
+        window: int = 15,
+        outlier_mads: float = 5.0,
+        outlier_floor: float = 0.25,
+        max_factor: float = 30.0,
+        max_slowdown: float = 4.0,
+        min_seconds: float = 20e-6,
+        overlap: float = 0.5,
+    ):
         if not (0 < rate <= 1):
             raise ValueError(f"rate must be in (0, 1], got {rate}")
         self.model = model
@@ -384,10 +424,11 @@ class OnlineCorrection:
         self.outlier_mads, self.outlier_floor = float(outlier_mads), float(outlier_floor)
         self.max_factor, self.max_slowdown = float(max_factor), float(max_slowdown)
         self.min_seconds, self.overlap = float(min_seconds), float(overlap)
-        self._residuals: Dict[str, collections.deque] = collections.defaultdict(
-            lambda: collections.deque(maxlen=self.window))
-        self.updates: Dict[str, int] = collections.Counter()
-        self.ignored: Dict[str, int] = collections.Counter()
+        self._residuals: dict[str, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=self.window)
+        )
+        self.updates: dict[str, int] = collections.Counter()
+        self.ignored: dict[str, int] = collections.Counter()
 
     def _accept(self, key: str, r: float) -> bool:
         win = self._residuals[key]
@@ -435,8 +476,12 @@ class OnlineCorrection:
             self._update_factor("copy", copy_obs, copy_pred)
         gpu_obs = obs("gpu")
         if gpu_obs is not None and (res_m.any() or m > 0):
-            g = (res_m.sum() * (t.gpu_expert + t.resident_extra) + m * (t.gpu_expert + t.stream_extra)
-                 + n[res_m | str_m].sum() * t.gpu_token + t.gpu_call)
+            g = (
+                res_m.sum() * (t.gpu_expert + t.resident_extra)
+                + m * (t.gpu_expert + t.stream_extra)
+                + n[res_m | str_m].sum() * t.gpu_token
+                + t.gpu_call
+            )
             self._update_factor(f"gpu/{p}", gpu_obs, float(g))
         cpu_obs = obs("cpu")
         if cpu_obs is not None and cpu_m.any() and cpu_obs >= self.min_seconds:

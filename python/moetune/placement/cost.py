@@ -57,7 +57,6 @@ import dataclasses
 import json
 import math
 import os
-from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -97,8 +96,8 @@ class LayerShape:
     intermediate_size: int
     stored_bytes: int
     weight_format: str = "bf16"
-    resident_bytes: Optional[int] = None
-    compute_bytes: Optional[int] = None
+    resident_bytes: int | None = None
+    compute_bytes: int | None = None
 
     def __post_init__(self):
         for name in ("num_experts", "hidden_size", "intermediate_size", "stored_bytes"):
@@ -129,11 +128,15 @@ class LayerShape:
         return self.quantized and self.resident_size < self.gpu_bytes
 
     @classmethod
-    def of(cls, experts, **overrides) -> "LayerShape":
+    def of(cls, experts, **overrides) -> LayerShape:
         """The shape of a moetune.MoEExperts (its engine is the one source of the stored size)."""
-        kw = dict(num_experts=int(experts.num_experts), hidden_size=int(experts.hidden_size),
-                  intermediate_size=int(experts.intermediate_size),
-                  stored_bytes=int(experts.packed_bytes_per_expert), weight_format=str(experts.weight_format))
+        kw = dict(
+            num_experts=int(experts.num_experts),
+            hidden_size=int(experts.hidden_size),
+            intermediate_size=int(experts.intermediate_size),
+            stored_bytes=int(experts.packed_bytes_per_expert),
+            weight_format=str(experts.weight_format),
+        )
         kw.update(overrides)
         return cls(**kw)
 
@@ -167,12 +170,12 @@ class ReferenceRates:
     cpu_flops_per_s: float = 7.83e12
     cpu_forward_share_fixed: float = 0.2
     cpu_forward_share_token: float = 0.585
-    cpu_call_s: float = 100e-6                 # job submit + wait per call (assumed; calibrated)
+    cpu_call_s: float = 100e-6  # job submit + wait per call (assumed; calibrated)
     gpu_expert_overhead_s: float = 18.6e-6
     gpu_expert_bytes_per_s: float = 2.09e12
     gpu_flops_per_s: float = 229e12
     gpu_forward_share: float = 0.4
-    gpu_call_s: float = 50e-6                  # kernel launches per call (assumed; calibrated)
+    gpu_call_s: float = 50e-6  # kernel launches per call (assumed; calibrated)
     # Dequantizing one Qwen3 layer from int8 on the GPU: 3.2 ms for 128 experts = 25 us per
     # expert = 9.44 MB of bf16 written at 0.38 TB/s.
     gpu_dequant_bytes_per_s: float = 0.38e12
@@ -209,9 +212,9 @@ class CostCoefficients:
 
     forward: PhaseCoefficients
     backward: PhaseCoefficients
-    copy_bandwidth: float     # bytes/s, pinned host -> GPU
-    copy_latency: float       # seconds per copy (one expert)
-    cpu_slowdown: float       # >= 1: CPU engine time factor while copies run
+    copy_bandwidth: float  # bytes/s, pinned host -> GPU
+    copy_latency: float  # seconds per copy (one expert)
+    cpu_slowdown: float  # >= 1: CPU engine time factor while copies run
 
     def __post_init__(self):
         if not (math.isfinite(self.copy_bandwidth) and self.copy_bandwidth > 0):
@@ -225,7 +228,7 @@ class CostCoefficients:
         return getattr(self, cost_phase(phase))
 
     @classmethod
-    def defaults(cls, shape: LayerShape, rates: ReferenceRates = ReferenceRates()) -> "CostCoefficients":
+    def defaults(cls, shape: LayerShape, rates: ReferenceRates = ReferenceRates()) -> CostCoefficients:
         """Coefficients for `shape` from the reference machine's rates (see ReferenceRates): the CPU
         engine reads the stored format, the GPU computes on bf16 (gpu_bytes)."""
         r = rates
@@ -237,17 +240,25 @@ class CostCoefficients:
         dequant = shape.gpu_bytes / r.gpu_dequant_bytes_per_s if shape.quantized else 0.0
 
         def phase(cpu_fixed_share, cpu_token_share, gpu_share):
-            return PhaseCoefficients(cpu_call=r.cpu_call_s, cpu_expert=cpu_fixed * cpu_fixed_share,
-                                     cpu_token=cpu_token * cpu_token_share, gpu_call=r.gpu_call_s,
-                                     gpu_expert=gpu_fixed * gpu_share, gpu_token=gpu_token * gpu_share,
-                                     dequant=dequant)
+            return PhaseCoefficients(
+                cpu_call=r.cpu_call_s,
+                cpu_expert=cpu_fixed * cpu_fixed_share,
+                cpu_token=cpu_token * cpu_token_share,
+                gpu_call=r.gpu_call_s,
+                gpu_expert=gpu_fixed * gpu_share,
+                gpu_token=gpu_token * gpu_share,
+                dequant=dequant,
+            )
 
-        return cls(forward=phase(r.cpu_forward_share_fixed, r.cpu_forward_share_token, r.gpu_forward_share),
-                   backward=phase(1 - r.cpu_forward_share_fixed, 1 - r.cpu_forward_share_token,
-                                  1 - r.gpu_forward_share),
-                   copy_bandwidth=r.copy_bytes_per_s, copy_latency=r.copy_latency_s, cpu_slowdown=r.cpu_slowdown)
+        return cls(
+            forward=phase(r.cpu_forward_share_fixed, r.cpu_forward_share_token, r.gpu_forward_share),
+            backward=phase(1 - r.cpu_forward_share_fixed, 1 - r.cpu_forward_share_token, 1 - r.gpu_forward_share),
+            copy_bandwidth=r.copy_bytes_per_s,
+            copy_latency=r.copy_latency_s,
+            cpu_slowdown=r.cpu_slowdown,
+        )
 
-    def replace(self, **changes) -> "CostCoefficients":
+    def replace(self, **changes) -> CostCoefficients:
         return dataclasses.replace(self, **changes)
 
     # JSON -------------------------------------------------------------------------------------
@@ -255,11 +266,15 @@ class CostCoefficients:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CostCoefficients":
+    def from_dict(cls, d: dict) -> CostCoefficients:
         try:
-            return cls(forward=PhaseCoefficients(**d["forward"]), backward=PhaseCoefficients(**d["backward"]),
-                       copy_bandwidth=float(d["copy_bandwidth"]), copy_latency=float(d["copy_latency"]),
-                       cpu_slowdown=float(d["cpu_slowdown"]))
+            return cls(
+                forward=PhaseCoefficients(**d["forward"]),
+                backward=PhaseCoefficients(**d["backward"]),
+                copy_bandwidth=float(d["copy_bandwidth"]),
+                copy_latency=float(d["copy_latency"]),
+                cpu_slowdown=float(d["cpu_slowdown"]),
+            )
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a CostCoefficients dict ({e}): {d!r}") from None
 
@@ -271,7 +286,7 @@ class CostCoefficients:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str) -> "CostCoefficients":
+    def load(cls, path: str) -> CostCoefficients:
         with open(path) as fh:
             try:
                 d = json.load(fh)
@@ -293,9 +308,9 @@ class Terms:
     gpu_call: float
     gpu_expert: float
     gpu_token: float
-    stream_extra: float    # GPU seconds added per streamed expert (dequant)
+    stream_extra: float  # GPU seconds added per streamed expert (dequant)
     resident_extra: float  # GPU seconds added per resident expert (dequant if held quantized)
-    copy: float            # copy-stream seconds per streamed expert (0: this phase does not copy)
+    copy: float  # copy-stream seconds per streamed expert (0: this phase does not copy)
     slowdown: float
 
 
@@ -330,8 +345,7 @@ class CostModel:
     Not thread-safe: one training thread plans and observes.
     """
 
-    def __init__(self, shape: LayerShape, coefficients: Optional[CostCoefficients] = None, *,
-                 staging_buffers: int = 2):
+    def __init__(self, shape: LayerShape, coefficients: CostCoefficients | None = None, *, staging_buffers: int = 2):
         if not isinstance(shape, LayerShape):
             raise TypeError(f"shape must be a LayerShape, got {type(shape).__name__}")
         if int(staging_buffers) < 1:
@@ -339,9 +353,9 @@ class CostModel:
         self.shape = shape
         self.coefficients = coefficients if coefficients is not None else CostCoefficients.defaults(shape)
         self.staging_buffers = int(staging_buffers)
-        self.scales: Dict[str, float] = {k: 1.0 for k in scale_keys()}
+        self.scales: dict[str, float] = {k: 1.0 for k in scale_keys()}
         self.slowdown = float(self.coefficients.cpu_slowdown)
-        self._terms: Dict[tuple, object] = {}  # terms / term_columns cache
+        self._terms: dict[tuple, object] = {}  # terms / term_columns cache
 
     def set_coefficients(self, coefficients: CostCoefficients) -> None:
         """New base coefficients (e.g. a calibration); resets the online correction."""
@@ -361,17 +375,30 @@ class CostModel:
             p = cost_phase(phase)
             c = self.coefficients.phase(p)
             sc, sg = self.scales[f"cpu/{p}"], self.scales[f"gpu/{p}"]
-            copy = ((self.coefficients.copy_latency + self.shape.stored_bytes / self.coefficients.copy_bandwidth)
-                    * self.scales["copy"]) if copies else 0.0
-            t = Terms(cpu_call=c.cpu_call * sc, cpu_expert=c.cpu_expert * sc, cpu_token=c.cpu_token * sc,
-                      gpu_call=c.gpu_call * sg, gpu_expert=c.gpu_expert * sg, gpu_token=c.gpu_token * sg,
-                      stream_extra=c.dequant * sg,
-                      resident_extra=c.dequant * sg if self.shape.resident_dequant else 0.0,
-                      copy=float(copy), slowdown=max(1.0, float(self.slowdown)))
+            copy = (
+                (
+                    (self.coefficients.copy_latency + self.shape.stored_bytes / self.coefficients.copy_bandwidth)
+                    * self.scales["copy"]
+                )
+                if copies
+                else 0.0
+            )
+            t = Terms(
+                cpu_call=c.cpu_call * sc,
+                cpu_expert=c.cpu_expert * sc,
+                cpu_token=c.cpu_token * sc,
+                gpu_call=c.gpu_call * sg,
+                gpu_expert=c.gpu_expert * sg,
+                gpu_token=c.gpu_token * sg,
+                stream_extra=c.dequant * sg,
+                resident_extra=c.dequant * sg if self.shape.resident_dequant else 0.0,
+                copy=float(copy),
+                slowdown=max(1.0, float(self.slowdown)),
+            )
             self._terms[key] = t
         return t
 
-    def term_columns(self, phases: Tuple[Tuple[str, bool], ...]) -> Dict[str, np.ndarray]:
+    def term_columns(self, phases: tuple[tuple[str, bool], ...]) -> dict[str, np.ndarray]:
         """Terms of several (phase, copies) as [P, 1] float64 columns by field name (cached; the
         scheduler's vectorised evaluation broadcasts them over candidate placements)."""
         key = ("columns", phases)
@@ -385,18 +412,28 @@ class CostModel:
     def effective(self) -> CostCoefficients:
         """The coefficients with the online correction folded in (what `save` should persist to
         start the next run from what this one learned)."""
+
         def ph(p):
             c = self.coefficients.phase(p)
             sc, sg = self.scales[f"cpu/{p}"], self.scales[f"gpu/{p}"]
-            return PhaseCoefficients(cpu_call=c.cpu_call * sc, cpu_expert=c.cpu_expert * sc,
-                                     cpu_token=c.cpu_token * sc, gpu_call=c.gpu_call * sg,
-                                     gpu_expert=c.gpu_expert * sg, gpu_token=c.gpu_token * sg,
-                                     dequant=c.dequant * sg)
+            return PhaseCoefficients(
+                cpu_call=c.cpu_call * sc,
+                cpu_expert=c.cpu_expert * sc,
+                cpu_token=c.cpu_token * sc,
+                gpu_call=c.gpu_call * sg,
+                gpu_expert=c.gpu_expert * sg,
+                gpu_token=c.gpu_token * sg,
+                dequant=c.dequant * sg,
+            )
+
         s = self.scales["copy"]
-        return CostCoefficients(forward=ph("forward"), backward=ph("backward"),
-                                copy_bandwidth=self.coefficients.copy_bandwidth / s,
-                                copy_latency=self.coefficients.copy_latency * s,
-                                cpu_slowdown=max(1.0, self.slowdown))
+        return CostCoefficients(
+            forward=ph("forward"),
+            backward=ph("backward"),
+            copy_bandwidth=self.coefficients.copy_bandwidth / s,
+            copy_latency=self.coefficients.copy_latency * s,
+            cpu_slowdown=max(1.0, self.slowdown),
+        )
 
     def predict(self, counts, where, phase: str, *, copies: bool = True) -> Prediction:
         """Predicted seconds of `phase` for one call with these counts [E] and placement [E]
@@ -416,12 +453,30 @@ class CostModel:
         m = int(str_m.sum())
         G = float(m * (t.gpu_expert + t.stream_extra) + n[str_m].sum() * t.gpu_token)
         any_gpu = bool(res_m.any() or m > 0)
-        Xe, Y, C = (float(v) for v in makespan_parts(np.float64(X), np.float64(R), np.float64(G), np.float64(m),
-                                                     any_gpu, copy=t.copy, slowdown=t.slowdown,
-                                                     gpu_call=t.gpu_call, staging_buffers=self.staging_buffers))
-        return Prediction(cpu=X, cpu_eff=Xe, gpu=R + G + (t.gpu_call if any_gpu else 0.0), copy=C, gpu_side=Y,
-                          makespan=max(Xe, Y), streamed=m,
-                          copy_bytes=m * int(self.shape.stored_bytes) if copies else 0)
+        Xe, Y, C = (
+            float(v)
+            for v in makespan_parts(
+                np.float64(X),
+                np.float64(R),
+                np.float64(G),
+                np.float64(m),
+                any_gpu,
+                copy=t.copy,
+                slowdown=t.slowdown,
+                gpu_call=t.gpu_call,
+                staging_buffers=self.staging_buffers,
+            )
+        )
+        return Prediction(
+            cpu=X,
+            cpu_eff=Xe,
+            gpu=R + G + (t.gpu_call if any_gpu else 0.0),
+            copy=C,
+            gpu_side=Y,
+            makespan=max(Xe, Y),
+            streamed=m,
+            copy_bytes=m * int(self.shape.stored_bytes) if copies else 0,
+        )
 
 
 def makespan_parts(X, R, G, m, any_gpu, *, copy, slowdown, gpu_call, staging_buffers: int):

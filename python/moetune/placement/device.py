@@ -23,7 +23,7 @@ import os
 import time
 import warnings
 import weakref
-from typing import Iterable, List, Tuple
+from collections.abc import Iterable
 
 import torch
 
@@ -47,7 +47,7 @@ class HostEvent:
     def synchronize(self) -> None:
         pass
 
-    def elapsed_time(self, end: "HostEvent") -> float:  # milliseconds, as torch.cuda.Event
+    def elapsed_time(self, end: HostEvent) -> float:  # milliseconds, as torch.cuda.Event
         return (end.t - self.t) * 1e3
 
 
@@ -108,8 +108,9 @@ class Device:
         if self.is_cuda:
             torch.cuda.synchronize(self.torch)
 
-    def register_host(self, owner, ranges: Iterable[Tuple[int, int]], what: str = "host memory",
-                      keepalive=None) -> "HostRegistration":
+    def register_host(
+        self, owner, ranges: Iterable[tuple[int, int]], what: str = "host memory", keepalive=None
+    ) -> HostRegistration:
         """Page-locks [ptr, ptr + nbytes) ranges in place for the lifetime of `owner` (CUDA only;
         a no-op registration on the CPU stand-in). On failure: a warning, and copies from that
         memory stay correct but pageable (slower). One registration per owner: a second call for
@@ -132,15 +133,15 @@ class HostRegistration:
     owning the memory) is held until the ranges are unregistered, so the memory cannot be freed
     while it is still registered."""
 
-    def __init__(self, device: Device, owner, ranges: List[Tuple[int, int]], what: str, keepalive=None):
-        self.registered: List[Tuple[int, int]] = []
-        self.failed: List[Tuple[int, int, int]] = []
+    def __init__(self, device: Device, owner, ranges: list[tuple[int, int]], what: str, keepalive=None):
+        self.registered: list[tuple[int, int]] = []
+        self.failed: list[tuple[int, int, int]] = []
         self._finalizer = None
         if not device.is_cuda or not ranges:
             return
         cudart = torch.cuda.cudart()
         page = os.sysconf("SC_PAGE_SIZE")
-        merged: List[List[int]] = []
+        merged: list[list[int]] = []
         for ptr, nbytes in sorted((p, n) for p, n in ranges if n > 0):
             if ptr % page:
                 self.failed.append((ptr, nbytes, _NOT_PAGE_ALIGNED))
@@ -160,10 +161,13 @@ class HostRegistration:
         if any(e != _NOT_PAGE_ALIGNED for _, _, e in self.failed):
             _drain_cuda_error(device.torch)
         if self.failed:
-            warnings.warn(f"moetune.placement: could not page-lock {len(self.failed)} range(s) of {what} "
-                          f"(errors {sorted({e for _, _, e in self.failed})}; {_NOT_PAGE_ALIGNED} = not page "
-                          "aligned): streaming from them uses pageable copies (correct, slower)", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"moetune.placement: could not page-lock {len(self.failed)} range(s) of {what} "
+                f"(errors {sorted({e for _, _, e in self.failed})}; {_NOT_PAGE_ALIGNED} = not page "
+                "aligned): streaming from them uses pageable copies (correct, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if self.registered:
             self._finalizer = weakref.finalize(owner, _unregister, device.torch, list(self.registered), keepalive)
 
@@ -187,7 +191,7 @@ def _drain_cuda_error(device: torch.device) -> None:
         pass
 
 
-def _unregister(device: torch.device, ranges: List[Tuple[int, int]], keepalive=None) -> None:
+def _unregister(device: torch.device, ranges: list[tuple[int, int]], keepalive=None) -> None:
     """Unregisters `ranges` (keepalive, the memory's owner, is released only after this)."""
     try:
         cudart = torch.cuda.cudart()

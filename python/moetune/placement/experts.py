@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Dict, Hashable, List, Optional, Tuple
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -74,8 +74,8 @@ class GpuRuntime:
         self.gemm = Gemm(self.device.torch, options.gemm)
         self.store = ResidentStore(self.device, options.resident_budget_bytes)
         self.keep = KeepBudget(options.keep_budget_bytes)
-        self._streamers: Dict[PackedFormat, Streamer] = {}
-        self.pending: "collections.deque" = collections.deque()  # timing records (op.py)
+        self._streamers: dict[PackedFormat, Streamer] = {}
+        self.pending: collections.deque = collections.deque()  # timing records (op.py)
         self.trace = None  # a trace.Trace the op records its calls into (None: not tracing)
 
     def streamer(self, fmt: PackedFormat) -> Streamer:
@@ -114,14 +114,17 @@ class GpuExperts:
         self.host = self.fmt.host_views(buffers)
         dev = runtime.device
         self.registration = dev.register_host(
-            experts, [(t.data_ptr(), t.numel()) for t in self.host.values()],
-            what=f"layer {self.layer_key!r}'s packed experts", keepalive=_engine.memory_owner(experts))
+            experts,
+            [(t.data_ptr(), t.numel()) for t in self.host.values()],
+            what=f"layer {self.layer_key!r}'s packed experts",
+            keepalive=_engine.memory_owner(experts),
+        )
         kind, alpha, limit = _engine.activation(experts)
         self.activation = Activation(kind, alpha, limit)
         self.biases = tuple(None if b is None else b.to(dev.torch) for b in _engine.biases(experts))
         self.pool = runtime.store.pool(self.layer_key, self.fmt)
-        self._memo: "collections.OrderedDict" = collections.OrderedDict()
-        self._keep: Optional[Tuple[tuple, list, int]] = None  # (chunks, weights per chunk, bytes)
+        self._memo: collections.OrderedDict = collections.OrderedDict()
+        self._keep: tuple[tuple, list, int] | None = None  # (chunks, weights per chunk, bytes)
 
     @property
     def streamer(self) -> Streamer:
@@ -142,7 +145,7 @@ class GpuExperts:
         self.pool.evict(experts)
 
     # ---- the plan memo ----
-    def plan(self, planner, layer_key, counts: torch.Tensor) -> Tuple[LayerPlan, tuple]:
+    def plan(self, planner, layer_key, counts: torch.Tensor) -> tuple[LayerPlan, tuple]:
         """(plan, memo key): the planner's plan for these counts, remembered per (planner, counts,
         residency) until `forget_plan(key)` (the call's backward), so that a checkpoint recompute
         (same routing, same residency) gets the plan its forward got. At most options.plan_memo
@@ -177,7 +180,7 @@ class GpuExperts:
         self._keep = (tuple(map(tuple, chunks)), weights, nbytes)
         return True
 
-    def take_keep(self, chunks) -> Optional[list]:
+    def take_keep(self, chunks) -> list | None:
         """The kept weights if they are those of `chunks` (then released from the slot), else None."""
         k = self._keep
         if k is None or k[0] != tuple(map(tuple, chunks)):
@@ -208,8 +211,9 @@ def check_plan(plan: LayerPlan, counts: torch.Tensor, resident: torch.Tensor, la
         raise ValueError(f"plan for layer {layer_key!r} was made for other counts than this call's")
     missing = ((w == int(Where.GPU_RESIDENT)) & ~resident & (counts > 0)).nonzero().flatten().tolist()
     if missing:
-        raise ValueError(f"plan for layer {layer_key!r} places experts {missing} as GPU_RESIDENT but they are "
-                         "not resident")
+        raise ValueError(
+            f"plan for layer {layer_key!r} places experts {missing} as GPU_RESIDENT but they are not resident"
+        )
 
 
 class FixedPlanner:
@@ -219,7 +223,7 @@ class FixedPlanner:
 
     def __init__(self, where_fn: Callable):
         self.where_fn = where_fn
-        self.observed: List[Tuple[Hashable, LayerPlan, dict]] = []
+        self.observed: list[tuple[Hashable, LayerPlan, dict]] = []
         self.calls = 0
 
     def plan(self, layer_key, counts: torch.Tensor, resident_mask: torch.Tensor) -> LayerPlan:

@@ -21,7 +21,7 @@ values every engine GEMM uses), i.e. tests/python/quant_reference.py's dequantiz
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 import torch
 
@@ -42,10 +42,10 @@ class PackedFormat:
     """Shape and weight format of one layer's packed experts; sizes of its per-expert buffers."""
 
     weight_format: str  # "bf16" | "int8" | "int4"
-    group_size: int     # int4: 32 | 64 | 128; 0 otherwise
+    group_size: int  # int4: 32 | 64 | 128; 0 otherwise
     num_experts: int
-    hidden: int         # H
-    intermediate: int   # I
+    hidden: int  # H
+    intermediate: int  # I
 
     def __post_init__(self):
         if self.weight_format not in ("bf16", "int8", "int4"):
@@ -53,16 +53,16 @@ class PackedFormat:
         if self.weight_format == "int4" and self.group_size not in (32, 64, 128):
             raise ValueError(f"int4 group_size must be 32, 64 or 128, got {self.group_size}")
 
-    def dims(self, proj: str) -> Tuple[int, int]:
+    def dims(self, proj: str) -> tuple[int, int]:
         """(out, in) of a projection (HF nn.Linear orientation)."""
         H, I = self.hidden, self.intermediate
         return {"gate": (I, H), "up": (I, H), "down": (H, I)}[proj]
 
-    def buffer_names(self, proj: str) -> Tuple[str, ...]:
+    def buffer_names(self, proj: str) -> tuple[str, ...]:
         return (f"{proj}.bf16",) if self.weight_format == "bf16" else (f"{proj}.q", f"{proj}.scales")
 
     @property
-    def names(self) -> Tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         """Every buffer the decoder reads, projection by projection."""
         return tuple(n for p in PROJS for n in self.buffer_names(p))
 
@@ -92,23 +92,27 @@ class PackedFormat:
         """Bytes of one expert's decoded bf16 weights (gate + up + down)."""
         return 2 * 3 * self.hidden * self.intermediate
 
-    def host_views(self, buffers: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def host_views(self, buffers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The decoder's buffers of a layer as [E, stride] uint8 views (no copy), checked against
         the layout's sizes (a mismatch means the engine's layout changed: a clear error, no decode)."""
         out = {}
         for name in self.names:
             if name not in buffers:
-                raise ValueError(f"packed experts have no buffer {name!r} (have {sorted(buffers)}); "
-                                 f"weight format {self.weight_format}")
+                raise ValueError(
+                    f"packed experts have no buffer {name!r} (have {sorted(buffers)}); "
+                    f"weight format {self.weight_format}"
+                )
             buf = buffers[name]
             want = self.expert_bytes(name) * self.num_experts
             if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != want:
-                raise ValueError(f"packed buffer {name!r}: {buf.numel()} {buf.dtype} elements, expected {want} "
-                                 f"uint8 ({self.num_experts} experts x {self.expert_bytes(name)} bytes)")
+                raise ValueError(
+                    f"packed buffer {name!r}: {buf.numel()} {buf.dtype} elements, expected {want} "
+                    f"uint8 ({self.num_experts} experts x {self.expert_bytes(name)} bytes)"
+                )
             out[name] = buf.view(self.num_experts, self.expert_bytes(name))
         return out
 
-    def decode(self, proj: str, raw: Mapping[str, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decode(self, proj: str, raw: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """bf16 [n, out, in] weights of projection `proj` for n experts, on raw's device.
 
         raw: name -> uint8 [n, expert_bytes(name)] (rows = experts, any device; row strides may be
@@ -118,16 +122,19 @@ class PackedFormat:
         for name in names:
             r = raw[name]
             if r.dtype != torch.uint8 or r.dim() != 2 or r.shape != (n, self.expert_bytes(name)) or r.stride(1) != 1:
-                raise ValueError(f"decode {proj}: raw {name!r} must be uint8 [{n}, {self.expert_bytes(name)}] with "
-                                 f"contiguous rows, got {r.dtype} {list(r.shape)} strides {r.stride()}")
+                raise ValueError(
+                    f"decode {proj}: raw {name!r} must be uint8 [{n}, {self.expert_bytes(name)}] with "
+                    f"contiguous rows, got {r.dtype} {list(r.shape)} strides {r.stride()}"
+                )
         N, K = self.dims(proj)
         P, Kp = _panels(N), _kp(K)
         dev = raw[names[0]].device
         if out is None:
             out = torch.empty((n, N, K), dtype=torch.bfloat16, device=dev)
         elif out.shape != (n, N, K) or out.dtype != torch.bfloat16 or not out.is_contiguous():
-            raise ValueError(f"decode {proj}: out must be contiguous bf16 [{n}, {N}, {K}], got "
-                             f"{out.dtype} {list(out.shape)}")
+            raise ValueError(
+                f"decode {proj}: out must be contiguous bf16 [{n}, {N}, {K}], got {out.dtype} {list(out.shape)}"
+            )
         if n == 0:
             return out
         if self.weight_format == "bf16":
@@ -173,5 +180,10 @@ def _rows_as(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def format_of(experts) -> PackedFormat:
     """The PackedFormat of a moetune.MoEExperts (public properties only)."""
-    return PackedFormat(experts.weight_format, int(experts.group_size), experts.num_experts,
-                        experts.hidden_size, experts.intermediate_size)
+    return PackedFormat(
+        experts.weight_format,
+        int(experts.group_size),
+        experts.num_experts,
+        experts.hidden_size,
+        experts.intermediate_size,
+    )

@@ -33,7 +33,7 @@ if it raises or disagrees.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -98,15 +98,18 @@ class Gemm:
         if self._fn is None:
             reasons = dict.fromkeys(("mm", "tn"), "this torch has no grouped_mm")
         elif self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (9, 0):
-            reasons = dict.fromkeys(("mm", "tn"), "grouped_mm's fast path needs compute capability 9.0+ "
-                                                  "(below it torch loops with a host sync)")
+            reasons = dict.fromkeys(
+                ("mm", "tn"),
+                "grouped_mm's fast path needs compute capability 9.0+ (below it torch loops with a host sync)",
+            )
         else:
             reasons = self._probe()
         if reasons and self.mode == "grouped":
             raise RuntimeError(f"moetune.placement: gemm mode 'grouped' requested but {reasons}")
         for kind, why in reasons.items():
-            warnings.warn(f"moetune.placement: per-expert GEMMs for the {kind} shapes: {why}", RuntimeWarning,
-                          stacklevel=4)
+            warnings.warn(
+                f"moetune.placement: per-expert GEMMs for the {kind} shapes: {why}", RuntimeWarning, stacklevel=4
+            )
         self._usable = {"mm": "mm" not in reasons, "tn": "tn" not in reasons}
         return self._usable
 
@@ -125,9 +128,11 @@ class Gemm:
         tn_sizes = [7, 1, 16]
         tn_offs = offsets(tn_sizes, dev)
         ta, tb = rnd(sum(tn_sizes), 16), rnd(sum(tn_sizes), 24)
-        cases = [("mm", "x W^T (column-major weights)", lambda f, l: f(a, w.transpose(1, 2), offs, sizes)),
-                 ("mm", "d W (row-major weights)", lambda f, l: f(a[:, :24].contiguous(), w, offs, sizes)),
-                 ("tn", "token contraction", lambda f, l: l(ta, tb, tn_offs, tn_sizes))]
+        cases = [
+            ("mm", "x W^T (column-major weights)", lambda f, l: f(a, w.transpose(1, 2), offs, sizes)),
+            ("mm", "d W (row-major weights)", lambda f, l: f(a[:, :24].contiguous(), w, offs, sizes)),
+            ("tn", "token contraction", lambda f, l: l(ta, tb, tn_offs, tn_sizes)),
+        ]
         reasons = {}
         for kind, what, run in cases:
             if kind in reasons:
@@ -142,7 +147,7 @@ class Gemm:
                 continue
             ref32 = ref.float()
             err = (got.float() - ref32).abs().max().item()
-            if not err <= 2.0 ** -7 * max(ref32.abs().max().item(), 1e-30):  # a bf16 ulp either way
+            if not err <= 2.0**-7 * max(ref32.abs().max().item(), 1e-30):  # a bf16 ulp either way
                 reasons[kind] = f"grouped_mm disagrees with per-expert GEMMs on the probe ({what}: max|diff| {err:.3g})"
         return reasons
 
@@ -176,7 +181,7 @@ class Gemm:
         o = 0
         for gi, n in enumerate(sizes):
             if n:
-                torch.mm(a[o:o + n], b[gi], out=out[o:o + n])
+                torch.mm(a[o : o + n], b[gi], out=out[o : o + n])
             o += n
         return out
 
@@ -185,6 +190,6 @@ class Gemm:
         out = torch.empty((len(sizes), a.shape[1], b.shape[1]), dtype=torch.bfloat16, device=a.device)
         o = 0
         for gi, n in enumerate(sizes):
-            torch.mm(a[o:o + n].t(), b[o:o + n], out=out[gi])
+            torch.mm(a[o : o + n].t(), b[o : o + n], out=out[gi])
             o += n
         return out

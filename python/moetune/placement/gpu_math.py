@@ -31,7 +31,6 @@ buffers, or a keep slot) and recomputes g, u, h from x.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -59,7 +58,7 @@ class Activation:
         uc = u.clamp(-self.limit, self.limit)
         return ((uc + 1.0) * (gc * torch.sigmoid(self.alpha * gc))).to(BF16)
 
-    def backward(self, gb: torch.Tensor, ub: torch.Tensor, dh: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def backward(self, gb: torch.Tensor, ub: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(dg, du) in bf16 for the fp32 gradient dh of h."""
         g, u = gb.float(), ub.float()
         if self.kind == "swiglu":
@@ -89,14 +88,14 @@ class SegmentOperands:
     lora: proj -> (A [n_active, r8, in], B [n_active, out, r8]) bf16 (r padded to r8 with zeros)
     or None; biases: per-row (gate [n, I], up [n, I], down [n, H]) fp32 or None each."""
 
-    W: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    W: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     offs: torch.Tensor
     sizes: list
     coffs: torch.Tensor
     csizes: list
-    lora: Dict[str, Optional[Tuple[torch.Tensor, torch.Tensor]]]
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor] | None]
     scaling: float
-    biases: Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None, None)
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
 
 
 def _proj_in(gemm: Gemm, ops: SegmentOperands, which: int, x: torch.Tensor):
@@ -138,20 +137,29 @@ def forward_segment(gemm: Gemm, act: Activation, ops: SegmentOperands, x: torch.
 
 @dataclasses.dataclass
 class SegmentGrads:
-    dx: Optional[torch.Tensor]          # fp32 [n, H] per row (summed per token by the caller)
-    dw: Optional[torch.Tensor]          # fp32 [n] per row: d topk_weights of its slot
-    lora: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]  # fp32 [n_active, ...] (r8)
+    dx: torch.Tensor | None  # fp32 [n, H] per row (summed per token by the caller)
+    dw: torch.Tensor | None  # fp32 [n] per row: d topk_weights of its slot
+    lora: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]  # fp32 [n_active, ...] (r8)
 
 
-def backward_segment(gemm: Gemm, act: Activation, ops: SegmentOperands, x: torch.Tensor, dout: torch.Tensor,
-                     w: torch.Tensor, *, need_dx: bool, need_dw: bool,
-                     need_lora: Dict[str, Tuple[bool, bool]]) -> SegmentGrads:
+def backward_segment(
+    gemm: Gemm,
+    act: Activation,
+    ops: SegmentOperands,
+    x: torch.Tensor,
+    dout: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    need_dx: bool,
+    need_dw: bool,
+    need_lora: dict[str, tuple[bool, bool]],
+) -> SegmentGrads:
     """Gradients for the segment's rows: x, dout bf16 [n, H] (dout of each row's token), w fp32 [n]
     (each row's routing weight). need_lora: proj -> (need dA, need dB)."""
     s = ops.scaling
     lo = ops.lora
     gb, ub, h, zg, zu = _gate_up(gemm, act, ops, x)
-    grads: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+    grads: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     # Through down: D = Wd^T dout + s Ad^T q with q = bf16(Bd^T dout).
     D = gemm.mm(dout, ops.W[2], ops.offs, ops.sizes).float()
     q = None

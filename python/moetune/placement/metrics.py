@@ -16,7 +16,7 @@ over the calls that reported a wall time (1.0 = the model is right on average).
 from __future__ import annotations
 
 import math
-from typing import Dict, Hashable, Mapping, Optional
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 
@@ -40,13 +40,24 @@ class PlacementMetrics:
         self._reset()
 
     def _reset(self) -> None:
-        self._n: Dict[str, float] = {f"{k}_{p}": 0.0 for k in ("experts", "tokens") for p in PLACEMENTS}
-        self._n.update(calls=0.0, bytes_copied=0.0, cpu_s=0.0, gpu_s=0.0, copy_s=0.0, wall_s=0.0,
-                       predicted_s=0.0, predicted_wall_s=0.0, predicted_cpu_s=0.0, predicted_gpu_s=0.0,
-                       predicted_copy_s=0.0)
+        self._n: dict[str, float] = {f"{k}_{p}": 0.0 for k in ("experts", "tokens") for p in PLACEMENTS}
+        self._n.update(
+            calls=0.0,
+            bytes_copied=0.0,
+            cpu_s=0.0,
+            gpu_s=0.0,
+            copy_s=0.0,
+            wall_s=0.0,
+            predicted_s=0.0,
+            predicted_wall_s=0.0,
+            predicted_cpu_s=0.0,
+            predicted_gpu_s=0.0,
+            predicted_copy_s=0.0,
+        )
 
-    def record(self, layer_key: Hashable, plan: LayerPlan, timings: Mapping[str, object],
-               prediction: Optional[Prediction] = None) -> None:
+    def record(
+        self, layer_key: Hashable, plan: LayerPlan, timings: Mapping[str, object], prediction: Prediction | None = None
+    ) -> None:
         n = self._n
         phase = str(timings.get("phase", "forward"))
         n["calls"] += 1
@@ -73,7 +84,7 @@ class PlacementMetrics:
             if _seconds(timings, "wall") > 0:
                 n["predicted_wall_s"] += prediction.makespan
 
-    def summary(self) -> Dict[str, float]:
+    def summary(self) -> dict[str, float]:
         """The current step's numbers (keys prefixed "placement_"), without resetting."""
         n = dict(self._n)
         tokens = sum(n[f"tokens_{p}"] for p in PLACEMENTS)
@@ -82,7 +93,7 @@ class PlacementMetrics:
         n["predicted_ratio"] = (n["wall_s"] / n["predicted_wall_s"]) if n["predicted_wall_s"] > 0 else 0.0
         return {PREFIX + k: float(v) for k, v in n.items()}
 
-    def end_step(self) -> Dict[str, float]:
+    def end_step(self) -> dict[str, float]:
         out = self.summary()
         self.steps += 1
         self._reset()
@@ -100,8 +111,7 @@ class PlacementMetrics:
         def pct(p):
             return 100.0 * g(PREFIX + f"tokens_{p}", 0.0) / tokens
 
-        s = (f"gpu {pct('resident') + pct('streamed'):.0f}% tok (res {pct('resident'):.0f}%, "
-             f"str {pct('streamed'):.0f}%)")
+        s = f"gpu {pct('resident') + pct('streamed'):.0f}% tok (res {pct('resident'):.0f}%, str {pct('streamed'):.0f}%)"
         copied = g(PREFIX + "bytes_copied", 0.0)
         if copied:
             s += f" {copied / 1e9:.1f} GB copied"
@@ -111,7 +121,7 @@ class PlacementMetrics:
         return s
 
 
-def split_counts(plan: LayerPlan) -> Dict[str, np.ndarray]:
+def split_counts(plan: LayerPlan) -> dict[str, np.ndarray]:
     """Pairs per expert [E] of each placement (zeros elsewhere), e.g. for a per-layer breakdown."""
     counts = plan.counts.numpy()
     where = plan.where.numpy()

@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from moetune.engine import LoraWeights, MoEExperts, moe_experts
-from moetune.engine import EngineCall
+from moetune.engine import EngineCall, LoraWeights, MoEExperts, moe_experts
 from moetune.placement._engine import cpu_call
 from moetune.placement.experts import GpuExperts, GpuRuntime
 from moetune.placement.gpu_math import SegmentOperands, backward_segment, forward_segment
@@ -58,6 +56,7 @@ _PROJ = ("gate", "up", "down")
 
 
 # ---------------------------------------------------------------------------- timings
+
 
 class _Timing:
     """One call's measurements; GPU parts are events read once complete."""
@@ -93,9 +92,14 @@ class _Timing:
         gpu = self.gpu_start.elapsed_time(self.gpu_end) / 1e3
         copy = sum(a.elapsed_time(b) for a, b in self.copies) / 1e3
         wall = max(self.host_wall, self.launch + gpu) if self.runtime.device.is_cuda else self.host_wall
-        return {"cpu": self.cpu, "gpu": gpu, "copy": copy, "wall": wall, "phase": self.phase,
-                "copy_bytes": self.copy_bytes}
-
+        return {
+            "cpu": self.cpu,
+            "gpu": gpu,
+            "copy": copy,
+            "wall": wall,
+            "phase": self.phase,
+            "copy_bytes": self.copy_bytes,
+        }
 
     def trace(self, tr) -> None:
         """This call's spans: the Python thread (the call on the host), the CPU engine job (from
@@ -103,8 +107,10 @@ class _Timing:
         time), the GPU compute stream and each streamed chunk's copy (CUDA events, resolved when
         the trace is flushed)."""
         name = f"layer {self.layer_key} {self.phase}"
-        args = {"gpu_experts": int((self.plan.where != int(Where.CPU)).sum()),
-                "streamed": int((self.plan.where == int(Where.GPU_STREAMED)).sum())}
+        args = {
+            "gpu_experts": int((self.plan.where != int(Where.CPU)).sum()),
+            "streamed": int((self.plan.where == int(Where.GPU_STREAMED)).sum()),
+        }
         tr.add(Lane.PYTHON, name, self.t0, self.host_wall, args)
         if self.cpu > 0:
             tr.add(Lane.CPU_ENGINE, name, self.t0, self.cpu)
@@ -134,6 +140,7 @@ def flush_timings(runtime: GpuRuntime) -> None:
 
 # ---------------------------------------------------------------------------- the call
 
+
 @dataclasses.dataclass
 class _Call:
     gpu: GpuExperts
@@ -147,7 +154,7 @@ class _Call:
     phase: str
     has_cpu: bool
     needs: tuple = ()
-    cpu: Optional[EngineCall] = None
+    cpu: EngineCall | None = None
 
 
 def _routing_counts(topk_ids: torch.Tensor, E: int) -> torch.Tensor:
@@ -180,9 +187,17 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def placed_moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                       lora: Optional[LoraWeights] = None, *, planner, gpu: GpuExperts,
-                       layer_key=None) -> torch.Tensor:
+def placed_moe_experts(
+    experts: MoEExperts,
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    lora: LoraWeights | None = None,
+    *,
+    planner,
+    gpu: GpuExperts,
+    layer_key=None,
+) -> torch.Tensor:
     """moetune.moe_experts with each expert computed where `planner` puts it (see the module doc).
     gpu: the layer's GpuExperts (built for these experts); layer_key: the planner's id of the layer
     (default gpu.layer_key)."""
@@ -199,7 +214,9 @@ def placed_moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Ten
     if x.dtype not in (BF16, F32) or topk_weights.dtype not in (BF16, F32):
         raise ValueError(f"x and topk_weights must be bfloat16 or float32, got {x.dtype} and {topk_weights.dtype}")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_ids must be int32/int64 [T={x.shape[0]}, k], got {topk_ids.dtype} {list(topk_ids.shape)}")
+        raise ValueError(
+            f"topk_ids must be int32/int64 [T={x.shape[0]}, k], got {topk_ids.dtype} {list(topk_ids.shape)}"
+        )
     if topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_weights has shape {list(topk_weights.shape)}, expected {list(topk_ids.shape)}")
     layer_key = gpu.layer_key if layer_key is None else layer_key
@@ -213,8 +230,9 @@ def placed_moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Ten
         t0 = time.perf_counter()
         out = moe_experts(experts, x, topk_ids, topk_weights, lora)
         wall = time.perf_counter() - t0
-        planner.observe(layer_key, plan, {"cpu": wall, "gpu": 0.0, "copy": 0.0, "wall": wall, "phase": phase,
-                                          "copy_bytes": 0})
+        planner.observe(
+            layer_key, plan, {"cpu": wall, "gpu": 0.0, "copy": 0.0, "wall": wall, "phase": phase, "copy_bytes": 0}
+        )
         if runtime.trace is not None:
             name = f"layer {layer_key} {phase} (all CPU)"
             runtime.trace.add(Lane.PYTHON, name, t0, wall)
@@ -227,8 +245,7 @@ def placed_moe_experts(experts: MoEExperts, x: torch.Tensor, topk_ids: torch.Ten
             raise ValueError(f"lora.{_PROJ[i // 2]}.{'AB'[i % 2]} must be a bfloat16 or float32 tensor")
     layout = GpuLayout.build(plan, gpu.pool.slot_expert, gpu.streamer.chunk_experts)
     has_cpu = bool(((plan.where == int(Where.CPU)) & (counts > 0)).any())
-    call = _Call(gpu, planner, layer_key, plan, memo_key, layout, gpu.pool.version, float(lora.scaling), phase,
-                 has_cpu)
+    call = _Call(gpu, planner, layer_key, plan, memo_key, layout, gpu.pool.version, float(lora.scaling), phase, has_cpu)
     return _Placed.apply(call, x, topk_ids, topk_weights, *flat)
 
 
@@ -242,8 +259,9 @@ class _Placed(torch.autograd.Function):
         dev = runtime.device
         tm = _Timing(runtime, call.planner, call.layer_key, call.plan, call.phase)
         if call.has_cpu:  # queued first: the CPU works while the GPU part is launched and runs
-            call.cpu = cpu_call(call.gpu.experts, x, topk_ids, topk_weights, call.plan.cpu_mask, lora, call.scaling,
-                                pinned=dev.is_cuda)
+            call.cpu = cpu_call(
+                call.gpu.experts, x, topk_ids, topk_weights, call.plan.cpu_mask, lora, call.scaling, pinned=dev.is_cuda
+            )
         copied0 = call.gpu.streamer.bytes_copied
         out = _gpu_forward(call, x, topk_ids, topk_weights, lora, tm)
         tm.copy_bytes = call.gpu.streamer.bytes_copied - copied0
@@ -288,20 +306,23 @@ class _Placed(torch.autograd.Function):
                 continue
             out_lora.append(_merge_lora_grad(t, cpu_lora[i], lgrads.get(i), call.layout.active))
         tm.finish(busy)
-        return (None,
-                None if dx is None else dx.to(device=x.device, dtype=x.dtype),
-                None,
-                None if dw is None else dw.to(device=topk_weights.device, dtype=topk_weights.dtype),
-                *out_lora)
+        return (
+            None,
+            None if dx is None else dx.to(device=x.device, dtype=x.dtype),
+            None,
+            None if dw is None else dw.to(device=topk_weights.device, dtype=topk_weights.dtype),
+            *out_lora,
+        )
 
 
 # ---------------------------------------------------------------------------- GPU part
+
 
 def _pad8(r: int) -> int:
     return -(-r // 8) * 8
 
 
-def _lora_rows(lora, active: List[int], device) -> Dict[str, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+def _lora_rows(lora, active: list[int], device) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
     """proj -> (A [n, r8, in], B [n, out, r8]) bf16 on the GPU device: the active experts' rows,
     rank zero-padded to a multiple of 8 (exact: zero rows/columns add nothing) so that every LoRA
     GEMM meets grouped_mm's 16-byte stride rule."""
@@ -349,8 +370,9 @@ def _segments(call: _Call, phase: str, tm: _Timing):
     nbytes = sum(len(c) for c in chunks) * gpu.fmt.decoded_bytes_per_expert
     keep = phase == "recompute" and runtime.keep.used_bytes + nbytes <= runtime.keep.budget_bytes + gpu.kept_bytes
     weights = []
-    for seg, W in zip(streamed, gpu.streamer.stream(gpu.host, chunks, keep=keep, copy_events=tm.copies,
-                                                     timing=runtime.device.is_cuda)):
+    for seg, W in zip(
+        streamed, gpu.streamer.stream(gpu.host, chunks, keep=keep, copy_events=tm.copies, timing=runtime.device.is_cuda)
+    ):
         if keep:
             weights.append(W)
         yield seg, W
@@ -364,7 +386,7 @@ def _operands(call: _Call, seg, W, lora_d, rows: DeviceRows, dev) -> SegmentOper
     lo = {p: (None if v is None else (v[0][a0:a1], v[1][a0:a1])) for p, v in lora_d.items()}
     G = len(seg.group_sizes)
     W = tuple(t[:G] for t in W)
-    erow = rows.expert[seg.row0:seg.row1]
+    erow = rows.expert[seg.row0 : seg.row1]
     biases = tuple(None if b is None else b.index_select(0, erow) for b in call.gpu.biases)
     return SegmentOperands(W, offs, seg.group_sizes, coffs, seg.active_sizes, lo, call.scaling, biases)
 
@@ -390,8 +412,8 @@ def _gpu_forward(call: _Call, x, topk_ids, topk_weights, lora, tm: _Timing) -> t
     Y[n].zero_()
     for seg, W in _segments(call, call.phase, tm):
         ops = _operands(call, seg, W, lora_d, rows, dev.torch)
-        xs = xb.index_select(0, rows.tok[seg.row0:seg.row1])
-        Y[seg.row0:seg.row1] = forward_segment(runtime.gemm, gpu.activation, ops, xs)
+        xs = xb.index_select(0, rows.tok[seg.row0 : seg.row1])
+        Y[seg.row0 : seg.row1] = forward_segment(runtime.gemm, gpu.activation, ops, xs)
     out = combine(Y, rows.row_of, w32)
     tm.end_gpu()
     return out
@@ -415,7 +437,7 @@ def _gpu_backward(call: _Call, x, topk_ids, topk_weights, lora, grad_out, need_x
     if DW is not None:
         DW[n].zero_()
     need_lora = {p: (need_l[2 * i], need_l[2 * i + 1]) for i, p in enumerate(_PROJ)}
-    acc: Dict[int, torch.Tensor] = {}  # index into the flat LoRA list -> fp32 [n_act, ...] (r8-padded)
+    acc: dict[int, torch.Tensor] = {}  # index into the flat LoRA list -> fp32 [n_act, ...] (r8-padded)
     for i, p in enumerate(_PROJ):
         if lora_d[p] is None:
             continue
@@ -424,17 +446,26 @@ def _gpu_backward(call: _Call, x, topk_ids, topk_weights, lora, grad_out, need_x
                 acc[2 * i + j] = torch.empty((n_act, *lora_d[p][j].shape[1:]), dtype=F32, device=D)
     for seg, W in _segments(call, "backward", tm):
         ops = _operands(call, seg, W, lora_d, rows, D)
-        tok = rows.tok[seg.row0:seg.row1]
-        g = backward_segment(runtime.gemm, gpu.activation, ops, xb.index_select(0, tok), dob.index_select(0, tok),
-                             w_rows[seg.row0:seg.row1], need_dx=need_x, need_dw=need_w, need_lora=need_lora)
+        tok = rows.tok[seg.row0 : seg.row1]
+        g = backward_segment(
+            runtime.gemm,
+            gpu.activation,
+            ops,
+            xb.index_select(0, tok),
+            dob.index_select(0, tok),
+            w_rows[seg.row0 : seg.row1],
+            need_dx=need_x,
+            need_dw=need_w,
+            need_lora=need_lora,
+        )
         if DX is not None:
-            DX[seg.row0:seg.row1] = g.dx
+            DX[seg.row0 : seg.row1] = g.dx
         if DW is not None:
-            DW[seg.row0:seg.row1] = g.dw
+            DW[seg.row0 : seg.row1] = g.dw
         for i, p in enumerate(_PROJ):
             for j in range(2):
                 if 2 * i + j in acc:
-                    acc[2 * i + j][seg.active0:seg.active1] = g.lora[p][j]
+                    acc[2 * i + j][seg.active0 : seg.active1] = g.lora[p][j]
     dx = combine(DX, rows.row_of) if DX is not None else None
     dw = DW.index_select(0, rows.row_of.reshape(-1)).view(rows.row_of.shape) if DW is not None else None
     lgrads = {}
@@ -445,8 +476,9 @@ def _gpu_backward(call: _Call, x, topk_ids, topk_weights, lora, grad_out, need_x
     return dx, dw, lgrads
 
 
-def _merge_lora_grad(param: torch.Tensor, cpu_grad: Optional[torch.Tensor], gpu_grad: Optional[torch.Tensor],
-                     active: List[int]) -> torch.Tensor:
+def _merge_lora_grad(
+    param: torch.Tensor, cpu_grad: torch.Tensor | None, gpu_grad: torch.Tensor | None, active: list[int]
+) -> torch.Tensor:
     """fp32 sum of the CPU engine's full gradient (zeros for experts it did not run) and the GPU's
     rows of the active experts, in the parameter's dtype on its device."""
     dev = param.device

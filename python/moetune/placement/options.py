@@ -20,7 +20,8 @@ import dataclasses
 import inspect
 import math
 import os
-from typing import Any, Mapping, Optional, Tuple, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -63,23 +64,22 @@ class PlacementOptions:
     """
 
     mode: str = "auto"
-    gpu_budget_gib: Optional[float] = None
-    device: Optional[str] = None
+    gpu_budget_gib: float | None = None
+    device: str | None = None
     staging_buffers: int = GpuOptions.stream_buffers
     keep_for_backward: bool = True
     refresh_every: int = _default_of(ResidencyPolicy, "refresh_every")
     warmup_steps: int = _default_of(ResidencyPolicy, "warmup_steps")
     calibrate: bool = True
-    calibration_cache_dir: Optional[str] = None
-    trace: Optional[str] = None
+    calibration_cache_dir: str | None = None
+    trace: str | None = None
     trace_steps: int = 3
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"placement mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         b = self.gpu_budget_gib
-        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b)
-                              or b < 0):
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0):
             raise ValueError(f"gpu_budget_gib must be a number >= 0 (GiB) or None (auto), got {b!r}")
         if b is not None:
             object.__setattr__(self, "gpu_budget_gib", float(b))
@@ -87,11 +87,13 @@ class PlacementOptions:
             try:
                 dev = torch.device(self.device)
             except (RuntimeError, TypeError):
-                raise ValueError(f"placement device must be 'cuda', 'cuda:N' or 'cpu' (the stand-in), got "
-                                 f"{self.device!r}") from None
+                raise ValueError(
+                    f"placement device must be 'cuda', 'cuda:N' or 'cpu' (the stand-in), got {self.device!r}"
+                ) from None
             if dev.type not in ("cuda", "cpu"):
-                raise ValueError(f"placement device must be 'cuda', 'cuda:N' or 'cpu' (the stand-in), got "
-                                 f"{self.device!r}")
+                raise ValueError(
+                    f"placement device must be 'cuda', 'cuda:N' or 'cpu' (the stand-in), got {self.device!r}"
+                )
             object.__setattr__(self, "device", str(dev))
         for name in ("staging_buffers", "refresh_every", "warmup_steps", "trace_steps"):
             v = getattr(self, name)
@@ -106,8 +108,9 @@ class PlacementOptions:
                 object.__setattr__(self, name, os.fspath(v))
 
     @classmethod
-    def resolve(cls, placement: Union["PlacementOptions", str, Mapping[str, Any], None] = None,
-                **overrides) -> "PlacementOptions":
+    def resolve(
+        cls, placement: PlacementOptions | str | Mapping[str, Any] | None = None, **overrides
+    ) -> PlacementOptions:
         """placement as given to patch / load_model: a PlacementOptions, a mode string, a dict
         of fields, or None (the defaults), with keyword overrides applied."""
         if placement is None:
@@ -119,18 +122,22 @@ class PlacementOptions:
         elif isinstance(placement, Mapping):
             unknown = sorted(set(placement) - {f.name for f in dataclasses.fields(cls)})
             if unknown:
-                raise TypeError(f"unknown placement option(s) {', '.join(unknown)}; the options are "
-                                f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+                raise TypeError(
+                    f"unknown placement option(s) {', '.join(unknown)}; the options are "
+                    f"{', '.join(f.name for f in dataclasses.fields(cls))}"
+                )
             base = cls(**placement)
         else:
-            raise TypeError(f"placement must be a moetune.PlacementOptions, a mode string ({', '.join(MODES)}), "
-                            f"a dict or None, got {type(placement).__name__}")
+            raise TypeError(
+                f"placement must be a moetune.PlacementOptions, a mode string ({', '.join(MODES)}), "
+                f"a dict or None, got {type(placement).__name__}"
+            )
         return dataclasses.replace(base, **overrides) if overrides else base
 
-    def replace(self, **changes) -> "PlacementOptions":
+    def replace(self, **changes) -> PlacementOptions:
         return dataclasses.replace(self, **changes)
 
-    def resolve_mode(self, model_device) -> Tuple[str, Optional[torch.device]]:
+    def resolve_mode(self, model_device) -> tuple[str, torch.device | None]:
         """The one place "auto" meets the environment: (mode, device) with mode "cpu" (the CPU
         engine only; device None) or the scheduler's "auto" / "gpu" on `device` (a CUDA device,
         or the CPU stand-in when `device="cpu"` was given explicitly).
@@ -152,8 +159,10 @@ class PlacementOptions:
             return self.mode, torch.device("cpu")
         if self.mode == "auto":
             return "cpu", None
-        raise ValueError(f"moetune: placement mode 'gpu' needs the model on a CUDA device (it is on {dev}); "
-                         "use mode 'auto' or 'cpu', or device='cpu' for the CPU stand-in of the GPU path")
+        raise ValueError(
+            f"moetune: placement mode 'gpu' needs the model on a CUDA device (it is on {dev}); "
+            "use mode 'auto' or 'cpu', or device='cpu' for the CPU stand-in of the GPU path"
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Dict
 
 import torch
 
 
 class Where(enum.IntEnum):
-    CPU = 0           # the CPU engine (moetune.MoEExperts), unchanged results
+    CPU = 0  # the CPU engine (moetune.MoEExperts), unchanged results
     GPU_RESIDENT = 1  # weights already held on the GPU (ResidentStore)
     GPU_STREAMED = 2  # weights copied to the GPU for this call (staging buffers), then dropped
 
@@ -24,7 +23,7 @@ class LayerPlan:
 
     where: torch.Tensor
     counts: torch.Tensor
-    predicted: Dict[str, float] = dataclasses.field(default_factory=dict)
+    predicted: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def cpu_mask(self) -> torch.Tensor:  # bool [E]: experts the CPU engine computes
@@ -34,5 +33,5 @@ class LayerPlan:
         return torch.nonzero(self.where == int(where)).flatten()
 
     @staticmethod
-    def uniform(counts: torch.Tensor, where: Where) -> "LayerPlan":
+    def uniform(counts: torch.Tensor, where: Where) -> LayerPlan:
         return LayerPlan(torch.full((counts.numel(),), int(where), dtype=torch.int8), counts.to(torch.int64))

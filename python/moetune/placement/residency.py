@@ -48,7 +48,7 @@ goes below 0.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Hashable, Optional, Union
+from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
@@ -71,8 +71,13 @@ class GpuMemory:
     peak_reserved: int
 
 
-def auto_budget_bytes(mem: GpuMemory, *, resident_bytes: int, margin_bytes: int = DEFAULT_MARGIN_BYTES,
-                      margin_fraction: float = DEFAULT_MARGIN_FRACTION) -> int:
+def auto_budget_bytes(
+    mem: GpuMemory,
+    *,
+    resident_bytes: int,
+    margin_bytes: int = DEFAULT_MARGIN_BYTES,
+    margin_fraction: float = DEFAULT_MARGIN_FRACTION,
+) -> int:
     """GPU bytes the resident experts may take (module docstring). resident_bytes: the residents
     held during the measured window (part of peak_reserved, given back to the budget)."""
     if mem.total <= 0:
@@ -146,16 +151,28 @@ class ResidencyPolicy:
     Not thread-safe (one training thread).
     """
 
-    def __init__(self, scheduler, *, budget: Union[str, float] = "auto", refresh_every: int = 50,
-                 warmup_steps: int = 10, ema: float = 0.9, hysteresis: float = 0.25, curve_points: int = 12,
-                 memory_probe: Optional[Callable[[], GpuMemory]] = None,
-                 margin_bytes: int = DEFAULT_MARGIN_BYTES, margin_fraction: float = DEFAULT_MARGIN_FRACTION):
+    def __init__(
+        self,
+        scheduler,
+        *,
+        budget: str | float = "auto",
+        refresh_every: int = 50,
+        warmup_steps: int = 10,
+        ema: float = 0.9,
+        hysteresis: float = 0.25,
+        curve_points: int = 12,
+        memory_probe: Callable[[], GpuMemory] | None = None,
+        margin_bytes: int = DEFAULT_MARGIN_BYTES,
+        margin_fraction: float = DEFAULT_MARGIN_FRACTION,
+    ):
         if isinstance(budget, str):
             if budget != "auto":
                 raise ValueError(f"budget must be 'auto' or a number of GiB, got {budget!r}")
             if memory_probe is None:
-                raise ValueError("budget='auto' measures the GPU: give memory_probe (CudaMemoryProbe(device)), "
-                                 "or an explicit budget in GiB")
+                raise ValueError(
+                    "budget='auto' measures the GPU: give memory_probe (CudaMemoryProbe(device)), "
+                    "or an explicit budget in GiB"
+                )
             self._budget_bytes = None
         else:
             if not (isinstance(budget, (int, float)) and budget >= 0):
@@ -177,11 +194,11 @@ class ResidencyPolicy:
         self.steps = 0
         self.version = 0  # bumped at every refresh that changed the wanted sets
         self.budget_bytes = self._budget_bytes
-        self.last_refresh: Dict[str, int] = {}
-        self._layers: Dict[Hashable, _Layer] = {}
+        self.last_refresh: dict[str, int] = {}
+        self._layers: dict[Hashable, _Layer] = {}
 
     @classmethod
-    def attach(cls, scheduler, **kw) -> "ResidencyPolicy":
+    def attach(cls, scheduler, **kw) -> ResidencyPolicy:
         """A policy for the scheduler, fed by its observe() (forward calls)."""
         policy = cls(scheduler, **kw)
         scheduler.residency = policy
@@ -231,8 +248,9 @@ class ResidencyPolicy:
         return torch.from_numpy(self._layer(layer_key).wanted.copy())
 
     def wanted_bytes(self) -> int:
-        return int(sum(int(layer.wanted.sum()) * self._model(key).shape.resident_size
-                       for key, layer in self._layers.items()))
+        return int(
+            sum(int(layer.wanted.sum()) * self._model(key).shape.resident_size for key, layer in self._layers.items())
+        )
 
     def _averages(self, layer: _Layer):
         debias = 1.0 - self.ema ** max(1, self.steps)
@@ -256,8 +274,12 @@ class ResidencyPolicy:
     def refresh(self) -> None:
         """Recomputes the wanted sets now (end_step calls it at the cadence)."""
         if self._budget_bytes is None:
-            self.budget_bytes = auto_budget_bytes(self.memory_probe(), resident_bytes=self.wanted_bytes(),
-                                                  margin_bytes=self.margin_bytes, margin_fraction=self.margin_fraction)
+            self.budget_bytes = auto_budget_bytes(
+                self.memory_probe(),
+                resident_bytes=self.wanted_bytes(),
+                margin_bytes=self.margin_bytes,
+                margin_fraction=self.margin_fraction,
+            )
         budget = int(self.budget_bytes)
         boost = 1.0 + self.hysteresis
         keys = list(self._layers)
@@ -300,7 +322,7 @@ class ResidencyPolicy:
         take = {li: 0 for li in range(len(keys))}
         closed = set()
         used = 0
-        for density, li, r0, r1, size in segments:
+        for _density, li, r0, r1, size in segments:
             if li in closed or take[li] != r0:
                 continue
             fit = min(r1 - r0, (budget - used) // size)
@@ -315,19 +337,28 @@ class ResidencyPolicy:
         for li, key in enumerate(keys):
             layer = self._layers[key]
             new = np.zeros(layer.E, dtype=bool)
-            new[ranks[key][:take[li]]] = True
+            new[ranks[key][: take[li]]] = True
             swaps_in += int((new & ~layer.wanted).sum())
             swaps_out += int((~new & layer.wanted).sum())
             chosen_n += int(new.sum())
             layer.wanted = new
         if swaps_in or swaps_out:
             self.version += 1
-        self.last_refresh = {"step": self.steps, "experts": chosen_n, "bytes": used, "budget": budget,
-                             "swaps_in": swaps_in, "swaps_out": swaps_out}
+        self.last_refresh = {
+            "step": self.steps,
+            "experts": chosen_n,
+            "bytes": used,
+            "budget": budget,
+            "swaps_in": swaps_in,
+            "swaps_out": swaps_out,
+        }
 
-    def stats(self) -> Dict[str, float]:
+    def stats(self) -> dict[str, float]:
         """Numbers for metrics.jsonl: wanted experts / bytes, budget, swaps at the last refresh."""
         r = self.last_refresh
-        return {"resident_experts": float(r.get("experts", 0)), "resident_bytes": float(r.get("bytes", 0)),
-                "resident_budget": float(self.budget_bytes or 0), "resident_swaps": float(r.get("swaps_in", 0)
-                                                                                           + r.get("swaps_out", 0))}
+        return {
+            "resident_experts": float(r.get("experts", 0)),
+            "resident_bytes": float(r.get("bytes", 0)),
+            "resident_budget": float(self.budget_bytes or 0),
+            "resident_swaps": float(r.get("swaps_in", 0) + r.get("swaps_out", 0)),
+        }

@@ -19,7 +19,7 @@ milliseconds per expert at most.
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Optional
+from collections.abc import Hashable
 
 import torch
 
@@ -37,13 +37,13 @@ class ResidentStore:
         if budget_bytes < 0:
             raise ValueError(f"resident budget must be >= 0 bytes, got {budget_bytes}")
         self.device, self.budget_bytes = device, int(budget_bytes)
-        self._pools: Dict[Hashable, "ResidentPool"] = {}
+        self._pools: dict[Hashable, ResidentPool] = {}
 
     @property
     def used_bytes(self) -> int:
         return sum(p.nbytes for p in self._pools.values())
 
-    def pool(self, key: Hashable, fmt: PackedFormat) -> "ResidentPool":
+    def pool(self, key: Hashable, fmt: PackedFormat) -> ResidentPool:
         p = self._pools.get(key)
         if p is None:
             p = self._pools[key] = ResidentPool(self, key, fmt)
@@ -51,25 +51,26 @@ class ResidentStore:
             raise ValueError(f"resident pool {key!r} holds {p.fmt}, asked for {fmt}")
         return p
 
-    def pools(self) -> Dict[Hashable, "ResidentPool"]:
+    def pools(self) -> dict[Hashable, ResidentPool]:
         return dict(self._pools)
 
-    def _check(self, pool: "ResidentPool", new_slots: int) -> None:
+    def _check(self, pool: ResidentPool, new_slots: int) -> None:
         after = self.used_bytes - pool.nbytes + new_slots * pool.fmt.decoded_bytes_per_expert
         if after > self.budget_bytes:
             raise ResidentBudgetError(
                 f"resident experts of layer {pool.key!r}: {new_slots} slots x {pool.fmt.decoded_bytes_per_expert} "
                 f"bytes would bring the GPU resident store to {after} bytes, over its budget of "
-                f"{self.budget_bytes} bytes ({self.used_bytes} in use)")
+                f"{self.budget_bytes} bytes ({self.used_bytes} in use)"
+            )
 
 
 class ResidentPool:
     def __init__(self, store: ResidentStore, key: Hashable, fmt: PackedFormat):
         self.store, self.key, self.fmt = store, key, fmt
-        self.slot_expert: List[int] = []           # expert per slot, -1 = free
-        self.weights: Optional[tuple] = None       # (gate, up, down) [S, out, in] bf16
-        self.loads = 0                             # experts loaded from the host (all time)
-        self.version = 0                           # bumped by every change of slots or contents
+        self.slot_expert: list[int] = []  # expert per slot, -1 = free
+        self.weights: tuple | None = None  # (gate, up, down) [S, out, in] bf16
+        self.loads = 0  # experts loaded from the host (all time)
+        self.version = 0  # bumped by every change of slots or contents
 
     @property
     def capacity(self) -> int:
@@ -79,7 +80,7 @@ class ResidentPool:
     def nbytes(self) -> int:
         return 0 if self.weights is None else sum(t.numel() * t.element_size() for t in self.weights)
 
-    def experts(self) -> List[int]:
+    def experts(self) -> list[int]:
         return sorted(e for e in self.slot_expert if e >= 0)
 
     def mask(self) -> torch.Tensor:
@@ -90,13 +91,13 @@ class ResidentPool:
         return m
 
     # ---- changes ----
-    def apply(self, wanted, host: Dict[str, torch.Tensor], streamer: Streamer) -> None:
+    def apply(self, wanted, host: dict[str, torch.Tensor], streamer: Streamer) -> None:
         """Holds exactly the experts of `wanted` (bool [E] or ids) afterwards, in a pool of exactly
         that many slots (memory follows the set)."""
         want = self._ids(wanted)
         self._rebuild(want, host, streamer)
 
-    def load(self, experts, host: Dict[str, torch.Tensor], streamer: Streamer) -> None:
+    def load(self, experts, host: dict[str, torch.Tensor], streamer: Streamer) -> None:
         """Adds experts (already held ones are skipped): free slots first, else the pool grows to
         exactly the slots needed."""
         new = [e for e in self._ids(experts) if e not in set(self.slot_expert)]
@@ -115,7 +116,7 @@ class ResidentPool:
         self.slot_expert = [-1 if e in drop else e for e in self.slot_expert]
         self.version += 1
 
-    def compact(self, host: Dict[str, torch.Tensor], streamer: Streamer) -> None:
+    def compact(self, host: dict[str, torch.Tensor], streamer: Streamer) -> None:
         """Shrinks the pool to the experts it holds."""
         if self.capacity != len(self.experts()):
             self._rebuild(self.experts(), host, streamer)
@@ -125,7 +126,7 @@ class ResidentPool:
         self.version += 1
 
     # ---- internals ----
-    def _ids(self, experts) -> List[int]:
+    def _ids(self, experts) -> list[int]:
         if isinstance(experts, torch.Tensor) and experts.dtype == torch.bool:
             if experts.shape != (self.fmt.num_experts,):
                 raise ValueError(f"resident mask has shape {list(experts.shape)}, expected [{self.fmt.num_experts}]")
@@ -140,7 +141,7 @@ class ResidentPool:
         dev = self.store.device.torch
         return tuple(torch.empty((slots, *self.fmt.dims(p)), dtype=torch.bfloat16, device=dev) for p in PROJS)
 
-    def _rebuild(self, want: List[int], host, streamer) -> None:
+    def _rebuild(self, want: list[int], host, streamer) -> None:
         store = self.store
         store._check(self, len(want))
         if not want:
@@ -170,7 +171,7 @@ class ResidentPool:
         if not pairs:
             return
         C = streamer.chunk_experts
-        chunks = [pairs[i:i + C] for i in range(0, len(pairs), C)]
+        chunks = [pairs[i : i + C] for i in range(0, len(pairs), C)]
         dev = self.store.device.torch
         for chunk, W in zip(chunks, streamer.stream(host, [[e for _, e in c] for c in chunks])):
             slots = torch.tensor([s for s, _ in chunk], device=dev)

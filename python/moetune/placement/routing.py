@@ -19,7 +19,7 @@ rows back per token in slot order (deterministic: one gather per slot, no atomic
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -29,39 +29,39 @@ from moetune.placement.plan import LayerPlan, Where
 
 @dataclasses.dataclass
 class Segment:
-    kind: Where                  # GPU_RESIDENT or GPU_STREAMED
-    experts: List[int]           # experts with rows here, in row order
-    group_sizes: List[int]       # rows per weight group (resident: one per pool slot, zeros allowed)
+    kind: Where  # GPU_RESIDENT or GPU_STREAMED
+    experts: list[int]  # experts with rows here, in row order
+    group_sizes: list[int]  # rows per weight group (resident: one per pool slot, zeros allowed)
     row0: int
     row1: int
     active0: int
     active1: int
-    chunk: int = -1              # streamed: index of its chunk
+    chunk: int = -1  # streamed: index of its chunk
 
     @property
-    def active_sizes(self) -> List[int]:
+    def active_sizes(self) -> list[int]:
         return [s for s in self.group_sizes if s > 0]
 
 
 @dataclasses.dataclass
 class GpuLayout:
-    segments: List[Segment]
-    active: List[int]            # GPU experts with rows, in row order
+    segments: list[Segment]
+    active: list[int]  # GPU experts with rows, in row order
     n_rows: int
-    position: torch.Tensor       # int64 [E] host: rank of each expert in `active`, len(active) if none
+    position: torch.Tensor  # int64 [E] host: rank of each expert in `active`, len(active) if none
 
     @property
-    def streamed_chunks(self) -> List[List[int]]:
+    def streamed_chunks(self) -> list[list[int]]:
         return [s.experts for s in self.segments if s.kind == Where.GPU_STREAMED]
 
     @staticmethod
-    def build(plan: LayerPlan, slot_expert: Sequence[int], chunk_experts: int) -> "GpuLayout":
+    def build(plan: LayerPlan, slot_expert: Sequence[int], chunk_experts: int) -> GpuLayout:
         """slot_expert: the resident pool's expert per slot (-1 for a free slot)."""
         counts = plan.counts.tolist()
         where = plan.where.tolist()
         E = len(counts)
-        segments: List[Segment] = []
-        active: List[int] = []
+        segments: list[Segment] = []
+        active: list[int] = []
         row = 0
 
         def add(kind, experts, sizes, chunk=-1):
@@ -81,7 +81,7 @@ class GpuLayout:
             add(Where.GPU_RESIDENT, res_experts, res_sizes)
         streamed = [e for e in range(E) if where[e] == Where.GPU_STREAMED and counts[e] > 0]
         for c, i in enumerate(range(0, len(streamed), max(1, chunk_experts))):
-            chunk = streamed[i:i + max(1, chunk_experts)]
+            chunk = streamed[i : i + max(1, chunk_experts)]
             add(Where.GPU_STREAMED, chunk, [counts[e] for e in chunk], c)
         position = torch.full((E,), len(active), dtype=torch.int64)
         position[torch.tensor(active, dtype=torch.int64)] = torch.arange(len(active), dtype=torch.int64)
@@ -90,13 +90,13 @@ class GpuLayout:
 
 @dataclasses.dataclass
 class DeviceRows:
-    rows: torch.Tensor     # int64 [n]: flattened slot index t * k + j of each GPU row
-    tok: torch.Tensor      # int64 [n]
-    expert: torch.Tensor   # int64 [n]
-    row_of: torch.Tensor   # int64 [T, k]: row of each slot, n for slots not on the GPU
+    rows: torch.Tensor  # int64 [n]: flattened slot index t * k + j of each GPU row
+    tok: torch.Tensor  # int64 [n]
+    expert: torch.Tensor  # int64 [n]
+    row_of: torch.Tensor  # int64 [T, k]: row of each slot, n for slots not on the GPU
 
     @staticmethod
-    def build(layout: GpuLayout, topk_ids: torch.Tensor, position: torch.Tensor) -> "DeviceRows":
+    def build(layout: GpuLayout, topk_ids: torch.Tensor, position: torch.Tensor) -> DeviceRows:
         """topk_ids [T, k] and position (layout.position on the same device)."""
         T, k = topk_ids.shape
         flat = topk_ids.reshape(-1).to(torch.int64)
@@ -106,8 +106,9 @@ class DeviceRows:
         rows = order[:n]
         row_of = torch.full((T * k,), n, dtype=torch.int64, device=flat.device)
         row_of.index_copy_(0, rows, torch.arange(n, dtype=torch.int64, device=flat.device))
-        return DeviceRows(rows, torch.div(rows, k, rounding_mode="floor"), flat.index_select(0, rows),
-                          row_of.view(T, k))
+        return DeviceRows(
+            rows, torch.div(rows, k, rounding_mode="floor"), flat.index_select(0, rows), row_of.view(T, k)
+        )
 
 
 def segment_offsets(seg: Segment, device) -> tuple:
@@ -115,7 +116,7 @@ def segment_offsets(seg: Segment, device) -> tuple:
     return offsets(seg.group_sizes, device), offsets(seg.active_sizes, device)
 
 
-def combine(values: torch.Tensor, row_of: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def combine(values: torch.Tensor, row_of: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """out[t] = sum_j weights[t, j] * values[row_of[t, j]] in slot order, fp32.
 
     values: fp32 [n + 1, H] whose last row is zero (slots not computed here); weights fp32 [T, k]
@@ -127,5 +128,5 @@ def combine(values: torch.Tensor, row_of: torch.Tensor, weights: Optional[torch.
         if weights is None:
             out.add_(v)
         else:
-            out.addcmul_(v, weights[:, j:j + 1])
+            out.addcmul_(v, weights[:, j : j + 1])
     return out

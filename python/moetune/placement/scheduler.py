@@ -41,7 +41,7 @@ policy, when those are attached.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -59,8 +59,7 @@ class _Problem:
     """One plan() call's numbers, vectorised over phases (rows) and candidate placements
     (columns): the active experts, their per-phase costs, the per-phase constants."""
 
-    def __init__(self, n_all, res_all, cols: Dict[str, np.ndarray], weights: np.ndarray, staging: int,
-                 cap: Optional[int]):
+    def __init__(self, n_all, res_all, cols: dict[str, np.ndarray], weights: np.ndarray, staging: int, cap: int | None):
         """cols: CostModel.term_columns of the charged phases ([P, 1] each); weights [P, 1]."""
         self.ids = np.flatnonzero(n_all > 0)
         self.n = n_all[self.ids]
@@ -79,13 +78,22 @@ class _Problem:
         self.gpu_str = np.where(res, 0.0, gpu + cols["stream_extra"])
         self.str_f = (~self.res).astype(np.float64)
         self.cpu_total = self.cpu.sum(axis=1, keepdims=True)
-        self.refs: Dict[str, float] = {}
+        self.refs: dict[str, float] = {}
 
     def evaluate(self, n_cpu, X, R, G, m):
         """Objective of K candidate placements from their totals: n_cpu, m [K]; X, R, G [P, K].
         Returns (objective [K], (X_eff, Y, C) each [P, K])."""
-        Xe, Y, C = makespan_parts(X + self.cc * (n_cpu > 0), R, G, m, n_cpu < self.A, copy=self.copy,
-                                  slowdown=self.slow, gpu_call=self.gc, staging_buffers=self.staging)
+        Xe, Y, C = makespan_parts(
+            X + self.cc * (n_cpu > 0),
+            R,
+            G,
+            m,
+            n_cpu < self.A,
+            copy=self.copy,
+            slowdown=self.slow,
+            gpu_call=self.gc,
+            staging_buffers=self.staging,
+        )
         obj = (self.w * np.maximum(Xe, Y)).sum(axis=0)
         if self.cap is not None:
             obj = np.where(m > self.cap, np.inf, obj)
@@ -94,8 +102,13 @@ class _Problem:
     def totals(self, on_gpu):
         """Totals of K placements (bool [K, A], True = GPU): n_cpu, X, R, G, m."""
         g = on_gpu.astype(np.float64).T  # [A, K]
-        return (self.A - g.sum(axis=0), self.cpu_total - self.cpu @ g, self.gpu_res @ g, self.gpu_str @ g,
-                self.str_f @ g)
+        return (
+            self.A - g.sum(axis=0),
+            self.cpu_total - self.cpu @ g,
+            self.gpu_res @ g,
+            self.gpu_str @ g,
+            self.str_f @ g,
+        )
 
     def objectives(self, on_gpu):
         return self.evaluate(*self.totals(on_gpu))[0]
@@ -135,8 +148,13 @@ class _Problem:
         for _ in range(max_rounds):
             n_cpu0, X0, R0, G0, m0 = self.totals(on_gpu[None, :])
             sign = np.where(on_gpu, -1.0, 1.0)  # toggling expert i moves it onto (+) / off (-) the GPU
-            cand, _ = self.evaluate(n_cpu0 - sign, X0 - sign * self.cpu, R0 + sign * self.gpu_res,
-                                    G0 + sign * self.gpu_str, m0 + sign * self.str_f)
+            cand, _ = self.evaluate(
+                n_cpu0 - sign,
+                X0 - sign * self.cpu,
+                R0 + sign * self.gpu_res,
+                G0 + sign * self.gpu_str,
+                m0 + sign * self.str_f,
+            )
             i = int(np.argmin(cand))
             if cand[i] < obj * (1.0 - _MIN_GAIN):
                 on_gpu = on_gpu.copy()
@@ -151,12 +169,17 @@ class _Problem:
             gi = gi[np.argsort(cand[gi], kind="stable")[:swap_candidates]]
             ci = ci[np.argsort(cand[ci], kind="stable")[:swap_candidates]]
 
-            def pair(a):  # a[:, i] - a[:, j] for each (i on the GPU, j on the CPU), flattened [P, Ki*Kj]
+            def pair(a, gi=gi, ci=ci):  # a[:, i] - a[:, j] for each (i on the GPU, j on the CPU), flattened [P, Ki*Kj]
                 return (a[:, gi, None] - a[:, None, ci]).reshape(a.shape[0], -1)
 
             d_str = (self.str_f[gi, None] - self.str_f[None, ci]).reshape(-1)
-            pc, _ = self.evaluate(np.broadcast_to(n_cpu0, d_str.shape), X0 + pair(self.cpu), R0 - pair(self.gpu_res),
-                                  G0 - pair(self.gpu_str), m0 - d_str)
+            pc, _ = self.evaluate(
+                np.broadcast_to(n_cpu0, d_str.shape),
+                X0 + pair(self.cpu),
+                R0 - pair(self.gpu_res),
+                G0 - pair(self.gpu_str),
+                m0 - d_str,
+            )
             k = int(np.argmin(pc))
             if not pc[k] < obj * (1.0 - _MIN_GAIN):
                 break
@@ -174,7 +197,7 @@ class _Problem:
             streamed = np.flatnonzero(~self.res)
             if streamed.size > self.cap:
                 by_count = streamed[np.argsort(-self.n[streamed], kind="stable")]
-                on_gpu[by_count[self.cap:]] = False
+                on_gpu[by_count[self.cap :]] = False
         return on_gpu
 
 
@@ -198,18 +221,27 @@ class Scheduler:
     backward) but never at the same time.
     """
 
-    def __init__(self, cost_model: Union[CostModel, Callable[[Hashable], CostModel]], *, mode: str = "auto",
-                 phases: Union[Sequence[str], Mapping[str, float]] = ("forward", "backward"),
-                 backward_copies: bool = True, max_streamed: Optional[int] = None,
-                 correction=None, metrics=None, residency=None, improve_rounds: int = 32,
-                 swap_candidates: int = 12):
+    def __init__(
+        self,
+        cost_model: CostModel | Callable[[Hashable], CostModel],
+        *,
+        mode: str = "auto",
+        phases: Sequence[str] | Mapping[str, float] = ("forward", "backward"),
+        backward_copies: bool = True,
+        max_streamed: int | None = None,
+        correction=None,
+        metrics=None,
+        residency=None,
+        improve_rounds: int = 32,
+        swap_candidates: int = 12,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if max_streamed is not None and int(max_streamed) < 0:
             raise ValueError(f"max_streamed must be >= 0 or None, got {max_streamed}")
         self.mode = mode
         self._default = cost_model
-        self._models: Dict[Hashable, CostModel] = {}
+        self._models: dict[Hashable, CostModel] = {}
         self.phases = self._phase_weights(phases)
         self.backward_copies = bool(backward_copies)
         self.max_streamed = None if max_streamed is None else int(max_streamed)
@@ -225,11 +257,11 @@ class Scheduler:
             self._make_correction = OnlineCorrection
         else:
             self._make_correction = correction
-        self._corrections: Dict[int, object] = {}
-        self._weight_cols: Dict[tuple, tuple] = {}
+        self._corrections: dict[int, object] = {}
+        self._weight_cols: dict[tuple, tuple] = {}
 
     @staticmethod
-    def _phase_weights(phases) -> Dict[str, float]:
+    def _phase_weights(phases) -> dict[str, float]:
         items = phases.items() if isinstance(phases, Mapping) else ((p, 1.0) for p in phases)
         out = {}
         for p, w in items:
@@ -269,8 +301,14 @@ class Scheduler:
         return c
 
     # planning -----------------------------------------------------------------------------
-    def plan(self, layer_key: Hashable, counts: torch.Tensor, resident_mask: Optional[torch.Tensor] = None, *,
-             phases: Union[None, Sequence[str], Mapping[str, float]] = None) -> LayerPlan:
+    def plan(
+        self,
+        layer_key: Hashable,
+        counts: torch.Tensor,
+        resident_mask: torch.Tensor | None = None,
+        *,
+        phases: None | Sequence[str] | Mapping[str, float] = None,
+    ) -> LayerPlan:
         """The placement of one call. counts: int CPU tensor [E] (pairs per expert); resident_mask:
         bool [E] (experts whose weights the GPU holds now; None: none). phases: override the
         phases this plan is charged for (e.g. ("backward",))."""
@@ -318,8 +356,10 @@ class Scheduler:
         key = tuple(weights.items())
         w = self._weight_cols.get(key)
         if w is None:
-            w = self._weight_cols[key] = (tuple((p, self.copies(p)) for p in weights),
-                                          np.array([[v] for v in weights.values()]))
+            w = self._weight_cols[key] = (
+                tuple((p, self.copies(p)) for p in weights),
+                np.array([[v] for v in weights.values()]),
+            )
         return n, res, _Problem(n, res, model.term_columns(w[0]), w[1], model.staging_buffers, self.max_streamed)
 
     def _search(self, prob: _Problem) -> np.ndarray:
@@ -342,7 +382,7 @@ class Scheduler:
                 best, best_obj = cand, obj
         return best
 
-    def _predicted(self, prob: _Problem, on_gpu) -> Dict[str, float]:
+    def _predicted(self, prob: _Problem, on_gpu) -> dict[str, float]:
         """Predicted seconds summed over the charged phases (weights applied): "cpu" (engine, with
         the copy slowdown), "gpu" (GPU side finish), "copy", "makespan", and the all-CPU /
         all-GPU plans' makespans for comparison."""
@@ -353,8 +393,12 @@ class Scheduler:
         make = {"all_cpu": lambda: np.zeros(prob.A, dtype=bool), "all_gpu": prob.all_gpu}
         obj, (Xe, Y, C) = prob.evaluate(*prob.totals(np.stack([on_gpu] + [make[k]() for k in refs])))
         w = prob.w[:, 0]
-        out = {"cpu": float(w @ Xe[:, 0]), "gpu": float(w @ Y[:, 0]), "copy": float(w @ C[:, 0]),
-               "makespan": float(obj[0])}
+        out = {
+            "cpu": float(w @ Xe[:, 0]),
+            "gpu": float(w @ Y[:, 0]),
+            "copy": float(w @ C[:, 0]),
+            "makespan": float(obj[0]),
+        }
         out.update(prob.refs)
         out.update({k: float(v) for k, v in zip(refs, obj[1:])})
         return out

@@ -24,7 +24,7 @@ move in one copy per buffer. On the CPU stand-in the same code does plain copies
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -32,9 +32,9 @@ from moetune.placement.device import Device
 from moetune.placement.formats import PROJS, PackedFormat
 
 
-def _runs(experts: Sequence[int]) -> List[Tuple[int, int, int]]:
+def _runs(experts: Sequence[int]) -> list[tuple[int, int, int]]:
     """(j0, j1, e0): staging rows [j0, j1) hold experts e0 .. e0 + j1 - j0 - 1 (consecutive ids)."""
-    runs: List[Tuple[int, int, int]] = []
+    runs: list[tuple[int, int, int]] = []
     for j, e in enumerate(experts):
         if runs and runs[-1][2] + (j - runs[-1][0]) == e:
             runs[-1] = (runs[-1][0], j + 1, runs[-1][2])
@@ -50,23 +50,33 @@ class Streamer:
         self.device, self.fmt = device, fmt
         self.chunk_experts, self.buffers = int(chunk_experts), int(buffers)
         dev = device.torch
-        self._raw = [{n: torch.empty((chunk_experts, fmt.expert_bytes(n)), dtype=torch.uint8, device=dev)
-                      for n in fmt.names} for _ in range(buffers)]
-        self._decoded = tuple(torch.empty((chunk_experts, *fmt.dims(p)), dtype=torch.bfloat16, device=dev)
-                              for p in PROJS)
-        self._free: List[Optional[object]] = [None] * buffers  # per slot: event after its last decode
+        self._raw = [
+            {n: torch.empty((chunk_experts, fmt.expert_bytes(n)), dtype=torch.uint8, device=dev) for n in fmt.names}
+            for _ in range(buffers)
+        ]
+        self._decoded = tuple(
+            torch.empty((chunk_experts, *fmt.dims(p)), dtype=torch.bfloat16, device=dev) for p in PROJS
+        )
+        self._free: list[object | None] = [None] * buffers  # per slot: event after its last decode
         self._busy = False
         self.bytes_copied = 0  # stored-format bytes moved host -> device (all calls)
 
     @property
     def staging_bytes(self) -> int:
         """Device memory held by the staging buffers."""
-        return (sum(t.numel() for slot in self._raw for t in slot.values())
-                + sum(t.numel() * t.element_size() for t in self._decoded))
+        return sum(t.numel() for slot in self._raw for t in slot.values()) + sum(
+            t.numel() * t.element_size() for t in self._decoded
+        )
 
-    def stream(self, host: Dict[str, torch.Tensor], chunks: Sequence[Sequence[int]], *, keep: bool = False,
-               copy_events: Optional[list] = None, timing: bool = False
-               ) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def stream(
+        self,
+        host: dict[str, torch.Tensor],
+        chunks: Sequence[Sequence[int]],
+        *,
+        keep: bool = False,
+        copy_events: list | None = None,
+        timing: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yields (gate [c, I, H], up [c, I, H], down [c, H, I]) bf16 on the device for each chunk
         of expert ids (each chunk at most chunk_experts long).
 
@@ -87,7 +97,7 @@ class Streamer:
 
     def _stream(self, host, chunks, keep, copy_events, timing):
         dev, nb, fmt = self.device, self.buffers, self.fmt
-        copied: List[Optional[object]] = [None] * len(chunks)
+        copied: list[object | None] = [None] * len(chunks)
 
         def issue(i: int) -> None:
             slot = i % nb
@@ -101,7 +111,7 @@ class Streamer:
                 for name, dst in self._raw[slot].items():
                     src = host[name]
                     for j0, j1, e0 in runs:
-                        dst[j0:j1].copy_(src[e0:e0 + j1 - j0], non_blocking=True)
+                        dst[j0:j1].copy_(src[e0 : e0 + j1 - j0], non_blocking=True)
                         self.bytes_copied += (j1 - j0) * dst.shape[1]
             dev.record(end, cs)
             copied[i] = end

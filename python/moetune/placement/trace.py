@@ -23,7 +23,8 @@ import enum
 import json
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 
 class Lane(enum.Enum):
@@ -45,19 +46,19 @@ class Trace:
     spans are dropped and counted in `dropped`). Not thread-safe: record from one thread, or
     give each thread its own Trace and merge their events()."""
 
-    def __init__(self, enabled: bool = True, *, clock: Callable[[], float] = time.perf_counter,
-                 max_events: int = 2_000_000):
+    def __init__(
+        self, enabled: bool = True, *, clock: Callable[[], float] = time.perf_counter, max_events: int = 2_000_000
+    ):
         self.enabled = bool(enabled)
         self.clock = clock
         self.origin = clock()
         self.max_events = int(max_events)
         self.dropped = 0
-        self._events: List[Dict[str, Any]] = []
-        self._pending_cuda: List[tuple] = []
+        self._events: list[dict[str, Any]] = []
+        self._pending_cuda: list[tuple] = []
         self._anchor = None  # (event, host seconds)
 
-    def add(self, lane: Lane, name: str, start_s: float, duration_s: float,
-            args: Optional[Dict[str, Any]] = None) -> None:
+    def add(self, lane: Lane, name: str, start_s: float, duration_s: float, args: dict[str, Any] | None = None) -> None:
         """A span on `lane` from start_s (this trace's clock, seconds) lasting duration_s."""
         if not self.enabled:
             return
@@ -65,13 +66,19 @@ class Trace:
             self.dropped += 1
             return
         pid, tid = LANE_IDS[lane]
-        ev = {"name": str(name), "ph": "X", "ts": (start_s - self.origin) * 1e6, "dur": max(0.0, duration_s) * 1e6,
-              "pid": pid, "tid": tid}
+        ev = {
+            "name": str(name),
+            "ph": "X",
+            "ts": (start_s - self.origin) * 1e6,
+            "dur": max(0.0, duration_s) * 1e6,
+            "pid": pid,
+            "tid": tid,
+        }
         if args:
             ev["args"] = dict(args)
         self._events.append(ev)
 
-    def span(self, lane: Lane, name: str, args: Optional[Dict[str, Any]] = None):
+    def span(self, lane: Lane, name: str, args: dict[str, Any] | None = None):
         """Context manager recording the enclosed block as a span (a shared no-op when disabled)."""
         if not self.enabled:
             return _NULL
@@ -104,7 +111,7 @@ class Trace:
         ev.synchronize()
         self.set_anchor(ev, self.clock())
 
-    def add_cuda(self, lane: Lane, name: str, start_event, end_event, args: Optional[Dict[str, Any]] = None) -> None:
+    def add_cuda(self, lane: Lane, name: str, start_event, end_event, args: dict[str, Any] | None = None) -> None:
         """A span between two CUDA events (recorded with enable_timing=True); resolved at flush_cuda()."""
         if not self.enabled:
             return
@@ -123,7 +130,7 @@ class Trace:
         self._pending_cuda.clear()
 
     # output -------------------------------------------------------------------------------
-    def events(self) -> List[Dict[str, Any]]:
+    def events(self) -> list[dict[str, Any]]:
         """The trace events: lane metadata ("M") followed by the recorded spans ("X")."""
         meta = []
         for pid, pname in PROCESS_NAMES.items():
@@ -138,8 +145,14 @@ class Trace:
         self.flush_cuda()
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as fh:
-            json.dump({"traceEvents": self.events(), "displayTimeUnit": "ms",
-                       "otherData": {"producer": "moetune.placement.trace", "dropped_events": self.dropped}}, fh)
+            json.dump(
+                {
+                    "traceEvents": self.events(),
+                    "displayTimeUnit": "ms",
+                    "otherData": {"producer": "moetune.placement.trace", "dropped_events": self.dropped},
+                },
+                fh,
+            )
         os.replace(tmp, path)
         return path
 

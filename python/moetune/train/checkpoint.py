@@ -21,7 +21,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -32,7 +32,7 @@ def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
-def list_checkpoints(output_dir: str) -> List[str]:
+def list_checkpoints(output_dir: str) -> list[str]:
     """Complete checkpoints, oldest first."""
     d = checkpoints_dir(output_dir)
     if not os.path.isdir(d):
@@ -41,12 +41,12 @@ def list_checkpoints(output_dir: str) -> List[str]:
     return [os.path.join(d, n) for _, n in found]
 
 
-def latest_checkpoint(output_dir: str) -> Optional[str]:
+def latest_checkpoint(output_dir: str) -> str | None:
     cks = list_checkpoints(output_dir)
     return cks[-1] if cks else None
 
 
-def clean_partial(output_dir: str) -> List[str]:
+def clean_partial(output_dir: str) -> list[str]:
     """Remove leftovers of interrupted saves; returns what was removed."""
     d = checkpoints_dir(output_dir)
     removed = []
@@ -70,21 +70,21 @@ def _fsync_tree(path: str) -> None:
         os.close(fd)
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     st = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
-def set_rng_state(st: Dict[str, Any]) -> None:
+def set_rng_state(st: dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save(output_dir: str, step: int, *, model, optimizer, scheduler, state: Dict[str, Any], keep: int) -> str:
+def save(output_dir: str, step: int, *, model, optimizer, scheduler, state: dict[str, Any], keep: int) -> str:
     """Write checkpoint `step` atomically; returns its path."""
     d = checkpoints_dir(output_dir)
     os.makedirs(d, exist_ok=True)
@@ -112,7 +112,7 @@ def save(output_dir: str, step: int, *, model, optimizer, scheduler, state: Dict
     return final
 
 
-def load(path: str, *, model, optimizer, scheduler) -> Dict[str, Any]:
+def load(path: str, *, model, optimizer, scheduler) -> dict[str, Any]:
     """Restore a checkpoint into the (already built, same-config) model, optimizer
     and scheduler; sets the RNG states; returns state.json."""
     from peft.utils import set_peft_model_state_dict

@@ -14,7 +14,7 @@ import difflib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from moetune.options import ExpertsOptions
 from moetune.placement.options import MODES as PLACEMENT_MODES
@@ -44,114 +44,176 @@ _PLACEMENT = PlacementOptions()
 @dataclass
 class TrainConfig:
     # ---- model
-    model: Optional[str] = _f(None, "local HF checkpoint folder (config.json + safetensors + tokenizer). "
-                                    "Unset: the embedded demo model, tokenizer and dataset", "model")
-    dtype: str = _f("bfloat16", "dtype of the non-expert weights (the experts are bf16 in the engine)", "model",
-                    choices=("bfloat16", "float32"))
-    device: str = _f("auto", "device of the non-expert part: auto (cuda if available, else cpu), cpu, cuda, "
-                             "cuda:N, or several GPUs as cuda:0,cuda:1,... (the decoder layers are split evenly "
-                             "over them in order; needs a model folder)", "model")
-    engine_threads: Optional[int] = _f(None, "CPU engine threads (unset: every core this process may use; "
-                                             "with a GPU, leave a few cores to torch: see torch_threads)", "model")
-    torch_threads: Optional[int] = _f(None, "torch CPU threads (unset: torch's default)", "model")
-    expert_activations: str = _f(_EXPERTS.activations, "engine activations for backward: save (faster) or recompute "
-                                         "(less host RAM)", "model", choices=("save", "recompute"))
-    expert_format: str = _f(_EXPERTS.weight_format, "frozen expert weights in the engine: bf16, int8 (per output "
-                                                     "channel) or int4 (grouped; see int4_group_size), quantized "
-                                                     "while loading", "model", choices=("bf16", "int8", "int4"))
-    int4_group_size: int = _f(_INT4.group_size, "int4 quantization group along the input dim (32, 64 or 128)", "model",
-                              choices=(32, 64, 128))
-    expert_cache_dir: Optional[str] = _f(None, "folder caching the packed (quantized) experts per checkpoint, "
-                                               "layer and format: later runs read them instead of re-quantizing; "
-                                               "a stale or mismatched entry is rebuilt. Unset: no cache (needs a "
-                                               "model folder)", "model")
-    expert_placement: str = _f(_PLACEMENT.mode, "where the routed experts compute, decided per step from the "
-                                                "routing: auto (split between the CPU engine and the GPU, "
-                                                "resident or streamed experts, when the model runs on CUDA; "
-                                                "else the CPU engine), cpu (the CPU engine only) or gpu (every "
-                                                "expert on the GPU)", "model", choices=PLACEMENT_MODES)
-    expert_gpu_budget_gib: Optional[float] = _f(_PLACEMENT.gpu_budget_gib, "GPU memory for resident experts "
-                                                "(GiB, all layers); unset: measured after the first steps (what "
-                                                "is free after the model and its activations, with a margin)",
-                                                "model")
+    model: str | None = _f(
+        None,
+        "local HF checkpoint folder (config.json + safetensors + tokenizer). "
+        "Unset: the embedded demo model, tokenizer and dataset",
+        "model",
+    )
+    dtype: str = _f(
+        "bfloat16",
+        "dtype of the non-expert weights (the experts are bf16 in the engine)",
+        "model",
+        choices=("bfloat16", "float32"),
+    )
+    device: str = _f(
+        "auto",
+        "device of the non-expert part: auto (cuda if available, else cpu), cpu, cuda, "
+        "cuda:N, or several GPUs as cuda:0,cuda:1,... (the decoder layers are split evenly "
+        "over them in order; needs a model folder)",
+        "model",
+    )
+    engine_threads: int | None = _f(
+        None,
+        "CPU engine threads (unset: every core this process may use; "
+        "with a GPU, leave a few cores to torch: see torch_threads)",
+        "model",
+    )
+    torch_threads: int | None = _f(None, "torch CPU threads (unset: torch's default)", "model")
+    expert_activations: str = _f(
+        _EXPERTS.activations,
+        "engine activations for backward: save (faster) or recompute (less host RAM)",
+        "model",
+        choices=("save", "recompute"),
+    )
+    expert_format: str = _f(
+        _EXPERTS.weight_format,
+        "frozen expert weights in the engine: bf16, int8 (per output "
+        "channel) or int4 (grouped; see int4_group_size), quantized "
+        "while loading",
+        "model",
+        choices=("bf16", "int8", "int4"),
+    )
+    int4_group_size: int = _f(
+        _INT4.group_size, "int4 quantization group along the input dim (32, 64 or 128)", "model", choices=(32, 64, 128)
+    )
+    expert_cache_dir: str | None = _f(
+        None,
+        "folder caching the packed (quantized) experts per checkpoint, "
+        "layer and format: later runs read them instead of re-quantizing; "
+        "a stale or mismatched entry is rebuilt. Unset: no cache (needs a "
+        "model folder)",
+        "model",
+    )
+    expert_placement: str = _f(
+        _PLACEMENT.mode,
+        "where the routed experts compute, decided per step from the "
+        "routing: auto (split between the CPU engine and the GPU, "
+        "resident or streamed experts, when the model runs on CUDA; "
+        "else the CPU engine), cpu (the CPU engine only) or gpu (every "
+        "expert on the GPU)",
+        "model",
+        choices=PLACEMENT_MODES,
+    )
+    expert_gpu_budget_gib: float | None = _f(
+        _PLACEMENT.gpu_budget_gib,
+        "GPU memory for resident experts "
+        "(GiB, all layers); unset: measured after the first steps (what "
+        "is free after the model and its activations, with a margin)",
+        "model",
+    )
     # ---- data
-    data: Optional[str] = _f(None, "training data: a local .jsonl / .json / .parquet file. Unset: the "
-                                   "embedded demo dataset (only with the demo model, whose word-level "
-                                   "vocabulary is that dataset's)", "data")
-    data_format: str = _f("auto", "record format: chat (`messages` list of {role, content}), alpaca "
-                                  "(instruction / input / output), text (`text`), or auto (from the columns)",
-                          "data", choices=("auto", "chat", "alpaca", "text"))
-    eval_data: Optional[str] = _f(None, "held-out eval file (same format); unset: split eval_fraction off "
-                                        "the training data", "data")
-    eval_fraction: float = _f(0.05, "fraction of the training records held out for eval when eval_data is "
-                                    "unset (0: no eval)", "data")
+    data: str | None = _f(
+        None,
+        "training data: a local .jsonl / .json / .parquet file. Unset: the "
+        "embedded demo dataset (only with the demo model, whose word-level "
+        "vocabulary is that dataset's)",
+        "data",
+    )
+    data_format: str = _f(
+        "auto",
+        "record format: chat (`messages` list of {role, content}), alpaca "
+        "(instruction / input / output), text (`text`), or auto (from the columns)",
+        "data",
+        choices=("auto", "chat", "alpaca", "text"),
+    )
+    eval_data: str | None = _f(
+        None, "held-out eval file (same format); unset: split eval_fraction off the training data", "data"
+    )
+    eval_fraction: float = _f(
+        0.05, "fraction of the training records held out for eval when eval_data is unset (0: no eval)", "data"
+    )
     max_length: int = _f(1024, "maximum tokens per sample (and per packed row)", "data")
     truncation: bool = _f(True, "truncate samples longer than max_length (false: drop them)", "data")
-    loss_on: str = _f("assistant", "tokens that carry loss: assistant (assistant turns / alpaca response; "
-                                    "plain text is always all tokens) or all", "data",
-                      choices=("assistant", "all"))
-    packing: bool = _f(False, "pack several short samples into one row; position ids restart per sample "
-                              "and attention is block-diagonal (no cross-sample attention)", "data")
+    loss_on: str = _f(
+        "assistant",
+        "tokens that carry loss: assistant (assistant turns / alpaca response; plain text is always all tokens) or all",
+        "data",
+        choices=("assistant", "all"),
+    )
+    packing: bool = _f(
+        False,
+        "pack several short samples into one row; position ids restart per sample "
+        "and attention is block-diagonal (no cross-sample attention)",
+        "data",
+    )
     shuffle: bool = _f(True, "shuffle the training samples every epoch (seeded)", "data")
     # ---- LoRA
     lora_rank: int = _f(8, "LoRA rank r", "lora")
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)", "lora")
-    lora_dropout: float = _f(0.0, "LoRA dropout on attention / dense-MLP LoRA (expert LoRA runs in the "
-                                  "engine without dropout)", "lora")
+    lora_dropout: float = _f(
+        0.0, "LoRA dropout on attention / dense-MLP LoRA (expert LoRA runs in the engine without dropout)", "lora"
+    )
     lora_attention: bool = _f(True, "LoRA on the attention projections", "lora")
     lora_mlp: bool = _f(True, "LoRA on dense MLP projections (dense layers and shared experts)", "lora")
     lora_experts: bool = _f(True, "LoRA on the routed experts (run inside the CPU engine)", "lora")
     seed: int = _f(0, "seed of the LoRA init, data order, eval split and dropout", "lora")
     # ---- optimization
     lr: float = _f(2e-4, "AdamW peak learning rate", "optimization")
-    betas: List[float] = _f([0.9, 0.999], "AdamW betas (two floats)", "optimization")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas (two floats)", "optimization")
     weight_decay: float = _f(0.0, "AdamW weight decay", "optimization")
     adam_eps: float = _f(1e-8, "AdamW epsilon", "optimization")
-    schedule: str = _f("cosine", "learning-rate schedule after warmup", "optimization",
-                       choices=("cosine", "linear", "constant"))
+    schedule: str = _f(
+        "cosine", "learning-rate schedule after warmup", "optimization", choices=("cosine", "linear", "constant")
+    )
     warmup_steps: int = _f(0, "linear warmup steps", "optimization")
-    max_steps: Optional[int] = _f(None, "optimizer steps (unset: `epochs` passes over the data)", "optimization")
+    max_steps: int | None = _f(None, "optimizer steps (unset: `epochs` passes over the data)", "optimization")
     epochs: float = _f(1.0, "passes over the training data when max_steps is unset", "optimization")
     micro_batch_size: int = _f(4, "samples (or packed rows) per forward/backward", "optimization")
     grad_accum: int = _f(1, "micro-batches per optimizer step", "optimization")
-    max_grad_norm: Optional[float] = _f(1.0, "gradient clipping (global L2 norm); unset: no clipping",
-                                        "optimization")
+    max_grad_norm: float | None = _f(1.0, "gradient clipping (global L2 norm); unset: no clipping", "optimization")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant)", "optimization")
     # ---- run
-    output_dir: str = _f("runs/moetune-train", "run folder: adapter/, checkpoints/, metrics.jsonl, tensorboard/, "
-                                               "plot, summary", "run")
+    output_dir: str = _f(
+        "runs/moetune-train", "run folder: adapter/, checkpoints/, metrics.jsonl, tensorboard/, plot, summary", "run"
+    )
     save_every: int = _f(100, "checkpoint every N optimizer steps (0: only at the end / on Ctrl-C)", "run")
     keep_checkpoints: int = _f(2, "checkpoints kept (oldest removed)", "run")
     eval_every: int = _f(50, "eval loss every N steps (0: only at the end)", "run")
     log_every: int = _f(1, "metrics line every N steps", "run")
-    resume: bool = _f(False, "continue from the latest checkpoint in output_dir (same trajectory as an "
-                             "uninterrupted run)", "run")
-    stop_after_steps: Optional[int] = _f(None, "stop (with a checkpoint) after this many steps in this "
-                                               "invocation; resume later with --resume", "run")
-    merge_export: Optional[str] = _f(None, "after training, write the merged full model (base + LoRA) here",
-                                     "run")
-    sample_prompts: List[str] = _f([], "user prompts to generate from before and after training", "run")
+    resume: bool = _f(
+        False, "continue from the latest checkpoint in output_dir (same trajectory as an uninterrupted run)", "run"
+    )
+    stop_after_steps: int | None = _f(
+        None, "stop (with a checkpoint) after this many steps in this invocation; resume later with --resume", "run"
+    )
+    merge_export: str | None = _f(None, "after training, write the merged full model (base + LoRA) here", "run")
+    sample_prompts: list[str] = _f([], "user prompts to generate from before and after training", "run")
     max_new_tokens: int = _f(24, "tokens generated per sample prompt (greedy)", "run")
     progress: bool = _f(True, "progress bar on stderr", "run")
     tensorboard: bool = _f(True, "TensorBoard event files in output_dir/tensorboard", "run")
     plot: bool = _f(True, "PNG plot of the losses and throughput at the end", "run")
-    placement_trace: Optional[str] = _f(_PLACEMENT.trace, "write a Perfetto / chrome://tracing JSON trace of the "
-                                                          "run's last steps here (CPU engine jobs, GPU compute and "
-                                                          "copy streams on one timeline)", "run")
+    placement_trace: str | None = _f(
+        _PLACEMENT.trace,
+        "write a Perfetto / chrome://tracing JSON trace of the "
+        "run's last steps here (CPU engine jobs, GPU compute and "
+        "copy streams on one timeline)",
+        "run",
+    )
 
     # ------------------------------------------------------------------ helpers
     @classmethod
-    def fields(cls) -> Dict[str, dataclasses.Field]:
+    def fields(cls) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(cls)}
 
     @property
     def is_demo(self) -> bool:
         return self.model is None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Types, ranges and paths; raises ConfigError naming the field."""
         for name, f in self.fields().items():
             setattr(self, name, _coerce(name, f, getattr(self, name)))
@@ -192,17 +254,22 @@ class TrainConfig:
     def _check_paths(self) -> None:
         if self.model is not None:
             if not os.path.isdir(self.model):
-                raise ConfigError(f"model: {self.model!r} is not a folder (expected a local HF checkpoint "
-                                  "folder with config.json)")
+                raise ConfigError(
+                    f"model: {self.model!r} is not a folder (expected a local HF checkpoint folder with config.json)"
+                )
             if not os.path.isfile(os.path.join(self.model, "config.json")):
                 raise ConfigError(f"model: {self.model!r} has no config.json (not a HF checkpoint folder)")
             if self.data is None:
-                raise ConfigError("data: a training file is required with a model (the embedded dataset only "
-                                  "fits the embedded demo model)")
+                raise ConfigError(
+                    "data: a training file is required with a model (the embedded dataset only "
+                    "fits the embedded demo model)"
+                )
         if self.expert_cache_dir is not None:
             if self.is_demo:
-                raise ConfigError("expert_cache_dir needs a model folder (model=...): the embedded demo model is "
-                                  "built in memory, not loaded from a checkpoint")
+                raise ConfigError(
+                    "expert_cache_dir needs a model folder (model=...): the embedded demo model is "
+                    "built in memory, not loaded from a checkpoint"
+                )
             if os.path.exists(self.expert_cache_dir) and not os.path.isdir(self.expert_cache_dir):
                 raise ConfigError(f"expert_cache_dir: {self.expert_cache_dir!r} exists and is not a folder")
         for name in ("data", "eval_data"):
@@ -228,17 +295,36 @@ class TrainConfig:
         if self.merge_export is not None and os.path.abspath(self.merge_export) == out:
             raise ConfigError("merge_export must differ from output_dir")
         if self.merge_export is not None and self.is_demo:
-            raise ConfigError("merge_export needs a model folder (model=...): the embedded demo model has no "
-                              "checkpoint to merge into")
+            raise ConfigError(
+                "merge_export needs a model folder (model=...): the embedded demo model has no checkpoint to merge into"
+            )
         if self.merge_export is not None and os.path.exists(self.merge_export):
-            raise ConfigError(f"merge_export: {self.merge_export!r} exists already (the merged model goes to a new folder)")
+            raise ConfigError(
+                f"merge_export: {self.merge_export!r} exists already (the merged model goes to a new folder)"
+            )
+
+
+def field_type(f: dataclasses.Field) -> tuple[str, bool]:
+    """(base type, optional) of a TrainConfig field from its annotation (a string under
+    `from __future__ import annotations`): base is one of bool, int, float, str, list[float],
+    list[str]; `Optional[X]`, `X | None` and `typing.List[...]` spellings all map onto these."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    t = t.replace(" ", "")
+    optional = False
+    if t.startswith("Optional[") and t.endswith("]"):
+        t, optional = t[len("Optional[") : -1], True
+    parts = t.split("|")
+    if "None" in parts:
+        parts.remove("None")
+        t, optional = "|".join(parts), True
+    if t.startswith("List["):
+        t = "list[" + t[len("List[") :]
+    return t, optional
 
 
 def _coerce(name: str, f: dataclasses.Field, v):
     """Check/convert one value to the field's type (YAML gives ints for floats etc.)."""
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    optional = t.startswith("Optional[")
-    base = t[len("Optional["):-1] if optional else t
+    base, optional = field_type(f)
     if v is None:
         if optional:
             return None
@@ -265,11 +351,11 @@ def _coerce(name: str, f: dataclasses.Field, v):
             if choices and v not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {v!r}")
             return v
-        if base == "List[float]":
+        if base == "list[float]":
             if isinstance(v, str):
                 v = [x for x in v.replace(",", " ").split()]
             return [float(x) for x in v]
-        if base == "List[str]":
+        if base == "list[str]":
             if isinstance(v, str):
                 return [v]
             if not all(isinstance(x, str) for x in v):
@@ -279,7 +365,7 @@ def _coerce(name: str, f: dataclasses.Field, v):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{name} must be {base}, got {v!r} ({type(v).__name__})") from None
-    raise AssertionError(f"unhandled field type {t} for {name}")
+    raise AssertionError(f"unhandled field type {f.type} for {name}")
 
 
 def unknown_key_error(key: str, where: str) -> ConfigError:
@@ -289,7 +375,7 @@ def unknown_key_error(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
 
 
-def load_yaml(path: str) -> Dict[str, Any]:
+def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     if not os.path.isfile(path):
@@ -315,10 +401,13 @@ def load_yaml(path: str) -> Dict[str, Any]:
     return raw
 
 
-def make_config(file_values: Optional[Dict[str, Any]] = None, overrides: Optional[Dict[str, Any]] = None,
-                base: Optional[Dict[str, Any]] = None) -> TrainConfig:
+def make_config(
+    file_values: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
     """base (e.g. demo defaults) < file < overrides (flags); validated."""
-    values: Dict[str, Any] = {}
+    values: dict[str, Any] = {}
     for src, where in ((base, "defaults"), (file_values, "config file"), (overrides, "arguments")):
         for k, v in (src or {}).items():
             if k not in TrainConfig.fields():
@@ -329,10 +418,30 @@ def make_config(file_values: Optional[Dict[str, Any]] = None, overrides: Optiona
 
 # Fields a resumed run must share with the run that wrote the checkpoint (they
 # decide the model, the adapter's shapes or the data stream).
-RESUME_FIXED = ("model", "dtype", "data", "data_format", "eval_data", "eval_fraction", "max_length", "truncation",
-                "loss_on", "packing", "shuffle", "lora_rank", "lora_alpha", "lora_dropout", "lora_attention",
-                "lora_mlp", "lora_experts", "seed", "micro_batch_size", "grad_accum", "expert_format",
-                "int4_group_size")
+RESUME_FIXED = (
+    "model",
+    "dtype",
+    "data",
+    "data_format",
+    "eval_data",
+    "eval_fraction",
+    "max_length",
+    "truncation",
+    "loss_on",
+    "packing",
+    "shuffle",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_attention",
+    "lora_mlp",
+    "lora_experts",
+    "seed",
+    "micro_batch_size",
+    "grad_accum",
+    "expert_format",
+    "int4_group_size",
+)
 
 
 def save_run_config(cfg: TrainConfig, path: str) -> None:
@@ -350,7 +459,9 @@ def check_resume_compatible(cfg: TrainConfig, path: str) -> None:
         return
     with open(path) as fh:
         old = yaml.safe_load(fh) or {}
-    changed = [f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED if k in old and old[k] != getattr(cfg, k)]
+    changed = [
+        f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED if k in old and old[k] != getattr(cfg, k)
+    ]
     if changed:
         raise ConfigError(f"resume: these settings differ from the run being resumed ({path}): {'; '.join(changed)}")
 
@@ -367,5 +478,5 @@ def describe_default(f: dataclasses.Field) -> str:
     return "unset" if d is None else repr(d)
 
 
-def tuple_betas(cfg: TrainConfig) -> Tuple[float, float]:
+def tuple_betas(cfg: TrainConfig) -> tuple[float, float]:
     return (float(cfg.betas[0]), float(cfg.betas[1]))

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -65,8 +65,10 @@ def detect_format(columns: Sequence[str], requested: str, path: str) -> str:
     for fmt, cols in FORMAT_COLUMNS.items():
         if all(c in columns for c in cols):
             return fmt
-    raise DataError(f"{path}: cannot tell the format from the columns {list(columns)}; expected "
-                    "`messages` (chat), `instruction` + `output` (alpaca) or `text`")
+    raise DataError(
+        f"{path}: cannot tell the format from the columns {list(columns)}; expected "
+        "`messages` (chat), `instruction` + `output` (alpaca) or `text`"
+    )
 
 
 # ----------------------------------------------------------------- tokenising
@@ -74,7 +76,7 @@ def _render(tok, messages, **kw) -> str:
     return tok.apply_chat_template(list(messages), tokenize=False, **kw)
 
 
-def _assistant_char_spans(tok, messages) -> Optional[List[Tuple[int, int]]]:
+def _assistant_char_spans(tok, messages) -> list[tuple[int, int]] | None:
     """Character spans of the assistant turns in render(messages), or None when
     the template does not render consistently prefix by prefix."""
     full = _render(tok, messages)
@@ -93,9 +95,10 @@ def _assistant_char_spans(tok, messages) -> Optional[List[Tuple[int, int]]]:
     return spans
 
 
-def encode_chat(tok, messages, loss_on: str) -> Tuple[List[int], List[int]]:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                  for m in messages):
+def encode_chat(tok, messages, loss_on: str) -> tuple[list[int], list[int]]:
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
         raise DataError("`messages` must be a list of {role, content} objects")
     if getattr(tok, "chat_template", None) is None:
         raise DataError("chat records need a tokenizer with a chat template (this tokenizer has none)")
@@ -106,15 +109,17 @@ def encode_chat(tok, messages, loss_on: str) -> Tuple[List[int], List[int]]:
         return ids, list(ids)
     spans = _assistant_char_spans(tok, messages)
     if spans is not None:
-        labels = [t if any(s < e_ and e > s_ for s_, e_ in spans) else IGNORE
-                  for t, (s, e) in zip(ids, enc["offset_mapping"])]
+        labels = [
+            t if any(s < e_ and e > s_ for s_, e_ in spans) else IGNORE for t, (s, e) in zip(ids, enc["offset_mapping"])
+        ]
         return ids, labels
-    out = tok.apply_chat_template(list(messages), tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
+    out = tok.apply_chat_template(list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     mask = out.get("assistant_masks")
     if mask is None or (not any(mask) and any(m["role"] == "assistant" for m in messages)):
-        raise DataError("cannot find the assistant turns: the chat template re-renders earlier turns "
-                        "differently and has no {% generation %} markers; use loss_on=all or another template")
+        raise DataError(
+            "cannot find the assistant turns: the chat template re-renders earlier turns "
+            "differently and has no {% generation %} markers; use loss_on=all or another template"
+        )
     ids = list(out["input_ids"])
     return ids, [t if k else IGNORE for t, k in zip(ids, mask)]
 
@@ -122,14 +127,13 @@ def encode_chat(tok, messages, loss_on: str) -> Tuple[List[int], List[int]]:
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
-def encode_alpaca(tok, rec, loss_on: str) -> Tuple[List[int], List[int]]:
+def encode_alpaca(tok, rec, loss_on: str) -> tuple[list[int], list[int]]:
     instr, inp, outp = rec.get("instruction"), rec.get("input") or "", rec.get("output")
     if not isinstance(instr, str) or not isinstance(outp, str) or not isinstance(inp, str):
         raise DataError("alpaca records need string `instruction` and `output` (and optional `input`)")
     if getattr(tok, "chat_template", None) is not None:
         user = instr + (f"\n\n{inp}" if inp else "")
-        return encode_chat(tok, [{"role": "user", "content": user}, {"role": "assistant", "content": outp}],
-                           loss_on)
+        return encode_chat(tok, [{"role": "user", "content": user}, {"role": "assistant", "content": outp}], loss_on)
     prompt = ALPACA_PROMPT.format(instruction=instr, input_block=f"### Input:\n{inp}\n\n" if inp else "")
     p = tok(prompt, add_special_tokens=True)["input_ids"]
     r = tok(outp, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
@@ -138,7 +142,7 @@ def encode_alpaca(tok, rec, loss_on: str) -> Tuple[List[int], List[int]]:
     return ids, labels
 
 
-def encode_text(tok, rec) -> Tuple[List[int], List[int]]:
+def encode_text(tok, rec) -> tuple[list[int], list[int]]:
     text = rec.get("text")
     if not isinstance(text, str):
         raise DataError("text records need a string `text`")
@@ -179,23 +183,31 @@ def encode_dataset(ds, tok, fmt: str, *, max_length: int, truncation: bool, loss
             status = 3
         return {"input_ids": ids, "labels": labels, "_status": status}
 
-    out = ds.map(one, with_indices=True, remove_columns=ds.column_names, keep_in_memory=True,
-                 load_from_cache_file=False, desc=None)
+    out = ds.map(
+        one,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        desc=None,
+    )
     status = out["_status"]
-    stats = EncodeStats(records=len(status), truncated=status.count(1), dropped_long=status.count(2),
-                        dropped_empty=status.count(3))
-    out = out.filter(lambda s: s in (0, 1), input_columns="_status", keep_in_memory=True,
-                     load_from_cache_file=False).remove_columns("_status")
+    stats = EncodeStats(
+        records=len(status), truncated=status.count(1), dropped_long=status.count(2), dropped_empty=status.count(3)
+    )
+    out = out.filter(
+        lambda s: s in (0, 1), input_columns="_status", keep_in_memory=True, load_from_cache_file=False
+    ).remove_columns("_status")
     if len(out) == 0:
         raise DataError(f"{where}: no usable samples ({stats})")
     return out, stats
 
 
 # ----------------------------------------------------------------- batching
-Sample = Tuple[List[int], List[int]]
+Sample = tuple[list[int], list[int]]
 
 
-def plan_rows(lengths: Sequence[int], order: Sequence[int], packing: bool, max_length: int) -> List[List[int]]:
+def plan_rows(lengths: Sequence[int], order: Sequence[int], packing: bool, max_length: int) -> list[list[int]]:
     """Rows of sample indices, in `order`; packing fills rows greedily (next-fit)."""
     if not packing:
         return [[i] for i in order]
@@ -212,7 +224,7 @@ def plan_rows(lengths: Sequence[int], order: Sequence[int], packing: bool, max_l
     return rows
 
 
-def collate(rows: List[List[Sample]], pad_id: int, packing: bool) -> Dict[str, torch.Tensor]:
+def collate(rows: list[list[Sample]], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
     """Right-padded micro-batch. Unpacked: attention_mask marks real tokens.
     Packed: position_ids restart per sample (padding is its own segment) and no
     attention_mask, so transformers masks block-diagonally."""
@@ -245,7 +257,7 @@ def collate(rows: List[List[Sample]], pad_id: int, packing: bool) -> Dict[str, t
     return batch
 
 
-def target_count(batch: Dict[str, torch.Tensor]) -> int:
+def target_count(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss (labels after the model's shift)."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
@@ -257,10 +269,11 @@ class Stream:
     a pure function of (seed, e), so a checkpoint stores only the position.
     """
 
-    def __init__(self, samples, *, micro_batch_size: int, packing: bool, max_length: int, shuffle: bool,
-                 seed: int, pad_id: int):
-        self.ids: List[List[int]] = samples["input_ids"]
-        self.labels: List[List[int]] = samples["labels"]
+    def __init__(
+        self, samples, *, micro_batch_size: int, packing: bool, max_length: int, shuffle: bool, seed: int, pad_id: int
+    ):
+        self.ids: list[list[int]] = samples["input_ids"]
+        self.labels: list[list[int]] = samples["labels"]
         self.lengths = [len(x) for x in self.ids]
         self.mbs, self.packing, self.max_length = micro_batch_size, packing, max_length
         self.shuffle, self.seed, self.pad_id = shuffle, seed, pad_id
@@ -268,7 +281,7 @@ class Stream:
         self.last_tokens = 0  # real (non-padding) tokens of the last batch
         self._plan_epoch, self._plan = -1, []
 
-    def plan(self, epoch: int) -> List[List[int]]:
+    def plan(self, epoch: int) -> list[list[int]]:
         if epoch != self._plan_epoch:
             order = list(range(len(self.ids)))
             if self.shuffle:
@@ -279,13 +292,13 @@ class Stream:
     def rows_per_epoch(self) -> int:
         return len(self.plan(0))
 
-    def state(self) -> Dict[str, int]:
+    def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
-    def load_state(self, st: Dict[str, int]) -> None:
+    def load_state(self, st: dict[str, int]) -> None:
         self.epoch, self.index = int(st["epoch"]), int(st["index"])
 
-    def next_batch(self) -> Dict[str, torch.Tensor]:
+    def next_batch(self) -> dict[str, torch.Tensor]:
         rows = []
         while len(rows) < self.mbs:
             plan = self.plan(self.epoch)
@@ -298,7 +311,7 @@ class Stream:
         return collate(rows, self.pad_id, self.packing)
 
 
-def eval_batches(samples, micro_batch_size: int, pad_id: int) -> Iterator[Dict[str, torch.Tensor]]:
+def eval_batches(samples, micro_batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     """The eval set in file order, unpacked."""
     n = len(samples["input_ids"])
     for s in range(0, n, micro_batch_size):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from importlib import resources
-from typing import List
 
 import torch
 
@@ -32,7 +31,7 @@ def demo_data_path() -> str:
     return str(resources.files("moetune.train").joinpath("assets").joinpath("demo.jsonl"))
 
 
-def _texts(path: str) -> List[str]:
+def _texts(path: str) -> list[str]:
     out = []
     with open(path) as fh:
         for line in fh:
@@ -54,8 +53,7 @@ def build_tokenizer(data_path: str | None = None):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.Metaspace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<|end|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>")
     fast.add_special_tokens({"additional_special_tokens": SPECIAL[3:]})
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -65,11 +63,25 @@ def build_model(vocab_size: int, *, seed: int = 0, layers: int = 2, hidden: int 
     """A tiny Qwen3-MoE in fp32 with seeded random weights."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    cfg = Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                         intermediate_size=2 * hidden, moe_intermediate_size=hidden, num_experts=experts,
-                         num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256, initializer_range=hidden ** -0.5,
-                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    cfg = Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        intermediate_size=2 * hidden,
+        moe_intermediate_size=hidden,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=256,
+        initializer_range=hidden**-0.5,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(cfg).float()
     model.generation_config.pad_token_id = 0

@@ -16,13 +16,14 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from moetune.train import checkpoint, data, metrics, report
-from moetune.train.config import ConfigError, TrainConfig, check_resume_compatible, save_run_config, tuple_betas
 from moetune.train import model as model_mod
+from moetune.train.config import ConfigError, TrainConfig, check_resume_compatible, save_run_config, tuple_betas
 from moetune.train.model import apply_lora, generate, load_base, load_tokenizer, resolve_device, resolve_devices
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -62,7 +63,7 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._prev)
 
 
-def _to(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -85,7 +86,7 @@ def evaluate(model, samples, cfg: TrainConfig, pad_id: int, device: torch.device
     return total / max(count, 1)
 
 
-def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> Dict[str, Any]:
+def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `moetune train` for a validated config; returns the summary dict."""
     out_dir, resume_from = _start(cfg)
     device = resolve_device(cfg)
@@ -129,11 +130,16 @@ def _load_data(cfg: TrainConfig, say):
     data_path = cfg.data or demo_data_path()
     tok = load_tokenizer(cfg)
     train_s, eval_s, dstats, fmt = data.prepare(cfg, tok, data_path)
-    say(f"data: {data_path} ({fmt}): {len(train_s['input_ids'])} train / "
+    say(
+        f"data: {data_path} ({fmt}): {len(train_s['input_ids'])} train / "
         f"{0 if eval_s is None else len(eval_s['input_ids'])} eval samples"
-        + (f", {dstats['train']['truncated']} truncated" if dstats['train']['truncated'] else "")
-        + (f", {dstats['train']['dropped_long'] + dstats['train']['dropped_empty']} dropped"
-           if dstats['train']['dropped_long'] + dstats['train']['dropped_empty'] else ""))
+        + (f", {dstats['train']['truncated']} truncated" if dstats["train"]["truncated"] else "")
+        + (
+            f", {dstats['train']['dropped_long'] + dstats['train']['dropped_empty']} dropped"
+            if dstats["train"]["dropped_long"] + dstats["train"]["dropped_empty"]
+            else ""
+        )
+    )
     return tok, train_s, eval_s, dstats
 
 
@@ -141,20 +147,26 @@ def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say):
     """(PEFT model in training mode, patch handle): the base with its experts on the
     engine, LoRA on top."""
     model, handle = load_base(cfg, device, vocab_size)
-    say(f"model: {'embedded demo (tiny Qwen3-MoE)' if cfg.is_demo else cfg.model}: "
+    say(
+        f"model: {'embedded demo (tiny Qwen3-MoE)' if cfg.is_demo else cfg.model}: "
         f"{len(handle.module_names)} MoE layers on the CPU engine ({', '.join(handle.families)}), "
-        f"{handle.packed_bytes / 2 ** 20:.1f} MiB packed experts; the rest on {device}; "
-        f"engine {handle.ctx.info()['kernel']} x{handle.ctx.num_threads} threads")
+        f"{handle.packed_bytes / 2**20:.1f} MiB packed experts; the rest on {device}; "
+        f"engine {handle.ctx.info()['kernel']} x{handle.ctx.num_threads} threads"
+    )
     if cfg.expert_cache_dir is not None:
         outcome = getattr(model, "moetune_cache", {}).values()
         hits = sum(why == "hit" for why in outcome)
-        say(f"expert cache {cfg.expert_cache_dir}: {hits} MoE layers read from it, {len(outcome) - hits} built from "
-            "the checkpoint")
+        say(
+            f"expert cache {cfg.expert_cache_dir}: {hits} MoE layers read from it, {len(outcome) - hits} built from "
+            "the checkpoint"
+        )
     pm = apply_lora(model, cfg, handle)
     n_train = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     targets = (("attention", cfg.lora_attention), ("dense MLP", cfg.lora_mlp), ("experts", cfg.lora_experts))
-    say(f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {', '.join(n for n, on in targets if on)}: "
-        f"{n_train:,} trainable parameters")
+    say(
+        f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {', '.join(n for n, on in targets if on)}: "
+        f"{n_train:,} trainable parameters"
+    )
     pm.config.use_cache = False
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -173,9 +185,11 @@ def _start_placement(placement, pm, device: torch.device, say) -> None:
     moved = placement.adopt_lora(pm)
     cal = ", ".join(sorted(set(placement.calibration.values()))) or "none"
     budget = placement.options.gpu_budget_gib
-    say(f"experts: placement {mode} between the CPU engine and {placement.device.torch} (GPU budget for resident "
+    say(
+        f"experts: placement {mode} between the CPU engine and {placement.device.torch} (GPU budget for resident "
         f"experts: {'auto' if budget is None else f'{budget:g} GiB'}; cost model: {cal}; {moved} expert LoRA "
-        f"tensors on {placement.device.torch})")
+        f"tensors on {placement.device.torch})"
+    )
 
 
 class _Run:
@@ -183,28 +197,39 @@ class _Run:
     schedule, batch stream, counters, metrics log; the step loop, checkpoints and
     the end of the run (final eval, adapter, summary)."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str, pm, ctx, tok, train_s, eval_s, device: torch.device, say,
-                 placement=None):
+    def __init__(
+        self, cfg: TrainConfig, out_dir: str, pm, ctx, tok, train_s, eval_s, device: torch.device, say, placement=None
+    ):
         self.cfg, self.out_dir, self.pm, self.ctx, self.tok = cfg, out_dir, pm, ctx, tok
         self.eval_s, self.device, self.say = eval_s, device, say
         self.placement = placement  # moetune.hf.placement.ModelPlacement (end_step once per step)
         self.params = [p for p in pm.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple_betas(cfg), eps=cfg.adam_eps,
-                                     weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=tuple_betas(cfg), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
         self.pad_id = tok.pad_token_id
-        self.stream = data.Stream(train_s, micro_batch_size=cfg.micro_batch_size, packing=cfg.packing,
-                                  max_length=cfg.max_length, shuffle=cfg.shuffle, seed=cfg.seed, pad_id=self.pad_id)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.stream.rows_per_epoch()
-                                                             / (cfg.micro_batch_size * cfg.grad_accum)))
+        self.stream = data.Stream(
+            train_s,
+            micro_batch_size=cfg.micro_batch_size,
+            packing=cfg.packing,
+            max_length=cfg.max_length,
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            pad_id=self.pad_id,
+        )
+        self.total_steps = cfg.max_steps or max(
+            1, math.ceil(cfg.epochs * self.stream.rows_per_epoch() / (cfg.micro_batch_size * cfg.grad_accum))
+        )
         from transformers import get_scheduler
 
-        self.sched = get_scheduler(SCHEDULES[cfg.schedule], self.opt, num_warmup_steps=cfg.warmup_steps,
-                                   num_training_steps=self.total_steps)
+        self.sched = get_scheduler(
+            SCHEDULES[cfg.schedule], self.opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total_steps
+        )
         self.step, self.tokens, self.target_tokens, self.prior_wall = 0, 0, 0, 0.0
         self.resumed = False
 
     # ---- before the first step ----
-    def resume(self, resume_from: Optional[str]) -> None:
+    def resume(self, resume_from: str | None) -> None:
         """Restores the state of `resume_from` (if any), then opens the run's metrics log."""
         if resume_from is not None:
             st = checkpoint.load(resume_from, model=self.pm, optimizer=self.opt, scheduler=self.sched)
@@ -214,14 +239,18 @@ class _Run:
             self.resumed = True
             self.say(f"resumed from {resume_from} (step {self.step} of {self.total_steps})")
         checkpoint.clean_partial(self.out_dir)
-        self.log = metrics.MetricsLog(self.out_dir, tensorboard=self.cfg.tensorboard,
-                                      resume_step=self.step if self.resumed else None)
+        self.log = metrics.MetricsLog(
+            self.out_dir, tensorboard=self.cfg.tensorboard, resume_step=self.step if self.resumed else None
+        )
 
     def start_clock(self) -> None:
         """This invocation's counters (throughput and expert share count from here)."""
         cfg = self.cfg
-        self.stop_at = (self.total_steps if cfg.stop_after_steps is None
-                        else min(self.total_steps, self.step + cfg.stop_after_steps))
+        self.stop_at = (
+            self.total_steps
+            if cfg.stop_after_steps is None
+            else min(self.total_steps, self.step + cfg.stop_after_steps)
+        )
         self.t_start = time.perf_counter()
         self.inv_tokens, self.inv_wait0 = 0, self.ctx.wait_seconds
         self.last_saved = None
@@ -276,8 +305,9 @@ class _Run:
         else:
             gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
         if not math.isfinite(loss) or not math.isfinite(gnorm):
-            raise FloatingPointError(f"step {self.step + 1}: loss {loss} / grad norm {gnorm} is not finite; "
-                                     "lower lr or check the data")
+            raise FloatingPointError(
+                f"step {self.step + 1}: loss {loss} / grad norm {gnorm} is not finite; lower lr or check the data"
+            )
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -293,11 +323,27 @@ class _Run:
         if self.first_loss is None:
             self.first_loss = loss
         if self.step % cfg.log_every == 0 or self.step == self.stop_at:
-            self.log.log("train", self.step, loss=loss, lr=lr, grad_norm=gnorm, tokens=self.tokens,
-                         target_tokens=n_items, tokens_per_s=step_tokens / dt, expert_share=share,
-                         step_seconds=dt, epoch=self.stream.epoch, **placed)
-        self.bar.update(loss=loss, lr=lr, tokens_per_s=tps, expert_share=share,
-                        placement=self.placement.last_progress if placed else "")
+            self.log.log(
+                "train",
+                self.step,
+                loss=loss,
+                lr=lr,
+                grad_norm=gnorm,
+                tokens=self.tokens,
+                target_tokens=n_items,
+                tokens_per_s=step_tokens / dt,
+                expert_share=share,
+                step_seconds=dt,
+                epoch=self.stream.epoch,
+                **placed,
+            )
+        self.bar.update(
+            loss=loss,
+            lr=lr,
+            tokens_per_s=tps,
+            expert_share=share,
+            placement=self.placement.last_progress if placed else "",
+        )
 
     def _after_step(self) -> None:
         """The periodic eval and checkpoint."""
@@ -316,16 +362,25 @@ class _Run:
         """A checkpoint of the current step (none at step 0, none twice)."""
         if self.last_saved == self.step or self.step == 0:
             return
-        path = checkpoint.save(self.out_dir, self.step, model=self.pm, optimizer=self.opt, scheduler=self.sched,
-                               keep=self.cfg.keep_checkpoints,
-                               state={"data": self.stream.state(), "tokens": self.tokens,
-                                      "target_tokens": self.target_tokens,
-                                      "wall_seconds": self.prior_wall + time.perf_counter() - self.t_start})
+        path = checkpoint.save(
+            self.out_dir,
+            self.step,
+            model=self.pm,
+            optimizer=self.opt,
+            scheduler=self.sched,
+            keep=self.cfg.keep_checkpoints,
+            state={
+                "data": self.stream.state(),
+                "tokens": self.tokens,
+                "target_tokens": self.target_tokens,
+                "wall_seconds": self.prior_wall + time.perf_counter() - self.t_start,
+            },
+        )
         self.last_saved = self.step
         self.bar.write(f"checkpoint: {path}")
 
     # ---- the end ----
-    def finish(self, before: List[str], interrupted: bool, dstats) -> Dict[str, Any]:
+    def finish(self, before: list[str], interrupted: bool, dstats) -> dict[str, Any]:
         """Final eval and the adapter (if finished), samples after, the summary (and plot)."""
         cfg, pm, tok = self.cfg, self.pm, self.tok
         wall = time.perf_counter() - self.t_start
@@ -350,12 +405,14 @@ class _Run:
             if report.plot(self.log.records, png):
                 summary["plot"] = png
         if not finished:
-            self.say(f"stopped at step {self.step}/{self.total_steps}; continue with --resume "
-                     f"(checkpoint {summary['checkpoint']})")
+            self.say(
+                f"stopped at step {self.step}/{self.total_steps}; continue with --resume "
+                f"(checkpoint {summary['checkpoint']})"
+            )
         self.say(report.summarize(summary, self.out_dir))
         return summary
 
-    def _placement_summary(self) -> Optional[Dict[str, Any]]:
+    def _placement_summary(self) -> dict[str, Any] | None:
         """Where the experts computed: the resolved mode and device, and the run's totals of the
         per-step placement numbers (None when the CPU engine computed them all)."""
         p = self.placement
@@ -368,17 +425,30 @@ class _Run:
         totals["gpu_token_share"] = (totals["tokens_resident"] + totals["tokens_streamed"]) / tokens if tokens else 0.0
         return {"mode": p.mode, "device": str(p.device.torch), "logged_steps": len(recs), **totals}
 
-    def _eval_records(self) -> List[Dict[str, Any]]:
+    def _eval_records(self) -> list[dict[str, Any]]:
         return [r for r in self.log.records if r["kind"] == "eval"]
 
-    def _summary(self, wall: float, finished: bool, interrupted: bool, adapter_dir: Optional[str],
-                 before: List[str], after: List[str], dstats) -> Dict[str, Any]:
+    def _summary(
+        self,
+        wall: float,
+        finished: bool,
+        interrupted: bool,
+        adapter_dir: str | None,
+        before: list[str],
+        after: list[str],
+        dstats,
+    ) -> dict[str, Any]:
         train_recs = [r for r in self.log.records if r["kind"] == "train"]
         ev_records = self._eval_records()
         return {
-            "finished": finished, "interrupted": interrupted, "steps": self.step, "total_steps": self.total_steps,
-            "tokens": self.tokens, "target_tokens": self.target_tokens,
-            "wall_seconds": self.prior_wall + wall, "tokens_per_s": self.inv_tokens / wall if wall > 0 else 0.0,
+            "finished": finished,
+            "interrupted": interrupted,
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "tokens": self.tokens,
+            "target_tokens": self.target_tokens,
+            "wall_seconds": self.prior_wall + wall,
+            "tokens_per_s": self.inv_tokens / wall if wall > 0 else 0.0,
             "expert_share": (self.ctx.wait_seconds - self.inv_wait0) / wall if wall > 0 else 0.0,
             "first_loss": self.first_loss if self.first_loss is not None else float("nan"),
             "last_loss": train_recs[-1]["loss"] if train_recs else float("nan"),
@@ -390,7 +460,8 @@ class _Run:
             "peak_host_rss_bytes": metrics.peak_host_rss_bytes(),
             "adapter_dir": adapter_dir,
             "checkpoint": checkpoint.latest_checkpoint(self.out_dir),
-            "samples": [{"prompt": p, "before": b, "after": a}
-                        for p, b, a in zip(self.cfg.sample_prompts, before, after)],
+            "samples": [
+                {"prompt": p, "before": b, "after": a} for p, b, a in zip(self.cfg.sample_prompts, before, after)
+            ],
             "data": dstats,
         }

@@ -10,7 +10,7 @@ import os
 import resource
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -20,7 +20,7 @@ def peak_host_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_gpu_bytes(devices, placement=None) -> Optional[int]:
+def peak_gpu_bytes(devices, placement=None) -> int | None:
     """Sum of the peak allocated bytes of the CUDA devices among `devices` (None: none). The
     placement's device reports its run-wide peak from the placement's memory probe (which resets
     the CUDA peak counters at each residency refresh)."""
@@ -31,8 +31,11 @@ def peak_gpu_bytes(devices, placement=None) -> Optional[int]:
     total = 0
     for d in cuda:
         peak = int(torch.cuda.max_memory_allocated(d))
-        if own is not None and torch.device(d.type, torch.cuda.current_device() if d.index is None else d.index) \
-                == placement.device.torch:
+        if (
+            own is not None
+            and torch.device(d.type, torch.cuda.current_device() if d.index is None else d.index)
+            == placement.device.torch
+        ):
             peak = max(peak, own)
         total += peak
     return total
@@ -42,9 +45,9 @@ class MetricsLog:
     """metrics.jsonl (+ TensorBoard). On resume, lines past the checkpoint's
     step are dropped so the file reads like one uninterrupted run."""
 
-    def __init__(self, output_dir: str, *, tensorboard: bool, resume_step: Optional[int]):
+    def __init__(self, output_dir: str, *, tensorboard: bool, resume_step: int | None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.records: List[Dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
         if resume_step is not None and os.path.isfile(self.path):
             with open(self.path) as fh:
                 for line in fh:
@@ -63,11 +66,15 @@ class MetricsLog:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                print("moetune train: tensorboardX is not installed; no TensorBoard events "
-                      "(pip install tensorboardX)", file=sys.stderr)
+                print(
+                    "moetune train: tensorboardX is not installed; no TensorBoard events (pip install tensorboardX)",
+                    file=sys.stderr,
+                )
             else:
-                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
-                                        purge_step=resume_step + 1 if resume_step is not None else None)
+                self.tb = SummaryWriter(
+                    os.path.join(output_dir, "tensorboard"),
+                    purge_step=resume_step + 1 if resume_step is not None else None,
+                )
 
     def log(self, kind: str, step: int, **values) -> None:
         rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
@@ -94,16 +101,18 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
-                            desc="train")
+            self.bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train"
+            )
 
-    def update(self, *, loss: float, lr: float, tokens_per_s: float, expert_share: float,
-               placement: str = "") -> None:
+    def update(self, *, loss: float, lr: float, tokens_per_s: float, expert_share: float, placement: str = "") -> None:
         """placement: the expert placement's short step text (PlacementMetrics.progress), if any."""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
-                                     f"experts {100 * expert_share:.0f}%" + (f"  {placement}" if placement else ""),
-                                     refresh=False)
+            self.bar.set_postfix_str(
+                f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
+                f"experts {100 * expert_share:.0f}%" + (f"  {placement}" if placement else ""),
+                refresh=False,
+            )
             self.bar.update(1)
 
     def write(self, msg: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,7 +15,7 @@ from moetune.placement.options import PlacementOptions
 from moetune.train.config import TrainConfig
 
 
-def resolve_devices(cfg: TrainConfig) -> List[torch.device]:
+def resolve_devices(cfg: TrainConfig) -> list[torch.device]:
     """The devices of the non-expert part, in layer order (inputs go to the first)."""
     if cfg.device == "auto":
         return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
@@ -26,8 +25,10 @@ def resolve_devices(cfg: TrainConfig) -> List[torch.device]:
             raise RuntimeError(f"device={cfg.device!r} but torch sees no CUDA device")
         missing = [str(d) for d in devs if d.index is not None and d.index >= torch.cuda.device_count()]
         if missing:
-            raise RuntimeError(f"device={cfg.device!r}: torch sees {torch.cuda.device_count()} CUDA device(s), "
-                               f"not {', '.join(missing)}")
+            raise RuntimeError(
+                f"device={cfg.device!r}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                f"not {', '.join(missing)}"
+            )
     return devs
 
 
@@ -35,7 +36,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return resolve_devices(cfg)[0]
 
 
-def layer_device_map(num_layers: int, devices: List[torch.device]) -> dict:
+def layer_device_map(num_layers: int, devices: list[torch.device]) -> dict:
     """load_model device map: decoder layers split evenly over `devices` in order
     (layer i on devices[i * n // num_layers]); embeddings and everything else on the
     first device, the final norm and LM head on the last (next to the last layer)."""
@@ -66,16 +67,23 @@ def load_tokenizer(cfg: TrainConfig):
 
 def experts_options(cfg: TrainConfig) -> ExpertsOptions:
     """The run's ONE moetune.ExpertsOptions (every MoE layer; the activation is the model's)."""
-    return ExpertsOptions(activations=cfg.expert_activations, weight_format=cfg.expert_format,
-                          group_size=cfg.int4_group_size if cfg.expert_format == "int4" else None)
+    return ExpertsOptions(
+        activations=cfg.expert_activations,
+        weight_format=cfg.expert_format,
+        group_size=cfg.int4_group_size if cfg.expert_format == "int4" else None,
+    )
 
 
 def placement_options(cfg: TrainConfig) -> PlacementOptions:
     """The run's moetune.PlacementOptions. The calibration of the placement cost model is cached
     next to the packed experts when expert_cache_dir is set."""
     cal = None if cfg.expert_cache_dir is None else os.path.join(cfg.expert_cache_dir, "placement-calibration")
-    return PlacementOptions(mode=cfg.expert_placement, gpu_budget_gib=cfg.expert_gpu_budget_gib,
-                            trace=cfg.placement_trace, calibration_cache_dir=cal)
+    return PlacementOptions(
+        mode=cfg.expert_placement,
+        gpu_budget_gib=cfg.expert_gpu_budget_gib,
+        trace=cfg.placement_trace,
+        calibration_cache_dir=cal,
+    )
 
 
 def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
@@ -97,17 +105,25 @@ def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
             with open(os.path.join(cfg.model, "config.json")) as f:
                 layers = json.load(f)["num_hidden_layers"]
             device = layer_device_map(layers, devices)
-        model = moetune.load_model(cfg.model, device=device, dtype=dtype, num_threads=cfg.engine_threads,
-                                   cache_dir=cfg.expert_cache_dir, options=options, placement=placement)
+        model = moetune.load_model(
+            cfg.model,
+            device=device,
+            dtype=dtype,
+            num_threads=cfg.engine_threads,
+            cache_dir=cfg.expert_cache_dir,
+            options=options,
+            placement=placement,
+        )
         return model, model.moetune_handle
     model = demo_model.build_model(vocab_size, seed=0).to(dtype)
-    handle = moetune.hf.patch(model, num_threads=cfg.engine_threads, keep_original=False, options=options,
-                              placement=placement)
+    handle = moetune.hf.patch(
+        model, num_threads=cfg.engine_threads, keep_original=False, options=options, placement=placement
+    )
     model.to(device)
     return model, handle
 
 
-def _pattern(names: List[str]) -> List[str]:
+def _pattern(names: list[str]) -> list[str]:
     """Module names with layer indices generalised, deduplicated, as regexes."""
     out = []
     for n in names:
@@ -117,7 +133,7 @@ def _pattern(names: List[str]) -> List[str]:
     return out
 
 
-def lora_targets(model: nn.Module, cfg: TrainConfig, expert_modules: List[str]) -> Tuple[Optional[str], List[str]]:
+def lora_targets(model: nn.Module, cfg: TrainConfig, expert_modules: list[str]) -> tuple[str | None, list[str]]:
     """(target_modules regex or None, target_parameters) for PEFT.
 
     attention: every nn.Linear inside a module named *self_attn / *attention;
@@ -135,8 +151,12 @@ def lora_targets(model: nn.Module, cfg: TrainConfig, expert_modules: List[str]) 
         leaf = parts[-1]
         if any(p in ("self_attn", "attention", "attn") for p in parts[:-1]):
             attn.append(name)
-        elif ("mlp" in parts[:-1] and leaf not in ("gate", "router") and not leaf.endswith(("_gate", "_router"))
-              and "experts" not in parts):
+        elif (
+            "mlp" in parts[:-1]
+            and leaf not in ("gate", "router")
+            and not leaf.endswith(("_gate", "_router"))
+            and "experts" not in parts
+        ):
             mlp.append(name)
     names = (attn if cfg.lora_attention else []) + (mlp if cfg.lora_mlp else [])
     regex = "|".join(f"(?:{p})" for p in _pattern(names)) or None
@@ -155,16 +175,23 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, handle):
 
     regex, params = lora_targets(model, cfg, handle.module_names)
     if regex is None and not params:
-        raise ValueError("no LoRA targets found in this model for the selected lora_attention / lora_mlp / "
-                         "lora_experts")
+        raise ValueError(
+            "no LoRA targets found in this model for the selected lora_attention / lora_mlp / lora_experts"
+        )
     # PEFT refuses lora_dropout together with target_parameters (expert LoRA has no
     # dropout: the engine computes B(A x) fused). So the adapter is created without
     # dropout and nn.Dropout is put on the ordinary (attention / MLP) LoRA layers
     # afterwards; the saved adapter_config.json says lora_dropout 0, which is what
     # PEFT needs to load it (dropout plays no part at inference).
-    lcfg = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                           target_modules=regex if regex is not None else [], target_parameters=params or None,
-                           bias="none", task_type="CAUSAL_LM")
+    lcfg = peft.LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=regex if regex is not None else [],
+        target_parameters=params or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(cfg.seed)  # PEFT's LoRA init (A random, B zero) draws from the global generator
     with warnings.catch_warnings():  # transformers 5.2x deprecation noise from inside PEFT
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -182,7 +209,7 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, handle):
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: List[str], max_new_tokens: int, device: torch.device) -> List[str]:
+def generate(model, tok, prompts: list[str], max_new_tokens: int, device: torch.device) -> list[str]:
     """Greedy answers to user prompts (chat template if the tokenizer has one)."""
     was_training = model.training
     model.eval()
@@ -190,14 +217,20 @@ def generate(model, tok, prompts: List[str], max_new_tokens: int, device: torch.
     try:
         for p in prompts:
             if getattr(tok, "chat_template", None):
-                ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"]
+                ids = tok.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
+                )["input_ids"]
             else:
                 ids = tok(p)["input_ids"]
             x = torch.tensor([ids], device=device)
-            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=tok.pad_token_id)
-            outs.append(tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip())
+            y = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+            outs.append(tok.decode(y[0, x.shape[1] :], skip_special_tokens=True).strip())
     finally:
         model.train(was_training)
     return outs

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any
 
 
-def plot(records: List[Dict[str, Any]], path: str) -> bool:
+def plot(records: list[dict[str, Any]], path: str) -> bool:
     try:
         import matplotlib
 
@@ -39,10 +39,10 @@ def plot(records: List[Dict[str, Any]], path: str) -> bool:
 
 
 def _gib(n):
-    return "n/a" if n is None else f"{n / 2 ** 30:.2f} GiB"
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def summarize(summary: Dict[str, Any], output_dir: str) -> str:
+def summarize(summary: dict[str, Any], output_dir: str) -> str:
     with open(os.path.join(output_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     s = summary
@@ -51,14 +51,20 @@ def summarize(summary: Dict[str, Any], output_dir: str) -> str:
         f"wall {s['wall_seconds']:.1f} s  {s['tokens_per_s']:,.0f} tokens/s  "
         f"CPU-expert share {100 * s['expert_share']:.0f}%",
         f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
-        + (f"  eval loss {s['first_eval_loss']:.4f} -> {s['last_eval_loss']:.4f}" if s.get("last_eval_loss") is not None else ""),
+        + (
+            f"  eval loss {s['first_eval_loss']:.4f} -> {s['last_eval_loss']:.4f}"
+            if s.get("last_eval_loss") is not None
+            else ""
+        ),
         f"peak GPU memory {_gib(s['peak_gpu_bytes'])}  peak host RAM {_gib(s['peak_host_rss_bytes'])}",
     ]
     p = s.get("placement")
     if p:
-        lines.append(f"experts placement {p['mode']} on {p['device']}: {100 * p['gpu_token_share']:.0f}% of routed "
-                     f"tokens on the GPU, {p['bytes_copied'] / 1e9:.2f} GB copied; busy CPU {p['cpu_s']:.1f} s, "
-                     f"GPU {p['gpu_s']:.1f} s (logged steps)")
+        lines.append(
+            f"experts placement {p['mode']} on {p['device']}: {100 * p['gpu_token_share']:.0f}% of routed "
+            f"tokens on the GPU, {p['bytes_copied'] / 1e9:.2f} GB copied; busy CPU {p['cpu_s']:.1f} s, "
+            f"GPU {p['gpu_s']:.1f} s (logged steps)"
+        )
     if s.get("placement_trace"):
         lines.append(f"placement trace: {s['placement_trace']}")
     lines += [
