@@ -202,10 +202,12 @@ def run_method(method: str, a) -> list:
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, lcfg)
-    if handle is not None and handle.placement is not None:
-        handle.placement.adopt_lora(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    if handle is not None and handle.placement is not None:
+        # After checkpointing is on (the placement then keeps a recompute's streamed experts for
+        # its backward), before the optimizer exists: the expert LoRA moves to the GPU.
+        handle.placement.adopt_lora(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
