@@ -152,6 +152,22 @@ def run_mode(mode, ex, gpu, runtime, x, ids, w, params, dout, scaling, reps, thr
     )
 
 
+def profile_step(mode, ex, gpu, runtime, x, ids, w, params, dout, threshold, device):
+    """One more forward + backward of `mode` under torch.profiler: the device kernels by their
+    total time, and the host ops by their own time (a path bound by Python / launches shows host
+    totals well above the kernels' sum)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        run_mode(mode, ex, gpu, runtime, x, ids, w, params, dout, 2.0, 1, threshold, device)
+    ka = prof.key_averages()
+    dev_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"### profile {mode} (2 steps: warm-up + 1; T={x.shape[0]})")
+    print(ka.table(sort_by=dev_key, row_limit=25, max_name_column_width=60))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU stand-in device (CI)")
@@ -173,6 +189,11 @@ def main(argv=None):
     )
     ap.add_argument("--chunk-mib", type=int, default=64, help="stored MiB per streamed chunk")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="MODE: after timing it, one more step of MODE under torch.profiler (kernel and host op tables)",
+    )
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -226,6 +247,8 @@ def main(argv=None):
                     else torch.zeros(E_use, dtype=torch.bool)
                 )
                 r = run_mode(mode, ex, gpu, runtime, x, ids, w, params, dout, 2.0, reps, threshold, device)
+                if args.profile == mode:
+                    profile_step(mode, ex, gpu, runtime, x, ids, w, params, dout, threshold, device)
                 out = r.pop("out")
                 if mode == "cpu":
                     base = (r["ms"], out)

@@ -469,6 +469,7 @@ def stand_in_train(monkeypatch):
 
 
 def test_moetune_train_with_gpu_placement(tmp_path, stand_in_train):
+    pytest.importorskip("datasets")
     from moetune.train.loop import train
 
     trace = tmp_path / "trace.json"
@@ -500,6 +501,7 @@ def test_hf_trainer_with_placement_callback(tmp_path, stand_in_train):
     """HF Trainer + moetune.hf.PlacementCallback on the stand-in GPU placement: the same losses as
     `moetune train` with that placement (same arithmetic in the same order), one end_step per
     optimizer step (after gradient accumulation), the numbers in the callback's history / file."""
+    pytest.importorskip("datasets")
     import datasets
     from test_train_trainers import args_kw, recording, step_losses
 
@@ -564,7 +566,10 @@ def test_cuda_one_step_matches_reference(family, mode):
         base_model(family), patch_first=True, placement=moetune.PlacementOptions(mode=mode, gpu_budget_gib=BUDGET_GIB)
     )
     ours.to("cuda")
-    assert handle.placement.adopt_lora(ours) > 0
+    # Module.to already moved every parameter, the expert LoRA included: adopt_lora starts the
+    # placement on the model's device and has nothing left to move.
+    assert handle.placement.adopt_lora(ours) == 0
+    assert handle.placement.device.is_cuda and handle.placement.mode == mode
     assert all(p.device.type == "cuda" for n, p in ours.named_parameters() if "lora_" in n)
     check_on_cuda(ref, ours, f"{family} {mode} on cuda", tol_logits=GPU_LOGITS, tol_grad=GPU_GRAD)
     n = handle.placement.end_step()
@@ -618,6 +623,7 @@ def test_cuda_moetune_train_auto_placement(tmp_path):
     """moetune train on CUDA with the default placement (auto: calibrated, budget measured): the
     loss falls, metrics.jsonl has the placement numbers, the trace has the GPU lanes, the summary
     reports the GPU peak from the placement's probe."""
+    pytest.importorskip("datasets")
     from moetune.train.loop import train
 
     trace = tmp_path / "trace.json"

@@ -246,7 +246,9 @@ def test_benefit_is_zero_for_idle_and_positive_for_busy_experts():
     policy.end_step()
     b = policy.benefit("L")
     assert b[3] > b[4] > 0 and (np.delete(b, [3, 4]) == 0).all()
-    assert policy.wanted("L")[3] and policy.wanted("L")[4] and int(policy.wanted("L").sum()) == 2
+    assert policy.wanted("L")[3] and policy.wanted("L")[4]
+    # The rest of the budget fills with idle experts (resident is never slower).
+    assert int(policy.wanted("L").sum()) == GIB // QWEN.resident_size
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU machine)")
@@ -265,3 +267,31 @@ def test_cuda_memory_probe():
     assert probe.run_peak_reserved >= m.peak_reserved and probe.run_peak_allocated >= nbytes
     budget = auto_budget_bytes(m2, resident_bytes=0)
     assert 0 <= budget < m2.free
+
+
+def test_budget_left_by_the_gains_fills_with_more_experts():
+    """A budget that holds every expert makes every expert resident (idle ones too: a resident
+    expert is never slower), in one refresh, and later refreshes under routing noise swap none;
+    a binding budget fills with the busiest remaining experts, never beyond the budget."""
+    layers = [0, 1]
+    model = CostModel(QWEN)
+    rng = np.random.default_rng(3)
+    probs = {}
+    for key in layers:
+        p = zipf_probs(128, rng)
+        p[:10] = 0.0  # idle experts
+        probs[key] = p / p.sum()
+    sched = Scheduler(model, correction=False)
+    policy = ResidencyPolicy(sched, budget=(2 * 128 + 0.5) * QWEN.resident_size / GIB, warmup_steps=1, refresh_every=1)
+    run_steps(policy, layers, probs, rng, 1)
+    assert all(bool(policy.wanted(key).all()) for key in layers)
+    assert policy.last_refresh["bytes"] == 2 * 128 * QWEN.resident_size
+    run_steps(policy, layers, probs, rng, 5)
+    assert policy.last_refresh["swaps_in"] == policy.last_refresh["swaps_out"] == 0
+    # Binding: 100 experts' bytes over two layers -> exactly 100 resident, the busiest by mu.
+    policy = ResidencyPolicy(sched, budget=100.5 * QWEN.resident_size / GIB, warmup_steps=1)
+    run_steps(policy, layers, probs, rng, 1)
+    assert sum(int(policy.wanted(key).sum()) for key in layers) == 100
+    for key in layers:
+        w = policy.wanted(key).numpy()
+        assert not w[:10].any()  # idle experts are the last to fill

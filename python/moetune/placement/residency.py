@@ -333,11 +333,13 @@ class ResidencyPolicy:
             used += fit * size
             if fit < r1 - r0:
                 closed.add(li)
+        chosen = [ranks[key][: take[li]] for li, key in enumerate(keys)]
+        used += self._fill(keys, chosen, budget - used)
         swaps_in = swaps_out = chosen_n = 0
         for li, key in enumerate(keys):
             layer = self._layers[key]
             new = np.zeros(layer.E, dtype=bool)
-            new[ranks[key][: take[li]]] = True
+            new[chosen[li]] = True
             swaps_in += int((new & ~layer.wanted).sum())
             swaps_out += int((~new & layer.wanted).sum())
             chosen_n += int(new.sum())
@@ -352,6 +354,37 @@ class ResidencyPolicy:
             "swaps_in": swaps_in,
             "swaps_out": swaps_out,
         }
+
+    def _fill(self, keys: list, chosen: list, left: int) -> int:
+        """Budget the gains left unused goes to more experts (in place in `chosen`; returns the
+        bytes added): a resident expert is never slower than a streamed or CPU one (no copy, no
+        staging), so unused budget buys nothing, while the cost model's predicted gain of the last
+        experts is 0 wherever it expects their copies to hide behind compute - which real steps
+        do not always achieve. Incumbents first (no swaps for a fill), then the busiest (tokens per
+        step), then the idle ones, across layers; an expert that does not fit is skipped for
+        smaller ones of other layers."""
+        if left <= 0:
+            return 0
+        extra = []
+        for li, key in enumerate(keys):
+            layer = self._layers[key]
+            mu, _, _ = self._averages(layer)
+            size = self._model(key).shape.resident_size
+            rest = np.ones(layer.E, dtype=bool)
+            rest[chosen[li]] = False
+            for e in np.flatnonzero(rest):
+                extra.append((not bool(layer.wanted[e]), -float(mu[e]), li, int(e), size))
+        extra.sort()
+        added = {li: [] for li in range(len(keys))}
+        used = 0
+        for _inc, _mu, li, e, size in extra:
+            if size <= left - used:
+                added[li].append(e)
+                used += size
+        for li, more in added.items():
+            if more:
+                chosen[li] = np.concatenate([np.asarray(chosen[li], dtype=np.int64), np.asarray(more, dtype=np.int64)])
+        return used
 
     def stats(self) -> dict[str, float]:
         """Numbers for metrics.jsonl: wanted experts / bytes, budget, swaps at the last refresh."""
