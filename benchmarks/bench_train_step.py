@@ -175,7 +175,7 @@ def run_method(method: str, a) -> list:
                 gpu_budget_gib=budget,
                 device=a.device,
                 warmup_steps=1,
-                refresh_every=a.refresh_every,
+                **({} if a.refresh_every is None else {"refresh_every": a.refresh_every}),
                 calibrate=not a.smoke,
                 trace=trace,
             )
@@ -265,7 +265,12 @@ def main():
     ap.add_argument("--methods", default="cpu,auto-third,auto,peft")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per seq (median)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--refresh-every", type=int, default=1, help="residency refresh period in steps")
+    ap.add_argument(
+        "--refresh-every",
+        type=int,
+        default=None,
+        help="residency refresh period in steps (default: the library's; the first refresh is after warm-up step 1)",
+    )
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="engine threads")
     ap.add_argument("--torch-threads", type=int, default=2)
     ap.add_argument("--device", default="cuda")

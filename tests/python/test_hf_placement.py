@@ -646,7 +646,11 @@ def test_cuda_moetune_train_auto_placement(tmp_path):
     recs = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in l]
     assert all("placement_gpu_token_share" in r for r in recs)
     events = json.loads(trace.read_text())["traceEvents"]
-    assert any(e["ph"] == "X" and e["pid"] == 2 for e in events)
+    lanes = {e["pid"] for e in events if e["ph"] == "X"}
+    # The host lane always; the GPU lanes exactly when the scheduler put work there (on the tiny
+    # test model a calibrated "auto" may well keep every expert on the CPU).
+    assert 1 in lanes
+    assert (2 in lanes) == any(r["placement_gpu_token_share"] > 0 for r in recs)
 
 
 @cuda

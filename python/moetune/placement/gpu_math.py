@@ -51,21 +51,23 @@ class Activation:
 
     def forward(self, gb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
         """h = bf16(act(g, u)) from bf16 g, u (fp32 math)."""
-        g, u = gb.float(), ub.float()
-        if self.kind == "swiglu":
-            return (g * torch.sigmoid(g) * u).to(BF16)
+        g = gb.float()
+        if self.kind == "swiglu":  # (g sigmoid(g)) u in fp32; u promoted inside the multiply
+            return g.mul_(torch.sigmoid(g)).mul_(ub).to(BF16)
+        u = ub.float()
         gc = g.clamp(max=self.limit)
         uc = u.clamp(-self.limit, self.limit)
         return ((uc + 1.0) * (gc * torch.sigmoid(self.alpha * gc))).to(BF16)
 
     def backward(self, gb: torch.Tensor, ub: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(dg, du) in bf16 for the fp32 gradient dh of h."""
-        g, u = gb.float(), ub.float()
+        g = gb.float()
         if self.kind == "swiglu":
             sg = torch.sigmoid(g)
-            silu = g * sg
-            dg = dh * u * sg * (1.0 + g * (1.0 - sg))
-            return dg.to(BF16), (dh * silu).to(BF16)
+            # dg = (dh u) sg (1 + g (1 - sg)), du = dh g sg: fp32, in place where the operand dies.
+            dg = (dh * ub).mul_(sg).mul_(torch.rsub(sg, 1.0).mul_(g).add_(1.0))
+            return dg.to(BF16), g.mul_(sg).mul_(dh).to(BF16)
+        u = ub.float()
         gc = g.clamp(max=self.limit)
         uc = u.clamp(-self.limit, self.limit)
         sa = torch.sigmoid(self.alpha * gc)
@@ -99,37 +101,46 @@ class SegmentOperands:
 
 
 def _proj_in(gemm: Gemm, ops: SegmentOperands, which: int, x: torch.Tensor):
-    """fp32 W x + s B (A x) for gate (0) / up (1), and z = bf16(A x) (None without LoRA)."""
+    """bf16(W x + s B (A x) [+ b]) (the sum in fp32) for gate (0) / up (1), and z = bf16(A x)
+    (None without LoRA). Without a bias the sum and its rounding are one bf16 add (torch adds bf16
+    operands in fp32, `alpha` included, and rounds once): no fp32 copy of the [n, I] result."""
     name = ("gate", "up")[which]
-    acc = gemm.mm(x, ops.W[which].transpose(1, 2), ops.offs, ops.sizes).float()
-    z = None
+    base = gemm.mm(x, ops.W[which].transpose(1, 2), ops.offs, ops.sizes)
+    z = lo = None
     pair = ops.lora.get(name)
     if pair is not None:
         A, B = pair
         z = gemm.mm(x, A.transpose(1, 2), ops.coffs, ops.csizes)
-        acc.add_(gemm.mm(z, B.transpose(1, 2), ops.coffs, ops.csizes).float(), alpha=ops.scaling)
-    if ops.biases[which] is not None:
-        acc.add_(ops.biases[which])
-    return acc, z
+        lo = gemm.mm(z, B.transpose(1, 2), ops.coffs, ops.csizes)
+    bias = ops.biases[which]
+    if bias is None:
+        return (base if lo is None else torch.add(base, lo, alpha=ops.scaling)), z
+    acc = base.float()
+    if lo is not None:
+        acc.add_(lo, alpha=ops.scaling)
+    return acc.add_(bias).to(BF16), z
 
 
 def _gate_up(gemm, act, ops, x):
-    g, zg = _proj_in(gemm, ops, 0, x)
-    u, zu = _proj_in(gemm, ops, 1, x)
-    gb, ub = g.to(BF16), u.to(BF16)
-    del g, u
+    gb, zg = _proj_in(gemm, ops, 0, x)
+    ub, zu = _proj_in(gemm, ops, 1, x)
     return gb, ub, act.forward(gb, ub), zg, zu
 
 
-def forward_segment(gemm: Gemm, act: Activation, ops: SegmentOperands, x: torch.Tensor) -> torch.Tensor:
-    """y fp32 [n, H] for the segment's rows x bf16 [n, H]."""
+def forward_segment(
+    gemm: Gemm, act: Activation, ops: SegmentOperands, x: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y fp32 [n, H] for the segment's rows x bf16 [n, H], written into `out` (fp32 [n, H], e.g.
+    the caller's slice of all rows) when given."""
     _, _, h, _, _ = _gate_up(gemm, act, ops, x)
-    y = gemm.mm(h, ops.W[2].transpose(1, 2), ops.offs, ops.sizes).float()
+    base = gemm.mm(h, ops.W[2].transpose(1, 2), ops.offs, ops.sizes)
+    y = base.float() if out is None else out.copy_(base)
+    del base
     pair = ops.lora.get("down")
     if pair is not None:
         A, B = pair
         zd = gemm.mm(h, A.transpose(1, 2), ops.coffs, ops.csizes)
-        y.add_(gemm.mm(zd, B.transpose(1, 2), ops.coffs, ops.csizes).float(), alpha=ops.scaling)
+        y.add_(gemm.mm(zd, B.transpose(1, 2), ops.coffs, ops.csizes), alpha=ops.scaling)
     if ops.biases[2] is not None:
         y.add_(ops.biases[2])
     return y
@@ -166,10 +177,10 @@ def backward_segment(
     if lo.get("down") is not None:
         A, B = lo["down"]
         q = gemm.mm(dout, B, ops.coffs, ops.csizes)
-        D.add_(gemm.mm(q, A, ops.coffs, ops.csizes).float(), alpha=s)
+        D.add_(gemm.mm(q, A, ops.coffs, ops.csizes), alpha=s)
     dw = None
     if need_dw:
-        dw = (D * h.float()).sum(1)
+        dw = (D * h).sum(1)
         if ops.biases[2] is not None:
             dw.add_((dout.float() * ops.biases[2]).sum(1))
     if lo.get("down") is not None:
@@ -178,9 +189,9 @@ def backward_segment(
         dA = dB = None
         if nB:  # dBd = s sum_t dout_t (w_t zd_t)^T, zd = bf16(Ad h)
             zd = gemm.mm(h, lo["down"][0].transpose(1, 2), ops.coffs, ops.csizes)
-            dB = gemm.mm_tn(dout, (zd.float() * wc).to(BF16), ops.coffs, ops.csizes).float().mul_(s)
+            dB = gemm.mm_tn(dout, (zd * wc).to(BF16), ops.coffs, ops.csizes).float().mul_(s)
         if nA:  # dAd = s sum_t (w_t q_t) h_t^T
-            dA = gemm.mm_tn((q.float() * wc).to(BF16), h, ops.coffs, ops.csizes).float().mul_(s)
+            dA = gemm.mm_tn((q * wc).to(BF16), h, ops.coffs, ops.csizes).float().mul_(s)
         grads["down"] = (dA, dB)
     del h, q
     need_gu = need_dx or any(any(need_lora.get(p, (False, False))) for p in ("gate", "up") if lo.get(p) is not None)
@@ -191,7 +202,7 @@ def backward_segment(
         del D, gb, ub
         if need_dx:
             dx = gemm.mm(dg, ops.W[0], ops.offs, ops.sizes).float()
-            dx.add_(gemm.mm(du, ops.W[1], ops.offs, ops.sizes).float())
+            dx.add_(gemm.mm(du, ops.W[1], ops.offs, ops.sizes))
         for name, d, z in (("gate", dg, zg), ("up", du, zu)):
             if lo.get(name) is None:
                 continue
@@ -202,5 +213,5 @@ def backward_segment(
             gB = gemm.mm_tn(d, z, ops.coffs, ops.csizes).float().mul_(s) if nB else None
             grads[name] = (gA, gB)
             if need_dx:
-                dx.add_(gemm.mm(p, A, ops.coffs, ops.csizes).float(), alpha=s)
+                dx.add_(gemm.mm(p, A, ops.coffs, ops.csizes), alpha=s)
     return SegmentGrads(dx, dw, grads)

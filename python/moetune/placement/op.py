@@ -413,7 +413,7 @@ def _gpu_forward(call: _Call, x, topk_ids, topk_weights, lora, tm: _Timing) -> t
     for seg, W in _segments(call, call.phase, tm):
         ops = _operands(call, seg, W, lora_d, rows, dev.torch)
         xs = xb.index_select(0, rows.tok[seg.row0 : seg.row1])
-        Y[seg.row0 : seg.row1] = forward_segment(runtime.gemm, gpu.activation, ops, xs)
+        forward_segment(runtime.gemm, gpu.activation, ops, xs, out=Y[seg.row0 : seg.row1])
     out = combine(Y, rows.row_of, w32)
     tm.end_gpu()
     return out
