@@ -115,20 +115,52 @@ class TrainConfig:
     # ---- data
     data: str | None = _f(
         None,
-        "training data: a local .jsonl / .json / .parquet file. Unset: the "
-        "embedded demo dataset (only with the demo model, whose word-level "
-        "vocabulary is that dataset's)",
+        "training data: comma-separated sources, each a .jsonl / .json / .parquet "
+        "file, a folder of them (shards) or of a datasets.save_to_disk dataset, or a "
+        "Hub dataset name (org/name), optionally with a mixing weight `:W` (the "
+        "source's samples repeated W times; fractions sample; e.g. a.jsonl,b/:0.5). "
+        "Unset: the embedded demo dataset (only with the demo model, whose "
+        "word-level vocabulary is that dataset's)",
         "data",
     )
     data_format: str = _f(
         "auto",
-        "record format: chat (`messages` list of {role, content}), alpaca "
-        "(instruction / input / output), text (`text`), or auto (from the columns)",
+        "record format: chat (`messages` list of {role, content}, content a string "
+        "or a list of text parts), sharegpt (`conversations` of {from, value}), "
+        "prompt_completion (TRL's `prompt` + `completion`: strings or message "
+        "lists), alpaca (instruction / input / output or response, optional "
+        "system / history), text (`text`), or auto (per source, from the columns)",
         "data",
-        choices=("auto", "chat", "alpaca", "text"),
+        choices=("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"),
     )
+    data_columns: list[str] = _f(
+        [],
+        "column renames, canonical=yours (e.g. messages=dialog content=text); canonical names: "
+        "messages conversations role content from value prompt completion instruction input output "
+        "system history text",
+        "data",
+    )
+    data_roles: list[str] = _f(
+        [], "role renames on top of the usual ones (human/gpt/...), yours=canonical (e.g. bot=assistant)", "data"
+    )
+    chat_template: str | None = _f(
+        None,
+        "chat template overriding the tokenizer's: a Jinja file or a known name (the templates TRL ships: "
+        "qwen3, deepseekv3, gptoss, glm4moe, llama3, qwen2_5, ...); saved with the adapter's tokenizer",
+        "data",
+    )
+    num_proc: int | None = _f(
+        None, "tokenizer worker processes (unset: 1 under 2000 records, else the usable cores, at most 8)", "data"
+    )
+    data_cache: bool = _f(
+        True,
+        "cache the tokenized data (keyed by the records, tokenizer, template and options): later runs and "
+        "--resume read it instead of tokenizing again",
+        "data",
+    )
+    data_cache_dir: str | None = _f(None, "folder of the tokenized-data cache (unset: output_dir/data-cache)", "data")
     eval_data: str | None = _f(
-        None, "held-out eval file (same format); unset: split eval_fraction off the training data", "data"
+        None, "held-out eval data (sources as for data); unset: split eval_fraction off the training data", "data"
     )
     eval_fraction: float = _f(
         0.05, "fraction of the training records held out for eval when eval_data is unset (0: no eval)", "data"
@@ -276,10 +308,18 @@ class TrainConfig:
             p = getattr(self, name)
             if p is None:
                 continue
-            if not os.path.isfile(p):
-                raise ConfigError(f"{name}: file {p!r} does not exist")
-            if not p.endswith((".jsonl", ".json", ".parquet")):
-                raise ConfigError(f"{name}: {p!r} must end in .jsonl, .json or .parquet")
+            from moetune.train.formats import check_spec
+
+            why = check_spec(p)
+            if why is not None:
+                raise ConfigError(f"{name}: {why}")
+        if self.chat_template is not None:
+            from moetune.train.chat_masking import resolve_chat_template
+
+            try:
+                resolve_chat_template(self.chat_template)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         out = os.path.abspath(self.output_dir)
         parent = out
         while not os.path.exists(parent):

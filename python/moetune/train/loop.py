@@ -129,6 +129,10 @@ def _load_data(cfg: TrainConfig, say):
 
     data_path = cfg.data or demo_data_path()
     tok = load_tokenizer(cfg)
+    if cfg.chat_template is not None:
+        from moetune.train.chat_masking import resolve_chat_template
+
+        tok.chat_template = resolve_chat_template(cfg.chat_template)
     train_s, eval_s, dstats, fmt = data.prepare(cfg, tok, data_path)
     say(
         f"data: {data_path} ({fmt}): {len(train_s['input_ids'])} train / "
