@@ -25,10 +25,12 @@ class ConfigError(ValueError):
     """A bad configuration value, key or path (raised before any model loading)."""
 
 
-def _f(default, help: str, section: str, choices=None, **kw):
+def _f(default, help: str, section: str, choices=None, flag=None, **kw):
     meta = {"help": help, "section": section}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if flag is not None:
+        meta["flag"] = dict(flag)  # extra argparse keywords of the field's flag
     if isinstance(default, (list, dict, tuple)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -213,8 +215,23 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "checkpoints kept (oldest removed)", "run")
     eval_every: int = _f(50, "eval loss every N steps (0: only at the end)", "run")
     log_every: int = _f(1, "metrics line every N steps", "run")
-    resume: bool = _f(
-        False, "continue from the latest checkpoint in output_dir (same trajectory as an uninterrupted run)", "run"
+    resume: str | None = _f(
+        None,
+        "continue a run (same trajectory as an uninterrupted one): --resume alone: from output_dir's "
+        "latest checkpoint; --resume PATH: from that checkpoint folder (checkpoints/step-N) or run "
+        "folder (an older checkpoint of output_dir moves the later ones aside; another run's continues "
+        "into an empty output_dir)",
+        "run",
+        flag={"nargs": "?", "const": "latest"},
+    )
+    overwrite: bool = _f(
+        False,
+        "start afresh in an output_dir that holds a previous run, removing its files (the tokenized-data "
+        "cache is kept); without it (or --resume) such an output_dir is refused",
+        "run",
+    )
+    init_adapter: str | None = _f(
+        None, "start from this PEFT adapter folder's weights (e.g. a run's adapter/) instead of a fresh LoRA", "run"
     )
     stop_after_steps: int | None = _f(
         None, "stop (with a checkpoint) after this many steps in this invocation; resume later with --resume", "run"
@@ -222,8 +239,26 @@ class TrainConfig:
     merge_export: str | None = _f(None, "after training, write the merged full model (base + LoRA) here", "run")
     sample_prompts: list[str] = _f([], "user prompts to generate from before and after training", "run")
     max_new_tokens: int = _f(24, "tokens generated per sample prompt (greedy)", "run")
-    progress: bool = _f(True, "progress bar on stderr", "run")
-    tensorboard: bool = _f(True, "TensorBoard event files in output_dir/tensorboard", "run")
+    progress: bool = _f(
+        True,
+        "progress bar (loss, lr, tokens/s, ETA) on stderr when it is a terminal; otherwise, or with "
+        "--no-progress, an interval-averaged line every print_every steps",
+        "run",
+    )
+    print_every: int = _f(10, "steps per progress line when there is no progress bar", "run")
+    tensorboard: bool = _f(
+        True, "TensorBoard event files in output_dir/tensorboard (false: drop tensorboard from report_to)", "run"
+    )
+    report_to: list[str] = _f(
+        ["tensorboard"],
+        "experiment trackers, through accelerate's: tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
+        "dvclive, swanlab, trackio (each needs its package; configure them as usual, e.g. WANDB_MODE=offline), "
+        "all (every installed one) or none; local files go to output_dir/tensorboard and output_dir/trackers",
+        "run",
+    )
+    sample_records: int = _f(
+        2, "at the end, answers generated for this many eval (else train) records, next to the data's", "run"
+    )
     plot: bool = _f(True, "PNG plot of the losses and throughput at the end", "run")
     placement_trace: str | None = _f(
         _PLACEMENT.trace,
@@ -247,6 +282,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Types, ranges and paths; raises ConfigError naming the field."""
+        from moetune.train.run_dir import normalize_resume
+
+        self.resume = normalize_resume(self.resume)
         for name, f in self.fields().items():
             setattr(self, name, _coerce(name, f, getattr(self, name)))
         pos = ("lora_rank", "max_length", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_new_tokens")
@@ -313,6 +351,17 @@ class TrainConfig:
             why = check_spec(p)
             if why is not None:
                 raise ConfigError(f"{name}: {why}")
+        if self.init_adapter is not None:
+            from moetune.train.run_dir import check_init_adapter
+
+            why = check_init_adapter(self.init_adapter)
+            if why is not None:
+                raise ConfigError(f"init_adapter: {why}")
+        from moetune.train.trackers import check_report_to
+
+        why = check_report_to(self.report_to)
+        if why is not None:
+            raise ConfigError(f"report_to: {why}")
         if self.chat_template is not None:
             from moetune.train.chat_masking import resolve_chat_template
 

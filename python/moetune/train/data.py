@@ -29,9 +29,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from moetune.train import formats, tokenize_cache
+from moetune.train import formats, samples, tokenize_cache
 from moetune.train.chat_masking import ChatMasker
 from moetune.train.formats import ALPACA_PROMPT, DataError  # noqa: F401  (re-exported)
+from moetune.train.progress import interactive
 from moetune.train.tokenize_cache import EncodeStats
 
 IGNORE = -100
@@ -133,7 +134,7 @@ def encode_records(records: list[formats.Record], tok, cfg, *, what: str):
         options=options,
         cache_dir=cache_dir,
         num_proc=cfg.num_proc,
-        progress=cfg.progress,
+        progress=interactive(cfg.progress),
         desc=f"tokenizing {what}",
     )
     status = out["status"]
@@ -298,6 +299,7 @@ def prepare(cfg, tok, data_path: str):
     records = formats.apply_weights(records, sources, cfg.seed)
     train, st, outcome = encode_records(records, tok, cfg, what=data_path)
     stats = {"format": fmt, "train": dataclasses.asdict(st), "cache": outcome}
+    stats["sample_records"] = samples.pick(ev or records, getattr(cfg, "sample_records", 0))
     evs = None
     if ev:
         evs, est, _ = encode_records(ev, tok, cfg, what=cfg.eval_data or f"{data_path} (eval split)")
