@@ -56,7 +56,11 @@ def summarize(summary: dict[str, Any], output_dir: str) -> str:
     lines = [
         f"steps {s['steps']}  tokens {s['tokens']:,} (loss on {s['target_tokens']:,})  "
         f"wall {s['wall_seconds']:.1f} s  {tps} tokens/s  CPU-expert share {share}"
-        + ("  (figures of the run so far: no step ran in this invocation)" if s.get("throughput_of") == "the run so far" else ""),
+        + (
+            "  (figures of the run so far: no step ran in this invocation)"
+            if s.get("throughput_of") == "the run so far"
+            else ""
+        ),
         f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
         + (
             f"  eval loss {s['first_eval_loss']:.4f} -> {s['last_eval_loss']:.4f}"
