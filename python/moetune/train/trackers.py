@@ -72,6 +72,12 @@ class Trackers:
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
         self.trackers = []
+        if names:
+            # accelerate's trackers log through its logging adapter, which needs its (process-wide,
+            # single-process here) state; HF Trainer creates the same through its Accelerator.
+            from accelerate.state import PartialState
+
+            PartialState()
         run = os.path.basename(os.path.abspath(output_dir)) or "moetune"
         local = os.path.join(output_dir, "trackers")
         for n in names:
@@ -90,7 +96,7 @@ class Trackers:
                 t = cls(run, logging_dir=local)
             else:
                 t = cls(run)
-            t.main_process_only = False  # one process: no accelerate PartialState needed
+            t.main_process_only = False  # one process: every call runs here
             try:
                 t.start()
             except Exception as e:  # a tracker that cannot start must not cost the run
