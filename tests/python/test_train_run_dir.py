@@ -215,3 +215,29 @@ def test_banner_and_sample_generations(ref):
     for d in s["data_samples"]:
         assert d["where"].startswith(data + ":") and d["reference"] and isinstance(d["generated"], str)
         assert f"sample ({d['where']})" in text
+
+
+def test_resume_flag_alone_or_with_a_path(tmp_path):
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "moetune.cli", "train", "--output-dir", str(tmp_path / "o"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    r = cli("--resume")
+    assert r.returncode == 2 and "resume: no checkpoint in" in r.stderr and "Traceback" not in r.stderr
+    r = cli("--resume", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and "is neither a checkpoint folder" in r.stderr
+    y = tmp_path / "c.yaml"
+    y.write_text("resume: true\n")
+    assert make_config(None, {"resume": True}).resume == "latest"
+    assert make_config(None, {"resume": False}).resume is None
+    r = subprocess.run(
+        [sys.executable, "-m", "moetune.cli", "train", "--config", str(y), "--output-dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "resume: no checkpoint in" in r.stderr

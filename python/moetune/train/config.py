@@ -209,7 +209,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant)", "optimization")
     # ---- run
     output_dir: str = _f(
-        "runs/moetune-train", "run folder: adapter/, checkpoints/, metrics.jsonl, tensorboard/, plot, summary", "run"
+        "runs/moetune-train",
+        "run folder: adapter/, checkpoints/, metrics.jsonl, tensorboard/, plot, summary; one that holds "
+        "a previous run is refused without --resume or --overwrite",
+        "run",
     )
     save_every: int = _f(100, "checkpoint every N optimizer steps (0: only at the end / on Ctrl-C)", "run")
     keep_checkpoints: int = _f(2, "checkpoints kept (oldest removed)", "run")

@@ -135,10 +135,12 @@ def check_spec(spec: str) -> str | None:
         p = s.spec
         if os.path.isfile(p):
             if not p.endswith(FILE_EXTENSIONS):
-                return f"{p!r} must end in {', '.join(FILE_EXTENSIONS)}"
+                return f"{p!r} must end in .jsonl, .json or .parquet"
         elif os.path.isdir(p):
             if not is_saved_dataset(p) and not _folder_files(p):
                 return f"folder {p!r} holds no {', '.join(FILE_EXTENSIONS)} file and no saved dataset"
+        elif p.endswith(FILE_EXTENSIONS) or os.path.isabs(p) or p.startswith("."):
+            return f"file {p!r} does not exist"
         elif not _HUB_NAME.match(p):
             return f"{p!r} does not exist (nor is it a Hub dataset name org/name)"
     return None
