@@ -164,6 +164,7 @@ def test_finished_run_resumed_reports_honest_figures(ref, tmp_path):
     said = []
     s = train(cfg_for(out, data, resume=True), say=said.append)
     assert s["finished"] and s["steps"] == 6 and s["tokens"] == s_ref["tokens"]
+    assert s["data"]["cache"] == "hit"  # --resume does not tokenize again
     assert s["expert_share"] is None and s["throughput_of"] == "the run so far"
     assert s["tokens_per_s"] == pytest.approx(
         s_ref["tokens"] / json.load(open(out_ref / "checkpoints" / "step-00000006" / "state.json"))["wall_seconds"]

@@ -60,8 +60,8 @@ def check_report_to(report_to: list[str]) -> str | None:
     for n in names:
         if n not in known:
             return f"unknown tracker {n!r}; known: {', '.join(known)}, all, none"
-        if n not in have:
-            return f"{n} is not installed here (pip install {n if n != 'tensorboard' else 'tensorboardX'})"
+        if n not in have and n != "tensorboard":  # tensorboard (the default): a warning at start, as before
+            return f"{n} is not installed here (pip install {n})"
     return None
 
 
@@ -80,7 +80,13 @@ class Trackers:
             PartialState()
         run = os.path.basename(os.path.abspath(output_dir)) or "moetune"
         local = os.path.join(output_dir, "trackers")
+        have = available()
         for n in names:
+            if n not in have:
+                say(
+                    f"report_to: {n} is not installed (pip install {n if n != 'tensorboard' else 'tensorboardX'}); skipped"
+                )
+                continue
             cls = LOGGER_TYPE_TO_CLASS[n]
             if n == "tensorboard":
                 purge = {"purge_step": resume_step + 1} if resume_step is not None else {}
