@@ -177,14 +177,28 @@ def test_qwen3_reasoning_of_earlier_turns_is_stripped_and_the_last_trained():
 
 
 @needs_trl
+@pytest.mark.parametrize("family", ["llama3", "glm4_moe", "qwen2_moe"])
+def test_trailing_whitespace_of_an_answer(family):
+    """Llama and GLM trim the answer, ChatML keeps it: either way the turn is located by rendering."""
+    tok = family_tokenizer(family)
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! \n"}]
+    m = ChatMasker(tok).encode(msgs)
+    assert m.method == "render"
+    want = {"llama3": "Hello!<|eot_id|>", "glm4_moe": "\n<think></think>\nHello!<|endoftext|>"}
+    got = [t for on, t in runs(tok, m.input_ids, m.labels) if on]
+    assert got == [want.get(family, "Hello! \n<|im_end|>\n")]
+
+
+@needs_trl
 def test_fallback_to_trl_training_template_and_the_error_without_one():
-    """GLM strips the answer, so a record whose answer ends in whitespace cannot be located by
-    rendering: TRL's training variant of the GLM template decides (the end-of-turn <|user|> trained)."""
+    """GLM moves a reasoning-only answer into its think block and writes no answer line, so the
+    answer's end cannot be located by rendering: TRL's training variant of the GLM template decides
+    (the end-of-turn <|user|> trained)."""
     tok = family_tokenizer("glm4_moe")
-    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! \n"}]
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>plan</think>"}]
     m = ChatMasker(tok).encode(msgs)
     assert m.method == "trl-training-template"
-    assert [t for on, t in runs(tok, m.input_ids, m.labels) if on] == ["\n<think></think>\nHello!<|user|>"]
+    assert [t for on, t in runs(tok, m.input_ids, m.labels) if on] == ["\n<think>plan</think><|user|>"]
     # The same template text, unknown to TRL (one byte changed) and without markers: a clear error.
     tok.chat_template = tok.chat_template + " "
     with pytest.raises(data.DataError, match="cannot find the assistant turns.*--chat-template"):

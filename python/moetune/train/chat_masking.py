@@ -192,6 +192,23 @@ class ChatMasker:
         return Masked(ids, [t if k else IGNORE for t, k in zip(ids, keep)], method)
 
     # ---- the render method
+    def _content_end(self, messages, i: int, full: str) -> int | None:
+        """Where assistant turn i's content ends in `full`: the conversation rendered with a sentinel
+        after that content must equal `full` with the sentinel inserted once. Templates that trim the
+        content (Llama, GLM) are tried again with the content's trailing whitespace removed."""
+        content = messages[i].get("content") or ""
+        for c in (content, content.rstrip()) if content != content.rstrip() else (content,):
+            marked = [dict(x) for x in messages]
+            marked[i]["content"] = c + _SENTINEL
+            try:
+                with_s = self._render(marked)
+            except Exception:
+                return None
+            at = with_s.find(_SENTINEL)
+            if at >= 0 and with_s.count(_SENTINEL) == 1 and with_s[:at] + with_s[at + len(_SENTINEL) :] == full:
+                return at
+        return None
+
     def _special_at(self, text: str, pos: int) -> int:
         """Length of the special token starting at text[pos] (0: none)."""
         best = 0
@@ -210,9 +227,6 @@ class ChatMasker:
             try:
                 before = self._render(messages[:i]) if i else ""
                 gen = self._render(messages[:i], add_generation_prompt=True)
-                marked = [dict(x) for x in messages]
-                marked[i]["content"] = (m.get("content") or "") + _SENTINEL
-                with_s = self._render(marked)
             except Exception:
                 return None
             if not full.startswith(before):
@@ -220,8 +234,8 @@ class ChatMasker:
             start = _common_prefix(full, gen)
             if start < len(before):
                 return None
-            at = with_s.find(_SENTINEL)
-            if at < start or with_s.count(_SENTINEL) != 1 or with_s[:at] + with_s[at + len(_SENTINEL) :] != full:
+            at = self._content_end(messages, i, full)
+            if at is None or at < start:
                 return None
             end = at
             k = self._special_at(full, end)
