@@ -533,6 +533,9 @@ RESUME_FIXED = (
     "grad_accum",
     "expert_format",
     "int4_group_size",
+    "data_columns",
+    "data_roles",
+    "chat_template",
 )
 
 
