@@ -27,7 +27,7 @@ def add_config_flags(p: argparse.ArgumentParser, defaults_note=None) -> None:
         if defaults_note and name in defaults_note:
             default += f"; demo: {defaults_note[name]!r}"
         help_ = f"{meta['help']} (default: {default})"
-        kw = dict(dest=name, default=argparse.SUPPRESS, help=help_)
+        kw = dict(dest=name, default=argparse.SUPPRESS, help=help_, **meta.get("flag", {}))
         g = groups[meta["section"]]
         if t == "bool":
             g.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, **kw)

@@ -29,6 +29,7 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
     max_grad_norm=1.0,
     output_dir="runs/demo",
     max_new_tokens=12,
+    sample_records=0,  # the demo prints its own before / after generations
     sample_prompts=[
         "What does a cow say?",
         "What is the opposite of hot?",
@@ -42,7 +43,11 @@ def run_demo(overrides: dict[str, Any] | None = None, *, say=print) -> dict[str,
     from moetune.train.config import make_config
     from moetune.train.loop import train
 
-    cfg = make_config(None, overrides, base=DEMO_DEFAULTS)
+    # The demo's own folder is a throwaway: a second `moetune demo` replaces it (unless it resumes
+    # it). An output_dir the user chose gets the usual run-folder policy.
+    ov = overrides or {}
+    base = {**DEMO_DEFAULTS, "overwrite": not ov.get("resume") and "output_dir" not in ov}
+    cfg = make_config(None, overrides, base=base)
     if not cfg.is_demo:
         raise ValueError("moetune demo trains the embedded model; use `moetune train --model ...` for a model")
     say("moetune demo: LoRA on a tiny Qwen3-MoE (experts in the CPU engine), embedded data, CPU only")

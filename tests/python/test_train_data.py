@@ -133,14 +133,17 @@ def test_alpaca_without_chat_template(tok):
 
 
 def test_format_errors_name_the_problem(tmp_path, tok):
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "completion": "y"}])
-    with pytest.raises(data.DataError, match=r"cannot tell the format.*prompt"):
-        data.detect_format(data.load_records(bad).column_names, "auto", bad)
-    with pytest.raises(data.DataError, match=r"data_format=chat needs column\(s\) \['messages'\]"):
-        data.detect_format(["text"], "chat", "f.jsonl")
+    from moetune.train import formats
+
+    mp = formats.Mapping.parse([], [])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "x", "answer": "y"}])
+    with pytest.raises(data.DataError, match=r"bad.jsonl:1: cannot tell the format.*question"):
+        formats.load(bad, data_format="auto", mapping=mp, has_template=True)
+    with pytest.raises(data.DataError, match=r"f.jsonl:3: data_format=chat needs column\(s\) \['messages'\]"):
+        formats.detect({"text": "a"}, "chat", mp, "f.jsonl:3")
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"messages": [{"role": "user"}]}])
     cfg = make_config(None, {"output_dir": str(tmp_path / "o"), "data": broken, "model": None, "eval_fraction": 0.0})
-    with pytest.raises(data.DataError, match=r"record 0: `messages` must be a list of \{role, content\}"):
+    with pytest.raises(data.DataError, match=r"broken.jsonl:1: `messages`\[0\] must be an object with `role`"):
         data.prepare(cfg, tok, broken)
 
 

@@ -131,3 +131,32 @@ def load(path: str, *, model, optimizer, scheduler) -> dict[str, Any]:
     set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
     with open(os.path.join(path, "state.json")) as fh:
         return json.load(fh)
+
+
+def load_adapter(model, adapter_dir: str) -> int:
+    """Load a PEFT adapter folder's weights into the (same-shaped) LoRA of `model` (`init_adapter`);
+    every LoRA tensor of the model must be in it with its shape. Returns the tensors loaded."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from moetune.train.config import ConfigError
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    try:
+        weights = load_file(path)
+    except Exception as e:
+        raise ConfigError(f"init_adapter: cannot read {path}: {type(e).__name__}: {e}") from None
+    want = get_peft_model_state_dict(model)
+    missing = sorted(set(want) - set(weights))
+    extra = sorted(set(weights) - set(want))
+    if missing or extra:
+        raise ConfigError(
+            f"init_adapter {adapter_dir}: its tensors do not match this model's LoRA (lora_* targets or the "
+            f"model differ): missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
+            f"{extra[:3]}{' ...' if len(extra) > 3 else ''}"
+        )
+    bad = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in want.items() if weights[k].shape != v.shape]
+    if bad:
+        raise ConfigError(f"init_adapter {adapter_dir}: shapes differ (lora_rank?): {'; '.join(bad[:3])}")
+    set_peft_model_state_dict(model, weights)
+    return len(weights)

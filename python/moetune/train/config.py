@@ -25,10 +25,12 @@ class ConfigError(ValueError):
     """A bad configuration value, key or path (raised before any model loading)."""
 
 
-def _f(default, help: str, section: str, choices=None, **kw):
+def _f(default, help: str, section: str, choices=None, flag=None, **kw):
     meta = {"help": help, "section": section}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if flag is not None:
+        meta["flag"] = dict(flag)  # extra argparse keywords of the field's flag
     if isinstance(default, (list, dict, tuple)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -115,20 +117,52 @@ class TrainConfig:
     # ---- data
     data: str | None = _f(
         None,
-        "training data: a local .jsonl / .json / .parquet file. Unset: the "
-        "embedded demo dataset (only with the demo model, whose word-level "
-        "vocabulary is that dataset's)",
+        "training data: comma-separated sources, each a .jsonl / .json / .parquet "
+        "file, a folder of them (shards) or of a datasets.save_to_disk dataset, or a "
+        "Hub dataset name (org/name), optionally with a mixing weight `:W` (the "
+        "source's samples repeated W times; fractions sample; e.g. a.jsonl,b/:0.5). "
+        "Unset: the embedded demo dataset (only with the demo model, whose "
+        "word-level vocabulary is that dataset's)",
         "data",
     )
     data_format: str = _f(
         "auto",
-        "record format: chat (`messages` list of {role, content}), alpaca "
-        "(instruction / input / output), text (`text`), or auto (from the columns)",
+        "record format: chat (`messages` list of {role, content}, content a string "
+        "or a list of text parts), sharegpt (`conversations` of {from, value}), "
+        "prompt_completion (TRL's `prompt` + `completion`: strings or message "
+        "lists), alpaca (instruction / input / output or response, optional "
+        "system / history), text (`text`), or auto (per source, from the columns)",
         "data",
-        choices=("auto", "chat", "alpaca", "text"),
+        choices=("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"),
     )
+    data_columns: list[str] = _f(
+        [],
+        "column renames, canonical=yours (e.g. messages=dialog content=text); canonical names: "
+        "messages conversations role content from value prompt completion instruction input output "
+        "system history text",
+        "data",
+    )
+    data_roles: list[str] = _f(
+        [], "role renames on top of the usual ones (human/gpt/...), yours=canonical (e.g. bot=assistant)", "data"
+    )
+    chat_template: str | None = _f(
+        None,
+        "chat template overriding the tokenizer's: a Jinja file or a known name (the templates TRL ships: "
+        "qwen3, deepseekv3, gptoss, glm4moe, llama3, qwen2_5, ...); saved with the adapter's tokenizer",
+        "data",
+    )
+    num_proc: int | None = _f(
+        None, "tokenizer worker processes (unset: 1 under 2000 records, else the usable cores, at most 8)", "data"
+    )
+    data_cache: bool = _f(
+        True,
+        "cache the tokenized data (keyed by the records, tokenizer, template and options): later runs and "
+        "--resume read it instead of tokenizing again",
+        "data",
+    )
+    data_cache_dir: str | None = _f(None, "folder of the tokenized-data cache (unset: output_dir/data-cache)", "data")
     eval_data: str | None = _f(
-        None, "held-out eval file (same format); unset: split eval_fraction off the training data", "data"
+        None, "held-out eval data (sources as for data); unset: split eval_fraction off the training data", "data"
     )
     eval_fraction: float = _f(
         0.05, "fraction of the training records held out for eval when eval_data is unset (0: no eval)", "data"
@@ -175,14 +209,32 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (non-reentrant)", "optimization")
     # ---- run
     output_dir: str = _f(
-        "runs/moetune-train", "run folder: adapter/, checkpoints/, metrics.jsonl, tensorboard/, plot, summary", "run"
+        "runs/moetune-train",
+        "run folder: adapter/, checkpoints/, metrics.jsonl, tensorboard/, plot, summary; one that holds "
+        "a previous run is refused without --resume or --overwrite",
+        "run",
     )
     save_every: int = _f(100, "checkpoint every N optimizer steps (0: only at the end / on Ctrl-C)", "run")
     keep_checkpoints: int = _f(2, "checkpoints kept (oldest removed)", "run")
     eval_every: int = _f(50, "eval loss every N steps (0: only at the end)", "run")
     log_every: int = _f(1, "metrics line every N steps", "run")
-    resume: bool = _f(
-        False, "continue from the latest checkpoint in output_dir (same trajectory as an uninterrupted run)", "run"
+    resume: str | None = _f(
+        None,
+        "continue a run (same trajectory as an uninterrupted one): --resume alone: from output_dir's "
+        "latest checkpoint; --resume PATH: from that checkpoint folder (checkpoints/step-N) or run "
+        "folder (an older checkpoint of output_dir moves the later ones aside; another run's continues "
+        "into an empty output_dir)",
+        "run",
+        flag={"nargs": "?", "const": "latest"},
+    )
+    overwrite: bool = _f(
+        False,
+        "start afresh in an output_dir that holds a previous run, removing its files (the tokenized-data "
+        "cache is kept); without it (or --resume) such an output_dir is refused",
+        "run",
+    )
+    init_adapter: str | None = _f(
+        None, "start from this PEFT adapter folder's weights (e.g. a run's adapter/) instead of a fresh LoRA", "run"
     )
     stop_after_steps: int | None = _f(
         None, "stop (with a checkpoint) after this many steps in this invocation; resume later with --resume", "run"
@@ -190,8 +242,26 @@ class TrainConfig:
     merge_export: str | None = _f(None, "after training, write the merged full model (base + LoRA) here", "run")
     sample_prompts: list[str] = _f([], "user prompts to generate from before and after training", "run")
     max_new_tokens: int = _f(24, "tokens generated per sample prompt (greedy)", "run")
-    progress: bool = _f(True, "progress bar on stderr", "run")
-    tensorboard: bool = _f(True, "TensorBoard event files in output_dir/tensorboard", "run")
+    progress: bool = _f(
+        True,
+        "progress bar (loss, lr, tokens/s, ETA) on stderr when it is a terminal; otherwise, or with "
+        "--no-progress, an interval-averaged line every print_every steps",
+        "run",
+    )
+    print_every: int = _f(10, "steps per progress line when there is no progress bar", "run")
+    tensorboard: bool = _f(
+        True, "TensorBoard event files in output_dir/tensorboard (false: drop tensorboard from report_to)", "run"
+    )
+    report_to: list[str] = _f(
+        ["tensorboard"],
+        "experiment trackers, through accelerate's: tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
+        "dvclive, swanlab, trackio (each needs its package; configure them as usual, e.g. WANDB_MODE=offline), "
+        "all (every installed one) or none; local files go to output_dir/tensorboard and output_dir/trackers",
+        "run",
+    )
+    sample_records: int = _f(
+        2, "at the end, answers generated for this many eval (else train) records, next to the data's", "run"
+    )
     plot: bool = _f(True, "PNG plot of the losses and throughput at the end", "run")
     placement_trace: str | None = _f(
         _PLACEMENT.trace,
@@ -215,6 +285,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Types, ranges and paths; raises ConfigError naming the field."""
+        from moetune.train.run_dir import normalize_resume
+
+        self.resume = normalize_resume(self.resume)
         for name, f in self.fields().items():
             setattr(self, name, _coerce(name, f, getattr(self, name)))
         pos = ("lora_rank", "max_length", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_new_tokens")
@@ -276,10 +349,29 @@ class TrainConfig:
             p = getattr(self, name)
             if p is None:
                 continue
-            if not os.path.isfile(p):
-                raise ConfigError(f"{name}: file {p!r} does not exist")
-            if not p.endswith((".jsonl", ".json", ".parquet")):
-                raise ConfigError(f"{name}: {p!r} must end in .jsonl, .json or .parquet")
+            from moetune.train.formats import check_spec
+
+            why = check_spec(p)
+            if why is not None:
+                raise ConfigError(f"{name}: {why}")
+        if self.init_adapter is not None:
+            from moetune.train.run_dir import check_init_adapter
+
+            why = check_init_adapter(self.init_adapter)
+            if why is not None:
+                raise ConfigError(f"init_adapter: {why}")
+        from moetune.train.trackers import check_report_to
+
+        why = check_report_to(self.report_to)
+        if why is not None:
+            raise ConfigError(f"report_to: {why}")
+        if self.chat_template is not None:
+            from moetune.train.chat_masking import resolve_chat_template
+
+            try:
+                resolve_chat_template(self.chat_template)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         out = os.path.abspath(self.output_dir)
         parent = out
         while not os.path.exists(parent):
@@ -441,6 +533,9 @@ RESUME_FIXED = (
     "grad_accum",
     "expert_format",
     "int4_group_size",
+    "data_columns",
+    "data_roles",
+    "chat_template",
 )
 
 

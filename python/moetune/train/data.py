@@ -1,21 +1,15 @@
-"""Training data: local JSONL / JSON / Parquet via HF `datasets`, tokenised
-into (input_ids, labels) with the loss only where it belongs, then batched.
+"""Training data: the sources and record formats of moetune.train.formats
+(canonical records naming their file and line), tokenised into (input_ids,
+labels) with the loss only where it belongs (chat turns: moetune.train.
+chat_masking; tokenising in parallel and cached: moetune.train.tokenize_cache),
+then batched.
 
-Formats (auto-detected from the columns unless data_format says otherwise):
-* chat: `messages` = [{role, content}, ...], rendered with the tokenizer's own
-  chat template. Assistant spans are found by rendering: for assistant
-  message i the characters between render(messages[:i], add_generation_prompt)
-  and render(messages[:i+1]) are the turn (its end-of-turn marker included);
-  tokens are labelled by their character offsets, so BPE merges across a
-  boundary cannot shift the mask. Templates that re-render earlier turns
-  differently (the rendered prefix is not a prefix of the whole) fall back to
-  the template's own `{% generation %}` mask (return_assistant_tokens_mask);
-  if it has none, a clear error.
-* alpaca: instruction / input / output. With a chat template: one user turn
-  (instruction, blank line, input) and one assistant turn (output), as above;
-  without: the classic "### Instruction / ### Input / ### Response" prompt and
-  the response + EOS is the trained part.
-* text: `text`, every token trained (+ EOS).
+* chat records: rendered with the tokenizer's chat template (or chat_template),
+  loss on the assistant turns including their end-of-turn token.
+* prompt / completion (plain text; alpaca without a chat template as the
+  classic "### Instruction / ### Input / ### Response" prompt): the prompt with
+  the tokenizer's special tokens, the completion + EOS trained.
+* text: every token trained (+ EOS).
 
 Labels use -100 for no-loss tokens; the model shifts them (label j is
 predicted at position j-1). Packing puts several samples in one row with
@@ -29,117 +23,48 @@ exactly what unpacked training computes for the same samples.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import random
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from moetune.train import formats, samples, tokenize_cache
+from moetune.train.chat_masking import ChatMasker
+from moetune.train.formats import ALPACA_PROMPT, DataError  # noqa: F401  (re-exported)
+from moetune.train.progress import interactive
+from moetune.train.tokenize_cache import EncodeStats
+
 IGNORE = -100
-FORMAT_COLUMNS = {"chat": ("messages",), "alpaca": ("instruction", "output"), "text": ("text",)}
-
-
-class DataError(ValueError):
-    """A record or file that cannot be turned into training samples."""
-
-
-# ----------------------------------------------------------------- loading
-def load_records(path: str):
-    """A `datasets.Dataset` of the file's records."""
-    import datasets
-
-    datasets.disable_progress_bars()  # tiny local files: the bars would only clutter the run's output
-    kind = "parquet" if path.endswith(".parquet") else "json"
-    try:
-        return datasets.load_dataset(kind, data_files=path, split="train", keep_in_memory=True)
-    except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"cannot read {path!r} as {kind}: {type(e).__name__}: {e}") from None
-
-
-def detect_format(columns: Sequence[str], requested: str, path: str) -> str:
-    if requested != "auto":
-        missing = [c for c in FORMAT_COLUMNS[requested] if c not in columns]
-        if missing:
-            raise DataError(f"{path}: data_format={requested} needs column(s) {missing}; the file has {list(columns)}")
-        return requested
-    for fmt, cols in FORMAT_COLUMNS.items():
-        if all(c in columns for c in cols):
-            return fmt
-    raise DataError(
-        f"{path}: cannot tell the format from the columns {list(columns)}; expected "
-        "`messages` (chat), `instruction` + `output` (alpaca) or `text`"
-    )
 
 
 # ----------------------------------------------------------------- tokenising
-def _render(tok, messages, **kw) -> str:
-    return tok.apply_chat_template(list(messages), tokenize=False, **kw)
-
-
-def _assistant_char_spans(tok, messages) -> list[tuple[int, int]] | None:
-    """Character spans of the assistant turns in render(messages), or None when
-    the template does not render consistently prefix by prefix."""
-    full = _render(tok, messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        try:
-            prefix = _render(tok, messages[:i], add_generation_prompt=True) if i else ""
-            upto = _render(tok, messages[: i + 1])
-        except Exception:
-            return None
-        if not (full.startswith(prefix) and full.startswith(upto) and len(upto) > len(prefix)):
-            return None
-        spans.append((len(prefix), len(upto)))
-    return spans
-
-
-def encode_chat(tok, messages, loss_on: str) -> tuple[list[int], list[int]]:
+def encode_chat(tok, messages, loss_on: str, train_from: int = 0) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation (see moetune.train.chat_masking)."""
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and "role" in m and "content" in m for m in messages
     ):
         raise DataError("`messages` must be a list of {role, content} objects")
-    if getattr(tok, "chat_template", None) is None:
-        raise DataError("chat records need a tokenizer with a chat template (this tokenizer has none)")
-    full = _render(tok, messages)
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    if loss_on == "all":
-        return ids, list(ids)
-    spans = _assistant_char_spans(tok, messages)
-    if spans is not None:
-        labels = [
-            t if any(s < e_ and e > s_ for s_, e_ in spans) else IGNORE for t, (s, e) in zip(ids, enc["offset_mapping"])
-        ]
-        return ids, labels
-    out = tok.apply_chat_template(list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    mask = out.get("assistant_masks")
-    if mask is None or (not any(mask) and any(m["role"] == "assistant" for m in messages)):
-        raise DataError(
-            "cannot find the assistant turns: the chat template re-renders earlier turns "
-            "differently and has no {% generation %} markers; use loss_on=all or another template"
-        )
-    ids = list(out["input_ids"])
-    return ids, [t if k else IGNORE for t, k in zip(ids, mask)]
+    m = ChatMasker(tok).encode(messages, loss_on, train_from)
+    return m.input_ids, m.labels
 
 
-ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
-
-
-def encode_alpaca(tok, rec, loss_on: str) -> tuple[list[int], list[int]]:
-    instr, inp, outp = rec.get("instruction"), rec.get("input") or "", rec.get("output")
-    if not isinstance(instr, str) or not isinstance(outp, str) or not isinstance(inp, str):
-        raise DataError("alpaca records need string `instruction` and `output` (and optional `input`)")
-    if getattr(tok, "chat_template", None) is not None:
-        user = instr + (f"\n\n{inp}" if inp else "")
-        return encode_chat(tok, [{"role": "user", "content": user}, {"role": "assistant", "content": outp}], loss_on)
-    prompt = ALPACA_PROMPT.format(instruction=instr, input_block=f"### Input:\n{inp}\n\n" if inp else "")
+def encode_completion(tok, prompt: str, completion: str, loss_on: str) -> tuple[list[int], list[int]]:
+    """Plain text: the prompt (with the tokenizer's special tokens), then the completion + EOS, which carries loss."""
     p = tok(prompt, add_special_tokens=True)["input_ids"]
-    r = tok(outp, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    r = tok(completion, add_special_tokens=False)["input_ids"] + (
+        [tok.eos_token_id] if tok.eos_token_id is not None else []
+    )
     ids = list(p) + list(r)
     labels = (list(p) if loss_on == "all" else [IGNORE] * len(p)) + list(r)
     return ids, labels
+
+
+def encode_alpaca(tok, rec, loss_on: str) -> tuple[list[int], list[int]]:
+    """An alpaca record: through the chat template when the tokenizer has one, else the classic prompt."""
+    has_template = getattr(tok, "chat_template", None) is not None
+    c = formats.canonical(rec, "alpaca", formats.Mapping.parse([], []), has_template)
+    return Encoder(tok, max_length=1 << 62, truncation=False, loss_on=loss_on).encode(c)
 
 
 def encode_text(tok, rec) -> tuple[list[int], list[int]]:
@@ -152,55 +77,94 @@ def encode_text(tok, rec) -> tuple[list[int], list[int]]:
     return ids, list(ids)
 
 
-@dataclasses.dataclass
-class EncodeStats:
-    records: int = 0
-    truncated: int = 0
-    dropped_long: int = 0
-    dropped_empty: int = 0
+class Encoder:
+    """Canonical records (moetune.train.formats) -> (input_ids, labels), and the
+    batched map function the tokenisation workers run (picklable)."""
+
+    def __init__(self, tok, *, max_length: int, truncation: bool, loss_on: str):
+        self.tok, self.max_length, self.truncation, self.loss_on = tok, max_length, truncation, loss_on
+        self._masker = None
+
+    def encode(self, rec: dict) -> tuple[list[int], list[int]]:
+        if "messages" in rec:
+            if self._masker is None:
+                self._masker = ChatMasker(self.tok)
+            m = self._masker.encode(rec["messages"], self.loss_on, rec.get("train_from", 0))
+            return m.input_ids, m.labels
+        if "prompt" in rec:
+            return encode_completion(self.tok, rec["prompt"], rec["completion"], self.loss_on)
+        return encode_text(self.tok, rec)
+
+    def one(self, rec: dict) -> tuple[list[int], list[int], int]:
+        ids, labels = self.encode(rec)
+        status = tokenize_cache.OK
+        if len(ids) > self.max_length:
+            if not self.truncation:
+                return ids[:0], labels[:0], tokenize_cache.TOO_LONG
+            ids, labels, status = ids[: self.max_length], labels[: self.max_length], tokenize_cache.TRUNCATED
+        if all(l == IGNORE for l in labels[1:]):
+            status = tokenize_cache.NO_LOSS
+        return ids, labels, status
+
+    def map_batch(self, batch):
+        out = {"input_ids": [], "labels": [], "status": [], "error": []}
+        for rec, where in zip(batch["rec"], batch["where"]):
+            try:
+                ids, labels, st = self.one(json.loads(rec))
+                err = ""
+            except Exception as e:  # a template error is as much the record's problem as a DataError
+                ids, labels, st = [], [], tokenize_cache.ERROR
+                err = f"{where}: {e}" if isinstance(e, DataError) else f"{where}: {type(e).__name__}: {e}"
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["status"].append(st)
+            out["error"].append(err)
+        return out
 
 
-def encode_dataset(ds, tok, fmt: str, *, max_length: int, truncation: bool, loss_on: str, where: str):
-    """Tokenise a datasets.Dataset -> (Dataset[input_ids, labels], EncodeStats)."""
-
-    def one(rec, idx):
-        try:
-            if fmt == "chat":
-                ids, labels = encode_chat(tok, rec["messages"], loss_on)
-            elif fmt == "alpaca":
-                ids, labels = encode_alpaca(tok, rec, loss_on)
-            else:
-                ids, labels = encode_text(tok, rec)
-        except DataError as e:
-            raise DataError(f"{where}: record {idx}: {e}") from None
-        status = 0
-        if len(ids) > max_length:
-            if truncation:
-                ids, labels, status = ids[:max_length], labels[:max_length], 1
-            else:
-                status = 2
-        if status != 2 and all(l == IGNORE for l in labels[1:]):
-            status = 3
-        return {"input_ids": ids, "labels": labels, "_status": status}
-
-    out = ds.map(
-        one,
-        with_indices=True,
-        remove_columns=ds.column_names,
-        keep_in_memory=True,
-        load_from_cache_file=False,
-        desc=None,
+def encode_records(records: list[formats.Record], tok, cfg, *, what: str):
+    """Tokenise (cached, parallel) -> ({input_ids, labels} of the usable samples, EncodeStats, cache outcome)."""
+    enc = Encoder(tok, max_length=cfg.max_length, truncation=cfg.truncation, loss_on=cfg.loss_on)
+    options = {"max_length": cfg.max_length, "truncation": cfg.truncation, "loss_on": cfg.loss_on}
+    cache_dir = data_cache_dir(cfg)
+    out, outcome = tokenize_cache.encode_records(
+        [json.dumps(r.rec, sort_keys=True) for r in records],
+        [r.where for r in records],
+        enc,
+        options=options,
+        cache_dir=cache_dir,
+        num_proc=cfg.num_proc,
+        progress=interactive(cfg.progress),
+        desc=f"tokenizing {what}",
     )
-    status = out["_status"]
+    status = out["status"]
+    errors = [e for e in out["error"] if e]
+    if errors:
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise DataError(f"{len(errors)} record(s) cannot be encoded:\n  " + "\n  ".join(errors[:10]) + more)
     stats = EncodeStats(
-        records=len(status), truncated=status.count(1), dropped_long=status.count(2), dropped_empty=status.count(3)
+        records=len(status),
+        truncated=status.count(tokenize_cache.TRUNCATED),
+        dropped_long=status.count(tokenize_cache.TOO_LONG),
+        dropped_empty=status.count(tokenize_cache.NO_LOSS),
     )
-    out = out.filter(
-        lambda s: s in (0, 1), input_columns="_status", keep_in_memory=True, load_from_cache_file=False
-    ).remove_columns("_status")
-    if len(out) == 0:
-        raise DataError(f"{where}: no usable samples ({stats})")
-    return out, stats
+    keep = [i for i, s in enumerate(status) if s in (tokenize_cache.OK, tokenize_cache.TRUNCATED)]
+    if not keep:
+        raise DataError(
+            f"{what}: no usable samples ({stats.records} records: {stats.dropped_long} longer than max_length "
+            f"with truncation off, {stats.dropped_empty} with no token that carries loss)"
+        )
+    ids, labels = out["input_ids"], out["labels"]
+    return {"input_ids": [ids[i] for i in keep], "labels": [labels[i] for i in keep]}, stats, outcome
+
+
+def data_cache_dir(cfg) -> str | None:
+    """Where tokenised data is cached: data_cache_dir, else <output_dir>/data-cache; None when data_cache is off."""
+    import os
+
+    if not getattr(cfg, "data_cache", True):
+        return None
+    return getattr(cfg, "data_cache_dir", None) or os.path.join(cfg.output_dir, "data-cache")
 
 
 # ----------------------------------------------------------------- batching
@@ -322,24 +286,22 @@ def eval_batches(samples, micro_batch_size: int, pad_id: int) -> Iterator[dict[s
 def prepare(cfg, tok, data_path: str):
     """(train samples, eval samples or None, stats dict, format) from the config.
     Samples are plain dicts of lists (materialised once: they are small next to a model)."""
-    ds = load_records(data_path)
-    fmt = detect_format(ds.column_names, cfg.data_format, data_path)
+    import dataclasses
+
+    mapping = formats.Mapping.parse(list(getattr(cfg, "data_columns", [])), list(getattr(cfg, "data_roles", [])))
+    has_template = getattr(tok, "chat_template", None) is not None
+    kw = dict(data_format=cfg.data_format, mapping=mapping, has_template=has_template)
+    records, sources, fmt = formats.load(data_path, **kw)
     if cfg.eval_data is not None:
-        ev = load_records(cfg.eval_data)
-        ev_fmt = detect_format(ev.column_names, cfg.data_format if cfg.data_format != "auto" else fmt, cfg.eval_data)
-        if ev_fmt != fmt:
-            raise DataError(f"eval_data is {ev_fmt} but data is {fmt}")
-    elif cfg.eval_fraction > 0 and len(ds) >= 2:
-        split = ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed, shuffle=True)
-        ds, ev = split["train"], split["test"]
+        ev = formats.load(cfg.eval_data, **kw)[0]
     else:
-        ev = None
-    kw = dict(max_length=cfg.max_length, truncation=cfg.truncation, loss_on=cfg.loss_on)
-    train, st = encode_dataset(ds, tok, fmt, where=data_path, **kw)
-    stats = {"format": fmt, "train": dataclasses.asdict(st)}
+        records, ev = formats.split_eval(records, cfg.eval_fraction, cfg.seed)
+    records = formats.apply_weights(records, sources, cfg.seed)
+    train, st, outcome = encode_records(records, tok, cfg, what=data_path)
+    stats = {"format": fmt, "train": dataclasses.asdict(st), "cache": outcome}
+    stats["sample_records"] = samples.pick(ev or records, getattr(cfg, "sample_records", 0))
     evs = None
-    if ev is not None:
-        evd, est = encode_dataset(ev, tok, fmt, where=cfg.eval_data or f"{data_path} (eval split)", **kw)
-        evs = {"input_ids": evd["input_ids"], "labels": evd["labels"]}
+    if ev:
+        evs, est, _ = encode_records(ev, tok, cfg, what=cfg.eval_data or f"{data_path} (eval split)")
         stats["eval"] = dataclasses.asdict(est)
-    return {"input_ids": train["input_ids"], "labels": train["labels"]}, evs, stats, fmt
+    return train, evs, stats, fmt

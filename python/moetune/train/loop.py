@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from moetune.train import checkpoint, data, metrics, report
+from moetune.train import banner, checkpoint, data, metrics, progress, report, run_dir, samples
 from moetune.train import model as model_mod
 from moetune.train.config import ConfigError, TrainConfig, check_resume_compatible, save_run_config, tuple_betas
 from moetune.train.model import apply_lora, generate, load_base, load_tokenizer, resolve_device, resolve_devices
@@ -88,7 +88,7 @@ def evaluate(model, samples, cfg: TrainConfig, pad_id: int, device: torch.device
 
 def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `moetune train` for a validated config; returns the summary dict."""
-    out_dir, resume_from = _start(cfg)
+    out_dir, resume_from = _start(cfg, say)
     device = resolve_device(cfg)
     try:  # a placement this machine cannot do fails before anything is loaded
         model_mod.placement_options(cfg).resolve_mode(device)
@@ -99,23 +99,20 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, 
     pm, handle = _load_model(cfg, device, len(tok), say)
     run = _Run(cfg, out_dir, pm, handle.ctx, tok, train_s, eval_s, device, say, handle.placement)
     run.resume(resume_from)
+    say(banner.banner(cfg, pm, handle, run, dstats, device))
     before = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, device) if cfg.sample_prompts else []
     run.start_clock()
     interrupted = run.steps()
     return run.finish(before, interrupted, dstats)
 
 
-def _start(cfg: TrainConfig):
+def _start(cfg: TrainConfig, say=print):
     """(run folder, checkpoint to resume from or None): the config validated and
-    saved in the run folder (after checking it may resume there)."""
+    saved in the run folder (after checking it may resume there, moetune.train.run_dir)."""
     cfg.validate()
-    out_dir = os.path.abspath(cfg.output_dir)
-    resume_from = None
-    if cfg.resume:
-        resume_from = checkpoint.latest_checkpoint(out_dir)
-        if resume_from is None:
-            raise ConfigError(f"resume: no checkpoint in {os.path.join(out_dir, 'checkpoints')}")
-        check_resume_compatible(cfg, os.path.join(out_dir, "config.yaml"))
+    out_dir, resume_from = run_dir.prepare(cfg, say)
+    if resume_from is not None:
+        check_resume_compatible(cfg, run_dir.resumed_run_config(out_dir, resume_from))
     os.makedirs(out_dir, exist_ok=True)
     save_run_config(cfg, os.path.join(out_dir, "config.yaml"))
     if cfg.torch_threads is not None:
@@ -129,9 +126,14 @@ def _load_data(cfg: TrainConfig, say):
 
     data_path = cfg.data or demo_data_path()
     tok = load_tokenizer(cfg)
+    if cfg.chat_template is not None:
+        from moetune.train.chat_masking import resolve_chat_template
+
+        tok.chat_template = resolve_chat_template(cfg.chat_template)
     train_s, eval_s, dstats, fmt = data.prepare(cfg, tok, data_path)
     say(
-        f"data: {data_path} ({fmt}): {len(train_s['input_ids'])} train / "
+        f"data: {data_path} ({fmt}{', tokenized earlier: cache hit' if dstats.get('cache') == 'hit' else ''}): "
+        f"{len(train_s['input_ids'])} train / "
         f"{0 if eval_s is None else len(eval_s['input_ids'])} eval samples"
         + (f", {dstats['train']['truncated']} truncated" if dstats["train"]["truncated"] else "")
         + (
@@ -161,12 +163,9 @@ def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say):
             "the checkpoint"
         )
     pm = apply_lora(model, cfg, handle)
-    n_train = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    targets = (("attention", cfg.lora_attention), ("dense MLP", cfg.lora_mlp), ("experts", cfg.lora_experts))
-    say(
-        f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g} on {', '.join(n for n, on in targets if on)}: "
-        f"{n_train:,} trainable parameters"
-    )
+    if cfg.init_adapter is not None:
+        n = checkpoint.load_adapter(pm, cfg.init_adapter)
+        say(f"LoRA initialised from {cfg.init_adapter} ({n} tensors)")
     pm.config.use_cache = False
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -240,8 +239,13 @@ class _Run:
             self.say(f"resumed from {resume_from} (step {self.step} of {self.total_steps})")
         checkpoint.clean_partial(self.out_dir)
         self.log = metrics.MetricsLog(
-            self.out_dir, tensorboard=self.cfg.tensorboard, resume_step=self.step if self.resumed else None
+            self.out_dir,
+            tensorboard=self.cfg.tensorboard,
+            resume_step=self.step if self.resumed else None,
+            report_to=self.cfg.report_to,
+            say=self.say,
         )
+        self.log.trackers.store_config(self.cfg.to_dict())
 
     def start_clock(self) -> None:
         """This invocation's counters (throughput and expert share count from here)."""
@@ -266,7 +270,9 @@ class _Run:
         cfg = self.cfg
         if self.eval_s is not None and cfg.eval_every and not self.resumed:
             self.log.log("eval", 0, eval_loss=self.evaluate())  # the starting point
-        self.bar = metrics.Progress(cfg.progress, self.total_steps, self.step, fallback=self.say)
+        self.bar = progress.Progress(
+            cfg.progress, self.total_steps, self.step, fallback=self.say, every=cfg.print_every
+        )
         interrupted = False
         with _StopFlag(self.bar.write) as flag:
             try:
@@ -278,6 +284,8 @@ class _Run:
                         break
             finally:
                 self.bar.close()
+                self.steps_wall = time.perf_counter() - self.t_start  # this invocation's steps, for its figures
+                self.steps_wait = self.ctx.wait_seconds - self.inv_wait0
             # Interrupted (Ctrl-C or stop_after_steps) or done: the state to resume from.
             if self.step < self.total_steps or cfg.save_every:
                 self.save_checkpoint()
@@ -343,6 +351,8 @@ class _Run:
             tokens_per_s=tps,
             expert_share=share,
             placement=self.placement.last_progress if placed else "",
+            step_tokens=step_tokens,
+            step_seconds=dt,
         )
 
     def _after_step(self) -> None:
@@ -396,10 +406,14 @@ class _Run:
             if cfg.merge_export:
                 merged_export_call(pm, cfg.merge_export, self.say)
         after = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, self.device) if cfg.sample_prompts else []
+        from_data = samples.generate_for(pm, tok, (dstats or {}).get("sample_records", []), cfg, self.device)
         self.log.close()
         trace = self.placement.write_trace() if self.placement is not None else None
         summary = self._summary(wall, finished, interrupted, adapter_dir if finished else None, before, after, dstats)
         summary["placement_trace"] = trace
+        summary["data_samples"] = from_data
+        summary["trainable_parameters"] = banner.trainable_parameters(pm)
+        summary.update(banner.honest_throughput(self, wall))
         if cfg.plot and summary["losses"]:
             png = os.path.join(self.out_dir, "loss.png")
             if report.plot(self.log.records, png):

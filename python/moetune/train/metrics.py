@@ -1,14 +1,13 @@
-"""What a run shows and records while it trains: the progress bar (tqdm),
-metrics.jsonl (one JSON object per logged step / eval) and TensorBoard events
-(tensorboardX: a small pure-Python writer, no TensorFlow / tensorboard server
-needed to write). Peak-memory probes for the summary live here too."""
+"""What a run records while it trains: metrics.jsonl (one JSON object per
+logged step / eval), forwarded to the experiment trackers (moetune.train.
+trackers: TensorBoard events by default). The progress bar / lines are
+moetune.train.progress. Peak-memory probes for the summary live here too."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
-import sys
 import time
 from typing import Any
 
@@ -45,7 +44,15 @@ class MetricsLog:
     """metrics.jsonl (+ TensorBoard). On resume, lines past the checkpoint's
     step are dropped so the file reads like one uninterrupted run."""
 
-    def __init__(self, output_dir: str, *, tensorboard: bool, resume_step: int | None):
+    def __init__(
+        self,
+        output_dir: str,
+        *,
+        tensorboard: bool,
+        resume_step: int | None,
+        report_to: list[str] | None = None,
+        say=print,
+    ):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and os.path.isfile(self.path):
@@ -61,66 +68,18 @@ class MetricsLog:
             for r in self.records:
                 fh.write(json.dumps(r) + "\n")
         self._fh = open(self.path, "a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                print(
-                    "moetune train: tensorboardX is not installed; no TensorBoard events (pip install tensorboardX)",
-                    file=sys.stderr,
-                )
-            else:
-                self.tb = SummaryWriter(
-                    os.path.join(output_dir, "tensorboard"),
-                    purge_step=resume_step + 1 if resume_step is not None else None,
-                )
+        from moetune.train import trackers
+
+        names = trackers.resolve(["tensorboard"] if report_to is None else report_to, tensorboard)
+        self.trackers = trackers.Trackers(names, output_dir, resume_step=resume_step, say=say)
 
     def log(self, kind: str, step: int, **values) -> None:
         rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
         self.records.append(rec)
         self._fh.write(json.dumps(rec) + "\n")
         self._fh.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        self.trackers.log(kind, step, values)
 
     def close(self) -> None:
         self._fh.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Progress:
-    """A tqdm bar over optimizer steps (ETA from tqdm's rate) or nothing."""
-
-    def __init__(self, enabled: bool, total: int, initial: int, fallback=print):
-        self.bar = None
-        self._fallback = fallback
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr, desc="train"
-            )
-
-    def update(self, *, loss: float, lr: float, tokens_per_s: float, expert_share: float, placement: str = "") -> None:
-        """placement: the expert placement's short step text (PlacementMetrics.progress), if any."""
-        if self.bar is not None:
-            self.bar.set_postfix_str(
-                f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
-                f"experts {100 * expert_share:.0f}%" + (f"  {placement}" if placement else ""),
-                refresh=False,
-            )
-            self.bar.update(1)
-
-    def write(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
-        else:
-            self._fallback(msg)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.trackers.finish()

@@ -42,14 +42,25 @@ def _gib(n):
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _short(text: str, n: int = 160) -> str:
+    t = " ".join(str(text).split())
+    return t if len(t) <= n else t[: n - 3] + "..."
+
+
 def summarize(summary: dict[str, Any], output_dir: str) -> str:
     with open(os.path.join(output_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     s = summary
+    tps = "n/a" if s.get("tokens_per_s") is None else f"{s['tokens_per_s']:,.0f}"
+    share = "n/a" if s.get("expert_share") is None else f"{100 * s['expert_share']:.0f}%"
     lines = [
         f"steps {s['steps']}  tokens {s['tokens']:,} (loss on {s['target_tokens']:,})  "
-        f"wall {s['wall_seconds']:.1f} s  {s['tokens_per_s']:,.0f} tokens/s  "
-        f"CPU-expert share {100 * s['expert_share']:.0f}%",
+        f"wall {s['wall_seconds']:.1f} s  {tps} tokens/s  CPU-expert share {share}"
+        + (
+            "  (figures of the run so far: no step ran in this invocation)"
+            if s.get("throughput_of") == "the run so far"
+            else ""
+        ),
         f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
         + (
             f"  eval loss {s['first_eval_loss']:.4f} -> {s['last_eval_loss']:.4f}"
@@ -67,6 +78,16 @@ def summarize(summary: dict[str, Any], output_dir: str) -> str:
         )
     if s.get("placement_trace"):
         lines.append(f"placement trace: {s['placement_trace']}")
+    tp = s.get("trainable_parameters")
+    if tp:
+        kinds = ", ".join(f"{k} {tp[k]:,}" for k in ("attention", "mlp", "experts", "other") if tp.get(k))
+        lines.append(f"trainable parameters {tp['total']:,} ({kinds})")
+    for d in s.get("data_samples") or []:
+        lines += [
+            f"sample ({d['where']}): {_short(d['prompt'])}",
+            f"  generated: {_short(d['generated'])}",
+            f"  data:      {_short(d['reference'])}",
+        ]
     lines += [
         f"adapter: {s['adapter_dir']}",
     ]
