@@ -266,3 +266,46 @@ def test_bad_published_input_is_a_clear_error(tmp_path):
     (b / "config.json").write_text(json.dumps(c))
     with pytest.raises(ValueError, match="declares quant_method 'mxfp4' but the layer's experts are not quantized"):
         load(b)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4", "fp8_block"])
+def test_merge_and_save_writes_bf16_merged(fmt, tmp_path):
+    """A published source merges into a bf16 checkpoint under the unquantized model's keys
+    (no scales, no quantization_config) whose plain-transformers logits equal the trained PEFT
+    model's within one more bf16 rounding per weight (W + dW) than the engine path."""
+    import json
+
+    from safetensors import safe_open
+    from test_hf_exactness import U, rel_max
+    from test_merge_export import _plain_logits, _trained
+
+    a, *_ = CHECKPOINTS[fmt](tmp_path)
+    pm = _trained(a, steps=1)
+    ids = batch(seed=12)
+    with torch.no_grad():
+        ours = pm(input_ids=ids).logits
+    out = moetune.merge_and_save(pm, tmp_path / "merged", progress=False)
+    keys = {}
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as r:
+            keys.update({k: r.get_slice(k).get_dtype() for k in r.keys()})
+    assert not [k for k in keys if k.endswith(("_scale_inv", "_scale", "_scales", "_blocks", "_packed", "_shape"))]
+    want = (
+        "model.layers.0.mlp.experts.gate_up_proj" if fmt == "mxfp4" else "model.layers.0.mlp.experts.1.up_proj.weight"
+    )
+    assert keys[want] == "BF16"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert rel_max(_plain_logits(out, ids), ours) <= 8 * U
+
+
+def test_expert_cache_holds_the_published_format(tmp_path):
+    """The disk cache stores the kept MXFP4 experts as they are; a hit gives the same model."""
+    a, _, _ = gptoss_checkpoint(tmp_path)
+    first = load(a, cache_dir=tmp_path / "cache")
+    assert set(first.moetune_cache.values()) == {"miss: no cache entry"}
+    second = load(a, cache_dir=tmp_path / "cache")
+    assert set(second.moetune_cache.values()) == {"hit"}
+    assert {e.weight_format for e in engines(second)} == {"mxfp4"}
+    ids = batch()
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=ids).logits, second(input_ids=ids).logits)

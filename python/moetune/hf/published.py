@@ -297,3 +297,39 @@ def dequantize(quant: Quantization, codes: torch.Tensor, scales: torch.Tensor, i
         s = scales.to(torch.float32)
         g = quant.group_size
     return (v * s.repeat_interleave(g, dim=1)[:, :inn]).to(torch.bfloat16)
+
+
+# ---- merge_and_save: published tensors written dequantized ----
+
+
+def merged_source_tensor(reader, ckpt, key: str, quant: Quantization, family):
+    """For merge_and_save: None for a published tensor folded into another (a scale, a shape
+    record); else (output key, tensor) with quantized weights dequantized exactly to bf16 under the
+    unquantized model's key and orientation (`family`: the checkpoint's MoE family, for MXFP4's
+    fused [E, in, out] storage); other tensors unchanged."""
+    if quant.method == "fp8":
+        if key.endswith(fp8_mod.SCALE_SUFFIX):
+            return None
+        t = reader.get(key)
+        if t.dtype == fp8_mod.E4M3:
+            t = fp8_mod.dequantize(t, reader.get(key + fp8_mod.SCALE_SUFFIX), quant.block, key)
+        return key, t
+    if quant.method == "compressed-tensors":
+        if key.endswith((".weight_scale", ".weight_shape")):
+            return None
+        if key.endswith(".weight_packed"):
+            base = key[: -len("weight_packed")]
+            inn = int(reader.get(base + "weight_shape")[1]) if base + SHAPE_KIND in ckpt else None
+            packed = reader.get(key)
+            inn = inn if inn is not None else packed.shape[1] * 8
+            return base + "weight", dequantize(quant, packed, reader.get(base + "weight_scale"), inn)
+        return key, reader.get(key)
+    # mxfp4
+    if key.endswith("_proj_scales"):
+        return None
+    if key.endswith("_proj_blocks"):
+        blocks, scales = reader.get(key), reader.get(key[: -len("blocks")] + "scales")
+        E, out, G, B = blocks.shape
+        w = dequantize(quant, blocks.reshape(E * out, G * B), scales.reshape(E * out, G), G * 32).reshape(E, out, -1)
+        return key[: -len("_blocks")], (family.storage_view(w) if family is not None else w).contiguous()
+    return key, reader.get(key)
