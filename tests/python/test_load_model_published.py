@@ -309,3 +309,21 @@ def test_expert_cache_holds_the_published_format(tmp_path):
     ids = batch()
     with torch.no_grad():
         assert torch.equal(first(input_ids=ids).logits, second(input_ids=ids).logits)
+
+
+def test_fp8_config_with_unquantized_experts_cannot_be_kept(tmp_path):
+    a, b = fp8_checkpoint(tmp_path)
+    (b / "config.json").write_text((a / "config.json").read_text())  # bf16 weights, FP8 config
+    with pytest.raises(ValueError, match=r"experts\.\d+\.\w+_proj\.weight is torch\.bfloat16, not block-FP8 e4m3"):
+        load(b)
+    assert {e.weight_format for e in engines(load(b, weight_format="bf16"))} == {"bf16"}
+
+
+def test_options_naming_a_format_convert(tmp_path, caplog):
+    """options= naming a non-default format (what `moetune train --expert-format int8` passes)
+    converts even with weight_format="auto"."""
+    a, _ = kimi_checkpoint(tmp_path)
+    with caplog.at_level(logging.INFO, logger="moetune"):
+        m = load(a, options=moetune.ExpertsOptions(weight_format="int8"))
+    assert {e.weight_format for e in engines(m)} == {"int8"}
+    assert "converting the compressed-tensors experts to int8" in caplog.text

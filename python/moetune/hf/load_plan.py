@@ -81,14 +81,23 @@ class LoadPlan:
 
 
 def plan_keys(
-    model, found: list[FoundExperts], ckpt: Checkpoint, km: KeyMap, block, device: DeviceLike, *, quant=None
+    model,
+    found: list[FoundExperts],
+    ckpt: Checkpoint,
+    km: KeyMap,
+    block,
+    device: DeviceLike,
+    *,
+    quant=None,
+    keep: bool = False,
 ) -> LoadPlan:
     """The plan for loading `ckpt` into `model` (a meta-device skeleton whose
     experts modules are `found`); a ValueError naming every problem otherwise.
     block: the FP8 block size from config.json (None: not an FP8 checkpoint);
-    quant: config.json's published.Quantization (None: unquantized)."""
+    quant: config.json's published.Quantization (None: unquantized); keep: the experts
+    stay in it (published.keeps)."""
     planner = _Planner(model, ckpt, km, block, device)
-    planner.quant = quant
+    planner.quant, planner.keep = quant, keep
     return planner.run(found)
 
 
@@ -97,7 +106,7 @@ class _Planner:
 
     def __init__(self, model, ckpt: Checkpoint, km: KeyMap, block, device: DeviceLike):
         self.model, self.ckpt, self.km, self.block, self.device = model, ckpt, km, block, device
-        self.quant = None  # published.Quantization of config.json (plan_keys sets it)
+        self.quant, self.keep = None, False  # config.json's published.Quantization, kept or not (plan_keys)
         self.plan = LoadPlan()
         self.expected = dict(model.state_dict(keep_vars=True))  # model key -> meta tensor (non-expert once planned)
         self.renamed: dict[str, str] = {}  # model-side key -> checkpoint key
@@ -196,7 +205,7 @@ class _Planner:
                     if (e, p) not in ep.per_expert
                 ]
             return
-        self.bad += published.layer_problems(ep, self.ckpt, self.quant)
+        self.bad += published.layer_problems(ep, self.ckpt, self.quant, self.keep)
         want = self._expert_shapes(ep)
         if want is None:
             return

@@ -74,8 +74,9 @@ def load_model(
       pack-quantized INT4 as Kimi-K2; see moetune.hf.published).
     weight_format: the experts' format in the engine. "auto" (default): as the
       checkpoint publishes them (fp8_block, mxfp4, int4 with its group; bf16 or
-      the options' format for an unquantized one), bit for bit; another format
-      ("bf16", "int8", "int4", ...) converts, and logs that it does.
+      the options' format for an unquantized one), bit for bit, unless the
+      options name a format other than bf16; another format ("bf16", "int8",
+      "int4", ...) converts, and logs that it does.
     device: where everything but the routed experts goes: "cpu", "cuda",
       "cuda:N", an int, or a device map {module prefix: device} ("" = rest).
     dtype: dtype of the non-expert weights (experts are packed as bf16 or
@@ -113,7 +114,9 @@ def load_model(
     for f in found:
         patching.check_module(f.qual, f.module, f.family, loaded=False)
     ckpt = Checkpoint(path)
-    plan = plan_keys(model, found, ckpt, key_map(model), block, device, quant=quant)
+    plan = plan_keys(
+        model, found, ckpt, key_map(model), block, device, quant=quant, keep=published.keeps(quant, options)
+    )
     if check_memory:
         _check_memory(plan, options, path)
     if ctx is None:

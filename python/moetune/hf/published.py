@@ -114,8 +114,11 @@ def _ct_group(q: dict) -> int:
 
 def choose_options(quant: Quantization | None, options: ExpertsOptions, weight_format: str, path) -> ExpertsOptions:
     """The experts' options for load_model: `weight_format` "auto" keeps the published format
-    (an unquantized checkpoint: `options`' format); an explicit format (already in `options`)
+    unless `options` name another one than the default bf16 (then that one, as if explicit; an
+    unquantized checkpoint: `options`' format); an explicit format (already in `options`)
     converts (logged)."""
+    if weight_format == AUTO and options.weight_format != ExpertsOptions().weight_format:
+        weight_format = options.weight_format  # e.g. moetune train --expert-format int8
     if weight_format != AUTO:
         if quant is not None and options.weight_format != quant.weight_format:
             log.info(
@@ -156,9 +159,18 @@ def published_fused(ep) -> bool:
     return any(p in FUSED_MXFP4 for p in ep.fused)
 
 
-def layer_problems(ep, ckpt, quant: Quantization | None) -> list[str]:
+def layer_problems(ep, ckpt, quant: Quantization | None, keep: bool = False) -> list[str]:
     """Problems of one layer's published expert tensors (compressed-tensors per expert, MXFP4
-    fused); adds their bytes to ep.src_bytes. [] for layers of other kinds."""
+    fused); adds their bytes to ep.src_bytes. keep: the experts are to stay as published (block
+    FP8 then needs every expert weight in e4m3). [] for layers of other kinds."""
+    if keep and quant is not None and quant.method == "fp8":
+        plain = sorted(k for k in ep.per_expert.values() if ckpt.entries[k].dtype != fp8_mod.E4M3)
+        plain += [k for p, k in ep.fused.items() if p in (GATE_UP, DOWN)]
+        return [
+            f"{k} is {ckpt.entries[k].dtype}, not block-FP8 e4m3 as config.json declares: the experts cannot be "
+            "kept as published (pass weight_format= to convert them)"
+            for k in plain[:1]
+        ]
     if published_fused(ep):
         return _mxfp4_problems(ep, ckpt, quant)
     if any(k.endswith(".weight_packed") for k in ep.per_expert.values()):
