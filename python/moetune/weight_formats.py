@@ -59,6 +59,23 @@ def format_info(name: str) -> WeightFormatInfo:
     return formats[name]
 
 
+def describe() -> list[str]:
+    """`moetune info`'s lines on the expert weight formats (from the engine's table)."""
+    lines = ["Expert weight formats (ExpertsOptions.weight_format; load_model keeps a checkpoint's own):"]
+    for f in weight_formats().values():
+        if not f.quantized:
+            size = "2 bytes/weight"
+        else:
+            group = {0: "per output channel", -1: "per group_size inputs"}.get(f.group_k, f"per {f.group_k} inputs")
+            if f.group_n > 1:
+                group = f"per {f.group_n} x {f.group_k} block"
+            g = 32 if f.group_k == -1 else None
+            size = f"{f.code_bits}-bit codes + {f.scale_type} scale {group} (~{f.bytes_per_weight(g):.3g} bytes/weight"
+            size += " at group 32)" if g else ")"
+        lines.append(f"  {f.name:10} {size}; {f.published}")
+    return lines
+
+
 PUBLISHED = ("fp8_block", "mxfp4", "int4")  # formats load_expert_published takes
 
 

@@ -30,6 +30,10 @@ def test_format_table():
     assert f["fp8_block"].group_k == 128 and f["fp8_block"].group_n == 128
     assert f["int4"].bytes_per_weight(32) == 0.5 + 4 / 32
     assert moetune.ExpertsOptions(weight_format="mxfp4").group_size == 0
+    from moetune.weight_formats import describe
+
+    text = "\n".join(describe())  # `moetune info`
+    assert all(f"  {name} " in text for name in f)
     with pytest.raises(ValueError, match="group_size applies to int4 only"):
         moetune.ExpertsOptions(weight_format="fp8_block", group_size=32)
 
