@@ -327,3 +327,84 @@ def test_options_naming_a_format_convert(tmp_path, caplog):
         m = load(a, options=moetune.ExpertsOptions(weight_format="int8"))
     assert {e.weight_format for e in engines(m)} == {"int8"}
     assert "converting the compressed-tensors experts to int8" in caplog.text
+
+
+def test_torch_requantizers_equal_the_engines_and_the_published_decoders():
+    """published.mxfp4_quantize / int4_quantize (merged_format="published") give the codes the
+    engine's own quantizer gives (mxfp4: bit for bit after decoding) and round trip through the
+    independent decoders within half a quantization step (int4: |w - dq| <= s / 2 + bf16 roundings)."""
+    from moetune.hf import published
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(2, 48, 96, generator=g) * 0.02).to(torch.bfloat16)
+    w[0, 3, :32] = 0.0  # an all-zero group
+    w[1, 5, 7] = 8.0 * 2.0**-6  # a power of two as the amax
+    blocks, scales = published.mxfp4_quantize(w)
+    ex = moetune.MoEExperts(ctx(), w, w, w.transpose(1, 2).contiguous(), weight_format="mxfp4")
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    ours = convert_moe_packed_tensors(blocks, scales).transpose(1, 2)  # [E, out, in]
+    for e in range(2):
+        assert torch.equal(ours[e].view(torch.int16), ex.unpack_expert(e)[0].view(torch.int16))
+    q = published.Quantization("compressed-tensors", "int4", group_size=32)
+    packed, s = published.int4_quantize(w[0].float(), 32)
+    dq = published.dequantize(q, packed, s, 96).float()
+    step = s.float().repeat_interleave(32, 1)
+    # |w - q s| <= s / 2, plus the bf16 rounding of s itself (amax / s up to 7.5 (1 + 2^-8): the
+    # clamped extreme is off by 7.5 s 2^-8 more), plus dq = bf16(q s)'s own rounding (|dq| 2^-8).
+    bound = step / 2 + 7.5 * step * 2.0**-8 + dq.abs() * 2.0**-8
+    assert ((dq - w[0].float()).abs() <= bound).all(), ((dq - w[0].float()).abs() - bound).max()
+    assert (dq != 0).sum() > dq.numel() // 2
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "int4"])
+def test_merge_back_into_the_published_format(fmt, tmp_path):
+    """merged_format="published": the same keys, dtypes and config as the source; loads back in
+    the published format; its weights are exactly the bf16-merged ones re-quantized (mxfp4: what
+    the engine's own quantizer makes of the bf16-merged checkpoint, bit for bit; int4: the torch
+    quantizer checked above applied to the bf16-merged weights)."""
+    import json
+
+    from safetensors import safe_open
+    from test_merge_export import _trained
+
+    from moetune.hf import published
+
+    a, *_ = CHECKPOINTS[fmt](tmp_path)
+    pm = _trained(a, steps=1)
+    out = moetune.merge_and_save(pm, tmp_path / "merged", progress=False, merged_format="published")
+    bf = moetune.merge_and_save(pm, tmp_path / "merged_bf16", progress=False)
+
+    def tensors(folder):
+        d = {}
+        for f in folder.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as r:
+                d.update({k: r.get_tensor(k) for k in r.keys()})
+        return d
+
+    got, src, merged = tensors(out), tensors(a), tensors(bf)
+    assert {k: (v.dtype, v.shape) for k, v in got.items()} == {k: (v.dtype, v.shape) for k, v in src.items()}
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == json.loads((a / "config.json").read_text())["quantization_config"]
+    m = load(out)
+    assert {e.weight_format for e in engines(m)} == {fmt}
+    if fmt == "mxfp4":
+        ref = load(bf, weight_format="mxfp4")  # the engine quantizes the bf16-merged weights itself
+        for e1, e2 in zip(engines(m), engines(ref)):
+            for e in range(e1.num_experts):
+                assert all(torch.equal(x.view(torch.int16), y.view(torch.int16))
+                           for x, y in zip(e1.unpack_expert(e), e2.unpack_expert(e)))
+    else:
+        q = published.Quantization("compressed-tensors", "int4", group_size=32)
+        n = 0
+        for k, v in merged.items():
+            if ".mlp.experts." in k:
+                packed, scale = published.int4_quantize(v, 32)
+                base = k[: -len("weight")]
+                assert torch.equal(got[base + "weight_packed"], packed) and torch.equal(got[base + "weight_scale"], scale)
+                n += 1
+        assert n > 0
+    assert not torch.equal(got[next(k for k in got if "experts" in k and k.endswith(("_blocks", "_packed")))],
+                           src[next(k for k in got if "experts" in k and k.endswith(("_blocks", "_packed")))])
+    with pytest.raises(ValueError, match="merged_format must be"):
+        moetune.merge_and_save(pm, tmp_path / "x", progress=False, merged_format="int8")

@@ -162,7 +162,15 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
         tmp.rename(out)
 
 
-def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = False, progress: bool = True) -> Path:
+def merge_and_save(
+    model_or_paths,
+    out_dir,
+    *,
+    source=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    merged_format: str = "bf16",
+) -> Path:
     """Merge the LoRA into the base weights and write a full HF checkpoint.
 
     model_or_paths: a PEFT model built on moetune (load_model(..., adapter=)
@@ -178,10 +186,14 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
     INT4: moetune.hf.published) are written merged in bf16: each published
     weight dequantized exactly, the LoRA delta added, under the unquantized
     model's keys (`weight`, gpt-oss `gate_up_proj`), scales dropped and
-    config.json without its quantization_config. Writing the merged weights
-    back in the published format (a second, lossy quantization) is not
-    offered.
+    config.json without its quantization_config (merged_format="bf16", the
+    default). merged_format="published" writes the merged weights back in the
+    source's published format instead (same keys, scales and config as the
+    source; a second quantization on top of the published one:
+    moetune.hf.published.requantized says how).
     """
+    if merged_format not in ("bf16", "published"):
+        raise ValueError(f"moetune: merged_format must be 'bf16' or 'published', got {merged_format!r}")
     peft_model, source = _model_and_source(model_or_paths, source)
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -200,9 +212,10 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _copy_other_files(source, tmp, config, quant)
+        _copy_other_files(source, tmp, config, quant if merged_format == "bf16" else None)
         family = families.by_model_type(config.get("model_type", ""))
-        weight_map, total_bytes = _merge_shards(ckpt, merger, quant, tmp, progress, family)
+        requant = quant is not None and merged_format == "published"
+        weight_map, total_bytes = _merge_shards(ckpt, merger, quant, tmp, progress, family, requant)
         merger.check_all_used(source)
         if ckpt.sharded:
             (tmp / "model.safetensors.index.json").write_text(
@@ -242,7 +255,9 @@ def _copy_other_files(source: Path, tmp: Path, config: dict, block) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _merge_shards(ckpt: Checkpoint, merger: _Merger, quant, tmp: Path, progress: bool, family=None):
+def _merge_shards(
+    ckpt: Checkpoint, merger: _Merger, quant, tmp: Path, progress: bool, family=None, requant: bool = False
+):
     """Each source shard read, merged and written under its own name in tmp, one
     at a time: (weight map, total bytes written)."""
     from tqdm.auto import tqdm
@@ -266,15 +281,20 @@ def _merge_shards(ckpt: Checkpoint, merger: _Merger, quant, tmp: Path, progress:
             with ckpt.reader() as r:
                 for ck in sorted(files[fname]):
                     bar.update(ckpt.entries[ck].nbytes)
+                    was_quantized = False
                     if quant is None:
                         key, t = ck, r.get(ck)
                     else:  # published weights dequantized, their scales folded in (skipped here)
                         got = published.merged_source_tensor(r, ckpt, ck, quant, family)
                         if got is None:
                             continue
-                        key, t = got
-                    out_t[key] = merger.merged(key, t).contiguous()
-                    weight_map[key] = fname
+                        key, t, was_quantized = got
+                    merged = {key: merger.merged(key, t)}
+                    if requant and was_quantized:
+                        merged = published.requantized(quant, key, merged[key], family)
+                    for k, v in merged.items():
+                        out_t[k] = v.contiguous()
+                        weight_map[k] = fname
             total_bytes += sum(t.numel() * t.element_size() for t in out_t.values())
             save_file(out_t, str(tmp / fname), metadata={"format": "pt"})
             del out_t

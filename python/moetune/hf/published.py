@@ -316,16 +316,16 @@ def dequantize(quant: Quantization, codes: torch.Tensor, scales: torch.Tensor, i
 
 def merged_source_tensor(reader, ckpt, key: str, quant: Quantization, family):
     """For merge_and_save: None for a published tensor folded into another (a scale, a shape
-    record); else (output key, tensor) with quantized weights dequantized exactly to bf16 under the
-    unquantized model's key and orientation (`family`: the checkpoint's MoE family, for MXFP4's
-    fused [E, in, out] storage); other tensors unchanged."""
+    record); else (output key, tensor, was quantized) with quantized weights dequantized exactly
+    to bf16 under the unquantized model's key and orientation (`family`: the checkpoint's MoE
+    family, for MXFP4's fused [E, in, out] storage); other tensors unchanged."""
     if quant.method == "fp8":
         if key.endswith(fp8_mod.SCALE_SUFFIX):
             return None
         t = reader.get(key)
         if t.dtype == fp8_mod.E4M3:
-            t = fp8_mod.dequantize(t, reader.get(key + fp8_mod.SCALE_SUFFIX), quant.block, key)
-        return key, t
+            return key, fp8_mod.dequantize(t, reader.get(key + fp8_mod.SCALE_SUFFIX), quant.block, key), True
+        return key, t, False
     if quant.method == "compressed-tensors":
         if key.endswith((".weight_scale", ".weight_shape")):
             return None
@@ -334,8 +334,8 @@ def merged_source_tensor(reader, ckpt, key: str, quant: Quantization, family):
             inn = int(reader.get(base + "weight_shape")[1]) if base + SHAPE_KIND in ckpt else None
             packed = reader.get(key)
             inn = inn if inn is not None else packed.shape[1] * 8
-            return base + "weight", dequantize(quant, packed, reader.get(base + "weight_scale"), inn)
-        return key, reader.get(key)
+            return base + "weight", dequantize(quant, packed, reader.get(base + "weight_scale"), inn), True
+        return key, reader.get(key), False
     # mxfp4
     if key.endswith("_proj_scales"):
         return None
@@ -343,5 +343,60 @@ def merged_source_tensor(reader, ckpt, key: str, quant: Quantization, family):
         blocks, scales = reader.get(key), reader.get(key[: -len("blocks")] + "scales")
         E, out, G, B = blocks.shape
         w = dequantize(quant, blocks.reshape(E * out, G * B), scales.reshape(E * out, G), G * 32).reshape(E, out, -1)
-        return key[: -len("_blocks")], (family.storage_view(w) if family is not None else w).contiguous()
-    return key, reader.get(key)
+        return key[: -len("_blocks")], (family.storage_view(w) if family is not None else w).contiguous(), True
+    return key, reader.get(key), False
+
+
+def requantized(quant: Quantization, key: str, w: torch.Tensor, family) -> dict[str, torch.Tensor]:
+    """merge_and_save(..., merged_format="published"): a merged weight (the output of
+    merged_source_tensor's key and orientation) quantized back into the source's published
+    tensors (a second rounding on top of the published one): fp8 e4m3 + scale_inv per block
+    (amax / 448), compressed-tensors int4 (bf16 scale amax / 7.5, q = clamp(round(w / s), -8,
+    7)), MXFP4 (OCP: e8m0 2^(floor(log2 amax) - 2), nearest e2m1, ties to even)."""
+    if quant.method == "fp8":
+        q, s = fp8_mod.quantize(w, quant.block)
+        return {key: q, key + fp8_mod.SCALE_SUFFIX: s}
+    if quant.method == "compressed-tensors":
+        packed, scale = int4_quantize(w, quant.group_size)
+        base = key[: -len("weight")]
+        return {
+            base + "weight_packed": packed,
+            base + "weight_scale": scale,
+            base + SHAPE_KIND: torch.tensor(list(w.shape), dtype=torch.int32),
+        }
+    v = family.engine_view(w) if family is not None else w  # [E, out, in]
+    blocks, scales = mxfp4_quantize(v)
+    return {key + "_blocks": blocks, key + "_scales": scales}
+
+
+def int4_quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors pack-quantized symmetric int4 of [out, in]: (int32 [out, in/8], bf16 [out, in/group])."""
+    out, inn = w.shape
+    g = w.float().reshape(out, inn // group, group)
+    s = (g.abs().amax(-1) / 7.5).to(torch.bfloat16)
+    sf = s.float()[..., None]
+    q = torch.where(sf > 0, torch.clamp(torch.round(g / torch.where(sf > 0, sf, 1.0)), -8, 7), 0.0)
+    u = (q.to(torch.int64) + 8).reshape(out, inn // 8, 8)
+    words = sum(u[..., i] << (4 * i) for i in range(8))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32), s
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """OCP MX FP4 of [..., out, in] (in % 32 == 0): (blocks uint8 [..., out, in/32, 16], e8m0 scales)."""
+    *lead, out, inn = w.shape
+    g = w.float().reshape(*lead, out, inn // 32, 32)
+    amax = g.abs().amax(-1)
+    # floor(log2 amax) exactly: frexp's exponent minus one (log2 may round up just below 2^n).
+    e2 = torch.frexp(amax).exponent.to(torch.float32) - 1
+    exp = torch.where(amax > 0, e2 - 2, torch.full_like(amax, -127)).clamp(-127, 127)
+    x = g / torch.ldexp(torch.ones_like(exp), exp.to(torch.int32))[..., None]
+    # Nearest magnitude code, ties to the even code: the midpoint between codes i and i + 1 goes
+    # up only when i is odd; beyond 6 saturates at code 7.
+    a = x.abs()
+    mags = _E2M1[:8]
+    code = torch.zeros(a.shape, dtype=torch.int64)
+    for i in range(7):
+        mid = 0.5 * (mags[i] + mags[i + 1])
+        code += (a >= mid if i % 2 else a > mid).to(torch.int64)
+    code = (code | (((x < 0) & (code > 0)).to(torch.int64) << 3)).to(torch.uint8)
+    return (code[..., 0::2] | (code[..., 1::2] << 4)).contiguous(), (exp + 127).to(torch.uint8)
