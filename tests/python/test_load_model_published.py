@@ -395,7 +395,6 @@ def test_merge_back_into_the_published_format(fmt, tmp_path):
                 assert all(torch.equal(x.view(torch.int16), y.view(torch.int16))
                            for x, y in zip(e1.unpack_expert(e), e2.unpack_expert(e)))
     else:
-        q = published.Quantization("compressed-tensors", "int4", group_size=32)
         n = 0
         for k, v in merged.items():
             if ".mlp.experts." in k:
