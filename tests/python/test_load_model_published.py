@@ -392,18 +392,24 @@ def test_merge_back_into_the_published_format(fmt, tmp_path):
         ref = load(bf, weight_format="mxfp4")  # the engine quantizes the bf16-merged weights itself
         for e1, e2 in zip(engines(m), engines(ref)):
             for e in range(e1.num_experts):
-                assert all(torch.equal(x.view(torch.int16), y.view(torch.int16))
-                           for x, y in zip(e1.unpack_expert(e), e2.unpack_expert(e)))
+                assert all(
+                    torch.equal(x.view(torch.int16), y.view(torch.int16))
+                    for x, y in zip(e1.unpack_expert(e), e2.unpack_expert(e))
+                )
     else:
         n = 0
         for k, v in merged.items():
             if ".mlp.experts." in k:
                 packed, scale = published.int4_quantize(v, 32)
                 base = k[: -len("weight")]
-                assert torch.equal(got[base + "weight_packed"], packed) and torch.equal(got[base + "weight_scale"], scale)
+                assert torch.equal(got[base + "weight_packed"], packed) and torch.equal(
+                    got[base + "weight_scale"], scale
+                )
                 n += 1
         assert n > 0
-    assert not torch.equal(got[next(k for k in got if "experts" in k and k.endswith(("_blocks", "_packed")))],
-                           src[next(k for k in got if "experts" in k and k.endswith(("_blocks", "_packed")))])
+    assert not torch.equal(
+        got[next(k for k in got if "experts" in k and k.endswith(("_blocks", "_packed")))],
+        src[next(k for k in got if "experts" in k and k.endswith(("_blocks", "_packed")))],
+    )
     with pytest.raises(ValueError, match="merged_format must be"):
         moetune.merge_and_save(pm, tmp_path / "x", progress=False, merged_format="int8")
