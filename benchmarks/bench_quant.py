@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Time of one MoE layer's routed experts, forward + backward, per frozen-weight format.
 
-bf16 vs int8 vs int4 (group 32/64/128, --groups), LoRA r=16 on gate/up/down (fp32 params),
+bf16 vs int8 vs int4 (group 32/64/128, --groups) vs fp8_block / mxfp4 (the published formats,
+quantized here from the same bf16 weights), LoRA r=16 on gate/up/down (fp32 params),
 uniform random top-k routing, bf16 x; same data for every format. Prints per (shape, T, format):
 forward / backward / total ms (median of --reps after one warm-up), tokens/s, achieved TFLOPS
 (2*T*k*3*H*I forward + the same backward + 18*T*k*r*(H+I) LoRA, as BENCHMARKS.md), the packed
@@ -44,6 +45,7 @@ def main():
     ap.add_argument("--isa", default="auto")
     ap.add_argument("--configs", nargs="+", default=["qwen3"], choices=list(CONFIGS))
     ap.add_argument("--deepseek-experts", type=int, default=64, help="experts of the DeepSeek layer (memory)")
+    ap.add_argument("--experts", type=int, default=None, help="experts of every layer (overrides; memory)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     ap.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"])
     ap.add_argument("--groups", type=int, nargs="+", default=[128], help="int4 group sizes")
@@ -76,6 +78,8 @@ def main():
         c = dict(CONFIGS[name])
         if name == "deepseek":
             c["E"] = args.deepseek_experts
+        if args.experts is not None:
+            c["E"] = args.experts
         H, I, E, k, r = c["H"], c["I"], c["E"], c["k"], args.rank
         g = torch.Generator().manual_seed(0)
         W = (weights(E, I, H, g), weights(E, I, H, g), weights(E, H, I, g))

@@ -16,6 +16,10 @@ fi
   "datasets>=3.0" pyyaml tqdm "tensorboardX>=2.6" "matplotlib>=3.7" "trl>=1.16"
 # (datasets .. matplotlib: moetune train / demo; trl: its SFTTrainer path, checked
 # with trl 1.16 + transformers 5.23.)
+# compressed-tensors: only tests use it (the independent INT4 decoder the engine's int4 is checked
+# against); without an index (the GPU machine) those tests skip.
+"$PY" -m pip install -q "compressed-tensors>=0.20" loguru 2>/dev/null \
+  || echo "[install] compressed-tensors not installed: its comparison tests will skip"
 # nanobind pinned: the committed extension stub (tests/python/test_stub.py) is its output.
 # No build isolation: build against the nanobind/scikit-build-core above (the
 # GPU test machine has no package index), no dependency resolution (torch is

@@ -57,6 +57,8 @@ DType dtype_of(const A& a, const std::string& name) {
       return DType::kI32;
     if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int) && d.bits == 64)
       return DType::kI64;
+    if (d.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt) && d.bits == 8)
+      return DType::kU8;
   }
   throw std::invalid_argument((name + ": unsupported dtype (code " + std::to_string(d.code) + ", " +
                                std::to_string(d.bits) + " bits)")
@@ -255,6 +257,19 @@ void bind_options(nb::module_& m) {
       .def("validate", &ExpertsOptions::validate)
       .def("__eq__", [](const ExpertsOptions& a, const ExpertsOptions& b) { return a == b; });
   m.def("default_group_size", &default_group_size, "weight_format"_a);
+  // The weight format table (kernels/weight_format.h), row by row: (name,
+  // code bits, scale type "none" | "f32" | "e8m0", scale bytes, group_k
+  // (0: whole K, -1: the group_size option), group_n, published by).
+  m.def("weight_formats", [] {
+    std::vector<std::tuple<std::string, int, std::string, int, int, int, std::string>> out;
+    for (const kernels::WeightFormatInfo& w : kernels::kWeightFormats) {
+      const char* st = w.scale_type == kernels::ScaleType::kNone
+                           ? "none"
+                           : (w.scale_type == kernels::ScaleType::kF32 ? "f32" : "e8m0");
+      out.emplace_back(w.name, w.code_bits, st, w.scale_bytes, w.group_k, w.group_n, w.published);
+    }
+    return out;
+  });
   m.def("experts_host_bytes", &MoeExperts::host_bytes, "num_experts"_a, "hidden_size"_a,
         "intermediate_size"_a, "options"_a);
   m.def("experts_bias_bytes", &WeightStore::bias_bytes_for, "num_experts"_a, "hidden_size"_a,
@@ -421,6 +436,44 @@ void bind_experts(nb::module_& m) {
             ex.load_expert(e, gate.data(), up.data(), down.data(), dt);
           },
           "expert"_a, "gate_proj"_a, "up_proj"_a, "down_proj"_a)
+      // One expert from a checkpoint's own quantized codes and scales, kept as
+      // published (kernels/quant_published.h: shapes and layouts per format).
+      .def(
+          "load_expert_published",
+          [](MoeExperts& ex, int e, const Array& gate_codes, const Array& gate_scales,
+             const Array& up_codes, const Array& up_scales, const Array& down_codes,
+             const Array& down_scales) {
+            check_expert_id(ex, e);
+            const kernels::QuantSpec spec = ex.options().quant_spec();
+            const bool e8m0 =
+                kernels::weight_format_info(spec.format).scale_type == kernels::ScaleType::kE8m0;
+            const Array* arrays[3][2] = {
+                {&gate_codes, &gate_scales}, {&up_codes, &up_scales}, {&down_codes, &down_scales}};
+            WeightStore::PublishedWeight w[3];
+            for (Proj p : kAllProjs) {
+              const auto d = ex.weights().dims(p);
+              const std::string tag = std::string(" (") + proj_name(p) + "_proj of expert " +
+                                      std::to_string(e) + ", weight format " +
+                                      kernels::weight_format_name(spec.format) + ")";
+              const int64_t row = kernels::published_code_row_bytes(spec, d.K);
+              check(*arrays[idx(p)][0], std::string("codes") + tag, {d.N, row}, {DType::kU8});
+              const kernels::PublishedScaleShape ss =
+                  kernels::published_scale_shape(spec, d.K, d.N);
+              const DType sdt =
+                  check(*arrays[idx(p)][1], std::string("scales") + tag, {ss.rows, ss.cols},
+                        e8m0 ? std::initializer_list<DType>{DType::kU8} : kFloat);
+              w[idx(p)] = WeightStore::PublishedWeight{
+                  static_cast<const uint8_t*>(arrays[idx(p)][0]->data()), row,
+                  arrays[idx(p)][1]->data(),
+                  e8m0 ? kernels::ScaleSrc::kE8m0
+                       : (sdt == DType::kF32 ? kernels::ScaleSrc::kF32 : kernels::ScaleSrc::kBf16),
+                  ss.cols};
+            }
+            nb::gil_scoped_release release;
+            ex.weights().load_expert_published(e, w);
+          },
+          "expert"_a, "gate_codes"_a, "gate_scales"_a, "up_codes"_a, "up_scales"_a, "down_codes"_a,
+          "down_scales"_a)
       // The bf16 values the GEMMs use for expert e (dq(q(W)) for int8 / int4),
       // written into gate, up [I, H] and down [H, I] bf16 arrays.
       .def(

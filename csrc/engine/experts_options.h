@@ -32,7 +32,7 @@ enum class Activation : int {
       1,  // gpt-oss: (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)
 };
 
-using kernels::WeightFormat;  // bf16 | int8 | int4 (kernels/quant.h)
+using kernels::WeightFormat;  // bf16 | int8 | int4 | fp8_block | mxfp4 (kernels/weight_format.h)
 
 // Every value of each option enum, and its name: the spelling Python users
 // pass ("repack", "gpt_oss", "int4", ...) and error messages print. A value
@@ -43,7 +43,10 @@ inline constexpr ActivationPolicy kAllActivationPolicies[] = {ActivationPolicy::
                                                               ActivationPolicy::kRecompute};
 inline constexpr Activation kAllActivations[] = {Activation::kSwiGLU, Activation::kClampedSwiGLU};
 inline constexpr WeightFormat kAllWeightFormats[] = {WeightFormat::kBf16, WeightFormat::kInt8,
-                                                     WeightFormat::kInt4};
+                                                     WeightFormat::kInt4, WeightFormat::kFp8Block,
+                                                     WeightFormat::kMxfp4};
+static_assert(sizeof(kAllWeightFormats) / sizeof(WeightFormat) == kernels::kNumWeightFormats,
+              "kAllWeightFormats lists every row of kernels/weight_format.h");
 const char* option_name(BackwardWeights v);   // "repack" | "transposed_copy"
 const char* option_name(ActivationPolicy v);  // "save" | "recompute"
 const char* option_name(Activation v);        // "swiglu" | "gpt_oss"
@@ -65,9 +68,10 @@ struct ExpertsOptions {
   // unused by kSwiGLU but still validated (finite; limit > 0).
   float swiglu_alpha = 1.702f;
   float swiglu_limit = 7.0f;
-  // Frozen weight format (kernels/quant.h): bf16, or int8 / int4 quantized at
-  // load and dequantized per GEMM task. group_size: int4 only (32, 64, 128;
-  // default_group_size), 0 for the other formats.
+  // Frozen weight format (kernels/weight_format.h): bf16; int8 / int4
+  // quantized at load; fp8_block / mxfp4 (and int4) also as published
+  // (load_expert_published); all dequantized per GEMM task. group_size: int4
+  // only (32, 64, 128; default_group_size), 0 for the other formats.
   WeightFormat weight_format = WeightFormat::kBf16;
   int group_size = 0;
   // Rows of one expert per GEMM task (a tuning knob; results do not depend on

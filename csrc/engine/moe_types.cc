@@ -12,6 +12,8 @@ const char* dtype_name(DType d) {
       return "int32";
     case DType::kI64:
       return "int64";
+    case DType::kU8:
+      return "uint8";
   }
   return "?";
 }

@@ -15,7 +15,7 @@
 
 namespace moetune {
 
-enum class DType : int { kBf16 = 0, kF32 = 1, kI32 = 2, kI64 = 3 };
+enum class DType : int { kBf16 = 0, kF32 = 1, kI32 = 2, kI64 = 3, kU8 = 4 };
 const char* dtype_name(DType d);
 
 inline kernels::SrcType src_type(DType d) {

@@ -61,7 +61,7 @@ WeightStore::Layout WeightStore::layout_for(int E, int H, int I, const ExpertsOp
       s[int(Kind::kBf16)] = kernels::packed_elems(K, N) * sizeof(bf16);
     } else {
       s[int(Kind::kQ)] = kernels::quant_q_bytes(spec, K, N);
-      s[int(Kind::kScales)] = kernels::quant_scale_count(spec, K, N) * sizeof(float);
+      s[int(Kind::kScales)] = kernels::quant_scale_bytes(spec, K, N);
     }
     if (options.backward_weights == BackwardWeights::kTransposedCopy)
       s[int(Kind::kTransposedBf16)] = kernels::packed_elems(N, K) * sizeof(bf16);
@@ -124,7 +124,7 @@ std::vector<WeightStore::Buffer> WeightStore::buffers() {
 
 QuantB WeightStore::quant(Proj p, int e) const {
   const Dims d = dims(p);
-  return QuantB{spec_, at<uint8_t>(p, Kind::kQ, e), at<float>(p, Kind::kScales, e), d.K, d.N};
+  return QuantB{spec_, at<uint8_t>(p, Kind::kQ, e), at<uint8_t>(p, Kind::kScales, e), d.K, d.N};
 }
 
 PackedB WeightStore::fwd(Proj p, int e) const {
@@ -156,15 +156,9 @@ void WeightStore::load_expert(int e, const void* gate, const void* up, const voi
     const void* w = src[idx(p)];
     if (quantized()) {
       kernels::quantize_pack(w, st, d.K, d.K, d.N, spec_, at<uint8_t>(p, Kind::kQ, e),
-                             at<float>(p, Kind::kScales, e),
+                             at<uint8_t>(p, Kind::kScales, e),
                              std::string(proj_name(p)) + "_proj of expert " + std::to_string(e));
-      if (transposed_copy_) {
-        // bf16 dq(q(W))^T: the same values the repack path would make.
-        Buf<bf16> tmp(static_cast<size_t>(kernels::packed_elems(d.K, d.N)));
-        kernels_->dequant(quant(p, e), 0, d.N, 0, d.K, tmp.data());
-        kernels_->transpose_packed(PackedB{tmp.data(), d.K, d.N}, 0, d.K,
-                                   at<bf16>(p, Kind::kTransposedBf16, e));
-      }
+      fill_transposed_copy(p, e);
       continue;
     }
     kernels::pack_b(w, st, d.K, /*kn=*/false, d.K, 0, d.N, 1.0f, at<bf16>(p, Kind::kBf16, e));
@@ -173,6 +167,32 @@ void WeightStore::load_expert(int e, const void* gate, const void* up, const voi
       kernels::pack_b(w, st, d.K, /*kn=*/true, d.N, 0, d.K, 1.0f,
                       at<bf16>(p, Kind::kTransposedBf16, e));
     }
+  }
+}
+
+void WeightStore::fill_transposed_copy(Proj p, int e) {
+  if (!transposed_copy_) return;
+  // bf16 dq(q(W))^T: the same values the repack path would make.
+  const Dims d = dims(p);
+  Buf<bf16> tmp(static_cast<size_t>(kernels::packed_elems(d.K, d.N)));
+  kernels_->dequant(quant(p, e), 0, d.N, 0, d.K, tmp.data());
+  kernels_->transpose_packed(PackedB{tmp.data(), d.K, d.N}, 0, d.K,
+                             at<bf16>(p, Kind::kTransposedBf16, e));
+}
+
+void WeightStore::load_expert_published(int e, const PublishedWeight (&w)[3]) {
+  if (e < 0 || e >= E_) {
+    throw std::invalid_argument("moetune: expert id " + std::to_string(e) + " outside [0, " +
+                                std::to_string(E_) + ")");
+  }
+  for (Proj p : kAllProjs) {
+    const Dims d = dims(p);
+    const PublishedWeight& src = w[idx(p)];
+    kernels::pack_published(spec_, d.K, d.N, src.codes, src.code_ld, src.scales, src.scale_src,
+                            src.scale_ld, at<uint8_t>(p, Kind::kQ, e),
+                            at<uint8_t>(p, Kind::kScales, e),
+                            std::string(proj_name(p)) + "_proj of expert " + std::to_string(e));
+    fill_transposed_copy(p, e);
   }
 }
 

@@ -9,8 +9,9 @@
 // per-expert stride of buffers(); which exist depends on the options:
 //   "<p>.bf16"             bf16 format: the forward operand, packed
 //                          (kernels/gemm.h panel layout)
-//   "<p>.q", "<p>.scales"  int8 / int4: that operand quantized (kernels/quant.h
-//                          packed layout: q bytes, fp32 scales)
+//   "<p>.q", "<p>.scales"  quantized formats (int8, int4, fp8_block, mxfp4):
+//                          that operand's codes and scales (kernels/quant.h
+//                          packed layout; scale bytes per kernels/weight_format.h)
 //   "<p>.transposed_bf16"  BackwardWeights::kTransposedCopy: the backward
 //                          operand W itself, [K = out, N = in], packed bf16
 //                          (for int8 / int4 the dequantized dq(q(W)))
@@ -42,6 +43,7 @@
 #include "kernels/gemm.h"
 #include "kernels/kernel_bundle.h"
 #include "kernels/quant.h"
+#include "kernels/quant_published.h"
 
 namespace moetune {
 
@@ -94,6 +96,21 @@ class WeightStore {
   // Packs (bf16) or quantizes expert e from HF rows: gate/up [I, H], down
   // [H, I], bf16 (bit-exact) or f32 (rounded to bf16 / quantized from f32).
   void load_expert(int e, const void* gate, const void* up, const void* down, DType dtype);
+  // One projection's published codes and scales (kernels/quant_published.h
+  // gives the layouts per format); strides in bytes (codes) / elements (scales).
+  struct PublishedWeight {
+    const uint8_t* codes;
+    int64_t code_ld;
+    const void* scales;
+    kernels::ScaleSrc scale_src;
+    int64_t scale_ld;
+  };
+  // Expert e from a checkpoint's own quantized codes and scales (gate, up,
+  // down in that order), kept bit for bit in this store's format (which must
+  // be the published one: fp8_block, mxfp4 or int4). Throws
+  // std::invalid_argument naming the projection, expert and element for a bad
+  // code or scale. Callers check the arrays' shapes (published_scale_shape).
+  void load_expert_published(int e, const PublishedWeight (&w)[3]);
   // gate, up [E, I], down [E, H], bf16 or f32, kept as fp32; nullptr = that
   // bias absent (replacing an earlier one).
   void load_biases(const void* gate, const void* up, const void* down, DType dtype);
@@ -154,6 +171,8 @@ class WeightStore {
     return reinterpret_cast<T*>(buf_[idx(p)][int(k)].data() +
                                 size_t(e) * layout_.stride[idx(p)][int(k)]);
   }
+  // kTransposedCopy: fills expert e's copy of projection p from its quantized buffers.
+  void fill_transposed_copy(Proj p, int e);
   kernels::PackedB fwd(Proj p, int e) const;   // bf16 format
   kernels::QuantB quant(Proj p, int e) const;  // int8 / int4
   kernels::PackedB bwd(Proj p, int e) const;   // kTransposedCopy

@@ -1,5 +1,5 @@
 // Quantization at load (the scalar oracle for every format) and the scalar
-// dequant kernel. See quant.h for the formats.
+// dequant kernel. See quant.h for the formats, weight_format.h for the table.
 #include "quant.h"
 
 #include <algorithm>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "isa_unit.h"
+#include "minifloat.h"
 #include "quant_impl.h"
 
 MOETUNE_ISA_UNIT(scalar);
@@ -17,34 +18,52 @@ MOETUNE_ISA_UNIT(scalar);
 namespace moetune::kernels {
 
 const char* weight_format_name(WeightFormat f) {
-  switch (f) {
-    case WeightFormat::kBf16:
-      return "bf16";
-    case WeightFormat::kInt8:
-      return "int8";
-    case WeightFormat::kInt4:
-      return "int4";
-  }
-  return "?";
+  const WeightFormatInfo* w = find_weight_format(f);
+  return w ? w->name : "?";
 }
 
 void check_quant_spec(const QuantSpec& spec) {
-  if (spec.format == WeightFormat::kInt4) {
+  const WeightFormatInfo* w = find_weight_format(spec.format);
+  if (!w) {
+    throw std::invalid_argument("moetune: unknown weight format " +
+                                std::to_string(static_cast<int>(spec.format)));
+  }
+  if (w->group_k == kGroupOption) {
     if (spec.group_size != 32 && spec.group_size != 64 && spec.group_size != 128) {
-      throw std::invalid_argument("moetune: int4 group_size must be 32, 64 or 128, got " +
+      throw std::invalid_argument(std::string("moetune: ") + w->name +
+                                  " group_size must be 32, 64 or 128, got " +
                                   std::to_string(spec.group_size));
     }
     return;
   }
-  if (spec.format != WeightFormat::kBf16 && spec.format != WeightFormat::kInt8) {
-    throw std::invalid_argument("moetune: unknown weight format " +
-                                std::to_string(static_cast<int>(spec.format)));
-  }
   if (spec.group_size != 0) {
     throw std::invalid_argument(
-        std::string("moetune: group_size applies to int4 only; weight format ") +
-        weight_format_name(spec.format) + " got group_size " + std::to_string(spec.group_size));
+        std::string("moetune: group_size applies to int4 only; weight format ") + w->name +
+        " got group_size " + std::to_string(spec.group_size));
   }
+}
+
+float quant_code_value(uint8_t code, WeightFormat f) {
+  switch (f) {
+    case WeightFormat::kInt8:
+      return static_cast<float>(static_cast<int8_t>(code));
+    case WeightFormat::kInt4:
+      return static_cast<float>((code & 0x0f) - 8);
+    case WeightFormat::kFp8Block:
+      return e4m3_to_f32(code);
+    case WeightFormat::kMxfp4:
+      return e2m1_to_f32(code & 0x0f);
+    case WeightFormat::kBf16:
+      break;
+  }
+  return 0.0f;
+}
+
+float quant_scale_value(const uint8_t* scale, WeightFormat f) {
+  if (weight_format_info(f).scale_type == ScaleType::kE8m0) return e8m0_to_f32(*scale);
+  float v;
+  std::memcpy(&v, scale, sizeof v);
+  return v;
 }
 
 float quant_scale(float amax, WeightFormat f) {
@@ -63,61 +82,93 @@ int quantize_value(float w, float s, WeightFormat f) {
   return static_cast<int>(r);
 }
 
+namespace {
+
+// Stores the code of element (k, n) into its panel (quant.h layouts).
+void put_code(uint8_t* q, WeightFormat f, int64_t kp, int64_t k, int64_t n, uint8_t code) {
+  const int64_t rb = quant_row_bytes(f);
+  uint8_t* r = q + (n / kPanelN) * (kp / 2) * rb + (k / 2) * rb;
+  const int64_t c = n % kPanelN;
+  if (rb == 32) {
+    r[(k % 2) * kPanelN + c] = code;
+  } else {
+    r[c] =
+        static_cast<uint8_t>(k % 2 ? (r[c] & 0x0f) | (code << 4) : (r[c] & 0xf0) | (code & 0x0f));
+  }
+}
+
+}  // namespace
+
 void quantize_pack(const void* src, SrcType type, int64_t ld, int64_t K, int64_t N,
-                   const QuantSpec& spec, uint8_t* q, float* scales, const std::string& what) {
+                   const QuantSpec& spec, uint8_t* q, void* scales_out, const std::string& what) {
   check_quant_spec(spec);
   if (spec.format == WeightFormat::kBf16) {
-    throw std::invalid_argument("moetune: quantize_pack needs an int8 or int4 format");
+    throw std::invalid_argument("moetune: quantize_pack needs a quantized weight format");
   }
   const WeightFormat f = spec.format;
-  const int64_t G = f == WeightFormat::kInt4 ? spec.group_size : (K > 0 ? K : 1);
+  const int64_t G = quant_group_k(spec, K);
   const int64_t groups = quant_groups(spec, K);
   const int64_t kp = packed_kp(K);
-  const int64_t rb = quant_row_bytes(f);
-  std::memset(q, 0, quant_q_bytes(spec, K, N));
-  std::memset(scales, 0, sizeof(float) * quant_scale_count(spec, K, N));
-  std::vector<float> row(K > 0 ? K : 1);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) {
-      row[k] = type == SrcType::kBf16 ? bf16_to_f32(static_cast<const bf16*>(src)[n * ld + k])
-                                      : static_cast<const float*>(src)[n * ld + k];
-      if (!std::isfinite(row[k])) {
-        throw std::invalid_argument("moetune: " + what + " has a non-finite value at row " +
-                                    std::to_string(n) + ", column " + std::to_string(k) +
-                                    " (cannot quantize)");
+  const int64_t panels = packed_panels(N);
+  // The code of q = 0 (int4's nibble is q + 8; the float codes' 0 is 0).
+  const uint8_t zero = f == WeightFormat::kInt4 ? 8 : 0;
+  const uint8_t zero_byte =
+      quant_row_bytes(f) == 16 ? static_cast<uint8_t>(zero | (zero << 4)) : zero;
+  std::memset(q, zero_byte, quant_q_bytes(spec, K, N));
+  std::memset(scales_out, 0, quant_scale_bytes(spec, K, N));
+  float* scales = static_cast<float*>(scales_out);
+  uint8_t* e8m0 = static_cast<uint8_t*>(scales_out);
+  auto value = [&](int64_t n, int64_t k) {
+    const float v = type == SrcType::kBf16 ? bf16_to_f32(static_cast<const bf16*>(src)[n * ld + k])
+                                           : static_cast<const float*>(src)[n * ld + k];
+    if (!std::isfinite(v)) {
+      throw std::invalid_argument("moetune: " + what + " has a non-finite value at row " +
+                                  std::to_string(n) + ", column " + std::to_string(k) +
+                                  " (cannot quantize)");
+    }
+    return v;
+  };
+  if (f == WeightFormat::kFp8Block) {
+    // One scale per 128 x 128 block of the [N, K] rows, copied to each panel.
+    const int64_t B = weight_format_info(f).group_n;
+    for (int64_t n0 = 0; n0 < N; n0 += B) {
+      const int64_t n1 = std::min(N, n0 + B);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k_lo = g * G, k_hi = std::min(K, k_lo + G);
+        float amax = 0.0f;
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t k = k_lo; k < k_hi; ++k) amax = std::max(amax, std::fabs(value(n, k)));
+        float s = amax / kE4m3Max;
+        if (!(s >= FLT_MIN)) s = 0.0f;  // as quant_scale: no denormal scales
+        for (int64_t p = n0 / kPanelN; p < std::min(panels, (n1 + kPanelN - 1) / kPanelN); ++p)
+          scales[p * groups + g] = s;
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t k = k_lo; k < k_hi; ++k)
+            put_code(q, f, kp, k, n, s == 0.0f ? 0 : f32_to_e4m3(value(n, k) / s));
       }
     }
+    return;
+  }
+  std::vector<float> row(K > 0 ? K : 1);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; ++k) row[k] = value(n, k);
     const int64_t p = n / kPanelN, c = n % kPanelN;
-    uint8_t* panel = q + p * (kp / 2) * rb;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t k_lo = g * G, k_hi = std::min<int64_t>(K, k_lo + G);
       float amax = 0.0f;
       for (int64_t k = k_lo; k < k_hi; ++k) amax = std::max(amax, std::fabs(row[k]));
-      const float s = quant_scale(amax, f);
-      scales[(p * groups + g) * kPanelN + c] = s;
-      for (int64_t k = k_lo; k < k_hi; ++k) {
-        const int v = quantize_value(row[k], s, f);
-        uint8_t* r = panel + (k / 2) * rb;
-        if (f == WeightFormat::kInt8) {
-          r[(k % 2) * kPanelN + c] = static_cast<uint8_t>(static_cast<int8_t>(v));
-        } else {
-          const uint8_t nib = static_cast<uint8_t>(v + 8);
-          r[c] = static_cast<uint8_t>(k % 2 ? (r[c] & 0x0f) | (nib << 4) : (r[c] & 0xf0) | nib);
-        }
+      const int64_t at = (p * groups + g) * kPanelN + c;
+      if (f == WeightFormat::kMxfp4) {
+        const uint8_t se = mx_scale_e8m0(amax);
+        e8m0[at] = se;
+        for (int64_t k = k_lo; k < k_hi; ++k)
+          put_code(q, f, kp, k, n, f32_to_e2m1(row[k] / e8m0_to_f32(se)));
+        continue;
       }
-    }
-    // Odd K: the pad element of the last pair is q = 0 (nibble 8 for int4).
-    if (K % 2 && f == WeightFormat::kInt4) {
-      uint8_t* r = panel + (K / 2) * rb;
-      r[c] = static_cast<uint8_t>((r[c] & 0x0f) | (8 << 4));
-    }
-  }
-  // Pad columns of the last panel: q = 0 (nibbles 8), scales already 0.
-  if (f == WeightFormat::kInt4) {
-    const int64_t panels = packed_panels(N);
-    for (int64_t n = N; n < panels * kPanelN; ++n) {
-      uint8_t* panel = q + (n / kPanelN) * (kp / 2) * rb;
-      for (int64_t kk = 0; kk < kp / 2; ++kk) panel[kk * rb + n % kPanelN] = 0x88;
+      const float s = quant_scale(amax, f);
+      scales[at] = s;
+      for (int64_t k = k_lo; k < k_hi; ++k)
+        put_code(q, f, kp, k, n, static_cast<uint8_t>(quantize_value(row[k], s, f) + zero));
     }
   }
 }
@@ -126,9 +177,11 @@ namespace scalar {
 
 // The oracle: element by element from the quant.h layout formulas.
 void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, bf16* dst) {
+  const WeightFormat f = src.spec.format;
   const int64_t Nd = n_end - n_begin, Kd = k1 - k0, kpd = packed_kp(Kd);
-  const int64_t G = src.spec.format == WeightFormat::kInt4 ? src.spec.group_size : 0;
-  const int64_t rb = quant_row_bytes(src.spec.format);
+  const int64_t G = quant_group_k(src.spec, src.K);
+  const int64_t rb = quant_row_bytes(f);
+  const int64_t scols = quant_scale_cols(f), sbytes = quant_scale_bytes_each(f);
   for (int64_t qd = 0; qd < packed_panels(Nd); ++qd) {
     bf16* dp = dst + qd * kpd * kPanelN;
     for (int64_t kd = 0; kd < kpd; ++kd) {
@@ -137,15 +190,15 @@ void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int6
         bf16 v = 0;
         if (kd < Kd && n < n_end && n < src.N && k < src.K) {
           const uint8_t* row = src.panel_q(n / kPanelN) + (k / 2) * rb;
-          int qv;
-          if (src.spec.format == WeightFormat::kInt8) {
-            qv = static_cast<int8_t>(row[(k % 2) * kPanelN + n % kPanelN]);
+          uint8_t code;
+          if (rb == 32) {
+            code = row[(k % 2) * kPanelN + n % kPanelN];
           } else {
             const uint8_t b = row[n % kPanelN];
-            qv = (k % 2 ? b >> 4 : b & 0x0f) - 8;
+            code = k % 2 ? b >> 4 : b & 0x0f;
           }
-          const int64_t g = G ? k / G : 0;
-          v = dequant_value(qv, src.panel_scales(n / kPanelN)[g * kPanelN + n % kPanelN]);
+          const int64_t si = (k / G) * scols + (scols == 1 ? 0 : n % kPanelN);
+          v = dequant_code(code, src.panel_scale_bytes(n / kPanelN) + si * sbytes, f);
         }
         dp[(kd / 2) * 2 * kPanelN + c * 2 + (kd % 2)] = v;
       }

@@ -9,6 +9,7 @@ from moetune.engine import Context, LoraWeights, MoEExperts, PackedBuffer, Pendi
 from moetune.isa import IsaInfo, cpu_features, isas
 from moetune.options import ExpertsOptions
 from moetune.placement.options import PlacementOptions
+from moetune.weight_formats import weight_formats
 
 __all__ = [
     "Context",
@@ -23,6 +24,7 @@ __all__ = [
     "isas",
     "moe_experts",
     "moe_experts_async",
+    "weight_formats",
 ]
 __version__ = "0.1.0"
 

@@ -82,7 +82,9 @@ def main(argv=None) -> int:
     )
     d.add_argument("--config", metavar="FILE.yaml", help="YAML config file (flags override it)")
     add_config_flags(d, defaults_note=DEMO_DEFAULTS)
-    i = sub.add_parser("info", help="print the CPU features, the kernel the engine would use and every ISA")
+    i = sub.add_parser(
+        "info", help="print the CPU features, the kernel the engine would use, every ISA and the weight formats"
+    )
     i.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -121,6 +123,9 @@ def main(argv=None) -> int:
                 f"  {isa.name:12} gemm={k['gemm']} transpose={k['transpose']} eltwise={k['eltwise']} "
                 f"dequant={k['dequant']}  {status}"
             )
+        from moetune.weight_formats import describe
+
+        print("\n".join(describe()))
         return 0
     return 2
 

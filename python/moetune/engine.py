@@ -106,9 +106,12 @@ class MoEExperts:
     SwiGLU: h = (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha * gc) with
     gc = min(g, limit); `alpha`, `limit` are gpt-oss's swiglu_alpha / swiglu_limit).
 
-    weight_format: "bf16" (default), "int8" (per-output-channel symmetric) or
+    weight_format: "bf16" (default), "int8" (per-output-channel symmetric),
     "int4" (symmetric, one scale per group_size inputs; group_size 32, 64 or
-    128, default 128): weights are quantized at load and dequantized inside
+    128, default 128), "fp8_block" (e4m3 + a scale per 128 x 128 block) or
+    "mxfp4" (e2m1 + an e8m0 scale per 32 inputs); moetune.weight_formats()
+    lists them. Weights given here are quantized at load (published codes load
+    as they are with load_expert_published) and dequantized inside
     the engine's GEMMs, forward and backward alike (activations, gradients
     and LoRA stay bf16/fp32). With a quantized format,
     backward_weights="transposed_copy" adds a bf16 copy of the dequantized
@@ -239,6 +242,30 @@ class MoEExperts:
                 )
         dtype = torch.float32 if gate_proj.dtype == torch.float32 else torch.bfloat16
         self._ex.load_expert(int(e), _host(gate_proj, (dtype,)), _host(up_proj, (dtype,)), _host(down_proj, (dtype,)))
+
+    def load_expert_published(
+        self,
+        e: int,
+        gate: tuple[torch.Tensor, torch.Tensor],
+        up: tuple[torch.Tensor, torch.Tensor],
+        down: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Expert e from a checkpoint's own quantized (codes, scales) per projection (gate,
+        up [I, H]; down [H, I] as [out, in]), kept bit for bit: this engine's weight_format
+        must be the published one (fp8_block, mxfp4 or int4; moetune.weight_formats says
+        what each holds). Codes of any dtype are read as their bytes: e4m3fn [out, in],
+        mxfp4 uint8 [out, in / 32, 16], compressed-tensors int32 [out, in / 8]. A bad code
+        or scale (NaN, wrong shape / dtype) is a ValueError naming the tensor and element."""
+        from moetune.weight_formats import published_arrays
+
+        arrays = []
+        for name, pair, out in (
+            ("gate_proj", gate, self.intermediate_size),
+            ("up_proj", up, self.intermediate_size),
+            ("down_proj", down, self.hidden_size),
+        ):
+            arrays += published_arrays(self.weight_format, pair[0], pair[1], out, f"{name} of expert {e}")
+        self._ex.load_expert_published(int(e), *arrays)
 
     def unpack_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(gate [I, H], up [I, H], down [H, I]) bf16: the values the engine's

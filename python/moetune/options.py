@@ -84,8 +84,10 @@ class ExpertsOptions:
     activations: "save" (keep g, u from forward) or "recompute".
     activation: "swiglu" (h = silu(g) * u) or "gpt_oss" (clamped SwiGLU with
       `alpha`, `limit`: gpt-oss's swiglu_alpha / swiglu_limit).
-    weight_format: "bf16", "int8" (per-output-channel) or "int4" (one scale
-      per group_size inputs: 32, 64 or 128; None = the format's default, 128).
+    weight_format: "bf16", "int8" (per-output-channel), "int4" (one scale
+      per group_size inputs: 32, 64 or 128; None = the format's default, 128),
+      "fp8_block" (e4m3, a scale per 128 x 128 block) or "mxfp4" (e2m1, an
+      e8m0 scale per 32 inputs): moetune.weight_formats() lists them.
     row_group: rows of one expert per GEMM task, a speed knob only; 0 = auto.
 
     Values are normalised to what the engine holds (alpha, limit as float32

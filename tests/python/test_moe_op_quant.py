@@ -95,7 +95,9 @@ def test_bad_format_and_group_size_errors():
         moetune.MoEExperts(ctx, inp.gate, inp.up, inp.down, weight_format="int4", group_size=48)
     with pytest.raises(ValueError, match="group_size applies to int4 only; weight format int8"):
         moetune.MoEExperts(ctx, inp.gate, inp.up, inp.down, weight_format="int8", group_size=64)
-    with pytest.raises(ValueError, match="weight_format must be 'bf16', 'int8' or 'int4', got 'fp8'"):
+    with pytest.raises(
+        ValueError, match="weight_format must be 'bf16', 'int8', 'int4', 'fp8_block' or 'mxfp4', got 'fp8'"
+    ):
         moetune.MoEExperts(ctx, inp.gate, inp.up, inp.down, weight_format="fp8")
     bad = inp.up.clone()
     bad[1, 3, 5] = float("nan")

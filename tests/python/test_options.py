@@ -61,7 +61,7 @@ def test_value_names_are_the_engines_enum_names():
         for member in enum.__members__:
             assert getattr(moetune.ExpertsOptions(**{name: member}), name) == member
             assert getattr(moetune.ExpertsOptions(**{name: enum[member]}), name) == member  # the enum itself too
-    assert set(_ext.WeightFormat.__members__) == {"bf16", "int8", "int4"}
+    assert set(_ext.WeightFormat.__members__) == {"bf16", "int8", "int4", "fp8_block", "mxfp4"}
     assert set(_ext.Activation.__members__) == {"swiglu", "gpt_oss"}
 
 
@@ -115,7 +115,7 @@ def test_float_constants_are_the_engines_float32():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(weight_format="fp8"), r"weight_format must be 'bf16', 'int8' or 'int4', got 'fp8'"),
+        (dict(weight_format="fp8"), r"weight_format must be 'bf16', 'int8', 'int4', 'fp8_block' or 'mxfp4', got 'fp8'"),
         (dict(backward_weights="bogus"), r"backward_weights must be 'repack' or 'transposed_copy', got 'bogus'"),
         (dict(activations="keep"), r"activations must be 'save' or 'recompute', got 'keep'"),
         (dict(activation="gelu"), r"activation must be 'swiglu' or 'gpt_oss', got 'gelu'"),

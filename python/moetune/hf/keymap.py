@@ -39,7 +39,9 @@ class KeyMap:
 
     def per_expert_regex(self) -> re.Pattern:
         names = "|".join(re.escape(n) for n in self.proj_names.values())
-        return re.compile(rf"^(?P<qual>.+\.experts)\.(?P<e>\d+)\.(?P<proj>{names})\.(?P<kind>weight(?:_scale_inv)?)$")
+        # kind: weight (or a published quantized tensor: hf/published.ALL_KINDS)
+        kinds = "weight(?:_scale_inv|_packed|_scale|_shape)?"
+        return re.compile(rf"^(?P<qual>.+\.experts)\.(?P<e>\d+)\.(?P<proj>{names})\.(?P<kind>{kinds})$")
 
     def proj_of(self, name: str) -> str:
         return next(p for p, n in self.proj_names.items() if n == name)

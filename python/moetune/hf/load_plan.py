@@ -17,6 +17,7 @@ from typing import Union
 import torch
 
 from moetune.hf import fp8 as fp8_mod
+from moetune.hf import published
 from moetune.hf.checkpoint import Checkpoint
 from moetune.hf.families import PROJ, per_expert_shapes
 from moetune.hf.keymap import KeyMap
@@ -57,7 +58,8 @@ class ExpertsPlan:
     I: int
     fused: dict[str, str] = field(default_factory=dict)  # module parameter name -> checkpoint key
     per_expert: dict[tuple[int, str], str] = field(default_factory=dict)  # (e, proj) -> key
-    scales: dict[str, str] = field(default_factory=dict)  # weight key -> scale key (FP8)
+    scales: dict[str, str] = field(default_factory=dict)  # weight key -> scale key (FP8, compressed-tensors)
+    shapes: list[str] = field(default_factory=list)  # compressed-tensors weight_shape keys (not read)
     src_bytes: int = 0
 
     qual = property(lambda self: self.found.qual)
@@ -78,11 +80,25 @@ class LoadPlan:
     nonexpert_bytes: dict[str, int] = field(default_factory=dict)  # device -> bytes (target dtype)
 
 
-def plan_keys(model, found: list[FoundExperts], ckpt: Checkpoint, km: KeyMap, block, device: DeviceLike) -> LoadPlan:
+def plan_keys(
+    model,
+    found: list[FoundExperts],
+    ckpt: Checkpoint,
+    km: KeyMap,
+    block,
+    device: DeviceLike,
+    *,
+    quant=None,
+    keep: bool = False,
+) -> LoadPlan:
     """The plan for loading `ckpt` into `model` (a meta-device skeleton whose
     experts modules are `found`); a ValueError naming every problem otherwise.
-    block: the FP8 block size from config.json (None: not an FP8 checkpoint)."""
-    return _Planner(model, ckpt, km, block, device).run(found)
+    block: the FP8 block size from config.json (None: not an FP8 checkpoint);
+    quant: config.json's published.Quantization (None: unquantized); keep: the experts
+    stay in it (published.keeps)."""
+    planner = _Planner(model, ckpt, km, block, device)
+    planner.quant, planner.keep = quant, keep
+    return planner.run(found)
 
 
 class _Planner:
@@ -90,6 +106,7 @@ class _Planner:
 
     def __init__(self, model, ckpt: Checkpoint, km: KeyMap, block, device: DeviceLike):
         self.model, self.ckpt, self.km, self.block, self.device = model, ckpt, km, block, device
+        self.quant, self.keep = None, False  # config.json's published.Quantization, kept or not (plan_keys)
         self.plan = LoadPlan()
         self.expected = dict(model.state_dict(keep_vars=True))  # model key -> meta tensor (non-expert once planned)
         self.renamed: dict[str, str] = {}  # model-side key -> checkpoint key
@@ -133,14 +150,16 @@ class _Planner:
                 if e >= ep.E:
                     self.bad.append(f"{ck}: expert id {e} outside [0, {ep.E}) of {ep.qual}")
                     continue
-                wkey = ck if m.group("kind") == "weight" else ck[: -len(fp8_mod.SCALE_SUFFIX)]
-                if m.group("kind") == "weight":
+                kind = m.group("kind")
+                if kind in published.WEIGHT_KINDS:
                     ep.per_expert[(e, self.km.proj_of(m.group("proj")))] = ck
-                else:
-                    ep.scales[wkey] = ck
+                elif kind == published.SHAPE_KIND:
+                    ep.shapes.append(ck)
+                else:  # a scale: keyed by its weight's key
+                    ep.scales[ck[: -len(kind)] + published.SCALE_KINDS[kind]] = ck
                 continue
             head, _, tail = k.rpartition(".")
-            if head in quals and tail in quals[head].family.param_names:
+            if head in quals and (tail in quals[head].family.param_names or tail in published.FUSED_MXFP4):
                 quals[head].fused[tail] = ck
                 continue
             if k.endswith(fp8_mod.SCALE_SUFFIX) and k[: -len(fp8_mod.SCALE_SUFFIX)] in self.expected:
@@ -175,6 +194,18 @@ class _Planner:
         self.unexpected = [k for k in self.unexpected if not any(p.search(self.km.rename(k)) for p in ign_unexp)]
 
     def _check_experts(self, ep: ExpertsPlan) -> None:
+        if published.published_fused(ep) or any(k.endswith(".weight_packed") for k in ep.per_expert.values()):
+            self.bad += published.layer_problems(ep, self.ckpt, self.quant)
+            if not published.published_fused(ep):  # per expert: every projection of every expert present
+                names = self.km.proj_names
+                self.missing += [
+                    f"{ep.qual}.{e}.{names[p]}.weight_packed"
+                    for e in range(ep.E)
+                    for p in PROJ
+                    if (e, p) not in ep.per_expert
+                ]
+            return
+        self.bad += published.layer_problems(ep, self.ckpt, self.quant, self.keep)
         want = self._expert_shapes(ep)
         if want is None:
             return
@@ -195,6 +226,8 @@ class _Planner:
                     self.bad.append(f"{k}: FP8 fused expert tensors are not supported (per-expert keys only)")
                 elif self.block is None:
                     self.bad.append(f"{k} is FP8 but config.json declares no quantization_config (block size unknown)")
+                elif problem := published.fp8_scale_problem(self.ckpt, k, ep.scales[k], self.block):
+                    self.bad.append(problem)
             ep.src_bytes += ent.nbytes
 
     def _expert_shapes(self, ep: ExpertsPlan) -> dict[str, tuple[int, ...]] | None:

@@ -21,8 +21,10 @@ read from the checkpoint); a missing one is built as above and written; a
 stale, mismatched or corrupted one is reported (CacheRebuildWarning, one line
 with the reason) and rebuilt, never used.
 
-Block-FP8 checkpoints (DeepSeek-V3 as published) are dequantized to bf16 while
-streaming (`fp8`).
+Quantized checkpoints (block FP8, MXFP4, compressed-tensors INT4: `published`) keep their
+experts as published with weight_format="auto" (the default): codes and scales go into the
+engine unchanged (host RAM = the checkpoint's expert bytes); an explicit weight_format converts
+(logged). Non-expert block-FP8 tensors are dequantized to `dtype` while streaming (`fp8`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 from moetune import cache as cache_mod
 from moetune.engine import Context, MoEExperts
-from moetune.hf import expert_cache, families, patching
+from moetune.hf import expert_cache, families, patching, published
 from moetune.hf import fp8 as fp8_mod
 from moetune.hf.checkpoint import Checkpoint
 from moetune.hf.families import PROJ
@@ -60,14 +62,21 @@ def load_model(
     cache_dir=None,
     options: ExpertsOptions | None = None,
     placement=None,
+    weight_format: str = published.AUTO,
     **option_kwargs,
 ):
     """Load a local HF checkpoint with its routed experts in the moetune engine.
 
     path: a folder with config.json and model.safetensors (or a sharded
       model.safetensors.index.json). Per-expert keys (as published) and fused
-      gate_up_proj/down_proj keys are both read; block-FP8 (DeepSeek-V3) is
-      dequantized on the fly.
+      gate_up_proj/down_proj keys are both read; quantized checkpoints as
+      published (block FP8 as DeepSeek-V3, MXFP4 as gpt-oss, compressed-tensors
+      pack-quantized INT4 as Kimi-K2; see moetune.hf.published).
+    weight_format: the experts' format in the engine. "auto" (default): as the
+      checkpoint publishes them (fp8_block, mxfp4, int4 with its group; bf16 or
+      the options' format for an unquantized one), bit for bit, unless the
+      options name a format other than bf16; another format ("bf16", "int8",
+      "int4", ...) converts, and logs that it does.
     device: where everything but the routed experts goes: "cpu", "cuda",
       "cuda:N", an int, or a device map {module prefix: device} ("" = rest).
     dtype: dtype of the non-expert weights (experts are packed as bf16 or
@@ -93,16 +102,21 @@ def load_model(
     `model.moetune_handle` (a moetune.hf.PatchHandle) attached.
     """
     path = Path(path)
-    options = ExpertsOptions.resolve(options, **option_kwargs)
+    explicit = {} if weight_format == published.AUTO else {"weight_format": weight_format}
+    options = ExpertsOptions.resolve(options, **option_kwargs, **explicit)
     placement = PlacementOptions.resolve(placement)
     _check_device_map(device)
-    config, block = _read_config(path)
+    config, quant = _read_config(path)
+    block = quant.block if quant is not None else None
+    options = published.choose_options(quant, options, weight_format, path)
     model = skeleton(config, dtype)
     found = patching.find_experts(model)
     for f in found:
         patching.check_module(f.qual, f.module, f.family, loaded=False)
     ckpt = Checkpoint(path)
-    plan = plan_keys(model, found, ckpt, key_map(model), block, device)
+    plan = plan_keys(
+        model, found, ckpt, key_map(model), block, device, quant=quant, keep=published.keeps(quant, options)
+    )
     if check_memory:
         _check_memory(plan, options, path)
     if ctx is None:
@@ -113,7 +127,7 @@ def load_model(
     cache = None if cache_dir is None else _LayerCache(expert_cache.folder(cache_dir, path), bar)
     try:
         _stream_nonexpert(model, meta_sd, ckpt, plan, device, dtype, block, bar)
-        engines = _load_experts(ctx, ckpt, plan, block, options, cache, bar)
+        engines = _load_experts(ctx, ckpt, plan, block, options, cache, bar, quant=quant)
     finally:
         bar.close()
     _finish_tensors(model, set(meta_sd), plan, device)
@@ -145,7 +159,7 @@ def _check_device_map(device: DeviceLike) -> None:
 
 
 def _read_config(path: Path):
-    """(config, FP8 block size or None) of a checkpoint folder."""
+    """(config, its published.Quantization or None) of a checkpoint folder."""
     import transformers
 
     if not (path / "config.json").is_file():
@@ -153,14 +167,14 @@ def _read_config(path: Path):
             f"moetune: {path} has no config.json (a local Hugging Face checkpoint folder is needed)"
         )
     config = transformers.AutoConfig.from_pretrained(str(path))
-    block = fp8_mod.block_size(config)
-    if block is not None:
-        # Weights come out dequantized: the model built here is not an FP8 model.
+    quant = published.read(config)
+    if quant is not None:
+        # The model built here is a plain one: the engine holds the quantized experts.
         try:
             del config.quantization_config
         except AttributeError:
             config.quantization_config = None
-    return config, block
+    return config, quant
 
 
 def skeleton(config, dtype: torch.dtype):
@@ -363,7 +377,15 @@ def _bias_bytes(ckpt: Checkpoint, ep: ExpertsPlan) -> int:
 
 
 def _load_experts(
-    ctx: Context, ckpt: Checkpoint, plan: LoadPlan, block, options: ExpertsOptions, cache: _LayerCache | None, bar
+    ctx: Context,
+    ckpt: Checkpoint,
+    plan: LoadPlan,
+    block,
+    options: ExpertsOptions,
+    cache: _LayerCache | None,
+    bar,
+    *,
+    quant: published.Quantization | None = None,
 ) -> list[MoEExperts]:
     """One engine per MoE layer, layer by layer; the experts of one layer are read
     and packed in parallel (packing releases the GIL)."""
@@ -371,7 +393,7 @@ def _load_experts(
     engines = []
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
         for ep in plan.experts:  # a loop, not a comprehension: _WARN_STACKLEVEL counts the frames
-            engines.append(_load_layer(ctx, ckpt, ep, block, options, cache, bar, pool))
+            engines.append(_load_layer(ctx, ckpt, ep, block, options, cache, bar, pool, quant))
     return engines
 
 
@@ -384,6 +406,7 @@ def _load_layer(
     cache: _LayerCache | None,
     bar,
     pool,
+    quant: published.Quantization | None = None,
 ) -> MoEExperts:
     layer_options = ep.family.engine_options(options, ep.module)
     engine = None if cache is None else cache.lookup(ctx, ckpt, ep, block, layer_options)
@@ -398,8 +421,13 @@ def _load_layer(
             bar.update(_bias_bytes(ckpt, ep))
             return engine
 
+        keep = published.keeps(quant, layer_options)
+
         def one(e):
-            g, u, d = _read_expert(r, ep, e, block)
+            if keep:
+                engine.load_expert_published(e, *published.read_published(r, ep, e, quant))
+                return
+            g, u, d = _read_expert(r, ep, e, block, quant)
             engine.load_expert(e, g, u, d)
 
         per = ep.src_bytes // ep.E
@@ -412,8 +440,10 @@ def _load_layer(
     return engine
 
 
-def _read_expert(reader, ep: ExpertsPlan, e: int, block):
+def _read_expert(reader, ep: ExpertsPlan, e: int, block, quant=None):
     """Expert e's (gate [I, H], up [I, H], down [H, I]) in the engine's [out, in] orientation."""
+    if quant is not None and quant.method != "fp8":
+        return published.read_dequantized(reader, ep, e, quant)
     if ep.fused:
         return ep.family.to_engine(
             reader.get_row(ep.fused[families.GATE_UP], e), reader.get_row(ep.fused[families.DOWN], e)

@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moetune.hf import families, peft_lora
-from moetune.hf import fp8 as fp8_mod
+from moetune.hf import families, peft_lora, published
 from moetune.hf.checkpoint import Checkpoint
 from moetune.hf.families import Family
 from moetune.hf.keymap import key_map
@@ -130,7 +129,7 @@ def _adapter_on_skeleton(base, adapter):
     from moetune.hf.loader import skeleton
 
     config = transformers.AutoConfig.from_pretrained(str(base))
-    if fp8_mod.block_size(config) is not None:
+    if published.read(config) is not None:
         del config.quantization_config
     model = skeleton(config, torch.float32)
     pm = peft.get_peft_model(model, peft.PeftConfig.from_pretrained(str(adapter)))
@@ -163,7 +162,15 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
         tmp.rename(out)
 
 
-def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = False, progress: bool = True) -> Path:
+def merge_and_save(
+    model_or_paths,
+    out_dir,
+    *,
+    source=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    merged_format: str = "bf16",
+) -> Path:
     """Merge the LoRA into the base weights and write a full HF checkpoint.
 
     model_or_paths: a PEFT model built on moetune (load_model(..., adapter=)
@@ -175,8 +182,18 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
       what load_model recorded).
     The output has the source's key layout (per-expert or fused), shard
     files, index and non-weight files (config, tokenizer...). Weights keep the
-    source dtype (block-FP8 sources are written dequantized, as bf16).
+    source dtype. Quantized sources (block FP8, MXFP4, compressed-tensors
+    INT4: moetune.hf.published) are written merged in bf16: each published
+    weight dequantized exactly, the LoRA delta added, under the unquantized
+    model's keys (`weight`, gpt-oss `gate_up_proj`), scales dropped and
+    config.json without its quantization_config (merged_format="bf16", the
+    default). merged_format="published" writes the merged weights back in the
+    source's published format instead (same keys, scales and config as the
+    source; a second quantization on top of the published one:
+    moetune.hf.published.requantized says how).
     """
+    if merged_format not in ("bf16", "published"):
+        raise ValueError(f"moetune: merged_format must be 'bf16' or 'published', got {merged_format!r}")
     peft_model, source = _model_and_source(model_or_paths, source)
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -185,18 +202,20 @@ def merge_and_save(model_or_paths, out_dir, *, source=None, overwrite: bool = Fa
     merger = _Merger(terms)
     ckpt = Checkpoint(source)
     config = json.loads((source / "config.json").read_text())
-    block = None
+    quant = None
     if config.get("quantization_config"):
         import transformers
 
-        block = fp8_mod.block_size(transformers.AutoConfig.from_pretrained(str(source)))
+        quant = published.read(transformers.AutoConfig.from_pretrained(str(source)))
     tmp = _tmp_dir(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _copy_other_files(source, tmp, config, block)
-        weight_map, total_bytes = _merge_shards(ckpt, merger, block, tmp, progress)
+        _copy_other_files(source, tmp, config, quant if merged_format == "bf16" else None)
+        family = families.by_model_type(config.get("model_type", ""))
+        requant = quant is not None and merged_format == "published"
+        weight_map, total_bytes = _merge_shards(ckpt, merger, quant, tmp, progress, family, requant)
         merger.check_all_used(source)
         if ckpt.sharded:
             (tmp / "model.safetensors.index.json").write_text(
@@ -225,8 +244,9 @@ def _model_and_source(model_or_paths, source):
 
 
 def _copy_other_files(source: Path, tmp: Path, config: dict, block) -> None:
-    """Everything but the weights (config, tokenizer...); an FP8 source's config
-    loses its quantization_config (the weights are written dequantized)."""
+    """Everything but the weights (config, tokenizer...); a quantized source's config
+    loses its quantization_config (the weights are written dequantized). block: the
+    source's quantization (None: unquantized)."""
     for f in source.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy2(f, tmp / f.name)
@@ -235,7 +255,9 @@ def _copy_other_files(source: Path, tmp: Path, config: dict, block) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def _merge_shards(ckpt: Checkpoint, merger: _Merger, block, tmp: Path, progress: bool):
+def _merge_shards(
+    ckpt: Checkpoint, merger: _Merger, quant, tmp: Path, progress: bool, family=None, requant: bool = False
+):
     """Each source shard read, merged and written under its own name in tmp, one
     at a time: (weight map, total bytes written)."""
     from tqdm.auto import tqdm
@@ -259,13 +281,20 @@ def _merge_shards(ckpt: Checkpoint, merger: _Merger, block, tmp: Path, progress:
             with ckpt.reader() as r:
                 for ck in sorted(files[fname]):
                     bar.update(ckpt.entries[ck].nbytes)
-                    if block is not None and ck.endswith(fp8_mod.SCALE_SUFFIX):
-                        continue  # folded into its weight below
-                    t = r.get(ck)
-                    if t.dtype == fp8_mod.E4M3:
-                        t = fp8_mod.dequantize(t, r.get(ck + fp8_mod.SCALE_SUFFIX), block, ck)
-                    out_t[ck] = merger.merged(ck, t).contiguous()
-                    weight_map[ck] = fname
+                    was_quantized = False
+                    if quant is None:
+                        key, t = ck, r.get(ck)
+                    else:  # published weights dequantized, their scales folded in (skipped here)
+                        got = published.merged_source_tensor(r, ckpt, ck, quant, family)
+                        if got is None:
+                            continue
+                        key, t, was_quantized = got
+                    merged = {key: merger.merged(key, t)}
+                    if requant and was_quantized:
+                        merged = published.requantized(quant, key, merged[key], family)
+                    for k, v in merged.items():
+                        out_t[k] = v.contiguous()
+                        weight_map[k] = fname
             total_bytes += sum(t.numel() * t.element_size() for t in out_t.values())
             save_file(out_t, str(tmp / fname), metadata={"format": "pt"})
             del out_t

@@ -11,11 +11,20 @@ panels of 16 columns and K padded to even Kp:
   int4   "<proj>.q":      P * Kp/2 rows of 16 bytes: byte c = (q(2kk, c) + 8) | (q(2kk+1, c) + 8) << 4
   int8/4 "<proj>.scales": fp32, panel p, group g, column c at (p * groups + g) * 16 + c,
                           groups = 1 (int8) or ceil(K / group_size) (int4)
+  fp8_block "<proj>.q":   the int8 layout holding e4m3fn codes; "<proj>.scales": fp32, one per panel
+                          and group of 128 K at p * groups + g (a 128 x 128 block's scale per panel)
+  mxfp4  "<proj>.q":      the int4 layout holding e2m1 codes (no offset); "<proj>.scales": e8m0 bytes
+                          (2^(s - 127)), panel p, group g (32 K), column c at (p * groups + g) * 16 + c
+
+The bytes per code / scale and the group shapes come from the engine's format table
+(moetune.weight_formats, kernels/weight_format.h).
 
 Expert e of a buffer is bytes [e * stride, (e + 1) * stride), stride = buffer bytes // E.
-Decoding is exact: bf16 gives back the packed values bit for bit; int8/int4 give dq = bf16(q * s)
-with the product in fp32 rounded to nearest even, exactly kernels/quant.h's dequant_value (the
-values every engine GEMM uses), i.e. tests/python/quant_reference.py's dequantized(W).
+Decoding is exact: bf16 gives back the packed values bit for bit; the quantized formats give
+dq = bf16(code value * scale) with the product in fp32 rounded to nearest even, exactly
+kernels/quant.h's dequant_code (the values every engine GEMM uses), i.e.
+tests/python/quant_reference.py's dequantized(W) for int8 / int4 and the published values for
+fp8_block / mxfp4. Works on any device (the CPU stand-in included): plain torch ops.
 """
 
 from __future__ import annotations
@@ -25,7 +34,10 @@ from collections.abc import Mapping
 
 import torch
 
+from moetune.weight_formats import format_info, weight_formats
+
 PROJS = ("gate", "up", "down")
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _PANEL = 16
 
 
@@ -41,14 +53,14 @@ def _kp(k: int) -> int:
 class PackedFormat:
     """Shape and weight format of one layer's packed experts; sizes of its per-expert buffers."""
 
-    weight_format: str  # "bf16" | "int8" | "int4"
+    weight_format: str  # a name of moetune.weight_formats(): "bf16" | "int8" | "int4" | "fp8_block" | "mxfp4"
     group_size: int  # int4: 32 | 64 | 128; 0 otherwise
     num_experts: int
     hidden: int  # H
     intermediate: int  # I
 
     def __post_init__(self):
-        if self.weight_format not in ("bf16", "int8", "int4"):
+        if self.weight_format not in weight_formats():
             raise ValueError(f"unknown weight format {self.weight_format!r}")
         if self.weight_format == "int4" and self.group_size not in (32, 64, 128):
             raise ValueError(f"int4 group_size must be 32, 64 or 128, got {self.group_size}")
@@ -73,14 +85,25 @@ class PackedFormat:
         P, Kp = _panels(N), _kp(K)
         if kind == "bf16":
             return P * Kp * _PANEL * 2
+        info = format_info(self.weight_format)
         if kind == "q":
-            return P * (Kp // 2) * (32 if self.weight_format == "int8" else 16)
+            return P * (Kp // 2) * (32 if info.code_bits == 8 else 16)
         if kind == "scales":
-            return P * self.groups(K) * _PANEL * 4
+            return P * self.groups(K) * self._scale_cols * info.scale_bytes
         raise KeyError(name)
 
+    def group_k(self, K: int) -> int:
+        """Inputs (K) per scale group (the format table's group_k resolved)."""
+        g = format_info(self.weight_format).group_k
+        return self.group_size if g == -1 else (K if g == 0 else g)
+
     def groups(self, K: int) -> int:
-        return -(-K // self.group_size) if self.weight_format == "int4" else 1
+        return -(-K // self.group_k(K))
+
+    @property
+    def _scale_cols(self) -> int:
+        """Scales per panel and group: one per column, or one per panel (block formats)."""
+        return _PANEL if format_info(self.weight_format).group_n == 1 else 1
 
     @property
     def stored_bytes_per_expert(self) -> int:
@@ -142,7 +165,7 @@ class PackedFormat:
             nat = _rows_as(raw[names[0]], torch.bfloat16).view(n, P, Kp // 2, _PANEL, 2)
             perm = nat.permute(0, 1, 3, 2, 4)  # [n, P, 16, Kp/2, 2] = [n, N padded, K padded]
         else:
-            q = self._q_natural(raw[names[0]], n, P, Kp)  # [n, P, Kp/2, 2, 16] int16, the packed order
+            q = self._q_natural(raw[names[0]], n, P, Kp)  # [n, P, Kp/2, 2, 16] code values, the packed order
             s = self._scales_natural(raw[names[1]], n, P, K, Kp)  # broadcastable to q
             dq = (q.to(torch.float32) * s).to(torch.bfloat16)  # fp32 product, rounded to nearest even
             perm = dq.permute(0, 1, 4, 2, 3)  # [n, P, 16, Kp/2, 2]
@@ -153,19 +176,30 @@ class PackedFormat:
         return out
 
     def _q_natural(self, raw_q: torch.Tensor, n: int, P: int, Kp: int) -> torch.Tensor:
+        """The codes' values (int16 for int8 / int4, float32 for the minifloat codes)."""
         if self.weight_format == "int8":
             return _rows_as(raw_q, torch.int8).view(n, P, Kp // 2, 2, _PANEL).to(torch.int16)
+        if self.weight_format == "fp8_block":
+            return _rows_as(raw_q, torch.float8_e4m3fn).view(n, P, Kp // 2, 2, _PANEL).to(torch.float32)
         b = raw_q.view(n, P, Kp // 2, _PANEL).to(torch.int16)
-        return torch.stack(((b & 15) - 8, (b >> 4) - 8), dim=3)  # j = 0: K row 2kk (low nibble), 1: 2kk+1
+        lo, hi = b & 15, b >> 4  # j = 0: K row 2kk (low nibble), 1: 2kk+1
+        if self.weight_format == "mxfp4":
+            lut = torch.tensor(_E2M1, dtype=torch.float32, device=b.device)
+            return torch.stack((lut[lo.long()], lut[hi.long()]), dim=3)
+        return torch.stack((lo - 8, hi - 8), dim=3)
 
     def _scales_natural(self, raw_s: torch.Tensor, n: int, P: int, K: int, Kp: int) -> torch.Tensor:
-        groups = self.groups(K)
-        s = _rows_as(raw_s, torch.float32).view(n, P, groups, 1, 1, _PANEL)
-        if self.weight_format == "int8":
-            return s.view(n, P, 1, 1, _PANEL)
-        # int4: K row k = 2kk + j is in group k // G = kk // (G/2) (G even), so a group spans G/2 kk.
-        half = self.group_size // 2
-        s = s.expand(n, P, groups, half, 1, _PANEL).reshape(n, P, groups * half, 1, _PANEL)
+        groups, cols = self.groups(K), self._scale_cols
+        if self.weight_format == "mxfp4":  # e8m0 bytes: 2^(s - 127), exactly
+            e = raw_s.view(n, P, groups, 1, 1, cols).to(torch.int32) - 127
+            s = torch.ldexp(torch.ones_like(e, dtype=torch.float32), e)
+        else:
+            s = _rows_as(raw_s, torch.float32).view(n, P, groups, 1, 1, cols)
+        if groups == 1:
+            return s.view(n, P, 1, 1, cols)
+        # K row k = 2kk + j is in group k // G = kk // (G/2) (G even), so a group spans G/2 kk.
+        half = self.group_k(K) // 2
+        s = s.expand(n, P, groups, half, 1, cols).reshape(n, P, groups * half, 1, cols)
         return s[:, :, : Kp // 2]
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from moetune.options import ExpertsOptions
 from moetune.placement.options import MODES as PLACEMENT_MODES
 from moetune.placement.options import PlacementOptions
+from moetune.weight_formats import weight_formats
 
 
 class ConfigError(ValueError):
@@ -82,9 +83,10 @@ class TrainConfig:
         _EXPERTS.weight_format,
         "frozen expert weights in the engine: bf16, int8 (per output "
         "channel) or int4 (grouped; see int4_group_size), quantized "
-        "while loading",
+        "while loading, or fp8_block / mxfp4; a quantized checkpoint "
+        "keeps its own format unless another than bf16 is named",
         "model",
-        choices=("bf16", "int8", "int4"),
+        choices=tuple(weight_formats()),
     )
     int4_group_size: int = _f(
         _INT4.group_size, "int4 quantization group along the input dim (32, 64 or 128)", "model", choices=(32, 64, 128)

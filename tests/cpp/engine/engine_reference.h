@@ -3,10 +3,13 @@
 // See engine_test_support.h for the numerics it models.
 #pragma once
 
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
 #include "engine_test_data.h"
+#include "kernels/minifloat.h"
 #include "kernels/quant.h"
 
 namespace moetune::engine_test {
@@ -198,8 +201,46 @@ inline Ref reference(const Layer& L, const Batch& b) {
 
 // The layer with every base weight replaced by dq(q(W)) (HF rows [out, in];
 // groups run along `in`, the GEMM's K).
+// fp8_block: one scale amax / 448 per 128 x 128 block of [out, in], codes
+// e4m3(w / s); mxfp4: per row and 32 inputs the e8m0 scale 2^(floor(log2
+// amax) - 2), codes e2m1(w / scale) (kernels/minifloat.h's scalar codecs,
+// checked against plain formulas in test_kernels_minifloat.cc).
+inline void dequantize_minifloat(const float* w, float* d, int64_t out, int64_t in,
+                                 mk::WeightFormat f) {
+  const bool fp8 = f == mk::WeightFormat::kFp8Block;
+  const int64_t bn = fp8 ? 128 : 1, bk = fp8 ? 128 : 32;
+  for (int64_t n0 = 0; n0 < out; n0 += bn) {
+    for (int64_t k0 = 0; k0 < in; k0 += bk) {
+      const int64_t n1 = std::min(out, n0 + bn), k1 = std::min(in, k0 + bk);
+      float amax = 0.0f;
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(w[n * in + k]));
+      float s = fp8 ? amax / 448.0f : mk::e8m0_to_f32(mk::mx_scale_e8m0(amax));
+      if (fp8 && s < FLT_MIN) s = 0.0f;
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const float x = w[n * in + k];
+          const float c = fp8 ? (s == 0.0f ? 0.0f : mk::e4m3_to_f32(mk::f32_to_e4m3(x / s)))
+                              : mk::e2m1_to_f32(mk::f32_to_e2m1(x / s));
+          d[n * in + k] = mk::bf16_to_f32(mk::f32_to_bf16(c * s));
+        }
+      }
+    }
+  }
+}
+
 inline Layer dequantized_layer(const Layer& L, const mk::QuantSpec& spec) {
   Layer D = L;
+  if (spec.format == mk::WeightFormat::kFp8Block || spec.format == mk::WeightFormat::kMxfp4) {
+    for (int p = 0; p < 3; ++p) {
+      const int64_t out = L.out(p), in = L.in(p);
+      for (int e = 0; e < L.E; ++e)
+        dequantize_minifloat(L.W[p].data() + size_t(e) * out * in,
+                             D.W[p].data() + size_t(e) * out * in, out, in, spec.format);
+      D.Wb[p] = bits(D.W[p]);
+    }
+    return D;
+  }
   for (int p = 0; p < 3; ++p) {
     const int64_t out = L.out(p), in = L.in(p);
     const int64_t G = spec.format == mk::WeightFormat::kInt4 ? spec.group_size : in;

@@ -32,6 +32,8 @@ TEST(ExpertsOptions, EveryEnumValueHasADistinctName) {
   EXPECT_STREQ(option_name(ActivationPolicy::kRecompute), "recompute");
   EXPECT_STREQ(option_name(Activation::kClampedSwiGLU), "gpt_oss");
   EXPECT_STREQ(option_name(WeightFormat::kInt4), "int4");
+  EXPECT_STREQ(option_name(WeightFormat::kFp8Block), "fp8_block");
+  EXPECT_STREQ(option_name(WeightFormat::kMxfp4), "mxfp4");
 }
 
 TEST(ExpertsOptions, DefaultsAreValidAndGroupSizeDefaultsPerFormat) {
@@ -63,9 +65,9 @@ TEST(ExpertsOptions, ValidateNamesTheBadOptionAndValue) {
       {"activation 9",
        [](ExpertsOptions& o) { o.activation = static_cast<Activation>(9); },
        {"activation", "9"}},
-      {"weight_format 3",
-       [](ExpertsOptions& o) { o.weight_format = static_cast<WeightFormat>(3); },
-       {"weight format", "3"}},
+      {"weight_format 7",  // past the format table (weight_format.h)
+       [](ExpertsOptions& o) { o.weight_format = static_cast<WeightFormat>(7); },
+       {"weight format", "7"}},
       {"alpha nan",
        [](ExpertsOptions& o) { o.swiglu_alpha = std::numeric_limits<float>::quiet_NaN(); },
        {"alpha=nan"}},

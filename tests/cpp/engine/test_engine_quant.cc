@@ -38,10 +38,10 @@ std::ostream& operator<<(std::ostream& os, const QCase& c) { return os << c.name
 
 std::vector<QCase> cases() {
   std::vector<QCase> v;
-  const std::pair<const char*, QuantSpec> specs[] = {{"int8", {WeightFormat::kInt8, 0}},
-                                                     {"int4g32", {WeightFormat::kInt4, 32}},
-                                                     {"int4g64", {WeightFormat::kInt4, 64}},
-                                                     {"int4g128", {WeightFormat::kInt4, 128}}};
+  const std::pair<const char*, QuantSpec> specs[] = {
+      {"int8", {WeightFormat::kInt8, 0}},          {"int4g32", {WeightFormat::kInt4, 32}},
+      {"int4g64", {WeightFormat::kInt4, 64}},      {"int4g128", {WeightFormat::kInt4, 128}},
+      {"fp8_block", {WeightFormat::kFp8Block, 0}}, {"mxfp4", {WeightFormat::kMxfp4, 0}}};
   std::vector<std::pair<std::string, std::optional<mk::Isa>>> isas;
   for (const mk::IsaInfo& info : mk::kIsas) isas.emplace_back(info.name, info.id);
   isas.emplace_back("best", std::nullopt);
@@ -186,6 +186,13 @@ TEST(EngineQuantOptions, PackedBytesPerFormat) {
   // transposed_copy adds a bf16 copy of dq(q(W))^T.
   EXPECT_EQ(bytes(WeightFormat::kInt4, 64, BackwardWeights::kTransposedCopy),
             weights / 2 + 4 * weights / 64 + 2 * weights);
+  // fp8_block: 1 byte per weight + one fp32 scale per 16-column panel and 128
+  // inputs (a published 128 x 128 block's scale, held once per panel).
+  EXPECT_EQ(bytes(WeightFormat::kFp8Block, 0, BackwardWeights::kRepack),
+            weights + 4 * weights / (16 * 128));
+  // mxfp4: half a byte per weight + one e8m0 byte per 32 inputs: the
+  // checkpoint's own bytes exactly.
+  EXPECT_EQ(bytes(WeightFormat::kMxfp4, 0, BackwardWeights::kRepack), weights / 2 + weights / 32);
 }
 
 TEST(EngineQuantOptions, BadGroupSizeAndNonFiniteWeightsAreClearErrors) {

@@ -30,6 +30,12 @@ const Spec kSpecs[] = {{"int8", {WeightFormat::kInt8, 0}},
                        {"int4_g32", {WeightFormat::kInt4, 32}},
                        {"int4_g64", {WeightFormat::kInt4, 64}},
                        {"int4_g128", {WeightFormat::kInt4, 128}}};
+// Every quantized format (the per-ISA dequant test): the above plus the
+// published minifloat formats (their value-level tests: test_kernels_minifloat.cc).
+const Spec kAllSpecs[] = {
+    {"int8", {WeightFormat::kInt8, 0}},          {"int4_g32", {WeightFormat::kInt4, 32}},
+    {"int4_g64", {WeightFormat::kInt4, 64}},     {"int4_g128", {WeightFormat::kInt4, 128}},
+    {"fp8_block", {WeightFormat::kFp8Block, 0}}, {"mxfp4", {WeightFormat::kMxfp4, 0}}};
 
 // (K, N): aligned, K odd, K not a multiple of any group size, N not a
 // multiple of 16, single element, K < group size.
@@ -188,7 +194,7 @@ TEST_P(DequantPerIsa, BitIdenticalToScalar) {
   const DequantFn oracle = kernels_for(Isa::kScalar).dequant;
   const DequantFn dequant = kernels().dequant;
   ASSERT_NE(dequant, nullptr);
-  for (const Spec& sp : kSpecs) {
+  for (const Spec& sp : kAllSpecs) {
     for (const auto& sh : kShapes) {
       const int64_t K = sh[0], N = sh[1];
       const std::vector<float> rows = make_rows(K, N, 99 + K + N, true);
