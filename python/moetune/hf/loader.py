@@ -38,6 +38,7 @@ from moetune import cache as cache_mod
 from moetune.engine import Context, MoEExperts
 from moetune.hf import expert_cache, families, patching
 from moetune.hf import fp8 as fp8_mod
+from moetune.hf import hub
 from moetune.hf.checkpoint import Checkpoint
 from moetune.hf.families import PROJ
 from moetune.hf.keymap import key_map
@@ -64,7 +65,9 @@ def load_model(
 ):
     """Load a local HF checkpoint with its routed experts in the moetune engine.
 
-    path: a folder with config.json and model.safetensors (or a sharded
+    path: a Hub id ("org/name", through huggingface_hub: its local cache, else a download of
+      the config, tokenizer and safetensors files; HF_HUB_OFFLINE respected) or a folder
+      with config.json and model.safetensors (or a sharded
       model.safetensors.index.json). Per-expert keys (as published) and fused
       gate_up_proj/down_proj keys are both read; block-FP8 (DeepSeek-V3) is
       dequantized on the fly.
@@ -92,7 +95,7 @@ def load_model(
     Returns the transformers model (eval mode, like from_pretrained) with
     `model.moetune_handle` (a moetune.hf.PatchHandle) attached.
     """
-    path = Path(path)
+    path = Path(hub.resolve_model(path) if isinstance(path, str) and hub.is_hub_id(path) else path)
     options = ExpertsOptions.resolve(options, **option_kwargs)
     placement = PlacementOptions.resolve(placement)
     _check_device_map(device)
