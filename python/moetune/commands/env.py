@@ -87,7 +87,7 @@ def collect() -> dict[str, Any]:
 def run(args) -> int:
     env = collect()
     if args.json:
-        print(json.dumps(env, indent=1))
+        print(json.dumps(env))
         return 0
     print(f"moetune {env['moetune']} (python {env['python']}, {env['platform']})")
     for name, v in env["packages"].items():

@@ -36,9 +36,8 @@ import torch
 
 from moetune import cache as cache_mod
 from moetune.engine import Context, MoEExperts
-from moetune.hf import expert_cache, families, patching
+from moetune.hf import expert_cache, families, hub, patching
 from moetune.hf import fp8 as fp8_mod
-from moetune.hf import hub
 from moetune.hf.checkpoint import Checkpoint
 from moetune.hf.families import PROJ
 from moetune.hf.keymap import key_map
