@@ -218,3 +218,28 @@ def test_env_and_version(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"moetune {moetune.__version__}"
+
+
+def test_serving_with_transformers_peft(run, tmp_path, capsys):
+    """docs/SERVING.md's tested path: the adapter in plain transformers + PEFT generates (greedy)
+    what the merged checkpoint `moetune export` writes generates, as docs/SERVING.md shows it."""
+    import peft
+    import transformers
+
+    base, _, adapter = run
+    assert cli.main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "merged"), "--no-progress"]) == 0
+    capsys.readouterr()
+    tok = transformers.AutoTokenizer.from_pretrained(str(adapter))
+    model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter)
+    )
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
+    for q in ("What does a dog say?", "What is the opposite of up?"):
+        inputs = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            a = model.generate(**inputs, **kw)
+            b = merged.generate(**inputs, **kw)
+        assert torch.equal(a, b), q
