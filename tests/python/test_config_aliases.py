@@ -244,8 +244,8 @@ def test_llama_factory_yaml_trains(tmp_path, monkeypatch, capsys):
     run = tmp_path / "saves" / "tiny-moe" / "lora" / "sft"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     expect = dict(
-        model="base",
-        data="data.jsonl",
+        model=str(tmp_path / "base"),
+        data=str(tmp_path / "data.jsonl"),
         lora_rank=8,
         lora_attention=True,
         lora_mlp=True,

@@ -225,15 +225,6 @@ REFUSED: dict[str, str] = {
 }
 
 
-def is_known(key: str) -> bool:
-    return key in ALIASES or key in IGNORED or key in REFUSED
-
-
-def names() -> list[str]:
-    """Every foreign key this module knows (for did-you-mean)."""
-    return [*ALIASES, *IGNORED, *REFUSED]
-
-
 def suggest(key: str, canonical: list[str]) -> str | None:
     """The closest valid name to a misspelt key, canonical or alias (case-insensitive)."""
     pool = {n.lower(): n for n in [*canonical, *ALIASES]}
@@ -270,9 +261,3 @@ def translate(values: dict[str, Any], where: str, canonical) -> tuple[dict[str, 
                 raise AliasError(f"{f} is given twice in {where}: as {origin[f]!r} and as {key!r}")
             out[f], origin[f] = fv, key
     return out, notes
-
-
-def describe() -> str:
-    """The alias table as text (for `moetune train --help`'s epilog and the docs)."""
-    rows = [f"  {k:30} -> {a.target:22} ({a.tools})" for k, a in ALIASES.items()]
-    return "\n".join(rows)

@@ -419,7 +419,12 @@ def load_yaml(path: str, notes: list[str] | None = None) -> dict[str, Any]:
         if k not in valid:
             raise unknown_key_error(str(k), path)
     # Relative paths in a config file are relative to the working directory, as in the other
-    # fine-tuning tools (and as on the command line): they are left as written.
+    # fine-tuning tools and on the command line (made absolute here, so the run's saved config
+    # names the same files from anywhere); a model that is no local path stays as written (a Hub id).
+    for k in ("model", "data", "eval_data", "output_dir", "merge_export", "expert_cache_dir", "placement_trace"):
+        v = raw.get(k)
+        if isinstance(v, str) and not os.path.isabs(v) and (k != "model" or os.path.exists(v)):
+            raw[k] = os.path.abspath(v)
     return raw
 
 
