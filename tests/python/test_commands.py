@@ -108,6 +108,7 @@ def test_eval_is_the_token_weighted_cross_entropy(run, capsys):
         capsys, ["eval", "--model", str(base), "--dtype", "float32", "--data", str(data), "--json", "--no-progress"]
     )
     assert plain["loss"] > got["loss"] * 1.01
+    assert torch.is_grad_enabled()  # commands run in-process leave autograd as they found it
 
 
 def test_chat_one_shot_and_interactive(run, capsys, monkeypatch):
@@ -144,6 +145,7 @@ def test_chat_one_shot_and_interactive(run, capsys, monkeypatch):
             pad_token_id=tok.pad_token_id,
         )
     assert a2 == tok.decode(y[0, x.shape[1] :], skip_special_tokens=True).strip()
+    assert torch.is_grad_enabled()
 
 
 def test_export_merged_and_per_expert(run, tmp_path, capsys):

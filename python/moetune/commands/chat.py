@@ -48,7 +48,8 @@ def answer(model, tok, device, messages, args) -> str:
         kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     else:
         kw.update(do_sample=False)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 

@@ -89,8 +89,6 @@ def model_config(args):
 
 def load(args):
     """(model ready for inference: base + adapter if any, tokenizer, input device, TrainConfig)."""
-    import torch
-
     from moetune.train.model import load_base, load_tokenizer, resolve_device
 
     cfg = model_config(args)
@@ -109,6 +107,5 @@ def load(args):
     # goes along as in training.
     if handle.placement is not None and handle.placement.start(device) != "cpu":
         handle.placement.adopt_lora(model)
-    model.eval()
-    torch.set_grad_enabled(False)
+    model.eval()  # callers run it under torch.no_grad (no global autograd switch: callable in-process)
     return model, tok, device, cfg
