@@ -21,25 +21,31 @@ import transformers
 
 import moetune
 import moetune.hf
-from moetune.train import data as mdata
-from moetune.train.demo_model import demo_data_path, save_demo_base
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="local HF MoE checkpoint folder (default: the embedded demo model)")
-    ap.add_argument("--data", default=demo_data_path(), help="JSONL with chat `messages` (default: the demo data)")
+    ap.add_argument("--model", help="HF MoE checkpoint folder or Hub id (default: the embedded demo model)")
+    ap.add_argument(
+        "--data", default=moetune.demo_data_path(), help="JSONL with chat `messages` (default: the demo data)"
+    )
     ap.add_argument("--output-dir", default="runs/hf-trainer")
     ap.add_argument("--max-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=3e-3)
     a = ap.parse_args()
 
-    path = a.model or save_demo_base(os.path.join(a.output_dir, "base"))
+    path = a.model or moetune.save_demo_base(os.path.join(a.output_dir, "base"))
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    # Experts -> the engine (and, with CUDA, the GPU too); the rest goes wherever Trainer puts it.
-    handle = moetune.hf.patch(model, placement=moetune.PlacementOptions(mode="auto"))
+    cuda = torch.cuda.is_available()
+    # Streams the checkpoint: the experts straight into the engine (never a full copy of the
+    # model in host RAM), the rest to the device; with CUDA the experts compute on the GPU too.
+    model = moetune.load_model(
+        path,
+        device="cuda" if cuda else "cpu",
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        placement=moetune.PlacementOptions(mode="auto"),
+    )
+    handle = model.moetune_handle
     model = peft.get_peft_model(
         model,
         peft.LoraConfig(
@@ -51,15 +57,12 @@ def main():
         ),
     )
 
-    # Loss on the assistant turns only (moetune's tokeniser helper: any chat template).
+    # Loss on the assistant turns only (moetune.encode_chat: any chat template).
     ds = datasets.load_dataset("json", data_files=a.data, split="train")
     ds = ds.map(
-        lambda r: dict(zip(("input_ids", "labels"), mdata.encode_chat(tok, r["messages"], "assistant"))),
+        lambda r: dict(zip(("input_ids", "labels"), moetune.encode_chat(tok, r["messages"], "assistant"))),
         remove_columns=ds.column_names,
     )
-
-    def collate(feats):
-        return mdata.collate([[(f["input_ids"], f["labels"])] for f in feats], tok.pad_token_id, packing=False)
 
     args = transformers.TrainingArguments(
         output_dir=a.output_dir,
@@ -77,6 +80,7 @@ def main():
     )
     # The placement's step boundary (residency, metrics) and its expert LoRA on the GPU.
     placement = moetune.hf.PlacementCallback(handle)
+    collate = transformers.DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)  # pads ids and labels
     transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[placement]).train()
     model.save_pretrained(os.path.join(a.output_dir, "adapter"))  # a standard PEFT adapter
     print(f"adapter written to {os.path.join(a.output_dir, 'adapter')}")

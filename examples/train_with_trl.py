@@ -20,25 +20,30 @@ import torch
 import transformers
 import trl
 
+import moetune
 import moetune.hf
-from moetune.train.demo_model import demo_data_path, save_demo_base
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="local HF MoE checkpoint folder (default: the embedded demo model)")
-    ap.add_argument("--data", default=demo_data_path(), help="JSONL with chat `messages` (default: the demo data)")
+    ap.add_argument("--model", help="HF MoE checkpoint folder or Hub id (default: the embedded demo model)")
+    ap.add_argument(
+        "--data", default=moetune.demo_data_path(), help="JSONL with chat `messages` (default: the demo data)"
+    )
     ap.add_argument("--output-dir", default="runs/trl")
     ap.add_argument("--max-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=3e-3)
     a = ap.parse_args()
 
-    path = a.model or save_demo_base(os.path.join(a.output_dir, "base"))
+    path = a.model or moetune.save_demo_base(os.path.join(a.output_dir, "base"))
     tok = transformers.AutoTokenizer.from_pretrained(path)
     # The device accelerate picked (`accelerate launch --cpu` means CPU even where a GPU exists).
-    on_gpu = accelerate.PartialState().device.type == "cuda"
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
-    handle = moetune.hf.patch(model)  # placement "auto": the CPU engine, plus the GPU where the model runs on CUDA
+    device = accelerate.PartialState().device
+    on_gpu = device.type == "cuda"
+    # Streams the checkpoint: experts straight into the engine, the rest to the device (placement
+    # "auto": the CPU engine, plus the GPU where the model runs on CUDA).
+    model = moetune.load_model(path, device=str(device), dtype=torch.bfloat16 if on_gpu else torch.float32)
+    handle = model.moetune_handle
     model = peft.get_peft_model(
         model,
         peft.LoraConfig(

@@ -11,7 +11,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[install] torch not found: installing torch==2.13.0 (CPU build)"
   "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -m pip install -q "nanobind==3.1.0" "scikit-build-core>=0.10" numpy "pytest>=8" \
+"$PY" -m pip install -q "nanobind==3.1.0" "scikit-build-core>=0.11" numpy "pytest>=8" \
   "transformers>=5.0" "peft>=0.17" "accelerate>=1.0" safetensors \
   "datasets>=3.0" pyyaml tqdm "tensorboardX>=2.6" "matplotlib>=3.7" "trl>=1.16"
 # (datasets .. matplotlib: moetune train / demo; trl: its SFTTrainer path, checked

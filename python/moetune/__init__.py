@@ -28,11 +28,16 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Hugging Face entry points, imported on first use (transformers is heavy).
+# Hugging Face entry points, imported on first use (transformers is heavy). encode_chat: a chat
+# record -> (input_ids, labels) with loss on the assistant turns, for any chat template (what
+# `moetune train` uses); save_demo_base / demo_data_path: the embedded demo checkpoint and dataset.
 _HF = {
     "load_model": "moetune.hf.loader",
     "merge_and_save": "moetune.hf.merge",
     "export_per_expert_adapter": "moetune.hf.merge",
+    "encode_chat": "moetune.train.data",
+    "save_demo_base": "moetune.train.demo_model",
+    "demo_data_path": "moetune.train.demo_model",
 }
 
 

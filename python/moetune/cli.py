@@ -1,4 +1,4 @@
-"""`moetune` command line: train, demo, info."""
+"""`moetune` command line: train, demo, info; eval, export, chat, env (moetune.commands)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def _optional(conv):
 def add_config_flags(p: argparse.ArgumentParser, defaults_note=None) -> None:
     """One flag per TrainConfig field (grouped by section), default=SUPPRESS so
     only flags actually given override the config file."""
+    from moetune.commands.flags import add_alias_flags, underscore_spelling
     from moetune.train.config import SECTIONS, TrainConfig, describe_default, field_type, flag_name
 
     groups = {s: p.add_argument_group(f"{s} options") for s in SECTIONS}
@@ -29,39 +30,44 @@ def add_config_flags(p: argparse.ArgumentParser, defaults_note=None) -> None:
         help_ = f"{meta['help']} (default: {default})"
         kw = dict(dest=name, default=argparse.SUPPRESS, help=help_, **meta.get("flag", {}))
         g = groups[meta["section"]]
+        flags = [flag_name(name), *underscore_spelling(flag_name(name))]
         if t == "bool":
-            g.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, **kw)
+            g.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif t == "int":
-            g.add_argument(flag_name(name), type=_optional(int) if optional else int, metavar="N", **kw)
+            g.add_argument(*flags, type=_optional(int) if optional else int, metavar="N", **kw)
         elif t == "float":
-            g.add_argument(flag_name(name), type=_optional(float) if optional else float, metavar="X", **kw)
+            g.add_argument(*flags, type=_optional(float) if optional else float, metavar="X", **kw)
         elif t == "list[float]":
-            g.add_argument(flag_name(name), type=float, nargs=2, metavar="X", **kw)
+            g.add_argument(*flags, type=float, nargs=2, metavar="X", **kw)
         elif t == "list[str]":
-            g.add_argument(flag_name(name), nargs="*", metavar="TEXT", **kw)
+            g.add_argument(*flags, nargs="*", metavar="TEXT", **kw)
         else:
             choices = meta.get("choices")
             g.add_argument(
-                flag_name(name),
+                *flags,
                 type=_optional(str) if optional else str,
                 choices=choices,
                 metavar="|".join(choices) if choices else "VALUE",
                 **kw,
             )
+    add_alias_flags(p)
 
 
-def config_from_args(args, base=None):
-    from moetune.train.config import TrainConfig, load_yaml, make_config
+def config_from_args(args, base=None, notes=None):
+    from moetune.commands.flags import flag_values
+    from moetune.train.config import load_yaml, make_config
 
-    file_values = load_yaml(args.config) if getattr(args, "config", None) else None
-    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.fields()}
-    return make_config(file_values, overrides, base=base)
+    file_values = load_yaml(args.config, notes) if getattr(args, "config", None) else None
+    return make_config(file_values, flag_values(args), base=base)
 
 
 def main(argv=None) -> int:
+    from moetune import commands
+    from moetune.commands.flags import Parser
     from moetune.demo import DEMO_DEFAULTS
 
-    parser = argparse.ArgumentParser(prog="moetune", description="LoRA fine-tuning of MoE models with CPU experts")
+    parser = Parser(prog="moetune", description="LoRA fine-tuning of MoE models with CPU experts")
+    parser.add_argument("--version", action="version", version=commands.version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train",
@@ -86,26 +92,47 @@ def main(argv=None) -> int:
         "info", help="print the CPU features, the kernel the engine would use, every ISA and the weight formats"
     )
     i.add_argument("--threads", type=int, default=1)
+    commands.add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in commands.NAMES:
+        return commands.run(args)
 
     from moetune.train.config import ConfigError
     from moetune.train.data import DataError
 
     try:
         if args.command == "demo" or (args.command == "train" and _is_demo(args)):
+            from moetune.commands.flags import flag_values
             from moetune.demo import run_demo
 
-            cfg_args = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+            cfg_args = flag_values(args)
             if args.config:
                 from moetune.train.config import load_yaml
 
-                cfg_args = {**load_yaml(args.config), **cfg_args}
+                notes = []
+                cfg_args = {**load_yaml(args.config, notes), **cfg_args}
+                _say_notes(notes)
+            from moetune.hf.preflight import PreflightError, check_device
+
+            try:
+                check_device(str(cfg_args.get("device", DEMO_DEFAULTS.get("device", "auto"))))
+            except PreflightError as e:
+                raise ConfigError(str(e)) from None
             run_demo(cfg_args)
             return 0
         if args.command == "train":
             from moetune.train.loop import train
 
-            train(config_from_args(args))
+            notes = []
+            cfg = config_from_args(args, notes=notes)
+            _say_notes(notes)
+            from moetune.hf.preflight import PreflightError, check_train
+
+            try:
+                check_train(cfg)
+            except PreflightError as e:
+                raise ConfigError(str(e)) from None
+            train(cfg)
             return 0
     except (ConfigError, DataError) as e:
         print(f"moetune {args.command}: error: {e}", file=sys.stderr)
@@ -128,6 +155,11 @@ def main(argv=None) -> int:
         print("\n".join(describe()))
         return 0
     return 2
+
+
+def _say_notes(notes) -> None:
+    for n in notes:
+        print(f"moetune: config: {n}", file=sys.stderr)
 
 
 def _is_demo(args) -> bool:

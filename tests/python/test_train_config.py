@@ -49,19 +49,25 @@ def test_types_and_ranges(tmp_path):
     assert c.lr == 1.0 and isinstance(c.lr, float) and c.packing is True and c.max_steps == 3
 
 
-def test_flags_override_the_file_and_file_paths_are_relative_to_it(tmp_path):
+def test_flags_override_the_file_and_file_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    # Relative paths in a config file resolve against the working directory (issue 14: as the
+    # other fine-tuning tools and the command line do), not against the file's folder.
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
-    f = tmp_path / "c.yaml"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg").mkdir()
+    f = tmp_path / "cfg" / "c.yaml"
     f.write_text("data: d.jsonl\nlr: 0.5\nlora_rank: 4\noutput_dir: out\n")
     args = _parse(["train", "--config", str(f), "--lr", "0.25", "--no-shuffle"])
     cfg = cli.config_from_args(args)
     assert cfg.lr == 0.25 and cfg.lora_rank == 4 and cfg.shuffle is False
-    assert cfg.data == str(tmp_path / "d.jsonl") and cfg.output_dir == str(tmp_path / "out")
+    assert os.path.abspath(cfg.data) == str(tmp_path / "d.jsonl")
+    assert os.path.abspath(cfg.output_dir) == str(tmp_path / "out")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     f.write_text("model: m\ndata: d.jsonl\nexpert_cache_dir: cache\n")
     cfg = cli.config_from_args(_parse(["train", "--config", str(f)]))
-    assert cfg.model == str(tmp_path / "m") and cfg.expert_cache_dir == str(tmp_path / "cache")
+    assert os.path.abspath(cfg.model) == str(tmp_path / "m")
+    assert os.path.abspath(cfg.expert_cache_dir) == str(tmp_path / "cache")
 
 
 def _parse(argv):

@@ -235,3 +235,20 @@ def test_cli_data_error_is_one_line_no_traceback(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].endswith("empty.jsonl: the file is empty")
+
+
+def test_config_file_sources_are_made_absolute_one_by_one(tmp_path, monkeypatch):
+    """A YAML `data` of several sources: each existing local path becomes absolute (against the
+    working directory), Hub names, missing paths and the `:W` weights stay as written."""
+    from moetune.train.config import load_yaml
+    from moetune.train.formats import absolute_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "shards").mkdir()
+    spec = "a.jsonl, shards:0.5,org/name:2,missing.jsonl"
+    want = f"{tmp_path / 'a.jsonl'},{tmp_path / 'shards'}:0.5,org/name:2,missing.jsonl"
+    assert absolute_spec(spec) == want
+    (tmp_path / "c.yaml").write_text(f"data: '{spec}'\neval_data: a.jsonl\n")
+    raw = load_yaml(str(tmp_path / "c.yaml"))
+    assert raw["data"] == want and raw["eval_data"] == str(tmp_path / "a.jsonl")

@@ -38,7 +38,7 @@ import torch
 
 from moetune import cache as cache_mod
 from moetune.engine import Context, MoEExperts
-from moetune.hf import expert_cache, families, patching, published
+from moetune.hf import expert_cache, families, hub, patching, published
 from moetune.hf import fp8 as fp8_mod
 from moetune.hf.checkpoint import Checkpoint
 from moetune.hf.families import PROJ
@@ -67,7 +67,9 @@ def load_model(
 ):
     """Load a local HF checkpoint with its routed experts in the moetune engine.
 
-    path: a folder with config.json and model.safetensors (or a sharded
+    path: a Hub id ("org/name", through huggingface_hub: its local cache, else a download of
+      the config, tokenizer and safetensors files; HF_HUB_OFFLINE respected) or a folder
+      with config.json and model.safetensors (or a sharded
       model.safetensors.index.json). Per-expert keys (as published) and fused
       gate_up_proj/down_proj keys are both read; quantized checkpoints as
       published (block FP8 as DeepSeek-V3, MXFP4 as gpt-oss, compressed-tensors
@@ -101,7 +103,7 @@ def load_model(
     Returns the transformers model (eval mode, like from_pretrained) with
     `model.moetune_handle` (a moetune.hf.PatchHandle) attached.
     """
-    path = Path(path)
+    path = Path(hub.resolve_model(path) if isinstance(path, str) and hub.is_hub_id(path) else path)
     explicit = {} if weight_format == published.AUTO else {"weight_format": weight_format}
     options = ExpertsOptions.resolve(options, **option_kwargs, **explicit)
     placement = PlacementOptions.resolve(placement)

@@ -148,6 +148,40 @@ def _adapter_on_skeleton(base, adapter):
     return pm
 
 
+class QuantizedMergeWarning(UserWarning):
+    """The adapter was trained on int8 / int4 experts and is being merged into bf16 weights."""
+
+
+def warn_if_quantized(weight_format: str | None, group_size: int | None = None) -> str | None:
+    """Warn (QuantizedMergeWarning) and return the message when the expert LoRA was trained
+    against quantized experts: the adapter learned corrections on top of the rounded weights,
+    and the merged checkpoint carries the unrounded ones, so it is not the model that trained."""
+    if weight_format in (None, "bf16"):
+        return None
+    import warnings
+
+    fmt = weight_format + (f" (group {group_size})" if weight_format == "int4" and group_size else "")
+    msg = (
+        f"moetune: this adapter was trained on {fmt} experts; merging it into the checkpoint's bf16 "
+        "weights gives a model that differs from the one trained (the LoRA compensated the quantization "
+        "error of the experts it saw). Check the merged model with `moetune eval`, or serve the adapter on "
+        f"the same {weight_format} experts."
+    )
+    warnings.warn(msg, QuantizedMergeWarning, stacklevel=3)
+    return msg
+
+
+def _trained_weight_format(peft_model) -> tuple[str | None, int | None]:
+    """The expert weight format of a moetune-patched PEFT model (None if not patched)."""
+    from moetune.hf.patching import experts_state
+
+    for m in peft_model.get_base_model().modules():
+        st = experts_state(m)
+        if st is not None and st.engine is not None:
+            return st.engine.weight_format, getattr(st.engine, "group_size", None)
+    return None, None
+
+
 def _tmp_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.moetune-tmp-{os.getpid()}"
 
@@ -198,6 +232,8 @@ def merge_and_save(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"moetune: {out} exists (pass overwrite=True to replace it)")
+    if not isinstance(model_or_paths, (tuple, list)):
+        warn_if_quantized(*_trained_weight_format(peft_model))
     terms = _Terms(peft_model)
     merger = _Merger(terms)
     ckpt = Checkpoint(source)
@@ -410,7 +446,10 @@ def _per_expert_config(terms: _Terms, names: dict[str, str], scalings) -> dict:
         raise NotImplementedError(f"moetune: several LoRA scalings {sorted(scalings)}; a per-expert adapter has one")
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
-        raise NotImplementedError("moetune: a regex target_modules cannot be extended with per-expert modules")
+        # A regex (what `moetune train` writes) cannot be extended with the per-expert names:
+        # the modules it matched are listed instead, by full name (PEFT matches a listed name
+        # exactly or as a dotted suffix, so each names one module).
+        targets = [key[: -len(".weight")] for key in terms.linear]
     cfg["target_modules"] = sorted(set(targets) | set(names.values()))
     cfg["target_parameters"] = None
     for k in ("rank_pattern", "alpha_pattern"):

@@ -10,7 +10,6 @@ and list the valid ones; paths are checked here, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 from moetune.options import ExpertsOptions
 from moetune.placement.options import MODES as PLACEMENT_MODES
 from moetune.placement.options import PlacementOptions
+from moetune.train import aliases, formats
 from moetune.weight_formats import weight_formats
 
 
@@ -49,7 +49,8 @@ class TrainConfig:
     # ---- model
     model: str | None = _f(
         None,
-        "local HF checkpoint folder (config.json + safetensors + tokenizer). "
+        "local HF checkpoint folder (config.json + safetensors + tokenizer) or Hub id (org/name, "
+        "from the local Hub cache or downloaded). "
         "Unset: the embedded demo model, tokenizer and dataset",
         "model",
     )
@@ -203,6 +204,11 @@ class TrainConfig:
         "cosine", "learning-rate schedule after warmup", "optimization", choices=("cosine", "linear", "constant")
     )
     warmup_steps: int = _f(0, "linear warmup steps", "optimization")
+    warmup_ratio: float = _f(
+        0.0,
+        "warmup as a fraction of the total optimizer steps (rounded up), used when warmup_steps is 0",
+        "optimization",
+    )
     max_steps: int | None = _f(None, "optimizer steps (unset: `epochs` passes over the data)", "optimization")
     epochs: float = _f(1.0, "passes over the training data when max_steps is unset", "optimization")
     micro_batch_size: int = _f(4, "samples (or packed rows) per forward/backward", "optimization")
@@ -309,6 +315,8 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr <= 0 or self.epochs <= 0:
             raise ConfigError(f"lr and epochs must be > 0, got lr={self.lr}, epochs={self.epochs}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -327,6 +335,8 @@ class TrainConfig:
         return self
 
     def _check_paths(self) -> None:
+        if self.model is not None and not os.path.isdir(self.model):
+            self.model = _resolve_hub_id(self.model)
         if self.model is not None:
             if not os.path.isdir(self.model):
                 raise ConfigError(
@@ -398,6 +408,18 @@ class TrainConfig:
             )
 
 
+def _resolve_hub_id(model: str) -> str:
+    """A Hub id (org/name) -> its local snapshot folder (moetune.hf.hub); anything else unchanged."""
+    from moetune.hf import hub
+
+    if not hub.is_hub_id(model):
+        return model
+    try:
+        return hub.resolve_model(model)
+    except hub.HubError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
 def field_type(f: dataclasses.Field) -> tuple[str, bool]:
     """(base type, optional) of a TrainConfig field from its annotation (a string under
     `from __future__ import annotations`): base is one of bool, int, float, str, list[float],
@@ -464,12 +486,14 @@ def _coerce(name: str, f: dataclasses.Field, v):
 
 def unknown_key_error(key: str, where: str) -> ConfigError:
     valid = list(TrainConfig.fields())
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = aliases.suggest(key, valid)
+    hint = f" (did you mean {close!r}?)" if close else ""
     return ConfigError(f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def load_yaml(path: str, notes: list[str] | None = None) -> dict[str, Any]:
+    """The config file's values under TrainConfig names (other tools' names translated by
+    moetune.train.aliases; what they ignore is appended to `notes`)."""
     import yaml
 
     if not os.path.isfile(path):
@@ -484,15 +508,40 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path!r} must be a mapping of key: value, got {type(raw).__name__}")
     valid = TrainConfig.fields()
+    raw = translate_aliases(raw, path, notes)
     for k in raw:
         if k not in valid:
             raise unknown_key_error(str(k), path)
-    # Relative paths in a config file are relative to the file.
-    base = os.path.dirname(os.path.abspath(path))
-    for k in ("model", "data", "eval_data", "output_dir", "merge_export", "expert_cache_dir", "placement_trace"):
-        if isinstance(raw.get(k), str) and not os.path.isabs(raw[k]):
-            raw[k] = os.path.normpath(os.path.join(base, raw[k]))
+    # Relative paths in a config file are relative to the working directory, as in the other
+    # fine-tuning tools and on the command line (made absolute here, so the run's saved config
+    # names the same files from anywhere); a model that is no local path stays as written (a Hub id).
+    for k in (
+        "model",
+        "output_dir",
+        "merge_export",
+        "expert_cache_dir",
+        "placement_trace",
+        "init_adapter",
+        "data_cache_dir",
+    ):
+        v = raw.get(k)
+        if isinstance(v, str) and not os.path.isabs(v) and (k != "model" or os.path.exists(v)):
+            raw[k] = os.path.abspath(v)
+    for k in ("data", "eval_data"):  # comma-separated sources with weights, Hub names among them
+        if isinstance(raw.get(k), str):
+            raw[k] = formats.absolute_spec(raw[k])
     return raw
+
+
+def translate_aliases(values: dict[str, Any], where: str, notes: list[str] | None = None) -> dict[str, Any]:
+    """Other tools' option names -> TrainConfig's (the alias hook; see moetune.train.aliases)."""
+    try:
+        out, ignored = aliases.translate(values, where, TrainConfig.fields())
+    except aliases.AliasError as e:
+        raise ConfigError(str(e)) from None
+    if notes is not None:
+        notes.extend(ignored)
+    return out
 
 
 def make_config(
@@ -503,7 +552,7 @@ def make_config(
     """base (e.g. demo defaults) < file < overrides (flags); validated."""
     values: dict[str, Any] = {}
     for src, where in ((base, "defaults"), (file_values, "config file"), (overrides, "arguments")):
-        for k, v in (src or {}).items():
+        for k, v in translate_aliases(src or {}, where).items():
             if k not in TrainConfig.fields():
                 raise unknown_key_error(k, where)
             values[k] = v

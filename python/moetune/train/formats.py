@@ -125,6 +125,29 @@ def is_saved_dataset(path: str) -> bool:
     )
 
 
+def absolute_spec(spec: str) -> str:
+    """`spec` with each source that is an existing local path made absolute (Hub names, paths
+    that do not exist and the `:W` weights are kept as written)."""
+    parts = []
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        path, suffix = part, ""
+        head, sep, tail = part.rpartition(":")
+        if sep and head:
+            try:
+                float(tail)
+            except ValueError:
+                pass
+            else:
+                path, suffix = head, ":" + tail
+        if not os.path.isabs(path) and os.path.exists(path):
+            path = os.path.abspath(path)
+        parts.append(path + suffix)
+    return ",".join(parts)
+
+
 def check_spec(spec: str) -> str | None:
     """A reason the spec cannot be read (checked before any model loads), or None."""
     try:

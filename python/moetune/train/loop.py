@@ -29,6 +29,11 @@ from moetune.train.model import apply_lora, generate, load_base, load_tokenizer,
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """warmup_steps, else warmup_ratio of the total steps rounded up (as HF TrainingArguments)."""
+    return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+
+
 def merged_export_call(model, path: str, say) -> None:
     """The merged-model export (`merge_export`): base + LoRA written as a full HF
     checkpoint, streamed shard by shard from the source folder by
@@ -222,7 +227,10 @@ class _Run:
         from transformers import get_scheduler
 
         self.sched = get_scheduler(
-            SCHEDULES[cfg.schedule], self.opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total_steps
+            SCHEDULES[cfg.schedule],
+            self.opt,
+            num_warmup_steps=warmup_steps(cfg, self.total_steps),
+            num_training_steps=self.total_steps,
         )
         self.step, self.tokens, self.target_tokens, self.prior_wall = 0, 0, 0, 0.0
         self.resumed = False
