@@ -87,8 +87,9 @@ def test_eval_is_the_token_weighted_cross_entropy(run, capsys):
     )
     # The reference: every record alone (no padding), CE summed over its loss tokens by hand.
     tok = AutoTokenizer.from_pretrained(str(base))
-    ds = data_mod.load_records(str(data))
-    enc, _ = data_mod.encode_dataset(ds, tok, "chat", max_length=1024, truncation=True, loss_on="assistant", where="t")
+    recs = [json.loads(line) for line in open(data) if line.strip()]
+    pairs = [data_mod.encode_chat(tok, r["messages"], "assistant") for r in recs]  # the training loss mask
+    enc = {"input_ids": [p[0][:1024] for p in pairs], "labels": [p[1][:1024] for p in pairs]}
     model = _reference_model(base, adapter)
     total, count = 0.0, 0
     with torch.no_grad():

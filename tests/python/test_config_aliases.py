@@ -104,8 +104,8 @@ def test_refused_ignored_and_conflicting_keys(tmp_path):
     f.write_text("stage: sft\nfinetuning_type: lora\ntemplate: qwen3\npreprocessing_num_workers: 16\nlr: 1.0e-4\n")
     notes = []
     raw = load_yaml(str(f), notes)
-    assert raw == {"lr": 1e-4}
-    assert any(n.startswith("template ignored:") for n in notes) and len(notes) == 2
+    assert raw == {"lr": 1e-4, "num_proc": 16}
+    assert any(n.startswith("template ignored:") for n in notes) and len(notes) == 1
     f.write_text("stage: dpo\n")
     with pytest.raises(ConfigError, match="stage 'dpo': moetune does supervised fine-tuning"):
         load_yaml(str(f))
@@ -254,7 +254,9 @@ def test_llama_factory_yaml_trains(tmp_path, monkeypatch, capsys):
         log_every=1,
         save_every=500,
         plot=False,
-        tensorboard=False,
+        report_to=["none"],
+        overwrite=True,
+        num_proc=16,
         micro_batch_size=2,
         grad_accum=2,
         lr=1e-2,

@@ -42,30 +42,41 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import os
 
-    from moetune.train import data
+    from moetune.train import data, formats
     from moetune.train.config import TrainConfig
     from moetune.train.loop import evaluate
 
-    if not os.path.isfile(args.data):
-        raise UsageError(f"data: file {args.data!r} does not exist")
+    why = formats.check_spec(args.data)
+    if why is not None:
+        raise UsageError(f"data: {why}")
     if args.max_length < 1 or args.micro_batch_size < 1:
         raise UsageError("max_length and micro_batch_size must be >= 1")
     model, tok, device, cfg = load(args)
+    # The training data path: the same readers, formats, chat templates and loss masks (no cache).
+    ecfg = TrainConfig(
+        max_length=args.max_length,
+        truncation=True,
+        loss_on=args.loss_on,
+        data_cache=False,
+        progress=False,
+        micro_batch_size=args.micro_batch_size,
+    )
     try:
-        ds = data.load_records(args.data)
-        fmt = data.detect_format(ds.column_names, args.data_format, args.data)
-        samples, stats = data.encode_dataset(
-            ds, tok, fmt, max_length=args.max_length, truncation=True, loss_on=args.loss_on, where=args.data
+        records, _sources, fmt = formats.load(
+            args.data,
+            data_format=args.data_format,
+            mapping=formats.Mapping.parse([], []),
+            has_template=getattr(tok, "chat_template", None) is not None,
         )
+        samples, stats, _ = data.encode_records(records, tok, ecfg, what=args.data)
     except data.DataError as e:
         raise UsageError(str(e)) from None
     samples = {"input_ids": samples["input_ids"], "labels": samples["labels"]}
     if not samples["input_ids"]:
         raise UsageError(f"data: {args.data} has no usable records")
     tokens = sum(sum(1 for t in lab[1:] if t != data.IGNORE) for lab in samples["labels"])
-    loss = evaluate(model, samples, TrainConfig(micro_batch_size=args.micro_batch_size), tok.pad_token_id, device)
+    loss = evaluate(model, samples, ecfg, tok.pad_token_id, device)
     out = {
         "loss": loss,
         "perplexity": math.exp(loss),

@@ -97,15 +97,6 @@ def _lora_target_linear(v) -> dict[str, Any]:
     return {"lora_attention": True, "lora_mlp": True, "lora_experts": True}
 
 
-def _report_to(v) -> dict[str, Any]:
-    names = [v] if isinstance(v, str) else list(v or [])
-    if any(n not in ("none", "tensorboard", "all") for n in names):
-        raise AliasError(
-            f"report_to {v!r}: moetune writes TensorBoard events and metrics.jsonl only (none / tensorboard)"
-        )
-    return {"tensorboard": "none" not in names}
-
-
 def _stage(v) -> dict[str, Any]:
     if v != "sft":
         raise AliasError(f"stage {v!r}: moetune does supervised fine-tuning (sft) only")
@@ -121,12 +112,11 @@ def _finetuning_type(v) -> dict[str, Any]:
 def _resume_from_checkpoint(v) -> dict[str, Any]:
     if v in (None, False, "null", "none", "None"):
         return {}
-    if v is True:
-        return {"resume": True}
-    raise AliasError(
-        "resume_from_checkpoint: moetune resumes the latest checkpoint of output_dir (resume: true), "
-        "not a given checkpoint path"
-    )
+    if v is True or v in ("true", "True"):
+        return {"resume": "latest"}
+    if isinstance(v, str):  # a checkpoint or run folder, as moetune's --resume PATH
+        return {"resume": v}
+    raise AliasError(f"resume_from_checkpoint {v!r}: give true (the latest checkpoint) or a checkpoint path")
 
 
 def _val_size(v) -> dict[str, Any]:
@@ -180,8 +170,10 @@ ALIASES: dict[str, Alias] = {
     "logging_steps": _plain("log_every", f"{LF}, {HF}, {AX}, {US}"),
     "eval_steps": _plain("eval_every", f"{LF}, {HF}, {AX}"),
     "plot_loss": _plain("plot", LF),
-    "report_to": Alias("tensorboard", f"{LF}, {HF}", _report_to),
     "resume_from_checkpoint": Alias("resume", f"{LF}, {HF}, {AX}", _resume_from_checkpoint),
+    "overwrite_output_dir": _plain("overwrite", HF),
+    "preprocessing_num_workers": _plain("num_proc", LF),
+    "dataset_num_proc": _plain("num_proc", HF),
     "stage": Alias("(sft only)", LF, _stage),
     "finetuning_type": Alias("(lora only)", LF, _finetuning_type),
 }
@@ -191,12 +183,11 @@ ALIASES = {k: a for k, a in ALIASES.items() if k != a.target}
 # Accepted and reported, with why they do not apply.
 IGNORED: dict[str, str] = {
     "do_train": "moetune train always trains",
-    "template": "the tokenizer's own chat template formats chat records",
+    "template": "the tokenizer's own chat template formats chat records (chat_template overrides it)",
     "trust_remote_code": "moetune builds transformers' own model classes only",
     "max_samples": "every record of the data file is used (trim the file to train on fewer)",
-    "overwrite_cache": "moetune keeps no tokenized-data cache",
-    "overwrite_output_dir": "a run folder is resumed with resume: true, otherwise written over",
-    "preprocessing_num_workers": "tokenization runs in-process",
+    "overwrite_cache": "the tokenized-data cache is keyed by the records, tokenizer, template and options "
+    "(any change tokenizes again; data_cache: false turns it off)",
     "dataloader_num_workers": "batches come from tokenized data in memory",
     "ddp_timeout": "no distributed process group",
     "save_only_model": "checkpoints hold the adapter and optimizer state (the base is never saved)",
