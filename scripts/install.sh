@@ -20,6 +20,10 @@ fi
 # against); without an index (the GPU machine) those tests skip.
 "$PY" -m pip install -q "compressed-tensors>=0.20" loguru 2>/dev/null \
   || echo "[install] compressed-tensors not installed: its comparison tests will skip"
+# wandb / mlflow (skinny + its sqlite backend): optional trackers of --report-to, installed so their
+# offline-mode tests run in CI; without an index (the GPU machine) those tests skip.
+"$PY" -m pip install -q "wandb>=0.31" "mlflow-skinny>=3.18" "sqlalchemy>=2" alembic 2>/dev/null \
+  || echo "[install] wandb / mlflow not installed: their tracker tests will skip"
 # nanobind pinned: the committed extension stub (tests/python/test_stub.py) is its output.
 # No build isolation: build against the nanobind/scikit-build-core above (the
 # GPU test machine has no package index), no dependency resolution (torch is

@@ -108,7 +108,13 @@ def test_mlflow_file_store(tmp_path):
     assert t.names == ["mlflow"]
     t.log("train", 1, {"loss": 2.0})
     t.finish()
-    assert glob.glob(str(tmp_path / "trackers" / "mlruns" / "**" / "loss"), recursive=True)
+    import mlflow
+
+    db = tmp_path / "trackers" / "mlflow.db"
+    assert db.is_file()  # in the run folder, not the working directory
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1 and runs["metrics.train/loss"].tolist() == [2.0], runs.columns.tolist()
 
 
 def test_a_run_logs_to_its_trackers_and_prints_lines(tmp_path):

@@ -93,7 +93,13 @@ class Trackers:
                 t = cls("", logging_dir=os.path.join(output_dir, "tensorboard"), **purge)
             elif n == "mlflow":
                 os.makedirs(local, exist_ok=True)
-                t = cls(run, logging_dir=os.path.join(local, "mlruns"))
+                if not os.environ.get("MLFLOW_TRACKING_URI"):
+                    # The user's own tracking server wins; otherwise mlflow's default database
+                    # backend, in the run folder (its default location is the working directory).
+                    import mlflow
+
+                    mlflow.set_tracking_uri("sqlite:///" + os.path.abspath(os.path.join(local, "mlflow.db")))
+                t = cls(run, logging_dir=os.path.abspath(os.path.join(local, "mlruns")))
             elif n == "wandb":
                 os.makedirs(local, exist_ok=True)
                 t = cls(run, dir=local)
