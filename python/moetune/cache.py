@@ -277,6 +277,7 @@ def load(
                     progress(n)
             if _crc(view) != b["crc32"]:
                 return None, f"corrupted data file {data.name}: checksum of buffer {buf.name} differs"
+    ex._ex.mark_loaded()  # every packed byte came from the verified entry
     if biases is not None:
         ex.load_biases(*biases)
     return ex, "hit"
