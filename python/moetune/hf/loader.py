@@ -400,7 +400,10 @@ def _load_layer(
 
         def one(e):
             g, u, d = _read_expert(r, ep, e, block)
-            engine.load_expert(e, g, u, d)
+            try:
+                engine.load_expert(e, g, u, d)
+            except ValueError as err:  # e.g. a non-finite weight at quantization: name the layer too
+                raise ValueError(f"moetune: layer {ep.qual}, expert {e}: {err}") from None
 
         per = ep.src_bytes // ep.E
         for fut in cf.as_completed([pool.submit(one, e) for e in range(ep.E)]):

@@ -19,6 +19,7 @@ from typing import Any
 from moetune.options import ExpertsOptions
 from moetune.placement.options import MODES as PLACEMENT_MODES
 from moetune.placement.options import PlacementOptions
+from moetune.train.ranges import Range, check_ranges
 
 
 class ConfigError(ValueError):
@@ -217,27 +218,9 @@ class TrainConfig:
         """Types, ranges and paths; raises ConfigError naming the field."""
         for name, f in self.fields().items():
             setattr(self, name, _coerce(name, f, getattr(self, name)))
-        pos = ("lora_rank", "max_length", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_new_tokens")
-        for name in pos:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "eval_every", "warmup_steps", "lora_dropout", "weight_decay", "log_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.expert_gpu_budget_gib is not None and self.expert_gpu_budget_gib < 0:
-            raise ConfigError(f"expert_gpu_budget_gib must be >= 0 (or unset), got {self.expert_gpu_budget_gib}")
-        for name in ("max_steps", "engine_threads", "torch_threads", "stop_after_steps"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{name} must be >= 1 (or unset), got {v}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lr <= 0 or self.epochs <= 0:
-            raise ConfigError(f"lr and epochs must be > 0, got lr={self.lr}, epochs={self.epochs}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"betas must be two floats in [0, 1), got {self.betas}")
+        if len(self.betas) != 2 or not all(RANGES["betas"].contains(b) for b in self.betas):
+            raise ConfigError(f"betas must be two floats {RANGES['betas']}, got {self.betas}")
+        check_ranges(self.to_dict(), RANGES, ConfigError)
         if not (self.lora_attention or self.lora_mlp or self.lora_experts):
             raise ConfigError("nothing to train: lora_attention, lora_mlp and lora_experts are all false")
         devs = self.device.split(",")
@@ -302,6 +285,38 @@ class TrainConfig:
             raise ConfigError(
                 f"merge_export: {self.merge_export!r} exists already (the merged model goes to a new folder)"
             )
+
+
+# The valid range of every numeric option (the one table: validate() checks it before anything
+# is loaded; tests/python/test_train_ranges.py checks that every int / float option has an entry
+# or a list of choices). Unset (None) stays allowed for the optional ones.
+RANGES: dict[str, Range] = {
+    "engine_threads": Range(1),
+    "torch_threads": Range(1),
+    "expert_gpu_budget_gib": Range(0),
+    "eval_fraction": Range(0, 1, hi_open=True),
+    "max_length": Range(1),
+    "lora_rank": Range(1),
+    "lora_alpha": Range(0, lo_open=True),  # 0: scaling 0, the adapter never changes the model
+    "lora_dropout": Range(0, 1, hi_open=True),
+    "seed": Range(0),
+    "lr": Range(0, lo_open=True),
+    "betas": Range(0, 1, hi_open=True),
+    "weight_decay": Range(0),
+    "adam_eps": Range(0, lo_open=True),
+    "warmup_steps": Range(0),
+    "max_steps": Range(1),
+    "epochs": Range(0, lo_open=True),
+    "micro_batch_size": Range(1),
+    "grad_accum": Range(1),
+    "max_grad_norm": Range(0, lo_open=True),  # < 0 ascends, 0 zeroes every step; unset: no clipping
+    "save_every": Range(0),
+    "keep_checkpoints": Range(1),
+    "eval_every": Range(0),
+    "log_every": Range(1),  # the step counter is taken modulo it
+    "stop_after_steps": Range(1),
+    "max_new_tokens": Range(1),
+}
 
 
 def field_type(f: dataclasses.Field) -> tuple[str, bool]:
@@ -441,6 +456,19 @@ RESUME_FIXED = (
     "grad_accum",
     "expert_format",
     "int4_group_size",
+    # The optimizer and the learning-rate schedule: a checkpoint restores AdamW's param groups
+    # (lr, betas, eps, weight decay) and the scheduler (its base lr and the step count it
+    # plans for), so a changed value would be silently overridden, or (steps, schedule,
+    # warmup) make the rate jump. Resume refuses a change; to train on with other settings,
+    # start a new run from the saved adapter.
+    "lr",
+    "betas",
+    "weight_decay",
+    "adam_eps",
+    "schedule",
+    "warmup_steps",
+    "max_steps",
+    "epochs",
 )
 
 
@@ -463,7 +491,11 @@ def check_resume_compatible(cfg: TrainConfig, path: str) -> None:
         f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED if k in old and old[k] != getattr(cfg, k)
     ]
     if changed:
-        raise ConfigError(f"resume: these settings differ from the run being resumed ({path}): {'; '.join(changed)}")
+        raise ConfigError(
+            f"resume: these settings differ from the run being resumed ({path}): {'; '.join(changed)} "
+            "(a resumed run keeps the model, data, adapter, optimizer and schedule settings it was "
+            "started with; stop_after_steps and the run options may change)"
+        )
 
 
 def flag_name(name: str) -> str:
