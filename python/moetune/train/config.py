@@ -398,7 +398,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     with open(path) as fh:
         try:
             raw = yaml.safe_load(fh)
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
     if raw is None:
         return {}
