@@ -13,9 +13,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q "nanobind==3.1.0" "scikit-build-core>=0.11" numpy "pytest>=8" \
   "transformers>=5.0" "peft>=0.17" "accelerate>=1.0" safetensors \
-  "datasets>=3.0" pyyaml tqdm "tensorboardX>=2.6" "matplotlib>=3.7" "trl>=1.16"
+  "datasets>=3.0" pyyaml tqdm "tensorboardX>=2.6" "matplotlib>=3.7" "trl>=1.16" "hypothesis>=6.100"
 # (datasets .. matplotlib: moetune train / demo; trl: its SFTTrainer path, checked
-# with trl 1.16 + transformers 5.23.)
+# with trl 1.16 + transformers 5.23; hypothesis: the fuzz tests, which skip where it is absent.)
 # compressed-tensors: only tests use it (the independent INT4 decoder the engine's int4 is checked
 # against); without an index (the GPU machine) those tests skip.
 "$PY" -m pip install -q "compressed-tensors>=0.20" loguru 2>/dev/null \

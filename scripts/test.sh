@@ -22,5 +22,8 @@ cmake -S . -B build/tests -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON >/
 cmake --build build/tests -j "$(nproc)"
 ctest --test-dir build/tests --output-on-failure -j "$(nproc)"
 
+echo "[test] C++ suite under sanitizers (ASan+UBSan; TSan for the threading tests)"
+bash scripts/sanitize.sh
+
 echo "[test] Python suite"
 "$PY" -m pytest -q tests/python

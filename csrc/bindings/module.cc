@@ -82,9 +82,9 @@ DType check(const A& a, const std::string& name, std::initializer_list<int64_t> 
     throw std::invalid_argument(
         (name + " has shape " + shape_of(a) + ", expected " + shape_str(shape)));
   }
-  // Row-major contiguity.
+  // Row-major contiguity (an empty array has no layout to get wrong).
   int64_t expect = 1;
-  for (int64_t d = static_cast<int64_t>(a.ndim()) - 1; d >= 0; --d) {
+  for (int64_t d = static_cast<int64_t>(a.ndim()) - 1; d >= 0 && a.size() != 0; --d) {
     if (a.shape(d) != 1 && a.stride(d) != expect) {
       throw std::invalid_argument((name + " must be contiguous (row-major)"));
     }
@@ -330,12 +330,13 @@ ForwardArgs forward_args(const MoeExperts& ex, const Array& x, const Array& ids,
   ForwardArgs a;
   a.T = T;
   a.k = static_cast<int>(k);
+  if (k < 1 || k > E) {
+    throw std::invalid_argument("topk_ids has shape " + shape_of(ids) +
+                                ": k = " + std::to_string(k) +
+                                " experts per token must be in [1, E=" + std::to_string(E) + "]");
+  }
   a.x_dtype = check(x, "x", {T, H}, kFloat);
   a.ids_dtype = check(ids, "topk_ids", {T, k}, {DType::kI32, DType::kI64});
-  if (k < 1 || k > E) {
-    throw std::invalid_argument("topk_ids: k = " + std::to_string(k) +
-                                " must be in [1, E=" + std::to_string(E) + "]");
-  }
   a.w_dtype = check(w, "topk_weights", {T, k}, kFloat);
   if (mask) {
     const nb::dlpack::dtype d = mask->dtype();
@@ -512,6 +513,16 @@ void bind_experts(nb::module_& m) {
             ex.load_biases(ptr[0], ptr[1], ptr[2], dt.value_or(DType::kF32));
           },
           "gate_bias"_a.none(), "up_bias"_a.none(), "down_bias"_a.none())
+      // After filling every packed buffer byte for byte (a disk cache): the
+      // experts count as loaded (forward refuses experts never loaded).
+      .def("mark_loaded", [](MoeExperts& ex) { ex.weights().mark_all_loaded(); })
+      .def(
+          "loaded",
+          [](const MoeExperts& ex, int e) {
+            check_expert_id(ex, e);
+            return ex.weights().loaded(e);
+          },
+          "expert"_a)
       .def_prop_ro("has_biases",
                    [](const MoeExperts& ex) {
                      return std::make_tuple(ex.has_bias(Proj::kGate), ex.has_bias(Proj::kUp),

@@ -1,5 +1,7 @@
 #include "engine/context.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <stdexcept>
 
@@ -7,8 +9,18 @@
 
 namespace moetune {
 
+namespace {
+std::runtime_error forked_error() {
+  return std::runtime_error(
+      "moetune: this engine Context was created in the parent process and cannot be used after "
+      "fork() (its worker threads do not exist in the child); create a new moetune.Context in "
+      "the child, or start children with the 'spawn' method");
+}
+}  // namespace
+
 void Job::wait() const {
   if (!f_.valid()) throw std::logic_error("moetune: waiting on an empty job");
+  if (pid_ != 0 && pid_ != getpid() && !ready()) throw forked_error();
   f_.get();
 }
 
@@ -27,17 +39,36 @@ int checked_threads(int n) {
 Context::Context(ContextOptions options)
     : options_(std::move(options)),
       kernels_(&kernels::select_kernels(options_.isa)),
-      pool_(checked_threads(options_.num_threads), options_.cpus) {
+      pool_(checked_threads(options_.num_threads), options_.cpus),
+      pid_(getpid()) {
   arenas_.resize(pool_.size());
-  dispatcher_ = std::thread([this] { dispatcher_loop(); });
+  try {
+    dispatcher_ = std::thread([this] { dispatcher_loop(); });
+  } catch (const std::system_error& e) {
+    // pool_ is fully built: its destructor stops and joins its workers.
+    throw std::runtime_error(
+        std::string("moetune: could not start the engine's dispatcher thread: ") + e.what());
+  }
 }
 
+bool Context::forked() const { return getpid() != pid_; }
+
 Context::~Context() {
+  if (forked()) {
+    // The dispatcher does not exist in this process and mu_ may have been
+    // held at the fork: touch neither. Its handle is leaked (joining a thread
+    // of another process never returns; destroying a joinable std::thread
+    // aborts). The queue's promises are leaked with it.
+    new std::thread(std::move(dispatcher_));
+    new std::deque<Queued>(std::move(queue_));
+    (void)cv_.release();
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
   }
-  cv_.notify_all();
+  cv_->notify_all();
   dispatcher_.join();
 }
 
@@ -47,29 +78,42 @@ std::string Context::info() const {
 }
 
 Job Context::submit(std::function<void()> work) {
-  std::packaged_task<void()> task(std::move(work));
-  std::shared_future<void> f = task.get_future().share();
+  if (forked()) throw forked_error();
+  Queued q{std::move(work), std::promise<void>()};
+  std::shared_future<void> f = q.done.get_future().share();
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) throw std::logic_error("moetune: context is shutting down");
-    queue_.push_back(std::move(task));
+    queue_.push_back(std::move(q));
   }
-  cv_.notify_one();
-  return Job(std::move(f));
+  cv_->notify_one();
+  return Job(std::move(f), pid_);
 }
 
 void Context::dispatcher_loop() {
   pool_.pin_caller();
   for (;;) {
-    std::packaged_task<void()> task;
+    Queued q;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      cv_->wait(lock, [&] { return stop_ || !queue_.empty(); });
       if (queue_.empty()) return;  // stop_ and drained
-      task = std::move(queue_.front());
+      q = std::move(queue_.front());
       queue_.pop_front();
     }
-    task();  // exceptions are stored in the future
+    std::exception_ptr error;
+    try {
+      q.work();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    // Release the captures first (e.g. the in-flight guard its owner's
+    // destructor waits for), then publish: a ready Job owns nothing else.
+    q.work = nullptr;
+    if (error)
+      q.done.set_exception(error);
+    else
+      q.done.set_value();
   }
 }
 

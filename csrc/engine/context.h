@@ -9,11 +9,24 @@
 // the next layer's setup) overlaps with the CPU experts. An exception thrown
 // inside a job surfaces from Job::wait() with its message intact.
 //
+// Lifetimes: a job's callable (and everything it captured) is destroyed on the
+// dispatcher as soon as it has run, before its Job becomes ready, so a Job kept
+// alive (e.g. by a Python exception between submit and wait) holds only its
+// result, never the objects the work used; Jobs, their Context and the objects
+// that queued them may be destroyed in any order.
+//
+// Fork: the worker threads do not exist in a forked child. A Context records
+// the process that created it; in another process submit() and Job::wait()
+// throw std::runtime_error (instead of waiting forever), and the destructor
+// leaks the dead threads' handles instead of joining them.
+//
 // Sharing cores with PyTorch: the engine uses num_threads threads (the
 // dispatcher is worker 0). Give torch the other cores (torch.set_num_threads)
 // or pin the engine with `cpus` to cores torch does not use; never let both
 // claim all cores, or each slows the other down by oversubscription.
 #pragma once
+
+#include <sys/types.h>
 
 #include <condition_variable>
 #include <deque>
@@ -43,13 +56,16 @@ struct ContextOptions {
 class Job {
  public:
   Job() = default;
-  explicit Job(std::shared_future<void> f) : f_(std::move(f)) {}
-  void wait() const;  // rethrows the job's exception, if any
+  Job(std::shared_future<void> f, pid_t owner_pid) : f_(std::move(f)), pid_(owner_pid) {}
+  // Rethrows the job's exception, if any; throws std::runtime_error in a
+  // forked child (the job can never run there).
+  void wait() const;
   bool ready() const;
   bool valid() const { return f_.valid(); }
 
  private:
   std::shared_future<void> f_;
+  pid_t pid_ = 0;
 };
 
 class Context {
@@ -60,6 +76,9 @@ class Context {
   Context& operator=(const Context&) = delete;
 
   const ContextOptions& options() const { return options_; }
+  // True in a process forked from the one that created this Context (its
+  // worker threads do not exist there).
+  bool forked() const;
   // The kernels of the ISA chosen at construction, for code running jobs.
   const kernels::KernelBundle& kernels() const { return *kernels_; }
 
@@ -113,8 +132,15 @@ class Context {
   std::vector<PhaseStat> profile_;
 
   std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::packaged_task<void()>> queue_;
+  // On the heap so a forked child can leak it: the dispatcher waited on it at
+  // the fork, and glibc's condvar destructor waits for its waiters to leave.
+  std::unique_ptr<std::condition_variable> cv_ = std::make_unique<std::condition_variable>();
+  struct Queued {
+    std::function<void()> work;
+    std::promise<void> done;
+  };
+  std::deque<Queued> queue_;
+  pid_t pid_;  // the creating process
   bool stop_ = false;
   std::thread dispatcher_;
 };

@@ -51,6 +51,7 @@ std::shared_ptr<void> MoeExperts::track() {
 }
 
 MoeExperts::~MoeExperts() {
+  if (ctx_->forked()) return;  // its jobs never run here (and mu may be held)
   std::unique_lock<std::mutex> lock(inflight_->mu);
   inflight_->cv.wait(lock, [&] { return inflight_->count == 0; });
 }
@@ -106,6 +107,14 @@ Job MoeExperts::forward_async(const ForwardArgs& args, std::shared_ptr<Saved>* s
   auto s = std::make_shared<Saved>();
   // Validation happens here, on the caller's thread, before anything is queued.
   s->routing = build_routing(args.topk_ids, args.ids_dtype, args.T, args.k, E(), args.expert_mask);
+  for (int e : s->routing.active) {
+    if (!store_.loaded(e)) {
+      throw std::invalid_argument("moetune: expert " + std::to_string(e) +
+                                  " is routed to but was never loaded (load / load_expert it "
+                                  "first: its weights are uninitialised memory)");
+    }
+  }
+  s->owner = inflight_;
   s->T = args.T;
   s->k = args.k;
   s->lora_shape = args.lora;
@@ -125,6 +134,12 @@ std::shared_ptr<Saved> MoeExperts::forward(const ForwardArgs& args) {
 
 Job MoeExperts::backward_async(std::shared_ptr<Saved> saved, const BackwardArgs& args) {
   if (!saved) throw std::invalid_argument("moetune: backward needs the handle returned by forward");
+  // Same control block, even if that object is gone (its block is kept by the weak_ptr).
+  if (saved->owner.owner_before(inflight_) || inflight_.owner_before(saved->owner)) {
+    throw std::invalid_argument(
+        "moetune: backward got a saved-activation handle made by another experts object's "
+        "forward (a handle belongs to the object that made it)");
+  }
   for (Proj p : kAllProjs) check_same_lora(saved->lora_shape[p], args.lora[p], p);
   if (saved->lora_shape.any() && saved->lora_shape.scaling != args.lora.scaling) {
     throw std::invalid_argument("moetune: backward LoRA scaling " +

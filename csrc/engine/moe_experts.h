@@ -27,7 +27,14 @@
 // needs; handles are independent (no shared stack), so any number of layers,
 // micro-batches and checkpoint recomputes can be in flight in any order.
 // Dropping a handle frees its memory; backward does not consume it, so a
-// retained graph may run backward twice.
+// retained graph may run backward twice. A handle belongs to the object whose
+// forward made it: backward with another object's handle throws
+// std::invalid_argument (its routing and buffers have that object's shapes).
+//
+// Lifetimes: the object, its Context, its Jobs and its Saved handles may be
+// dropped in any order (a queued job holds what it reads; a finished job holds
+// nothing). Forward refuses experts never loaded (load / load_expert /
+// WeightStore::mark_all_loaded): their buffers are uninitialised.
 //
 // Weight formats (ExpertsOptions::weight_format): bf16 packs the weights as
 // they are; int8 / int4 quantize them in load_expert (kernels/quant.h) and
@@ -81,6 +88,7 @@ struct Saved : std::enable_shared_from_this<Saved> {
   Buf<kernels::bf16> zs_down;  // [rows, ldr] bf16(s * Ad h)
   Buf<kernels::bf16> g, u;     // [rows, ldi] bf16 pre-activations (ActivationPolicy::kSave)
   bool complete = false;       // set when the forward job finished
+  std::weak_ptr<void> owner;   // the MoeExperts whose forward made it (its in-flight block)
   size_t bytes() const;
 };
 
@@ -89,7 +97,9 @@ class MoeExperts {
   // Validates E, H, I >= 1 and the options (std::invalid_argument), then
   // allocates the weights: exactly host_bytes(E, H, I, options) bytes.
   MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, ExpertsOptions options);
-  ~MoeExperts();  // waits for this object's queued jobs
+  // Waits for this object's queued jobs (they hold no reference to anything
+  // that needs the caller, e.g. Python's GIL); in a forked child, does not.
+  ~MoeExperts();
   MoeExperts(const MoeExperts&) = delete;
   MoeExperts& operator=(const MoeExperts&) = delete;
 

@@ -8,6 +8,8 @@
 
 #include <climits>
 #include <stdexcept>
+#include <string>
+#include <system_error>
 
 namespace moetune {
 namespace {
@@ -17,6 +19,25 @@ void pin_to(int cpu) {
   CPU_ZERO(&set);
   CPU_SET(cpu, &set);
   pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+}
+
+// Every id a core this process may run on (pinning to another one fails
+// silently in pthread_setaffinity_np, or is not even representable).
+std::vector<int> checked_cpus(std::vector<int> cpus) {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0)
+    throw std::runtime_error("moetune: sched_getaffinity failed");
+  for (int c : cpus) {
+    if (c < 0 || c >= CPU_SETSIZE || !CPU_ISSET(c, &allowed)) {
+      std::string ok;
+      for (int i = 0; i < CPU_SETSIZE; ++i)
+        if (CPU_ISSET(i, &allowed)) ok += (ok.empty() ? "" : ",") + std::to_string(i);
+      throw std::invalid_argument("moetune: cpus: core " + std::to_string(c) +
+                                  " is not one this process may run on (allowed: " + ok + ")");
+    }
+  }
+  return cpus;
 }
 
 constexpr int kSpinIterations = 20000;
@@ -45,12 +66,32 @@ void spin_until(Done done) {
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads, std::vector<int> cpus)
-    : num_threads_(num_threads), cpus_(std::move(cpus)) {
+    : num_threads_(num_threads), pid_(getpid()), cpus_(checked_cpus(std::move(cpus))) {
   if (num_threads < 1) throw std::invalid_argument("moetune: num_threads must be >= 1");
-  for (int w = 1; w < num_threads_; ++w) threads_.emplace_back([this, w] { worker_loop(w); });
+  threads_.reserve(num_threads_ - 1);
+  try {
+    for (int w = 1; w < num_threads_; ++w) threads_.emplace_back([this, w] { worker_loop(w); });
+  } catch (const std::system_error& e) {
+    // The destructor does not run for a throwing constructor: stop the
+    // workers started so far here (a joinable std::thread would abort).
+    const size_t started = threads_.size();
+    stop_and_join();
+    throw std::runtime_error("moetune: could not start engine worker thread " +
+                             std::to_string(started + 1) + " of " + std::to_string(num_threads_) +
+                             " (" + e.what() + "); use fewer threads or raise the process limits");
+  }
 }
 
 ThreadPool::~ThreadPool() {
+  if (getpid() != pid_) {
+    // Forked child: the workers do not exist here; leak their handles.
+    new std::vector<std::thread>(std::move(threads_));
+    return;
+  }
+  stop_and_join();
+}
+
+void ThreadPool::stop_and_join() {
   stop_.store(true, std::memory_order_relaxed);
   generation_.fetch_add(1, std::memory_order_release);
   futex_wake(&generation_, INT_MAX);

@@ -9,12 +9,19 @@
 // condition variable + mutex made woken workers queue on the mutex, one
 // wake-up IPI after another (milliseconds per layer on a VM). The caller
 // spins, then sleeps, until the last worker is done.
-// Optional pinning: worker i runs on cpus[i % cpus.size()].
+// Optional pinning: worker i runs on cpus[i % cpus.size()]; every id must be a
+// core this process may run on (std::invalid_argument naming it otherwise).
+// Construction either starts every worker or throws std::runtime_error (the
+// system refused a thread: limits, memory) after stopping the ones it started.
+// Destruction in a forked child (where the workers do not exist) leaks their
+// handles instead of joining them.
 //
 // Thread-safety: parallel_for may be called by one thread at a time (the
 // Context's dispatcher). An exception thrown by any task stops the claiming of
 // new tasks; the first one is rethrown from parallel_for with its message.
 #pragma once
+
+#include <sys/types.h>
 
 #include <atomic>
 #include <cstdint>
@@ -42,7 +49,10 @@ class ThreadPool {
   void worker_loop(int worker);
   void run_tasks(int worker);
 
+  void stop_and_join();
+
   const int num_threads_;
+  const pid_t pid_;  // the creating process (fork detection)
   const std::vector<int> cpus_;
   std::vector<std::thread> threads_;
 

@@ -89,10 +89,16 @@ WeightStore::WeightStore(int E, int H, int I, const ExpertsOptions& options,
       spec_(options.quant_spec()),
       transposed_copy_(options.backward_weights == BackwardWeights::kTransposedCopy),
       kernels_(&kernels),
-      layout_(layout_for(E, H, I, options)) {
+      layout_(layout_for(E, H, I, options)),
+      loaded_(new std::atomic<uint8_t>[size_t(E)]) {
   for (int p = 0; p < 3; ++p)
     for (int k = 0; k < kKinds; ++k)
       buf_[p][k].resize(layout_.stride[p][k] * size_t(E), kBufferAlign);
+  for (int e = 0; e < E; ++e) loaded_[e].store(0, std::memory_order_relaxed);
+}
+
+void WeightStore::mark_all_loaded() {
+  for (int e = 0; e < E_; ++e) loaded_[e].store(1, std::memory_order_release);
 }
 
 size_t WeightStore::weight_bytes() const {
@@ -148,6 +154,8 @@ void WeightStore::load_expert(int e, const void* gate, const void* up, const voi
                                 std::to_string(E_) + ")");
   }
   check_dtype(dtype, "expert weights");
+  // Not loaded until every buffer is rewritten (a failed reload leaves it so).
+  loaded_[e].store(0, std::memory_order_release);
   const kernels::SrcType st = src_type(dtype);
   const void* src[3] = {gate, up, down};
   // HF layout is [out, in] = [N, K] for the forward product x W^T.
@@ -168,6 +176,7 @@ void WeightStore::load_expert(int e, const void* gate, const void* up, const voi
                       at<bf16>(p, Kind::kTransposedBf16, e));
     }
   }
+  loaded_[e].store(1, std::memory_order_release);
 }
 
 void WeightStore::fill_transposed_copy(Proj p, int e) {
@@ -185,6 +194,7 @@ void WeightStore::load_expert_published(int e, const PublishedWeight (&w)[3]) {
     throw std::invalid_argument("moetune: expert id " + std::to_string(e) + " outside [0, " +
                                 std::to_string(E_) + ")");
   }
+  loaded_[e].store(0, std::memory_order_release);  // as load_expert: loaded once all is rewritten
   for (Proj p : kAllProjs) {
     const Dims d = dims(p);
     const PublishedWeight& src = w[idx(p)];
@@ -194,6 +204,7 @@ void WeightStore::load_expert_published(int e, const PublishedWeight (&w)[3]) {
                             std::string(proj_name(p)) + "_proj of expert " + std::to_string(e));
     fill_transposed_copy(p, e);
   }
+  loaded_[e].store(1, std::memory_order_release);
 }
 
 void WeightStore::load_biases(const void* gate, const void* up, const void* down, DType dtype) {

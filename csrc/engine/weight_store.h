@@ -32,8 +32,10 @@
 // reads the weights is the caller's error.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -95,6 +97,7 @@ class WeightStore {
 
   // Packs (bf16) or quantizes expert e from HF rows: gate/up [I, H], down
   // [H, I], bf16 (bit-exact) or f32 (rounded to bf16 / quantized from f32).
+  // Marks e loaded once every buffer of it is written.
   void load_expert(int e, const void* gate, const void* up, const void* down, DType dtype);
   // One projection's published codes and scales (kernels/quant_published.h
   // gives the layouts per format); strides in bytes (codes) / elements (scales).
@@ -111,6 +114,11 @@ class WeightStore {
   // std::invalid_argument naming the projection, expert and element for a bad
   // code or scale. Callers check the arrays' shapes (published_scale_shape).
   void load_expert_published(int e, const PublishedWeight (&w)[3]);
+  // The loaded mask: the buffers are allocated uninitialised, so compute on
+  // an expert never loaded would read garbage (MoeExperts refuses it).
+  // mark_all_loaded: every buffer was filled through buffers() (a disk cache).
+  bool loaded(int e) const { return loaded_[e].load(std::memory_order_acquire) != 0; }
+  void mark_all_loaded();
   // gate, up [E, I], down [E, H], bf16 or f32, kept as fp32; nullptr = that
   // bias absent (replacing an earlier one).
   void load_biases(const void* gate, const void* up, const void* down, DType dtype);
@@ -187,6 +195,8 @@ class WeightStore {
   Layout layout_;
   Buf<uint8_t> buf_[3][kKinds];
   Buf<float> bias_[3];  // [E, I], [E, I], [E, H] fp32; empty = absent
+  // [E]: expert e fully written (distinct experts load concurrently: atomics).
+  std::unique_ptr<std::atomic<uint8_t>[]> loaded_;
 };
 
 }  // namespace moetune

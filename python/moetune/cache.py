@@ -23,9 +23,16 @@ is the commit point); the previous data file is deleted afterwards. A crash
 leaves either the old entry or the new one, never a mix (a later save removes
 a crashed writer's leftovers). Writers in `directory` take turns on an
 exclusive flock of the directory (several processes loading one model, e.g.
-the ranks of `accelerate launch`); readers take no lock: a reader that meets
-a half-replaced entry finds a missing file or a checksum mismatch and
-rebuilds.
+the ranks of `accelerate launch`); readers take no lock: a reader opens the
+data file its manifest names and reads through that open file, so a writer
+replacing the entry meanwhile cannot change what it reads; if the file was
+already replaced, the reader reads the new manifest and tries again. So a
+reader sees either the old complete entry or the new one.
+
+A manifest that is not the expected structure (not an object, buffers not a
+list of {name, offset, nbytes, crc32} with offsets inside the data, a data
+file name with a path in it, ...) is damaged: the reason is reported and
+load_or_build rebuilds the entry, never a crash.
 
 What is cached: the packed weight buffers, which depend on the options in
 PACKED_OPTIONS (weight_format, group_size, backward_weights; the manifest
@@ -209,13 +216,46 @@ def _save_locked(experts: MoEExperts, d: Path, name: str, manifest: dict) -> Pat
 
 
 def _read_manifest(path: Path):
+    """The manifest dict; None if absent; else the reason it is unusable (a str)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            m = json.loads(f.read())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         return f"unreadable manifest {path.name}: {e}"
+    problem = _manifest_problem(m)
+    return f"malformed manifest {path.name}: {problem}" if problem else m
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _manifest_problem(m) -> str | None:
+    """What is wrong with the structure of a parsed manifest (None: well-formed)."""
+    if not isinstance(m, dict):
+        return f"not a JSON object ({type(m).__name__})"
+    df = m.get("data_file")
+    if not isinstance(df, str) or not df or Path(df).name != df or df in (".", ".."):
+        return f"data_file {df!r} is not a file name"
+    size = m.get("data_bytes")
+    if not _is_int(size) or size < 0:
+        return f"data_bytes {size!r} is not a size"
+    bufs = m.get("buffers")
+    if not isinstance(bufs, list):
+        return "buffers is not a list"
+    for i, b in enumerate(bufs):
+        if not isinstance(b, dict) or not isinstance(b.get("name"), str):
+            return f"buffers[{i}] is not an object with a name"
+        for k in ("offset", "nbytes", "crc32"):
+            if not _is_int(b.get(k)) or b[k] < 0:
+                return f"buffers[{i}].{k} = {b.get(k)!r} (a non-negative integer expected)"
+        if b["offset"] + b["nbytes"] > size:
+            return f"buffers[{i}] [{b['offset']}, +{b['nbytes']}) lies outside data_bytes {size}"
+        if b["crc32"] >= 1 << 32:
+            return f"buffers[{i}].crc32 = {b['crc32']} is not a CRC-32"
+    return None
 
 
 def load(
@@ -241,42 +281,56 @@ def load(
     options = ExpertsOptions.resolve(options, **option_kwargs)
     d = Path(directory)
     name = entry_name(key)
-    m = _read_manifest(d / f"{name}.json")
-    if m is None:
-        return None, "miss: no cache entry"
-    if isinstance(m, str):
-        return None, m
     want = _expected(key, json.loads(json.dumps(source)), num_experts, hidden_size, intermediate_size, options)
-    for field, value in want.items():
-        if m.get(field) != value:
-            what = "stale source" if field == "source" else f"mismatched {field}"
-            return None, f"{what}: {_difference(m.get(field, _ABSENT), value)}"
-    data = d / Path(str(m.get("data_file", ""))).name
-    try:
-        size = data.stat().st_size
-    except OSError:
-        return None, f"missing data file {data.name}"
-    if size != m.get("data_bytes"):
-        return None, f"truncated data file {data.name}: {size} bytes, manifest says {m.get('data_bytes')}"
+    for _attempt in range(_REPLACED_RETRIES):
+        m = _read_manifest(d / f"{name}.json")
+        if m is None:
+            return None, "miss: no cache entry"
+        if isinstance(m, str):
+            return None, m
+        for field, value in want.items():
+            if m.get(field) != value:
+                what = "stale source" if field == "source" else f"mismatched {field}"
+                return None, f"{what}: {_difference(m.get(field, _ABSENT), value)}"
+        data = d / m["data_file"]
+        try:
+            f = open(data, "rb", buffering=0)
+        except FileNotFoundError:
+            continue  # replaced by a writer since the manifest was read: read the new one
+        except OSError as e:
+            return None, f"unreadable data file {data.name}: {e}"
+        with f:
+            return _read_entry(f, m, data, ctx, num_experts, hidden_size, intermediate_size, options, biases, progress)
+    return None, f"missing data file {data.name} (the entry kept being replaced while reading)"
+
+
+_REPLACED_RETRIES = 20
+
+
+def _read_entry(f, m, data, ctx, num_experts, hidden_size, intermediate_size, options, biases, progress):
+    """The experts from the open data file f of manifest m (checked), or (None, reason)."""
+    size = os.fstat(f.fileno()).st_size
+    if size != m["data_bytes"]:
+        return None, f"truncated data file {data.name}: {size} bytes, manifest says {m['data_bytes']}"
     ex = MoEExperts.empty(ctx, num_experts, hidden_size, intermediate_size, options)
     bufs = ex.packed_buffers()
-    layout = [(b["name"], b["nbytes"]) for b in m.get("buffers", [])]
+    layout = [(b["name"], b["nbytes"]) for b in m["buffers"]]
     if layout != [(b.name, len(memoryview(b.array))) for b in bufs]:
         return None, f"mismatched buffer layout: cache has {layout}"
-    with open(data, "rb", buffering=0) as f:
-        for buf, b in zip(bufs, m["buffers"]):
-            view = memoryview(buf.array).cast("B")  # the engine's own memory, filled in place
-            f.seek(b["offset"])
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got : got + _CHUNK])
-                if not n:
-                    return None, f"truncated data file {data.name} in buffer {buf.name}"
-                got += n
-                if progress is not None:
-                    progress(n)
-            if _crc(view) != b["crc32"]:
-                return None, f"corrupted data file {data.name}: checksum of buffer {buf.name} differs"
+    for buf, b in zip(bufs, m["buffers"]):
+        view = memoryview(buf.array).cast("B")  # the engine's own memory, filled in place
+        f.seek(b["offset"])
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got : got + _CHUNK])
+            if not n:
+                return None, f"truncated data file {data.name} in buffer {buf.name}"
+            got += n
+            if progress is not None:
+                progress(n)
+        if _crc(view) != b["crc32"]:
+            return None, f"corrupted data file {data.name}: checksum of buffer {buf.name} differs"
+    ex._ex.mark_loaded()  # every packed byte came from the verified entry
     if biases is not None:
         ex.load_biases(*biases)
     return ex, "hit"

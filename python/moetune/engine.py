@@ -415,6 +415,11 @@ class EngineCall:
         self._busy0 = experts.ctx.busy_seconds()
         self.handle, self.job = experts._ex.forward(xh, ids, wh, mask, _ext_lora(self.lora_h, scaling), self.out)
         self.keep = (xh, ids, wh, mask)  # read by the engine until the job is waited on
+        # The engine reads these while the job runs: an in-place edit before the wait would mix
+        # old and new values into the result, so it is detected there (version counters).
+        self._reads = _Versions(
+            {"x": xh, "topk_ids": ids, "topk_weights": wh, "expert_mask": mask, **_lora_names(self.lora_h)}
+        )
 
     def _wait(self, job) -> None:
         t0 = time.perf_counter()
@@ -428,6 +433,7 @@ class EngineCall:
         self._wait(self.job)
         out, self.out = self.out, None
         self.job = self.keep = None
+        self._reads.check("the engine forward (moe_experts_async ... wait())")
         return out
 
     def submit_backward(
@@ -450,6 +456,7 @@ class EngineCall:
         )
         self.grads = (dx, dw, grads)
         self.keep = g  # read by the engine until the job is waited on
+        self._reads = _Versions({"grad_out": g, **_lora_names(self.lora_h)})
 
     @property
     def backward_started(self) -> bool:
@@ -461,6 +468,7 @@ class EngineCall:
         self._wait(self.bwd_job)
         self.bwd_job = self.keep = None
         grads, self.grads = self.grads, None
+        self._reads.check("the engine backward")
         return grads
 
     def __del__(self):
@@ -471,6 +479,28 @@ class EngineCall:
                     job.wait()
                 except Exception:  # its error was (or will be) reported where it was awaited
                     pass
+
+
+def _lora_names(flat) -> dict:
+    return {f"lora.{_PROJ[i // 2]}.{'AB'[i % 2]}": t for i, t in enumerate(flat)}
+
+
+class _Versions:
+    """The version counters of the tensors a queued job reads (views and detached aliases share
+    their base's counter, so an in-place edit of the caller's tensor shows here; a private host
+    copy is never edited)."""
+
+    def __init__(self, tensors: dict):
+        self.seen = [(n, t, t._version) for n, t in tensors.items() if t is not None and not t.is_inference()]
+
+    def check(self, what: str) -> None:
+        changed = [n for n, t, v in self.seen if t._version != v]
+        self.seen = []
+        if changed:
+            raise RuntimeError(
+                f"moetune: {', '.join(changed)} modified in place while {what} was reading it: the "
+                "result would mix old and new values; edit only after wait() (or pass a clone)"
+            )
 
 
 class _Pending:

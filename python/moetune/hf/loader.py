@@ -427,15 +427,28 @@ def _load_layer(
 
         def one(e):
             if keep:
-                engine.load_expert_published(e, *published.read_published(r, ep, e, quant))
+                try:
+                    engine.load_expert_published(e, *published.read_published(r, ep, e, quant))
+                except ValueError as err:  # a bad published code / scale: name the layer too
+                    raise ValueError(f"moetune: layer {ep.qual}, expert {e}: {err}") from None
                 return
             g, u, d = _read_expert(r, ep, e, block, quant)
-            engine.load_expert(e, g, u, d)
+            try:
+                engine.load_expert(e, g, u, d)
+            except ValueError as err:  # e.g. a non-finite weight at quantization: name the layer too
+                raise ValueError(f"moetune: layer {ep.qual}, expert {e}: {err}") from None
 
         per = ep.src_bytes // ep.E
-        for fut in cf.as_completed([pool.submit(one, e) for e in range(ep.E)]):
-            fut.result()
-            bar.update(per)  # per expert: a live bytes/s
+        futs = [pool.submit(one, e) for e in range(ep.E)]
+        try:
+            for fut in cf.as_completed(futs):
+                fut.result()
+                bar.update(per)  # per expert: a live bytes/s
+        except BaseException:  # the reader closes its files below: no expert may still read them
+            for fut in futs:
+                fut.cancel()
+            cf.wait(futs)
+            raise
         bar.update(ep.src_bytes - per * ep.E)
     if cache is not None:
         cache.store(engine, ep)

@@ -19,6 +19,7 @@ from moetune.options import ExpertsOptions
 from moetune.placement.options import MODES as PLACEMENT_MODES
 from moetune.placement.options import PlacementOptions
 from moetune.train import aliases, formats
+from moetune.train.ranges import Range, check_ranges
 from moetune.weight_formats import weight_formats
 
 
@@ -298,29 +299,9 @@ class TrainConfig:
         self.resume = normalize_resume(self.resume)
         for name, f in self.fields().items():
             setattr(self, name, _coerce(name, f, getattr(self, name)))
-        pos = ("lora_rank", "max_length", "micro_batch_size", "grad_accum", "keep_checkpoints", "max_new_tokens")
-        for name in pos:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "eval_every", "warmup_steps", "lora_dropout", "weight_decay", "log_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.expert_gpu_budget_gib is not None and self.expert_gpu_budget_gib < 0:
-            raise ConfigError(f"expert_gpu_budget_gib must be >= 0 (or unset), got {self.expert_gpu_budget_gib}")
-        for name in ("max_steps", "engine_threads", "torch_threads", "stop_after_steps"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{name} must be >= 1 (or unset), got {v}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr <= 0 or self.epochs <= 0:
-            raise ConfigError(f"lr and epochs must be > 0, got lr={self.lr}, epochs={self.epochs}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"betas must be two floats in [0, 1), got {self.betas}")
+        if len(self.betas) != 2 or not all(RANGES["betas"].contains(b) for b in self.betas):
+            raise ConfigError(f"betas must be two floats {RANGES['betas']}, got {self.betas}")
+        check_ranges(self.to_dict(), RANGES, ConfigError)
         if not (self.lora_attention or self.lora_mlp or self.lora_experts):
             raise ConfigError("nothing to train: lora_attention, lora_mlp and lora_experts are all false")
         devs = self.device.split(",")
@@ -420,6 +401,42 @@ def _resolve_hub_id(model: str) -> str:
         raise ConfigError(f"model: {e}") from None
 
 
+# The valid range of every numeric option (the one table: validate() checks it before anything
+# is loaded; tests/python/test_train_ranges.py checks that every int / float option has an entry
+# or a list of choices). Unset (None) stays allowed for the optional ones.
+RANGES: dict[str, Range] = {
+    "engine_threads": Range(1),
+    "torch_threads": Range(1),
+    "expert_gpu_budget_gib": Range(0),
+    "eval_fraction": Range(0, 1, hi_open=True),
+    "max_length": Range(1),
+    "lora_rank": Range(1),
+    "lora_alpha": Range(0, lo_open=True),  # 0: scaling 0, the adapter never changes the model
+    "lora_dropout": Range(0, 1, hi_open=True),
+    "seed": Range(0),
+    "lr": Range(0, lo_open=True),
+    "betas": Range(0, 1, hi_open=True),
+    "weight_decay": Range(0),
+    "adam_eps": Range(0, lo_open=True),
+    "warmup_steps": Range(0),
+    "max_steps": Range(1),
+    "epochs": Range(0, lo_open=True),
+    "micro_batch_size": Range(1),
+    "grad_accum": Range(1),
+    "max_grad_norm": Range(0, lo_open=True),  # < 0 ascends, 0 zeroes every step; unset: no clipping
+    "save_every": Range(0),
+    "keep_checkpoints": Range(1),
+    "eval_every": Range(0),
+    "log_every": Range(1),  # the step counter is taken modulo it
+    "stop_after_steps": Range(1),
+    "max_new_tokens": Range(1),
+    "warmup_ratio": Range(0, 1, hi_open=True),
+    "num_proc": Range(1),
+    "print_every": Range(1),
+    "sample_records": Range(0),
+}
+
+
 def field_type(f: dataclasses.Field) -> tuple[str, bool]:
     """(base type, optional) of a TrainConfig field from its annotation (a string under
     `from __future__ import annotations`): base is one of bool, int, float, str, list[float],
@@ -501,7 +518,7 @@ def load_yaml(path: str, notes: list[str] | None = None) -> dict[str, Any]:
     with open(path) as fh:
         try:
             raw = yaml.safe_load(fh)
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
     if raw is None:
         return {}
@@ -587,6 +604,20 @@ RESUME_FIXED = (
     "data_columns",
     "data_roles",
     "chat_template",
+    # The optimizer and the learning-rate schedule: a checkpoint restores AdamW's param groups
+    # (lr, betas, eps, weight decay) and the scheduler (its base lr and the step count it
+    # plans for), so a changed value would be silently overridden, or (steps, schedule,
+    # warmup) make the rate jump. Resume refuses a change; to train on with other settings,
+    # start a new run from the saved adapter.
+    "lr",
+    "betas",
+    "weight_decay",
+    "adam_eps",
+    "schedule",
+    "warmup_steps",
+    "warmup_ratio",
+    "max_steps",
+    "epochs",
 )
 
 
@@ -609,7 +640,11 @@ def check_resume_compatible(cfg: TrainConfig, path: str) -> None:
         f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED if k in old and old[k] != getattr(cfg, k)
     ]
     if changed:
-        raise ConfigError(f"resume: these settings differ from the run being resumed ({path}): {'; '.join(changed)}")
+        raise ConfigError(
+            f"resume: these settings differ from the run being resumed ({path}): {'; '.join(changed)} "
+            "(a resumed run keeps the model, data, adapter, optimizer and schedule settings it was "
+            "started with; stop_after_steps and the run options may change)"
+        )
 
 
 def flag_name(name: str) -> str:
