@@ -239,9 +239,12 @@ class _Run:
     def resume(self, resume_from: str | None) -> None:
         """Restores the state of `resume_from` (if any), then opens the run's metrics log."""
         if resume_from is not None:
-            resume_from, st = checkpoint.load_latest_intact(
-                self.out_dir, model=self.pm, optimizer=self.opt, scheduler=self.sched, say=self.say
-            )
+            if self.cfg.resume == "latest":  # this run's newest intact checkpoint (a damaged one falls back)
+                resume_from, st = checkpoint.load_latest_intact(
+                    self.out_dir, model=self.pm, optimizer=self.opt, scheduler=self.sched, say=self.say
+                )
+            else:  # the checkpoint the user named: exactly that one, or a clear error
+                st = checkpoint.load(resume_from, model=self.pm, optimizer=self.opt, scheduler=self.sched)
             self.stream.load_state(st["data"])
             self.step, self.tokens = st["step"], st["tokens"]
             self.target_tokens, self.prior_wall = st["target_tokens"], st["wall_seconds"]
