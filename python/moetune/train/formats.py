@@ -96,21 +96,31 @@ class Record:
 
 
 # ----------------------------------------------------------------- sources
-def parse_spec(spec: str) -> list[Source]:
-    """`a.jsonl, shards/:0.5, org/name:2` -> sources with weights."""
+def _spec_parts(spec: str) -> list[tuple[str, str | None]]:
+    """The non-empty comma-separated sources of `spec` as (path or name, the `:W` weight text or
+    None); a suffix after the last colon that is not a number belongs to the name."""
     out = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
-        weight = 1.0
         head, sep, tail = part.rpartition(":")
         if sep and head:
             try:
-                weight = float(tail)
+                float(tail)
             except ValueError:
-                head = part
+                pass
             else:
-                part = head
+                out.append((head, tail))
+                continue
+        out.append((part, None))
+    return out
+
+
+def parse_spec(spec: str) -> list[Source]:
+    """`a.jsonl, shards/:0.5, org/name:2` -> sources with weights."""
+    out = []
+    for part, tail in _spec_parts(spec):
+        weight = 1.0 if tail is None else float(tail)
         if not math.isfinite(weight) or weight <= 0:
             raise FormatError(f"{spec!r}: the weight of {part!r} must be a positive number, got {weight}")
         out.append(Source(part, weight))
@@ -129,22 +139,10 @@ def absolute_spec(spec: str) -> str:
     """`spec` with each source that is an existing local path made absolute (Hub names, paths
     that do not exist and the `:W` weights are kept as written)."""
     parts = []
-    for raw in spec.split(","):
-        part = raw.strip()
-        if not part:
-            continue
-        path, suffix = part, ""
-        head, sep, tail = part.rpartition(":")
-        if sep and head:
-            try:
-                float(tail)
-            except ValueError:
-                pass
-            else:
-                path, suffix = head, ":" + tail
+    for path, tail in _spec_parts(spec):
         if not os.path.isabs(path) and os.path.exists(path):
             path = os.path.abspath(path)
-        parts.append(path + suffix)
+        parts.append(path if tail is None else f"{path}:{tail}")
     return ",".join(parts)
 
 
