@@ -3,7 +3,6 @@ threads, NUMA / SMT), as text or --json. `moetune --version` prints the first li
 
 from __future__ import annotations
 
-import glob
 import importlib.metadata as md
 import json
 import os
@@ -32,15 +31,10 @@ def _version(name: str) -> str | None:
 
 
 def _numa_nodes() -> list[str]:
-    """NUMA nodes and their CPU lists (Linux sysfs; empty elsewhere)."""
-    out = []
-    for d in sorted(glob.glob("/sys/devices/system/node/node[0-9]*")):
-        try:
-            with open(os.path.join(d, "cpulist")) as f:
-                out.append(f"{os.path.basename(d)}: cpus {f.read().strip()}")
-        except OSError:
-            pass
-    return out
+    """NUMA nodes and the CPUs of each this process may use (moetune.topology)."""
+    from moetune.topology import format_cpulist, numa_nodes
+
+    return [f"node{n.index}: cpus {format_cpulist(n.cpus)}" for n in numa_nodes()]
 
 
 def _smt() -> str | None:
