@@ -178,6 +178,7 @@ def run_method(method: str, a) -> list:
                 gpu_budget_gib=budget,
                 device=a.device,
                 warmup_steps=1,
+                max_tokens=max(a.seq),
                 **({} if a.refresh_every is None else {"refresh_every": a.refresh_every}),
                 calibrate=not a.smoke,
                 trace=trace,
