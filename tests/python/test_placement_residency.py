@@ -180,8 +180,12 @@ def test_auto_budget_reserves_activations_of_longer_forwards():
     times: a 4x longer forward than the measured one keeps 3 more activations' worth free."""
     total = 80 * GIB
     mem = GpuMemory(
-        total=total, free=total - 20 * GIB, reserved=20 * GIB, peak_reserved=30 * GIB,
-        allocated=12 * GIB, peak_allocated=28 * GIB,
+        total=total,
+        free=total - 20 * GIB,
+        reserved=20 * GIB,
+        peak_reserved=30 * GIB,
+        allocated=12 * GIB,
+        peak_allocated=28 * GIB,
     )
     base = auto_budget_bytes(mem, resident_bytes=4 * GIB, margin_bytes=0, margin_fraction=0.0)
     assert base == total - 26 * GIB
@@ -195,13 +199,30 @@ def test_policy_token_scale_from_hint_and_from_the_longest_call_seen():
     model = CostModel(QWEN)
     total = 80 * GIB
     probe_mem = GpuMemory(
-        total=total, free=total - 10 * GIB, reserved=10 * GIB, peak_reserved=12 * GIB,
-        allocated=4 * GIB, peak_allocated=10 * GIB,
+        total=total,
+        free=total - 10 * GIB,
+        reserved=10 * GIB,
+        peak_reserved=12 * GIB,
+        allocated=4 * GIB,
+        peak_allocated=10 * GIB,
     )
-    hinted = ResidencyPolicy(Scheduler(model), budget="auto", memory_probe=lambda: probe_mem,
-                             warmup_steps=1, margin_bytes=0, margin_fraction=0.0, max_tokens=16384)
-    plain = ResidencyPolicy(Scheduler(model), budget="auto", memory_probe=lambda: probe_mem,
-                            warmup_steps=1, margin_bytes=0, margin_fraction=0.0)
+    hinted = ResidencyPolicy(
+        Scheduler(model),
+        budget="auto",
+        memory_probe=lambda: probe_mem,
+        warmup_steps=1,
+        margin_bytes=0,
+        margin_fraction=0.0,
+        max_tokens=16384,
+    )
+    plain = ResidencyPolicy(
+        Scheduler(model),
+        budget="auto",
+        memory_probe=lambda: probe_mem,
+        warmup_steps=1,
+        margin_bytes=0,
+        margin_fraction=0.0,
+    )
     for pol in (hinted, plain):
         assert pol.token_scale() == 1.0  # nothing observed yet
         pol.observe_tokens(4096)

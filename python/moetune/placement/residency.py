@@ -192,7 +192,9 @@ class ResidencyPolicy:
         margin_fraction: float = DEFAULT_MARGIN_FRACTION,
         max_tokens: int | None = None,
     ):
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
             raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
         if isinstance(budget, str):
             if budget != "auto":
