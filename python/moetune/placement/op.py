@@ -358,8 +358,10 @@ def _lora_rows(lora, index: _ActiveIndex, device) -> dict[str, tuple[torch.Tenso
         r8 = _pad8(r)
         pieces = []
         for t, dim in ((A, 1), (B, 2)):
+            # Contiguous [n, r, in] / [n, out, r] either way: PEFT's factors may be transposed
+            # views, and the grouped GEMMs are fastest on (and were tuned with) row-major groups.
             rows = t.detach() if index.identity else t.detach().index_select(0, index.on(t.device))
-            rows = rows.to(BF16)
+            rows = rows.to(BF16).contiguous()
             if r8 != r:
                 shape = list(rows.shape)
                 shape[dim] = r8
