@@ -51,6 +51,10 @@ struct ContextOptions {
   int num_threads = 1;
   std::vector<int> cpus;            // optional pinning, worker i -> cpus[i % n]
   std::optional<kernels::Isa> isa;  // force an ISA (error if the CPU lacks it); else the fastest
+  // Optional NUMA partitions, one CPU set per node (engine/partitions.h): the
+  // workers split per partition, each expert's weights and GEMM tasks on one
+  // partition. Empty = none; not together with cpus.
+  CpuSets partitions;
 };
 
 class Job {
@@ -97,6 +101,11 @@ class Context {
         reinterpret_cast<T*>(workspace_[slot].reserve((n * sizeof(T) + 63) / 64 * 64))};
   }
   int num_threads() const { return pool_.size(); }
+  // NUMA partitions (1 without partitioning) and their CPU sets.
+  int num_partitions() const { return pool_.partitions(); }
+  const CpuSets& partition_cpus() const { return pool_.partition_cpus(); }
+  // Tasks run by each partition's workers in partitioned loops (profiling, tests).
+  std::vector<int64_t> partition_task_counts() const { return pool_.partition_task_counts(); }
   std::string info() const;
 
   // Enqueue work; it runs on the dispatcher thread, which may call
@@ -108,6 +117,11 @@ class Context {
   // `phase` names the loop in the phase profile (a string literal).
   void parallel_for(const char* phase, int64_t n,
                     const std::function<void(int64_t task, Arena& scratch)>& fn);
+  // The same with tasks [begin[p], begin[p+1]) run only by workers of NUMA
+  // partition p (begin: num_partitions() + 1 offsets); with one partition it
+  // is parallel_for(phase, begin.back(), fn).
+  void parallel_for_partitioned(const char* phase, const std::vector<int64_t>& begin,
+                                const std::function<void(int64_t task, Arena& scratch)>& fn);
 
   // Wall time spent in each named phase since the last reset, in seconds,
   // and the number of calls. Cheap (two clock reads per phase), always on.
@@ -116,6 +130,7 @@ class Context {
 
  private:
   void dispatcher_loop();
+  void record_phase(const char* phase, double seconds);
 
   ContextOptions options_;
   const kernels::KernelBundle* kernels_;

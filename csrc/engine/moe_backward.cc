@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "engine/expert_work.h"
 #include "engine/moe_common.h"
 #include "engine/moe_experts.h"
 #include "engine/moe_layout.h"
@@ -92,11 +93,11 @@ class BackwardPass {
         ldi_(layout::ld_bf16(I_)),
         chI_(layout::chunks(I_)),
         chH_(layout::chunks(H_)),
-        n_active_(static_cast<int64_t>(rt_.active.size())),
         ldr_{lora_.gate.enabled() ? layout::ld_bf16(lora_.gate.r) : 0,
              lora_.up.enabled() ? layout::ld_bf16(lora_.up.r) : 0,
              lora_.down.enabled() ? layout::ld_bf16(lora_.down.r) : 0},
-        blocks_(ex.work_blocks(rt_, /*backward=*/true)) {}
+        work_(group_work(ex.work_blocks(rt_, /*backward=*/true), rt_.active, ex.E(),
+                         ctx_.num_partitions())) {}
 
   void run() {
     zero_idle_lora_grads();
@@ -142,8 +143,8 @@ class BackwardPass {
     const int64_t ldr = ldr_[idx(Proj::kDown)];
     qs_ = ctx_.workspace<bf16>(layout::kWsQ, rows_ * ldr).data();
     if (!lora_.down.enabled()) return;
-    ctx_.parallel_for("bwd.lora_reduce_down", n_active_, [&](int64_t i, Arena& a) {
-      const int e = rt_.active[i];
+    ctx_.parallel_for_partitioned("bwd.lora_reduce_down", work_.active_begin, [&](int64_t i, Arena& a) {
+      const int e = work_.active[i];
       const int64_t off = rt_.offsets[e];
       lora_back_reduce(k_, ew_, lora_.down, sc_, e, H_, dog_ + off * ldh_, ldh_, rt_.count(e), a,
                        qs_ + off * ldr, ldr);
@@ -156,9 +157,8 @@ class BackwardPass {
     dgb_ = ctx_.workspace<bf16>(layout::kWsDg, rows_ * ldi_).data();
     dub_ = ctx_.workspace<bf16>(layout::kWsDu, rows_ * ldi_).data();
     dwp_ = ctx_.workspace<float>(layout::kWsDwPart, rows_ * chI_).data();
-    const int64_t n_blocks = static_cast<int64_t>(blocks_.size());
-    ctx_.parallel_for("bwd.down_act", n_blocks * chI_, [&](int64_t task, Arena& a) {
-      down_act_task(blocks_[task / chI_], task % chI_, a);
+    ctx_.parallel_for_partitioned("bwd.down_act", ExpertWork::tasks(work_.block_begin, chI_), [&](int64_t task, Arena& a) {
+      down_act_task(work_.blocks[task / chI_], task % chI_, a);
     });
   }
 
@@ -224,8 +224,8 @@ class BackwardPass {
     pg_ = ctx_.workspace<bf16>(layout::kWsPg, rows_ * ldr_[idx(Proj::kGate)]).data();
     pu_ = ctx_.workspace<bf16>(layout::kWsPu, rows_ * ldr_[idx(Proj::kUp)]).data();
     if (!lora_.any()) return;
-    ctx_.parallel_for("bwd.lora_grads", n_active_, [&](int64_t i, Arena& a) {
-      const int e = rt_.active[i];
+    ctx_.parallel_for_partitioned("bwd.lora_grads", work_.active_begin, [&](int64_t i, Arena& a) {
+      const int e = work_.active[i];
       const int64_t off = rt_.offsets[e], n = rt_.count(e);
       if (lora_.down.enabled()) lora_grads_down(e, off, n, a);
       PackedB xpack{};
@@ -274,9 +274,8 @@ class BackwardPass {
   // dx rows, fused over gate, up and their LoRA.
   void dx_rows() {
     dxr_ = ctx_.workspace<float>(layout::kWsDx, rows_ * H_).data();
-    const int64_t n_blocks = static_cast<int64_t>(blocks_.size());
-    ctx_.parallel_for("bwd.dx", n_blocks * chH_, [&](int64_t task, Arena& a) {
-      const RowBlock& blk = blocks_[task / chH_];
+    ctx_.parallel_for_partitioned("bwd.dx", ExpertWork::tasks(work_.block_begin, chH_), [&](int64_t task, Arena& a) {
+      const RowBlock& blk = work_.blocks[task / chH_];
       const int e = blk.e;
       const int64_t h0 = (task % chH_) * layout::kChunk, h1 = std::min(H_, h0 + layout::kChunk);
       const int64_t nc = h1 - h0, off = blk.r0, n = blk.r1 - blk.r0;
@@ -342,9 +341,10 @@ class BackwardPass {
   const LoraSet& lora_;
   const LoraGrads& gr_;
   const float sc_;
-  const int64_t T_, H_, I_, rows_, ldh_, ldi_, chI_, chH_, n_active_;
+  const int64_t T_, H_, I_, rows_, ldh_, ldi_, chI_, chH_;
   const int64_t ldr_[3];  // LoRA rank-side row strides per projection (0 = off)
-  const std::vector<RowBlock> blocks_;
+  // GEMM row blocks and active experts, grouped by NUMA partition.
+  const ExpertWork work_;
   bf16* xg_ = nullptr;  // [rows, ldh] gathered x, dout
   bf16* dog_ = nullptr;
   bf16* qs_ = nullptr;  // [rows, ldr_down] s * dout Bd
