@@ -616,8 +616,8 @@ void bind_experts(nb::module_& m) {
             Job job = ex.forward_async(forward_args(ex, x, ids, w, mask, lora, out), &saved);
             std::vector<Array> reads = {x, ids, w};
             if (mask) reads.push_back(*mask);
-            return std::make_pair(saved, CallJob(std::move(job), std::move(reads), {out}, lora,
-                                                 std::nullopt));
+            return std::make_pair(
+                saved, CallJob(std::move(job), std::move(reads), {out}, lora, std::nullopt));
           },
           "x"_a, "topk_ids"_a, "topk_weights"_a, "expert_mask"_a.none(), "lora"_a, "out"_a)
       .def(
@@ -626,7 +626,8 @@ void bind_experts(nb::module_& m) {
              const LoraArrays& lora, std::optional<OutArray> dx, std::optional<OutArray> dw,
              const LoraGradArrays& grads) {
             if (!saved) throw std::invalid_argument("backward needs the handle from forward");
-            Job job = ex.backward_async(saved, backward_args(ex, *saved, dout, lora, dx, dw, grads));
+            Job job =
+                ex.backward_async(saved, backward_args(ex, *saved, dout, lora, dx, dw, grads));
             std::vector<OutArray> writes;
             if (dx) writes.push_back(*dx);
             if (dw) writes.push_back(*dw);

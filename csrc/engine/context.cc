@@ -76,7 +76,8 @@ std::string Context::info() const {
   std::string parts;
   if (num_partitions() > 1) {
     parts = " numa_partitions=";
-    for (int p = 0; p < num_partitions(); ++p) parts += (p ? "|" : "") + cpulist(partition_cpus()[p]);
+    for (int p = 0; p < num_partitions(); ++p)
+      parts += (p ? "|" : "") + cpulist(partition_cpus()[p]);
   }
   return std::string("isa=") + kernels::isa_name(kernels_->isa) + " kernel=" + kernels_->name +
          " threads=" + std::to_string(pool_.size()) + parts + " cpu: " + kernels::cpu_summary();
@@ -130,8 +131,7 @@ void Context::parallel_for(const char* phase, int64_t n,
     a.reset();
     fn(task, a);
   });
-  record_phase(phase,
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  record_phase(phase, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
 void Context::parallel_for_partitioned(const char* phase, const std::vector<int64_t>& begin,
@@ -142,8 +142,7 @@ void Context::parallel_for_partitioned(const char* phase, const std::vector<int6
     a.reset();
     fn(task, a);
   });
-  record_phase(phase,
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  record_phase(phase, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
 void Context::record_phase(const char* phase, double dt) {

@@ -14,9 +14,9 @@
 namespace moetune {
 
 struct ExpertWork {
-  std::vector<RowBlock> blocks;     // grouped by their expert's partition
-  std::vector<int64_t> block_begin;  // [P + 1] first block of each partition
-  std::vector<int32_t> active;       // active experts, grouped likewise
+  std::vector<RowBlock> blocks;       // grouped by their expert's partition
+  std::vector<int64_t> block_begin;   // [P + 1] first block of each partition
+  std::vector<int32_t> active;        // active experts, grouped likewise
   std::vector<int64_t> active_begin;  // [P + 1]
 
   // begin scaled by `per` tasks per item (e.g. column chunks per row block).

@@ -31,8 +31,7 @@ void check_allowed_cpu(int c, const std::string& what) {
   for (int i = 0; i < CPU_SETSIZE; ++i)
     if (CPU_ISSET(i, &allowed)) ok.push_back(i);
   throw std::invalid_argument("moetune: " + what + ": core " + std::to_string(c) +
-                              " is not one this process may run on (allowed: " + cpulist(ok) +
-                              ")");
+                              " is not one this process may run on (allowed: " + cpulist(ok) + ")");
 }
 
 void check_partitions(const CpuSets& partitions, int num_threads) {

@@ -189,8 +189,9 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int)>
 void ThreadPool::parallel_for_partitioned(const std::vector<int64_t>& begin,
                                           const std::function<void(int64_t, int)>& fn) {
   if (static_cast<int>(begin.size()) != num_parts_ + 1 || begin[0] != 0)
-    throw std::logic_error("moetune: parallel_for_partitioned: begin must have partitions() + 1 "
-                           "offsets starting at 0");
+    throw std::logic_error(
+        "moetune: parallel_for_partitioned: begin must have partitions() + 1 "
+        "offsets starting at 0");
   if (num_parts_ == 1) return parallel_for(begin[1], fn);
   const int64_t n = begin.back();
   if (n <= 0) return;

@@ -24,8 +24,8 @@ import torch
 from moetune import _moetune_ext as _ext
 from moetune.isa import isas
 from moetune.numa import NUMA_DEFAULT, numa_partitions
-from moetune.topology import format_cpulist
 from moetune.options import ExpertsOptions
+from moetune.topology import format_cpulist
 
 _PROJ = ("gate", "up", "down")
 

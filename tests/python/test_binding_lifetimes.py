@@ -33,7 +33,10 @@ def _inputs(seed):
     x = rng.standard_normal((T, H), dtype=np.float32)
     ids = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int64)
     w = rng.random((T, K), dtype=np.float32)
-    lora = [rng.standard_normal(s, dtype=np.float32) * 0.1 for s in ((E, R, H), (E, I, R), (E, R, H), (E, I, R), (E, R, I), (E, H, R))]
+    lora = [
+        rng.standard_normal(s, dtype=np.float32) * 0.1
+        for s in ((E, R, H), (E, I, R), (E, R, H), (E, I, R), (E, R, I), (E, H, R))
+    ]
     return x, ids, w, lora
 
 

@@ -8,7 +8,6 @@ with LoRA), the partitions must really run expert tasks, and bad values must be 
 from __future__ import annotations
 
 import pytest
-import torch
 from op_cases import ALL, BF16, F32, I64, Case, assert_results_equal, make_experts, make_inputs, run_engine
 
 import moetune

@@ -87,15 +87,17 @@ TEST(NumaPartitions, InvalidPartitionsAreClearErrors) {
   };
   EXPECT_NE(error_of([&] { ctx(2, {{cpus[0]}, {}}); }).find("partitions[1] is empty"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { ctx(2, {{cpus[0]}, {CPU_SETSIZE + 3}}); })
-                .find("partitions[1]: core " + std::to_string(CPU_SETSIZE + 3) + " is not one"),
+  EXPECT_NE(error_of([&] {
+              ctx(2, {{cpus[0]}, {CPU_SETSIZE + 3}});
+            }).find("partitions[1]: core " + std::to_string(CPU_SETSIZE + 3) + " is not one"),
             std::string::npos);
   EXPECT_NE(error_of([&] { ctx(2, {{cpus[0]}, {-1}}); }).find("core -1 is not one"),
             std::string::npos);
   EXPECT_NE(error_of([&] { ctx(2, {{cpus[0]}, {cpus[0]}}); }).find("also in an earlier partition"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { ctx(1, {{cpus[0]}, {cpus[0]}}); })
-                .find("2 NUMA partitions need at least as many threads, got num_threads=1"),
+  EXPECT_NE(error_of([&] {
+              ctx(1, {{cpus[0]}, {cpus[0]}});
+            }).find("2 NUMA partitions need at least as many threads, got num_threads=1"),
             std::string::npos);
   EXPECT_NE(error_of([&] { ctx(2, {{cpus[0]}}, {cpus[0]}); }).find("either cpus or NUMA"),
             std::string::npos);
@@ -172,7 +174,8 @@ TEST(NumaEngine, BitIdenticalWithAndWithoutPartitions) {
     WeightFormat f;
     int group;
   };
-  for (const Fmt fmt : {Fmt{"bf16", WeightFormat::kBf16, 0}, Fmt{"int4", WeightFormat::kInt4, 32}}) {
+  for (const Fmt fmt :
+       {Fmt{"bf16", WeightFormat::kBf16, 0}, Fmt{"int4", WeightFormat::kInt4, 32}}) {
     for (ActivationPolicy act : {ActivationPolicy::kSave, ActivationPolicy::kRecompute}) {
       EngineCfg base;
       base.opts.weight_format = fmt.f;
@@ -187,10 +190,9 @@ TEST(NumaEngine, BitIdenticalWithAndWithoutPartitions) {
           ec.partitions = parts;
           auto ctx = make_context(ec);
           auto m = make_experts(L, ec, ctx);
-          const std::string tag = std::string(fmt.name) +
-                                  (act == ActivationPolicy::kSave ? " save" : " recompute") +
-                                  " threads=" + std::to_string(threads) +
-                                  " partitions=" + std::to_string(parts.size());
+          const std::string tag =
+              std::string(fmt.name) + (act == ActivationPolicy::kSave ? " save" : " recompute") +
+              " threads=" + std::to_string(threads) + " partitions=" + std::to_string(parts.size());
           expect_bitwise(tag, run_engine(*m, L, b, IoCfg{}), ref);
           if (parts.size() >= 2) {
             const std::vector<int64_t> counts = ctx->partition_task_counts();
