@@ -93,3 +93,15 @@ def test_parse_numa():
     for bad in ("0", "-1", "two", ""):
         with pytest.raises(ValueError):
             numa.parse_numa(bad)
+
+
+def test_moetune_info_reports_partitions(capsys):
+    from moetune.cli import main
+
+    if len(CPUS) >= 2:
+        assert main(["info", "--threads", "2", "--numa", "2"]) == 0
+        assert "'numa_partitions': [" in capsys.readouterr().out
+    assert main(["info", "--threads", "1", "--numa", "2"]) == 2
+    assert "need at least as many engine threads" in capsys.readouterr().err
+    assert main(["info", "--numa", "sockets"]) == 2
+    assert "numa must be" in capsys.readouterr().err
