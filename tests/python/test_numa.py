@@ -105,3 +105,18 @@ def test_moetune_info_reports_partitions(capsys):
     assert "need at least as many engine threads" in capsys.readouterr().err
     assert main(["info", "--numa", "sockets"]) == 2
     assert "numa must be" in capsys.readouterr().err
+
+
+def test_train_option_engine_numa(tmp_path):
+    from moetune.train.config import ConfigError, make_config
+    from moetune.train.model import engine_context
+
+    out = str(tmp_path / "o")
+    assert make_config(None, {"output_dir": out}).engine_numa == numa.NUMA_DEFAULT
+    with pytest.raises(ConfigError, match="engine_numa: numa must be 'off', 'auto' or a number"):
+        make_config(None, {"engine_numa": "sockets", "output_dir": out})
+    cfg = make_config(None, {"engine_numa": 2, "engine_threads": 2, "output_dir": out})  # YAML gives an int
+    assert cfg.engine_numa == "2"
+    if len(CPUS) >= 2:
+        assert engine_context(cfg).numa_partitions == [n.cpus for n in topology.virtual_nodes(2)]
+    assert engine_context(make_config(None, {"engine_threads": 2, "output_dir": out})).numa_partitions == []
