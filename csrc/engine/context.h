@@ -20,6 +20,12 @@
 // throw std::runtime_error (instead of waiting forever), and the destructor
 // leaks the dead threads' handles instead of joining them.
 //
+// NUMA partitions (ContextOptions::partitions, engine/partitions.h): the
+// workers split into one group per node, pinned to its CPUs;
+// parallel_for_partitioned runs each partition's tasks only on its workers
+// (MoeExperts gives each expert's tasks to the partition holding its weights).
+// Without partitions (or with one) every loop is the plain parallel_for.
+//
 // Sharing cores with PyTorch: the engine uses num_threads threads (the
 // dispatcher is worker 0). Give torch the other cores (torch.set_num_threads)
 // or pin the engine with `cpus` to cores torch does not use; never let both
