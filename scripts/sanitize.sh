@@ -3,8 +3,8 @@
 #   1. ASan + UBSan (MOETUNE_SANITIZE): every C++ test (kernels + engine). Out-of-bounds,
 #      use-after-free, leaks and undefined behaviour fail the run.
 #   2. ThreadSanitizer (MOETUNE_TSAN): the engine's threading tests: the Context's job queue,
-#      the futex thread pool, object lifetimes across threads, re-entrant / interleaved jobs and
-#      the thread-count invariants.
+#      the futex thread pool, object lifetimes across threads, re-entrant / interleaved jobs,
+#      the thread-count invariants and the NUMA-partitioned pool.
 # No suppressions: none is needed (a report fails the run). Each build has its own folder
 # (build/asan, build/tsan), so later runs rebuild only what changed.
 # Kernels of ISAs this CPU lacks (AVX-512, AMX on an AVX2 machine) skip here; run this script on a
@@ -27,5 +27,5 @@ cmake --build build/tsan -j "$J" --target moetune_tests
 # the plain and ASan builds.
 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
   ctest --test-dir build/tsan --output-on-failure -j "$J" \
-  -R '^(ContextTest|ContextJobs|EngineLifetimes|EngineReentrancy|EngineInterleaved|EngineInvariants|EngineErrors|EngineEdge)\.'
+  -R '^(ContextTest|ContextJobs|EngineLifetimes|EngineReentrancy|EngineInterleaved|EngineInvariants|EngineErrors|EngineEdge|NumaThreadPool|NumaEngine)\.'
 echo "[sanitize] clean"

@@ -1,8 +1,10 @@
 // moetune bindings: the nanobind extension. Argument checks (device, dtype,
 // shape, contiguity — each error names the tensor and what was expected) and
 // conversion to the engine's views; nothing else. Arrays arrive through
-// DLPack (torch tensors, numpy arrays), are never copied here, and must stay
-// alive until the returned Job is waited on (the Python layer holds them).
+// DLPack (torch tensors, numpy arrays) and are never copied here; the Job a
+// forward or backward returns holds references to every array the queued call
+// reads or writes until it has run and been waited on (CallJob), so a caller
+// that drops its arrays early cannot free memory under a running job.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -113,6 +115,80 @@ struct LoraGradArrays {
   std::optional<std::pair<std::optional<OutArray>, std::optional<OutArray>>> proj[3];
 };
 
+bool python_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+
+// A queued engine call as Python holds it: the engine Job plus references to
+// the arrays the call reads and writes (nb::ndarray copies keep their owners
+// alive). They are dropped only with the GIL held, on the Python thread: after
+// wait() (the job has run, or raised: either way it no longer touches them) or
+// at destruction. Destroying it while the job is still queued or running waits
+// for the job first, with the GIL released (jobs never need the GIL, so this
+// cannot deadlock); at interpreter shutdown it leaks the references instead.
+// Move-only (a copy would double the wait on destruction).
+struct CallJob {
+  Job job;
+  std::vector<Array> reads;
+  std::vector<OutArray> writes;
+  std::optional<LoraArrays> lora;
+  std::optional<LoraGradArrays> grads;
+
+  CallJob(Job j, std::vector<Array> r, std::vector<OutArray> w, std::optional<LoraArrays> l,
+          std::optional<LoraGradArrays> g)
+      : job(std::move(j)),
+        reads(std::move(r)),
+        writes(std::move(w)),
+        lora(std::move(l)),
+        grads(std::move(g)) {}
+  CallJob(CallJob&& o) noexcept
+      : job(std::move(o.job)),
+        reads(std::move(o.reads)),
+        writes(std::move(o.writes)),
+        lora(std::move(o.lora)),
+        grads(std::move(o.grads)) {
+    o.drop();
+  }
+  CallJob(const CallJob&) = delete;
+  CallJob& operator=(const CallJob&) = delete;
+  CallJob& operator=(CallJob&&) = delete;
+
+  bool holds() const { return !reads.empty() || !writes.empty() || lora || grads; }
+  void drop() {
+    reads.clear();
+    writes.clear();
+    lora.reset();
+    grads.reset();
+  }
+  void wait() {
+    try {
+      nb::gil_scoped_release release;
+      job.wait();
+    } catch (...) {
+      drop();  // the job raised (or can never run: a forked child); it reads nothing now
+      throw;
+    }
+    drop();
+  }
+  ~CallJob() {
+    if (!holds() || !job.valid() || job.ready()) return;  // members drop normally
+    if (python_finalizing()) {
+      // The job may still run while Python tears down: keep the arrays, leaked.
+      new CallJob(std::move(*this));
+      return;
+    }
+    try {
+      nb::gil_scoped_release release;
+      job.wait();
+    } catch (...) {  // its error belongs to whoever waits on it; nothing runs any more
+    }
+  }
+};
+
 // [in, out] of projection p (its LoRA: A [E, r, in], B [E, out, r]).
 std::pair<int64_t, int64_t> lora_in_out(const MoeExperts& ex, Proj p) {
   const WeightStore::Dims d = ex.weights().dims(p);
@@ -202,26 +278,30 @@ void bind_kernels(nb::module_& m) {
 }
 
 void bind_context(nb::module_& m) {
-  nb::class_<Job>(m, "Job")
-      .def("wait",
-           [](const Job& j) {
-             nb::gil_scoped_release release;
-             j.wait();
-           })
-      .def("ready", &Job::ready);
+  // Jobs of Experts.forward / backward (CallJob: they hold the call's arrays).
+  nb::class_<CallJob>(m, "Job")
+      .def("wait", &CallJob::wait)
+      .def("ready", [](const CallJob& j) { return j.job.ready(); })
+      .def_prop_ro("holds_arrays", &CallJob::holds);
 
   nb::class_<Context>(m, "Context")
       .def(
           "__init__",
-          [](Context* self, int num_threads, std::vector<int> cpus, const std::string& isa) {
+          [](Context* self, int num_threads, std::vector<int> cpus, const std::string& isa,
+             CpuSets partitions) {
             ContextOptions o;
             o.num_threads = num_threads;
             o.cpus = std::move(cpus);
             o.isa = kernels::parse_isa(isa);
+            o.partitions = std::move(partitions);
             new (self) Context(std::move(o));
           },
-          "num_threads"_a, "cpus"_a = std::vector<int>{}, "isa"_a = "auto")
+          "num_threads"_a, "cpus"_a = std::vector<int>{}, "isa"_a = "auto",
+          "partitions"_a = CpuSets{})
       .def_prop_ro("num_threads", &Context::num_threads)
+      .def_prop_ro("num_partitions", &Context::num_partitions)
+      .def_prop_ro("partition_cpus", &Context::partition_cpus)
+      .def("partition_task_counts", &Context::partition_task_counts)
       .def_prop_ro("isa",
                    [](const Context& c) { return std::string(kernels::isa_name(c.kernels().isa)); })
       .def_prop_ro("kernel", [](const Context& c) { return std::string(c.kernels().name); })
@@ -534,7 +614,10 @@ void bind_experts(nb::module_& m) {
              std::optional<Array> mask, const LoraArrays& lora, OutArray out) {
             std::shared_ptr<Saved> saved;
             Job job = ex.forward_async(forward_args(ex, x, ids, w, mask, lora, out), &saved);
-            return std::make_pair(saved, job);
+            std::vector<Array> reads = {x, ids, w};
+            if (mask) reads.push_back(*mask);
+            return std::make_pair(
+                saved, CallJob(std::move(job), std::move(reads), {out}, lora, std::nullopt));
           },
           "x"_a, "topk_ids"_a, "topk_weights"_a, "expert_mask"_a.none(), "lora"_a, "out"_a)
       .def(
@@ -543,7 +626,12 @@ void bind_experts(nb::module_& m) {
              const LoraArrays& lora, std::optional<OutArray> dx, std::optional<OutArray> dw,
              const LoraGradArrays& grads) {
             if (!saved) throw std::invalid_argument("backward needs the handle from forward");
-            return ex.backward_async(saved, backward_args(ex, *saved, dout, lora, dx, dw, grads));
+            Job job =
+                ex.backward_async(saved, backward_args(ex, *saved, dout, lora, dx, dw, grads));
+            std::vector<OutArray> writes;
+            if (dx) writes.push_back(*dx);
+            if (dw) writes.push_back(*dw);
+            return CallJob(std::move(job), {dout}, std::move(writes), lora, grads);
           },
           "saved"_a, "grad_out"_a, "lora"_a, "grad_x"_a.none(), "grad_topk_weights"_a.none(),
           "grads"_a);

@@ -39,7 +39,7 @@ int checked_threads(int n) {
 Context::Context(ContextOptions options)
     : options_(std::move(options)),
       kernels_(&kernels::select_kernels(options_.isa)),
-      pool_(checked_threads(options_.num_threads), options_.cpus),
+      pool_(checked_threads(options_.num_threads), options_.cpus, options_.partitions),
       pid_(getpid()) {
   arenas_.resize(pool_.size());
   try {
@@ -73,8 +73,14 @@ Context::~Context() {
 }
 
 std::string Context::info() const {
+  std::string parts;
+  if (num_partitions() > 1) {
+    parts = " numa_partitions=";
+    for (int p = 0; p < num_partitions(); ++p)
+      parts += (p ? "|" : "") + cpulist(partition_cpus()[p]);
+  }
   return std::string("isa=") + kernels::isa_name(kernels_->isa) + " kernel=" + kernels_->name +
-         " threads=" + std::to_string(pool_.size()) + " cpu: " + kernels::cpu_summary();
+         " threads=" + std::to_string(pool_.size()) + parts + " cpu: " + kernels::cpu_summary();
 }
 
 Job Context::submit(std::function<void()> work) {
@@ -125,7 +131,21 @@ void Context::parallel_for(const char* phase, int64_t n,
     a.reset();
     fn(task, a);
   });
-  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  record_phase(phase, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
+
+void Context::parallel_for_partitioned(const char* phase, const std::vector<int64_t>& begin,
+                                       const std::function<void(int64_t, Arena&)>& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  pool_.parallel_for_partitioned(begin, [&](int64_t task, int worker) {
+    Arena& a = arenas_[worker];
+    a.reset();
+    fn(task, a);
+  });
+  record_phase(phase, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
+
+void Context::record_phase(const char* phase, double dt) {
   std::lock_guard<std::mutex> lock(profile_mu_);
   for (PhaseStat& p : profile_) {
     if (p.name == phase) {

@@ -20,6 +20,12 @@
 // throw std::runtime_error (instead of waiting forever), and the destructor
 // leaks the dead threads' handles instead of joining them.
 //
+// NUMA partitions (ContextOptions::partitions, engine/partitions.h): the
+// workers split into one group per node, pinned to its CPUs;
+// parallel_for_partitioned runs each partition's tasks only on its workers
+// (MoeExperts gives each expert's tasks to the partition holding its weights).
+// Without partitions (or with one) every loop is the plain parallel_for.
+//
 // Sharing cores with PyTorch: the engine uses num_threads threads (the
 // dispatcher is worker 0). Give torch the other cores (torch.set_num_threads)
 // or pin the engine with `cpus` to cores torch does not use; never let both
@@ -51,6 +57,10 @@ struct ContextOptions {
   int num_threads = 1;
   std::vector<int> cpus;            // optional pinning, worker i -> cpus[i % n]
   std::optional<kernels::Isa> isa;  // force an ISA (error if the CPU lacks it); else the fastest
+  // Optional NUMA partitions, one CPU set per node (engine/partitions.h): the
+  // workers split per partition, each expert's weights and GEMM tasks on one
+  // partition. Empty = none; not together with cpus.
+  CpuSets partitions;
 };
 
 class Job {
@@ -97,6 +107,11 @@ class Context {
         reinterpret_cast<T*>(workspace_[slot].reserve((n * sizeof(T) + 63) / 64 * 64))};
   }
   int num_threads() const { return pool_.size(); }
+  // NUMA partitions (1 without partitioning) and their CPU sets.
+  int num_partitions() const { return pool_.partitions(); }
+  const CpuSets& partition_cpus() const { return pool_.partition_cpus(); }
+  // Tasks run by each partition's workers in partitioned loops (profiling, tests).
+  std::vector<int64_t> partition_task_counts() const { return pool_.partition_task_counts(); }
   std::string info() const;
 
   // Enqueue work; it runs on the dispatcher thread, which may call
@@ -108,6 +123,11 @@ class Context {
   // `phase` names the loop in the phase profile (a string literal).
   void parallel_for(const char* phase, int64_t n,
                     const std::function<void(int64_t task, Arena& scratch)>& fn);
+  // The same with tasks [begin[p], begin[p+1]) run only by workers of NUMA
+  // partition p (begin: num_partitions() + 1 offsets); with one partition it
+  // is parallel_for(phase, begin.back(), fn).
+  void parallel_for_partitioned(const char* phase, const std::vector<int64_t>& begin,
+                                const std::function<void(int64_t task, Arena& scratch)>& fn);
 
   // Wall time spent in each named phase since the last reset, in seconds,
   // and the number of calls. Cheap (two clock reads per phase), always on.
@@ -116,6 +136,7 @@ class Context {
 
  private:
   void dispatcher_loop();
+  void record_phase(const char* phase, double seconds);
 
   ContextOptions options_;
   const kernels::KernelBundle* kernels_;

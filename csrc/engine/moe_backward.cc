@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "engine/expert_work.h"
 #include "engine/moe_common.h"
 #include "engine/moe_experts.h"
 #include "engine/moe_layout.h"
@@ -92,11 +93,11 @@ class BackwardPass {
         ldi_(layout::ld_bf16(I_)),
         chI_(layout::chunks(I_)),
         chH_(layout::chunks(H_)),
-        n_active_(static_cast<int64_t>(rt_.active.size())),
         ldr_{lora_.gate.enabled() ? layout::ld_bf16(lora_.gate.r) : 0,
              lora_.up.enabled() ? layout::ld_bf16(lora_.up.r) : 0,
              lora_.down.enabled() ? layout::ld_bf16(lora_.down.r) : 0},
-        blocks_(ex.work_blocks(rt_, /*backward=*/true)) {}
+        work_(group_work(ex.work_blocks(rt_, /*backward=*/true), rt_.active, ex.E(),
+                         ctx_.num_partitions())) {}
 
   void run() {
     zero_idle_lora_grads();
@@ -142,12 +143,13 @@ class BackwardPass {
     const int64_t ldr = ldr_[idx(Proj::kDown)];
     qs_ = ctx_.workspace<bf16>(layout::kWsQ, rows_ * ldr).data();
     if (!lora_.down.enabled()) return;
-    ctx_.parallel_for("bwd.lora_reduce_down", n_active_, [&](int64_t i, Arena& a) {
-      const int e = rt_.active[i];
-      const int64_t off = rt_.offsets[e];
-      lora_back_reduce(k_, ew_, lora_.down, sc_, e, H_, dog_ + off * ldh_, ldh_, rt_.count(e), a,
-                       qs_ + off * ldr, ldr);
-    });
+    ctx_.parallel_for_partitioned(
+        "bwd.lora_reduce_down", work_.active_begin, [&](int64_t i, Arena& a) {
+          const int e = work_.active[i];
+          const int64_t off = rt_.offsets[e];
+          lora_back_reduce(k_, ew_, lora_.down, sc_, e, H_, dog_ + off * ldh_, ldh_, rt_.count(e),
+                           a, qs_ + off * ldr, ldr);
+        });
   }
 
   // Through down and the activation: h, dg, du and the d topk_weights partials.
@@ -156,10 +158,9 @@ class BackwardPass {
     dgb_ = ctx_.workspace<bf16>(layout::kWsDg, rows_ * ldi_).data();
     dub_ = ctx_.workspace<bf16>(layout::kWsDu, rows_ * ldi_).data();
     dwp_ = ctx_.workspace<float>(layout::kWsDwPart, rows_ * chI_).data();
-    const int64_t n_blocks = static_cast<int64_t>(blocks_.size());
-    ctx_.parallel_for("bwd.down_act", n_blocks * chI_, [&](int64_t task, Arena& a) {
-      down_act_task(blocks_[task / chI_], task % chI_, a);
-    });
+    ctx_.parallel_for_partitioned(
+        "bwd.down_act", ExpertWork::tasks(work_.block_begin, chI_),
+        [&](int64_t task, Arena& a) { down_act_task(work_.blocks[task / chI_], task % chI_, a); });
   }
 
   void down_act_task(const RowBlock& blk, int64_t c, Arena& a) const {
@@ -224,8 +225,8 @@ class BackwardPass {
     pg_ = ctx_.workspace<bf16>(layout::kWsPg, rows_ * ldr_[idx(Proj::kGate)]).data();
     pu_ = ctx_.workspace<bf16>(layout::kWsPu, rows_ * ldr_[idx(Proj::kUp)]).data();
     if (!lora_.any()) return;
-    ctx_.parallel_for("bwd.lora_grads", n_active_, [&](int64_t i, Arena& a) {
-      const int e = rt_.active[i];
+    ctx_.parallel_for_partitioned("bwd.lora_grads", work_.active_begin, [&](int64_t i, Arena& a) {
+      const int e = work_.active[i];
       const int64_t off = rt_.offsets[e], n = rt_.count(e);
       if (lora_.down.enabled()) lora_grads_down(e, off, n, a);
       PackedB xpack{};
@@ -274,30 +275,31 @@ class BackwardPass {
   // dx rows, fused over gate, up and their LoRA.
   void dx_rows() {
     dxr_ = ctx_.workspace<float>(layout::kWsDx, rows_ * H_).data();
-    const int64_t n_blocks = static_cast<int64_t>(blocks_.size());
-    ctx_.parallel_for("bwd.dx", n_blocks * chH_, [&](int64_t task, Arena& a) {
-      const RowBlock& blk = blocks_[task / chH_];
-      const int e = blk.e;
-      const int64_t h0 = (task % chH_) * layout::kChunk, h1 = std::min(H_, h0 + layout::kChunk);
-      const int64_t nc = h1 - h0, off = blk.r0, n = blk.r1 - blk.r0;
-      Segment seg[4];
-      int nseg = 0;
-      // B of the first two: W_g^T, W_u^T slices, set by weight_t_gemm.
-      seg[nseg++] = Segment{dgb_ + off * ldi_, ldi_, PackedB{}};
-      seg[nseg++] = Segment{dub_ + off * ldi_, ldi_, PackedB{}};
-      for (Proj p : {Proj::kGate, Proj::kUp}) {
-        const LoraProj& lp = lora_[p];
-        if (!lp.enabled()) continue;
-        const int64_t r = lp.r, ldr = ldr_[idx(p)];
-        // A_e is [r, H] = [K, N].
-        bf16* pa = a.alloc<bf16>(kernels::packed_elems(r, nc));
-        kernels::pack_b(static_cast<const char*>(lp.A) + e * r * H_ * esize(lp.a_dtype),
-                        src_type(lp.a_dtype), H_, true, r, h0, h1, 1.0f, pa);
-        seg[nseg++] = Segment{(p == Proj::kGate ? pg_ : pu_) + off * ldr, ldr, PackedB{pa, r, nc}};
-      }
-      const Proj wgu[2] = {Proj::kGate, Proj::kUp};
-      ex_.store_.weight_t_gemm(wgu, 2, e, h0, nc, seg, nseg, n, dxr_ + off * H_ + h0, H_, a);
-    });
+    ctx_.parallel_for_partitioned(
+        "bwd.dx", ExpertWork::tasks(work_.block_begin, chH_), [&](int64_t task, Arena& a) {
+          const RowBlock& blk = work_.blocks[task / chH_];
+          const int e = blk.e;
+          const int64_t h0 = (task % chH_) * layout::kChunk, h1 = std::min(H_, h0 + layout::kChunk);
+          const int64_t nc = h1 - h0, off = blk.r0, n = blk.r1 - blk.r0;
+          Segment seg[4];
+          int nseg = 0;
+          // B of the first two: W_g^T, W_u^T slices, set by weight_t_gemm.
+          seg[nseg++] = Segment{dgb_ + off * ldi_, ldi_, PackedB{}};
+          seg[nseg++] = Segment{dub_ + off * ldi_, ldi_, PackedB{}};
+          for (Proj p : {Proj::kGate, Proj::kUp}) {
+            const LoraProj& lp = lora_[p];
+            if (!lp.enabled()) continue;
+            const int64_t r = lp.r, ldr = ldr_[idx(p)];
+            // A_e is [r, H] = [K, N].
+            bf16* pa = a.alloc<bf16>(kernels::packed_elems(r, nc));
+            kernels::pack_b(static_cast<const char*>(lp.A) + e * r * H_ * esize(lp.a_dtype),
+                            src_type(lp.a_dtype), H_, true, r, h0, h1, 1.0f, pa);
+            seg[nseg++] =
+                Segment{(p == Proj::kGate ? pg_ : pu_) + off * ldr, ldr, PackedB{pa, r, nc}};
+          }
+          const Proj wgu[2] = {Proj::kGate, Proj::kUp};
+          ex_.store_.weight_t_gemm(wgu, 2, e, h0, nc, seg, nseg, n, dxr_ + off * H_ + h0, H_, a);
+        });
   }
 
   // Per-token reductions in slot order.
@@ -342,9 +344,10 @@ class BackwardPass {
   const LoraSet& lora_;
   const LoraGrads& gr_;
   const float sc_;
-  const int64_t T_, H_, I_, rows_, ldh_, ldi_, chI_, chH_, n_active_;
+  const int64_t T_, H_, I_, rows_, ldh_, ldi_, chI_, chH_;
   const int64_t ldr_[3];  // LoRA rank-side row strides per projection (0 = off)
-  const std::vector<RowBlock> blocks_;
+  // GEMM row blocks and active experts, grouped by NUMA partition.
+  const ExpertWork work_;
   bf16* xg_ = nullptr;  // [rows, ldh] gathered x, dout
   bf16* dog_ = nullptr;
   bf16* qs_ = nullptr;  // [rows, ldr_down] s * dout Bd

@@ -4,6 +4,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "engine/partitions.h"
+
 namespace moetune {
 
 using kernels::bf16;
@@ -40,7 +42,34 @@ size_t Saved::bytes() const {
 MoeExperts::MoeExperts(std::shared_ptr<Context> ctx, int E, int H, int I, ExpertsOptions options)
     : ctx_(non_null(std::move(ctx))),
       options_(options),
-      store_(E, H, I, options_, ctx_->kernels()) {}
+      store_(E, H, I, options_, ctx_->kernels()) {
+  if (ctx_->num_partitions() > 1) place_on_partitions();
+}
+
+std::vector<int64_t> MoeExperts::expert_tasks() const {
+  const std::vector<int> b = partition_experts(E(), ctx_->num_partitions());
+  return std::vector<int64_t>(b.begin(), b.end());
+}
+
+void MoeExperts::place_on_partitions() {
+  // First touch: a page is allocated on the node of the CPU that first writes
+  // it (Linux's default policy), so a worker of expert e's partition writes
+  // one byte into every page that starts inside e's share of each buffer.
+  // Buffers start on whole pages (kBufferAlign), so every page start belongs
+  // to exactly one expert: no two tasks write the same byte. The bytes are
+  // uninitialised until load anyway.
+  const std::vector<WeightStore::Buffer> bufs = store_.buffers();
+  constexpr size_t kPage = WeightStore::kBufferAlign;
+  ctx_->run([&] {
+    ctx_->parallel_for_partitioned("place", expert_tasks(), [&](int64_t e, Arena&) {
+      for (const WeightStore::Buffer& b : bufs) {
+        volatile char* base = static_cast<char*>(b.data);
+        const size_t lo = size_t(e) * b.per_expert_bytes, hi = lo + b.per_expert_bytes;
+        for (size_t off = (lo + kPage - 1) / kPage * kPage; off < hi; off += kPage) base[off] = 0;
+      }
+    });
+  });
+}
 
 std::shared_ptr<void> MoeExperts::track() {
   {
@@ -76,7 +105,7 @@ void MoeExperts::load(const void* gate, const void* up, const void* down, DType 
   const size_t esz = dtype == DType::kBf16 ? 2 : 4;
   const size_t per = static_cast<size_t>(I()) * H() * esz;
   ctx_->run([&] {
-    ctx_->parallel_for("load", E(), [&](int64_t e, Arena&) {
+    ctx_->parallel_for_partitioned("load", expert_tasks(), [&](int64_t e, Arena&) {
       store_.load_expert(static_cast<int>(e), static_cast<const char*>(gate) + e * per,
                          static_cast<const char*>(up) + e * per,
                          static_cast<const char*>(down) + e * per, dtype);

@@ -50,6 +50,18 @@
 // and the weight GEMMs. The passes are in moe_forward.cc / moe_backward.cc,
 // one function per phase.
 //
+// NUMA partitions (ContextOptions::partitions, engine/partitions.h): expert e
+// belongs to partition expert_partition(e, E, P) (balanced contiguous ranges).
+// The constructor places its share of every weight buffer in that node's
+// memory by first touch from a worker of the partition (no libnuma, no
+// mbind: the pages are fresh from mmap for the sizes that matter; a small
+// buffer that malloc recycles from its heap stays where it already was).
+// Every per-expert task (load, LoRA reduces, the GEMM phases of forward,
+// backward and the recompute) runs only on that partition's workers, so weights
+// are read from local memory; per-token loops (gathers, combines) use every
+// worker. Results are bit-identical for any partition count (the same tasks,
+// each output element summed by one task in a fixed order).
+//
 // Thread-safety: forward/backward may be called from any thread; the work is
 // queued on the Context and executed one job at a time. Loading weights while
 // jobs that use them are queued is the caller's error. Destroying the object
@@ -169,6 +181,10 @@ class MoeExperts {
                      kernels::bf16* h, kernels::bf16* dg, kernels::bf16* du, int64_t n) const;
 
   std::shared_ptr<void> track();  // held by each queued job
+  // [P + 1] first expert of each NUMA partition (engine/partitions.h), as task offsets.
+  std::vector<int64_t> expert_tasks() const;
+  // With NUMA partitions: first-touches each expert's weight pages from its partition.
+  void place_on_partitions();
 
   std::shared_ptr<Context> ctx_;
   std::shared_ptr<InFlight> inflight_ = std::make_shared<InFlight>();

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "engine/expert_work.h"
 #include "engine/moe_common.h"
 #include "engine/moe_experts.h"
 #include "engine/moe_layout.h"
@@ -96,8 +97,8 @@ class ForwardPass {
         rows_(rt_.rows()),
         ldh_(layout::ld_bf16(H_)),
         ldi_(layout::ld_bf16(I_)),
-        n_active_(static_cast<int64_t>(rt_.active.size())),
-        blocks_(ex.work_blocks(rt_, /*backward=*/false)) {}
+        work_(group_work(ex.work_blocks(rt_, /*backward=*/false), rt_.active, ex.E(),
+                         ctx_.num_partitions())) {}
 
   void run() {
     save_inputs();
@@ -148,12 +149,13 @@ class ForwardPass {
     Buf<bf16>& zs = saved_z(s_, p);
     const int64_t ldr = layout::ld_bf16(lp.r);
     zs.resize(rows_ * ldr);
-    ctx_.parallel_for("fwd.lora_reduce_gate_up", n_active_, [&](int64_t i, Arena& a) {
-      const int e = rt_.active[i];
-      const int64_t off = rt_.offsets[e];
-      lora_reduce(k_, ew_, lp, lora_.scaling, e, H_, xg_ + off * ldh_, ldh_, rt_.count(e), a,
-                  zs.data() + off * ldr, ldr);
-    });
+    ctx_.parallel_for_partitioned("fwd.lora_reduce_gate_up", work_.active_begin,
+                                  [&](int64_t i, Arena& a) {
+                                    const int e = work_.active[i];
+                                    const int64_t off = rt_.offsets[e];
+                                    lora_reduce(k_, ew_, lp, lora_.scaling, e, H_, xg_ + off * ldh_,
+                                                ldh_, rt_.count(e), a, zs.data() + off * ldr, ldr);
+                                  });
   }
 
   // g, u (saved or in the workspace) and h, per (row block, I chunk).
@@ -169,20 +171,20 @@ class ForwardPass {
     }
     hb_ = ctx_.workspace<bf16>(layout::kWsH, rows_ * ldi_).data();
     const int64_t chI = layout::chunks(I_);
-    const int64_t n_blocks = static_cast<int64_t>(blocks_.size());
-    ctx_.parallel_for("fwd.gate_up", n_blocks * chI, [&](int64_t task, Arena& a) {
-      const RowBlock& blk = blocks_[task / chI];
-      const int64_t i0 = (task % chI) * layout::kChunk, i1 = std::min(I_, i0 + layout::kChunk);
-      const int64_t off = blk.r0, n = blk.r1 - blk.r0;
-      bf16* g = gbuf_ + off * ldi_ + i0;
-      bf16* u = ubuf_ + off * ldi_ + i0;
-      ex_.gate_up_chunk(lora_, blk.e, off, xg_ + off * ldh_, n, s_, i0, i1, a, g, u, ldi_);
-      for (int64_t m = 0; m < n; ++m) {
-        bf16* hrow = hb_ + (off + m) * ldi_;
-        ex_.activate(g + m * ldi_, u + m * ldi_, hrow + i0, i1 - i0);
-        if (i1 == I_) std::fill(hrow + I_, hrow + ldi_, bf16(0));
-      }
-    });
+    ctx_.parallel_for_partitioned(
+        "fwd.gate_up", ExpertWork::tasks(work_.block_begin, chI), [&](int64_t task, Arena& a) {
+          const RowBlock& blk = work_.blocks[task / chI];
+          const int64_t i0 = (task % chI) * layout::kChunk, i1 = std::min(I_, i0 + layout::kChunk);
+          const int64_t off = blk.r0, n = blk.r1 - blk.r0;
+          bf16* g = gbuf_ + off * ldi_ + i0;
+          bf16* u = ubuf_ + off * ldi_ + i0;
+          ex_.gate_up_chunk(lora_, blk.e, off, xg_ + off * ldh_, n, s_, i0, i1, a, g, u, ldi_);
+          for (int64_t m = 0; m < n; ++m) {
+            bf16* hrow = hb_ + (off + m) * ldi_;
+            ex_.activate(g + m * ldi_, u + m * ldi_, hrow + i0, i1 - i0);
+            if (i1 == I_) std::fill(hrow + I_, hrow + ldi_, bf16(0));
+          }
+        });
   }
 
   void lora_reduce_down() {
@@ -190,39 +192,41 @@ class ForwardPass {
     if (!lp.enabled()) return;
     const int64_t ldr = layout::ld_bf16(lp.r);
     s_.zs_down.resize(rows_ * ldr);
-    ctx_.parallel_for("fwd.lora_reduce_down", n_active_, [&](int64_t i, Arena& a) {
-      const int e = rt_.active[i];
-      const int64_t off = rt_.offsets[e];
-      lora_reduce(k_, ew_, lp, lora_.scaling, e, I_, hb_ + off * ldi_, ldi_, rt_.count(e), a,
-                  s_.zs_down.data() + off * ldr, ldr);
-    });
+    ctx_.parallel_for_partitioned(
+        "fwd.lora_reduce_down", work_.active_begin, [&](int64_t i, Arena& a) {
+          const int e = work_.active[i];
+          const int64_t off = rt_.offsets[e];
+          lora_reduce(k_, ew_, lp, lora_.scaling, e, I_, hb_ + off * ldi_, ldi_, rt_.count(e), a,
+                      s_.zs_down.data() + off * ldr, ldr);
+        });
   }
 
   // y = Wd h (+ LoRA, + bias), fp32 expert-major.
   void down() {
     y_ = ctx_.workspace<float>(layout::kWsY, rows_ * H_).data();
     const int64_t chH = layout::chunks(H_);
-    const int64_t n_blocks = static_cast<int64_t>(blocks_.size());
     const LoraProj& lp = lora_.down;
-    ctx_.parallel_for("fwd.down", n_blocks * chH, [&](int64_t task, Arena& a) {
-      const RowBlock& blk = blocks_[task / chH];
-      const int e = blk.e;
-      const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H_, h0 + layout::kChunk);
-      const int64_t off = blk.r0, n = blk.r1 - blk.r0, nc = h1 - h0;
-      Segment lora_seg;
-      if (lp.enabled()) {
-        const int64_t ldr = layout::ld_bf16(lp.r);
-        lora_seg = Segment{s_.zs_down.data() + off * ldr, ldr, lora_expand_b(lp, e, H_, h0, nc, a)};
-      }
-      ex_.store_.weight_gemm(Proj::kDown, e, h0, nc, hb_ + off * ldi_, ldi_, n,
-                             lp.enabled() ? &lora_seg : nullptr, y_ + off * H_ + h0, H_, a);
-      if (const float* b = ex_.store_.bias(Proj::kDown, e)) {
-        for (int64_t m = 0; m < n; ++m) {
-          float* yr = y_ + (off + m) * H_;
-          for (int64_t h = h0; h < h1; ++h) yr[h] += b[h];
-        }
-      }
-    });
+    ctx_.parallel_for_partitioned(
+        "fwd.down", ExpertWork::tasks(work_.block_begin, chH), [&](int64_t task, Arena& a) {
+          const RowBlock& blk = work_.blocks[task / chH];
+          const int e = blk.e;
+          const int64_t h0 = (task % chH) * layout::kChunk, h1 = std::min(H_, h0 + layout::kChunk);
+          const int64_t off = blk.r0, n = blk.r1 - blk.r0, nc = h1 - h0;
+          Segment lora_seg;
+          if (lp.enabled()) {
+            const int64_t ldr = layout::ld_bf16(lp.r);
+            lora_seg =
+                Segment{s_.zs_down.data() + off * ldr, ldr, lora_expand_b(lp, e, H_, h0, nc, a)};
+          }
+          ex_.store_.weight_gemm(Proj::kDown, e, h0, nc, hb_ + off * ldi_, ldi_, n,
+                                 lp.enabled() ? &lora_seg : nullptr, y_ + off * H_ + h0, H_, a);
+          if (const float* b = ex_.store_.bias(Proj::kDown, e)) {
+            for (int64_t m = 0; m < n; ++m) {
+              float* yr = y_ + (off + m) * H_;
+              for (int64_t h = h0; h < h1; ++h) yr[h] += b[h];
+            }
+          }
+        });
   }
 
   // out[t] = sum_j w[t, j] y[row(t, j)], in slot order (deterministic).
@@ -255,8 +259,9 @@ class ForwardPass {
   Saved& s_;
   const Routing& rt_;
   const LoraSet& lora_;
-  const int64_t T_, H_, I_, rows_, ldh_, ldi_, n_active_;
-  const std::vector<RowBlock> blocks_;
+  const int64_t T_, H_, I_, rows_, ldh_, ldi_;
+  // GEMM row blocks and active experts, grouped by NUMA partition.
+  const ExpertWork work_;
   bf16* xg_ = nullptr;    // [rows, ldh] gathered x
   bf16* gbuf_ = nullptr;  // [rows, ldi] g, u (Saved with kSave, else workspace)
   bf16* ubuf_ = nullptr;

@@ -92,6 +92,7 @@ def main(argv=None) -> int:
         "info", help="print the CPU features, the kernel the engine would use, every ISA and the weight formats"
     )
     i.add_argument("--threads", type=int, default=1)
+    i.add_argument("--numa", help="engine NUMA partitions: off, auto or a number of virtual nodes (moetune.numa)")
     commands.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command in commands.NAMES:
@@ -140,8 +141,14 @@ def main(argv=None) -> int:
     if args.command == "info":
         from moetune.engine import Context
         from moetune.isa import isas
+        from moetune.numa import parse_numa
 
-        print(Context(args.threads).info())
+        try:
+            ctx = Context(args.threads) if args.numa is None else Context(args.threads, numa=parse_numa(args.numa))
+        except ValueError as e:
+            print(f"moetune info: error: {e}", file=sys.stderr)
+            return 2
+        print(ctx.info())
         print("ISAs (slowest first; auto = the last that runs here):")
         for isa in isas():
             k = isa.kernels

@@ -23,7 +23,9 @@ import torch
 
 from moetune import _moetune_ext as _ext
 from moetune.isa import isas
+from moetune.numa import NUMA_DEFAULT, numa_partitions
 from moetune.options import ExpertsOptions
+from moetune.topology import format_cpulist
 
 _PROJ = ("gate", "up", "down")
 
@@ -35,16 +37,22 @@ class Context:
     pass it explicitly when torch also computes on the CPU, and give torch the
     remaining cores).
     cpus: optional list of core ids to pin the workers to.
+    numa: "off" (default), "auto" (one partition per NUMA node where there are several) or an
+    int N (N virtual nodes of the allowed CPUs, for tests): splits the engine's workers and
+    experts per node, each expert's weights and GEMM tasks on one node (moetune.numa; results
+    are bit-identical). With cpus, the nodes are restricted to them.
     isa: "auto" (the fastest this CPU runs) or the name of one of `moetune.isas()`
     (e.g. "avx512": AVX-512 F/BW/VL/DQ without BF16, for Skylake-SP / Cascade
     Lake); one this CPU/OS cannot run raises RuntimeError naming the missing
     features, an unknown name ValueError listing the choices.
     """
 
-    def __init__(self, num_threads: int | None = None, *, cpus=(), isa: str = "auto"):
+    def __init__(self, num_threads: int | None = None, *, cpus=(), isa: str = "auto", numa=NUMA_DEFAULT):
         if num_threads is None:
             num_threads = len(os.sched_getaffinity(0))
-        self._ctx = _ext.Context(int(num_threads), list(cpus), isa)
+        parts = numa_partitions(numa, num_threads=int(num_threads), cpus=cpus)
+        # Partitions pin the workers themselves (the engine takes one or the other).
+        self._ctx = _ext.Context(int(num_threads), [] if parts else list(cpus), isa, [list(p) for p in parts])
         # Wall seconds the calling (training) thread spent blocked waiting for this
         # context's jobs (forward and backward); `moetune train` reports it as the
         # CPU-expert share of the step time.
@@ -57,6 +65,11 @@ class Context:
     @property
     def isa(self) -> str:
         return self._ctx.isa
+
+    @property
+    def numa_partitions(self) -> list[tuple[int, ...]]:
+        """The CPUs of each NUMA partition of the engine ([] without partitions)."""
+        return [tuple(p) for p in self._ctx.partition_cpus]
 
     def busy_seconds(self) -> float:
         """Seconds this context's engine has spent inside its phases so far (jobs run one
@@ -72,6 +85,7 @@ class Context:
             "kernel": self._ctx.kernel,
             "kernels": next(i.kernels for i in isas() if i.name == isa),
             "num_threads": self._ctx.num_threads,
+            "numa_partitions": [format_cpulist(p) for p in self._ctx.partition_cpus],
             "cpu": _ext.cpu_summary(),
         }
 
@@ -376,10 +390,11 @@ class EngineCall:
     """One engine forward, then optionally its backward, in flight: the one way Python drives
     the engine (moe_experts here, the CPU share of moetune.placement's split layers).
 
-    It holds what the queued jobs read and write (host copies of the inputs, the output and
-    gradient buffers, the saved-activation handle) until they are waited on, so nothing is
-    freed under a running job: that happens when autograd drops a half-run recompute
-    (non-reentrant checkpointing stops recomputing early) or an output is never waited on.
+    Each queued job (the binding's Job) holds every array it reads or writes until it is waited
+    on, and waits for itself if dropped earlier, so nothing is freed under a running job: that
+    happens when autograd drops a half-run recompute (non-reentrant checkpointing stops
+    recomputing early) or an output is never waited on. This object keeps the output and
+    gradient buffers it hands back and the saved-activation handle.
     Thread-compatible: one caller drives it. lora: the six flat LoRA tensors (None where
     absent; any device). out_dtype: the host output's dtype (default x's, bf16 or fp32);
     grads are fp32 but dx, which follows grad_dtype (default the incoming gradient's).
@@ -413,8 +428,9 @@ class EngineCall:
             torch.empty(xh.shape, dtype=out_dtype or xh.dtype, pin_memory=pinned) if xh.dim() == 2 else torch.empty(0)
         )
         self._busy0 = experts.ctx.busy_seconds()
+        # The job holds every array it reads or writes until it is waited on (the binding's
+        # guarantee), so the host copies need no other owner here.
         self.handle, self.job = experts._ex.forward(xh, ids, wh, mask, _ext_lora(self.lora_h, scaling), self.out)
-        self.keep = (xh, ids, wh, mask)  # read by the engine until the job is waited on
         # The engine reads these while the job runs: an in-place edit before the wait would mix
         # old and new values into the result, so it is detected there (version counters).
         self._reads = _Versions(
@@ -432,7 +448,7 @@ class EngineCall:
         """The output [T, H] on the host (rows of masked experts contribute 0)."""
         self._wait(self.job)
         out, self.out = self.out, None
-        self.job = self.keep = None
+        self.job = None
         self._reads.check("the engine forward (moe_experts_async ... wait())")
         return out
 
@@ -455,7 +471,6 @@ class EngineCall:
             self.handle, g, _ext_lora(self.lora_h, self.scaling), dx, dw, _ext_lora_grads(grads)
         )
         self.grads = (dx, dw, grads)
-        self.keep = g  # read by the engine until the job is waited on
         self._reads = _Versions({"grad_out": g, **_lora_names(self.lora_h)})
 
     @property
@@ -466,7 +481,7 @@ class EngineCall:
         """(dx [T, H] | None, dw fp32 [T, k] | None, [six LoRA grads fp32 | None]) on the host;
         the LoRA grads of experts without rows here (masked or unrouted) are exact zeros."""
         self._wait(self.bwd_job)
-        self.bwd_job = self.keep = None
+        self.bwd_job = None
         grads, self.grads = self.grads, None
         self._reads.check("the engine backward")
         return grads

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from moetune.numa import NUMA_DEFAULT, parse_numa
 from moetune.options import ExpertsOptions
 from moetune.placement.options import MODES as PLACEMENT_MODES
 from moetune.placement.options import PlacementOptions
@@ -75,6 +76,12 @@ class TrainConfig:
         "model",
     )
     torch_threads: int | None = _f(None, "torch CPU threads (unset: torch's default)", "model")
+    engine_numa: str = _f(
+        NUMA_DEFAULT,
+        "CPU engine NUMA partitions: off, auto (one per NUMA node on a multi-socket host) or N "
+        "virtual nodes (moetune.numa; results are bit-identical)",
+        "model",
+    )
     expert_activations: str = _f(
         _EXPERTS.activations,
         "engine activations for backward: save (faster) or recompute (less host RAM)",
@@ -297,11 +304,17 @@ class TrainConfig:
         from moetune.train.run_dir import normalize_resume
 
         self.resume = normalize_resume(self.resume)
+        if type(self.engine_numa) is int:  # a number of virtual nodes, unquoted in YAML
+            self.engine_numa = str(self.engine_numa)
         for name, f in self.fields().items():
             setattr(self, name, _coerce(name, f, getattr(self, name)))
         if len(self.betas) != 2 or not all(RANGES["betas"].contains(b) for b in self.betas):
             raise ConfigError(f"betas must be two floats {RANGES['betas']}, got {self.betas}")
         check_ranges(self.to_dict(), RANGES, ConfigError)
+        try:
+            self.engine_numa = str(parse_numa(self.engine_numa))
+        except ValueError as e:
+            raise ConfigError(f"engine_numa: {e}") from None
         if not (self.lora_attention or self.lora_mlp or self.lora_experts):
             raise ConfigError("nothing to train: lora_attention, lora_mlp and lora_experts are all false")
         devs = self.device.split(",")

@@ -87,6 +87,14 @@ def placement_options(cfg: TrainConfig) -> PlacementOptions:
     )
 
 
+def engine_context(cfg: TrainConfig):
+    """The CPU engine's Context: engine_threads threads, split per engine_numa."""
+    import moetune
+    from moetune.numa import parse_numa
+
+    return moetune.Context(cfg.engine_threads, numa=parse_numa(cfg.engine_numa))
+
+
 def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
     """(model with its experts on the engine, patch handle): the one place that
     loads a model. A model folder streams through moetune.load_model (experts
@@ -110,16 +118,14 @@ def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
             cfg.model,
             device=device,
             dtype=dtype,
-            num_threads=cfg.engine_threads,
+            ctx=engine_context(cfg),
             cache_dir=cfg.expert_cache_dir,
             options=options,
             placement=placement,
         )
         return model, model.moetune_handle
     model = demo_model.build_model(vocab_size, seed=0).to(dtype)
-    handle = moetune.hf.patch(
-        model, num_threads=cfg.engine_threads, keep_original=False, options=options, placement=placement
-    )
+    handle = moetune.hf.patch(model, engine_context(cfg), keep_original=False, options=options, placement=placement)
     model.to(device)
     return model, handle
 

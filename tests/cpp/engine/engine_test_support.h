@@ -261,6 +261,7 @@ struct EngineCfg {
   ExpertsOptions opts;
   DType load_dtype = DType::kBf16;
   std::vector<int> cpus;  // ContextOptions::cpus
+  CpuSets partitions;     // ContextOptions::partitions (NUMA)
 };
 
 inline std::shared_ptr<Context> make_context(const EngineCfg& ec) {
@@ -268,6 +269,7 @@ inline std::shared_ptr<Context> make_context(const EngineCfg& ec) {
   o.num_threads = ec.threads;
   o.isa = ec.isa;
   o.cpus = ec.cpus;
+  o.partitions = ec.partitions;
   return std::make_shared<Context>(o);
 }
 
