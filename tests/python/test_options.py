@@ -29,6 +29,7 @@ ENUMS = {
     "activations": _ext.ActivationPolicy,
     "activation": _ext.Activation,
     "weight_format": _ext.WeightFormat,
+    "dequant_path": _ext.DequantPath,
 }
 
 
@@ -98,6 +99,8 @@ def test_replace_and_to_dict():
         "weight_format": "int4",
         "group_size": 32,
         "row_group": 0,
+        "dequant_path": "panels",
+        "dequant_cols": 0,
     }
     assert moetune.ExpertsOptions.from_dict(json.loads(json.dumps(d))) == o
     assert o != o.replace(row_group=64)
