@@ -129,6 +129,8 @@ def test_float_constants_are_the_engines_float32():
         (dict(alpha="big"), r"alpha must be a number, got 'big'"),
         (dict(row_group=-1), r"row_group must be >= 0"),
         (dict(row_group=1.5), r"row_group must be an integer"),
+        (dict(dequant_cols=24), r"dequant_cols must be 0 \(auto\) or a positive multiple of 16, got 24"),
+        (dict(dequant_path="fused"), r"dequant_path must be 'panels' or 'tiles'"),
         (dict(group_size=2**40), r"group_size out of range"),
     ],
 )
