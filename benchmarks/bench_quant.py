@@ -11,8 +11,18 @@ the experts that got tokens, read once in forward and once in backward; twice th
 --activations recompute). With --peak-tflops / --peak-gbs (the machine's measured AMX peak and
 DRAM read bandwidth, `benchmarks/ceiling`), also each as a percentage of that ceiling.
 
+With --dequant-paths / --dequant-cols, every quantized format runs once per (path, slice width):
+the ExpertsOptions dequant_path ("panels": dequantize a column slice into a bf16 panel, then the
+bf16 GEMM; "tiles": the ISA's fused kernel dequantizes each K block right before its tiles, AMX
+only, elsewhere the same as panels) and dequant_cols (the panels slice width, 0 = auto from the
+kernel bundle's L2 budget; 32 = the width before the per-ISA budget). bf16 runs once. The
+"vs bf16" column is total time / bf16's total time at the same T (1.00 = no quantization cost).
+Results are bit-identical across paths and widths; only the time moves.
+
   python benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 1024 4096 16384
   python benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 64 --tokens 256 1024 4096 16384
+  python benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 4096 --formats bf16 int8 int4 \
+      fp8_block mxfp4 --dequant-paths panels tiles --dequant-cols 32 0
 """
 
 from __future__ import annotations
@@ -62,6 +72,20 @@ def main():
     )
     ap.add_argument("--peak-tflops", type=float, default=None, help="measured compute ceiling, for a %% column")
     ap.add_argument("--peak-gbs", type=float, default=None, help="measured DRAM read bandwidth, for a %% column")
+    ap.add_argument(
+        "--dequant-paths",
+        nargs="+",
+        default=["panels"],
+        choices=["panels", "tiles"],
+        help="ExpertsOptions.dequant_path values to run each quantized format with",
+    )
+    ap.add_argument(
+        "--dequant-cols",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="ExpertsOptions.dequant_cols values (panels path; 0 = auto) to run each quantized format with",
+    )
     args = ap.parse_args()
     ctx = moetune.Context(args.threads, isa=args.isa)
     torch.set_num_threads(args.torch_threads)
@@ -74,6 +98,18 @@ def main():
     fmts = [(f, None) for f in args.formats if f != "int4"]
     if "int4" in args.formats:
         fmts += [("int4", gs) for gs in args.groups]
+    fmts.sort(key=lambda fg: fg[0] != "bf16")  # bf16 first: the ratio's base
+    # (format, group, dequant_path, dequant_cols): the dequant axes apply to quantized formats only;
+    # the tiles path does not use the slice width (its first value labels it).
+    runs = []
+    for fmt, gs in fmts:
+        if fmt == "bf16":
+            runs.append((fmt, gs, "panels", 0))
+            continue
+        for path in args.dequant_paths:
+            for cols in args.dequant_cols if path == "panels" else args.dequant_cols[:1]:
+                runs.append((fmt, gs, path, cols))
+    show_dq = len(args.dequant_paths) > 1 or args.dequant_cols != [0]
     for name in args.configs:
         c = dict(CONFIGS[name])
         if name == "deepseek":
@@ -97,12 +133,14 @@ def main():
         print(f"\n## {c['label']}: H={H} I={I} E={E} k={k}")
         pk = f" {'% peak':>6} |" if args.peak_tflops else ""
         bw_hdr = f" {'% BW':>5} |" if args.peak_gbs else ""
+        dq_hdr = f" {'dequant':>11} |" if show_dq else ""
         print(
-            f"| {'T':>6} | {'format':>9} | {'fwd ms':>8} | {'bwd ms':>8} | {'total ms':>9} | {'tokens/s':>9} | "
-            f"{'TFLOPS':>6} |{pk} {'packed GiB':>10} | {'weight GB/s':>11} |{bw_hdr}"
+            f"| {'T':>6} | {'format':>9} |{dq_hdr} {'fwd ms':>8} | {'bwd ms':>8} | {'total ms':>9} | "
+            f"{'vs bf16':>7} | {'tokens/s':>9} | {'TFLOPS':>6} |{pk} {'packed GiB':>10} | {'weight GB/s':>11} |{bw_hdr}"
         )
-        print("|---" * (9 + bool(pk) + bool(bw_hdr)) + "|")
-        for fmt, gs in fmts:
+        print("|---" * (10 + bool(show_dq) + bool(pk) + bool(bw_hdr)) + "|")
+        bf16_total = {}
+        for fmt, gs, path, cols in runs:
             ex = moetune.MoEExperts(
                 ctx,
                 *W,
@@ -110,8 +148,12 @@ def main():
                 group_size=gs,
                 backward_weights=args.backward_weights,
                 activations=args.activations,
+                dequant_path=path,
+                dequant_cols=cols,
             )
             label = fmt if gs is None else f"int4 g{gs}"
+            dq = "" if fmt == "bf16" else (path if path == "tiles" else f"panels/{cols or 'auto'}")
+            dq_col = f" {dq:>11} |" if show_dq else ""
             for T in args.tokens:
                 gt = torch.Generator().manual_seed(T)
                 x = torch.randn(T, H, generator=gt).bfloat16().requires_grad_()
@@ -128,9 +170,12 @@ def main():
                 tflops, gbs = flops / (f + b) / 1e12, streamed / (f + b) / 1e9
                 pk = f" {100 * tflops / args.peak_tflops:5.1f}% |" if args.peak_tflops else ""
                 bwc = f" {100 * gbs / args.peak_gbs:4.1f}% |" if args.peak_gbs else ""
+                if fmt == "bf16":
+                    bf16_total[T] = f + b
+                ratio = f"{(f + b) / bf16_total[T]:7.2f}" if T in bf16_total else f"{'-':>7}"
                 print(
-                    f"| {T:>6} | {label:>9} | {f * 1e3:8.1f} | {b * 1e3:8.1f} | {(f + b) * 1e3:9.1f} | "
-                    f"{T / (f + b):9.0f} | {tflops:6.2f} |{pk} {ex.packed_bytes / 2**30:10.2f} | "
+                    f"| {T:>6} | {label:>9} |{dq_col} {f * 1e3:8.1f} | {b * 1e3:8.1f} | {(f + b) * 1e3:9.1f} | "
+                    f"{ratio} | {T / (f + b):9.0f} | {tflops:6.2f} |{pk} {ex.packed_bytes / 2**30:10.2f} | "
                     f"{gbs:11.1f} |{bwc}",
                     flush=True,
                 )

@@ -322,6 +322,7 @@ void bind_options(nb::module_& m) {
   bind_enum(m, "ActivationPolicy", kAllActivationPolicies);
   bind_enum(m, "Activation", kAllActivations);
   bind_enum(m, "WeightFormat", kAllWeightFormats);
+  bind_enum(m, "DequantPath", kAllDequantPaths);
   // Defaults come from the C++ struct (the one place they are written);
   // moetune.ExpertsOptions (Python) reads them from a default-constructed one.
   nb::class_<ExpertsOptions>(m, "ExpertsOptions")
@@ -334,6 +335,8 @@ void bind_options(nb::module_& m) {
       .def_rw("weight_format", &ExpertsOptions::weight_format)
       .def_rw("group_size", &ExpertsOptions::group_size)
       .def_rw("row_group", &ExpertsOptions::row_group)
+      .def_rw("dequant_path", &ExpertsOptions::dequant_path)
+      .def_rw("dequant_cols", &ExpertsOptions::dequant_cols)
       .def("validate", &ExpertsOptions::validate)
       .def("__eq__", [](const ExpertsOptions& a, const ExpertsOptions& b) { return a == b; });
   m.def("default_group_size", &default_group_size, "weight_format"_a);

@@ -32,6 +32,14 @@ enum class Activation : int {
       1,  // gpt-oss: (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)
 };
 
+// How a GEMM task multiplies by quantized weights (a speed knob: results are
+// bit-identical either way; kernels/quant.h).
+enum class DequantPath : int {
+  kPanels = 0,  // dequantize a column slice into a bf16 panel, then the bf16 GEMM
+  kTiles = 1,   // the ISA's fused kernel dequantizes each K block right before its
+                // tiles use it (AMX; kernels/quant.h QuantGemmFn); kPanels where the ISA has none
+};
+
 using kernels::WeightFormat;  // bf16 | int8 | int4 | fp8_block | mxfp4 (kernels/weight_format.h)
 
 // Every value of each option enum, and its name: the spelling Python users
@@ -42,6 +50,7 @@ inline constexpr BackwardWeights kAllBackwardWeights[] = {BackwardWeights::kRepa
 inline constexpr ActivationPolicy kAllActivationPolicies[] = {ActivationPolicy::kSave,
                                                               ActivationPolicy::kRecompute};
 inline constexpr Activation kAllActivations[] = {Activation::kSwiGLU, Activation::kClampedSwiGLU};
+inline constexpr DequantPath kAllDequantPaths[] = {DequantPath::kPanels, DequantPath::kTiles};
 inline constexpr WeightFormat kAllWeightFormats[] = {WeightFormat::kBf16, WeightFormat::kInt8,
                                                      WeightFormat::kInt4, WeightFormat::kFp8Block,
                                                      WeightFormat::kMxfp4};
@@ -50,6 +59,7 @@ static_assert(sizeof(kAllWeightFormats) / sizeof(WeightFormat) == kernels::kNumW
 const char* option_name(BackwardWeights v);   // "repack" | "transposed_copy"
 const char* option_name(ActivationPolicy v);  // "save" | "recompute"
 const char* option_name(Activation v);        // "swiglu" | "gpt_oss"
+const char* option_name(DequantPath v);       // "panels" | "tiles"
 inline const char* option_name(WeightFormat v) { return kernels::weight_format_name(v); }
 
 // The int4 group size used when none is given; 0 for formats without groups.
@@ -80,10 +90,19 @@ struct ExpertsOptions {
   // of up to 192. Larger groups share that preparation; smaller ones keep the
   // fp32 task buffers in L2 and give more tasks.
   int row_group = 0;
+  // Quantized formats only, speed knobs (results do not depend on them):
+  // the dequantization path, and the columns per dequantized slice of the
+  // panels path (and of the backward's W^T slices): 0 = auto (the kernel
+  // bundle's L2 budget for the operand's K: kernels/kernel_bundle.h), else a
+  // multiple of 16. The default path stays kPanels until the fused AMX kernel
+  // is confirmed on AMX hardware.
+  DequantPath dequant_path = DequantPath::kPanels;
+  int dequant_cols = 0;
 
   // Throws std::invalid_argument naming the first bad option and its value
   // (unknown enum value, non-finite alpha / limit or limit <= 0, group size
-  // not valid for the format, row_group < 0).
+  // not valid for the format, row_group < 0, dequant_cols < 0 or not a
+  // multiple of 16).
   void validate() const;
   kernels::QuantSpec quant_spec() const { return kernels::QuantSpec{weight_format, group_size}; }
   bool operator==(const ExpertsOptions& o) const;

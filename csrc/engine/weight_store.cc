@@ -13,10 +13,6 @@ using kernels::QuantB;
 
 namespace {
 
-// Columns per dequantized sub-slice: 2 panels (one AMX / AVX-512 register
-// block wide); 32 x K bf16 is 128 KiB at K = 2048, 448 KiB at K = 7168.
-constexpr int64_t kDequantCols = 32;
-
 // Element (k, n) of a packed operand (the kernels/gemm.h panel layout).
 bf16 packed_at(const PackedB& b, int64_t k, int64_t n) {
   return b.panel(
@@ -88,6 +84,8 @@ WeightStore::WeightStore(int E, int H, int I, const ExpertsOptions& options,
       I_(I),
       spec_(options.quant_spec()),
       transposed_copy_(options.backward_weights == BackwardWeights::kTransposedCopy),
+      tiles_(options.dequant_path == DequantPath::kTiles),
+      dequant_cols_(options.dequant_cols),
       kernels_(&kernels),
       layout_(layout_for(E, H, I, options)),
       loaded_(new std::atomic<uint8_t>[size_t(E)]) {
@@ -141,6 +139,10 @@ PackedB WeightStore::fwd(Proj p, int e) const {
 PackedB WeightStore::bwd(Proj p, int e) const {
   const Dims d = dims(p);
   return PackedB{at<bf16>(p, Kind::kTransposedBf16, e), d.N, d.K};
+}
+
+int64_t WeightStore::dequant_cols(int64_t K) const {
+  return dequant_cols_ > 0 ? dequant_cols_ : kernels::dequant_chunk_cols(*kernels_, K);
 }
 
 bool WeightStore::prepares_slices(bool backward) const {
@@ -262,9 +264,15 @@ void WeightStore::weight_gemm(Proj p, int e, int64_t n0, int64_t nc, const bf16*
     return;
   }
   const QuantB q = quant(p, e);
-  bf16* panel = a.alloc<bf16>(kernels::packed_elems(q.K, std::min(nc, kDequantCols)));
-  for (int64_t c0 = 0; c0 < nc; c0 += kDequantCols) {
-    const int64_t w = std::min(kDequantCols, nc - c0);
+  if (fused_dequant()) {
+    kernels_->quant_gemm(M, 0, nc, A, lda, kernels::quant_slice(q, n0, nc), extra, nseg - 1, C,
+                         ldc);
+    return;
+  }
+  const int64_t cols = dequant_cols(q.K);
+  bf16* panel = a.alloc<bf16>(kernels::packed_elems(q.K, std::min(nc, cols)));
+  for (int64_t c0 = 0; c0 < nc; c0 += cols) {
+    const int64_t w = std::min(cols, nc - c0);
     kernels_->dequant(q, n0 + c0, n0 + c0 + w, 0, q.K, panel);
     seg[0] = kernels::Segment{A, lda, PackedB{panel, q.K, w}};
     if (extra)
@@ -289,7 +297,10 @@ void WeightStore::weight_t_gemm(const Proj* which, int nw, int e, int64_t n0, in
     kernels_->gemm(M, 0, nc, segs, nseg, C, ldc, false);
     return;
   }
-  const int64_t wmax = std::min(nc, kDequantCols);
+  // Per column a task holds nw dequantized K rows and their transposes (N
+  // bf16 each): the L2 budget sees 2 * nw * N rows.
+  const int64_t cols = dequant_cols(2 * nw * dims(which[0]).N);
+  const int64_t wmax = std::min(nc, cols);
   bf16* rows[kernels::kMaxSegments];
   bf16* tr[kernels::kMaxSegments];
   for (int j = 0; j < nw; ++j) {
@@ -298,8 +309,8 @@ void WeightStore::weight_t_gemm(const Proj* which, int nw, int e, int64_t n0, in
     tr[j] = a.alloc<bf16>(kernels::packed_elems(N, wmax));
   }
   kernels::Segment local[kernels::kMaxSegments];
-  for (int64_t c0 = 0; c0 < nc; c0 += kDequantCols) {
-    const int64_t w = std::min(kDequantCols, nc - c0);
+  for (int64_t c0 = 0; c0 < nc; c0 += cols) {
+    const int64_t w = std::min(cols, nc - c0);
     for (int j = 0; j < nw; ++j) {
       // W^T columns [n0+c0, +w) are W's K rows: dequantize them, transpose.
       const QuantB q = quant(which[j], e);

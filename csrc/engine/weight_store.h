@@ -139,16 +139,19 @@ class WeightStore {
 
   // C[M, 0:nc] = A * W(p, e)[:, n0:n0+nc] (+ `extra`, a segment whose B
   // covers the same nc columns, e.g. a LoRA expand), overwriting C. Quantized
-  // formats dequantize and multiply kDequantCols columns at a time, so the
-  // bf16 panel stays L2-resident; every column's sum is the same single
-  // kernel pass as the bf16 path (bit-identical results).
+  // formats: with DequantPath::kTiles and a bundle that has a fused kernel
+  // (quant_gemm), that kernel; else dequantize and multiply dequant_cols(K)
+  // columns at a time, so the bf16 panel stays L2-resident. Every column's
+  // sum is the same single kernel pass as the bf16 path (bit-identical
+  // results for every path and width).
   void weight_gemm(Proj p, int e, int64_t n0, int64_t nc, const kernels::bf16* A, int64_t lda,
                    int64_t M, const kernels::Segment* extra, float* C, int64_t ldc, Arena& a) const;
   // C[M, 0:nc] = sum_j segs[j].A * W(which[j], e)^T[:, n0:n0+nc] for j < nw,
   // plus segs[nw..nseg) whose B cover the same nc columns; overwrites C.
   // segs[j].B for j < nw is set here. Quantized formats with kRepack work
-  // kDequantCols columns at a time (dequantize those K rows, transpose), so
-  // the bf16 panels stay L2-sized; results are bit-identical to one call.
+  // dequant_cols(N of W) columns at a time (dequantize those K rows,
+  // transpose), so the bf16 panels stay L2-sized; results are bit-identical
+  // to one call.
   void weight_t_gemm(const Proj* which, int nw, int e, int64_t n0, int64_t nc,
                      kernels::Segment* segs, int nseg, int64_t M, float* C, int64_t ldc,
                      Arena& a) const;
@@ -158,6 +161,12 @@ class WeightStore {
     int64_t K, N;
   };
   Dims dims(Proj p) const { return p == Proj::kDown ? Dims{I_, H_} : Dims{H_, I_}; }
+
+  // Columns per dequantized slice of an operand with K rows: the
+  // dequant_cols option, or with 0 the kernel bundle's (dequant_chunk_cols).
+  int64_t dequant_cols(int64_t K) const;
+  // Whether weight_gemm runs the bundle's fused quantized kernel.
+  bool fused_dequant() const { return quantized() && tiles_ && kernels_->quant_gemm; }
 
  private:
   // Per-expert bytes of every buffer (0 = not allocated), [proj][kind].
@@ -191,6 +200,8 @@ class WeightStore {
   int E_, H_, I_;
   kernels::QuantSpec spec_;
   bool transposed_copy_;
+  bool tiles_;                            // DequantPath::kTiles
+  int dequant_cols_;                      // the option (0 = auto)
   const kernels::KernelBundle* kernels_;  // the Context's choice (weight GEMMs, repack, dequant)
   Layout layout_;
   Buf<uint8_t> buf_[3][kKinds];

@@ -1,11 +1,17 @@
-// AVX2 dequant: as the AVX-512 one (dequant_avx512.cc) in two 8-column
-// halves; fp32 -> bf16 by the integer round-to-nearest-even of f32_to_bf16
-// (no NaN can occur: weights are checked finite at quantization, published
-// codes and scales when repacked). Codes decode exactly as minifloat.h:
-// e4m3 normals by moving the bits into fp32's fields (exponent rebias + 120),
-// subnormals as m * 2^-9; e2m1 magnitudes from an 8-entry permute table;
-// e8m0 scales as exponent bits (code 0: the fp32 subnormal 2^-127).
-// Compiled with its ISA's flags only (isa_table.def).
+// AVX2 dequant: one packed row of a panel (16 columns x a K pair) per step,
+// as the AVX-512 one (dequant_avx512.cc) in two 8-column halves. The scales
+// of a row's group are decoded once per group, not per row. Codes decode
+// exactly as minifloat.h: e4m3 16 at a time through F16C (the code's
+// magnitude bits moved into the fp16 fields, where every e4m3 value,
+// subnormals included, is its fp16 value x 2^8; vcvtph2ps is exact and
+// ignores DAZ; x 256 is exact), e2m1 magnitudes from an 8-entry permute
+// table, e8m0 scales as exponent bits (code 0: the fp32 subnormal 2^-127).
+// Products in fp32 (the oracle's one rounding), then fp32 -> bf16 by the
+// integer round-to-nearest-even of f32_to_bf16, the even K landing in the
+// low and the odd K in the high half of each lane. No NaN can occur:
+// weights are checked finite at quantization, published codes and scales
+// when repacked (quant_published.cc), and e4m3 0x7f / 0xff decode to +-480
+// as the oracle does. Compiled with its ISA's flags only (isa_table.def).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -18,28 +24,33 @@ MOETUNE_ISA_UNIT(avx2);
 namespace moetune::kernels::avx2 {
 namespace {
 
-inline __m256i rne_bf16(__m256 f) {  // bf16 bits in the low half of each lane
-  const __m256i u = _mm256_castps_si256(f);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb),
-                           16);
+// Lanes of bf16 pairs: RNE(even) in the low, RNE(odd) in the high 16 bits.
+inline __m256i rne_pairs(__m256 even, __m256 odd) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+  const __m256i ue = _mm256_castps_si256(even), uo = _mm256_castps_si256(odd);
+  const __m256i re =
+      _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(ue, bias),
+                                         _mm256_and_si256(_mm256_srli_epi32(ue, 16), one)),
+                        16);
+  const __m256i ro =
+      _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(uo, bias),
+                                        _mm256_and_si256(_mm256_srli_epi32(uo, 16), one)),
+                       _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  return _mm256_or_si256(re, ro);
 }
 
-}  // namespace
-
-namespace {
-
-// fp32 values of 8 codes (int32 lanes, zero-extended bytes / nibbles).
-inline __m256 e4m3_ps(__m256i c) {
-  const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7f));
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
-  const __m256 normal = _mm256_castsi256_ps(
-      _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
-  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(1.0f / 512.0f));
-  const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
-  return _mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign));
+// fp32 values of 16 e4m3 codes: columns 0..7 in lo, 8..15 in hi.
+inline void e4m3_x16(const uint8_t* p, __m256& lo, __m256& hi) {
+  // Sign-extended to 16 bits: bit 15 is the sign, bits 0..6 the magnitude.
+  const __m256i c = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h =
+      _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi16(static_cast<int16_t>(0x8000))),
+                      _mm256_and_si256(_mm256_slli_epi16(c, 7), _mm256_set1_epi16(0x3f80)));
+  const __m256 k256 = _mm256_set1_ps(256.0f);
+  lo = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), k256);
+  hi = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), k256);
 }
-inline __m256 e2m1_ps(__m256i c) {
+inline __m256 e2m1_ps(__m256i c) {  // c: int32 lanes of nibbles (sign in bit 3)
   const __m256 mag = _mm256_permutevar8x32_ps(
       _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f), c);  // uses bits 0..2
   const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(8)), 28);
@@ -53,6 +64,10 @@ inline __m256 e8m0_ps(__m256i s) {
 inline __m256i load8_u8(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
+inline __m256 load8_i8_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 
 }  // namespace
 
@@ -64,12 +79,19 @@ void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int6
   const bool per_col = quant_scale_cols(f) == kPanelN;
   const __m256i nib = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i low16 = _mm256_set1_epi32(0xffff);
   for (int64_t qd = 0; qd < packed_panels(Nd); ++qd) {
     const int64_t p = n_begin / kPanelN + qd;
     const int64_t valid = std::min<int64_t>({kPanelN, n_end - p * kPanelN, src.N - p * kPanelN});
+    // Columns past n_end / N: zero.
+    const bool full = valid >= kPanelN;
+    const __m256i keep0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), lane);
+    const __m256i keep1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid - 8)), lane);
     const uint8_t* pq = src.panel_q(p);
     const uint8_t* ps = src.panel_scale_bytes(p);
     bf16* dp = dst + qd * kpd * kPanelN;
+    int64_t cur_g = -1;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();  // scales of columns 0-7, 8-15
     for (int64_t kd = 0; kd < kpd; kd += 2) {
       const int64_t k = k0 + kd;
       bf16* out = dp + (kd / 2) * 2 * kPanelN;
@@ -78,52 +100,61 @@ void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int6
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_setzero_si256());
         continue;
       }
-      const bool odd_pad = kd + 1 >= Kd || k + 1 >= src.K;
       const uint8_t* row = pq + (k / 2) * rb;
       const int64_t g = k / G;
-      for (int h = 0; h < 2; ++h) {
-        __m256 ev, ov, sv;
-        switch (f) {
-          case WeightFormat::kInt8:
-            ev = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * h))));
-            ov = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 16 + 8 * h))));
-            break;
-          case WeightFormat::kFp8Block:
-            ev = e4m3_ps(load8_u8(row + 8 * h));
-            ov = e4m3_ps(load8_u8(row + 16 + 8 * h));
-            break;
-          case WeightFormat::kMxfp4: {
-            const __m256i v = load8_u8(row + 8 * h);
-            ev = e2m1_ps(_mm256_and_si256(v, nib));
-            ov = e2m1_ps(_mm256_srli_epi32(v, 4));
-            break;
-          }
-          default: {  // int4
-            const __m256i v = load8_u8(row + 8 * h);
-            ev = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, nib), eight));
-            ov = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
-            break;
-          }
-        }
+      if (g != cur_g) {
+        cur_g = g;
         if (f == WeightFormat::kMxfp4) {
-          sv = e8m0_ps(load8_u8(ps + g * kPanelN + 8 * h));
+          s0 = e8m0_ps(load8_u8(ps + g * kPanelN));
+          s1 = e8m0_ps(load8_u8(ps + g * kPanelN + 8));
         } else if (per_col) {
-          sv = _mm256_loadu_ps(reinterpret_cast<const float*>(ps) + g * kPanelN + 8 * h);
+          s0 = _mm256_loadu_ps(reinterpret_cast<const float*>(ps) + g * kPanelN);
+          s1 = _mm256_loadu_ps(reinterpret_cast<const float*>(ps) + g * kPanelN + 8);
         } else {
-          sv = _mm256_set1_ps(reinterpret_cast<const float*>(ps)[g]);
+          s0 = s1 = _mm256_set1_ps(reinterpret_cast<const float*>(ps)[g]);
         }
-        const __m256i be = rne_bf16(_mm256_mul_ps(ev, sv));
-        __m256i bo = rne_bf16(_mm256_mul_ps(ov, sv));
-        if (odd_pad) bo = _mm256_setzero_si256();
-        __m256i pairs = _mm256_or_si256(be, _mm256_slli_epi32(bo, 16));
-        // Columns past n_end / N: zero.
-        const __m256i keep =
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid - 8 * h)), lane);
-        pairs = _mm256_and_si256(pairs, keep);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * h), pairs);
       }
+      __m256 e0, e1, o0, o1;  // even / odd K x columns 0-7 / 8-15
+      switch (f) {
+        case WeightFormat::kInt8:
+          e0 = load8_i8_ps(row);
+          e1 = load8_i8_ps(row + 8);
+          o0 = load8_i8_ps(row + 16);
+          o1 = load8_i8_ps(row + 24);
+          break;
+        case WeightFormat::kFp8Block:
+          e4m3_x16(row, e0, e1);
+          e4m3_x16(row + 16, o0, o1);
+          break;
+        case WeightFormat::kMxfp4: {
+          const __m256i v0 = load8_u8(row), v1 = load8_u8(row + 8);
+          e0 = e2m1_ps(_mm256_and_si256(v0, nib));
+          o0 = e2m1_ps(_mm256_srli_epi32(v0, 4));
+          e1 = e2m1_ps(_mm256_and_si256(v1, nib));
+          o1 = e2m1_ps(_mm256_srli_epi32(v1, 4));
+          break;
+        }
+        default: {  // int4
+          const __m256i v0 = load8_u8(row), v1 = load8_u8(row + 8);
+          e0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v0, nib), eight));
+          o0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), eight));
+          e1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v1, nib), eight));
+          o1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), eight));
+          break;
+        }
+      }
+      __m256i lo = rne_pairs(_mm256_mul_ps(e0, s0), _mm256_mul_ps(o0, s0));
+      __m256i hi = rne_pairs(_mm256_mul_ps(e1, s1), _mm256_mul_ps(o1, s1));
+      if (kd + 1 >= Kd || k + 1 >= src.K) {  // the pad row of an odd K
+        lo = _mm256_and_si256(lo, low16);
+        hi = _mm256_and_si256(hi, low16);
+      }
+      if (!full) {
+        lo = _mm256_and_si256(lo, keep0);
+        hi = _mm256_and_si256(hi, keep1);
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), hi);
     }
   }
 }

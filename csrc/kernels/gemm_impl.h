@@ -6,6 +6,7 @@
 
 #include "gemm.h"
 #include "isa.h"
+#include "quant.h"
 
 // Every unit of the table has a GEMM.
 #define MOETUNE_FEATURE(...)
@@ -27,3 +28,12 @@ void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16*
 namespace moetune::kernels::avx512 {
 void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
 }
+
+// The AMX unit's fused quantized GEMM (QuantGemmFn, gemm_amx.cc) and its
+// column block (the width of C it keeps in tiles per K block; registry.cc
+// derives the panels path's slice width from it).
+namespace moetune::kernels::amx {
+inline constexpr int64_t kColBlock = 256;
+void quant_gemm(int64_t M, int64_t n_begin, int64_t n_end, const bf16* A, int64_t lda,
+                const QuantB& B, const Segment* segs, int nseg, float* C, int64_t ldc);
+}  // namespace moetune::kernels::amx

@@ -173,4 +173,17 @@ void quantize_pack(const void* src, SrcType type, int64_t ld, int64_t K, int64_t
 using DequantFn = void (*)(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0,
                            int64_t k1, bf16* dst);
 
+// A GEMM that dequantizes inside (a kernel bundle member where the ISA has
+// one, else nullptr; kernel_bundle.h). Computes, overwriting C,
+//     C[M, n_begin:n_end] = A * dq(B)[:, n_begin:n_end] + sum_s segs[s].A * segs[s].B
+// (A: [M, lda] with the gemm.h padding contract for B.K; segs: nseg <
+// kMaxSegments bf16 segments covering the same columns, e.g. a LoRA expand;
+// n_begin a multiple of 16, n_end <= B.N), bit-identical to dequantizing
+// B's columns into a bf16 panel (DequantFn) and running the same bundle's
+// GemmFn on the segments {A, panel}, segs... with accumulate = false: every
+// C element sees the same bf16 products in the same fp32 order.
+// Thread-safety: pure function of its arguments.
+using QuantGemmFn = void (*)(int64_t M, int64_t n_begin, int64_t n_end, const bf16* A, int64_t lda,
+                             const QuantB& B, const Segment* segs, int nseg, float* C, int64_t ldc);
+
 }  // namespace moetune::kernels

@@ -77,6 +77,11 @@ class WeightFormat(enum.Enum):
 
     mxfp4 = 4
 
+class DequantPath(enum.Enum):
+    panels = 0
+
+    tiles = 1
+
 class ExpertsOptions:
     def __init__(self) -> None: ...
 
@@ -127,6 +132,18 @@ class ExpertsOptions:
 
     @row_group.setter
     def row_group(self, arg: int, /) -> None: ...
+
+    @property
+    def dequant_path(self) -> DequantPath: ...
+
+    @dequant_path.setter
+    def dequant_path(self, arg: DequantPath, /) -> None: ...
+
+    @property
+    def dequant_cols(self) -> int: ...
+
+    @dequant_cols.setter
+    def dequant_cols(self, arg: int, /) -> None: ...
 
     def validate(self) -> None: ...
 

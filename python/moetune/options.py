@@ -39,6 +39,8 @@ _FIELDS = {
     "weight_format": ("weight_format", _ext.WeightFormat),
     "group_size": ("group_size", None),
     "row_group": ("row_group", None),
+    "dequant_path": ("dequant_path", _ext.DequantPath),
+    "dequant_cols": ("dequant_cols", None),
 }
 _ENGINE_DEFAULTS = _ext.ExpertsOptions()
 
@@ -89,6 +91,12 @@ class ExpertsOptions:
       "fp8_block" (e4m3, a scale per 128 x 128 block) or "mxfp4" (e2m1, an
       e8m0 scale per 32 inputs): moetune.weight_formats() lists them.
     row_group: rows of one expert per GEMM task, a speed knob only; 0 = auto.
+    dequant_path, dequant_cols: how quantized weights reach the GEMM, speed
+      knobs only (results are bit-identical): "panels" (dequantize a column
+      slice of dequant_cols columns, 0 = auto from the kernels' L2 budget,
+      into a bf16 panel, then the bf16 GEMM) or "tiles" (the ISA's fused
+      kernel dequantizes each K block right before its tiles use it: AMX;
+      "panels" elsewhere).
 
     Values are normalised to what the engine holds (alpha, limit as float32
     values; group_size filled in), so equal options mean equal engines.
@@ -102,6 +110,8 @@ class ExpertsOptions:
     weight_format: str = _default("weight_format")
     group_size: int | None = None
     row_group: int = _default("row_group")
+    dequant_path: str = _default("dequant_path")
+    dequant_cols: int = _default("dequant_cols")
 
     def __post_init__(self):
         engine = self._to_ext()  # parses, normalises and validates, or raises ValueError

@@ -29,6 +29,7 @@ ENUMS = {
     "activations": _ext.ActivationPolicy,
     "activation": _ext.Activation,
     "weight_format": _ext.WeightFormat,
+    "dequant_path": _ext.DequantPath,
 }
 
 
@@ -98,6 +99,8 @@ def test_replace_and_to_dict():
         "weight_format": "int4",
         "group_size": 32,
         "row_group": 0,
+        "dequant_path": "panels",
+        "dequant_cols": 0,
     }
     assert moetune.ExpertsOptions.from_dict(json.loads(json.dumps(d))) == o
     assert o != o.replace(row_group=64)
@@ -126,6 +129,8 @@ def test_float_constants_are_the_engines_float32():
         (dict(alpha="big"), r"alpha must be a number, got 'big'"),
         (dict(row_group=-1), r"row_group must be >= 0"),
         (dict(row_group=1.5), r"row_group must be an integer"),
+        (dict(dequant_cols=24), r"dequant_cols must be 0 \(auto\) or a positive multiple of 16, got 24"),
+        (dict(dequant_path="fused"), r"dequant_path must be 'panels' or 'tiles'"),
         (dict(group_size=2**40), r"group_size out of range"),
     ],
 )

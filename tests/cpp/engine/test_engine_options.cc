@@ -27,6 +27,7 @@ TEST(ExpertsOptions, EveryEnumValueHasADistinctName) {
   expect_distinct_names(kAllActivationPolicies, "ActivationPolicy");
   expect_distinct_names(kAllActivations, "Activation");
   expect_distinct_names(kAllWeightFormats, "WeightFormat");
+  expect_distinct_names(kAllDequantPaths, "DequantPath");
   // The spellings Python users pass.
   EXPECT_STREQ(option_name(BackwardWeights::kTransposedCopy), "transposed_copy");
   EXPECT_STREQ(option_name(ActivationPolicy::kRecompute), "recompute");
@@ -34,6 +35,8 @@ TEST(ExpertsOptions, EveryEnumValueHasADistinctName) {
   EXPECT_STREQ(option_name(WeightFormat::kInt4), "int4");
   EXPECT_STREQ(option_name(WeightFormat::kFp8Block), "fp8_block");
   EXPECT_STREQ(option_name(WeightFormat::kMxfp4), "mxfp4");
+  EXPECT_STREQ(option_name(DequantPath::kPanels), "panels");
+  EXPECT_STREQ(option_name(DequantPath::kTiles), "tiles");
 }
 
 TEST(ExpertsOptions, DefaultsAreValidAndGroupSizeDefaultsPerFormat) {
@@ -87,6 +90,15 @@ TEST(ExpertsOptions, ValidateNamesTheBadOptionAndValue) {
       {"row_group -1",
        [](ExpertsOptions& o) { o.row_group = -1; },
        {"row_group must be >= 0", "-1"}},
+      {"dequant_path 4",
+       [](ExpertsOptions& o) { o.dequant_path = static_cast<DequantPath>(4); },
+       {"dequant_path", "4"}},
+      {"dequant_cols 24",
+       [](ExpertsOptions& o) { o.dequant_cols = 24; },
+       {"dequant_cols must be 0 (auto) or a positive multiple of 16", "24"}},
+      {"dequant_cols -16",
+       [](ExpertsOptions& o) { o.dequant_cols = -16; },
+       {"dequant_cols", "-16"}},
   };
   auto ctx = make_context(EngineCfg{});
   for (const Bad& b : bads) {
@@ -114,6 +126,8 @@ TEST(ExpertsOptions, EqualityComparesEveryField) {
       [](ExpertsOptions& o) { o.weight_format = WeightFormat::kInt8; },
       [](ExpertsOptions& o) { o.group_size = 64; },
       [](ExpertsOptions& o) { o.row_group = 16; },
+      [](ExpertsOptions& o) { o.dequant_path = DequantPath::kTiles; },
+      [](ExpertsOptions& o) { o.dequant_cols = 64; },
   };
   for (size_t i = 0; i < sizeof(edits) / sizeof(edits[0]); ++i) {
     ExpertsOptions o;

@@ -164,6 +164,60 @@ TEST(EngineQuantOptions, HotExpertRowGroupsBitIdenticalToBf16) {
   }
 }
 
+// The dequantization knobs are speed knobs only: for every slice width of
+// the panels path (dequant_cols: 16, 48, 64, 256, 0 = the bundle's) and the
+// tiles path (the fused kernel where the ISA has one: AMX), forward and
+// backward outputs and every gradient equal the bf16 engine on dq(q(W)) bit
+// for bit. H = 300 (gate/up K: a 12-row K tail past the AMX tiles), I = 270
+// (the task's 256-column chunk and a ragged second one), odd widths relative
+// to both; repack (the backward's W^T slices are dequantized too).
+class EngineDequantPaths : public ::testing::TestWithParam<mk::Isa> {};
+
+TEST_P(EngineDequantPaths, EveryWidthAndPathBitIdenticalToBf16OnDequantizedWeights) {
+  const mk::Isa isa = GetParam();
+  if (!isa_runnable(isa)) GTEST_SKIP() << "ISA " << mk::isa_name(isa) << " not supported here";
+  const Layer L = make_layer(3, 300, 270, all_lora(16), 6061);
+  BatchCfg bc;
+  bc.T = 40;
+  bc.k = 2;
+  const Batch b = make_batch(L, bc, 8);
+  for (const QuantSpec spec :
+       {QuantSpec{WeightFormat::kInt8, 0}, QuantSpec{WeightFormat::kInt4, 32},
+        QuantSpec{WeightFormat::kFp8Block, 0}, QuantSpec{WeightFormat::kMxfp4, 0}}) {
+    const Layer D = dequantized_layer(L, spec);
+    {
+      // repack: the backward dequantizes W^T slices too (transposed_copy
+      // reads its bf16 copy; its forward is the same as here).
+      const BackwardWeights bw = BackwardWeights::kRepack;
+      EngineCfg ec;
+      ec.isa = isa;
+      ec.threads = 2;
+      ec.opts.backward_weights = bw;
+      const Outputs ref = run_engine(D, b, IoCfg{}, ec);
+      ec.opts.weight_format = spec.format;
+      ec.opts.group_size = spec.group_size;
+      const std::string tag = std::string(mk::isa_name(isa)) + " " +
+                              mk::weight_format_name(spec.format) + " " + option_name(bw);
+      for (const int cols : {16, 48, 64, 256, 0}) {
+        ec.opts.dequant_cols = cols;
+        ec.opts.dequant_path = DequantPath::kPanels;
+        expect_bitwise(tag + " panels dequant_cols=" + std::to_string(cols),
+                       run_engine(L, b, IoCfg{}, ec), ref);
+      }
+      ec.opts.dequant_cols = 0;
+      ec.opts.dequant_path = DequantPath::kTiles;
+      expect_bitwise(tag + " tiles", run_engine(L, b, IoCfg{}, ec), ref);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isas, EngineDequantPaths,
+                         ::testing::Values(mk::Isa::kScalar, mk::Isa::kAvx2, mk::Isa::kAvx512,
+                                           mk::Isa::kAvx512Bf16, mk::Isa::kAmxBf16),
+                         [](const ::testing::TestParamInfo<mk::Isa>& i) {
+                           return std::string(mk::isa_name(i.param));
+                         });
+
 TEST(EngineQuantOptions, PackedBytesPerFormat) {
   // H = 256, I = 128 (multiples of every group size): bytes per expert.
   const int E = 2, H = 256, I = 128;

@@ -5,12 +5,15 @@
 // bf16(decode(code) * scale) computed here from the published arrays, and
 // equals quantize_pack's bytes where both apply); bad published input gives
 // clear errors. The per-ISA dequant of these formats is checked bit-identical
-// to the scalar oracle in test_kernels_quant.cc (DequantPerIsa); the Python
+// to the scalar oracle in test_kernels_quant.cc (DequantPerIsa) and, here,
+// exhaustively: every code of every format x representative scales (every
+// e8m0 scale code) against bf16(decode(code) * scale) per ISA; the Python
 // tests compare the decoded values with torch's float8_e4m3fn, transformers'
 // MXFP4 and compressed-tensors' INT4 decoders.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -19,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "kernel_test_support.h"
 #include "kernels/gemm.h"
 #include "kernels/kernel_bundle.h"
 #include "kernels/minifloat.h"
@@ -294,6 +298,83 @@ TEST(PublishedFormats, BadInputGivesClearErrors) {
   p.spec = {WeightFormat::kInt8, 0};
   expect_error("int8", [&] { pack(p); }, "weight format int8 has no published layout");
 }
+
+// Every code of each format at every position of a [K = 32, N = 16] operand
+// (code (k, n) = (16 k + n) mod 2^bits, so each column holds every 4-bit code
+// twice and the 512 cells every 8-bit code twice), times representative
+// scales: for the fp32-scale formats 1, 0.5, a weight-like 7.1e-3, FLT_MIN
+// and 2^-140 (subnormal products), 1e35 (products overflow to inf), a
+// negative -2.5 and 448; for mxfp4 every finite e8m0 code 0..254 (the whole
+// domain: 254 would overflow 6 * 2^127). Each ISA's dequant must give
+// exactly bf16(decode(code) * decode(scale)) (dequant_code, the oracle's
+// formula) for every element, e4m3 0x7f / 0xff (the NaN codes a published
+// load refuses) included as the oracle decodes them.
+class MinifloatDequantPerIsa : public kernel_test::PerIsa {};
+
+TEST_P(MinifloatDequantPerIsa, EveryCodeTimesRepresentativeScalesMatchesTheOracle) {
+  const int64_t K = 32, N = 16;
+  const float f32_scales[] = {1.0f,  0.5f,  7.1e-3f, FLT_MIN, std::ldexp(1.0f, -140),
+                              1e35f, -2.5f, 448.0f};
+  for (const WeightFormat f :
+       {WeightFormat::kInt8, WeightFormat::kInt4, WeightFormat::kFp8Block, WeightFormat::kMxfp4}) {
+    const QuantSpec spec{f, f == WeightFormat::kInt4 ? 32 : 0};
+    const bool byte_codes = quant_row_bytes(f) == 32;
+    const int ncodes = byte_codes ? 256 : 16;
+    std::vector<uint8_t> q(quant_q_bytes(spec, K, N), 0);
+    auto code = [&](int64_t k, int64_t n) { return uint8_t((16 * k + n) % ncodes); };
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t n = 0; n < N; ++n) {
+        uint8_t* row = q.data() + (k / 2) * quant_row_bytes(f);
+        if (byte_codes) {
+          row[(k % 2) * kPanelN + n] = code(k, n);
+        } else {
+          row[n] =
+              uint8_t(k % 2 ? (row[n] & 0x0f) | (code(k, n) << 4) : (row[n] & 0xf0) | code(k, n));
+        }
+      }
+    }
+    // The scale arrays to try (bytes of quant_scale_bytes each).
+    std::vector<std::vector<uint8_t>> scale_sets;
+    const int64_t nscales = quant_scale_count(spec, K, N);
+    if (f == WeightFormat::kMxfp4) {
+      for (int base = 0; base < 255; base += int(nscales)) {
+        std::vector<uint8_t> sb(static_cast<size_t>(nscales));
+        for (int64_t i = 0; i < nscales; ++i) sb[i] = uint8_t(std::min<int64_t>(254, base + i));
+        scale_sets.push_back(sb);
+      }
+    } else {
+      for (float sv : f32_scales) {
+        std::vector<float> sc(static_cast<size_t>(nscales), sv);
+        if (nscales > 1) sc[1] = sv * 0.75f;  // per-column formats: columns differ
+        std::vector<uint8_t> sb(static_cast<size_t>(nscales) * 4);
+        std::memcpy(sb.data(), sc.data(), sb.size());
+        scale_sets.push_back(sb);
+      }
+    }
+    int64_t checked = 0;
+    for (const std::vector<uint8_t>& sb : scale_sets) {
+      const QuantB qb{spec, q.data(), sb.data(), K, N};
+      std::vector<bf16> got(packed_elems(K, N), 0xbeef);
+      kernels().dequant(qb, 0, N, 0, K, got.data());
+      const int64_t G = quant_group_k(spec, K), scols = quant_scale_cols(f);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t n = 0; n < N; ++n) {
+          const uint8_t* s =
+              sb.data() + ((k / G) * scols + (scols == 1 ? 0 : n)) * quant_scale_bytes_each(f);
+          const bf16 want = dequant_code(code(k, n), s, f);
+          const bf16 have = got[(k / 2) * 2 * kPanelN + n * 2 + k % 2];
+          ASSERT_EQ(have, want) << isa_name(isa()) << " " << weight_format_name(f) << " code "
+                                << int(code(k, n)) << " scale value " << quant_scale_value(s, f)
+                                << " at (" << k << "," << n << ")";
+          ++checked;
+        }
+      }
+    }
+    EXPECT_EQ(checked, int64_t(scale_sets.size()) * K * N);
+  }
+}
+
+MOETUNE_INSTANTIATE_PER_ISA(MinifloatDequantPerIsa);
 
 }  // namespace
 }  // namespace moetune::kernels
