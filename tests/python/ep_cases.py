@@ -100,3 +100,160 @@ def layer_worker(rank: int, world: int, store: str, case: str, out: str) -> None
         os.path.join(out, f"rank{rank}.pt"),
     )
     dist.destroy_process_group()
+
+
+# ---- a tiny Qwen3-MoE trained with EP + DDP against one process ----
+
+LORA = dict(
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "v_proj"],
+    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    lora_dropout=0.0,
+)
+STEPS, ACCUM, LR = 3, 2, 1e-2
+
+
+def tiny_model(seed: int = 0):
+    """test_hf_exactness's tiny Qwen3-MoE with 5 experts (uneven over 2 ranks): fp32, weights
+    rounded to bf16 values, router logits x20 (top-k margins far above rounding)."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+        num_experts_per_tok=2, max_position_embeddings=64, intermediate_size=128, moe_intermediate_size=32,
+        num_experts=E, head_dim=16, norm_topk_prob=True, use_cache=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen3MoeForCausalLM(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(20.0)
+            p.copy_(p.bfloat16().float())
+    return model
+
+
+def lora_model(adapter: str | None = None):
+    import peft
+
+    base = tiny_model()
+    if adapter is not None:
+        return peft.PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    pm = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.05).bfloat16().float())
+    return pm
+
+
+def batch(step: int, micro: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+    return torch.randint(0, 128, (2, 8), generator=g)
+
+
+EVAL = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(7))
+
+
+@torch.no_grad()
+def eval_loss(model) -> float:
+    was = model.training
+    model.eval()
+    loss = model(input_ids=EVAL, labels=EVAL).loss.item()
+    model.train(was)
+    return loss
+
+
+def reference_run(out: str, world: int = 2) -> dict:
+    """One process, every rank's micro-batches, DDP's loss convention; saves its adapter."""
+    import moetune
+    import moetune.hf
+
+    pm = lora_model()
+    moetune.hf.patch(pm, ctx=moetune.Context(num_threads=1))
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    rec = {"loss": [], "gnorm": [], "logits0": [], "grads0": None}
+    for step in range(STEPS):
+        for m in range(ACCUM):
+            for r in range(world):
+                b = batch(step, m, r)
+                o = pm(input_ids=b, labels=b)
+                (o.loss / (ACCUM * world)).backward()
+                rec["loss"].append(o.loss.item())
+                if step == 0 and m == 0:
+                    rec["logits0"].append(o.logits.detach())
+        if step == 0:
+            rec["grads0"] = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+        rec["gnorm"].append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    rec["eval"] = eval_loss(pm)
+    pm.save_pretrained(out)
+    return rec
+
+
+def train_worker(rank: int, world: int, store: str, out: str, ref_adapter: str) -> None:
+    from contextlib import nullcontext
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import moetune.hf
+    from moetune.parallel import ExpertParallel, adapter, grads
+    from moetune.parallel.cpus import rank_context
+    from moetune.parallel.expert_lora import expert_lora_tensors
+
+    init(rank, world, store)
+    ep = ExpertParallel.from_group(dist.new_group(list(range(world))))
+    ctx = rank_context(rank, world)
+    pm = lora_model()
+    moetune.hf.patch(pm, ctx=ctx, expert_parallel=ep)
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm.train()
+    tensors = expert_lora_tensors(pm)
+    grads.ddp_ignore(pm, tensors)
+    ddp = DDP(pm)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    rec = {"loss": [], "gnorm": [], "logits0": None, "grads0": None, "expert_names": [t.name for t in tensors]}
+    for step in range(STEPS):
+        for m in range(ACCUM):
+            b = batch(step, m, rank)
+            with ddp.no_sync() if m < ACCUM - 1 else nullcontext():
+                o = ddp(input_ids=b, labels=b)
+                (o.loss / ACCUM).backward()
+            rec["loss"].append(o.loss.item())
+            if step == 0 and m == 0:
+                rec["logits0"] = o.logits.detach()
+        grads.scale_expert_grads(tensors, world)
+        if step == 0:  # the full gradient: expert entries summed from their owners
+            g0 = {}
+            for n, p in pm.named_parameters():
+                if p.requires_grad:
+                    g = p.grad.clone()
+                    if n in rec["expert_names"]:
+                        dist.all_reduce(g)
+                    g0[n] = g
+            rec["grads0"] = g0
+        rec["gnorm"].append(float(grads.clip_grad_norm_(params, 1.0, tensors)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    rec["owned"] = {t.name: (t.owned_mask(), t.param.detach().clone()) for t in tensors}
+    adapter.sync(pm, tensors)
+    adapter.sync_optimizer(opt, tensors)
+    rec["eval"] = eval_loss(pm)
+    if rank == 0:
+        pm.save_pretrained(os.path.join(out, "adapter_ep"))
+    # 1 -> 2: the one-process adapter loaded with 2 ranks
+    pm2 = lora_model(ref_adapter)
+    moetune.hf.patch(pm2, ctx=ctx, expert_parallel=ep)
+    rec["eval_1to2"] = eval_loss(pm2)
+    rec["rows"] = [moetune.hf.patching.experts_state(m).ep.rows for m in moetune.hf.patching._find_experts(pm)[0]
+                   for m in [m.module]]
+    torch.save(rec, os.path.join(out, f"train{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

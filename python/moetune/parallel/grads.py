@@ -24,12 +24,17 @@ from moetune.parallel.expert_lora import ExpertLoraTensor
 
 
 def ddp_ignore(module: torch.nn.Module, tensors: list[ExpertLoraTensor]) -> None:
-    """Before wrapping `module` in DDP: exclude the expert LoRA parameters from its all-reduce.
-    The names are those of module.named_parameters() (pass the module DDP wraps)."""
+    """Before wrapping `module` in DDP: exclude the expert LoRA parameters from its all-reduce, and
+    the engine-held expert weights (shape-only placeholders, each rank's engine holds its own
+    experts) from its initial broadcast. Names as in module.named_parameters() (pass the module
+    DDP wraps)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    from moetune.hf._placeholder import EngineHeldTensor
+
     names = {n for n, _ in module.named_parameters()}
-    ignore = [t.name for t in tensors]
+    held = [n for n, p in module.named_parameters() if isinstance(p, EngineHeldTensor)]
+    ignore = [t.name for t in tensors] + held
     missing = [n for n in ignore if n not in names]
     if missing:
         raise ValueError(f"moetune: expert LoRA parameters {missing[:3]} are not parameters of the module DDP wraps")
