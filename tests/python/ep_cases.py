@@ -257,3 +257,28 @@ def train_worker(rank: int, world: int, store: str, out: str, ref_adapter: str) 
     torch.save(rec, os.path.join(out, f"train{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def load_worker(rank: int, world: int, store: str, path: str, out: str) -> None:
+    """load_model with expert_parallel: this rank's experts only; logits of EVAL."""
+    import moetune
+    from moetune.hf import patching
+    from moetune.parallel import ExpertParallel
+    from moetune.parallel.cpus import rank_context
+
+    init(rank, world, store)
+    ep = ExpertParallel.from_group()
+    model = moetune.load_model(path, ctx=rank_context(rank, world), expert_parallel=ep, progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=EVAL).logits
+    states = [patching.experts_state(f.module) for f in patching._find_experts(model)[0]]
+    torch.save(
+        {
+            "logits": logits,
+            "num_experts": [st.engine.num_experts for st in states],
+            "packed": model.moetune_handle.packed_bytes,
+            "owned": [st.ep.owned.tolist() for st in states],
+        },
+        os.path.join(out, f"load{rank}.pt"),
+    )
+    dist.destroy_process_group()

@@ -140,3 +140,22 @@ def test_training_matches_one_process(tmp_path):
         assert abs(res[r]["eval"] - ev_2to1) <= 8 * U * abs(ev_2to1)
         assert abs(res[r]["eval"] - ref["eval"]) <= 16 * U * abs(ref["eval"])
         assert abs(res[r]["eval_1to2"] - ref["eval"]) <= 8 * U * abs(ref["eval"])
+
+
+def test_load_model_loads_only_owned_experts(tmp_path):
+    """load_model(expert_parallel=): each rank packs only its experts (host RAM: its share), the
+    model's logits are the one-process load's."""
+    import moetune
+
+    path = tmp_path / "model"
+    C.tiny_model().save_pretrained(path)
+    C.spawn(C.load_worker, 2, tmp_path, str(path), str(tmp_path))
+    res = [torch.load(tmp_path / f"load{r}.pt") for r in range(2)]
+    one = moetune.load_model(str(path), num_threads=1, progress=False)
+    with torch.no_grad():
+        ref = one(input_ids=C.EVAL).logits
+    assert [r["num_experts"] for r in res] == [[2, 2], [3, 3]]
+    assert [r["owned"] for r in res] == [[[0, 1]] * 2, [[2, 3, 4]] * 2]
+    assert res[0]["packed"] + res[1]["packed"] == one.moetune_handle.packed_bytes
+    for r in range(2):
+        assert (res[r]["logits"] - ref).abs().max().item() <= 8 * U * ref.abs().max().item()
