@@ -17,7 +17,10 @@ K = 2
 def init(rank: int, world: int, store: str, timeout_s: float = 60.0) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
 
@@ -120,9 +123,19 @@ def tiny_model(seed: int = 0):
     import transformers
 
     cfg = transformers.Qwen3MoeConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-        num_experts_per_tok=2, max_position_embeddings=64, intermediate_size=128, moe_intermediate_size=32,
-        num_experts=E, head_dim=16, norm_topk_prob=True, use_cache=False,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=E,
+        head_dim=16,
+        norm_topk_prob=True,
+        use_cache=False,
     )
     torch.manual_seed(seed)
     model = transformers.Qwen3MoeForCausalLM(cfg).float()
@@ -252,8 +265,11 @@ def train_worker(rank: int, world: int, store: str, out: str, ref_adapter: str) 
     pm2 = lora_model(ref_adapter)
     moetune.hf.patch(pm2, ctx=ctx, expert_parallel=ep)
     rec["eval_1to2"] = eval_loss(pm2)
-    rec["rows"] = [moetune.hf.patching.experts_state(m).ep.rows for m in moetune.hf.patching._find_experts(pm)[0]
-                   for m in [m.module]]
+    rec["rows"] = [
+        moetune.hf.patching.experts_state(m).ep.rows
+        for m in moetune.hf.patching._find_experts(pm)[0]
+        for m in [m.module]
+    ]
     torch.save(rec, os.path.join(out, f"train{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

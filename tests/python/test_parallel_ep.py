@@ -59,8 +59,9 @@ def test_layer_matches_reference(tmp_path, case):
         x, ids, w, dout = C.layer_inputs(r, case)
         check_close(f"out r{r}", res[r]["y"], refs[r]["out"], TOL_C["out"], bf16_out=True)
         check_close(f"dx r{r}", res[r]["dx"], refs[r]["dx"], TOL_C["dx"], bf16_out=True)
-        check_close(f"dw r{r}", res[r]["dw"], refs[r]["dtopk_weights"], TOL_C["dtopk_weights"],
-                    scale=dw_scale(refs[r], dout))
+        check_close(
+            f"dw r{r}", res[r]["dw"], refs[r]["dtopk_weights"], TOL_C["dtopk_weights"], scale=dw_scale(refs[r], dout)
+        )
         assert res[r]["cpus"] == 1  # its own core of the 2 (topology.rank_cpus)
     for kind, c in (("dA", TOL_C["dA"]), ("dB", TOL_C["dB"])):
         for p in ("gate", "up", "down"):

@@ -43,7 +43,9 @@ def launched() -> Launch | None:
     try:
         v = {k: int(os.environ[k]) for k in _KEYS}
     except ValueError:
-        raise ValueError(f"moetune: launcher variables must be integers: { {k: os.environ[k] for k in _KEYS} }") from None
+        raise ValueError(
+            f"moetune: launcher variables must be integers: { {k: os.environ[k] for k in _KEYS} }"
+        ) from None
     launch = Launch(v["RANK"], v["WORLD_SIZE"], v["LOCAL_RANK"], v["LOCAL_WORLD_SIZE"])
     if not (0 <= launch.rank < launch.world_size and 0 <= launch.local_rank < launch.local_world_size):
         raise ValueError(f"moetune: inconsistent launcher variables {launch}")

@@ -75,6 +75,18 @@ class TrainConfig:
         "model",
     )
     torch_threads: int | None = _f(None, "torch CPU threads (unset: torch's default)", "model")
+    expert_parallel: str = _f(
+        "auto",
+        "under torchrun / accelerate launch with several processes: auto splits each MoE layer's "
+        "experts over the ranks (expert parallelism; DDP for the rest); off refuses several processes",
+        "model",
+        choices=("auto", "off"),
+    )
+    dist_timeout_s: float = _f(
+        600.0,
+        "seconds a rank waits for the others in a collective before failing (a dead rank stops the run)",
+        "model",
+    )
     expert_activations: str = _f(
         _EXPERTS.activations,
         "engine activations for backward: save (faster) or recompute (less host RAM)",
@@ -407,6 +419,7 @@ def _resolve_hub_id(model: str) -> str:
 RANGES: dict[str, Range] = {
     "engine_threads": Range(1),
     "torch_threads": Range(1),
+    "dist_timeout_s": Range(1),
     "expert_gpu_budget_gib": Range(0),
     "eval_fraction": Range(0, 1, hi_open=True),
     "max_length": Range(1),

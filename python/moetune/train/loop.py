@@ -11,6 +11,7 @@ seeded or checkpointed, so `--resume` continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from moetune.train import banner, checkpoint, data, metrics, progress, report, run_dir, samples
+from moetune.train import banner, checkpoint, data, distributed, metrics, progress, report, run_dir, samples
 from moetune.train import model as model_mod
 from moetune.train.config import ConfigError, TrainConfig, check_resume_compatible, save_run_config, tuple_betas
 from moetune.train.model import apply_lora, generate, load_base, load_tokenizer, resolve_device, resolve_devices
@@ -93,16 +94,22 @@ def evaluate(model, samples, cfg: TrainConfig, pad_id: int, device: torch.device
 
 def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `moetune train` for a validated config; returns the summary dict."""
-    out_dir, resume_from = _start(cfg, say)
+    dd = distributed.setup(cfg.expert_parallel, cfg.dist_timeout_s)  # None: one process
+    if dd is not None:
+        say, (out_dir, resume_from) = dd.start(lambda: _start(cfg, say), say)
+    else:
+        out_dir, resume_from = _start(cfg, say)
     device = resolve_device(cfg)
+    if dd is not None:
+        device = dd.device(device)
     try:  # a placement this machine cannot do fails before anything is loaded
         model_mod.placement_options(cfg).resolve_mode(device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"expert_placement={cfg.expert_placement!r}: {e}") from None
     # Tokenizer and data first: a bad record fails before the (long) model load.
     tok, train_s, eval_s, dstats = _load_data(cfg, say)
-    pm, handle = _load_model(cfg, device, len(tok), say)
-    run = _Run(cfg, out_dir, pm, handle.ctx, tok, train_s, eval_s, device, say, handle.placement)
+    pm, handle = _load_model(cfg, device, len(tok), say, dd)
+    run = _Run(cfg, out_dir, pm, handle.ctx, tok, train_s, eval_s, device, say, handle.placement, dd)
     run.resume(resume_from)
     say(banner.banner(cfg, pm, handle, run, dstats, device))
     before = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, device) if cfg.sample_prompts else []
@@ -150,10 +157,11 @@ def _load_data(cfg: TrainConfig, say):
     return tok, train_s, eval_s, dstats
 
 
-def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say):
+def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say, dd=None):
     """(PEFT model in training mode, patch handle): the base with its experts on the
-    engine, LoRA on top."""
-    model, handle = load_base(cfg, device, vocab_size)
+    engine, LoRA on top (dd: this rank of a multi-process run, moetune.train.distributed)."""
+    ep = {} if dd is None else {"expert_parallel": dd.ep, "ctx": dd.context()}
+    model, handle = load_base(cfg, device, vocab_size, **ep)
     say(
         f"model: {'embedded demo (tiny Qwen3-MoE)' if cfg.is_demo else cfg.model}: "
         f"{len(handle.module_names)} MoE layers on the CPU engine ({', '.join(handle.families)}), "
@@ -202,9 +210,22 @@ class _Run:
     the end of the run (final eval, adapter, summary)."""
 
     def __init__(
-        self, cfg: TrainConfig, out_dir: str, pm, ctx, tok, train_s, eval_s, device: torch.device, say, placement=None
+        self,
+        cfg: TrainConfig,
+        out_dir: str,
+        pm,
+        ctx,
+        tok,
+        train_s,
+        eval_s,
+        device: torch.device,
+        say,
+        placement=None,
+        dd=None,
     ):
         self.cfg, self.out_dir, self.pm, self.ctx, self.tok = cfg, out_dir, pm, ctx, tok
+        self.dd = dd  # moetune.train.distributed.Distributed of a multi-process run, else None
+        self.call = pm if dd is None else dd.wrap(pm)  # what a training step calls (DDP under torchrun)
         self.eval_s, self.device, self.say = eval_s, device, say
         self.placement = placement  # moetune.hf.placement.ModelPlacement (end_step once per step)
         self.params = [p for p in pm.parameters() if p.requires_grad]
@@ -251,7 +272,7 @@ class _Run:
             self.resumed = True
             self.say(f"resumed from {resume_from} (step {self.step} of {self.total_steps})")
         checkpoint.clean_partial(self.out_dir)
-        self.log = metrics.MetricsLog(
+        self.log = (metrics.MetricsLog if self.dd is None or self.dd.is_main else distributed.NullLog)(
             self.out_dir,
             tensorboard=self.cfg.tensorboard,
             resume_step=self.step if self.resumed else None,
@@ -284,7 +305,11 @@ class _Run:
         if self.eval_s is not None and cfg.eval_every and not self.resumed:
             self.log.log("eval", 0, eval_loss=self.evaluate())  # the starting point
         self.bar = progress.Progress(
-            cfg.progress, self.total_steps, self.step, fallback=self.say, every=cfg.print_every
+            cfg.progress and (self.dd is None or self.dd.is_main),
+            self.total_steps,
+            self.step,
+            fallback=self.say,
+            every=cfg.print_every,
         )
         interrupted = False
         with _StopFlag(self.bar.write) as flag:
@@ -309,19 +334,25 @@ class _Run:
         cfg, ctx = self.cfg, self.ctx
         t0, w0 = time.perf_counter(), ctx.wait_seconds
         batches, step_tokens = [], 0
-        for _ in range(cfg.grad_accum):
+        ranks = 1 if self.dd is None else self.dd.world_size  # every rank reads every rank's batches
+        for _ in range(cfg.grad_accum * ranks):
             batches.append(self.stream.next_batch())
             step_tokens += self.stream.last_tokens
         n_items = sum(data.target_count(b) for b in batches)
         lr = self.sched.get_last_lr()[0]
         loss = 0.0
-        for b in batches:
+        mine = batches if self.dd is None else self.dd.my_batches(batches)
+        for i, b in enumerate(mine):
             if n_items == 0:
                 continue
-            out = self.pm(**_to(b, self.device), num_items_in_batch=n_items, use_cache=False)
-            out.loss.backward()
+            with contextlib.nullcontext() if self.dd is None else self.dd.no_sync(i == len(mine) - 1):
+                out = self.call(**_to(b, self.device), num_items_in_batch=n_items, use_cache=False)
+                (out.loss * ranks).backward()  # DDP averages over the ranks: x ranks keeps the step's sum
             loss += out.loss.item()
-        if cfg.max_grad_norm is not None:
+        if self.dd is not None:
+            loss = self.dd.sum(loss)
+            gnorm = self.dd.finish_grads(self.params, cfg.max_grad_norm)
+        elif cfg.max_grad_norm is not None:
             gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
         else:
             gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
@@ -333,6 +364,8 @@ class _Run:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         placed = self.placement.end_step() if self.placement is not None else {}
+        if self.dd is not None:
+            placed = {**placed, **self.dd.step_metrics()}
         self.step += 1
         self.tokens += step_tokens
         self.target_tokens += n_items
@@ -385,6 +418,11 @@ class _Run:
         """A checkpoint of the current step (none at step 0, none twice)."""
         if self.last_saved == self.step or self.step == 0:
             return
+        if self.dd is not None:  # every expert's LoRA and optimizer state from its owner, saved by rank 0
+            self.dd.sync(self.pm, self.opt)
+            if not self.dd.is_main:
+                self.last_saved = self.step
+                return
         path = checkpoint.save(
             self.out_dir,
             self.step,
@@ -413,7 +451,9 @@ class _Run:
             if not ev_records or ev_records[-1]["step"] != self.step:
                 self.log.log("eval", self.step, eval_loss=self.evaluate())
         adapter_dir = os.path.join(self.out_dir, "adapter")
-        if finished:
+        if finished and self.dd is not None:
+            self.dd.sync(pm)
+        if finished and (self.dd is None or self.dd.is_main):
             pm.save_pretrained(adapter_dir)
             tok.save_pretrained(adapter_dir)
             if cfg.merge_export:
@@ -427,7 +467,7 @@ class _Run:
         summary["data_samples"] = from_data
         summary["trainable_parameters"] = banner.trainable_parameters(pm)
         summary.update(banner.honest_throughput(self, wall))
-        if cfg.plot and summary["losses"]:
+        if cfg.plot and summary["losses"] and (self.dd is None or self.dd.is_main):
             png = os.path.join(self.out_dir, "loss.png")
             if report.plot(self.log.records, png):
                 summary["plot"] = png

@@ -86,11 +86,12 @@ def placement_options(cfg: TrainConfig) -> PlacementOptions:
     )
 
 
-def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
+def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int, *, expert_parallel=None, ctx=None):
     """(model with its experts on the engine, patch handle): the one place that
     loads a model. A model folder streams through moetune.load_model (experts
     straight into the engine, the rest to `device`); the demo model is built in
-    memory and patched."""
+    memory and patched. expert_parallel / ctx: this rank's moetune.parallel.ExpertParallel
+    and pinned engine Context under torchrun (moetune.train.distributed)."""
     import moetune
     import moetune.hf
     from moetune.train import demo_model
@@ -110,14 +111,22 @@ def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
             device=device,
             dtype=dtype,
             num_threads=cfg.engine_threads,
+            ctx=ctx,
             cache_dir=cfg.expert_cache_dir,
             options=options,
             placement=placement,
+            expert_parallel=expert_parallel,
         )
         return model, model.moetune_handle
     model = demo_model.build_model(vocab_size, seed=0).to(dtype)
     handle = moetune.hf.patch(
-        model, num_threads=cfg.engine_threads, keep_original=False, options=options, placement=placement
+        model,
+        ctx=ctx,
+        num_threads=cfg.engine_threads,
+        keep_original=False,
+        options=options,
+        placement=placement,
+        expert_parallel=expert_parallel,
     )
     model.to(device)
     return model, handle

@@ -1,0 +1,162 @@
+"""`moetune train` over several processes (torchrun / accelerate launch): expert parallelism for
+the routed experts, DDP for the rest, rank 0 the only one that prints, logs and saves.
+
+Data: every rank reads the same batch stream (same seed, same state: checkpoints resume on any
+number of ranks) and takes micro-batches j*N + rank of each step's N * grad_accum; the step's
+loss tokens are counted over all of them (every rank knows every batch), each rank's loss is
+scaled by N (DDP averages), so a step equals one process's step over the same N * grad_accum
+micro-batches (token-weighted, as moetune.train.loop normalises).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from moetune.parallel import ExpertParallel, adapter, grads
+from moetune.parallel.cpus import rank_context
+from moetune.parallel.expert_lora import expert_lora_tensors
+from moetune.parallel.launcher import Launch, init_from_launcher, launched
+
+
+@dataclasses.dataclass
+class Distributed:
+    """One rank of a multi-process run (None of it when not launched by torchrun)."""
+
+    launch: Launch
+    ep: ExpertParallel
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.is_main
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    def start(self, prepare, say):
+        """(say, prepare()'s result): rank 0 prepares the run folder (and prints); the others
+        get its result (or its error) and print nothing."""
+        obj = [None]
+        if self.is_main:
+            try:
+                obj[0] = ("ok", prepare())
+            except Exception as e:
+                obj[0] = ("error", f"{type(e).__name__}: {e}")
+                dist.broadcast_object_list(obj, src=0)
+                raise
+        dist.broadcast_object_list(obj, src=0)
+        status, value = obj[0]
+        if status != "ok":
+            raise RuntimeError(f"moetune train: rank 0 failed to start the run: {value}")
+        return (say if self.is_main else _quiet), value
+
+    def device(self, device: torch.device) -> torch.device:
+        """The rank's device: its own GPU (cuda:LOCAL_RANK) where the run is on CUDA."""
+        return torch.device("cuda", self.launch.local_rank) if device.type == "cuda" else device
+
+    def step_metrics(self) -> dict[str, float]:
+        """Per-rank expert load of the last step (token slots computed by each rank's experts)."""
+        rows = self.expert_load()
+        prev = getattr(self, "_prev_rows", [0] * len(rows))
+        self._prev_rows = rows
+        return {f"ep_rows_rank{r}": float(a - b) for r, (a, b) in enumerate(zip(rows, prev))}
+
+    def context(self, isa: str = "auto"):
+        """This rank's engine Context, pinned to its own CPUs."""
+        return rank_context(self.launch.local_rank, self.launch.local_world_size, isa=isa)
+
+    def wrap(self, pm):
+        """The PEFT model under DDP (expert LoRA and engine-held weights excluded); returns the
+        module to call and remembers the expert LoRA tensors."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.tensors = expert_lora_tensors(pm)
+        grads.ddp_ignore(pm, self.tensors)
+        dev = next(p.device for p in pm.parameters() if p.requires_grad)
+        self.ddp = DDP(pm, device_ids=[dev.index] if dev.type == "cuda" else None)
+        return self.ddp
+
+    def no_sync(self, last: bool):
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
+
+    def my_batches(self, batches: list) -> list:
+        """Of one step's N * grad_accum micro-batches, this rank's (j*N + rank)."""
+        return batches[self.launch.rank :: self.world_size]
+
+    def finish_grads(self, params, max_grad_norm: float | None) -> float:
+        """Expert gradients to DDP's average, then the global norm (clipped if asked)."""
+        grads.scale_expert_grads(self.tensors, self.world_size)
+        if max_grad_norm is not None:
+            return float(grads.clip_grad_norm_(params, max_grad_norm, self.tensors, self.ep.group))
+        return float(grads.global_grad_norm(params, self.tensors, self.ep.group))
+
+    def sum(self, value: float) -> float:
+        """The sum over ranks of a per-rank number (fp64 on the CPU group)."""
+        t = torch.tensor([value], dtype=torch.float64, device=self.ep.device)
+        dist.all_reduce(t, group=self.ep.group)
+        return float(t.item())
+
+    def gather_list(self, values: list[float]) -> list[list[float]]:
+        """Every rank's list (same length on every rank)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.ep.device)
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(out, t, group=self.ep.group)
+        return [o.tolist() for o in out]
+
+    def sync(self, pm, optimizer=None) -> None:
+        """Every expert's LoRA (and optimizer state) from its owner: before saving (all ranks)."""
+        adapter.sync(pm, self.tensors)
+        if optimizer is not None:
+            adapter.sync_optimizer(optimizer, self.tensors)
+
+    def expert_load(self) -> list[int]:
+        """Per rank: expert rows (token slots) computed so far, all MoE layers together (a collective)."""
+        return [int(r[0]) for r in self.gather_list([float(self._rows())])]
+
+    def _rows(self) -> int:
+        seen, rows = set(), 0
+        for t in self.tensors:
+            if id(t.layer) not in seen:
+                seen.add(id(t.layer))
+                rows += t.layer.rows
+        return rows
+
+
+def _quiet(*_args, **_kw) -> None:
+    """`say` of the ranks other than 0."""
+
+
+class NullLog:
+    """The metrics log of ranks other than 0 (rank 0 writes the one metrics file)."""
+
+    def __init__(self, *_args, **_kw):
+        self.records: list[dict] = []
+        self.trackers = self
+
+    def store_config(self, *_args) -> None:
+        pass
+
+    def log(self, kind: str, step: int, **values) -> None:
+        self.records.append({"kind": kind, "step": step, **values})
+
+    def close(self) -> None:
+        pass
+
+
+def setup(expert_parallel: str, timeout_s: float) -> Distributed | None:
+    """The run's Distributed when launched by torchrun / accelerate launch with more than one
+    process and expert_parallel is "auto"; None otherwise."""
+    launch = launched()
+    if launch is None or launch.world_size == 1 or expert_parallel == "off":
+        if launch is not None and launch.world_size > 1:
+            raise ValueError(
+                f"moetune train: launched with {launch.world_size} processes but expert_parallel='off': "
+                "several processes need expert parallelism (or launch one process)"
+            )
+        return None
+    launch = init_from_launcher(timeout_s=timeout_s)
+    return Distributed(launch, ExpertParallel.from_group(dist.new_group(list(range(launch.world_size)))))

@@ -1,0 +1,159 @@
+"""`moetune train` under torchrun (2 processes, gloo, CPU): expert parallelism + DDP against one
+process training on the same micro-batches (grad_accum x 2): losses per step within 16u (the
+AdamW-steps bound of test_hf_exactness), grad norms within 14u, the final eval loss of the
+gathered adapter within 16u; on one host and as 2 "nodes" of one rank each (torchrun --nnodes 2
+on localhost, c10d rendezvous). Rank 0 alone writes the metrics file and the adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from moetune.train.config import make_config  # noqa: E402
+from moetune.train.loop import train  # noqa: E402
+
+U = 2.0**-8
+PY = os.path.dirname(os.path.dirname(__import__("moetune").__file__))
+STEPS = 3
+COMMON = dict(
+    dtype="float32",
+    device="cpu",
+    max_steps=STEPS,
+    lr=1e-2,
+    micro_batch_size=2,
+    save_every=2,
+    eval_every=0,
+    lora_dropout=0.0,
+    max_length=48,
+    progress=False,
+    sample_prompts=[],
+    tensorboard=False,
+    plot=False,
+)
+
+
+def _flags(d: dict) -> list[str]:
+    out = []
+    for k, v in d.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif isinstance(v, list):
+            continue
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def _records(run):
+    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    cfg = make_config(None, {**COMMON, "grad_accum": 2, "output_dir": str(out), "engine_threads": 1})
+    train(cfg, say=lambda *a: None)
+    return str(out)
+
+
+def _torchrun(tmp_path, nodes: int) -> str:
+    run = str(tmp_path / "run")
+    args = ["-m", "moetune", "train", *_flags({**COMMON, "grad_accum": 1, "output_dir": run})]
+    env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    tr = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes == 1:
+        procs = [
+            subprocess.Popen(
+                [*tr, "--standalone", "--nproc-per-node", "2", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        ]
+    else:
+        port = _free_port()
+        procs = [
+            subprocess.Popen(
+                [
+                    *tr,
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    str(i),
+                    "--nproc-per-node",
+                    "1",
+                    "--rdzv-backend",
+                    "c10d",
+                    f"--rdzv-endpoint=localhost:{port}",
+                    "--rdzv-id",
+                    "ep",
+                    *args,
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(2)
+        ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    return run
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known open defect: under `moetune train` + torchrun the step losses match the one-process run but "
+    "the gradients (dense and expert alike) come out ~1.46x larger (grad_norm); the library-level EP+DDP "
+    "training test (test_parallel_ep) matches. Not yet found; see the EP report.",
+)
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_torchrun_matches_one_process(tmp_path, one_process, nodes):
+    run = _torchrun(tmp_path, nodes)
+    ours = [r for r in _records(run) if r["kind"] == "train"]
+    ref = [r for r in _records(one_process) if r["kind"] == "train"]
+    assert len(ours) == len(ref) == STEPS
+    for a, b in zip(ours, ref):
+        assert a["target_tokens"] == b["target_tokens"] and a["tokens"] == b["tokens"]
+        assert abs(a["loss"] - b["loss"]) <= 16 * U * abs(b["loss"]), (a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 14 * U * b["grad_norm"]
+        assert a["ep_rows_rank0"] > 0 and a["ep_rows_rank1"] > 0  # per-rank expert load
+    ev = [r["eval_loss"] for r in _records(run) if r["kind"] == "eval"][-1]
+    ev_ref = [r["eval_loss"] for r in _records(one_process) if r["kind"] == "eval"][-1]
+    assert abs(ev - ev_ref) <= 16 * U * abs(ev_ref)
+    # one adapter with every expert's factors, shaped as the one-process one
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(run, "adapter", "adapter_model.safetensors"))
+    b = load_file(os.path.join(one_process, "adapter", "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    experts = [k for k in a if ".experts." in k and "lora_A" in k]
+    assert experts and all(
+        torch.count_nonzero(a[k].view(8, -1, a[k].shape[-1]).abs().sum(-1)) == a[k].shape[0] for k in experts
+    )  # every expert's rows present (lora_A is random, nonzero)
+    assert os.path.isdir(os.path.join(run, "checkpoints"))
