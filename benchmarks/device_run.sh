@@ -12,6 +12,7 @@
 #   bash benchmarks/device_run.sh load      # load_model: CUDA family tests + load RSS/throughput (Qwen3-30B-shaped, 8 layers)
 #   bash benchmarks/device_run.sh load-cache  # load_model's packed-experts cache: int4 load without / cold / warm cache (4 layers)
 #   bash benchmarks/device_run.sh gtest     # C++ suite only (AMX included)
+#   bash benchmarks/device_run.sh sanitize  # scripts/sanitize.sh (ASan+UBSan, TSan) with the AVX-512/AMX kernels
 #   bash benchmarks/device_run.sh placement-tests  # CUDA tests of the placement layer (GPU path, scheduler, wiring)
 #   bash benchmarks/device_run.sh placement-layer qwen3|deepseek  # one layer placed 4 ways + scheduler timing
 #   bash benchmarks/device_run.sh train-step qwen3|deepseek       # end-to-end training steps: cpu / auto / peft
@@ -34,7 +35,7 @@ mode=${1:-tests}
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } >"$OUT/machine.txt" 2>&1
 
-if [ "$mode" != kernels ]; then
+if [ "$mode" != kernels ] && [ "$mode" != sanitize ]; then
   python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-$mode.log" 2>&1 || { tail -40 "$OUT/build-$mode.log"; exit 1; }
   python3 -c "import moetune; print(moetune.Context(16).info())" | tee -a "$OUT/machine.txt"
 fi
@@ -61,6 +62,11 @@ tests)
 gtest)
   run_gtest
   ;;
+sanitize)
+  mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
+  CMAKE_PREFIX_PATH=/tmp/gtest/usr bash scripts/sanitize.sh >"$OUT/sanitize.log" 2>&1
+  echo "sanitize rc=$?"; grep -E "tests passed|tests failed|ERROR|runtime error|clean" "$OUT/sanitize.log" | tail -12
+  ;;
 placement-tests)
   python3 -m pytest -q -rs tests/python -p no:cacheprovider -k "cuda or placement" 2>&1 | tee "$OUT/placement-tests.txt" | tail -30
   ;;
@@ -70,7 +76,7 @@ placement-layer)
     --json "$OUT/placement-${2:-qwen3}.json" 2>&1 | tee "$OUT/placement-${2:-qwen3}.txt"
   ;;
 train-step)
-  if [ "${2:-qwen3}" = deepseek ]; then args="--shape deepseek --layers 2 --seq 4096,16384"; else args="--shape qwen3 --layers 8 --seq 1024,4096,16384"; fi
+  if [ "${2:-qwen3}" = deepseek ]; then args="--shape deepseek --layers 2 --seq 4096,16384 --methods cpu,auto,gpu --steps 2 --warmup 1"; else args="--shape qwen3 --layers 8 --seq 1024,4096,16384"; fi
   python3 benchmarks/bench_train_step.py $args --threads 14 --torch-threads 2 --trace "$OUT" \
     --json "$OUT/train-step-${2:-qwen3}.json" 2>&1 | tee "$OUT/train-step-${2:-qwen3}.txt"
   ;;

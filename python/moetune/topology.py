@@ -5,6 +5,7 @@ affinity); everything that splits cores or memory by node derives from it: `moet
 the per-rank core sets of expert parallelism (`rank_cpus`), and the engine's per-node
 partitions. Tests build made-up topologies with `virtual_nodes` / `NumaNode` directly.
 """
+
 from __future__ import annotations
 
 import glob
@@ -86,7 +87,7 @@ def virtual_nodes(n: int, cpus: tuple[int, ...] | None = None) -> list[NumaNode]
     out, start = [], 0
     for i in range(n):
         size = base + (1 if i < extra else 0)
-        out.append(NumaNode(i, cpus[start:start + size]))
+        out.append(NumaNode(i, cpus[start : start + size]))
         start += size
     return out
 
@@ -99,8 +100,7 @@ class RankCpus:
     cpus: tuple[int, ...]
 
 
-def rank_cpus(local_rank: int, local_world_size: int,
-              nodes: list[NumaNode] | None = None) -> RankCpus:
+def rank_cpus(local_rank: int, local_world_size: int, nodes: list[NumaNode] | None = None) -> RankCpus:
     """Disjoint CPU sets for the ranks of one host, no rank spanning a node boundary when there
     are at least as many ranks as nodes.
 
@@ -123,7 +123,6 @@ def rank_cpus(local_rank: int, local_world_size: int,
         if r0 <= local_rank < r1:
             share = virtual_nodes(r1 - r0, node.cpus) if len(node.cpus) >= r1 - r0 else None
             if share is None:
-                raise ValueError(
-                    f"rank_cpus: node {node.index} has {len(node.cpus)} CPUs for {r1 - r0} ranks")
+                raise ValueError(f"rank_cpus: node {node.index} has {len(node.cpus)} CPUs for {r1 - r0} ranks")
             return RankCpus((node.index,), share[local_rank - r0].cpus)
     raise AssertionError("unreachable: every rank maps to a node")

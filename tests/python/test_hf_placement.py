@@ -142,7 +142,7 @@ def test_placement_options_defaults_validation_and_resolution():
     assert (o.mode, o.gpu_budget_gib, o.device, o.trace) == ("auto", None, None, None)
     assert o.staging_buffers == GpuOptions().stream_buffers
     pol = ResidencyPolicy(object(), budget=1.0)
-    assert (o.refresh_every, o.warmup_steps) == (pol.refresh_every, pol.warmup_steps)
+    assert (o.refresh_every, o.warmup_steps, o.max_tokens) == (pol.refresh_every, pol.warmup_steps, pol.max_tokens)
     assert moetune.PlacementOptions.resolve("gpu").mode == "gpu"
     assert moetune.PlacementOptions.resolve({"mode": "cpu", "gpu_budget_gib": 2}).gpu_budget_gib == 2.0
     assert moetune.PlacementOptions.resolve(None) == o
@@ -156,6 +156,8 @@ def test_placement_options_defaults_validation_and_resolution():
         (dict(device="nonsense"), "device must be"),
         (dict(staging_buffers=0), "staging_buffers must be an integer >= 1"),
         (dict(refresh_every=0), "refresh_every"),
+        (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+        (dict(max_tokens=1.5), "max_tokens"),
         (dict(calibrate="yes"), "calibrate must be"),
     ]:
         with pytest.raises(ValueError, match=match):

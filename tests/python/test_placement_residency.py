@@ -175,6 +175,69 @@ def test_auto_budget_computation():
         auto_budget_bytes(GpuMemory(0, 0, 0, 0), resident_bytes=0)
 
 
+def test_auto_budget_reserves_activations_of_longer_forwards():
+    """A step's activations (peak_allocated - allocated at the boundary) are reserved token_scale
+    times: a 4x longer forward than the measured one keeps 3 more activations' worth free."""
+    total = 80 * GIB
+    mem = GpuMemory(
+        total=total,
+        free=total - 20 * GIB,
+        reserved=20 * GIB,
+        peak_reserved=30 * GIB,
+        allocated=12 * GIB,
+        peak_allocated=28 * GIB,
+    )
+    base = auto_budget_bytes(mem, resident_bytes=4 * GIB, margin_bytes=0, margin_fraction=0.0)
+    assert base == total - 26 * GIB
+    four = auto_budget_bytes(mem, resident_bytes=4 * GIB, margin_bytes=0, margin_fraction=0.0, token_scale=4.0)
+    assert base - four == 3 * 16 * GIB
+    with pytest.raises(ValueError, match="token_scale"):
+        auto_budget_bytes(mem, resident_bytes=0, token_scale=0.5)
+
+
+def test_policy_token_scale_from_hint_and_from_the_longest_call_seen():
+    model = CostModel(QWEN)
+    total = 80 * GIB
+    probe_mem = GpuMemory(
+        total=total,
+        free=total - 10 * GIB,
+        reserved=10 * GIB,
+        peak_reserved=12 * GIB,
+        allocated=4 * GIB,
+        peak_allocated=10 * GIB,
+    )
+    hinted = ResidencyPolicy(
+        Scheduler(model),
+        budget="auto",
+        memory_probe=lambda: probe_mem,
+        warmup_steps=1,
+        margin_bytes=0,
+        margin_fraction=0.0,
+        max_tokens=16384,
+    )
+    plain = ResidencyPolicy(
+        Scheduler(model),
+        budget="auto",
+        memory_probe=lambda: probe_mem,
+        warmup_steps=1,
+        margin_bytes=0,
+        margin_fraction=0.0,
+    )
+    for pol in (hinted, plain):
+        assert pol.token_scale() == 1.0  # nothing observed yet
+        pol.observe_tokens(4096)
+        pol.observe_tokens(1024)
+        pol.record("L", np.full(128, 64))
+        pol.end_step()  # refresh: reads the probe
+    assert plain.budget_bytes == total - 12 * GIB
+    assert hinted.budget_bytes == total - 12 * GIB - 3 * 6 * GIB  # 16384 / 4096 = 4x the activations
+    # Without a hint, a window of shorter calls after a longer one still reserves the longest.
+    plain.observe_tokens(2048)
+    assert plain.token_scale() == 2.0 and hinted.window_tokens == 0  # the window resets per reading
+    with pytest.raises(ValueError, match="max_tokens"):
+        ResidencyPolicy(Scheduler(model), budget=1.0, max_tokens=0)
+
+
 def test_auto_budget_policy_measures_at_each_refresh():
     """'auto' reads the (injected) probe at every refresh, gives the residents it holds back to the
     budget, and follows a growing peak (longer sequences) down."""

@@ -1,4 +1,5 @@
 """moetune.topology: cpulist parsing, nodes from a made-up sysfs, per-rank disjoint CPU sets."""
+
 import os
 
 import pytest

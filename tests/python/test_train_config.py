@@ -240,6 +240,7 @@ def test_expert_and_placement_fields_follow_the_typed_options(tmp_path):
     assert experts_options(make_config(None, {"output_dir": out, "expert_format": "int8"})).group_size == 0
     pl = placement_options(cfg)
     assert (pl.mode, pl.gpu_budget_gib, pl.trace) == ("gpu", 1.5, str(tmp_path / "t.json"))
+    assert pl.max_tokens == cfg.micro_batch_size * cfg.max_length  # the auto budget's longest forward
     with pytest.raises(ConfigError, match="expert_placement must be one of auto, cpu, gpu"):
         make_config(None, {"output_dir": out, "expert_placement": "tpu"})
     with pytest.raises(ConfigError, match="expert_gpu_budget_gib must be >= 0"):

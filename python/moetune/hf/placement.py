@@ -157,6 +157,7 @@ class ModelPlacement:
             memory_probe=self.probe,
             refresh_every=o.refresh_every,
             warmup_steps=o.warmup_steps,
+            max_tokens=o.max_tokens,
         )
         self.trace = Trace(enabled=o.trace is not None)
         self.runtime.trace = self.trace if self.trace.enabled else None
@@ -196,6 +197,7 @@ class ModelPlacement:
     ) -> torch.Tensor:
         """One experts call of layer `layer_key` through the placed op (after start())."""
         layer = self.layers[layer_key]
+        self.policy.observe_tokens(hidden_states.shape[0])
         return placed_moe_experts(
             layer.engine, hidden_states, top_k_index, top_k_weights, lora, planner=self.planner, gpu=layer.gpu
         )

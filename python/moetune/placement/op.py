@@ -155,6 +155,7 @@ class _Call:
     has_cpu: bool
     needs: tuple = ()
     cpu: EngineCall | None = None
+    index: _ActiveIndex | None = None  # layout.active as an index (set with the layout)
 
 
 def _routing_counts(topk_ids: torch.Tensor, E: int) -> torch.Tensor:
@@ -180,6 +181,7 @@ def _relayout(call: _Call) -> None:
     where[gone] = int(Where.GPU_STREAMED)
     plan = LayerPlan(where, call.plan.counts, call.plan.predicted)
     call.layout = GpuLayout.build(plan, gpu.pool.slot_expert, gpu.streamer.chunk_experts)
+    call.index = _ActiveIndex(call.layout.active, len(where))
     call.pool_version = gpu.pool.version
 
 
@@ -246,6 +248,7 @@ def placed_moe_experts(
     layout = GpuLayout.build(plan, gpu.pool.slot_expert, gpu.streamer.chunk_experts)
     has_cpu = bool(((plan.where == int(Where.CPU)) & (counts > 0)).any())
     call = _Call(gpu, planner, layer_key, plan, memo_key, layout, gpu.pool.version, float(lora.scaling), phase, has_cpu)
+    call.index = _ActiveIndex(layout.active, E)
     return _Placed.apply(call, x, topk_ids, topk_weights, *flat)
 
 
@@ -304,7 +307,7 @@ class _Placed(torch.autograd.Function):
             if not need_l[i]:
                 out_lora.append(None)
                 continue
-            out_lora.append(_merge_lora_grad(t, cpu_lora[i], lgrads.get(i), call.layout.active))
+            out_lora.append(_merge_lora_grad(t, cpu_lora[i], lgrads.get(i), call.index))
         tm.finish(busy)
         return (
             None,
@@ -322,12 +325,30 @@ def _pad8(r: int) -> int:
     return -(-r // 8) * 8
 
 
-def _lora_rows(lora, active: list[int], device) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+class _ActiveIndex:
+    """The call's active experts as an index, uploaded once per device; `identity` when they are
+    every expert in id order (a fully resident layer in its initial slot order): the LoRA tensors
+    are then used as they are, with no gather and no scatter."""
+
+    def __init__(self, active: list[int], E: int):
+        self.active = active
+        self.identity = len(active) == E and active == list(range(E))
+        self._host = torch.tensor(active, dtype=torch.int64)
+        self._on: dict = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        idx = self._on.get(device)
+        if idx is None:
+            idx = self._host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else self._host
+            self._on[device] = idx
+        return idx
+
+
+def _lora_rows(lora, index: _ActiveIndex, device) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
     """proj -> (A [n, r8, in], B [n, out, r8]) bf16 on the GPU device: the active experts' rows,
     rank zero-padded to a multiple of 8 (exact: zero rows/columns add nothing) so that every LoRA
     GEMM meets grouped_mm's 16-byte stride rule."""
     out = {}
-    idx_host = torch.tensor(active, dtype=torch.int64)
     for i, name in enumerate(_PROJ):
         A, B = lora[2 * i], lora[2 * i + 1]
         if A is None:
@@ -337,8 +358,8 @@ def _lora_rows(lora, active: list[int], device) -> dict[str, tuple[torch.Tensor,
         r8 = _pad8(r)
         pieces = []
         for t, dim in ((A, 1), (B, 2)):
-            idx = idx_host.pin_memory().to(t.device, non_blocking=True) if t.device.type == "cuda" else idx_host
-            rows = t.detach().index_select(0, idx).to(BF16)
+            rows = t.detach() if index.identity else t.detach().index_select(0, index.on(t.device))
+            rows = rows.to(BF16)
             if r8 != r:
                 shape = list(rows.shape)
                 shape[dim] = r8
@@ -398,7 +419,7 @@ def _prepare(call: _Call, x, topk_ids, topk_weights, lora):
     ids = topk_ids.detach().to(D)
     w32 = topk_weights.detach().to(D).to(F32)
     rows = DeviceRows.build(call.layout, ids, dev.upload(call.layout.position))
-    return xb, w32, rows, _lora_rows(lora, call.layout.active, dev)
+    return xb, w32, rows, _lora_rows(lora, call.index, dev)
 
 
 def _gpu_forward(call: _Call, x, topk_ids, topk_weights, lora, tm: _Timing) -> torch.Tensor:
@@ -477,17 +498,18 @@ def _gpu_backward(call: _Call, x, topk_ids, topk_weights, lora, grad_out, need_x
 
 
 def _merge_lora_grad(
-    param: torch.Tensor, cpu_grad: torch.Tensor | None, gpu_grad: torch.Tensor | None, active: list[int]
+    param: torch.Tensor, cpu_grad: torch.Tensor | None, gpu_grad: torch.Tensor | None, index: _ActiveIndex
 ) -> torch.Tensor:
     """fp32 sum of the CPU engine's full gradient (zeros for experts it did not run) and the GPU's
     rows of the active experts, in the parameter's dtype on its device."""
     dev = param.device
+    if cpu_grad is None and gpu_grad is not None and index.identity:  # every row is the GPU's
+        full = gpu_grad.to(dev)
+        return full if param.dtype == F32 else full.to(param.dtype)
     if cpu_grad is None:
         full = torch.zeros(param.shape, dtype=F32, device=dev)
     else:
         full = cpu_grad.to(dev, non_blocking=True) if dev.type == "cuda" else cpu_grad
-    if gpu_grad is not None and active:
-        idx = torch.tensor(active, dtype=torch.int64)
-        idx = idx.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else idx
-        full.index_add_(0, idx, gpu_grad.to(dev))
+    if gpu_grad is not None and index.active:
+        full.index_add_(0, index.on(dev), gpu_grad.to(dev))
     return full if param.dtype == F32 else full.to(param.dtype)

@@ -55,6 +55,10 @@ class PlacementOptions:
       backward that follows (one layer's experts at most, and at most a quarter of the GPU
       memory free at start), instead of copying them again.
     refresh_every, warmup_steps: the residency refresh cadence, in optimizer steps.
+    max_tokens: the most tokens one forward of the run will have (micro-batch x sequence
+      length); the "auto" budget keeps room for that forward's activations, scaled from the
+      measured steps (residency module docstring). None = the largest forward seen so far (a
+      later, longer one can then run out of GPU memory).
     calibrate: measure the cost model on this machine at start-up (a few seconds); False uses
       the reference machine's rates (the online correction still adapts them).
     calibration_cache_dir: a folder caching the calibration per machine, layer shape and
@@ -70,6 +74,7 @@ class PlacementOptions:
     keep_for_backward: bool = True
     refresh_every: int = _default_of(ResidencyPolicy, "refresh_every")
     warmup_steps: int = _default_of(ResidencyPolicy, "warmup_steps")
+    max_tokens: int | None = _default_of(ResidencyPolicy, "max_tokens")
     calibrate: bool = True
     calibration_cache_dir: str | None = None
     trace: str | None = None
@@ -95,6 +100,9 @@ class PlacementOptions:
                     f"placement device must be 'cuda', 'cuda:N' or 'cpu' (the stand-in), got {self.device!r}"
                 )
             object.__setattr__(self, "device", str(dev))
+        m = self.max_tokens
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {m!r}")
         for name in ("staging_buffers", "refresh_every", "warmup_steps", "trace_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -38,11 +38,16 @@ allocator and the driver (`auto_budget_bytes`):
     budget   = total - others - own - margin,   margin = margin_bytes + margin_fraction * total
 peak_reserved is the allocator's peak since the previous measurement (CudaMemoryProbe resets the
 peak counters after reading, keeping run-wide peaks in its own attributes), so it covers the
-model, its activations and the staging buffers of the steps just run. The margin (default
-1 GiB + 5% of the card) covers allocator fragmentation around the resident tensors, cuBLAS /
-NCCL workspaces that appear later, and step-to-step variation of the activations (a longer
-sequence than any seen so far needs an explicit budget or a larger margin). The budget never
-goes below 0.
+model, its activations and the staging buffers of the steps just run. Longer forwards than the
+measured ones: a step's activations (peak_allocated - allocated at the step boundary) grow with
+its tokens, so `own` is raised by activations x (max_tokens / tokens_seen - 1), where tokens_seen
+is the largest experts call of the measured window and max_tokens the largest the run will see
+(PlacementOptions.max_tokens; moetune train sets micro_batch_size x max_length) or, without that
+hint, the largest seen so far. Linear in tokens holds for the model's activations, logits and
+loss and for attention kernels with linear memory (sdpa / flash); "eager" attention grows
+quadratically: give it an explicit budget. The margin (default 1 GiB + 5% of the card) covers
+allocator fragmentation around the resident tensors, cuBLAS / NCCL workspaces that appear later,
+and the rest of the step-to-step variation. The budget never goes below 0.
 """
 
 from __future__ import annotations
@@ -63,12 +68,16 @@ DEFAULT_MARGIN_FRACTION = 0.05
 @dataclasses.dataclass(frozen=True)
 class GpuMemory:
     """One reading of a CUDA device (bytes): total and free (the driver's mem_get_info), reserved
-    now and its peak since the last reading (the caching allocator's)."""
+    now and its peak since the last reading, allocated now and its peak since the last reading
+    (the caching allocator's). Read at a step boundary, `allocated` is what persists across steps
+    (model, optimizer state, residents), so peak_allocated - allocated is the steps' activations."""
 
     total: int
     free: int
     reserved: int
     peak_reserved: int
+    allocated: int = 0
+    peak_allocated: int = 0
 
 
 def auto_budget_bytes(
@@ -77,13 +86,19 @@ def auto_budget_bytes(
     resident_bytes: int,
     margin_bytes: int = DEFAULT_MARGIN_BYTES,
     margin_fraction: float = DEFAULT_MARGIN_FRACTION,
+    token_scale: float = 1.0,
 ) -> int:
     """GPU bytes the resident experts may take (module docstring). resident_bytes: the residents
-    held during the measured window (part of peak_reserved, given back to the budget)."""
+    held during the measured window (part of peak_reserved, given back to the budget).
+    token_scale: the largest forward the run will see over the largest measured one (>= 1); the
+    measured activations are reserved that many times."""
     if mem.total <= 0:
         raise ValueError(f"GpuMemory.total must be > 0, got {mem.total}")
+    if not (token_scale >= 1.0):
+        raise ValueError(f"token_scale must be >= 1, got {token_scale}")
     others = max(0, mem.total - mem.free - mem.reserved)
     own = max(0, mem.peak_reserved - int(resident_bytes))
+    own += int((token_scale - 1.0) * max(0, mem.peak_allocated - mem.allocated))
     margin = int(margin_bytes) + int(margin_fraction * mem.total)
     return max(0, int(mem.total - others - own - margin))
 
@@ -105,10 +120,19 @@ class CudaMemoryProbe:
         free, total = torch.cuda.mem_get_info(self.device)
         reserved = torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_reserved(self.device)
-        self.run_peak_allocated = max(self.run_peak_allocated, torch.cuda.max_memory_allocated(self.device))
+        allocated = torch.cuda.memory_allocated(self.device)
+        peak_allocated = torch.cuda.max_memory_allocated(self.device)
+        self.run_peak_allocated = max(self.run_peak_allocated, peak_allocated)
         self.run_peak_reserved = max(self.run_peak_reserved, peak)
         torch.cuda.reset_peak_memory_stats(self.device)
-        return GpuMemory(total=int(total), free=int(free), reserved=int(reserved), peak_reserved=int(peak))
+        return GpuMemory(
+            total=int(total),
+            free=int(free),
+            reserved=int(reserved),
+            peak_reserved=int(peak),
+            allocated=int(allocated),
+            peak_allocated=int(peak_allocated),
+        )
 
 
 class _Layer:
@@ -148,6 +172,8 @@ class ResidencyPolicy:
     budget: "auto" (needs memory_probe, e.g. CudaMemoryProbe(device)) or GiB as a number.
     refresh_every, warmup_steps: refresh cadence in end_step() calls; ema: the averages' decay per
     step; hysteresis: the incumbents' bonus; curve_points: grid size of each layer's f(r).
+    max_tokens: the largest experts call (tokens) the run will see, for the "auto" budget's
+    activation reserve (None: the largest seen so far; `observe_tokens` reports each call).
     Not thread-safe (one training thread).
     """
 
@@ -164,7 +190,12 @@ class ResidencyPolicy:
         memory_probe: Callable[[], GpuMemory] | None = None,
         margin_bytes: int = DEFAULT_MARGIN_BYTES,
         margin_fraction: float = DEFAULT_MARGIN_FRACTION,
+        max_tokens: int | None = None,
     ):
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
+            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
         if isinstance(budget, str):
             if budget != "auto":
                 raise ValueError(f"budget must be 'auto' or a number of GiB, got {budget!r}")
@@ -191,6 +222,9 @@ class ResidencyPolicy:
         self.ema, self.hysteresis, self.curve_points = float(ema), float(hysteresis), int(curve_points)
         self.memory_probe = memory_probe
         self.margin_bytes, self.margin_fraction = int(margin_bytes), float(margin_fraction)
+        self.max_tokens = max_tokens
+        self.window_tokens = 0  # the largest experts call since the last memory reading
+        self.seen_tokens = 0  # the largest experts call of the run
         self.steps = 0
         self.version = 0  # bumped at every refresh that changed the wanted sets
         self.budget_bytes = self._budget_bytes
@@ -223,6 +257,18 @@ class ResidencyPolicy:
         layer.tokens += n
         layer.active += n > 0
         layer.calls += 1
+
+    def observe_tokens(self, tokens: int) -> None:
+        """The token count of one experts call (forward or recompute), for the budget's activation
+        reserve."""
+        self.window_tokens = max(self.window_tokens, int(tokens))
+        self.seen_tokens = max(self.seen_tokens, int(tokens))
+
+    def token_scale(self) -> float:
+        """The largest forward the run will see over the largest of the measured window (>= 1)."""
+        if self.window_tokens <= 0:
+            return 1.0
+        return max(1.0, max(self.max_tokens or 0, self.seen_tokens) / self.window_tokens)
 
     def end_step(self) -> bool:
         """Closes one optimizer step; True when the wanted sets were refreshed (the GPU path should
@@ -279,7 +325,9 @@ class ResidencyPolicy:
                 resident_bytes=self.wanted_bytes(),
                 margin_bytes=self.margin_bytes,
                 margin_fraction=self.margin_fraction,
+                token_scale=self.token_scale(),
             )
+            self.window_tokens = 0
         budget = int(self.budget_bytes)
         boost = 1.0 + self.hysteresis
         keys = list(self._layers)

@@ -81,6 +81,7 @@ def placement_options(cfg: TrainConfig) -> PlacementOptions:
     return PlacementOptions(
         mode=cfg.expert_placement,
         gpu_budget_gib=cfg.expert_gpu_budget_gib,
+        max_tokens=cfg.micro_batch_size * cfg.max_length,
         trace=cfg.placement_trace,
         calibration_cache_dir=cal,
     )
