@@ -55,7 +55,7 @@ def _flags(d: dict) -> list[str]:
         if isinstance(v, bool):
             out.append(flag if v else "--no-" + k.replace("_", "-"))
         elif isinstance(v, list):
-            continue
+            out += [flag, *map(str, v)]  # an empty list: the flag alone
         else:
             out += [flag, str(v)]
     return out

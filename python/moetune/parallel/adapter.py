@@ -17,10 +17,11 @@ import torch.distributed as dist
 from moetune.parallel.expert_lora import ExpertLoraTensor, expert_lora_tensors
 
 
-def _owned_sum_(t: torch.Tensor, mask: torch.Tensor, group) -> None:
-    """t <- sum over ranks of (t where this rank owns the entry, else 0), in place."""
+def _owned_sum_(t: torch.Tensor, mask: torch.Tensor, ep) -> None:
+    """t <- sum over ranks of ep.group of (t where this rank owns the entry, else 0), in place."""
     buf = torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    with ep.guard("the adapter sync"):
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=ep.group)
     t.copy_(buf)
 
 
@@ -29,7 +30,7 @@ def sync(model, tensors: list[ExpertLoraTensor] | None = None) -> int:
     """Every rank's expert LoRA tensors <- their owners' values; returns how many tensors."""
     tensors = expert_lora_tensors(model) if tensors is None else tensors
     for t in tensors:
-        _owned_sum_(t.param.data, t.owned_mask(), t.layer.ep.group)
+        _owned_sum_(t.param.data, t.owned_mask(), t.layer.ep)
     return len(tensors)
 
 
@@ -43,4 +44,4 @@ def sync_optimizer(optimizer: torch.optim.Optimizer, tensors: list[ExpertLoraTen
         mask = t.owned_mask()
         for v in state.values():
             if isinstance(v, torch.Tensor) and v.shape == t.param.shape:
-                _owned_sum_(v, mask, t.layer.ep.group)
+                _owned_sum_(v, mask, t.layer.ep)

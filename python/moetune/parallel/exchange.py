@@ -16,6 +16,9 @@ in the backward exchange); callers must keep each Dispatch output connected to t
 input (see moetune.parallel.layer). x travels forward in its own dtype (`wire_dtype`, bf16
 for bf16 models) and comes back, as a gradient, in fp32, like the partial outputs: the
 source adds the per-rank partial sums in fp32.
+
+A rank that dies or stops answering makes every exchange fail (never hang past the group's
+timeout) with moetune.parallel.failure.RankLostError (`ep.guard`).
 """
 
 from __future__ import annotations
@@ -24,18 +27,20 @@ import torch
 import torch.distributed as dist
 
 
-def all_to_all(t: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    """Rows t[sum(send[:r]) : sum(send[:r+1])] to rank r; returns [sum(recv), *t.shape[1:]]."""
+def all_to_all(t: torch.Tensor, send: list[int], recv: list[int], ep) -> torch.Tensor:
+    """Rows t[sum(send[:r]) : sum(send[:r+1])] to rank r of ep.group (ep: the run's
+    moetune.parallel.ExpertParallel); returns [sum(recv), *t.shape[1:]]."""
     out = t.new_empty((sum(recv), *t.shape[1:]))
-    dist.all_to_all_single(out, t.contiguous(), recv, send, group=group)
+    with ep.guard("the token exchange"):
+        dist.all_to_all_single(out, t.contiguous(), recv, send, group=ep.group)
     return out
 
 
-def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
+def exchange_counts(send_counts: torch.Tensor, ep) -> torch.Tensor:
     """send_counts int64 [N, c] (row r: what this rank sends to rank r) -> [N, c] (row r: what
     rank r sends to this rank)."""
     n = send_counts.shape[0]
-    return all_to_all(send_counts, [1] * n, [1] * n, group)
+    return all_to_all(send_counts, [1] * n, [1] * n, ep)
 
 
 class Dispatch(torch.autograd.Function):
@@ -43,12 +48,12 @@ class Dispatch(torch.autograd.Function):
     ids_recv): token rows with x_splits, slot entries with slot_splits (per destination rank)."""
 
     @staticmethod
-    def forward(ctx, x_send, w_send, ids_send, anchor, x_splits, x_recv_splits, s_splits, s_recv_splits, wire, group):
+    def forward(ctx, x_send, w_send, ids_send, anchor, x_splits, x_recv_splits, s_splits, s_recv_splits, wire, ep):
         ctx.splits = (x_splits, x_recv_splits, s_splits, s_recv_splits)
-        ctx.group, ctx.H, ctx.device = group, x_send.shape[1], x_send.device
-        x_recv = all_to_all(x_send.to(wire), x_splits, x_recv_splits, group).to(torch.float32)
-        w_recv = all_to_all(w_send, s_splits, s_recv_splits, group)
-        ids_recv = all_to_all(ids_send, s_splits, s_recv_splits, group)
+        ctx.ep, ctx.H, ctx.device = ep, x_send.shape[1], x_send.device
+        x_recv = all_to_all(x_send.to(wire), x_splits, x_recv_splits, ep).to(torch.float32)
+        w_recv = all_to_all(w_send, s_splits, s_recv_splits, ep)
+        ids_recv = all_to_all(ids_send, s_splits, s_recv_splits, ep)
         ctx.mark_non_differentiable(ids_recv)
         return x_recv, w_recv, ids_recv
 
@@ -60,8 +65,8 @@ class Dispatch(torch.autograd.Function):
             gx = torch.zeros((sum(xr), ctx.H), dtype=torch.float32, device=ctx.device)
         if gw is None:
             gw = torch.zeros((sum(sr),), dtype=torch.float32, device=ctx.device)
-        dx = all_to_all(gx.float(), xr, xs, ctx.group)
-        dw = all_to_all(gw.float(), sr, ss, ctx.group)
+        dx = all_to_all(gx.float(), xr, xs, ctx.ep)
+        dw = all_to_all(gw.float(), sr, ss, ctx.ep)
         return dx, dw, None, None, None, None, None, None, None, None
 
 
@@ -69,11 +74,11 @@ class Combine(torch.autograd.Function):
     """partial fp32 [n_recv, H] (one row per received token) -> [n_sent, H] back at the source."""
 
     @staticmethod
-    def forward(ctx, partial, anchor, x_splits, x_recv_splits, group):
-        ctx.splits, ctx.group = (x_splits, x_recv_splits), group
-        return all_to_all(partial, x_recv_splits, x_splits, group)
+    def forward(ctx, partial, anchor, x_splits, x_recv_splits, ep):
+        ctx.splits, ctx.ep = (x_splits, x_recv_splits), ep
+        return all_to_all(partial, x_recv_splits, x_splits, ep)
 
     @staticmethod
     def backward(ctx, g):
         xs, xr = ctx.splits
-        return all_to_all(g.float(), xs, xr, ctx.group), None, None, None, None
+        return all_to_all(g.float(), xs, xr, ctx.ep), None, None, None, None

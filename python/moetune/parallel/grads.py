@@ -65,9 +65,12 @@ def global_grad_norm(params, tensors: list[ExpertLoraTensor], group=None) -> tor
         else:
             dense += sq
     if tensors:
+        ep = tensors[0].layer.ep
+        group = ep.group if group is None else group
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
         e = expert.to(dev)
-        dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
+        with ep.guard("the global gradient norm"):
+            dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
         expert = e.cpu()
     return (dense + expert).sqrt()
 

@@ -103,11 +103,11 @@ class EPLayer:
         x_send = x.to(dev).float()[t_idx]
         w_send = topk_weights.to(dev).float().reshape(-1)[order]
 
-        recv = exchange_counts(torch.tensor([x_splits, s_splits], dtype=torch.int64, device=dev).t(), ep.group)
+        recv = exchange_counts(torch.tensor([x_splits, s_splits], dtype=torch.int64, device=dev).t(), ep)
         x_recv_splits, s_recv_splits = recv[:, 0].tolist(), recv[:, 1].tolist()
         anchor = torch.empty(0, device=dev, requires_grad=True) if torch.is_grad_enabled() else None
         x_recv, w_recv, ids_recv = Dispatch.apply(
-            x_send, w_send, ids_send, anchor, x_splits, x_recv_splits, s_splits, s_recv_splits, x.dtype, ep.group
+            x_send, w_send, ids_send, anchor, x_splits, x_recv_splits, s_splits, s_recv_splits, x.dtype, ep
         )
         src = torch.repeat_interleave(torch.arange(N, device=dev), torch.tensor(s_recv_splits, device=dev))
         tok = ids_recv[:, 0] + _offsets(x_recv_splits, dev)[src]
@@ -119,7 +119,7 @@ class EPLayer:
         else:  # nothing to compute here: an empty expression keeps x_recv / w_recv in the graph
             out_rows = x_rows * w_recv[:, None]
         partial = torch.zeros((len(x_recv), H), dtype=torch.float32, device=dev).index_add(0, tok, out_rows.to(dev))
-        back = Combine.apply(partial, anchor, x_splits, x_recv_splits, ep.group)
+        back = Combine.apply(partial, anchor, x_splits, x_recv_splits, ep)
         y = torch.zeros((T, H), dtype=torch.float32, device=dev).index_add(0, t_idx, back)
 
         self.rows += S

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from moetune.parallel import failure
 from moetune.parallel import ownership as own_mod
 
 
@@ -24,18 +25,21 @@ from moetune.parallel import ownership as own_mod
 class ExpertParallel:
     """group: a torch.distributed ProcessGroup spanning every rank (None: the default group);
     rank / world_size: this process's rank and the group's size; device: where the exchanged
-    tensors live (CUDA for NCCL, the CPU for gloo); routing_counts: see the module doc."""
+    tensors live (CUDA for NCCL, the CPU for gloo); routing_counts: see the module doc;
+    timeout_s: the group's collective timeout, for the error a lost rank gives (None: unknown)."""
 
     group: object
     rank: int
     world_size: int
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     routing_counts: Mapping[int, Sequence[float]] | None = None
+    timeout_s: float | None = None
 
     @classmethod
-    def from_group(cls, group=None, *, routing_counts=None) -> ExpertParallel:
+    def from_group(cls, group=None, *, routing_counts=None, timeout_s: float | None = None) -> ExpertParallel:
         """From an initialized process group (default: the default one): NCCL exchanges CUDA
-        tensors on the current CUDA device, any other backend CPU tensors."""
+        tensors on the current CUDA device, any other backend CPU tensors. timeout_s: the
+        group's timeout (as created), named in the error a lost rank gives."""
         if not dist.is_initialized():
             raise RuntimeError(
                 "moetune: expert parallelism needs an initialized torch.distributed process group "
@@ -43,7 +47,11 @@ class ExpertParallel:
             )
         backend = dist.get_backend(group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        return cls(group, dist.get_rank(group), dist.get_world_size(group), device, routing_counts)
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), device, routing_counts, timeout_s)
+
+    def guard(self, what: str):
+        """Context manager: a failed collective inside becomes moetune.parallel.failure.RankLostError."""
+        return failure.collective(self.rank, self.world_size, what, self.timeout_s)
 
     def ownership(self, layer: int, num_experts: int) -> own_mod.LayerOwnership:
         """The ownership of MoE layer `layer` (its position among the MoE layers) of E experts."""

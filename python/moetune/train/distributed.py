@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 
 import torch
 import torch.distributed as dist
 
-from moetune.parallel import ExpertParallel, adapter, grads
+from moetune.parallel import ExpertParallel, adapter, failure, grads
 from moetune.parallel.cpus import rank_context
 from moetune.parallel.expert_lora import expert_lora_tensors
 from moetune.parallel.launcher import Launch, init_from_launcher, launched
@@ -46,9 +47,11 @@ class Distributed:
                 obj[0] = ("ok", prepare())
             except Exception as e:
                 obj[0] = ("error", f"{type(e).__name__}: {e}")
-                dist.broadcast_object_list(obj, src=0)
+                with self.ep.guard("the start of the run"):
+                    dist.broadcast_object_list(obj, src=0)
                 raise
-        dist.broadcast_object_list(obj, src=0)
+        with self.ep.guard("the start of the run"):
+            dist.broadcast_object_list(obj, src=0)
         status, value = obj[0]
         if status != "ok":
             raise RuntimeError(f"moetune train: rank 0 failed to start the run: {value}")
@@ -97,14 +100,16 @@ class Distributed:
     def sum(self, value: float) -> float:
         """The sum over ranks of a per-rank number (fp64 on the CPU group)."""
         t = torch.tensor([value], dtype=torch.float64, device=self.ep.device)
-        dist.all_reduce(t, group=self.ep.group)
+        with self.ep.guard("a sum over ranks"):
+            dist.all_reduce(t, group=self.ep.group)
         return float(t.item())
 
     def gather_list(self, values: list[float]) -> list[list[float]]:
         """Every rank's list (same length on every rank)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.ep.device)
         out = [torch.empty_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t, group=self.ep.group)
+        with self.ep.guard("a gather over ranks"):
+            dist.all_gather(out, t, group=self.ep.group)
         return [o.tolist() for o in out]
 
     def sync(self, pm, optimizer=None) -> None:
@@ -112,6 +117,27 @@ class Distributed:
         adapter.sync(pm, self.tensors)
         if optimizer is not None:
             adapter.sync_optimizer(optimizer, self.tensors)
+
+    @contextlib.contextmanager
+    def guard_step(self, step: int):
+        """Around one optimizer step (and what follows it: eval, checkpoint): a lost rank, seen
+        by one of moetune's collectives or by DDP's gradient all-reduce, is one RankLostError
+        naming the step; every other error passes unchanged."""
+        try:
+            yield
+        except failure.RankLostError as e:
+            raise e.at_step(step) from e.__cause__
+        except RuntimeError as e:
+            if not failure.is_backend_failure(e):
+                raise
+            raise failure.RankLostError(
+                self.launch.rank,
+                self.world_size,
+                "DDP's gradient all-reduce",
+                self.ep.timeout_s,
+                failure.first_line(e),
+                step,
+            ) from e
 
     def expert_load(self) -> list[int]:
         """Per rank: expert rows (token slots) computed so far, all MoE layers together (a collective)."""
@@ -159,4 +185,6 @@ def setup(expert_parallel: str, timeout_s: float) -> Distributed | None:
             )
         return None
     launch = init_from_launcher(timeout_s=timeout_s)
-    return Distributed(launch, ExpertParallel.from_group(dist.new_group(list(range(launch.world_size)))))
+    # the experts' group gets the run's timeout too (new_group's own default is torch's 30 min)
+    group = dist.new_group(list(range(launch.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
+    return Distributed(launch, ExpertParallel.from_group(group, timeout_s=timeout_s))

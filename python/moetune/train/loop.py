@@ -315,8 +315,9 @@ class _Run:
         with _StopFlag(self.bar.write) as flag:
             try:
                 while self.step < self.stop_at:
-                    self._one_step()
-                    self._after_step()
+                    with contextlib.nullcontext() if self.dd is None else self.dd.guard_step(self.step + 1):
+                        self._one_step()
+                        self._after_step()
                     if flag.stop:
                         interrupted = True
                         break
