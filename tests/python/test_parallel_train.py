@@ -1,9 +1,10 @@
-"""`moetune train` under torchrun (2 processes, gloo, CPU): expert parallelism + DDP against one
+"""`moetune train` under torchrun / accelerate launch (2 processes, gloo, CPU): expert parallelism + DDP against one
 process training on the same micro-batches (grad_accum x 2): losses per step within 16u (the
 AdamW-steps bound of test_hf_exactness), grad norms within 14u, the final eval loss of the
 gathered adapter within 16u, every tensor of the saved adapter within 16u (Frobenius); on one
-host and as 2 "nodes" of one rank each (torchrun --nnodes 2 on localhost, c10d rendezvous).
-Rank 0 alone writes the metrics file and the adapter.
+host, as 2 "nodes" of one rank each (torchrun --nnodes 2 on localhost, c10d rendezvous), and
+under `accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; on the CPU too).
+Rank 0 alone prints, writes the metrics file and the adapter.
 
 `moetune train` without --model is the embedded demo, whose settings (moetune.demo.DEMO_DEFAULTS:
 LoRA rank, warmup, sample prompts...) sit on top of TrainConfig's defaults: the one-process
@@ -88,12 +89,21 @@ def one_process(tmp_path_factory):
     return str(out)
 
 
-def _torchrun(tmp_path, nodes: int) -> str:
+def _launch(tmp_path, how: str) -> tuple[str, str]:
+    """(run folder, the launcher's output) of a 2-process `moetune train`: how = "torchrun" (one
+    host), "nodes" (2 torchrun node groups on localhost) or "accelerate" (accelerate launch)."""
     run = str(tmp_path / "run")
     args = ["-m", "moetune", "train", *_flags({**COMMON, "grad_accum": 1, "output_dir": run})]
     env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
     tr = [sys.executable, "-m", "torch.distributed.run"]
-    if nodes == 1:
+    if how == "accelerate":
+        # accelerate's multi-process launcher is torchrun's (torch.distributed.run): it sets the
+        # same variables. --cpu would not do: it starts ONE process (several only through mpirun)
+        acc = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+        acc += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        acc += ["--main_process_port", str(_free_port())]
+        procs = [subprocess.Popen([*acc, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    elif how == "torchrun":
         procs = [
             subprocess.Popen(
                 [*tr, "--standalone", "--nproc-per-node", "2", *args],
@@ -139,12 +149,16 @@ def _torchrun(tmp_path, nodes: int) -> str:
             raise
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
-    return run
+    return run, "".join(outs)
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
-def test_torchrun_matches_one_process(tmp_path, one_process, nodes):
-    run = _torchrun(tmp_path, nodes)
+@pytest.mark.parametrize("how", ["torchrun", "nodes", "accelerate"])
+def test_launch_matches_one_process(tmp_path, one_process, how):
+    if how == "accelerate":
+        pytest.importorskip("accelerate")
+    run, out = _launch(tmp_path, how)
+    # rank 0 alone speaks: one banner, counting both ranks' batches
+    assert out.count("\nmoetune train\n") == 1 and "(2 x 1 accumulated x 2 ranks)" in out, out[-3000:]
     # the same run but for the split of each step's micro-batches over ranks and the engine threads
     ours_cfg, ref_cfg = (_config(r) for r in (run, one_process))
     differ = {k for k in ours_cfg.keys() | ref_cfg.keys() if ours_cfg.get(k) != ref_cfg.get(k)}

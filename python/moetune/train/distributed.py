@@ -173,9 +173,10 @@ class NullLog:
         pass
 
 
-def setup(expert_parallel: str, timeout_s: float) -> Distributed | None:
+def setup(expert_parallel: str, timeout_s: float, device_type: str = "cpu") -> Distributed | None:
     """The run's Distributed when launched by torchrun / accelerate launch with more than one
-    process and expert_parallel is "auto"; None otherwise."""
+    process and expert_parallel is "auto"; None otherwise. device_type: the run's device
+    ("cuda": NCCL, each rank on its own GPU; else gloo, also on a machine with GPUs)."""
     launch = launched()
     if launch is None or launch.world_size == 1 or expert_parallel == "off":
         if launch is not None and launch.world_size > 1:
@@ -184,7 +185,7 @@ def setup(expert_parallel: str, timeout_s: float) -> Distributed | None:
                 "several processes need expert parallelism (or launch one process)"
             )
         return None
-    launch = init_from_launcher(timeout_s=timeout_s)
+    launch = init_from_launcher(backend="nccl" if device_type == "cuda" else "gloo", timeout_s=timeout_s)
     # the experts' group gets the run's timeout too (new_group's own default is torch's 30 min)
     group = dist.new_group(list(range(launch.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
     return Distributed(launch, ExpertParallel.from_group(group, timeout_s=timeout_s))

@@ -94,7 +94,8 @@ def evaluate(model, samples, cfg: TrainConfig, pad_id: int, device: torch.device
 
 def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `moetune train` for a validated config; returns the summary dict."""
-    dd = distributed.setup(cfg.expert_parallel, cfg.dist_timeout_s)  # None: one process
+    # None: one process; NCCL where the run is on CUDA, gloo on the CPU
+    dd = distributed.setup(cfg.expert_parallel, cfg.dist_timeout_s, resolve_device(cfg).type)
     if dd is not None:
         say, (out_dir, resume_from) = dd.start(lambda: _start(cfg, say), say)
     else:
