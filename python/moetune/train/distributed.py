@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import math
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,12 @@ from moetune.parallel import ExpertParallel, adapter, failure, grads
 from moetune.parallel.cpus import rank_context
 from moetune.parallel.expert_lora import expert_lora_tensors
 from moetune.parallel.launcher import Launch, init_from_launcher, launched
+from moetune.placement.metrics import PREFIX as PLACEMENT_PREFIX
+
+# Per rank and step in metrics.jsonl (ep_<name>_rank<r>): expert rows (token slots) its experts
+# computed, of them on its CPU engine / on its GPU (resident or streamed), and its placement's CPU /
+# GPU busy seconds (only where a GPU placement runs).
+STEP_NUMBERS = ("rows", "cpu_rows", "gpu_rows", "cpu_s", "gpu_s")
 
 
 @dataclasses.dataclass
@@ -61,12 +68,35 @@ class Distributed:
         """The rank's device: its own GPU (cuda:LOCAL_RANK) where the run is on CUDA."""
         return torch.device("cuda", self.launch.local_rank) if device.type == "cuda" else device
 
+    def begin_step(self) -> None:
+        """At the start of an optimizer step (local): what this rank's experts computed so far."""
+        self._rows_at_start = self._rows()
+
+    def end_step(self, placed: dict[str, float]) -> None:
+        """At the end of the step (local): this rank's numbers of the step, from its experts'
+        counters and its placement's numbers (`placed`: ModelPlacement.end_step(), {} when the
+        experts run on the CPU engine only), in STEP_NUMBERS order."""
+        rows = float(self._rows() - self._rows_at_start)
+        if placed:  # the placement computed the rows: its split and busy seconds
+            cpu = placed.get(PLACEMENT_PREFIX + "tokens_cpu", 0.0)
+            gpu = placed.get(PLACEMENT_PREFIX + "tokens_resident", 0.0) + placed.get(
+                PLACEMENT_PREFIX + "tokens_streamed", 0.0
+            )
+            cpu_s, gpu_s = placed.get(PLACEMENT_PREFIX + "cpu_s", 0.0), placed.get(PLACEMENT_PREFIX + "gpu_s", 0.0)
+        else:  # the CPU engine computed every row; its busy time is not measured apart
+            cpu, gpu, cpu_s, gpu_s = rows, 0.0, math.nan, math.nan
+        self._step_numbers = [rows, cpu, gpu, cpu_s, gpu_s]
+
     def step_metrics(self) -> dict[str, float]:
-        """Per-rank expert load of the last step (token slots computed by each rank's experts)."""
-        rows = self.expert_load()
-        prev = getattr(self, "_prev_rows", [0] * len(rows))
-        self._prev_rows = rows
-        return {f"ep_rows_rank{r}": float(a - b) for r, (a, b) in enumerate(zip(rows, prev))}
+        """Every rank's numbers of the last step, for rank 0's metrics (one all_gather of
+        len(STEP_NUMBERS) numbers; a collective: every rank calls it at the same steps):
+        ep_{name}_rank{r} for each name of STEP_NUMBERS (seconds only where a placement ran)."""
+        out = {}
+        for r, values in enumerate(self.gather_list(self._step_numbers)):
+            for name, v in zip(STEP_NUMBERS, values):
+                if not math.isnan(v):
+                    out[f"ep_{name}_rank{r}"] = v
+        return out
 
     def context(self, isa: str = "auto"):
         """This rank's engine Context, pinned to its own CPUs."""
@@ -139,11 +169,8 @@ class Distributed:
                 step,
             ) from e
 
-    def expert_load(self) -> list[int]:
-        """Per rank: expert rows (token slots) computed so far, all MoE layers together (a collective)."""
-        return [int(r[0]) for r in self.gather_list([float(self._rows())])]
-
     def _rows(self) -> int:
+        """Expert rows (token slots) this rank's experts computed so far, all MoE layers."""
         seen, rows = set(), 0
         for t in self.tensors:
             if id(t.layer) not in seen:

@@ -336,6 +336,8 @@ class _Run:
         cfg, ctx = self.cfg, self.ctx
         t0, w0 = time.perf_counter(), ctx.wait_seconds
         batches, step_tokens = [], 0
+        if self.dd is not None:
+            self.dd.begin_step()
         ranks = 1 if self.dd is None else self.dd.world_size  # every rank reads every rank's batches
         for _ in range(cfg.grad_accum * ranks):
             batches.append(self.stream.next_batch())
@@ -367,7 +369,7 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         placed = self.placement.end_step() if self.placement is not None else {}
         if self.dd is not None:
-            placed = {**placed, **self.dd.step_metrics()}
+            self.dd.end_step(placed)  # this rank's expert load and CPU / GPU split (local)
         self.step += 1
         self.tokens += step_tokens
         self.target_tokens += n_items
@@ -379,6 +381,7 @@ class _Run:
         if self.first_loss is None:
             self.first_loss = loss
         if self.step % cfg.log_every == 0 or self.step == self.stop_at:
+            per_rank = {} if self.dd is None else self.dd.step_metrics()  # every rank's, gathered (a collective)
             self.log.log(
                 "train",
                 self.step,
@@ -392,6 +395,7 @@ class _Run:
                 step_seconds=dt,
                 epoch=self.stream.epoch,
                 **placed,
+                **per_rank,
             )
         self.bar.update(
             loss=loss,
