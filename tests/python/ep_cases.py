@@ -14,15 +14,35 @@ E, H, I, R = 5, 32, 16, 4  # E not divisible by 2: ownership 2 / 3
 K = 2
 
 
-def init(rank: int, world: int, store: str, timeout_s: float = 60.0) -> None:
+def init(rank: int, world: int, store: str, timeout_s: float = 60.0, backend: str = "gloo") -> torch.device:
+    """The process group of a spawned worker; returns where its tensors live (NCCL: cuda:rank)."""
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{store}",
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    return torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+
+
+def nccl_ready(world: int = 2) -> bool:
+    """NCCL and at least `world` CUDA devices (the NCCL cases skip otherwise)."""
+    return dist.is_nccl_available() and torch.cuda.is_available() and torch.cuda.device_count() >= world
+
+
+def _cpu(v):
+    """Results to the CPU for torch.save (nested dicts / lists / tuples of tensors)."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu()
+    if isinstance(v, dict):
+        return {k: _cpu(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_cpu(x) for x in v)
+    return v
 
 
 def spawn(fn, world: int, tmp_path, *args) -> None:
@@ -63,13 +83,13 @@ def layer_inputs(rank: int, case: str):
     return x, ids, w, dout
 
 
-def layer_worker(rank: int, world: int, store: str, case: str, out: str) -> None:
+def layer_worker(rank: int, world: int, store: str, case: str, out: str, backend: str = "gloo") -> None:
     import moetune
     from moetune.parallel import ExpertParallel
     from moetune.parallel.cpus import rank_context
     from moetune.parallel.layer import EPLayer
 
-    init(rank, world, store)
+    dev = init(rank, world, store, backend=backend)
     ep = ExpertParallel.from_group()
     own = ep.ownership(0, E)
     W, lora = layer_weights()
@@ -77,10 +97,10 @@ def layer_worker(rank: int, world: int, store: str, case: str, out: str) -> None
     ctx = rank_context(rank, world)
     engine = moetune.MoEExperts(ctx, *(w[owned] for w in W))
     layer = EPLayer(ep, own)
-    x, ids, w, dout = layer_inputs(rank, case)
+    x, ids, w, dout = (t.to(dev) for t in layer_inputs(rank, case))
     x.requires_grad_(True)
     w.requires_grad_(True)
-    leaves = {p: (a.clone().requires_grad_(True), b.clone().requires_grad_(True)) for p, (a, b) in lora.items()}
+    leaves = {p: (a.to(dev).requires_grad_(True), b.to(dev).requires_grad_(True)) for p, (a, b) in lora.items()}
     lw = moetune.LoraWeights(**leaves, scaling=0.5)
 
     def compute(xr, lid, wr, ll):
@@ -89,17 +109,19 @@ def layer_worker(rank: int, world: int, store: str, case: str, out: str) -> None
     y = layer.forward(x, ids, w, lw, compute)
     (y.float() * dout).sum().backward()
     torch.save(
-        {
-            "y": y.detach(),
-            "dx": x.grad,
-            "dw": w.grad,
-            "dA": {p: a.grad for p, (a, b) in leaves.items()},
-            "dB": {p: b.grad for p, (a, b) in leaves.items()},
-            "owned": owned,
-            "tokens_in": layer.tokens_in,
-            "rows": layer.rows,
-            "cpus": ctx.num_threads,
-        },
+        _cpu(
+            {
+                "y": y.detach(),
+                "dx": x.grad,
+                "dw": w.grad,
+                "dA": {p: a.grad for p, (a, b) in leaves.items()},
+                "dB": {p: b.grad for p, (a, b) in leaves.items()},
+                "owned": owned,
+                "tokens_in": layer.tokens_in,
+                "rows": layer.rows,
+                "cpus": ctx.num_threads,
+            }
+        ),
         os.path.join(out, f"rank{rank}.pt"),
     )
     dist.destroy_process_group()
@@ -171,10 +193,11 @@ EVAL = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(7))
 
 
 @torch.no_grad()
-def eval_loss(model) -> float:
+def eval_loss(model, device="cpu") -> float:
     was = model.training
     model.eval()
-    loss = model(input_ids=EVAL, labels=EVAL).loss.item()
+    e = EVAL.to(device)
+    loss = model(input_ids=e, labels=e).loss.item()
     model.train(was)
     return loss
 
@@ -210,7 +233,7 @@ def reference_run(out: str, world: int = 2) -> dict:
     return rec
 
 
-def train_worker(rank: int, world: int, store: str, out: str, ref_adapter: str) -> None:
+def train_worker(rank: int, world: int, store: str, out: str, ref_adapter: str, backend: str = "gloo") -> None:
     from contextlib import nullcontext
 
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -220,22 +243,23 @@ def train_worker(rank: int, world: int, store: str, out: str, ref_adapter: str) 
     from moetune.parallel.cpus import rank_context
     from moetune.parallel.expert_lora import expert_lora_tensors
 
-    init(rank, world, store)
+    dev = init(rank, world, store, backend=backend)
     ep = ExpertParallel.from_group(dist.new_group(list(range(world))))
     ctx = rank_context(rank, world)
     pm = lora_model()
     moetune.hf.patch(pm, ctx=ctx, expert_parallel=ep)
+    pm.to(dev)  # NCCL: the non-expert part on this rank's GPU (as moetune train does: patch, then .to)
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
     tensors = expert_lora_tensors(pm)
     grads.ddp_ignore(pm, tensors)
-    ddp = DDP(pm)
+    ddp = DDP(pm, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     rec = {"loss": [], "gnorm": [], "logits0": None, "grads0": None, "expert_names": [t.name for t in tensors]}
     for step in range(STEPS):
         for m in range(ACCUM):
-            b = batch(step, m, rank)
+            b = batch(step, m, rank).to(dev)
             with ddp.no_sync() if m < ACCUM - 1 else nullcontext():
                 o = ddp(input_ids=b, labels=b)
                 (o.loss / ACCUM).backward()
@@ -258,19 +282,20 @@ def train_worker(rank: int, world: int, store: str, out: str, ref_adapter: str) 
     rec["owned"] = {t.name: (t.owned_mask(), t.param.detach().clone()) for t in tensors}
     adapter.sync(pm, tensors)
     adapter.sync_optimizer(opt, tensors)
-    rec["eval"] = eval_loss(pm)
+    rec["eval"] = eval_loss(pm, dev)
     if rank == 0:
         pm.save_pretrained(os.path.join(out, "adapter_ep"))
     # 1 -> 2: the one-process adapter loaded with 2 ranks
     pm2 = lora_model(ref_adapter)
     moetune.hf.patch(pm2, ctx=ctx, expert_parallel=ep)
-    rec["eval_1to2"] = eval_loss(pm2)
+    pm2.to(dev)
+    rec["eval_1to2"] = eval_loss(pm2, dev)
     rec["rows"] = [
         moetune.hf.patching.experts_state(m).ep.rows
         for m in moetune.hf.patching._find_experts(pm)[0]
         for m in [m.module]
     ]
-    torch.save(rec, os.path.join(out, f"train{rank}.pt"))
+    torch.save(_cpu(rec), os.path.join(out, f"train{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 

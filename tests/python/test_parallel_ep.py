@@ -1,7 +1,10 @@
 """Expert parallelism (moetune.parallel): ownership, and one layer over 2 gloo ranks against
 the fp32 reference with the op's tolerance table (op_cases.TOL_C, the bar the one-process
 engine meets), for uneven ownership (E = 5 over 2 ranks), experts without tokens and a rank
-that receives no token at all."""
+that receives no token at all; training (EP + DDP) against one process. Each exchange case runs on
+gloo (CPU tensors) and on NCCL (each rank's tensors on its own GPU; the same code but the backend
+and the device), the NCCL ones only with >= 2 CUDA devices (else skipped, e.g. here; issue 17's
+multi-GPU run)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import reference as R
 import torch
 from op_cases import TOL_C, U, check_close, dw_scale
 
+from moetune import topology
 from moetune.parallel import by_index, by_load, load_per_rank
 from moetune.parallel.ownership import LayerOwnership
 
@@ -40,6 +44,12 @@ def test_ownership_rejects_bad_ranks():
         LayerOwnership((0, 2), 2)
 
 
+BACKENDS = [
+    "gloo",
+    pytest.param("nccl", marks=pytest.mark.skipif(not C.nccl_ready(2), reason="NCCL needs >= 2 CUDA devices")),
+]
+
+
 def _reference(case):
     W, lora = C.layer_weights()
     refs = []
@@ -49,9 +59,10 @@ def _reference(case):
     return refs
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["random", "skewed"])
-def test_layer_matches_reference(tmp_path, case):
-    C.spawn(C.layer_worker, 2, tmp_path, case, str(tmp_path))
+def test_layer_matches_reference(tmp_path, case, backend):
+    C.spawn(C.layer_worker, 2, tmp_path, case, str(tmp_path), backend)
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     refs = _reference(case)
     assert sorted(res[0]["owned"].tolist() + res[1]["owned"].tolist()) == list(range(C.E))
@@ -62,7 +73,7 @@ def test_layer_matches_reference(tmp_path, case):
         check_close(
             f"dw r{r}", res[r]["dw"], refs[r]["dtopk_weights"], TOL_C["dtopk_weights"], scale=dw_scale(refs[r], dout)
         )
-        assert res[r]["cpus"] == 1  # its own core of the 2 (topology.rank_cpus)
+        assert res[r]["cpus"] == len(topology.rank_cpus(r, 2).cpus)  # its own share of the cores
     for kind, c in (("dA", TOL_C["dA"]), ("dB", TOL_C["dB"])):
         for p in ("gate", "up", "down"):
             # expert rows: non-zero on the owner only; their sum over ranks is the gradient of
@@ -91,7 +102,8 @@ def _fro_close(name, g, ref, c):
     assert err <= c * U * scale, f"{name}: ||d||_F = {err:.4g} > {c}*u*{scale:.4g} (ratio {err / (U * scale):.2f})"
 
 
-def test_training_matches_one_process(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_matches_one_process(tmp_path, backend):
     """2 ranks (EP for the experts, DDP for attention LoRA), 5 experts (uneven), gradient
     accumulation 2, gradient checkpointing, 3 AdamW steps with global-norm clipping, against one
     process on every rank's batches. Tolerances: test_hf_exactness's (logits 8u max|ref|, loss
@@ -99,7 +111,7 @@ def test_training_matches_one_process(tmp_path):
     from safetensors.torch import load_file
 
     ref = C.reference_run(str(tmp_path / "adapter_ref"))
-    C.spawn(C.train_worker, 2, tmp_path, str(tmp_path), str(tmp_path / "adapter_ref"))
+    C.spawn(C.train_worker, 2, tmp_path, str(tmp_path), str(tmp_path / "adapter_ref"), backend)
     res = [torch.load(tmp_path / f"train{r}.pt") for r in range(2)]
     W = 2
     for r in range(2):

@@ -91,9 +91,11 @@ def one_process(tmp_path_factory):
 
 def _launch(tmp_path, how: str) -> tuple[str, str]:
     """(run folder, the launcher's output) of a 2-process `moetune train`: how = "torchrun" (one
-    host), "nodes" (2 torchrun node groups on localhost) or "accelerate" (accelerate launch)."""
+    host), "nodes" (2 torchrun node groups on localhost), "accelerate" (accelerate launch) or
+    "torchrun-cuda" (one host, each rank's non-expert part on its own GPU, NCCL)."""
     run = str(tmp_path / "run")
-    args = ["-m", "moetune", "train", *_flags({**COMMON, "grad_accum": 1, "output_dir": run})]
+    extra = {"device": "cuda"} if how == "torchrun-cuda" else {}
+    args = ["-m", "moetune", "train", *_flags({**COMMON, "grad_accum": 1, "output_dir": run, **extra})]
     env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
     tr = [sys.executable, "-m", "torch.distributed.run"]
     if how == "accelerate":
@@ -103,7 +105,7 @@ def _launch(tmp_path, how: str) -> tuple[str, str]:
         acc += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         acc += ["--main_process_port", str(_free_port())]
         procs = [subprocess.Popen([*acc, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    elif how == "torchrun":
+    elif how in ("torchrun", "torchrun-cuda"):
         procs = [
             subprocess.Popen(
                 [*tr, "--standalone", "--nproc-per-node", "2", *args],
@@ -152,8 +154,14 @@ def _launch(tmp_path, how: str) -> tuple[str, str]:
     return run, "".join(outs)
 
 
-@pytest.mark.parametrize("how", ["torchrun", "nodes", "accelerate"])
+CUDA2 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.device_count() >= 2), reason="needs >= 2 CUDA devices (NCCL)"
+)
+
+
+@pytest.mark.parametrize("how", ["torchrun", "nodes", "accelerate", pytest.param("torchrun-cuda", marks=CUDA2)])
 def test_launch_matches_one_process(tmp_path, one_process, how):
+    """On CUDA the reference is still the one-process CPU run (device differs from it too)."""
     if how == "accelerate":
         pytest.importorskip("accelerate")
     run, out = _launch(tmp_path, how)
@@ -162,7 +170,7 @@ def test_launch_matches_one_process(tmp_path, one_process, how):
     # the same run but for the split of each step's micro-batches over ranks and the engine threads
     ours_cfg, ref_cfg = (_config(r) for r in (run, one_process))
     differ = {k for k in ours_cfg.keys() | ref_cfg.keys() if ours_cfg.get(k) != ref_cfg.get(k)}
-    assert differ == {"output_dir", "grad_accum", "engine_threads"}, differ
+    assert differ == {"output_dir", "grad_accum", "engine_threads"} | ({"device"} if how == "torchrun-cuda" else set())
     ours = [r for r in _records(run) if r["kind"] == "train"]
     ref = [r for r in _records(one_process) if r["kind"] == "train"]
     assert len(ours) == len(ref) == STEPS
@@ -170,9 +178,11 @@ def test_launch_matches_one_process(tmp_path, one_process, how):
         assert a["target_tokens"] == b["target_tokens"] and a["tokens"] == b["tokens"]
         assert abs(a["loss"] - b["loss"]) <= 16 * U * abs(b["loss"]), (a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 14 * U * b["grad_norm"]
-        for r in range(2):  # per-rank expert load, all of it on the CPU engine here
+        for r in range(2):  # per-rank expert load and its CPU / GPU split (all on the CPU off CUDA)
             assert a[f"ep_rows_rank{r}"] > 0
-            assert a[f"ep_cpu_rows_rank{r}"] == a[f"ep_rows_rank{r}"] and a[f"ep_gpu_rows_rank{r}"] == 0
+            assert a[f"ep_cpu_rows_rank{r}"] + a[f"ep_gpu_rows_rank{r}"] == a[f"ep_rows_rank{r}"]
+            if how != "torchrun-cuda":
+                assert a[f"ep_gpu_rows_rank{r}"] == 0
     ev = [r["eval_loss"] for r in _records(run) if r["kind"] == "eval"][-1]
     ev_ref = [r["eval_loss"] for r in _records(one_process) if r["kind"] == "eval"][-1]
     assert abs(ev - ev_ref) <= 16 * U * abs(ev_ref)
