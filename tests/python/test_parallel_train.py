@@ -94,7 +94,7 @@ def _launch(tmp_path, how: str) -> tuple[str, str]:
     host), "nodes" (2 torchrun node groups on localhost), "accelerate" (accelerate launch) or
     "torchrun-cuda" (one host, each rank's non-expert part on its own GPU, NCCL)."""
     run = str(tmp_path / "run")
-    extra = {"device": "cuda"} if how == "torchrun-cuda" else {}
+    extra = {"torchrun-cuda": {"device": "cuda"}, "profile": {"ep_routing_profile": 2}}.get(how, {})
     args = ["-m", "moetune", "train", *_flags({**COMMON, "grad_accum": 1, "output_dir": run, **extra})]
     env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
     tr = [sys.executable, "-m", "torch.distributed.run"]
@@ -105,7 +105,7 @@ def _launch(tmp_path, how: str) -> tuple[str, str]:
         acc += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         acc += ["--main_process_port", str(_free_port())]
         procs = [subprocess.Popen([*acc, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    elif how in ("torchrun", "torchrun-cuda"):
+    elif how in ("torchrun", "torchrun-cuda", "profile"):
         procs = [
             subprocess.Popen(
                 [*tr, "--standalone", "--nproc-per-node", "2", *args],
@@ -154,14 +154,34 @@ def _launch(tmp_path, how: str) -> tuple[str, str]:
     return run, "".join(outs)
 
 
+def _check_ownership(run: str) -> None:
+    """The profile's record: every layer's owners are by_load of its counts (8 experts over 2 ranks),
+    which here differ from by_index and lower the busiest rank's load on the profile."""
+    from moetune.parallel import by_index, by_load
+
+    with open(os.path.join(run, "ep_ownership.json")) as f:
+        rec = json.load(f)
+    assert sorted(rec) == ["0", "1"]
+    sums = {sum(r["counts"]) for r in rec.values()}
+    assert len(sums) == 1 and sums.pop() > 0  # every layer sees the same token slots (k per token)
+    for r in rec.values():
+        assert len(r["counts"]) == 8 and tuple(r["owner"]) == by_load(r["counts"], 2).owner
+        assert sorted(set(r["owner"])) == [0, 1]
+    assert any(tuple(r["owner"]) != by_index(8, 2).owner for r in rec.values())
+    assert sum(max(r["load_by_load"]) for r in rec.values()) < sum(max(r["load_by_index"]) for r in rec.values())
+
+
 CUDA2 = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.device_count() >= 2), reason="needs >= 2 CUDA devices (NCCL)"
 )
 
 
-@pytest.mark.parametrize("how", ["torchrun", "nodes", "accelerate", pytest.param("torchrun-cuda", marks=CUDA2)])
+@pytest.mark.parametrize(
+    "how", ["torchrun", "nodes", "accelerate", "profile", pytest.param("torchrun-cuda", marks=CUDA2)]
+)
 def test_launch_matches_one_process(tmp_path, one_process, how):
-    """On CUDA the reference is still the one-process CPU run (device differs from it too)."""
+    """On CUDA the reference is still the one-process CPU run (device differs from it too).
+    profile: expert ownership balanced by a routing profile of 2 micro-batches per rank."""
     if how == "accelerate":
         pytest.importorskip("accelerate")
     run, out = _launch(tmp_path, how)
@@ -170,7 +190,13 @@ def test_launch_matches_one_process(tmp_path, one_process, how):
     # the same run but for the split of each step's micro-batches over ranks and the engine threads
     ours_cfg, ref_cfg = (_config(r) for r in (run, one_process))
     differ = {k for k in ours_cfg.keys() | ref_cfg.keys() if ours_cfg.get(k) != ref_cfg.get(k)}
-    assert differ == {"output_dir", "grad_accum", "engine_threads"} | ({"device"} if how == "torchrun-cuda" else set())
+    expected = {"output_dir", "grad_accum", "engine_threads"}
+    expected |= {"torchrun-cuda": {"device"}, "profile": {"ep_routing_profile"}}.get(how, set())
+    assert differ == expected, differ
+    if how == "profile":
+        _check_ownership(run)
+    else:
+        assert not os.path.exists(os.path.join(run, "ep_ownership.json"))
     ours = [r for r in _records(run) if r["kind"] == "train"]
     ref = [r for r in _records(one_process) if r["kind"] == "train"]
     assert len(ours) == len(ref) == STEPS

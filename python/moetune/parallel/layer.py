@@ -55,7 +55,8 @@ class EPLayer:
 
     own: the layer's ownership; ep: the run's ExpertParallel. Counters (since creation, for
     metrics): `rows` slots computed here, `tokens_in` (token, source) rows received,
-    `expert_rows` int64 [E_local] slots per local expert."""
+    `expert_rows` int64 [E_local] slots per local expert, `routed` int64 [E] slots this rank's
+    own tokens routed to each expert of the layer (a routing profile: moetune.parallel.profile)."""
 
     def __init__(self, ep: ExpertParallel, own: LayerOwnership):
         if own.world_size != ep.world_size:
@@ -68,6 +69,7 @@ class EPLayer:
         self.rows = 0
         self.tokens_in = 0
         self.expert_rows = torch.zeros(len(self.owned), dtype=torch.int64)
+        self.routed = torch.zeros(own.num_experts, dtype=torch.int64)
 
     @property
     def num_local(self) -> int:
@@ -123,6 +125,7 @@ class EPLayer:
         y = torch.zeros((T, H), dtype=torch.float32, device=dev).index_add(0, t_idx, back)
 
         self.rows += S
+        self.routed += torch.bincount(ids.reshape(-1).cpu(), minlength=self.own.num_experts)
         self.tokens_in += len(x_recv)
         if S > 0:
             self.expert_rows += torch.bincount(lid.cpu(), minlength=self.num_local)

@@ -82,6 +82,13 @@ class TrainConfig:
         "model",
         choices=("auto", "off"),
     )
+    ep_routing_profile: int = _f(
+        0,
+        "under expert parallelism: micro-batches per rank whose routing (counted on every rank, summed) "
+        "assigns each MoE layer's experts to the ranks balanced by load, before training (the model is "
+        "loaded twice); 0: by expert index",
+        "model",
+    )
     dist_timeout_s: float = _f(
         600.0,
         "seconds a rank waits for the others in a collective before failing (a dead rank stops the run)",
@@ -420,6 +427,7 @@ RANGES: dict[str, Range] = {
     "engine_threads": Range(1),
     "torch_threads": Range(1),
     "dist_timeout_s": Range(1),
+    "ep_routing_profile": Range(0),
     "expert_gpu_budget_gib": Range(0),
     "eval_fraction": Range(0, 1, hi_open=True),
     "max_length": Range(1),

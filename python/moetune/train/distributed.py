@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
+import json
 import math
+import os
 
 import torch
 import torch.distributed as dist
 
-from moetune.parallel import ExpertParallel, adapter, failure, grads
+from moetune.parallel import ExpertParallel, adapter, failure, grads, ownership, profile
 from moetune.parallel.cpus import rank_context
 from moetune.parallel.expert_lora import expert_lora_tensors
 from moetune.parallel.launcher import Launch, init_from_launcher, launched
@@ -63,6 +66,32 @@ class Distributed:
         if status != "ok":
             raise RuntimeError(f"moetune train: rank 0 failed to start the run: {value}")
         return (say if self.is_main else _quiet), value
+
+    def balance_ownership(self, load, batches: list[dict], out_dir: str, say) -> ExpertParallel:
+        """Expert ownership balanced by the routing of `batches` (this rank's profile micro-batches):
+        load(ep) builds the model under the current ownership (by index), its routers are counted
+        on every rank and summed (moetune.parallel.profile), the model is dropped, and the run's
+        ExpertParallel gets the counts (by_load then decides every layer's owners, the same on
+        every rank). Rank 0 writes the choice to ep_ownership.json in the run folder."""
+        model = load(self.ep)
+        counts = profile.routing_profile(model, batches, self.ep)
+        del model
+        gc.collect()  # the by-index engines go before the balanced ones load
+        self.ep = dataclasses.replace(self.ep, routing_counts=counts)
+        if self.is_main:
+            record, by_idx, by_ld = {}, 0.0, 0.0
+            for i, c in counts.items():
+                own, idx = self.ep.ownership(i, len(c)), ownership.by_index(len(c), self.world_size)
+                a, b = ownership.load_per_rank(idx, c), ownership.load_per_rank(own, c)
+                record[str(i)] = {"counts": c, "owner": list(own.owner), "load_by_index": a, "load_by_load": b}
+                by_idx, by_ld = by_idx + max(a), by_ld + max(b)
+            with open(os.path.join(out_dir, "ep_ownership.json"), "w") as f:
+                json.dump(record, f, indent=1)
+            say(
+                f"expert ownership by the routing of {len(batches)} micro-batches per rank: the busiest rank's "
+                f"token slots {by_idx:,.0f} by index -> {by_ld:,.0f} by load (all MoE layers)"
+            )
+        return self.ep
 
     def device(self, device: torch.device) -> torch.device:
         """The rank's device: its own GPU (cuda:LOCAL_RANK) where the run is on CUDA."""

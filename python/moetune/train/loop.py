@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, 
         raise ConfigError(f"expert_placement={cfg.expert_placement!r}: {e}") from None
     # Tokenizer and data first: a bad record fails before the (long) model load.
     tok, train_s, eval_s, dstats = _load_data(cfg, say)
-    pm, handle = _load_model(cfg, device, len(tok), say, dd)
+    pm, handle = _load_model(cfg, device, len(tok), say, dd, lambda: _profile_batches(cfg, train_s, tok, dd, device))
     run = _Run(cfg, out_dir, pm, handle.ctx, tok, train_s, eval_s, device, say, handle.placement, dd)
     run.resume(resume_from)
     say(banner.banner(cfg, pm, handle, run, dstats, device))
@@ -158,10 +158,34 @@ def _load_data(cfg: TrainConfig, say):
     return tok, train_s, eval_s, dstats
 
 
-def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say, dd=None):
+def _profile_batches(cfg: TrainConfig, train_s, tok, dd, device: torch.device) -> list[dict]:
+    """This rank's share (j*N + rank) of the first ep_routing_profile * N micro-batches of the
+    training order (a stream of its own: the training stream is untouched)."""
+    s = data.Stream(
+        train_s,
+        micro_batch_size=cfg.micro_batch_size,
+        packing=cfg.packing,
+        max_length=cfg.max_length,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        pad_id=tok.pad_token_id,
+    )
+    batches = [s.next_batch() for _ in range(cfg.ep_routing_profile * dd.world_size)]
+    return [{k: v for k, v in _to(b, device).items() if k != "labels"} for b in dd.my_batches(batches)]
+
+
+def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say, dd=None, profile_batches=None):
     """(PEFT model in training mode, patch handle): the base with its experts on the
-    engine, LoRA on top (dd: this rank of a multi-process run, moetune.train.distributed)."""
+    engine, LoRA on top (dd: this rank of a multi-process run, moetune.train.distributed;
+    profile_batches: its routing-profile batches, when cfg.ep_routing_profile asks for one)."""
     ep = {} if dd is None else {"expert_parallel": dd.ep, "ctx": dd.context()}
+    if dd is not None and cfg.ep_routing_profile:
+        ep["expert_parallel"] = dd.balance_ownership(
+            lambda e: load_base(cfg, device, vocab_size, expert_parallel=e, ctx=ep["ctx"])[0],
+            profile_batches(),
+            cfg.output_dir,
+            say,
+        )
     model, handle = load_base(cfg, device, vocab_size, **ep)
     say(
         f"model: {'embedded demo (tiny Qwen3-MoE)' if cfg.is_demo else cfg.model}: "
@@ -227,6 +251,7 @@ class _Run:
         self.cfg, self.out_dir, self.pm, self.ctx, self.tok = cfg, out_dir, pm, ctx, tok
         self.dd = dd  # moetune.train.distributed.Distributed of a multi-process run, else None
         self.call = pm if dd is None else dd.wrap(pm)  # what a training step calls (DDP under torchrun)
+        self.ranks = 1 if dd is None else dd.world_size  # each step reads every rank's micro-batches
         self.eval_s, self.device, self.say = eval_s, device, say
         self.placement = placement  # moetune.hf.placement.ModelPlacement (end_step once per step)
         self.params = [p for p in pm.parameters() if p.requires_grad]
@@ -244,7 +269,8 @@ class _Run:
             pad_id=self.pad_id,
         )
         self.total_steps = cfg.max_steps or max(
-            1, math.ceil(cfg.epochs * self.stream.rows_per_epoch() / (cfg.micro_batch_size * cfg.grad_accum))
+            1,
+            math.ceil(cfg.epochs * self.stream.rows_per_epoch() / (cfg.micro_batch_size * cfg.grad_accum * self.ranks)),
         )
         from transformers import get_scheduler
 
