@@ -5,7 +5,9 @@ noticed, at which step, in which operation, the group's timeout), never hangs.
 * killed under torchrun: the survivor's error, and torchrun's agent names the killed rank (its
   failure summary) and ends the run;
 * stopped (SIGSTOP: alive but silent; started as torchrun's workers are, without its agent):
-  the survivor gives up after dist_timeout_s with the error naming that timeout.
+  the survivor gives up after dist_timeout_s with the error naming that timeout;
+* Ctrl-C reaching one rank only: every rank stops after the same step and checkpoints (without
+  the per-step agreement, the ranks' collectives mismatched and the run hung).
 
 Wall time is bounded: each run must end within a fixed number of seconds after the loss."""
 
@@ -93,7 +95,7 @@ def _end(procs, limit_s: float) -> list[str]:
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"still running {limit_s} s after the rank was lost: a hang") from None
+            raise AssertionError(f"still running {limit_s} s later: a hang") from None
     return outs
 
 
@@ -158,3 +160,25 @@ def test_stopped_rank_times_out(tmp_path):
     assert f"did not answer within the process group's timeout ({TIMEOUT_S} s, dist_timeout_s)" in out
     assert "Timed out" in out  # gloo's own words, quoted
     assert waited >= TIMEOUT_S - 1  # it did wait for the stopped rank (not another failure)
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank(tmp_path):
+    """Ctrl-C reaching one rank only (SIGINT to rank 1): every rank stops after the same step (the
+    flag is agreed each step), the run checkpoints and ends cleanly, no mismatched collectives."""
+    tag, run = uuid.uuid4().hex, str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    p = subprocess.Popen(
+        [*cmd, *_train_args(run, save_every=10000)],
+        env=_env(tag),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait_training(run, [p])
+    os.kill(_worker_pid(tag, 1), signal.SIGINT)
+    (out,) = _end([p], 60)
+    assert p.returncode == 0, out[-3000:]
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl")) if '"train"' in line]
+    ckpts = os.listdir(os.path.join(run, "checkpoints"))
+    assert ckpts == [f"step-{steps[-1]:08d}"], (ckpts, steps[-1])  # one checkpoint: the step both stopped after
+    assert steps[-1] < ARGS["max_steps"]

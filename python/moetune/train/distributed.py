@@ -163,6 +163,10 @@ class Distributed:
             dist.all_reduce(t, group=self.ep.group)
         return float(t.item())
 
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's flag is set (a collective)."""
+        return self.sum(float(flag)) > 0
+
     def gather_list(self, values: list[float]) -> list[list[float]]:
         """Every rank's list (same length on every rank)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.ep.device)

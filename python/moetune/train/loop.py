@@ -345,7 +345,9 @@ class _Run:
                     with contextlib.nullcontext() if self.dd is None else self.dd.guard_step(self.step + 1):
                         self._one_step()
                         self._after_step()
-                    if flag.stop:
+                        # several processes: every rank stops after the same step (any rank's Ctrl-C)
+                        stop = flag.stop if self.dd is None else self.dd.any(flag.stop)
+                    if stop:
                         interrupted = True
                         break
             finally:
