@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     if args.command in commands.NAMES:
         return commands.run(args)
 
+    from moetune.parallel.failure import RankLostError
     from moetune.train.config import ConfigError
     from moetune.train.data import DataError
 
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"moetune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RankLostError as e:  # several processes (torchrun): another rank died or hung
+        print(f"moetune {args.command}: error: {e}", file=sys.stderr)
+        return 1
     if args.command == "info":
         from moetune.engine import Context
         from moetune.isa import isas

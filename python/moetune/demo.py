@@ -40,8 +40,13 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
 
 
 def run_demo(overrides: dict[str, Any] | None = None, *, say=print) -> dict[str, Any]:
+    from moetune.parallel.launcher import launched
     from moetune.train.config import make_config
     from moetune.train.loop import train
+
+    launch = launched()
+    if launch is not None and not launch.is_main:  # several processes (torchrun): rank 0 speaks
+        say = _quiet
 
     # The demo's own folder is a throwaway: a second `moetune demo` replaces it (unless it resumes
     # it). An output_dir the user chose gets the usual run-folder policy.
@@ -61,3 +66,7 @@ def run_demo(overrides: dict[str, Any] | None = None, *, say=print) -> dict[str,
         f"{cfg.output_dir} (adapter/, metrics.jsonl, loss.png, tensorboard/)"
     )
     return summary
+
+
+def _quiet(*_args, **_kw) -> None:
+    """`say` of the ranks other than 0."""

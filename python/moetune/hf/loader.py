@@ -63,6 +63,7 @@ def load_model(
     options: ExpertsOptions | None = None,
     placement=None,
     weight_format: str = published.AUTO,
+    expert_parallel=None,
     **option_kwargs,
 ):
     """Load a local HF checkpoint with its routed experts in the moetune engine.
@@ -100,6 +101,10 @@ def load_model(
       `model.moetune_handle.placement.adopt_lora(peft_model)` after adding
       LoRA (get_peft_model, or `adapter`), `.end_step()` per optimizer step.
 
+    expert_parallel: a moetune.parallel.ExpertParallel: only this rank's experts of each layer
+      are read and packed (host RAM = its share), and calls exchange tokens with the other
+      ranks (moetune.parallel.layer). Not combined with cache_dir (the cache holds whole layers).
+
     Returns the transformers model (eval mode, like from_pretrained) with
     `model.moetune_handle` (a moetune.hf.PatchHandle) attached.
     """
@@ -108,6 +113,8 @@ def load_model(
     options = ExpertsOptions.resolve(options, **option_kwargs, **explicit)
     placement = PlacementOptions.resolve(placement)
     _check_device_map(device)
+    if expert_parallel is not None and cache_dir is not None:
+        raise ValueError("moetune: load_model(expert_parallel=...) with cache_dir is not supported (whole-layer cache)")
     config, quant = _read_config(path)
     block = quant.block if quant is not None else None
     options = published.choose_options(quant, options, weight_format, path)
@@ -119,8 +126,9 @@ def load_model(
     plan = plan_keys(
         model, found, ckpt, key_map(model), block, device, quant=quant, keep=published.keeps(quant, options)
     )
+    owned = _owned_experts(plan, expert_parallel)
     if check_memory:
-        _check_memory(plan, options, path)
+        _check_memory(plan, options, path, owned)
     if ctx is None:
         ctx = Context(num_threads=num_threads)
 
@@ -129,12 +137,12 @@ def load_model(
     cache = None if cache_dir is None else _LayerCache(expert_cache.folder(cache_dir, path), bar)
     try:
         _stream_nonexpert(model, meta_sd, ckpt, plan, device, dtype, block, bar)
-        engines = _load_experts(ctx, ckpt, plan, block, options, cache, bar, quant=quant)
+        engines = _load_experts(ctx, ckpt, plan, block, options, cache, bar, quant=quant, owned=owned)
     finally:
         bar.close()
     _finish_tensors(model, set(meta_sd), plan, device)
 
-    _attach_engines(model, ctx, plan, engines, placement)
+    _attach_engines(model, ctx, plan, engines, placement, expert_parallel)
     model.moetune_source = str(path)
     if cache is not None:
         model.moetune_cache = cache.report
@@ -227,8 +235,18 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
-def _check_memory(plan: LoadPlan, options: ExpertsOptions, path) -> None:
-    packed = sum(packed_bytes_estimate(ep.E, ep.H, ep.I, options, biases=ep.family.bias) for ep in plan.experts)
+def _owned_experts(plan: LoadPlan, expert_parallel) -> list[tuple[int, ...]]:
+    """The expert ids this process loads, per MoE layer (all of them without expert parallelism)."""
+    if expert_parallel is None:
+        return [tuple(range(ep.E)) for ep in plan.experts]
+    return [expert_parallel.ownership(i, ep.E).owned(expert_parallel.rank) for i, ep in enumerate(plan.experts)]
+
+
+def _check_memory(plan: LoadPlan, options: ExpertsOptions, path, owned) -> None:
+    packed = sum(
+        packed_bytes_estimate(len(mine), ep.H, ep.I, options, biases=ep.family.bias)
+        for ep, mine in zip(plan.experts, owned)
+    )
     layer = max((ep.src_bytes for ep in plan.experts), default=0)
     cpu = plan.nonexpert_bytes.get("cpu", 0)
     need = packed + layer + cpu
@@ -388,14 +406,15 @@ def _load_experts(
     bar,
     *,
     quant: published.Quantization | None = None,
+    owned: list[tuple[int, ...]],
 ) -> list[MoEExperts]:
     """One engine per MoE layer, layer by layer; the experts of one layer are read
-    and packed in parallel (packing releases the GIL)."""
+    and packed in parallel (packing releases the GIL). owned: the experts to load per layer."""
     workers = max(1, min(ctx.num_threads, 8))
     engines = []
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-        for ep in plan.experts:  # a loop, not a comprehension: _WARN_STACKLEVEL counts the frames
-            engines.append(_load_layer(ctx, ckpt, ep, block, options, cache, bar, pool, quant))
+        for ep, mine in zip(plan.experts, owned):  # a loop, not a comprehension: _WARN_STACKLEVEL counts the frames
+            engines.append(_load_layer(ctx, ckpt, ep, block, options, cache, bar, pool, quant, mine))
     return engines
 
 
@@ -409,15 +428,19 @@ def _load_layer(
     bar,
     pool,
     quant: published.Quantization | None = None,
+    owned: tuple[int, ...] | None = None,
 ) -> MoEExperts:
+    """owned: the global ids of the experts to load (engine slot i = owned[i]); None: all."""
+    owned = tuple(range(ep.E)) if owned is None else tuple(owned)
     layer_options = ep.family.engine_options(options, ep.module)
     engine = None if cache is None else cache.lookup(ctx, ckpt, ep, block, layer_options)
     hit = engine is not None
     if not hit:
-        engine = MoEExperts.empty(ctx, ep.E, ep.H, ep.I, layer_options)
+        engine = MoEExperts.empty(ctx, len(owned), ep.H, ep.I, layer_options)
+    rows = torch.tensor(owned, dtype=torch.int64)
     with ckpt.reader() as r:
         if ep.family.bias:  # [E, 2I] and [E, H]: small, read whole (never cached)
-            gate_up_bias, down_bias = (r.get(ep.fused[b]) for b in families.BIAS_PARAMS)
+            gate_up_bias, down_bias = (r.get(ep.fused[b]).index_select(0, rows) for b in families.BIAS_PARAMS)
             engine.load_biases(*ep.family.engine_biases(gate_up_bias, down_bias))
         if hit:
             bar.update(_bias_bytes(ckpt, ep))
@@ -425,21 +448,22 @@ def _load_layer(
 
         keep = published.keeps(quant, layer_options)
 
-        def one(e):
+        def one(i):
+            e = owned[i]
             if keep:
                 try:
-                    engine.load_expert_published(e, *published.read_published(r, ep, e, quant))
+                    engine.load_expert_published(i, *published.read_published(r, ep, e, quant))
                 except ValueError as err:  # a bad published code / scale: name the layer too
                     raise ValueError(f"moetune: layer {ep.qual}, expert {e}: {err}") from None
                 return
             g, u, d = _read_expert(r, ep, e, block, quant)
             try:
-                engine.load_expert(e, g, u, d)
+                engine.load_expert(i, g, u, d)
             except ValueError as err:  # e.g. a non-finite weight at quantization: name the layer too
                 raise ValueError(f"moetune: layer {ep.qual}, expert {e}: {err}") from None
 
         per = ep.src_bytes // ep.E
-        futs = [pool.submit(one, e) for e in range(ep.E)]
+        futs = [pool.submit(one, i) for i in range(len(owned))]
         try:
             for fut in cf.as_completed(futs):
                 fut.result()
@@ -449,7 +473,7 @@ def _load_layer(
                 fut.cancel()
             cf.wait(futs)
             raise
-        bar.update(ep.src_bytes - per * ep.E)
+        bar.update(ep.src_bytes - per * len(owned))
     if cache is not None:
         cache.store(engine, ep)
     return engine
@@ -498,12 +522,16 @@ def _finish_tensors(model, persistent: set[str], plan: LoadPlan, device: DeviceL
         raise ValueError(f"moetune: tensors not filled by the checkpoint: {name_list(left)}")
 
 
-def _attach_engines(model, ctx: Context, plan: LoadPlan, engines: list[MoEExperts], placement) -> None:
+def _attach_engines(
+    model, ctx: Context, plan: LoadPlan, engines: list[MoEExperts], placement, expert_parallel=None
+) -> None:
     """The engines attached with the same code as moetune.hf.patch (model.moetune_handle),
     then the model's placement runtime."""
     handle = patching.PatchHandle(ctx, keep_original=False)
-    for ep, engine in zip(plan.experts, engines):
+    for i, (ep, engine) in enumerate(zip(plan.experts, engines)):
         patching.attach(handle, ep.found, engine)
+        if expert_parallel is not None:
+            patching.attach_expert_parallel(ep.module, expert_parallel, expert_parallel.ownership(i, ep.E))
     patching.select_implementation(handle, [ep.module for ep in plan.experts])
     patching.attach_placement(handle, placement, model)
     model.moetune_handle = handle

@@ -67,6 +67,7 @@ class ExpertsState:
     switched: list[nn.Module] = dataclasses.field(default_factory=list)
     placement: object | None = None  # the model's moetune.hf.placement.ModelPlacement
     layer_key: int | None = None  # this layer's key in it
+    ep: object | None = None  # moetune.parallel.EPLayer when the experts are split over ranks
 
     def chain(self, module: nn.Module):
         parent = self.parent()
@@ -130,6 +131,13 @@ def moetune_experts_forward(
             "by moetune.hf.patch (or was undone); patch the model containing it"
         )
     lora = _lora_for(self, st)
+    if st.ep is not None:  # expert parallelism: tokens to the owning ranks and back (moetune.parallel.layer)
+        return st.ep.forward(hidden_states, top_k_index, top_k_weights, lora, functools.partial(_local_experts, st))
+    return _local_experts(st, hidden_states, top_k_index, top_k_weights, lora)
+
+
+def _local_experts(st: ExpertsState, hidden_states, top_k_index, top_k_weights, lora) -> torch.Tensor:
+    """This process's experts of the layer: the model's placement where it runs on a GPU, else the engine."""
     placement = st.placement
     if placement is not None and placement.start(hidden_states.device) != "cpu":
         return placement.forward(st.layer_key, hidden_states, top_k_index, top_k_weights, lora)
@@ -363,6 +371,7 @@ def patch(
     keep_original: bool = True,
     options: ExpertsOptions | None = None,
     placement=None,
+    expert_parallel=None,
     **option_kwargs,
 ) -> PatchHandle:
     """Run every routed-experts module of `model` on the moetune engine.
@@ -392,6 +401,9 @@ def patch(
     "mlp.experts.down_proj"], lora_dropout=0.0)) before or after patch().
     To build a model with its experts streamed straight into the engine, see
     moetune.load_model.
+    expert_parallel: a moetune.parallel.ExpertParallel: each layer's engine packs only this
+      rank's experts (moetune.parallel.ownership) and calls exchange tokens with the other
+      ranks (moetune.parallel.layer); None (default): every expert here.
     """
     options = ExpertsOptions.resolve(options, **option_kwargs)
     placement = PlacementOptions.resolve(placement)
@@ -403,12 +415,15 @@ def patch(
 
     handle = PatchHandle(ctx, keep_original)
     try:
-        for f in found:
+        for i, f in enumerate(found):
             params = {pname: getattr(f.module, pname) for pname in f.family.param_names}
-            engine = _engine_of(ctx, f, params, options)
+            own = None if expert_parallel is None else expert_parallel.ownership(i, params[families.GATE_UP].shape[0])
+            engine = _engine_of(ctx, f, _owned_rows(params, own, expert_parallel), options)
             originals = _on_cpu(params) if keep_original else None
             del params
             attach(handle, f, engine, originals)
+            if own is not None:
+                attach_expert_parallel(f.module, expert_parallel, own)
         select_implementation(handle, [f.module for f in found])
         attach_placement(handle, placement, model)
     except BaseException:
@@ -432,6 +447,28 @@ def _engine_of(
                 *(params[b] for b in families.BIAS_PARAMS)
             )
         return MoEExperts(ctx, gate, up, down, family.engine_options(options, found.module), **kw)
+
+
+def _owned_rows(params: dict[str, torch.Tensor], own, ep) -> dict[str, torch.Tensor]:
+    """The parameters' rows of this rank's experts (expert-major [E, ...] in every family), or all."""
+    if own is None:
+        return params
+    rows = torch.tensor(own.owned(ep.rank), dtype=torch.int64)
+    return {k: v.detach().index_select(0, rows.to(v.device)) for k, v in params.items()}
+
+
+def attach_expert_parallel(module: nn.Module, ep, own) -> None:
+    """Routes the calls of an attached experts module through expert parallelism (its engine
+    holds exactly the experts `own` gives ep.rank)."""
+    from moetune.parallel.layer import EPLayer
+
+    st = experts_state(module)
+    if st.engine.num_experts != len(own.owned(ep.rank)):
+        raise ValueError(
+            f"moetune: {st.name}: the engine holds {st.engine.num_experts} experts, rank {ep.rank} owns "
+            f"{len(own.owned(ep.rank))}"
+        )
+    st.ep = EPLayer(ep, own)
 
 
 def _on_cpu(params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:

@@ -70,7 +70,8 @@ def banner(cfg, pm, handle, run, dstats, device) -> str:
             f"placement {p.mode}: the CPU engine ({handle.ctx.num_threads} threads) and {p.device.torch} "
             f"(GPU budget {'auto' if budget is None else f'{budget:g} GiB'})"
         )
-    eff = cfg.micro_batch_size * cfg.grad_accum
+    ranks = 1 if getattr(run, "dd", None) is None else run.dd.world_size  # several processes: every rank's batches
+    eff = cfg.micro_batch_size * cfg.grad_accum * ranks
     lengths = run.stream.lengths
     rows = run.stream.rows_per_epoch()
     per_row = sum(lengths) / rows if rows else 0.0
@@ -86,8 +87,9 @@ def banner(cfg, pm, handle, run, dstats, device) -> str:
         f"{0 if run.eval_s is None else len(run.eval_s['input_ids']):,} eval; {rows:,} {unit} per epoch",
         f"  steps       {run.total_steps:,}"
         + (f" (resumed at {run.step:,})" if run.resumed else "")
-        + f"; effective batch {eff} {unit} ({cfg.micro_batch_size} x {cfg.grad_accum} accumulated), "
-        f"~{per_row * eff:,.0f} tokens per step",
+        + f"; effective batch {eff} {unit} ({cfg.micro_batch_size} x {cfg.grad_accum} accumulated"
+        + (f" x {ranks} ranks), " if ranks > 1 else "), ")
+        + f"~{per_row * eff:,.0f} tokens per step",
         f"  LoRA        r={cfg.lora_rank} alpha={cfg.lora_alpha:g}: {tp['total']:,} trainable parameters ({kinds})",
         f"  output      {run.out_dir}",
     ]

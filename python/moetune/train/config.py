@@ -82,6 +82,25 @@ class TrainConfig:
         "virtual nodes (moetune.numa; results are bit-identical)",
         "model",
     )
+    expert_parallel: str = _f(
+        "auto",
+        "under torchrun / accelerate launch with several processes: auto splits each MoE layer's "
+        "experts over the ranks (expert parallelism; DDP for the rest); off refuses several processes",
+        "model",
+        choices=("auto", "off"),
+    )
+    ep_routing_profile: int = _f(
+        0,
+        "under expert parallelism: micro-batches per rank whose routing (counted on every rank, summed) "
+        "assigns each MoE layer's experts to the ranks balanced by load, before training (the model is "
+        "loaded twice); 0: by expert index",
+        "model",
+    )
+    dist_timeout_s: float = _f(
+        600.0,
+        "seconds a rank waits for the others in a collective before failing (a dead rank stops the run)",
+        "model",
+    )
     expert_activations: str = _f(
         _EXPERTS.activations,
         "engine activations for backward: save (faster) or recompute (less host RAM)",
@@ -420,6 +439,8 @@ def _resolve_hub_id(model: str) -> str:
 RANGES: dict[str, Range] = {
     "engine_threads": Range(1),
     "torch_threads": Range(1),
+    "dist_timeout_s": Range(1),
+    "ep_routing_profile": Range(0),
     "expert_gpu_budget_gib": Range(0),
     "eval_fraction": Range(0, 1, hi_open=True),
     "max_length": Range(1),

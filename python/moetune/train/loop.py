@@ -11,6 +11,7 @@ seeded or checkpointed, so `--resume` continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from moetune.train import banner, checkpoint, data, metrics, progress, report, run_dir, samples
+from moetune.train import banner, checkpoint, data, distributed, metrics, progress, report, run_dir, samples
 from moetune.train import model as model_mod
 from moetune.train.config import ConfigError, TrainConfig, check_resume_compatible, save_run_config, tuple_betas
 from moetune.train.model import apply_lora, generate, load_base, load_tokenizer, resolve_device, resolve_devices
@@ -93,16 +94,23 @@ def evaluate(model, samples, cfg: TrainConfig, pad_id: int, device: torch.device
 
 def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `moetune train` for a validated config; returns the summary dict."""
-    out_dir, resume_from = _start(cfg, say)
+    # None: one process; NCCL where the run is on CUDA, gloo on the CPU
+    dd = distributed.setup(cfg.expert_parallel, cfg.dist_timeout_s, resolve_device(cfg).type)
+    if dd is not None:
+        say, (out_dir, resume_from) = dd.start(lambda: _start(cfg, say), say)
+    else:
+        out_dir, resume_from = _start(cfg, say)
     device = resolve_device(cfg)
+    if dd is not None:
+        device = dd.device(device)
     try:  # a placement this machine cannot do fails before anything is loaded
         model_mod.placement_options(cfg).resolve_mode(device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"expert_placement={cfg.expert_placement!r}: {e}") from None
     # Tokenizer and data first: a bad record fails before the (long) model load.
     tok, train_s, eval_s, dstats = _load_data(cfg, say)
-    pm, handle = _load_model(cfg, device, len(tok), say)
-    run = _Run(cfg, out_dir, pm, handle.ctx, tok, train_s, eval_s, device, say, handle.placement)
+    pm, handle = _load_model(cfg, device, len(tok), say, dd, lambda: _profile_batches(cfg, train_s, tok, dd, device))
+    run = _Run(cfg, out_dir, pm, handle.ctx, tok, train_s, eval_s, device, say, handle.placement, dd)
     run.resume(resume_from)
     say(banner.banner(cfg, pm, handle, run, dstats, device))
     before = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, device) if cfg.sample_prompts else []
@@ -150,10 +158,35 @@ def _load_data(cfg: TrainConfig, say):
     return tok, train_s, eval_s, dstats
 
 
-def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say):
+def _profile_batches(cfg: TrainConfig, train_s, tok, dd, device: torch.device) -> list[dict]:
+    """This rank's share (j*N + rank) of the first ep_routing_profile * N micro-batches of the
+    training order (a stream of its own: the training stream is untouched)."""
+    s = data.Stream(
+        train_s,
+        micro_batch_size=cfg.micro_batch_size,
+        packing=cfg.packing,
+        max_length=cfg.max_length,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        pad_id=tok.pad_token_id,
+    )
+    batches = [s.next_batch() for _ in range(cfg.ep_routing_profile * dd.world_size)]
+    return [{k: v for k, v in _to(b, device).items() if k != "labels"} for b in dd.my_batches(batches)]
+
+
+def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say, dd=None, profile_batches=None):
     """(PEFT model in training mode, patch handle): the base with its experts on the
-    engine, LoRA on top."""
-    model, handle = load_base(cfg, device, vocab_size)
+    engine, LoRA on top (dd: this rank of a multi-process run, moetune.train.distributed;
+    profile_batches: its routing-profile batches, when cfg.ep_routing_profile asks for one)."""
+    ep = {} if dd is None else {"expert_parallel": dd.ep, "ctx": dd.context()}
+    if dd is not None and cfg.ep_routing_profile:
+        ep["expert_parallel"] = dd.balance_ownership(
+            lambda e: load_base(cfg, device, vocab_size, expert_parallel=e, ctx=ep["ctx"])[0],
+            profile_batches(),
+            cfg.output_dir,
+            say,
+        )
+    model, handle = load_base(cfg, device, vocab_size, **ep)
     say(
         f"model: {'embedded demo (tiny Qwen3-MoE)' if cfg.is_demo else cfg.model}: "
         f"{len(handle.module_names)} MoE layers on the CPU engine ({', '.join(handle.families)}), "
@@ -202,9 +235,23 @@ class _Run:
     the end of the run (final eval, adapter, summary)."""
 
     def __init__(
-        self, cfg: TrainConfig, out_dir: str, pm, ctx, tok, train_s, eval_s, device: torch.device, say, placement=None
+        self,
+        cfg: TrainConfig,
+        out_dir: str,
+        pm,
+        ctx,
+        tok,
+        train_s,
+        eval_s,
+        device: torch.device,
+        say,
+        placement=None,
+        dd=None,
     ):
         self.cfg, self.out_dir, self.pm, self.ctx, self.tok = cfg, out_dir, pm, ctx, tok
+        self.dd = dd  # moetune.train.distributed.Distributed of a multi-process run, else None
+        self.call = pm if dd is None else dd.wrap(pm)  # what a training step calls (DDP under torchrun)
+        self.ranks = 1 if dd is None else dd.world_size  # each step reads every rank's micro-batches
         self.eval_s, self.device, self.say = eval_s, device, say
         self.placement = placement  # moetune.hf.placement.ModelPlacement (end_step once per step)
         self.params = [p for p in pm.parameters() if p.requires_grad]
@@ -222,7 +269,8 @@ class _Run:
             pad_id=self.pad_id,
         )
         self.total_steps = cfg.max_steps or max(
-            1, math.ceil(cfg.epochs * self.stream.rows_per_epoch() / (cfg.micro_batch_size * cfg.grad_accum))
+            1,
+            math.ceil(cfg.epochs * self.stream.rows_per_epoch() / (cfg.micro_batch_size * cfg.grad_accum * self.ranks)),
         )
         from transformers import get_scheduler
 
@@ -251,7 +299,7 @@ class _Run:
             self.resumed = True
             self.say(f"resumed from {resume_from} (step {self.step} of {self.total_steps})")
         checkpoint.clean_partial(self.out_dir)
-        self.log = metrics.MetricsLog(
+        self.log = (metrics.MetricsLog if self.dd is None or self.dd.is_main else distributed.NullLog)(
             self.out_dir,
             tensorboard=self.cfg.tensorboard,
             resume_step=self.step if self.resumed else None,
@@ -284,15 +332,22 @@ class _Run:
         if self.eval_s is not None and cfg.eval_every and not self.resumed:
             self.log.log("eval", 0, eval_loss=self.evaluate())  # the starting point
         self.bar = progress.Progress(
-            cfg.progress, self.total_steps, self.step, fallback=self.say, every=cfg.print_every
+            cfg.progress and (self.dd is None or self.dd.is_main),
+            self.total_steps,
+            self.step,
+            fallback=self.say,
+            every=cfg.print_every,
         )
         interrupted = False
         with _StopFlag(self.bar.write) as flag:
             try:
                 while self.step < self.stop_at:
-                    self._one_step()
-                    self._after_step()
-                    if flag.stop:
+                    with contextlib.nullcontext() if self.dd is None else self.dd.guard_step(self.step + 1):
+                        self._one_step()
+                        self._after_step()
+                        # several processes: every rank stops after the same step (any rank's Ctrl-C)
+                        stop = flag.stop if self.dd is None else self.dd.any(flag.stop)
+                    if stop:
                         interrupted = True
                         break
             finally:
@@ -309,19 +364,27 @@ class _Run:
         cfg, ctx = self.cfg, self.ctx
         t0, w0 = time.perf_counter(), ctx.wait_seconds
         batches, step_tokens = [], 0
-        for _ in range(cfg.grad_accum):
+        if self.dd is not None:
+            self.dd.begin_step()
+        ranks = 1 if self.dd is None else self.dd.world_size  # every rank reads every rank's batches
+        for _ in range(cfg.grad_accum * ranks):
             batches.append(self.stream.next_batch())
             step_tokens += self.stream.last_tokens
         n_items = sum(data.target_count(b) for b in batches)
         lr = self.sched.get_last_lr()[0]
         loss = 0.0
-        for b in batches:
+        mine = batches if self.dd is None else self.dd.my_batches(batches)
+        for i, b in enumerate(mine):
             if n_items == 0:
                 continue
-            out = self.pm(**_to(b, self.device), num_items_in_batch=n_items, use_cache=False)
-            out.loss.backward()
+            with contextlib.nullcontext() if self.dd is None else self.dd.no_sync(i == len(mine) - 1):
+                out = self.call(**_to(b, self.device), num_items_in_batch=n_items, use_cache=False)
+                (out.loss * ranks).backward()  # DDP averages over the ranks: x ranks keeps the step's sum
             loss += out.loss.item()
-        if cfg.max_grad_norm is not None:
+        if self.dd is not None:
+            loss = self.dd.sum(loss)
+            gnorm = self.dd.finish_grads(self.params, cfg.max_grad_norm)
+        elif cfg.max_grad_norm is not None:
             gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
         else:
             gnorm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
@@ -333,6 +396,8 @@ class _Run:
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         placed = self.placement.end_step() if self.placement is not None else {}
+        if self.dd is not None:
+            self.dd.end_step(placed)  # this rank's expert load and CPU / GPU split (local)
         self.step += 1
         self.tokens += step_tokens
         self.target_tokens += n_items
@@ -344,6 +409,7 @@ class _Run:
         if self.first_loss is None:
             self.first_loss = loss
         if self.step % cfg.log_every == 0 or self.step == self.stop_at:
+            per_rank = {} if self.dd is None else self.dd.step_metrics()  # every rank's, gathered (a collective)
             self.log.log(
                 "train",
                 self.step,
@@ -357,6 +423,7 @@ class _Run:
                 step_seconds=dt,
                 epoch=self.stream.epoch,
                 **placed,
+                **per_rank,
             )
         self.bar.update(
             loss=loss,
@@ -385,6 +452,11 @@ class _Run:
         """A checkpoint of the current step (none at step 0, none twice)."""
         if self.last_saved == self.step or self.step == 0:
             return
+        if self.dd is not None:  # every expert's LoRA and optimizer state from its owner, saved by rank 0
+            self.dd.sync(self.pm, self.opt)
+            if not self.dd.is_main:
+                self.last_saved = self.step
+                return
         path = checkpoint.save(
             self.out_dir,
             self.step,
@@ -413,7 +485,9 @@ class _Run:
             if not ev_records or ev_records[-1]["step"] != self.step:
                 self.log.log("eval", self.step, eval_loss=self.evaluate())
         adapter_dir = os.path.join(self.out_dir, "adapter")
-        if finished:
+        if finished and self.dd is not None:
+            self.dd.sync(pm)
+        if finished and (self.dd is None or self.dd.is_main):
             pm.save_pretrained(adapter_dir)
             tok.save_pretrained(adapter_dir)
             if cfg.merge_export:
@@ -427,7 +501,7 @@ class _Run:
         summary["data_samples"] = from_data
         summary["trainable_parameters"] = banner.trainable_parameters(pm)
         summary.update(banner.honest_throughput(self, wall))
-        if cfg.plot and summary["losses"]:
+        if cfg.plot and summary["losses"] and (self.dd is None or self.dd.is_main):
             png = os.path.join(self.out_dir, "loss.png")
             if report.plot(self.log.records, png):
                 summary["plot"] = png

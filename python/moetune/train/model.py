@@ -95,17 +95,19 @@ def engine_context(cfg: TrainConfig):
     return moetune.Context(cfg.engine_threads, numa=parse_numa(cfg.engine_numa))
 
 
-def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
+def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int, *, expert_parallel=None, ctx=None):
     """(model with its experts on the engine, patch handle): the one place that
     loads a model. A model folder streams through moetune.load_model (experts
     straight into the engine, the rest to `device`); the demo model is built in
-    memory and patched."""
+    memory and patched. expert_parallel / ctx: this rank's moetune.parallel.ExpertParallel
+    and pinned engine Context under torchrun (moetune.train.distributed)."""
     import moetune
     import moetune.hf
     from moetune.train import demo_model
 
     dtype = getattr(torch, cfg.dtype)
     options, placement = experts_options(cfg), placement_options(cfg)
+    ctx = engine_context(cfg) if ctx is None else ctx
     if not cfg.is_demo:
         devices = resolve_devices(cfg)
         if len(devices) > 1:
@@ -118,14 +120,22 @@ def load_base(cfg: TrainConfig, device: torch.device, vocab_size: int):
             cfg.model,
             device=device,
             dtype=dtype,
-            ctx=engine_context(cfg),
+            ctx=ctx,
             cache_dir=cfg.expert_cache_dir,
             options=options,
             placement=placement,
+            expert_parallel=expert_parallel,
         )
         return model, model.moetune_handle
     model = demo_model.build_model(vocab_size, seed=0).to(dtype)
-    handle = moetune.hf.patch(model, engine_context(cfg), keep_original=False, options=options, placement=placement)
+    handle = moetune.hf.patch(
+        model,
+        ctx=ctx,
+        keep_original=False,
+        options=options,
+        placement=placement,
+        expert_parallel=expert_parallel,
+    )
     model.to(device)
     return model, handle
 

@@ -1,0 +1,14 @@
+"""Expert parallelism over ranks (one process per GPU or per CPU share; torchrun / accelerate).
+
+Each MoE layer's experts are split over the ranks of a process group: each rank's engine
+holds only its own experts (`ownership`, `plan.ExpertParallel`), tokens travel to the owning
+rank and back (`exchange`, `layer`), the expert LoRA is trained on its owner and not
+all-reduced (`grads`), every rank's expert LoRA is gathered into one PEFT adapter (`adapter`),
+and each rank's engine is pinned to its own CPUs (`cpus`). The process group comes from the
+launcher (`launcher`). See docs/ARCHITECTURE.md, "Expert parallelism".
+"""
+
+from moetune.parallel.ownership import LayerOwnership, by_index, by_load, load_per_rank
+from moetune.parallel.plan import ExpertParallel
+
+__all__ = ["ExpertParallel", "LayerOwnership", "by_index", "by_load", "load_per_rank"]
