@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -98,19 +100,25 @@ def _launch(tmp_path, how: str) -> tuple[str, str]:
     args = ["-m", "moetune", "train", *_flags({**COMMON, "grad_accum": 1, "output_dir": run, **extra})]
     env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
     tr = [sys.executable, "-m", "torch.distributed.run"]
+    logs = []
+
+    def log():
+        logs.append(open(tmp_path / f"launch{len(logs)}.log", "w"))
+        return logs[-1]
+
     if how == "accelerate":
         # accelerate's multi-process launcher is torchrun's (torch.distributed.run): it sets the
         # same variables. --cpu would not do: it starts ONE process (several only through mpirun)
         acc = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
         acc += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         acc += ["--main_process_port", str(_free_port())]
-        procs = [subprocess.Popen([*acc, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+        procs = [subprocess.Popen([*acc, *args], env=env, stdout=log(), stderr=subprocess.STDOUT, text=True)]
     elif how in ("torchrun", "torchrun-cuda", "profile"):
         procs = [
             subprocess.Popen(
                 [*tr, "--standalone", "--nproc-per-node", "2", *args],
                 env=env,
-                stdout=subprocess.PIPE,
+                stdout=log(),
                 stderr=subprocess.STDOUT,
                 text=True,
             )
@@ -135,20 +143,27 @@ def _launch(tmp_path, how: str) -> tuple[str, str]:
                     *args,
                 ],
                 env=env,
-                stdout=subprocess.PIPE,
+                stdout=log(),
                 stderr=subprocess.STDOUT,
                 text=True,
             )
             for i in range(2)
         ]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
+    # Each process writes into its own file, not a pipe: waiting on one process while another's pipe
+    # fills up (64 KiB of warnings or progress) would block that rank mid-collective and hang both.
+    deadline = time.monotonic() + 300
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for q in procs:
+            q.kill()
+            q.wait()
+        raise
+    finally:
+        for f in logs:
+            f.close()
+    outs = [pathlib.Path(f.name).read_text(errors="replace") for f in logs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
     return run, "".join(outs)
