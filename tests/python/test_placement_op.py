@@ -294,6 +294,30 @@ def test_several_layers_in_flight():
         assert torch.equal(pA[p][0].grad, sepA.dA[p]) and torch.equal(pB[p][1].grad, sepB.dB[p])
 
 
+def test_plan_memo_never_hands_a_plan_to_another_planner():
+    """The plan memo is keyed by id(planner): its entry holds the planner, so a planner freed after
+    its call (an all-CPU call has no backward to forget the plan) cannot be replaced by a new one at
+    the same address that would then get the old plan (seen as a flaky all-CPU plan)."""
+    import gc
+    import weakref
+
+    inp, st = _setup(CASE, 71, "mixed")
+    P = placement()
+    counts = torch.bincount(inp.ids.reshape(-1).to(torch.int64), minlength=CASE.E)
+    first = P.FixedPlanner(plan_fn("cpu"))
+    ref = weakref.ref(first)
+    plan, _ = st.gpu.plan(first, "layer", counts)
+    assert (plan.where == int(P.Where.CPU)).all()
+    del first
+    gc.collect()
+    assert ref() is not None, "the memo must keep its planner (and so its id) alive"
+    resident = st.gpu.resident_mask()
+    assert resident.any()
+    for _ in range(64):  # new planners, some possibly at freed addresses: each gets its own plan
+        other = P.FixedPlanner(lambda k, c, r: torch.where(r, int(P.Where.GPU_RESIDENT), int(P.Where.CPU)))
+        assert (st.gpu.plan(other, "layer", counts)[0].where == int(P.Where.GPU_RESIDENT)).eq(resident).all()
+
+
 def test_observed_timings():
     inp, st = _setup(CASE, 71, "mixed")
     P = placement()

@@ -152,13 +152,15 @@ class GpuExperts:
         plans are remembered per layer (calls without a backward, e.g. under no_grad, age out)."""
         resident = self.resident_mask()
         key = (id(planner), layer_key, counts.numpy().tobytes(), resident.numpy().tobytes())
-        plan = self._memo.get(key)
-        if plan is not None:
+        # The entry holds its planner: while it is remembered, no other planner can be created at
+        # the same address (id) and be handed this planner's plan.
+        entry = self._memo.get(key)
+        if entry is not None and entry[0] is planner:
             self._memo.move_to_end(key)
-            return plan, key
+            return entry[1], key
         plan = planner.plan(layer_key, counts, resident)
         check_plan(plan, counts, resident, layer_key)
-        self._memo[key] = plan
+        self._memo[key] = (planner, plan)
         while len(self._memo) > self.runtime.options.plan_memo:
             self._memo.popitem(last=False)
         return plan, key
