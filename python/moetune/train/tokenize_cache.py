@@ -19,6 +19,7 @@ and an error text naming its file and line; the caller reports them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -114,5 +115,12 @@ def encode_records(
     with open(os.path.join(tmp, "done"), "w") as fh:
         fh.write(json.dumps(options) + "\n")
     shutil.rmtree(entry, ignore_errors=True)
-    os.rename(tmp, entry)
+    try:
+        os.rename(tmp, entry)
+    except OSError as e:
+        # Another process (a second rank tokenizing the same data) published the same entry between
+        # the rmtree and the rename: its content is the same (same key), so keep it and drop ours.
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(entry):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out, "miss"
