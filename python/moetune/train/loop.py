@@ -158,18 +158,23 @@ def _load_data(cfg: TrainConfig, say):
     return tok, train_s, eval_s, dstats
 
 
-def _profile_batches(cfg: TrainConfig, train_s, tok, dd, device: torch.device) -> list[dict]:
-    """This rank's share (j*N + rank) of the first ep_routing_profile * N micro-batches of the
-    training order (a stream of its own: the training stream is untouched)."""
-    s = data.Stream(
+def _train_stream(cfg: TrainConfig, train_s, pad_id: int) -> data.Stream:
+    """The training order's batch stream (the run's own, and the routing profile's copy of it)."""
+    return data.Stream(
         train_s,
         micro_batch_size=cfg.micro_batch_size,
         packing=cfg.packing,
         max_length=cfg.max_length,
         shuffle=cfg.shuffle,
         seed=cfg.seed,
-        pad_id=tok.pad_token_id,
+        pad_id=pad_id,
     )
+
+
+def _profile_batches(cfg: TrainConfig, train_s, tok, dd, device: torch.device) -> list[dict]:
+    """This rank's share (j*N + rank) of the first ep_routing_profile * N micro-batches of the
+    training order (a stream of its own: the training stream is untouched)."""
+    s = _train_stream(cfg, train_s, tok.pad_token_id)
     batches = [s.next_batch() for _ in range(cfg.ep_routing_profile * dd.world_size)]
     return [{k: v for k, v in _to(b, device).items() if k != "labels"} for b in dd.my_batches(batches)]
 
@@ -259,15 +264,7 @@ class _Run:
             self.params, lr=cfg.lr, betas=tuple_betas(cfg), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
         self.pad_id = tok.pad_token_id
-        self.stream = data.Stream(
-            train_s,
-            micro_batch_size=cfg.micro_batch_size,
-            packing=cfg.packing,
-            max_length=cfg.max_length,
-            shuffle=cfg.shuffle,
-            seed=cfg.seed,
-            pad_id=self.pad_id,
-        )
+        self.stream = _train_stream(cfg, train_s, self.pad_id)
         self.total_steps = cfg.max_steps or max(
             1,
             math.ceil(cfg.epochs * self.stream.rows_per_epoch() / (cfg.micro_batch_size * cfg.grad_accum * self.ranks)),
