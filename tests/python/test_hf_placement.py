@@ -725,3 +725,53 @@ def test_moetune_train_refuses_gpu_placement_without_cuda(tmp_path):
             _train_cfg(tmp_path, output_dir=str(tmp_path / "r"), expert_placement="gpu", device="cpu"),
             say=lambda *a: None,
         )
+
+
+@pytest.mark.parametrize(**CHECKPOINTING)
+def test_plan_per_step_trains_as_planned_per_call(checkpointing, monkeypatch):
+    """PlacementOptions.plan_per_step: once every expert of a layer is resident and its last plan
+    was all-GPU, end_step marks it planned per step and its calls take the sync-free path (no
+    plan() per call). 6 AdamW steps: losses and every LoRA parameter bit-identical to the same
+    run planned per call (the GEMMs per expert are the same)."""
+    runs = {}
+    for per_step in (True, False):
+        _, ours, handle = peft_pair(
+            base_model("qwen3_moe"), patch_first=True, placement=stand_in(gpu_budget_gib=1.0, plan_per_step=per_step)
+        )
+        use_plan(handle, "gpu", resident=range(8))
+        pl = handle.placement
+        plans = []
+        real = pl.scheduler.plan
+        monkeypatch.setattr(pl.scheduler, "plan", lambda *a, **k: plans.append(1) or real(*a, **k))
+        ours.train()
+        if checkpointing:
+            ours.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
+            )
+        opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+        losses, numbers, in_step = [], [], []
+        for step in range(6):
+            ids = batch(seed=200 + step)
+            n0 = len(plans)
+            opt.zero_grad()
+            loss = ours(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            in_step.append(len(plans) - n0)
+            numbers.append(pl.end_step())
+        runs[per_step] = (losses, {n: p.detach().clone() for n, p in ours.named_parameters() if "lora_" in n})
+        if per_step:
+            assert numbers[0]["placement_layers_planned_per_step"] == 2, numbers[0]
+            assert all(n["placement_layers_planned_per_step"] == 2 for n in numbers)
+            assert all(n["placement_tokens_resident"] > 0 and n["placement_tokens_streamed"] == 0 for n in numbers)
+            # Step 1 planned its calls (nothing was steady yet), later steps none (mode "gpu": end_step
+            # needs no plan either; mode "auto" plans once per layer there: test_placement_sync_free.py).
+            assert in_step[0] == 2 and in_step[1:] == [0] * 5 and len(plans) == 2, in_step
+        else:
+            assert in_step == [2] * 6, in_step  # one plan per forward (the recompute and backward reuse it)
+            assert "placement_layers_planned_per_step" not in numbers[0]
+        handle.undo()
+    (l1, p1), (l0, p0) = runs[True], runs[False]
+    assert l1 == l0
+    assert p1.keys() == p0.keys() and all(torch.equal(p1[n], p0[n]) for n in p0)

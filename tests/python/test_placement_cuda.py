@@ -236,3 +236,50 @@ def test_no_host_sync_but_the_counts():
     assert syncs, "sync debug mode reported nothing: the check would be vacuous"
     others = [s for s in syncs if not (s[0].endswith("placement/op.py") and s[1] in counts_lines)]
     assert not others, f"host syncs besides the routing counts: {others}"
+
+
+def test_sync_free_path_makes_no_host_sync():
+    """A layer whose pool holds every expert, planned per step (a steady planner): forward and
+    backward without a single host sync (not even the routing counts), results equal to the
+    planned all-resident path's, and the call's counts observed afterwards."""
+    P = placement()
+    inp, dinp, st = _setup(CASE, 62, "resident")
+    fast = P.FixedPlanner(plan_fn("resident"), steady=True)
+    planned = P.FixedPlanner(plan_fn("resident"))
+    for _ in range(2):  # warm-up: the GEMM probe, allocator pools, pinned index uploads
+        run_placed(st, dinp, "resident", planner=fast)
+    assert_equal(
+        run_placed(st, dinp, "resident", planner=fast),
+        run_placed(st, dinp, "resident", planner=planned),
+        "sync-free vs planned on CUDA",
+    )
+    from op_cases import fresh_lora
+
+    params, _ = fresh_lora(dinp, ALL)
+    lw = moetune.LoraWeights(**params, scaling=dinp.scaling)
+    x = dinp.x.clone().requires_grad_(True)
+    n_obs = len(fast.observed)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = P.placed_moe_experts(st.experts, x, dinp.ids, dinp.w, lw, planner=fast, gpu=st.gpu)
+        out.backward(dinp.dout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    P.flush_timings(st.runtime)
+    assert fast.calls == 0 and len(fast.observed) == n_obs + 2
+    counts = torch.bincount(inp.ids.flatten(), minlength=CASE.E)
+    assert all(torch.equal(p.counts, counts) for _, p, _ in fast.observed[n_obs:])
+
+
+def test_sync_free_bad_ids_give_nan_then_an_error():
+    P = placement()
+    inp, dinp, st = _setup(CASE, 63, "resident")
+    fast = P.FixedPlanner(plan_fn("resident"), steady=True)
+    bad = dinp.ids.clone()
+    bad[3, 1] = CASE.E
+    out = P.placed_moe_experts(st.experts, dinp.x, bad, dinp.w, None, planner=fast, gpu=st.gpu)
+    nan_rows = torch.isnan(out.float()).any(1).cpu()
+    assert nan_rows.tolist() == [t == 3 for t in range(CASE.T)]
+    with pytest.raises(ValueError, match=r"1 expert id\(s\) outside \[0, 8\)"):
+        P.flush_timings(st.runtime)

@@ -17,7 +17,8 @@ seconds; cached per machine / shape / format in calibration_cache_dir; moetune.h
 
 Per optimizer step: `end_step()` (moetune train calls it; HF Trainer: moetune.hf.PlacementCallback)
 delivers the step's timings, closes the metrics step, refreshes residency at its cadence (loading
-and evicting experts between steps) and returns the step's numbers for metrics.jsonl.
+and evicting experts between steps), decides which layers are planned per step rather than per
+call (PlacementOptions.plan_per_step) and returns the step's numbers for metrics.jsonl.
 
 Expert LoRA: PEFT creates the expert LoRA factors next to the engine-held placeholders, on the
 CPU. When experts may compute on the GPU, `adopt_lora(model, optimizer=None)` moves those
@@ -214,6 +215,9 @@ class ModelPlacement:
         numbers = self.metrics.end_step()
         if self.policy.end_step():
             self._apply_residency()
+        if self.options.plan_per_step:  # fully resident layers: planned once per step (op.py's sync-free path)
+            steady = self.scheduler.refresh_steady({l.key: l.gpu.resident_mask() for l in self.layers})
+            numbers[PREFIX + "layers_planned_per_step"] = float(sum(steady.values()))
         numbers.update({PREFIX + k: v for k, v in self.policy.stats().items()})
         numbers[PREFIX + "resident_held_bytes"] = float(self.runtime.store.used_bytes)
         peak = self.peak_gpu_bytes()

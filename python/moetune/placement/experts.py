@@ -125,6 +125,7 @@ class GpuExperts:
         self.pool = runtime.store.pool(self.layer_key, self.fmt)
         self._memo: collections.OrderedDict = collections.OrderedDict()
         self._keep: tuple[tuple, list, int] | None = None  # (chunks, weights per chunk, bytes)
+        self.sync_free_cache = None  # op.py's (pool version, index tensors) of the sync-free path
 
     @property
     def streamer(self) -> Streamer:
@@ -137,6 +138,12 @@ class GpuExperts:
     def set_resident(self, wanted) -> None:
         """Makes exactly `wanted` (bool [E] or ids) resident (ResidencyPolicy.wanted(layer_key))."""
         self.pool.apply(wanted, self.host, self.streamer)
+
+    def holds_all(self) -> bool:
+        """Whether the pool holds every expert, one slot each (no free slot): the sync-free path's
+        condition (op.py)."""
+        slots = self.pool.slot_expert
+        return len(slots) == self.fmt.num_experts and min(slots, default=-1) >= 0
 
     def load_resident(self, experts) -> None:
         self.pool.load(experts, self.host, self.streamer)
@@ -221,12 +228,18 @@ def check_plan(plan: LayerPlan, counts: torch.Tensor, resident: torch.Tensor, la
 class FixedPlanner:
     """A planner for tests and fixed policies: where_fn(layer_key, counts, resident_mask) returns a
     LayerPlan, a Where (every expert), or an int8/int [E] tensor of Where values. Records every
-    observation in `observed` (layer_key, plan, timings)."""
+    observation in `observed` (layer_key, plan, timings). steady=True: its layers are "steady"
+    (Scheduler.steady): a layer whose pool holds every expert takes the sync-free path, where
+    where_fn is not consulted (every expert is computed resident)."""
 
-    def __init__(self, where_fn: Callable):
+    def __init__(self, where_fn: Callable, *, steady: bool = False):
         self.where_fn = where_fn
         self.observed: list[tuple[Hashable, LayerPlan, dict]] = []
         self.calls = 0
+        self._steady = bool(steady)
+
+    def steady(self, layer_key) -> bool:
+        return self._steady
 
     def plan(self, layer_key, counts: torch.Tensor, resident_mask: torch.Tensor) -> LayerPlan:
         self.calls += 1

@@ -5,6 +5,15 @@
 Same contract as moetune.moe_experts (x [T, H] bf16/fp32 on any device, topk_ids/topk_weights
 [T, k]; returns x's dtype on x's device; differentiable in x, topk_weights and the LoRA tensors).
 Per call:
+ 0. the sync-free path, for a layer whose pool holds every expert while the planner reports it
+    `steady` (planned once per step, Scheduler.refresh_steady): every expert computes from its
+    resident copy with group sizes that stay on the device (no host sync, no plan, no layout
+    built from host counts); the counts go to a page-locked host buffer by an asynchronous copy
+    and are observed, as a LayerPlan with every expert GPU_RESIDENT, once the call's GPU work
+    completed. Ids outside [0, E) cannot raise before the call returns there: their slots get a
+    NaN routing weight (so the output of their tokens is NaN, never a plausible wrong value) and
+    the ValueError naming them is raised when the call is observed (the next call's start, or
+    end_step / flush_timings). Results equal the planned all-resident path's;
  1. counts per expert from topk_ids on its device; fetching them is the call's one host sync
     (ids outside [0, E) are counted apart and reported, never indexed with);
  2. the plan: GpuExperts.plan asks planner.plan(layer_key, counts, resident_mask), memoized by
@@ -61,8 +70,11 @@ _PROJ = ("gate", "up", "down")
 class _Timing:
     """One call's measurements; GPU parts are events read once complete."""
 
-    def __init__(self, runtime: GpuRuntime, planner, layer_key, plan: LayerPlan, phase: str):
+    def __init__(self, runtime: GpuRuntime, planner, layer_key, plan: LayerPlan | None, phase: str, host_counts=None):
+        """plan None: the sync-free path's call, whose plan is made from host_counts (int64 [E + 1]
+        page-locked, the last entry the ids outside [0, E)) once its GPU work is done."""
         self.runtime, self.planner, self.layer_key, self.plan, self.phase = runtime, planner, layer_key, plan, phase
+        self.host_counts = host_counts
         dev = runtime.device
         self.t0 = time.perf_counter()
         self.gpu_start, self.gpu_end = dev.event(True), dev.event(True)
@@ -87,6 +99,11 @@ class _Timing:
 
     def ready(self) -> bool:
         return self.gpu_end.query()
+
+    def resolved_plan(self) -> LayerPlan:
+        if self.plan is None:
+            self.plan = _resident_plan(self.host_counts, self.layer_key)
+        return self.plan
 
     def timings(self) -> dict:
         gpu = self.gpu_start.elapsed_time(self.gpu_end) / 1e3
@@ -125,7 +142,7 @@ def poll_timings(runtime: GpuRuntime) -> None:
     q = runtime.pending
     while q and q[0].ready():
         t = q.popleft()
-        t.planner.observe(t.layer_key, t.plan, t.timings())
+        t.planner.observe(t.layer_key, t.resolved_plan(), t.timings())
         if runtime.trace is not None:
             t.trace(runtime.trace)
 
@@ -156,6 +173,10 @@ class _Call:
     needs: tuple = ()
     cpu: EngineCall | None = None
     index: _ActiveIndex | None = None  # layout.active as an index (set with the layout)
+    # the sync-free path (plan None until needed): its rows, valid slots and host counts
+    rows: DeviceRows | None = None
+    valid: torch.Tensor | None = None  # bool [T, k] on the device: ids inside [0, E)
+    host_counts: torch.Tensor | None = None  # int64 [E + 1], filled asynchronously (_Timing)
 
 
 def _routing_counts(topk_ids: torch.Tensor, E: int) -> torch.Tensor:
@@ -171,11 +192,28 @@ def _routing_counts(topk_ids: torch.Tensor, E: int) -> torch.Tensor:
     return counts[:E]
 
 
+def _resident_plan(host_counts: torch.Tensor, layer_key) -> LayerPlan:
+    """The sync-free path's plan from its host counts (valid once its GPU work completed): every
+    expert GPU_RESIDENT. Raises for ids that were outside [0, E)."""
+    E = host_counts.numel() - 1
+    bad = int(host_counts[E])
+    if bad:
+        raise ValueError(
+            f"topk_ids of layer {layer_key!r}: {bad} expert id(s) outside [0, {E}) (found after the call by the "
+            "sync-free resident path; the outputs of their tokens were set to NaN)"
+        )
+    return LayerPlan.uniform(host_counts[:E].clone(), Where.GPU_RESIDENT)
+
+
 def _relayout(call: _Call) -> None:
     """The resident pool changed since this call's forward (residency refreshed with a backward
     still to come): experts planned resident that are not any more are streamed instead; the
     others find their (possibly moved) slots. Same math, so the same results."""
     gpu = call.gpu
+    if call.plan is None:  # a sync-free call: its counts first (one sync), then a planned layout
+        gpu.runtime.device.synchronize()
+        call.plan = _resident_plan(call.host_counts, call.layer_key)
+        call.rows = None
     where = call.plan.where.clone()
     gone = (where == int(Where.GPU_RESIDENT)) & ~gpu.resident_mask()
     where[gone] = int(Where.GPU_STREAMED)
@@ -224,6 +262,8 @@ def placed_moe_experts(
     layer_key = gpu.layer_key if layer_key is None else layer_key
     runtime = gpu.runtime
     poll_timings(runtime)
+    if _sync_free(planner, gpu, layer_key):
+        return _placed_sync_free(experts, gpu, planner, layer_key, x, topk_ids, topk_weights, lora)
     counts = _routing_counts(topk_ids, E)
     plan, memo_key = gpu.plan(planner, layer_key, counts)
     phase = "recompute" if _in_backward() else "forward"
@@ -240,16 +280,55 @@ def placed_moe_experts(
             runtime.trace.add(Lane.PYTHON, name, t0, wall)
             runtime.trace.add(Lane.CPU_ENGINE, name, t0, wall)
         return out
+    flat = _lora_flat(lora)
     lora = lora or LoraWeights()
-    flat = lora.flat()
-    for i, t in enumerate(flat):
-        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype not in (BF16, F32)):
-            raise ValueError(f"lora.{_PROJ[i // 2]}.{'AB'[i % 2]} must be a bfloat16 or float32 tensor")
     layout = GpuLayout.build(plan, gpu.pool.slot_expert, gpu.streamer.chunk_experts)
     has_cpu = bool(((plan.where == int(Where.CPU)) & (counts > 0)).any())
     call = _Call(gpu, planner, layer_key, plan, memo_key, layout, gpu.pool.version, float(lora.scaling), phase, has_cpu)
     call.index = _ActiveIndex(layout.active, E)
     return _Placed.apply(call, x, topk_ids, topk_weights, *flat)
+
+
+def _lora_flat(lora: LoraWeights | None) -> list:
+    flat = (lora or LoraWeights()).flat()
+    for i, t in enumerate(flat):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype not in (BF16, F32)):
+            raise ValueError(f"lora.{_PROJ[i // 2]}.{'AB'[i % 2]} must be a bfloat16 or float32 tensor")
+    return flat
+
+
+def _sync_free(planner, gpu: GpuExperts, layer_key) -> bool:
+    """Whether this call takes the sync-free path (module doc, step 0): the planner reports the
+    layer steady, the pool holds every expert, and the device runs GEMMs whose group sizes stay
+    on the device (grouped_mm; H and I multiples of 8, as every released MoE model has)."""
+    steady = getattr(planner, "steady", None)
+    if steady is None or not steady(layer_key) or not gpu.holds_all():
+        return False
+    I, H = gpu.fmt.dims("gate")
+    return I % 8 == 0 and H % 8 == 0 and gpu.runtime.gemm.device_sized
+
+
+def _placed_sync_free(experts, gpu: GpuExperts, planner, layer_key, x, topk_ids, topk_weights, lora):
+    runtime = gpu.runtime
+    dev = runtime.device
+    E = experts.num_experts
+    T, k = topk_ids.shape
+    flat = topk_ids.detach().to(dev.torch).reshape(-1).to(torch.int64)
+    valid = (flat >= 0) & (flat < E)
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev.torch)
+    counts.index_add_(0, torch.where(valid, flat, E), torch.ones_like(flat))  # ids outside: bucket E
+    host_counts = dev.download_async(counts)  # read once the call's GPU work is done (_Timing)
+    lay = _SyncFreeLayout.of(gpu)
+    slot_counts = counts[:E] if lay.identity else counts.index_select(0, lay.slot_index.on(dev.torch))
+    layout = GpuLayout.resident_all(gpu.pool.slot_expert, slot_counts, T * k, lay.position.host)
+    safe = torch.where(valid, flat, 0).view(T, k)
+    rows = DeviceRows.build(layout, safe, lay.position.on(dev.torch))
+    flat_lora = _lora_flat(lora)
+    scaling = float(lora.scaling) if lora is not None else 1.0
+    phase = "recompute" if _in_backward() else "forward"
+    call = _Call(gpu, planner, layer_key, None, None, layout, gpu.pool.version, scaling, phase, False)
+    call.index, call.rows, call.valid, call.host_counts = lay.index, rows, valid.view(T, k), host_counts
+    return _Placed.apply(call, x, topk_ids, topk_weights, *flat_lora)
 
 
 class _Placed(torch.autograd.Function):
@@ -260,7 +339,7 @@ class _Placed(torch.autograd.Function):
         call.needs = ctx.needs_input_grad[1:]
         runtime = call.gpu.runtime
         dev = runtime.device
-        tm = _Timing(runtime, call.planner, call.layer_key, call.plan, call.phase)
+        tm = _Timing(runtime, call.planner, call.layer_key, call.plan, call.phase, call.host_counts)
         if call.has_cpu:  # queued first: the CPU works while the GPU part is launched and runs
             call.cpu = cpu_call(
                 call.gpu.experts, x, topk_ids, topk_weights, call.plan.cpu_mask, lora, call.scaling, pinned=dev.is_cuda
@@ -287,7 +366,7 @@ class _Placed(torch.autograd.Function):
         need_l = [bool(n) and t is not None for n, t in zip(need_l, lora)]
         runtime = call.gpu.runtime
         dev = runtime.device
-        tm = _Timing(runtime, call.planner, call.layer_key, call.plan, "backward")
+        tm = _Timing(runtime, call.planner, call.layer_key, call.plan, "backward", call.host_counts)
         if call.cpu is not None:
             call.cpu.submit_backward(grad_out, need_x, need_w, need_l, grad_dtype=F32)
         copied0 = call.gpu.streamer.bytes_copied
@@ -325,23 +404,52 @@ def _pad8(r: int) -> int:
     return -(-r // 8) * 8
 
 
-class _ActiveIndex:
-    """The call's active experts as an index, uploaded once per device; `identity` when they are
-    every expert in id order (a fully resident layer in its initial slot order): the LoRA tensors
-    are then used as they are, with no gather and no scatter."""
+class _Index:
+    """An int64 host index, uploaded once per device (no host sync)."""
 
-    def __init__(self, active: list[int], E: int):
-        self.active = active
-        self.identity = len(active) == E and active == list(range(E))
-        self._host = torch.tensor(active, dtype=torch.int64)
+    def __init__(self, values: list[int]):
+        self.host = torch.tensor(values, dtype=torch.int64)
         self._on: dict = {}
 
     def on(self, device: torch.device) -> torch.Tensor:
         idx = self._on.get(device)
         if idx is None:
-            idx = self._host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else self._host
+            idx = self.host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else self.host
             self._on[device] = idx
         return idx
+
+
+class _ActiveIndex(_Index):
+    """The call's active experts as an index; `identity` when they are every expert in id order
+    (a fully resident layer in its initial slot order): the LoRA tensors are then used as they
+    are, with no gather and no scatter."""
+
+    def __init__(self, active: list[int], E: int):
+        super().__init__(active)
+        self.active = active
+        self.identity = len(active) == E and active == list(range(E))
+
+
+class _SyncFreeLayout:
+    """What the sync-free path derives from a pool holding every expert, kept per pool version:
+    index (slot -> expert, the LoRA rows' order), position (expert -> slot)."""
+
+    def __init__(self, slot_expert: list[int]):
+        E = len(slot_expert)
+        self.index = _ActiveIndex(list(slot_expert), E)
+        self.identity = self.index.identity
+        self.slot_index = self.index
+        position = [0] * E
+        for slot, e in enumerate(slot_expert):
+            position[e] = slot
+        self.position = _Index(position)
+
+    @staticmethod
+    def of(gpu: GpuExperts) -> _SyncFreeLayout:
+        cached = gpu.sync_free_cache
+        if cached is None or cached[0] != gpu.pool.version:
+            cached = gpu.sync_free_cache = (gpu.pool.version, _SyncFreeLayout(gpu.pool.slot_expert))
+        return cached[1]
 
 
 def _lora_rows(lora, index: _ActiveIndex, device) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -407,7 +515,7 @@ def _operands(call: _Call, seg, W, lora_d, rows: DeviceRows, dev) -> SegmentOper
     offs, coffs = segment_offsets(seg, dev)
     a0, a1 = seg.active0, seg.active1
     lo = {p: (None if v is None else (v[0][a0:a1], v[1][a0:a1])) for p, v in lora_d.items()}
-    G = len(seg.group_sizes)
+    G = len(seg.experts) if seg.group_sizes is None else len(seg.group_sizes)
     W = tuple(t[:G] for t in W)
     erow = rows.expert[seg.row0 : seg.row1]
     biases = tuple(None if b is None else b.index_select(0, erow) for b in call.gpu.biases)
@@ -418,9 +526,12 @@ def _prepare(call: _Call, x, topk_ids, topk_weights, lora):
     dev = call.gpu.runtime.device
     D = dev.torch
     xb = x.detach().to(D).to(BF16)  # fp32 x is rounded to bf16 as the engine does
-    ids = topk_ids.detach().to(D)
     w32 = topk_weights.detach().to(D).to(F32)
-    rows = DeviceRows.build(call.layout, ids, dev.upload(call.layout.position))
+    rows = call.rows
+    if rows is None:
+        rows = DeviceRows.build(call.layout, topk_ids.detach().to(D), dev.upload(call.layout.position))
+    if call.valid is not None:  # the sync-free path: slots of ids outside [0, E) give NaN (module doc)
+        w32 = torch.where(call.valid, w32, float("nan"))
     return xb, w32, rows, _lora_rows(lora, call.index, dev)
 
 

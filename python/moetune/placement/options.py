@@ -59,6 +59,11 @@ class PlacementOptions:
       length); the "auto" budget keeps room for that forward's activations, scaled from the
       measured steps (residency module docstring). None = the largest forward seen so far (a
       later, longer one can then run out of GPU memory).
+    plan_per_step: a layer whose experts are all resident, and whose plan for its last forward
+      routing put every expert on the GPU, is planned once per step (end_step) instead of per
+      call: its calls then skip the routing-count host sync and the plan (op.py's sync-free
+      path; counts are still observed, read without a sync once the call's GPU work is done).
+      False: every call is planned from its own counts.
     calibrate: measure the cost model on this machine at start-up (a few seconds); False uses
       the reference machine's rates (the online correction still adapts them).
     calibration_cache_dir: a folder caching the calibration per machine, layer shape and
@@ -75,6 +80,7 @@ class PlacementOptions:
     refresh_every: int = _default_of(ResidencyPolicy, "refresh_every")
     warmup_steps: int = _default_of(ResidencyPolicy, "warmup_steps")
     max_tokens: int | None = _default_of(ResidencyPolicy, "max_tokens")
+    plan_per_step: bool = True
     calibrate: bool = True
     calibration_cache_dir: str | None = None
     trace: str | None = None
@@ -107,7 +113,7 @@ class PlacementOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("keep_for_backward", "calibrate"):
+        for name in ("keep_for_backward", "plan_per_step", "calibrate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("calibration_cache_dir", "trace"):

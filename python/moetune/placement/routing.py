@@ -9,11 +9,16 @@ rows keep the (token, slot) order, as in the engine. Every size is known on the 
 sync): rows of segment s are [row0, row1) of the GPU rows, its active experts (those with rows,
 whose LoRA rows are copied to the device) are [active0, active1) of `active`.
 
+`GpuLayout.resident_all` is the one layout built without host counts (op.py's sync-free path for
+a layer whose pool holds every expert): one resident segment over every row (n = T * k) and
+every slot, its group sizes a device tensor (Segment.offs; empty groups allowed, also for the
+LoRA GEMMs: every expert is "active").
+
 `DeviceRows.build` turns the layout and topk_ids (on the device) into the row permutation with
 device ops only (a stable argsort by expert position; no host sync): rows (index into the
 flattened [T * k] slots), tok, the expert of each row, and row_of [T, k] (the row of each slot,
 or n_rows - a zero row - for slots the GPU does not compute), which `combine` uses to sum the
-rows back per token in slot order (deterministic: one gather per slot, no atomics).
+rows back per token (deterministic: gathers and a reduction, no atomics).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moetune.placement.gemm import device_offsets as offsets_on_device
 from moetune.placement.gemm import offsets
 from moetune.placement.plan import LayerPlan, Where
 
@@ -37,10 +43,11 @@ class Segment:
     active0: int
     active1: int
     chunk: int = -1  # streamed: index of its chunk
+    offs: torch.Tensor | None = None  # device int32 group ends when group_sizes is None (resident_all)
 
     @property
-    def active_sizes(self) -> list[int]:
-        return [s for s in self.group_sizes if s > 0]
+    def active_sizes(self) -> list[int] | None:
+        return None if self.group_sizes is None else [s for s in self.group_sizes if s > 0]
 
 
 @dataclasses.dataclass
@@ -87,6 +94,17 @@ class GpuLayout:
         position[torch.tensor(active, dtype=torch.int64)] = torch.arange(len(active), dtype=torch.int64)
         return GpuLayout(segments, active, row, position)
 
+    @staticmethod
+    def resident_all(
+        slot_expert: Sequence[int], slot_counts: torch.Tensor, n_rows: int, position: torch.Tensor
+    ) -> GpuLayout:
+        """Every expert resident, one per slot (slot_expert a permutation of range(E)); slot_counts:
+        the device int64 [E] rows per slot; n_rows = T * k (every slot of every token); position:
+        int64 [E] host, the slot of each expert."""
+        E = len(slot_expert)
+        seg = Segment(Where.GPU_RESIDENT, list(slot_expert), None, 0, n_rows, 0, E, offs=offsets_on_device(slot_counts))
+        return GpuLayout([seg], list(slot_expert), n_rows, position)
+
 
 @dataclasses.dataclass
 class DeviceRows:
@@ -113,16 +131,30 @@ class DeviceRows:
 
 def segment_offsets(seg: Segment, device) -> tuple:
     """(offsets of the weight groups, offsets of the active groups) as device int32 tensors."""
+    if seg.offs is not None:  # resident_all: every group is active
+        return seg.offs, seg.offs
     return offsets(seg.group_sizes, device), offsets(seg.active_sizes, device)
 
 
+#: combine gathers all k slots at once (a [T, k, H] fp32 temporary) up to this size, else it sums
+#: slot by slot: small calls are bound by launches, large ones by memory.
+_COMBINE_GATHER_BYTES = 64 << 20
+
+
 def combine(values: torch.Tensor, row_of: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """out[t] = sum_j weights[t, j] * values[row_of[t, j]] in slot order, fp32.
+    """out[t] = sum_j weights[t, j] * values[row_of[t, j]], fp32 (a deterministic sum over the k
+    slots: one reduction, or slot by slot in slot order for large calls).
 
     values: fp32 [n + 1, H] whose last row is zero (slots not computed here); weights fp32 [T, k]
     or None (plain sum)."""
     T, k = row_of.shape
-    out = torch.zeros((T, values.shape[1]), dtype=torch.float32, device=values.device)
+    H = values.shape[1]
+    if T * k * H * 4 <= _COMBINE_GATHER_BYTES:  # one gather and one reduction instead of 2k launches
+        g = values.index_select(0, row_of.reshape(-1)).view(T, k, H)
+        if weights is not None:
+            g.mul_(weights.unsqueeze(-1))
+        return g.sum(1)
+    out = torch.zeros((T, H), dtype=torch.float32, device=values.device)
     for j in range(k):
         v = values.index_select(0, row_of[:, j])
         if weights is None:

@@ -33,6 +33,12 @@ a busier expert to the CPU (~1% of such cases), a knapsack effect of balancing t
 Modes: "auto" (the above), "cpu" (every expert on the CPU), "gpu" (every expert with pairs on the
 GPU; streamed beyond `max_streamed` stay on the CPU).
 
+Per step instead of per call (`steady` / `refresh_steady`): a layer whose experts are all
+resident, and whose plan for its last observed forward routing put every expert on the GPU, is
+"steady" until the next refresh_steady (ModelPlacement.end_step, PlacementOptions.plan_per_step):
+its calls skip plan() and the routing-count host sync (op.py's sync-free path), at the price of
+a plan made from the previous step's routing rather than this call's.
+
 `observe(layer_key, plan, timings)` feeds the measured times to the online correction
 (calibrate.OnlineCorrection), to the metrics aggregator and (forward calls) to the residency
 policy, when those are attached.
@@ -259,6 +265,8 @@ class Scheduler:
             self._make_correction = correction
         self._corrections: dict[int, object] = {}
         self._weight_cols: dict[tuple, tuple] = {}
+        self._last_counts: dict[Hashable, torch.Tensor] = {}  # each layer's last forward routing
+        self._steady: dict[Hashable, bool] = {}
 
     @staticmethod
     def _phase_weights(phases) -> dict[str, float]:
@@ -421,5 +429,29 @@ class Scheduler:
             corr.observe(plan.counts, plan.where, phase, timings, copies=self.copies(phase))
         if self.metrics is not None:
             self.metrics.record(layer_key, plan, timings, pred)
-        if self.residency is not None and phase == "forward":
-            self.residency.record(layer_key, plan.counts)
+        if phase == "forward":
+            self._last_counts[layer_key] = plan.counts
+            if self.residency is not None:
+                self.residency.record(layer_key, plan.counts)
+
+    # per step instead of per call ---------------------------------------------------------
+    def steady(self, layer_key: Hashable) -> bool:
+        """Whether the layer's calls may skip plan() until the next refresh_steady (module doc)."""
+        return self._steady.get(layer_key, False)
+
+    def refresh_steady(self, resident_masks: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, bool]:
+        """Decides `steady` for each layer (resident_masks: layer_key -> bool [E], its experts held
+        on the GPU now) from its last observed forward routing: steady when every expert is
+        resident and the plan for those counts puts every expert with pairs on the GPU (mode
+        "gpu": always, once every expert is resident; "cpu": never; no routing seen yet: not
+        steady). Returns the decisions."""
+        out = {}
+        for key, resident in resident_masks.items():
+            counts = self._last_counts.get(key)
+            ok = self.mode != "cpu" and counts is not None and bool(torch.as_tensor(resident).all())
+            if ok and self.mode == "auto":
+                where = self.plan(key, counts, resident).where
+                ok = not bool(((where == int(Where.CPU)) & (counts > 0)).any())
+            out[key] = ok
+        self._steady = out
+        return dict(out)
