@@ -135,11 +135,20 @@ class PackedFormat:
             out[name] = buf.view(self.num_experts, self.expert_bytes(name))
         return out
 
+    def empty_decoded(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Uninitialised bf16 (gate [n, I, H], up [n, I, H], down [n, H, I]) for n decoded experts,
+        gate and up the two halves of one [n, 2I, H] buffer (gpu_math.fused_gate_up: one GEMM for
+        both). The one allocator of decoded experts (resident pools, staging, keep slots)."""
+        H, I = self.hidden, self.intermediate
+        gu = torch.empty((n, 2 * I, H), dtype=torch.bfloat16, device=device)
+        return gu[:, :I], gu[:, I:], torch.empty((n, H, I), dtype=torch.bfloat16, device=device)
+
     def decode(self, proj: str, raw: Mapping[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         """bf16 [n, out, in] weights of projection `proj` for n experts, on raw's device.
 
         raw: name -> uint8 [n, expert_bytes(name)] (rows = experts, any device; row strides may be
-        larger than the row). out: optional contiguous bf16 [n, out, in] to write into."""
+        larger than the row). out: optional bf16 [n, out, in] to write into, each expert's [out, in]
+        contiguous (e.g. a half of empty_decoded's gate/up buffer)."""
         names = self.buffer_names(proj)
         n = raw[names[0]].shape[0]
         for name in names:
@@ -154,9 +163,10 @@ class PackedFormat:
         dev = raw[names[0]].device
         if out is None:
             out = torch.empty((n, N, K), dtype=torch.bfloat16, device=dev)
-        elif out.shape != (n, N, K) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+        elif out.shape != (n, N, K) or out.dtype != torch.bfloat16 or out.stride()[1:] != (K, 1):
             raise ValueError(
-                f"decode {proj}: out must be contiguous bf16 [{n}, {N}, {K}], got {out.dtype} {list(out.shape)}"
+                f"decode {proj}: out must be bf16 [{n}, {N}, {K}] with contiguous [{N}, {K}] experts, got "
+                f"{out.dtype} {list(out.shape)} strides {out.stride()}"
             )
         if n == 0:
             return out

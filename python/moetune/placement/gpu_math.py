@@ -24,6 +24,15 @@ on the longest dependency chain of each result are
 from this table). Routing weights multiply fp32 values except in the two down-LoRA gradient
 operands bf16(w zd) and bf16(w q), which the engine rounds the same way.
 
+Gate and up as one GEMM. When the weights are the two halves of one [G, 2I, H] buffer (formats.
+empty_decoded: resident pools, staging, keep slots) and gate and up carry LoRA of one rank (or
+neither does), both are computed together: [g | u] = x [Wg | Wu]^T + s (x [Ag | Au]^T) Bbd^T with
+Bbd = [[Bg, 0], [0, Bu]] (SegmentOperands.lora["gate_up"]), and in backward dx = [dg | du] [Wg | Wu],
+p = [dg | du] Bbd, dA = p^T x, dB = the diagonal blocks of [dg | du]^T [zg | zu], dx += s p [Ag | Au].
+The zero blocks add exact zeros, so each value is the same sum (its fp32 accumulation order may
+differ); the fused dx and its LoRA term are each rounded to bf16 once instead of twice (fewer
+rounded points than the table above counts). Half the launches and one read of x for the two.
+
 Nothing here keeps the weights: backward gets them again from the caller (resident pool, staging
 buffers, or a keep slot) and recomputes g, u, h from x.
 """
@@ -88,7 +97,8 @@ class SegmentOperands:
     offs/sizes: its row groups (device int32 cumulative ends / host counts, zeros allowed);
     coffs/csizes: the non-empty groups only (the LoRA groups: one per active expert);
     lora: proj -> (A [n_active, r8, in], B [n_active, out, r8]) bf16 (r padded to r8 with zeros)
-    or None; biases: per-row (gate [n, I], up [n, I], down [n, H]) fp32 or None each."""
+    or None, and "gate_up" -> (A [n_active, 2 r8, H] = [Ag | Au], B [n_active, 2I, 2 r8] block-diagonal)
+    when gate and up carry LoRA of one rank ("gate" / "up" are then views of it); biases: per-row (gate [n, I], up [n, I], down [n, H]) fp32 or None each."""
 
     W: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     offs: torch.Tensor
@@ -98,6 +108,31 @@ class SegmentOperands:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor] | None]
     scaling: float
     biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
+
+
+def fused_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """The [G, 2I, H] buffer whose halves are gate and up ([G, I, H] each, formats.empty_decoded),
+    or None when they are separate tensors."""
+    G, I, H = gate.shape
+    if (
+        up.shape != gate.shape
+        or gate.stride() != (2 * I * H, H, 1)
+        or up.stride() != gate.stride()
+        or up.untyped_storage().data_ptr() != gate.untyped_storage().data_ptr()
+        or up.data_ptr() != gate.data_ptr() + I * H * gate.element_size()
+    ):
+        return None
+    return gate.as_strided((G, 2 * I, H), (2 * I * H, H, 1))
+
+
+def _fused(ops: SegmentOperands) -> torch.Tensor | None:
+    """W_gu when the segment's gate and up run as one GEMM (module doc), else None."""
+    if ops.biases[0] is not None or ops.biases[1] is not None:
+        return None
+    has = (ops.lora.get("gate") is not None, ops.lora.get("up") is not None)
+    if has != (False, False) and (has != (True, True) or ops.lora.get("gate_up") is None):
+        return None
+    return fused_gate_up(ops.W[0], ops.W[1])
 
 
 def _proj_in(gemm: Gemm, ops: SegmentOperands, which: int, x: torch.Tensor):
@@ -122,9 +157,24 @@ def _proj_in(gemm: Gemm, ops: SegmentOperands, which: int, x: torch.Tensor):
 
 
 def _gate_up(gemm, act, ops, x):
-    gb, zg = _proj_in(gemm, ops, 0, x)
-    ub, zu = _proj_in(gemm, ops, 1, x)
-    return gb, ub, act.forward(gb, ub), zg, zu
+    """(g, u, h, zg, zu, z_gu): z_gu = [zg | zu] when gate and up ran as one GEMM (else None)."""
+    W = _fused(ops)
+    if W is None:
+        gb, zg = _proj_in(gemm, ops, 0, x)
+        ub, zu = _proj_in(gemm, ops, 1, x)
+        return gb, ub, act.forward(gb, ub), zg, zu, None
+    I = ops.W[0].shape[1]
+    gu = gemm.mm(x, W.transpose(1, 2), ops.offs, ops.sizes)
+    z = None
+    pair = ops.lora.get("gate_up")
+    if pair is not None:
+        A, B = pair
+        z = gemm.mm(x, A.transpose(1, 2), ops.coffs, ops.csizes)
+        gu = torch.add(gu, gemm.mm(z, B.transpose(1, 2), ops.coffs, ops.csizes), alpha=ops.scaling)
+    gb, ub = gu[:, :I], gu[:, I:]
+    r = None if z is None else z.shape[1] // 2
+    zg, zu = (None, None) if z is None else (z[:, :r], z[:, r:])
+    return gb, ub, act.forward(gb, ub), zg, zu, z
 
 
 def forward_segment(
@@ -132,7 +182,7 @@ def forward_segment(
 ) -> torch.Tensor:
     """y fp32 [n, H] for the segment's rows x bf16 [n, H], written into `out` (fp32 [n, H], e.g.
     the caller's slice of all rows) when given."""
-    _, _, h, _, _ = _gate_up(gemm, act, ops, x)
+    h = _gate_up(gemm, act, ops, x)[2]
     base = gemm.mm(h, ops.W[2].transpose(1, 2), ops.offs, ops.sizes)
     y = base.float() if out is None else out.copy_(base)
     del base
@@ -169,7 +219,7 @@ def backward_segment(
     (each row's routing weight). need_lora: proj -> (need dA, need dB)."""
     s = ops.scaling
     lo = ops.lora
-    gb, ub, h, zg, zu = _gate_up(gemm, act, ops, x)
+    gb, ub, h, zg, zu, z_gu = _gate_up(gemm, act, ops, x)
     grads: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
     # Through down: D = Wd^T dout + s Ad^T q with q = bf16(Bd^T dout).
     D = gemm.mm(dout, ops.W[2], ops.offs, ops.sizes).float()
@@ -196,7 +246,13 @@ def backward_segment(
     del h, q
     need_gu = need_dx or any(any(need_lora.get(p, (False, False))) for p in ("gate", "up") if lo.get(p) is not None)
     dx = None
-    if need_gu:
+    W_gu = _fused(ops)
+    need_g, need_u = (need_lora.get(p, (False, False)) for p in ("gate", "up"))
+    if need_gu and W_gu is not None and (z_gu is None or need_g == need_u):
+        D.mul_(w[:, None])
+        dx, grads_gu = _gate_up_backward(gemm, act, ops, W_gu, x, gb, ub, D, z_gu, need_dx, need_g)
+        grads.update(grads_gu)
+    elif need_gu:
         D.mul_(w[:, None])  # dh = w D
         dg, du = act.backward(gb, ub, D)
         del D, gb, ub
@@ -215,3 +271,28 @@ def backward_segment(
             if need_dx:
                 dx.add_(gemm.mm(p, A, ops.coffs, ops.csizes), alpha=s)
     return SegmentGrads(dx, dw, grads)
+
+
+def _gate_up_backward(gemm, act, ops, W_gu, x, gb, ub, dh, z_gu, need_dx, need_gate):
+    """backward_segment's gate/up part as one set of GEMMs (module doc): (dx fp32 [n, H] or None,
+    {"gate": (dA, dB), "up": (dA, dB)} when they carry LoRA)."""
+    s = ops.scaling
+    I = gb.shape[1]
+    dg, du = act.backward(gb, ub, dh)
+    d = torch.cat((dg, du), 1)  # [n, 2I]
+    del dg, du
+    dx = gemm.mm(d, W_gu, ops.offs, ops.sizes).float() if need_dx else None
+    grads = {}
+    if z_gu is None:
+        return dx, grads
+    A, B = ops.lora["gate_up"]  # [n_act, 2r, H], [n_act, 2I, 2r] block-diagonal
+    r = A.shape[1] // 2
+    nA, nB = need_gate
+    p = gemm.mm(d, B, ops.coffs, ops.csizes) if (nA or need_dx) else None  # [n, 2r] = [dg Bg | du Bu]
+    gA = gemm.mm_tn(p, x, ops.coffs, ops.csizes).float().mul_(s) if nA else None  # [n_act, 2r, H]
+    gB = gemm.mm_tn(d, z_gu, ops.coffs, ops.csizes).float().mul_(s) if nB else None  # [n_act, 2I, 2r]
+    grads["gate"] = (None if gA is None else gA[:, :r], None if gB is None else gB[:, :I, :r])
+    grads["up"] = (None if gA is None else gA[:, r:], None if gB is None else gB[:, I:, r:])
+    if need_dx:
+        dx.add_(gemm.mm(p, A, ops.coffs, ops.csizes), alpha=s)
+    return dx, grads

@@ -455,30 +455,52 @@ class _SyncFreeLayout:
 def _lora_rows(lora, index: _ActiveIndex, device) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
     """proj -> (A [n, r8, in], B [n, out, r8]) bf16 on the GPU device: the active experts' rows,
     rank zero-padded to a multiple of 8 (exact: zero rows/columns add nothing) so that every LoRA
-    GEMM meets grouped_mm's 16-byte stride rule."""
-    out = {}
+    GEMM meets grouped_mm's 16-byte stride rule; plus "gate_up" (gpu_math's fused gate/up operands:
+    [Ag | Au] and the block-diagonal [[Bg, 0], [0, Bu]]) when gate and up have one rank, "gate" and
+    "up" then being views of it (one copy of the rows)."""
+    out: dict = {}
+    rows = {}
     for i, name in enumerate(_PROJ):
         A, B = lora[2 * i], lora[2 * i + 1]
-        if A is None:
-            out[name] = None
+        out[name] = None
+        if A is not None:
+            rows[name] = tuple(_device_rows(t, index, device) for t in (A, B))
+    fuse = "gate" in rows and "up" in rows and rows["gate"][0].shape == rows["up"][0].shape
+    for name, (A, B) in rows.items():
+        if fuse and name in ("gate", "up"):
             continue
-        r = A.shape[1]
-        r8 = _pad8(r)
-        pieces = []
-        for t, dim in ((A, 1), (B, 2)):
-            # Contiguous [n, r, in] / [n, out, r] either way: PEFT's factors may be transposed
-            # views, and the grouped GEMMs are fastest on (and were tuned with) row-major groups.
-            rows = t.detach() if index.identity else t.detach().index_select(0, index.on(t.device))
-            rows = rows.to(BF16).contiguous()
-            if r8 != r:
-                shape = list(rows.shape)
-                shape[dim] = r8
-                padded = torch.zeros(shape, dtype=BF16, device=rows.device)
-                padded.narrow(dim, 0, r).copy_(rows)
-                rows = padded
-            pieces.append(rows.to(device.torch) if rows.device.type == "cuda" else device.upload(rows.contiguous()))
-        out[name] = (pieces[0], pieces[1])
+        r8 = _pad8(A.shape[1])
+        # Contiguous [n, r8, in] / [n, out, r8] either way: PEFT's factors may be transposed views,
+        # and the grouped GEMMs are fastest on (and were tuned with) row-major groups.
+        Ap = _zeros_if(r8 != A.shape[1], (A.shape[0], r8, A.shape[2]), A.device)
+        Bp = _zeros_if(r8 != A.shape[1], (B.shape[0], B.shape[1], r8), B.device)
+        Ap[:, : A.shape[1]].copy_(A)
+        Bp[:, :, : A.shape[1]].copy_(B)
+        out[name] = (Ap, Bp)
+    if fuse:
+        (Ag, Bg), (Au, Bu) = rows["gate"], rows["up"]
+        n, r, H = Ag.shape
+        I, r8 = Bg.shape[1], _pad8(r)
+        A2 = _zeros_if(r8 != r, (n, 2 * r8, H), Ag.device)
+        A2[:, :r].copy_(Ag)
+        A2[:, r8 : r8 + r].copy_(Au)
+        B2 = torch.zeros((n, 2 * I, 2 * r8), dtype=BF16, device=Bg.device)
+        B2[:, :I, :r].copy_(Bg)
+        B2[:, I:, r8 : r8 + r].copy_(Bu)
+        out["gate_up"] = (A2, B2)
+        out["gate"] = (A2[:, :r8], B2[:, :I, :r8])
+        out["up"] = (A2[:, r8:], B2[:, I:, r8:])
     return out
+
+
+def _device_rows(t: torch.Tensor, index: _ActiveIndex, device) -> torch.Tensor:
+    """t's rows of the active experts on the GPU device (t's dtype; the caller converts)."""
+    rows = t.detach() if index.identity else t.detach().index_select(0, index.on(t.device))
+    return rows if rows.device.type == "cuda" else device.upload(rows.to(BF16).contiguous())
+
+
+def _zeros_if(pad: bool, shape, dev) -> torch.Tensor:
+    return torch.zeros(shape, dtype=BF16, device=dev) if pad else torch.empty(shape, dtype=BF16, device=dev)
 
 
 def _segments(call: _Call, phase: str, tm: _Timing):

@@ -1,8 +1,8 @@
 """Experts kept decoded (bf16) on the GPU within a byte budget.
 
 `ResidentStore` is shared by all layers: it owns the budget and the accounting. Each layer has a
-`ResidentPool` (store.pool(key, fmt)): three bf16 tensors gate [S, I, H], up [S, I, H], down
-[S, H, I] of S slots and the expert held by each slot (-1: free). The GPU computes a call's
+`ResidentPool` (store.pool(key, fmt)): three bf16 tensors gate [S, I, H], up [S, I, H] (the
+halves of one [S, 2I, H] buffer: one GEMM for both), down [S, H, I] of S slots and the expert held by each slot (-1: free). The GPU computes a call's
 resident experts with one grouped GEMM over the whole pool (slots this call does not use are
 empty groups), so nothing is gathered per call.
 
@@ -24,7 +24,7 @@ from collections.abc import Hashable
 import torch
 
 from moetune.placement.device import Device
-from moetune.placement.formats import PROJS, PackedFormat
+from moetune.placement.formats import PackedFormat
 from moetune.placement.streamer import Streamer
 
 
@@ -138,8 +138,7 @@ class ResidentPool:
         return ids
 
     def _alloc(self, slots: int) -> tuple:
-        dev = self.store.device.torch
-        return tuple(torch.empty((slots, *self.fmt.dims(p)), dtype=torch.bfloat16, device=dev) for p in PROJS)
+        return self.fmt.empty_decoded(slots, self.store.device.torch)
 
     def _rebuild(self, want: list[int], host, streamer) -> None:
         store = self.store

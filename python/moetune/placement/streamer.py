@@ -54,9 +54,7 @@ class Streamer:
             {n: torch.empty((chunk_experts, fmt.expert_bytes(n)), dtype=torch.uint8, device=dev) for n in fmt.names}
             for _ in range(buffers)
         ]
-        self._decoded = tuple(
-            torch.empty((chunk_experts, *fmt.dims(p)), dtype=torch.bfloat16, device=dev) for p in PROJS
-        )
+        self._decoded = fmt.empty_decoded(chunk_experts, dev)
         self._free: list[object | None] = [None] * buffers  # per slot: event after its last decode
         self._busy = False
         self.bytes_copied = 0  # stored-format bytes moved host -> device (all calls)
@@ -124,10 +122,8 @@ class Streamer:
             n = len(chunk)
             dev.wait(copied[i])
             raw = {name: t[:n] for name, t in self._raw[i % nb].items()}
-            if keep:
-                W = tuple(fmt.decode(p, raw) for p in PROJS)
-            else:
-                W = tuple(fmt.decode(p, raw, out=d[:n]) for p, d in zip(PROJS, self._decoded))
+            outs = fmt.empty_decoded(n, dev.torch) if keep else tuple(d[:n] for d in self._decoded)
+            W = tuple(fmt.decode(p, raw, out=o) for p, o in zip(PROJS, outs))
             free = dev.event()
             dev.record(free)
             self._free[i % nb] = free
