@@ -20,6 +20,8 @@ Methods:
   auto-third   moetune, placement "auto" with a GPU budget of one third of the model's expert
                bytes (what a 24 GiB card leaves for the full 48-layer Qwen3-30B-A3B)
   auto         moetune, placement "auto", budget measured from free GPU memory
+  auto-percall auto with PlacementOptions(plan_per_step=False): every experts call planned from
+               its own routing counts (one host sync per call), the path before plan_per_step
   gpu-third    moetune, placement "gpu" (every routed expert on the GPU: resident within the
                auto-third budget, the rest streamed), the all-GPU side of "never slower"
   gpu          moetune, placement "gpu", budget measured from free GPU memory
@@ -176,6 +178,7 @@ def run_method(method: str, a) -> list:
             placement = PlacementOptions(
                 mode="gpu" if a.smoke or method.startswith("gpu") else "auto",
                 gpu_budget_gib=budget,
+                plan_per_step=not method.endswith("-percall"),
                 device=a.device,
                 warmup_steps=1,
                 max_tokens=max(a.seq),
