@@ -273,13 +273,18 @@ def test_sync_free_path_makes_no_host_sync():
 
 
 def test_sync_free_bad_ids_give_nan_then_an_error():
+    """The error comes when the call is observed: at the call's own end when its GPU work is done
+    by then (small calls), else at a later call or flush_timings, the outputs of the tokens with
+    bad ids being NaN meanwhile (never a plausible wrong value)."""
     P = placement()
     inp, dinp, st = _setup(CASE, 63, "resident")
     fast = P.FixedPlanner(plan_fn("resident"), steady=True)
     bad = dinp.ids.clone()
     bad[3, 1] = CASE.E
-    out = P.placed_moe_experts(st.experts, dinp.x, bad, dinp.w, None, planner=fast, gpu=st.gpu)
-    nan_rows = torch.isnan(out.float()).any(1).cpu()
-    assert nan_rows.tolist() == [t == 3 for t in range(CASE.T)]
+    out = None
     with pytest.raises(ValueError, match=r"1 expert id\(s\) outside \[0, 8\)"):
+        out = P.placed_moe_experts(st.experts, dinp.x, bad, dinp.w, None, planner=fast, gpu=st.gpu)
         P.flush_timings(st.runtime)
+    if out is not None:  # the call returned before its GPU work was observed
+        nan_rows = torch.isnan(out.float()).any(1).cpu()
+        assert nan_rows.tolist() == [t == 3 for t in range(CASE.T)]
