@@ -209,3 +209,50 @@ def test_gemm_mode_and_errors():
     with pytest.raises(ValueError, match="non-empty"):
         gm.mm_tn(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(2, 8, dtype=torch.bfloat16), None, [2, 0])
     assert Gemm(torch.device("cpu"), "grouped").grouped_available  # the probe passes on the CPU
+
+
+def test_combine_gather_and_slot_by_slot_agree(monkeypatch):
+    """combine's two ways (one gather + reduction for small calls, slot by slot above
+    _COMBINE_GATHER_BYTES) give the same sums (fp32; order may differ in the last bit)."""
+    from moetune.placement import routing
+
+    g = torch.Generator().manual_seed(3)
+    T, k, H, n = 37, 4, 16, 100
+    vals = torch.randn(n + 1, H, generator=g)
+    vals[-1] = 0
+    row_of = torch.randint(0, n + 1, (T, k), generator=g)
+    w = torch.rand(T, k, generator=g)
+    want_w = sum(w[:, j : j + 1] * vals[row_of[:, j]] for j in range(k))
+    want = sum(vals[row_of[:, j]] for j in range(k))
+    small = routing.combine(vals, row_of, w), routing.combine(vals, row_of)
+    monkeypatch.setattr(routing, "_COMBINE_GATHER_BYTES", 0)
+    large = routing.combine(vals, row_of, w), routing.combine(vals, row_of)
+    for got in (small, large):
+        assert torch.allclose(got[0], want_w, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(got[1], want, rtol=1e-6, atol=1e-6)
+
+
+def test_gemm_device_sized_groups():
+    """sizes=None (group sizes only on the device, the sync-free path): grouped_mm must run them,
+    empty token-contraction groups give zeros; the per-expert mode cannot (device_sized False)."""
+    from moetune.placement.gemm import Gemm, device_offsets
+
+    gm = Gemm(torch.device("cpu"), "grouped")
+    assert gm.device_sized and not Gemm(torch.device("cpu"), "per_expert").device_sized
+    g = torch.Generator().manual_seed(4)
+    sizes = [3, 0, 9, 0]
+    offs = device_offsets(torch.tensor(sizes))
+    a = torch.randn(sum(sizes), 16, generator=g).bfloat16()
+    b = torch.randn(sum(sizes), 24, generator=g).bfloat16()
+    w = torch.randn(len(sizes), 16, 24, generator=g).bfloat16()
+    assert torch.equal(gm.mm(a, w, offs, None), gm.mm(a, w, offs, sizes))
+    tn = gm.mm_tn(a, b, offs, None)
+    assert tn.shape == (4, 16, 24) and not tn[1].any() and not tn[3].any()
+    o = 0
+    for gi, s in enumerate(sizes):
+        if s:
+            assert torch.equal(tn[gi], torch.mm(a[o : o + s].t(), b[o : o + s]))
+        o += s
+    pe = Gemm(torch.device("cpu"), "per_expert")
+    with pytest.raises(RuntimeError, match="device-only group sizes"):
+        pe.mm(a, w, offs, None)
