@@ -38,10 +38,11 @@ def _engine_bytes(engine, e: int) -> dict[str, torch.Tensor]:
     }
 
 
-def move_worker(rank: int, world: int, store: str, out: str) -> None:
+def move_worker(rank: int, world: int, store: str, out: str, backend: str = "gloo") -> None:
     """Each format: this rank's experts by index packed, moved to NEW_OWNER; per expert now owned,
     its packed bytes, biases and a forward (x through that expert alone) next to the one-process
-    engine's; then one layer's PEFT-layout LoRA tensors and AdamW-like state moved."""
+    engine's; then one layer's PEFT-layout LoRA tensors and AdamW-like state moved (host tensors:
+    on NCCL they travel through this rank's GPU)."""
     import moetune
     from moetune.parallel import ExpertParallel, LayerOwnership, by_index
     from moetune.parallel.cpus import rank_context
@@ -49,7 +50,7 @@ def move_worker(rank: int, world: int, store: str, out: str) -> None:
     from moetune.parallel.layer import EPLayer
     from moetune.parallel.rebalance import move_engine, move_lora
 
-    C.init(rank, world, store)
+    C.init(rank, world, store, backend=backend)
     ep = ExpertParallel.from_group()
     ctx = rank_context(rank, world)
     old, new = by_index(C.E, world), LayerOwnership(NEW_OWNER, world)

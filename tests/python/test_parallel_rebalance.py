@@ -50,12 +50,19 @@ def test_options_validated():
         RebalanceOptions(1, 1.0)
 
 
-def test_move_layer_bit_exact(tmp_path):
+BACKENDS = [
+    "gloo",
+    pytest.param("nccl", marks=pytest.mark.skipif(not C.nccl_ready(2), reason="NCCL needs >= 2 CUDA devices")),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_move_layer_bit_exact(tmp_path, backend):
     """Every engine format (bf16, int8 with biases, int4, int8 + transposed copy): after the move
     each rank holds exactly its new experts, each expert's packed bytes and biases equal the
     one-process engine's bit for bit (moved, not re-quantized) and compute the same output; the LoRA
     rows and optimizer state of moved experts arrive bit for bit, the rest stays untouched."""
-    C.spawn(RC.move_worker, 2, tmp_path, str(tmp_path))
+    C.spawn(RC.move_worker, 2, tmp_path, str(tmp_path), backend)
     res = [torch.load(tmp_path / f"move{r}.pt") for r in range(2)]
     new = LayerOwnership(RC.NEW_OWNER, 2)
     for name, _, with_bias in RC.engine_options():
@@ -80,7 +87,11 @@ def test_move_layer_bit_exact(tmp_path):
             for v_before, v_after, src_all in zip(
                 before, after, zip(*(res[s]["lora"]["before"][n] for s in range(2))), strict=True
             ):
-                view = (lambda t: t.view(C.E, C.R, -1)) if n == "A" else (lambda t: t.view(t.shape[0], C.R, C.E).permute(2, 0, 1))
+                view = (
+                    (lambda t: t.view(C.E, C.R, -1))
+                    if n == "A"
+                    else (lambda t: t.view(t.shape[0], C.R, C.E).permute(2, 0, 1))
+                )
                 for e in range(C.E):
                     a, b = old.owner[e], new.owner[e]
                     want = view(src_all[a])[e] if (a != b and b == r) else view(v_before)[e]
@@ -157,3 +168,78 @@ def test_resume_after_a_move(tmp_path, runs):
             assert abs(a - b) <= c * U * abs(b), f"loss {i} rank {r}: {a} vs {b}"
         for n, v in moving[r]["final"].items():
             _fro_close(f"final {n} rank {r}", res[r]["final"][n], v, 16)
+
+
+# ---- moetune train under torchrun: --ep-rebalance-every, stopped after a move and resumed ----
+
+
+def _torchrun(tmp_path, name: str, extra: dict) -> str:
+    """The launcher's output of a 2-process `moetune train` (test_parallel_train's settings)."""
+    import os
+    import subprocess
+    import sys
+
+    import test_parallel_train as T
+
+    args = ["-m", "moetune", "train", *T._flags({**T.COMMON, "grad_accum": 1, **extra})]
+    env = {**os.environ, "PYTHONPATH": T.PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as f:  # a file, not a pipe (see test_parallel_train._launch)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            p.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise
+    out = log.read_text(errors="replace")
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+def test_moetune_train_rebalances_and_resumes(tmp_path):
+    """--ep-rebalance-every 1 (min gain 0): experts move after the first steps (a rebalance record
+    per step in metrics.jsonl, rank 0 says so), the run stops after step 2 and resumes (ownership
+    by index again) to step 3; losses and the adapter match the one-process run (test_parallel_train's
+    tolerances)."""
+    import json
+    import os
+
+    import test_parallel_train as T
+    from safetensors.torch import load_file
+
+    from moetune.demo import DEMO_DEFAULTS
+    from moetune.train.config import make_config
+    from moetune.train.loop import train
+
+    ref = str(tmp_path / "one")
+    cfg = make_config(None, {**T.COMMON, "grad_accum": 2, "output_dir": ref, "engine_threads": 1}, base=DEMO_DEFAULTS)
+    train(cfg, say=lambda *a: None)
+    run = str(tmp_path / "run")
+    extra = {"output_dir": run, "ep_rebalance_every": 1, "ep_rebalance_min_gain": 0.0}
+    out = _torchrun(tmp_path, "first", {**extra, "stop_after_steps": 2})
+    assert "experts moved between ranks" in out, out[-3000:]
+    first = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    moves = [r for r in first if r["kind"] == "rebalance"]
+    assert [r["step"] for r in moves] == [1, 2] and moves[0]["moved_experts"] > 0
+    assert all(r["busiest_after"] <= r["busiest_before"] for r in moves)
+    out = _torchrun(tmp_path, "resumed", {**extra, "resume": "latest"})
+    assert "resumed from" in out, out[-3000:]
+    ours = [r for r in T._records(run) if r["kind"] == "train"]
+    theirs = [r for r in T._records(ref) if r["kind"] == "train"]
+    assert [r["step"] for r in ours] == [1, 2, 3] and len(theirs) == 3
+    assert [r["step"] for r in T._records(run) if r["kind"] == "rebalance"] == [1, 2, 3]
+    for a, b in zip(ours, theirs):
+        assert a["target_tokens"] == b["target_tokens"]
+        assert abs(a["loss"] - b["loss"]) <= 16 * U * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
+    a = load_file(os.path.join(run, "adapter", "adapter_model.safetensors"))
+    b = load_file(os.path.join(ref, "adapter", "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in b:
+        _fro_close(f"adapter {k}", a[k], b[k], 16)

@@ -143,9 +143,7 @@ def move_engine(engine: MoEExperts, old: LayerOwnership, new: LayerOwnership, ep
     rank, moves = ep.rank, LayerMoves.of(old, new, ep.rank)
     old_local = {e: i for i, e in enumerate(old.owned(rank))}
     new_local = {e: i for i, e in enumerate(new.owned(rank))}
-    out = MoEExperts.empty(
-        engine.ctx, len(new_local), engine.hidden_size, engine.intermediate_size, engine.options
-    )
+    out = MoEExperts.empty(engine.ctx, len(new_local), engine.hidden_size, engine.intermediate_size, engine.options)
     kept = [e for e in new_local if e in old_local]
     src_rows, dst_rows = _engine_rows(engine), _engine_rows(out)
     if [n for n, _ in src_rows] != [n for n, _ in dst_rows]:
