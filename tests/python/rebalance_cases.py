@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from contextlib import nullcontext
 
 import ep_cases as C
@@ -213,7 +214,11 @@ def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: i
         if rb is not None and rb.due(step + 1):
             snap = _snapshot(tensors, opt)
             owned_before = {t.name: t.owned_mask() for t in tensors}
+            engines = [weakref.ref(st.engine) for st in states]
             numbers = rb.rebalance(opt)
+            # a moved layer's old engine is gone at once (no second copy of its experts kept)
+            replaced = [r for r, st in zip(engines, states) if r() is not st.engine]
+            freed = all(r() is None for r in replaced)
             # each rank's owned entries now hold the owners' values of before the move, bit for bit
             exact = all(
                 torch.equal(v[t.owned_mask()], s[t.owned_mask()])
@@ -225,7 +230,15 @@ def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: i
             gained = sum(
                 int((t.owned_mask() & ~owned_before[t.name]).sum()) for t in tensors
             )  # entries this rank now owns that it did not
-            rec["moves"].append({"numbers": numbers, "exact": exact, "gained_entries": gained})
+            rec["moves"].append(
+                {
+                    "numbers": numbers,
+                    "exact": exact,
+                    "gained_entries": gained,
+                    "replaced": len(replaced),
+                    "freed": freed,
+                }
+            )
         rec["owners"].append([st.ep.own.owner for st in states])
         rec.setdefault("engine_experts", []).append([st.engine.num_experts for st in states])
     adapter.sync(pm, tensors)

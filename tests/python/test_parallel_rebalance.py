@@ -133,6 +133,7 @@ def test_training_with_moves_matches_training_without(runs):
         assert len(moves) == C.STEPS and moves[0]["numbers"]["moved_experts"] > 0
         assert moves[0]["numbers"]["busiest_after"] < moves[0]["numbers"]["busiest_before"]
         assert all(m["exact"] for m in moves)  # owners' values carried over bit for bit
+        assert all(m["freed"] for m in moves) and moves[0]["replaced"] == moves[0]["numbers"]["moved_layers"] == 2
         assert moves[0]["gained_entries"] > 0
     for r in range(2):
         for i, (a, b) in enumerate(zip(moving[r]["loss"], fixed[r]["loss"])):

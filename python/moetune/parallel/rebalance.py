@@ -184,17 +184,22 @@ def move_lora(tensors: list[ExpertLoraTensor], optimizer, old: LayerOwnership, n
             _exchange_rows(view, ident, view, ident, moves, ep)
 
 
+def _check_placement(st) -> None:
+    """Refuses a layer whose placement computes on the GPU (its GPU experts are built once)."""
+    if st.placement is not None and st.placement.active:
+        raise NotImplementedError(
+            f"moetune: {st.name}: moving experts between ranks with an active GPU placement is not supported "
+            "(its GPU experts are built from the engine at start); use expert_placement=cpu"
+        )
+
+
 def _repoint_placement(st, engine: MoEExperts) -> None:
-    """The model's placement (CPU mode) keeps each layer's engine: give it the new one, so the old
-    engine's memory is freed."""
+    """The model's placement (not computing on the GPU) keeps each layer's engine: give it the new
+    one, so that the old engine's memory is freed."""
+    _check_placement(st)
     p = st.placement
     if p is None or st.layer_key is None:
         return
-    if p.active:
-        raise NotImplementedError(
-            "moetune: moving experts between ranks with an active GPU placement is not supported "
-            "(its GPU experts are built from the engine at start); use expert_placement=cpu"
-        )
     old = p.layers[st.layer_key]
     p.layers[st.layer_key] = type(old)(old.key, engine, old.module_ref(), st)
 
@@ -209,13 +214,11 @@ class Rebalancer:
         if not self.states or any(st.ep is None for st in self.states):
             raise ValueError("moetune: rebalancing needs a model patched with expert_parallel=")
         for st in self.states:
-            if st.placement is not None and st.placement.active:
-                _repoint_placement(st, st.engine)  # raises the clear error
+            _check_placement(st)
         self.ep = self.states[0].ep.ep
         tensors = expert_lora_tensors(model)
         self.tensors = [[t for t in tensors if t.layer is st.ep] for st in self.states]
         self._since = [st.ep.routed.clone() for st in self.states]
-        self.moved_total = 0
 
     def due(self, step: int) -> bool:
         return self.options.every > 0 and step > 0 and step % self.options.every == 0
@@ -261,7 +264,6 @@ class Rebalancer:
             st.ep.set_ownership(new)
             moved += sum(a != b for a, b in zip(old.owner, new.owner))
             layers += 1
-        self.moved_total += moved
         return {
             "moved_experts": moved,
             "moved_layers": layers,
