@@ -1,7 +1,8 @@
 """Moving experts between ranks during training: ownership follows the routing as it drifts.
 
-When: every `RebalanceOptions.every` (moetune.parallel.rebalance_options) optimizer steps, at the step boundary (after the optimizer
-step, gradients cleared, no engine job in flight), on every rank at the same step.
+When: every `RebalanceOptions.every` optimizer steps (moetune.parallel.rebalance_options), at the
+step boundary (after the optimizer step, gradients cleared, no engine job in flight), on every
+rank at the same step (`Rebalancer.maybe`; moetune train: `ep_rebalance_every`).
 
 What is balanced: each layer's per-expert token slots routed since the last rebalance (a window
 sum of `EPLayer.routed`, all ranks' tokens: one all_reduce). A window sum rather than an EMA:
@@ -17,8 +18,9 @@ as possible stay where they are (`plan_layer`); the layer moves only if the busi
 predicted load drops by more than `min_gain` of itself (small gains are within the noise of one
 window and would make experts travel back and forth).
 
-Moving one layer (`move_layer`), one layer at a time so host RAM never holds a second copy of
-the experts (at most one layer's moved experts travel, one buffer at a time):
+Moving one layer (`move_engine`, `move_lora`), one layer at a time, so host RAM never holds a
+second copy of the experts: besides the rank's experts, at most its new engine for one layer
+(built before that layer's old one is dropped) and one buffer's moved experts in transit:
 - frozen weights: the engine's packed bytes, whatever the format (bf16 panels, int8 / int4 /
   fp8_block / mxfp4 codes and scales, the transposed copy): a new engine of the rank's new
   expert set is allocated empty (`MoEExperts.empty`), its kept experts are copied from the old
