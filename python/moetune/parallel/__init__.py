@@ -1,7 +1,8 @@
 """Expert parallelism over ranks (one process per GPU or per CPU share; torchrun / accelerate).
 
 Each MoE layer's experts are split over the ranks of a process group: each rank's engine
-holds only its own experts (`ownership`, `plan.ExpertParallel`), tokens travel to the owning
+holds only its own experts (`ownership`, `plan.ExpertParallel`; moved between ranks as the
+routing drifts: `rebalance`), tokens travel to the owning
 rank and back (`exchange`, `layer`), the expert LoRA is trained on its owner and not
 all-reduced (`grads`), every rank's expert LoRA is gathered into one PEFT adapter (`adapter`),
 and each rank's engine is pinned to its own CPUs (`cpus`). The process group comes from the

@@ -61,15 +61,23 @@ class EPLayer:
     def __init__(self, ep: ExpertParallel, own: LayerOwnership):
         if own.world_size != ep.world_size:
             raise ValueError(f"ownership for {own.world_size} ranks used with {ep.world_size} ranks")
-        self.ep, self.own = ep, own
-        dev = ep.device
-        self.owned = torch.tensor(own.owned(ep.rank), dtype=torch.int64)
-        self.owner = own.owner_tensor().to(dev)
-        self.local_id = own.local_id_tensor().to(dev)
+        self.ep = ep
+        self.set_ownership(own)
         self.rows = 0
         self.tokens_in = 0
-        self.expert_rows = torch.zeros(len(self.owned), dtype=torch.int64)
         self.routed = torch.zeros(own.num_experts, dtype=torch.int64)
+
+    def set_ownership(self, own: LayerOwnership) -> None:
+        """Routes by `own` from the next call on (moetune.parallel.rebalance: the engine already holds
+        this rank's experts of `own`); `expert_rows` restarts for the new local experts."""
+        if own.world_size != self.ep.world_size:
+            raise ValueError(f"ownership for {own.world_size} ranks used with {self.ep.world_size} ranks")
+        dev = self.ep.device
+        self.own = own
+        self.owned = torch.tensor(own.owned(self.ep.rank), dtype=torch.int64)
+        self.owner = own.owner_tensor().to(dev)
+        self.local_id = own.local_id_tensor().to(dev)
+        self.expert_rows = torch.zeros(len(self.owned), dtype=torch.int64)
 
     @property
     def num_local(self) -> int:

@@ -8,8 +8,9 @@ observed routing load (per-expert token counts, e.g. a routing profile of the fi
 greedy largest-first onto the least-loaded rank, ties broken by the lower rank, so every rank
 computes the same assignment from the same counts.
 
-Ownership is fixed for a run: moving an expert between ranks (its packed buffers and LoRA
-rows) is not built; a load-balanced assignment is computed once, before the experts load.
+An assignment is computed before the experts load (by index, or by a routing profile), and
+may change during training: moetune.parallel.rebalance moves experts (packed buffers, LoRA rows,
+optimizer state) between ranks to a by_load assignment of the routing observed since.
 """
 
 from __future__ import annotations

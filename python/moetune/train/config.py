@@ -17,6 +17,7 @@ from typing import Any
 
 from moetune.numa import NUMA_DEFAULT, parse_numa
 from moetune.options import ExpertsOptions
+from moetune.parallel.rebalance_options import RebalanceOptions
 from moetune.placement.options import MODES as PLACEMENT_MODES
 from moetune.placement.options import PlacementOptions
 from moetune.train import aliases, formats
@@ -44,6 +45,7 @@ SECTIONS = ("model", "data", "lora", "optimization", "run")
 _EXPERTS = ExpertsOptions()
 _INT4 = ExpertsOptions(weight_format="int4")
 _PLACEMENT = PlacementOptions()
+_REBALANCE = RebalanceOptions()
 
 
 @dataclass
@@ -94,6 +96,18 @@ class TrainConfig:
         "under expert parallelism: micro-batches per rank whose routing (counted on every rank, summed) "
         "assigns each MoE layer's experts to the ranks balanced by load, before training (the model is "
         "loaded twice); 0: by expert index",
+        "model",
+    )
+    ep_rebalance_every: int = _f(
+        _REBALANCE.every,
+        "under expert parallelism: every N optimizer steps, move experts between ranks so that each MoE "
+        "layer's experts are balanced by the routing of the last N steps (packed weights, LoRA rows and "
+        "optimizer state travel; results unchanged; needs the CPU engine placement); 0: never",
+        "model",
+    )
+    ep_rebalance_min_gain: float = _f(
+        _REBALANCE.min_gain,
+        "a layer's experts move only if its busiest rank's token slots drop by more than this fraction",
         "model",
     )
     dist_timeout_s: float = _f(
@@ -441,6 +455,8 @@ RANGES: dict[str, Range] = {
     "torch_threads": Range(1),
     "dist_timeout_s": Range(1),
     "ep_routing_profile": Range(0),
+    "ep_rebalance_every": Range(0),
+    "ep_rebalance_min_gain": Range(0, 1, hi_open=True),
     "expert_gpu_budget_gib": Range(0),
     "eval_fraction": Range(0, 1, hi_open=True),
     "max_length": Range(1),

@@ -21,10 +21,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from moetune.parallel import ExpertParallel, adapter, failure, grads, ownership, profile
+from moetune.parallel import ExpertParallel, adapter, failure, grads, ownership, profile, rebalance
 from moetune.parallel.cpus import rank_context
 from moetune.parallel.expert_lora import expert_lora_tensors
 from moetune.parallel.launcher import Launch, init_from_launcher, launched
+from moetune.parallel.rebalance_options import RebalanceOptions
 from moetune.placement.metrics import PREFIX as PLACEMENT_PREFIX
 
 # Per rank and step in metrics.jsonl (ep_<name>_rank<r>): expert rows (token slots) its experts
@@ -39,6 +40,7 @@ class Distributed:
 
     launch: Launch
     ep: ExpertParallel
+    rebalancer: rebalance.Rebalancer | None = None  # experts moving between ranks (start_rebalancing)
 
     @property
     def is_main(self) -> bool:
@@ -141,6 +143,15 @@ class Distributed:
         dev = next(p.device for p in pm.parameters() if p.requires_grad)
         self.ddp = DDP(pm, device_ids=[dev.index] if dev.type == "cuda" else None)
         return self.ddp
+
+    def start_rebalancing(self, pm, every: int, min_gain: float) -> None:
+        """Experts move between ranks every `every` optimizer steps (moetune.parallel.rebalance; 0: never)."""
+        opts = RebalanceOptions(every, min_gain)
+        self.rebalancer = rebalance.Rebalancer(pm, opts) if opts.every else None
+
+    def rebalance(self, step: int, optimizer) -> dict | None:
+        """At the end of optimizer step `step` (a collective when due): the rebalance's numbers, or None."""
+        return None if self.rebalancer is None else self.rebalancer.maybe(step, optimizer)
 
     def no_sync(self, last: bool):
         return contextlib.nullcontext() if last else self.ddp.no_sync()

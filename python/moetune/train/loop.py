@@ -107,6 +107,11 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, 
         model_mod.placement_options(cfg).resolve_mode(device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"expert_placement={cfg.expert_placement!r}: {e}") from None
+    if dd is not None and cfg.ep_rebalance_every and model_mod.placement_options(cfg).resolve_mode(device)[0] != "cpu":
+        raise ConfigError(
+            "ep_rebalance_every: moving experts between ranks needs them on the CPU engine (expert_placement=cpu, "
+            "or a CPU run): a GPU placement builds its GPU experts once, for a fixed expert set"
+        )
     # Tokenizer and data first: a bad record fails before the (long) model load.
     tok, train_s, eval_s, dstats = _load_data(cfg, say)
     pm, handle = _load_model(cfg, device, len(tok), say, dd, lambda: _profile_batches(cfg, train_s, tok, dd, device))
@@ -263,6 +268,8 @@ class _Run:
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=tuple_betas(cfg), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
+        if dd is not None:  # experts move between ranks every ep_rebalance_every steps (0: never)
+            dd.start_rebalancing(pm, cfg.ep_rebalance_every, cfg.ep_rebalance_min_gain)
         self.pad_id = tok.pad_token_id
         self.stream = _train_stream(cfg, train_s, self.pad_id)
         self.total_steps = cfg.max_steps or max(
@@ -396,6 +403,7 @@ class _Run:
         if self.dd is not None:
             self.dd.end_step(placed)  # this rank's expert load and CPU / GPU split (local)
         self.step += 1
+        moved = None if self.dd is None else self.dd.rebalance(self.step, self.opt)  # experts follow the routing
         self.tokens += step_tokens
         self.target_tokens += n_items
         self.inv_tokens += step_tokens
@@ -422,6 +430,13 @@ class _Run:
                 **placed,
                 **per_rank,
             )
+        if moved is not None:
+            self.log.log("rebalance", self.step, **moved)
+            if moved["moved_experts"]:
+                self.bar.write(
+                    f"step {self.step}: {moved['moved_experts']} experts moved between ranks (busiest rank's token "
+                    f"slots {moved['busiest_before']:,.0f} -> {moved['busiest_after']:,.0f})"
+                )
         self.bar.update(
             loss=loss,
             lr=lr,
