@@ -187,6 +187,18 @@ class ModelPlacement:
         E = layer.engine.num_experts
         return int(min(max(1, k), E)) if isinstance(k, int) else min(8, E)
 
+    def replace_engine(self, layer_key: int, engine: MoEExperts, state) -> None:
+        """Layer `layer_key` now computes with `engine` (its ExpertsState `state`): expert parallelism
+        moved experts between ranks. Refused once the GPU path is built (its GpuExperts, resident
+        pools and cost models come from the engine at start)."""
+        if self.active:
+            raise RuntimeError(
+                "moetune: an experts layer's engine cannot be replaced while its placement computes on the GPU "
+                "(its GPU experts are built from the engine at start); use placement mode 'cpu'"
+            )
+        old = self.layers[layer_key]
+        self.layers[layer_key] = _Layer(old.key, engine, old.module_ref(), state)
+
     # ---- calls ----
     def forward(
         self,

@@ -199,11 +199,8 @@ def _repoint_placement(st, engine: MoEExperts) -> None:
     """The model's placement (not computing on the GPU) keeps each layer's engine: give it the new
     one, so that the old engine's memory is freed."""
     _check_placement(st)
-    p = st.placement
-    if p is None or st.layer_key is None:
-        return
-    old = p.layers[st.layer_key]
-    p.layers[st.layer_key] = type(old)(old.key, engine, old.module_ref(), st)
+    if st.placement is not None and st.layer_key is not None:
+        st.placement.replace_engine(st.layer_key, engine, st)
 
 
 class Rebalancer:
