@@ -7,6 +7,8 @@ the gathered adapter and optimizer state, and the full state loaded back into th
 
 from __future__ import annotations
 
+import os
+
 import ep_cases as C
 import fsdp_cases as F
 import pytest
@@ -116,3 +118,81 @@ def test_fsdp2_option_validated_before_loading(tmp_path):
     assert make_config(None, {"data_parallel": "fsdp2", "output_dir": str(tmp_path / "r")}).data_parallel == "fsdp2"
     with pytest.raises(ConfigError, match="data_parallel must be one of ddp, fsdp2"):
         make_config(None, {"data_parallel": "zero3", "output_dir": str(tmp_path / "r")})
+
+
+# ---- moetune train: a checkpoint of one wrapper resumed by the other, and by one process ----
+
+pytest.importorskip("transformers")
+from test_parallel_train import STEPS, _launch, _records, one_process  # noqa: E402, F401 (fixture)
+
+
+def _adapter(run: str, sub: str = "adapter") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run, sub, "adapter_model.safetensors"))
+
+
+def _check_like_one_process(run: str, ref: str) -> None:
+    """test_parallel_train's bounds: losses 16u, grad norms 14u, final eval loss 16u, adapter 16u."""
+    ours = [r for r in _records(run) if r["kind"] == "train"]
+    want = [r for r in _records(ref) if r["kind"] == "train"]
+    assert [r["step"] for r in ours] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    for a, b in zip(ours, want):
+        assert a["target_tokens"] == b["target_tokens"] and a["tokens"] == b["tokens"]
+        assert abs(a["loss"] - b["loss"]) <= 16 * U * abs(b["loss"]), (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 14 * U * b["grad_norm"], a["step"]
+    ev, ev_ref = ([r["eval_loss"] for r in _records(x) if r["kind"] == "eval"][-1] for x in (run, ref))
+    assert abs(ev - ev_ref) <= 16 * U * abs(ev_ref)
+    a, b = _adapter(run), _adapter(ref)
+    assert a.keys() == b.keys()
+    for k in b:
+        assert (a[k] - b[k]).norm().item() <= 16 * U * b[k].norm().item(), k
+
+
+def test_resume_across_ddp_and_fsdp2(tmp_path, one_process):
+    """A 2-rank run stopped after step 2 (checkpoint) under DDP, resumed under FSDP2, and the other way
+    round: both equal the uninterrupted one-process run. The two step-2 checkpoints hold the same
+    full tensors (adapter: standard PEFT keys and shapes, values within 16u; optimizer.pt: the same
+    per-parameter state shapes), and one process resumes either (another number of ranks) to the same
+    step 3."""
+    import shutil
+
+    from test_parallel_train import COMMON
+
+    from moetune.demo import DEMO_DEFAULTS
+    from moetune.train.config import make_config
+    from moetune.train.loop import train
+
+    runs = {}
+    for first in ("ddp", "fsdp2"):
+        d = tmp_path / first
+        d.mkdir()
+        runs[first], _ = _launch(d, "torchrun", {"data_parallel": first, "stop_after_steps": 2})
+        assert [r["step"] for r in _records(runs[first]) if r["kind"] == "train"] == [1, 2]
+    ck = {k: os.path.join(v, "checkpoints", "step-00000002") for k, v in runs.items()}
+    a, b = _adapter(ck["fsdp2"]), _adapter(ck["ddp"])
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in b)
+    for k in b:
+        assert (a[k] - b[k]).norm().item() <= 16 * U * b[k].norm().item(), k
+    opt = {k: torch.load(os.path.join(v, "optimizer.pt"), weights_only=False) for k, v in ck.items()}
+    assert opt["fsdp2"]["state"].keys() == opt["ddp"]["state"].keys()
+    for i, st in opt["ddp"]["state"].items():
+        for k, v in st.items():
+            w = opt["fsdp2"]["state"][i][k]
+            assert type(w) is torch.Tensor and w.shape == v.shape, (i, k)  # full, plain tensors
+    # one process resumes copies of both checkpoints: the same step 3
+    single = {}
+    for first, run in runs.items():
+        copy = str(tmp_path / f"{first}-single")
+        shutil.copytree(run, copy)
+        overrides = {**COMMON, "grad_accum": 1, "output_dir": copy, "engine_threads": 1, "resume": "latest"}
+        summary = train(make_config(None, overrides, base=DEMO_DEFAULTS), say=lambda *a: None)
+        assert summary["finished"] and summary["steps"] == STEPS
+        single[first] = [r for r in _records(copy) if r["kind"] == "train"][-1]
+    assert single["ddp"]["step"] == single["fsdp2"]["step"] == STEPS
+    assert abs(single["fsdp2"]["loss"] - single["ddp"]["loss"]) <= 16 * U * abs(single["ddp"]["loss"])
+    # and 2 ranks resume each under the other wrapper: the uninterrupted run
+    for first, then in (("ddp", "fsdp2"), ("fsdp2", "ddp")):
+        run, out = _launch(tmp_path / first, "torchrun", {"data_parallel": then, "resume": "latest"})
+        assert "resumed from" in out and "(step 2 of 3)" in out, out[-3000:]
+        _check_like_one_process(run, one_process)

@@ -98,13 +98,17 @@ def shard(model: nn.Module, *, group=None, device_type: str = "cpu") -> nn.Modul
     if why is not None:
         raise RuntimeError(f"moetune: data_parallel=fsdp2: {why}")
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = DeviceMesh.from_group(dist.group.WORLD if group is None else group, device_type)
     ignored = expert_params(model)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
+    if hasattr(model, "generate"):
+        # PEFT's generate calls the inner model directly, past the root's forward hooks: without this
+        # the root unit (embeddings, final norm, LM head) would stay sharded in generation
+        register_fsdp_forward_method(model, "generate")
     model.register_load_state_dict_pre_hook(load_full_state_hook)
     return model
 
