@@ -14,6 +14,7 @@ import fsdp_cases as F
 import pytest
 import torch
 from op_cases import U
+from test_parallel_train import COMMON, STEPS, _launch, _records, one_process  # noqa: F401 (a fixture)
 
 from moetune.parallel import fsdp
 
@@ -122,9 +123,6 @@ def test_fsdp2_option_validated_before_loading(tmp_path):
 
 # ---- moetune train: a checkpoint of one wrapper resumed by the other, and by one process ----
 
-pytest.importorskip("transformers")
-from test_parallel_train import STEPS, _launch, _records, one_process  # noqa: E402, F401 (fixture)
-
 
 def _adapter(run: str, sub: str = "adapter") -> dict:
     from safetensors.torch import load_file
@@ -149,15 +147,13 @@ def _check_like_one_process(run: str, ref: str) -> None:
         assert (a[k] - b[k]).norm().item() <= 16 * U * b[k].norm().item(), k
 
 
-def test_resume_across_ddp_and_fsdp2(tmp_path, one_process):
+def test_resume_across_ddp_and_fsdp2(tmp_path, one_process):  # noqa: F811 (the imported fixture)
     """A 2-rank run stopped after step 2 (checkpoint) under DDP, resumed under FSDP2, and the other way
     round: both equal the uninterrupted one-process run. The two step-2 checkpoints hold the same
     full tensors (adapter: standard PEFT keys and shapes, values within 16u; optimizer.pt: the same
     per-parameter state shapes), and one process resumes either (another number of ranks) to the same
     step 3."""
     import shutil
-
-    from test_parallel_train import COMMON
 
     from moetune.demo import DEMO_DEFAULTS
     from moetune.train.config import make_config
