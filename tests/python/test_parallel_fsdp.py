@@ -121,6 +121,25 @@ def test_fsdp2_option_validated_before_loading(tmp_path):
         make_config(None, {"data_parallel": "zero3", "output_dir": str(tmp_path / "r")})
 
 
+def test_fsdp2_refused_where_fully_shard_cannot_ignore_experts(tmp_path, monkeypatch):
+    """A torch whose fully_shard has no ignored_params (2.6) cannot keep the routed experts out of
+    FSDP2: a config error before anything loads, and shard() refuses too."""
+    import torch.distributed.fsdp as tfsdp
+
+    from moetune.train.config import ConfigError, make_config
+
+    def old_fully_shard(module, *, mesh=None, reshard_after_forward=True, mp_policy=None, offload_policy=None):
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(tfsdp, "fully_shard", old_fully_shard)
+    assert "ignored_params" in fsdp.unsupported_reason()
+    with pytest.raises(ConfigError, match="data_parallel=fsdp2: .*ignored_params"):
+        make_config(None, {"data_parallel": "fsdp2", "output_dir": str(tmp_path / "r")})
+    make_config(None, {"data_parallel": "ddp", "output_dir": str(tmp_path / "r")})  # DDP does not need it
+    with pytest.raises(RuntimeError, match="ignored_params"):
+        fsdp.shard(torch.nn.Linear(2, 2))
+
+
 # ---- moetune train: a checkpoint of one wrapper resumed by the other, and by one process ----
 
 
