@@ -30,11 +30,12 @@ def fsdp_train_worker(rank: int, world: int, store: str, out: str, backend: str 
     ep = ExpertParallel.from_group(dist.new_group(list(range(world))))
     pm = C.lora_model()
     moetune.hf.patch(pm, ctx=rank_context(rank, world), expert_parallel=ep)
-    pm.to(dev)
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
     tensors = expert_lora_tensors(pm)
-    fsdp.shard(pm, device_type=dev.type)  # over the default group, as moetune train
+    fsdp.shard(pm, device=dev)  # from host RAM, over the default group, as moetune train
+    from moetune.hf._placeholder import EngineHeldTensor
+
     expert_ids = {id(p) for p in fsdp.expert_params(pm)}
     rec = {
         "expert_names": [t.name for t in tensors],
@@ -44,6 +45,9 @@ def fsdp_train_worker(rank: int, world: int, store: str, out: str, backend: str 
             n: (isinstance(p, DTensor), id(p) in expert_ids, tuple(p.shape), tuple(_local(p).shape))
             for n, p in pm.named_parameters()
         },
+        # where everything but the engine-held placeholders lives now: this rank's device
+        "devices": {str(p.device) for p in pm.parameters() if not isinstance(p, EngineHeldTensor)},
+        "device": str(dev),
         "loss": [],
         "gnorm": [],
         "logits0": None,

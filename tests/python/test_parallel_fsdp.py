@@ -42,6 +42,8 @@ def test_fsdp2_training_matches_one_process(tmp_path, backend):
     # FSDP2 shards the non-expert part (attention, norms, router, embeddings, LM head; frozen weights
     # and LoRA): each rank holds its dim-0 chunk; the routed experts (placeholders, expert LoRA) stay
     # plain, whole tensors on every rank
+    for r in range(2):
+        assert res[r]["devices"] == {res[r]["device"]}, res[r]["devices"]
     layout = res[0]["layout"]
     experts = [n for n, (_, is_expert, _, _) in layout.items() if is_expert]
     assert experts and all(".experts." in n for n in experts)

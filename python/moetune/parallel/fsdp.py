@@ -89,22 +89,33 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard(model: nn.Module, *, group=None, device_type: str = "cpu") -> nn.Module:
+def shard(model: nn.Module, *, group=None, device: torch.device | str = "cpu") -> nn.Module:
     """fully_shard each decoder layer, then the root (in place; returns `model`), the routed
     experts ignored (see the module doc). group: the ranks to shard over (None: the default group);
-    device_type: "cuda" (each rank's current device) or "cpu". Call after the model is on its
-    device and its LoRA exists, before the optimizer is built."""
+    device: where the shards live ("cuda": this rank's current CUDA device). The model may still be
+    in host RAM: fully_shard moves each unit's parameters to the device and keeps this rank's shard,
+    one unit at a time; the ignored parameters (expert LoRA) are moved after (engine-held
+    placeholders never move). Call once its LoRA exists, before the optimizer is built."""
     why = unsupported_reason()
     if why is not None:
         raise RuntimeError(f"moetune: data_parallel=fsdp2: {why}")
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    mesh = DeviceMesh.from_group(dist.group.WORLD if group is None else group, device_type)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    mesh = DeviceMesh.from_group(dist.group.WORLD if group is None else group, device.type)
     ignored = expert_params(model)
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
+    from moetune.hf._placeholder import EngineHeldTensor
+
+    with torch.no_grad():
+        for p in ignored:
+            if not isinstance(p, EngineHeldTensor) and p.device != device:
+                p.data = p.data.to(device)
     if hasattr(model, "generate"):
         # PEFT's generate calls the inner model directly, past the root's forward hooks: without this
         # the root unit (embeddings, final norm, LM head) would stay sharded in generation

@@ -133,16 +133,22 @@ class Distributed:
         """This rank's engine Context, pinned to its own CPUs."""
         return rank_context(self.launch.local_rank, self.launch.local_world_size, isa=isa)
 
-    def wrap(self, pm):
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where the model loads: the rank's device (DDP), or host RAM under FSDP2, whose wrap moves
+        each unit's shard to the device (the non-expert part never has to fit one GPU whole)."""
+        return torch.device("cpu") if self.data_parallel == fsdp.DataParallel.FSDP2 else device
+
+    def wrap(self, pm, device: torch.device | None = None):
         """The PEFT model under DDP (expert LoRA and engine-held weights excluded), or sharded by
-        FSDP2 in place (the routed experts ignored); returns the module to call and remembers the
-        expert LoRA tensors."""
+        FSDP2 in place onto `device` (the rank's; the routed experts ignored); returns the module to
+        call and remembers the expert LoRA tensors."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         self.tensors = expert_lora_tensors(pm)
         if self.data_parallel == fsdp.DataParallel.FSDP2:
-            dev = next(p.device for p in pm.parameters() if p.requires_grad)
-            self.fsdp = fsdp.shard(pm, device_type=dev.type)  # over the default group (see fsdp's doc)
+            if device is None:
+                device = next(p.device for p in pm.parameters() if p.requires_grad)
+            self.fsdp = fsdp.shard(pm, device=device)  # over the default group (see fsdp's doc)
             return self.fsdp
         grads.ddp_ignore(pm, self.tensors)
         dev = next(p.device for p in pm.parameters() if p.requires_grad)

@@ -191,7 +191,7 @@ def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say, dd
             cfg.output_dir,
             say,
         )
-    model, handle = load_base(cfg, device, vocab_size, **ep)
+    model, handle = load_base(cfg, device if dd is None else dd.load_device(device), vocab_size, **ep)
     say(
         f"model: {'embedded demo (tiny Qwen3-MoE)' if cfg.is_demo else cfg.model}: "
         f"{len(handle.module_names)} MoE layers on the CPU engine ({', '.join(handle.families)}), "
@@ -255,7 +255,7 @@ class _Run:
     ):
         self.cfg, self.out_dir, self.pm, self.ctx, self.tok = cfg, out_dir, pm, ctx, tok
         self.dd = dd  # moetune.train.distributed.Distributed of a multi-process run, else None
-        self.call = pm if dd is None else dd.wrap(pm)  # what a training step calls (DDP under torchrun)
+        self.call = pm if dd is None else dd.wrap(pm, device)  # what a training step calls (DDP under torchrun)
         self.ranks = 1 if dd is None else dd.world_size  # each step reads every rank's micro-batches
         self.eval_s, self.device, self.say = eval_s, device, say
         self.placement = placement  # moetune.hf.placement.ModelPlacement (end_step once per step)
