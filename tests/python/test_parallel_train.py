@@ -3,7 +3,8 @@ process training on the same micro-batches (grad_accum x 2): losses per step wit
 AdamW-steps bound of test_hf_exactness), grad norms within 14u, the final eval loss of the
 gathered adapter within 16u, every tensor of the saved adapter within 16u (Frobenius); on one
 host, as 2 "nodes" of one rank each (torchrun --nnodes 2 on localhost, c10d rendezvous), and
-under `accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; on the CPU too).
+under `accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; on the CPU too), and
+with the non-expert part under FSDP2 (`--data-parallel fsdp2`) instead of DDP.
 Rank 0 alone prints, writes the metrics file and the adapter.
 
 `moetune train` without --model is the embedded demo, whose settings (moetune.demo.DEMO_DEFAULTS:
@@ -91,12 +92,22 @@ def one_process(tmp_path_factory):
     return str(out)
 
 
-def _launch(tmp_path, how: str) -> tuple[str, str]:
+# The settings each launch kind adds to COMMON (fsdp2: the non-expert part sharded by FSDP2).
+EXTRA = {
+    "torchrun-cuda": {"device": "cuda"},
+    "profile": {"ep_routing_profile": 2},
+    "fsdp2": {"data_parallel": "fsdp2"},
+    "fsdp2-cuda": {"data_parallel": "fsdp2", "device": "cuda"},
+}
+
+
+def _launch(tmp_path, how: str, overrides: dict | None = None) -> tuple[str, str]:
     """(run folder, the launcher's output) of a 2-process `moetune train`: how = "torchrun" (one
     host), "nodes" (2 torchrun node groups on localhost), "accelerate" (accelerate launch) or
-    "torchrun-cuda" (one host, each rank's non-expert part on its own GPU, NCCL)."""
+    "torchrun-cuda" (one host, each rank's non-expert part on its own GPU, NCCL); overrides: more
+    settings (after EXTRA's)."""
     run = str(tmp_path / "run")
-    extra = {"torchrun-cuda": {"device": "cuda"}, "profile": {"ep_routing_profile": 2}}.get(how, {})
+    extra = {**EXTRA.get(how, {}), **(overrides or {})}
     args = ["-m", "moetune", "train", *_flags({**COMMON, "grad_accum": 1, "output_dir": run, **extra})]
     env = {**os.environ, "PYTHONPATH": PY + os.pathsep + os.environ.get("PYTHONPATH", "")}
     tr = [sys.executable, "-m", "torch.distributed.run"]
@@ -113,7 +124,7 @@ def _launch(tmp_path, how: str) -> tuple[str, str]:
         acc += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         acc += ["--main_process_port", str(_free_port())]
         procs = [subprocess.Popen([*acc, *args], env=env, stdout=log(), stderr=subprocess.STDOUT, text=True)]
-    elif how in ("torchrun", "torchrun-cuda", "profile"):
+    elif how in ("torchrun", "torchrun-cuda", "profile", "fsdp2", "fsdp2-cuda"):
         procs = [
             subprocess.Popen(
                 [*tr, "--standalone", "--nproc-per-node", "2", *args],
@@ -192,11 +203,21 @@ CUDA2 = pytest.mark.skipif(
 
 
 @pytest.mark.parametrize(
-    "how", ["torchrun", "nodes", "accelerate", "profile", pytest.param("torchrun-cuda", marks=CUDA2)]
+    "how",
+    [
+        "torchrun",
+        "nodes",
+        "accelerate",
+        "profile",
+        "fsdp2",
+        pytest.param("torchrun-cuda", marks=CUDA2),
+        pytest.param("fsdp2-cuda", marks=CUDA2),
+    ],
 )
 def test_launch_matches_one_process(tmp_path, one_process, how):
     """On CUDA the reference is still the one-process CPU run (device differs from it too).
-    profile: expert ownership balanced by a routing profile of 2 micro-batches per rank."""
+    profile: expert ownership balanced by a routing profile of 2 micro-batches per rank. fsdp2: the
+    non-expert part sharded by FSDP2 instead of replicated by DDP (`--data-parallel fsdp2`)."""
     if how == "accelerate":
         pytest.importorskip("accelerate")
     run, out = _launch(tmp_path, how)
@@ -206,7 +227,7 @@ def test_launch_matches_one_process(tmp_path, one_process, how):
     ours_cfg, ref_cfg = (_config(r) for r in (run, one_process))
     differ = {k for k in ours_cfg.keys() | ref_cfg.keys() if ours_cfg.get(k) != ref_cfg.get(k)}
     expected = {"output_dir", "grad_accum", "engine_threads"}
-    expected |= {"torchrun-cuda": {"device"}, "profile": {"ep_routing_profile"}}.get(how, set())
+    expected |= set(EXTRA.get(how, {}))
     assert differ == expected, differ
     if how == "profile":
         _check_ownership(run)
@@ -222,7 +243,7 @@ def test_launch_matches_one_process(tmp_path, one_process, how):
         for r in range(2):  # per-rank expert load and its CPU / GPU split (all on the CPU off CUDA)
             assert a[f"ep_rows_rank{r}"] > 0
             assert a[f"ep_cpu_rows_rank{r}"] + a[f"ep_gpu_rows_rank{r}"] == a[f"ep_rows_rank{r}"]
-            if how != "torchrun-cuda":
+            if EXTRA.get(how, {}).get("device") != "cuda":
                 assert a[f"ep_gpu_rows_rank{r}"] == 0
     ev = [r["eval_loss"] for r in _records(run) if r["kind"] == "eval"][-1]
     ev_ref = [r["eval_loss"] for r in _records(one_process) if r["kind"] == "eval"][-1]

@@ -5,7 +5,8 @@ holds only its own experts (`ownership`, `plan.ExpertParallel`; moved between ra
 routing drifts: `rebalance`), tokens travel to the owning
 rank and back (`exchange`, `layer`), the expert LoRA is trained on its owner and not
 all-reduced (`grads`), every rank's expert LoRA is gathered into one PEFT adapter (`adapter`),
-and each rank's engine is pinned to its own CPUs (`cpus`). The process group comes from the
+each rank's engine is pinned to its own CPUs (`cpus`), and the non-expert part may be sharded
+by FSDP2 instead of replicated by DDP (`fsdp`). The process group comes from the
 launcher (`launcher`). See docs/ARCHITECTURE.md, "Expert parallelism".
 """
 

@@ -13,9 +13,14 @@ loss convention computes. `ddp_ignore` keeps DDP's all-reduce off them
 entry once: the replicated (DDP-averaged, equal on every rank) gradients locally, the expert
 gradients summed over ranks (each entry is non-zero on its owner only). `clip_grad_norm_`
 clips with it (the same factor on every rank, as torch.nn.utils.clip_grad_norm_ computes it).
+Under FSDP2 (moetune.parallel.fsdp) the non-expert gradients are DTensors holding this rank's
+chunk (the chunks of the ranks are disjoint): their squares are summed over ranks with the
+expert ones (one all-reduce), each entry again counted once.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -55,24 +60,54 @@ def global_grad_norm(params, tensors: list[ExpertLoraTensor], group=None) -> tor
     expert ones included), each entry counted once across ranks (see the module doc)."""
     expert_ids = {id(t.param) for t in tensors}
     dense = torch.zeros((), dtype=torch.float32)
-    expert = torch.zeros((), dtype=torch.float32)
+    expert = torch.zeros((), dtype=torch.float32)  # entries held by one rank each: expert rows, FSDP2 chunks
+    meshes = []
     for p in params:
         if p.grad is None:
             continue
-        sq = p.grad.detach().float().pow(2).sum().cpu()
-        if id(p) in expert_ids:
+        g = _shard(p.grad, meshes)
+        sq = g.detach().float().pow(2).sum().cpu()
+        if id(p) in expert_ids or g is not p.grad:
             expert += sq
         else:
             dense += sq
-    if tensors:
-        ep = tensors[0].layer.ep
-        group = ep.group if group is None else group
+    if tensors or meshes:
+        group = (tensors[0].layer.ep.group if tensors else meshes[0].get_group()) if group is None else group
+        _check_mesh_ranks(meshes, group)
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
         e = expert.to(dev)
-        with ep.guard("the global gradient norm"):
+        guard = tensors[0].layer.ep.guard("the global gradient norm") if tensors else contextlib.nullcontext()
+        with guard:
             dist.all_reduce(e, op=dist.ReduceOp.SUM, group=group)
         expert = e.cpu()
     return (dense + expert).sqrt()
+
+
+def _shard(grad: torch.Tensor, meshes: list) -> torch.Tensor:
+    """An FSDP2 gradient (a DTensor sharded on a 1-D mesh): this rank's chunk (the mesh noted in
+    `meshes`); any other gradient: itself. In no_grad, DTensor.to_local() is the local tensor itself
+    (in-place changes reach the DTensor)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(grad, DTensor):
+        return grad
+    if grad.device_mesh.ndim != 1 or not all(isinstance(pl, Shard) for pl in grad.placements):
+        raise ValueError(
+            f"moetune: a gradient of placements {grad.placements} on a {grad.device_mesh.ndim}-D mesh: only "
+            "FSDP2's 1-D sharding is supported"
+        )
+    if not any(m is grad.device_mesh for m in meshes):
+        meshes.append(grad.device_mesh)
+    return grad.to_local()
+
+
+def _check_mesh_ranks(meshes: list, group) -> None:
+    """Sums over `group` count each FSDP2 chunk once only if every mesh spans exactly its ranks."""
+    want = dist.get_process_group_ranks(group)
+    for m in meshes:
+        got = dist.get_process_group_ranks(m.get_group())
+        if sorted(got) != sorted(want):
+            raise ValueError(f"moetune: FSDP2 mesh over ranks {got}, the expert-parallel group over {want}")
 
 
 @torch.no_grad()
@@ -83,5 +118,6 @@ def clip_grad_norm_(params, max_norm: float, tensors: list[ExpertLoraTensor], gr
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in params:
         if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+            g = _shard(p.grad, [])
+            g.mul_(coef.to(g.device, g.dtype))
     return total

@@ -17,6 +17,7 @@ from typing import Any
 
 from moetune.numa import NUMA_DEFAULT, parse_numa
 from moetune.options import ExpertsOptions
+from moetune.parallel import fsdp
 from moetune.parallel.rebalance_options import RebalanceOptions
 from moetune.placement.options import MODES as PLACEMENT_MODES
 from moetune.placement.options import PlacementOptions
@@ -90,6 +91,14 @@ class TrainConfig:
         "experts over the ranks (expert parallelism; DDP for the rest); off refuses several processes",
         "model",
         choices=("auto", "off"),
+    )
+    data_parallel: str = _f(
+        fsdp.DEFAULT.value,
+        "under expert parallelism, the non-expert part (attention, shared experts, embeddings; their LoRA): "
+        "ddp replicates it on every rank, fsdp2 shards it over the ranks per decoder layer (FSDP2, for a "
+        "non-expert part that does not fit one GPU); the routed experts stay expert-parallel either way",
+        "model",
+        choices=tuple(m.value for m in fsdp.DataParallel),
     )
     ep_routing_profile: int = _f(
         0,
@@ -358,6 +367,15 @@ class TrainConfig:
                 raise ConfigError(f"device: a list of GPUs must be distinct cuda:N entries, got {self.device!r}")
             if self.is_demo:
                 raise ConfigError("device: several GPUs need a model folder (model=...); the demo model is tiny")
+        if self.data_parallel == fsdp.DataParallel.FSDP2.value:
+            why = fsdp.unsupported_reason()
+            if why is not None:
+                raise ConfigError(f"data_parallel=fsdp2: {why}")
+            if self.ep_rebalance_every:  # the move of optimizer state is built and tested under DDP only
+                raise ConfigError(
+                    "ep_rebalance_every: moving experts between ranks is not supported with data_parallel=fsdp2 yet; "
+                    "use data_parallel=ddp or ep_rebalance_every=0"
+                )
         self._check_paths()
         return self
 

@@ -1,5 +1,6 @@
 """`moetune train` over several processes (torchrun / accelerate launch): expert parallelism for
-the routed experts, DDP for the rest, rank 0 the only one that prints, logs and saves.
+the routed experts, DDP for the rest (or FSDP2: `data_parallel`, moetune.parallel.fsdp), rank 0
+the only one that prints, logs and saves.
 
 Data: every rank reads the same batch stream (same seed, same state: checkpoints resume on any
 number of ranks) and takes micro-batches j*N + rank of each step's N * grad_accum; the step's
@@ -21,7 +22,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from moetune.parallel import ExpertParallel, adapter, failure, grads, ownership, profile, rebalance
+from moetune.parallel import ExpertParallel, adapter, failure, fsdp, grads, ownership, profile, rebalance
 from moetune.parallel.cpus import rank_context
 from moetune.parallel.expert_lora import expert_lora_tensors
 from moetune.parallel.launcher import Launch, init_from_launcher, launched
@@ -41,6 +42,7 @@ class Distributed:
     launch: Launch
     ep: ExpertParallel
     rebalancer: rebalance.Rebalancer | None = None  # experts moving between ranks (start_rebalancing)
+    data_parallel: fsdp.DataParallel = fsdp.DEFAULT
 
     @property
     def is_main(self) -> bool:
@@ -133,12 +135,23 @@ class Distributed:
         """This rank's engine Context, pinned to its own CPUs."""
         return rank_context(self.launch.local_rank, self.launch.local_world_size, isa=isa)
 
-    def wrap(self, pm):
-        """The PEFT model under DDP (expert LoRA and engine-held weights excluded); returns the
-        module to call and remembers the expert LoRA tensors."""
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where the model loads: the rank's device (DDP), or host RAM under FSDP2, whose wrap moves
+        each unit's shard to the device (the non-expert part never has to fit one GPU whole)."""
+        return torch.device("cpu") if self.data_parallel == fsdp.DataParallel.FSDP2 else device
+
+    def wrap(self, pm, device: torch.device | None = None):
+        """The PEFT model under DDP (expert LoRA and engine-held weights excluded), or sharded by
+        FSDP2 in place onto `device` (the rank's; the routed experts ignored); returns the module to
+        call and remembers the expert LoRA tensors."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         self.tensors = expert_lora_tensors(pm)
+        if self.data_parallel == fsdp.DataParallel.FSDP2:
+            if device is None:
+                device = next(p.device for p in pm.parameters() if p.requires_grad)
+            self.fsdp = fsdp.shard(pm, device=device)  # over the default group (see fsdp's doc)
+            return self.fsdp
         grads.ddp_ignore(pm, self.tensors)
         dev = next(p.device for p in pm.parameters() if p.requires_grad)
         self.ddp = DDP(pm, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -154,6 +167,9 @@ class Distributed:
         return None if self.rebalancer is None else self.rebalancer.maybe(step, optimizer)
 
     def no_sync(self, last: bool):
+        if self.data_parallel == fsdp.DataParallel.FSDP2:  # gradients reduce-scattered after the last only
+            self.fsdp.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.ddp.no_sync()
 
     def my_batches(self, batches: list) -> list:
@@ -186,11 +202,23 @@ class Distributed:
             dist.all_gather(out, t, group=self.ep.group)
         return [o.tolist() for o in out]
 
-    def sync(self, pm, optimizer=None) -> None:
-        """Every expert's LoRA (and optimizer state) from its owner: before saving (all ranks)."""
+    def sync(self, pm, optimizer=None):
+        """Every expert's LoRA (and optimizer state) from its owner: before saving (all ranks).
+        Returns what rank 0 saves: (pm, optimizer) themselves, or under FSDP2 a
+        fsdp.FullStateSaver of both, gathered into full tensors (a collective)."""
         adapter.sync(pm, self.tensors)
         if optimizer is not None:
             adapter.sync_optimizer(optimizer, self.tensors)
+        if self.data_parallel != fsdp.DataParallel.FSDP2:
+            return pm, optimizer
+        opt = None if optimizer is None else fsdp.full_optimizer_state(optimizer)
+        saver = fsdp.FullStateSaver(pm, fsdp.full_trainable_state(pm), opt)
+        return saver, (None if optimizer is None else saver)
+
+    def loadable(self, optimizer):
+        """The optimizer as moetune.train.checkpoint.load fills it (FSDP2: full state cut to this
+        rank's shards; the model's own load hook does the same for the LoRA)."""
+        return fsdp.ShardingOptimizer(optimizer) if self.data_parallel == fsdp.DataParallel.FSDP2 else optimizer
 
     @contextlib.contextmanager
     def guard_step(self, step: int):
@@ -207,7 +235,7 @@ class Distributed:
             raise failure.RankLostError(
                 self.launch.rank,
                 self.world_size,
-                "DDP's gradient all-reduce",
+                "DDP's gradient all-reduce" if self.data_parallel == fsdp.DataParallel.DDP else "FSDP2's collectives",
                 self.ep.timeout_s,
                 failure.first_line(e),
                 step,
@@ -244,10 +272,13 @@ class NullLog:
         pass
 
 
-def setup(expert_parallel: str, timeout_s: float, device_type: str = "cpu") -> Distributed | None:
+def setup(
+    expert_parallel: str, timeout_s: float, device_type: str = "cpu", data_parallel: str = fsdp.DEFAULT.value
+) -> Distributed | None:
     """The run's Distributed when launched by torchrun / accelerate launch with more than one
     process and expert_parallel is "auto"; None otherwise. device_type: the run's device
-    ("cuda": NCCL, each rank on its own GPU; else gloo, also on a machine with GPUs)."""
+    ("cuda": NCCL, each rank on its own GPU; else gloo, also on a machine with GPUs);
+    data_parallel: the non-expert part's wrapper (moetune.parallel.fsdp.DataParallel)."""
     launch = launched()
     if launch is None or launch.world_size == 1 or expert_parallel == "off":
         if launch is not None and launch.world_size > 1:
@@ -259,4 +290,4 @@ def setup(expert_parallel: str, timeout_s: float, device_type: str = "cpu") -> D
     launch = init_from_launcher(backend="nccl" if device_type == "cuda" else "gloo", timeout_s=timeout_s)
     # the experts' group gets the run's timeout too (new_group's own default is torch's 30 min)
     group = dist.new_group(list(range(launch.world_size)), timeout=datetime.timedelta(seconds=timeout_s))
-    return Distributed(launch, ExpertParallel.from_group(group, timeout_s=timeout_s))
+    return Distributed(launch, ExpertParallel.from_group(group, timeout_s=timeout_s), fsdp.DataParallel(data_parallel))

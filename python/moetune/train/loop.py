@@ -95,7 +95,7 @@ def evaluate(model, samples, cfg: TrainConfig, pad_id: int, device: torch.device
 def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `moetune train` for a validated config; returns the summary dict."""
     # None: one process; NCCL where the run is on CUDA, gloo on the CPU
-    dd = distributed.setup(cfg.expert_parallel, cfg.dist_timeout_s, resolve_device(cfg).type)
+    dd = distributed.setup(cfg.expert_parallel, cfg.dist_timeout_s, resolve_device(cfg).type, cfg.data_parallel)
     if dd is not None:
         say, (out_dir, resume_from) = dd.start(lambda: _start(cfg, say), say)
     else:
@@ -196,7 +196,7 @@ def _load_model(cfg: TrainConfig, device: torch.device, vocab_size: int, say, dd
             cfg.output_dir,
             say,
         )
-    model, handle = load_base(cfg, device, vocab_size, **ep)
+    model, handle = load_base(cfg, device if dd is None else dd.load_device(device), vocab_size, **ep)
     say(
         f"model: {'embedded demo (tiny Qwen3-MoE)' if cfg.is_demo else cfg.model}: "
         f"{len(handle.module_names)} MoE layers on the CPU engine ({', '.join(handle.families)}), "
@@ -260,7 +260,7 @@ class _Run:
     ):
         self.cfg, self.out_dir, self.pm, self.ctx, self.tok = cfg, out_dir, pm, ctx, tok
         self.dd = dd  # moetune.train.distributed.Distributed of a multi-process run, else None
-        self.call = pm if dd is None else dd.wrap(pm)  # what a training step calls (DDP under torchrun)
+        self.call = pm if dd is None else dd.wrap(pm, device)  # what a training step calls (DDP under torchrun)
         self.ranks = 1 if dd is None else dd.world_size  # each step reads every rank's micro-batches
         self.eval_s, self.device, self.say = eval_s, device, say
         self.placement = placement  # moetune.hf.placement.ModelPlacement (end_step once per step)
@@ -291,12 +291,13 @@ class _Run:
     def resume(self, resume_from: str | None) -> None:
         """Restores the state of `resume_from` (if any), then opens the run's metrics log."""
         if resume_from is not None:
+            opt = self.opt if self.dd is None else self.dd.loadable(self.opt)  # FSDP2: full state to shards
             if self.cfg.resume == "latest":  # this run's newest intact checkpoint (a damaged one falls back)
                 resume_from, st = checkpoint.load_latest_intact(
-                    self.out_dir, model=self.pm, optimizer=self.opt, scheduler=self.sched, say=self.say
+                    self.out_dir, model=self.pm, optimizer=opt, scheduler=self.sched, say=self.say
                 )
             else:  # the checkpoint the user named: exactly that one, or a clear error
-                st = checkpoint.load(resume_from, model=self.pm, optimizer=self.opt, scheduler=self.sched)
+                st = checkpoint.load(resume_from, model=self.pm, optimizer=opt, scheduler=self.sched)
             self.stream.load_state(st["data"])
             self.step, self.tokens = st["step"], st["tokens"]
             self.target_tokens, self.prior_wall = st["target_tokens"], st["wall_seconds"]
@@ -464,16 +465,17 @@ class _Run:
         """A checkpoint of the current step (none at step 0, none twice)."""
         if self.last_saved == self.step or self.step == 0:
             return
+        model, opt = self.pm, self.opt
         if self.dd is not None:  # every expert's LoRA and optimizer state from its owner, saved by rank 0
-            self.dd.sync(self.pm, self.opt)
+            model, opt = self.dd.sync(self.pm, self.opt)  # FSDP2: gathered into full tensors
             if not self.dd.is_main:
                 self.last_saved = self.step
                 return
         path = checkpoint.save(
             self.out_dir,
             self.step,
-            model=self.pm,
-            optimizer=self.opt,
+            model=model,
+            optimizer=opt,
             scheduler=self.sched,
             keep=self.cfg.keep_checkpoints,
             state={
@@ -497,13 +499,14 @@ class _Run:
             if not ev_records or ev_records[-1]["step"] != self.step:
                 self.log.log("eval", self.step, eval_loss=self.evaluate())
         adapter_dir = os.path.join(self.out_dir, "adapter")
+        saved = pm
         if finished and self.dd is not None:
-            self.dd.sync(pm)
+            saved, _ = self.dd.sync(pm)  # FSDP2: the LoRA gathered into full tensors
         if finished and (self.dd is None or self.dd.is_main):
-            pm.save_pretrained(adapter_dir)
+            saved.save_pretrained(adapter_dir)
             tok.save_pretrained(adapter_dir)
-            if cfg.merge_export:
-                merged_export_call(pm, cfg.merge_export, self.say)
+            if cfg.merge_export:  # FSDP2's model holds shards: merged from the saved adapter instead
+                merged_export_call(pm if saved is pm else (cfg.model, adapter_dir), cfg.merge_export, self.say)
         after = generate(pm, tok, cfg.sample_prompts, cfg.max_new_tokens, self.device) if cfg.sample_prompts else []
         from_data = samples.generate_for(pm, tok, (dstats or {}).get("sample_records", []), cfg, self.device)
         self.log.close()
