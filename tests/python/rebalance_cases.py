@@ -133,6 +133,26 @@ def skewed_model(adapter_dir: str | None = None):
     return pm
 
 
+def _build(ctx, ep, adapter_dir: str | None = None):
+    """The skewed model patched for expert parallelism under DDP (checkpointing on, training
+    mode): (model, expert LoRA tensors, DDP module, trainable params, AdamW)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import moetune.hf
+    from moetune.parallel import grads
+    from moetune.parallel.expert_lora import expert_lora_tensors
+
+    pm = skewed_model(adapter_dir)
+    moetune.hf.patch(pm, ctx=ctx, expert_parallel=ep)
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm.train()
+    tensors = expert_lora_tensors(pm)
+    grads.ddp_ignore(pm, tensors)
+    ddp = DDP(pm, device_ids=None)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    return pm, tensors, ddp, params, torch.optim.AdamW(params, lr=C.LR)
+
+
 def _snapshot(tensors, opt) -> dict[str, list[torch.Tensor]]:
     """Every expert LoRA tensor and its exp_avg / exp_avg_sq as the owners hold them (each entry from its owner)."""
     from moetune.parallel.adapter import _owned_sum_
@@ -157,13 +177,10 @@ def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: i
     gradient (expert entries summed from their owners), the ownership; around each move the owners'
     values of every expert LoRA tensor and its optimizer state; at the end the gathered adapter
     and optimizer state; then a checkpoint-style save and a resume in a fresh model."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import moetune.hf
     from moetune.hf import patching
     from moetune.parallel import ExpertParallel, adapter, grads
     from moetune.parallel.cpus import rank_context
-    from moetune.parallel.expert_lora import expert_lora_tensors
     from moetune.parallel.rebalance import Rebalancer
     from moetune.parallel.rebalance_options import RebalanceOptions
 
@@ -171,18 +188,7 @@ def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: i
     ep = ExpertParallel.from_group(dist.new_group(list(range(world))))
     ctx = rank_context(rank, world)
 
-    def build():
-        pm = skewed_model()
-        moetune.hf.patch(pm, ctx=ctx, expert_parallel=ep)
-        pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        pm.train()
-        tensors = expert_lora_tensors(pm)
-        grads.ddp_ignore(pm, tensors)
-        ddp = DDP(pm, device_ids=None)
-        params = [p for p in pm.parameters() if p.requires_grad]
-        return pm, tensors, ddp, params, torch.optim.AdamW(params, lr=C.LR)
-
-    pm, tensors, ddp, params, opt = build()
+    pm, tensors, ddp, params, opt = _build(ctx, ep)
     states = [patching.experts_state(f.module) for f in patching.find_experts(pm)]
     rb = Rebalancer(pm, RebalanceOptions(every, 0.0)) if every else None
     rec = {"loss": [], "grads": [], "owners": [], "moves": [], "expert_names": [t.name for t in tensors]}
@@ -261,12 +267,9 @@ def resume_worker(rank: int, world: int, store: str, out: str) -> None:
     gathered adapter and optimizer state saved as moetune train's checkpoint does), then a fresh
     model (ownership by index again) loads them and takes step 3 (rebalancing again): losses and
     the final adapter recorded for the comparison with the uninterrupted run."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import moetune.hf
     from moetune.parallel import ExpertParallel, adapter, grads
     from moetune.parallel.cpus import rank_context
-    from moetune.parallel.expert_lora import expert_lora_tensors
     from moetune.parallel.rebalance import Rebalancer
     from moetune.parallel.rebalance_options import RebalanceOptions
 
@@ -274,17 +277,6 @@ def resume_worker(rank: int, world: int, store: str, out: str) -> None:
     ep = ExpertParallel.from_group(dist.new_group(list(range(world))))
     ctx = rank_context(rank, world)
     ckpt = os.path.join(out, "ckpt")
-
-    def build(adapter_dir=None):
-        pm = skewed_model(adapter_dir)
-        moetune.hf.patch(pm, ctx=ctx, expert_parallel=ep)
-        pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        pm.train()
-        tensors = expert_lora_tensors(pm)
-        grads.ddp_ignore(pm, tensors)
-        ddp = DDP(pm, device_ids=None)
-        params = [p for p in pm.parameters() if p.requires_grad]
-        return pm, tensors, ddp, params, torch.optim.AdamW(params, lr=C.LR)
 
     losses = []
 
@@ -300,7 +292,7 @@ def resume_worker(rank: int, world: int, store: str, out: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    pm, tensors, ddp, params, opt = build()
+    pm, tensors, ddp, params, opt = _build(ctx, ep)
     rb = Rebalancer(pm, RebalanceOptions(1, 0.0))
     moved = 0
     for step in range(2):
@@ -313,7 +305,7 @@ def resume_worker(rank: int, world: int, store: str, out: str) -> None:
         torch.save(opt.state_dict(), os.path.join(out, "opt.pt"))
     dist.barrier()
     del pm, tensors, ddp, params, opt, rb
-    pm, tensors, ddp, params, opt = build(ckpt)
+    pm, tensors, ddp, params, opt = _build(ctx, ep, ckpt)
     opt.load_state_dict(torch.load(os.path.join(out, "opt.pt")))
     rb = Rebalancer(pm, RebalanceOptions(1, 0.0))
     step_(2, ddp, tensors, params, opt)

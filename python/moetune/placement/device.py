@@ -44,15 +44,6 @@ class HostEvent:
     def query(self) -> bool:
         return True
 
-    def download_async(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of `t` without a host sync: page-locked, filled by the compute stream, so
-        valid once an event recorded after this call has completed (CPU stand-in: a plain copy)."""
-        if not self.is_cuda:
-            return t.clone()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        return host
-
     def synchronize(self) -> None:
         pass
 

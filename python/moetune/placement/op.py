@@ -319,7 +319,7 @@ def _placed_sync_free(experts, gpu: GpuExperts, planner, layer_key, x, topk_ids,
     counts.index_add_(0, torch.where(valid, flat, E), torch.ones_like(flat))  # ids outside: bucket E
     host_counts = dev.download_async(counts)  # read once the call's GPU work is done (_Timing)
     lay = _SyncFreeLayout.of(gpu)
-    slot_counts = counts[:E] if lay.identity else counts.index_select(0, lay.slot_index.on(dev.torch))
+    slot_counts = counts[:E] if lay.index.identity else counts.index_select(0, lay.index.on(dev.torch))
     layout = GpuLayout.resident_all(gpu.pool.slot_expert, slot_counts, T * k, lay.position.host)
     safe = torch.where(valid, flat, 0).view(T, k)
     rows = DeviceRows.build(layout, safe, lay.position.on(dev.torch))
@@ -437,8 +437,6 @@ class _SyncFreeLayout:
     def __init__(self, slot_expert: list[int]):
         E = len(slot_expert)
         self.index = _ActiveIndex(list(slot_expert), E)
-        self.identity = self.index.identity
-        self.slot_index = self.index
         position = [0] * E
         for slot, e in enumerate(slot_expert):
             position[e] = slot
