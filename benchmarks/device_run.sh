@@ -9,6 +9,7 @@
 #   bash benchmarks/device_run.sh peft      # the transformers + PEFT path at T=1024
 #   bash benchmarks/device_run.sh ceiling   # measured AMX / AVX512-BF16 peaks and DRAM read bandwidth
 #   bash benchmarks/device_run.sh quant     # bf16 / int8 / int4 fwd+bwd times, Qwen3 + DeepSeek shapes
+#   bash benchmarks/device_run.sh formats qwen3|deepseek  # C++ suite, DRAM ceiling, published formats vs bf16
 #   bash benchmarks/device_run.sh load      # load_model: CUDA family tests + load RSS/throughput (Qwen3-30B-shaped, 8 layers)
 #   bash benchmarks/device_run.sh load-cache  # load_model's packed-experts cache: int4 load without / cold / warm cache (4 layers)
 #   bash benchmarks/device_run.sh gtest     # C++ suite only (AMX included)
@@ -109,6 +110,18 @@ layer)
   ;;
 ceiling)
   g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
+  ;;
+formats)
+  # issue 11: the published formats vs bf16 (C++ suite first: the AVX512-BF16 / AMX dequant is proven only here)
+  run_gtest
+  g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
+  if [ "${2:-qwen3}" = deepseek ]; then
+    python3 benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 64 --tokens 256 4096 \
+      --formats bf16 int4 fp8_block mxfp4 --groups 32 --reps 1 --peak-tflops 14.48 --peak-gbs 87.4 2>&1 | tee "$OUT/formats-deepseek.txt"
+  else
+    python3 benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 4096 --formats bf16 int8 int4 fp8_block mxfp4 \
+      --groups 32 --reps 3 --dequant-paths panels tiles --peak-tflops 14.48 --peak-gbs 87.4 2>&1 | tee "$OUT/formats-qwen3.txt"
+  fi
   ;;
 quant)
   python3 benchmarks/bench_quant.py --threads 16 --configs qwen3 --tokens 256 1024 4096 16384 \

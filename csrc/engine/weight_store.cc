@@ -297,25 +297,32 @@ void WeightStore::weight_t_gemm(const Proj* which, int nw, int e, int64_t n0, in
     kernels_->gemm(M, 0, nc, segs, nseg, C, ldc, false);
     return;
   }
-  // Per column a task holds nw dequantized K rows and their transposes (N
-  // bf16 each): the L2 budget sees 2 * nw * N rows.
-  const int64_t cols = dequant_cols(2 * nw * dims(which[0]).N);
+  // W^T columns [n0+c0, +w) are W's K rows: the bundle's fused
+  // dequantize-and-transpose where it has one, else dequantize them into
+  // rows[j] and transpose that (the same values either way). Per column a
+  // task holds nw transposed rows (N bf16 each), plus as many dequantized
+  // ones when not fused: that is what the L2 budget sees.
+  const bool fused = kernels_->dequant_t != nullptr;
+  const int64_t cols = dequant_cols((fused ? 1 : 2) * nw * dims(which[0]).N);
   const int64_t wmax = std::min(nc, cols);
   bf16* rows[kernels::kMaxSegments];
   bf16* tr[kernels::kMaxSegments];
   for (int j = 0; j < nw; ++j) {
     const int64_t N = dims(which[j]).N;
-    rows[j] = a.alloc<bf16>(kernels::packed_elems(wmax, N));
+    rows[j] = fused ? nullptr : a.alloc<bf16>(kernels::packed_elems(wmax, N));
     tr[j] = a.alloc<bf16>(kernels::packed_elems(N, wmax));
   }
   kernels::Segment local[kernels::kMaxSegments];
   for (int64_t c0 = 0; c0 < nc; c0 += cols) {
     const int64_t w = std::min(cols, nc - c0);
     for (int j = 0; j < nw; ++j) {
-      // W^T columns [n0+c0, +w) are W's K rows: dequantize them, transpose.
       const QuantB q = quant(which[j], e);
-      kernels_->dequant(q, 0, q.N, n0 + c0, n0 + c0 + w, rows[j]);
-      kernels_->transpose_packed(PackedB{rows[j], w, q.N}, 0, w, tr[j]);
+      if (fused) {
+        kernels_->dequant_t(q, n0 + c0, n0 + c0 + w, tr[j]);
+      } else {
+        kernels_->dequant(q, 0, q.N, n0 + c0, n0 + c0 + w, rows[j]);
+        kernels_->transpose_packed(PackedB{rows[j], w, q.N}, 0, w, tr[j]);
+      }
       local[j] = kernels::Segment{segs[j].A, segs[j].lda, PackedB{tr[j], q.N, w}};
     }
     for (int j = nw; j < nseg; ++j)

@@ -1,9 +1,9 @@
-// AVX-512 dequant (also what feeds AMX tiles): one packed row of a panel
+// AVX-512 dequant (the avx512 bundle's; avx512_bf16 and amx_bf16 have their
+// own, dequant_avx512bf16.cc, with the same values): one packed row of a panel
 // (16 columns x a K pair) per step. The even-K and odd-K halves are widened
 // to 16 int32 lanes each (int8: sign-extend; int4: nibbles minus 8), scaled
 // in fp32 by the 16 column scales of the row's group, rounded to bf16
-// (RNE with integer ops, avx512_round.h: no BF16 instruction, so the avx512,
-// avx512_bf16 and amx ISAs share this one) and interleaved into the pair
+// (RNE with integer ops, avx512_round.h: no BF16 instruction) and interleaved into the pair
 // layout with one shift + or. Bit-identical to the scalar oracle. fp8_block
 // / mxfp4 codes and e8m0 scales decode as in dequant_avx2.cc (minifloat.h's
 // values, exactly), e2m1 through a 16-entry permute table.

@@ -127,8 +127,8 @@ BPrefetch prefetch_of(const Segment* segs, int nseg, const QuantB* q, int s, int
 constexpr int64_t kKc = 256;
 
 // q: segment 0 is quantized (its B only gives the K of its main part):
-// each K block of it is dequantized (AVX-512, bit-identical to the scalar
-// oracle) into bstage (kKc x kNc bf16, the packed layout with panel stride
+// each K block of it is dequantized (the AVX512-BF16 dequant, bit-identical
+// to the scalar oracle) into bstage (kKc x kNc bf16, the packed layout with panel stride
 // kc * 16) panel pair by panel pair, in the first 32-row pass, right before
 // those tiles are first used; the other row blocks read it from L1 / L2.
 // So the tile loads and tdpbf16ps are exactly the bf16 path's, on the same
@@ -204,8 +204,8 @@ void gemm_main(int64_t M, int64_t n_begin, int64_t n_end, const Segment* segs, i
             if (dq) {
               bf16* st = bstage + (p - p_begin) * kc * kPanelN;
               if (m0 == 0) {
-                avx512::dequant(*q, p * kPanelN, std::min(ne, (p + 2) * kPanelN), k0,
-                                std::min(k0 + kc, q->K), st);
+                avx512bf16::dequant(*q, p * kPanelN, std::min(ne, (p + 2) * kPanelN), k0,
+                                    std::min(k0 + kc, q->K), st);
               }
               b0 = st;
               b1 = two ? st + kc * kPanelN : nullptr;
@@ -310,7 +310,7 @@ void quant_gemm(int64_t M, int64_t n_begin, int64_t n_end, const bf16* A, int64_
     Segment local[kMaxSegments];
     for (int64_t nb = n_begin; nb < n_end; nb += kColBlock) {
       const int64_t w = std::min(kColBlock, n_end - nb);
-      avx512::dequant(B, nb, nb + w, 0, B.K, tail_panel);
+      avx512bf16::dequant(B, nb, nb + w, 0, B.K, tail_panel);
       local[0] = Segment{A, lda, PackedB{tail_panel, B.K, w}};
       for (int s = 0; s < nseg; ++s)
         local[s + 1] = Segment{segs[s].A, segs[s].lda, packed_slice(segs[s].B, nb, w)};
@@ -344,7 +344,7 @@ void quant_gemm(int64_t M, int64_t n_begin, int64_t n_end, const bf16* A, int64_
     const int64_t w = std::min(kColBlock, n_end - nb);
     for (int t = 0; t < ntail; ++t) {
       if (qtail && t == 0) {
-        avx512::dequant(B, nb, nb + w, kmain, B.K, tail_panel);
+        avx512bf16::dequant(B, nb, nb + w, kmain, B.K, tail_panel);
         local[0] = Segment{tails[0].A, tails[0].lda, PackedB{tail_panel, B.K - kmain, w}};
       } else {
         local[t] = Segment{tails[t].A, tails[t].lda, packed_slice(tails[t].B, nb, w)};

@@ -42,6 +42,7 @@ struct KernelBundle {
   DequantFn dequant;             // quantized weights -> bf16 panels (quant.h)
   DequantChunk dequant_chunk;    // the panels path's slice width (above)
   QuantGemmFn quant_gemm;        // fused dequant + GEMM (quant.h), or nullptr: none
+  DequantTFn dequant_t;          // fused dequant + W^T repack (quant.h), or nullptr: none
 };
 
 // Columns per dequantized slice of an operand with K rows: the widest

@@ -173,6 +173,14 @@ void quantize_pack(const void* src, SrcType type, int64_t ld, int64_t K, int64_t
 using DequantFn = void (*)(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0,
                            int64_t k1, bf16* dst);
 
+// Dequantizes rows [k0, k1) (k0 even) of every column of a quantized [K, N]
+// operand into their transpose, a bf16 packed operand [K' = N, N' = k1 - k0]
+// (gemm.h layout, packed_elems(N, k1 - k0) elements, pads zeroed): exactly
+// the bundle's transpose_packed of DequantFn's [k1 - k0, N] panel, without
+// the panel (the backward's W^T slices). Pure function of its arguments. A
+// kernel bundle member where the ISA has one, else nullptr (kernel_bundle.h).
+using DequantTFn = void (*)(const QuantB& src, int64_t k0, int64_t k1, bf16* dst);
+
 // A GEMM that dequantizes inside (a kernel bundle member where the ISA has
 // one, else nullptr; kernel_bundle.h). Computes, overwriting C,
 //     C[M, n_begin:n_end] = A * dq(B)[:, n_begin:n_end] + sum_s segs[s].A * segs[s].B

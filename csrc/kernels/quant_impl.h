@@ -13,5 +13,11 @@
 MOETUNE_DECLARE_DEQUANT(scalar)
 MOETUNE_DECLARE_DEQUANT(avx2)
 MOETUNE_DECLARE_DEQUANT(avx512)
+MOETUNE_DECLARE_DEQUANT(avx512bf16)
 
 #undef MOETUNE_DECLARE_DEQUANT
+
+// The units with a fused dequantize-and-transpose (quant.h DequantTFn).
+namespace moetune::kernels::avx512bf16 {
+void dequant_t(const QuantB& src, int64_t k0, int64_t k1, bf16* dst);
+}

@@ -29,6 +29,11 @@ constexpr DequantChunk dequant_chunk_of(Isa isa) {
 constexpr QuantGemmFn quant_gemm_of(Isa isa) {
   return isa == Isa::kAmxBf16 ? &amx::quant_gemm : nullptr;
 }
+// The fused dequantize-and-transpose: where vcvtne2ps2bf16 makes it pay
+// (the other ISAs dequantize a panel and run their W^T repack on it).
+constexpr DequantTFn dequant_t_of(Isa isa) {
+  return isa == Isa::kAvx512Bf16 || isa == Isa::kAmxBf16 ? &avx512bf16::dequant_t : nullptr;
+}
 
 #define MOETUNE_FEATURE(...)
 #define MOETUNE_ISA(id, name, unit, gemm_name, t, e, d, includes, features) \
@@ -39,7 +44,8 @@ constexpr QuantGemmFn quant_gemm_of(Isa isa) {
                MOETUNE_ELTWISE_OF(e),                                       \
                &d::dequant,                                                 \
                dequant_chunk_of(Isa::id),                                   \
-               quant_gemm_of(Isa::id)},
+               quant_gemm_of(Isa::id),                                      \
+               dequant_t_of(Isa::id)},
 constexpr KernelBundle kBundles[] = {
 #include "isa_table.def"
 };
