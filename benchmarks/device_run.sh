@@ -9,7 +9,8 @@
 #   bash benchmarks/device_run.sh peft      # the transformers + PEFT path at T=1024
 #   bash benchmarks/device_run.sh ceiling   # measured AMX / AVX512-BF16 peaks and DRAM read bandwidth
 #   bash benchmarks/device_run.sh quant     # bf16 / int8 / int4 fwd+bwd times, Qwen3 + DeepSeek shapes
-#   bash benchmarks/device_run.sh formats qwen3|deepseek  # C++ suite, DRAM ceiling, published formats vs bf16
+#   bash benchmarks/device_run.sh dequant   # C++ suite + dequantization throughput per format and ISA
+#   bash benchmarks/device_run.sh formats qwen3|deepseek  # published formats vs bf16, fwd+bwd of one layer
 #   bash benchmarks/device_run.sh load      # load_model: CUDA family tests + load RSS/throughput (Qwen3-30B-shaped, 8 layers)
 #   bash benchmarks/device_run.sh load-cache  # load_model's packed-experts cache: int4 load without / cold / warm cache (4 layers)
 #   bash benchmarks/device_run.sh gtest     # C++ suite only (AMX included)
@@ -36,7 +37,7 @@ mode=${1:-tests}
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } >"$OUT/machine.txt" 2>&1
 
-if [ "$mode" != kernels ] && [ "$mode" != sanitize ]; then
+if [ "$mode" != kernels ] && [ "$mode" != sanitize ] && [ "$mode" != dequant ]; then
   python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-$mode.log" 2>&1 || { tail -40 "$OUT/build-$mode.log"; exit 1; }
   python3 -c "import moetune; print(moetune.Context(16).info())" | tee -a "$OUT/machine.txt"
 fi
@@ -111,10 +112,19 @@ layer)
 ceiling)
   g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
   ;;
+dequant)
+  # issue 11, kernels: the C++ suite (the AVX512-BF16 / AMX dequant is proven only on such a CPU) and the
+  # dequantization throughput per format and ISA (benchmarks/kernels/bench_dequant.cc)
+  mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
+  cmake -S . -B /tmp/build-k -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON -DMOETUNE_BUILD_BENCHMARKS=ON \
+    -DGTest_DIR=/tmp/gtest/usr/lib/x86_64-linux-gnu/cmake/GTest >"$OUT/kbuild.log" 2>&1 &&
+    cmake --build /tmp/build-k -j 16 >>"$OUT/kbuild.log" 2>&1 || { tail -30 "$OUT/kbuild.log"; exit 1; }
+  /tmp/build-k/moetune_tests --gtest_brief=1 >"$OUT/gtest.log" 2>&1
+  echo "gtest rc=$?"; grep -E "tests ran|PASSED|FAILED" "$OUT/gtest.log" | tail -8
+  /tmp/build-k/bench_dequant ${2:-1 16} 2>&1 | tee "$OUT/bench-dequant.txt"
+  ;;
 formats)
-  # issue 11: the published formats vs bf16 (C++ suite first: the AVX512-BF16 / AMX dequant is proven only here)
-  run_gtest
-  g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
+  # issue 11: the published formats vs bf16, fwd+bwd of one layer
   if [ "${2:-qwen3}" = deepseek ]; then
     python3 benchmarks/bench_quant.py --threads 16 --configs deepseek --deepseek-experts 64 --tokens 256 4096 \
       --formats bf16 int4 fp8_block mxfp4 --groups 32 --reps 1 --peak-tflops 14.48 --peak-gbs 87.4 2>&1 | tee "$OUT/formats-deepseek.txt"

@@ -47,16 +47,18 @@ MOETUNE_INLINE void row_values(const uint8_t* row, __m512& e, __m512& o) {
     // Sign-extended to 16 bits then << 7: bit 15 the sign, bits 13..7 the
     // magnitude (exponent in the fp16 exponent field, mantissa on top of
     // the fp16 mantissa); bit 14 (a sign copy) cleared. fp16 value = e4m3 / 256.
-    const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
-    const __m512i h = _mm512_and_si512(_mm512_slli_epi16(w, 7), _mm512_set1_epi16(static_cast<short>(0xbf80)));
+    const __m512i w =
+        _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+    const __m512i h =
+        _mm512_and_si512(_mm512_slli_epi16(w, 7), _mm512_set1_epi16(static_cast<short>(0xbf80)));
     e = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
     o = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
   } else {
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
     const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0f)), hi = _mm512_srli_epi32(v, 4);
     if constexpr (F == WeightFormat::kMxfp4) {
-      const __m512 lut = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f,
-                                        -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f);
+      const __m512 lut = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f,
+                                        -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f);
       e = _mm512_permutexvar_ps(lo, lut);
       o = _mm512_permutexvar_ps(hi, lut);
     } else {  // int4: nibble - 8
@@ -77,7 +79,8 @@ template <WeightFormat F>
 MOETUNE_INLINE GroupScale group_scale(const uint8_t* ps, int64_t g) {
   __m512 s;
   if constexpr (F == WeightFormat::kMxfp4) {
-    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ps + g * kPanelN)));
+    const __m512i c =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ps + g * kPanelN)));
     const __mmask16 zero = _mm512_cmpeq_epi32_mask(c, _mm512_setzero_si512());
     s = _mm512_castsi512_ps(
         _mm512_mask_mov_epi32(_mm512_slli_epi32(c, 23), zero, _mm512_set1_epi32(0x00400000)));
@@ -97,11 +100,12 @@ MOETUNE_INLINE GroupScale group_scale(const uint8_t* ps, int64_t g) {
 // One packed row's 32 bf16 in the pair layout (lane c: even K low, odd K
 // high) from the scaled values.
 MOETUNE_INLINE __m512i pairs_fast(__m512 e, __m512 o) {
-  const __m512i inter = _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004,
-                                          0x00150005, 0x00160006, 0x00170007, 0x00180008, 0x00190009,
-                                          0x001a000a, 0x001b000b, 0x001c000c, 0x001d000d, 0x001e000e,
-                                          0x001f000f);  // word 2c + b <- word c + 16 b
-  const __m512bh b = _mm512_cvtne2ps_pbh(o, e);    // words 0..15: e, 16..31: o
+  const __m512i inter =
+      _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
+                        0x00160006, 0x00170007, 0x00180008, 0x00190009, 0x001a000a, 0x001b000b,
+                        0x001c000c, 0x001d000d, 0x001e000e,
+                        0x001f000f);             // word 2c + b <- word c + 16 b
+  const __m512bh b = _mm512_cvtne2ps_pbh(o, e);  // words 0..15: e, 16..31: o
   return _mm512_permutexvar_epi16(inter, reinterpret_cast<const __m512i&>(b));
 }
 MOETUNE_INLINE __m512i pairs_exact(__m512 e, __m512 o) {
@@ -109,7 +113,8 @@ MOETUNE_INLINE __m512i pairs_exact(__m512 e, __m512 o) {
 }
 
 template <WeightFormat F>
-void dequant_impl(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, bf16* dst) {
+void dequant_impl(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1,
+                  bf16* dst) {
   const int64_t Nd = n_end - n_begin, Kd = k1 - k0, kpd = packed_kp(Kd);
   const int64_t G = quant_group_k(src.spec, src.K);
   constexpr int64_t rb = weight_format_info(F).code_bits == 8 ? 32 : 16;
@@ -119,8 +124,8 @@ void dequant_impl(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0,
   for (int64_t qd = 0; qd < packed_panels(Nd); ++qd) {
     const int64_t p = n_begin / kPanelN + qd;
     const int64_t valid = std::min<int64_t>({kPanelN, n_end - p * kPanelN, src.N - p * kPanelN});
-    const __mmask16 cols =
-        static_cast<__mmask16>(valid >= kPanelN ? 0xffffu : (1u << std::max<int64_t>(valid, 0)) - 1u);
+    const __mmask16 cols = static_cast<__mmask16>(
+        valid >= kPanelN ? 0xffffu : (1u << std::max<int64_t>(valid, 0)) - 1u);
     const uint8_t* pq = src.panel_q(p);
     const uint8_t* ps = src.panel_scale_bytes(p);
     bf16* dp = dst + qd * kpd * kPanelN;
@@ -139,10 +144,12 @@ void dequant_impl(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0,
       e = _mm512_mul_ps(e, gs.s);
       o = _mm512_mul_ps(o, gs.s);
       __m512i out = gs.fast ? pairs_fast(e, o) : pairs_exact(e, o);
-      if (k + 1 >= k_end) out = _mm512_and_si512(out, _mm512_set1_epi32(0xffff));  // odd half past K / k1
+      if (k + 1 >= k_end)
+        out = _mm512_and_si512(out, _mm512_set1_epi32(0xffff));  // odd half past K / k1
       _mm512_storeu_si512(dp + (kd / 2) * 2 * kPanelN, _mm512_maskz_mov_epi32(cols, out));
     }
-    for (; kd < kpd; kd += 2) _mm512_storeu_si512(dp + (kd / 2) * 2 * kPanelN, _mm512_setzero_si512());
+    for (; kd < kpd; kd += 2)
+      _mm512_storeu_si512(dp + (kd / 2) * 2 * kPanelN, _mm512_setzero_si512());
   }
 }
 
@@ -194,11 +201,13 @@ MOETUNE_INLINE bf16 element(const QuantB& src, int64_t k, int64_t n) {
 
 // Output rows [2 * n0 / 2, ...) of one 16-wide output panel: W^T rows n (the
 // pairs of source columns n0..n1) x lanes j (K = kb + j), zero past N / k_end.
-void block_exact(const QuantB& src, int64_t kb, int64_t k_end, int64_t n0, int64_t n1, bf16* dpanel) {
+void block_exact(const QuantB& src, int64_t kb, int64_t k_end, int64_t n0, int64_t n1,
+                 bf16* dpanel) {
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t j = 0; j < kPanelN; ++j) {
       const int64_t k = kb + j;
-      dpanel[(n / 2) * 2 * kPanelN + j * 2 + n % 2] = (n < src.N && k < k_end) ? element(src, k, n) : bf16(0);
+      dpanel[(n / 2) * 2 * kPanelN + j * 2 + n % 2] =
+          (n < src.N && k < k_end) ? element(src, k, n) : bf16(0);
     }
   }
 }
@@ -251,7 +260,8 @@ void dequant_t_impl(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
 #pragma GCC unroll 8
       for (int r = 0; r < 8; ++r) {
         const __m512bh b = _mm512_cvtne2ps_pbh(x[8 + r], x[r]);
-        _mm512_storeu_si512(dpanel + (n0 / 2 + r) * 2 * kPanelN, reinterpret_cast<const __m512i&>(b));
+        _mm512_storeu_si512(dpanel + (n0 / 2 + r) * 2 * kPanelN,
+                            reinterpret_cast<const __m512i&>(b));
       }
     }
   }
