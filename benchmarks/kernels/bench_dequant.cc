@@ -50,7 +50,11 @@ struct Buf {
 // One operand in a format: random codes, normal scales (the fast path).
 struct Operand {
   Operand(const mk::QuantSpec& spec, int64_t K, int64_t N, int seed)
-      : q(mk::quant_q_bytes(spec, K, N)), s(mk::quant_scale_bytes(spec, K, N)), spec(spec), K(K), N(N) {
+      : q(mk::quant_q_bytes(spec, K, N)),
+        s(mk::quant_scale_bytes(spec, K, N)),
+        spec(spec),
+        K(K),
+        N(N) {
     std::mt19937 rng(seed);
     for (size_t i = 0; i + 4 <= q.n; i += 4) {
       const uint32_t r = rng();
@@ -80,15 +84,16 @@ struct Variant {
 };
 
 // G weights/s of each variant (median of 5 interleaved rounds).
-std::vector<double> run(const std::vector<Variant>& vs, const mk::QuantSpec& spec, int64_t K, int64_t N,
-                        int64_t weights_per_call, int threads) {
+std::vector<double> run(const std::vector<Variant>& vs, const mk::QuantSpec& spec, int64_t K,
+                        int64_t N, int64_t weights_per_call, int threads) {
   const int nb = 96;
   std::vector<std::vector<std::unique_ptr<Operand>>> ops(threads);
   {
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t)
       pool.emplace_back([&, t] {
-        for (int i = 0; i < nb; ++i) ops[t].push_back(std::make_unique<Operand>(spec, K, N, t * nb + i));
+        for (int i = 0; i < nb; ++i)
+          ops[t].push_back(std::make_unique<Operand>(spec, K, N, t * nb + i));
       });
     for (auto& th : pool) th.join();
   }
@@ -104,7 +109,8 @@ std::vector<double> run(const std::vector<Variant>& vs, const mk::QuantSpec& spe
           std::vector<mk::bf16> out(elems), tmp(elems);
           for (int i = 0; i < nb; ++i) vs[vi].call(ops[t][i]->view(), out.data(), tmp.data());
           const auto t0 = std::chrono::steady_clock::now();
-          for (int64_t i = 0; i < reps; ++i) vs[vi].call(ops[t][i % nb]->view(), out.data(), tmp.data());
+          for (int64_t i = 0; i < reps; ++i)
+            vs[vi].call(ops[t][i % nb]->view(), out.data(), tmp.data());
           secs[t] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         });
       }
@@ -132,7 +138,8 @@ int main(int argc, char** argv) {
   std::vector<mk::Isa> isas;
   for (const mk::IsaInfo& i : mk::kIsas) {
     // The amx bundle's dequant is the avx512_bf16 one: one column for both.
-    if (i.id != mk::Isa::kScalar && i.id != mk::Isa::kAmxBf16 && mk::cpu_supports(i.id)) isas.push_back(i.id);
+    if (i.id != mk::Isa::kScalar && i.id != mk::Isa::kAmxBf16 && mk::cpu_supports(i.id))
+      isas.push_back(i.id);
   }
   const struct {
     const char* name;
@@ -144,7 +151,8 @@ int main(int argc, char** argv) {
   const int64_t K = 2048, cols = 256, Nb = 768;
   const double layer_weights = 604e6;  // Qwen3-30B-A3B: 128 experts x 3 x 2048 x 768, one way
   for (int t : thread_counts) {
-    std::printf("\n== %d thread(s): G weights/s (ms of one Qwen3 layer's dequant at T=256, one way)\n", t);
+    std::printf(
+        "\n== %d thread(s): G weights/s (ms of one Qwen3 layer's dequant at T=256, one way)\n", t);
     for (const auto& f : formats) {
       std::vector<Variant> fwd, bwd;
       for (mk::Isa isa : isas) {
@@ -153,14 +161,16 @@ int main(int argc, char** argv) {
         fwd.push_back({n + " dequant", [&kb](const mk::QuantB& q, mk::bf16* out, mk::bf16*) {
                          kb.dequant(q, 0, q.N, 0, q.K, out);
                        }});
-        bwd.push_back({n + " dequant+transpose", [&kb, cols](const mk::QuantB& q, mk::bf16* out, mk::bf16* tmp) {
+        bwd.push_back({n + " dequant+transpose",
+                       [&kb, cols](const mk::QuantB& q, mk::bf16* out, mk::bf16* tmp) {
                          kb.dequant(q, 0, q.N, 0, cols, tmp);
                          kb.transpose_packed(mk::PackedB{tmp, cols, q.N}, 0, cols, out);
                        }});
         if (kb.dequant_t)
-          bwd.push_back({n + " dequant_t", [&kb, cols](const mk::QuantB& q, mk::bf16* out, mk::bf16*) {
-                           kb.dequant_t(q, 0, cols, out);
-                         }});
+          bwd.push_back(
+              {n + " dequant_t", [&kb, cols](const mk::QuantB& q, mk::bf16* out, mk::bf16*) {
+                 kb.dequant_t(q, 0, cols, out);
+               }});
       }
       const std::vector<double> rf = run(fwd, f.spec, K, cols, K * cols, t);
       const std::vector<double> rb = run(bwd, f.spec, cols, Nb, cols * Nb, t);

@@ -11,7 +11,11 @@
 // low and the odd K in the high half of each lane. No NaN can occur:
 // weights are checked finite at quantization, published codes and scales
 // when repacked (quant_published.cc), and e4m3 0x7f / 0xff decode to +-480
-// as the oracle does. Compiled with its ISA's flags only (isa_table.def).
+// as the oracle does. dequant_t (the backward's W^T slices) decodes 16 K x
+// 16 N blocks the same way and transposes them as four 8 x 8 fp32 blocks in
+// registers before rounding, instead of dequantizing a panel and repacking
+// it with the scalar unit's transpose. Compiled with its ISA's flags only
+// (isa_table.def).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -69,15 +73,129 @@ inline __m256 load8_i8_ps(const uint8_t* p) {
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// The fp32 values of one packed row (16 columns x a K pair): e0 / e1 the
+// even K of columns 0-7 / 8-15, o0 / o1 the odd K.
+template <WeightFormat F>
+inline void row_values(const uint8_t* row, __m256& e0, __m256& e1, __m256& o0, __m256& o1) {
+  const __m256i nib = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8);
+  if constexpr (F == WeightFormat::kInt8) {
+    e0 = load8_i8_ps(row);
+    e1 = load8_i8_ps(row + 8);
+    o0 = load8_i8_ps(row + 16);
+    o1 = load8_i8_ps(row + 24);
+  } else if constexpr (F == WeightFormat::kFp8Block) {
+    e4m3_x16(row, e0, e1);
+    e4m3_x16(row + 16, o0, o1);
+  } else if constexpr (F == WeightFormat::kMxfp4) {
+    const __m256i v0 = load8_u8(row), v1 = load8_u8(row + 8);
+    e0 = e2m1_ps(_mm256_and_si256(v0, nib));
+    o0 = e2m1_ps(_mm256_srli_epi32(v0, 4));
+    e1 = e2m1_ps(_mm256_and_si256(v1, nib));
+    o1 = e2m1_ps(_mm256_srli_epi32(v1, 4));
+  } else {  // int4
+    const __m256i v0 = load8_u8(row), v1 = load8_u8(row + 8);
+    e0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v0, nib), eight));
+    o0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), eight));
+    e1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v1, nib), eight));
+    o1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), eight));
+  }
+}
+
+// The scales of columns 0-7 / 8-15 of group g of a panel, as fp32.
+template <WeightFormat F>
+inline void group_scales(const uint8_t* ps, int64_t g, __m256& s0, __m256& s1) {
+  if constexpr (F == WeightFormat::kMxfp4) {
+    s0 = e8m0_ps(load8_u8(ps + g * kPanelN));
+    s1 = e8m0_ps(load8_u8(ps + g * kPanelN + 8));
+  } else if constexpr (F == WeightFormat::kFp8Block) {
+    s0 = s1 = _mm256_set1_ps(reinterpret_cast<const float*>(ps)[g]);
+  } else {
+    s0 = _mm256_loadu_ps(reinterpret_cast<const float*>(ps) + g * kPanelN);
+    s1 = _mm256_loadu_ps(reinterpret_cast<const float*>(ps) + g * kPanelN + 8);
+  }
+}
+
+// In-register transpose of 8 x 8 fp32: r[i] lane j <- r[j] lane i.
+inline void transpose8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+template <WeightFormat F>
+void dequant_t_impl(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
+  const int64_t Kd = k1 - k0, kpN = packed_kp(src.N);
+  const int64_t G = quant_group_k(src.spec, src.K);
+  const int64_t k_end = std::min(k1, src.K);
+  constexpr int64_t rb = weight_format_info(F).code_bits == 8 ? 32 : 16;
+  for (int64_t p = 0; p < packed_panels(src.N); ++p) {  // source panel: columns n = 16p..
+    const int64_t n0 = p * kPanelN, n1 = std::min(n0 + kPanelN, kpN);
+    const bool full_n = n0 + kPanelN <= src.N;
+    const uint8_t* pq = src.panel_q(p);
+    const uint8_t* ps = src.panel_scale_bytes(p);
+    for (int64_t op = 0; op < packed_panels(Kd); ++op) {  // output panel: K = kb..kb+15
+      const int64_t kb = k0 + op * kPanelN;
+      bf16* dpanel = dst + op * kpN * kPanelN;
+      if (!(full_n && kb + kPanelN <= k_end && kb / G == (kb + kPanelN - 1) / G)) {
+        scalar::dequant_t_block(src, kb, k_end, n0, n1, dpanel);
+        continue;
+      }
+      __m256 s0, s1;
+      group_scales<F>(ps, kb / G, s0, s1);
+      // Per half h (K = kb + 8h .. +7, rows 4h..4h+3): lo[i] / hi[i] hold
+      // K = kb + 8h + i, columns 0-7 / 8-15, scaled; after the transposes
+      // lo[c] / hi[c] hold column c / 8 + c, lanes K = kb + 8h + (0..7): the
+      // half h of output rows (n pairs) 0-3 / 4-7.
+      for (int h = 0; h < 2; ++h) {
+        __m256 lo[8], hi[8];
+        for (int r = 0; r < 4; ++r) {
+          const int i = 2 * r;
+          row_values<F>(pq + (kb / 2 + 4 * h + r) * rb, lo[i], hi[i], lo[i + 1], hi[i + 1]);
+          lo[i] = _mm256_mul_ps(lo[i], s0);
+          lo[i + 1] = _mm256_mul_ps(lo[i + 1], s0);
+          hi[i] = _mm256_mul_ps(hi[i], s1);
+          hi[i + 1] = _mm256_mul_ps(hi[i + 1], s1);
+        }
+        transpose8(lo);
+        transpose8(hi);
+        for (int r = 0; r < 8; ++r) {
+          const __m256* cols = r < 4 ? lo : hi;
+          const int c = 2 * (r % 4);
+          bf16* out = dpanel + (n0 / 2 + r) * 2 * kPanelN + h * 2 * 8;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), rne_pairs(cols[c], cols[c + 1]));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
-void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, bf16* dst) {
-  const WeightFormat f = src.spec.format;
+void dequant_t(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
+  with_quant_format(src.spec.format,
+                    [&](auto f) { dequant_t_impl<decltype(f)::value>(src, k0, k1, dst); });
+}
+
+namespace {
+
+template <WeightFormat F>
+void dequant_impl(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1,
+                  bf16* dst) {
   const int64_t Nd = n_end - n_begin, Kd = k1 - k0, kpd = packed_kp(Kd);
   const int64_t G = quant_group_k(src.spec, src.K);
-  const int64_t rb = quant_row_bytes(f);
-  const bool per_col = quant_scale_cols(f) == kPanelN;
-  const __m256i nib = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8);
+  constexpr int64_t rb = weight_format_info(F).code_bits == 8 ? 32 : 16;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i low16 = _mm256_set1_epi32(0xffff);
   for (int64_t qd = 0; qd < packed_panels(Nd); ++qd) {
@@ -100,49 +218,13 @@ void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int6
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_setzero_si256());
         continue;
       }
-      const uint8_t* row = pq + (k / 2) * rb;
       const int64_t g = k / G;
       if (g != cur_g) {
         cur_g = g;
-        if (f == WeightFormat::kMxfp4) {
-          s0 = e8m0_ps(load8_u8(ps + g * kPanelN));
-          s1 = e8m0_ps(load8_u8(ps + g * kPanelN + 8));
-        } else if (per_col) {
-          s0 = _mm256_loadu_ps(reinterpret_cast<const float*>(ps) + g * kPanelN);
-          s1 = _mm256_loadu_ps(reinterpret_cast<const float*>(ps) + g * kPanelN + 8);
-        } else {
-          s0 = s1 = _mm256_set1_ps(reinterpret_cast<const float*>(ps)[g]);
-        }
+        group_scales<F>(ps, g, s0, s1);
       }
       __m256 e0, e1, o0, o1;  // even / odd K x columns 0-7 / 8-15
-      switch (f) {
-        case WeightFormat::kInt8:
-          e0 = load8_i8_ps(row);
-          e1 = load8_i8_ps(row + 8);
-          o0 = load8_i8_ps(row + 16);
-          o1 = load8_i8_ps(row + 24);
-          break;
-        case WeightFormat::kFp8Block:
-          e4m3_x16(row, e0, e1);
-          e4m3_x16(row + 16, o0, o1);
-          break;
-        case WeightFormat::kMxfp4: {
-          const __m256i v0 = load8_u8(row), v1 = load8_u8(row + 8);
-          e0 = e2m1_ps(_mm256_and_si256(v0, nib));
-          o0 = e2m1_ps(_mm256_srli_epi32(v0, 4));
-          e1 = e2m1_ps(_mm256_and_si256(v1, nib));
-          o1 = e2m1_ps(_mm256_srli_epi32(v1, 4));
-          break;
-        }
-        default: {  // int4
-          const __m256i v0 = load8_u8(row), v1 = load8_u8(row + 8);
-          e0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v0, nib), eight));
-          o0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v0, 4), eight));
-          e1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v1, nib), eight));
-          o1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v1, 4), eight));
-          break;
-        }
-      }
+      row_values<F>(pq + (k / 2) * rb, e0, e1, o0, o1);
       __m256i lo = rne_pairs(_mm256_mul_ps(e0, s0), _mm256_mul_ps(o0, s0));
       __m256i hi = rne_pairs(_mm256_mul_ps(e1, s1), _mm256_mul_ps(o1, s1));
       if (kd + 1 >= Kd || k + 1 >= src.K) {  // the pad row of an odd K
@@ -157,6 +239,14 @@ void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int6
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), hi);
     }
   }
+}
+
+}  // namespace
+
+void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, bf16* dst) {
+  with_quant_format(src.spec.format, [&](auto f) {
+    dequant_impl<decltype(f)::value>(src, n_begin, n_end, k0, k1, dst);
+  });
 }
 
 }  // namespace moetune::kernels::avx2

@@ -181,37 +181,6 @@ MOETUNE_INLINE void stage(__m512& a, __m512& b) {
   a = na;
 }
 
-// The code of element (k, n) and its dequantized value (the oracle's
-// arithmetic), for blocks at the edges and groups off the fast path.
-MOETUNE_INLINE bf16 element(const QuantB& src, int64_t k, int64_t n) {
-  const WeightFormat f = src.spec.format;
-  const int64_t rb = quant_row_bytes(f);
-  const uint8_t* row = src.panel_q(n / kPanelN) + (k / 2) * rb;
-  uint8_t code;
-  if (rb == 32) {
-    code = row[(k % 2) * kPanelN + n % kPanelN];
-  } else {
-    const uint8_t b = row[n % kPanelN];
-    code = k % 2 ? b >> 4 : b & 0x0f;
-  }
-  const int64_t scols = quant_scale_cols(f);
-  const int64_t si = (k / quant_group_k(src.spec, src.K)) * scols + (scols == 1 ? 0 : n % kPanelN);
-  return dequant_code(code, src.panel_scale_bytes(n / kPanelN) + si * quant_scale_bytes_each(f), f);
-}
-
-// Output rows [2 * n0 / 2, ...) of one 16-wide output panel: W^T rows n (the
-// pairs of source columns n0..n1) x lanes j (K = kb + j), zero past N / k_end.
-void block_exact(const QuantB& src, int64_t kb, int64_t k_end, int64_t n0, int64_t n1,
-                 bf16* dpanel) {
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t j = 0; j < kPanelN; ++j) {
-      const int64_t k = kb + j;
-      dpanel[(n / 2) * 2 * kPanelN + j * 2 + n % 2] =
-          (n < src.N && k < k_end) ? element(src, k, n) : bf16(0);
-    }
-  }
-}
-
 template <WeightFormat F>
 void dequant_t_impl(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
   const int64_t Kd = k1 - k0, kpN = packed_kp(src.N);
@@ -231,7 +200,7 @@ void dequant_t_impl(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
       GroupScale gs{_mm512_setzero_ps(), false};
       if (full_n && full_k) gs = group_scale<F>(ps, kb / G);
       if (!gs.fast) {
-        block_exact(src, kb, k_end, n0, n1, dpanel);
+        scalar::dequant_t_block(src, kb, k_end, n0, n1, dpanel);
         continue;
       }
       // x[k]: row K = kb + k, lane n (the 16 columns of the panel), scaled.
@@ -270,29 +239,14 @@ void dequant_t_impl(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
 }  // namespace
 
 void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, bf16* dst) {
-  switch (src.spec.format) {
-    case WeightFormat::kInt8:
-      return dequant_impl<WeightFormat::kInt8>(src, n_begin, n_end, k0, k1, dst);
-    case WeightFormat::kFp8Block:
-      return dequant_impl<WeightFormat::kFp8Block>(src, n_begin, n_end, k0, k1, dst);
-    case WeightFormat::kMxfp4:
-      return dequant_impl<WeightFormat::kMxfp4>(src, n_begin, n_end, k0, k1, dst);
-    default:
-      return dequant_impl<WeightFormat::kInt4>(src, n_begin, n_end, k0, k1, dst);
-  }
+  with_quant_format(src.spec.format, [&](auto f) {
+    dequant_impl<decltype(f)::value>(src, n_begin, n_end, k0, k1, dst);
+  });
 }
 
 void dequant_t(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
-  switch (src.spec.format) {
-    case WeightFormat::kInt8:
-      return dequant_t_impl<WeightFormat::kInt8>(src, k0, k1, dst);
-    case WeightFormat::kFp8Block:
-      return dequant_t_impl<WeightFormat::kFp8Block>(src, k0, k1, dst);
-    case WeightFormat::kMxfp4:
-      return dequant_t_impl<WeightFormat::kMxfp4>(src, k0, k1, dst);
-    default:
-      return dequant_t_impl<WeightFormat::kInt4>(src, k0, k1, dst);
-  }
+  with_quant_format(src.spec.format,
+                    [&](auto f) { dequant_t_impl<decltype(f)::value>(src, k0, k1, dst); });
 }
 
 }  // namespace moetune::kernels::avx512bf16

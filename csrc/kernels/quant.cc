@@ -176,32 +176,48 @@ void quantize_pack(const void* src, SrcType type, int64_t ld, int64_t K, int64_t
 namespace scalar {
 
 // The oracle: element by element from the quant.h layout formulas.
-void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, bf16* dst) {
+namespace {
+
+// The code of element (k, n) of a quantized operand (k < K, n < N).
+uint8_t code_at(const QuantB& src, int64_t k, int64_t n) {
+  const int64_t rb = quant_row_bytes(src.spec.format);
+  const uint8_t* row = src.panel_q(n / kPanelN) + (k / 2) * rb;
+  if (rb == 32) return row[(k % 2) * kPanelN + n % kPanelN];
+  const uint8_t b = row[n % kPanelN];
+  return k % 2 ? b >> 4 : b & 0x0f;
+}
+// Its dequantized value (the oracle).
+bf16 value_at(const QuantB& src, int64_t k, int64_t n) {
   const WeightFormat f = src.spec.format;
+  const int64_t scols = quant_scale_cols(f);
+  const int64_t si = (k / quant_group_k(src.spec, src.K)) * scols + (scols == 1 ? 0 : n % kPanelN);
+  return dequant_code(code_at(src, k, n),
+                      src.panel_scale_bytes(n / kPanelN) + si * quant_scale_bytes_each(f), f);
+}
+
+}  // namespace
+
+void dequant(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0, int64_t k1, bf16* dst) {
   const int64_t Nd = n_end - n_begin, Kd = k1 - k0, kpd = packed_kp(Kd);
-  const int64_t G = quant_group_k(src.spec, src.K);
-  const int64_t rb = quant_row_bytes(f);
-  const int64_t scols = quant_scale_cols(f), sbytes = quant_scale_bytes_each(f);
   for (int64_t qd = 0; qd < packed_panels(Nd); ++qd) {
     bf16* dp = dst + qd * kpd * kPanelN;
     for (int64_t kd = 0; kd < kpd; ++kd) {
       for (int64_t c = 0; c < kPanelN; ++c) {
         const int64_t n = n_begin + qd * kPanelN + c, k = k0 + kd;
-        bf16 v = 0;
-        if (kd < Kd && n < n_end && n < src.N && k < src.K) {
-          const uint8_t* row = src.panel_q(n / kPanelN) + (k / 2) * rb;
-          uint8_t code;
-          if (rb == 32) {
-            code = row[(k % 2) * kPanelN + n % kPanelN];
-          } else {
-            const uint8_t b = row[n % kPanelN];
-            code = k % 2 ? b >> 4 : b & 0x0f;
-          }
-          const int64_t si = (k / G) * scols + (scols == 1 ? 0 : n % kPanelN);
-          v = dequant_code(code, src.panel_scale_bytes(n / kPanelN) + si * sbytes, f);
-        }
-        dp[(kd / 2) * 2 * kPanelN + c * 2 + (kd % 2)] = v;
+        const bool in = kd < Kd && n < n_end && n < src.N && k < src.K;
+        dp[(kd / 2) * 2 * kPanelN + c * 2 + (kd % 2)] = in ? value_at(src, k, n) : bf16(0);
       }
+    }
+  }
+}
+
+void dequant_t_block(const QuantB& src, int64_t kb, int64_t k_end, int64_t n0, int64_t n1,
+                     bf16* dpanel) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t j = 0; j < kPanelN; ++j) {
+      const int64_t k = kb + j;
+      dpanel[(n / 2) * 2 * kPanelN + j * 2 + n % 2] =
+          (n < src.N && k < k_end) ? value_at(src, k, n) : bf16(0);
     }
   }
 }

@@ -29,10 +29,13 @@ constexpr DequantChunk dequant_chunk_of(Isa isa) {
 constexpr QuantGemmFn quant_gemm_of(Isa isa) {
   return isa == Isa::kAmxBf16 ? &amx::quant_gemm : nullptr;
 }
-// The fused dequantize-and-transpose: where vcvtne2ps2bf16 makes it pay
-// (the other ISAs dequantize a panel and run their W^T repack on it).
+// The fused dequantize-and-transpose: the AVX512-BF16 one (vcvtne2ps2bf16)
+// where the CPU has it, the AVX2 one on AVX2 / AVX-512 without BF16 (both
+// include the avx2 ISA); the scalar bundle dequantizes a panel and repacks it.
 constexpr DequantTFn dequant_t_of(Isa isa) {
-  return isa == Isa::kAvx512Bf16 || isa == Isa::kAmxBf16 ? &avx512bf16::dequant_t : nullptr;
+  return isa == Isa::kAvx512Bf16 || isa == Isa::kAmxBf16 ? &avx512bf16::dequant_t
+         : isa == Isa::kAvx2 || isa == Isa::kAvx512      ? &avx2::dequant_t
+                                                         : nullptr;
 }
 
 #define MOETUNE_FEATURE(...)
