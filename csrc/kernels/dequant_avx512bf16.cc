@@ -69,10 +69,13 @@ MOETUNE_INLINE void row_values(const uint8_t* row, __m512& e, __m512& o) {
   }
 }
 
-// The 16 column scales of group g of a panel as fp32 (x 256 for fp8_block,
-// see row_values), and whether vcvtne2ps2bf16 is exact for them (header).
+// The 16 column scales of group g of a panel as fp32 (`exact`; `s` is
+// exact x 256 for fp8_block, see row_values), and whether vcvtne2ps2bf16 is
+// exact for them (header). Off the fast path fp8_block's values are scaled
+// back by 256 (exact) and multiplied by `exact`: 256 x a huge scale could
+// overflow.
 struct GroupScale {
-  __m512 s;
+  __m512 s, exact;
   bool fast;
 };
 template <WeightFormat F>
@@ -93,8 +96,9 @@ MOETUNE_INLINE GroupScale group_scale(const uint8_t* ps, int64_t g) {
   const __mmask16 ok = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_EQ_OQ) |
                        (_mm512_cmp_ps_mask(a, _mm512_set1_ps(0x1p-117f), _CMP_GE_OQ) &
                         _mm512_cmp_ps_mask(a, _mm512_set1_ps(0x1p100f), _CMP_LE_OQ));
+  const __m512 exact = s;
   if constexpr (F == WeightFormat::kFp8Block) s = _mm512_mul_ps(s, _mm512_set1_ps(256.0f));
-  return GroupScale{s, ok == 0xffff};
+  return GroupScale{s, exact, ok == 0xffff};
 }
 
 // One packed row's 32 bf16 in the pair layout (lane c: even K low, odd K
@@ -130,7 +134,7 @@ void dequant_impl(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0,
     const uint8_t* ps = src.panel_scale_bytes(p);
     bf16* dp = dst + qd * kpd * kPanelN;
     int64_t cur_g = -1;
-    GroupScale gs{_mm512_setzero_ps(), false};
+    GroupScale gs{_mm512_setzero_ps(), _mm512_setzero_ps(), false};
     int64_t kd = 0;
     for (; kd < kpd && k0 + kd < k_end; kd += 2) {
       const int64_t k = k0 + kd;
@@ -141,9 +145,16 @@ void dequant_impl(const QuantB& src, int64_t n_begin, int64_t n_end, int64_t k0,
       }
       __m512 e, o;
       row_values<F>(pq + (k / 2) * rb, e, o);
-      e = _mm512_mul_ps(e, gs.s);
-      o = _mm512_mul_ps(o, gs.s);
-      __m512i out = gs.fast ? pairs_fast(e, o) : pairs_exact(e, o);
+      __m512i out;
+      if (gs.fast) {
+        out = pairs_fast(_mm512_mul_ps(e, gs.s), _mm512_mul_ps(o, gs.s));
+      } else {
+        if constexpr (F == WeightFormat::kFp8Block) {
+          e = _mm512_mul_ps(e, _mm512_set1_ps(256.0f));
+          o = _mm512_mul_ps(o, _mm512_set1_ps(256.0f));
+        }
+        out = pairs_exact(_mm512_mul_ps(e, gs.exact), _mm512_mul_ps(o, gs.exact));
+      }
       if (k + 1 >= k_end)
         out = _mm512_and_si512(out, _mm512_set1_epi32(0xffff));  // odd half past K / k1
       _mm512_storeu_si512(dp + (kd / 2) * 2 * kPanelN, _mm512_maskz_mov_epi32(cols, out));
@@ -197,7 +208,7 @@ void dequant_t_impl(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
       const int64_t kb = k0 + op * kPanelN;
       bf16* dpanel = dst + op * kpN * kPanelN;
       const bool full_k = kb + kPanelN <= k_end && kb / G == (kb + kPanelN - 1) / G;
-      GroupScale gs{_mm512_setzero_ps(), false};
+      GroupScale gs{_mm512_setzero_ps(), _mm512_setzero_ps(), false};
       if (full_n && full_k) gs = group_scale<F>(ps, kb / G);
       if (!gs.fast) {
         scalar::dequant_t_block(src, kb, k_end, n0, n1, dpanel);
