@@ -6,11 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-if ! { [ -f /usr/include/gtest/gtest.h ] || [ -f /usr/local/include/gtest/gtest.h ]; }; then
-  echo "[test] installing GoogleTest (Debian libgtest-dev)"
+# GoogleTest; SIMDe (portable AVX-512, for the emulated AVX512-BF16 dequant test on CPUs without it).
+if ! { [ -f /usr/include/gtest/gtest.h ] || [ -f /usr/local/include/gtest/gtest.h ]; } ||
+   ! [ -f /usr/include/simde/x86/avx512.h ]; then
+  echo "[test] installing GoogleTest and SIMDe (Debian libgtest-dev libsimde-dev)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq libgtest-dev >/dev/null
+  $SUDO apt-get install -y -qq libgtest-dev libsimde-dev >/dev/null
 fi
 bash scripts/install.sh
 
