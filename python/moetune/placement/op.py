@@ -158,7 +158,7 @@ def flush_timings(runtime: GpuRuntime) -> None:
 # ---------------------------------------------------------------------------- the call
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: calls are kept in GpuExperts.open_calls (a WeakSet)
 class _Call:
     gpu: GpuExperts
     planner: object
@@ -243,6 +243,8 @@ def placed_moe_experts(
     (default gpu.layer_key)."""
     if not isinstance(gpu, GpuExperts):
         raise TypeError(f"gpu must be a moetune.placement.GpuExperts, got {type(gpu).__name__}")
+    if gpu.closed:
+        raise ValueError(f"gpu (GpuExperts of layer {gpu.layer_key!r}) was closed: its layer's experts were replaced")
     if experts is not gpu.experts:
         raise ValueError("gpu (GpuExperts) was built for other experts than the ones passed")
     for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
@@ -337,6 +339,8 @@ class _Placed(torch.autograd.Function):
         ctx.save_for_backward(x, topk_ids, topk_weights, *lora)
         ctx.call = call
         call.needs = ctx.needs_input_grad[1:]
+        if any(call.needs):  # a backward may follow: the layer is mid-step until it ran (GpuExperts.close)
+            call.gpu.open_calls.add(call)
         runtime = call.gpu.runtime
         dev = runtime.device
         tm = _Timing(runtime, call.planner, call.layer_key, call.plan, call.phase, call.host_counts)
@@ -359,6 +363,7 @@ class _Placed(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, topk_ids, topk_weights, *lora = ctx.saved_tensors
         call: _Call = ctx.call
+        call.gpu.open_calls.discard(call)
         call.gpu.forget_plan(call.memo_key)  # its forward and recompute are done
         if call.gpu.pool.version != call.pool_version:
             _relayout(call)

@@ -434,6 +434,15 @@ class Scheduler:
             if self.residency is not None:
                 self.residency.record(layer_key, plan.counts)
 
+    def forget(self, layer_key: Hashable) -> None:
+        """Drops what the scheduler keeps of layer `layer_key`: its cost model (set or looked up),
+        its last forward routing and its steady flag. Its experts were replaced (an expert index
+        now means another expert, their number may differ): the next call looks its cost model up
+        again and is planned per call until refresh_steady decides from its new routing."""
+        self._models.pop(layer_key, None)
+        self._last_counts.pop(layer_key, None)
+        self._steady.pop(layer_key, None)
+
     # per step instead of per call ---------------------------------------------------------
     def steady(self, layer_key: Hashable) -> bool:
         """Whether the layer's calls may skip plan() until the next refresh_steady (module doc)."""
