@@ -130,7 +130,9 @@ class ModelPlacement:
         self.runtime = GpuRuntime(
             self.device,
             GpuOptions(
-                resident_budget_bytes=budget_bytes, keep_budget_bytes=self._keep_bytes(), stream_buffers=o.staging_buffers
+                resident_budget_bytes=budget_bytes,
+                keep_budget_bytes=self._keep_bytes(),
+                stream_buffers=o.staging_buffers,
             ),
         )
         for layer in self.layers:
