@@ -264,3 +264,32 @@ def test_residency_forget_restarts_a_layers_averages_and_refreshes_next_step():
     early.end_step()
     early.forget("a")
     assert [early.end_step() for _ in range(3)] == [False, True, False]  # the warm-up's refresh only
+
+
+def test_calibrated_start_and_replacement_with_lora_of_every_expert():
+    """calibrate=True under expert parallelism: the engine holds a share of the layer's experts
+    while the module's PEFT LoRA covers all of them (E_FULL rows); the calibration runs on the
+    engine's experts at start and again for the new shape of a replacement (one measurement per
+    shape, the layer then planned with that shape's model)."""
+
+    def lora_of(_module, _state):
+        g = torch.Generator().manual_seed(0)
+        return moetune.LoraWeights(
+            **{
+                p: (torch.randn(E_FULL, R, i, generator=g), torch.randn(E_FULL, o, R, generator=g))
+                for p, (o, i) in PROJ_DIMS.items()
+            },
+            scaling=0.5,
+        )
+
+    module, state = _Module(), _State(engine_of(OLD))
+    pl = ModelPlacement(options("streamed", "cpu", calibrate=True), [(module, state)], lora_of=lora_of)
+    assert pl.start() == "gpu"
+    assert list(pl.calibration.values()) == ["measured"]
+    new = engine_of(NEW)
+    pl.replace_engine(0, new, _State(new))
+    assert len(pl.calibration) == 2 and pl.calibration[pl.layers[0].shape] == "measured"
+    assert (
+        pl.layers[0].shape.num_experts == len(NEW) and pl.scheduler.cost_model(0) is pl.cost_models[pl.layers[0].shape]
+    )
+    one_step(pl, len(NEW), 0, "cpu")

@@ -32,6 +32,8 @@ returned in fp32 summed over both sides, in the parameter's dtype and device.
 
 Saved for backward: x, topk_ids, topk_weights and the LoRA tensors (ctx.save_for_backward, so
 checkpointing frees and restores them), the CPU engine's handle (as moe_experts), the plan.
+A call with a backward to come is registered in its GpuExperts' `open_calls` until that backward
+ran (or its graph was dropped): the layer is mid-step, and its GPU side cannot be released.
 The GPU's g, u, h are recomputed in backward and weights are fetched again (resident pool, the
 layer's keep slot filled by a checkpoint recompute when the keep budget allows, else streamed).
 

@@ -48,6 +48,10 @@ loss and for attention kernels with linear memory (sdpa / flash); "eager" attent
 quadratically: give it an explicit budget. The margin (default 1 GiB + 5% of the card) covers
 allocator fragmentation around the resident tensors, cuBLAS / NCCL workspaces that appear later,
 and the rest of the step-to-step variation. The budget never goes below 0.
+
+Replaced experts (ModelPlacement.replace_engine, experts moved between ranks): `forget(layer_key)`
+drops the layer's averages and wanted set (keyed by its old expert indices); its averages restart,
+debiased over the steps since, and the next end_step after the warm-up refreshes (off the cadence).
 """
 
 from __future__ import annotations

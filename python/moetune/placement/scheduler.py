@@ -38,6 +38,8 @@ resident, and whose plan for its last observed forward routing put every expert 
 "steady" until the next refresh_steady (ModelPlacement.end_step, PlacementOptions.plan_per_step):
 its calls skip plan() and the routing-count host sync (op.py's sync-free path), at the price of
 a plan made from the previous step's routing rather than this call's.
+`forget(layer_key)` drops a layer's cost-model choice, last routing and steady flag when its
+experts are replaced (ModelPlacement.replace_engine): planned per call until the next refresh.
 
 `observe(layer_key, plan, timings)` feeds the measured times to the online correction
 (calibrate.OnlineCorrection), to the metrics aggregator and (forward calls) to the residency
