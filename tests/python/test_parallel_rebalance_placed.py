@@ -2,7 +2,8 @@
 (moetune.parallel.rebalance -> moetune.hf.placement.ModelPlacement.replace_engine), 2 gloo
 processes with the GPU path on its CPU stand-in (PlacementOptions(device="cpu"), mode "gpu":
 every routed expert computed by the GPU path), for a streamed plan (no resident budget) and a
-resident one (every expert held from the first refresh on, layers planned once per step).
+resident one (every expert held from the first refresh on, layers planned once per step); the
+`cuda_` cases run the same on a CUDA device (skipped without one).
 
 rebalance_cases.placed_rebalance_train_worker trains the skewed model of test_parallel_rebalance
 (grad_accum 2, gradient checkpointing, clipping, AdamW) without moving and with a rebalance after
@@ -28,16 +29,23 @@ PLACEMENTS = {
     # only the replacement's own refresh (at the next end_step) makes the moved layer resident again
     "resident": dict(mode="gpu", device="cpu", gpu_budget_gib=1.0, warmup_steps=1, refresh_every=50, calibrate=False),
 }
+# The same on a CUDA device (both ranks' placements on the one GPU there is, gloo for the expert
+# exchange: expert parallelism with a GPU placement, not a speed test); skipped without CUDA.
+PLACEMENTS.update({f"cuda_{k}": {**v, "device": "cuda"} for k, v in list(PLACEMENTS.items())})
 PREFIX = "placement_"
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(scope="module", params=sorted(PLACEMENTS))
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(k, marks=[_NO_CUDA] if k.startswith("cuda_") else []) for k in sorted(PLACEMENTS)],
+)
 def placed(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"placed_{request.param}")
     d = out / "spawn"
     d.mkdir()
     C.spawn(RC.placed_rebalance_train_worker, 2, d, str(out), PLACEMENTS[request.param])
-    return request.param, out
+    return request.param.removeprefix("cuda_"), out
 
 
 def test_moves_with_an_active_gpu_placement_match_training_without(placed):
