@@ -313,6 +313,15 @@ def _rebalance_train(
     rec["eval"] = C.eval_loss(pm)
     if rank == 0:
         pm.save_pretrained(os.path.join(out, f"adapter{tag}_{every}"))
+    if rb is not None and placement is not None:  # mid-step: refused on every rank before any collective
+        b = C.batch(0, 0, rank)
+        pending = pm(input_ids=b, labels=b).loss  # its backward is still to come
+        try:
+            rb.rebalance(opt)
+            rec["refused_mid_step"] = None
+        except RuntimeError as e:
+            rec["refused_mid_step"] = str(e)
+        del pending
     torch.save(C._cpu(rec), os.path.join(out, f"rb{tag}{every}_{rank}.pt"))
 
 

@@ -80,6 +80,7 @@ def test_moves_with_an_active_gpu_placement_match_training_without(placed):
         assert len(moves) == RC.PLACED_STEPS and moves[0]["numbers"]["moved_experts"] > 0
         assert all(m["exact"] for m in moves) and all(m["freed"] for m in moves)
         assert moves[0]["replaced"] == moves[0]["numbers"]["moved_layers"] == 2
+        assert "cannot be released in the middle of a step" in moving[r]["refused_mid_step"]
         for step, (after_move, ended) in enumerate(zip(moving[r]["placement_moved"], moving[r]["placement"][1:])):
             mine = [len(LayerOwnership(o, 2).owned(r)) for o in owners[step + 1]]
             # right after the move: the GPU side built for the layer's new engine and expert count

@@ -180,7 +180,10 @@ def test_replace_engine_mid_step_is_refused(device):
     with pytest.raises(RuntimeError, match=r"layer 0's GPU experts cannot be released in the middle of a step"):
         pl.replace_engine(0, new, _State(new))
     assert pl.layers[0].engine is old and not pl.layers[0].gpu.closed
+    with pytest.raises(RuntimeError, match="middle of a step"):
+        pl.check_idle(0)
     out.backward(dout.to(out.dtype))
+    pl.check_idle(0)
     xr = x.clone().requires_grad_(True)
     ref.forward(0, xr, ids, w, lw).backward(dout.to(out.dtype))
     assert torch.equal(xg.grad, xr.grad)

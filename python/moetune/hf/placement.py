@@ -214,6 +214,12 @@ class ModelPlacement:
         E = layer.engine.num_experts
         return int(min(max(1, k), E)) if isinstance(k, int) else min(8, E)
 
+    def check_idle(self, layer_key: int) -> None:
+        """Raises (RuntimeError, naming the layer) when a call of layer `layer_key` still has its
+        backward to come, i.e. it is not at a step boundary: replace_engine would refuse."""
+        if self.active:
+            self.layers[layer_key].gpu.check_idle()
+
     def replace_engine(self, layer_key: int, engine: MoEExperts, state) -> None:
         """Layer `layer_key` now computes with `engine` (its ExpertsState `state`), whose experts
         may differ in number and identity from the old engine's (expert parallelism moved experts
@@ -238,7 +244,7 @@ class ModelPlacement:
         if not self.active:
             self.layers[layer_key] = new
             return
-        old.gpu.check_idle()  # mid-step: refused before anything changes
+        self.check_idle(layer_key)  # mid-step: refused before anything changes
         flush_timings(self.runtime)  # the old experts' observations go to the old state, then it is dropped
         self.device.synchronize()  # no GPU work of a call may still read what is freed below
         old.gpu.close()

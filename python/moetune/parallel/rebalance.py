@@ -237,6 +237,9 @@ class Rebalancer:
         """One rebalance (a collective): {"moved_experts", "moved_layers", "busiest_before",
         "busiest_after" (the busiest rank's window slots summed over layers, before / after),
         "window_slots"}."""
+        for st in self.states:  # before any collective: every rank refuses alike (they are in step)
+            if st.placement is not None and st.layer_key is not None:
+                st.placement.check_idle(st.layer_key)
         counts = self.window()
         moved = layers = 0
         before = after = 0.0
