@@ -133,9 +133,10 @@ def skewed_model(adapter_dir: str | None = None):
     return pm
 
 
-def _build(ctx, ep, adapter_dir: str | None = None):
+def _build(ctx, ep, adapter_dir: str | None = None, placement=None):
     """The skewed model patched for expert parallelism under DDP (checkpointing on, training
-    mode): (model, expert LoRA tensors, DDP module, trainable params, AdamW)."""
+    mode; `placement`: patch's, None its default): (model, expert LoRA tensors, DDP module,
+    trainable params, AdamW)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import moetune.hf
@@ -143,8 +144,10 @@ def _build(ctx, ep, adapter_dir: str | None = None):
     from moetune.parallel.expert_lora import expert_lora_tensors
 
     pm = skewed_model(adapter_dir)
-    moetune.hf.patch(pm, ctx=ctx, expert_parallel=ep)
+    handle = moetune.hf.patch(pm, ctx=ctx, expert_parallel=ep, placement=placement)
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if placement is not None:  # started now: a rank that computes no slot in the first step has it too
+        handle.placement.start()
     pm.train()
     tensors = expert_lora_tensors(pm)
     grads.ddp_ignore(pm, tensors)
@@ -177,18 +180,66 @@ def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: i
     gradient (expert entries summed from their owners), the ownership; around each move the owners'
     values of every expert LoRA tensor and its optimizer state; at the end the gathered adapter
     and optimizer state; then a checkpoint-style save and a resume in a fresh model."""
-
-    from moetune.hf import patching
-    from moetune.parallel import ExpertParallel, adapter, grads
+    from moetune.parallel import ExpertParallel
     from moetune.parallel.cpus import rank_context
-    from moetune.parallel.rebalance import Rebalancer
-    from moetune.parallel.rebalance_options import RebalanceOptions
+
+    C.init(rank, world, store)
+    ep = ExpertParallel.from_group(dist.new_group(list(range(world))))
+    _rebalance_train(rank, world, ep, rank_context(rank, world), out, every)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+PLACED_STEPS = C.STEPS + 1
+
+
+def placed_rebalance_train_worker(rank: int, world: int, store: str, out: str, placement: dict) -> None:
+    """rebalance_train_worker's runs without moving and with a rebalance after every step, one
+    after the other in one process group, with a GPU placement (PlacementOptions fields
+    `placement`, on the GPU path's CPU stand-in) active on every rank and its end_step() after
+    each optimizer step, one step more than test_parallel_rebalance's (a layer moved at the second
+    step's end is held again at the third's and computes from its residents in the fourth);
+    results tagged "placed"."""
+    from moetune.parallel import ExpertParallel
+    from moetune.parallel.cpus import rank_context
 
     C.init(rank, world, store)
     ep = ExpertParallel.from_group(dist.new_group(list(range(world))))
     ctx = rank_context(rank, world)
+    for every in (0, 1):
+        _rebalance_train(rank, world, ep, ctx, out, every, placement=placement, tag="placed", steps=PLACED_STEPS)
+        dist.barrier()
+    dist.destroy_process_group()
 
-    pm, tensors, ddp, params, opt = _build(ctx, ep)
+
+def _placement_record(states) -> dict:
+    """What the model's placement holds per layer (after its end_step): the experts its GPU side
+    was built for (the same object as the layer's engine?), their number, resident experts,
+    steady flags, and whether any old GPU side is left (closed but still the layer's)."""
+    pl = states[0].placement
+    return {
+        "built_for_engine": [pl.layers[st.layer_key].gpu.experts is st.engine for st in states],
+        "gpu_experts": [pl.layers[st.layer_key].gpu.fmt.num_experts for st in states],
+        "resident": [int(pl.layers[st.layer_key].gpu.resident_mask().sum()) for st in states],
+        "steady": [bool(pl.scheduler.steady(st.layer_key)) for st in states],
+        "closed": [pl.layers[st.layer_key].gpu.closed for st in states],
+        "held_bytes": pl.runtime.store.used_bytes,
+    }
+
+
+def _rebalance_train(
+    rank: int, world: int, ep, ctx, out: str, every: int, placement=None, tag: str = "", steps: int = C.STEPS
+) -> None:
+    """rebalance_train_worker's run (`steps` optimizer steps) in an initialised process group (see there); with a
+    `placement` (PlacementOptions fields) its end_step() after each optimizer step, its numbers
+    and per-layer state recorded ("placed", "placement" after end_step, "placement_moved" after
+    each move)."""
+    from moetune.hf import patching
+    from moetune.parallel import adapter, grads
+    from moetune.parallel.rebalance import Rebalancer
+    from moetune.parallel.rebalance_options import RebalanceOptions
+
+    pm, tensors, ddp, params, opt = _build(ctx, ep, placement=placement)
     states = [patching.experts_state(f.module) for f in patching.find_experts(pm)]
     rb = Rebalancer(pm, RebalanceOptions(every, 0.0)) if every else None
     rec = {"loss": [], "grads": [], "owners": [], "moves": [], "expert_names": [t.name for t in tensors]}
@@ -214,8 +265,11 @@ def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: i
         grads.clip_grad_norm_(params, 1.0, tensors)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if placement is not None:
+            rec.setdefault("placed", []).append(states[0].placement.end_step())
+            rec.setdefault("placement", []).append(_placement_record(states))
 
-    for step in range(C.STEPS):
+    for step in range(steps):
         one_step(step, ddp, pm, tensors, params, opt)
         if rb is not None and rb.due(step + 1):
             snap = _snapshot(tensors, opt)
@@ -245,6 +299,8 @@ def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: i
                     "freed": freed,
                 }
             )
+            if placement is not None:
+                rec.setdefault("placement_moved", []).append(_placement_record(states))
         rec["owners"].append([st.ep.own.owner for st in states])
         rec.setdefault("engine_experts", []).append([st.engine.num_experts for st in states])
     adapter.sync(pm, tensors)
@@ -256,10 +312,17 @@ def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: i
     }
     rec["eval"] = C.eval_loss(pm)
     if rank == 0:
-        pm.save_pretrained(os.path.join(out, f"adapter_{every}"))
-    torch.save(C._cpu(rec), os.path.join(out, f"rb{every}_{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+        pm.save_pretrained(os.path.join(out, f"adapter{tag}_{every}"))
+    if rb is not None and placement is not None:  # mid-step: refused on every rank before any collective
+        b = C.batch(0, 0, rank)
+        pending = pm(input_ids=b, labels=b).loss  # its backward is still to come
+        try:
+            rb.rebalance(opt)
+            rec["refused_mid_step"] = None
+        except RuntimeError as e:
+            rec["refused_mid_step"] = str(e)
+        del pending
+    torch.save(C._cpu(rec), os.path.join(out, f"rb{tag}{every}_{rank}.pt"))
 
 
 def resume_worker(rank: int, world: int, store: str, out: str) -> None:

@@ -89,6 +89,7 @@ class ModelPlacement:
         self.last_numbers: dict[str, float] = {}
         self.last_progress = ""
         self._step_starts: list[float] = []
+        self._keep_cap: int | None = None  # CUDA: the keep slot's cap, a quarter of the memory free at start
 
     # ---- start ----
     @property
@@ -122,22 +123,20 @@ class ModelPlacement:
         self.device = Device(dev)
         explicit = o.gpu_budget_gib is not None
         budget_bytes = int(o.gpu_budget_gib * GIB) if explicit else 0
-        keep = 0
-        if o.keep_for_backward:  # one layer's decoded experts at most (the recompute right before its backward)
-            keep = max(l.engine.num_experts * format_of(l.engine).decoded_bytes_per_expert for l in self.layers)
-            if self.device.is_cuda:  # and never more than a quarter of what is free now (a large layer streams again)
-                keep = min(keep, torch.cuda.mem_get_info(dev)[0] // 4)
+        # The keep slot never takes more than a quarter of what is free at start (a large layer
+        # streams again in its backward instead).
+        if o.keep_for_backward and self.device.is_cuda:
+            self._keep_cap = torch.cuda.mem_get_info(dev)[0] // 4
         self.runtime = GpuRuntime(
             self.device,
-            GpuOptions(resident_budget_bytes=budget_bytes, keep_budget_bytes=keep, stream_buffers=o.staging_buffers),
+            GpuOptions(
+                resident_budget_bytes=budget_bytes,
+                keep_budget_bytes=self._keep_bytes(),
+                stream_buffers=o.staging_buffers,
+            ),
         )
         for layer in self.layers:
-            layer.gpu = GpuExperts(self.runtime, layer.engine, layer_key=layer.key)
-        for layer in self.layers:
-            if layer.shape not in self.cost_models:
-                self.cost_models[layer.shape] = CostModel(
-                    layer.shape, self._coefficients(layer), staging_buffers=o.staging_buffers
-                )
+            self._build_layer(layer)
         self.metrics = PlacementMetrics()
         # A backward copies its streamed experts again unless the checkpoint recompute before it
         # kept them (keep slot): only with gradient checkpointing on (known when training starts).
@@ -164,6 +163,25 @@ class ModelPlacement:
         self.runtime.trace = self.trace if self.trace.enabled else None
         self._anchor()
 
+    def _keep_bytes(self) -> int:
+        """The keep slot's budget: one layer's decoded experts at most (the recompute right before
+        its backward), the largest layer's, within the cap set at start."""
+        if not self.options.keep_for_backward:
+            return 0
+        keep = max(l.engine.num_experts * format_of(l.engine).decoded_bytes_per_expert for l in self.layers)
+        return keep if self._keep_cap is None else min(keep, self._keep_cap)
+
+    def _build_layer(self, layer: _Layer) -> None:
+        """One layer's GPU side, at start and when its experts are replaced: its GpuExperts (page-
+        locked host views, device biases, an empty resident pool: the residency policy fills it at
+        its next refresh) and the cost model of its shape (calibrated, or read from the calibration
+        cache, once per shape: layers and replacements of one shape share it)."""
+        layer.gpu = GpuExperts(self.runtime, layer.engine, layer_key=layer.key)
+        if layer.shape not in self.cost_models:
+            self.cost_models[layer.shape] = CostModel(
+                layer.shape, self._coefficients(layer), staging_buffers=self.options.staging_buffers
+            )
+
     # ---- calibration ----
     def _coefficients(self, layer: _Layer) -> CostCoefficients:
         """The layer shape's coefficients: calibrated (or read from the cache), or the defaults."""
@@ -178,7 +196,16 @@ class ModelPlacement:
         if self._lora_of is None or module is None or state is None:
             return None
         lora = self._lora_of(module, state)
-        return lora if any(getattr(lora, p) is not None for p in ("gate", "up", "down")) else None
+        if not any(getattr(lora, p) is not None for p in ("gate", "up", "down")):
+            return None
+        # Under expert parallelism the engine holds a share of the layer's experts while PEFT's
+        # tensors cover all of them: calibration only needs the factors' shapes, so the first rows.
+        E = layer.engine.num_experts
+        for p in ("gate", "up", "down"):
+            pair = getattr(lora, p)
+            if pair is not None and pair[0].shape[0] != E:
+                setattr(lora, p, tuple(t[:E] for t in pair))
+        return lora
 
     def _top_k(self, layer: _Layer) -> int:
         module = layer.module_ref()
@@ -187,17 +214,46 @@ class ModelPlacement:
         E = layer.engine.num_experts
         return int(min(max(1, k), E)) if isinstance(k, int) else min(8, E)
 
-    def replace_engine(self, layer_key: int, engine: MoEExperts, state) -> None:
-        """Layer `layer_key` now computes with `engine` (its ExpertsState `state`): expert parallelism
-        moved experts between ranks. Refused once the GPU path is built (its GpuExperts, resident
-        pools and cost models come from the engine at start)."""
+    def check_idle(self, layer_key: int) -> None:
+        """Raises (RuntimeError, naming the layer) when a call of layer `layer_key` still has its
+        backward to come, i.e. it is not at a step boundary: replace_engine would refuse."""
         if self.active:
-            raise RuntimeError(
-                "moetune: an experts layer's engine cannot be replaced while its placement computes on the GPU "
-                "(its GPU experts are built from the engine at start); use placement mode 'cpu'"
-            )
+            self.layers[layer_key].gpu.check_idle()
+
+    def replace_engine(self, layer_key: int, engine: MoEExperts, state) -> None:
+        """Layer `layer_key` now computes with `engine` (its ExpertsState `state`), whose experts
+        may differ in number and identity from the old engine's (expert parallelism moved experts
+        between ranks). At a step boundary only: no call of the layer may have its backward still
+        to come (refused, nothing changed, otherwise).
+
+        With the GPU path built, the layer's GPU side is rebuilt for the new experts: pending
+        timings are delivered, the old GpuExperts released (resident pool, keep slot, plan memo,
+        device biases, page-locking of the old engine's buffers), the new one built as at start
+        (`_build_layer`: empty pool, the cost model of its shape, calibrated if the shape is new),
+        the keep budget re-derived, staging no layer streams any more freed; and everything kept
+        per local expert index or about the old experts forgotten: the scheduler's cost-model
+        choice, last routing and steady flag (the layer is planned per call again until the next
+        end_step decides), the residency policy's averages and wanted set (refreshed at the next
+        end_step after the warm-up, with the new experts' routing of that step)."""
+        if not isinstance(engine, MoEExperts):
+            raise TypeError(f"moetune: replace_engine needs a moetune.MoEExperts, got {type(engine).__name__}")
+        if not (isinstance(layer_key, int) and 0 <= layer_key < len(self.layers)):
+            raise KeyError(f"moetune: no experts layer {layer_key!r} in this placement ({len(self.layers)} layers)")
         old = self.layers[layer_key]
-        self.layers[layer_key] = _Layer(old.key, engine, old.module_ref(), state)
+        new = _Layer(old.key, engine, old.module_ref(), state)
+        if not self.active:
+            self.layers[layer_key] = new
+            return
+        self.check_idle(layer_key)  # mid-step: refused before anything changes
+        flush_timings(self.runtime)  # the old experts' observations go to the old state, then it is dropped
+        self.device.synchronize()  # no GPU work of a call may still read what is freed below
+        old.gpu.close()
+        self.layers[layer_key] = new
+        self.scheduler.forget(layer_key)
+        self.policy.forget(layer_key)
+        self._build_layer(new)
+        self.runtime.keep.budget_bytes = self._keep_bytes()
+        self.runtime.drop_streamers({l.gpu.fmt for l in self.layers})
 
     # ---- calls ----
     def forward(

@@ -42,8 +42,11 @@ to fp32 reduction order (the parallel tests' tolerances). Checkpoints do not dep
 (moetune.parallel.adapter gathers every expert from its owner at save), so a resumed run starts
 from the run's initial ownership and rebalances again at its next boundary.
 
-Not supported (refused): an active GPU placement (moetune.hf.placement builds its GPU experts
-from the engine at start; it would need to rebuild them for the new expert set).
+With a GPU placement (expert_placement auto / gpu on the rank's GPU), each moved layer's GPU side
+is rebuilt for the new expert set (`ModelPlacement.replace_engine`: the old resident pool, keep
+slot and page-locking released, the new GpuExperts built as at start, the layer's scheduler and
+residency state keyed by local expert index forgotten; it is planned per call and its residents
+chosen again at the next step boundary). The LoRA rows move on whichever device holds them.
 """
 
 from __future__ import annotations
@@ -186,19 +189,9 @@ def move_lora(tensors: list[ExpertLoraTensor], optimizer, old: LayerOwnership, n
             _exchange_rows(view, ident, view, ident, moves, ep)
 
 
-def _check_placement(st) -> None:
-    """Refuses a layer whose placement computes on the GPU (its GPU experts are built once)."""
-    if st.placement is not None and st.placement.active:
-        raise NotImplementedError(
-            f"moetune: {st.name}: moving experts between ranks with an active GPU placement is not supported "
-            "(its GPU experts are built from the engine at start); use expert_placement=cpu"
-        )
-
-
 def _repoint_placement(st, engine: MoEExperts) -> None:
-    """The model's placement (not computing on the GPU) keeps each layer's engine: give it the new
-    one, so that the old engine's memory is freed."""
-    _check_placement(st)
+    """The model's placement keeps each layer's engine (and, on the GPU, what it built from it):
+    give it the new one, so that the old engine's memory is freed and the GPU side follows."""
     if st.placement is not None and st.layer_key is not None:
         st.placement.replace_engine(st.layer_key, engine, st)
 
@@ -212,8 +205,6 @@ class Rebalancer:
         self.states = [patching.experts_state(f.module) for f in patching.find_experts(model)]
         if not self.states or any(st.ep is None for st in self.states):
             raise ValueError("moetune: rebalancing needs a model patched with expert_parallel=")
-        for st in self.states:
-            _check_placement(st)
         self.ep = self.states[0].ep.ep
         tensors = expert_lora_tensors(model)
         self.tensors = [[t for t in tensors if t.layer is st.ep] for st in self.states]
@@ -246,6 +237,9 @@ class Rebalancer:
         """One rebalance (a collective): {"moved_experts", "moved_layers", "busiest_before",
         "busiest_after" (the busiest rank's window slots summed over layers, before / after),
         "window_slots"}."""
+        for st in self.states:  # before any collective: every rank refuses alike (they are in step)
+            if st.placement is not None and st.layer_key is not None:
+                st.placement.check_idle(st.layer_key)
         counts = self.window()
         moved = layers = 0
         before = after = 0.0

@@ -13,7 +13,7 @@ Contracts:
 - `register_host(owner, ranges)` page-locks memory owned by someone else (the engine's packed
   buffers) in place, so that streaming needs no second host copy; it is undone when `owner` is
   garbage-collected (weakref.finalize, i.e. before the owner's attributes and so the engine
-  buffers are released) or by `HostRegistration.release()`.
+  buffers are released), by `HostRegistration.release()` or by `unregister_host(owner)`.
 """
 
 from __future__ import annotations
@@ -128,6 +128,13 @@ class Device:
         if reg is None:
             reg = self._registrations[owner] = HostRegistration(self, owner, list(ranges), what, keepalive)
         return reg
+
+    def unregister_host(self, owner) -> None:
+        """Undoes `register_host(owner, ...)` now rather than when `owner` is collected (a layer's
+        experts were replaced while the old engine may still be referenced); no-op if none."""
+        reg = self._registrations.pop(owner, None)
+        if reg is not None:
+            reg.release()
 
 
 class HostRegistration:

@@ -8,14 +8,17 @@ format (staging buffers), the keep budget, and the queue of pending timing recor
 (page-locked in place on CUDA for the lifetime of the MoEExperts object), their PackedFormat, the
 activation and the frozen biases on the device, the layer's resident pool, the plan memo (a
 checkpoint recompute gets the same plan as its forward) and the keep slot (a recompute's streamed
-weights, handed to the backward that follows it).
+weights, handed to the backward that follows it). `close()` releases all of it at a step boundary
+(the layer's experts were replaced: moetune.hf.placement.ModelPlacement.replace_engine); the calls
+whose backward is still to come (`open_calls`, registered by op.py) make it refuse.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Hashable
+import weakref
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 
@@ -90,6 +93,13 @@ class GpuRuntime:
     def staging_bytes(self) -> int:
         return sum(s.staging_bytes for s in self._streamers.values())
 
+    def drop_streamers(self, keep: Iterable[PackedFormat]) -> None:
+        """Frees the staging of every streamer whose format is not in `keep` (the formats some
+        layer still streams); between steps, with no GPU work of a call in flight."""
+        keep = set(keep)
+        for fmt in [f for f in self._streamers if f not in keep]:
+            del self._streamers[fmt]
+
     def apply_residency(self, layers, wanted: Callable) -> None:
         """Makes each GpuExperts of `layers` hold wanted(layer_key) (bool [E]: a ResidencyPolicy's
         `wanted`), shrinking layers first so that the budget holds at every step. Between steps:
@@ -126,6 +136,36 @@ class GpuExperts:
         self._memo: collections.OrderedDict = collections.OrderedDict()
         self._keep: tuple[tuple, list, int] | None = None  # (chunks, weights per chunk, bytes)
         self.sync_free_cache = None  # op.py's (pool version, index tensors) of the sync-free path
+        # op.py's calls of this layer whose backward is still to come (weak: a graph dropped
+        # without its backward releases its calls); close() refuses while there are any
+        self.open_calls: weakref.WeakSet = weakref.WeakSet()
+        self.closed = False
+
+    def check_idle(self) -> None:
+        """Raises unless the layer is at a step boundary: no call of it has its backward to come."""
+        if self.open_calls:
+            raise RuntimeError(
+                f"moetune.placement: layer {self.layer_key!r}'s GPU experts cannot be released in the middle of a "
+                f"step: {len(self.open_calls)} call(s) of the layer still have their backward to come (replace a "
+                "layer's experts between optimizer steps)"
+            )
+
+    def close(self) -> None:
+        """Releases what the layer holds: its resident pool (freed and removed from the store), the
+        keep slot, the plan memo, the device biases and the page-locking of the engine's buffers
+        (now, not when the engine is collected). Only at a step boundary: refused (nothing
+        released) while a call of this layer still has its backward to come. Unusable afterwards
+        (placed_moe_experts refuses it); idempotent."""
+        if self.closed:
+            return
+        self.check_idle()
+        self.release_keep()
+        self._memo.clear()
+        self.sync_free_cache = None
+        self.runtime.store.drop(self.layer_key)
+        self.runtime.device.unregister_host(self.experts)
+        self.experts, self.host, self.biases = None, {}, (None, None, None)
+        self.closed = True
 
     @property
     def streamer(self) -> Streamer:

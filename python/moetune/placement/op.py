@@ -32,6 +32,8 @@ returned in fp32 summed over both sides, in the parameter's dtype and device.
 
 Saved for backward: x, topk_ids, topk_weights and the LoRA tensors (ctx.save_for_backward, so
 checkpointing frees and restores them), the CPU engine's handle (as moe_experts), the plan.
+A call with a backward to come is registered in its GpuExperts' `open_calls` until that backward
+ran (or its graph was dropped): the layer is mid-step, and its GPU side cannot be released.
 The GPU's g, u, h are recomputed in backward and weights are fetched again (resident pool, the
 layer's keep slot filled by a checkpoint recompute when the keep budget allows, else streamed).
 
@@ -158,7 +160,7 @@ def flush_timings(runtime: GpuRuntime) -> None:
 # ---------------------------------------------------------------------------- the call
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: calls are kept in GpuExperts.open_calls (a WeakSet)
 class _Call:
     gpu: GpuExperts
     planner: object
@@ -243,6 +245,8 @@ def placed_moe_experts(
     (default gpu.layer_key)."""
     if not isinstance(gpu, GpuExperts):
         raise TypeError(f"gpu must be a moetune.placement.GpuExperts, got {type(gpu).__name__}")
+    if gpu.closed:
+        raise ValueError(f"gpu (GpuExperts of layer {gpu.layer_key!r}) was closed: its layer's experts were replaced")
     if experts is not gpu.experts:
         raise ValueError("gpu (GpuExperts) was built for other experts than the ones passed")
     for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
@@ -337,6 +341,8 @@ class _Placed(torch.autograd.Function):
         ctx.save_for_backward(x, topk_ids, topk_weights, *lora)
         ctx.call = call
         call.needs = ctx.needs_input_grad[1:]
+        if any(call.needs):  # a backward may follow: the layer is mid-step until it ran (GpuExperts.close)
+            call.gpu.open_calls.add(call)
         runtime = call.gpu.runtime
         dev = runtime.device
         tm = _Timing(runtime, call.planner, call.layer_key, call.plan, call.phase, call.host_counts)
@@ -359,6 +365,7 @@ class _Placed(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, topk_ids, topk_weights, *lora = ctx.saved_tensors
         call: _Call = ctx.call
+        call.gpu.open_calls.discard(call)
         call.gpu.forget_plan(call.memo_key)  # its forward and recompute are done
         if call.gpu.pool.version != call.pool_version:
             _relayout(call)

@@ -48,6 +48,10 @@ loss and for attention kernels with linear memory (sdpa / flash); "eager" attent
 quadratically: give it an explicit budget. The margin (default 1 GiB + 5% of the card) covers
 allocator fragmentation around the resident tensors, cuBLAS / NCCL workspaces that appear later,
 and the rest of the step-to-step variation. The budget never goes below 0.
+
+Replaced experts (ModelPlacement.replace_engine, experts moved between ranks): `forget(layer_key)`
+drops the layer's averages and wanted set (keyed by its old expert indices); its averages restart,
+debiased over the steps since, and the next end_step after the warm-up refreshes (off the cadence).
 """
 
 from __future__ import annotations
@@ -136,10 +140,11 @@ class CudaMemoryProbe:
 
 
 class _Layer:
-    __slots__ = ("E", "tokens", "active", "calls", "ema_tokens", "ema_active", "ema_calls", "wanted")
+    __slots__ = ("E", "since", "tokens", "active", "calls", "ema_tokens", "ema_active", "ema_calls", "wanted")
 
-    def __init__(self, E: int):
+    def __init__(self, E: int, since: int = 0):
         self.E = E
+        self.since = since  # the policy's step count its averages start from (debiasing)
         self.tokens = np.zeros(E)
         self.active = np.zeros(E)
         self.calls = 0.0
@@ -230,6 +235,8 @@ class ResidencyPolicy:
         self.budget_bytes = self._budget_bytes
         self.last_refresh: dict[str, int] = {}
         self._layers: dict[Hashable, _Layer] = {}
+        self._since: dict[Hashable, int] = {}  # forgotten layers: the step their new averages start from
+        self._refresh_due = False  # a layer was forgotten after the warm-up: refresh at the next end_step
 
     @classmethod
     def attach(cls, scheduler, **kw) -> ResidencyPolicy:
@@ -244,8 +251,21 @@ class ResidencyPolicy:
     def _layer(self, layer_key: Hashable) -> _Layer:
         layer = self._layers.get(layer_key)
         if layer is None:
-            layer = self._layers[layer_key] = _Layer(self._model(layer_key).shape.num_experts)
+            E = self._model(layer_key).shape.num_experts
+            layer = self._layers[layer_key] = _Layer(E, self._since.get(layer_key, 0))
         return layer
+
+    def forget(self, layer_key: Hashable) -> None:
+        """Drops layer `layer_key`'s averages and wanted set: its experts were replaced (an expert
+        index now means another expert; the number of experts may differ too). Its averages start
+        again at its next recorded call, debiased over the steps from now on (not from the run's
+        start); after the warm-up the next end_step refreshes, so the new experts get their share
+        of the budget after one step of their routing instead of at the next cadence point. Until
+        then the layer wants no resident expert, as every layer at the start."""
+        self._layers.pop(layer_key, None)
+        self._since[layer_key] = self.steps
+        if self.steps >= self.warmup_steps:
+            self._refresh_due = True
 
     # inputs -------------------------------------------------------------------------------
     def record(self, layer_key: Hashable, counts) -> None:
@@ -283,7 +303,7 @@ class ResidencyPolicy:
             layer.active[:] = 0
             layer.calls = 0.0
         k = self.steps - self.warmup_steps
-        if k >= 0 and k % self.refresh_every == 0:
+        if k >= 0 and (k % self.refresh_every == 0 or self._refresh_due):
             self.refresh()
             return True
         return False
@@ -299,7 +319,7 @@ class ResidencyPolicy:
         )
 
     def _averages(self, layer: _Layer):
-        debias = 1.0 - self.ema ** max(1, self.steps)
+        debias = 1.0 - self.ema ** max(1, self.steps - layer.since)
         return layer.ema_tokens / debias, layer.ema_active / debias, layer.ema_calls / debias
 
     def benefit(self, layer_key: Hashable) -> np.ndarray:
@@ -319,6 +339,7 @@ class ResidencyPolicy:
 
     def refresh(self) -> None:
         """Recomputes the wanted sets now (end_step calls it at the cadence)."""
+        self._refresh_due = False
         if self._budget_bytes is None:
             self.budget_bytes = auto_budget_bytes(
                 self.memory_probe(),

@@ -54,6 +54,13 @@ class ResidentStore:
     def pools(self) -> dict[Hashable, ResidentPool]:
         return dict(self._pools)
 
+    def drop(self, key: Hashable) -> None:
+        """Frees layer `key`'s pool and forgets it (its layer's experts were replaced: the next
+        `pool(key, fmt)` starts an empty one, of any format)."""
+        p = self._pools.pop(key, None)
+        if p is not None:
+            p.clear()
+
     def _check(self, pool: ResidentPool, new_slots: int) -> None:
         after = self.used_bytes - pool.nbytes + new_slots * pool.fmt.decoded_bytes_per_expert
         if after > self.budget_bytes:

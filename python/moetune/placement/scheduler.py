@@ -38,6 +38,8 @@ resident, and whose plan for its last observed forward routing put every expert 
 "steady" until the next refresh_steady (ModelPlacement.end_step, PlacementOptions.plan_per_step):
 its calls skip plan() and the routing-count host sync (op.py's sync-free path), at the price of
 a plan made from the previous step's routing rather than this call's.
+`forget(layer_key)` drops a layer's cost-model choice, last routing and steady flag when its
+experts are replaced (ModelPlacement.replace_engine): planned per call until the next refresh.
 
 `observe(layer_key, plan, timings)` feeds the measured times to the online correction
 (calibrate.OnlineCorrection), to the metrics aggregator and (forward calls) to the residency
@@ -433,6 +435,15 @@ class Scheduler:
             self._last_counts[layer_key] = plan.counts
             if self.residency is not None:
                 self.residency.record(layer_key, plan.counts)
+
+    def forget(self, layer_key: Hashable) -> None:
+        """Drops what the scheduler keeps of layer `layer_key`: its cost model (set or looked up),
+        its last forward routing and its steady flag. Its experts were replaced (an expert index
+        now means another expert, their number may differ): the next call looks its cost model up
+        again and is planned per call until refresh_steady decides from its new routing."""
+        self._models.pop(layer_key, None)
+        self._last_counts.pop(layer_key, None)
+        self._steady.pop(layer_key, None)
 
     # per step instead of per call ---------------------------------------------------------
     def steady(self, layer_key: Hashable) -> bool:

@@ -111,7 +111,7 @@ class TrainConfig:
         _REBALANCE.every,
         "under expert parallelism: every N optimizer steps, move experts between ranks so that each MoE "
         "layer's experts are balanced by the routing of the last N steps (packed weights, LoRA rows and "
-        "optimizer state travel; results unchanged; needs the CPU engine placement); 0: never",
+        "optimizer state travel; results unchanged); 0: never",
         "model",
     )
     ep_rebalance_min_gain: float = _f(

@@ -107,11 +107,6 @@ def train(cfg: TrainConfig, *, say: Callable[[str], None] = print) -> dict[str, 
         model_mod.placement_options(cfg).resolve_mode(device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"expert_placement={cfg.expert_placement!r}: {e}") from None
-    if dd is not None and cfg.ep_rebalance_every and model_mod.placement_options(cfg).resolve_mode(device)[0] != "cpu":
-        raise ConfigError(
-            "ep_rebalance_every: moving experts between ranks needs them on the CPU engine (expert_placement=cpu, "
-            "or a CPU run): a GPU placement builds its GPU experts once, for a fixed expert set"
-        )
     # Tokenizer and data first: a bad record fails before the (long) model load.
     tok, train_s, eval_s, dstats = _load_data(cfg, say)
     pm, handle = _load_model(cfg, device, len(tok), say, dd, lambda: _profile_batches(cfg, train_s, tok, dd, device))
