@@ -121,8 +121,9 @@ def test_fsdp2_option_validated_before_loading(tmp_path):
     assert make_config(None, {"data_parallel": "fsdp2", "output_dir": str(tmp_path / "r")}).data_parallel == "fsdp2"
     with pytest.raises(ConfigError, match="data_parallel must be one of ddp, fsdp2"):
         make_config(None, {"data_parallel": "zero3", "output_dir": str(tmp_path / "r")})
-    with pytest.raises(ConfigError, match="ep_rebalance_every: .*not supported with data_parallel=fsdp2"):
-        make_config(None, {"data_parallel": "fsdp2", "ep_rebalance_every": 2, "output_dir": str(tmp_path / "r")})
+    # moving experts between ranks works under either wrapper (test_parallel_rebalance runs both)
+    cfg = make_config(None, {"data_parallel": "fsdp2", "ep_rebalance_every": 2, "output_dir": str(tmp_path / "r")})
+    assert (cfg.data_parallel, cfg.ep_rebalance_every) == ("fsdp2", 2)
 
 
 def test_fsdp2_refused_where_fully_shard_cannot_ignore_experts(tmp_path, monkeypatch):

@@ -16,7 +16,10 @@ around one (the engine-held placeholders, `moetune.hf._placeholder`, and the exp
 ignored: not sharded, not moved, not reduced; those parameters stay plain tensors. Wrapping only
 the non-expert submodules one by one instead would leave the experts to the root unit, and a
 separate mesh would still shard them; `ignored_params` is the one way that keeps the decoder
-layer (the unit whose all-gather gradient checkpointing repeats) whole.
+layer (the unit whose all-gather gradient checkpointing repeats) whole. For the same reason moving
+experts between ranks (moetune.parallel.rebalance) is the same under FSDP2 as under DDP: what moves
+(engine bytes, expert LoRA rows, their optimizer state: plain tensors of ignored parameters) is never
+FSDP2's, and a move needs no FSDP2 collective (tests/python/test_parallel_rebalance.py runs both).
 
 The mesh: 1-D over the given group (moetune train: the default group, not the experts' one, so
 FSDP's prefetching all-gathers never interleave with the token exchange on one communicator).
