@@ -155,7 +155,7 @@ def _build(ctx, ep, adapter_dir: str | None = None, data_parallel: str = "ddp"):
         grads.ddp_ignore(pm, tensors)
         call = DDP(pm, device_ids=None)
     params = [p for p in pm.parameters() if p.requires_grad]
-    return pm, tensors, call, params, torch.optim.AdamW(params, lr=C.LR)
+    return pm, tensors, call, params, torch.optim.AdamW(params, lr=C.LR, **fsdp.optimizer_options(params))
 
 
 def _sync_unless(call, last: bool):

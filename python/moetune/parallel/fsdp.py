@@ -127,6 +127,18 @@ def shard(model: nn.Module, *, group=None, device: torch.device | str = "cpu") -
     return model
 
 
+def optimizer_options(params) -> dict:
+    """Keyword arguments for a torch optimizer over `params` (an FSDP2 model's trainable parameters):
+    {"foreach": False} where they mix FSDP2's DTensors with plain tensors (the ignored expert LoRA),
+    else {}. torch's multi-tensor (foreach) kernels refuse such a mix in one parameter group ("got
+    mixed torch.Tensor and DTensor"), and torch picks them by default where every parameter is on
+    CUDA; two parameter groups instead would change the optimizer state's layout that checkpoints
+    share with DDP and one-process runs."""
+    params = list(params)
+    mixed = any(_is_dtensor(p) for p in params) and not all(_is_dtensor(p) for p in params)
+    return {"foreach": False} if mixed else {}
+
+
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
