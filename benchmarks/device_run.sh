@@ -18,6 +18,9 @@
 #   bash benchmarks/device_run.sh placement-tests  # CUDA tests of the placement layer (GPU path, scheduler, wiring)
 #   bash benchmarks/device_run.sh placement-layer qwen3|deepseek  # one layer placed 4 ways + scheduler timing
 #   bash benchmarks/device_run.sh train-step qwen3|deepseek       # end-to-end training steps: cpu / auto / peft
+#   bash benchmarks/device_run.sh ep-one-host  # expert parallelism on one host: 1 process on 16 cores vs 2 pinned
+#                                           # ranks (gloo) on 8 + 8, Qwen3-30B-A3B layer shapes; non-expert part on
+#                                           # the one GPU (shared by both ranks: not a multi-GPU test), then on the CPU
 #   bash benchmarks/device_run.sh ktkernel qwen3|deepseek   # vs kt-kernel's SFT backend (carry .ktk:
 #                                           # benchmarks/make_ktk.sh; python 3.12 only)
 # Through the device tool, carry .dev (a libgtest-dev .deb from Debian, for
@@ -153,6 +156,12 @@ ktkernel)
   export PYTHONPATH=$PWD/.ktk${PYTHONPATH:+:$PYTHONPATH}
   python3 benchmarks/bench_ktkernel.py --threads 16 --tokens 256 1024 4096 16384 --configs "${2:-qwen3}" \
     --json "$OUT/ktkernel-${2:-qwen3}.json" 2>&1 | tee "$OUT/ktkernel-${2:-qwen3}.txt"
+  ;;
+ep-one-host)
+  for dev in cuda cpu; do
+    python3 benchmarks/bench_ep_one_host.py --size medium --cores 16 --device $dev --out "$OUT/ep-one-host-$dev" \
+      --json "$OUT/ep-one-host-$dev.json" 2>&1 | tee "$OUT/ep-one-host-$dev.txt"
+  done
   ;;
 peft)
   python3 benchmarks/bench_moe_layer.py --threads 16 --configs qwen3 --tokens 1024 --routing uniform \

@@ -54,7 +54,7 @@ def fsdp_train_worker(rank: int, world: int, store: str, out: str, backend: str 
         "grads0": None,
     }
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=C.LR)
+    opt = torch.optim.AdamW(params, lr=C.LR, **fsdp.optimizer_options(params))  # as moetune train (NCCL: no foreach)
     for step in range(C.STEPS):
         for m in range(C.ACCUM):
             b = C.batch(step, m, rank).to(dev)
@@ -117,3 +117,33 @@ def _local(t):
     from torch.distributed.tensor import DTensor
 
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def optimizer_worker(rank: int, world: int, store: str, out: str) -> None:
+    """A Linear pair under fully_shard, the second one ignored (as the expert LoRA): AdamW with foreach
+    over the DTensor / plain mix, and with fsdp.optimizer_options; results to a file."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    from moetune.parallel import fsdp
+
+    C.init(rank, world, store)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    fully_shard(m, mesh=DeviceMesh.from_group(dist.group.WORLD, "cpu"), ignored_params=set(m[1].parameters()))
+    params = list(m.parameters())
+    rec = {"options": fsdp.optimizer_options(params), "all_sharded": fsdp.optimizer_options(params[:2])}
+    m(torch.randn(2, 4)).sum().backward()
+    before = [_local(p).detach().clone() for p in params]
+    try:  # what torch picks by default on CUDA
+        torch.optim.AdamW(params, lr=0.1, foreach=True).step()
+        rec["foreach_error"] = None
+    except RuntimeError as e:
+        rec["foreach_error"] = str(e)
+    opt = torch.optim.AdamW(params, lr=0.1, **rec["options"])
+    opt.step()
+    rec["stepped"] = all(not torch.equal(_local(p), b) for p, b in zip(params, before))
+    rec["foreach_default"] = opt.defaults["foreach"]
+    torch.save(rec, os.path.join(out, f"opt{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -133,14 +133,15 @@ def skewed_model(adapter_dir: str | None = None):
     return pm
 
 
-def _build(ctx, ep, adapter_dir: str | None = None, placement=None):
-    """The skewed model patched for expert parallelism under DDP (checkpointing on, training
-    mode; `placement`: patch's, None its default): (model, expert LoRA tensors, DDP module,
-    trainable params, AdamW)."""
+def _build(ctx, ep, adapter_dir: str | None = None, data_parallel: str = "ddp", placement=None):
+    """The skewed model patched for expert parallelism under DDP, or with the non-expert part
+    sharded by FSDP2 over the default group as moetune train does (data_parallel "fsdp2")
+    (checkpointing on, training mode; `placement`: patch's, None its default): (model, expert LoRA
+    tensors, the module a step calls (DDP's or the sharded model itself), trainable params, AdamW)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import moetune.hf
-    from moetune.parallel import grads
+    from moetune.parallel import fsdp, grads
     from moetune.parallel.expert_lora import expert_lora_tensors
 
     pm = skewed_model(adapter_dir)
@@ -150,10 +151,49 @@ def _build(ctx, ep, adapter_dir: str | None = None, placement=None):
         handle.placement.start()
     pm.train()
     tensors = expert_lora_tensors(pm)
-    grads.ddp_ignore(pm, tensors)
-    ddp = DDP(pm, device_ids=None)
+    if data_parallel == "fsdp2":
+        call = fsdp.shard(pm, device="cpu")
+    else:
+        grads.ddp_ignore(pm, tensors)
+        call = DDP(pm, device_ids=None)
     params = [p for p in pm.parameters() if p.requires_grad]
-    return pm, tensors, ddp, params, torch.optim.AdamW(params, lr=C.LR)
+    return pm, tensors, call, params, torch.optim.AdamW(params, lr=C.LR, **fsdp.optimizer_options(params))
+
+
+def _sync_unless(call, last: bool):
+    """Around one micro-batch: gradients reduced over the ranks only after the last (DDP's no_sync,
+    FSDP2's set_requires_gradient_sync)."""
+    if hasattr(call, "set_requires_gradient_sync"):
+        call.set_requires_gradient_sync(last)
+        return nullcontext()
+    return nullcontext() if last else call.no_sync()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 DTensor gathered (a collective); any other tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _sharded(pm) -> list[str]:
+    """The parameters FSDP2 shards (DTensors): none under DDP."""
+    from torch.distributed.tensor import DTensor
+
+    return [n for n, p in pm.named_parameters() if isinstance(p, DTensor)]
+
+
+def _save_adapter(pm, path: str, rank: int) -> None:
+    """What moetune train's checkpoint writes (after adapter.sync): rank 0 saves one standard adapter,
+    under FSDP2 from the full state every rank gathers (a collective)."""
+    from moetune.parallel import fsdp
+
+    if _sharded(pm):
+        saver = fsdp.FullStateSaver(pm, fsdp.full_trainable_state(pm))
+    else:
+        saver = pm
+    if rank == 0:
+        saver.save_pretrained(path)
 
 
 def _snapshot(tensors, opt) -> dict[str, list[torch.Tensor]]:
@@ -174,18 +214,19 @@ def _snapshot(tensors, opt) -> dict[str, list[torch.Tensor]]:
     return out
 
 
-def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: int) -> None:
+def rebalance_train_worker(rank: int, world: int, store: str, out: str, every: int, data_parallel: str = "ddp") -> None:
     """C.train_worker's run (grad_accum 2, gradient checkpointing, clipping, AdamW) on the skewed
-    model, rebalancing every `every` steps (0: never, min_gain 0): per step the losses, every LoRA
-    gradient (expert entries summed from their owners), the ownership; around each move the owners'
-    values of every expert LoRA tensor and its optimizer state; at the end the gathered adapter
-    and optimizer state; then a checkpoint-style save and a resume in a fresh model."""
+    model (the non-expert part under DDP or FSDP2: `data_parallel`), rebalancing every `every` steps
+    (0: never, min_gain 0): per step the losses, every LoRA gradient (FSDP2's chunks gathered, expert
+    entries summed from their owners), the ownership; around each move the owners' values of every
+    expert LoRA tensor and its optimizer state; at the end the gathered adapter and optimizer state;
+    then a checkpoint-style save and a resume in a fresh model."""
     from moetune.parallel import ExpertParallel
     from moetune.parallel.cpus import rank_context
 
     C.init(rank, world, store)
     ep = ExpertParallel.from_group(dist.new_group(list(range(world))))
-    _rebalance_train(rank, world, ep, rank_context(rank, world), out, every)
+    _rebalance_train(rank, world, ep, rank_context(rank, world), out, every, data_parallel=data_parallel)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -228,7 +269,16 @@ def _placement_record(states) -> dict:
 
 
 def _rebalance_train(
-    rank: int, world: int, ep, ctx, out: str, every: int, placement=None, tag: str = "", steps: int = C.STEPS
+    rank: int,
+    world: int,
+    ep,
+    ctx,
+    out: str,
+    every: int,
+    placement=None,
+    tag: str = "",
+    steps: int = C.STEPS,
+    data_parallel: str = "ddp",
 ) -> None:
     """rebalance_train_worker's run (`steps` optimizer steps) in an initialised process group (see there); with a
     `placement` (PlacementOptions fields) its end_step() after each optimizer step, its numbers
@@ -239,16 +289,17 @@ def _rebalance_train(
     from moetune.parallel.rebalance import Rebalancer
     from moetune.parallel.rebalance_options import RebalanceOptions
 
-    pm, tensors, ddp, params, opt = _build(ctx, ep, placement=placement)
+    pm, tensors, ddp, params, opt = _build(ctx, ep, data_parallel=data_parallel, placement=placement)
     states = [patching.experts_state(f.module) for f in patching.find_experts(pm)]
     rb = Rebalancer(pm, RebalanceOptions(every, 0.0)) if every else None
     rec = {"loss": [], "grads": [], "owners": [], "moves": [], "expert_names": [t.name for t in tensors]}
+    rec["sharded"] = _sharded(pm)
     rec["owners"].append([st.ep.own.owner for st in states])
 
     def one_step(step, ddp, pm, tensors, params, opt):
         for m in range(C.ACCUM):
             b = C.batch(step, m, rank)
-            with ddp.no_sync() if m < C.ACCUM - 1 else nullcontext():
+            with _sync_unless(ddp, m == C.ACCUM - 1):
                 o = ddp(input_ids=b, labels=b)
                 (o.loss / C.ACCUM).backward()
             rec["loss"].append(o.loss.item())
@@ -260,7 +311,7 @@ def _rebalance_train(
             g[t.name] = full
         for n, p in pm.named_parameters():
             if p.requires_grad and n not in g:
-                g[n] = p.grad.clone()
+                g[n] = _full(p.grad).clone()
         rec["grads"].append(g)
         grads.clip_grad_norm_(params, 1.0, tensors)
         opt.step()
@@ -311,8 +362,7 @@ def _rebalance_train(
         for t in tensors
     }
     rec["eval"] = C.eval_loss(pm)
-    if rank == 0:
-        pm.save_pretrained(os.path.join(out, f"adapter{tag}_{every}"))
+    _save_adapter(pm, os.path.join(out, f"adapter{tag}_{every}"), rank)
     if rb is not None and placement is not None:  # mid-step: refused on every rank before any collective
         b = C.batch(0, 0, rank)
         pending = pm(input_ids=b, labels=b).loss  # its backward is still to come
@@ -325,13 +375,14 @@ def _rebalance_train(
     torch.save(C._cpu(rec), os.path.join(out, f"rb{tag}{every}_{rank}.pt"))
 
 
-def resume_worker(rank: int, world: int, store: str, out: str) -> None:
+def resume_worker(rank: int, world: int, store: str, out: str, data_parallel: str = "ddp") -> None:
     """Resume after a move: the run of rebalance_train_worker(every=1) stopped after step 2 (its
-    gathered adapter and optimizer state saved as moetune train's checkpoint does), then a fresh
-    model (ownership by index again) loads them and takes step 3 (rebalancing again): losses and
-    the final adapter recorded for the comparison with the uninterrupted run."""
+    gathered adapter and optimizer state saved as moetune train's checkpoint does: under FSDP2 as
+    full tensors), then a fresh model (ownership by index again) loads them (FSDP2: cut to this rank's
+    shards) and takes step 3 (rebalancing again): losses and the final adapter recorded for the
+    comparison with the uninterrupted run."""
 
-    from moetune.parallel import ExpertParallel, adapter, grads
+    from moetune.parallel import ExpertParallel, adapter, fsdp, grads
     from moetune.parallel.cpus import rank_context
     from moetune.parallel.rebalance import Rebalancer
     from moetune.parallel.rebalance_options import RebalanceOptions
@@ -346,7 +397,7 @@ def resume_worker(rank: int, world: int, store: str, out: str) -> None:
     def step_(step, ddp, tensors, params, opt):
         for m in range(C.ACCUM):
             b = C.batch(step, m, rank)
-            with ddp.no_sync() if m < C.ACCUM - 1 else nullcontext():
+            with _sync_unless(ddp, m == C.ACCUM - 1):
                 o = ddp(input_ids=b, labels=b)
                 (o.loss / C.ACCUM).backward()
             losses.append(o.loss.item())
@@ -355,7 +406,8 @@ def resume_worker(rank: int, world: int, store: str, out: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    pm, tensors, ddp, params, opt = _build(ctx, ep)
+    fsdp2 = data_parallel == "fsdp2"
+    pm, tensors, ddp, params, opt = _build(ctx, ep, data_parallel=data_parallel)
     rb = Rebalancer(pm, RebalanceOptions(1, 0.0))
     moved = 0
     for step in range(2):
@@ -363,13 +415,14 @@ def resume_worker(rank: int, world: int, store: str, out: str) -> None:
         moved += rb.maybe(step + 1, opt)["moved_experts"]
     adapter.sync(pm, tensors)  # what moetune train's checkpoint does (Distributed.sync)
     adapter.sync_optimizer(opt, tensors)
+    opt_state = fsdp.full_optimizer_state(opt) if fsdp2 else opt.state_dict()
+    _save_adapter(pm, ckpt, rank)
     if rank == 0:
-        pm.save_pretrained(ckpt)
-        torch.save(opt.state_dict(), os.path.join(out, "opt.pt"))
+        torch.save(opt_state, os.path.join(out, "opt.pt"))
     dist.barrier()
-    del pm, tensors, ddp, params, opt, rb
-    pm, tensors, ddp, params, opt = _build(ctx, ep, ckpt)
-    opt.load_state_dict(torch.load(os.path.join(out, "opt.pt")))
+    del pm, tensors, ddp, params, opt, rb, opt_state
+    pm, tensors, ddp, params, opt = _build(ctx, ep, ckpt, data_parallel)
+    (fsdp.ShardingOptimizer(opt) if fsdp2 else opt).load_state_dict(torch.load(os.path.join(out, "opt.pt")))
     rb = Rebalancer(pm, RebalanceOptions(1, 0.0))
     step_(2, ddp, tensors, params, opt)
     moved_after = rb.maybe(3, opt)["moved_experts"]

@@ -114,6 +114,18 @@ def test_fsdp2_training_matches_one_process(tmp_path, backend):
         assert abs(res[r]["eval"] - ref["eval"]) <= 16 * U * abs(ref["eval"])
 
 
+def test_fsdp2_optimizer_without_foreach_over_a_dtensor_mix(tmp_path):
+    """FSDP2's DTensors and the ignored (expert LoRA) plain tensors in one parameter group: torch's
+    foreach kernels, its default on CUDA, refuse the mix; fsdp.optimizer_options turns them off for
+    such a mix only, and AdamW then steps every parameter."""
+    C.spawn(F.optimizer_worker, 2, tmp_path, str(tmp_path))
+    for r in range(2):
+        rec = torch.load(tmp_path / f"opt{r}.pt", weights_only=False)
+        assert rec["foreach_error"] is not None and "mixed torch.Tensor and DTensor" in rec["foreach_error"]
+        assert rec["options"] == {"foreach": False} and rec["all_sharded"] == {}
+        assert rec["foreach_default"] is False and rec["stepped"]
+
+
 def test_fsdp2_option_validated_before_loading(tmp_path):
     from moetune.train.config import ConfigError, TrainConfig, make_config
 
@@ -121,8 +133,9 @@ def test_fsdp2_option_validated_before_loading(tmp_path):
     assert make_config(None, {"data_parallel": "fsdp2", "output_dir": str(tmp_path / "r")}).data_parallel == "fsdp2"
     with pytest.raises(ConfigError, match="data_parallel must be one of ddp, fsdp2"):
         make_config(None, {"data_parallel": "zero3", "output_dir": str(tmp_path / "r")})
-    with pytest.raises(ConfigError, match="ep_rebalance_every: .*not supported with data_parallel=fsdp2"):
-        make_config(None, {"data_parallel": "fsdp2", "ep_rebalance_every": 2, "output_dir": str(tmp_path / "r")})
+    # moving experts between ranks works under either wrapper (test_parallel_rebalance runs both)
+    cfg = make_config(None, {"data_parallel": "fsdp2", "ep_rebalance_every": 2, "output_dir": str(tmp_path / "r")})
+    assert (cfg.data_parallel, cfg.ep_rebalance_every) == ("fsdp2", 2)
 
 
 def test_fsdp2_refused_where_fully_shard_cannot_ignore_experts(tmp_path, monkeypatch):

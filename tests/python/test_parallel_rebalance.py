@@ -3,7 +3,8 @@ the decision (plan_layer), the move of one layer (packed bytes of every engine f
 biases, LoRA rows and optimizer state bit for bit), and training with a rebalance after every
 step on a skewed routing against the same run without moving (losses, every LoRA gradient, the
 gathered adapter and optimizer state within the parallel tests' tolerances: the math per slot is
-the same, only which rank sums which partials changes), and a resume after a move."""
+the same, only which rank sums which partials changes), and a resume after a move; training,
+resume and moetune train each with the non-expert part under DDP and under FSDP2."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import rebalance_cases as RC
 import torch
 from op_cases import U
 
-from moetune.parallel import LayerOwnership, by_index, by_load, load_per_rank
+from moetune.parallel import LayerOwnership, by_index, by_load, fsdp, load_per_rank
 from moetune.parallel.rebalance import LayerMoves, plan_layer
 from moetune.parallel.rebalance_options import RebalanceOptions
 
@@ -104,15 +105,26 @@ def _fro_close(name, g, ref, c):
     assert err <= c * U * scale, f"{name}: ||d||_F = {err:.4g} > {c}*u*{scale:.4g} (ratio {err / (U * scale):.2f})"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The skewed training run without moving (every=0) and with a rebalance after every step."""
-    out = tmp_path_factory.mktemp("rebalance")
+# The non-expert part under DDP, or sharded by FSDP2 (the routed experts and their LoRA are
+# fully_shard's ignored_params: they move the same way; the step and the saves differ).
+DATA_PARALLEL = [
+    "ddp",
+    pytest.param(
+        "fsdp2", marks=pytest.mark.skipif(fsdp.unsupported_reason() is not None, reason=str(fsdp.unsupported_reason()))
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=DATA_PARALLEL)
+def runs(request, tmp_path_factory):
+    """The skewed training run without moving (every=0) and with a rebalance after every step, under
+    DDP or FSDP2: (their folder, data_parallel)."""
+    out = tmp_path_factory.mktemp(f"rebalance-{request.param}")
     for every in (0, 1):
         d = out / f"run{every}"
         d.mkdir()
-        C.spawn(RC.rebalance_train_worker, 2, d, str(out), every)
-    return out
+        C.spawn(RC.rebalance_train_worker, 2, d, str(out), every, request.param)
+    return out, request.param
 
 
 def test_training_with_moves_matches_training_without(runs):
@@ -120,8 +132,13 @@ def test_training_with_moves_matches_training_without(runs):
     Frobenius; adapter and optimizer state 16u Frobenius)."""
     from safetensors.torch import load_file
 
+    runs, data_parallel = runs
     fixed = [torch.load(runs / f"rb0_{r}.pt") for r in range(2)]
     moving = [torch.load(runs / f"rb1_{r}.pt") for r in range(2)]
+    for rec in fixed + moving:  # FSDP2 shards the non-expert part (its LoRA too), never the experts
+        assert bool(rec["sharded"]) == (data_parallel == "fsdp2")
+        assert any("q_proj.lora_A" in n for n in rec["sharded"]) or not rec["sharded"]
+        assert not set(rec["sharded"]) & set(rec["expert_names"])
     # experts did move: the ownership changed, on both layers, and the engines hold the new sets
     owners = moving[0]["owners"]
     assert owners[0] == [by_index(C.E, 2).owner] * 2 and fixed[0]["owners"][-1] == owners[0]
@@ -159,7 +176,8 @@ def test_resume_after_a_move(tmp_path, runs):
     """Stopped after 2 steps (experts moved), saved as moetune train saves (every expert from its
     owner), resumed in a fresh model (ownership by index again) for step 3: the same losses and
     final adapter as the uninterrupted run with moves."""
-    C.spawn(RC.resume_worker, 2, tmp_path, str(tmp_path))
+    runs, data_parallel = runs
+    C.spawn(RC.resume_worker, 2, tmp_path, str(tmp_path), data_parallel)
     res = [torch.load(tmp_path / f"resume{r}.pt") for r in range(2)]
     moving = [torch.load(runs / f"rb1_{r}.pt") for r in range(2)]
     for r in range(2):
@@ -204,11 +222,12 @@ def _torchrun(tmp_path, name: str, extra: dict) -> str:
     return out
 
 
-def test_moetune_train_rebalances_and_resumes(tmp_path):
+@pytest.mark.parametrize("data_parallel", DATA_PARALLEL)
+def test_moetune_train_rebalances_and_resumes(tmp_path, data_parallel):
     """--ep-rebalance-every 1 (min gain 0): experts move after the first steps (a rebalance record
     per step in metrics.jsonl, rank 0 says so), the run stops after step 2 and resumes (ownership
     by index again) to step 3; losses and the adapter match the one-process run (test_parallel_train's
-    tolerances)."""
+    tolerances). Under DDP and under FSDP2 (--data-parallel fsdp2)."""
     import json
     import os
 
@@ -223,7 +242,7 @@ def test_moetune_train_rebalances_and_resumes(tmp_path):
     cfg = make_config(None, {**T.COMMON, "grad_accum": 2, "output_dir": ref, "engine_threads": 1}, base=DEMO_DEFAULTS)
     train(cfg, say=lambda *a: None)
     run = str(tmp_path / "run")
-    extra = {"output_dir": run, "ep_rebalance_every": 1, "ep_rebalance_min_gain": 0.0}
+    extra = {"output_dir": run, "ep_rebalance_every": 1, "ep_rebalance_min_gain": 0.0, "data_parallel": data_parallel}
     out = _torchrun(tmp_path, "first", {**extra, "stop_after_steps": 2})
     assert "experts moved between ranks" in out, out[-3000:]
     first = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]

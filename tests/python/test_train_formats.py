@@ -169,6 +169,59 @@ def test_parallel_equals_serial_and_the_cache(tmp_path, tok, monkeypatch):
     assert tokenize_cache.default_num_proc(10) == 1
 
 
+def test_cache_entry_published_by_another_rank_at_the_same_time(tmp_path, tok, monkeypatch):
+    """The ranks of a torchrun launch tokenize the same data at once and publish the same entry. The
+    interleaving where another rank's entry lands right before our rename (a launch test once failed
+    at start-up on it: ENOTEMPTY) keeps the other rank's entry untouched (a third rank may be reading
+    it) and drops ours; the samples are the same and the next run hits."""
+    import os
+    import shutil
+
+    p = jsonl(tmp_path / "d.jsonl", [{"messages": CHAT[:2]} for _ in range(8)])
+    cfg = cfg_for(tmp_path)
+    real, theirs = os.rename, {}
+
+    def racing(src, dst):
+        if os.path.basename(src).startswith(os.path.basename(dst) + ".tmp-") and not os.path.exists(dst):
+            shutil.copytree(src, dst)  # the other rank's entry: same key, same content
+            theirs[dst] = os.stat(os.path.join(dst, "done")).st_ino
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(tokenize_cache.os, "rename", racing)
+        first = data.prepare(cfg, tok, p)
+    assert first[2]["cache"] == "miss" and theirs
+    for entry, ino in theirs.items():
+        assert os.stat(os.path.join(entry, "done")).st_ino == ino  # kept as the other rank wrote it
+    assert sorted(os.listdir(tmp_path / "o" / "data-cache")) == sorted(map(os.path.basename, theirs))  # no tmp left
+    again = data.prepare(cfg, tok, p)
+    assert again[2]["cache"] == "hit" and again[0] == first[0]
+
+
+def test_cache_publish_keeps_a_complete_entry_and_replaces_a_damaged_one(tmp_path):
+    import os
+
+    def folder(name, done: bool, content: str):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "data").write_text(content)
+        if done:
+            (d / "done").write_text("{}\n")
+        return str(d)
+
+    entry = folder("key", True, "theirs")
+    ino = os.stat(os.path.join(entry, "data")).st_ino
+    tokenize_cache.publish(folder("key.tmp-1", True, "ours"), entry)  # another rank's complete entry: kept
+    assert os.stat(os.path.join(entry, "data")).st_ino == ino and not os.path.exists(tmp_path / "key.tmp-1")
+    damaged = folder("key2", False, "half")
+    tokenize_cache.publish(folder("key2.tmp-1", True, "ours"), damaged)  # no `done`: replaced
+    assert (tmp_path / "key2" / "data").read_text() == "ours" and (tmp_path / "key2" / "done").is_file()
+    tokenize_cache.publish(folder("key3.tmp-1", True, "ours"), str(tmp_path / "key3"))  # nothing there yet
+    assert (tmp_path / "key3" / "done").is_file() and not os.path.exists(tmp_path / "key3.tmp-1")
+    with pytest.raises(FileNotFoundError):  # any other failure is an error
+        tokenize_cache.publish(str(tmp_path / "missing.tmp-1"), str(tmp_path / "missing"))
+
+
 def test_problems_are_one_clear_line_each(tmp_path, tok):
     cfg = cfg_for(tmp_path)
     (tmp_path / "empty.jsonl").write_text("\n\n")

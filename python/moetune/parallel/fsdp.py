@@ -16,7 +16,10 @@ around one (the engine-held placeholders, `moetune.hf._placeholder`, and the exp
 ignored: not sharded, not moved, not reduced; those parameters stay plain tensors. Wrapping only
 the non-expert submodules one by one instead would leave the experts to the root unit, and a
 separate mesh would still shard them; `ignored_params` is the one way that keeps the decoder
-layer (the unit whose all-gather gradient checkpointing repeats) whole.
+layer (the unit whose all-gather gradient checkpointing repeats) whole. For the same reason moving
+experts between ranks (moetune.parallel.rebalance) is the same under FSDP2 as under DDP: what moves
+(engine bytes, expert LoRA rows, their optimizer state: plain tensors of ignored parameters) is never
+FSDP2's, and a move needs no FSDP2 collective (tests/python/test_parallel_rebalance.py runs both).
 
 The mesh: 1-D over the given group (moetune train: the default group, not the experts' one, so
 FSDP's prefetching all-gathers never interleave with the token exchange on one communicator).
@@ -122,6 +125,18 @@ def shard(model: nn.Module, *, group=None, device: torch.device | str = "cpu") -
         register_fsdp_forward_method(model, "generate")
     model.register_load_state_dict_pre_hook(load_full_state_hook)
     return model
+
+
+def optimizer_options(params) -> dict:
+    """Keyword arguments for a torch optimizer over `params` (an FSDP2 model's trainable parameters):
+    {"foreach": False} where they mix FSDP2's DTensors with plain tensors (the ignored expert LoRA),
+    else {}. torch's multi-tensor (foreach) kernels refuse such a mix in one parameter group ("got
+    mixed torch.Tensor and DTensor"), and torch picks them by default where every parameter is on
+    CUDA; two parameter groups instead would change the optimizer state's layout that checkpoints
+    share with DDP and one-process runs."""
+    params = list(params)
+    mixed = any(_is_dtensor(p) for p in params) and not all(_is_dtensor(p) for p in params)
+    return {"foreach": False} if mixed else {}
 
 
 def _is_dtensor(t) -> bool:

@@ -371,11 +371,6 @@ class TrainConfig:
             why = fsdp.unsupported_reason()
             if why is not None:
                 raise ConfigError(f"data_parallel=fsdp2: {why}")
-            if self.ep_rebalance_every:  # the move of optimizer state is built and tested under DDP only
-                raise ConfigError(
-                    "ep_rebalance_every: moving experts between ranks is not supported with data_parallel=fsdp2 yet; "
-                    "use data_parallel=ddp or ep_rebalance_every=0"
-                )
         self._check_paths()
         return self
 

@@ -157,6 +157,10 @@ class Distributed:
         self.ddp = DDP(pm, device_ids=[dev.index] if dev.type == "cuda" else None)
         return self.ddp
 
+    def optimizer_options(self, params) -> dict:
+        """Keyword arguments of the run's optimizer over `params` (FSDP2: fsdp.optimizer_options)."""
+        return fsdp.optimizer_options(params) if self.data_parallel == fsdp.DataParallel.FSDP2 else {}
+
     def start_rebalancing(self, pm, every: int, min_gain: float) -> None:
         """Experts move between ranks every `every` optimizer steps (moetune.parallel.rebalance; 0: never)."""
         opts = RebalanceOptions(every, min_gain)

@@ -261,7 +261,12 @@ class _Run:
         self.placement = placement  # moetune.hf.placement.ModelPlacement (end_step once per step)
         self.params = [p for p in pm.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=tuple_betas(cfg), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+            self.params,
+            lr=cfg.lr,
+            betas=tuple_betas(cfg),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            **({} if dd is None else dd.optimizer_options(self.params)),  # FSDP2: no foreach over a DTensor mix
         )
         if dd is not None:  # experts move between ranks every ep_rebalance_every steps (0: never)
             dd.start_rebalancing(pm, cfg.ep_rebalance_every, cfg.ep_rebalance_min_gain)

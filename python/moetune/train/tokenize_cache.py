@@ -114,13 +114,29 @@ def encode_records(
     out.save_to_disk(tmp)
     with open(os.path.join(tmp, "done"), "w") as fh:
         fh.write(json.dumps(options) + "\n")
-    shutil.rmtree(entry, ignore_errors=True)
-    try:
-        os.rename(tmp, entry)
-    except OSError as e:
-        # Another process (a second rank tokenizing the same data) published the same entry between
-        # the rmtree and the rename: its content is the same (same key), so keep it and drop ours.
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(entry):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(tmp, entry)
     return out, "miss"
+
+
+def publish(tmp: str, entry: str) -> None:
+    """Moves the finished folder `tmp` to `entry` (one rename). The ranks of a torchrun launch all
+    tokenize the same data at the same time and race to publish the same key: the first wins, and an
+    entry another process published complete (its "done" written) is the same content, so it is
+    kept as it is and ours dropped; it is never deleted, since a third rank may be reading it after
+    its cache hit. Only a leftover without "done" (not written by this code: a damaged folder) is
+    replaced."""
+    for attempt in range(2):
+        try:
+            os.rename(tmp, entry)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(entry):
+                raise
+        if os.path.isfile(os.path.join(entry, "done")):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if attempt:
+            raise OSError(
+                errno.ENOTEMPTY, f"moetune: tokenization cache entry {entry}: a folder without 'done' stays in the way"
+            )
+        shutil.rmtree(entry, ignore_errors=True)  # damaged: replaced by ours

@@ -160,7 +160,7 @@ TEST(Avx512Bf16DequantEmulated, BitIdenticalToTheScalarOracle) {
                              {WeightFormat::kInt4, 128},
                              {WeightFormat::kFp8Block, 0},
                              {WeightFormat::kMxfp4, 0}};
-  const int64_t shapes[][2] = {{128, 32}, {33, 17}, {200, 40}, {1, 1},   {130, 5},  {64, 16},
+  const int64_t shapes[][2] = {{128, 32}, {33, 17}, {200, 40}, {1, 1},    {130, 5}, {64, 16},
                                {258, 33}, {7, 48},  {96, 64},  {512, 48}, {256, 64}};
   const KernelBundle& oracle = kernels_for(Isa::kScalar);
   for (const QuantSpec& sp : specs) {
@@ -173,7 +173,8 @@ TEST(Avx512Bf16DequantEmulated, BitIdenticalToTheScalarOracle) {
                                  std::to_string(sp.group_size) + " K=" + std::to_string(K) +
                                  " N=" + std::to_string(N) + " variant " + std::to_string(variant);
         const int64_t nr[][2] = {{0, N}, {N > 16 ? 16 : 0, N}, {0, N > 3 ? N - 3 : 1}};
-        const int64_t kr[][2] = {{0, K}, {K > 2 ? 2 : 0, K}, {0, K > 1 ? K - 1 : K}, {K > 16 ? 16 : 0, K}};
+        const int64_t kr[][2] = {
+            {0, K}, {K > 2 ? 2 : 0, K}, {0, K > 1 ? K - 1 : K}, {K > 16 ? 16 : 0, K}};
         for (const auto& r : kr) {
           for (const auto& cr : nr) {
             const size_t elems = packed_elems(r[1] - r[0], cr[1] - cr[0]);
@@ -181,8 +182,9 @@ TEST(Avx512Bf16DequantEmulated, BitIdenticalToTheScalarOracle) {
             oracle.dequant(qb, cr[0], cr[1], r[0], r[1], want.data());
             avx512bf16_emu::dequant(qb, cr[0], cr[1], r[0], r[1], got.data());
             for (size_t e = 0; e < elems; ++e)
-              ASSERT_EQ(got[e], want[e]) << "dequant " << what << " rows [" << r[0] << "," << r[1]
-                                         << ") cols [" << cr[0] << "," << cr[1] << ") element " << e;
+              ASSERT_EQ(got[e], want[e])
+                  << "dequant " << what << " rows [" << r[0] << "," << r[1] << ") cols [" << cr[0]
+                  << "," << cr[1] << ") element " << e;
           }
           const int64_t Kd = r[1] - r[0];
           std::vector<bf16> rows(packed_elems(Kd, N)), want(packed_elems(N, Kd), 0xFFFF),
@@ -191,8 +193,8 @@ TEST(Avx512Bf16DequantEmulated, BitIdenticalToTheScalarOracle) {
           oracle.transpose_packed(PackedB{rows.data(), Kd, N}, 0, Kd, want.data());
           avx512bf16_emu::dequant_t(qb, r[0], r[1], got.data());
           for (size_t e = 0; e < want.size(); ++e)
-            ASSERT_EQ(got[e], want[e]) << "dequant_t " << what << " rows [" << r[0] << "," << r[1]
-                                       << ") element " << e;
+            ASSERT_EQ(got[e], want[e])
+                << "dequant_t " << what << " rows [" << r[0] << "," << r[1] << ") element " << e;
         }
       }
     }
