@@ -7,9 +7,8 @@
 //   bwd   : the backward's W^T slice: 256 K rows of an operand with N = 768
 //           columns, the bundle's dequant + transpose_packed (two passes),
 //           and where the bundle has one its fused dequant_t.
-// Each thread streams its own 96 operands (beyond L2 and, with 16 threads,
-// a 300 MB L3: codes come from DRAM as the engine's experts do) into its own
-// L2-sized output. Figures: G weights/s
+// Each thread streams its own 96 operands (tens of MB per thread, so codes
+// come from memory as the engine's experts do) into its own L2-sized output. Figures: G weights/s
 // over all threads (median of 5 rounds, variants interleaved), and the ms the
 // dequantization of one Qwen3-30B-A3B layer's fwd+bwd at T = 256 would take
 // at that rate (every expert's 3 projections once forward, once backward:
