@@ -59,6 +59,16 @@ run_gtest() {
   fi
 }
 
+# The C++ suite and micro-benchmarks in /tmp/build-k, then the whole suite (AMX included).
+build_kernels_and_gtest() {
+  mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
+  cmake -S . -B /tmp/build-k -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON -DMOETUNE_BUILD_BENCHMARKS=ON \
+    -DGTest_DIR=/tmp/gtest/usr/lib/x86_64-linux-gnu/cmake/GTest >"$OUT/kbuild.log" 2>&1 &&
+    cmake --build /tmp/build-k -j 16 >>"$OUT/kbuild.log" 2>&1 || { tail -30 "$OUT/kbuild.log"; exit 1; }
+  /tmp/build-k/moetune_tests --gtest_brief=1 >"$OUT/gtest.log" 2>&1
+  echo "gtest rc=$?"; grep -E "tests ran|PASSED|FAILED" "$OUT/gtest.log" | tail -8
+}
+
 case "$mode" in
 tests)
   run_gtest
@@ -86,12 +96,7 @@ train-step)
     --json "$OUT/train-step-${2:-qwen3}.json" 2>&1 | tee "$OUT/train-step-${2:-qwen3}.txt"
   ;;
 kernels)
-  mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
-  cmake -S . -B /tmp/build-k -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON -DMOETUNE_BUILD_BENCHMARKS=ON \
-    -DGTest_DIR=/tmp/gtest/usr/lib/x86_64-linux-gnu/cmake/GTest >"$OUT/kbuild.log" 2>&1 &&
-    cmake --build /tmp/build-k -j 16 >>"$OUT/kbuild.log" 2>&1 || { tail -30 "$OUT/kbuild.log"; exit 1; }
-  /tmp/build-k/moetune_tests --gtest_brief=1 >"$OUT/gtest.log" 2>&1
-  echo "gtest rc=$?"; grep -E "tests ran|PASSED|FAILED" "$OUT/gtest.log" | tail -8
+  build_kernels_and_gtest
   g++ -O2 -pthread -std=c++17 benchmarks/ceiling/ceiling.cc -o /tmp/ceiling && /tmp/ceiling 16 2>&1 | tee "$OUT/ceiling.txt"
   /tmp/build-k/bench_gemm ${2:-16 8} 2>&1 | tee "$OUT/bench-gemm.txt"
   ;;
@@ -118,12 +123,7 @@ ceiling)
 dequant)
   # issue 11, kernels: the C++ suite (the AVX512-BF16 / AMX dequant is proven only on such a CPU) and the
   # dequantization throughput per format and ISA (benchmarks/kernels/bench_dequant.cc)
-  mkdir -p /tmp/gtest && dpkg -x .dev/libgtest-dev_*.deb /tmp/gtest
-  cmake -S . -B /tmp/build-k -DCMAKE_BUILD_TYPE=Release -DMOETUNE_BUILD_TESTS=ON -DMOETUNE_BUILD_BENCHMARKS=ON \
-    -DGTest_DIR=/tmp/gtest/usr/lib/x86_64-linux-gnu/cmake/GTest >"$OUT/kbuild.log" 2>&1 &&
-    cmake --build /tmp/build-k -j 16 >>"$OUT/kbuild.log" 2>&1 || { tail -30 "$OUT/kbuild.log"; exit 1; }
-  /tmp/build-k/moetune_tests --gtest_brief=1 >"$OUT/gtest.log" 2>&1
-  echo "gtest rc=$?"; grep -E "tests ran|PASSED|FAILED" "$OUT/gtest.log" | tail -8
+  build_kernels_and_gtest
   /tmp/build-k/bench_dequant ${2:-1 16} 2>&1 | tee "$OUT/bench-dequant.txt"
   ;;
 formats)

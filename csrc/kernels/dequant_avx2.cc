@@ -136,49 +136,37 @@ inline void transpose8(__m256 (&r)[8]) {
 
 template <WeightFormat F>
 void dequant_t_impl(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
-  const int64_t Kd = k1 - k0, kpN = packed_kp(src.N);
-  const int64_t G = quant_group_k(src.spec, src.K);
-  const int64_t k_end = std::min(k1, src.K);
   constexpr int64_t rb = weight_format_info(F).code_bits == 8 ? 32 : 16;
-  for (int64_t p = 0; p < packed_panels(src.N); ++p) {  // source panel: columns n = 16p..
-    const int64_t n0 = p * kPanelN, n1 = std::min(n0 + kPanelN, kpN);
-    const bool full_n = n0 + kPanelN <= src.N;
-    const uint8_t* pq = src.panel_q(p);
-    const uint8_t* ps = src.panel_scale_bytes(p);
-    for (int64_t op = 0; op < packed_panels(Kd); ++op) {  // output panel: K = kb..kb+15
-      const int64_t kb = k0 + op * kPanelN;
-      bf16* dpanel = dst + op * kpN * kPanelN;
-      if (!(full_n && kb + kPanelN <= k_end && kb / G == (kb + kPanelN - 1) / G)) {
-        scalar::dequant_t_block(src, kb, k_end, n0, n1, dpanel);
-        continue;
-      }
-      __m256 s0, s1;
-      group_scales<F>(ps, kb / G, s0, s1);
-      // Per half h (K = kb + 8h .. +7, rows 4h..4h+3): lo[i] / hi[i] hold
-      // K = kb + 8h + i, columns 0-7 / 8-15, scaled; after the transposes
-      // lo[c] / hi[c] hold column c / 8 + c, lanes K = kb + 8h + (0..7): the
-      // half h of output rows (n pairs) 0-3 / 4-7.
-      for (int h = 0; h < 2; ++h) {
-        __m256 lo[8], hi[8];
-        for (int r = 0; r < 4; ++r) {
-          const int i = 2 * r;
-          row_values<F>(pq + (kb / 2 + 4 * h + r) * rb, lo[i], hi[i], lo[i + 1], hi[i + 1]);
-          lo[i] = _mm256_mul_ps(lo[i], s0);
-          lo[i + 1] = _mm256_mul_ps(lo[i + 1], s0);
-          hi[i] = _mm256_mul_ps(hi[i], s1);
-          hi[i + 1] = _mm256_mul_ps(hi[i + 1], s1);
+  dequant_t_blocks(
+      src, k0, k1, dst,
+      [](const uint8_t* pq, const uint8_t* ps, int64_t kb, int64_t g, bf16* rows) {
+        __m256 s0, s1;
+        group_scales<F>(ps, g, s0, s1);
+        // Per half h (K = kb + 8h .. +7, rows 4h..4h+3): lo[i] / hi[i] hold
+        // K = kb + 8h + i, columns 0-7 / 8-15, scaled; after the transposes
+        // lo[c] / hi[c] hold column c / 8 + c, lanes K = kb + 8h + (0..7): the
+        // half h of output rows (n pairs) 0-3 / 4-7.
+        for (int h = 0; h < 2; ++h) {
+          __m256 lo[8], hi[8];
+          for (int r = 0; r < 4; ++r) {
+            const int i = 2 * r;
+            row_values<F>(pq + (kb / 2 + 4 * h + r) * rb, lo[i], hi[i], lo[i + 1], hi[i + 1]);
+            lo[i] = _mm256_mul_ps(lo[i], s0);
+            lo[i + 1] = _mm256_mul_ps(lo[i + 1], s0);
+            hi[i] = _mm256_mul_ps(hi[i], s1);
+            hi[i + 1] = _mm256_mul_ps(hi[i + 1], s1);
+          }
+          transpose8(lo);
+          transpose8(hi);
+          for (int r = 0; r < 8; ++r) {
+            const __m256* cols = r < 4 ? lo : hi;
+            const int c = 2 * (r % 4);
+            bf16* out = rows + r * 2 * kPanelN + h * 2 * 8;
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), rne_pairs(cols[c], cols[c + 1]));
+          }
         }
-        transpose8(lo);
-        transpose8(hi);
-        for (int r = 0; r < 8; ++r) {
-          const __m256* cols = r < 4 ? lo : hi;
-          const int c = 2 * (r % 4);
-          bf16* out = dpanel + (n0 / 2 + r) * 2 * kPanelN + h * 2 * 8;
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), rne_pairs(cols[c], cols[c + 1]));
-        }
-      }
-    }
-  }
+        return true;
+      });
 }
 
 }  // namespace

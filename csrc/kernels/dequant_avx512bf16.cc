@@ -194,57 +194,42 @@ MOETUNE_INLINE void stage(__m512& a, __m512& b) {
 
 template <WeightFormat F>
 void dequant_t_impl(const QuantB& src, int64_t k0, int64_t k1, bf16* dst) {
-  const int64_t Kd = k1 - k0, kpN = packed_kp(src.N);
-  const int64_t G = quant_group_k(src.spec, src.K);
-  const int64_t k_end = std::min(k1, src.K);
   constexpr int64_t rb = weight_format_info(F).code_bits == 8 ? 32 : 16;
-  const int64_t out_panels = packed_panels(Kd);
-  for (int64_t p = 0; p < packed_panels(src.N); ++p) {  // source panel: columns n = 16p..
-    const int64_t n0 = p * kPanelN, n1 = std::min(n0 + kPanelN, kpN);
-    const bool full_n = n0 + kPanelN <= src.N;
-    const uint8_t* pq = src.panel_q(p);
-    const uint8_t* ps = src.panel_scale_bytes(p);
-    for (int64_t op = 0; op < out_panels; ++op) {  // output panel: K = kb..kb+15
-      const int64_t kb = k0 + op * kPanelN;
-      bf16* dpanel = dst + op * kpN * kPanelN;
-      const bool full_k = kb + kPanelN <= k_end && kb / G == (kb + kPanelN - 1) / G;
-      GroupScale gs{_mm512_setzero_ps(), _mm512_setzero_ps(), false};
-      if (full_n && full_k) gs = group_scale<F>(ps, kb / G);
-      if (!gs.fast) {
-        scalar::dequant_t_block(src, kb, k_end, n0, n1, dpanel);
-        continue;
-      }
-      // x[k]: row K = kb + k, lane n (the 16 columns of the panel), scaled.
-      __m512 x[16];  // all in registers: every loop below unrolls
+  dequant_t_blocks(src, k0, k1, dst,
+                   [](const uint8_t* pq, const uint8_t* ps, int64_t kb, int64_t g, bf16* rows) {
+                     const GroupScale gs = group_scale<F>(ps, g);
+                     if (!gs.fast) return false;
+                     // x[k]: row K = kb + k, lane n (the 16 columns of the panel), scaled.
+                     __m512 x[16];  // all in registers: every loop below unrolls
 #pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r) {
-        row_values<F>(pq + (kb / 2 + r) * rb, x[2 * r], x[2 * r + 1]);
-        x[2 * r] = _mm512_mul_ps(x[2 * r], gs.s);
-        x[2 * r + 1] = _mm512_mul_ps(x[2 * r + 1], gs.s);
-      }
-      // Register index bits (k3 k2 k1 k0), lane bits (n3 n2 n1 n0) ->
-      // register (k3 n3 n2 n1), lane (k2 k1 k0 n0): swap k2 <-> n3, k1 <->
-      // n2, k0 <-> n1 (register bit 2 with lane bit 3, 1 with 2, 0 with 1).
+                     for (int r = 0; r < 8; ++r) {
+                       row_values<F>(pq + (kb / 2 + r) * rb, x[2 * r], x[2 * r + 1]);
+                       x[2 * r] = _mm512_mul_ps(x[2 * r], gs.s);
+                       x[2 * r + 1] = _mm512_mul_ps(x[2 * r + 1], gs.s);
+                     }
+    // Register index bits (k3 k2 k1 k0), lane bits (n3 n2 n1 n0) ->
+    // register (k3 n3 n2 n1), lane (k2 k1 k0 n0): swap k2 <-> n3, k1 <->
+    // n2, k0 <-> n1 (register bit 2 with lane bit 3, 1 with 2, 0 with 1).
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        if (!(i & 4)) stage<3>(x[i], x[i + 4]);
+                     for (int i = 0; i < 16; ++i)
+                       if (!(i & 4)) stage<3>(x[i], x[i + 4]);
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        if (!(i & 2)) stage<2>(x[i], x[i + 2]);
+                     for (int i = 0; i < 16; ++i)
+                       if (!(i & 2)) stage<2>(x[i], x[i + 2]);
 #pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i)
-        if (!(i & 1)) stage<1>(x[i], x[i + 1]);
-      // x[8h + r]: W^T rows n = 2r, 2r+1 (of this panel) x K = kb + 8h + (0..7),
-      // lane 2j + b = (K kb + 8h + j, n = 2r + b): with h = 0 low, h = 1 high,
-      // one packed output row.
+                     for (int i = 0; i < 16; ++i)
+                       if (!(i & 1)) stage<1>(x[i], x[i + 1]);
+    // x[8h + r]: W^T rows n = 2r, 2r+1 (of this panel) x K = kb + 8h + (0..7),
+    // lane 2j + b = (K kb + 8h + j, n = 2r + b): with h = 0 low, h = 1 high,
+    // one packed output row.
 #pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r) {
-        const __m512bh b = _mm512_cvtne2ps_pbh(x[8 + r], x[r]);
-        _mm512_storeu_si512(dpanel + (n0 / 2 + r) * 2 * kPanelN,
-                            reinterpret_cast<const __m512i&>(b));
-      }
-    }
-  }
+                     for (int r = 0; r < 8; ++r) {
+                       const __m512bh b = _mm512_cvtne2ps_pbh(x[8 + r], x[r]);
+                       _mm512_storeu_si512(rows + r * 2 * kPanelN,
+                                           reinterpret_cast<const __m512i&>(b));
+                     }
+                     return true;
+                   });
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // lives in a translation unit compiled with only that ISA's flags.
 #pragma once
 
+#include <algorithm>
 #include <type_traits>
 
 #include "quant.h"
@@ -50,6 +51,35 @@ MOETUNE_INLINE void with_quant_format(WeightFormat f, Fn&& fn) {
       return fn(std::integral_constant<F, F::kMxfp4>{});
     default:
       return fn(std::integral_constant<F, F::kInt4>{});
+  }
+}
+}  // namespace moetune::kernels
+
+namespace moetune::kernels {
+// The block walk every SIMD dequant_t shares (quant.h DequantTFn): source
+// panel p (columns 16p..16p+15) x output panel (K = kb..kb+15). A block
+// inside N and k_end = min(k1, K) and within one scale group g goes to
+// `block(pq, ps, kb, g, out)` (pq / ps: panel p's codes and scale bytes; out:
+// its first output row, rows 16 words apart in pairs), which decodes it and
+// returns true, or false to leave it to the oracle's per-element version
+// (scalar::dequant_t_block); so does every block at an edge.
+template <typename Block>
+MOETUNE_INLINE void dequant_t_blocks(const QuantB& src, int64_t k0, int64_t k1, bf16* dst,
+                                     Block&& block) {
+  const int64_t Kd = k1 - k0, kpN = packed_kp(src.N);
+  const int64_t G = quant_group_k(src.spec, src.K);
+  const int64_t k_end = std::min(k1, src.K);
+  for (int64_t p = 0; p < packed_panels(src.N); ++p) {
+    const int64_t n0 = p * kPanelN, n1 = std::min(n0 + kPanelN, kpN);
+    const bool full_n = n0 + kPanelN <= src.N;
+    for (int64_t op = 0; op < packed_panels(Kd); ++op) {
+      const int64_t kb = k0 + op * kPanelN;
+      bf16* dpanel = dst + op * kpN * kPanelN;
+      const bool whole = full_n && kb + kPanelN <= k_end && kb / G == (kb + kPanelN - 1) / G;
+      if (!(whole && block(src.panel_q(p), src.panel_scale_bytes(p), kb, kb / G,
+                           dpanel + (n0 / 2) * 2 * kPanelN)))
+        scalar::dequant_t_block(src, kb, k_end, n0, n1, dpanel);
+    }
   }
 }
 }  // namespace moetune::kernels

@@ -105,6 +105,31 @@ def _fro_close(name, g, ref, c):
     assert err <= c * U * scale, f"{name}: ||d||_F = {err:.4g} > {c}*u*{scale:.4g} (ratio {err / (U * scale):.2f})"
 
 
+def assert_same_training(moving, fixed, adapter_moving, adapter_fixed) -> None:
+    """A run that moved experts (per-rank records `moving`, its saved adapter folder) against the
+    one that did not: losses (8u in the first step's micro-batches, 16u after), every LoRA gradient
+    (14u), final LoRA values and AdamW moments (16u), eval loss, the saved adapters (16u)."""
+    from safetensors.torch import load_file
+
+    for r in range(2):
+        for i, (a, b) in enumerate(zip(moving[r]["loss"], fixed[r]["loss"], strict=True)):
+            c = 8 if i < C.ACCUM else 16
+            assert abs(a - b) <= c * U * abs(b), f"loss {i} rank {r}: {a} vs {b}"
+        for step, (ga, gb) in enumerate(zip(moving[r]["grads"], fixed[r]["grads"], strict=True)):
+            assert ga.keys() == gb.keys()
+            for n in gb:
+                _fro_close(f"step {step} grad {n} rank {r}", ga[n], gb[n], 14)
+        for n, v in fixed[r]["final"].items():
+            _fro_close(f"final {n} rank {r}", moving[r]["final"][n], v, 16)
+            for k, (a, b) in enumerate(zip(moving[r]["final_opt"][n][:2], fixed[r]["final_opt"][n][:2])):
+                _fro_close(f"optimizer state {k} of {n} rank {r}", a, b, 16)
+        assert abs(moving[r]["eval"] - fixed[r]["eval"]) <= 16 * U * abs(fixed[r]["eval"])
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (adapter_moving, adapter_fixed))
+    assert a.keys() == b.keys()
+    for k in b:
+        _fro_close(f"adapter {k}", a[k], b[k], 16)
+
+
 # The non-expert part under DDP, or sharded by FSDP2 (the routed experts and their LoRA are
 # fully_shard's ignored_params: they move the same way; the step and the saves differ).
 DATA_PARALLEL = [
@@ -130,7 +155,6 @@ def runs(request, tmp_path_factory):
 def test_training_with_moves_matches_training_without(runs):
     """Tolerances: test_parallel_ep's (losses 8u first step, 16u after AdamW steps; gradients 14u
     Frobenius; adapter and optimizer state 16u Frobenius)."""
-    from safetensors.torch import load_file
 
     runs, data_parallel = runs
     fixed = [torch.load(runs / f"rb0_{r}.pt") for r in range(2)]
@@ -152,24 +176,10 @@ def test_training_with_moves_matches_training_without(runs):
         assert all(m["exact"] for m in moves)  # owners' values carried over bit for bit
         assert all(m["freed"] for m in moves) and moves[0]["replaced"] == moves[0]["numbers"]["moved_layers"] == 2
         assert moves[0]["gained_entries"] > 0
+    assert_same_training(moving, fixed, runs / "adapter_1", runs / "adapter_0")
     for r in range(2):
-        for i, (a, b) in enumerate(zip(moving[r]["loss"], fixed[r]["loss"])):
-            c = 8 if i < C.ACCUM else 16
-            assert abs(a - b) <= c * U * abs(b), f"loss {i} rank {r}: {a} vs {b}"
-        for step, (ga, gb) in enumerate(zip(moving[r]["grads"], fixed[r]["grads"])):
-            assert ga.keys() == gb.keys()
-            for n in gb:
-                _fro_close(f"step {step} grad {n} rank {r}", ga[n], gb[n], 14)
-        for n, v in fixed[r]["final"].items():
-            _fro_close(f"final {n} rank {r}", moving[r]["final"][n], v, 16)
-            for k, (a, b) in enumerate(zip(moving[r]["final_opt"][n][:2], fixed[r]["final_opt"][n][:2])):
-                _fro_close(f"optimizer state {k} of {n} rank {r}", a, b, 16)
+        for n in fixed[r]["final"]:
             assert moving[r]["final_opt"][n][2] == fixed[r]["final_opt"][n][2] == C.STEPS
-        assert abs(moving[r]["eval"] - fixed[r]["eval"]) <= 16 * U * abs(fixed[r]["eval"])
-    a, b = (load_file(runs / f"adapter_{e}" / "adapter_model.safetensors") for e in (1, 0))
-    assert a.keys() == b.keys()
-    for k in b:
-        _fro_close(f"adapter {k}", a[k], b[k], 16)
 
 
 def test_resume_after_a_move(tmp_path, runs):

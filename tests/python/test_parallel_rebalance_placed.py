@@ -18,8 +18,7 @@ import ep_cases as C
 import pytest
 import rebalance_cases as RC
 import torch
-from op_cases import U
-from test_parallel_rebalance import _fro_close
+from test_parallel_rebalance import assert_same_training
 
 from moetune.parallel import LayerOwnership, by_index
 
@@ -49,7 +48,6 @@ def placed(request, tmp_path_factory):
 
 
 def test_moves_with_an_active_gpu_placement_match_training_without(placed):
-    from safetensors.torch import load_file
 
     plan, runs = placed
     fixed = [torch.load(runs / f"rbplaced0_{r}.pt") for r in range(2)]
@@ -96,23 +94,7 @@ def test_moves_with_an_active_gpu_placement_match_training_without(placed):
             resident_after_move(moving[r], owners)
 
     # the same training (test_parallel_rebalance's tolerances)
-    for r in range(2):
-        for i, (a, b) in enumerate(zip(moving[r]["loss"], fixed[r]["loss"], strict=True)):
-            c = 8 if i < C.ACCUM else 16
-            assert abs(a - b) <= c * U * abs(b), f"loss {i} rank {r}: {a} vs {b}"
-        for step, (ga, gb) in enumerate(zip(moving[r]["grads"], fixed[r]["grads"], strict=True)):
-            assert ga.keys() == gb.keys()
-            for n in gb:
-                _fro_close(f"step {step} grad {n} rank {r}", ga[n], gb[n], 14)
-        for n, v in fixed[r]["final"].items():
-            _fro_close(f"final {n} rank {r}", moving[r]["final"][n], v, 16)
-            for k, (a, b) in enumerate(zip(moving[r]["final_opt"][n][:2], fixed[r]["final_opt"][n][:2])):
-                _fro_close(f"optimizer state {k} of {n} rank {r}", a, b, 16)
-        assert abs(moving[r]["eval"] - fixed[r]["eval"]) <= 16 * U * abs(fixed[r]["eval"])
-    a, b = (load_file(runs / f"adapterplaced_{e}" / "adapter_model.safetensors") for e in (1, 0))
-    assert a.keys() == b.keys()
-    for k in b:
-        _fro_close(f"adapter {k}", a[k], b[k], 16)
+    assert_same_training(moving, fixed, runs / "adapterplaced_1", runs / "adapterplaced_0")
 
 
 def resident_after_move(run: dict, owners: list) -> None:

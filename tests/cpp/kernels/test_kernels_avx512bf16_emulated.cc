@@ -23,6 +23,7 @@
 
 #include "kernels/kernel_bundle.h"
 #include "kernels/quant.h"
+#include "quant_test_support.h"
 
 #if __has_include(<simde/x86/avx512.h>)
 #define MOETUNE_HAVE_SIMDE 1
@@ -120,37 +121,6 @@ inline __m256i cvtepi32_epi16(simde__m512i a) {
 namespace moetune::kernels {
 namespace {
 
-#ifdef MOETUNE_HAVE_SIMDE
-// Random codes (every byte value); scales normal, or at the edges (zero,
-// FLT_MIN, around 2^-117 and 2^100, products overflowing; e8m0 below 10)
-// mixed into some groups' columns, or only edges.
-struct Crafted {
-  std::vector<uint8_t> q, s;
-};
-Crafted craft(const QuantSpec& spec, int64_t K, int64_t N, int variant, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  Crafted c;
-  c.q.resize(quant_q_bytes(spec, K, N));
-  for (uint8_t& b : c.q) b = uint8_t(g());
-  const int64_t count = quant_scale_count(spec, K, N);
-  c.s.resize(count * quant_scale_bytes_each(spec.format));
-  const float normal[] = {1e-3f, 0.5f, 3.0f, 0x1p-117f, 0x1p100f, -0.25f, 0x1p-40f, 7.0f};
-  const float edge[] = {0.0f, FLT_MIN, 0x1p-118f, 0x1p-125f, 0x1p101f, 0x1p120f, FLT_MAX};
-  const uint8_t e8_normal[] = {10, 11, 50, 120, 127, 130, 200, 254};
-  const uint8_t e8_edge[] = {0, 1, 2, 5, 9};
-  for (int64_t j = 0; j < count; ++j) {
-    const bool take_edge = variant == 2 || (variant == 1 && g() % 5 == 0);
-    if (spec.format == WeightFormat::kMxfp4) {
-      c.s[j] = take_edge ? e8_edge[g() % 5] : e8_normal[g() % 8];
-    } else {
-      const float v = take_edge ? edge[g() % 7] : normal[g() % 8];
-      std::memcpy(&c.s[4 * j], &v, 4);
-    }
-  }
-  return c;
-}
-#endif
-
 TEST(Avx512Bf16DequantEmulated, BitIdenticalToTheScalarOracle) {
 #ifndef MOETUNE_HAVE_SIMDE
   GTEST_SKIP() << "SIMDe (Debian libsimde-dev) not installed: scripts/test.sh installs it";
@@ -167,8 +137,9 @@ TEST(Avx512Bf16DequantEmulated, BitIdenticalToTheScalarOracle) {
     for (const auto& sh : shapes) {
       for (int variant = 0; variant < 3; ++variant) {
         const int64_t K = sh[0], N = sh[1];
-        const Crafted c = craft(sp, K, N, variant, uint64_t(K * 1000 + N + variant));
-        const QuantB qb{sp, c.q.data(), c.s.data(), K, N};
+        const kernel_test::Crafted c =
+            kernel_test::craft(sp, K, N, variant, uint64_t(K * 1000 + N + variant));
+        const QuantB qb = c.view(sp, K, N);
         const std::string what = std::string(weight_format_name(sp.format)) + " g" +
                                  std::to_string(sp.group_size) + " K=" + std::to_string(K) +
                                  " N=" + std::to_string(N) + " variant " + std::to_string(variant);
@@ -186,11 +157,8 @@ TEST(Avx512Bf16DequantEmulated, BitIdenticalToTheScalarOracle) {
                   << "dequant " << what << " rows [" << r[0] << "," << r[1] << ") cols [" << cr[0]
                   << "," << cr[1] << ") element " << e;
           }
-          const int64_t Kd = r[1] - r[0];
-          std::vector<bf16> rows(packed_elems(Kd, N)), want(packed_elems(N, Kd), 0xFFFF),
-              got(packed_elems(N, Kd), 0xFFFF);
-          oracle.dequant(qb, 0, N, r[0], r[1], rows.data());
-          oracle.transpose_packed(PackedB{rows.data(), Kd, N}, 0, Kd, want.data());
+          const std::vector<bf16> want = kernel_test::dequant_t_reference(qb, r[0], r[1]);
+          std::vector<bf16> got(want.size(), 0xFFFF);
           avx512bf16_emu::dequant_t(qb, r[0], r[1], got.data());
           for (size_t e = 0; e < want.size(); ++e)
             ASSERT_EQ(got[e], want[e])

@@ -19,6 +19,7 @@
 #include "kernels/gemm.h"
 #include "kernels/kernel_bundle.h"
 #include "kernels/quant.h"
+#include "quant_test_support.h"
 
 namespace moetune::kernels {
 namespace {
@@ -222,44 +223,9 @@ TEST_P(DequantPerIsa, BitIdenticalToScalar) {
   }
 }
 
-// Codes and scales written directly (not quantized here): every code value,
-// and scales at the edges of each ISA's conversion (zero, FLT_MIN, around
-// 2^-117 where products of the smallest codes turn denormal, around 2^100,
-// products that overflow to inf; e8m0 codes 0..11 and 254), mixed within a
-// panel's columns or all normal per group, so both the fast and the exact
-// conversions of a SIMD dequant are checked against the oracle.
-struct Crafted {
-  std::vector<uint8_t> q;
-  std::vector<uint8_t> s;  // scale bytes (fp32 or e8m0)
-  QuantB view(const QuantSpec& spec, int64_t K, int64_t N) const {
-    return QuantB{spec, q.data(), s.data(), K, N};
-  }
-};
-Crafted craft(const QuantSpec& spec, int64_t K, int64_t N, uint64_t seed) {
-  std::mt19937_64 g(seed);
-  Crafted c;
-  c.q.resize(quant_q_bytes(spec, K, N));
-  for (uint8_t& b : c.q) b = uint8_t(g());
-  const int64_t count = quant_scale_count(spec, K, N), per = quant_scale_cols(spec.format);
-  c.s.resize(count * quant_scale_bytes_each(spec.format));
-  const float normal[] = {1e-3f, 0.5f, 3.0f, 0x1p-117f, 0x1p100f, -0.25f, 0x1p-40f, 7.0f};
-  const float edge[] = {0.0f, FLT_MIN, 0x1p-118f, 0x1p-125f, 0x1p101f, 0x1p120f, FLT_MAX};
-  const uint8_t e8_normal[] = {10, 11, 50, 120, 127, 130, 200, 254};
-  const uint8_t e8_edge[] = {0, 1, 2, 5, 9};
-  for (int64_t i = 0; i < count; i += per) {  // one group of one panel: `per` scales
-    const bool mixed = (i / per) % 2 == 1;
-    for (int64_t j = i; j < i + per; ++j) {
-      const bool take_edge = mixed && g() % 3 == 0;
-      if (spec.format == WeightFormat::kMxfp4) {
-        c.s[j] = take_edge ? e8_edge[g() % 5] : e8_normal[g() % 8];
-      } else {
-        const float v = take_edge ? edge[g() % 7] : normal[g() % 8];
-        std::memcpy(&c.s[j * 4], &v, 4);
-      }
-    }
-  }
-  return c;
-}
+using kernel_test::craft;
+using kernel_test::Crafted;
+using kernel_test::dequant_t_reference;
 
 TEST_P(DequantPerIsa, EdgeScalesAndEveryCodeBitIdenticalToScalar) {
   const DequantFn oracle = kernels_for(Isa::kScalar).dequant;
@@ -267,7 +233,7 @@ TEST_P(DequantPerIsa, EdgeScalesAndEveryCodeBitIdenticalToScalar) {
   for (const Spec& sp : kAllSpecs) {
     for (const auto& sh : {std::array<int64_t, 2>{256, 64}, {130, 40}, {64, 17}}) {
       const int64_t K = sh[0], N = sh[1];
-      const Crafted c = craft(sp.q, K, N, 7 + K * N);
+      const Crafted c = craft(sp.q, K, N, 1, 7 + K * N);
       const QuantB qb = c.view(sp.q, K, N);
       const size_t elems = packed_elems(K, N);
       std::vector<bf16> want(elems, 0xFFFF), got(elems, 0xFFFF);
@@ -289,15 +255,6 @@ TEST(QuantFormats, FusedDequantTransposeInEverySimdBundle) {
     EXPECT_EQ(kernels_for(i.id).dequant_t != nullptr, i.id != Isa::kScalar) << i.name;
 }
 
-// Rows [k0, k1) of dq(B), transposed: the obvious two steps.
-std::vector<bf16> dequant_t_reference(const QuantB& qb, int64_t k0, int64_t k1) {
-  const KernelBundle& s = kernels_for(Isa::kScalar);
-  std::vector<bf16> rows(packed_elems(k1 - k0, qb.N)), out(packed_elems(qb.N, k1 - k0), 0xFFFF);
-  s.dequant(qb, 0, qb.N, k0, k1, rows.data());
-  s.transpose_packed(PackedB{rows.data(), k1 - k0, qb.N}, 0, k1 - k0, out.data());
-  return out;
-}
-
 class DequantTPerIsa : public kernel_test::PerIsa {};
 
 TEST_P(DequantTPerIsa, EqualsDequantThenTranspose) {
@@ -313,7 +270,7 @@ TEST_P(DequantTPerIsa, EqualsDequantThenTranspose) {
         Crafted c;
         QuantB qb;
         if (crafted) {
-          c = craft(sp.q, K, N, 11 + K + N);
+          c = craft(sp.q, K, N, 1, 11 + K + N);
           qb = c.view(sp.q, K, N);
         } else {
           qz = quantize(make_rows(K, N, 5 + K * N, true), true, K, N, sp.q);
