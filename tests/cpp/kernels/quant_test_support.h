@@ -54,7 +54,8 @@ inline Crafted craft(const mk::QuantSpec& spec, int64_t K, int64_t N, int varian
 // Rows [k0, k1) of dq(B), transposed: the scalar dequant, then the scalar W^T repack.
 inline std::vector<mk::bf16> dequant_t_reference(const mk::QuantB& qb, int64_t k0, int64_t k1) {
   const mk::KernelBundle& s = mk::kernels_for(mk::Isa::kScalar);
-  std::vector<mk::bf16> rows(mk::packed_elems(k1 - k0, qb.N)), out(mk::packed_elems(qb.N, k1 - k0), 0xFFFF);
+  std::vector<mk::bf16> rows(mk::packed_elems(k1 - k0, qb.N)),
+      out(mk::packed_elems(qb.N, k1 - k0), 0xFFFF);
   s.dequant(qb, 0, qb.N, k0, k1, rows.data());
   s.transpose_packed(mk::PackedB{rows.data(), k1 - k0, qb.N}, 0, k1 - k0, out.data());
   return out;
