@@ -19,10 +19,13 @@
 #undef MOETUNE_ISA
 #undef MOETUNE_FEATURE
 
-// The W^T repacks (TransposeFn): plain loops (pack.cc), and the AVX-512 F/BW
-// one (vpermw + vpermt2q, gemm_avx512.cc) the avx512, avx512_bf16 and amx
-// bundles share.
+// The W^T repacks (TransposeFn): plain loops (pack.cc), the AVX2 one
+// (transpose_avx2.cc), and the AVX-512 F/BW one (vpermw + vpermt2q,
+// transpose_avx512.cc) the avx512, avx512_bf16 and amx bundles share.
 namespace moetune::kernels::scalar {
+void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
+}
+namespace moetune::kernels::avx2 {
 void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst);
 }
 namespace moetune::kernels::avx512 {

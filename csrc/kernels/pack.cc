@@ -169,8 +169,8 @@ void transpose_to_a(const void* src, SrcType type, int64_t ld_src, int64_t rows,
 
 }  // namespace moetune::kernels
 
-// The scalar unit's W^T repack (the avx2 bundle uses it too; the AVX-512 one
-// is in gemm_avx512.cc).
+// The scalar unit's W^T repack: the oracle of the SIMD ones (transpose_avx2.cc,
+// transpose_avx512.cc).
 namespace moetune::kernels::scalar {
 
 void pack_b_transposed(const PackedB& src, int64_t n_begin, int64_t n_end, bf16* dst) {
