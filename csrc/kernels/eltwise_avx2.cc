@@ -150,8 +150,8 @@ inline __m256 clamped_bwd8(const bf16* g, const bf16* u, const float* d, __m256 
 
 void to_bf16(const float* src, float scale, bf16* dst, int64_t n) {
   const __m256 s = _mm256_set1_ps(scale);
-  const int64_t i =
-      full_steps(n, [&](int64_t o) { store_bf16(dst + o, _mm256_mul_ps(s, _mm256_loadu_ps(src + o))); });
+  const int64_t i = full_steps(
+      n, [&](int64_t o) { store_bf16(dst + o, _mm256_mul_ps(s, _mm256_loadu_ps(src + o))); });
   if (i == n) return;
   const Tail<float> t(src + i, n - i);
   bf16 out[kLanes];

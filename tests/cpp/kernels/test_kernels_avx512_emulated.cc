@@ -38,13 +38,13 @@ TEST(Avx512TransposeEmulated, BitIdenticalToTheScalarOracle) {
   GTEST_SKIP() << "SIMDe (Debian libsimde-dev) not installed: scripts/test.sh installs it";
 #else
   // {K, N, n_begin, n_end} of src [K, N]; the repack yields columns [n_begin, n_end) of src^T.
-  const int64_t shapes[][4] = {{64, 48, 0, 64}, {256, 96, 96, 160}, {33, 31, 16, 33},
-                               {34, 17, 0, 34}, {40, 16, 5, 37},    {255, 7, 32, 255},
-                               {64, 64, 16, 16}, {100, 64, 32, 65}, {2048, 48, 0, 768}};
+  const int64_t shapes[][4] = {{64, 48, 0, 64},  {256, 96, 96, 160}, {33, 31, 16, 33},
+                               {34, 17, 0, 34},  {40, 16, 5, 37},    {255, 7, 32, 255},
+                               {64, 64, 16, 16}, {100, 64, 32, 65},  {2048, 48, 0, 768}};
   for (const auto& sh : shapes) {
     const int64_t K = sh[0], N = sh[1], nb = sh[2], ne = sh[3];
-    SCOPED_TRACE("K=" + std::to_string(K) + " N=" + std::to_string(N) + " [" +
-                 std::to_string(nb) + "," + std::to_string(ne) + ")");
+    SCOPED_TRACE("K=" + std::to_string(K) + " N=" + std::to_string(N) + " [" + std::to_string(nb) +
+                 "," + std::to_string(ne) + ")");
     Gen g(K * 7 + N, Dist::kUniform);
     std::vector<bf16> B(static_cast<size_t>(K * N));
     for (auto& v : B) v = g.bits16();
