@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The release wheel, one command: build it (scikit-build-core, the engine portable exactly as
-# install.sh builds it: per-ISA kernels with runtime dispatch, no -march=native), repair it to a
+# install.sh builds it: per-ISA kernels with runtime dispatch, nothing tuned to the build host), repair it to a
 # manylinux tag with auditwheel (vendors any non-system shared library and checks the glibc
 # symbol versions; cibuildwheel would need a docker daemon, which CI does not have), then
 # install it into a fresh virtual environment and import it there. The wheel lands in dist/.

@@ -117,7 +117,6 @@ class ExchangeClock:
 
 def child(kind: str, a) -> dict:
     """One process of run (a) (kind "one") or one rank of run (b) (kind "ep"); returns its numbers."""
-    import peft
     import torch
 
     import moetune
@@ -150,18 +149,7 @@ def child(kind: str, a) -> dict:
     model = bts.build_model(model_config(a), device)
     handle = moetune.hf.patch(model, ctx=ctx, keep_original=False, placement="cpu", expert_parallel=ep)
     model.to(device)
-    lcfg = peft.LoraConfig(
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    pm = peft.get_peft_model(model, lcfg)
-    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    pm.enable_input_require_grads()
+    pm = bts.lora_model(model, ["q_proj", "k_proj", "v_proj", "o_proj"])
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     tensors, call = [], pm

@@ -96,6 +96,39 @@ def shape_config(shape: str, layers: int):
     raise ValueError(shape)
 
 
+# Attention projections of the Qwen3-MoE and DeepSeek-V3 families (a model has some of them).
+ATTENTION_TARGETS = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+]
+
+
+def lora_model(model, target_modules):
+    """The PEFT model every training benchmark measures: LoRA r16 (alpha 32) on `target_modules`
+    and on the routed experts, gradient checkpointing on (non-reentrant)."""
+    import peft
+
+    lcfg = peft.LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=list(target_modules),
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(model, lcfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model
+
+
 def build_model(cfg, device):
     """The model with random weights: non-expert tensors on `device`, the routed experts'
     fused parameters on the CPU (moetune hands them to the engine) unless `device` is where
@@ -153,7 +186,6 @@ def reset_rss_peak() -> None:
 
 
 def run_method(method: str, a) -> list:
-    import peft
     import torch
 
     import moetune
@@ -190,27 +222,7 @@ def run_method(method: str, a) -> list:
         handle = moetune.hf.patch(model, ctx=ctx, keep_original=False, placement=placement)
         model.to(device)
     build_s = time.perf_counter() - t0
-    lcfg = peft.LoraConfig(
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "q_a_proj",
-            "q_b_proj",
-            "kv_a_proj_with_mqa",
-            "kv_b_proj",
-        ],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = peft.get_peft_model(model, lcfg)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    model = lora_model(model, ATTENTION_TARGETS)
     if handle is not None and handle.placement is not None:
         # After checkpointing is on (the placement then keeps a recompute's streamed experts for
         # its backward), before the optimizer exists: the expert LoRA moves to the GPU.

@@ -24,21 +24,16 @@ inline void store_bf16(bf16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, cvt_bf16(v));
 }
 
-// exp(x) for x in [-88, 88]: 2^n * p(r), r = x - n ln2, degree-6 minimax-ish
-// Taylor; relative error < 2e-7.
+// exp(x) as eltwise_impl.h defines it; vscalefps applies 2^n with one rounding.
 inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-kExpClamp)), _mm512_set1_ps(kExpClamp));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (size_t c = 1; c < sizeof(kExpPoly) / sizeof(kExpPoly[0]); ++c)
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[c]));
   return _mm512_scalef_ps(p, n);
 }
 inline __m512 sigmoid_ps(__m512 g) {
